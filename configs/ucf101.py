@@ -1,0 +1,24 @@
+"""UCF101 as in the paper: 16 frames at 64x64, λ = 0.5, class-conditional (101), T = 1000.
+
+Model sizes are for a pod (base about 4x the residual). Pass ``:small`` for a local check.
+"""
+from videofusion_jax.config import base_config, unet_config
+
+
+def get_config(variant: str = ""):
+  c = base_config()
+  c.data.update(name="ucf101", split="train", num_frames=16, frame_stride=2, image_size=64,
+                num_classes=101, shuffle_buffer=4096)
+  c.diffusion.update(schedule="linear", num_timesteps=1000, lam=0.5)
+  c.model.base = unet_config(base_channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                             attention_resolutions=(32, 16, 8), num_heads=4, dropout=0.1)
+  c.model.residual = unet_config(base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                                 attention_resolutions=(16, 8), num_heads=4, dropout=0.1)
+  c.train.update(batch_size=256, num_steps=400_000, learning_rate=1e-4, base_lr_scale=0.1,
+                 warmup_steps=5000)
+  c.mesh.update(data=-1, fsdp=1)
+  if variant == "small":
+    c.model.base.update(base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1)
+    c.model.residual.update(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1)
+    c.train.update(batch_size=4, num_steps=100, log_every=10)
+  return c

@@ -1,0 +1,216 @@
+"""The equations of method.md against independent NumPy computations and analytic statistics."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from videofusion_jax import diffusion as d
+
+
+# --- independent reference: the standard schedulers, written from the papers in NumPy ---
+def ref_betas(kind, T):
+  if kind == "linear":
+    return np.linspace(1e-4, 0.02, T)
+  if kind == "scaled_linear":
+    return np.linspace(np.sqrt(0.00085), np.sqrt(0.012), T) ** 2
+  f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+  i = np.arange(T)
+  return np.minimum(1 - f((i + 1) / T) / f(i / T), 0.999)
+
+
+def ref_ddim(z, eps, t, tp, acp, eta, noise):
+  a, ap = acp[t], (acp[tp] if tp >= 0 else 1.0)
+  x0 = (z - np.sqrt(1 - a) * eps) / np.sqrt(a)
+  sigma = eta * np.sqrt((1 - ap) / (1 - a) * (1 - a / ap))
+  return np.sqrt(ap) * x0 + np.sqrt(1 - ap - sigma**2) * eps + sigma * noise
+
+
+def ref_ddpm(z, eps, t, betas, noise):
+  acp = np.cumprod(1 - betas)
+  a, ap = acp[t], (acp[t - 1] if t > 0 else 1.0)
+  x0 = (z - np.sqrt(1 - a) * eps) / np.sqrt(a)
+  mean = np.sqrt(ap) * betas[t] / (1 - a) * x0 + np.sqrt(1 - betas[t]) * (1 - ap) / (1 - a) * z
+  var = betas[t] * (1 - ap) / (1 - a)
+  return mean + (np.sqrt(var) * noise if t > 0 else 0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "scaled_linear"])
+def test_schedules_match_reference(kind):
+  s = d.make_schedule(kind, 1000)
+  betas = ref_betas(kind, 1000)
+  np.testing.assert_allclose(s.betas, betas, rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(s.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(s.alphas, 1 - betas, rtol=1e-6)
+
+
+def test_bad_schedule_and_lambda_inputs():
+  with pytest.raises(ValueError, match="Unknown schedule kind"):
+    d.make_schedule("quadratic", 1000)
+  with pytest.raises(ValueError, match="at least one other"):
+    d.frame_lambdas(1, 0.5)
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    d.frame_lambdas(8, 1.5)
+  lam = d.frame_lambdas(16, 0.5)
+  assert float(lam[8]) == 1.0 and np.allclose(np.delete(np.asarray(lam), 8), 0.5)
+
+
+def test_decomposed_noise_statistics():
+  lambdas = jnp.array([0.2, 0.5, 1.0, 0.8])
+  eps = np.asarray(d.decomposed_noise(jax.random.PRNGKey(0), (20000, 4, 2, 2, 1), lambdas))
+  flat = eps.transpose(1, 0, 2, 3, 4).reshape(4, -1)
+  np.testing.assert_allclose(flat.var(axis=1), 1.0, atol=0.02)
+  np.testing.assert_allclose(flat.mean(axis=1), 0.0, atol=0.02)
+  corr = np.corrcoef(flat)
+  expected = np.sqrt(np.outer(lambdas, lambdas))
+  np.fill_diagonal(expected, 1.0)
+  np.testing.assert_allclose(corr, expected, atol=0.02)
+
+
+def test_key_frame_noise_is_the_base_noise():
+  lambdas = d.frame_lambdas(5, 0.5)
+  base_rng, res_rng = jax.random.split(jax.random.PRNGKey(3))
+  shape = (3, 5, 4, 4, 3)
+  base = jax.random.normal(base_rng, (3, 4, 4, 3))
+  residual = jax.random.normal(res_rng, shape)
+  eps = d.decomposed_noise(jax.random.PRNGKey(3), shape, lambdas)
+  np.testing.assert_array_equal(eps[:, 2], base)
+  np.testing.assert_allclose(eps[:, 0], np.sqrt(0.5) * base + np.sqrt(0.5) * residual[:, 0], atol=1e-6)
+
+
+def test_lambda_zero_is_the_standard_forward_process():
+  shape = (2, 6, 4, 4, 3)
+  lambdas = d.frame_lambdas(6, 0.0)
+  rng = jax.random.PRNGKey(7)
+  base_rng, res_rng = jax.random.split(rng)
+  eps = np.asarray(d.decomposed_noise(rng, shape, lambdas))
+  residual = np.asarray(jax.random.normal(res_rng, shape))
+  # Every non-key frame carries its own independent draw, the key frame the (independent) base.
+  np.testing.assert_array_equal(np.delete(eps, 3, axis=1), np.delete(residual, 3, axis=1))
+  np.testing.assert_array_equal(eps[:, 3], np.asarray(jax.random.normal(base_rng, (2, 4, 4, 3))))
+  x0 = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), shape, minval=-1, maxval=1))
+  t = np.array([0, 637])
+  acp = np.cumprod(1 - ref_betas("linear", 1000))[t].reshape(2, 1, 1, 1, 1)
+  z = d.q_sample(jnp.asarray(x0), jnp.asarray(t), jnp.asarray(eps), d.make_schedule("linear", 1000))
+  np.testing.assert_allclose(z, np.sqrt(acp) * x0 + np.sqrt(1 - acp) * eps, atol=1e-5)
+
+
+def test_remove_base_noise_and_combine_noise():
+  schedule = d.make_schedule("cosine", 1000)
+  lam = 0.6
+  lambdas = d.frame_lambdas(4, lam)
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(5), 3)
+  x0 = jax.random.uniform(k1, (2, 4, 4, 4, 3), minval=-1, maxval=1)
+  base = jax.random.normal(k2, (2, 4, 4, 3))
+  residual = jax.random.normal(k3, (2, 4, 4, 4, 3))
+  eps = d.compose_noise(base, residual, lambdas)
+  t = jnp.array([10, 900])
+  z = d.q_sample(x0, t, eps, schedule)
+  z_prime = d.remove_base_noise(z, base, t, lambdas, schedule)
+  acp = np.asarray(schedule.alphas_cumprod)[np.asarray(t)].reshape(2, 1, 1, 1, 1)
+  expected = np.sqrt(acp) * np.asarray(x0) + np.sqrt(1 - acp) * np.sqrt(1 - lam) * np.asarray(residual)
+  others = [0, 1, 3]
+  np.testing.assert_allclose(np.asarray(z_prime)[:, others], expected[:, others], atol=1e-5)
+  np.testing.assert_allclose(z_prime[:, 2], np.sqrt(acp[:, 0]) * np.asarray(x0[:, 2]), atol=1e-5)
+  np.testing.assert_allclose(d.combine_noise(base, residual, lambdas), eps, atol=1e-6)
+
+
+def test_frame_residuals_invert_eq2():
+  lambdas = d.frame_lambdas(4, 0.3)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+  key = jax.random.normal(k1, (2, 4, 4, 3))
+  delta = jax.random.normal(k2, (2, 4, 4, 4, 3)).at[:, 2].set(0.0)
+  x = d.compose_noise(key, delta, lambdas)  # eq. (2) has the same form as eq. (4)
+  np.testing.assert_allclose(d.frame_residuals(x, lambdas), delta, atol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_step_matches_reference_at_lambda_zero(eta):
+  s = d.make_schedule("linear", 1000)
+  acp = np.cumprod(1 - ref_betas("linear", 1000))
+  lambdas = d.frame_lambdas(3, 0.0)
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(11), 3)
+  z = jax.random.normal(k1, (2, 3, 4, 4, 3))
+  eps = jax.random.normal(k2, (2, 3, 4, 4, 3))
+  for t, tp in [(999, 979), (500, 480), (19, -1)]:
+    out = d.ddim_step(z, eps, jnp.full((2,), t), jnp.full((2,), tp), k3, lambdas, s, eta=eta)
+    noise = np.asarray(d.decomposed_noise(k3, z.shape, lambdas))
+    np.testing.assert_allclose(out, ref_ddim(np.asarray(z), np.asarray(eps), t, tp, acp, eta, noise),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_ddpm_step_matches_reference_at_lambda_zero():
+  s = d.make_schedule("linear", 1000)
+  betas = ref_betas("linear", 1000)
+  lambdas = d.frame_lambdas(3, 0.0)
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(12), 3)
+  z = jax.random.normal(k1, (2, 3, 4, 4, 3))
+  eps = jax.random.normal(k2, (2, 3, 4, 4, 3))
+  noise = np.asarray(d.decomposed_noise(k3, z.shape, lambdas))
+  for t in (999, 400, 1, 0):
+    out = d.ddpm_step(z, eps, jnp.full((2,), t), k3, lambdas, s)
+    np.testing.assert_allclose(out, ref_ddpm(np.asarray(z), np.asarray(eps), t, betas, noise),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_sampler_noise_is_decomposed():
+  """Eq. (8): the fresh noise of an η > 0 step has the decomposed correlation."""
+  s = d.make_schedule("linear", 1000)
+  lambdas = d.frame_lambdas(3, 0.5)
+  z = jnp.zeros((4000, 3, 2, 2, 1))
+  out = np.asarray(d.ddpm_step(z, jnp.zeros_like(z), jnp.full((4000,), 500), jax.random.PRNGKey(0),
+                               lambdas, s))
+  flat = out.transpose(1, 0, 2, 3, 4).reshape(3, -1)
+  corr = np.corrcoef(flat)
+  # Frame 1 is the key frame (λ = 1); frames 0 and 2 have λ = 0.5.
+  np.testing.assert_allclose(corr[0, 1], np.sqrt(0.5), atol=0.03)
+  np.testing.assert_allclose(corr[0, 2], 0.5, atol=0.03)
+
+
+def _oracle(x0, lambdas, schedule):
+  """Networks that return the true base and residual noise for the clean video ``x0``."""
+  k = d.key_frame_index(x0.shape[1])
+  idx = d.non_key_frames(x0.shape[1])
+
+  def base_fn(z_key, t):
+    a = schedule.alphas_cumprod[t][:, None, None, None]
+    return (z_key - jnp.sqrt(a) * x0[:, k]) / jnp.sqrt(1 - a)
+
+  def residual_fn(z_prime, t, frame_index):
+    a = schedule.alphas_cumprod[t][:, None, None, None, None]
+    lam = lambdas[frame_index][None, :, None, None, None]
+    return (z_prime - jnp.sqrt(a) * x0[:, idx]) / (jnp.sqrt(1 - a) * jnp.sqrt(1 - lam))
+
+  return base_fn, residual_fn
+
+
+@pytest.mark.parametrize("method,steps", [("ddim", 25), ("ddpm", 1000)])
+def test_oracle_sampler_recovers_x0(method, steps):
+  schedule = d.make_schedule("linear", 1000)
+  lambdas = d.frame_lambdas(5, 0.5)
+  x0 = jax.random.uniform(jax.random.PRNGKey(4), (2, 5, 4, 4, 3), minval=-1, maxval=1)
+  base_fn, residual_fn = _oracle(x0, lambdas, schedule)
+  out = d.sample(base_fn, residual_fn, jax.random.PRNGKey(9), x0.shape, lambdas, schedule,
+                 method=method, num_steps=steps, eta=0.0, clip_x0=False)
+  np.testing.assert_allclose(out, x0, atol=2e-3)
+  assert not np.allclose(d.decomposed_noise(jax.random.PRNGKey(9), x0.shape, lambdas), x0, atol=0.5)
+
+
+def test_joint_loss_matches_formula_and_is_zero_for_oracle():
+  schedule = d.make_schedule("cosine", 1000)
+  lambdas = d.frame_lambdas(4, 0.5)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(6))
+  x0 = jax.random.uniform(k1, (3, 4, 4, 4, 3), minval=-1, maxval=1)
+  noise = d.decomposed_noise(k2, x0.shape, lambdas)
+  t = jnp.array([5, 300, 999])
+  base_fn, residual_fn = _oracle(x0, lambdas, schedule)
+  loss, terms = d.joint_loss(base_fn, residual_fn, x0, t, noise, lambdas, schedule)
+  assert float(loss) < 1e-8
+  # Constant "networks": eq. (12) by hand.
+  loss, terms = d.joint_loss(lambda z, t: jnp.full_like(z, 0.3), lambda z, t, i: jnp.full_like(z, -0.2),
+                             x0, t, noise, lambdas, schedule)
+  n = np.asarray(noise)
+  key = np.mean((n[:, 2] - 0.3) ** 2)
+  res = np.mean((n[:, [0, 1, 3]] - np.sqrt(0.5) * 0.3 - np.sqrt(0.5) * -0.2) ** 2)
+  np.testing.assert_allclose(terms["loss_key"], key, rtol=1e-5)
+  np.testing.assert_allclose(terms["loss_residual"], res, rtol=1e-5)
+  np.testing.assert_allclose(loss, (key + 3 * res) / 4, rtol=1e-5)

@@ -1,0 +1,1 @@
+"""VideoFusion: decomposed diffusion for video generation, in JAX/Flax."""

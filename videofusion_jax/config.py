@@ -1,0 +1,93 @@
+"""The config schema shared by every ``configs/*.py``, and its validation.
+
+Each ``configs/<name>.py`` starts from ``base_config()`` and overrides what differs; every
+field can be overridden on the command line (``--config.train.batch_size=64``).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from videofusion_jax.diffusion.schedules import SCHEDULE_KINDS
+from videofusion_jax.models.unet import check_image_size
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field and what to do."""
+
+
+def unet_config(**overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(dict(
+      base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8),
+      num_heads=4, dropout=0.0))
+  c.update(overrides)
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="demo_clips", data_dir="", split="train", num_frames=16, frame_stride=1,
+      image_size=64, num_classes=0, shuffle_buffer=1024, cache=False))
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule="linear", num_timesteps=1000, lam=0.5))
+
+  c.model = ml_collections.ConfigDict()
+  c.model.base = unet_config()
+  c.model.residual = unet_config(base_channels=32)
+  c.model.dtype = "bfloat16"  # compute
+  c.model.param_dtype = "float32"
+  c.model.attention_implementation = ""  # '' lets XLA choose; 'cudnn' on GPUs.
+
+  c.train = ml_collections.ConfigDict(dict(
+      stage="video",  # 'image': the base generator alone on single frames.
+      batch_size=64, num_steps=100_000, learning_rate=1e-4, base_lr_scale=0.1,
+      warmup_steps=1000, grad_clip=1.0, weight_decay=0.0, ema_decay=0.9999,
+      label_dropout=0.1, log_every=50, checkpoint_every=5000, keep_checkpoints=3,
+      init_base_from="", freeze_base=False))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      method="ddim", num_steps=100, eta=0.0, clip_x0=True, num_samples=16, batch_size=16,
+      seed=0, label=-1,  # -1: cycle through the classes
+      guidance_scale=1.0, fps=8, upscale=4, real_clips_per_video=64))
+
+  # Mesh axes (data parallel, fully sharded data parallel) and the rule table that maps
+  # the U-Net's logical weight axes onto them. -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.sharding_rules = (("batch", ("data", "fsdp")), ("channels_out", "fsdp"),
+                      ("channels_in", None), ("vocab", None), ("norm", None))
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field and how to fix it."""
+  d, t = config.data, config.train
+  if not isinstance(d.num_frames, int) or d.num_frames < 2:
+    raise ConfigError(f"config.data.num_frames={d.num_frames!r}: VideoFusion needs at least 2 "
+                      "frames (a key frame and one other).")
+  if not 0.0 <= float(config.diffusion.lam) <= 1.0:
+    raise ConfigError(f"config.diffusion.lam={config.diffusion.lam!r}: λ is the base-noise share "
+                      "and must lie in [0, 1] (0 = independent noise, the paper uses 0.5).")
+  if config.diffusion.schedule not in SCHEDULE_KINDS:
+    raise ConfigError(f"config.diffusion.schedule={config.diffusion.schedule!r}: use one of "
+                      f"{SCHEDULE_KINDS}.")
+  if d.frame_stride < 1:
+    raise ConfigError(f"config.data.frame_stride={d.frame_stride}: must be >= 1.")
+  for name in ("base", "residual"):
+    try:
+      check_image_size(d.image_size, config.model[name].channel_mult)
+    except ValueError as e:
+      raise ConfigError(f"config.data.image_size / config.model.{name}.channel_mult: {e}") from None
+  if t.stage not in ("video", "image"):
+    raise ConfigError(f"config.train.stage={t.stage!r}: use 'video' or 'image'.")
+  if t.batch_size < 1 or t.num_steps < 1:
+    raise ConfigError("config.train.batch_size and config.train.num_steps must be >= 1.")
+  if not 0.0 <= t.ema_decay < 1.0:
+    raise ConfigError(f"config.train.ema_decay={t.ema_decay}: must lie in [0, 1).")
+  if config.sample.method not in ("ddim", "ddpm"):
+    raise ConfigError(f"config.sample.method={config.sample.method!r}: use 'ddim' or 'ddpm'.")
+  if not 1 <= config.sample.num_steps <= config.diffusion.num_timesteps:
+    raise ConfigError(f"config.sample.num_steps={config.sample.num_steps}: must lie in "
+                      f"[1, {config.diffusion.num_timesteps}].")

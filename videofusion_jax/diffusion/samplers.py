@@ -1,0 +1,122 @@
+"""Sampler steps (DDIM, DDPM) whose fresh noise is drawn decomposed (eq. 8), and the loop.
+
+Every step takes the full-video noise estimate ``eps_hat`` of eq. (11). Timesteps are
+0-based; ``t_prev = -1`` means the end of the chain (``ᾱ_{-1} = 1``).
+"""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from videofusion_jax.diffusion.decomposition import decomposed_eps, decomposed_noise
+from videofusion_jax.diffusion.schedules import Schedule, per_example
+
+
+def _broadcast(values: jnp.ndarray, ndim: int) -> jnp.ndarray:
+  return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+
+def _alpha_bar(schedule: Schedule, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
+  """``ᾱ_t`` with ``ᾱ_{-1} = 1``, broadcast for a rank-``ndim`` array."""
+  t = jnp.asarray(t)
+  return _broadcast(jnp.where(t < 0, 1.0, schedule.alphas_cumprod[jnp.maximum(t, 0)]), ndim)
+
+
+def predict_x0(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, schedule: Schedule,
+               clip_x0: bool = False) -> jnp.ndarray:
+  """``x̂0 = (z_t - √(1-ᾱ_t) ε̂) / √ᾱ_t``, optionally clipped to the data range [-1, 1]."""
+  a = per_example(schedule.alphas_cumprod, t, z_t.ndim)
+  x0 = (z_t - jnp.sqrt(1.0 - a) * eps_hat) / jnp.sqrt(a)
+  return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
+
+
+def ddim_step(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, t_prev: jnp.ndarray,
+              rng: jax.Array, lambdas: jnp.ndarray, schedule: Schedule, eta: float = 0.0,
+              clip_x0: bool = False) -> jnp.ndarray:
+  """One DDIM step (Song et al. 2021, eq. 12) from ``t`` to ``t_prev``:
+
+  ``z_{t'} = √ᾱ_{t'} x̂0 + √(1-ᾱ_{t'}-σ²) ε̂ + σ ε'``, with
+  ``σ = η √((1-ᾱ_{t'})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t'})`` and ``ε'`` decomposed noise (eq. 8).
+  ``z_t``, ``eps_hat``: ``(B, N, H, W, C)``; ``t``, ``t_prev``: ``(B,)`` or scalars.
+  With ``clip_x0`` the ε used for the direction is recomputed from the clipped x̂0.
+  """
+  chex.assert_equal_shape([z_t, eps_hat])
+  a_t = per_example(schedule.alphas_cumprod, t, z_t.ndim)
+  a_prev = _alpha_bar(schedule, t_prev, z_t.ndim)
+  x0 = predict_x0(z_t, eps_hat, t, schedule, clip_x0)
+  if clip_x0:
+    eps_hat = (z_t - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
+  sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t)) * jnp.sqrt(1.0 - a_t / a_prev)
+  direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0)) * eps_hat
+  z_prev = jnp.sqrt(a_prev) * x0 + direction
+  if eta > 0:
+    z_prev = z_prev + sigma * decomposed_noise(rng, z_t.shape, lambdas, z_t.dtype)
+  return z_prev
+
+
+def ddpm_step(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, rng: jax.Array,
+              lambdas: jnp.ndarray, schedule: Schedule, clip_x0: bool = False) -> jnp.ndarray:
+  """One ancestral DDPM step (Ho et al. 2020) from ``t`` to ``t - 1``: the posterior mean
+
+  ``μ = √ᾱ_{t-1} β_t/(1-ᾱ_t) x̂0 + √α_t (1-ᾱ_{t-1})/(1-ᾱ_t) z_t``, plus
+  ``σ_t ε'`` with ``σ_t² = β_t (1-ᾱ_{t-1})/(1-ᾱ_t)`` ("fixed small") and ``ε'`` decomposed
+  noise (eq. 8); no noise is added at ``t = 0``.
+  """
+  chex.assert_equal_shape([z_t, eps_hat])
+  nd = z_t.ndim
+  beta = per_example(schedule.betas, t, nd)
+  alpha = per_example(schedule.alphas, t, nd)
+  a_t = per_example(schedule.alphas_cumprod, t, nd)
+  a_prev = per_example(schedule.alphas_cumprod_prev, t, nd)
+  x0 = predict_x0(z_t, eps_hat, t, schedule, clip_x0)
+  mean = (jnp.sqrt(a_prev) * beta / (1.0 - a_t)) * x0 + (jnp.sqrt(alpha) * (1.0 - a_prev) / (1.0 - a_t)) * z_t
+  var = jnp.maximum(beta * (1.0 - a_prev) / (1.0 - a_t), 1e-20)
+  noise = decomposed_noise(rng, z_t.shape, lambdas, z_t.dtype)
+  nonzero = _broadcast((jnp.asarray(t) > 0).astype(z_t.dtype), nd)
+  return mean + nonzero * jnp.sqrt(var) * noise
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """Evenly spaced ("leading") DDIM timesteps, descending, e.g. T=1000, 50 -> 980 ... 0."""
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}.")
+  step = num_timesteps // num_steps
+  return (np.arange(num_steps) * step)[::-1].astype(np.int32)
+
+
+def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas: jnp.ndarray,
+           schedule: Schedule, method: str = "ddim", num_steps: int = 50, eta: float = 0.0,
+           clip_x0: bool = True, initial_noise: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Generates videos ``(B, N, H, W, C)`` from decomposed noise ``z_T`` (eq. 7 at t = T).
+
+  ``base_fn``, ``residual_fn`` as in ``decomposed_eps``; ``method`` is ``ddim`` (``num_steps``,
+  ``eta``) or ``ddpm`` (all T steps). Jit-compatible: the chain is a ``lax.scan``.
+  """
+  if method == "ddim":
+    ts = ddim_timesteps(schedule.num_timesteps, num_steps)
+  elif method == "ddpm":
+    ts = np.arange(schedule.num_timesteps)[::-1].astype(np.int32)
+  else:
+    raise ValueError(f"Unknown sampler {method!r}; use 'ddim' or 'ddpm'.")
+  t_prevs = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+  init_rng, rng = jax.random.split(rng)
+  z = decomposed_noise(init_rng, shape, lambdas) if initial_noise is None else initial_noise
+  batch = shape[0]
+
+  def body(z, inputs):
+    t, t_prev, step_rng = inputs
+    tb = jnp.full((batch,), t, jnp.int32)
+    eps_hat, _, _ = decomposed_eps(base_fn, residual_fn, z, tb, lambdas, schedule)
+    eps_hat = eps_hat.astype(jnp.float32)
+    if method == "ddim":
+      z = ddim_step(z, eps_hat, tb, jnp.full((batch,), t_prev, jnp.int32), step_rng, lambdas,
+                    schedule, eta=eta, clip_x0=clip_x0)
+    else:
+      z = ddpm_step(z, eps_hat, tb, step_rng, lambdas, schedule, clip_x0=clip_x0)
+    return z, None
+
+  rngs = jax.random.split(rng, len(ts))
+  z, _ = jax.lax.scan(body, z, (jnp.asarray(ts), jnp.asarray(t_prevs), rngs))
+  return z

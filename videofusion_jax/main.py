@@ -1,0 +1,48 @@
+"""Entry point: ``python -m videofusion_jax.main --config=configs/demo.py --workdir=DIR``.
+
+Modes: ``train`` (resumes from the latest checkpoint in the workdir), ``sample`` (EMA
+weights of the latest checkpoint -> videos), ``train_and_sample``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, events and samples go.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "train_and_sample"], "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file at INFO.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from videofusion_jax.config import ConfigError
+  from videofusion_jax.data.pipeline import DatasetNotFoundError
+  from videofusion_jax.data.video_io import VideoReadError
+  from videofusion_jax.training.checkpoint import CheckpointError
+  from videofusion_jax.training.train import NonFiniteLossError
+
+  if os.environ.get("VIDEOFUSION_MULTIHOST"):
+    import jax
+    jax.distributed.initialize()
+  config = _CONFIG.value
+  try:
+    if _MODE.value in ("train", "train_and_sample"):
+      from videofusion_jax.training.train import train
+      train(config, _WORKDIR.value)
+    if _MODE.value in ("sample", "train_and_sample"):
+      from videofusion_jax import sampling
+      sampling.run(config, _WORKDIR.value)
+  except (ConfigError, DatasetNotFoundError, VideoReadError, CheckpointError, NonFiniteLossError,
+          FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,205 @@
+"""An ADM-style 2D U-Net (Dhariwal & Nichol 2021) used as base and as residual generator.
+
+Images are ``(B, H, W, C)``, channels last. Weights carry logical axis names
+(``nn.with_logical_partitioning``) that ``training.sharding`` maps to mesh axes. The module
+knows nothing of λ or schedules: it maps a noisy image, a timestep and optional
+conditioning (class label, frame index) to an ε estimate of the same shape.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical names of weight axes; rules in the config map them to mesh axes.
+CONV = (None, None, "channels_in", "channels_out")
+DENSE = ("channels_in", "channels_out")
+BIAS = ("channels_out",)
+NORM = ("norm",)
+TABLE = ("vocab", "channels_out")
+TO_RGB = (None, None, "channels_in", None)
+
+
+def _init(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def check_image_size(image_size: int, channel_mult: Sequence[int]) -> None:
+  """Raises ValueError unless the U-Net can halve ``image_size`` ``len(channel_mult) - 1`` times."""
+  factor = 2 ** (len(channel_mult) - 1)
+  if image_size <= 0 or image_size % factor:
+    ok = [factor * m for m in range(1, 5)]
+    raise ValueError(
+        f"image size {image_size} cannot be downsampled by the U-Net: with channel_mult="
+        f"{tuple(channel_mult)} it halves the size {len(channel_mult) - 1} times, so the size "
+        f"must be a multiple of {factor} (e.g. {ok}). Change the image size or channel_mult.")
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
+  """Sinusoidal embedding ``(B,) -> (B, dim)`` as in ADM: ``[cos(t·f), sin(t·f)]``."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def _groups(channels: int) -> int:
+  return math.gcd(32, channels)
+
+
+class ResBlock(nn.Module):
+  """GroupNorm-SiLU-conv, scale-shift conditioning on the embedding, dropout, conv."""
+
+  out_channels: int
+  dropout: float
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, emb, train: bool):
+    conv = lambda c, k, zero=False, name=None: nn.Conv(  # noqa: E731
+        c, (k, k), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=_init(nn.initializers.zeros if zero else nn.initializers.lecun_normal(), CONV),
+        bias_init=_init(nn.initializers.zeros, BIAS))
+    norm = lambda name: nn.GroupNorm(  # noqa: E731
+        _groups(x.shape[-1] if name == "norm1" else self.out_channels), dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name,
+        scale_init=_init(nn.initializers.ones, NORM), bias_init=_init(nn.initializers.zeros, NORM))
+    h = conv(self.out_channels, 3, name="conv1")(nn.silu(norm("norm1")(x)))
+    scale_shift = nn.Dense(
+        2 * self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="emb",
+        kernel_init=_init(nn.initializers.lecun_normal(), DENSE),
+        bias_init=_init(nn.initializers.zeros, BIAS))(nn.silu(emb))
+    scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
+    h = norm("norm2")(h) * (1 + scale) + shift
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = conv(self.out_channels, 3, zero=True, name="conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, 1, name="skip")(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over the ``H·W`` positions, with a residual connection."""
+
+  num_heads: int
+  dtype: Dtype
+  param_dtype: Dtype
+  implementation: str | None = None  # None lets XLA pick; 'cudnn' on GPUs.
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    if c % self.num_heads:
+      raise ValueError(f"attention channels {c} are not divisible by num_heads={self.num_heads}.")
+    dense = lambda f, zero, name: nn.Dense(  # noqa: E731
+        f, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=_init(nn.initializers.zeros if zero else nn.initializers.lecun_normal(), DENSE),
+        bias_init=_init(nn.initializers.zeros, BIAS))
+    y = nn.GroupNorm(_groups(c), dtype=self.dtype, param_dtype=self.param_dtype, name="norm",
+                     scale_init=_init(nn.initializers.ones, NORM),
+                     bias_init=_init(nn.initializers.zeros, NORM))(x)
+    qkv = dense(3 * c, False, "qkv")(y).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    out = dense(c, True, "proj")(out.reshape(b, h, w, c))
+    return x + out
+
+
+class UNet(nn.Module):
+  """ε-prediction U-Net. ``num_classes > 0`` adds a class embedding whose index
+  ``num_classes`` is the null label; ``num_frames > 0`` adds a frame-index embedding (the
+  residual generator's ``i``)."""
+
+  base_channels: int = 64
+  channel_mult: Sequence[int] = (1, 2, 2)
+  num_res_blocks: int = 2
+  attention_resolutions: Sequence[int] = (8,)  # feature-map sizes that get attention
+  num_heads: int = 4
+  dropout: float = 0.0
+  num_classes: int = 0
+  num_frames: int = 0
+  out_channels: int = 3
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, t: jnp.ndarray, label: jnp.ndarray | None = None,
+               frame_index: jnp.ndarray | None = None, train: bool = False) -> jnp.ndarray:
+    """x: ``(B, H, W, C)``; t: ``(B,)``; label, frame_index: ``(B,)`` int. Returns ``(B, H, W, out)``."""
+    chex.assert_rank(x, 4)
+    b, height, width, _ = x.shape
+    chex.assert_shape(t, (b,))
+    check_image_size(height, self.channel_mult)
+    check_image_size(width, self.channel_mult)
+    emb_dim = 4 * self.base_channels
+    dense = lambda f, name: nn.Dense(  # noqa: E731
+        f, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=_init(nn.initializers.lecun_normal(), DENSE),
+        bias_init=_init(nn.initializers.zeros, BIAS))
+    emb = timestep_embedding(t, self.base_channels)
+    emb = dense(emb_dim, "time_dense1")(emb.astype(self.dtype))
+    emb = dense(emb_dim, "time_dense2")(nn.silu(emb))
+    if self.num_classes > 0:
+      if label is None:
+        raise ValueError("this U-Net is class-conditional: pass a label (num_classes = null).")
+      emb = emb + nn.Embed(self.num_classes + 1, emb_dim, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="label_embed",
+                           embedding_init=_init(nn.initializers.normal(1.0), TABLE))(label)
+    if self.num_frames > 0:
+      if frame_index is None:
+        raise ValueError("this U-Net conditions on the frame index: pass frame_index.")
+      emb = emb + nn.Embed(self.num_frames, emb_dim, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="frame_embed",
+                           embedding_init=_init(nn.initializers.normal(1.0), TABLE))(frame_index)
+
+    block = lambda c, name: ResBlock(c, self.dropout, self.dtype, self.param_dtype, name=name)  # noqa: E731
+    attn = lambda name: AttentionBlock(self.num_heads, self.dtype, self.param_dtype,  # noqa: E731
+                                       self.attention_implementation, name=name)
+    conv = lambda c, k, s, names, name, zero=False: nn.Conv(  # noqa: E731
+        c, (k, k), strides=(s, s), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=_init(nn.initializers.zeros if zero else nn.initializers.lecun_normal(), names),
+        bias_init=_init(nn.initializers.zeros, BIAS if names is CONV else (None,)))
+
+    h = conv(self.base_channels, 3, 1, CONV, "conv_in")(x.astype(self.dtype))
+    skips = [h]
+    for level, mult in enumerate(self.channel_mult):
+      for i in range(self.num_res_blocks):
+        h = block(self.base_channels * mult, f"down{level}_block{i}")(h, emb, train)
+        if h.shape[1] in self.attention_resolutions:
+          h = attn(f"down{level}_attn{i}")(h)
+        skips.append(h)
+      if level != len(self.channel_mult) - 1:
+        h = conv(h.shape[-1], 3, 2, CONV, f"down{level}_downsample")(h)
+        skips.append(h)
+
+    h = block(h.shape[-1], "mid_block1")(h, emb, train)
+    h = attn("mid_attn")(h)
+    h = block(h.shape[-1], "mid_block2")(h, emb, train)
+
+    for level, mult in reversed(list(enumerate(self.channel_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = block(self.base_channels * mult, f"up{level}_block{i}")(h, emb, train)
+        if h.shape[1] in self.attention_resolutions:
+          h = attn(f"up{level}_attn{i}")(h)
+      if level != 0:
+        bb, hh, ww, cc = h.shape
+        h = jax.image.resize(h, (bb, 2 * hh, 2 * ww, cc), "nearest")
+        h = conv(cc, 3, 1, CONV, f"up{level}_upsample")(h)
+
+    h = nn.silu(nn.GroupNorm(_groups(h.shape[-1]), dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="norm_out", scale_init=_init(nn.initializers.ones, NORM),
+                             bias_init=_init(nn.initializers.zeros, NORM))(h))
+    out = conv(self.out_channels, 3, 1, TO_RGB, "conv_out", zero=True)(h)
+    return out.astype(jnp.float32)

@@ -1,0 +1,103 @@
+"""Sampling: EMA weights from the latest checkpoint -> videos (mp4, PNG grid, npz) and figures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from videofusion_jax import diffusion
+from videofusion_jax.config import ConfigError, validate
+from videofusion_jax.data import video_io
+from videofusion_jax.training import checkpoint as ckpt
+from videofusion_jax.training.state import make_apply_fns
+from videofusion_jax.training.train import Trainer
+
+
+def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | None:
+  """The labels to sample: ``config.sample.label``, or the classes in turn when it is -1."""
+  n = config.data.num_classes
+  if not n:
+    return None
+  if config.sample.label == -1:
+    return np.arange(num, dtype=np.int32) % n
+  if not 0 <= config.sample.label < n:
+    raise ConfigError(f"config.sample.label={config.sample.label}: use -1 or a class in [0, {n}).")
+  return np.full((num,), config.sample.label, np.int32)
+
+
+def make_generate_fn(trainer: Trainer):
+  """``generate(params, rng, labels (B,) or None) -> (B, N, H, W, C)``, jitted once."""
+  c = trainer.config
+  shape_tail = (c.data.num_frames, c.data.image_size, c.data.image_size, 3)
+
+  def generate(params, rng, labels):
+    base_fn, residual_fn = make_apply_fns(
+        trainer.networks, params, labels, guidance_scale=c.sample.guidance_scale,
+        null_label=c.data.num_classes)
+    batch = c.sample.batch_size
+    return diffusion.sample(base_fn, residual_fn, rng, (batch,) + shape_tail, trainer.lambdas,
+                            trainer.schedule, method=c.sample.method, num_steps=c.sample.num_steps,
+                            eta=c.sample.eta, clip_x0=c.sample.clip_x0)
+
+  return jax.jit(generate)
+
+
+def generate_videos(trainer: Trainer, params, num: int, seed: int,
+                    labels: np.ndarray | None) -> np.ndarray:
+  """``num`` videos in [-1, 1], ``(num, N, H, W, C)``, reproducible from ``seed``."""
+  gen = make_generate_fn(trainer)
+  batch = trainer.config.sample.batch_size
+  out = []
+  for i, start in enumerate(range(0, num, batch)):
+    lab = None
+    if labels is not None:
+      lab = jnp.asarray(np.resize(labels[start:start + batch], batch))
+    out.append(np.asarray(gen(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), lab)))
+  return np.clip(np.concatenate(out)[:num], -1.0, 1.0)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Loads the latest checkpoint's EMA weights, writes samples under ``workdir/samples``."""
+  validate(config)
+  trainer = Trainer(config)
+  manager = ckpt.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
+  state = ckpt.restore(manager, trainer.abstract_state())
+  manager.close()
+  step = int(state.step)
+  s = config.sample
+  labels = sample_labels(config, s.num_samples)
+  print(f"sampling {s.num_samples} videos from checkpoint {step} (EMA weights), "
+        f"{s.method} with {s.num_steps if s.method == 'ddim' else config.diffusion.num_timesteps} steps")
+  videos = generate_videos(trainer, state.ema_params, s.num_samples, s.seed, labels)
+  out_dir = Path(workdir) / "samples" / f"step_{step}"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  frames = video_io.to_uint8(videos)
+  for i, video in enumerate(frames):
+    tag = f"_label{labels[i]}" if labels is not None else ""
+    video_io.write_video(out_dir / f"sample_{i:03d}{tag}.mp4", video, fps=s.fps, upscale=s.upscale)
+  video_io.write_png(out_dir / "grid.png", video_io.frame_grid(frames, upscale=s.upscale))
+  np.savez_compressed(out_dir / "samples.npz", videos=videos,
+                      labels=labels if labels is not None else np.zeros(0))
+  results = {"step": step, "num_samples": int(s.num_samples), "dir": str(out_dir)}
+  results.update(_demo_figures(config, videos, labels))
+  (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+  print(json.dumps(results))
+  return results
+
+
+def _demo_figures(config, videos, labels) -> dict:
+  """Label accuracy and coherence against the real clips (labelled datasets on disk)."""
+  from videofusion_jax.data import pipeline
+  from videofusion_jax.evaluation.demo_metrics import coherence, label_accuracy
+
+  if config.data.name != "demo_clips":
+    return {}
+  real = pipeline.eval_clips(config, clips_per_video=config.sample.real_clips_per_video)
+  figures = {"coherence_generated": coherence(videos), "coherence_real": coherence(real["video"])}
+  if labels is not None:
+    figures["label_accuracy"] = label_accuracy(videos, labels, real["video"], real["label"])
+  return figures

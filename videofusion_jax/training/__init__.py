@@ -1,0 +1,1 @@
+"""Train state, sharding, optimizer, checkpoints and the training loop."""

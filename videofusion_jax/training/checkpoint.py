@@ -1,0 +1,52 @@
+"""Orbax checkpoints of the train state: async saves, keep the last N, restore onto any mesh."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint where one was expected; the message says where and what to do."""
+
+
+def make_manager(workdir: str | Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  directory = Path(workdir).absolute() / "checkpoints"
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def abstract_like(state, shardings):
+  """ShapeDtypeStructs carrying the target shardings: restores onto this mesh, whatever
+  device count wrote the checkpoint."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state) -> None:
+  manager.save(step, args=ocp.args.StandardSave(state))
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"no checkpoint in {manager.directory}: train first (--mode=train).")
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(
+        f"checkpoint {step} in {manager.directory} does not match this config's model "
+        f"({type(e).__name__}: {str(e)[:300]}). Use the config it was trained with.") from None
+
+
+def restore_raw(workdir: str | Path):
+  """The latest checkpoint of another run as plain arrays (no target tree)."""
+  manager = make_manager(workdir, keep=1, async_save=False)
+  step = manager.latest_step()
+  if step is None:
+    raise CheckpointError(f"no checkpoint found under {Path(workdir).absolute() / 'checkpoints'}.")
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return restored, step
