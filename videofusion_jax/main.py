@@ -19,7 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv) -> None:
   del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file at INFO.
+  logging.set_verbosity(logging.ERROR)  # Orbax and TFDS log every file at INFO.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from videofusion_jax.config import ConfigError
   from videofusion_jax.data.pipeline import DatasetNotFoundError

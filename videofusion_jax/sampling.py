@@ -1,6 +1,7 @@
 """Sampling: EMA weights from the latest checkpoint -> videos (mp4, PNG grid, npz) and figures."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -29,8 +30,9 @@ def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | N
   return np.full((num,), config.sample.label, np.int32)
 
 
+@functools.lru_cache(maxsize=4)
 def make_generate_fn(trainer: Trainer):
-  """``generate(params, rng, labels (B,) or None) -> (B, N, H, W, C)``, jitted once."""
+  """``generate(params, rng, labels (B,) or None) -> (B, N, H, W, C)``, jitted once per trainer."""
   c = trainer.config
   shape_tail = (c.data.num_frames, c.data.image_size, c.data.image_size, 3)
 

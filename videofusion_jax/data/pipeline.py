@@ -6,8 +6,8 @@ Batches are dicts ``{'video': (B, N, H, W, 3) float32 in [-1, 1], 'label': (B,) 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import ml_collections
 import numpy as np
@@ -35,6 +35,7 @@ _HOW_TO_GET = {
 
 def _tf():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # silences a start-up notice; data only
   import tensorflow as tf
 
   # TensorFlow must leave accelerator memory to JAX.

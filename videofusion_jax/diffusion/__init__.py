@@ -1,11 +1,19 @@
 """Pure functions of decomposed diffusion, one per equation of ``method.md``."""
 from videofusion_jax.diffusion.decomposition import (
-    combine_noise, compose_noise, decomposed_eps, decomposed_noise, frame_lambdas,
-    frame_residuals, insert_key_frame, key_frame_index, non_key_frames, q_sample,
-    remove_base_noise)
+    combine_noise,
+    compose_noise,
+    decomposed_eps,
+    decomposed_noise,
+    frame_lambdas,
+    frame_residuals,
+    insert_key_frame,
+    key_frame_index,
+    non_key_frames,
+    q_sample,
+    remove_base_noise,
+)
 from videofusion_jax.diffusion.losses import image_loss, joint_loss, sample_timesteps
-from videofusion_jax.diffusion.samplers import (
-    ddim_step, ddim_timesteps, ddpm_step, predict_x0, sample)
+from videofusion_jax.diffusion.samplers import ddim_step, ddim_timesteps, ddpm_step, predict_x0, sample
 from videofusion_jax.diffusion.schedules import SCHEDULE_KINDS, Schedule, make_schedule
 
 __all__ = [

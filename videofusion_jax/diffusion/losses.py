@@ -1,14 +1,13 @@
 """Training objectives: the joint VideoFusion loss (eq. 12) and the image-stage loss."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from videofusion_jax.diffusion.decomposition import (
-    decomposed_eps, key_frame_index, non_key_frames, q_sample)
+from videofusion_jax.diffusion.decomposition import decomposed_eps, key_frame_index, non_key_frames, q_sample
 from videofusion_jax.diffusion.schedules import Schedule
 
 BaseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]

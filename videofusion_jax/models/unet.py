@@ -8,7 +8,8 @@ conditioning (class label, frame index) to an ε estimate of the same shape.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import chex
 import flax.linen as nn

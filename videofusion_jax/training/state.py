@@ -1,7 +1,8 @@
 """Networks, optimizer and train state: everything a step needs, built from the config."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct

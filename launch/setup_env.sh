@@ -1,0 +1,23 @@
+# Sourced by the launch scripts: creates .venv and installs the pinned requirements when
+# they are missing or changed, then activates it. Needs only python3 (3.11 or 3.12) and pip.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+STAMP="$VENV/.requirements.sha256"
+WANT="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[setup] installing pinned requirements into $VENV (first run: a few minutes)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
+  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+  echo "$WANT" > "$STAMP"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+cd "$ROOT"

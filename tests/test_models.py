@@ -1,0 +1,61 @@
+"""The U-Net: shapes, conditioning inputs, dtypes, and clear errors for bad sizes."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from videofusion_jax.models import UNet, check_image_size, timestep_embedding
+
+
+@pytest.fixture(scope="module")
+def residual_unet():
+  m = UNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+           num_heads=2, num_classes=3, num_frames=4)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  t = jnp.array([3, 700])
+  params = nn.unbox(m.init(jax.random.PRNGKey(1), x, t, jnp.array([0, 1]), jnp.array([0, 1])))["params"]
+  # Output convolutions start at zero (as in ADM); perturb every weight so that each
+  # input reaches the output.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  return m, params, x, t
+
+
+def test_output_shape_and_every_input_matters(residual_unet):
+  m, params, x, t = residual_unet
+  out = m.apply({"params": params}, x, t, jnp.array([0, 1]), jnp.array([0, 1]))
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  for other in [m.apply({"params": params}, x, t, jnp.array([2, 1]), jnp.array([0, 1])),
+                m.apply({"params": params}, x, t, jnp.array([0, 1]), jnp.array([3, 1])),
+                m.apply({"params": params}, x, jnp.array([500, 700]), jnp.array([0, 1]), jnp.array([0, 1]))]:
+    assert not np.allclose(out[0], other[0], atol=1e-4)
+    np.testing.assert_allclose(out[1], other[1], atol=1e-4)  # the batch rows stay independent
+
+
+def test_bfloat16_compute_keeps_float32_params(residual_unet):
+  m, params, x, t = residual_unet
+  m16 = m.clone(dtype=jnp.bfloat16)
+  out16 = m16.apply({"params": params}, x, t, jnp.array([0, 1]), jnp.array([0, 1]))
+  out32 = m.apply({"params": params}, x, t, jnp.array([0, 1]), jnp.array([0, 1]))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  rel = np.linalg.norm(out16 - out32) / np.linalg.norm(out32)
+  assert 0 < rel < 0.05
+
+
+def test_missing_conditioning_and_bad_size_are_clear_errors(residual_unet):
+  m, params, x, t = residual_unet
+  with pytest.raises(ValueError, match="pass a label"):
+    m.apply({"params": params}, x, t, None, jnp.array([0, 1]))
+  with pytest.raises(ValueError, match="multiple of 4"):
+    check_image_size(18, (1, 2, 2))
+  with pytest.raises(ValueError, match="cannot be downsampled"):
+    m.apply({"params": params}, jnp.zeros((2, 9, 9, 3)), t, jnp.array([0, 1]), jnp.array([0, 1]))
+
+
+def test_timestep_embedding_is_sinusoidal():
+  emb = np.asarray(timestep_embedding(jnp.array([0.0, 10.0]), 8))
+  freqs = np.exp(-np.log(10000.0) * np.arange(4) / 4)
+  np.testing.assert_allclose(emb[1], np.concatenate([np.cos(10 * freqs), np.sin(10 * freqs)]), rtol=1e-5)
+  np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])

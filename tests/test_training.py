@@ -1,0 +1,149 @@
+"""Training: stop-gradient, two learning rates, sharding, checkpoints, resume, NaN handling."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from videofusion_jax import diffusion
+from videofusion_jax.training import checkpoint as ckpt
+from videofusion_jax.training import sharding as shd
+from videofusion_jax.training.state import make_apply_fns
+from videofusion_jax.training.train import NonFiniteLossError, Trainer, train
+
+
+def batches(config, n, seed=0, nan_at=None):
+  rng = np.random.default_rng(seed)
+  c = config.data
+  out = []
+  for i in range(n):
+    video = rng.uniform(-1, 1, (config.train.batch_size, c.num_frames, c.image_size, c.image_size, 3))
+    if nan_at is not None and i + 1 == nan_at:
+      video[0, 0, 0, 0, 0] = np.nan
+    out.append({"video": video.astype(np.float32),
+                "label": rng.integers(0, c.num_classes, config.train.batch_size).astype(np.int32)})
+  return out
+
+
+@pytest.fixture(scope="module")
+def trainer():
+  return Trainer(tiny_config())
+
+
+def _allclose_trees(a, b, atol=1e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
+
+
+def test_stop_gradient_isolates_the_base_generator(trainer):
+  c = trainer.config
+  state = trainer.init_state(0)
+  # Perturb the zero-initialised output layers so that both networks depend on their inputs.
+  params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), state.params)
+  b = batches(c, 1)[0]
+  x0, label = jnp.asarray(b["video"]), jnp.asarray(b["label"])
+  t = jnp.array([10, 200, 400, 600, 800, 900, 950, 999])
+  noise = diffusion.decomposed_noise(jax.random.PRNGKey(0), x0.shape, trainer.lambdas)
+
+  def terms(p):
+    base_fn, residual_fn = make_apply_fns(trainer.networks, p, label)
+    return diffusion.joint_loss(base_fn, residual_fn, x0, t, noise, trainer.lambdas, trainer.schedule)[1]
+
+  g_res = jax.grad(lambda p: terms(p)["loss_residual"])(params)
+  g_key = jax.grad(lambda p: terms(p)["loss_key"])(params)
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_res["base"]))
+  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_res["residual"])) > 0
+  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_key["base"])) > 0
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_key["residual"]))
+
+  # Control: without the stop-gradient the residual term does reach the base parameters.
+  def residual_term_without_sg(p):
+    base_fn, residual_fn = make_apply_fns(trainer.networks, p, label)
+    z = diffusion.q_sample(x0, t, noise, trainer.schedule)
+    eps_hat, _, _ = diffusion.decomposed_eps(base_fn, residual_fn, z, t, trainer.lambdas, trainer.schedule)
+    return jnp.mean(jnp.square(noise[:, [0, 1, 3]] - eps_hat[:, [0, 1, 3]]))
+  g_ctrl = jax.grad(residual_term_without_sg)(params)
+  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_ctrl["base"])) > 0
+
+
+def test_two_learning_rates_and_metrics(trainer):
+  c = trainer.config
+  state = trainer.init_state(0)
+  before = jax.device_get(state.params)
+  for b in batches(c, 3):
+    state, m = trainer.step(state, shd.global_batch(b, trainer.mesh))
+  lr = c.train.learning_rate
+  np.testing.assert_allclose(m["lr_residual"], lr, rtol=1e-6)  # step 2 >= warmup_steps
+  np.testing.assert_allclose(m["lr_base"], lr * c.train.base_lr_scale, rtol=1e-6)
+  assert float(m["grad_norm_base"]) > 0 and float(m["grad_norm_residual"]) > 0
+  assert int(state.step) == 3
+  moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before))]
+  assert max(moved) > 0
+
+
+def test_base_learning_rate_scale_is_applied():
+  t = Trainer(tiny_config(**{"train.base_lr_scale": 0.01}))
+  lr = t.schedules["base"](100), t.schedules["residual"](100)
+  np.testing.assert_allclose(lr[0], 0.01 * lr[1], rtol=1e-6)
+
+
+def test_sharded_step_matches_single_device(trainer):
+  c = trainer.config
+  assert jax.device_count() == 8
+  sharded = Trainer(tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2}))
+  single = Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
+  kernel = sharded.state_sharding.params["base"]["conv_in"]["kernel"]
+  assert kernel.spec[-1] == "fsdp"  # FSDP really splits the weights
+  b = batches(c, 1)[0]
+  s1, m1 = sharded.step(sharded.init_state(0), shd.global_batch(b, sharded.mesh))
+  s2, m2 = single.step(single.init_state(0), shd.global_batch(b, single.mesh))
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+  _allclose_trees(s1.params, s2.params, atol=1e-5)
+
+
+def test_resume_gives_the_same_next_step(trainer, tmp_path):
+  c = trainer.config
+  data = batches(c, 5)
+  full = train(c, tmp_path / "full", iter(data[:4]), trainer=trainer, verbose=False)
+  first = tiny_config(**{"train.num_steps": 2})
+  train(first, tmp_path / "split", iter(data[:2]), trainer=trainer, verbose=False)
+  resumed = train(c, tmp_path / "split", iter(data[2:4]), trainer=trainer, verbose=False)
+  assert int(resumed.step) == 4
+  _allclose_trees(full.params, resumed.params)
+  _allclose_trees(full.ema_params, resumed.ema_params)
+  _allclose_trees(full.opt_state, resumed.opt_state)
+  nxt = shd.global_batch(data[4], trainer.mesh)
+  _, m_full = trainer.step(full, nxt)
+  _, m_resumed = trainer.step(resumed, nxt)
+  np.testing.assert_allclose(m_full["loss"], m_resumed["loss"], rtol=1e-6)
+  assert (tmp_path / "split" / "config.json").is_file()
+  assert any((tmp_path / "split" / "tensorboard").iterdir())
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(trainer, tmp_path):
+  c = trainer.config
+  with pytest.raises(NonFiniteLossError, match="non-finite at step 3.*step 2\\) is intact"):
+    train(c, tmp_path, iter(batches(c, 4, nan_at=3)), trainer=trainer, verbose=False)
+  manager = ckpt.make_manager(tmp_path, keep=5, async_save=False)
+  assert manager.all_steps() == [2]
+  state = ckpt.restore(manager, trainer.abstract_state())
+  assert int(state.step) == 2
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_image_stage_then_video_stage_with_frozen_base(tmp_path):
+  image_cfg = tiny_config(**{"train.stage": "image", "train.num_steps": 2})
+  image_trainer = Trainer(image_cfg)
+  init = image_trainer.init_state(image_cfg.seed)
+  image_state = train(image_cfg, tmp_path / "image", iter(batches(image_cfg, 2)),
+                      trainer=image_trainer, verbose=False)
+  _allclose_trees(image_state.params["residual"], init.params["residual"], atol=0)
+  assert not np.allclose(image_state.params["base"]["conv_out"]["kernel"], init.params["base"]["conv_out"]["kernel"])
+
+  video_cfg = tiny_config(**{"train.init_base_from": str(tmp_path / "image"),
+                             "train.freeze_base": True, "train.num_steps": 2, "seed": 1})
+  video_state = train(video_cfg, tmp_path / "video", iter(batches(video_cfg, 2)), verbose=False)
+  _allclose_trees(video_state.params["base"], image_state.params["base"], atol=0)
+  video_init = Trainer(video_cfg).init_state(1)
+  assert not np.allclose(video_state.params["residual"]["conv_out"]["kernel"],
+                         video_init.params["residual"]["conv_out"]["kernel"])
