@@ -16,7 +16,7 @@ def run_main(*args, workdir):
 @pytest.mark.parametrize("override,message", [
     ("--config.diffusion.lam=1.5", "config.diffusion.lam=1.5: λ is the base-noise share"),
     ("--config.data.num_frames=1", "config.data.num_frames=1: VideoFusion needs at least 2"),
-    ("--config.data.image_size=18", "image size 18 cannot be downsampled"),
+    ("--config.data.image_size=17", "image size 17 cannot be downsampled"),
 ])
 def test_bad_config_values(override, message, tmp_path):
   r = run_main("--config=configs/demo.py", override, workdir=tmp_path)

@@ -14,7 +14,7 @@ def residual_unet():
            num_heads=2, num_classes=3, num_frames=4)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
   t = jnp.array([3, 700])
-  params = nn.unbox(m.init(jax.random.PRNGKey(1), x, t, jnp.array([0, 1]), jnp.array([0, 1])))["params"]
+  params = nn.unbox(jax.jit(m.init)(jax.random.PRNGKey(1), x, t, jnp.array([0, 1]), jnp.array([0, 1])))["params"]
   # Output convolutions start at zero (as in ADM); perturb every weight so that each
   # input reaches the output.
   leaves, tree = jax.tree.flatten(params)

@@ -27,7 +27,9 @@ def batches(config, n, seed=0, nan_at=None):
 
 @pytest.fixture(scope="module")
 def trainer():
-  return Trainer(tiny_config())
+  """The tiny model on one device (the sharding test compares it with a 4x2 mesh)."""
+  c = tiny_config()
+  return Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
 
 
 def _allclose_trees(a, b, atol=1e-6):
@@ -49,20 +51,21 @@ def test_stop_gradient_isolates_the_base_generator(trainer):
     base_fn, residual_fn = make_apply_fns(trainer.networks, p, label)
     return diffusion.joint_loss(base_fn, residual_fn, x0, t, noise, trainer.lambdas, trainer.schedule)[1]
 
-  g_res = jax.grad(lambda p: terms(p)["loss_residual"])(params)
-  g_key = jax.grad(lambda p: terms(p)["loss_key"])(params)
-  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_res["base"]))
-  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_res["residual"])) > 0
-  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_key["base"])) > 0
-  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_key["residual"]))
-
-  # Control: without the stop-gradient the residual term does reach the base parameters.
   def residual_term_without_sg(p):
     base_fn, residual_fn = make_apply_fns(trainer.networks, p, label)
     z = diffusion.q_sample(x0, t, noise, trainer.schedule)
     eps_hat, _, _ = diffusion.decomposed_eps(base_fn, residual_fn, z, t, trainer.lambdas, trainer.schedule)
     return jnp.mean(jnp.square(noise[:, [0, 1, 3]] - eps_hat[:, [0, 1, 3]]))
-  g_ctrl = jax.grad(residual_term_without_sg)(params)
+
+  grads = jax.jit(lambda p: (jax.grad(lambda q: terms(q)["loss_residual"])(p),
+                             jax.grad(lambda q: terms(q)["loss_key"])(p),
+                             jax.grad(residual_term_without_sg)(p)))
+  g_res, g_key, g_ctrl = grads(params)
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_res["base"]))
+  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_res["residual"])) > 0
+  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_key["base"])) > 0
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_key["residual"]))
+  # Control: without the stop-gradient the residual term does reach the base parameters.
   assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_ctrl["base"])) > 0
 
 
@@ -81,6 +84,12 @@ def test_two_learning_rates_and_metrics(trainer):
   assert max(moved) > 0
 
 
+def test_batch_that_does_not_split_over_devices_is_a_clear_error():
+  from videofusion_jax.config import ConfigError
+  with pytest.raises(ConfigError, match="batch_size=6 does not split evenly over the 8 devices"):
+    Trainer(tiny_config(**{"train.batch_size": 6}))
+
+
 def test_base_learning_rate_scale_is_applied():
   t = Trainer(tiny_config(**{"train.base_lr_scale": 0.01}))
   lr = t.schedules["base"](100), t.schedules["residual"](100)
@@ -89,9 +98,9 @@ def test_base_learning_rate_scale_is_applied():
 
 def test_sharded_step_matches_single_device(trainer):
   c = trainer.config
-  assert jax.device_count() == 8
+  assert jax.device_count() == 8 and trainer.mesh.devices.size == 1
   sharded = Trainer(tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2}))
-  single = Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
+  single = trainer
   kernel = sharded.state_sharding.params["base"]["conv_in"]["kernel"]
   assert kernel.spec[-1] == "fsdp"  # FSDP really splits the weights
   b = batches(c, 1)[0]
@@ -142,8 +151,10 @@ def test_image_stage_then_video_stage_with_frozen_base(tmp_path):
 
   video_cfg = tiny_config(**{"train.init_base_from": str(tmp_path / "image"),
                              "train.freeze_base": True, "train.num_steps": 2, "seed": 1})
-  video_state = train(video_cfg, tmp_path / "video", iter(batches(video_cfg, 2)), verbose=False)
+  video_trainer = Trainer(video_cfg)
+  video_init = video_trainer.init_state(1)
+  video_state = train(video_cfg, tmp_path / "video", iter(batches(video_cfg, 2)), trainer=video_trainer,
+                      verbose=False)
   _allclose_trees(video_state.params["base"], image_state.params["base"], atol=0)
-  video_init = Trainer(video_cfg).init_state(1)
   assert not np.allclose(video_state.params["residual"]["conv_out"]["kernel"],
                          video_init.params["residual"]["conv_out"]["kernel"])

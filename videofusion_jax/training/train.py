@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from videofusion_jax import diffusion
-from videofusion_jax.config import validate
+from videofusion_jax.config import ConfigError, validate
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.state import (
@@ -87,6 +87,10 @@ class Trainer:
     validate(config)
     self.config = config
     self.mesh = mesh if mesh is not None else shd.make_mesh(config)
+    if config.train.batch_size % self.mesh.devices.size:
+      raise ConfigError(
+          f"config.train.batch_size={config.train.batch_size} does not split evenly over the "
+          f"{self.mesh.devices.size} devices of the mesh; use a multiple of {self.mesh.devices.size}.")
     self.networks = make_networks(config)
     self.schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
     self.lambdas = diffusion.frame_lambdas(config.data.num_frames, config.diffusion.lam)
@@ -104,18 +108,21 @@ class Trainer:
     self.step = jax.jit(step, in_shardings=(self.state_sharding, shd.batch_sharding(self.mesh)),
                         out_shardings=(self.state_sharding, rep), donate_argnums=0)
 
+    self._init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
+
+  def _init_fn(self, rng: jax.Array) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    params = nn.unbox(init_params(self.networks, self.config, init_rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=self.tx.init(params), rng=state_rng)
+
   def init_state(self, seed: int) -> TrainState:
-    def init(rng):
-      init_rng, state_rng = jax.random.split(rng)
-      params = nn.unbox(init_params(self.networks, self.config, init_rng))
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                        opt_state=self.tx.init(params),
-                        rng=state_rng)
-    return jax.jit(init, out_shardings=self.state_sharding)(jax.random.PRNGKey(seed))
+    """A fresh state, laid out on the mesh (compiled once per trainer)."""
+    return self._init(jax.random.PRNGKey(seed))
 
   def abstract_state(self):
-    shapes = jax.eval_shape(self.init_state, 0)
-    return ckpt.abstract_like(shapes, self.state_sharding)
+    """Shapes, dtypes and shardings of the state, without allocating it."""
+    return ckpt.abstract_like(jax.eval_shape(self._init_fn, jax.random.PRNGKey(0)), self.state_sharding)
 
 
 def _like_params(opt_shapes, param_sh, rep):
@@ -194,6 +201,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   """
   workdir = Path(workdir)
   validate(config)
+  if batches is None:
+    from videofusion_jax.data import pipeline
+    pipeline.get_builder(config.data)  # a missing dataset stops us before the model is built
   trainer = trainer or Trainer(config)
   save_config(config, workdir)
   manager = ckpt.make_manager(workdir, config.train.keep_checkpoints)
@@ -215,7 +225,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
     return state
   local_batch = config.train.batch_size // jax.process_count()
   if batches is None:
-    from videofusion_jax.data import pipeline
     batches = pipeline.train_iterator(config, local_batch, seed=config.seed + start,
                                       process_index=jax.process_index(),
                                       process_count=jax.process_count())
@@ -256,7 +265,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
           writer.scalars(step, host)
         if verbose:
           print(f"step {step:>6}/{total}  loss {host['loss']:.4f} (key {host['loss_key']:.4f}, "
-                f"residual {host['loss_residual']:.4f})  {rate:5.2f} steps/s  "
+                f"residual {host['loss_residual']:.4f})  lr {host['lr_base']:.1e}/{host['lr_residual']:.1e}  "
+                f"|g| {host['grad_norm_base']:.2f}/{host['grad_norm_residual']:.2f}  {rate:5.2f} steps/s  "
                 f"elapsed {_format_time(now - t0)}  left {_format_time((total - step) / max(rate, 1e-9))}",
                 flush=True)
       if step % config.train.checkpoint_every == 0 or step == total:
