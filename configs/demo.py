@@ -9,7 +9,7 @@ def get_config():
   c = base_config()
   c.data.update(name="demo_clips", num_frames=8, frame_stride=2, image_size=16, num_classes=3,
                 shuffle_buffer=64, cache=True)
-  c.diffusion.update(schedule="cosine", num_timesteps=1000, lam=0.95)
+  c.diffusion.update(schedule="cosine", num_timesteps=1000, lam=0.98)
   c.model.base = unet_config(base_channels=48, channel_mult=(1, 2), num_res_blocks=1,
                              attention_resolutions=(8,), num_heads=2)
   c.model.residual = unet_config(base_channels=24, channel_mult=(1, 2), num_res_blocks=1,
@@ -20,5 +20,5 @@ def get_config():
                  checkpoint_every=500, keep_checkpoints=2)
   # Stochastic sampling (η = 1, decomposed fresh noise, eq. 8) corrects the errors that
   # deterministic DDIM (η = 0) bakes into frames of a model this small.
-  c.sample.update(num_steps=100, eta=1.0, num_samples=12, batch_size=12, upscale=4)
+  c.sample.update(num_steps=250, eta=1.0, num_samples=12, batch_size=12, upscale=4)
   return c

@@ -87,6 +87,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {"step": step, "num_samples": int(s.num_samples), "dir": str(out_dir)}
   results.update(_demo_figures(config, videos, labels))
   (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+  print(f"wrote {s.num_samples} videos (.mp4), grid.png and samples.npz to {out_dir}")
+  if "label_accuracy" in results:
+    print(f"label accuracy: {100 * results['label_accuracy']:.0f}% of samples have a key frame whose "
+          "nearest real key frame comes from the labelled clip")
+  if "coherence_generated" in results:
+    print(f"coherence (mean |frame[n+1] - frame[n]|, values in [-1, 1]): generated "
+          f"{results['coherence_generated']:.3f}, real {results['coherence_real']:.3f}")
   print(json.dumps(results))
   return results
 
