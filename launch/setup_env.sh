@@ -14,7 +14,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing pinned requirements into $VENV (first run: a few minutes)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
-  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+  # setuptools' editable build warns at length on stderr; show it only if the install fails.
+  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" 2>"$VENV/.editable-install.log" \
+    || { cat "$VENV/.editable-install.log"; exit 1; }
   echo "$WANT" > "$STAMP"
 fi
 # shellcheck disable=SC1091

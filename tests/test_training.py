@@ -158,3 +158,24 @@ def test_image_stage_then_video_stage_with_frozen_base(tmp_path):
   _allclose_trees(video_state.params["base"], image_state.params["base"], atol=0)
   assert not np.allclose(video_state.params["residual"]["conv_out"]["kernel"],
                          video_init.params["residual"]["conv_out"]["kernel"])
+
+
+def test_classifier_free_guidance_combines_label_and_null_estimates(trainer):
+  c = trainer.config
+  params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), trainer.init_state(0).params)
+  z = jax.random.normal(jax.random.PRNGKey(0), (2, c.data.num_frames - 1, c.data.image_size, c.data.image_size, 3))
+  t, label = jnp.array([100, 700]), jnp.array([0, 2])
+  null = jnp.full_like(label, c.data.num_classes)
+  idx = diffusion.non_key_frames(c.data.num_frames)
+
+  @jax.jit
+  def run(params):
+    guided = make_apply_fns(trainer.networks, params, label, guidance_scale=3.0, null_label=c.data.num_classes)
+    plain = make_apply_fns(trainer.networks, params, label)
+    uncond = make_apply_fns(trainer.networks, params, null)
+    return [(f(z[:, 0], t), g(z[:, 0], t), u(z[:, 0], t)) for f, g, u in [(guided[0], plain[0], uncond[0])]] + [
+        (guided[1](z, t, idx), plain[1](z, t, idx), uncond[1](z, t, idx))]
+
+  for guided, cond, uncond in run(params):
+    assert not np.allclose(cond, uncond, atol=1e-4)
+    np.testing.assert_allclose(guided, uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
