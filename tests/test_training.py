@@ -90,10 +90,14 @@ def test_batch_that_does_not_split_over_devices_is_a_clear_error():
     Trainer(tiny_config(**{"train.batch_size": 6}))
 
 
-def test_base_learning_rate_scale_is_applied():
-  t = Trainer(tiny_config(**{"train.base_lr_scale": 0.01}))
-  lr = t.schedules["base"](100), t.schedules["residual"](100)
-  np.testing.assert_allclose(lr[0], 0.01 * lr[1], rtol=1e-6)
+def test_base_learning_rate_scale_and_cosine_decay():
+  from videofusion_jax.training.state import make_optimizer
+  _, sched = make_optimizer(tiny_config(**{"train.base_lr_scale": 0.01, "train.lr_decay": "cosine",
+                                           "train.warmup_steps": 10, "train.num_steps": 110}))
+  peak = 1e-3
+  for step, expected in [(0, 0.0), (5, 0.5 * peak), (10, peak), (60, 0.5 * peak), (110, 0.0)]:
+    np.testing.assert_allclose(sched["residual"](step), expected, atol=1e-9)
+    np.testing.assert_allclose(sched["base"](step), 0.01 * expected, atol=1e-11)
 
 
 def test_sharded_step_matches_single_device(trainer):

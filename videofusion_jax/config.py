@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       stage="video",  # 'image': the base generator alone on single frames.
       batch_size=64, num_steps=100_000, learning_rate=1e-4, base_lr_scale=0.1,
-      warmup_steps=1000, grad_clip=1.0, weight_decay=0.0, ema_decay=0.9999,
+      warmup_steps=1000, lr_decay="constant", grad_clip=1.0, weight_decay=0.0, ema_decay=0.9999,
       label_dropout=0.1, log_every=50, checkpoint_every=5000, keep_checkpoints=3,
       init_base_from="", freeze_base=False))
 
@@ -84,6 +84,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.stage={t.stage!r}: use 'video' or 'image'.")
   if t.batch_size < 1 or t.num_steps < 1:
     raise ConfigError("config.train.batch_size and config.train.num_steps must be >= 1.")
+  if t.lr_decay not in ("constant", "cosine"):
+    raise ConfigError(f"config.train.lr_decay={t.lr_decay!r}: use 'constant' or 'cosine'.")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ConfigError(f"config.train.ema_decay={t.ema_decay}: must lie in [0, 1).")
   if config.sample.method not in ("ddim", "ddpm"):

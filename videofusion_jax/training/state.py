@@ -55,11 +55,18 @@ def init_params(networks: dict[str, UNet], config: ml_collections.ConfigDict, rn
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, scale: float) -> optax.Schedule:
-  """Linear warm-up to ``learning_rate * scale``, then constant."""
-  peak = config.train.learning_rate * scale
-  warmup = max(int(config.train.warmup_steps), 1)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
+  """Linear warm-up to ``learning_rate * scale``, then constant (``train.lr_decay='constant'``)
+  or a cosine decay to 0 at ``train.num_steps`` (``'cosine'``)."""
+  t = config.train
+  peak = t.learning_rate * scale
+  warmup = max(int(t.warmup_steps), 1)
+  if t.lr_decay == "cosine":
+    after = optax.cosine_decay_schedule(peak, max(int(t.num_steps) - warmup, 1))
+  elif t.lr_decay == "constant":
+    after = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"config.train.lr_decay={t.lr_decay!r}: use 'constant' or 'cosine'.")
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, dict]:
