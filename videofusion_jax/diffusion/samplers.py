@@ -40,7 +40,8 @@ def ddim_step(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, t_prev: jn
   ``z_{t'} = √ᾱ_{t'} x̂0 + √(1-ᾱ_{t'}-σ²) ε̂ + σ ε'``, with
   ``σ = η √((1-ᾱ_{t'})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t'})`` and ``ε'`` decomposed noise (eq. 8).
   ``z_t``, ``eps_hat``: ``(B, N, H, W, C)``; ``t``, ``t_prev``: ``(B,)`` or scalars.
-  With ``clip_x0`` the ε used for the direction is recomputed from the clipped x̂0.
+  With ``clip_x0`` the ε used for the direction is recomputed from the clipped x̂0, as ADM
+  (guided-diffusion) does (diffusers: ``clip_sample=True, use_clipped_model_output=True``).
   """
   chex.assert_equal_shape([z_t, eps_hat])
   a_t = per_example(schedule.alphas_cumprod, t, z_t.ndim)
