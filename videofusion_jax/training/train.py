@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -280,6 +279,3 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   sys.stdout.flush()
   return state
 
-
-def metrics_json(metrics: dict) -> str:
-  return json.dumps({k: float(v) for k, v in metrics.items()})
