@@ -254,8 +254,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
       if pending is not None:
         check(*pending)
       pending = (step, metrics)
-      if step % config.train.log_every == 0 or step == total:
+      log_now = step % config.train.log_every == 0 or step == total
+      save_now = step % config.train.checkpoint_every == 0 or step == total
+      if log_now or save_now:  # a checkpoint is written only after its step's loss was checked
         host = check(*pending)
+        pending = None
+      if log_now:
         now = time.time()
         rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
         last_log_time, last_log_step = now, step
@@ -268,8 +272,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
                 f"|g| {host['grad_norm_base']:.2f}/{host['grad_norm_residual']:.2f}  {rate:5.2f} steps/s  "
                 f"elapsed {_format_time(now - t0)}  left {_format_time((total - step) / max(rate, 1e-9))}",
                 flush=True)
-      if step % config.train.checkpoint_every == 0 or step == total:
-        check(*pending)
+      if save_now:
         ckpt.save(manager, step, state)
     manager.wait_until_finished()
   finally:
