@@ -7,8 +7,7 @@ from videofusion_jax.config import base_config, unet_config
 
 def get_config():
   c = base_config()
-  c.data.update(name="demo_clips", num_frames=8, frame_stride=2, image_size=16, num_classes=3,
-                shuffle_buffer=64, cache=True)
+  c.data.update(name="demo_clips", num_frames=8, frame_stride=2, image_size=16, num_classes=3)
   c.diffusion.update(schedule="cosine", num_timesteps=1000, lam=0.99)
   c.model.base = unet_config(base_channels=48, channel_mult=(1, 2), num_res_blocks=1,
                              attention_resolutions=(8,), num_heads=2)

@@ -7,8 +7,8 @@ from videofusion_jax.config import base_config, unet_config
 
 def get_config(variant: str = ""):
   c = base_config()
-  c.data.update(name="ucf101", split="train", num_frames=16, frame_stride=2, image_size=64,
-                num_classes=101, shuffle_buffer=4096)
+  c.data.update(name="ucf101/64", split="train", num_frames=16, frame_stride=2, image_size=64,
+                num_classes=101)
   c.diffusion.update(schedule="linear", num_timesteps=1000, lam=0.5)
   c.model.base = unet_config(base_channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                              attention_resolutions=(32, 16, 8), num_heads=4, dropout=0.1)

@@ -28,7 +28,7 @@ def tiny_config(**overrides):
                                  attention_resolutions=(), num_heads=2)
   c.train.update(batch_size=8, num_steps=4, warmup_steps=2, log_every=1, checkpoint_every=2,
                  keep_checkpoints=5, learning_rate=1e-3)
-  c.sample.update(num_steps=5, num_samples=3, batch_size=3, upscale=1, real_clips_per_video=4)
+  c.sample.update(num_steps=5, num_samples=3, batch_size=3, upscale=1, num_real_clips=12)
   for key, value in overrides.items():
     node = c
     *path, last = key.split(".")

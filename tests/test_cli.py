@@ -25,8 +25,11 @@ def test_bad_config_values(override, message, tmp_path):
 
 
 def test_missing_dataset_and_missing_checkpoint(tmp_path):
-  r = run_main("--config=configs/ucf101.py", f"--config.data.data_dir={tmp_path}", workdir=tmp_path)
+  r = run_main("--config=configs/ucf101.py", f"--config.data.data_dir={tmp_path}",
+               f"--config.data.manual_dir={tmp_path / 'nowhere'}", workdir=tmp_path)
   assert r.returncode == 1 and "Traceback" not in r.stderr
-  assert "not prepared" in r.stderr and "tfds build ucf101" in r.stderr
+  # One message: where it looked, the layout it expects, where the data comes from, the flags.
+  assert f"{tmp_path / 'nowhere'} does not exist" in r.stderr and "UCF-101/" in r.stderr
+  assert "crcv.ucf.edu" in r.stderr and "--config.data.manual_dir" in r.stderr
   r = run_main("--config=configs/demo.py", "--mode=sample", workdir=tmp_path / "empty")
   assert r.returncode == 1 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr

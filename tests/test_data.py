@@ -11,20 +11,6 @@ def config(tfds_dir):
   return tiny_config(**{"data.data_dir": tfds_dir})
 
 
-def test_builder_holds_the_three_real_clips(config):
-  builder = pipeline.get_builder(config.data)
-  ds = builder.as_dataset(split="train", shuffle_files=False)
-  examples = {e["name"].decode(): e for e in ds.as_numpy_iterator()}
-  assert sorted(examples) == sorted(video_io.DEMO_CLIPS)
-  lengths = {name: e["video"].shape[0] for name, e in examples.items()}
-  assert lengths == {"bigbuckbunny.mp4": 132, "bikes.mp4": 250, "carphone_pristine.mp4": 120}
-  for label, name in enumerate(video_io.DEMO_CLIPS):
-    assert examples[name]["label"] == label
-    # The stored frames are the decoded file, centre-cropped and resized.
-    frames = video_io.center_crop_resize(video_io.read_video(video_io.demo_clip_dir() / name)[:2], 64)
-    np.testing.assert_array_equal(examples[name]["video"][:2], frames)
-
-
 def test_train_batches_have_the_right_shape_range_and_are_seeded(config):
   it = pipeline.train_iterator(config, 6, seed=3)
   b = next(it)
@@ -39,21 +25,60 @@ def test_train_batches_have_the_right_shape_range_and_are_seeded(config):
 
 def test_clips_are_consecutive_real_frames(config):
   """A training clip equals frames f, f+s, ... of its source video, resized."""
-  real = pipeline.eval_clips(tiny_config(**{"data.data_dir": config.data.data_dir,
-                                            "data.image_size": 64}), clips_per_video=200)
-  clip = next(pipeline.train_iterator(tiny_config(**{"data.data_dir": config.data.data_dir,
-                                                     "data.image_size": 64}), 1, seed=0))["video"][0]
-  # The same frames appear among the densely sampled evaluation clips.
-  dist = np.abs(real["video"] - clip[None]).mean(axis=(1, 2, 3, 4))
+  c = tiny_config(**{"data.data_dir": config.data.data_dir, "data.image_size": 64})
+  clip = next(pipeline.train_iterator(c, 1, seed=0))["video"][0]
+  # The stored 64x64 frames, independently decoded by TFDS; every window of stride 2.
+  builder = pipeline.get_builder(c.data)
+  windows = [np.stack(e["video"])[f:f + 7:2] for e in builder.as_data_source("train")
+             for f in range(len(e["video"]) - 6)]
+  dist = np.abs(np.stack(windows) / 127.5 - 1.0 - clip[None]).max(axis=(1, 2, 3, 4))
   assert dist.min() < 1e-5
 
 
-def test_eval_clips_are_deterministic(config):
-  a = pipeline.eval_clips(config, clips_per_video=5)
-  b = pipeline.eval_clips(config, clips_per_video=5)
+def test_each_host_reads_its_own_block_and_every_example_once_per_epoch():
+  eligible = np.array([0, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14])  # records long enough for a clip
+  for hosts in (2, 4):
+    blocks = [pipeline.host_examples(eligible, h, hosts) for h in range(hosts)]
+    assert sorted(np.concatenate(blocks).tolist()) == eligible.tolist()
+    for block in blocks:
+      assert np.all(np.diff(block) > 0)  # contiguous runs of records: each host reads its own files
+      stream = list(pipeline.record_order(block, seed=1).take(3 * len(block)).as_numpy_iterator())
+      epochs = [stream[i * len(block):(i + 1) * len(block)] for i in range(3)]
+      for epoch in epochs:  # every epoch visits each of the host's examples exactly once
+        assert sorted(epoch) == block.tolist()
+      if len(block) > 2:
+        assert epochs[0] != epochs[1]  # and in a fresh order
+  with pytest.raises(pipeline.PipelineError, match="fewer than the 4 hosts"):
+    pipeline.host_examples(eligible[:3], 0, 4)
+
+
+def test_resuming_after_k_batches_continues_the_stream(config):
+  """Batches 3..6 of one stream equal the first 4 batches of a stream resumed at batch 3
+  (2 examples a batch over 3 videos: the resumed stream starts mid-epoch)."""
+  full = pipeline.train_iterator(config, 2, seed=5, verbose=False)
+  batches = [next(full) for _ in range(7)]
+  resumed = pipeline.train_iterator(config, 2, seed=5, start_batch=3, verbose=False)
+  for k in range(3, 7):
+    again = next(resumed)
+    np.testing.assert_array_equal(again["video"], batches[k]["video"])
+    np.testing.assert_array_equal(again["label"], batches[k]["label"])
+  labels = np.concatenate([b["label"] for b in batches[:3]]).tolist()
+  assert sorted(labels[:3]) == [0, 1, 2] and sorted(labels[3:6]) == [0, 1, 2]  # epochs cover every clip
+
+
+def test_eval_protocol_is_deterministic_and_spreads_over_each_video(config):
+  a = pipeline.eval_clips(config, 15)
+  b = pipeline.eval_clips(config, 15)
   assert a["video"].shape == (15, 4, 8, 8, 3)
   np.testing.assert_array_equal(a["video"], b["video"])
-  np.testing.assert_array_equal(a["label"], np.repeat([0, 1, 2], 5))
+  assert sorted(a["label"].tolist()) == sorted([0, 1, 2] * 5)
+  records, firsts = pipeline.eval_plan(15, np.arange(3), np.array([132, 250, 120]), span=7)
+  for r, length in enumerate([132, 250, 120]):  # 5 visits a video at the centres of 5 equal parts
+    expected = np.round((length - 7) * (np.arange(5) + 0.5) / 5)
+    np.testing.assert_array_equal(np.sort(firsts[records == r]), expected)
+  # One visit a video: the middle clip.
+  records, firsts = pipeline.eval_plan(3, np.arange(3), np.array([132, 250, 120]), span=7)
+  np.testing.assert_array_equal(firsts[np.argsort(records)], np.round((np.array([132, 250, 120]) - 7) / 2))
 
 
 def test_unreadable_videos_give_clear_errors(tmp_path):
@@ -69,7 +94,7 @@ def test_unreadable_videos_give_clear_errors(tmp_path):
     video_io.read_video(tmp_path / "missing.mp4")
 
 
-def test_absent_dataset_names_where_and_how(tmp_path):
-  c = tiny_config(**{"data.name": "ucf101", "data.data_dir": str(tmp_path)})
-  with pytest.raises(pipeline.DatasetNotFoundError, match=f"{tmp_path}.*tfds build ucf101"):
-    pipeline.get_builder(c.data)
+def test_clips_longer_than_every_video_are_refused_clearly(config):
+  c = tiny_config(**{"data.data_dir": config.data.data_dir, "data.num_frames": 200})
+  with pytest.raises(pipeline.PipelineError, match="no video .* has the 399 frames"):
+    pipeline.train_iterator(c, 2, seed=0)

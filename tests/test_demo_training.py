@@ -14,7 +14,7 @@ def test_demo_model_learns_the_real_clips(tfds_dir, tmp_path):
   config = demo.get_config()
   config.data.data_dir = tfds_dir
   config.train.update(num_steps=200, batch_size=4, log_every=100, checkpoint_every=200)
-  real = pipeline.eval_clips(config, clips_per_video=8)
+  real = pipeline.eval_clips(config, 24)
   trainer = Trainer(config, mesh=make_mesh(config, devices=jax.devices()[:1]))
   evaluate = jax.jit(functools.partial(loss_fn, networks=trainer.networks, config=config,
                                        lambdas=trainer.lambdas, schedule=trainer.schedule))

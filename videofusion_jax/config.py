@@ -28,8 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict(dict(
-      name="demo_clips", data_dir="", split="train", num_frames=16, frame_stride=1,
-      image_size=64, num_classes=0, shuffle_buffer=1024, cache=False))
+      # name: a builder of videofusion_jax.data.builders, '/<stored short side>' optional (ucf101/64).
+      # manual_dir: the raw dataset (read once, on first use, to build the TFDS dataset in data_dir).
+      name="demo_clips", data_dir="", manual_dir="", split="train", eval_split="",
+      num_frames=16, frame_stride=1, image_size=64, num_classes=0))
 
   c.diffusion = ml_collections.ConfigDict(dict(
       schedule="linear", num_timesteps=1000, lam=0.5))
@@ -51,7 +53,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       method="ddim", num_steps=100, eta=0.0, clip_x0=True, num_samples=16, batch_size=16,
       seed=0, label=-1,  # -1: cycle through the classes
-      guidance_scale=1.0, fps=8, upscale=4, real_clips_per_video=64))
+      guidance_scale=1.0, fps=8, upscale=4, num_real_clips=192))
+
+  # --mode=eval: StyleGAN-V's fvd2048_16f protocol by default (2048 real, 2048 generated clips).
+  c.eval = ml_collections.ConfigDict(dict(
+      num_real=2048, num_generated=2048, split="",  # '' = data.eval_split, else data.split
+      batch_size=8,  # I3D / C3D batch
+      kvd_subsets=100, kvd_subset_size=1000, seed=0,
+      c3d_weights=""))  # conv3d_deepnetA_ucf.npz, for the UCF101 Inception Score
 
   # Mesh axes (data parallel, fully sharded data parallel) and the rule table that maps
   # the U-Net's logical weight axes onto them. -1 takes the remaining devices.

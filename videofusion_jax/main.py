@@ -1,7 +1,8 @@
 """Entry point: ``python -m videofusion_jax.main --config=configs/demo.py --workdir=DIR``.
 
 Modes: ``train`` (resumes from the latest checkpoint in the workdir), ``sample`` (EMA
-weights of the latest checkpoint -> videos), ``train_and_sample``.
+weights of the latest checkpoint -> videos), ``train_and_sample``, ``eval`` (FVD, KVD and,
+given C3D weights, the Inception Score of the latest checkpoint).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, events and samples go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "train_and_sample"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "train_and_sample", "eval"], "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -22,7 +23,8 @@ def main(argv) -> None:
   logging.set_verbosity(logging.ERROR)  # Orbax and TFDS log every file at INFO.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from videofusion_jax.config import ConfigError
-  from videofusion_jax.data.pipeline import DatasetNotFoundError
+  from videofusion_jax.data.builders import DatasetNotFoundError
+  from videofusion_jax.data.pipeline import PipelineError
   from videofusion_jax.data.video_io import VideoReadError
   from videofusion_jax.training.checkpoint import CheckpointError
   from videofusion_jax.training.train import NonFiniteLossError
@@ -38,8 +40,11 @@ def main(argv) -> None:
     if _MODE.value in ("sample", "train_and_sample"):
       from videofusion_jax import sampling
       sampling.run(config, _WORKDIR.value)
+    if _MODE.value == "eval":
+      from videofusion_jax import evaluate
+      evaluate.run(config, _WORKDIR.value)
   except (ConfigError, DatasetNotFoundError, VideoReadError, CheckpointError, NonFiniteLossError,
-          FileNotFoundError) as e:
+          PipelineError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

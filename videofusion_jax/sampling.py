@@ -14,6 +14,7 @@ from videofusion_jax import diffusion
 from videofusion_jax.config import ConfigError, validate
 from videofusion_jax.data import video_io
 from videofusion_jax.training import checkpoint as ckpt
+from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.state import make_apply_fns
 from videofusion_jax.training.train import Trainer
 
@@ -45,7 +46,9 @@ def make_generate_fn(trainer: Trainer):
                             trainer.schedule, method=c.sample.method, num_steps=c.sample.num_steps,
                             eta=c.sample.eta, clip_x0=c.sample.clip_x0)
 
-  return jax.jit(generate)
+  # Shard the batch over the mesh when it divides evenly; otherwise one device does it all.
+  out_sharding = shd.batch_sharding(trainer.mesh) if c.sample.batch_size % trainer.mesh.devices.size == 0 else None
+  return jax.jit(generate, out_shardings=out_sharding)
 
 
 def generate_videos(trainer: Trainer, params, num: int, seed: int,
@@ -108,7 +111,7 @@ def _demo_figures(config, videos, labels) -> dict:
 
   if config.data.name != "demo_clips":
     return {}
-  real = pipeline.eval_clips(config, clips_per_video=config.sample.real_clips_per_video)
+  real = pipeline.eval_clips(config, config.sample.num_real_clips)
   figures = {"coherence_generated": coherence(videos), "coherence_real": coherence(real["video"])}
   if labels is not None:
     figures["label_accuracy"] = label_accuracy(videos, labels, real["video"], real["label"])

@@ -1,36 +1,31 @@
-"""tf.data input pipelines: TFDS builder -> clips of N frames -> per-host numpy batches.
+"""tf.data input pipelines: prepared TFDS dataset -> clips of N frames -> per-host numpy batches.
 
-This is the only module (with the builders) that imports TensorFlow, and only when called.
-Batches are dicts ``{'video': (B, N, H, W, 3) float32 in [-1, 1], 'label': (B,) int32}``.
+Examples are read by random access from the builders' ArrayRecord files, so the stream is a
+pure function of ``(seed, position)``: host ``h`` of ``P`` owns a contiguous block of the
+examples long enough for a clip, visits them in a fresh seeded permutation every epoch, and
+draws each clip's first frame from ``(seed, position)``. Resuming at batch ``k`` therefore
+rebuilds the same stream and skips ``k * B`` indices (integers, nothing is read or decoded).
+
+Only the frames of the clip are decoded (JPEG: only the centre square of them).
+Batches are dicts ``{'video': (B, N, S, S, 3) float32 in [-1, 1], 'label': (B,) int32}``.
+This module and the builders are the only ones that import TensorFlow, and only when called.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 
 
-class DatasetNotFoundError(FileNotFoundError):
-  """The dataset is not on disk; the message says where it is expected and how to get it."""
+class PipelineError(ValueError):
+  """The dataset cannot feed this config (split, clip length, hosts); the message says what to change."""
 
 
-_HOW_TO_GET = {
-    "ucf101": (
-        "UCF101 (13,320 clips, 101 classes): prepare TFDS's `ucf101` builder once on a machine "
-        "with internet (`tfds build ucf101 --data_dir=DIR`) and copy DIR here, then pass "
-        "--config.data.data_dir=DIR. Source: https://www.crcv.ucf.edu/data/UCF101.php"),
-    "sky_timelapse": (
-        "Sky Time-lapse (MDGAN/DIGAN layout sky_train/<long>/<short>/*.jpg): download it from "
-        "the MDGAN project page, then build it with the sky_timelapse builder into "
-        "--config.data.data_dir (the builder is tracked in the datasets issue)."),
-    "taichi": (
-        "TaiChi-HD (first-order-model layout {train,test}/<name>.mp4): fetch it with the "
-        "first-order-model `load_videos.py` script, then build it with the taichi builder into "
-        "--config.data.data_dir (the builder is tracked in the datasets issue)."),
-}
+_EPOCHS = 2**40  # an endless stream without Dataset.repeat(), whose epochs would share one order
 
 
 def _tf():
@@ -44,105 +39,206 @@ def _tf():
 
 
 def default_data_dir() -> str:
+  from pathlib import Path
+
   return os.environ.get("TFDS_DATA_DIR", str(Path.home() / "tensorflow_datasets"))
 
 
 def get_builder(data: ml_collections.ConfigDict):
-  """The prepared TFDS builder for ``data.name``; builds the demo set on first use."""
+  """The prepared TFDS builder for ``data.name`` (e.g. ``ucf101/64``); builds it on first use
+  from ``data.manual_dir`` (the raw files), or from the bundled clips for the demo."""
   _tf()
-  import tensorflow_datasets as tfds
+  from videofusion_jax.data import builders
 
-  data_dir = data.get("data_dir") or default_data_dir()
-  if data.name == "demo_clips":
-    from videofusion_jax.data.demo_clips import DemoClips
-
-    builder = DemoClips(data_dir=data_dir)
-    if not builder.is_prepared():
-      builder.download_and_prepare()
-    return builder
-  if data.name not in _HOW_TO_GET:
-    raise ValueError(f"unknown dataset {data.name!r}; known: demo_clips, {', '.join(_HOW_TO_GET)}.")
+  name, _, builder_config = data.name.partition("/")
   try:
-    builder = tfds.builder(data.name, data_dir=data_dir)
-  except Exception as e:  # unregistered builder name
-    raise DatasetNotFoundError(
-        f"dataset {data.name!r} is not available in {data_dir} ({type(e).__name__}). "
-        f"{_HOW_TO_GET[data.name]}") from None
-  if not builder.is_prepared():
-    raise DatasetNotFoundError(
-        f"dataset {data.name!r} is not prepared in {data_dir}. {_HOW_TO_GET[data.name]}")
-  return builder
+    return builders.prepare(name, data.get("data_dir") or default_data_dir(),
+                            manual_dir=data.get("manual_dir") or None, config=builder_config or None)
+  except ValueError as e:  # the builders' messages name the file or value at fault
+    raise PipelineError(f"cannot prepare {data.name}: {e}") from None
 
 
-def _clip_fn(tf, num_frames: int, stride: int, image_size: int, seed: int | None, start: str):
-  """Maps an example to ``(N, S, S, 3)`` float32 in [-1, 1], taking N frames ``stride`` apart."""
-  span = (num_frames - 1) * stride + 1
+def split_lengths(builder, split: str) -> np.ndarray:
+  """Frame counts of the examples of ``split`` (``'train'`` or ``'train+test'``), in record order."""
+  lengths = builder.info.metadata.get("lengths") if builder.info.metadata else None
+  if not lengths:
+    raise PipelineError(f"{builder.info.full_name} has no per-example lengths in its metadata; it was built "
+                     "by an older version of this code: delete its folder and rebuild it.")
+  parts = split.split("+")
+  unknown = [p for p in parts if p not in lengths]
+  if unknown:
+    raise PipelineError(f"config.data.split={split!r}: {builder.info.full_name} has splits "
+                     f"{sorted(lengths)}; combine them with '+' (slices such as 'train[:10%]' are not supported).")
+  return np.concatenate([np.asarray(lengths[p], np.int64) for p in parts])
 
-  def fn(index, example):
-    video = example["video"]
-    length = tf.shape(video)[0]
-    # A clip shorter than the span repeats its last frame rather than failing.
-    video = tf.concat([video, tf.repeat(video[-1:], tf.maximum(span - length, 0), axis=0)], 0)
-    max_start = tf.maximum(length - span, 0)
-    if start == "random":
-      first = tf.random.stateless_uniform([], seed=tf.stack([tf.cast(seed, tf.int64), index]),
-                                          maxval=max_start + 1, dtype=tf.int32)
-    else:  # the evaluation protocol: the middle of the video
-      first = max_start // 2
-    clip = video[first:first + span:stride]
-    h, w = tf.shape(clip)[1], tf.shape(clip)[2]
-    s = tf.minimum(h, w)
-    clip = clip[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    clip = tf.image.resize(tf.cast(clip, tf.float32), (image_size, image_size), method="area",
-                           antialias=True)
-    clip = tf.clip_by_value(clip / 127.5 - 1.0, -1.0, 1.0)
-    clip.set_shape((num_frames, image_size, image_size, 3))
-    return {"video": clip, "label": tf.cast(example.get("label", 0), tf.int32)}
 
-  return fn
+def host_examples(eligible: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+  """This host's contiguous block of the eligible record indices (neighbouring records share files)."""
+  if not 0 <= process_index < process_count:
+    raise PipelineError(f"process_index={process_index} is not in [0, {process_count}).")
+  if len(eligible) < process_count:
+    raise PipelineError(f"only {len(eligible)} examples are long enough for a clip, fewer than the "
+                     f"{process_count} hosts; use fewer hosts or shorter clips (data.num_frames, data.frame_stride).")
+  return np.array_split(eligible, process_count)[process_index]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  builder: object
+  split: str
+  eligible: np.ndarray  # record indices of the examples long enough for one clip
+  num_examples: int
+
+
+def _source(config: ml_collections.ConfigDict, split: str, verbose: bool) -> _Source:
+  d = config.data
+  builder = get_builder(d)
+  lengths = split_lengths(builder, split)
+  span = (d.num_frames - 1) * d.frame_stride + 1
+  eligible = np.flatnonzero(lengths >= span)
+  short = len(lengths) - len(eligible)
+  if not len(eligible):
+    raise PipelineError(f"no video of {builder.info.full_name} [{split}] has the {span} frames that "
+                     f"data.num_frames={d.num_frames} x data.frame_stride={d.frame_stride} need "
+                     f"(longest: {lengths.max(initial=0)}); use shorter clips.")
+  if short and verbose:
+    print(f"{builder.info.full_name} [{split}]: {short} of {len(lengths)} videos have fewer than "
+          f"{span} frames and are left out.")
+  return _Source(builder, split, eligible, len(lengths))
+
+
+def _reader(tf, source: _Source):
+  """Maps a record index to the example's features, frames still encoded: ``video`` is ``(T,)`` strings."""
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core import decode
+
+  records = source.builder.as_data_source(source.split, deserialize_method=decode.DeserializeMethod.RAW_BYTES)
+  features = source.builder.info.features
+
+  def read(index):
+    serialized = tf.numpy_function(lambda i: records[int(i)], [index], tf.string, stateful=False)
+    serialized.set_shape(())
+    return features.deserialize_example(serialized, decoders={"video": tfds.decode.SkipDecoding()})
+
+  return read
+
+
+def _clip(tf, example, first, num_frames: int, stride: int, size: int, jpeg: bool):
+  """Frames ``first, first + stride, ...`` of an example, centre square, resized: ``(N, S, S, 3)`` in [-1, 1]."""
+  encoded = tf.gather(example["video"], tf.cast(first, tf.int64) + tf.range(num_frames, dtype=tf.int64) * stride)
+  shape = tf.io.extract_jpeg_shape(encoded[0]) if jpeg else tf.shape(tf.io.decode_png(encoded[0]))
+  h, w = shape[0], shape[1]
+  s = tf.minimum(h, w)
+  window = tf.stack([(h - s) // 2, (w - s) // 2, s, s])
+
+  def decode(frame):
+    if jpeg:
+      return tf.io.decode_and_crop_jpeg(frame, window, channels=3)
+    return tf.image.crop_to_bounding_box(tf.io.decode_png(frame, channels=3), window[0], window[1], s, s)
+
+  frames = tf.map_fn(decode, encoded, fn_output_signature=tf.TensorSpec((None, None, 3), tf.uint8))
+  clip = tf.image.resize(tf.cast(frames, tf.float32), (size, size), method="area", antialias=True)
+  clip = tf.clip_by_value(clip / 127.5 - 1.0, -1.0, 1.0)
+  clip.set_shape((num_frames, size, size, 3))
+  return {"video": clip, "label": tf.cast(example.get("label", 0), tf.int32)}
+
+
+def _is_jpeg(builder) -> bool:
+  return getattr(builder.info.features["video"], "_encoding_format", "png") == "jpeg"
+
+
+def record_order(local: np.ndarray, seed: int, position: int = 0):
+  """The endless ``tf.data`` stream of record indices of one host from ``position`` on: epoch ``e``
+  visits ``local`` in the permutation seeded by ``(seed, e)``. Skipping costs integers only."""
+  tf = _tf()
+  n = len(local)
+  first_epoch, offset = divmod(position, n)
+  local_t = tf.constant(local, tf.int64)
+
+  def epoch_order(epoch):
+    perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch]))
+    return tf.data.Dataset.from_tensor_slices(tf.gather(local_t, perm))
+
+  return tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch_order).skip(offset)
 
 
 def train_iterator(config: ml_collections.ConfigDict, local_batch_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-  """Endless per-host iterator of training batches (random clip starts, seeded shuffles)."""
-  tf = _tf()
-  import tensorflow_datasets as tfds
+                   process_index: int = 0, process_count: int = 1, start_batch: int = 0,
+                   verbose: bool = True) -> Iterator[dict]:
+  """Endless per-host iterator of training batches, starting at batch ``start_batch`` of the stream.
 
-  builder = get_builder(config.data)
-  split = tfds.even_splits(config.data.get("split", "train"), n=process_count)[process_index]
-  ds = builder.as_dataset(split=split, shuffle_files=True,
-                          read_config=tfds.ReadConfig(shuffle_seed=seed))
-  if config.data.get("cache", False):
-    ds = ds.cache()
-  ds = ds.repeat().shuffle(config.data.get("shuffle_buffer", 256), seed=seed)
-  ds = ds.enumerate().map(
-      _clip_fn(tf, config.data.num_frames, config.data.frame_stride, config.data.image_size,
-               seed, "random"), num_parallel_calls=tf.data.AUTOTUNE)
+  ``train_iterator(..., start_batch=k)`` yields exactly what ``train_iterator(...)`` yields after
+  its first ``k`` batches (same seed and host layout): resuming continues the stream.
+  """
+  tf = _tf()
+  d = config.data
+  source = _source(config, d.get("split", "train"), verbose)
+  local = host_examples(source.eligible, process_index, process_count)
+  position = start_batch * local_batch_size  # examples this host has consumed
+  span = (d.num_frames - 1) * d.frame_stride + 1
+  indices = record_order(local, seed, position)
+  positions = tf.data.Dataset.range(position, 2**62)
+  read = _reader(tf, source)
+  jpeg = _is_jpeg(source.builder)
+
+  def load(pos, index):
+    example = read(index)
+    length = tf.shape(example["video"], out_type=tf.int64)[0]
+    # The clip's start depends on (seed, host, position) only, not on the order of arrival.
+    first = tf.random.stateless_uniform([], seed=tf.stack([seed, pos * process_count + process_index]),
+                                        maxval=tf.maximum(length - span, 0) + 1, dtype=tf.int64)
+    return _clip(tf, example, first, d.num_frames, d.frame_stride, d.image_size, jpeg)
+
+  ds = tf.data.Dataset.zip((positions, indices)).map(load, num_parallel_calls=tf.data.AUTOTUNE,
+                                                      deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return ds.as_numpy_iterator()
 
 
-def eval_clips(config: ml_collections.ConfigDict, clips_per_video: int) -> dict[str, np.ndarray]:
-  """Deterministic real clips: ``clips_per_video`` evenly spaced windows from every video.
+def eval_plan(num_clips: int, eligible: np.ndarray, lengths: np.ndarray, span: int,
+              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The evaluation protocol: which record and first frame each of ``num_clips`` real clips uses.
 
-  Returns ``{'video': (M, N, S, S, 3) float32 in [-1, 1], 'label': (M,) int32}``.
+  Clip ``k`` comes from video ``order[k % V]`` of a seeded permutation of the ``V`` eligible
+  videos, on that video's visit ``e = k // V`` of ``E = ceil(num_clips / V)``: its first frame
+  is ``round((L - span) * (e + 0.5) / E)``, so one visit takes the middle clip and several
+  visits spread evenly over the video. Returns ``(records, firsts)``, each ``(num_clips,)``.
   """
+  v = len(eligible)
+  order = np.random.default_rng(seed).permutation(eligible)
+  k = np.arange(num_clips)
+  records = order[k % v]
+  visits = math.ceil(num_clips / v)
+  firsts = np.round((lengths[records] - span) * ((k // v) + 0.5) / visits).astype(np.int64)
+  return records, firsts
+
+
+def eval_iterator(config: ml_collections.ConfigDict, num_clips: int, batch_size: int,
+                  process_index: int = 0, process_count: int = 1, split: str | None = None,
+                  verbose: bool = True) -> Iterator[dict]:
+  """This host's share of the ``num_clips`` real clips of the evaluation protocol (``eval_plan``),
+  in batches of ``batch_size`` (the last one may be smaller). Deterministic."""
   tf = _tf()
-  builder = get_builder(config.data)
-  ds = builder.as_dataset(split=config.data.get("split", "train"), shuffle_files=False)
-  n, stride, size = config.data.num_frames, config.data.frame_stride, config.data.image_size
-  span = (n - 1) * stride + 1
-  videos, labels = [], []
-  for example in ds.as_numpy_iterator():
-    frames = example["video"]
-    starts = np.linspace(0, max(len(frames) - span, 0), clips_per_video).round().astype(int)
-    for s in starts:
-      clip = frames[s:s + span:stride]
-      if len(clip) < n:
-        clip = np.concatenate([clip, np.repeat(clip[-1:], n - len(clip), 0)])
-      videos.append(clip)
-      labels.append(example.get("label", 0))
-  videos = tf.image.resize(tf.cast(np.stack(videos).reshape(-1, *videos[0].shape[1:]), tf.float32),
-                           (size, size), method="area", antialias=True).numpy()
-  videos = np.clip(videos / 127.5 - 1.0, -1.0, 1.0).reshape(len(labels), n, size, size, 3)
-  return {"video": videos.astype(np.float32), "label": np.asarray(labels, np.int32)}
+  d = config.data
+  split = split or d.get("eval_split") or d.get("split", "train")
+  source = _source(config, split, verbose)
+  lengths = split_lengths(source.builder, split)
+  span = (d.num_frames - 1) * d.frame_stride + 1
+  records, firsts = eval_plan(num_clips, source.eligible, lengths, span)
+  mine = np.array_split(np.arange(num_clips), process_count)[process_index]
+  read = _reader(tf, source)
+  jpeg = _is_jpeg(source.builder)
+
+  def load(index, first):
+    return _clip(tf, read(index), first, d.num_frames, d.frame_stride, d.image_size, jpeg)
+
+  ds = tf.data.Dataset.from_tensor_slices((records[mine], firsts[mine]))
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def eval_clips(config: ml_collections.ConfigDict, num_clips: int, split: str | None = None) -> dict[str, np.ndarray]:
+  """All ``num_clips`` real clips of the evaluation protocol at once (single host):
+  ``{'video': (M, N, S, S, 3) float32 in [-1, 1], 'label': (M,) int32}``."""
+  batches = list(eval_iterator(config, num_clips, batch_size=64, split=split, verbose=False))
+  return {k: np.concatenate([b[k] for b in batches]) for k in ("video", "label")}

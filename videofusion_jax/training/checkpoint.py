@@ -1,4 +1,8 @@
-"""Orbax checkpoints of the train state: async saves, keep the last N, restore onto any mesh."""
+"""Orbax checkpoints: async saves, keep the last N, restore onto any mesh.
+
+Each step holds two items: ``state`` (the TrainState) and ``data`` (a small JSON dict with the
+input stream's position, so that resuming continues the stream instead of restarting it).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +29,11 @@ def abstract_like(state, shardings):
                       state, shardings)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state) -> None:
-  manager.save(step, args=ocp.args.StandardSave(state))
+def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict | None = None) -> None:
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_state is not None:
+    items["data"] = ocp.args.JsonSave(data_state)
+  manager.save(step, args=ocp.args.Composite(**items))
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
@@ -34,11 +41,18 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
   if step is None:
     raise CheckpointError(f"no checkpoint in {manager.directory}: train first (--mode=train).")
   try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(
         f"checkpoint {step} in {manager.directory} does not match this config's model "
         f"({type(e).__name__}: {str(e)[:300]}). Use the config it was trained with.") from None
+
+
+def restore_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The input stream's position saved with ``step``, or None for a checkpoint without one."""
+  if not (Path(manager.directory) / str(step) / "data").exists():
+    return None
+  return dict(manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
 
 
 def restore_raw(workdir: str | Path):
@@ -47,6 +61,6 @@ def restore_raw(workdir: str | Path):
   step = manager.latest_step()
   if step is None:
     raise CheckpointError(f"no checkpoint found under {Path(workdir).absolute() / 'checkpoints'}.")
-  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   manager.close()
   return restored, step

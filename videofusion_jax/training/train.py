@@ -186,6 +186,32 @@ def _init_base_from(trainer: Trainer, state: TrainState, workdir: str) -> TrainS
                        opt_state=jax.jit(trainer.tx.init, out_shardings=trainer.state_sharding.opt_state)(params))
 
 
+def prepare_dataset(config: ml_collections.ConfigDict) -> None:
+  """Builds the TFDS dataset from the raw files if needed: on host 0 only, the others wait."""
+  from jax.experimental import multihost_utils
+
+  from videofusion_jax.data import pipeline
+
+  if jax.process_index() == 0:
+    pipeline.get_builder(config.data)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("dataset prepared")
+
+
+def resume_position(saved: dict | None, stream: dict, step: int) -> int:
+  """The input-stream batch to resume at: the saved position when the stream is laid out as it
+  was (seed, hosts, per-host batch); otherwise the batch that has consumed as many examples."""
+  if saved is None:
+    return step  # a checkpoint without a stream position: one batch per step from batch 0
+  if all(saved.get(k) == v for k, v in stream.items()):
+    return int(saved["batches"])
+  examples = int(saved["batches"]) * saved["local_batch_size"] * saved["process_count"]
+  position = examples // (stream["local_batch_size"] * stream["process_count"])
+  print(f"note: the input stream was {saved} and is now {stream}; the example order cannot continue "
+        f"exactly, so it restarts at batch {position} (the same number of examples seen).")
+  return position
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -202,12 +228,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   validate(config)
   if batches is None:
     from videofusion_jax.data import pipeline
-    pipeline.get_builder(config.data)  # a missing dataset stops us before the model is built
+    prepare_dataset(config)  # a missing dataset stops us before the model is built
   trainer = trainer or Trainer(config)
   save_config(config, workdir)
   manager = ckpt.make_manager(workdir, config.train.keep_checkpoints)
+  saved_stream = None
   if manager.latest_step() is not None:
     state = ckpt.restore(manager, trainer.abstract_state())
+    saved_stream = ckpt.restore_data_state(manager, int(state.step))
     print(f"resumed from checkpoint {int(state.step)} in {manager.directory}")
   else:
     state = trainer.init_state(config.seed)
@@ -223,10 +251,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
     manager.close()
     return state
   local_batch = config.train.batch_size // jax.process_count()
+  stream = {"seed": config.seed, "process_count": jax.process_count(), "local_batch_size": local_batch}
+  start_batch = resume_position(saved_stream, stream, start)
   if batches is None:
-    batches = pipeline.train_iterator(config, local_batch, seed=config.seed + start,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count())
+    batches = pipeline.train_iterator(config, local_batch, seed=config.seed, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), start_batch=start_batch)
   writer = _Writer(workdir) if jax.process_index() == 0 else None
   pending = None  # (step, metrics) not yet checked on the host
   t0, last_log_time, last_log_step = time.time(), time.time(), start
@@ -273,7 +302,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
                 f"elapsed {_format_time(now - t0)}  left {_format_time((total - step) / max(rate, 1e-9))}",
                 flush=True)
       if save_now:
-        ckpt.save(manager, step, state)
+        ckpt.save(manager, step, state, {**stream, "batches": start_batch + step - start})
     manager.wait_until_finished()
   finally:
     if writer:

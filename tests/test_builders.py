@@ -1,0 +1,222 @@
+"""The TFDS builders, each run on a small copy of its dataset's real on-disk layout cut from the demo clips."""
+import os
+
+import fabricate
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from videofusion_jax.data import builders, pipeline, video_io
+from videofusion_jax.data.builders import common
+
+CONFIG = "64"
+STORED = (64, 86)  # 72x96 sources at short side 64: 96 * 64 / 72 = 85.3 -> 86 (even)
+MAKERS = {"ucf101": fabricate.make_ucf101, "sky_timelapse": fabricate.make_sky, "taichi": fabricate.make_taichi,
+          "webvid": fabricate.make_webvid}
+LAYOUT_MARKERS = {"ucf101": "UCF-101/<ClassName>/v_<ClassName>_gXX_cYY.avi",
+                  "sky_timelapse": "sky_train/<long_id>/<short_id>/*.jpg", "taichi": "train/<name>.mp4",
+                  "webvid": "videos/<page_dir>/<videoid>.mp4"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  """``built(name) -> (builder, layout, data_dir)``: fabricates and builds each dataset once."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      raw = tmp_path_factory.mktemp(f"raw_{name}")
+      layout = MAKERS[name](raw)
+      data_dir = str(tmp_path_factory.mktemp(f"tfds_{name}"))
+      cache[name] = (builders.prepare(name, data_dir, manual_dir=str(raw), config=CONFIG), layout, data_dir)
+    return cache[name]
+
+  return get
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_build_matches_the_source_videos(built, name):
+  builder, layout, data_dir = built(name)
+  assert builder.info.file_format.value == "array_record" and builder.info.disable_shuffling
+  assert sorted(builder.info.splits) == sorted(layout.examples)
+  meta = builder.info.metadata
+  for split, examples in layout.examples.items():
+    assert builder.info.splits[split].num_examples == len(examples)
+    assert meta["lengths"][split] == [e.num_frames for e in examples]
+    report = meta["build_report"][split]
+    assert sorted(report["corrupt"]) == sorted(layout.corrupt[split])
+    assert report["too_short"] == layout.too_short[split]
+    assert report["missing"] == len(layout.missing[split])
+    assert sorted(report["missing_examples"]) == sorted(layout.missing[split])
+    assert report["grayscale_videos"] == layout.grayscale[split]
+    assert report["resized_frames"] == layout.resized_frames[split]
+    assert (report["examples"], report["frames"]) == (len(examples), sum(e.num_frames for e in examples))
+
+    source = builder.as_data_source(split)
+    assert len(source) == len(examples)
+    for i, e in enumerate(examples):  # record i is the i-th source in sorted order
+      record = source[i]
+      assert _text(record["id"]) == e.id
+      assert int(record["num_frames"]) == e.num_frames
+      video = np.stack(record["video"])
+      assert video.shape == (e.num_frames, *STORED, 3) and video.dtype == np.uint8
+      decoded = fabricate.decode_independently(e)
+      assert len(decoded) == e.num_frames  # the fabricator wrote what it claims
+      expected = fabricate.resize_independently(decoded, STORED).astype(np.float32)
+      video = video.astype(np.float32)
+      error = np.abs(video - expected).mean(axis=(1, 2, 3))
+      # JPEG storage (quality 95, ~2-3 levels on these detailed 86x64 frames) and PIL-vs-TF bicubic
+      # (~0.2) set the floor; frames one step out of place are measurably further off.
+      assert error.max() < 4.0, (e.id, error.round(2))
+      shifted = np.abs(video[1:] - expected[:-1]).mean()
+      assert error.mean() < 0.8 * shifted, (e.id, error.mean(), shifted)
+      if e.label is not None:
+        assert int(record["label"]) == e.label
+        label_name = builder.info.features["label"].int2str(int(record["label"]))
+        assert label_name.lower() == e.id.split("/")[0].lower()
+      if e.caption is not None:
+        assert _text(record["caption"]) == e.caption
+
+  text = common.summarize(builder)
+  for split in layout.examples:
+    for bad in [*layout.corrupt[split], *layout.too_short[split]]:
+      assert bad in text
+
+  # A fresh builder on the same data_dir reads everything back from disk.
+  fresh = type(builder)(data_dir=data_dir, config=CONFIG)
+  assert fresh.is_prepared()
+  assert fresh.info.metadata["lengths"] == meta["lengths"]
+  assert fresh.info.metadata["build_report"] == meta["build_report"]
+  assert fresh.builder_config.resolution == 64 and fresh.builder_config.min_frames == 16
+  if layout.class_names is not None:
+    assert fresh.info.features["label"].names == layout.class_names
+
+
+def test_ucf101_reads_labels_from_the_split_lists(built):
+  builder, layout, _ = built("ucf101")
+  assert builder.info.features["label"].num_classes == 101
+  ids = {e.id: e.label for e in layout.examples["train"]}
+  # The list says v_HandStandPushups_..., the file v_HandstandPushups_...: found, id as on disk.
+  assert ids["HandstandPushups/v_HandstandPushups_g08_c01.avi"] == layout.class_names.index("HandstandPushups")
+  assert builder.info.supervised_keys is not None
+
+
+def test_prepared_dataset_is_reused_not_rebuilt(built, tmp_path):
+  builder, _, data_dir = built("taichi")
+  files = sorted(os.listdir(builder.data_dir))
+  mtimes = [os.path.getmtime(os.path.join(builder.data_dir, f)) for f in files]
+  again = builders.prepare("taichi", data_dir, manual_dir=str(tmp_path / "gone"), config=CONFIG, verbose=False)
+  assert os.fspath(again.data_dir) == os.fspath(builder.data_dir)
+  assert sorted(os.listdir(builder.data_dir)) == files
+  assert [os.path.getmtime(os.path.join(builder.data_dir, f)) for f in files] == mtimes
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_missing_or_misplaced_manual_dir_names_the_layout(name, tmp_path):
+  with pytest.raises(builders.DatasetNotFoundError) as missing:
+    builders.prepare(name, str(tmp_path / "tfds"), manual_dir=str(tmp_path / "nowhere"), config=CONFIG)
+  message = str(missing.value)
+  assert LAYOUT_MARKERS[name] in message and "--config.data.manual_dir" in message and "nowhere" in message
+  wrong = tmp_path / "wrong"
+  (wrong / "stray_folder").mkdir(parents=True)
+  with pytest.raises(builders.DatasetNotFoundError, match="stray_folder") as misplaced:
+    builders.prepare(name, str(tmp_path / "tfds"), manual_dir=str(wrong), config=CONFIG)
+  assert LAYOUT_MARKERS[name] in str(misplaced.value)
+  with pytest.raises(builders.DatasetNotFoundError, match="downloads/manual"):  # the TFDS default
+    builders.prepare(name, str(tmp_path / "tfds"), config=CONFIG)
+  assert not (tmp_path / "tfds" / f"videofusion_{name}" / CONFIG / "1.0.0").exists()
+
+
+def test_a_split_without_usable_videos_fails_clearly_and_leaves_nothing(tmp_path):
+  raw = tmp_path / "raw"
+  fabricate.write_frames(raw / "sky_train" / "a" / "a_1", fabricate.piece(0, 0, 16))
+  fabricate.write_frames(raw / "sky_test" / "b" / "b_1", fabricate.piece(1, 0, fabricate.SHORT))
+  with pytest.raises(ValueError, match=r"split 'test' has no usable video: 0 corrupt.*1 shorter than min_frames=16"):
+    builders.prepare("sky_timelapse", str(tmp_path / "tfds"), manual_dir=str(raw), config=CONFIG, verbose=False)
+  assert not builders.SkyTimelapse(data_dir=str(tmp_path / "tfds"), config=CONFIG).is_prepared()
+
+
+def test_unknown_dataset_or_config_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="known datasets: demo_clips, ucf101, sky_timelapse, taichi, webvid"):
+    builders.prepare("kinetics", str(tmp_path))
+  with pytest.raises(ValueError, match="known configs: 64, 128, 256"):
+    builders.prepare("sky_timelapse", str(tmp_path), config="100")
+  assert set(builders.BUILDERS) == {"demo_clips", "ucf101", "sky_timelapse", "taichi", "webvid"}
+  for cls in builders.BUILDERS.values():
+    assert cls.disable_shuffling
+    if cls.DATASET != "demo_clips":
+      assert [c.name for c in cls.BUILDER_CONFIGS][:3] == ["64", "128", "256"]
+      assert cls.DEFAULT_CONFIG_NAME == "128"
+
+
+def test_builder_names_do_not_clash_with_tfds_own():
+  import tensorflow_datasets as tfds
+
+  assert tfds.builder_cls("ucf101").__module__.startswith("tensorflow_datasets.")
+  assert tfds.builder_cls("videofusion_ucf101") is builders.Ucf101
+  assert tfds.builder_cls("videofusion_webvid") is builders.WebVid
+
+
+def test_the_error_class_imports_without_tensorflow():
+  import subprocess
+  import sys
+
+  code = ("import sys; from videofusion_jax.data.builders import DatasetNotFoundError; "
+          "assert issubclass(DatasetNotFoundError, FileNotFoundError); "
+          "assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stored_size_keeps_aspect_with_even_sides():
+  # Independent arithmetic: long side * res / short side, rounded to the nearest even number.
+  assert common.stored_size(240, 320, 64) == (64, 86)  # 85.33 -> 86
+  assert common.stored_size(360, 640, 128) == (128, 228)  # 227.56 -> 228
+  assert common.stored_size(320, 240, 64) == (86, 64)  # portrait
+  assert common.stored_size(256, 256, 128) == (128, 128)
+  assert common.stored_size(144, 176, 64) == (64, 78)  # 78.22 -> 78
+  with pytest.raises(ValueError, match="even"):
+    common.VideoConfig(name="odd", resolution=63)
+
+
+def test_webvid_falls_back_to_the_2m_csv(tmp_path):
+  from videofusion_jax.data.builders import webvid
+
+  (tmp_path / "results_2M_train.csv").write_text("videoid,contentUrl,duration,page_dir,name\n")
+  assert webvid.find_csv(tmp_path, "train") == tmp_path / "results_2M_train.csv"
+  assert webvid.find_csv(tmp_path, "val") is None
+  (tmp_path / "results_10M_train.csv").write_text("videoid,contentUrl,duration,page_dir,name\n")
+  assert webvid.find_csv(tmp_path, "train") == tmp_path / "results_10M_train.csv"
+
+
+def test_demo_clips_port(tfds_dir):
+  builder = builders.prepare("demo_clips", tfds_dir, verbose=False)
+  assert builder.info.metadata["lengths"]["train"] == [132, 250, 120]
+  source = builder.as_data_source("train")
+  assert len(source) == 3
+  assert [int(source[i]["label"]) for i in range(3)] == [0, 1, 2]
+  assert [_text(source[i]["id"]) for i in range(3)] == list(video_io.DEMO_CLIPS)
+  assert builder.info.features["label"].names == ["bigbuckbunny", "bikes", "carphone"]
+  # PNG storage is lossless: carphone equals the old builder's crop-and-resize exactly.
+  frames = video_io.read_video(video_io.demo_clip_dir() / "carphone_pristine.mp4")
+  np.testing.assert_array_equal(np.stack(source[2]["video"]), video_io.center_crop_resize(frames, 64))
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_the_pipeline_reads_every_builder(built, name):
+  """One epoch of training clips and the evaluation clips, from each real builder's dataset."""
+  builder, layout, data_dir = built(name)
+  c = tiny_config(**{"data.name": f"{name}/{CONFIG}", "data.data_dir": data_dir, "data.image_size": 16})
+  train = layout.examples["train"]
+  batch = next(pipeline.train_iterator(c, len(train), seed=0, verbose=False))  # exactly one epoch
+  video = batch["video"]
+  assert video.shape == (len(train), 4, 16, 16, 3) and video.dtype == np.float32
+  assert video.min() >= -1.0 and video.max() <= 1.0 and video.std() > 0.1
+  expected = [e.label for e in train] if name == "ucf101" else [0] * len(train)
+  assert sorted(batch["label"].tolist()) == sorted(expected)  # each example once, its label kept
+  real = pipeline.eval_clips(c, 2 * len(train))
+  assert real["video"].shape == (2 * len(train), 4, 16, 16, 3)
+  assert sorted(real["label"].tolist()) == sorted(expected * 2)

@@ -1,0 +1,411 @@
+"""What every video builder shares: configs, frame decoding, build reports, and ``prepare()``.
+
+A builder lists its sources (video files or folders of frames) in a sorted order, decodes them
+one at a time, resizes the frames so that the short side equals the config's ``resolution``
+(aspect kept, both sides even), and writes ArrayRecord files in that order (``disable_shuffling``),
+so record ``i`` is the ``i``-th source that decoded to at least ``min_frames`` frames.
+``info.metadata`` keeps ``lengths[split]`` (frames per record, in record order) and
+``build_report[split]`` (what was skipped and converted, and why).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from videofusion_jax.data import video_io
+from videofusion_jax.data.builders import DatasetNotFoundError
+
+__all__ = [
+    "BUILDERS_HINT", "DatasetNotFoundError", "Decoded", "Source", "SplitReport", "VideoBuilder", "VideoConfig",
+    "builder_classes", "decode_frame_folder", "decode_video_file", "list_images", "prepare", "resize_frame",
+    "resolution_configs", "stored_size", "summarize",
+]
+
+RESOLUTIONS = (64, 128, 256)
+DEFAULT_RESOLUTION = 128
+DEFAULT_MIN_FRAMES = 16
+FILE_FORMAT = "array_record"  # the pipeline reads records by index
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+BUILDERS_HINT = "--config.data.manual_dir=DIR (raw data) and --config.data.data_dir=DIR (where TFDS writes)"
+_MAX_NAMES_PRINTED = 10
+_MISSING_EXAMPLES_KEPT = 20
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
+_GRAY_MODES = frozenset({"1", "L", "LA"}) | _WIDE_GRAY_MODES
+
+
+@dataclasses.dataclass(eq=False)
+class VideoConfig(tfds.core.BuilderConfig):
+  """Frames are stored with their short side equal to ``resolution``; shorter videos are skipped."""
+
+  resolution: int = DEFAULT_RESOLUTION
+  min_frames: int = DEFAULT_MIN_FRAMES
+
+  def __post_init__(self):
+    if not isinstance(self.resolution, int) or self.resolution < 2 or self.resolution % 2:
+      raise ValueError(f"VideoConfig {self.name!r}: resolution={self.resolution!r} must be an even int >= 2 "
+                       "(yuv420 video and the pipeline's crops need even sizes).")
+    if not isinstance(self.min_frames, int) or self.min_frames < 1:
+      raise ValueError(f"VideoConfig {self.name!r}: min_frames={self.min_frames!r} must be an int >= 1.")
+
+
+def resolution_configs(config_cls: type[VideoConfig] = VideoConfig, resolutions=RESOLUTIONS, suffix: str = "",
+                       **fields) -> list[VideoConfig]:
+  """One config per stored short side, named ``"64"``, ``"128"``, ... (plus ``suffix``)."""
+  return [config_cls(name=f"{r}{suffix}", description=f"Frames stored with short side {r} px, aspect kept.",
+                     resolution=r, **fields) for r in resolutions]
+
+
+def stored_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+  """``(h, w)`` with the short side equal to ``resolution``, the aspect kept and both sides even."""
+  if height < 1 or width < 1:
+    raise ValueError(f"frame size {height}x{width} is empty.")
+  short, long = min(height, width), max(height, width)
+  new_long = max(2, 2 * math.floor(long * resolution / short / 2 + 0.5))
+  return (resolution, new_long) if height <= width else (new_long, resolution)
+
+
+def resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """``(H, W, 3)`` uint8 -> ``(h, w, 3)`` uint8 with PIL's antialiased bicubic; a no-op at the same size."""
+  from PIL import Image
+
+  if frame.shape[:2] == tuple(size):
+    return frame
+  return np.asarray(Image.fromarray(frame).resize((size[1], size[0]), Image.BICUBIC))
+
+
+@dataclasses.dataclass
+class Source:
+  """One video to decode: a file, or a folder of frames in filename order."""
+
+  id: str  # relative to the manual dir; stored as the example's "id"
+  path: Path
+  is_frame_folder: bool = False
+  features: dict[str, Any] = dataclasses.field(default_factory=dict)  # label, caption, ...
+
+
+@dataclasses.dataclass
+class Decoded:
+  """Frames ready to store, ``(T, h, w, 3)`` uint8; ``frames`` is None when the video is too short."""
+
+  frames: np.ndarray | None
+  num_frames: int
+  grayscale: bool = False
+  resized_frames: int = 0  # frames whose size differed from the first frame's
+
+
+def list_images(folder: Path) -> list[Path]:
+  """The image files of a frame folder in sorted filename order (hidden files ignored)."""
+  return sorted(p for p in folder.iterdir()
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+
+
+def decode_frame_folder(folder: Path, resolution: int, min_frames: int) -> Decoded:
+  """A folder of jpg/png frames -> ``Decoded``; raises ``VideoReadError`` on an unreadable frame."""
+  from PIL import Image
+
+  paths = list_images(folder)
+  if len(paths) < min_frames:  # cheap check before decoding anything
+    return Decoded(None, len(paths))
+  frames, gray, first_size, size, resized = [], False, None, None, 0
+  for path in paths:
+    try:
+      with Image.open(path) as image:
+        image.load()
+        gray = gray or image.mode in _GRAY_MODES
+        if image.mode in _WIDE_GRAY_MODES:  # PIL cannot convert these to RGB directly
+          array = np.asarray(image, np.float64)
+          if array.max() > 255:  # 16-bit range
+            array = array / 257.0
+          image = Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8))
+        frame = np.asarray(image.convert("RGB"))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+      raise video_io.VideoReadError(f"cannot read frame {path.name}: {type(e).__name__}: {e}") from None
+    if first_size is None:
+      first_size = frame.shape[:2]
+      size = stored_size(*first_size, resolution)
+    elif frame.shape[:2] != first_size:
+      resized += 1
+    frames.append(resize_frame(frame, size))
+  return Decoded(np.stack(frames), len(frames), grayscale=gray, resized_frames=resized)
+
+
+def decode_video_file(path: Path, resolution: int, min_frames: int) -> Decoded:
+  """A video file -> ``Decoded``; raises ``VideoReadError`` when it cannot be decoded."""
+  frames = video_io.read_video(path)  # RGB uint8; PyAV already converts gray pixel formats
+  if len(frames) < min_frames:
+    return Decoded(None, len(frames))
+  size = stored_size(frames.shape[1], frames.shape[2], resolution)
+  return Decoded(np.stack([resize_frame(f, size) for f in frames]), len(frames))
+
+
+@dataclasses.dataclass
+class SplitReport:
+  """What one split's build wrote and skipped; saved in ``info.metadata``."""
+
+  examples: int = 0
+  frames: int = 0
+  lengths: list[int] = dataclasses.field(default_factory=list)
+  corrupt: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> reason
+  too_short: dict[str, int] = dataclasses.field(default_factory=dict)  # id -> decodable frames
+  missing: int = 0  # listed in an index file (split list, CSV) but absent on disk
+  missing_examples: list[str] = dataclasses.field(default_factory=list)
+  grayscale_videos: int = 0
+  resized_frames: int = 0
+
+  def add_missing(self, source_id: str) -> None:
+    self.missing += 1
+    if len(self.missing_examples) < _MISSING_EXAMPLES_KEPT:
+      self.missing_examples.append(source_id)
+
+  def add_written(self, decoded: Decoded) -> None:
+    self.examples += 1
+    self.frames += decoded.num_frames
+    self.lengths.append(decoded.num_frames)
+    self.grayscale_videos += int(decoded.grayscale)
+    self.resized_frames += decoded.resized_frames
+
+  def as_metadata(self) -> dict[str, Any]:
+    """JSON-ready, without ``lengths`` (stored separately under ``metadata['lengths']``)."""
+    out = dataclasses.asdict(self)
+    del out["lengths"]
+    return out
+
+
+class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the video builders. Subclasses set the class constants and ``_list_sources``."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release: all frames, short side resized to the config's resolution."}
+  BUILDER_CONFIGS = resolution_configs()
+  DEFAULT_CONFIG_NAME = str(DEFAULT_RESOLUTION)
+  # Record i is the i-th generated example; the pipeline shuffles. TFDS reads it from the DatasetInfo.
+  disable_shuffling = True
+
+  DATASET = ""  # the name prepare() and BUILDERS use
+  DESCRIPTION = ""
+  HOMEPAGE = ""
+  LAYOUT = ""  # the manual dir's expected layout, shown in DatasetNotFoundError
+  SOURCE = ""  # where to get the raw data
+  SPLITS: tuple[str, ...] = ("train", "test")
+  NEEDS_MANUAL_DIR = True
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if cls.NEEDS_MANUAL_DIR and cls.LAYOUT:
+      cls.MANUAL_DOWNLOAD_INSTRUCTIONS = f"{cls.LAYOUT}\nSource: {cls.SOURCE}"
+
+  # --- what subclasses customise -------------------------------------------------------------
+  def _video_feature(self) -> tfds.features.Video:
+    return tfds.features.Video(shape=(None, None, None, 3), encoding_format="jpeg")
+
+  def _extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
+    return {}
+
+  def _supervised_keys(self) -> tuple[str, str] | None:
+    return None
+
+  @classmethod
+  def _check_layout(cls, root: Path) -> Path:
+    """Raises ``not_found`` unless ``root`` has the expected layout; returns the root to read."""
+    return root
+
+  def _list_sources(self, root: Path) -> dict[str, tuple[list[Source], SplitReport]]:
+    """Per split: the sources in generation order, and a report with listing-time counts (missing)."""
+    raise NotImplementedError
+
+  def _decode(self, source: Source) -> Decoded:
+    c = self.builder_config
+    if source.is_frame_folder:
+      return decode_frame_folder(source.path, c.resolution, c.min_frames)
+    return decode_video_file(source.path, c.resolution, c.min_frames)
+
+  # --- shared machinery ----------------------------------------------------------------------
+  @classmethod
+  def not_found(cls, problem: str) -> DatasetNotFoundError:
+    return DatasetNotFoundError(
+        f"{cls.DATASET}: {problem}\nExpected layout of the manual dir:\n{cls.LAYOUT}\n"
+        f"Get the data from: {cls.SOURCE}\nThen pass {BUILDERS_HINT}; the TFDS dataset is built from "
+        "the raw folder on first use.")
+
+  @classmethod
+  def find_root(cls, manual_dir: str | os.PathLike | None) -> Path:
+    """The validated manual dir; raises ``DatasetNotFoundError`` naming the expected layout."""
+    if manual_dir is None or not str(manual_dir):
+      raise cls.not_found("no manual dir was given.")
+    root = Path(os.path.expanduser(os.fspath(manual_dir)))
+    if not root.is_dir():
+      raise cls.not_found(f"the manual dir {root} does not exist or is not a folder.")
+    return cls._check_layout(root)
+
+  @classmethod
+  def _found_entries(cls, root: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    shown = ", ".join(names[:_MAX_NAMES_PRINTED])
+    if len(names) > _MAX_NAMES_PRINTED:
+      shown += f", ... ({len(names)} entries)"
+    return f"{root} holds: {shown or 'nothing'}."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {"video": self._video_feature(), "num_frames": np.int32, "id": tfds.features.Text(),
+                **self._extra_features()}
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION, features=tfds.features.FeaturesDict(features),
+        homepage=self.HOMEPAGE, supervised_keys=self._supervised_keys(), metadata=tfds.core.MetadataDict(),
+        disable_shuffling=self.disable_shuffling)
+
+  def _split_generators(self, dl_manager):
+    manual = None
+    if self.NEEDS_MANUAL_DIR:
+      try:
+        manual = dl_manager.manual_dir
+      except AssertionError:  # TFDS's own message; ours names the layout
+        manual = dl_manager._manual_dir  # noqa: SLF001
+    root = self.find_root(manual)
+    generators = {}
+    for split, (sources, report) in self._list_sources(root).items():
+      if not sources:
+        if split == "train":
+          raise self.not_found(f"no {split} videos found under {root} (missing: {report.missing}, "
+                               f"e.g. {report.missing_examples[:3]}).")
+        self._omitted[split] = f"no videos found (missing: {report.missing})"
+        continue
+      self._reports[split] = report
+      generators[split] = self._generate_examples(split, sources, report)
+    return generators
+
+  def _generate_examples(self, split: str, sources: list[Source], report: SplitReport
+                         ) -> Iterator[tuple[int, dict[str, Any]]]:
+    for source in sources:
+      try:
+        decoded = self._decode(source)
+      except Exception as e:  # one bad file must never stop a build: skip, count and name it
+        reason = str(e) if isinstance(e, video_io.VideoReadError) else f"{type(e).__name__}: {e}"
+        report.corrupt[source.id] = reason
+        continue
+      if decoded.frames is None:
+        report.too_short[source.id] = decoded.num_frames
+        continue
+      key = report.examples  # consecutive ints: TFDS sorts unshuffled records by key
+      report.add_written(decoded)
+      yield key, {"video": decoded.frames, "num_frames": decoded.num_frames, "id": source.id, **source.features}
+    if report.examples == 0:
+      raise ValueError(
+          f"{self.DATASET}: split {split!r} has no usable video: {len(report.corrupt)} corrupt/unreadable, "
+          f"{len(report.too_short)} shorter than min_frames={self.builder_config.min_frames}, "
+          f"{report.missing} missing. First problems: {dict(list(report.corrupt.items())[:3])} "
+          f"{dict(list(report.too_short.items())[:3])}. Fix the raw data or pick a config with a smaller "
+          "min_frames.")
+
+  def _download_and_prepare(self, dl_manager, download_config):
+    self._reports: dict[str, SplitReport] = {}
+    self._omitted: dict[str, str] = {}
+    super()._download_and_prepare(dl_manager, download_config)
+    # Written with dataset_info.json right after this returns; reloaded by a fresh builder.
+    self.info.metadata["lengths"] = {s: r.lengths for s, r in self._reports.items()}
+    self.info.metadata["build_report"] = {s: r.as_metadata() for s, r in self._reports.items()}
+    self.info.metadata["omitted_splits"] = dict(self._omitted)
+    self.info.metadata["config"] = {"resolution": self.builder_config.resolution,
+                                    "min_frames": self.builder_config.min_frames}
+
+
+def builder_classes() -> dict[str, type[VideoBuilder]]:
+  """``BUILDERS``: dataset name -> builder class (imports every builder module)."""
+  from videofusion_jax.data.builders import demo_clips, sky_timelapse, taichi, ucf101, webvid
+
+  classes = (demo_clips.DemoClips, ucf101.Ucf101, sky_timelapse.SkyTimelapse, taichi.TaiChi, webvid.WebVid)
+  return {cls.DATASET: cls for cls in classes}
+
+
+def _hide_accelerators_from_tf() -> None:
+  """TF only encodes/decodes images here; it must not take GPU memory that JAX needs."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf
+
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialised its devices; nothing to do any more
+    pass
+
+
+def _make_builder(cls: type[VideoBuilder], data_dir: str, config: str | VideoConfig | None) -> VideoBuilder:
+  names = [c.name for c in cls.BUILDER_CONFIGS]
+  if isinstance(config, str) and config not in names:
+    raise ValueError(f"{cls.DATASET}: unknown config {config!r}; known configs: {', '.join(names)} "
+                     "(the name is the stored short side in pixels).")
+  if config is not None and not isinstance(config, str | VideoConfig):
+    raise TypeError(f"config must be a config name such as {names[0]!r} or a VideoConfig, not {type(config)}.")
+  return cls(data_dir=data_dir, config=config, file_format=FILE_FORMAT)
+
+
+def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str | VideoConfig | None = None,
+            verbose: bool = True) -> VideoBuilder:
+  """The prepared builder for dataset ``name``, built first from ``manual_dir`` if it is not on disk yet.
+
+  Always builds ArrayRecord files. A prepared dataset is reused, never deleted or rebuilt.
+  ``manual_dir`` defaults to TFDS's ``<data_dir>/downloads/manual``; demo_clips needs none.
+  ``config`` is a config name (``"64"``, ``"128"``, ``"256"``; default ``"128"``) or a ``VideoConfig``.
+  """
+  classes = builder_classes()
+  if name not in classes:
+    raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(classes)}.")
+  cls = classes[name]
+  _hide_accelerators_from_tf()
+  data_dir = os.path.expanduser(os.fspath(data_dir))
+  builder = _make_builder(cls, data_dir, config)
+  if builder.is_prepared():
+    fmt = builder.info.file_format
+    if fmt is not None and fmt.value != FILE_FORMAT:
+      raise ValueError(
+          f"{builder.info.full_name} at {builder.data_dir} was built as {fmt.value}, but the pipeline reads "
+          f"{FILE_FORMAT} files by index. It is not deleted automatically: move that folder away and call "
+          "prepare() again to rebuild it.")
+    if verbose:
+      print(f"Using prepared {builder.info.full_name} at {builder.data_dir}.")
+    return builder
+  if manual_dir is None and cls.NEEDS_MANUAL_DIR:
+    manual_dir = os.path.join(data_dir, "downloads", "manual")
+  root = cls.find_root(manual_dir) if cls.NEEDS_MANUAL_DIR else None
+  download_config = tfds.download.DownloadConfig(
+      manual_dir=None if root is None else str(root), try_download_gcs=False)
+  builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
+  if verbose:
+    print(summarize(builder))
+  return builder
+
+
+def _names(items: Mapping[str, Any] | list[str], with_values: bool) -> str:
+  keys = list(items)
+  shown = [f"{k} ({items[k]})" if with_values else k for k in keys[:_MAX_NAMES_PRINTED]]
+  more = f"\n      ... and {len(keys) - _MAX_NAMES_PRINTED} more" if len(keys) > _MAX_NAMES_PRINTED else ""
+  return "".join(f"\n      {s}" for s in shown) + more
+
+
+def summarize(builder: VideoBuilder) -> str:
+  """A per-split summary of a build, read from ``builder.info.metadata``."""
+  meta = builder.info.metadata
+  min_frames = builder.builder_config.min_frames
+  lines = [f"Built {builder.info.full_name} ({FILE_FORMAT}) at {builder.data_dir}"]
+  for split, r in meta.get("build_report", {}).items():
+    lines.append(
+        f"  {split}: {r['examples']} examples written ({r['frames']} frames); skipped "
+        f"{len(r['corrupt'])} corrupt/unreadable, {len(r['too_short'])} too short (< {min_frames} frames), "
+        f"{r['missing']} missing; converted {r['grayscale_videos']} grayscale videos and "
+        f"{r['resized_frames']} frames of a different size.")
+    if r["corrupt"]:
+      lines.append("    corrupt/unreadable:" + _names(r["corrupt"], True))
+    if r["too_short"]:
+      lines.append("    too short (frames):" + _names(r["too_short"], True))
+    if r["missing"]:
+      lines.append(f"    missing ({r['missing']}), e.g.:" + _names(r["missing_examples"][:5], False))
+  for split, reason in meta.get("omitted_splits", {}).items():
+    lines.append(f"  {split}: omitted, {reason}.")
+  lines.append("  Full lists: builder.info.metadata['build_report'].")
+  return "\n".join(lines)
