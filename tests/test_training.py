@@ -8,8 +8,9 @@ from conftest import tiny_config
 from videofusion_jax import diffusion
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import sharding as shd
+from videofusion_jax.training import train as train_module
 from videofusion_jax.training.state import make_apply_fns
-from videofusion_jax.training.train import NonFiniteLossError, Trainer, train
+from videofusion_jax.training.train import NonFiniteLossError, Trainer, resume_position, train
 
 
 def batches(config, n, seed=0, nan_at=None):
@@ -131,6 +132,32 @@ def test_resume_gives_the_same_next_step(trainer, tmp_path):
   np.testing.assert_allclose(m_full["loss"], m_resumed["loss"], rtol=1e-6)
   assert (tmp_path / "split" / "config.json").is_file()
   assert any((tmp_path / "split" / "tensorboard").iterdir())
+
+
+def test_resume_continues_the_input_stream(trainer, tmp_path, tfds_dir, monkeypatch):
+  """2 + 2 steps through the real pipeline equal 4 uninterrupted steps: the checkpoint holds the
+  stream position. Control: restarting the stream at batch 0 on resume gives other weights."""
+  c = tiny_config(**{"data.data_dir": tfds_dir})
+  half = tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 2})
+  full = train(c, tmp_path / "full", trainer=trainer, verbose=False)
+  train(half, tmp_path / "split", trainer=trainer, verbose=False)
+  resumed = train(c, tmp_path / "split", trainer=trainer, verbose=False)
+  _allclose_trees(full.params, resumed.params)
+  manager = ckpt.make_manager(tmp_path / "split", keep=5, async_save=False)
+  assert ckpt.restore_data_state(manager, 4) == {"seed": 0, "process_count": 1, "local_batch_size": 8, "batches": 4}
+  train(half, tmp_path / "restart", trainer=trainer, verbose=False)
+  monkeypatch.setattr(train_module, "resume_position", lambda saved, stream, step: 0)
+  restarted = train(c, tmp_path / "restart", trainer=trainer, verbose=False)
+  assert max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+             for x, y in zip(jax.tree.leaves(full.params), jax.tree.leaves(restarted.params))) > 1e-4
+
+
+def test_resume_position_when_the_stream_layout_changes():
+  stream = {"seed": 0, "process_count": 2, "local_batch_size": 8}
+  assert resume_position(None, stream, 7) == 7  # a checkpoint without a position: one batch per step
+  assert resume_position({**stream, "batches": 9}, stream, 7) == 9
+  # 9 batches of 2 x 8 examples = 144 examples = 4 batches of 4 hosts x 8 (rounded down)
+  assert resume_position({**stream, "batches": 9}, {**stream, "process_count": 4}, 7) == 4
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(trainer, tmp_path):

@@ -1,0 +1,37 @@
+"""--mode=eval on a briefly trained tiny model: FVD/KVD written, real-data features cached."""
+import json
+
+import jax
+import numpy as np
+from conftest import tiny_config
+
+from videofusion_jax import evaluate
+from videofusion_jax.data import pipeline, video_io
+from videofusion_jax.evaluation import distances
+from videofusion_jax.training import sharding as shd
+from videofusion_jax.training.train import Trainer, train
+
+
+def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, monkeypatch, capsys):
+  c = tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 2})
+  c.eval.update(num_real=4, num_generated=4, batch_size=4, kvd_subsets=3, kvd_subset_size=3)
+  c.sample.update(batch_size=4)
+  trainer = Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
+  monkeypatch.setattr(evaluate, "Trainer", lambda config: trainer)
+  train(c, tmp_path, trainer=trainer, verbose=False)
+  first = evaluate.run(c, str(tmp_path))
+  assert first == json.loads((tmp_path / "eval" / "step_2.json").read_text())
+  assert first["num_real"] == first["num_generated"] == 4 and first["protocol"]["frame_repeat"] == 3
+  # The cached real features are I3D's logits of the protocol's clips, computed independently here.
+  cache = np.load(next((tmp_path / "eval_cache").iterdir()))
+  clips = pipeline.eval_clips(c, 4)["video"]
+  expected = evaluate.i3d_features(4)(np.repeat(video_io.to_uint8(clips), 3, axis=1))
+  np.testing.assert_allclose(cache["features"], expected, rtol=1e-5, atol=1e-4)
+  assert first["fvd"] > 0 and np.isfinite(first["kvd"])
+  assert distances.fvd(cache["features"], cache["features"]) < 1e-6 * first["fvd"]
+  # A second run reads the cache instead of the dataset, and the same seeds give the same figures.
+  monkeypatch.setattr(pipeline, "eval_iterator", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+  capsys.readouterr()
+  second = evaluate.run(c, str(tmp_path))
+  assert "from the cache" in capsys.readouterr().out
+  np.testing.assert_allclose(second["fvd"], first["fvd"], rtol=1e-6)

@@ -1,0 +1,185 @@
+"""``--mode=eval``: FVD and KVD (I3D features) and, for UCF101, the C3D Inception Score.
+
+Real clips come from the dataset's evaluation protocol (``pipeline.eval_plan``); their I3D
+features are cached in ``workdir/eval_cache`` per dataset, split, frame count, stride,
+resolution and clip count. Generated clips are drawn from the latest checkpoint's EMA weights
+with the ``config.sample`` settings. Results go to ``workdir/eval/step_<N>.json``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from videofusion_jax.config import ConfigError, validate
+from videofusion_jax.data import video_io
+from videofusion_jax.training import checkpoint as ckpt
+from videofusion_jax.training.train import Trainer
+
+
+class _Progress:
+  """Prints ``what: done/total (rate/s, ETA)`` at most every few seconds."""
+
+  def __init__(self, what: str, total: int, every_s: float = 10.0):
+    self.what, self.total, self.every_s = what, total, every_s
+    self.t0 = self.last = time.time()
+
+  def __call__(self, done: int) -> None:
+    now = time.time()
+    if now - self.last < self.every_s and done < self.total:
+      return
+    self.last = now
+    rate = done / max(now - self.t0, 1e-9)
+    eta = (self.total - done) / max(rate, 1e-9)
+    print(f"  {self.what}: {done}/{self.total} ({rate:.2f} clips/s, {eta:.0f} s left)", flush=True)
+
+
+I3D_MIN_FRAMES = 9  # three stride-2 reductions must leave 2 steps for the final [2, 7, 7] pooling
+
+
+def frame_repeat(num_frames: int) -> int:
+  """How often each frame is shown to I3D: 1, or enough for I3D's minimum clip length."""
+  return -(-I3D_MIN_FRAMES // num_frames)
+
+
+def protocol(config: ml_collections.ConfigDict) -> dict:
+  """What the real-data statistics depend on; names the cache file."""
+  d, e = config.data, config.eval
+  repeat = frame_repeat(d.num_frames)
+  return {"dataset": d.name, "split": e.split or d.eval_split or d.split, "num_frames": d.num_frames,
+          "frame_stride": d.frame_stride, "resolution": d.image_size, "num_real": e.num_real,
+          "clip_selection": "pipeline.eval_plan (seed 0)", "features": "I3D Kinetics-400 logits, time-averaged",
+          "i3d_input": "uint8 frames -> TF1 bilinear 224x224 (no half-pixel) -> [-1, 1]",
+          "frame_repeat": repeat}
+
+
+def for_i3d(videos: np.ndarray) -> np.ndarray:
+  """``(B, N, S, S, 3)`` in [-1, 1] -> uint8, each frame repeated ``frame_repeat(N)`` times."""
+  return np.repeat(video_io.to_uint8(videos), frame_repeat(videos.shape[1]), axis=1)
+
+
+def _cache_path(workdir: Path, proto: dict) -> Path:
+  name = (f"{proto['dataset'].replace('/', '_')}-{proto['split'].replace('+', '_')}-{proto['num_frames']}f"
+          f"-stride{proto['frame_stride']}-{proto['resolution']}px-{proto['num_real']}clips.npz")
+  return workdir / "eval_cache" / name
+
+
+def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, verbose: bool = True) -> dict:
+  """I3D features of the protocol's real clips (and their labels), cached in the workdir."""
+  from videofusion_jax.data import pipeline
+
+  proto = protocol(config)
+  path = _cache_path(workdir, proto)
+  if path.exists():
+    cached = np.load(path, allow_pickle=False)
+    if json.loads(str(cached["protocol"])) == proto:
+      print(f"real-data features from the cache {path}")
+      return {"features": cached["features"], "labels": cached["labels"]}
+  print(f"I3D features of {proto['num_real']} real clips ({proto['dataset']} [{proto['split']}])")
+  progress = _Progress("real clips", proto["num_real"])
+  feats, labels, done = [], [], 0
+  for batch in pipeline.eval_iterator(config, proto["num_real"], config.eval.batch_size,
+                                      split=proto["split"], verbose=verbose):
+    feats.append(extract(for_i3d(batch["video"])))
+    labels.append(batch["label"])
+    done += len(batch["label"])
+    progress(done)
+  out = {"features": np.concatenate(feats), "labels": np.concatenate(labels)}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, protocol=json.dumps(proto), **out)
+  tmp.replace(path)  # a crash mid-write never leaves a half cache behind
+  return out
+
+
+def generated_videos(config: ml_collections.ConfigDict, trainer, params, labels: np.ndarray | None,
+                     consume) -> None:
+  """Draws ``config.eval.num_generated`` clips in ``config.sample.batch_size`` batches and hands
+  each batch, ``(B, N, S, S, 3)`` in [-1, 1], to ``consume``."""
+  from videofusion_jax.sampling import generate_videos
+
+  n, batch = config.eval.num_generated, config.sample.batch_size
+  progress = _Progress("generated clips", n)
+  for i, start in enumerate(range(0, n, batch)):
+    size = min(batch, n - start)
+    lab = None if labels is None else labels[start:start + size]
+    consume(generate_videos(trainer, params, size, config.eval.seed + i, lab))
+    progress(start + size)
+
+
+@functools.lru_cache(maxsize=2)
+def i3d_features(batch_size: int):
+  """One I3D (weights loaded, function compiled once per clip shape) per batch size."""
+  from videofusion_jax.evaluation.i3d import I3DFeatures
+
+  return I3DFeatures(batch_size=batch_size)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Evaluates the latest checkpoint of ``workdir``; returns and writes the figures."""
+  from videofusion_jax.evaluation import distances
+  from videofusion_jax.sampling import sample_labels
+
+  validate(config)
+  e = config.eval
+  if e.num_real < 2 or e.num_generated < 2:
+    raise ConfigError(f"config.eval.num_real={e.num_real} / num_generated={e.num_generated}: FVD needs at least "
+                      "2 clips on each side (the protocol uses 2048).")
+  if frame_repeat(config.data.num_frames) > 1:
+    print(f"note: I3D needs clips of at least {I3D_MIN_FRAMES} frames; each of the {config.data.num_frames} "
+          f"frames is shown {frame_repeat(config.data.num_frames)} times, to real and generated clips alike "
+          "(figures are comparable with each other, not with published 16-frame FVDs).")
+  c3d = None
+  if e.c3d_weights:
+    if config.data.num_frames != 16:
+      raise ConfigError(f"config.eval.c3d_weights: the C3D Inception Score takes 16-frame clips; this config "
+                        f"makes {config.data.num_frames} (config.data.num_frames).")
+    from videofusion_jax.evaluation.c3d import C3DProbs
+    c3d = C3DProbs(e.c3d_weights, batch_size=e.batch_size)  # a wrong path fails before sampling
+  workdir = Path(workdir)
+  trainer = Trainer(config)
+  manager = ckpt.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
+  state = ckpt.restore(manager, trainer.abstract_state())
+  manager.close()
+  step = int(state.step)
+  i3d = i3d_features(e.batch_size)
+  real = real_features(config, workdir, i3d)
+  labels = sample_labels(config, e.num_generated)
+  if labels is not None and config.sample.label == -1:
+    # The real clips' class mix, so that class-conditional FVD compares like with like.
+    labels = np.resize(real["labels"], e.num_generated).astype(np.int32)
+  print(f"sampling {e.num_generated} clips from checkpoint {step} (EMA weights, {config.sample.method}, "
+        f"{config.sample.num_steps} steps) on {jax.device_count()} devices")
+  gen_feats, probs = [], []
+
+  def consume(videos):
+    gen_feats.append(i3d(for_i3d(videos)))
+    if c3d is not None:
+      probs.append(c3d(video_io.to_uint8(videos)))
+
+  generated_videos(config, trainer, state.ema_params, labels, consume)
+  fake = np.concatenate(gen_feats)
+  results = {"step": step, "num_real": int(len(real["features"])), "num_generated": int(len(fake)),
+             "protocol": protocol(config),
+             "fvd": distances.fvd(real["features"], fake)}
+  kvd_mean, kvd_std = distances.kernel_distance(real["features"], fake, num_subsets=e.kvd_subsets,
+                                                subset_size=e.kvd_subset_size, seed=e.seed)
+  results.update(kvd=kvd_mean, kvd_std=kvd_std)
+  if c3d is not None:
+    probs = np.concatenate(probs)
+    # TGANv2: 10 splits (with 2048 x 10 clips, the mean and std over 10 runs of 2048).
+    is_mean, is_std = distances.inception_score(probs, splits=min(10, len(probs)))
+    results.update(inception_score=is_mean, inception_score_std=is_std)
+  out = workdir / "eval" / f"step_{step}.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(results, indent=2))
+  line = f"step {step}: FVD {results['fvd']:.1f}, KVD {kvd_mean:.2f} ± {kvd_std:.2f}"
+  if c3d is not None:
+    line += f", IS {results['inception_score']:.2f} ± {results['inception_score_std']:.2f}"
+  print(f"{line} ({len(real['features'])} real / {len(fake)} generated clips); wrote {out}")
+  return results
