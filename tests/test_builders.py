@@ -220,3 +220,20 @@ def test_the_pipeline_reads_every_builder(built, name):
   real = pipeline.eval_clips(c, 2 * len(train))
   assert real["video"].shape == (2 * len(train), 4, 16, 16, 3)
   assert sorted(real["label"].tolist()) == sorted(expected * 2)
+
+
+def test_hosts_split_ucf101_and_train_plus_test_reads_both(built):
+  """'train+test' reads both splits; over 2 and 4 simulated hosts, one epoch of every host's
+  stream holds each video once (the labels of the fabricated UCF101 tell the videos apart)."""
+  _, layout, data_dir = built("ucf101")
+  c = tiny_config(**{"data.name": f"ucf101/{CONFIG}", "data.data_dir": data_dir, "data.split": "train+test"})
+  labels = sorted(e.label for split in ("train", "test") for e in layout.examples[split])
+  assert len(labels) >= 4
+  for hosts in (1, 2, 4):
+    seen = []
+    for h in range(hosts):
+      block = np.array_split(np.arange(len(labels)), hosts)[h]
+      batch = next(pipeline.train_iterator(c, len(block), seed=3, process_index=h, process_count=hosts,
+                                           verbose=False))
+      seen += batch["label"].tolist()
+    assert sorted(seen) == labels

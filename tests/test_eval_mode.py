@@ -8,6 +8,7 @@ from conftest import tiny_config
 from videofusion_jax import evaluate
 from videofusion_jax.data import pipeline, video_io
 from videofusion_jax.evaluation import distances
+from videofusion_jax.sampling import generate_videos
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.train import Trainer, train
 
@@ -18,7 +19,7 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   c.sample.update(batch_size=4)
   trainer = Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
   monkeypatch.setattr(evaluate, "Trainer", lambda config: trainer)
-  train(c, tmp_path, trainer=trainer, verbose=False)
+  state = train(c, tmp_path, trainer=trainer, verbose=False)
   first = evaluate.run(c, str(tmp_path))
   assert first == json.loads((tmp_path / "eval" / "step_2.json").read_text())
   assert first["num_real"] == first["num_generated"] == 4 and first["protocol"]["frame_repeat"] == 3
@@ -27,8 +28,14 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   clips = pipeline.eval_clips(c, 4)["video"]
   expected = evaluate.i3d_features(4)(np.repeat(video_io.to_uint8(clips), 3, axis=1))
   np.testing.assert_allclose(cache["features"], expected, rtol=1e-5, atol=1e-4)
-  assert first["fvd"] > 0 and np.isfinite(first["kvd"])
-  assert distances.fvd(cache["features"], cache["features"]) < 1e-6 * first["fvd"]
+  # The figures are those of the EMA model's samples (one batch, seed eval.seed, the real clips'
+  # labels) against those features, recomputed here.
+  videos = generate_videos(trainer, state.ema_params, 4, c.eval.seed, cache["labels"])
+  fake = evaluate.i3d_features(4)(np.repeat(video_io.to_uint8(videos), 3, axis=1))
+  np.testing.assert_allclose(first["fvd"], distances.fvd(expected, fake), rtol=1e-3)
+  kvd = distances.kernel_distance(expected, fake, num_subsets=3, subset_size=3, seed=c.eval.seed)
+  np.testing.assert_allclose([first["kvd"], first["kvd_std"]], kvd, rtol=1e-3, atol=1e-6)
+  assert first["fvd"] > 1.0
   # A second run reads the cache instead of the dataset, and the same seeds give the same figures.
   monkeypatch.setattr(pipeline, "eval_iterator", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
   capsys.readouterr()

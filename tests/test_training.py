@@ -144,7 +144,9 @@ def test_resume_continues_the_input_stream(trainer, tmp_path, tfds_dir, monkeypa
   resumed = train(c, tmp_path / "split", trainer=trainer, verbose=False)
   _allclose_trees(full.params, resumed.params)
   manager = ckpt.make_manager(tmp_path / "split", keep=5, async_save=False)
-  assert ckpt.restore_data_state(manager, 4) == {"seed": 0, "process_count": 1, "local_batch_size": 8, "batches": 4}
+  assert ckpt.restore_data_state(manager, 4) == {
+      "dataset": "demo_clips", "split": "train", "num_frames": 4, "frame_stride": 2, "seed": 0,
+      "process_count": 1, "local_batch_size": 8, "batches": 4}
   train(half, tmp_path / "restart", trainer=trainer, verbose=False)
   monkeypatch.setattr(train_module, "resume_position", lambda saved, stream, step: 0)
   restarted = train(c, tmp_path / "restart", trainer=trainer, verbose=False)
@@ -152,12 +154,38 @@ def test_resume_continues_the_input_stream(trainer, tmp_path, tfds_dir, monkeypa
              for x, y in zip(jax.tree.leaves(full.params), jax.tree.leaves(restarted.params))) > 1e-4
 
 
+def test_checkpoints_of_the_single_item_format_still_restore_and_resume(trainer, tmp_path):
+  """Steps written as one unnamed item (before the stream position was saved) restore, resume,
+  and the run then writes named-item steps beside them."""
+  import orbax.checkpoint as ocp
+
+  c = trainer.config
+  data = batches(c, 4)
+  reference = train(c, tmp_path / "ref", iter(data), trainer=trainer, verbose=False)
+  half = tiny_config(**{"train.num_steps": 2})
+  state = train(half, tmp_path / "new", iter(data[:2]), trainer=trainer, verbose=False)
+  old = tmp_path / "old" / "checkpoints"
+  with ocp.CheckpointManager(old.absolute()) as legacy:
+    legacy.save(2, args=ocp.args.StandardSave(state))
+  assert (old / "2" / "default").is_dir()
+  resumed = train(c, tmp_path / "old", iter(data[2:]), trainer=trainer, verbose=False)
+  _allclose_trees(reference.params, resumed.params)
+  assert (old / "4" / "state").is_dir() and (old / "4" / "data").is_dir()
+  restored, step = ckpt.restore_raw(tmp_path / "old")
+  assert step == 4
+  manager = ckpt.make_manager(tmp_path / "old", keep=5, async_save=False)
+  old_state = ckpt.restore(manager, trainer.abstract_state(), step=2)
+  _allclose_trees(old_state.params, state.params)
+
+
 def test_resume_position_when_the_stream_layout_changes():
-  stream = {"seed": 0, "process_count": 2, "local_batch_size": 8}
+  stream = {"dataset": "ucf101/64", "split": "train", "num_frames": 16, "frame_stride": 2, "seed": 0,
+            "process_count": 2, "local_batch_size": 8}
   assert resume_position(None, stream, 7) == 7  # a checkpoint without a position: one batch per step
   assert resume_position({**stream, "batches": 9}, stream, 7) == 9
   # 9 batches of 2 x 8 examples = 144 examples = 4 batches of 4 hosts x 8 (rounded down)
   assert resume_position({**stream, "batches": 9}, {**stream, "process_count": 4}, 7) == 4
+  assert resume_position({**stream, "batches": 9}, {**stream, "frame_stride": 1}, 7) == 9 * 2 * 8 // 16
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(trainer, tmp_path):

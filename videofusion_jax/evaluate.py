@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -90,10 +91,11 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
     done += len(batch["label"])
     progress(done)
   out = {"features": np.concatenate(feats), "labels": np.concatenate(labels)}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, protocol=json.dumps(proto), **out)
-  tmp.replace(path)  # a crash mid-write never leaves a half cache behind
+  if jax.process_index() == 0:  # every host computed the same features; one writes them
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, protocol=json.dumps(proto), **out)
+    tmp.replace(path)  # a crash mid-write never leaves a half cache behind
   return out
 
 
@@ -130,6 +132,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if e.num_real < 2 or e.num_generated < 2:
     raise ConfigError(f"config.eval.num_real={e.num_real} / num_generated={e.num_generated}: FVD needs at least "
                       "2 clips on each side (the protocol uses 2048).")
+  if e.batch_size < 1 or e.kvd_subsets < 1 or e.kvd_subset_size < 2:
+    raise ConfigError(f"config.eval.batch_size={e.batch_size}, kvd_subsets={e.kvd_subsets}, kvd_subset_size="
+                      f"{e.kvd_subset_size}: need batch_size >= 1, kvd_subsets >= 1 and kvd_subset_size >= 2.")
   if frame_repeat(config.data.num_frames) > 1:
     print(f"note: I3D needs clips of at least {I3D_MIN_FRAMES} frames; each of the {config.data.num_frames} "
           f"frames is shown {frame_repeat(config.data.num_frames)} times, to real and generated clips alike "
@@ -176,8 +181,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_mean, is_std = distances.inception_score(probs, splits=min(10, len(probs)))
     results.update(inception_score=is_mean, inception_score_std=is_std)
   out = workdir / "eval" / f"step_{step}.json"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(results, indent=2))
+  if jax.process_index() == 0:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
   line = f"step {step}: FVD {results['fvd']:.1f}, KVD {kvd_mean:.2f} ± {kvd_std:.2f}"
   if c3d is not None:
     line += f", IS {results['inception_score']:.2f} ± {results['inception_score_std']:.2f}"

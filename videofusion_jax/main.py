@@ -44,7 +44,7 @@ def main(argv) -> None:
       from videofusion_jax import evaluate
       evaluate.run(config, _WORKDIR.value)
   except (ConfigError, DatasetNotFoundError, VideoReadError, CheckpointError, NonFiniteLossError,
-          PipelineError, FileNotFoundError) as e:
+          PipelineError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from videofusion_jax import diffusion
 from videofusion_jax.config import ConfigError, validate
@@ -61,7 +62,10 @@ def generate_videos(trainer: Trainer, params, num: int, seed: int,
     lab = None
     if labels is not None:
       lab = jnp.asarray(np.resize(labels[start:start + batch], batch))
-    out.append(np.asarray(gen(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), lab)))
+    videos = gen(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), lab)
+    if jax.process_count() > 1:  # the batch lies on every host's devices: gather it everywhere
+      videos = multihost_utils.process_allgather(videos, tiled=True)
+    out.append(np.asarray(videos))
   return np.clip(np.concatenate(out)[:num], -1.0, 1.0)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+ITEMS = ("state", "data")
+
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint where one was expected; the message says where and what to do."""
@@ -19,7 +21,19 @@ def make_manager(workdir: str | Path, keep: int, async_save: bool = True) -> ocp
   directory = Path(workdir).absolute() / "checkpoints"
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(directory, options=options)
+  # Named items, so that steps written before the stream position existed (one unnamed
+  # item) do not lock the manager into single-item mode.
+  return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
+
+
+def _is_single_item(manager: ocp.CheckpointManager, step: int) -> bool:
+  """A step written before checkpoints held named items (the state alone, as 'default')."""
+  return (Path(manager.directory) / str(step) / "default").is_dir()
+
+
+def _restore_single_item(manager: ocp.CheckpointManager, step: int, args):
+  with ocp.CheckpointManager(manager.directory) as legacy:
+    return legacy.restore(step, args=args)
 
 
 def abstract_like(state, shardings):
@@ -41,6 +55,8 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
   if step is None:
     raise CheckpointError(f"no checkpoint in {manager.directory}: train first (--mode=train).")
   try:
+    if _is_single_item(manager, step):
+      return _restore_single_item(manager, step, ocp.args.StandardRestore(abstract_state))
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(
@@ -61,6 +77,14 @@ def restore_raw(workdir: str | Path):
   step = manager.latest_step()
   if step is None:
     raise CheckpointError(f"no checkpoint found under {Path(workdir).absolute() / 'checkpoints'}.")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  manager.close()
+  try:
+    if _is_single_item(manager, step):
+      restored = _restore_single_item(manager, step, ocp.args.StandardRestore())
+    else:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"cannot read checkpoint {step} under {Path(workdir).absolute() / 'checkpoints'} "
+                          f"({type(e).__name__}: {str(e)[:300]}).") from None
+  finally:
+    manager.close()
   return restored, step

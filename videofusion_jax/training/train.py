@@ -200,7 +200,7 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
 
 def resume_position(saved: dict | None, stream: dict, step: int) -> int:
   """The input-stream batch to resume at: the saved position when the stream is laid out as it
-  was (seed, hosts, per-host batch); otherwise the batch that has consumed as many examples."""
+  was (data, seed, hosts, per-host batch); otherwise the batch that has consumed as many examples."""
   if saved is None:
     return step  # a checkpoint without a stream position: one batch per step from batch 0
   if all(saved.get(k) == v for k, v in stream.items()):
@@ -251,7 +251,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
     manager.close()
     return state
   local_batch = config.train.batch_size // jax.process_count()
-  stream = {"seed": config.seed, "process_count": jax.process_count(), "local_batch_size": local_batch}
+  d = config.data
+  # Everything the record order depends on: which videos qualify, how they are split and shuffled.
+  stream = {"dataset": d.name, "split": d.split, "num_frames": d.num_frames, "frame_stride": d.frame_stride,
+            "seed": config.seed, "process_count": jax.process_count(), "local_batch_size": local_batch}
   start_batch = resume_position(saved_stream, stream, start)
   if batches is None:
     batches = pipeline.train_iterator(config, local_batch, seed=config.seed, process_index=jax.process_index(),
