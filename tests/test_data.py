@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from videofusion_jax.data import pipeline, video_io
+from videofusion_jax.data import builders, pipeline, video_io
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,17 @@ def test_unreadable_videos_give_clear_errors(tmp_path):
     video_io.read_video(truncated)
   with pytest.raises(video_io.VideoReadError, match="not found"):
     video_io.read_video(tmp_path / "missing.mp4")
+
+
+def test_hosts_that_wait_for_the_build_check_the_dataset_first(config, tmp_path):
+  pipeline.check_dataset(config.data)  # prepared: nothing to say
+  c = tiny_config(**{"data.name": "sky_timelapse/64", "data.data_dir": str(tmp_path / "tfds"),
+                     "data.manual_dir": str(tmp_path / "raw")})
+  with pytest.raises(builders.DatasetNotFoundError, match="sky_train/<long_id>/<short_id>"):
+    pipeline.check_dataset(c.data)
+  assert not (tmp_path / "tfds" / "videofusion_sky_timelapse").exists()  # nothing was built
+  with pytest.raises(pipeline.PipelineError, match="unknown config '100'"):
+    pipeline.check_dataset(tiny_config(**{"data.name": "taichi/100"}).data)
 
 
 def test_clips_longer_than_every_video_are_refused_clearly(config):

@@ -173,6 +173,9 @@ def test_checkpoints_of_the_single_item_format_still_restore_and_resume(trainer,
   assert (old / "4" / "state").is_dir() and (old / "4" / "data").is_dir()
   restored, step = ckpt.restore_raw(tmp_path / "old")
   assert step == 4
+  with pytest.raises(ckpt.CheckpointError, match="no checkpoint found"):
+    ckpt.restore_raw(tmp_path / "nothing")
+  assert not (tmp_path / "nothing").exists()  # reading another run never creates or deletes anything
   manager = ckpt.make_manager(tmp_path / "old", keep=5, async_save=False)
   old_state = ckpt.restore(manager, trainer.abstract_state(), step=2)
   _allclose_trees(old_state.params, state.params)

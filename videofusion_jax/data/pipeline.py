@@ -58,6 +58,25 @@ def get_builder(data: ml_collections.ConfigDict):
     raise PipelineError(f"cannot prepare {data.name}: {e}") from None
 
 
+def check_dataset(data: ml_collections.ConfigDict) -> None:
+  """Raises what ``get_builder`` would for a dataset that is neither prepared nor buildable from
+  ``data.manual_dir``, without building anything (hosts that wait while host 0 builds)."""
+  _tf()
+  from videofusion_jax.data.builders import common
+
+  name, _, builder_config = data.name.partition("/")
+  classes = common.builder_classes()
+  if name not in classes:
+    raise PipelineError(f"unknown dataset {name!r}; known datasets: {', '.join(classes)}.")
+  data_dir = data.get("data_dir") or default_data_dir()
+  try:
+    builder = common._make_builder(classes[name], data_dir, builder_config or None)  # noqa: SLF001
+  except ValueError as e:
+    raise PipelineError(f"cannot prepare {data.name}: {e}") from None
+  if not builder.is_prepared() and classes[name].NEEDS_MANUAL_DIR:
+    classes[name].find_root(data.get("manual_dir") or os.path.join(data_dir, "downloads", "manual"))
+
+
 def split_lengths(builder, split: str) -> np.ndarray:
   """Frame counts of the examples of ``split`` (``'train'`` or ``'train+test'``), in record order."""
   lengths = builder.info.metadata.get("lengths") if builder.info.metadata else None

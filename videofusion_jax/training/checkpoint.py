@@ -72,11 +72,17 @@ def restore_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None
 
 
 def restore_raw(workdir: str | Path):
-  """The latest checkpoint of another run as plain arrays (no target tree)."""
-  manager = make_manager(workdir, keep=1, async_save=False)
+  """The latest checkpoint of another run as plain arrays (no target tree). Read only: the
+  manager neither creates folders nor keeps a maximum, so nothing of that run is touched."""
+  directory = Path(workdir).absolute() / "checkpoints"
+  if not directory.is_dir():
+    raise CheckpointError(f"no checkpoint found under {directory}: train that run first.")
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+  manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
   step = manager.latest_step()
   if step is None:
-    raise CheckpointError(f"no checkpoint found under {Path(workdir).absolute() / 'checkpoints'}.")
+    manager.close()
+    raise CheckpointError(f"no checkpoint found under {directory}: train that run first.")
   try:
     if _is_single_item(manager, step):
       restored = _restore_single_item(manager, step, ocp.args.StandardRestore())

@@ -194,6 +194,8 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
 
   if jax.process_index() == 0:
     pipeline.get_builder(config.data)
+  else:  # a missing dataset stops every host with its message, not at the barrier
+    pipeline.check_dataset(config.data)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("dataset prepared")
 
