@@ -19,6 +19,7 @@ import numpy as np
 
 from videofusion_jax.config import ConfigError, validate
 from videofusion_jax.data import video_io
+from videofusion_jax.evaluation.i3d import MIN_FRAMES
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training.train import Trainer
 
@@ -40,12 +41,9 @@ class _Progress:
     print(f"  {self.what}: {done}/{self.total} ({rate:.2f} clips/s, {eta:.0f} s left)", flush=True)
 
 
-I3D_MIN_FRAMES = 9  # three stride-2 reductions must leave 2 steps for the final [2, 7, 7] pooling
-
-
 def frame_repeat(num_frames: int) -> int:
   """How often each frame is shown to I3D: 1, or enough for I3D's minimum clip length."""
-  return -(-I3D_MIN_FRAMES // num_frames)
+  return -(-MIN_FRAMES // num_frames)
 
 
 def protocol(config: ml_collections.ConfigDict) -> dict:
@@ -136,7 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"config.eval.batch_size={e.batch_size}, kvd_subsets={e.kvd_subsets}, kvd_subset_size="
                       f"{e.kvd_subset_size}: need batch_size >= 1, kvd_subsets >= 1 and kvd_subset_size >= 2.")
   if frame_repeat(config.data.num_frames) > 1:
-    print(f"note: I3D needs clips of at least {I3D_MIN_FRAMES} frames; each of the {config.data.num_frames} "
+    print(f"note: I3D needs clips of at least {MIN_FRAMES} frames; each of the {config.data.num_frames} "
           f"frames is shown {frame_repeat(config.data.num_frames)} times, to real and generated clips alike "
           "(figures are comparable with each other, not with published 16-frame FVDs).")
   c3d = None

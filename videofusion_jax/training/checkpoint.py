@@ -26,14 +26,13 @@ def make_manager(workdir: str | Path, keep: int, async_save: bool = True) -> ocp
   return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
 
 
-def _is_single_item(manager: ocp.CheckpointManager, step: int) -> bool:
-  """A step written before checkpoints held named items (the state alone, as 'default')."""
-  return (Path(manager.directory) / str(step) / "default").is_dir()
-
-
-def _restore_single_item(manager: ocp.CheckpointManager, step: int, args):
-  with ocp.CheckpointManager(manager.directory) as legacy:
-    return legacy.restore(step, args=args)
+def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state=None):
+  """The ``state`` item of ``step`` (as plain arrays without ``abstract_state``), whichever format wrote it."""
+  args = ocp.args.StandardRestore(abstract_state)
+  if (Path(manager.directory) / str(step) / "default").is_dir():  # one unnamed item: before the stream position
+    with ocp.CheckpointManager(manager.directory) as legacy:
+      return legacy.restore(step, args=args)
+  return manager.restore(step, args=ocp.args.Composite(state=args))["state"]
 
 
 def abstract_like(state, shardings):
@@ -55,9 +54,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
   if step is None:
     raise CheckpointError(f"no checkpoint in {manager.directory}: train first (--mode=train).")
   try:
-    if _is_single_item(manager, step):
-      return _restore_single_item(manager, step, ocp.args.StandardRestore(abstract_state))
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+    return _restore_state(manager, step, abstract_state)
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(
         f"checkpoint {step} in {manager.directory} does not match this config's model "
@@ -84,12 +81,9 @@ def restore_raw(workdir: str | Path):
     manager.close()
     raise CheckpointError(f"no checkpoint found under {directory}: train that run first.")
   try:
-    if _is_single_item(manager, step):
-      restored = _restore_single_item(manager, step, ocp.args.StandardRestore())
-    else:
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    restored = _restore_state(manager, step)
   except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"cannot read checkpoint {step} under {Path(workdir).absolute() / 'checkpoints'} "
+    raise CheckpointError(f"cannot read checkpoint {step} under {directory} "
                           f"({type(e).__name__}: {str(e)[:300]}).") from None
   finally:
     manager.close()

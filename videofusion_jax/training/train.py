@@ -192,10 +192,8 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
 
   from videofusion_jax.data import pipeline
 
-  if jax.process_index() == 0:
-    pipeline.get_builder(config.data)
-  else:  # a missing dataset stops every host with its message, not at the barrier
-    pipeline.check_dataset(config.data)
+  # The other hosts only check, so that a missing dataset stops each with its message, not at the barrier.
+  pipeline.get_builder(config.data, build=jax.process_index() == 0)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("dataset prepared")
 

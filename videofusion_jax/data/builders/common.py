@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from videofusion_jax.data import video_io
+from videofusion_jax.data import tensorflow, video_io
 from videofusion_jax.data.builders import DatasetNotFoundError
 
 __all__ = [
@@ -324,17 +324,6 @@ def builder_classes() -> dict[str, type[VideoBuilder]]:
   return {cls.DATASET: cls for cls in classes}
 
 
-def _hide_accelerators_from_tf() -> None:
-  """TF only encodes/decodes images here; it must not take GPU memory that JAX needs."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow as tf
-
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TF already initialised its devices; nothing to do any more
-    pass
-
-
 def _make_builder(cls: type[VideoBuilder], data_dir: str, config: str | VideoConfig | None) -> VideoBuilder:
   names = [c.name for c in cls.BUILDER_CONFIGS]
   if isinstance(config, str) and config not in names:
@@ -346,8 +335,11 @@ def _make_builder(cls: type[VideoBuilder], data_dir: str, config: str | VideoCon
 
 
 def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str | VideoConfig | None = None,
-            verbose: bool = True) -> VideoBuilder:
+            verbose: bool = True, build: bool = True) -> VideoBuilder:
   """The prepared builder for dataset ``name``, built first from ``manual_dir`` if it is not on disk yet.
+
+  ``build=False`` only checks: it raises what a build would raise first (unknown name or config,
+  a missing or misplaced ``manual_dir``) and returns the builder, prepared or not.
 
   Always builds ArrayRecord files. A prepared dataset is reused, never deleted or rebuilt.
   ``manual_dir`` defaults to TFDS's ``<data_dir>/downloads/manual``; demo_clips needs none.
@@ -357,7 +349,7 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str
   if name not in classes:
     raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(classes)}.")
   cls = classes[name]
-  _hide_accelerators_from_tf()
+  tensorflow()
   data_dir = os.path.expanduser(os.fspath(data_dir))
   builder = _make_builder(cls, data_dir, config)
   if builder.is_prepared():
@@ -373,6 +365,8 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str
   if manual_dir is None and cls.NEEDS_MANUAL_DIR:
     manual_dir = os.path.join(data_dir, "downloads", "manual")
   root = cls.find_root(manual_dir) if cls.NEEDS_MANUAL_DIR else None
+  if not build:
+    return builder
   download_config = tfds.download.DownloadConfig(
       manual_dir=None if root is None else str(root), try_download_gcs=False)
   builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
