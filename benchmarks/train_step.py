@@ -24,8 +24,7 @@ _CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent compilation ca
 
 def main(argv):
   del argv
-  from videofusion_jax.training import sharding as shd
-  from videofusion_jax.training.train import Trainer
+  from videofusion_jax.training.step import Trainer
 
   if _CACHE.value:
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE.value))
@@ -35,9 +34,9 @@ def main(argv):
   state = trainer.init_state(c.seed)
   b, d = c.train.batch_size, c.data
   rng = np.random.default_rng(0)
-  batch = shd.global_batch({
+  batch = trainer.global_batch({
       "video": rng.uniform(-1, 1, (b, d.num_frames, d.image_size, d.image_size, 3)).astype(np.float32),
-      "label": rng.integers(0, max(d.num_classes, 1), b).astype(np.int32)}, trainer.mesh)
+      "label": rng.integers(0, max(d.num_classes, 1), b).astype(np.int32)})
   compiled = trainer.step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost

@@ -10,9 +10,9 @@ def get_config():
   c.data.update(name="demo_clips", num_frames=8, frame_stride=2, image_size=16, num_classes=3)
   c.diffusion.update(schedule="cosine", num_timesteps=1000, lam=0.99)
   c.model.base = unet_config(base_channels=48, channel_mult=(1, 2), num_res_blocks=1,
-                             attention_resolutions=(8,), num_heads=2)
+                             attention_resolutions=(8,), head_dim=48)
   c.model.residual = unet_config(base_channels=24, channel_mult=(1, 2), num_res_blocks=1,
-                                 attention_resolutions=(), num_heads=2)
+                                 attention_resolutions=(), head_dim=24)
   c.model.dtype = "float32"
   c.train.update(batch_size=8, num_steps=1600, learning_rate=1e-3, base_lr_scale=1.0,
                  warmup_steps=100, ema_decay=0.995, label_dropout=0.0, log_every=100,

@@ -11,9 +11,9 @@ def get_config(variant: str = ""):
                 num_classes=101)
   c.diffusion.update(schedule="linear", num_timesteps=1000, lam=0.5)
   c.model.base = unet_config(base_channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
-                             attention_resolutions=(32, 16, 8), num_heads=4, dropout=0.1)
+                             attention_resolutions=(32, 16, 8), dropout=0.1)
   c.model.residual = unet_config(base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
-                                 attention_resolutions=(16, 8), num_heads=4, dropout=0.1)
+                                 attention_resolutions=(16, 8), dropout=0.1)
   c.train.update(batch_size=256, num_steps=400_000, learning_rate=1e-4, base_lr_scale=0.1,
                  warmup_steps=5000)
   c.mesh.update(data=-1, fsdp=1)

@@ -23,9 +23,9 @@ def tiny_config(**overrides):
   c = demo.get_config()
   c.data.update(num_frames=4, image_size=8, frame_stride=2)
   c.model.base = unet_config(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                             attention_resolutions=(4,), num_heads=2)
+                             attention_resolutions=(4,), head_dim=8)
   c.model.residual = unet_config(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                                 attention_resolutions=(), num_heads=2)
+                                 attention_resolutions=(), head_dim=8)
   c.train.update(batch_size=8, num_steps=4, warmup_steps=2, log_every=1, checkpoint_every=2,
                  keep_checkpoints=5, learning_rate=1e-3)
   c.sample.update(num_steps=5, num_samples=3, batch_size=3, upscale=1, num_real_clips=12)

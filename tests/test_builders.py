@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_config
 
 from videofusion_jax.data import builders, pipeline, video_io
-from videofusion_jax.data.builders import common
+from videofusion_jax.data.builders import common, registry
 
 CONFIG = "64"
 STORED = (64, 86)  # 72x96 sources at short side 64: 96 * 64 / 72 = 85.3 -> 86 (even)
@@ -81,7 +81,7 @@ def test_build_matches_the_source_videos(built, name):
       if e.caption is not None:
         assert _text(record["caption"]) == e.caption
 
-  text = common.summarize(builder)
+  text = registry.summarize(builder)
   for split in layout.examples:
     for bad in [*layout.corrupt[split], *layout.too_short[split]]:
       assert bad in text

@@ -6,8 +6,9 @@ import jax
 import numpy as np
 
 from videofusion_jax.data import pipeline
+from videofusion_jax.training.loop import train
 from videofusion_jax.training.sharding import make_mesh
-from videofusion_jax.training.train import Trainer, loss_fn, train
+from videofusion_jax.training.step import Trainer, loss_fn
 
 
 def test_demo_model_learns_the_real_clips(tfds_dir, tmp_path):

@@ -5,12 +5,12 @@ import jax
 import numpy as np
 from conftest import tiny_config
 
-from videofusion_jax import evaluate
 from videofusion_jax.data import pipeline, video_io
-from videofusion_jax.evaluation import distances
+from videofusion_jax.evaluation import distances, evaluate
 from videofusion_jax.sampling import generate_videos
 from videofusion_jax.training import sharding as shd
-from videofusion_jax.training.train import Trainer, train
+from videofusion_jax.training.loop import train
+from videofusion_jax.training.step import Trainer
 
 
 def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, monkeypatch, capsys):
@@ -18,9 +18,8 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   c.eval.update(num_real=4, num_generated=4, batch_size=4, kvd_subsets=3, kvd_subset_size=3)
   c.sample.update(batch_size=4)
   trainer = Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
-  monkeypatch.setattr(evaluate, "Trainer", lambda config: trainer)
   state = train(c, tmp_path, trainer=trainer, verbose=False)
-  first = evaluate.run(c, str(tmp_path))
+  first = evaluate.run(c, str(tmp_path), experiment=trainer)
   assert first == json.loads((tmp_path / "eval" / "step_2.json").read_text())
   assert first["num_real"] == first["num_generated"] == 4 and first["protocol"]["frame_repeat"] == 3
   # The cached real features are I3D's logits of the protocol's clips, computed independently here.
@@ -39,6 +38,6 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   # A second run reads the cache instead of the dataset, and the same seeds give the same figures.
   monkeypatch.setattr(pipeline, "eval_iterator", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
   capsys.readouterr()
-  second = evaluate.run(c, str(tmp_path))
+  second = evaluate.run(c, str(tmp_path), experiment=trainer)
   assert "from the cache" in capsys.readouterr().out
   np.testing.assert_allclose(second["fvd"], first["fvd"], rtol=1e-6)

@@ -11,7 +11,7 @@ from videofusion_jax.models import UNet, check_image_size, timestep_embedding
 @pytest.fixture(scope="module")
 def residual_unet():
   m = UNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-           num_heads=2, num_classes=3, num_frames=4)
+           head_dim=8, num_classes=3, num_frames=4)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
   t = jnp.array([3, 700])
   params = nn.unbox(jax.jit(m.init)(jax.random.PRNGKey(1), x, t, jnp.array([0, 1]), jnp.array([0, 1])))["params"]
@@ -59,3 +59,32 @@ def test_timestep_embedding_is_sinusoidal():
   freqs = np.exp(-np.log(10000.0) * np.arange(4) / 4)
   np.testing.assert_allclose(emb[1], np.concatenate([np.cos(10 * freqs), np.sin(10 * freqs)]), rtol=1e-5)
   np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_attention_heads_have_a_fixed_width():
+  """Heads of head_dim channels: a 96-channel layer with head_dim 32 is 3-head attention,
+  checked against a NumPy reference; widths that head_dim does not divide are an error."""
+  from videofusion_jax.models.unet import AttentionBlock, attention_heads
+
+  assert attention_heads(256, 64) == 4 and attention_heads(1024, 64) == 16 and attention_heads(32, 64) == 1
+  with pytest.raises(ValueError, match="head_dim=64"):
+    attention_heads(96, 64)
+  block = AttentionBlock(head_dim=32, dtype=jnp.float32, param_dtype=jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 3, 96))
+  params = nn.unbox(block.init(jax.random.PRNGKey(1), x))["params"]
+  params["proj"]["kernel"] = jax.random.normal(jax.random.PRNGKey(2), (96, 96)) / 10
+  out = np.asarray(block.apply({"params": params}, x))
+  # Reference: GroupNorm (32 groups), qkv, softmax(q k^T / sqrt(32)) v per head, projection, residual.
+  xn = np.asarray(x, np.float64).reshape(2, 6, 32, 3)
+  mean, var = xn.mean(axis=(1, 3), keepdims=True), xn.var(axis=(1, 3), keepdims=True)
+  y = ((xn - mean) / np.sqrt(var + 1e-6)).reshape(2, 6, 96) * np.asarray(params["norm"]["scale"]) + np.asarray(
+      params["norm"]["bias"])
+  qkv = (y @ np.asarray(params["qkv"]["kernel"]) + np.asarray(params["qkv"]["bias"])).reshape(2, 6, 3, 3, 32)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(32)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  att = np.einsum("bhqk,bkhd->bqhd", w, v).reshape(2, 6, 96)
+  ref = np.asarray(x, np.float64).reshape(2, 6, 96) + att @ np.asarray(params["proj"]["kernel"]) + np.asarray(
+      params["proj"]["bias"])
+  np.testing.assert_allclose(out.reshape(2, 6, 96), ref, rtol=1e-4, atol=1e-4)

@@ -1,16 +1,21 @@
 """Sampling from a checkpoint, the written files, and the demo's figures."""
+import functools
 import json
 
 import imageio.v3 as iio
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
 from test_training import batches
 
-from videofusion_jax import sampling
+from videofusion_jax import diffusion, sampling
 from videofusion_jax.evaluation.demo_metrics import coherence, label_accuracy
-from videofusion_jax.training.train import Trainer, train
+from videofusion_jax.experiment import Experiment
+from videofusion_jax.models.factory import make_apply_fns
+from videofusion_jax.training.loop import train
+from videofusion_jax.training.step import Trainer
 
 
 def test_label_accuracy_and_coherence_against_brute_force():
@@ -66,3 +71,24 @@ def test_samples_are_reproducible_from_the_seed(trained):
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
   assert a.shape == (3, 4, 8, 8, 3) and np.abs(a).max() <= 1.0
+
+
+def test_guided_sampling_at_scale_one_and_zero(trained, tfds_dir):
+  """Guidance over the whole estimate: s = 1 samples as the conditional model does, s = 0 as the
+  model given the null label does (the sampler's doubled batch, through --mode=sample's path)."""
+  config, _ = trained
+  plain = Experiment(config)
+  params = jax.tree.map(lambda p: p + 0.05, plain.init_state(0).params)
+  labels = np.array([0, 1, 2], np.int32)
+  null = np.full(3, config.data.num_classes, np.int32)
+  zero = Experiment(tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 2, "sample.guidance_scale": 0.0}))
+  assert sampling.guided(zero.config) and not sampling.guided(plain.config)
+  np.testing.assert_allclose(sampling.generate_videos(zero, params, 3, seed=1, labels=labels),
+                             sampling.generate_videos(plain, params, 3, seed=1, labels=null), atol=1e-5)
+  shape = (3, config.data.num_frames, config.data.image_size, config.data.image_size, 3)
+  doubled = make_apply_fns(plain.networks, params, jnp.asarray(np.concatenate([labels, null])))
+  cond = make_apply_fns(plain.networks, params, jnp.asarray(labels))
+  run = functools.partial(diffusion.sample, rng=jax.random.PRNGKey(3), shape=shape, lambdas=plain.lambdas,
+                          schedule=plain.schedule, num_steps=5, eta=1.0)
+  one, conditional = jax.jit(lambda: (run(*doubled, guidance_scale=1.0), run(*cond)))()
+  np.testing.assert_allclose(one, conditional, atol=1e-5)

@@ -6,11 +6,13 @@ import pytest
 from conftest import tiny_config
 
 from videofusion_jax import diffusion
+from videofusion_jax.data.stream import resume_position
+from videofusion_jax.models.factory import make_apply_fns
 from videofusion_jax.training import checkpoint as ckpt
+from videofusion_jax.training import loop as loop_module
 from videofusion_jax.training import sharding as shd
-from videofusion_jax.training import train as train_module
-from videofusion_jax.training.state import make_apply_fns
-from videofusion_jax.training.train import NonFiniteLossError, Trainer, resume_position, train
+from videofusion_jax.training.loop import NonFiniteLossError, train
+from videofusion_jax.training.step import Trainer
 
 
 def batches(config, n, seed=0, nan_at=None):
@@ -75,7 +77,7 @@ def test_two_learning_rates_and_metrics(trainer):
   state = trainer.init_state(0)
   before = jax.device_get(state.params)
   for b in batches(c, 3):
-    state, m = trainer.step(state, shd.global_batch(b, trainer.mesh))
+    state, m = trainer.step(state, trainer.global_batch(b))
   lr = c.train.learning_rate
   np.testing.assert_allclose(m["lr_residual"], lr, rtol=1e-6)  # step 2 >= warmup_steps
   np.testing.assert_allclose(m["lr_base"], lr * c.train.base_lr_scale, rtol=1e-6)
@@ -92,7 +94,7 @@ def test_batch_that_does_not_split_over_devices_is_a_clear_error():
 
 
 def test_base_learning_rate_scale_and_cosine_decay():
-  from videofusion_jax.training.state import make_optimizer
+  from videofusion_jax.training.optimizer import make_optimizer
   _, sched = make_optimizer(tiny_config(**{"train.base_lr_scale": 0.01, "train.lr_decay": "cosine",
                                            "train.warmup_steps": 10, "train.num_steps": 110}))
   peak = 1e-3
@@ -108,9 +110,14 @@ def test_sharded_step_matches_single_device(trainer):
   single = trainer
   kernel = sharded.state_sharding.params["base"]["conv_in"]["kernel"]
   assert kernel.spec[-1] == "fsdp"  # FSDP really splits the weights
+  assert sharded.batch_sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))  # from the rule table's 'batch'
+  # The U-Net's activations are constrained to the batch split inside the step.
+  lowered = sharded.step.lower(sharded.abstract_state(), {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharded.batch_sharding) for k, v in batches(c, 1)[0].items()})
+  assert lowered.as_text().count('sharding_constraint') >= 10
   b = batches(c, 1)[0]
-  s1, m1 = sharded.step(sharded.init_state(0), shd.global_batch(b, sharded.mesh))
-  s2, m2 = single.step(single.init_state(0), shd.global_batch(b, single.mesh))
+  s1, m1 = sharded.step(sharded.init_state(0), sharded.global_batch(b))
+  s2, m2 = single.step(single.init_state(0), single.global_batch(b))
   np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
   _allclose_trees(s1.params, s2.params, atol=1e-5)
 
@@ -126,7 +133,7 @@ def test_resume_gives_the_same_next_step(trainer, tmp_path):
   _allclose_trees(full.params, resumed.params)
   _allclose_trees(full.ema_params, resumed.ema_params)
   _allclose_trees(full.opt_state, resumed.opt_state)
-  nxt = shd.global_batch(data[4], trainer.mesh)
+  nxt = trainer.global_batch(data[4])
   _, m_full = trainer.step(full, nxt)
   _, m_resumed = trainer.step(resumed, nxt)
   np.testing.assert_allclose(m_full["loss"], m_resumed["loss"], rtol=1e-6)
@@ -148,7 +155,7 @@ def test_resume_continues_the_input_stream(trainer, tmp_path, tfds_dir, monkeypa
       "dataset": "demo_clips", "split": "train", "num_frames": 4, "frame_stride": 2, "seed": 0,
       "process_count": 1, "local_batch_size": 8, "batches": 4}
   train(half, tmp_path / "restart", trainer=trainer, verbose=False)
-  monkeypatch.setattr(train_module, "resume_position", lambda saved, stream, step: 0)
+  monkeypatch.setattr(loop_module, "resume_position", lambda saved, stream, step: 0)
   restarted = train(c, tmp_path / "restart", trainer=trainer, verbose=False)
   assert max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
              for x, y in zip(jax.tree.leaves(full.params), jax.tree.leaves(restarted.params))) > 1e-4
@@ -217,27 +224,120 @@ def test_image_stage_then_video_stage_with_frozen_base(tmp_path):
   video_init = video_trainer.init_state(1)
   video_state = train(video_cfg, tmp_path / "video", iter(batches(video_cfg, 2)), trainer=video_trainer,
                       verbose=False)
-  _allclose_trees(video_state.params["base"], image_state.params["base"], atol=0)
+  # The base starts from the image run's EMA weights (what a released pretrained model is).
+  _allclose_trees(video_state.params["base"], image_state.ema_params["base"], atol=0)
+  _allclose_trees(video_state.ema_params["base"], image_state.ema_params["base"], atol=0)
+  assert not np.allclose(image_state.ema_params["base"]["conv_out"]["kernel"],
+                         image_state.params["base"]["conv_out"]["kernel"])
   assert not np.allclose(video_state.params["residual"]["conv_out"]["kernel"],
                          video_init.params["residual"]["conv_out"]["kernel"])
 
 
-def test_classifier_free_guidance_combines_label_and_null_estimates(trainer):
+def test_guidance_mixes_whole_decomposed_estimates(trainer):
+  """Eqs. 10-11 run once with the label and once with the null label, each as in training, then
+  mixed: s = 1 is the conditional estimate, s = 0 the null one, and one call per network serves
+  both passes. Control: guiding each network on its own (the old way) gives another estimate."""
   c = trainer.config
   params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), trainer.init_state(0).params)
-  z = jax.random.normal(jax.random.PRNGKey(0), (2, c.data.num_frames - 1, c.data.image_size, c.data.image_size, 3))
+  shape = (2, c.data.num_frames, c.data.image_size, c.data.image_size, 3)
+  z = jax.random.normal(jax.random.PRNGKey(0), shape)
   t, label = jnp.array([100, 700]), jnp.array([0, 2])
   null = jnp.full_like(label, c.data.num_classes)
-  idx = diffusion.non_key_frames(c.data.num_frames)
+  lam, sched = trainer.lambdas, trainer.schedule
 
   @jax.jit
   def run(params):
-    guided = make_apply_fns(trainer.networks, params, label, guidance_scale=3.0, null_label=c.data.num_classes)
-    plain = make_apply_fns(trainer.networks, params, label)
-    uncond = make_apply_fns(trainer.networks, params, null)
-    return [(f(z[:, 0], t), g(z[:, 0], t), u(z[:, 0], t)) for f, g, u in [(guided[0], plain[0], uncond[0])]] + [
-        (guided[1](z, t, idx), plain[1](z, t, idx), uncond[1](z, t, idx))]
+    doubled = make_apply_fns(trainer.networks, params, jnp.concatenate([label, null]))
+    cond = diffusion.decomposed_eps(*make_apply_fns(trainer.networks, params, label), z, t, lam, sched)[0]
+    uncond = diffusion.decomposed_eps(*make_apply_fns(trainer.networks, params, null), z, t, lam, sched)[0]
+    guided = {s: diffusion.guided_decomposed_eps(*doubled, z, t, lam, sched, s) for s in (0.0, 1.0, 3.0)}
+    # Per-network guidance: the residual passes see frames without the *guided* base estimate.
+    (bc, rc), (bu, ru) = (make_apply_fns(trainer.networks, params, lab) for lab in (label, null))
+    per_network = diffusion.decomposed_eps(
+        lambda x, tt: bu(x, tt) + 3.0 * (bc(x, tt) - bu(x, tt)),
+        lambda x, tt, i: ru(x, tt, i) + 3.0 * (rc(x, tt, i) - ru(x, tt, i)), z, t, lam, sched)[0]
+    return cond, uncond, guided, per_network
 
-  for guided, cond, uncond in run(params):
-    assert not np.allclose(cond, uncond, atol=1e-4)
-    np.testing.assert_allclose(guided, uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+  cond, uncond, guided, per_network = run(params)
+  assert not np.allclose(cond, uncond, atol=1e-4)
+  np.testing.assert_allclose(guided[1.0], cond, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(guided[0.0], uncond, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(guided[3.0], uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+  assert np.abs(np.asarray(per_network) - np.asarray(guided[3.0])).max() > 1e-3
+
+
+def test_image_stage_trains_the_base_at_the_full_learning_rate(trainer, tmp_path, capsys):
+  from videofusion_jax.training.loop import base_from_scratch_warning
+  from videofusion_jax.training.optimizer import make_optimizer
+
+  lr = 1e-3
+  _, image = make_optimizer(tiny_config(**{"train.stage": "image", "train.base_lr_scale": 0.01}))
+  _, video = make_optimizer(tiny_config(**{"train.base_lr_scale": 0.01}))
+  np.testing.assert_allclose(image["base"](10), lr, rtol=1e-6)
+  np.testing.assert_allclose(video["base"](10), 0.01 * lr, rtol=1e-6)
+  # A video run whose base starts from scratch at a fine-tuning rate (or frozen) is warned.
+  scratch = tiny_config(**{"train.base_lr_scale": 0.1, "train.num_steps": 1})
+  for cfg in (scratch, tiny_config(**{"train.freeze_base": True})):
+    assert "train the image stage first" in base_from_scratch_warning(cfg).lower()
+  for cfg in (tiny_config(), tiny_config(**{"train.base_lr_scale": 0.1, "train.init_base_from": "/x"}),
+              tiny_config(**{"train.base_lr_scale": 0.1, "train.stage": "image"})):
+    assert base_from_scratch_warning(cfg) is None
+  train(scratch, tmp_path, iter(batches(scratch, 1)), trainer=trainer, verbose=True)
+  assert "base_lr_scale=1" in capsys.readouterr().out
+
+
+def test_each_generator_is_clipped_by_its_own_norm():
+  from videofusion_jax.training.optimizer import clip_each_by_global_norm
+
+  rng = np.random.default_rng(0)
+  grads = {"base": {"w": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.asarray(rng.normal(size=4))},
+           "residual": {"w": jnp.asarray(rng.normal(size=(5,)))}}
+  grads["base"] = jax.tree.map(lambda g: 10.0 * g / np.sqrt(sum(float(jnp.sum(x**2)) for x in
+                                                               jax.tree.leaves(grads["base"]))), grads["base"])
+  grads["residual"] = jax.tree.map(lambda g: 0.5 * g / float(jnp.linalg.norm(g)), grads["residual"])
+  tx = clip_each_by_global_norm(1.0)
+  out, _ = tx.update(grads, tx.init(grads))
+  # The base (norm 10) is scaled to norm 1; the residual (norm 0.5) is left as it is, whereas one
+  # global norm (about 10.01) would have shrunk it 20-fold.
+  for g, o in zip(jax.tree.leaves(grads["base"]), jax.tree.leaves(out["base"])):
+    np.testing.assert_allclose(o, g / 10.0, rtol=1e-5)
+  np.testing.assert_allclose(out["residual"]["w"], grads["residual"]["w"], rtol=1e-6)
+
+
+def test_frozen_base_costs_no_backward_pass(trainer):
+  """XLA's cost analysis of the compiled step: freezing the base removes its backward pass."""
+  frozen = Trainer(tiny_config(**{"train.freeze_base": True}), mesh=trainer.mesh)
+
+  def flops(t):
+    state = t.abstract_state()
+    b = batches(t.config, 1)[0]
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=t.batch_sharding) for k, v in b.items()}
+    cost = t.step.lower(state, batch).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+  joint, only_residual = flops(trainer), flops(frozen)
+  assert only_residual < 0.9 * joint, (only_residual, joint)
+
+
+def test_checkpoint_written_before_the_restructuring_restores_and_resumes(trainer, tmp_path):
+  """tests/data/checkpoint_before_issue8 was written by the code before the modules moved and the
+  optimizer changed (same tiny config, 2 steps): it restores with the same values and trains on."""
+  import json
+  import shutil
+  from pathlib import Path
+
+  src = Path(__file__).parent / "data" / "checkpoint_before_issue8"
+  shutil.copytree(src / "checkpoints", tmp_path / "checkpoints")  # the run writes into its workdir
+  expected = json.loads((src / "params_summary.json").read_text())["leaf_sum_and_sum_of_squares"]
+  state = trainer.restore(tmp_path)
+  assert int(state.step) == 2
+  leaves = jax.tree_util.tree_flatten_with_path({"params": state.params, "ema_params": state.ema_params})[0]
+  assert len(leaves) == len(expected)
+  for path, x in leaves:
+    x = np.asarray(x, np.float64)
+    np.testing.assert_allclose([x.sum(), np.square(x).sum()], expected[jax.tree_util.keystr(path)],
+                               rtol=1e-6, atol=1e-9)
+  c = tiny_config(**{"train.num_steps": 3})
+  resumed = train(c, tmp_path, iter(batches(c, 1)), trainer=trainer, verbose=False)
+  assert int(resumed.step) == 3
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(resumed.params))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from videofusion_jax.diffusion.schedules import SCHEDULE_KINDS
-from videofusion_jax.models.unet import check_image_size
+from videofusion_jax.models.unet import attention_channels, attention_heads, check_image_size
 
 
 class ConfigError(ValueError):
@@ -16,9 +16,10 @@ class ConfigError(ValueError):
 
 
 def unet_config(**overrides) -> ml_collections.ConfigDict:
+  """One generator's U-Net. ``head_dim``: channels per attention head (ADM's 64)."""
   c = ml_collections.ConfigDict(dict(
       base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8),
-      num_heads=4, dropout=0.0))
+      head_dim=64, dropout=0.0))
   c.update(overrides)
   return c
 
@@ -65,8 +66,22 @@ def base_config() -> ml_collections.ConfigDict:
   # Mesh axes (data parallel, fully sharded data parallel) and the rule table that maps
   # the U-Net's logical weight axes onto them. -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  c.sharding_rules = (("batch", ("data", "fsdp")), ("channels_out", "fsdp"),
-                      ("channels_in", None), ("vocab", None), ("norm", None))
+  # Every sharding comes from this table: input batches ('batch'), U-Net activations
+  # ('activation_*', constrained inside the step), weights (output channels over fsdp).
+  c.sharding_rules = (("batch", ("data", "fsdp")), ("activation_batch", ("data", "fsdp")),
+                      ("channels_out", "fsdp"), ("channels_in", None), ("vocab", None), ("norm", None))
+  return c
+
+
+def unconditional_64_config(name: str, frame_stride: int) -> ml_collections.ConfigDict:
+  """The unconditional 16 x 64x64 setting shared by Sky Time-lapse and TaiChi-HD (λ = 0.5)."""
+  c = base_config()
+  c.data.update(name=name, num_frames=16, frame_stride=frame_stride, image_size=64, num_classes=0)
+  c.model.base = unet_config(base_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                             attention_resolutions=(16, 8))
+  c.model.residual = unet_config(base_channels=96, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                                 attention_resolutions=(8,))
+  c.train.update(batch_size=128, label_dropout=0.0)
   return c
 
 
@@ -85,10 +100,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.frame_stride < 1:
     raise ConfigError(f"config.data.frame_stride={d.frame_stride}: must be >= 1.")
   for name in ("base", "residual"):
+    m = config.model[name]
     try:
-      check_image_size(d.image_size, config.model[name].channel_mult)
+      check_image_size(d.image_size, m.channel_mult)
     except ValueError as e:
       raise ConfigError(f"config.data.image_size / config.model.{name}.channel_mult: {e}") from None
+    try:
+      for channels in attention_channels(d.image_size, m.base_channels, m.channel_mult, m.attention_resolutions):
+        attention_heads(channels, m.head_dim)
+    except ValueError as e:
+      raise ConfigError(f"config.model.{name}.head_dim={m.head_dim}: {e}") from None
   if t.stage not in ("video", "image"):
     raise ConfigError(f"config.train.stage={t.stage!r}: use 'video' or 'image'.")
   if t.batch_size < 1 or t.num_steps < 1:
@@ -97,6 +118,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.lr_decay={t.lr_decay!r}: use 'constant' or 'cosine'.")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ConfigError(f"config.train.ema_decay={t.ema_decay}: must lie in [0, 1).")
+  if not 0.0 <= t.base_lr_scale:
+    raise ConfigError(f"config.train.base_lr_scale={t.base_lr_scale}: must be >= 0 (the base generator's "
+                      "learning rate is learning_rate x base_lr_scale in the video stage).")
+  if t.grad_clip <= 0:
+    raise ConfigError(f"config.train.grad_clip={t.grad_clip}: must be > 0 (each generator's gradient is "
+                      "clipped to this global norm).")
+  s, e = config.sample, config.eval
+  if s.guidance_scale < 0:
+    raise ConfigError(f"config.sample.guidance_scale={s.guidance_scale}: must be >= 0 (1 = no guidance, "
+                      "0 = the null condition alone, > 1 = stronger conditioning).")
+  if s.label != -1 and not (d.num_classes and 0 <= s.label < d.num_classes):
+    raise ConfigError(f"config.sample.label={s.label}: use -1 (every class in turn)"
+                      + (f" or a class in [0, {d.num_classes})." if d.num_classes else
+                         "; this config is unconditional (config.data.num_classes=0)."))
+  if s.num_samples < 1 or s.batch_size < 1:
+    raise ConfigError(f"config.sample.num_samples={s.num_samples} / batch_size={s.batch_size}: must be >= 1.")
+  if e.num_real < 2 or e.num_generated < 2:
+    raise ConfigError(f"config.eval.num_real={e.num_real} / num_generated={e.num_generated}: FVD needs at least "
+                      "2 clips on each side (the protocol uses 2048).")
+  if e.batch_size < 1 or e.kvd_subsets < 1 or e.kvd_subset_size < 2:
+    raise ConfigError(f"config.eval.batch_size={e.batch_size}, kvd_subsets={e.kvd_subsets}, kvd_subset_size="
+                      f"{e.kvd_subset_size}: need batch_size >= 1, kvd_subsets >= 1 and kvd_subset_size >= 2.")
+  if e.c3d_weights and d.num_frames != 16:
+    raise ConfigError(f"config.eval.c3d_weights: the C3D Inception Score takes 16-frame clips; this config "
+                      f"makes {d.num_frames} (config.data.num_frames).")
   if config.sample.method not in ("ddim", "ddpm"):
     raise ConfigError(f"config.sample.method={config.sample.method!r}: use 'ddim' or 'ddpm'.")
   if not 1 <= config.sample.num_steps <= config.diffusion.num_timesteps:

@@ -27,22 +27,28 @@ def main(argv) -> None:
   from videofusion_jax.data.pipeline import PipelineError
   from videofusion_jax.data.video_io import VideoReadError
   from videofusion_jax.training.checkpoint import CheckpointError
-  from videofusion_jax.training.train import NonFiniteLossError
+  from videofusion_jax.training.loop import NonFiniteLossError
 
   if os.environ.get("VIDEOFUSION_MULTIHOST"):
     import jax
     jax.distributed.initialize()
   config = _CONFIG.value
   try:
+    # One experiment per run (it validates the config), shared by the modes the run performs.
     if _MODE.value in ("train", "train_and_sample"):
-      from videofusion_jax.training.train import train
-      train(config, _WORKDIR.value)
+      from videofusion_jax.training.loop import train
+      from videofusion_jax.training.step import Trainer
+      experiment = Trainer(config)
+      train(config, _WORKDIR.value, trainer=experiment)
+    else:
+      from videofusion_jax.experiment import Experiment
+      experiment = Experiment(config)
     if _MODE.value in ("sample", "train_and_sample"):
       from videofusion_jax import sampling
-      sampling.run(config, _WORKDIR.value)
+      sampling.run(config, _WORKDIR.value, experiment=experiment)
     if _MODE.value == "eval":
-      from videofusion_jax import evaluate
-      evaluate.run(config, _WORKDIR.value)
+      from videofusion_jax.evaluation import evaluate
+      evaluate.run(config, _WORKDIR.value, experiment=experiment)
   except (ConfigError, DatasetNotFoundError, VideoReadError, CheckpointError, NonFiniteLossError,
           PipelineError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,8 +1,11 @@
-"""Sampling: EMA weights from the latest checkpoint -> videos (mp4, PNG grid, npz) and figures."""
+"""Sampling: EMA weights of a checkpoint -> videos (mp4, PNG grid, npz) and figures; the batched,
+sharded generator that ``--mode=sample`` and ``--mode=eval`` share."""
 from __future__ import annotations
 
 import functools
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -12,51 +15,57 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from videofusion_jax import diffusion
-from videofusion_jax.config import ConfigError, validate
 from videofusion_jax.data import video_io
-from videofusion_jax.training import checkpoint as ckpt
-from videofusion_jax.training import sharding as shd
-from videofusion_jax.training.state import make_apply_fns
-from videofusion_jax.training.train import Trainer
+from videofusion_jax.experiment import Experiment
+from videofusion_jax.models.factory import make_apply_fns
 
 
 def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | None:
-  """The labels to sample: ``config.sample.label``, or the classes in turn when it is -1."""
+  """The labels to sample: ``config.sample.label``, or the classes in turn when it is -1
+  (checked by ``config.validate``)."""
   n = config.data.num_classes
   if not n:
     return None
   if config.sample.label == -1:
     return np.arange(num, dtype=np.int32) % n
-  if not 0 <= config.sample.label < n:
-    raise ConfigError(f"config.sample.label={config.sample.label}: use -1 or a class in [0, {n}).")
   return np.full((num,), config.sample.label, np.int32)
 
 
+def guided(config: ml_collections.ConfigDict) -> bool:
+  """Whether sampling mixes conditional and null estimates (a class-conditional model, s ≠ 1)."""
+  return bool(config.data.num_classes) and config.sample.guidance_scale != 1.0
+
+
 @functools.lru_cache(maxsize=4)
-def make_generate_fn(trainer: Trainer):
-  """``generate(params, rng, labels (B,) or None) -> (B, N, H, W, C)``, jitted once per trainer."""
-  c = trainer.config
+def make_generate_fn(experiment: Experiment):
+  """``generate(params, rng, labels (B,) or None) -> (B, N, H, W, C)``, jitted once per experiment.
+
+  With guidance (``sample.guidance_scale`` ≠ 1) each network takes the ``2B`` batch of
+  ``diffusion.guided_decomposed_eps``: the labels, then the null label ``num_classes``.
+  """
+  c = experiment.config
   shape_tail = (c.data.num_frames, c.data.image_size, c.data.image_size, 3)
+  scale = c.sample.guidance_scale if guided(c) else None
 
   def generate(params, rng, labels):
-    base_fn, residual_fn = make_apply_fns(
-        trainer.networks, params, labels, guidance_scale=c.sample.guidance_scale,
-        null_label=c.data.num_classes)
+    if scale is not None:
+      labels = jnp.concatenate([labels, jnp.full_like(labels, c.data.num_classes)])
+    base_fn, residual_fn = make_apply_fns(experiment.networks, params, labels)
     batch = c.sample.batch_size
-    return diffusion.sample(base_fn, residual_fn, rng, (batch,) + shape_tail, trainer.lambdas,
-                            trainer.schedule, method=c.sample.method, num_steps=c.sample.num_steps,
-                            eta=c.sample.eta, clip_x0=c.sample.clip_x0)
+    return diffusion.sample(base_fn, residual_fn, rng, (batch,) + shape_tail, experiment.lambdas,
+                            experiment.schedule, method=c.sample.method, num_steps=c.sample.num_steps,
+                            eta=c.sample.eta, clip_x0=c.sample.clip_x0, guidance_scale=scale)
 
   # Shard the batch over the mesh when it divides evenly; otherwise one device does it all.
-  out_sharding = shd.batch_sharding(trainer.mesh) if c.sample.batch_size % trainer.mesh.devices.size == 0 else None
-  return jax.jit(generate, out_shardings=out_sharding)
+  divides = c.sample.batch_size % experiment.mesh.devices.size == 0
+  return experiment.jit(generate, out_shardings=experiment.batch_sharding if divides else None)
 
 
-def generate_videos(trainer: Trainer, params, num: int, seed: int,
+def generate_videos(experiment: Experiment, params, num: int, seed: int,
                     labels: np.ndarray | None) -> np.ndarray:
   """``num`` videos in [-1, 1], ``(num, N, H, W, C)``, reproducible from ``seed``."""
-  gen = make_generate_fn(trainer)
-  batch = trainer.config.sample.batch_size
+  gen = make_generate_fn(experiment)
+  batch = experiment.config.sample.batch_size
   out = []
   for i, start in enumerate(range(0, num, batch)):
     lab = None
@@ -69,19 +78,46 @@ def generate_videos(trainer: Trainer, params, num: int, seed: int,
   return np.clip(np.concatenate(out)[:num], -1.0, 1.0)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+class Progress:
+  """Prints ``what: done/total (rate/s, ETA)`` at most every few seconds."""
+
+  def __init__(self, what: str, total: int, every_s: float = 10.0):
+    self.what, self.total, self.every_s = what, total, every_s
+    self.t0 = self.last = time.time()
+
+  def __call__(self, done: int) -> None:
+    now = time.time()
+    if now - self.last < self.every_s and done < self.total:
+      return
+    self.last = now
+    rate = done / max(now - self.t0, 1e-9)
+    eta = (self.total - done) / max(rate, 1e-9)
+    print(f"  {self.what}: {done}/{self.total} ({rate:.2f} clips/s, {eta:.0f} s left)", flush=True)
+
+
+def generated_videos(experiment: Experiment, params, num: int, seed: int, labels: np.ndarray | None,
+                     consume: Callable[[np.ndarray], None]) -> None:
+  """Draws ``num`` clips in ``config.sample.batch_size`` batches (batch ``i`` from seed
+  ``seed + i``) and hands each batch, ``(B, N, S, S, 3)`` in [-1, 1], to ``consume``."""
+  batch = experiment.config.sample.batch_size
+  progress = Progress("generated clips", num)
+  for i, start in enumerate(range(0, num, batch)):
+    size = min(batch, num - start)
+    lab = None if labels is None else labels[start:start + size]
+    consume(generate_videos(experiment, params, size, seed + i, lab))
+    progress(start + size)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment | None = None) -> dict:
   """Loads the latest checkpoint's EMA weights, writes samples under ``workdir/samples``."""
-  validate(config)
-  trainer = Trainer(config)
-  manager = ckpt.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
-  state = ckpt.restore(manager, trainer.abstract_state())
-  manager.close()
+  experiment = experiment or Experiment(config)
+  state = experiment.restore(workdir)
   step = int(state.step)
   s = config.sample
   labels = sample_labels(config, s.num_samples)
   print(f"sampling {s.num_samples} videos from checkpoint {step} (EMA weights), "
         f"{s.method} with {s.num_steps if s.method == 'ddim' else config.diffusion.num_timesteps} steps")
-  videos = generate_videos(trainer, state.ema_params, s.num_samples, s.seed, labels)
+  videos = generate_videos(experiment, state.ema_params, s.num_samples, s.seed, labels)
   out_dir = Path(workdir) / "samples" / f"step_{step}"
   out_dir.mkdir(parents=True, exist_ok=True)
   frames = video_io.to_uint8(videos)

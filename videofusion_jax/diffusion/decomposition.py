@@ -19,7 +19,7 @@ def key_frame_index(num_frames: int) -> int:
 
 def frame_lambdas(num_frames: int, lam: float) -> jnp.ndarray:
   """Per-frame share of the base part ``λ^i``, shape ``(N,)``: ``lam`` everywhere and 1 at
-  the key frame (eq. 9). ``lam = 0`` gives independent per-frame noise (the VDM baseline)."""
+  the key frame (eq. 9). ``lam = 0`` gives independent per-frame noise (ordinary per-frame diffusion)."""
   if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 2:
     raise ValueError(
         f"num_frames must be an integer >= 2 (a key frame plus at least one other), "

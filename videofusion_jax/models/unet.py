@@ -25,6 +25,14 @@ BIAS = ("channels_out",)
 NORM = ("norm",)
 TABLE = ("vocab", "channels_out")
 TO_RGB = (None, None, "channels_in", None)
+# Logical names of activation axes: the rule table splits the batch over the mesh (a sharding
+# constraint inside jit, so that XLA keeps FSDP's layout: weights gathered, activations split by
+# example). Outside a ``nn.logical_axis_rules`` context this is a no-op.
+ACTIVATION = ("activation_batch", "activation_height", "activation_width", "activation_channels")
+
+
+def _constrain(x: jnp.ndarray) -> jnp.ndarray:
+  return nn.with_logical_constraint(x, ACTIVATION)
 
 
 def _init(init, names):
@@ -40,6 +48,24 @@ def check_image_size(image_size: int, channel_mult: Sequence[int]) -> None:
         f"image size {image_size} cannot be downsampled by the U-Net: with channel_mult="
         f"{tuple(channel_mult)} it halves the size {len(channel_mult) - 1} times, so the size "
         f"must be a multiple of {factor} (e.g. {ok}). Change the image size or channel_mult.")
+
+
+def attention_heads(channels: int, head_dim: int) -> int:
+  """Heads of ``head_dim`` channels each (ADM's ``num_head_channels``); one head if ``channels <= head_dim``."""
+  if channels <= head_dim:
+    return 1
+  if channels % head_dim:
+    raise ValueError(f"attention over {channels} channels cannot be split into heads of head_dim={head_dim}; "
+                     f"use a head_dim that divides {channels} (e.g. {math.gcd(channels, head_dim)}).")
+  return channels // head_dim
+
+
+def attention_channels(image_size: int, base_channels: int, channel_mult: Sequence[int],
+                       attention_resolutions: Sequence[int]) -> list[int]:
+  """The channel counts of the U-Net's attention layers (each level's, and the middle one)."""
+  out = [base_channels * m for level, m in enumerate(channel_mult)
+         if image_size // 2 ** level in attention_resolutions]
+  return out + [base_channels * channel_mult[-1]]
 
 
 def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
@@ -90,9 +116,12 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-  """Multi-head self-attention over the ``H·W`` positions, with a residual connection."""
+  """Multi-head self-attention over the ``H·W`` positions, with a residual connection.
 
-  num_heads: int
+  Heads have a fixed width ``head_dim`` (64 as in ADM), so wide layers get more heads rather
+  than wider ones (cuDNN's fused attention takes heads of at most 128 on A100-class GPUs)."""
+
+  head_dim: int
   dtype: Dtype
   param_dtype: Dtype
   implementation: str | None = None  # None lets XLA pick; 'cudnn' on GPUs.
@@ -100,8 +129,7 @@ class AttentionBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    if c % self.num_heads:
-      raise ValueError(f"attention channels {c} are not divisible by num_heads={self.num_heads}.")
+    heads = attention_heads(c, self.head_dim)
     dense = lambda f, zero, name: nn.Dense(  # noqa: E731
         f, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         kernel_init=_init(nn.initializers.zeros if zero else nn.initializers.lecun_normal(), DENSE),
@@ -109,7 +137,7 @@ class AttentionBlock(nn.Module):
     y = nn.GroupNorm(_groups(c), dtype=self.dtype, param_dtype=self.param_dtype, name="norm",
                      scale_init=_init(nn.initializers.ones, NORM),
                      bias_init=_init(nn.initializers.zeros, NORM))(x)
-    qkv = dense(3 * c, False, "qkv")(y).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
+    qkv = dense(3 * c, False, "qkv")(y).reshape(b, h * w, 3, heads, c // heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     out = dense(c, True, "proj")(out.reshape(b, h, w, c))
@@ -125,7 +153,7 @@ class UNet(nn.Module):
   channel_mult: Sequence[int] = (1, 2, 2)
   num_res_blocks: int = 2
   attention_resolutions: Sequence[int] = (8,)  # feature-map sizes that get attention
-  num_heads: int = 4
+  head_dim: int = 64
   dropout: float = 0.0
   num_classes: int = 0
   num_frames: int = 0
@@ -165,14 +193,14 @@ class UNet(nn.Module):
                            embedding_init=_init(nn.initializers.normal(1.0), TABLE))(frame_index)
 
     block = lambda c, name: ResBlock(c, self.dropout, self.dtype, self.param_dtype, name=name)  # noqa: E731
-    attn = lambda name: AttentionBlock(self.num_heads, self.dtype, self.param_dtype,  # noqa: E731
+    attn = lambda name: AttentionBlock(self.head_dim, self.dtype, self.param_dtype,  # noqa: E731
                                        self.attention_implementation, name=name)
     conv = lambda c, k, s, names, name, zero=False: nn.Conv(  # noqa: E731
         c, (k, k), strides=(s, s), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         kernel_init=_init(nn.initializers.zeros if zero else nn.initializers.lecun_normal(), names),
         bias_init=_init(nn.initializers.zeros, BIAS if names is CONV else (None,)))
 
-    h = conv(self.base_channels, 3, 1, CONV, "conv_in")(x.astype(self.dtype))
+    h = _constrain(conv(self.base_channels, 3, 1, CONV, "conv_in")(x.astype(self.dtype)))
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
@@ -181,12 +209,12 @@ class UNet(nn.Module):
           h = attn(f"down{level}_attn{i}")(h)
         skips.append(h)
       if level != len(self.channel_mult) - 1:
-        h = conv(h.shape[-1], 3, 2, CONV, f"down{level}_downsample")(h)
+        h = _constrain(conv(h.shape[-1], 3, 2, CONV, f"down{level}_downsample")(h))
         skips.append(h)
 
     h = block(h.shape[-1], "mid_block1")(h, emb, train)
     h = attn("mid_attn")(h)
-    h = block(h.shape[-1], "mid_block2")(h, emb, train)
+    h = _constrain(block(h.shape[-1], "mid_block2")(h, emb, train))
 
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
@@ -197,10 +225,10 @@ class UNet(nn.Module):
       if level != 0:
         bb, hh, ww, cc = h.shape
         h = jax.image.resize(h, (bb, 2 * hh, 2 * ww, cc), "nearest")
-        h = conv(cc, 3, 1, CONV, f"up{level}_upsample")(h)
+        h = _constrain(conv(cc, 3, 1, CONV, f"up{level}_upsample")(h))
 
     h = nn.silu(nn.GroupNorm(_groups(h.shape[-1]), dtype=self.dtype, param_dtype=self.param_dtype,
                              name="norm_out", scale_init=_init(nn.initializers.ones, NORM),
                              bias_init=_init(nn.initializers.zeros, NORM))(h))
     out = conv(self.out_channels, 3, 1, TO_RGB, "conv_out", zero=True)(h)
-    return out.astype(jnp.float32)
+    return _constrain(out.astype(jnp.float32))

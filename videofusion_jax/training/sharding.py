@@ -1,5 +1,8 @@
-"""The device mesh and the shardings of parameters and batches."""
+"""The device mesh, and every sharding from the config's rule table: weights, optimizer state,
+input batches and (inside jit) U-Net activations."""
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -44,16 +47,45 @@ def param_shardings(boxed_abstract, mesh: Mesh, rules) -> object:
                       is_leaf=lambda s: isinstance(s, P))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over every mesh axis."""
-  return NamedSharding(mesh, P(MESH_AXES))
+def opt_state_shardings(opt_shapes, param_sh, mesh: Mesh):
+  """Optimizer-state shardings: a moment takes the sharding of the parameter whose path ends
+  its own path (``...mu['base']['conv_in']['kernel']``); counts and scalars are replicated."""
+  rep = replicated(mesh)
+
+  def keys(path):
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+  by_path = {keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+
+  def pick(path, leaf):
+    k = keys(path)
+    for i in range(len(k)):
+      if k[i:] in by_path and by_path[k[i:]] is not None:
+        return by_path[k[i:]]
+    return rep
+  return jax.tree_util.tree_map_with_path(pick, opt_shapes)
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """The leading (batch) axis split as the rule table's ``batch`` entry says."""
+  (axes,) = nn.logical_to_mesh_axes(("batch",), rules)
+  return NamedSharding(mesh, P(axes))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local: dict, mesh: Mesh) -> dict:
-  """Per-host numpy batch -> global jax.Arrays sharded over the batch axis."""
-  sharding = batch_sharding(mesh)
+def global_batch(local: dict, sharding: NamedSharding) -> dict:
+  """Per-host numpy batch -> global jax.Arrays with the batch ``sharding``."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def with_activation_rules(fn, mesh: Mesh, rules):
+  """``fn`` traced with the mesh and the rule table in context, so that the U-Net's logical
+  activation constraints (``models.unet.ACTIVATION``) become sharding constraints; pass the
+  result to ``jax.jit``."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return traced

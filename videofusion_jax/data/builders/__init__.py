@@ -1,7 +1,8 @@
 """TFDS builders for the demo clips and the real video datasets, and ``prepare()`` to build them.
 
 ``from videofusion_jax.data.builders import DatasetNotFoundError`` does not import TensorFlow;
-``BUILDERS``, ``prepare`` and the builder classes import it (and TFDS) on first access.
+``BUILDERS``, ``prepare``, ``summarize`` and the builder classes import it (and TFDS) on first access.
+``common`` holds what the builders share; ``registry`` imports every builder and holds ``prepare``.
 
 Example::
 
@@ -21,8 +22,9 @@ class DatasetNotFoundError(FileNotFoundError):
 
 # Attribute -> module that defines it; imported lazily so that the error class above stays TF-free.
 _LAZY = {
-    "BUILDERS": "common",
-    "prepare": "common",
+    "BUILDERS": "registry",
+    "prepare": "registry",
+    "summarize": "registry",
     "VideoBuilder": "common",
     "VideoConfig": "common",
     "DemoClips": "demo_clips",
@@ -39,6 +41,6 @@ def __getattr__(name: str) -> Any:
   if name not in _LAZY:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
   module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
-  value = module.builder_classes() if name == "BUILDERS" else getattr(module, name)
+  value = getattr(module, name)
   globals()[name] = value
   return value

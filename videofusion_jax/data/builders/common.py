@@ -1,41 +1,40 @@
-"""What every video builder shares: configs, frame decoding, build reports, and ``prepare()``.
+"""What every video builder shares: configs, frame decoding and build reports (``registry`` builds them).
 
 A builder lists its sources (video files or folders of frames) in a sorted order, decodes them
 one at a time, resizes the frames so that the short side equals the config's ``resolution``
 (aspect kept, both sides even), and writes ArrayRecord files in that order (``disable_shuffling``),
 so record ``i`` is the ``i``-th source that decoded to at least ``min_frames`` frames.
 ``info.metadata`` keeps ``lengths[split]`` (frames per record, in record order) and
-``build_report[split]`` (what was skipped and converted, and why).
+``build_report[split]`` (what was skipped and converted, and why), filled while the splits are
+generated and written by TFDS with the rest of the dataset info.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from videofusion_jax.data import tensorflow, video_io
+from videofusion_jax.data import video_io
 from videofusion_jax.data.builders import DatasetNotFoundError
 
 __all__ = [
     "BUILDERS_HINT", "DatasetNotFoundError", "Decoded", "Source", "SplitReport", "VideoBuilder", "VideoConfig",
-    "builder_classes", "decode_frame_folder", "decode_video_file", "list_images", "prepare", "resize_frame",
-    "resolution_configs", "stored_size", "summarize",
+    "decode_frame_folder", "decode_video_file", "list_images", "resize_frame", "resolution_configs", "stored_size",
 ]
 
 RESOLUTIONS = (64, 128, 256)
 DEFAULT_RESOLUTION = 128
 DEFAULT_MIN_FRAMES = 16
-FILE_FORMAT = "array_record"  # the pipeline reads records by index
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 BUILDERS_HINT = "--config.data.manual_dir=DIR (raw data) and --config.data.data_dir=DIR (where TFDS writes)"
-_MAX_NAMES_PRINTED = 10
+MAX_NAMES_PRINTED = 10  # in error messages and build summaries
 _MISSING_EXAMPLES_KEPT = 20
 _WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
 _GRAY_MODES = frozenset({"1", "L", "LA"}) | _WIDE_GRAY_MODES
@@ -248,8 +247,8 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   @classmethod
   def _found_entries(cls, root: Path) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    shown = ", ".join(names[:_MAX_NAMES_PRINTED])
-    if len(names) > _MAX_NAMES_PRINTED:
+    shown = ", ".join(names[:MAX_NAMES_PRINTED])
+    if len(names) > MAX_NAMES_PRINTED:
       shown += f", ... ({len(names)} entries)"
     return f"{root} holds: {shown or 'nothing'}."
 
@@ -266,9 +265,14 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if self.NEEDS_MANUAL_DIR:
       try:
         manual = dl_manager.manual_dir
-      except AssertionError:  # TFDS's own message; ours names the layout
-        manual = dl_manager._manual_dir  # noqa: SLF001
+      except AssertionError as e:  # missing or empty; TFDS's message (first line: the path) lacks our layout
+        raise self.not_found(str(e).splitlines()[0]) from None
     root = self.find_root(manual)
+    self._omitted: dict[str, str] = {}  # split -> why it is not built; _list_sources may add to it
+    # TFDS writes info.metadata with dataset_info.json once every split's generator is exhausted;
+    # _generate_examples fills lengths and build_report, split by split, in generation order.
+    metadata = self.info.metadata
+    metadata["lengths"], metadata["build_report"] = {}, {}
     generators = {}
     for split, (sources, report) in self._list_sources(root).items():
       if not sources:
@@ -277,8 +281,9 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                f"e.g. {report.missing_examples[:3]}).")
         self._omitted[split] = f"no videos found (missing: {report.missing})"
         continue
-      self._reports[split] = report
       generators[split] = self._generate_examples(split, sources, report)
+    metadata["omitted_splits"] = dict(self._omitted)
+    metadata["config"] = {"resolution": self.builder_config.resolution, "min_frames": self.builder_config.min_frames}
     return generators
 
   def _generate_examples(self, split: str, sources: list[Source], report: SplitReport
@@ -303,103 +308,5 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           f"{report.missing} missing. First problems: {dict(list(report.corrupt.items())[:3])} "
           f"{dict(list(report.too_short.items())[:3])}. Fix the raw data or pick a config with a smaller "
           "min_frames.")
-
-  def _download_and_prepare(self, dl_manager, download_config):
-    self._reports: dict[str, SplitReport] = {}
-    self._omitted: dict[str, str] = {}
-    super()._download_and_prepare(dl_manager, download_config)
-    # Written with dataset_info.json right after this returns; reloaded by a fresh builder.
-    self.info.metadata["lengths"] = {s: r.lengths for s, r in self._reports.items()}
-    self.info.metadata["build_report"] = {s: r.as_metadata() for s, r in self._reports.items()}
-    self.info.metadata["omitted_splits"] = dict(self._omitted)
-    self.info.metadata["config"] = {"resolution": self.builder_config.resolution,
-                                    "min_frames": self.builder_config.min_frames}
-
-
-def builder_classes() -> dict[str, type[VideoBuilder]]:
-  """``BUILDERS``: dataset name -> builder class (imports every builder module)."""
-  from videofusion_jax.data.builders import demo_clips, sky_timelapse, taichi, ucf101, webvid
-
-  classes = (demo_clips.DemoClips, ucf101.Ucf101, sky_timelapse.SkyTimelapse, taichi.TaiChi, webvid.WebVid)
-  return {cls.DATASET: cls for cls in classes}
-
-
-def _make_builder(cls: type[VideoBuilder], data_dir: str, config: str | VideoConfig | None) -> VideoBuilder:
-  names = [c.name for c in cls.BUILDER_CONFIGS]
-  if isinstance(config, str) and config not in names:
-    raise ValueError(f"{cls.DATASET}: unknown config {config!r}; known configs: {', '.join(names)} "
-                     "(the name is the stored short side in pixels).")
-  if config is not None and not isinstance(config, str | VideoConfig):
-    raise TypeError(f"config must be a config name such as {names[0]!r} or a VideoConfig, not {type(config)}.")
-  return cls(data_dir=data_dir, config=config, file_format=FILE_FORMAT)
-
-
-def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str | VideoConfig | None = None,
-            verbose: bool = True, build: bool = True) -> VideoBuilder:
-  """The prepared builder for dataset ``name``, built first from ``manual_dir`` if it is not on disk yet.
-
-  ``build=False`` only checks: it raises what a build would raise first (unknown name or config,
-  a missing or misplaced ``manual_dir``) and returns the builder, prepared or not.
-
-  Always builds ArrayRecord files. A prepared dataset is reused, never deleted or rebuilt.
-  ``manual_dir`` defaults to TFDS's ``<data_dir>/downloads/manual``; demo_clips needs none.
-  ``config`` is a config name (``"64"``, ``"128"``, ``"256"``; default ``"128"``) or a ``VideoConfig``.
-  """
-  classes = builder_classes()
-  if name not in classes:
-    raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(classes)}.")
-  cls = classes[name]
-  tensorflow()
-  data_dir = os.path.expanduser(os.fspath(data_dir))
-  builder = _make_builder(cls, data_dir, config)
-  if builder.is_prepared():
-    fmt = builder.info.file_format
-    if fmt is not None and fmt.value != FILE_FORMAT:
-      raise ValueError(
-          f"{builder.info.full_name} at {builder.data_dir} was built as {fmt.value}, but the pipeline reads "
-          f"{FILE_FORMAT} files by index. It is not deleted automatically: move that folder away and call "
-          "prepare() again to rebuild it.")
-    if verbose:
-      print(f"Using prepared {builder.info.full_name} at {builder.data_dir}.")
-    return builder
-  if manual_dir is None and cls.NEEDS_MANUAL_DIR:
-    manual_dir = os.path.join(data_dir, "downloads", "manual")
-  root = cls.find_root(manual_dir) if cls.NEEDS_MANUAL_DIR else None
-  if not build:
-    return builder
-  download_config = tfds.download.DownloadConfig(
-      manual_dir=None if root is None else str(root), try_download_gcs=False)
-  builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
-  if verbose:
-    print(summarize(builder))
-  return builder
-
-
-def _names(items: Mapping[str, Any] | list[str], with_values: bool) -> str:
-  keys = list(items)
-  shown = [f"{k} ({items[k]})" if with_values else k for k in keys[:_MAX_NAMES_PRINTED]]
-  more = f"\n      ... and {len(keys) - _MAX_NAMES_PRINTED} more" if len(keys) > _MAX_NAMES_PRINTED else ""
-  return "".join(f"\n      {s}" for s in shown) + more
-
-
-def summarize(builder: VideoBuilder) -> str:
-  """A per-split summary of a build, read from ``builder.info.metadata``."""
-  meta = builder.info.metadata
-  min_frames = builder.builder_config.min_frames
-  lines = [f"Built {builder.info.full_name} ({FILE_FORMAT}) at {builder.data_dir}"]
-  for split, r in meta.get("build_report", {}).items():
-    lines.append(
-        f"  {split}: {r['examples']} examples written ({r['frames']} frames); skipped "
-        f"{len(r['corrupt'])} corrupt/unreadable, {len(r['too_short'])} too short (< {min_frames} frames), "
-        f"{r['missing']} missing; converted {r['grayscale_videos']} grayscale videos and "
-        f"{r['resized_frames']} frames of a different size.")
-    if r["corrupt"]:
-      lines.append("    corrupt/unreadable:" + _names(r["corrupt"], True))
-    if r["too_short"]:
-      lines.append("    too short (frames):" + _names(r["too_short"], True))
-    if r["missing"]:
-      lines.append(f"    missing ({r['missing']}), e.g.:" + _names(r["missing_examples"][:5], False))
-  for split, reason in meta.get("omitted_splits", {}).items():
-    lines.append(f"  {split}: omitted, {reason}.")
-  lines.append("  Full lists: builder.info.metadata['build_report'].")
-  return "\n".join(lines)
+    self.info.metadata["lengths"][split] = report.lengths
+    self.info.metadata["build_report"][split] = report.as_metadata()

@@ -10,35 +10,16 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 
-from videofusion_jax.config import ConfigError, validate
 from videofusion_jax.data import video_io
 from videofusion_jax.evaluation.i3d import MIN_FRAMES
-from videofusion_jax.training import checkpoint as ckpt
-from videofusion_jax.training.train import Trainer
-
-
-class _Progress:
-  """Prints ``what: done/total (rate/s, ETA)`` at most every few seconds."""
-
-  def __init__(self, what: str, total: int, every_s: float = 10.0):
-    self.what, self.total, self.every_s = what, total, every_s
-    self.t0 = self.last = time.time()
-
-  def __call__(self, done: int) -> None:
-    now = time.time()
-    if now - self.last < self.every_s and done < self.total:
-      return
-    self.last = now
-    rate = done / max(now - self.t0, 1e-9)
-    eta = (self.total - done) / max(rate, 1e-9)
-    print(f"  {self.what}: {done}/{self.total} ({rate:.2f} clips/s, {eta:.0f} s left)", flush=True)
+from videofusion_jax.experiment import Experiment
+from videofusion_jax.sampling import Progress, generated_videos, sample_labels
 
 
 def frame_repeat(num_frames: int) -> int:
@@ -80,7 +61,7 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
       print(f"real-data features from the cache {path}")
       return {"features": cached["features"], "labels": cached["labels"]}
   print(f"I3D features of {proto['num_real']} real clips ({proto['dataset']} [{proto['split']}])")
-  progress = _Progress("real clips", proto["num_real"])
+  progress = Progress("real clips", proto["num_real"])
   feats, labels, done = [], [], 0
   for batch in pipeline.eval_iterator(config, proto["num_real"], config.eval.batch_size,
                                       split=proto["split"], verbose=verbose):
@@ -97,21 +78,6 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
   return out
 
 
-def generated_videos(config: ml_collections.ConfigDict, trainer, params, labels: np.ndarray | None,
-                     consume) -> None:
-  """Draws ``config.eval.num_generated`` clips in ``config.sample.batch_size`` batches and hands
-  each batch, ``(B, N, S, S, 3)`` in [-1, 1], to ``consume``."""
-  from videofusion_jax.sampling import generate_videos
-
-  n, batch = config.eval.num_generated, config.sample.batch_size
-  progress = _Progress("generated clips", n)
-  for i, start in enumerate(range(0, n, batch)):
-    size = min(batch, n - start)
-    lab = None if labels is None else labels[start:start + size]
-    consume(generate_videos(trainer, params, size, config.eval.seed + i, lab))
-    progress(start + size)
-
-
 @functools.lru_cache(maxsize=2)
 def i3d_features(batch_size: int):
   """One I3D (weights loaded, function compiled once per clip shape) per batch size."""
@@ -120,35 +86,22 @@ def i3d_features(batch_size: int):
   return I3DFeatures(batch_size=batch_size)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment | None = None) -> dict:
   """Evaluates the latest checkpoint of ``workdir``; returns and writes the figures."""
   from videofusion_jax.evaluation import distances
-  from videofusion_jax.sampling import sample_labels
 
-  validate(config)
+  experiment = experiment or Experiment(config)  # validates the config (eval fields included)
   e = config.eval
-  if e.num_real < 2 or e.num_generated < 2:
-    raise ConfigError(f"config.eval.num_real={e.num_real} / num_generated={e.num_generated}: FVD needs at least "
-                      "2 clips on each side (the protocol uses 2048).")
-  if e.batch_size < 1 or e.kvd_subsets < 1 or e.kvd_subset_size < 2:
-    raise ConfigError(f"config.eval.batch_size={e.batch_size}, kvd_subsets={e.kvd_subsets}, kvd_subset_size="
-                      f"{e.kvd_subset_size}: need batch_size >= 1, kvd_subsets >= 1 and kvd_subset_size >= 2.")
   if frame_repeat(config.data.num_frames) > 1:
     print(f"note: I3D needs clips of at least {MIN_FRAMES} frames; each of the {config.data.num_frames} "
           f"frames is shown {frame_repeat(config.data.num_frames)} times, to real and generated clips alike "
           "(figures are comparable with each other, not with published 16-frame FVDs).")
   c3d = None
   if e.c3d_weights:
-    if config.data.num_frames != 16:
-      raise ConfigError(f"config.eval.c3d_weights: the C3D Inception Score takes 16-frame clips; this config "
-                        f"makes {config.data.num_frames} (config.data.num_frames).")
     from videofusion_jax.evaluation.c3d import C3DProbs
     c3d = C3DProbs(e.c3d_weights, batch_size=e.batch_size)  # a wrong path fails before sampling
   workdir = Path(workdir)
-  trainer = Trainer(config)
-  manager = ckpt.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
-  state = ckpt.restore(manager, trainer.abstract_state())
-  manager.close()
+  state = experiment.restore(workdir)
   step = int(state.step)
   i3d = i3d_features(e.batch_size)
   real = real_features(config, workdir, i3d)
@@ -165,7 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if c3d is not None:
       probs.append(c3d(video_io.to_uint8(videos)))
 
-  generated_videos(config, trainer, state.ema_params, labels, consume)
+  generated_videos(experiment, state.ema_params, e.num_generated, e.seed, labels, consume)
   fake = np.concatenate(gen_feats)
   results = {"step": step, "num_real": int(len(real["features"])), "num_generated": int(len(fake)),
              "protocol": protocol(config),

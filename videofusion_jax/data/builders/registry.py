@@ -1,0 +1,108 @@
+"""The builders by dataset name, ``prepare()`` to build one from its manual dir, and ``summarize()``.
+
+This module imports every builder module; the builder modules import only ``common``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from videofusion_jax.data import tensorflow
+from videofusion_jax.data.builders import demo_clips, sky_timelapse, taichi, ucf101, webvid
+from videofusion_jax.data.builders.common import MAX_NAMES_PRINTED, VideoBuilder, VideoConfig
+
+__all__ = ["BUILDERS", "FILE_FORMAT", "builder_classes", "prepare", "summarize"]
+
+FILE_FORMAT = "array_record"  # the pipeline reads records by index
+
+
+def builder_classes() -> dict[str, type[VideoBuilder]]:
+  """Dataset name -> builder class, in the order that error messages list them."""
+  classes = (demo_clips.DemoClips, ucf101.Ucf101, sky_timelapse.SkyTimelapse, taichi.TaiChi, webvid.WebVid)
+  return {cls.DATASET: cls for cls in classes}
+
+
+BUILDERS = builder_classes()
+
+
+def _make_builder(cls: type[VideoBuilder], data_dir: str, config: str | VideoConfig | None) -> VideoBuilder:
+  names = [c.name for c in cls.BUILDER_CONFIGS]
+  if isinstance(config, str) and config not in names:
+    raise ValueError(f"{cls.DATASET}: unknown config {config!r}; known configs: {', '.join(names)} "
+                     "(the name is the stored short side in pixels).")
+  if config is not None and not isinstance(config, str | VideoConfig):
+    raise TypeError(f"config must be a config name such as {names[0]!r} or a VideoConfig, not {type(config)}.")
+  return cls(data_dir=data_dir, config=config, file_format=FILE_FORMAT)
+
+
+def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str | VideoConfig | None = None,
+            verbose: bool = True, build: bool = True) -> VideoBuilder:
+  """The prepared builder for dataset ``name``, built first from ``manual_dir`` if it is not on disk yet.
+
+  ``build=False`` only checks: it raises what a build would raise first (unknown name or config,
+  a missing or misplaced ``manual_dir``) and returns the builder, prepared or not.
+
+  Always builds ArrayRecord files. A prepared dataset is reused, never deleted or rebuilt.
+  ``manual_dir`` defaults to TFDS's ``<data_dir>/downloads/manual``; demo_clips needs none.
+  ``config`` is a config name (``"64"``, ``"128"``, ``"256"``; default ``"128"``) or a ``VideoConfig``.
+  """
+  if name not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(BUILDERS)}.")
+  cls = BUILDERS[name]
+  tensorflow()
+  data_dir = os.path.expanduser(os.fspath(data_dir))
+  builder = _make_builder(cls, data_dir, config)
+  if builder.is_prepared():
+    fmt = builder.info.file_format
+    if fmt is not None and fmt.value != FILE_FORMAT:
+      raise ValueError(
+          f"{builder.info.full_name} at {builder.data_dir} was built as {fmt.value}, but the pipeline reads "
+          f"{FILE_FORMAT} files by index. It is not deleted automatically: move that folder away and call "
+          "prepare() again to rebuild it.")
+    if verbose:
+      print(f"Using prepared {builder.info.full_name} at {builder.data_dir}.")
+    return builder
+  if manual_dir is None and cls.NEEDS_MANUAL_DIR:
+    manual_dir = os.path.join(data_dir, "downloads", "manual")
+  root = cls.find_root(manual_dir) if cls.NEEDS_MANUAL_DIR else None
+  if not build:
+    return builder
+  download_config = tfds.download.DownloadConfig(
+      manual_dir=None if root is None else str(root), try_download_gcs=False)
+  builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
+  if verbose:
+    print(summarize(builder))
+  return builder
+
+
+def _names(items: Mapping[str, Any] | list[str], with_values: bool) -> str:
+  keys = list(items)
+  shown = [f"{k} ({items[k]})" if with_values else k for k in keys[:MAX_NAMES_PRINTED]]
+  more = f"\n      ... and {len(keys) - MAX_NAMES_PRINTED} more" if len(keys) > MAX_NAMES_PRINTED else ""
+  return "".join(f"\n      {s}" for s in shown) + more
+
+
+def summarize(builder: VideoBuilder) -> str:
+  """A per-split summary of a build, read from ``builder.info.metadata``."""
+  meta = builder.info.metadata
+  min_frames = builder.builder_config.min_frames
+  lines = [f"Built {builder.info.full_name} ({FILE_FORMAT}) at {builder.data_dir}"]
+  for split, r in meta.get("build_report", {}).items():
+    lines.append(
+        f"  {split}: {r['examples']} examples written ({r['frames']} frames); skipped "
+        f"{len(r['corrupt'])} corrupt/unreadable, {len(r['too_short'])} too short (< {min_frames} frames), "
+        f"{r['missing']} missing; converted {r['grayscale_videos']} grayscale videos and "
+        f"{r['resized_frames']} frames of a different size.")
+    if r["corrupt"]:
+      lines.append("    corrupt/unreadable:" + _names(r["corrupt"], True))
+    if r["too_short"]:
+      lines.append("    too short (frames):" + _names(r["too_short"], True))
+    if r["missing"]:
+      lines.append(f"    missing ({r['missing']}), e.g.:" + _names(r["missing_examples"][:5], False))
+  for split, reason in meta.get("omitted_splits", {}).items():
+    lines.append(f"  {split}: omitted, {reason}.")
+  lines.append("  Full lists: builder.info.metadata['build_report'].")
+  return "\n".join(lines)

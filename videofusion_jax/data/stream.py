@@ -1,0 +1,43 @@
+"""The training stream's identity and resume position, and dataset preparation before a run.
+
+The pipeline makes the stream a function of its position (``pipeline.train_iterator``); this
+module says what the position means across restarts. No TensorFlow here.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def stream_identity(config: ml_collections.ConfigDict, process_count: int, local_batch_size: int) -> dict:
+  """Everything the record order depends on: which videos qualify, how they are split over hosts
+  and shuffled. Saved with each checkpoint beside the number of batches consumed."""
+  d = config.data
+  return {"dataset": d.name, "split": d.split, "num_frames": d.num_frames, "frame_stride": d.frame_stride,
+          "seed": config.seed, "process_count": process_count, "local_batch_size": local_batch_size}
+
+
+def resume_position(saved: dict | None, stream: dict, step: int) -> int:
+  """The input-stream batch to resume at: the saved position when the stream is laid out as it
+  was (data, seed, hosts, per-host batch); otherwise the batch that has consumed as many examples."""
+  if saved is None:
+    return step  # a checkpoint without a stream position: one batch per step from batch 0
+  if all(saved.get(k) == v for k, v in stream.items()):
+    return int(saved["batches"])
+  examples = int(saved["batches"]) * saved["local_batch_size"] * saved["process_count"]
+  position = examples // (stream["local_batch_size"] * stream["process_count"])
+  print(f"note: the input stream was {saved} and is now {stream}; the example order cannot continue "
+        f"exactly, so it restarts at batch {position} (the same number of examples seen).")
+  return position
+
+
+def prepare_dataset(config: ml_collections.ConfigDict) -> None:
+  """Builds the TFDS dataset from the raw files if needed: on host 0 only, the others wait."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  from videofusion_jax.data import pipeline
+
+  # The other hosts only check, so that a missing dataset stops each with its message, not at the barrier.
+  pipeline.get_builder(config.data, build=jax.process_index() == 0)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("dataset prepared")

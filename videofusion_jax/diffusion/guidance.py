@@ -1,0 +1,36 @@
+"""Classifier-free guidance over the whole decomposed estimate (eqs. 10-11 run twice).
+
+Guiding each network on its own is not the same thing: the residual generator would see frames
+from which the *guided* base estimate was removed, an input its null-conditioned pass never
+met in training. Here eqs. (10)-(11) run once with the condition and once with the null
+condition, each pass as in training, and the two full-video estimates are mixed.
+"""
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+
+from videofusion_jax.diffusion.decomposition import decomposed_eps
+from videofusion_jax.diffusion.schedules import Schedule
+
+
+def classifier_free_guidance(eps_cond: jnp.ndarray, eps_null: jnp.ndarray, scale: float) -> jnp.ndarray:
+  """``ε̂ = ε̂_∅ + s (ε̂_c - ε̂_∅)`` (Ho & Salimans 2022): ``s = 1`` is the conditional estimate,
+  ``s = 0`` the null-conditioned one."""
+  chex.assert_equal_shape([eps_cond, eps_null])
+  return eps_null + scale * (eps_cond - eps_null)
+
+
+def guided_decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambdas: jnp.ndarray,
+                          schedule: Schedule, scale: float) -> jnp.ndarray:
+  """The guided noise estimate ``(B, N, H, W, C)`` of every frame.
+
+  ``base_fn`` and ``residual_fn`` are those of ``decomposed_eps`` for a batch of ``2B``: the
+  first ``B`` rows conditioned, the last ``B`` null-conditioned. Both passes go through each
+  network in one call.
+  """
+  chex.assert_rank(z_t, 5)
+  b = z_t.shape[0]
+  eps, _, _ = decomposed_eps(base_fn, residual_fn, jnp.concatenate([z_t, z_t]), jnp.concatenate([t, t]),
+                             lambdas, schedule)
+  return classifier_free_guidance(eps[:b], eps[b:], scale)

@@ -1,0 +1,79 @@
+"""The objects a run is built from, shared by training, sampling, evaluation and benchmarks:
+networks, noise schedule, per-frame λs, optimizer, mesh, every sharding, the abstract state,
+and restoring a checkpoint onto this mesh."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from videofusion_jax import diffusion
+from videofusion_jax.config import ConfigError, validate
+from videofusion_jax.models import factory
+from videofusion_jax.training import checkpoint as ckpt
+from videofusion_jax.training import sharding as shd
+from videofusion_jax.training.optimizer import make_optimizer
+from videofusion_jax.training.state import TrainState
+
+
+class Experiment:
+  """Everything a config determines before any data is read or any step is compiled.
+
+  The config is validated here, once per run: build one ``Experiment`` and hand it to every
+  mode the run performs.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+    validate(config)
+    self.config = config
+    self.mesh = mesh if mesh is not None else shd.make_mesh(config)
+    if config.train.batch_size % self.mesh.devices.size:
+      raise ConfigError(
+          f"config.train.batch_size={config.train.batch_size} does not split evenly over the "
+          f"{self.mesh.devices.size} devices of the mesh; use a multiple of {self.mesh.devices.size}.")
+    self.networks = factory.make_networks(config)
+    self.schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    self.lambdas = diffusion.frame_lambdas(config.data.num_frames, config.diffusion.lam)
+    self.tx, self.lr_schedules = make_optimizer(config)
+    rules = config.sharding_rules
+    boxed = factory.boxed_abstract_params(self.networks, config)
+    self.num_params = {k: factory.count_params(v) for k, v in boxed.items()}
+    param_sh = shd.param_shardings(boxed, self.mesh, rules)
+    opt_sh = shd.opt_state_shardings(jax.eval_shape(self.tx.init, nn.unbox(boxed)), param_sh, self.mesh)
+    rep = shd.replicated(self.mesh)
+    self.state_sharding = TrainState(step=rep, params=param_sh, ema_params=param_sh, opt_state=opt_sh, rng=rep)
+    self.batch_sharding = shd.batch_sharding(self.mesh, rules)
+    self._init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
+
+  def _init_fn(self, rng: jax.Array) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    params = nn.unbox(factory.init_params(self.networks, self.config, init_rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=self.tx.init(params), rng=state_rng)
+
+  def init_state(self, seed: int) -> TrainState:
+    """A fresh state, laid out on the mesh (compiled once per experiment)."""
+    return self._init(jax.random.PRNGKey(seed))
+
+  def abstract_state(self):
+    """Shapes, dtypes and shardings of the state, without allocating it."""
+    return ckpt.abstract_like(jax.eval_shape(self._init_fn, jax.random.PRNGKey(0)), self.state_sharding)
+
+  def global_batch(self, local: dict) -> dict:
+    """This host's numpy batch -> global arrays split over the mesh as the rule table says."""
+    return shd.global_batch(local, self.batch_sharding)
+
+  def jit(self, fn, **kwargs):
+    """``jax.jit(fn)`` traced with the rule table in context (U-Net activations split by batch)."""
+    return jax.jit(shd.with_activation_rules(fn, self.mesh, self.config.sharding_rules), **kwargs)
+
+  def restore(self, workdir: str | Path, step: int | None = None) -> TrainState:
+    """The state of checkpoint ``step`` (default: the latest) of ``workdir``, on this mesh."""
+    manager = ckpt.make_manager(workdir, self.config.train.keep_checkpoints, async_save=False)
+    try:
+      return ckpt.restore(manager, self.abstract_state(), step)
+    finally:
+      manager.close()

@@ -1,0 +1,183 @@
+"""The training loop: input stream -> jitted step -> checked metrics, events and checkpoints."""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from videofusion_jax.data.stream import prepare_dataset, resume_position, stream_identity
+from videofusion_jax.training import checkpoint as ckpt
+from videofusion_jax.training.state import TrainState
+from videofusion_jax.training.step import Trainer
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; nothing from that step was saved."""
+
+
+def _format_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class _Writer:
+  """TensorBoard event files through tensorboardX when it is installed (else console only)."""
+
+  def __init__(self, workdir: Path):
+    try:
+      from tensorboardX import SummaryWriter
+      self._w = SummaryWriter(str(workdir / "tensorboard"))
+    except ImportError:
+      print("note: tensorboardX is not installed; metrics go to the console only.")
+      self._w = None
+
+  def scalars(self, step: int, metrics: dict) -> None:
+    if self._w:
+      for k, v in metrics.items():
+        self._w.add_scalar(k, float(v), step)
+      self._w.flush()
+
+  def close(self) -> None:
+    if self._w:
+      self._w.close()
+
+
+def base_from_scratch_warning(config: ml_collections.ConfigDict) -> str | None:
+  """A warning for a video run whose base generator starts from scratch but is trained as a
+  pretrained one is (a small learning rate, or frozen); None when the recipe is consistent."""
+  t = config.train
+  if t.stage != "video" or t.init_base_from or not (t.freeze_base or t.base_lr_scale < 1):
+    return None
+  how = "frozen (train.freeze_base=True)" if t.freeze_base else f"at {t.base_lr_scale} x the learning rate"
+  return (f"warning: the base generator starts from scratch (train.init_base_from is empty) but trains {how}, "
+          "a setting meant for fine-tuning a pretrained base. Train the image stage first "
+          "(--config.train.stage=image) and pass its workdir as --config.train.init_base_from, or set "
+          "--config.train.base_lr_scale=1 --config.train.freeze_base=False.")
+
+
+def init_base_from(trainer: Trainer, state: TrainState, workdir: str) -> TrainState:
+  """Starts the base generator (weights and EMA) from the EMA weights of another run's latest
+  checkpoint, as a released pretrained diffusion model is; the optimizer starts afresh."""
+  restored, step = ckpt.restore_raw(workdir)
+  src = jax.device_get(restored["ema_params"]["base"])  # host copies: each device_put below makes new buffers
+  dst = state.params["base"]
+  if jax.tree.structure(src) != jax.tree.structure(dst) or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(src), jax.tree.leaves(dst))):
+    raise ckpt.CheckpointError(
+        f"the base generator in {workdir} (step {step}) has another shape than "
+        "config.model.base; train the image stage with the same config.model.base.")
+  print(f"base generator initialised from the EMA weights of {workdir} (step {step}).")
+  # Two copies: the step donates the state, and one buffer must not be donated twice (device_put of
+  # a device array onto a sharding that includes its device may reuse its buffer).
+  params = {**state.params, "base": jax.device_put(src, trainer.state_sharding.params["base"])}
+  ema = {**state.ema_params, "base": jax.device_put(src, trainer.state_sharding.ema_params["base"])}
+  opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_sharding.opt_state)(params)
+  return state.replace(params=params, ema_params=ema, opt_state=opt_state)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict] | None = None,
+          trainer: Trainer | None = None, verbose: bool = True) -> TrainState:
+  """Trains (or resumes) in ``workdir``: checkpoints, TensorBoard events and ``config.json``.
+
+  ``batches`` yields host-local numpy batches; by default the config's TFDS pipeline.
+  ``trainer`` reuses an already built (and compiled) step for the same model and train config;
+  otherwise one is built here, which validates the config.
+  """
+  workdir = Path(workdir)
+  trainer = trainer or Trainer(config)
+  if batches is None:
+    prepare_dataset(config)
+  warning = base_from_scratch_warning(config)
+  if warning and verbose:
+    print(warning, flush=True)
+  save_config(config, workdir)
+  manager = ckpt.make_manager(workdir, config.train.keep_checkpoints)
+  saved_stream = None
+  if manager.latest_step() is not None:
+    state = ckpt.restore(manager, trainer.abstract_state())
+    saved_stream = ckpt.restore_data_state(manager, int(state.step))
+    print(f"resumed from checkpoint {int(state.step)} in {manager.directory}")
+  else:
+    state = trainer.init_state(config.seed)
+    if config.train.init_base_from:
+      state = init_base_from(trainer, state, config.train.init_base_from)
+  start = int(state.step)
+  total = config.train.num_steps
+  if verbose:
+    print(f"parameters: base {trainer.num_params['base']:,}, residual "
+          f"{trainer.num_params['residual']:,}; devices {trainer.mesh.devices.size} "
+          f"(mesh {dict(trainer.mesh.shape)}); stage {config.train.stage}, λ={config.diffusion.lam}")
+  if start >= total:
+    manager.close()
+    return state
+  local_batch = config.train.batch_size // jax.process_count()
+  stream = stream_identity(config, jax.process_count(), local_batch)
+  start_batch = resume_position(saved_stream, stream, start)
+  if batches is None:
+    from videofusion_jax.data import pipeline
+    batches = pipeline.train_iterator(config, local_batch, seed=config.seed, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), start_batch=start_batch)
+  writer = _Writer(workdir) if jax.process_index() == 0 else None
+  pending = None  # (step, metrics) not yet checked on the host
+  t0, last_log_time, last_log_step = time.time(), time.time(), start
+
+  def check(step, metrics):
+    host = jax.device_get(metrics)
+    if not all(np.isfinite(v) for v in host.values()):
+      manager.wait_until_finished()
+      last = manager.latest_step()
+      kept = f"the last good checkpoint (step {last}) is intact" if last is not None else "no checkpoint was saved yet"
+      raise NonFiniteLossError(
+          f"the loss became non-finite at step {step} (loss={host['loss']}, grad norms "
+          f"base={host['grad_norm_base']}, residual={host['grad_norm_residual']}); training "
+          f"stopped and {kept} in {manager.directory}. Lower config.train.learning_rate or "
+          f"check the data for NaNs, then rerun to resume.")
+    return host
+
+  try:
+    for step in range(start + 1, total + 1):
+      try:
+        local = next(batches)
+      except StopIteration:
+        raise RuntimeError(f"the input ran out at step {step}; the pipeline should repeat.") from None
+      state, metrics = trainer.step(state, trainer.global_batch(local))
+      if pending is not None:
+        check(*pending)
+      pending = (step, metrics)
+      log_now = step % config.train.log_every == 0 or step == total
+      save_now = step % config.train.checkpoint_every == 0 or step == total
+      if log_now or save_now:  # a checkpoint is written only after its step's loss was checked
+        host = check(*pending)
+        pending = None
+      if log_now:
+        now = time.time()
+        rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+        last_log_time, last_log_step = now, step
+        host["steps_per_sec"] = rate
+        if writer:
+          writer.scalars(step, host)
+        if verbose:
+          print(f"step {step:>6}/{total}  loss {host['loss']:.4f} (key {host['loss_key']:.4f}, "
+                f"residual {host['loss_residual']:.4f})  lr {host['lr_base']:.1e}/{host['lr_residual']:.1e}  "
+                f"|g| {host['grad_norm_base']:.2f}/{host['grad_norm_residual']:.2f}  {rate:5.2f} steps/s  "
+                f"elapsed {_format_time(now - t0)}  left {_format_time((total - step) / max(rate, 1e-9))}",
+                flush=True)
+      if save_now:
+        ckpt.save(manager, step, state, {**stream, "batches": start_batch + step - start})
+    manager.wait_until_finished()
+  finally:
+    if writer:
+      writer.close()
+    manager.close()
+  sys.stdout.flush()
+  return state

@@ -1,0 +1,69 @@
+"""Which generators train, their learning rates, per-generator clipping and AdamW."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+GENERATORS = ("base", "residual")
+
+
+def trainable_generators(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The parameter subtrees the stage updates: the base alone in the image stage, the residual
+  alone with ``train.freeze_base``, both otherwise. The step differentiates only these."""
+  t = config.train
+  if t.stage == "image":
+    return ("base",)
+  return ("residual",) if t.freeze_base else GENERATORS
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, scale: float) -> optax.Schedule:
+  """Linear warm-up to ``learning_rate * scale``, then constant (``train.lr_decay='constant'``)
+  or a cosine decay to 0 at ``train.num_steps`` (``'cosine'``)."""
+  t = config.train
+  peak = t.learning_rate * scale
+  warmup = max(int(t.warmup_steps), 1)
+  if t.lr_decay == "cosine":
+    after = optax.cosine_decay_schedule(peak, max(int(t.num_steps) - warmup, 1))
+  else:  # 'constant' (config.validate admits no other)
+    after = optax.constant_schedule(peak)
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def base_lr_scale(config: ml_collections.ConfigDict) -> float:
+  """The base generator's share of the learning rate: 1 in the image stage (it trains from
+  scratch there); ``train.base_lr_scale`` in the video stage (fine-tuning a pretrained base)."""
+  return 1.0 if config.train.stage == "image" else float(config.train.base_lr_scale)
+
+
+def clip_each_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Clips each generator's gradient ``updates[name]`` to global norm ``max_norm`` on its own, so
+  that one network's large gradient does not shrink the other's update. Stateless (its state is
+  ``EmptyState``, as ``optax.clip_by_global_norm``'s, so checkpoints of either restore)."""
+
+  def clip(tree):
+    norm = optax.global_norm(tree)
+    factor = jnp.where(norm < max_norm, 1.0, max_norm / jnp.maximum(norm, 1e-30))
+    return jax.tree.map(lambda g: (g * factor).astype(g.dtype), tree)
+
+  def update(updates, state, params=None):
+    del params
+    return {name: clip(tree) for name, tree in updates.items()}, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, dict]:
+  """Per-generator clipping, then AdamW with one learning rate for ``params['base']``
+  (``base_lr_scale``) and one for ``params['residual']``; generators the stage does not train
+  get no update. Returns the transformation and the two schedules (for logging)."""
+  t = config.train
+  schedules = {"base": learning_rate_schedule(config, base_lr_scale(config)),
+               "residual": learning_rate_schedule(config, 1.0)}
+  trainable = trainable_generators(config)
+  transforms = {name: optax.adamw(schedules[name], b1=0.9, b2=0.999, weight_decay=t.weight_decay)
+                if name in trainable else optax.set_to_zero() for name in GENERATORS}
+  labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}  # noqa: E731
+  tx = optax.chain(clip_each_by_global_norm(t.grad_clip), optax.multi_transform(transforms, labels))
+  return tx, schedules
