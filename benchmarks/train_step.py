@@ -24,6 +24,7 @@ _CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent compilation ca
 
 def main(argv):
   del argv
+  from videofusion_jax.training.optimizer import trainable_generators
   from videofusion_jax.training.step import Trainer
 
   if _CACHE.value:
@@ -51,7 +52,8 @@ def main(argv):
   step_s = (time.time() - t1) / _STEPS.value
   out = {
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-      "batch": b, "frames": d.num_frames, "size": d.image_size,
+      "batch": b, "frames": d.num_frames, "size": d.image_size, "stage": c.train.stage,
+      "trainable": list(trainable_generators(c)),
       "params_base": trainer.num_params["base"], "params_residual": trainer.num_params["residual"],
       "compile_and_first_step_s": round(compile_s, 2), "step_ms": round(1000 * step_s, 2),
       "clips_per_s": round(b / step_s, 2), "xla_flops_per_step": flops,

@@ -1,19 +1,16 @@
 """Sampling from a checkpoint, the written files, and the demo's figures."""
-import functools
 import json
 
 import imageio.v3 as iio
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
 from test_training import batches
 
-from videofusion_jax import diffusion, sampling
+from videofusion_jax import sampling
 from videofusion_jax.evaluation.demo_metrics import coherence, label_accuracy
 from videofusion_jax.experiment import Experiment
-from videofusion_jax.models.factory import make_apply_fns
 from videofusion_jax.training.loop import train
 from videofusion_jax.training.step import Trainer
 
@@ -39,12 +36,12 @@ def trained(tmp_path_factory, tfds_dir):
   workdir = tmp_path_factory.mktemp("run")
   trainer = Trainer(config)
   train(config, workdir, iter(batches(config, 2)), trainer=trainer, verbose=False)
-  return config, workdir
+  return config, workdir, trainer
 
 
 def test_sample_mode_writes_videos_grid_and_figures(trained):
-  config, workdir = trained
-  results = sampling.run(config, str(workdir))
+  config, workdir, trainer = trained
+  results = sampling.run(config, str(workdir), experiment=trainer)
   out = workdir / "samples" / "step_2"
   mp4s = sorted(out.glob("sample_*.mp4"))
   assert [p.name for p in mp4s] == ["sample_000_label0.mp4", "sample_001_label1.mp4", "sample_002_label2.mp4"]
@@ -60,8 +57,7 @@ def test_sample_mode_writes_videos_grid_and_figures(trained):
 
 
 def test_samples_are_reproducible_from_the_seed(trained):
-  config, workdir = trained
-  trainer = Trainer(config)
+  config, workdir, trainer = trained
   params = trainer.init_state(0).params
   params = jax.tree.map(lambda p: p + 0.05, params)
   labels = np.array([0, 1, 2], np.int32)
@@ -73,22 +69,17 @@ def test_samples_are_reproducible_from_the_seed(trained):
   assert a.shape == (3, 4, 8, 8, 3) and np.abs(a).max() <= 1.0
 
 
-def test_guided_sampling_at_scale_one_and_zero(trained, tfds_dir):
-  """Guidance over the whole estimate: s = 1 samples as the conditional model does, s = 0 as the
-  model given the null label does (the sampler's doubled batch, through --mode=sample's path)."""
-  config, _ = trained
-  plain = Experiment(config)
-  params = jax.tree.map(lambda p: p + 0.05, plain.init_state(0).params)
+def test_guided_sampling_at_scale_zero_is_null_conditioned_sampling(trained, tfds_dir):
+  """Guidance over the whole estimate through --mode=sample's path (the doubled batch): s = 0
+  samples exactly as the model given the null label does. (s = 1 against the conditional
+  estimate, and the mixing at other scales: test_training.test_guidance_mixes_whole_decomposed_estimates.)"""
+  config, _, trainer = trained
+  params = jax.tree.map(lambda p: p + 0.05, trainer.init_state(0).params)
   labels = np.array([0, 1, 2], np.int32)
   null = np.full(3, config.data.num_classes, np.int32)
   zero = Experiment(tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 2, "sample.guidance_scale": 0.0}))
-  assert sampling.guided(zero.config) and not sampling.guided(plain.config)
-  np.testing.assert_allclose(sampling.generate_videos(zero, params, 3, seed=1, labels=labels),
-                             sampling.generate_videos(plain, params, 3, seed=1, labels=null), atol=1e-5)
-  shape = (3, config.data.num_frames, config.data.image_size, config.data.image_size, 3)
-  doubled = make_apply_fns(plain.networks, params, jnp.asarray(np.concatenate([labels, null])))
-  cond = make_apply_fns(plain.networks, params, jnp.asarray(labels))
-  run = functools.partial(diffusion.sample, rng=jax.random.PRNGKey(3), shape=shape, lambdas=plain.lambdas,
-                          schedule=plain.schedule, num_steps=5, eta=1.0)
-  one, conditional = jax.jit(lambda: (run(*doubled, guidance_scale=1.0), run(*cond)))()
-  np.testing.assert_allclose(one, conditional, atol=1e-5)
+  assert sampling.guided(zero.config) and not sampling.guided(trainer.config)
+  guided = sampling.generate_videos(zero, params, 3, seed=1, labels=labels)
+  np.testing.assert_allclose(guided, sampling.generate_videos(trainer, params, 3, seed=1, labels=null), atol=1e-4)
+  # Control: the labelled samples are far from the null-conditioned ones.
+  assert np.abs(guided - sampling.generate_videos(trainer, params, 3, seed=1, labels=labels)).max() > 1e-2
