@@ -9,25 +9,54 @@ from conftest import tiny_config
 from test_training import batches
 
 from videofusion_jax import sampling
-from videofusion_jax.evaluation.demo_metrics import coherence, label_accuracy
+from videofusion_jax.evaluation.demo_metrics import all_frame_accuracy, demo_figures, key_frame_distance, motion
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.training.loop import train
 from videofusion_jax.training.step import Trainer
 
 
-def test_label_accuracy_and_coherence_against_brute_force():
+def _real_clips(rng):
+  """Nine fabricated clips of 5 frames, three per label, each a slow drift of its own picture."""
+  start = rng.uniform(-1, 1, (9, 1, 4, 4, 3))
+  drift = np.linspace(0, 0.2, 5)[None, :, None, None, None] * rng.uniform(-1, 1, (9, 1, 4, 4, 3))
+  return np.clip(start + drift, -1, 1), np.repeat(np.arange(3), 3)
+
+
+def test_demo_figures_cannot_be_won_by_a_trivial_output():
   rng = np.random.default_rng(0)
-  real = rng.uniform(-1, 1, (9, 3, 4, 4, 3))
-  real_labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
-  samples = real[[0, 4, 8, 1]] + 0.01 * rng.normal(size=(4, 3, 4, 4, 3))
-  labels = np.array([0, 1, 1, 0])
-  # brute force: nearest real key frame (frame 1) by L2
-  hits = [real_labels[np.argmin([np.sum((s[1] - r[1]) ** 2) for r in real])] == lab
+  real, real_labels = _real_clips(rng)
+  # A copy of the real clips: every frame is found in its own clip, and the motion is the real one.
+  copy = demo_figures(real, real_labels, real, real_labels)
+  assert copy["all_frame_accuracy"] == 1.0
+  assert copy["motion_ratio"] == pytest.approx(1.0) and copy["key_distance_ratio"] == pytest.approx(1.0)
+  # A frozen video (the real key frame held for every frame) has no motion at all.
+  frozen = np.repeat(real[:, 2:3], 5, axis=1)
+  figures = demo_figures(frozen, real_labels, real, real_labels)
+  assert figures["motion_ratio"] == 0.0 and figures["key_distance_ratio"] == 0.0
+  # Frames drawn from another label's clip score 0, whatever their motion.
+  wrong = demo_figures(real, (real_labels + 1) % 3, real, real_labels)
+  assert wrong["all_frame_accuracy"] == 0.0 and wrong["motion_ratio"] == pytest.approx(1.0)
+  # A memorised key frame with noise elsewhere (what the old key-frame-only figure scored 100%).
+  noisy = rng.uniform(-1, 1, real.shape)
+  noisy[:, 2] = real[:, 2]
+  assert demo_figures(noisy, real_labels, real, real_labels)["all_frame_accuracy"] < 0.7
+  assert set(copy["per_sample"]) == {"motion", "key_distance", "all_frame_accuracy", "label"}
+  assert len(copy["per_sample"]["all_frame_accuracy"]) == 9
+
+
+def test_demo_figures_against_brute_force():
+  rng = np.random.default_rng(1)
+  real, real_labels = _real_clips(rng)
+  samples = rng.uniform(-1, 1, (4, 5, 4, 4, 3))
+  labels = np.array([0, 1, 2, 0])
+  pool = [(r[f], lab) for r, lab in zip(real, real_labels) for f in range(5)]
+  hits = [[pool[int(np.argmin([np.sum((s[f] - p) ** 2) for p, _ in pool]))][1] == lab for f in range(5)]
           for s, lab in zip(samples, labels)]
-  assert label_accuracy(samples, labels, real, real_labels) == pytest.approx(np.mean(hits)) == 0.75
-  v = rng.uniform(-1, 1, (2, 5, 4, 4, 3))
-  expected = np.mean([np.abs(v[b, i + 1] - v[b, i]).mean() for b in range(2) for i in range(4)])
-  assert coherence(v) == pytest.approx(expected)
+  np.testing.assert_allclose(all_frame_accuracy(samples, labels, real, real_labels), np.mean(hits, axis=1))
+  expected = [np.mean([np.abs(v[i + 1] - v[i]).mean() for i in range(4)]) for v in samples]
+  np.testing.assert_allclose(motion(samples), expected)
+  expected = [np.mean([np.abs(v[i] - v[2]).mean() for i in (0, 1, 3, 4)]) for v in samples]
+  np.testing.assert_allclose(key_frame_distance(samples), expected)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +79,13 @@ def test_sample_mode_writes_videos_grid_and_figures(trained):
   grid = iio.imread(out / "grid.png")
   assert grid.shape == (3 * 9 + 1, 4 * 9 + 1, 3)
   saved = json.loads((out / "results.json").read_text())
-  assert saved == results and 0.0 <= results["label_accuracy"] <= 1.0
-  assert results["coherence_real"] > 0
-  videos = np.load(out / "samples.npz")["videos"]
-  assert results["coherence_generated"] == pytest.approx(coherence(videos))
+  assert saved == results and 0.0 <= results["all_frame_accuracy"] <= 1.0
+  assert results["motion_real"] > 0
+  npz = np.load(out / "samples.npz")
+  videos = npz["videos"]
+  assert np.abs(videos).max() <= 1.0 and npz["labels"].tolist() == [0, 1, 2]
+  assert results["motion_generated"] == pytest.approx(motion(videos).mean())
+  assert results["per_sample"]["label"] == [0, 1, 2] and len(results["per_sample"]["motion"]) == 3
 
 
 def test_samples_are_reproducible_from_the_seed(trained):
