@@ -214,3 +214,30 @@ def test_joint_loss_matches_formula_and_is_zero_for_oracle():
   np.testing.assert_allclose(terms["loss_key"], key, rtol=1e-5)
   np.testing.assert_allclose(terms["loss_residual"], res, rtol=1e-5)
   np.testing.assert_allclose(loss, (key + 3 * res) / 4, rtol=1e-5)
+
+
+def test_key_frame_input_is_the_base_estimate_of_the_clean_key_frame():
+  """With key_frame_input the residual generator receives x̂^k = (z^k - √(1-ᾱ) b̂) / √ᾱ, clipped;
+  an oracle base makes it the clean key frame, and any base gives the NumPy formula."""
+  schedule = d.make_schedule("cosine", 1000)
+  lambdas = d.frame_lambdas(4, 0.5)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(11))
+  x0 = jax.random.uniform(k1, (3, 4, 4, 4, 3), minval=-1, maxval=1)
+  noise = d.decomposed_noise(k2, x0.shape, lambdas)
+  t = jnp.array([5, 300, 990])
+  z = d.q_sample(x0, t, noise, schedule)
+  base_fn, oracle_residual = _oracle(x0, lambdas, schedule)
+  seen = {}
+
+  def residual_fn(z_prime, tt, frame_index, key_x0):
+    seen["x0"] = key_x0
+    return oracle_residual(z_prime, tt, frame_index)
+
+  eps, _, _ = d.decomposed_eps(base_fn, residual_fn, z, t, lambdas, schedule, key_frame_input=True)
+  np.testing.assert_allclose(seen["x0"], x0[:, 2], atol=1e-4)
+  np.testing.assert_allclose(eps, noise, atol=1e-3)  # the estimate itself is unchanged by the extra input
+  a = np.asarray(schedule.alphas_cumprod)[np.asarray(t)][:, None, None, None]
+  wrong = lambda zk, tt: jnp.full_like(zk, 0.7)  # noqa: E731
+  d.decomposed_eps(wrong, residual_fn, z, t, lambdas, schedule, key_frame_input=True)
+  expected = np.clip((np.asarray(z[:, 2]) - np.sqrt(1 - a) * 0.7) / np.sqrt(a), -1, 1)
+  np.testing.assert_allclose(seen["x0"], expected, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
 """Training: stop-gradient, two learning rates, sharding, checkpoints, resume, NaN handling."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +71,46 @@ def test_stop_gradient_isolates_the_base_generator(trainer):
   assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_key["residual"]))
   # Control: without the stop-gradient the residual term does reach the base parameters.
   assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_ctrl["base"])) > 0
+
+
+def test_key_frame_input_carries_no_gradient_to_the_base():
+  """model.key_frame_input: the residual generator reads x̂^k from the stop-gradient base estimate,
+  so the residual term of eq. 12 still gives the base parameters zero gradient. Control: x̂^k built
+  from the base estimate without stop-gradient does reach them."""
+  from videofusion_jax.models.factory import init_params, make_networks
+
+  c = tiny_config(**{"model.key_frame_input": True})
+  networks = make_networks(c)
+  params = nn.unbox(init_params(networks, c, jax.random.PRNGKey(0)))
+  params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), params)
+  assert params["residual"]["conv_in"]["kernel"].shape[2] == 6  # z' and x̂^k
+  lambdas = diffusion.frame_lambdas(c.data.num_frames, c.diffusion.lam)
+  schedule = diffusion.make_schedule(c.diffusion.schedule, c.diffusion.num_timesteps)
+  b = batches(c, 1)[0]
+  x0, label = jnp.asarray(b["video"]), jnp.asarray(b["label"])
+  t = jnp.array([10, 200, 400, 600, 800, 900, 950, 999])
+  noise = diffusion.decomposed_noise(jax.random.PRNGKey(0), x0.shape, lambdas)
+  idx = diffusion.non_key_frames(c.data.num_frames)
+
+  def residual_term(p):
+    base_fn, residual_fn = make_apply_fns(networks, p, label)
+    return diffusion.joint_loss(base_fn, residual_fn, x0, t, noise, lambdas, schedule, key_frame_input=True)[1][
+        "loss_residual"]
+
+  def residual_term_x0_without_sg(p):
+    base_fn, residual_fn = make_apply_fns(networks, p, label)
+    z = diffusion.q_sample(x0, t, noise, schedule)
+    base_eps = base_fn(z[:, 2], t)
+    z_prime = diffusion.remove_base_noise(z, jax.lax.stop_gradient(base_eps), t, lambdas, schedule)
+    r = residual_fn(z_prime[:, idx], t, idx, diffusion.key_frame_x0(z[:, 2], base_eps, t, schedule))
+    lam = lambdas[idx][None, :, None, None, None]
+    return jnp.mean(jnp.square(noise[:, idx] - jnp.sqrt(lam) * jax.lax.stop_gradient(base_eps)[:, None]
+                               - jnp.sqrt(1 - lam) * r))
+
+  g, g_ctrl = jax.jit(lambda p: (jax.grad(residual_term)(p), jax.grad(residual_term_x0_without_sg)(p)))(params)
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g["base"]))
+  assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g["residual"])) > 0
+  assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g_ctrl["base"])) > 0
 
 
 def test_two_learning_rates_and_metrics(trainer):

@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute
   c.model.param_dtype = "float32"
   c.model.attention_implementation = ""  # '' lets XLA choose; 'cudnn' on GPUs.
+  # Beyond the paper: the residual generator also reads the base generator's current estimate of
+  # the clean key frame (stop-gradient), so that each frame is denoised as a change of it.
+  c.model.key_frame_input = False
 
   c.train = ml_collections.ConfigDict(dict(
       stage="video",  # 'image': the base generator alone on single frames.

@@ -54,7 +54,8 @@ def make_generate_fn(experiment: Experiment):
     batch = c.sample.batch_size
     return diffusion.sample(base_fn, residual_fn, rng, (batch,) + shape_tail, experiment.lambdas,
                             experiment.schedule, method=c.sample.method, num_steps=c.sample.num_steps,
-                            eta=c.sample.eta, clip_x0=c.sample.clip_x0, guidance_scale=scale)
+                            eta=c.sample.eta, clip_x0=c.sample.clip_x0, guidance_scale=scale,
+                            key_frame_input=c.model.key_frame_input)
 
   # Shard the batch over the mesh when it divides evenly; otherwise one device does it all.
   divides = c.sample.batch_size % experiment.mesh.devices.size == 0

@@ -126,8 +126,16 @@ def insert_key_frame(others: jnp.ndarray, key: jnp.ndarray) -> jnp.ndarray:
   return jnp.concatenate([others[:, :k], key[:, None], others[:, k:]], axis=1)
 
 
+def key_frame_x0(z_key: jnp.ndarray, base_eps: jnp.ndarray, t: jnp.ndarray, schedule: Schedule) -> jnp.ndarray:
+  """The base generator's estimate of the clean key frame, ``x̂^k = (z^k - √(1-ᾱ_t) b̂) / √ᾱ_t``
+  (eq. 9 solved for ``x^k``), clipped to the data range [-1, 1]. ``(B, H, W, C)``."""
+  chex.assert_equal_shape([z_key, base_eps])
+  a = per_example(schedule.alphas_cumprod, t, z_key.ndim)
+  return jnp.clip((z_key - jnp.sqrt(1.0 - a) * base_eps) / jnp.sqrt(a), -1.0, 1.0)
+
+
 def decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambdas: jnp.ndarray,
-                   schedule: Schedule, stop_base_gradient: bool = False):
+                   schedule: Schedule, stop_base_gradient: bool = False, key_frame_input: bool = False):
   """Eqs. (10) and (11) together: the noise estimate of every frame from the two networks.
 
   ``base_fn(z_key (B, H, W, C), t (B,)) -> (B, H, W, C)`` predicts ``b_t`` from the key frame;
@@ -136,6 +144,11 @@ def decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambd
   residual_eps)`` with ``eps_hat`` of shape ``(B, N, H, W, C)``. With
   ``stop_base_gradient`` the base estimate enters eqs. (10)-(11) through
   ``jax.lax.stop_gradient`` (the sg of eq. 12).
+
+  ``key_frame_input`` (beyond the paper): the residual generator also receives the base
+  generator's current estimate of the clean key frame, ``residual_fn(z', t, i, x̂^k (B, H, W, C))``,
+  built from the same (stop-gradient, when asked) base estimate as ``z'``, so that each frame is
+  denoised as a change of the key frame.
   """
   chex.assert_rank(z_t, 5)
   num_frames = z_t.shape[1]
@@ -144,6 +157,9 @@ def decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambd
   used_base = jax.lax.stop_gradient(base_eps) if stop_base_gradient else base_eps
   z_prime = remove_base_noise(z_t, used_base, t, lambdas, schedule)
   idx = non_key_frames(num_frames)
-  residual_others = residual_fn(z_prime[:, idx], t, idx)
+  if key_frame_input:
+    residual_others = residual_fn(z_prime[:, idx], t, idx, key_frame_x0(z_t[:, k], used_base, t, schedule))
+  else:
+    residual_others = residual_fn(z_prime[:, idx], t, idx)
   residual_eps = insert_key_frame(residual_others, jnp.zeros_like(base_eps))
   return combine_noise(used_base, residual_eps, lambdas), base_eps, residual_eps

@@ -91,13 +91,14 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas: jnp.ndarray,
            schedule: Schedule, method: str = "ddim", num_steps: int = 50, eta: float = 0.0,
            clip_x0: bool = True, initial_noise: jnp.ndarray | None = None,
-           guidance_scale: float | None = None) -> jnp.ndarray:
+           guidance_scale: float | None = None, key_frame_input: bool = False) -> jnp.ndarray:
   """Generates videos ``(B, N, H, W, C)`` from decomposed noise ``z_T`` (eq. 7 at t = T).
 
   ``base_fn``, ``residual_fn`` as in ``decomposed_eps``; ``method`` is ``ddim`` (``num_steps``,
   ``eta``) or ``ddpm`` (all T steps). With ``guidance_scale`` the networks take the doubled
   batch of ``guided_decomposed_eps`` (conditioned rows, then null-conditioned rows) and each
-  step uses the guided estimate. Jit-compatible: the chain is a ``lax.scan``.
+  step uses the guided estimate. ``key_frame_input`` as in ``decomposed_eps``. Jit-compatible:
+  the chain is a ``lax.scan``.
   """
   if method == "ddim":
     ts = ddim_timesteps(schedule.num_timesteps, num_steps)
@@ -114,9 +115,11 @@ def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas
     t, t_prev, step_rng = inputs
     tb = jnp.full((batch,), t, jnp.int32)
     if guidance_scale is None:
-      eps_hat, _, _ = decomposed_eps(base_fn, residual_fn, z, tb, lambdas, schedule)
+      eps_hat, _, _ = decomposed_eps(base_fn, residual_fn, z, tb, lambdas, schedule,
+                                     key_frame_input=key_frame_input)
     else:
-      eps_hat = guided_decomposed_eps(base_fn, residual_fn, z, tb, lambdas, schedule, guidance_scale)
+      eps_hat = guided_decomposed_eps(base_fn, residual_fn, z, tb, lambdas, schedule, guidance_scale,
+                                      key_frame_input=key_frame_input)
     eps_hat = eps_hat.astype(jnp.float32)
     if method == "ddim":
       z = ddim_step(z, eps_hat, tb, jnp.full((batch,), t_prev, jnp.int32), step_rng, lambdas,

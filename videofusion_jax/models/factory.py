@@ -38,9 +38,11 @@ def init_params(networks: dict[str, UNet], config: ml_collections.ConfigDict, rn
   t = jnp.zeros((1,), jnp.int32)
   label = jnp.zeros((1,), jnp.int32) if config.data.num_classes else None
   base_rng, residual_rng = jax.random.split(rng)
+  # With model.key_frame_input the residual generator reads x̂^k as 3 more input channels.
+  x_residual = jnp.concatenate([x, x], axis=-1) if config.model.key_frame_input else x
   return {
       "base": networks["base"].init(base_rng, x, t, label)["params"],
-      "residual": networks["residual"].init(residual_rng, x, t, label, jnp.zeros((1,), jnp.int32))["params"],
+      "residual": networks["residual"].init(residual_rng, x_residual, t, label, jnp.zeros((1,), jnp.int32))["params"],
   }
 
 
@@ -55,7 +57,7 @@ def count_params(params) -> int:
 
 def make_apply_fns(networks: dict[str, UNet], params, label: jnp.ndarray | None,
                    train: bool = False, rng: jax.Array | None = None) -> tuple[Callable, Callable]:
-  """Closures ``base_fn(z_key, t)`` and ``residual_fn(z', t, frame_index)`` for ``diffusion``.
+  """Closures ``base_fn(z_key, t)`` and ``residual_fn(z', t, frame_index[, key_x0])`` for ``diffusion``.
 
   Both networks get the same conditioning ``label`` ``(B,)`` (None if unconditional; the null
   label of classifier-free guidance is ``num_classes``). Guidance is not done here: it mixes
@@ -73,11 +75,13 @@ def make_apply_fns(networks: dict[str, UNet], params, label: jnp.ndarray | None,
   def base_fn(z_key, t):
     return run("base", z_key, t, label, None)
 
-  def residual_fn(z_prime, t, frame_index):
+  def residual_fn(z_prime, t, frame_index, key_x0=None):
     b, m = z_prime.shape[:2]
+    if key_x0 is not None:  # model.key_frame_input: x̂^k beside each frame's z', as input channels
+      z_prime = jnp.concatenate([z_prime, jnp.broadcast_to(key_x0[:, None], z_prime.shape)], axis=-1)
     flat = z_prime.reshape((b * m,) + z_prime.shape[2:])
     lab = None if label is None else jnp.repeat(label, m)
     out = run("residual", flat, jnp.repeat(t, m), lab, jnp.tile(frame_index, b))
-    return out.reshape(z_prime.shape)
+    return out.reshape(z_prime.shape[:-1] + out.shape[-1:])
 
   return base_fn, residual_fn

@@ -40,7 +40,8 @@ def loss_fn(params, networks, config, batch, rng, lambdas, schedule):
     loss = diffusion.image_loss(base_fn, x0, t, jax.random.normal(n_rng, x0.shape), schedule)
     return loss, {"loss_key": loss, "loss_residual": jnp.zeros(())}
   noise = diffusion.decomposed_noise(n_rng, video.shape, lambdas)
-  return diffusion.joint_loss(base_fn, residual_fn, video, t, noise, lambdas, schedule)
+  return diffusion.joint_loss(base_fn, residual_fn, video, t, noise, lambdas, schedule,
+                              key_frame_input=config.model.key_frame_input)
 
 
 def train_step(state: TrainState, batch, *, networks, config, tx, schedules, lambdas, schedule):
