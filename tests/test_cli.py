@@ -17,6 +17,8 @@ def run_main(*args, workdir):
     ("--config.diffusion.lam=1.5", "config.diffusion.lam=1.5: λ is the base-noise share"),
     ("--config.data.num_frames=1", "config.data.num_frames=1: VideoFusion needs at least 2"),
     ("--config.data.image_size=17", "image size 17 cannot be downsampled"),
+    ("--config.sample.guidance_scale=-1", "config.sample.guidance_scale=-1.0: must be >= 0"),
+    ("--config.model.base.head_dim=40", "config.model.base.head_dim=40: attention over 96 channels"),
 ])
 def test_bad_config_values(override, message, tmp_path):
   r = run_main("--config=configs/demo.py", override, workdir=tmp_path)
