@@ -35,3 +35,21 @@ def test_missing_dataset_and_missing_checkpoint(tmp_path):
   assert "crcv.ucf.edu" in r.stderr and "--config.data.manual_dir" in r.stderr
   r = run_main("--config=configs/demo.py", "--mode=sample", workdir=tmp_path / "empty")
   assert r.returncode == 1 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_persistent_compilation_cache(tmp_path):
+  """config.compilation_cache_dir: compiled programs land there (so a rerun loads them); an
+  unusable path is a config error naming the field."""
+  code = ("import jax, jax.numpy as jnp\n"
+          "from videofusion_jax.experiment import enable_compilation_cache\n"
+          f"print(enable_compilation_cache({str(tmp_path / 'cache')!r}))\n"
+          "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+          "print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).sum()))\n")
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.splitlines()[0] == str(tmp_path / "cache")
+  assert any(p.name.endswith("-cache") for p in (tmp_path / "cache").iterdir())
+  (tmp_path / "a_file").write_text("")
+  r = run_main("--config=configs/demo.py", f"--config.compilation_cache_dir={tmp_path / 'a_file' / 'x'}",
+               workdir=tmp_path / "w")
+  assert r.returncode == 1 and "config.compilation_cache_dir=" in r.stderr and "Traceback" not in r.stderr

@@ -27,6 +27,9 @@ def unet_config(**overrides) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # XLA's persistent compilation cache, for every mode: a rerun (or a resumed run) loads its
+  # compiled step and sampler instead of compiling them again. '' turns it off.
+  c.compilation_cache_dir = "~/.cache/videofusion_jax/xla"
 
   c.data = ml_collections.ConfigDict(dict(
       # name: a builder of videofusion_jax.data.builders, '/<stored short side>' optional (ucf101/64).

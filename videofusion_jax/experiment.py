@@ -3,6 +3,7 @@ networks, noise schedule, per-frame λs, optimizer, mesh, every sharding, the ab
 and restoring a checkpoint onto this mesh."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import flax.linen as nn
@@ -17,6 +18,21 @@ from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.optimizer import make_optimizer
 from videofusion_jax.training.state import TrainState
+
+
+def enable_compilation_cache(directory: str) -> str | None:
+  """Turns on XLA's persistent compilation cache in ``directory`` (created if missing); ''
+  leaves it off. Call before anything is compiled. Returns the absolute path used, or None."""
+  if not directory:
+    return None
+  path = os.path.abspath(os.path.expanduser(directory))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"config.compilation_cache_dir={directory!r}: cannot create {path} ({e.strerror}); "
+                      "pass a writable folder, or '' to turn the cache off.") from None
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
 
 
 class Experiment:

@@ -34,6 +34,8 @@ def main(argv) -> None:
     jax.distributed.initialize()
   config = _CONFIG.value
   try:
+    from videofusion_jax.experiment import enable_compilation_cache
+    enable_compilation_cache(config.compilation_cache_dir)
     # One experiment per run (it validates the config), shared by the modes the run performs.
     if _MODE.value in ("train", "train_and_sample"):
       from videofusion_jax.training.loop import train
