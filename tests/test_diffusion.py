@@ -195,12 +195,17 @@ def test_oracle_sampler_recovers_x0(method, steps):
   assert not np.allclose(d.decomposed_noise(jax.random.PRNGKey(9), x0.shape, lambdas), x0, atol=0.5)
 
 
-def test_joint_loss_matches_formula_and_is_zero_for_oracle():
+def _clips_and_noise(seed):
+  """A cosine schedule, λ = 0.5 over 4 frames, three random clips and their decomposed noise."""
   schedule = d.make_schedule("cosine", 1000)
   lambdas = d.frame_lambdas(4, 0.5)
-  k1, k2 = jax.random.split(jax.random.PRNGKey(6))
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
   x0 = jax.random.uniform(k1, (3, 4, 4, 4, 3), minval=-1, maxval=1)
-  noise = d.decomposed_noise(k2, x0.shape, lambdas)
+  return schedule, lambdas, x0, d.decomposed_noise(k2, x0.shape, lambdas)
+
+
+def test_joint_loss_matches_formula_and_is_zero_for_oracle():
+  schedule, lambdas, x0, noise = _clips_and_noise(6)
   t = jnp.array([5, 300, 999])
   base_fn, residual_fn = _oracle(x0, lambdas, schedule)
   loss, terms = d.joint_loss(base_fn, residual_fn, x0, t, noise, lambdas, schedule)
@@ -219,11 +224,7 @@ def test_joint_loss_matches_formula_and_is_zero_for_oracle():
 def test_key_frame_input_is_the_base_estimate_of_the_clean_key_frame():
   """With key_frame_input the residual generator receives x̂^k = (z^k - √(1-ᾱ) b̂) / √ᾱ, clipped;
   an oracle base makes it the clean key frame, and any base gives the NumPy formula."""
-  schedule = d.make_schedule("cosine", 1000)
-  lambdas = d.frame_lambdas(4, 0.5)
-  k1, k2 = jax.random.split(jax.random.PRNGKey(11))
-  x0 = jax.random.uniform(k1, (3, 4, 4, 4, 3), minval=-1, maxval=1)
-  noise = d.decomposed_noise(k2, x0.shape, lambdas)
+  schedule, lambdas, x0, noise = _clips_and_noise(11)
   t = jnp.array([5, 300, 990])
   z = d.q_sample(x0, t, noise, schedule)
   base_fn, oracle_residual = _oracle(x0, lambdas, schedule)

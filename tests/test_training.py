@@ -36,6 +36,12 @@ def trainer():
   return Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
 
 
+def abstract_batch(experiment, config):
+  """Shapes, dtypes and the batch sharding of one batch, for lowering a step without data."""
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=experiment.batch_sharding)
+          for k, v in batches(config, 1)[0].items()}
+
+
 def _allclose_trees(a, b, atol=1e-6):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
@@ -102,7 +108,7 @@ def test_key_frame_input_carries_no_gradient_to_the_base():
     z = diffusion.q_sample(x0, t, noise, schedule)
     base_eps = base_fn(z[:, 2], t)
     z_prime = diffusion.remove_base_noise(z, jax.lax.stop_gradient(base_eps), t, lambdas, schedule)
-    r = residual_fn(z_prime[:, idx], t, idx, diffusion.key_frame_x0(z[:, 2], base_eps, t, schedule))
+    r = residual_fn(z_prime[:, idx], t, idx, diffusion.predict_x0(z[:, 2], base_eps, t, schedule, clip_x0=True))
     lam = lambdas[idx][None, :, None, None, None]
     return jnp.mean(jnp.square(noise[:, idx] - jnp.sqrt(lam) * jax.lax.stop_gradient(base_eps)[:, None]
                                - jnp.sqrt(1 - lam) * r))
@@ -153,8 +159,7 @@ def test_sharded_step_matches_single_device(trainer):
   assert kernel.spec[-1] == "fsdp"  # FSDP really splits the weights
   assert sharded.batch_sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))  # from the rule table's 'batch'
   # The U-Net's activations are constrained to the batch split inside the step.
-  lowered = sharded.step.lower(sharded.abstract_state(), {
-      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharded.batch_sharding) for k, v in batches(c, 1)[0].items()})
+  lowered = sharded.step.lower(sharded.abstract_state(), abstract_batch(sharded, c))
   assert lowered.as_text().count('sharding_constraint') >= 10
   b = batches(c, 1)[0]
   s1, m1 = sharded.step(sharded.init_state(0), sharded.global_batch(b))
@@ -350,10 +355,7 @@ def test_frozen_base_costs_no_backward_pass(trainer):
   frozen = Trainer(tiny_config(**{"train.freeze_base": True}), mesh=trainer.mesh)
 
   def flops(t):
-    state = t.abstract_state()
-    b = batches(t.config, 1)[0]
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=t.batch_sharding) for k, v in b.items()}
-    cost = t.step.lower(state, batch).compile().cost_analysis()
+    cost = t.step.lower(t.abstract_state(), abstract_batch(t, t.config)).compile().cost_analysis()
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
   joint, only_residual = flops(trainer), flops(frozen)

@@ -124,7 +124,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.lr_decay={t.lr_decay!r}: use 'constant' or 'cosine'.")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ConfigError(f"config.train.ema_decay={t.ema_decay}: must lie in [0, 1).")
-  if not 0.0 <= t.base_lr_scale:
+  if t.base_lr_scale < 0:
     raise ConfigError(f"config.train.base_lr_scale={t.base_lr_scale}: must be >= 0 (the base generator's "
                       "learning rate is learning_rate x base_lr_scale in the video stage).")
   if t.grad_clip <= 0:

@@ -155,4 +155,4 @@ def _demo_figures(config, videos, labels) -> dict:
   if config.data.name != "demo_clips":
     return {}
   real = pipeline.eval_clips(config, config.sample.num_real_clips)
-  return demo_figures(videos, labels, real["video"], real["label"] if labels is not None else None)
+  return demo_figures(videos, labels, real["video"], real["label"])

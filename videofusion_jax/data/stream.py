@@ -5,7 +5,9 @@ module says what the position means across restarts. No TensorFlow here.
 """
 from __future__ import annotations
 
+import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 
 def stream_identity(config: ml_collections.ConfigDict, process_count: int, local_batch_size: int) -> dict:
@@ -32,10 +34,7 @@ def resume_position(saved: dict | None, stream: dict, step: int) -> int:
 
 def prepare_dataset(config: ml_collections.ConfigDict) -> None:
   """Builds the TFDS dataset from the raw files if needed: on host 0 only, the others wait."""
-  import jax
-  from jax.experimental import multihost_utils
-
-  from videofusion_jax.data import pipeline
+  from videofusion_jax.data import pipeline  # imports TensorFlow when it builds
 
   # The other hosts only check, so that a missing dataset stops each with its message, not at the barrier.
   pipeline.get_builder(config.data, build=jax.process_index() == 0)

@@ -90,6 +90,14 @@ def q_sample(x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray, schedule: Sche
   return a * x0 + s * noise
 
 
+def predict_x0(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, schedule: Schedule,
+               clip_x0: bool = False) -> jnp.ndarray:
+  """``x̂0 = (z_t - √(1-ᾱ_t) ε̂) / √ᾱ_t``, optionally clipped to the data range [-1, 1]."""
+  a = per_example(schedule.alphas_cumprod, t, z_t.ndim)
+  x0 = (z_t - jnp.sqrt(1.0 - a) * eps_hat) / jnp.sqrt(a)
+  return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
+
+
 def remove_base_noise(z_t: jnp.ndarray, base_eps: jnp.ndarray, t: jnp.ndarray,
                       lambdas: jnp.ndarray, schedule: Schedule) -> jnp.ndarray:
   """Eq. (10): ``z'^i_t = z^i_t - √λ^i √(1-ᾱ_t) b̂`` for every frame.
@@ -126,14 +134,6 @@ def insert_key_frame(others: jnp.ndarray, key: jnp.ndarray) -> jnp.ndarray:
   return jnp.concatenate([others[:, :k], key[:, None], others[:, k:]], axis=1)
 
 
-def key_frame_x0(z_key: jnp.ndarray, base_eps: jnp.ndarray, t: jnp.ndarray, schedule: Schedule) -> jnp.ndarray:
-  """The base generator's estimate of the clean key frame, ``x̂^k = (z^k - √(1-ᾱ_t) b̂) / √ᾱ_t``
-  (eq. 9 solved for ``x^k``), clipped to the data range [-1, 1]. ``(B, H, W, C)``."""
-  chex.assert_equal_shape([z_key, base_eps])
-  a = per_example(schedule.alphas_cumprod, t, z_key.ndim)
-  return jnp.clip((z_key - jnp.sqrt(1.0 - a) * base_eps) / jnp.sqrt(a), -1.0, 1.0)
-
-
 def decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambdas: jnp.ndarray,
                    schedule: Schedule, stop_base_gradient: bool = False, key_frame_input: bool = False):
   """Eqs. (10) and (11) together: the noise estimate of every frame from the two networks.
@@ -146,9 +146,9 @@ def decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambd
   ``jax.lax.stop_gradient`` (the sg of eq. 12).
 
   ``key_frame_input`` (beyond the paper): the residual generator also receives the base
-  generator's current estimate of the clean key frame, ``residual_fn(z', t, i, x̂^k (B, H, W, C))``,
-  built from the same (stop-gradient, when asked) base estimate as ``z'``, so that each frame is
-  denoised as a change of the key frame.
+  generator's current estimate of the clean key frame, ``residual_fn(z', t, i, x̂^k (B, H, W, C))``
+  with ``x̂^k = predict_x0(z^k, b̂, t)`` clipped to [-1, 1], built from the same (stop-gradient,
+  when asked) base estimate as ``z'``, so that each frame is denoised as a change of the key frame.
   """
   chex.assert_rank(z_t, 5)
   num_frames = z_t.shape[1]
@@ -158,7 +158,8 @@ def decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambd
   z_prime = remove_base_noise(z_t, used_base, t, lambdas, schedule)
   idx = non_key_frames(num_frames)
   if key_frame_input:
-    residual_others = residual_fn(z_prime[:, idx], t, idx, key_frame_x0(z_t[:, k], used_base, t, schedule))
+    key_x0 = predict_x0(z_t[:, k], used_base, t, schedule, clip_x0=True)
+    residual_others = residual_fn(z_prime[:, idx], t, idx, key_x0)
   else:
     residual_others = residual_fn(z_prime[:, idx], t, idx)
   residual_eps = insert_key_frame(residual_others, jnp.zeros_like(base_eps))

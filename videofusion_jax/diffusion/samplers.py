@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from videofusion_jax.diffusion.decomposition import decomposed_eps, decomposed_noise
+from videofusion_jax.diffusion.decomposition import decomposed_eps, decomposed_noise, predict_x0
 from videofusion_jax.diffusion.guidance import guided_decomposed_eps
 from videofusion_jax.diffusion.schedules import Schedule, per_example
 
@@ -23,14 +23,6 @@ def _alpha_bar(schedule: Schedule, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
   """``ᾱ_t`` with ``ᾱ_{-1} = 1``, broadcast for a rank-``ndim`` array."""
   t = jnp.asarray(t)
   return _broadcast(jnp.where(t < 0, 1.0, schedule.alphas_cumprod[jnp.maximum(t, 0)]), ndim)
-
-
-def predict_x0(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, schedule: Schedule,
-               clip_x0: bool = False) -> jnp.ndarray:
-  """``x̂0 = (z_t - √(1-ᾱ_t) ε̂) / √ᾱ_t``, optionally clipped to the data range [-1, 1]."""
-  a = per_example(schedule.alphas_cumprod, t, z_t.ndim)
-  x0 = (z_t - jnp.sqrt(1.0 - a) * eps_hat) / jnp.sqrt(a)
-  return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
 
 
 def ddim_step(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, t_prev: jnp.ndarray,

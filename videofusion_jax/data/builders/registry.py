@@ -14,18 +14,14 @@ from videofusion_jax.data import tensorflow
 from videofusion_jax.data.builders import demo_clips, sky_timelapse, taichi, ucf101, webvid
 from videofusion_jax.data.builders.common import MAX_NAMES_PRINTED, VideoBuilder, VideoConfig
 
-__all__ = ["BUILDERS", "FILE_FORMAT", "builder_classes", "prepare", "summarize"]
+__all__ = ["BUILDERS", "FILE_FORMAT", "prepare", "summarize"]
 
 FILE_FORMAT = "array_record"  # the pipeline reads records by index
 
 
-def builder_classes() -> dict[str, type[VideoBuilder]]:
-  """Dataset name -> builder class, in the order that error messages list them."""
-  classes = (demo_clips.DemoClips, ucf101.Ucf101, sky_timelapse.SkyTimelapse, taichi.TaiChi, webvid.WebVid)
-  return {cls.DATASET: cls for cls in classes}
-
-
-BUILDERS = builder_classes()
+# Dataset name -> builder class, in the order that error messages list them.
+BUILDERS: dict[str, type[VideoBuilder]] = {cls.DATASET: cls for cls in (
+    demo_clips.DemoClips, ucf101.Ucf101, sky_timelapse.SkyTimelapse, taichi.TaiChi, webvid.WebVid)}
 
 
 def _make_builder(cls: type[VideoBuilder], data_dir: str, config: str | VideoConfig | None) -> VideoBuilder:
