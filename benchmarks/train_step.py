@@ -24,7 +24,7 @@ _CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent compilation ca
 
 def main(argv):
   del argv
-  from videofusion_jax.training.optimizer import trainable_generators
+  from videofusion_jax.training.optimizer import trainable_networks
   from videofusion_jax.training.step import Trainer
 
   if _CACHE.value:
@@ -53,7 +53,7 @@ def main(argv):
   out = {
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "batch": b, "frames": d.num_frames, "size": d.image_size, "stage": c.train.stage,
-      "trainable": list(trainable_generators(c)),
+      "trainable": list(trainable_networks(c)),
       "params_base": trainer.num_params["base"], "params_residual": trainer.num_params["residual"],
       "compile_and_first_step_s": round(compile_s, 2), "step_ms": round(1000 * step_s, 2),
       "clips_per_s": round(b / step_s, 2), "xla_flops_per_step": flops,

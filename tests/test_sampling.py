@@ -9,8 +9,10 @@ from conftest import tiny_config
 from test_training import batches
 
 from videofusion_jax import sampling
+from videofusion_jax.config import ConfigError
 from videofusion_jax.evaluation.demo_metrics import all_frame_accuracy, demo_figures, key_frame_distance, motion
 from videofusion_jax.experiment import Experiment
+from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.training.loop import train
 from videofusion_jax.training.step import Trainer
 
@@ -84,6 +86,7 @@ def test_sample_mode_writes_videos_grid_and_figures(trained):
   npz = np.load(out / "samples.npz")
   videos = npz["videos"]
   assert np.abs(videos).max() <= 1.0 and npz["labels"].tolist() == [0, 1, 2]
+  assert npz["embeddings"].shape == (3, config.model.encoder.embed_dim)  # the prior's samples
   assert results["motion_generated"] == pytest.approx(motion(videos).mean())
   assert results["per_sample"]["label"] == [0, 1, 2] and len(results["per_sample"]["motion"]) == 3
 
@@ -103,15 +106,48 @@ def test_samples_are_reproducible_from_the_seed(trained):
 
 def test_guided_sampling_at_scale_zero_is_null_conditioned_sampling(trained, tfds_dir):
   """Guidance over the whole estimate through --mode=sample's path (the doubled batch): s = 0
-  samples exactly as the model given the null label does. (s = 1 against the conditional
-  estimate, and the mixing at other scales: test_training.test_guidance_mixes_whole_decomposed_estimates.)"""
+  samples exactly as the model given the null condition does: zeros for c (the embedding
+  condition, here given instead of the prior's), the null label for the label condition. (s = 1
+  against the conditional estimate, and other scales: test_training.test_guidance_mixes_whole_decomposed_estimates.)"""
   config, _, trainer = trained
   params = jax.tree.map(lambda p: p + 0.05, trainer.init_state(0).params)
   labels = np.array([0, 1, 2], np.int32)
-  null = np.full(3, config.data.num_classes, np.int32)
-  zero = Experiment(tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 2, "sample.guidance_scale": 0.0}))
+  emb = np.asarray(to_sphere(jax.random.normal(jax.random.PRNGKey(0), (3, config.model.encoder.embed_dim))))
+  zero = Experiment(tiny_config(**{"data.data_dir": tfds_dir, "sample.guidance_scale": 0.0}))
   assert sampling.guided(zero.config) and not sampling.guided(trainer.config)
+  guided = sampling.generate_videos(zero, params, 3, seed=1, labels=labels, condition=emb)
+  np.testing.assert_allclose(guided, sampling.generate_videos(trainer, params, 3, seed=1, labels=labels,
+                                                              condition=np.zeros_like(emb)), atol=1e-4)
+  # Control: the conditioned samples are far from the null-conditioned ones.
+  assert np.abs(guided - sampling.generate_videos(trainer, params, 3, seed=1, labels=labels,
+                                                  condition=emb)).max() > 1e-2
+
+  # The label condition: s = 0 is sampling with the null label.
+  one, zero = (Experiment(tiny_config(**{"data.data_dir": tfds_dir, "model.condition": "label",
+                                         "sample.guidance_scale": s})) for s in (1.0, 0.0))
+  params = jax.tree.map(lambda p: p + 0.05, one.init_state(0).params)
   guided = sampling.generate_videos(zero, params, 3, seed=1, labels=labels)
-  np.testing.assert_allclose(guided, sampling.generate_videos(trainer, params, 3, seed=1, labels=null), atol=1e-4)
-  # Control: the labelled samples are far from the null-conditioned ones.
-  assert np.abs(guided - sampling.generate_videos(trainer, params, 3, seed=1, labels=labels)).max() > 1e-2
+  null = np.full(3, config.data.num_classes, np.int32)
+  np.testing.assert_allclose(guided, sampling.generate_videos(one, params, 3, seed=1, labels=null), atol=1e-4)
+  assert np.abs(guided - sampling.generate_videos(one, params, 3, seed=1, labels=labels)).max() > 1e-2
+
+
+def test_given_embeddings_replace_the_prior_and_a_wrong_width_is_a_clear_error(trained, tmp_path):
+  """--config.sample.embeddings=FILE.npy: the generators are conditioned on those embeddings (the
+  prior is not run), which samples.npz keeps; a file of another width is refused with the width."""
+  config, workdir, trainer = trained
+  width = config.model.encoder.embed_dim
+  given = np.asarray(to_sphere(jax.random.normal(jax.random.PRNGKey(5), (width,))))
+  np.save(tmp_path / "c.npy", given)
+  c = tiny_config(**{"data.data_dir": config.data.data_dir, "sample.embeddings": str(tmp_path / "c.npy")})
+  sampling.run(c, str(workdir), experiment=trainer)
+  npz = np.load(workdir / "samples" / "step_2" / "samples.npz")
+  np.testing.assert_allclose(npz["embeddings"], np.broadcast_to(given, (3, width)), rtol=1e-6)
+  state = trainer.restore(workdir)
+  direct = sampling.generate_videos(trainer, state.ema_params, 3, c.sample.seed, None,
+                                    condition=np.broadcast_to(given, (3, width)))
+  np.testing.assert_allclose(npz["videos"], direct, atol=1e-5)
+  np.save(tmp_path / "wide.npy", np.zeros((3, width + 1), np.float32))
+  c.sample.embeddings = str(tmp_path / "wide.npy")
+  with pytest.raises(ConfigError, match=rf"shape \(3, {width + 1}\); this model's embeddings have width {width}"):
+    sampling.run(c, str(workdir), experiment=trainer)

@@ -42,6 +42,12 @@ def abstract_batch(experiment, config):
           for k, v in batches(config, 1)[0].items()}
 
 
+def embeddings(config, b, seed=0):
+  """``b`` fixed key-frame embeddings ``(b, D)`` on the sphere of radius √D, as the encoder gives."""
+  from videofusion_jax.models.encoder import to_sphere
+  return to_sphere(jax.random.normal(jax.random.PRNGKey(seed), (b, config.model.encoder.embed_dim)))
+
+
 def _allclose_trees(a, b, atol=1e-6):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
@@ -53,16 +59,16 @@ def test_stop_gradient_isolates_the_base_generator(trainer):
   # Perturb the zero-initialised output layers so that both networks depend on their inputs.
   params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), state.params)
   b = batches(c, 1)[0]
-  x0, label = jnp.asarray(b["video"]), jnp.asarray(b["label"])
+  x0, cond = jnp.asarray(b["video"]), embeddings(c, 8)
   t = jnp.array([10, 200, 400, 600, 800, 900, 950, 999])
   noise = diffusion.decomposed_noise(jax.random.PRNGKey(0), x0.shape, trainer.lambdas)
 
   def terms(p):
-    base_fn, residual_fn = make_apply_fns(trainer.networks, p, label)
+    base_fn, residual_fn = make_apply_fns(trainer.networks, p, None, condition=cond)
     return diffusion.joint_loss(base_fn, residual_fn, x0, t, noise, trainer.lambdas, trainer.schedule)[1]
 
   def residual_term_without_sg(p):
-    base_fn, residual_fn = make_apply_fns(trainer.networks, p, label)
+    base_fn, residual_fn = make_apply_fns(trainer.networks, p, None, condition=cond)
     z = diffusion.q_sample(x0, t, noise, trainer.schedule)
     eps_hat, _, _ = diffusion.decomposed_eps(base_fn, residual_fn, z, t, trainer.lambdas, trainer.schedule)
     return jnp.mean(jnp.square(noise[:, [0, 1, 3]] - eps_hat[:, [0, 1, 3]]))
@@ -93,18 +99,18 @@ def test_key_frame_input_carries_no_gradient_to_the_base():
   lambdas = diffusion.frame_lambdas(c.data.num_frames, c.diffusion.lam)
   schedule = diffusion.make_schedule(c.diffusion.schedule, c.diffusion.num_timesteps)
   b = batches(c, 1)[0]
-  x0, label = jnp.asarray(b["video"]), jnp.asarray(b["label"])
+  x0, cond = jnp.asarray(b["video"]), embeddings(c, 8)
   t = jnp.array([10, 200, 400, 600, 800, 900, 950, 999])
   noise = diffusion.decomposed_noise(jax.random.PRNGKey(0), x0.shape, lambdas)
   idx = diffusion.non_key_frames(c.data.num_frames)
 
   def residual_term(p):
-    base_fn, residual_fn = make_apply_fns(networks, p, label)
+    base_fn, residual_fn = make_apply_fns(networks, p, None, condition=cond)
     return diffusion.joint_loss(base_fn, residual_fn, x0, t, noise, lambdas, schedule, key_frame_input=True)[1][
         "loss_residual"]
 
   def residual_term_x0_without_sg(p):
-    base_fn, residual_fn = make_apply_fns(networks, p, label)
+    base_fn, residual_fn = make_apply_fns(networks, p, None, condition=cond)
     z = diffusion.q_sample(x0, t, noise, schedule)
     base_eps = base_fn(z[:, 2], t)
     z_prime = diffusion.remove_base_noise(z, jax.lax.stop_gradient(base_eps), t, lambdas, schedule)
@@ -280,25 +286,28 @@ def test_image_stage_then_video_stage_with_frozen_base(tmp_path):
 
 
 def test_guidance_mixes_whole_decomposed_estimates(trainer):
-  """Eqs. 10-11 run once with the label and once with the null label, each as in training, then
-  mixed: s = 1 is the conditional estimate, s = 0 the null one, and one call per network serves
-  both passes. Control: guiding each network on its own (the old way) gives another estimate."""
+  """Eqs. 10-11 run once with the condition c and once with the null condition (zeros), each as in
+  training, then mixed: s = 1 is the conditional estimate, s = 0 the null one, and one call per
+  network serves both passes. Control: guiding each network on its own gives another estimate."""
   c = trainer.config
   params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), trainer.init_state(0).params)
   shape = (2, c.data.num_frames, c.data.image_size, c.data.image_size, 3)
   z = jax.random.normal(jax.random.PRNGKey(0), shape)
-  t, label = jnp.array([100, 700]), jnp.array([0, 2])
-  null = jnp.full_like(label, c.data.num_classes)
+  t, emb = jnp.array([100, 700]), embeddings(c, 2)
+  null = jnp.zeros_like(emb)
   lam, sched = trainer.lambdas, trainer.schedule
+
+  def fns(params, cond):
+    return make_apply_fns(trainer.networks, params, None, condition=cond)
 
   @jax.jit
   def run(params):
-    doubled = make_apply_fns(trainer.networks, params, jnp.concatenate([label, null]))
-    cond = diffusion.decomposed_eps(*make_apply_fns(trainer.networks, params, label), z, t, lam, sched)[0]
-    uncond = diffusion.decomposed_eps(*make_apply_fns(trainer.networks, params, null), z, t, lam, sched)[0]
+    doubled = fns(params, jnp.concatenate([emb, null]))
+    cond = diffusion.decomposed_eps(*fns(params, emb), z, t, lam, sched)[0]
+    uncond = diffusion.decomposed_eps(*fns(params, null), z, t, lam, sched)[0]
     guided = {s: diffusion.guided_decomposed_eps(*doubled, z, t, lam, sched, s) for s in (0.0, 1.0, 3.0)}
     # Per-network guidance: the residual passes see frames without the *guided* base estimate.
-    (bc, rc), (bu, ru) = (make_apply_fns(trainer.networks, params, lab) for lab in (label, null))
+    (bc, rc), (bu, ru) = (fns(params, x) for x in (emb, null))
     per_network = diffusion.decomposed_eps(
         lambda x, tt: bu(x, tt) + 3.0 * (bc(x, tt) - bu(x, tt)),
         lambda x, tt, i: ru(x, tt, i) + 3.0 * (rc(x, tt, i) - ru(x, tt, i)), z, t, lam, sched)[0]
@@ -364,7 +373,8 @@ def test_frozen_base_costs_no_backward_pass(trainer):
 
 def test_checkpoint_written_before_the_restructuring_restores_and_resumes(trainer, tmp_path):
   """tests/data/checkpoint_before_issue8 was written by the code before the modules moved and the
-  optimizer changed (same tiny config, 2 steps): it restores with the same values and trains on."""
+  optimizer changed (the tiny config with the label condition, 2 steps): it restores with the same
+  values and trains on. The embedding condition's config names what the checkpoint lacks."""
   import json
   import shutil
   from pathlib import Path
@@ -372,6 +382,10 @@ def test_checkpoint_written_before_the_restructuring_restores_and_resumes(traine
   src = Path(__file__).parent / "data" / "checkpoint_before_issue8"
   shutil.copytree(src / "checkpoints", tmp_path / "checkpoints")  # the run writes into its workdir
   expected = json.loads((src / "params_summary.json").read_text())["leaf_sum_and_sum_of_squares"]
+  with pytest.raises(ckpt.CheckpointError, match=r"missing: encoder, prior\).*--config.model.condition=label"):
+    trainer.restore(tmp_path)
+  c = tiny_config(**{"train.num_steps": 3, "model.condition": "label"})
+  trainer = Trainer(c, mesh=trainer.mesh)
   state = trainer.restore(tmp_path)
   assert int(state.step) == 2
   leaves = jax.tree_util.tree_flatten_with_path({"params": state.params, "ema_params": state.ema_params})[0]
@@ -380,7 +394,6 @@ def test_checkpoint_written_before_the_restructuring_restores_and_resumes(traine
     x = np.asarray(x, np.float64)
     np.testing.assert_allclose([x.sum(), np.square(x).sum()], expected[jax.tree_util.keystr(path)],
                                rtol=1e-6, atol=1e-9)
-  c = tiny_config(**{"train.num_steps": 3})
   resumed = train(c, tmp_path, iter(batches(c, 1)), trainer=trainer, verbose=False)
   assert int(resumed.step) == 3
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(resumed.params))

@@ -46,6 +46,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute
   c.model.param_dtype = "float32"
   c.model.attention_implementation = ""  # '' lets XLA choose; 'cudnn' on GPUs.
+  # What both generators are conditioned on. 'embedding' (the paper): c, the embedding of the
+  # clip's key frame (the real one in training, the prior's sample at generation), added to the
+  # time embedding of each U-Net. 'label': the class label itself, in both (no encoder, no prior).
+  c.model.condition = "embedding"
+  # The key-frame encoder: 'learned' (trained jointly by the diffusion loss, Diffusion
+  # Autoencoders' semantic encoder) or 'frozen' (a registered fixed encoder, frozen_name; its
+  # width must equal embed_dim). Embeddings have norm √embed_dim.
+  c.model.encoder = ml_collections.ConfigDict(dict(
+      kind="learned", embed_dim=128, base_channels=64, channel_mult=(1, 2, 2, 4), frozen_name="pixels"))
+  # The prior: a diffusion model over c (residual MLP), conditioned on the class label or on
+  # nothing (num_classes = 0); trained in the same run on the EMA encoder's embeddings.
+  c.model.prior = ml_collections.ConfigDict(dict(
+      width=512, num_layers=4, schedule="cosine", num_timesteps=1000))
   # Beyond the paper: the residual generator also reads the base generator's current estimate of
   # the clean key frame (stop-gradient), so that each frame is denoised as a change of it.
   c.model.key_frame_input = False
@@ -54,13 +67,18 @@ def base_config() -> ml_collections.ConfigDict:
       stage="video",  # 'image': the base generator alone on single frames.
       batch_size=64, num_steps=100_000, learning_rate=1e-4, base_lr_scale=0.1,
       warmup_steps=1000, lr_decay="constant", grad_clip=1.0, weight_decay=0.0, ema_decay=0.9999,
+      # label_dropout: the share of examples whose condition (the label, or c) the generators see
+      # as the null condition, and whose label the prior sees as the null label (guidance).
       label_dropout=0.1, log_every=50, checkpoint_every=5000, keep_checkpoints=3,
       init_base_from="", freeze_base=False))
 
   c.sample = ml_collections.ConfigDict(dict(
       method="ddim", num_steps=100, eta=0.0, clip_x0=True, num_samples=16, batch_size=16,
       seed=0, label=-1,  # -1: cycle through the classes
-      guidance_scale=1.0, fps=8, upscale=4, num_real_clips=192))
+      guidance_scale=1.0, fps=8, upscale=4, num_real_clips=192,
+      # model.condition='embedding': the prior's DDIM sampler, its guidance on the label, and
+      # embeddings: a .npy of given c, (num_samples, embed_dim) or (embed_dim,), instead of the prior.
+      prior_num_steps=64, prior_eta=1.0, prior_guidance_scale=1.0, embeddings=""))
 
   # --mode=eval: StyleGAN-V's fvd2048_16f protocol by default (2048 real, 2048 generated clips).
   c.eval = ml_collections.ConfigDict(dict(
@@ -87,7 +105,7 @@ def unconditional_64_config(name: str, frame_stride: int) -> ml_collections.Conf
                              attention_resolutions=(16, 8))
   c.model.residual = unet_config(base_channels=96, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                                  attention_resolutions=(8,))
-  c.train.update(batch_size=128, label_dropout=0.0)
+  c.train.update(batch_size=128)
   return c
 
 
@@ -116,6 +134,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
         attention_heads(channels, m.head_dim)
     except ValueError as e:
       raise ConfigError(f"config.model.{name}.head_dim={m.head_dim}: {e}") from None
+  m = config.model
+  if m.condition not in ("embedding", "label"):
+    raise ConfigError(f"config.model.condition={m.condition!r}: use 'embedding' (the key-frame embedding c, "
+                      "sampled by the prior, as the paper does) or 'label' (the class label in both generators).")
+  if m.condition == "label" and config.sample.embeddings:
+    raise ConfigError(f"config.sample.embeddings={config.sample.embeddings!r}: a given embedding needs "
+                      "config.model.condition='embedding'; this model is conditioned on the label.")
+  if m.condition == "embedding":
+    if m.encoder.embed_dim < 1:
+      raise ConfigError(f"config.model.encoder.embed_dim={m.encoder.embed_dim}: must be >= 1.")
+    if m.encoder.kind == "frozen":
+      from videofusion_jax.models.encoder import frozen_encoder
+      try:
+        _, width = frozen_encoder(m.encoder.frozen_name, d.image_size)
+      except ValueError as e:
+        raise ConfigError(f"config.model.encoder.frozen_name={m.encoder.frozen_name!r}: {e}") from None
+      if width != m.encoder.embed_dim:
+        raise ConfigError(f"config.model.encoder.embed_dim={m.encoder.embed_dim}: the frozen encoder "
+                          f"{m.encoder.frozen_name!r} gives embeddings of width {width}; set "
+                          f"--config.model.encoder.embed_dim={width}.")
+    elif m.encoder.kind != "learned":
+      raise ConfigError(f"config.model.encoder.kind={m.encoder.kind!r}: use 'learned' or 'frozen'.")
+    if m.prior.schedule not in SCHEDULE_KINDS:
+      raise ConfigError(f"config.model.prior.schedule={m.prior.schedule!r}: use one of {SCHEDULE_KINDS}.")
+    if m.prior.width < 1 or m.prior.num_layers < 1:
+      raise ConfigError(f"config.model.prior.width={m.prior.width} / num_layers={m.prior.num_layers}: "
+                        "must be >= 1.")
+    if config.sample.prior_guidance_scale < 0:
+      raise ConfigError(f"config.sample.prior_guidance_scale={config.sample.prior_guidance_scale}: must be "
+                        ">= 0 (1 = no guidance on the prior's label).")
+    if not 1 <= config.sample.prior_num_steps <= m.prior.num_timesteps:
+      raise ConfigError(f"config.sample.prior_num_steps={config.sample.prior_num_steps}: must lie in "
+                        f"[1, {m.prior.num_timesteps}] (the prior's DDIM steps).")
   if t.stage not in ("video", "image"):
     raise ConfigError(f"config.train.stage={t.stage!r}: use 'video' or 'image'.")
   if t.batch_size < 1 or t.num_steps < 1:

@@ -52,6 +52,10 @@ class Experiment:
           f"{self.mesh.devices.size} devices of the mesh; use a multiple of {self.mesh.devices.size}.")
     self.networks = factory.make_networks(config)
     self.schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    self.prior_schedule, self.encode = None, None
+    if config.model.condition == "embedding":
+      self.prior_schedule = diffusion.make_schedule(config.model.prior.schedule, config.model.prior.num_timesteps)
+      self.encode = factory.make_encode_fn(self.networks, config)
     self.lambdas = diffusion.frame_lambdas(config.data.num_frames, config.diffusion.lam)
     self.tx, self.lr_schedules = make_optimizer(config)
     rules = config.sharding_rules

@@ -15,9 +15,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from videofusion_jax import diffusion
+from videofusion_jax.config import ConfigError
 from videofusion_jax.data import video_io
 from videofusion_jax.experiment import Experiment
-from videofusion_jax.models.factory import make_apply_fns
+from videofusion_jax.models.factory import make_apply_fns, make_prior_fn
 
 
 def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | None:
@@ -32,51 +33,117 @@ def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | N
 
 
 def guided(config: ml_collections.ConfigDict) -> bool:
-  """Whether sampling mixes conditional and null estimates (a class-conditional model, s ≠ 1)."""
-  return bool(config.data.num_classes) and config.sample.guidance_scale != 1.0
+  """Whether sampling mixes conditional and null estimates (a conditioned model, s ≠ 1)."""
+  conditioned = config.model.condition == "embedding" or bool(config.data.num_classes)
+  return conditioned and config.sample.guidance_scale != 1.0
+
+
+def sample_condition(experiment: Experiment, params, rng: jax.Array, labels: jnp.ndarray | None,
+                     batch: int) -> jnp.ndarray:
+  """The prior's embeddings ``(batch, D)`` for ``labels`` ``(batch,)`` (None: a prior on
+  nothing), with guidance ``sample.prior_guidance_scale`` on the label (doubled batch)."""
+  c = experiment.config
+  s, n = c.sample, c.data.num_classes
+  scale = s.prior_guidance_scale if n and s.prior_guidance_scale != 1.0 else None
+  if scale is None:
+    eps_fn = make_prior_fn(experiment.networks, params, labels)
+  else:
+    doubled = make_prior_fn(experiment.networks, params, jnp.concatenate([labels, jnp.full_like(labels, n)]))
+
+    def eps_fn(z, t):
+      e = doubled(jnp.concatenate([z, z]), jnp.concatenate([t, t]))
+      return diffusion.classifier_free_guidance(e[:batch], e[batch:], scale)
+  return diffusion.sample_embeddings(eps_fn, rng, (batch, c.model.encoder.embed_dim), experiment.prior_schedule,
+                                     num_steps=s.prior_num_steps, eta=s.prior_eta)
 
 
 @functools.lru_cache(maxsize=4)
 def make_generate_fn(experiment: Experiment):
-  """``generate(params, rng, labels (B,) or None) -> (B, N, H, W, C)``, jitted once per experiment.
+  """``generate(params, rng, labels (B,) or None, condition (B, D) or None) -> (videos (B, N, H, W, C),
+  condition)``, jitted once per experiment (and once more for given conditions).
 
-  With guidance (``sample.guidance_scale`` ≠ 1) each network takes the ``2B`` batch of
-  ``diffusion.guided_decomposed_eps``: the labels, then the null label ``num_classes``.
+  With ``model.condition='embedding'`` and no given ``condition``, the prior samples it from the
+  labels (or from nothing); both generators get it. With guidance (``sample.guidance_scale`` ≠ 1)
+  each network takes the ``2B`` batch of ``diffusion.guided_decomposed_eps``: the condition (labels
+  or c), then the null condition (the null label ``num_classes``, or zeros).
   """
   c = experiment.config
   shape_tail = (c.data.num_frames, c.data.image_size, c.data.image_size, 3)
   scale = c.sample.guidance_scale if guided(c) else None
+  embedding = c.model.condition == "embedding"
 
-  def generate(params, rng, labels):
-    if scale is not None:
-      labels = jnp.concatenate([labels, jnp.full_like(labels, c.data.num_classes)])
-    base_fn, residual_fn = make_apply_fns(experiment.networks, params, labels)
+  def generate(params, rng, labels, condition):
     batch = c.sample.batch_size
-    return diffusion.sample(base_fn, residual_fn, rng, (batch,) + shape_tail, experiment.lambdas,
-                            experiment.schedule, method=c.sample.method, num_steps=c.sample.num_steps,
-                            eta=c.sample.eta, clip_x0=c.sample.clip_x0, guidance_scale=scale,
-                            key_frame_input=c.model.key_frame_input)
+    if embedding:
+      prior_rng, rng = jax.random.split(rng)
+      if condition is None:
+        condition = sample_condition(experiment, params, prior_rng, labels, batch)
+      net_labels, net_condition = None, condition
+      if scale is not None:
+        net_condition = jnp.concatenate([condition, jnp.zeros_like(condition)])
+    else:
+      net_labels, net_condition = labels, None
+      if scale is not None:
+        net_labels = jnp.concatenate([labels, jnp.full_like(labels, c.data.num_classes)])
+    base_fn, residual_fn = make_apply_fns(experiment.networks, params, net_labels, condition=net_condition)
+    videos = diffusion.sample(base_fn, residual_fn, rng, (batch,) + shape_tail, experiment.lambdas,
+                              experiment.schedule, method=c.sample.method, num_steps=c.sample.num_steps,
+                              eta=c.sample.eta, clip_x0=c.sample.clip_x0, guidance_scale=scale,
+                              key_frame_input=c.model.key_frame_input)
+    return videos, condition
 
   # Shard the batch over the mesh when it divides evenly; otherwise one device does it all.
   divides = c.sample.batch_size % experiment.mesh.devices.size == 0
   return experiment.jit(generate, out_shardings=experiment.batch_sharding if divides else None)
 
 
-def generate_videos(experiment: Experiment, params, num: int, seed: int,
-                    labels: np.ndarray | None) -> np.ndarray:
-  """``num`` videos in [-1, 1], ``(num, N, H, W, C)``, reproducible from ``seed``."""
+def generate_videos(experiment: Experiment, params, num: int, seed: int, labels: np.ndarray | None,
+                    condition: np.ndarray | None = None, with_condition: bool = False):
+  """``num`` videos in [-1, 1], ``(num, N, H, W, C)``, reproducible from ``seed``.
+
+  ``condition`` ``(num, D)``: given key-frame embeddings instead of the prior's (``model.condition
+  ='embedding'``). With ``with_condition`` also returns the embeddings used, ``(num, D)`` (None for
+  the label condition)."""
   gen = make_generate_fn(experiment)
   batch = experiment.config.sample.batch_size
-  out = []
+  out, conds = [], []
   for i, start in enumerate(range(0, num, batch)):
-    lab = None
+    lab = cond = None
     if labels is not None:
       lab = jnp.asarray(np.resize(labels[start:start + batch], batch))
-    videos = gen(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), lab)
+    if condition is not None:
+      cond = jnp.asarray(np.resize(condition[start:start + batch], (batch, condition.shape[-1])), jnp.float32)
+    videos, used = gen(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), lab, cond)
     if jax.process_count() > 1:  # the batch lies on every host's devices: gather it everywhere
-      videos = multihost_utils.process_allgather(videos, tiled=True)
+      videos, used = multihost_utils.process_allgather((videos, used), tiled=True)
     out.append(np.asarray(videos))
-  return np.clip(np.concatenate(out)[:num], -1.0, 1.0)
+    if used is not None:
+      conds.append(np.asarray(used))
+  videos = np.clip(np.concatenate(out)[:num], -1.0, 1.0)
+  if with_condition:
+    return videos, (np.concatenate(conds)[:num] if conds else None)
+  return videos
+
+
+def given_embeddings(config: ml_collections.ConfigDict, num: int) -> np.ndarray | None:
+  """``sample.embeddings`` loaded and checked: ``(num, embed_dim)`` float32, or None when unset."""
+  path = config.sample.embeddings
+  if not path:
+    return None
+  try:
+    e = np.load(Path(path).expanduser())
+  except (OSError, ValueError) as err:
+    raise ConfigError(f"config.sample.embeddings={path!r}: cannot read a .npy array ({err}).") from None
+  width = config.model.encoder.embed_dim
+  if e.ndim == 1:
+    e = e[None]
+  if e.ndim != 2 or e.shape[1] != width or e.shape[0] not in (1, num):
+    raise ConfigError(f"config.sample.embeddings={path!r} holds an array of shape {e.shape}; this model's "
+                      f"embeddings have width {width} (config.model.encoder.embed_dim): give ({num}, {width}) "
+                      f"for the {num} samples, or ({width},) for all of them.")
+  if not np.all(np.isfinite(e)):
+    raise ConfigError(f"config.sample.embeddings={path!r} holds NaN or infinite values.")
+  return np.broadcast_to(e, (num, width)).astype(np.float32)
 
 
 class Progress:
@@ -115,15 +182,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   state = experiment.restore(workdir)
   step = int(state.step)
   s = config.sample
-  labels = sample_labels(config, s.num_samples)
-  print(f"sampling {s.num_samples} videos from checkpoint {step} (EMA weights), "
+  given = given_embeddings(config, s.num_samples)
+  labels = None if given is not None else sample_labels(config, s.num_samples)
+  source = {"label": "", "embedding": " through the prior"}[config.model.condition]
+  if given is not None:
+    source = f" from the embeddings in {s.embeddings}"
+  print(f"sampling {s.num_samples} videos from checkpoint {step} (EMA weights){source}, "
         f"{s.method} with {s.num_steps if s.method == 'ddim' else config.diffusion.num_timesteps} steps")
-  videos = generate_videos(experiment, state.ema_params, s.num_samples, s.seed, labels)
+  videos, used = generate_videos(experiment, state.ema_params, s.num_samples, s.seed, labels, given,
+                                 with_condition=True)
   out_dir = Path(workdir) / "samples" / f"step_{step}"
   out_dir.mkdir(parents=True, exist_ok=True)
   frames = video_io.to_uint8(videos)
   np.savez_compressed(out_dir / "samples.npz", videos=videos,
-                      labels=labels if labels is not None else np.zeros(0))
+                      labels=labels if labels is not None else np.zeros(0),
+                      embeddings=used if used is not None else np.zeros(0))
   try:
     for i, video in enumerate(frames):
       tag = f"_label{labels[i]}" if labels is not None else ""
@@ -136,8 +209,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   (out_dir / "results.json").write_text(json.dumps(results, indent=2))
   print(f"wrote {s.num_samples} videos (.mp4), grid.png and samples.npz to {out_dir}")
   if "all_frame_accuracy" in results:
+    against = ("the clip the sample was conditioned on" if results["accuracy_against"] == "label"
+               else "the clip of the sample's key frame (unconditional)")
     print(f"all-frame accuracy: {100 * results['all_frame_accuracy']:.0f}% of generated frames (every frame) "
-          "have their nearest real frame in the clip the sample was conditioned on")
+          f"have their nearest real frame in {against}")
   if "motion_ratio" in results:
     print(f"motion ratio (mean |frame[n+1] - frame[n]|, generated / real; 1 is right, a frozen video 0): "
           f"{results['motion_ratio']:.2f} = {results['motion_generated']:.3f} / {results['motion_real']:.3f}; "

@@ -46,17 +46,16 @@ def joint_loss(base_fn: BaseFn, residual_fn: ResidualFn, x0: jnp.ndarray, t: jnp
   return loss, {"loss_key": loss_key, "loss_residual": loss_residual}
 
 
-def image_loss(base_fn: BaseFn, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray,
-               schedule: Schedule):
-  """The ε-prediction loss of an image DPM: ``‖ε - z_φ^b(√ᾱ x0 + √(1-ᾱ) ε, t)‖²``.
+def denoising_loss(eps_fn: BaseFn, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray,
+                   schedule: Schedule):
+  """The ε-prediction loss of an ordinary DPM: ``‖ε - eps_fn(√ᾱ x0 + √(1-ᾱ) ε, t)‖²``.
 
-  Used by the image stage, which trains the base generator alone on single frames.
-  ``x0``, ``noise``: ``(B, H, W, C)``; ``t``: ``(B,)``. Returns the mean over all elements.
+  The image stage trains the base generator with it on single frames ``(B, H, W, C)``; the
+  prior, on embeddings ``(B, D)``. ``t``: ``(B,)``. Returns the mean over all elements.
   """
-  chex.assert_rank(x0, 4)
   chex.assert_equal_shape([x0, noise])
   z_t = q_sample(x0, t, noise, schedule)
-  return jnp.mean(jnp.square(noise.astype(jnp.float32) - base_fn(z_t, t).astype(jnp.float32)))
+  return jnp.mean(jnp.square(noise.astype(jnp.float32) - eps_fn(z_t, t).astype(jnp.float32)))
 
 
 def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int) -> jnp.ndarray:

@@ -25,13 +25,22 @@ def _alpha_bar(schedule: Schedule, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
   return _broadcast(jnp.where(t < 0, 1.0, schedule.alphas_cumprod[jnp.maximum(t, 0)]), ndim)
 
 
+def fresh_noise(rng: jax.Array, shape: tuple[int, ...], lambdas: jnp.ndarray | None, dtype) -> jnp.ndarray:
+  """A sampler's fresh Gaussian: decomposed as eq. (8) for videos, independent with ``lambdas=None``
+  (the prior's embeddings)."""
+  if lambdas is None:
+    return jax.random.normal(rng, shape, dtype)
+  return decomposed_noise(rng, shape, lambdas, dtype)
+
+
 def ddim_step(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, t_prev: jnp.ndarray,
-              rng: jax.Array, lambdas: jnp.ndarray, schedule: Schedule, eta: float = 0.0,
+              rng: jax.Array, lambdas: jnp.ndarray | None, schedule: Schedule, eta: float = 0.0,
               clip_x0: bool = False) -> jnp.ndarray:
   """One DDIM step (Song et al. 2021, eq. 12) from ``t`` to ``t_prev``:
 
   ``z_{t'} = √ᾱ_{t'} x̂0 + √(1-ᾱ_{t'}-σ²) ε̂ + σ ε'``, with
-  ``σ = η √((1-ᾱ_{t'})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t'})`` and ``ε'`` decomposed noise (eq. 8).
+  ``σ = η √((1-ᾱ_{t'})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t'})`` and ``ε'`` decomposed noise (eq. 8), or
+  independent noise with ``lambdas=None``.
   ``z_t``, ``eps_hat``: ``(B, N, H, W, C)``; ``t``, ``t_prev``: ``(B,)`` or scalars.
   With ``clip_x0`` the ε used for the direction is recomputed from the clipped x̂0, as ADM
   (guided-diffusion) does (diffusers: ``clip_sample=True, use_clipped_model_output=True``).
@@ -46,12 +55,12 @@ def ddim_step(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, t_prev: jn
   direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0)) * eps_hat
   z_prev = jnp.sqrt(a_prev) * x0 + direction
   if eta > 0:
-    z_prev = z_prev + sigma * decomposed_noise(rng, z_t.shape, lambdas, z_t.dtype)
+    z_prev = z_prev + sigma * fresh_noise(rng, z_t.shape, lambdas, z_t.dtype)
   return z_prev
 
 
 def ddpm_step(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, rng: jax.Array,
-              lambdas: jnp.ndarray, schedule: Schedule, clip_x0: bool = False) -> jnp.ndarray:
+              lambdas: jnp.ndarray | None, schedule: Schedule, clip_x0: bool = False) -> jnp.ndarray:
   """One ancestral DDPM step (Ho et al. 2020) from ``t`` to ``t - 1``: the posterior mean
 
   ``μ = √ᾱ_{t-1} β_t/(1-ᾱ_t) x̂0 + √α_t (1-ᾱ_{t-1})/(1-ᾱ_t) z_t``, plus
@@ -67,7 +76,7 @@ def ddpm_step(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, rng: jax.A
   x0 = predict_x0(z_t, eps_hat, t, schedule, clip_x0)
   mean = (jnp.sqrt(a_prev) * beta / (1.0 - a_t)) * x0 + (jnp.sqrt(alpha) * (1.0 - a_prev) / (1.0 - a_t)) * z_t
   var = jnp.maximum(beta * (1.0 - a_prev) / (1.0 - a_t), 1e-20)
-  noise = decomposed_noise(rng, z_t.shape, lambdas, z_t.dtype)
+  noise = fresh_noise(rng, z_t.shape, lambdas, z_t.dtype)
   nonzero = _broadcast((jnp.asarray(t) > 0).astype(z_t.dtype), nd)
   return mean + nonzero * jnp.sqrt(var) * noise
 
@@ -78,6 +87,42 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}.")
   step = num_timesteps // num_steps
   return (np.arange(num_steps) * step)[::-1].astype(np.int32)
+
+
+def sampler_timesteps(method: str, num_timesteps: int, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """The chain's ``(t, t_prev)`` pairs: ``num_steps`` DDIM steps, or all T for DDPM."""
+  if method == "ddim":
+    ts = ddim_timesteps(num_timesteps, num_steps)
+  elif method == "ddpm":
+    ts = np.arange(num_timesteps)[::-1].astype(np.int32)
+  else:
+    raise ValueError(f"Unknown sampler {method!r}; use 'ddim' or 'ddpm'.")
+  return ts, np.concatenate([ts[1:], [-1]]).astype(np.int32)
+
+
+def sample_embeddings(eps_fn, rng: jax.Array, shape: tuple[int, int], schedule: Schedule,
+                      num_steps: int = 64, eta: float = 1.0) -> jnp.ndarray:
+  """Ordinary (independent-noise) DDIM sampling of vectors ``(B, D)``: the prior's embeddings.
+
+  ``eps_fn(z (B, D), t (B,)) -> (B, D)``. No clipping: embeddings are not bounded to [-1, 1]
+  (which is also why there is no DDPM here: without clipping, its first steps from a cosine
+  schedule's ᾱ_T ≈ 0 amplify the ε error without bound). ``eta = 1`` keeps the covariance of a
+  learned distribution where ``eta = 0`` may stretch it (see the prior's test).
+  """
+  ts, t_prevs = sampler_timesteps("ddim", schedule.num_timesteps, num_steps)
+  init_rng, rng = jax.random.split(rng)
+  batch = shape[0]
+
+  def body(z, inputs):
+    t, t_prev, step_rng = inputs
+    tb = jnp.full((batch,), t, jnp.int32)
+    z = ddim_step(z, eps_fn(z, tb).astype(jnp.float32), tb, jnp.full((batch,), t_prev, jnp.int32), step_rng,
+                  None, schedule, eta=eta)
+    return z, None
+
+  rngs = jax.random.split(rng, len(ts))
+  z, _ = jax.lax.scan(body, jax.random.normal(init_rng, shape), (jnp.asarray(ts), jnp.asarray(t_prevs), rngs))
+  return z
 
 
 def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas: jnp.ndarray,
@@ -92,13 +137,7 @@ def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas
   step uses the guided estimate. ``key_frame_input`` as in ``decomposed_eps``. Jit-compatible:
   the chain is a ``lax.scan``.
   """
-  if method == "ddim":
-    ts = ddim_timesteps(schedule.num_timesteps, num_steps)
-  elif method == "ddpm":
-    ts = np.arange(schedule.num_timesteps)[::-1].astype(np.int32)
-  else:
-    raise ValueError(f"Unknown sampler {method!r}; use 'ddim' or 'ddpm'.")
-  t_prevs = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+  ts, t_prevs = sampler_timesteps(method, schedule.num_timesteps, num_steps)
   init_rng, rng = jax.random.split(rng)
   z = decomposed_noise(init_rng, shape, lambdas) if initial_noise is None else initial_noise
   batch = shape[0]

@@ -11,39 +11,82 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from videofusion_jax.models.encoder import KeyFrameEncoder, frozen_encoder
+from videofusion_jax.models.prior import EmbeddingPrior
 from videofusion_jax.models.unet import UNet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def make_networks(config: ml_collections.ConfigDict) -> dict[str, UNet]:
-  """The base generator (image U-Net) and the residual generator (with frame embedding)."""
-  common = dict(
-      num_classes=config.data.num_classes, dtype=DTYPES[config.model.dtype],
-      param_dtype=DTYPES[config.model.param_dtype],
-      attention_implementation=config.model.attention_implementation or None)
+def network_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The parameter subtrees of the state: the two generators, and with ``model.condition =
+  'embedding'`` the learned key-frame encoder (when ``model.encoder.kind = 'learned'``) and the prior."""
+  names = ("base", "residual")
+  if config.model.condition == "embedding":
+    names += ("encoder",) * (config.model.encoder.kind == "learned") + ("prior",)
+  return names
+
+
+def make_networks(config: ml_collections.ConfigDict) -> dict[str, nn.Module]:
+  """The base generator (image U-Net), the residual generator (with frame embedding) and, for
+  the embedding condition, the learned encoder and the prior."""
+  embedding = config.model.condition == "embedding"
+  dtypes = dict(dtype=DTYPES[config.model.dtype], param_dtype=DTYPES[config.model.param_dtype])
+  # The paper's generators see c alone; the label reaches them only through the prior.
+  common = dict(num_classes=0 if embedding else config.data.num_classes,
+                condition_dim=config.model.encoder.embed_dim if embedding else 0,
+                attention_implementation=config.model.attention_implementation or None, **dtypes)
 
   def unet(c, num_frames):
     return UNet(base_channels=c.base_channels, channel_mult=tuple(c.channel_mult),
                 num_res_blocks=c.num_res_blocks, attention_resolutions=tuple(c.attention_resolutions),
                 head_dim=c.head_dim, dropout=c.dropout, num_frames=num_frames, **common)
-  return {"base": unet(config.model.base, 0),
-          "residual": unet(config.model.residual, config.data.num_frames)}
+  networks = {"base": unet(config.model.base, 0), "residual": unet(config.model.residual, config.data.num_frames)}
+  if embedding:
+    e, p = config.model.encoder, config.model.prior
+    if e.kind == "learned":
+      networks["encoder"] = KeyFrameEncoder(e.embed_dim, e.base_channels, tuple(e.channel_mult), **dtypes)
+    # The prior stays in float32: it is small, and its targets are compared to 1e-3.
+    networks["prior"] = EmbeddingPrior(e.embed_dim, p.width, p.num_layers, config.data.num_classes)
+  return networks
 
 
-def init_params(networks: dict[str, UNet], config: ml_collections.ConfigDict, rng: jax.Array):
-  """Boxed (logically partitioned) parameters ``{'base': ..., 'residual': ...}``."""
+def init_params(networks: dict[str, nn.Module], config: ml_collections.ConfigDict, rng: jax.Array):
+  """Boxed (logically partitioned) parameters ``{name: ...}`` for ``network_names(config)``."""
   s = config.data.image_size
   x = jnp.zeros((1, s, s, 3), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
   label = jnp.zeros((1,), jnp.int32) if config.data.num_classes else None
-  base_rng, residual_rng = jax.random.split(rng)
+  rngs = dict(zip(("base", "residual", "encoder", "prior"), jax.random.split(rng, 4)))
+  cond = None
+  if config.model.condition == "embedding":
+    cond = jnp.zeros((1, config.model.encoder.embed_dim), jnp.float32)
   # With model.key_frame_input the residual generator reads x̂^k as 3 more input channels.
   x_residual = jnp.concatenate([x, x], axis=-1) if config.model.key_frame_input else x
-  return {
-      "base": networks["base"].init(base_rng, x, t, label)["params"],
-      "residual": networks["residual"].init(residual_rng, x_residual, t, label, jnp.zeros((1,), jnp.int32))["params"],
+  params = {
+      "base": networks["base"].init(rngs["base"], x, t, label, condition=cond)["params"],
+      "residual": networks["residual"].init(rngs["residual"], x_residual, t, label, jnp.zeros((1,), jnp.int32),
+                                            condition=cond)["params"],
   }
+  if "encoder" in networks:
+    params["encoder"] = networks["encoder"].init(rngs["encoder"], x)["params"]
+  if "prior" in networks:
+    params["prior"] = networks["prior"].init(rngs["prior"], cond, t, label)["params"]
+  return params
+
+
+def make_encode_fn(networks: dict[str, nn.Module], config: ml_collections.ConfigDict):
+  """``encode(params, key_frames (B, H, W, 3)) -> c (B, D)``: the learned encoder's output
+  (differentiable in ``params['encoder']``) or the frozen one's (stop-gradient)."""
+  if "encoder" in networks:
+    return lambda params, x: networks["encoder"].apply({"params": params["encoder"]}, x)
+  encode, _ = frozen_encoder(config.model.encoder.frozen_name, config.data.image_size)
+  return lambda params, x: encode(x)
+
+
+def make_prior_fn(networks: dict[str, nn.Module], params, label: jnp.ndarray | None) -> Callable:
+  """``prior_fn(z (B, D), t (B,)) -> ε̂ (B, D)``, conditioned on ``label`` ``(B,)`` (or nothing)."""
+  return lambda z, t: networks["prior"].apply({"params": params["prior"]}, z, t, label)
 
 
 def boxed_abstract_params(networks: dict[str, UNet], config: ml_collections.ConfigDict):
@@ -55,25 +98,29 @@ def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))
 
 
-def make_apply_fns(networks: dict[str, UNet], params, label: jnp.ndarray | None,
-                   train: bool = False, rng: jax.Array | None = None) -> tuple[Callable, Callable]:
+def make_apply_fns(networks: dict[str, nn.Module], params, label: jnp.ndarray | None,
+                   train: bool = False, rng: jax.Array | None = None,
+                   condition: jnp.ndarray | None = None) -> tuple[Callable, Callable]:
   """Closures ``base_fn(z_key, t)`` and ``residual_fn(z', t, frame_index[, key_x0])`` for ``diffusion``.
 
-  Both networks get the same conditioning ``label`` ``(B,)`` (None if unconditional; the null
-  label of classifier-free guidance is ``num_classes``). Guidance is not done here: it mixes
-  whole decomposed estimates (``diffusion.guided_decomposed_eps``).
+  Both networks get the same conditioning: ``label`` ``(B,)`` (None if unconditional; the null
+  label of classifier-free guidance is ``num_classes``) for ``model.condition='label'``, or
+  ``condition`` ``(B, D)``, the key-frame embedding c (zeros: the null condition), repeated for
+  every frame of the residual generator. Guidance is not done here: it mixes whole decomposed
+  estimates (``diffusion.guided_decomposed_eps``).
   """
   rngs = {}
   if train and rng is not None:
     base_rng, residual_rng = jax.random.split(rng)
     rngs = {"base": {"dropout": base_rng}, "residual": {"dropout": residual_rng}}
 
-  def run(name, x, t, lab, frame_index):
+  def run(name, x, t, lab, frame_index, cond):
     kwargs = {"rngs": rngs[name]} if rngs else {}
-    return networks[name].apply({"params": params[name]}, x, t, lab, frame_index, train=train, **kwargs)
+    return networks[name].apply({"params": params[name]}, x, t, lab, frame_index, train=train,
+                                condition=cond, **kwargs)
 
   def base_fn(z_key, t):
-    return run("base", z_key, t, label, None)
+    return run("base", z_key, t, label, None, condition)
 
   def residual_fn(z_prime, t, frame_index, key_x0=None):
     b, m = z_prime.shape[:2]
@@ -81,7 +128,8 @@ def make_apply_fns(networks: dict[str, UNet], params, label: jnp.ndarray | None,
       z_prime = jnp.concatenate([z_prime, jnp.broadcast_to(key_x0[:, None], z_prime.shape)], axis=-1)
     flat = z_prime.reshape((b * m,) + z_prime.shape[2:])
     lab = None if label is None else jnp.repeat(label, m)
-    out = run("residual", flat, jnp.repeat(t, m), lab, jnp.tile(frame_index, b))
+    cond = None if condition is None else jnp.repeat(condition, m, axis=0)
+    out = run("residual", flat, jnp.repeat(t, m), lab, jnp.tile(frame_index, b), cond)
     return out.reshape(z_prime.shape[:-1] + out.shape[-1:])
 
   return base_fn, residual_fn

@@ -147,7 +147,11 @@ class AttentionBlock(nn.Module):
 class UNet(nn.Module):
   """ε-prediction U-Net. ``num_classes > 0`` adds a class embedding whose index
   ``num_classes`` is the null label; ``num_frames > 0`` adds a frame-index embedding (the
-  residual generator's ``i``)."""
+  residual generator's ``i``); ``condition_dim > 0`` adds the projection of a conditioning
+  vector ``c`` (the key-frame embedding; zeros are the null condition).
+
+  Every condition is added to the time embedding, which drives the scale and shift of every
+  res block (ADM's class conditioning; DALL-E 2's decoder takes its CLIP embedding this way)."""
 
   base_channels: int = 64
   channel_mult: Sequence[int] = (1, 2, 2)
@@ -157,6 +161,7 @@ class UNet(nn.Module):
   dropout: float = 0.0
   num_classes: int = 0
   num_frames: int = 0
+  condition_dim: int = 0
   out_channels: int = 3
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -164,8 +169,10 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, t: jnp.ndarray, label: jnp.ndarray | None = None,
-               frame_index: jnp.ndarray | None = None, train: bool = False) -> jnp.ndarray:
-    """x: ``(B, H, W, C)``; t: ``(B,)``; label, frame_index: ``(B,)`` int. Returns ``(B, H, W, out)``."""
+               frame_index: jnp.ndarray | None = None, train: bool = False,
+               condition: jnp.ndarray | None = None) -> jnp.ndarray:
+    """x: ``(B, H, W, C)``; t: ``(B,)``; label, frame_index: ``(B,)`` int; condition:
+    ``(B, condition_dim)``. Returns ``(B, H, W, out)``."""
     chex.assert_rank(x, 4)
     b, height, width, _ = x.shape
     chex.assert_shape(t, (b,))
@@ -191,6 +198,11 @@ class UNet(nn.Module):
       emb = emb + nn.Embed(self.num_frames, emb_dim, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="frame_embed",
                            embedding_init=_init(nn.initializers.normal(1.0), TABLE))(frame_index)
+    if self.condition_dim > 0:
+      if condition is None:
+        raise ValueError("this U-Net is conditioned on an embedding: pass condition (zeros = null).")
+      chex.assert_shape(condition, (b, self.condition_dim))
+      emb = emb + dense(emb_dim, "condition_dense")(condition.astype(self.dtype))
 
     block = lambda c, name: ResBlock(c, self.dropout, self.dtype, self.param_dtype, name=name)  # noqa: E731
     attn = lambda name: AttentionBlock(self.head_dim, self.dtype, self.param_dtype,  # noqa: E731

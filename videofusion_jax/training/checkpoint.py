@@ -49,6 +49,19 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict | No
   manager.save(step, args=ocp.args.Composite(**items))
 
 
+def saved_networks(manager: ocp.CheckpointManager, step: int) -> set[str] | None:
+  """The networks (top-level keys of ``params``) in checkpoint ``step``, from its metadata; None
+  if they cannot be read."""
+  step_dir = Path(manager.directory) / str(step)
+  item = step_dir / "state" if (step_dir / "state").is_dir() else step_dir / "default"
+  try:
+    with ocp.StandardCheckpointer() as reader:
+      meta = reader.metadata(item)
+    return set(getattr(meta, "item_metadata", meta)["params"].keys())
+  except Exception:  # noqa: BLE001 - only used to word an error better
+    return None
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
   step = manager.latest_step() if step is None else step
   if step is None:
@@ -56,6 +69,16 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
   try:
     return _restore_state(manager, step, abstract_state)
   except (ValueError, KeyError, TypeError) as e:
+    saved, wanted = saved_networks(manager, step), set(abstract_state.params)
+    if saved is not None and saved != wanted:
+      missing, extra = sorted(wanted - saved), sorted(saved - wanted)
+      hint = ("it was trained with --config.model.condition=label (no encoder, no prior): use that, or train "
+              "a model with the embedding condition" if "prior" in missing else
+              "it was trained with another config.model.condition or config.model.encoder.kind")
+      raise CheckpointError(
+          f"checkpoint {step} in {manager.directory} has the networks {sorted(saved)} and this config needs "
+          f"{sorted(wanted)}" + (f" (missing: {', '.join(missing)})" if missing else "")
+          + (f" (not used by this config: {', '.join(extra)})" if extra else "") + f"; {hint}.") from None
     raise CheckpointError(
         f"checkpoint {step} in {manager.directory} does not match this config's model "
         f"({type(e).__name__}: {str(e)[:300]}). Use the config it was trained with.") from None

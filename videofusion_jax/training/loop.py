@@ -62,20 +62,30 @@ def base_from_scratch_warning(config: ml_collections.ConfigDict) -> str | None:
 
 def init_base_from(trainer: Trainer, state: TrainState, workdir: str) -> TrainState:
   """Starts the base generator (weights and EMA) from the EMA weights of another run's latest
-  checkpoint, as a released pretrained diffusion model is; the optimizer starts afresh."""
+  checkpoint, as a released pretrained diffusion model is, together with the key-frame encoder
+  and the prior when both runs have them (the base is conditioned on that encoder's embeddings);
+  the optimizer starts afresh."""
   restored, step = ckpt.restore_raw(workdir)
-  src = jax.device_get(restored["ema_params"]["base"])  # host copies: each device_put below makes new buffers
-  dst = state.params["base"]
-  if jax.tree.structure(src) != jax.tree.structure(dst) or any(
-      a.shape != b.shape for a, b in zip(jax.tree.leaves(src), jax.tree.leaves(dst))):
+  names = [n for n in ("base", "encoder", "prior") if n in state.params]
+  missing = [n for n in names if n not in restored["ema_params"]]
+  if missing:
     raise ckpt.CheckpointError(
-        f"the base generator in {workdir} (step {step}) has another shape than "
-        "config.model.base; train the image stage with the same config.model.base.")
-  print(f"base generator initialised from the EMA weights of {workdir} (step {step}).")
-  # Two copies: the step donates the state, and one buffer must not be donated twice (device_put of
-  # a device array onto a sharding that includes its device may reuse its buffer).
-  params = {**state.params, "base": jax.device_put(src, trainer.state_sharding.params["base"])}
-  ema = {**state.ema_params, "base": jax.device_put(src, trainer.state_sharding.ema_params["base"])}
+        f"{workdir} (step {step}) has no {' or '.join(missing)}: it was trained with another "
+        "config.model.condition. Train the image stage with the same config.model as this run.")
+  params, ema = dict(state.params), dict(state.ema_params)
+  for name in names:
+    src = jax.device_get(restored["ema_params"][name])  # host copies: each device_put below makes new buffers
+    dst = state.params[name]
+    if jax.tree.structure(src) != jax.tree.structure(dst) or any(
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(src), jax.tree.leaves(dst))):
+      raise ckpt.CheckpointError(
+          f"the {name} network in {workdir} (step {step}) has another shape than this config's; "
+          "train the image stage with the same config.model.")
+    # Two copies: the step donates the state, and one buffer must not be donated twice (device_put of
+    # a device array onto a sharding that includes its device may reuse its buffer).
+    params[name] = jax.device_put(src, trainer.state_sharding.params[name])
+    ema[name] = jax.device_put(src, trainer.state_sharding.ema_params[name])
+  print(f"{', '.join(names)} initialised from the EMA weights of {workdir} (step {step}).")
   opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_sharding.opt_state)(params)
   return state.replace(params=params, ema_params=ema, opt_state=opt_state)
 
@@ -114,9 +124,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   start = int(state.step)
   total = config.train.num_steps
   if verbose:
-    print(f"parameters: base {trainer.num_params['base']:,}, residual "
-          f"{trainer.num_params['residual']:,}; devices {trainer.mesh.devices.size} "
-          f"(mesh {dict(trainer.mesh.shape)}); stage {config.train.stage}, λ={config.diffusion.lam}")
+    sizes = ", ".join(f"{k} {v:,}" for k, v in trainer.num_params.items())
+    print(f"parameters: {sizes}; devices {trainer.mesh.devices.size} "
+          f"(mesh {dict(trainer.mesh.shape)}); stage {config.train.stage}, λ={config.diffusion.lam}, "
+          f"condition: {config.model.condition}")
   if start >= total:
     manager.close()
     return state
@@ -167,8 +178,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
         if writer:
           writer.scalars(step, host)
         if verbose:
+          prior = f", prior {host['loss_prior']:.4f}" if "loss_prior" in host else ""
           print(f"step {step:>6}/{total}  loss {host['loss']:.4f} (key {host['loss_key']:.4f}, "
-                f"residual {host['loss_residual']:.4f})  lr {host['lr_base']:.1e}/{host['lr_residual']:.1e}  "
+                f"residual {host['loss_residual']:.4f}{prior})  lr {host['lr_base']:.1e}/{host['lr_residual']:.1e}  "
                 f"|g| {host['grad_norm_base']:.2f}/{host['grad_norm_residual']:.2f}  {rate:5.2f} steps/s  "
                 f"elapsed {_format_time(now - t0)}  left {_format_time((total - step) / max(rate, 1e-9))}",
                 flush=True)

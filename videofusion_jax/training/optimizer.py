@@ -1,4 +1,4 @@
-"""Which generators train, their learning rates, per-generator clipping and AdamW."""
+"""Which networks train, their learning rates, per-network clipping and AdamW."""
 from __future__ import annotations
 
 import jax
@@ -6,16 +6,22 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-GENERATORS = ("base", "residual")
+from videofusion_jax.models.factory import network_names
+
+# The encoder belongs with the base generator (a pretrained base comes with its encoder, as
+# DALL-E 2's decoder with CLIP): it trains at the base's rate and is frozen with it.
+WITH_BASE = ("base", "encoder")
 
 
-def trainable_generators(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The parameter subtrees the stage updates: the base alone in the image stage, the residual
-  alone with ``train.freeze_base``, both otherwise. The step differentiates only these."""
+def trainable_networks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The parameter subtrees the stage updates: the base (with encoder and prior) in the image
+  stage; with ``train.freeze_base`` the residual and the prior; all otherwise. The step
+  differentiates only these."""
   t = config.train
+  names = network_names(config)
   if t.stage == "image":
-    return ("base",)
-  return ("residual",) if t.freeze_base else GENERATORS
+    return tuple(n for n in names if n != "residual")
+  return tuple(n for n in names if n not in WITH_BASE) if t.freeze_base else names
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, scale: float) -> optax.Schedule:
@@ -55,15 +61,16 @@ def clip_each_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, dict]:
-  """Per-generator clipping, then AdamW with one learning rate for ``params['base']``
-  (``base_lr_scale``) and one for ``params['residual']``; generators the stage does not train
-  get no update. Returns the transformation and the two schedules (for logging)."""
+  """Per-network clipping, then AdamW with one learning rate for ``params['base']`` and the
+  encoder (``base_lr_scale``) and one for the residual generator and the prior; networks the
+  stage does not train get no update. Returns the transformation and the two schedules (for logging)."""
   t = config.train
   schedules = {"base": learning_rate_schedule(config, base_lr_scale(config)),
                "residual": learning_rate_schedule(config, 1.0)}
-  trainable = trainable_generators(config)
-  transforms = {name: optax.adamw(schedules[name], b1=0.9, b2=0.999, weight_decay=t.weight_decay)
-                if name in trainable else optax.set_to_zero() for name in GENERATORS}
+  trainable = trainable_networks(config)
+  transforms = {name: optax.adamw(schedules["base" if name in WITH_BASE else "residual"], b1=0.9, b2=0.999,
+                                  weight_decay=t.weight_decay)
+                if name in trainable else optax.set_to_zero() for name in network_names(config)}
   labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}  # noqa: E731
   tx = optax.chain(clip_each_by_global_norm(t.grad_clip), optax.multi_transform(transforms, labels))
   return tx, schedules

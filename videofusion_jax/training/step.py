@@ -10,9 +10,9 @@ import optax
 
 from videofusion_jax import diffusion
 from videofusion_jax.experiment import Experiment
-from videofusion_jax.models.factory import make_apply_fns
+from videofusion_jax.models.factory import make_apply_fns, make_prior_fn
 from videofusion_jax.training import sharding as shd
-from videofusion_jax.training.optimizer import trainable_generators
+from videofusion_jax.training.optimizer import trainable_networks
 from videofusion_jax.training.state import TrainState, ema_update
 
 
@@ -26,35 +26,77 @@ def labels_with_dropout(batch: dict, config: ml_collections.ConfigDict, rng: jax
   return jnp.where(drop, config.data.num_classes, label)
 
 
-def loss_fn(params, networks, config, batch, rng, lambdas, schedule):
-  """The stage's loss and its terms for one batch ``{'video': (B, N, H, W, C), 'label': (B,)}``."""
-  t_rng, n_rng, d_rng, l_rng, f_rng = jax.random.split(rng, 5)
+def condition_with_dropout(c: jnp.ndarray, config: ml_collections.ConfigDict, rng: jax.Array) -> jnp.ndarray:
+  """The embeddings ``(B, D)`` with ``train.label_dropout`` of the rows replaced by the null
+  condition (zeros), for classifier-free guidance on c."""
+  drop = jax.random.bernoulli(rng, config.train.label_dropout, c.shape[:1])
+  return jnp.where(drop[:, None], 0.0, c)
+
+
+def prior_loss(params, ema_params, experiment: Experiment, key_frames, batch, rng):
+  """The prior's ε loss on the key frames' embeddings by the EMA encoder (stop-gradient): the
+  embeddings that the EMA generators are paired with at generation time."""
+  t_rng, n_rng, l_rng = jax.random.split(rng, 3)
+  target = jax.lax.stop_gradient(experiment.encode(ema_params, key_frames))
+  schedule = experiment.prior_schedule
+  prior_fn = make_prior_fn(experiment.networks, params, labels_with_dropout(batch, experiment.config, l_rng))
+  t = diffusion.sample_timesteps(t_rng, target.shape[0], schedule.num_timesteps)
+  return diffusion.denoising_loss(prior_fn, target, t, jax.random.normal(n_rng, target.shape), schedule)
+
+
+def loss_fn(params, experiment: Experiment, batch, rng, ema_params=None):
+  """The stage's loss and its terms for one batch ``{'video': (B, N, H, W, C), 'label': (B,)}``.
+
+  With ``model.condition='embedding'`` both generators are conditioned on ``c = encode(params,
+  key frame)`` (with dropout to the null condition), and the loss adds the prior's term (its
+  target from ``ema_params``' encoder, default ``params``); the prior and the generators share no
+  parameters, so one sum serves both. ``terms['loss_generators']`` is the generators' part.
+  """
+  networks, config, lambdas, schedule = experiment.networks, experiment.config, experiment.lambdas, experiment.schedule
+  t_rng, n_rng, d_rng, l_rng, f_rng, p_rng = jax.random.split(rng, 6)
   video = batch["video"]
   b = video.shape[0]
-  label = labels_with_dropout(batch, config, l_rng)
-  base_fn, residual_fn = make_apply_fns(networks, params, label, train=True, rng=d_rng)
+  image_stage = config.train.stage == "image"
+  if image_stage:
+    x0 = video[jnp.arange(b), jax.random.randint(f_rng, (b,), 0, video.shape[1])]
+    key_frames = x0
+  else:
+    key_frames = video[:, diffusion.key_frame_index(video.shape[1])]
+  embedding = config.model.condition == "embedding"
+  label, condition = None, None
+  if embedding:
+    condition = condition_with_dropout(experiment.encode(params, key_frames), config, l_rng)
+  else:
+    label = labels_with_dropout(batch, config, l_rng)
+  base_fn, residual_fn = make_apply_fns(networks, params, label, train=True, rng=d_rng, condition=condition)
   t = diffusion.sample_timesteps(t_rng, b, schedule.num_timesteps)
-  if config.train.stage == "image":
-    frame = jax.random.randint(f_rng, (b,), 0, video.shape[1])
-    x0 = video[jnp.arange(b), frame]
-    loss = diffusion.image_loss(base_fn, x0, t, jax.random.normal(n_rng, x0.shape), schedule)
-    return loss, {"loss_key": loss, "loss_residual": jnp.zeros(())}
-  noise = diffusion.decomposed_noise(n_rng, video.shape, lambdas)
-  return diffusion.joint_loss(base_fn, residual_fn, video, t, noise, lambdas, schedule,
-                              key_frame_input=config.model.key_frame_input)
+  if image_stage:
+    loss = diffusion.denoising_loss(base_fn, x0, t, jax.random.normal(n_rng, x0.shape), schedule)
+    terms = {"loss_key": loss, "loss_residual": jnp.zeros(())}
+  else:
+    noise = diffusion.decomposed_noise(n_rng, video.shape, lambdas)
+    loss, terms = diffusion.joint_loss(base_fn, residual_fn, video, t, noise, lambdas, schedule,
+                                       key_frame_input=config.model.key_frame_input)
+  terms["loss_generators"] = loss
+  if not embedding:
+    return loss, terms
+  terms["loss_prior"] = prior_loss(params, params if ema_params is None else ema_params, experiment,
+                                   key_frames, batch, p_rng)
+  return loss + terms["loss_prior"], terms
 
 
-def train_step(state: TrainState, batch, *, networks, config, tx, schedules, lambdas, schedule):
+def train_step(state: TrainState, batch, *, experiment: Experiment):
   """One optimizer step. Returns the new state and scalar metrics.
 
-  Only the generators the stage trains are differentiated: a frozen base (or the image
+  Only the networks the stage trains are differentiated: a frozen base (or the image
   stage's idle residual) runs forward only and costs no backward pass.
   """
+  config, tx, schedules = experiment.config, experiment.tx, experiment.lr_schedules
   rng = jax.random.fold_in(state.rng, state.step)
-  trainable = trainable_generators(config)
+  trainable = trainable_networks(config)
 
   def loss_of(sub):
-    return loss_fn({**state.params, **sub}, networks, config, batch, rng, lambdas, schedule)
+    return loss_fn({**state.params, **sub}, experiment, batch, rng, ema_params=state.ema_params)
 
   (loss, terms), sub_grads = jax.value_and_grad(loss_of, has_aux=True)({k: state.params[k] for k in trainable})
   grads = {k: sub_grads[k] if k in sub_grads else jax.tree.map(jnp.zeros_like, v) for k, v in state.params.items()}
@@ -62,6 +104,7 @@ def train_step(state: TrainState, batch, *, networks, config, tx, schedules, lam
   params = jax.tree.map(lambda p, u: p + u, state.params, updates)
   ema = ema_update(state.ema_params, params, config.train.ema_decay, state.step)
   metrics = {
+      # 'loss' is what the step minimises: eq. 12 (or the image loss), plus the prior's term.
       "loss": loss, **terms,
       # Norms before clipping (each generator is clipped to train.grad_clip on its own).
       "grad_norm_base": optax.global_norm(grads["base"]), "grad_norm_residual": optax.global_norm(grads["residual"]),
@@ -75,8 +118,7 @@ class Trainer(Experiment):
 
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
     super().__init__(config, mesh)
-    step = functools.partial(train_step, networks=self.networks, config=config, tx=self.tx,
-                             schedules=self.lr_schedules, lambdas=self.lambdas, schedule=self.schedule)
+    step = functools.partial(train_step, experiment=self)
     self.step = self.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                          out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
                          donate_argnums=0)
