@@ -54,7 +54,7 @@ def main(argv):
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "batch": b, "frames": d.num_frames, "size": d.image_size, "stage": c.train.stage,
       "trainable": list(trainable_networks(c)),
-      "params_base": trainer.num_params["base"], "params_residual": trainer.num_params["residual"],
+      **{f"params_{k}": v for k, v in trainer.num_params.items()},
       "compile_and_first_step_s": round(compile_s, 2), "step_ms": round(1000 * step_s, 2),
       "clips_per_s": round(b / step_s, 2), "xla_flops_per_step": flops,
       "tflops_per_s": round(flops / step_s / 1e12, 3),

@@ -237,3 +237,35 @@ def test_hosts_split_ucf101_and_train_plus_test_reads_both(built):
                                            verbose=False))
       seen += batch["label"].tolist()
     assert sorted(seen) == labels
+
+
+def test_unconditional_configs_train_and_sample_through_the_prior(built, tmp_path):
+  """configs/sky_timelapse.py (learned encoder) and configs/taichi.py (the frozen 'pixels' encoder
+  in the frozen slot), with the tiny model, train on their fabricated datasets through the TFDS
+  pipeline and sample through the prior on nothing: no label anywhere, the prior's embeddings
+  kept in samples.npz."""
+  import sky_timelapse
+  import taichi
+
+  from videofusion_jax import sampling
+  from videofusion_jax.training.loop import train
+  from videofusion_jax.training.step import Trainer
+
+  tiny = tiny_config()
+  for name, module, encoder in (("sky_timelapse", sky_timelapse, "learned"), ("taichi", taichi, "frozen")):
+    c = module.get_config()
+    assert c.model.condition == "embedding" and c.data.num_classes == 0
+    c.data.update(data_dir=built(name)[2], image_size=8, num_frames=4)
+    c.model, c.train, c.sample = tiny.model, tiny.train, tiny.sample
+    c.train.num_steps = 2
+    if encoder == "frozen":
+      c.model.encoder.update(kind="frozen", frozen_name="pixels", embed_dim=48)
+    trainer = Trainer(c)
+    assert ("encoder" in trainer.num_params) == (encoder == "learned") and "prior" in trainer.num_params
+    state = train(c, tmp_path / name, trainer=trainer, verbose=False)
+    assert "label_embed" not in state.params["prior"] and int(state.step) == 2
+    sampling.run(c, str(tmp_path / name), experiment=trainer)
+    npz = np.load(tmp_path / name / "samples" / "step_2" / "samples.npz")
+    assert npz["videos"].shape == (3, 4, 8, 8, 3) and np.all(np.abs(npz["videos"]) <= 1.0)
+    assert npz["labels"].size == 0 and npz["embeddings"].shape == (3, c.model.encoder.embed_dim)
+    assert np.all(np.isfinite(npz["embeddings"]))

@@ -15,13 +15,17 @@ def run_main(*args, workdir):
 
 @pytest.mark.parametrize("override,message", [
     ("--config.diffusion.lam=1.5", "config.diffusion.lam=1.5: λ is the base-noise share"),
+    ("--config.model.encoder.kind=frozen", "the frozen encoder 'pixels' gives embeddings of width 48; set "
+     "--config.model.encoder.embed_dim=48"),
+    ("--config.data.num_classes=0 --config.sample.label=1",
+     "config.sample.label=1: use -1 (every class in turn); this config is unconditional"),
     ("--config.data.num_frames=1", "config.data.num_frames=1: VideoFusion needs at least 2"),
     ("--config.data.image_size=17", "image size 17 cannot be downsampled"),
     ("--config.sample.guidance_scale=-1", "config.sample.guidance_scale=-1.0: must be >= 0"),
     ("--config.model.base.head_dim=40", "config.model.base.head_dim=40: attention over 96 channels"),
 ])
 def test_bad_config_values(override, message, tmp_path):
-  r = run_main("--config=configs/demo.py", override, workdir=tmp_path)
+  r = run_main("--config=configs/demo.py", *override.split(), workdir=tmp_path)
   assert r.returncode == 1
   assert message in r.stderr and "Traceback" not in r.stderr
 

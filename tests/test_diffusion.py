@@ -242,3 +242,34 @@ def test_key_frame_input_is_the_base_estimate_of_the_clean_key_frame():
   d.decomposed_eps(wrong, residual_fn, z, t, lambdas, schedule, key_frame_input=True)
   expected = np.clip((np.asarray(z[:, 2]) - np.sqrt(1 - a) * 0.7) / np.sqrt(a), -1, 1)
   np.testing.assert_allclose(seen["x0"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_clean_key_frame_input_in_training_and_the_two_pass_sampler():
+  """model.key_frame_clean: in eq. 12 the residual generator reads the real key frame x0[:, k]
+  (whatever the base estimates), and at generation the key frame's chain does not depend on the
+  residual generator (its residual share is √(1-λ^k) = 0), so a first pass without it finishes
+  the same key frame that the full chain does, for DDIM with η = 1 and for DDPM."""
+  schedule, lambdas, x0, noise = _clips_and_noise(12)
+  t = jnp.array([5, 300, 990])
+  seen = []
+  wrong_base = lambda zk, tt: jnp.full_like(zk, 0.7)  # noqa: E731
+
+  def residual_fn(z_prime, tt, frame_index, key=None):
+    seen.append(key)
+    return 0.3 * z_prime + (0.0 if key is None else 0.2 * key[:, None])
+
+  d.joint_loss(wrong_base, residual_fn, x0, t, noise, lambdas, schedule, key_frame_input=True, clean_key_frame=True)
+  np.testing.assert_array_equal(seen[-1], x0[:, 2])
+  d.joint_loss(wrong_base, residual_fn, x0, t, noise, lambdas, schedule, key_frame_input=True)
+  assert np.abs(np.asarray(seen[-1]) - np.asarray(x0[:, 2])).max() > 0.1  # control: the estimate
+
+  base_fn = lambda zk, tt: 0.5 * zk + 0.01 * tt[:, None, None, None] / 1000  # noqa: E731
+  for method, steps in (("ddim", 20), ("ddpm", 1000)):
+    kw = dict(rng=jax.random.PRNGKey(3), shape=x0.shape, lambdas=lambdas, schedule=schedule, method=method,
+              num_steps=steps, eta=1.0)
+    first = d.sample(base_fn, lambda z, tt, i, *key: jnp.zeros_like(z), **kw)
+    key = first[:, 2]
+    full = d.sample(base_fn, residual_fn, key_frame=key, **kw)
+    np.testing.assert_allclose(full[:, 2], key, atol=1e-5)  # the same up to XLA's float reordering
+    np.testing.assert_array_equal(seen[-1], key)  # the residual generator read the finished key frame
+    assert np.abs(np.asarray(full[:, 0] - first[:, 0])).max() > 1e-3  # control: other frames differ

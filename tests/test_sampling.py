@@ -42,8 +42,18 @@ def test_demo_figures_cannot_be_won_by_a_trivial_output():
   noisy = rng.uniform(-1, 1, real.shape)
   noisy[:, 2] = real[:, 2]
   assert demo_figures(noisy, real_labels, real, real_labels)["all_frame_accuracy"] < 0.7
-  assert set(copy["per_sample"]) == {"motion", "key_distance", "all_frame_accuracy", "label"}
+  assert set(copy["per_sample"]) == {"motion", "key_distance", "all_frame_accuracy", "label", "copy_distance"}
   assert len(copy["per_sample"]["all_frame_accuracy"]) == 9
+  # The figures above are all won by copying; the copy distance shows the copy (0), whereas the
+  # real clips' distance to their nearest other clip (leave-one-out) is the brute-force minimum.
+  assert copy["copy_distance_generated"] == 0.0
+  loo = [min(np.abs(a - b).mean() for j, b in enumerate(real) if j != i) for i, a in enumerate(real)]
+  assert copy["copy_distance_real"] == pytest.approx(np.mean(loo), rel=1e-5) and np.mean(loo) > 0.05
+  assert figures["copy_distance_generated"] > 0
+  # Unconditional samples are scored against the clip of their key frame's nearest real frame.
+  uncond = demo_figures(real, None, real, real_labels)
+  assert uncond["all_frame_accuracy"] == 1.0 and uncond["per_sample"]["label"] == real_labels.tolist()
+  assert uncond["accuracy_against"] == "key frame's nearest clip"
 
 
 def test_demo_figures_against_brute_force():
@@ -86,7 +96,9 @@ def test_sample_mode_writes_videos_grid_and_figures(trained):
   npz = np.load(out / "samples.npz")
   videos = npz["videos"]
   assert np.abs(videos).max() <= 1.0 and npz["labels"].tolist() == [0, 1, 2]
-  assert npz["embeddings"].shape == (3, config.model.encoder.embed_dim)  # the prior's samples
+  width = config.model.encoder.embed_dim  # the prior's samples, on the encoders' sphere
+  assert npz["embeddings"].shape == (3, width)
+  np.testing.assert_allclose(np.linalg.norm(npz["embeddings"], axis=1), np.sqrt(width), rtol=1e-5)
   assert results["motion_generated"] == pytest.approx(motion(videos).mean())
   assert results["per_sample"]["label"] == [0, 1, 2] and len(results["per_sample"]["motion"]) == 3
 

@@ -276,8 +276,12 @@ def test_image_stage_then_video_stage_with_frozen_base(tmp_path):
   video_init = video_trainer.init_state(1)
   video_state = train(video_cfg, tmp_path / "video", iter(batches(video_cfg, 2)), trainer=video_trainer,
                       verbose=False)
-  # The base starts from the image run's EMA weights (what a released pretrained model is).
+  # The base starts from the image run's EMA weights (what a released pretrained model is), with
+  # its encoder (frozen with it); the prior starts there too and trains on.
   _allclose_trees(video_state.params["base"], image_state.ema_params["base"], atol=0)
+  _allclose_trees(video_state.params["encoder"], image_state.ema_params["encoder"], atol=0)
+  assert not np.allclose(video_state.params["prior"]["dense_out"]["kernel"],
+                         image_state.ema_params["prior"]["dense_out"]["kernel"])
   _allclose_trees(video_state.ema_params["base"], image_state.ema_params["base"], atol=0)
   assert not np.allclose(image_state.ema_params["base"]["conv_out"]["kernel"],
                          image_state.params["base"]["conv_out"]["kernel"])

@@ -62,6 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Beyond the paper: the residual generator also reads the base generator's current estimate of
   # the clean key frame (stop-gradient), so that each frame is denoised as a change of it.
   c.model.key_frame_input = False
+  # With key_frame_input: the residual generator reads the clean key frame instead of the current
+  # estimate (the real one in training; at generation the finished key frame, from a first pass of
+  # the key-frame chain, which depends on the base generator and the base noise alone).
+  c.model.key_frame_clean = False
 
   c.train = ml_collections.ConfigDict(dict(
       stage="video",  # 'image': the base generator alone on single frames.
@@ -167,6 +171,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 1 <= config.sample.prior_num_steps <= m.prior.num_timesteps:
       raise ConfigError(f"config.sample.prior_num_steps={config.sample.prior_num_steps}: must lie in "
                         f"[1, {m.prior.num_timesteps}] (the prior's DDIM steps).")
+  if m.key_frame_clean and not m.key_frame_input:
+    raise ConfigError("config.model.key_frame_clean=True chooses what model.key_frame_input feeds the residual "
+                      "generator: set --config.model.key_frame_input=True as well.")
   if t.stage not in ("video", "image"):
     raise ConfigError(f"config.train.stage={t.stage!r}: use 'video' or 'image'.")
   if t.batch_size < 1 or t.num_steps < 1:

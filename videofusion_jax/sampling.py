@@ -18,6 +18,7 @@ from videofusion_jax import diffusion
 from videofusion_jax.config import ConfigError
 from videofusion_jax.data import video_io
 from videofusion_jax.experiment import Experiment
+from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import make_apply_fns, make_prior_fn
 
 
@@ -41,7 +42,8 @@ def guided(config: ml_collections.ConfigDict) -> bool:
 def sample_condition(experiment: Experiment, params, rng: jax.Array, labels: jnp.ndarray | None,
                      batch: int) -> jnp.ndarray:
   """The prior's embeddings ``(batch, D)`` for ``labels`` ``(batch,)`` (None: a prior on
-  nothing), with guidance ``sample.prior_guidance_scale`` on the label (doubled batch)."""
+  nothing), with guidance ``sample.prior_guidance_scale`` on the label (doubled batch), put on
+  the sphere of radius √D where every encoder's embeddings lie."""
   c = experiment.config
   s, n = c.sample, c.data.num_classes
   scale = s.prior_guidance_scale if n and s.prior_guidance_scale != 1.0 else None
@@ -53,8 +55,8 @@ def sample_condition(experiment: Experiment, params, rng: jax.Array, labels: jnp
     def eps_fn(z, t):
       e = doubled(jnp.concatenate([z, z]), jnp.concatenate([t, t]))
       return diffusion.classifier_free_guidance(e[:batch], e[batch:], scale)
-  return diffusion.sample_embeddings(eps_fn, rng, (batch, c.model.encoder.embed_dim), experiment.prior_schedule,
-                                     num_steps=s.prior_num_steps, eta=s.prior_eta)
+  return to_sphere(diffusion.sample_embeddings(eps_fn, rng, (batch, c.model.encoder.embed_dim),
+                                               experiment.prior_schedule, num_steps=s.prior_num_steps, eta=s.prior_eta))
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,11 +88,18 @@ def make_generate_fn(experiment: Experiment):
       if scale is not None:
         net_labels = jnp.concatenate([labels, jnp.full_like(labels, c.data.num_classes)])
     base_fn, residual_fn = make_apply_fns(experiment.networks, params, net_labels, condition=net_condition)
-    videos = diffusion.sample(base_fn, residual_fn, rng, (batch,) + shape_tail, experiment.lambdas,
-                              experiment.schedule, method=c.sample.method, num_steps=c.sample.num_steps,
-                              eta=c.sample.eta, clip_x0=c.sample.clip_x0, guidance_scale=scale,
-                              key_frame_input=c.model.key_frame_input)
-    return videos, condition
+    run = functools.partial(diffusion.sample, base_fn, rng=rng, shape=(batch,) + shape_tail,
+                            lambdas=experiment.lambdas, schedule=experiment.schedule, method=c.sample.method,
+                            num_steps=c.sample.num_steps, eta=c.sample.eta, clip_x0=c.sample.clip_x0,
+                            guidance_scale=scale, key_frame_input=c.model.key_frame_input)
+    key_frame = None
+    if c.model.key_frame_clean:
+      # The key frame's chain depends on the base generator and the base noise alone (its residual
+      # share is √(1-λ^k) = 0), so a first pass with the same noise and no residual generator
+      # finishes the very key frame that the full chain will; the residual generator then reads it.
+      first = run(lambda z, t, i, *key: jnp.zeros_like(z))
+      key_frame = jnp.clip(first[:, diffusion.key_frame_index(c.data.num_frames)], -1.0, 1.0)
+    return run(residual_fn, key_frame=key_frame), condition
 
   # Shard the batch over the mesh when it divides evenly; otherwise one device does it all.
   divides = c.sample.batch_size % experiment.mesh.devices.size == 0
@@ -218,6 +227,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
           f"{results['motion_ratio']:.2f} = {results['motion_generated']:.3f} / {results['motion_real']:.3f}; "
           f"distance to the key frame: {results['key_distance_ratio']:.2f} = "
           f"{results['key_distance_generated']:.3f} / {results['key_distance_real']:.3f}")
+  if "copy_distance_generated" in results:
+    print(f"copy distance (mean |sample - nearest real clip|; 0 = a copy): {results['copy_distance_generated']:.3f}, "
+          f"against {results['copy_distance_real']:.3f} between a real clip and its nearest other real clip")
   print(json.dumps({k: v for k, v in results.items() if k != "per_sample"}))
   return results
 

@@ -135,7 +135,8 @@ def insert_key_frame(others: jnp.ndarray, key: jnp.ndarray) -> jnp.ndarray:
 
 
 def decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambdas: jnp.ndarray,
-                   schedule: Schedule, stop_base_gradient: bool = False, key_frame_input: bool = False):
+                   schedule: Schedule, stop_base_gradient: bool = False, key_frame_input: bool = False,
+                   key_frame: jnp.ndarray | None = None):
   """Eqs. (10) and (11) together: the noise estimate of every frame from the two networks.
 
   ``base_fn(z_key (B, H, W, C), t (B,)) -> (B, H, W, C)`` predicts ``b_t`` from the key frame;
@@ -149,6 +150,8 @@ def decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambd
   generator's current estimate of the clean key frame, ``residual_fn(z', t, i, x̂^k (B, H, W, C))``
   with ``x̂^k = predict_x0(z^k, b̂, t)`` clipped to [-1, 1], built from the same (stop-gradient,
   when asked) base estimate as ``z'``, so that each frame is denoised as a change of the key frame.
+  With ``key_frame`` ``(B, H, W, C)`` given, the residual generator reads that clean key frame
+  instead (``model.key_frame_clean``: the real one in training, the finished one at generation).
   """
   chex.assert_rank(z_t, 5)
   num_frames = z_t.shape[1]
@@ -157,7 +160,9 @@ def decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambd
   used_base = jax.lax.stop_gradient(base_eps) if stop_base_gradient else base_eps
   z_prime = remove_base_noise(z_t, used_base, t, lambdas, schedule)
   idx = non_key_frames(num_frames)
-  if key_frame_input:
+  if key_frame is not None:
+    residual_others = residual_fn(z_prime[:, idx], t, idx, key_frame)
+  elif key_frame_input:
     key_x0 = predict_x0(z_t[:, k], used_base, t, schedule, clip_x0=True)
     residual_others = residual_fn(z_prime[:, idx], t, idx, key_x0)
   else:

@@ -22,15 +22,17 @@ def classifier_free_guidance(eps_cond: jnp.ndarray, eps_null: jnp.ndarray, scale
 
 
 def guided_decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambdas: jnp.ndarray,
-                          schedule: Schedule, scale: float, key_frame_input: bool = False) -> jnp.ndarray:
+                          schedule: Schedule, scale: float, key_frame_input: bool = False,
+                          key_frame: jnp.ndarray | None = None) -> jnp.ndarray:
   """The guided noise estimate ``(B, N, H, W, C)`` of every frame.
 
   ``base_fn`` and ``residual_fn`` are those of ``decomposed_eps`` for a batch of ``2B``: the
   first ``B`` rows conditioned, the last ``B`` null-conditioned. Both passes go through each
-  network in one call.
+  network in one call. ``key_frame`` ``(B, H, W, C)``, if given, serves both passes.
   """
   chex.assert_rank(z_t, 5)
   b = z_t.shape[0]
   eps, _, _ = decomposed_eps(base_fn, residual_fn, jnp.concatenate([z_t, z_t]), jnp.concatenate([t, t]),
-                             lambdas, schedule, key_frame_input=key_frame_input)
+                             lambdas, schedule, key_frame_input=key_frame_input,
+                             key_frame=None if key_frame is None else jnp.concatenate([key_frame, key_frame]))
   return classifier_free_guidance(eps[:b], eps[b:], scale)

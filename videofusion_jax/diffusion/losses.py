@@ -15,7 +15,8 @@ ResidualFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
 def joint_loss(base_fn: BaseFn, residual_fn: ResidualFn, x0: jnp.ndarray, t: jnp.ndarray,
-               noise: jnp.ndarray, lambdas: jnp.ndarray, schedule: Schedule, key_frame_input: bool = False):
+               noise: jnp.ndarray, lambdas: jnp.ndarray, schedule: Schedule, key_frame_input: bool = False,
+               clean_key_frame: bool = False):
   """Eq. (12), the joint loss with stop-gradient, divided by ``N·H·W·C`` and averaged over B.
 
   ``L = ‖ε^k - z_φ^b(z^k)‖² + Σ_{i≠k} ‖ε^i - √λ^i sg[z_φ^b(z^k)] - √(1-λ^i) z_ψ^r(z'^i, i)‖²``
@@ -25,7 +26,8 @@ def joint_loss(base_fn: BaseFn, residual_fn: ResidualFn, x0: jnp.ndarray, t: jnp
   Args:
     base_fn, residual_fn: the networks, as in ``decomposed_eps``.
     x0: clean videos ``(B, N, H, W, C)``; t: ``(B,)``; noise: decomposed ``ε`` like x0.
-    key_frame_input: pass the residual generator ``x̂^k`` (``decomposed_eps``), from ``sg[z_φ^b]``.
+    key_frame_input: pass the residual generator ``x̂^k`` (``decomposed_eps``), from ``sg[z_φ^b]``;
+      with ``clean_key_frame``, the real key frame ``x0[:, k]`` instead.
   Returns:
     ``(loss, {'loss_key': ..., 'loss_residual': ...})``: scalars; the two terms are
     mean squared errors over their own frames, and
@@ -35,9 +37,10 @@ def joint_loss(base_fn: BaseFn, residual_fn: ResidualFn, x0: jnp.ndarray, t: jnp
   chex.assert_equal_shape([x0, noise])
   num_frames = x0.shape[1]
   z_t = q_sample(x0, t, noise, schedule)
-  eps_hat, base_eps, _ = decomposed_eps(base_fn, residual_fn, z_t, t, lambdas, schedule,
-                                        stop_base_gradient=True, key_frame_input=key_frame_input)
   k = key_frame_index(num_frames)
+  eps_hat, base_eps, _ = decomposed_eps(base_fn, residual_fn, z_t, t, lambdas, schedule,
+                                        stop_base_gradient=True, key_frame_input=key_frame_input,
+                                        key_frame=x0[:, k] if key_frame_input and clean_key_frame else None)
   loss_key = jnp.mean(jnp.square(noise[:, k].astype(jnp.float32) - base_eps.astype(jnp.float32)))
   others = non_key_frames(num_frames)
   loss_residual = jnp.mean(jnp.square(

@@ -128,14 +128,16 @@ def sample_embeddings(eps_fn, rng: jax.Array, shape: tuple[int, int], schedule: 
 def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas: jnp.ndarray,
            schedule: Schedule, method: str = "ddim", num_steps: int = 50, eta: float = 0.0,
            clip_x0: bool = True, initial_noise: jnp.ndarray | None = None,
-           guidance_scale: float | None = None, key_frame_input: bool = False) -> jnp.ndarray:
+           guidance_scale: float | None = None, key_frame_input: bool = False,
+           key_frame: jnp.ndarray | None = None) -> jnp.ndarray:
   """Generates videos ``(B, N, H, W, C)`` from decomposed noise ``z_T`` (eq. 7 at t = T).
 
   ``base_fn``, ``residual_fn`` as in ``decomposed_eps``; ``method`` is ``ddim`` (``num_steps``,
   ``eta``) or ``ddpm`` (all T steps). With ``guidance_scale`` the networks take the doubled
   batch of ``guided_decomposed_eps`` (conditioned rows, then null-conditioned rows) and each
-  step uses the guided estimate. ``key_frame_input`` as in ``decomposed_eps``. Jit-compatible:
-  the chain is a ``lax.scan``.
+  step uses the guided estimate. ``key_frame_input`` and ``key_frame`` (a clean key frame
+  ``(B, H, W, C)`` the residual generator reads at every step) as in ``decomposed_eps``.
+  Jit-compatible: the chain is a ``lax.scan``.
   """
   ts, t_prevs = sampler_timesteps(method, schedule.num_timesteps, num_steps)
   init_rng, rng = jax.random.split(rng)
@@ -147,10 +149,10 @@ def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas
     tb = jnp.full((batch,), t, jnp.int32)
     if guidance_scale is None:
       eps_hat, _, _ = decomposed_eps(base_fn, residual_fn, z, tb, lambdas, schedule,
-                                     key_frame_input=key_frame_input)
+                                     key_frame_input=key_frame_input, key_frame=key_frame)
     else:
       eps_hat = guided_decomposed_eps(base_fn, residual_fn, z, tb, lambdas, schedule, guidance_scale,
-                                      key_frame_input=key_frame_input)
+                                      key_frame_input=key_frame_input, key_frame=key_frame)
     eps_hat = eps_hat.astype(jnp.float32)
     if method == "ddim":
       z = ddim_step(z, eps_hat, tb, jnp.full((batch,), t_prev, jnp.int32), step_rng, lambdas,

@@ -8,6 +8,10 @@
 - *Motion ratio*: the mean absolute difference between consecutive frames of the samples
   divided by that of real clips (1 is right: a frozen video scores 0, flicker scores > 1); and
   the same ratio for each frame's distance to the key frame.
+- *Copy distance*: the mean absolute difference between each sample and its nearest real clip
+  (every frame aligned), against the same for each real clip and its nearest *other* real clip.
+  These three figures are all won by copying training clips; this one shows it: a copy scores
+  0, and a sample closer to the training clips than they are to each other is a near-copy.
 
 Videos are ``(B, N, H, W, C)`` in [-1, 1]; labels ``(B,)``.
 """
@@ -56,6 +60,17 @@ def key_frame_distance(videos: np.ndarray) -> np.ndarray:
   return np.abs(others - v[:, k:k + 1]).mean(axis=(1, 2, 3, 4))
 
 
+def nearest_clip_distance(samples: np.ndarray, real: np.ndarray, leave_one_out: bool = False) -> np.ndarray:
+  """Per sample, the mean absolute difference to its nearest real clip, ``(B,)``; with
+  ``leave_one_out`` (``samples`` is ``real``) a clip's own entry is skipped."""
+  a = samples.reshape(samples.shape[0], -1).astype(np.float32)
+  r = real.reshape(real.shape[0], -1).astype(np.float32)
+  d = np.stack([np.abs(x[None] - r).mean(axis=1) for x in a])
+  if leave_one_out:
+    np.fill_diagonal(d, np.inf)
+  return d.min(axis=1)
+
+
 def demo_figures(samples: np.ndarray, labels: np.ndarray | None, real: np.ndarray,
                  real_labels: np.ndarray) -> dict:
   """The figures and their per-sample values (lists), for ``results.json``. With ``labels`` None
@@ -69,6 +84,9 @@ def demo_figures(samples: np.ndarray, labels: np.ndarray | None, real: np.ndarra
       "key_distance_ratio": float(k_gen.mean() / k_real.mean()),
       "per_sample": {"motion": m_gen.tolist(), "key_distance": k_gen.tolist()},
   }
+  c_gen, c_real = nearest_clip_distance(samples, real), nearest_clip_distance(real, real, leave_one_out=True)
+  out.update(copy_distance_generated=float(c_gen.mean()), copy_distance_real=float(c_real.mean()))
+  out["per_sample"]["copy_distance"] = c_gen.tolist()
   out["accuracy_against"] = "label" if labels is not None else "key frame's nearest clip"
   if labels is None:
     labels = nearest_real_frame_labels(samples[:, key_frame_index(samples.shape[1])][:, None], real, real_labels)[:, 0]

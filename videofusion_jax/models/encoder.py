@@ -7,9 +7,11 @@
 - ``frozen``: any fixed function with the same interface, registered by name in
   ``FROZEN_ENCODERS`` (the paper's CLIP image tower plugs in here). Its output is not trained.
 
-Every embedding is scaled to norm ``√D`` (about unit variance per coordinate), so that the prior
-diffuses data of the scale its noise schedule assumes, and so that the null condition (zeros)
-is far from every real embedding.
+Every embedding is scaled to norm ``√D`` (about unit variance per coordinate; a frozen encoder's
+output is scaled too), so that the prior diffuses data of the scale its noise schedule assumes,
+the null condition (zeros) is far from every real embedding, and the prior's samples can be put
+back on the sphere that every training embedding lies on (as DALL-E 2's prior renormalises its
+CLIP embeddings).
 """
 from __future__ import annotations
 
@@ -69,7 +71,8 @@ EncodeFn = Callable[[jnp.ndarray], jnp.ndarray]
 
 def pixels_encoder(image_size: int, grid: int = 4) -> tuple[EncodeFn, int]:
   """A parameter-free frozen encoder: the frame average-pooled to ``grid x grid`` (``3 grid²``
-  numbers), centred and scaled to the sphere. A baseline, and the frozen slot's reference user."""
+  numbers), centred (``frozen_encoder`` scales it to the sphere). A baseline, and the frozen
+  slot's reference user."""
   if image_size % grid:
     raise ValueError(f"the 'pixels' encoder pools {image_size}x{image_size} frames to {grid}x{grid}; "
                      f"the image size must be a multiple of {grid}.")
@@ -77,7 +80,7 @@ def pixels_encoder(image_size: int, grid: int = 4) -> tuple[EncodeFn, int]:
   def encode(x):
     b, h, w, c = x.shape
     pooled = x.reshape(b, grid, h // grid, grid, w // grid, c).mean(axis=(2, 4)).reshape(b, -1)
-    return to_sphere(pooled - pooled.mean(axis=-1, keepdims=True))
+    return pooled - pooled.mean(axis=-1, keepdims=True)
 
   return encode, 3 * grid * grid
 
@@ -98,4 +101,4 @@ def frozen_encoder(name: str, image_size: int) -> tuple[EncodeFn, int]:
     raise ValueError(f"unknown frozen encoder {name!r}; registered: {sorted(FROZEN_ENCODERS)} "
                      "(add one with videofusion_jax.models.encoder.register_frozen_encoder).")
   encode, width = FROZEN_ENCODERS[name](image_size)
-  return (lambda x: jax.lax.stop_gradient(encode(x)).astype(jnp.float32)), width
+  return (lambda x: to_sphere(jax.lax.stop_gradient(encode(x)).astype(jnp.float32))), width

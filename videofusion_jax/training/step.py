@@ -76,7 +76,8 @@ def loss_fn(params, experiment: Experiment, batch, rng, ema_params=None):
   else:
     noise = diffusion.decomposed_noise(n_rng, video.shape, lambdas)
     loss, terms = diffusion.joint_loss(base_fn, residual_fn, video, t, noise, lambdas, schedule,
-                                       key_frame_input=config.model.key_frame_input)
+                                       key_frame_input=config.model.key_frame_input,
+                                       clean_key_frame=config.model.key_frame_clean)
   terms["loss_generators"] = loss
   if not embedding:
     return loss, terms
