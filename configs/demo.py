@@ -4,7 +4,8 @@ python -m videofusion_jax.main --config=configs/demo.py --workdir=workdirs/demo
 
 As the paper: λ = 0.5, both generators conditioned on the learned key-frame embedding c, and a
 prior that samples c from the clip id. ``configs/demo.py:unconditional``: the prior samples c
-from nothing (the clip id is not used at all).
+from nothing (the clip id is not used at all). Beyond the paper, the residual generator reads
+the clean key frame (``model.key_frame_clean``); the other departures are the CPU's (README).
 """
 from videofusion_jax.config import base_config, unet_config
 
@@ -20,10 +21,13 @@ def get_config(variant: str = ""):
   c.model.condition = "embedding"
   c.model.encoder.update(kind="learned", embed_dim=32, base_channels=16, channel_mult=(1, 2))
   c.model.prior.update(width=128, num_layers=3)
+  # Beyond the paper: the residual generator reads the clean key frame (see the README).
+  c.model.key_frame_input = True
+  c.model.key_frame_clean = True
   c.model.dtype = "float32"
   c.train.update(batch_size=8, num_steps=1600, learning_rate=1e-3, base_lr_scale=1.0,
                  warmup_steps=100, ema_decay=0.995, label_dropout=0.0, log_every=100,
-                 checkpoint_every=500, keep_checkpoints=2)
+                 checkpoint_every=500, keep_checkpoints=2, prior_repeats=32)
   # Stochastic sampling (η = 1, decomposed fresh noise, eq. 8) corrects the errors that
   # deterministic DDIM (η = 0) bakes into frames of a model this small.
   c.sample.update(num_steps=250, eta=1.0, num_samples=12, batch_size=12, upscale=4)

@@ -15,7 +15,8 @@ sys.path.insert(0, str(ROOT / "configs"))
 
 
 def tiny_config(**overrides):
-  """The demo config shrunk to 8x8, 4 frames, 8 channels: compiles in seconds on a CPU."""
+  """The demo config shrunk to 8x8, 4 frames, 8 channels: compiles in seconds on a CPU. The
+  key-frame embedding and the prior (on the clip id), as the paper."""
   import demo
 
   from videofusion_jax.config import unet_config
@@ -26,6 +27,8 @@ def tiny_config(**overrides):
                              attention_resolutions=(4,), head_dim=8)
   c.model.residual = unet_config(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                                  attention_resolutions=(), head_dim=8)
+  # The paper's path (the demo's clean key-frame input has its own tests).
+  c.model.update(key_frame_input=False, key_frame_clean=False)
   c.train.update(batch_size=8, num_steps=4, warmup_steps=2, log_every=1, checkpoint_every=2,
                  keep_checkpoints=5, learning_rate=1e-3)
   c.sample.update(num_steps=5, num_samples=3, batch_size=3, upscale=1, num_real_clips=12)

@@ -241,9 +241,9 @@ def test_hosts_split_ucf101_and_train_plus_test_reads_both(built):
 
 def test_unconditional_configs_train_and_sample_through_the_prior(built, tmp_path):
   """configs/sky_timelapse.py (learned encoder) and configs/taichi.py (the frozen 'pixels' encoder
-  in the frozen slot), with the tiny model, train on their fabricated datasets through the TFDS
-  pipeline and sample through the prior on nothing: no label anywhere, the prior's embeddings
-  kept in samples.npz."""
+  in the frozen slot, and the clean key-frame input with its two-pass sampler), with the tiny
+  model, train on their fabricated datasets through the TFDS pipeline and sample through the
+  prior on nothing: no label anywhere, the prior's embeddings kept in samples.npz."""
   import sky_timelapse
   import taichi
 
@@ -260,6 +260,7 @@ def test_unconditional_configs_train_and_sample_through_the_prior(built, tmp_pat
     c.train.num_steps = 2
     if encoder == "frozen":
       c.model.encoder.update(kind="frozen", frozen_name="pixels", embed_dim=48)
+      c.model.update(key_frame_input=True, key_frame_clean=True)
     trainer = Trainer(c)
     assert ("encoder" in trainer.num_params) == (encoder == "learned") and "prior" in trainer.num_params
     state = train(c, tmp_path / name, trainer=trainer, verbose=False)

@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
       # label_dropout: the share of examples whose condition (the label, or c) the generators see
       # as the null condition, and whose label the prior sees as the null label (guidance).
       label_dropout=0.1, log_every=50, checkpoint_every=5000, keep_checkpoints=3,
+      prior_repeats=1,  # timesteps at which each key-frame embedding is noised for the prior's loss
       init_base_from="", freeze_base=False))
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -165,6 +166,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if m.prior.width < 1 or m.prior.num_layers < 1:
       raise ConfigError(f"config.model.prior.width={m.prior.width} / num_layers={m.prior.num_layers}: "
                         "must be >= 1.")
+    if t.prior_repeats < 1:
+      raise ConfigError(f"config.train.prior_repeats={t.prior_repeats}: must be >= 1.")
     if config.sample.prior_guidance_scale < 0:
       raise ConfigError(f"config.sample.prior_guidance_scale={config.sample.prior_guidance_scale}: must be "
                         ">= 0 (1 = no guidance on the prior's label).")

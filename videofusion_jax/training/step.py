@@ -35,11 +35,15 @@ def condition_with_dropout(c: jnp.ndarray, config: ml_collections.ConfigDict, rn
 
 def prior_loss(params, ema_params, experiment: Experiment, key_frames, batch, rng):
   """The prior's ε loss on the key frames' embeddings by the EMA encoder (stop-gradient): the
-  embeddings that the EMA generators are paired with at generation time."""
+  embeddings that the EMA generators are paired with at generation time. Each embedding is
+  noised at ``train.prior_repeats`` timesteps: the prior is an MLP, so a larger effective batch
+  costs little next to the U-Nets and lowers its gradient noise."""
   t_rng, n_rng, l_rng = jax.random.split(rng, 3)
-  target = jax.lax.stop_gradient(experiment.encode(ema_params, key_frames))
-  schedule = experiment.prior_schedule
-  prior_fn = make_prior_fn(experiment.networks, params, labels_with_dropout(batch, experiment.config, l_rng))
+  config, schedule = experiment.config, experiment.prior_schedule
+  repeats = config.train.prior_repeats
+  target = jnp.repeat(jax.lax.stop_gradient(experiment.encode(ema_params, key_frames)), repeats, axis=0)
+  labels = labels_with_dropout({"label": jnp.repeat(batch["label"], repeats)}, config, l_rng)
+  prior_fn = make_prior_fn(experiment.networks, params, labels)
   t = diffusion.sample_timesteps(t_rng, target.shape[0], schedule.num_timesteps)
   return diffusion.denoising_loss(prior_fn, target, t, jax.random.normal(n_rng, target.shape), schedule)
 
