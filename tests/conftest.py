@@ -29,6 +29,9 @@ def tiny_config(**overrides):
                                  attention_resolutions=(), head_dim=8)
   # The paper's path (the demo's clean key-frame input has its own tests).
   c.model.update(key_frame_input=False, key_frame_clean=False)
+  # A prior as small as the generators (the demo's would dominate this step's FLOPs).
+  c.model.prior.update(width=32, num_layers=2)
+  c.train.prior_repeats = 2
   c.train.update(batch_size=8, num_steps=4, warmup_steps=2, log_every=1, checkpoint_every=2,
                  keep_checkpoints=5, learning_rate=1e-3)
   c.sample.update(num_steps=5, num_samples=3, batch_size=3, upscale=1, num_real_clips=12)
