@@ -64,7 +64,7 @@ def test_demo_figures_against_brute_force():
   pool = [(r[f], lab) for r, lab in zip(real, real_labels) for f in range(5)]
   hits = [[pool[int(np.argmin([np.sum((s[f] - p) ** 2) for p, _ in pool]))][1] == lab for f in range(5)]
           for s, lab in zip(samples, labels)]
-  np.testing.assert_allclose(all_frame_accuracy(samples, labels, real, real_labels), np.mean(hits, axis=1))
+  np.testing.assert_allclose(all_frame_accuracy(samples, labels, real, real_labels)[0], np.mean(hits, axis=1))
   expected = [np.mean([np.abs(v[i + 1] - v[i]).mean() for i in range(4)]) for v in samples]
   np.testing.assert_allclose(motion(samples), expected)
   expected = [np.mean([np.abs(v[i] - v[2]).mean() for i in (0, 1, 3, 4)]) for v in samples]

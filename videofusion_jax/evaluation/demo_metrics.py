@@ -39,12 +39,14 @@ def nearest_real_frame_labels(samples: np.ndarray, real: np.ndarray, real_labels
   return out.reshape(b, n)
 
 
-def all_frame_accuracy(samples: np.ndarray, labels: np.ndarray, real: np.ndarray,
-                       real_labels: np.ndarray) -> np.ndarray:
+def all_frame_accuracy(samples: np.ndarray, labels: np.ndarray | None, real: np.ndarray,
+                       real_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per sample, the share of its frames whose nearest real frame comes from the labelled
-  clip, ``(B,)``; the figure is its mean."""
-  hits = nearest_real_frame_labels(samples, real, real_labels) == np.asarray(labels)[:, None]
-  return hits.mean(axis=1)
+  clip, ``(B,)`` (the figure is its mean), and the labels used: ``labels``, or with None the
+  label of each key frame's nearest real frame (unconditional samples)."""
+  nearest = nearest_real_frame_labels(samples, real, real_labels)
+  labels = nearest[:, key_frame_index(samples.shape[1])] if labels is None else np.asarray(labels)
+  return (nearest == labels[:, None]).mean(axis=1), labels
 
 
 def motion(videos: np.ndarray) -> np.ndarray:
@@ -88,10 +90,8 @@ def demo_figures(samples: np.ndarray, labels: np.ndarray | None, real: np.ndarra
   out.update(copy_distance_generated=float(c_gen.mean()), copy_distance_real=float(c_real.mean()))
   out["per_sample"]["copy_distance"] = c_gen.tolist()
   out["accuracy_against"] = "label" if labels is not None else "key frame's nearest clip"
-  if labels is None:
-    labels = nearest_real_frame_labels(samples[:, key_frame_index(samples.shape[1])][:, None], real, real_labels)[:, 0]
-  acc = all_frame_accuracy(samples, labels, real, real_labels)
+  acc, labels = all_frame_accuracy(samples, labels, real, real_labels)
   out["all_frame_accuracy"] = float(acc.mean())
   out["per_sample"]["all_frame_accuracy"] = acc.tolist()
-  out["per_sample"]["label"] = np.asarray(labels).tolist()
+  out["per_sample"]["label"] = labels.tolist()
   return out
