@@ -1,67 +1,234 @@
-"""Times the jitted train step on synthetic input and prints one JSON line.
+"""One benchmark for VideoFusion and VDM*: the jitted train step and DDIM sampling on synthetic
+input, one JSON line per result. No TensorFlow (the GPU machines have none).
 
-python benchmarks/train_step.py --config=configs/ucf101.py --peak_tflops=695
+python benchmarks/train_step.py --config=configs/ucf101.py             # the config's model
+python benchmarks/train_step.py --config=configs/ucf101.py --compare   # and VDM* on the same base
 
-FLOPs come from XLA's cost analysis of the compiled step; MFU is measured against
-``--peak_tflops`` (695 for a bf16 H200 matrix product, see the GPU notes). No TensorFlow.
+For each model: compile time of the step cold (an empty persistent cache) and warm (the cache
+filled, in-memory caches cleared), the median step time over ``--steps`` steps after
+``--warmup``, clips/s, XLA's FLOPs per step (its cost analysis of the compiled program), achieved
+TFLOP/s, MFU against ``--peak_tflops`` (695: a bf16 matrix product measured on an H200, see the
+GPU notes), and peak memory (the device's memory stats where it has them, else XLA's memory
+analysis of the step). For sampling: videos/s of DDIM with ``--sample_steps`` steps at the
+config's sample batch and size, and its MFU (FLOPs: XLA's count for one step of each chain, times
+the steps, since XLA counts a loop's body once). ``--compare`` also prints VideoFusion / VDM* ratios.
 """
 from __future__ import annotations
 
 import json
-import os
+import statistics
+import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile step).")
-_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU (0: skip).")
-_CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent compilation cache dir.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps (after the warm-up ones).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed train steps after compiling.")
+_PEAK = flags.DEFINE_float("peak_tflops", 695.0, "Device peak TFLOP/s for MFU (695: bf16 matmul on an H200).")
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "DDIM steps of the sampling benchmark (0: skip it).")
+_SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed sampling batches (median).")
+_COMPARE = flags.DEFINE_bool("compare", False, "Also run VDM* on the same base generator, and print ratios.")
+_CACHE_ROOT = flags.DEFINE_string("cache_root", "", "Where the fresh compilation caches go ('' = a temp dir).")
+
+SAMPLE_FIELDS = ("sample_compile_cold_s", "sample_compile_warm_s", "sample_s_per_batch", "videos_per_s",
+                 "sample_xla_flops_per_batch", "sample_tflops_per_s", "sample_mfu")
+TRAIN_FIELDS = ("compile_cold_s", "compile_warm_s", "step_ms_median", "clips_per_s", "xla_flops_per_step",
+                "tflops_per_s", "mfu", "peak_memory_bytes", "memory_source")
 
 
-def main(argv):
-  del argv
+def vdm_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """VDM* on ``config``'s base generator: the same U-Net made space-time, independent noise."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.update(kind="vdm", key_frame_input=False, key_frame_clean=False)
+  c.diffusion.lam = 0.0
+  c.train.update(stage="video", freeze_base=False)
+  return c
+
+
+def fresh_compilation_cache(root: str) -> str:
+  """Points XLA's persistent cache at a new empty folder (every program cached, however small)."""
+  from jax._src import compilation_cache  # the public switch alone does not re-open a used cache
+
+  path = tempfile.mkdtemp(prefix="xla_cache_", dir=root or None)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()
+  return path
+
+
+def compile_cold_and_warm(jitted, *args):
+  """``(compiled, cold_s, warm_s)``: trace + compile with an empty persistent cache, then again
+  with it filled and jax's in-memory caches cleared (what a rerun of the same job pays)."""
+  fresh_compilation_cache(_CACHE_ROOT.value)
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  cold = time.perf_counter() - t0
+  jax.clear_caches()
+  t0 = time.perf_counter()
+  jitted.lower(*args).compile()
+  return compiled, cold, time.perf_counter() - t0
+
+
+def xla_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def memory(compiled) -> tuple[int, int, str]:
+  """``(peak bytes, program bytes, source)``: the device's peak in use where it reports one (this
+  process so far), else the program's; the program's: XLA's buffers for arguments, outputs and
+  temporaries, less what is aliased (donated)."""
+  m = compiled.memory_analysis()
+  program = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), program, "device memory_stats (process peak so far)"
+  return program, program, "compiled.memory_analysis (arguments + outputs + temporaries - aliased)"
+
+
+def bench_train(trainer) -> tuple[dict, object]:
+  """Times ``trainer``'s step on a synthetic batch; returns the figures and the last state."""
   from videofusion_jax.training.optimizer import trainable_networks
-  from videofusion_jax.training.step import Trainer
 
-  if _CACHE.value:
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE.value))
-  c = _CONFIG.value
-  t0 = time.time()
-  trainer = Trainer(c)
-  state = trainer.init_state(c.seed)
+  c = trainer.config
   b, d = c.train.batch_size, c.data
   rng = np.random.default_rng(0)
   batch = trainer.global_batch({
       "video": rng.uniform(-1, 1, (b, d.num_frames, d.image_size, d.image_size, 3)).astype(np.float32),
       "label": rng.integers(0, max(d.num_classes, 1), b).astype(np.int32)})
-  compiled = trainer.step.lower(state, batch).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  state, m = trainer.step(state, batch)
-  jax.block_until_ready(m)
-  compile_s = time.time() - t0
-  t1 = time.time()
+  state = trainer.init_state(c.seed)
+  compiled, cold, warm = compile_cold_and_warm(trainer.step, state, batch)
+  for _ in range(_WARMUP.value):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(state)
+  times = []
   for _ in range(_STEPS.value):
-    state, m = trainer.step(state, batch)
-  jax.block_until_ready(m)
-  step_s = (time.time() - t1) / _STEPS.value
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  flops = xla_flops(compiled)
+  peak, program, source = memory(compiled)
   out = {
-      "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-      "batch": b, "frames": d.num_frames, "size": d.image_size, "stage": c.train.stage,
-      "trainable": list(trainable_networks(c)),
+      "result": "train_step", "model": c.model.kind, "device": jax.devices()[0].device_kind,
+      "devices": jax.device_count(), "batch": b, "frames": d.num_frames, "size": d.image_size,
+      "dtype": c.model.dtype, "stage": c.train.stage, "trainable": list(trainable_networks(c)),
       **{f"params_{k}": v for k, v in trainer.num_params.items()},
-      "compile_and_first_step_s": round(compile_s, 2), "step_ms": round(1000 * step_s, 2),
-      "clips_per_s": round(b / step_s, 2), "xla_flops_per_step": flops,
-      "tflops_per_s": round(flops / step_s / 1e12, 3),
+      "compile_cold_s": round(cold, 2), "compile_warm_s": round(warm, 2), "steps_timed": len(times),
+      "step_ms_median": round(1000 * step_s, 3), "step_ms_min": round(1000 * min(times), 3),
+      "clips_per_s": round(b / step_s, 3),
+      "xla_flops_per_step": flops, "flops_source": "XLA cost analysis of the compiled step",
+      "tflops_per_s": round(flops / step_s / 1e12, 4), "peak_tflops": _PEAK.value,
+      "mfu": round(flops / step_s / 1e12 / _PEAK.value, 5),
+      "peak_memory_bytes": peak, "program_memory_bytes": program, "memory_source": source,
   }
-  if _PEAK.value:
-    out["mfu"] = round(flops / step_s / 1e12 / _PEAK.value, 4)
-  print(json.dumps(out))
+  return out, state
+
+
+def sampling_flops(trainer, params) -> float:
+  """XLA's FLOPs for one generated batch: each chain's one-step estimate, times its steps."""
+  from videofusion_jax import sampling
+
+  c = trainer.config
+  b, d = c.sample.batch_size, c.data
+  labels = jnp.zeros((b,), jnp.int32) if d.num_classes else None
+  cond = jnp.zeros((b, c.model.encoder.embed_dim)) if c.model.condition == "embedding" else None
+  net_labels, net_cond = sampling.network_conditions(c, labels, cond)
+  z = jnp.zeros((b, d.num_frames, d.image_size, d.image_size, 3))
+  t = jnp.zeros((b,), jnp.int32)
+  key = jnp.zeros((b, d.image_size, d.image_size, 3)) if c.model.key_frame_clean else None
+
+  def count(fn, *args):
+    return xla_flops(jax.jit(fn).lower(*args).compile())
+
+  total = c.sample.num_steps * count(
+      lambda p, zz, tt: sampling.video_eps_fn(trainer, p, net_labels, net_cond, key_frame=key)(zz, tt), params, z, t)
+  if c.model.key_frame_clean:
+    total += c.sample.num_steps * count(
+        lambda p, zz, tt: sampling.video_eps_fn(trainer, p, net_labels, net_cond, residual=False)(zz, tt),
+        params, z, t)
+  if cond is not None:
+    total += c.sample.prior_num_steps * count(
+        lambda p, e, tt: sampling.prior_eps_fn(trainer, p, labels)(e, tt), params, cond, t)
+  return total
+
+
+def bench_sample(trainer, params) -> dict:
+  """Videos/s of the config's generator (the prior, then the chains) with DDIM."""
+  from videofusion_jax import sampling
+
+  c = trainer.config
+  b = c.sample.batch_size
+  labels = jnp.zeros((b,), jnp.int32) if c.data.num_classes else None
+  generate = sampling.make_generate_fn(trainer)
+  rng = jax.random.PRNGKey(0)
+  compiled, cold, warm = compile_cold_and_warm(generate, params, rng, labels, None)
+  jax.block_until_ready(compiled(params, rng, labels, None))
+  times = []
+  for i in range(_SAMPLE_REPEATS.value):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(params, jax.random.PRNGKey(i + 1), labels, None))
+    times.append(time.perf_counter() - t0)
+  batch_s = statistics.median(times)
+  flops = sampling_flops(trainer, params)
+  return {
+      "result": "sample", "model": c.model.kind, "device": jax.devices()[0].device_kind, "batch": b,
+      "method": c.sample.method, "steps": c.sample.num_steps, "guidance_scale": c.sample.guidance_scale,
+      "sample_compile_cold_s": round(cold, 2), "sample_compile_warm_s": round(warm, 2),
+      "sample_s_per_batch": round(batch_s, 4), "videos_per_s": round(b / batch_s, 4),
+      "sample_xla_flops_per_batch": flops,
+      "sample_flops_source": "XLA cost analysis of one step of each chain (prior, key frame, video) x its steps",
+      "sample_tflops_per_s": round(flops / batch_s / 1e12, 4),
+      "sample_mfu": round(flops / batch_s / 1e12 / _PEAK.value, 5),
+  }
+
+
+def run_model(config: ml_collections.ConfigDict) -> list[dict]:
+  from videofusion_jax.training.step import Trainer
+
+  trainer = Trainer(config)
+  train, state = bench_train(trainer)
+  results = [train]
+  if _SAMPLE_STEPS.value:
+    results.append(bench_sample(trainer, state.ema_params))
+  for r in results:
+    print(json.dumps(r), flush=True)
+  return results
+
+
+def ratios(vf: list[dict], vdm: list[dict]) -> dict:
+  """VideoFusion / VDM* for speed and memory (same base generator, same process)."""
+  out = {"result": "compare", "model": "videofusion / vdm",
+         "clips_per_s_ratio": round(vf[0]["clips_per_s"] / vdm[0]["clips_per_s"], 3),
+         "program_memory_ratio": round(vf[0]["program_memory_bytes"] / vdm[0]["program_memory_bytes"], 3),
+         "xla_flops_ratio": round(vf[0]["xla_flops_per_step"] / vdm[0]["xla_flops_per_step"], 3),
+         "params_ratio": round(sum(v for k, v in vf[0].items() if k.startswith("params_"))
+                               / sum(v for k, v in vdm[0].items() if k.startswith("params_")), 3)}
+  if len(vf) > 1 and len(vdm) > 1:
+    out["videos_per_s_ratio"] = round(vf[1]["videos_per_s"] / vdm[1]["videos_per_s"], 3)
+    out["sample_xla_flops_ratio"] = round(vf[1]["sample_xla_flops_per_batch"] / vdm[1]["sample_xla_flops_per_batch"], 3)
+  return out
+
+
+def main(argv):
+  del argv
+  c = _CONFIG.value
+  if _SAMPLE_STEPS.value:
+    c.sample.update(method="ddim", num_steps=_SAMPLE_STEPS.value)
+  results = run_model(c)
+  if _COMPARE.value:
+    if c.model.kind == "vdm":
+      raise app.UsageError("--compare runs VideoFusion and VDM* from a VideoFusion config; this one is VDM*.")
+    print(json.dumps(ratios(results, run_model(vdm_of(c)))), flush=True)
 
 
 if __name__ == "__main__":

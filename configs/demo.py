@@ -4,8 +4,9 @@ python -m videofusion_jax.main --config=configs/demo.py --workdir=workdirs/demo
 
 As the paper: λ = 0.5, both generators conditioned on the learned key-frame embedding c, and a
 prior that samples c from the clip id. ``configs/demo.py:unconditional``: the prior samples c
-from nothing (the clip id is not used at all). Beyond the paper, the residual generator reads
-the clean key frame (``model.key_frame_clean``); the other departures are the CPU's (README).
+from nothing (the clip id is not used at all); ``configs/demo.py:vdm``: VDM*, the baseline.
+Beyond the paper, the residual generator reads the clean key frame (``model.key_frame_clean``);
+the other departures are the CPU's (README).
 """
 from videofusion_jax.config import base_config, unet_config
 
@@ -35,6 +36,12 @@ def get_config(variant: str = ""):
   c.eval.update(num_real=96, num_generated=96, kvd_subset_size=48)
   if variant == "unconditional":
     c.data.num_classes = 0
+  elif variant == "vdm":
+    # VDM*, the paper's baseline (its Table 4 at this size): the base U-Net made space-time, on every
+    # frame, independent noise; the same embedding, prior and training budget.
+    c.model.update(kind="vdm", key_frame_input=False, key_frame_clean=False)
+    c.diffusion.lam = 0.0
   elif variant:
-    raise ValueError(f"unknown demo variant {variant!r}; use configs/demo.py or configs/demo.py:unconditional.")
+    raise ValueError(f"unknown demo variant {variant!r}; use configs/demo.py, configs/demo.py:unconditional "
+                     "or configs/demo.py:vdm.")
   return c

@@ -1,11 +1,15 @@
 """UCF101 as in the paper: 16 frames at 64x64, λ = 0.5, class-conditional (101), T = 1000.
 
 Model sizes are for a pod (base about 4x the residual). Pass ``:small`` for a local check.
+``:vdm`` is VDM*, the paper's baseline: the same base U-Net made space-time (a temporal attention
+after each spatial one) on every frame, with independent noise (λ = 0); ``:vdm_small`` both.
 """
 from videofusion_jax.config import base_config, unet_config
 
 
 def get_config(variant: str = ""):
+  if variant not in ("", "small", "vdm", "vdm_small"):
+    raise ValueError(f"unknown ucf101 variant {variant!r}; use '', 'small', 'vdm' or 'vdm_small'.")
   c = base_config()
   c.data.update(name="ucf101/64", split="train", num_frames=16, frame_stride=2, image_size=64,
                 num_classes=101)
@@ -17,7 +21,10 @@ def get_config(variant: str = ""):
   c.train.update(batch_size=256, num_steps=400_000, learning_rate=1e-4, base_lr_scale=0.1,
                  warmup_steps=5000)
   c.mesh.update(data=-1, fsdp=1)
-  if variant == "small":
+  if variant.startswith("vdm"):
+    c.model.kind = "vdm"
+    c.diffusion.lam = 0.0
+  if variant.endswith("small"):
     c.model.base.update(base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1)
     c.model.residual.update(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1)
     c.train.update(batch_size=4, num_steps=100, log_every=10)

@@ -41,6 +41,14 @@ def base_config() -> ml_collections.ConfigDict:
       schedule="linear", num_timesteps=1000, lam=0.5))
 
   c.model = ml_collections.ConfigDict()
+  # 'videofusion': the base generator on the key frame and the residual generator on the other
+  # frames (decomposed noise). 'vdm': VDM* (the paper's baseline), the base generator's U-Net made
+  # space-time (temporal attention over the frames, Ho et al. 2022) run on every frame, trained on
+  # independent noise with diffusion.lam = 0 (configs/ucf101.py:vdm); model.residual is not used.
+  c.model.kind = "videofusion"
+  # VDM*: the feature-map sizes whose blocks are followed by a temporal attention (and the middle
+  # one); () puts one after every spatial attention (model.base.attention_resolutions), as VDM.
+  c.model.vdm = ml_collections.ConfigDict(dict(temporal_resolutions=()))
   c.model.base = unet_config()
   c.model.residual = unet_config(base_channels=32)
   c.model.dtype = "bfloat16"  # compute
@@ -140,6 +148,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
       raise ConfigError(f"config.model.{name}.head_dim={m.head_dim}: {e}") from None
   m = config.model
+  if m.kind not in ("videofusion", "vdm"):
+    raise ConfigError(f"config.model.kind={m.kind!r}: use 'videofusion' (base + residual generators) or "
+                      "'vdm' (VDM*, one space-time U-Net on every frame).")
+  if m.kind == "vdm":
+    from videofusion_jax.models.factory import temporal_resolutions
+    for field, why in (("model.key_frame_input", m.key_frame_input), ("train.freeze_base", t.freeze_base)):
+      if why:
+        raise ConfigError(f"config.{field}=True belongs to VideoFusion's base and residual generators; VDM* "
+                          f"(config.model.kind='vdm') has one network: set --config.{field}=False.")
+    if t.stage != "video":
+      raise ConfigError(f"config.train.stage={t.stage!r}: VDM* trains on videos only. To start it from an "
+                        "image model, train VideoFusion's image stage and pass its workdir as "
+                        "--config.train.init_base_from (its base fills VDM*'s spatial layers).")
+    b = m.base
+    sizes = [d.image_size // 2 ** level for level in range(len(b.channel_mult))]
+    bad = [r for r in temporal_resolutions(config) if r not in sizes]
+    if bad:
+      raise ConfigError(f"config.model.vdm.temporal_resolutions={tuple(m.vdm.temporal_resolutions)}: the U-Net's "
+                        f"feature maps have the sizes {sizes}, so {bad} would get no temporal attention.")
+    try:
+      for channels in attention_channels(d.image_size, b.base_channels, b.channel_mult, temporal_resolutions(config)):
+        attention_heads(channels, b.head_dim)
+    except ValueError as e:
+      raise ConfigError(f"config.model.base.head_dim={b.head_dim} (VDM*'s temporal attention): {e}") from None
   if m.condition not in ("embedding", "label"):
     raise ConfigError(f"config.model.condition={m.condition!r}: use 'embedding' (the key-frame embedding c, "
                       "sampled by the prior, as the paper does) or 'label' (the class label in both generators).")

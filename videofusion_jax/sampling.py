@@ -19,7 +19,7 @@ from videofusion_jax.config import ConfigError
 from videofusion_jax.data import video_io
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
-from videofusion_jax.models.factory import make_apply_fns, make_prior_fn
+from videofusion_jax.models.factory import make_apply_fns, make_prior_fn, make_video_fn
 
 
 def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | None:
@@ -39,24 +39,65 @@ def guided(config: ml_collections.ConfigDict) -> bool:
   return conditioned and config.sample.guidance_scale != 1.0
 
 
-def sample_condition(experiment: Experiment, params, rng: jax.Array, labels: jnp.ndarray | None,
-                     batch: int) -> jnp.ndarray:
-  """The prior's embeddings ``(batch, D)`` for ``labels`` ``(batch,)`` (None: a prior on
-  nothing), with guidance ``sample.prior_guidance_scale`` on the label (doubled batch), put on
-  the sphere of radius √D where every encoder's embeddings lie."""
+def prior_eps_fn(experiment: Experiment, params, labels: jnp.ndarray | None) -> Callable:
+  """The prior's estimate ``eps_fn(z (B, D), t (B,))`` for ``labels`` ``(B,)`` (None: a prior on
+  nothing), guided by ``sample.prior_guidance_scale`` on the label (doubled batch)."""
   c = experiment.config
   s, n = c.sample, c.data.num_classes
-  scale = s.prior_guidance_scale if n and s.prior_guidance_scale != 1.0 else None
-  if scale is None:
-    eps_fn = make_prior_fn(experiment.networks, params, labels)
-  else:
-    doubled = make_prior_fn(experiment.networks, params, jnp.concatenate([labels, jnp.full_like(labels, n)]))
+  if not (n and s.prior_guidance_scale != 1.0):
+    return make_prior_fn(experiment.networks, params, labels)
+  doubled = make_prior_fn(experiment.networks, params, jnp.concatenate([labels, jnp.full_like(labels, n)]))
+  return functools.partial(diffusion.guided_eps, doubled, scale=s.prior_guidance_scale)
 
-    def eps_fn(z, t):
-      e = doubled(jnp.concatenate([z, z]), jnp.concatenate([t, t]))
-      return diffusion.classifier_free_guidance(e[:batch], e[batch:], scale)
+
+def sample_condition(experiment: Experiment, params, rng: jax.Array, labels: jnp.ndarray | None,
+                     batch: int) -> jnp.ndarray:
+  """The prior's embeddings ``(batch, D)`` for ``labels`` ``(batch,)`` (``prior_eps_fn``), put on
+  the sphere of radius √D where every encoder's embeddings lie."""
+  c = experiment.config
+  eps_fn = prior_eps_fn(experiment, params, labels)
   return to_sphere(diffusion.sample_embeddings(eps_fn, rng, (batch, c.model.encoder.embed_dim),
-                                               experiment.prior_schedule, num_steps=s.prior_num_steps, eta=s.prior_eta))
+                                               experiment.prior_schedule, num_steps=c.sample.prior_num_steps,
+                                               eta=c.sample.prior_eta))
+
+
+def network_conditions(config: ml_collections.ConfigDict, labels: jnp.ndarray | None,
+                       condition: jnp.ndarray | None) -> tuple[jnp.ndarray | None, jnp.ndarray | None]:
+  """What the generators are given: ``(labels, condition)`` for the label or the embedding
+  condition, each followed by its null rows (the null label ``num_classes``, or zeros) when
+  sampling is guided (``2B`` rows)."""
+  doubled = guided(config)
+  if config.model.condition == "embedding":
+    return None, jnp.concatenate([condition, jnp.zeros_like(condition)]) if doubled else condition
+  if doubled:
+    labels = jnp.concatenate([labels, jnp.full_like(labels, config.data.num_classes)])
+  return labels, None
+
+
+def video_eps_fn(experiment: Experiment, params, labels: jnp.ndarray | None, condition: jnp.ndarray | None,
+                 key_frame: jnp.ndarray | None = None, residual: bool = True) -> Callable:
+  """The chain's estimate ``eps_fn(z (B, N, H, W, C), t (B,)) -> (B, N, H, W, C)`` for the
+  conditions of ``network_conditions``: VideoFusion's eqs. (10)-(11), or VDM*'s space-time
+  network, guided over the whole estimate when ``sample.guidance_scale`` ≠ 1. ``key_frame``
+  ``(B, H, W, C)``: the clean key frame the residual generator reads (``model.key_frame_clean``);
+  ``residual=False``: the key frame's own chain, without the residual generator."""
+  c = experiment.config
+  scale = c.sample.guidance_scale if guided(c) else None
+  if c.model.kind == "vdm":
+    video_fn = make_video_fn(experiment.networks, params, labels, condition=condition)
+    return video_fn if scale is None else functools.partial(diffusion.guided_eps, video_fn, scale=scale)
+  base_fn, residual_fn = make_apply_fns(experiment.networks, params, labels, condition=condition)
+  if not residual:
+    residual_fn = lambda z, t, i, *key: jnp.zeros_like(z)  # noqa: E731
+  lambdas, schedule, key_input = experiment.lambdas, experiment.schedule, c.model.key_frame_input
+
+  def eps_fn(z, t):
+    if scale is None:
+      return diffusion.decomposed_eps(base_fn, residual_fn, z, t, lambdas, schedule, key_frame_input=key_input,
+                                      key_frame=key_frame)[0]
+    return diffusion.guided_decomposed_eps(base_fn, residual_fn, z, t, lambdas, schedule, scale,
+                                           key_frame_input=key_input, key_frame=key_frame)
+  return eps_fn
 
 
 @functools.lru_cache(maxsize=4)
@@ -67,39 +108,30 @@ def make_generate_fn(experiment: Experiment):
   With ``model.condition='embedding'`` and no given ``condition``, the prior samples it from the
   labels (or from nothing); both generators get it. With guidance (``sample.guidance_scale`` ≠ 1)
   each network takes the ``2B`` batch of ``diffusion.guided_decomposed_eps``: the condition (labels
-  or c), then the null condition (the null label ``num_classes``, or zeros).
+  or c), then the null condition (the null label ``num_classes``, or zeros). VDM* (``model.kind =
+  'vdm'``) runs the same chain on its space-time network's estimate.
   """
   c = experiment.config
   shape_tail = (c.data.num_frames, c.data.image_size, c.data.image_size, 3)
-  scale = c.sample.guidance_scale if guided(c) else None
-  embedding = c.model.condition == "embedding"
 
   def generate(params, rng, labels, condition):
     batch = c.sample.batch_size
-    if embedding:
+    if c.model.condition == "embedding":
       prior_rng, rng = jax.random.split(rng)
       if condition is None:
         condition = sample_condition(experiment, params, prior_rng, labels, batch)
-      net_labels, net_condition = None, condition
-      if scale is not None:
-        net_condition = jnp.concatenate([condition, jnp.zeros_like(condition)])
-    else:
-      net_labels, net_condition = labels, None
-      if scale is not None:
-        net_labels = jnp.concatenate([labels, jnp.full_like(labels, c.data.num_classes)])
-    base_fn, residual_fn = make_apply_fns(experiment.networks, params, net_labels, condition=net_condition)
-    run = functools.partial(diffusion.sample, base_fn, rng=rng, shape=(batch,) + shape_tail,
-                            lambdas=experiment.lambdas, schedule=experiment.schedule, method=c.sample.method,
-                            num_steps=c.sample.num_steps, eta=c.sample.eta, clip_x0=c.sample.clip_x0,
-                            guidance_scale=scale, key_frame_input=c.model.key_frame_input)
+    net_labels, net_condition = network_conditions(c, labels, condition)
+    chain = functools.partial(diffusion.sample_chain, rng=rng, shape=(batch,) + shape_tail,
+                              lambdas=experiment.lambdas, schedule=experiment.schedule, method=c.sample.method,
+                              num_steps=c.sample.num_steps, eta=c.sample.eta, clip_x0=c.sample.clip_x0)
     key_frame = None
     if c.model.key_frame_clean:
       # The key frame's chain depends on the base generator and the base noise alone (its residual
       # share is √(1-λ^k) = 0), so a first pass with the same noise and no residual generator
       # finishes the very key frame that the full chain will; the residual generator then reads it.
-      first = run(lambda z, t, i, *key: jnp.zeros_like(z))
+      first = chain(video_eps_fn(experiment, params, net_labels, net_condition, residual=False))
       key_frame = jnp.clip(first[:, diffusion.key_frame_index(c.data.num_frames)], -1.0, 1.0)
-    return run(residual_fn, key_frame=key_frame), condition
+    return chain(video_eps_fn(experiment, params, net_labels, net_condition, key_frame=key_frame)), condition
 
   # Shard the batch over the mesh when it divides evenly; otherwise one device does it all.
   divides = c.sample.batch_size % experiment.mesh.devices.size == 0

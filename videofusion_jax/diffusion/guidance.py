@@ -21,6 +21,14 @@ def classifier_free_guidance(eps_cond: jnp.ndarray, eps_null: jnp.ndarray, scale
   return eps_null + scale * (eps_cond - eps_null)
 
 
+def guided_eps(eps_fn, z_t: jnp.ndarray, t: jnp.ndarray, scale: float) -> jnp.ndarray:
+  """The guided estimate for any network: ``eps_fn(z (2B, ...), t (2B,))`` conditions its first
+  ``B`` rows and null-conditions the last ``B``; both passes run in one call."""
+  b = z_t.shape[0]
+  eps = eps_fn(jnp.concatenate([z_t, z_t]), jnp.concatenate([t, t]))
+  return classifier_free_guidance(eps[:b], eps[b:], scale)
+
+
 def guided_decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambdas: jnp.ndarray,
                           schedule: Schedule, scale: float, key_frame_input: bool = False,
                           key_frame: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -31,8 +39,9 @@ def guided_decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray
   network in one call. ``key_frame`` ``(B, H, W, C)``, if given, serves both passes.
   """
   chex.assert_rank(z_t, 5)
-  b = z_t.shape[0]
-  eps, _, _ = decomposed_eps(base_fn, residual_fn, jnp.concatenate([z_t, z_t]), jnp.concatenate([t, t]),
-                             lambdas, schedule, key_frame_input=key_frame_input,
-                             key_frame=None if key_frame is None else jnp.concatenate([key_frame, key_frame]))
-  return classifier_free_guidance(eps[:b], eps[b:], scale)
+  doubled_key = None if key_frame is None else jnp.concatenate([key_frame, key_frame])
+
+  def eps_fn(z, tt):
+    return decomposed_eps(base_fn, residual_fn, z, tt, lambdas, schedule, key_frame_input=key_frame_input,
+                          key_frame=doubled_key)[0]
+  return guided_eps(eps_fn, z_t, t, scale)

@@ -1,4 +1,5 @@
-"""Training objectives: the joint VideoFusion loss (eq. 12) and the image-stage loss."""
+"""Training objectives: the joint VideoFusion loss (eq. 12), VDM*'s video loss, and the ε loss of
+the image stage and the prior."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -47,6 +48,25 @@ def joint_loss(base_fn: BaseFn, residual_fn: ResidualFn, x0: jnp.ndarray, t: jnp
       noise[:, others].astype(jnp.float32) - eps_hat[:, others].astype(jnp.float32)))
   loss = (loss_key + (num_frames - 1) * loss_residual) / num_frames
   return loss, {"loss_key": loss_key, "loss_residual": loss_residual}
+
+
+def video_denoising_loss(eps_fn: BaseFn, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray,
+                         schedule: Schedule):
+  """Eq. (1)'s ε loss for a network on whole videos (VDM*): ``‖ε - eps_fn(z_t, t)‖²`` with
+  ``eps_fn(z (B, N, H, W, C), t (B,)) -> (B, N, H, W, C)``, averaged over every element.
+
+  ``noise`` is independent per frame for VDM (``decomposed_noise`` with λ = 0). Returns ``(loss,
+  terms)`` with the terms of ``joint_loss`` (the key frame's MSE and the other frames'), so that
+  both kinds of model log the same figures; ``loss = (loss_key + (N-1) loss_residual) / N``.
+  """
+  chex.assert_rank(x0, 5)
+  chex.assert_equal_shape([x0, noise])
+  num_frames = x0.shape[1]
+  err = jnp.square(noise.astype(jnp.float32) - eps_fn(q_sample(x0, t, noise, schedule), t).astype(jnp.float32))
+  per_frame = jnp.mean(err, axis=(0, 2, 3, 4))
+  loss_key = per_frame[key_frame_index(num_frames)]
+  loss_residual = jnp.mean(per_frame[non_key_frames(num_frames)])
+  return jnp.mean(per_frame), {"loss_key": loss_key, "loss_residual": loss_residual}
 
 
 def denoising_loss(eps_fn: BaseFn, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray,

@@ -100,60 +100,22 @@ def sampler_timesteps(method: str, num_timesteps: int, num_steps: int) -> tuple[
   return ts, np.concatenate([ts[1:], [-1]]).astype(np.int32)
 
 
-def sample_embeddings(eps_fn, rng: jax.Array, shape: tuple[int, int], schedule: Schedule,
-                      num_steps: int = 64, eta: float = 1.0) -> jnp.ndarray:
-  """Ordinary (independent-noise) DDIM sampling of vectors ``(B, D)``: the prior's embeddings.
-
-  ``eps_fn(z (B, D), t (B,)) -> (B, D)``. No clipping: embeddings are not bounded to [-1, 1]
-  (which is also why there is no DDPM here: without clipping, its first steps from a cosine
-  schedule's ᾱ_T ≈ 0 amplify the ε error without bound). ``eta = 1`` keeps the covariance of a
-  learned distribution where ``eta = 0`` may stretch it (see the prior's test).
-  """
-  ts, t_prevs = sampler_timesteps("ddim", schedule.num_timesteps, num_steps)
-  init_rng, rng = jax.random.split(rng)
-  batch = shape[0]
-
-  def body(z, inputs):
-    t, t_prev, step_rng = inputs
-    tb = jnp.full((batch,), t, jnp.int32)
-    z = ddim_step(z, eps_fn(z, tb).astype(jnp.float32), tb, jnp.full((batch,), t_prev, jnp.int32), step_rng,
-                  None, schedule, eta=eta)
-    return z, None
-
-  rngs = jax.random.split(rng, len(ts))
-  z, _ = jax.lax.scan(body, jax.random.normal(init_rng, shape), (jnp.asarray(ts), jnp.asarray(t_prevs), rngs))
-  return z
-
-
-def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas: jnp.ndarray,
-           schedule: Schedule, method: str = "ddim", num_steps: int = 50, eta: float = 0.0,
-           clip_x0: bool = True, initial_noise: jnp.ndarray | None = None,
-           guidance_scale: float | None = None, key_frame_input: bool = False,
-           key_frame: jnp.ndarray | None = None) -> jnp.ndarray:
-  """Generates videos ``(B, N, H, W, C)`` from decomposed noise ``z_T`` (eq. 7 at t = T).
-
-  ``base_fn``, ``residual_fn`` as in ``decomposed_eps``; ``method`` is ``ddim`` (``num_steps``,
-  ``eta``) or ``ddpm`` (all T steps). With ``guidance_scale`` the networks take the doubled
-  batch of ``guided_decomposed_eps`` (conditioned rows, then null-conditioned rows) and each
-  step uses the guided estimate. ``key_frame_input`` and ``key_frame`` (a clean key frame
-  ``(B, H, W, C)`` the residual generator reads at every step) as in ``decomposed_eps``.
-  Jit-compatible: the chain is a ``lax.scan``.
-  """
+def sample_chain(eps_fn, rng: jax.Array, shape: tuple[int, ...], lambdas: jnp.ndarray | None,
+                 schedule: Schedule, method: str = "ddim", num_steps: int = 50, eta: float = 0.0,
+                 clip_x0: bool = True, initial_noise: jnp.ndarray | None = None) -> jnp.ndarray:
+  """The sampler loop for any noise estimate ``eps_fn(z (B, ...), t (B,)) -> (B, ...)``: from
+  ``z_T`` (``initial_noise``, or drawn decomposed with ``lambdas`` (eqs. 7-8), independent with
+  ``lambdas=None``) down to ``x0``. ``method`` is ``ddim`` (``num_steps``, ``eta``) or ``ddpm``
+  (all T steps); every fresh noise is drawn as ``z_T`` is. Jit-compatible: a ``lax.scan``."""
   ts, t_prevs = sampler_timesteps(method, schedule.num_timesteps, num_steps)
   init_rng, rng = jax.random.split(rng)
-  z = decomposed_noise(init_rng, shape, lambdas) if initial_noise is None else initial_noise
+  z = fresh_noise(init_rng, shape, lambdas, jnp.float32) if initial_noise is None else initial_noise
   batch = shape[0]
 
   def body(z, inputs):
     t, t_prev, step_rng = inputs
     tb = jnp.full((batch,), t, jnp.int32)
-    if guidance_scale is None:
-      eps_hat, _, _ = decomposed_eps(base_fn, residual_fn, z, tb, lambdas, schedule,
-                                     key_frame_input=key_frame_input, key_frame=key_frame)
-    else:
-      eps_hat = guided_decomposed_eps(base_fn, residual_fn, z, tb, lambdas, schedule, guidance_scale,
-                                      key_frame_input=key_frame_input, key_frame=key_frame)
-    eps_hat = eps_hat.astype(jnp.float32)
+    eps_hat = eps_fn(z, tb).astype(jnp.float32)
     if method == "ddim":
       z = ddim_step(z, eps_hat, tb, jnp.full((batch,), t_prev, jnp.int32), step_rng, lambdas,
                     schedule, eta=eta, clip_x0=clip_x0)
@@ -164,3 +126,38 @@ def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas
   rngs = jax.random.split(rng, len(ts))
   z, _ = jax.lax.scan(body, z, (jnp.asarray(ts), jnp.asarray(t_prevs), rngs))
   return z
+
+
+def sample_embeddings(eps_fn, rng: jax.Array, shape: tuple[int, int], schedule: Schedule,
+                      num_steps: int = 64, eta: float = 1.0) -> jnp.ndarray:
+  """Ordinary (independent-noise) DDIM sampling of vectors ``(B, D)``: the prior's embeddings.
+
+  ``eps_fn(z (B, D), t (B,)) -> (B, D)``. No clipping: embeddings are not bounded to [-1, 1]
+  (which is also why there is no DDPM here: without clipping, its first steps from a cosine
+  schedule's ᾱ_T ≈ 0 amplify the ε error without bound). ``eta = 1`` keeps the covariance of a
+  learned distribution where ``eta = 0`` may stretch it (see the prior's test).
+  """
+  return sample_chain(eps_fn, rng, shape, None, schedule, "ddim", num_steps, eta, clip_x0=False)
+
+
+def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas: jnp.ndarray,
+           schedule: Schedule, method: str = "ddim", num_steps: int = 50, eta: float = 0.0,
+           clip_x0: bool = True, initial_noise: jnp.ndarray | None = None,
+           guidance_scale: float | None = None, key_frame_input: bool = False,
+           key_frame: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Generates videos ``(B, N, H, W, C)`` with VideoFusion's two networks from decomposed noise
+  ``z_T`` (eq. 7 at t = T), each step's estimate from eqs. (10)-(11).
+
+  ``base_fn``, ``residual_fn`` as in ``decomposed_eps``; the chain as in ``sample_chain``. With
+  ``guidance_scale`` the networks take the doubled batch of ``guided_decomposed_eps`` (conditioned
+  rows, then null-conditioned rows) and each step uses the guided estimate. ``key_frame_input`` and
+  ``key_frame`` (a clean key frame ``(B, H, W, C)`` the residual generator reads at every step) as
+  in ``decomposed_eps``.
+  """
+  def eps_fn(z, t):
+    if guidance_scale is None:
+      return decomposed_eps(base_fn, residual_fn, z, t, lambdas, schedule, key_frame_input=key_frame_input,
+                            key_frame=key_frame)[0]
+    return guided_decomposed_eps(base_fn, residual_fn, z, t, lambdas, schedule, guidance_scale,
+                                 key_frame_input=key_frame_input, key_frame=key_frame)
+  return sample_chain(eps_fn, rng, shape, lambdas, schedule, method, num_steps, eta, clip_x0, initial_noise)

@@ -18,10 +18,15 @@ from videofusion_jax.models.unet import UNet
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def generator_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The denoising networks: VideoFusion's two generators, or VDM*'s one space-time U-Net."""
+  return ("video",) if config.model.kind == "vdm" else ("base", "residual")
+
+
 def network_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The parameter subtrees of the state: the two generators, and with ``model.condition =
+  """The parameter subtrees of the state: the generators, and with ``model.condition =
   'embedding'`` the learned key-frame encoder (when ``model.encoder.kind = 'learned'``) and the prior."""
-  names = ("base", "residual")
+  names = generator_names(config)
   if config.model.condition == "embedding":
     names += ("encoder",) * (config.model.encoder.kind == "learned") + ("prior",)
   return names
@@ -29,7 +34,8 @@ def network_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def make_networks(config: ml_collections.ConfigDict) -> dict[str, nn.Module]:
   """The base generator (image U-Net), the residual generator (with frame embedding) and, for
-  the embedding condition, the learned encoder and the prior."""
+  the embedding condition, the learned encoder and the prior. With ``model.kind = 'vdm'`` the
+  generators are one network, ``video``: the base generator's U-Net made space-time (VDM*)."""
   embedding = config.model.condition == "embedding"
   dtypes = dict(dtype=DTYPES[config.model.dtype], param_dtype=DTYPES[config.model.param_dtype])
   # The paper's generators see c alone; the label reaches them only through the prior.
@@ -37,11 +43,15 @@ def make_networks(config: ml_collections.ConfigDict) -> dict[str, nn.Module]:
                 condition_dim=config.model.encoder.embed_dim if embedding else 0,
                 attention_implementation=config.model.attention_implementation or None, **dtypes)
 
-  def unet(c, num_frames):
+  def unet(c, num_frames, **temporal):
     return UNet(base_channels=c.base_channels, channel_mult=tuple(c.channel_mult),
                 num_res_blocks=c.num_res_blocks, attention_resolutions=tuple(c.attention_resolutions),
-                head_dim=c.head_dim, dropout=c.dropout, num_frames=num_frames, **common)
-  networks = {"base": unet(config.model.base, 0), "residual": unet(config.model.residual, config.data.num_frames)}
+                head_dim=c.head_dim, dropout=c.dropout, num_frames=num_frames, **temporal, **common)
+  if config.model.kind == "vdm":
+    networks = {"video": unet(config.model.base, 0, temporal_frames=config.data.num_frames,
+                              temporal_resolutions=temporal_resolutions(config))}
+  else:
+    networks = {"base": unet(config.model.base, 0), "residual": unet(config.model.residual, config.data.num_frames)}
   if embedding:
     e, p = config.model.encoder, config.model.prior
     if e.kind == "learned":
@@ -49,6 +59,12 @@ def make_networks(config: ml_collections.ConfigDict) -> dict[str, nn.Module]:
     # The prior stays in float32: it is small, and its targets are compared to 1e-3.
     networks["prior"] = EmbeddingPrior(e.embed_dim, p.width, p.num_layers, config.data.num_classes)
   return networks
+
+
+def temporal_resolutions(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Where VDM*'s temporal attention goes: ``model.vdm.temporal_resolutions``, or by default after
+  every spatial attention (VDM's placement: the base's ``attention_resolutions``)."""
+  return tuple(config.model.vdm.temporal_resolutions or config.model.base.attention_resolutions)
 
 
 def init_params(networks: dict[str, nn.Module], config: ml_collections.ConfigDict, rng: jax.Array):
@@ -63,11 +79,16 @@ def init_params(networks: dict[str, nn.Module], config: ml_collections.ConfigDic
     cond = jnp.zeros((1, config.model.encoder.embed_dim), jnp.float32)
   # With model.key_frame_input the residual generator reads x̂^k as 3 more input channels.
   x_residual = jnp.concatenate([x, x], axis=-1) if config.model.key_frame_input else x
-  params = {
-      "base": networks["base"].init(rngs["base"], x, t, label, condition=cond)["params"],
-      "residual": networks["residual"].init(rngs["residual"], x_residual, t, label, jnp.zeros((1,), jnp.int32),
-                                            condition=cond)["params"],
-  }
+  if "video" in networks:  # one video of N frames, in rows
+    n = config.data.num_frames
+    rep = lambda a: None if a is None else jnp.repeat(a, n, axis=0)  # noqa: E731
+    params = {"video": networks["video"].init(rngs["base"], rep(x), rep(t), rep(label), condition=rep(cond))["params"]}
+  else:
+    params = {
+        "base": networks["base"].init(rngs["base"], x, t, label, condition=cond)["params"],
+        "residual": networks["residual"].init(rngs["residual"], x_residual, t, label, jnp.zeros((1,), jnp.int32),
+                                              condition=cond)["params"],
+    }
   if "encoder" in networks:
     params["encoder"] = networks["encoder"].init(rngs["encoder"], x)["params"]
   if "prior" in networks:
@@ -133,3 +154,20 @@ def make_apply_fns(networks: dict[str, nn.Module], params, label: jnp.ndarray | 
     return out.reshape(z_prime.shape[:-1] + out.shape[-1:])
 
   return base_fn, residual_fn
+
+
+def make_video_fn(networks: dict[str, nn.Module], params, label: jnp.ndarray | None, train: bool = False,
+                  rng: jax.Array | None = None, condition: jnp.ndarray | None = None) -> Callable:
+  """VDM*'s closure ``video_fn(z (B, N, H, W, C), t (B,)) -> ε̂ (B, N, H, W, C)``: the space-time
+  U-Net on whole videos, conditioned as ``make_apply_fns``' generators (``label`` ``(B,)`` or
+  ``condition`` ``(B, D)``, repeated for every frame)."""
+  kwargs = {"rngs": {"dropout": rng}} if train and rng is not None else {}
+
+  def video_fn(z, t):
+    b, n = z.shape[:2]
+    rep = lambda a: None if a is None else jnp.repeat(a, n, axis=0)  # noqa: E731
+    out = networks["video"].apply({"params": params["video"]}, z.reshape((b * n,) + z.shape[2:]), rep(t), rep(label),
+                                  train=train, condition=rep(condition), **kwargs)
+    return out.reshape(z.shape[:-1] + out.shape[-1:])
+
+  return video_fn

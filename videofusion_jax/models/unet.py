@@ -144,6 +144,48 @@ class AttentionBlock(nn.Module):
     return x + out
 
 
+class TemporalAttentionBlock(nn.Module):
+  """VDM's temporal attention: multi-head self-attention over the ``N`` frames at each spatial
+  position, with a learned relative position bias (one per head and frame offset), and a
+  residual connection. Input ``(B·N, H, W, C)``, frames of a video in consecutive rows.
+
+  The output projection starts at zero, so a fresh block is the identity (a pretrained image
+  U-Net keeps its output when the temporal layers are added)."""
+
+  num_frames: int
+  head_dim: int
+  dtype: Dtype
+  param_dtype: Dtype
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    bn, h, w, c = x.shape
+    n = self.num_frames
+    chex.assert_equal(bn % n, 0)
+    heads = attention_heads(c, self.head_dim)
+    dense = lambda f, zero, name: nn.Dense(  # noqa: E731
+        f, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=_init(nn.initializers.zeros if zero else nn.initializers.lecun_normal(), DENSE),
+        bias_init=_init(nn.initializers.zeros, BIAS))
+    y = nn.GroupNorm(_groups(c), dtype=self.dtype, param_dtype=self.param_dtype, name="norm",
+                     scale_init=_init(nn.initializers.ones, NORM),
+                     bias_init=_init(nn.initializers.zeros, NORM))(x)
+    # (B, N, H, W, C) -> (B·H·W, N, C): each spatial position is a sequence over the frames.
+    y = y.reshape(bn // n, n, h * w, c).transpose(0, 2, 1, 3).reshape(-1, n, c)
+    qkv = dense(3 * c, False, "qkv")(y).reshape(-1, n, 3, heads, c // heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # bias[h, i, j] = table[i - j + N - 1, h]: the same for every position and video.
+    table = self.param("relative_bias", _init(nn.initializers.zeros, (None, None)), (2 * n - 1, heads),
+                       self.param_dtype)
+    offsets = jnp.arange(n)[:, None] - jnp.arange(n)[None, :] + n - 1
+    bias = table[offsets].transpose(2, 0, 1)[None].astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.implementation)
+    out = dense(c, True, "proj")(out.reshape(-1, n, c))
+    out = out.reshape(bn // n, h * w, n, c).transpose(0, 2, 1, 3).reshape(bn, h, w, c)
+    return x + out
+
+
 class UNet(nn.Module):
   """ε-prediction U-Net. ``num_classes > 0`` adds a class embedding whose index
   ``num_classes`` is the null label; ``num_frames > 0`` adds a frame-index embedding (the
@@ -151,7 +193,13 @@ class UNet(nn.Module):
   vector ``c`` (the key-frame embedding; zeros are the null condition).
 
   Every condition is added to the time embedding, which drives the scale and shift of every
-  res block (ADM's class conditioning; DALL-E 2's decoder takes its CLIP embedding this way)."""
+  res block (ADM's class conditioning; DALL-E 2's decoder takes its CLIP embedding this way).
+
+  ``temporal_frames > 0`` makes it VDM's space-time U-Net (VDM*): the input holds videos of that
+  many frames in consecutive rows, ``(B·N, H, W, C)``, every layer above works per frame, and a
+  ``TemporalAttentionBlock`` over the frames follows each block at the feature-map sizes in
+  ``temporal_resolutions`` and the middle attention. Its weights are named apart (``*_temporal*``),
+  so the rest is exactly the image U-Net's tree."""
 
   base_channels: int = 64
   channel_mult: Sequence[int] = (1, 2, 2)
@@ -166,6 +214,8 @@ class UNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_implementation: str | None = None
+  temporal_frames: int = 0
+  temporal_resolutions: Sequence[int] = ()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, t: jnp.ndarray, label: jnp.ndarray | None = None,
@@ -212,6 +262,12 @@ class UNet(nn.Module):
         kernel_init=_init(nn.initializers.zeros if zero else nn.initializers.lecun_normal(), names),
         bias_init=_init(nn.initializers.zeros, BIAS if names is CONV else (None,)))
 
+    def temporal(h, name):
+      if self.temporal_frames and (h.shape[1] in self.temporal_resolutions or name == "mid_temporal"):
+        h = TemporalAttentionBlock(self.temporal_frames, self.head_dim, self.dtype, self.param_dtype,
+                                   self.attention_implementation, name=name)(h)
+      return h
+
     h = _constrain(conv(self.base_channels, 3, 1, CONV, "conv_in")(x.astype(self.dtype)))
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
@@ -219,13 +275,14 @@ class UNet(nn.Module):
         h = block(self.base_channels * mult, f"down{level}_block{i}")(h, emb, train)
         if h.shape[1] in self.attention_resolutions:
           h = attn(f"down{level}_attn{i}")(h)
+        h = temporal(h, f"down{level}_temporal{i}")
         skips.append(h)
       if level != len(self.channel_mult) - 1:
         h = _constrain(conv(h.shape[-1], 3, 2, CONV, f"down{level}_downsample")(h))
         skips.append(h)
 
     h = block(h.shape[-1], "mid_block1")(h, emb, train)
-    h = attn("mid_attn")(h)
+    h = temporal(attn("mid_attn")(h), "mid_temporal")
     h = _constrain(block(h.shape[-1], "mid_block2")(h, emb, train))
 
     for level, mult in reversed(list(enumerate(self.channel_mult))):
@@ -234,6 +291,7 @@ class UNet(nn.Module):
         h = block(self.base_channels * mult, f"up{level}_block{i}")(h, emb, train)
         if h.shape[1] in self.attention_resolutions:
           h = attn(f"up{level}_attn{i}")(h)
+        h = temporal(h, f"up{level}_temporal{i}")
       if level != 0:
         bb, hh, ww, cc = h.shape
         h = jax.image.resize(h, (bb, 2 * hh, 2 * ww, cc), "nearest")

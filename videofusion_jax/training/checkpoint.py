@@ -72,9 +72,14 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     saved, wanted = saved_networks(manager, step), set(abstract_state.params)
     if saved is not None and saved != wanted:
       missing, extra = sorted(wanted - saved), sorted(saved - wanted)
-      hint = ("it was trained with --config.model.condition=label (no encoder, no prior): use that, or train "
-              "a model with the embedding condition" if "prior" in missing else
-              "it was trained with another config.model.condition or config.model.encoder.kind")
+      if "video" in saved ^ wanted:
+        kind = "vdm" if "video" in saved else "videofusion"
+        hint = f"it is a{' VDM*' if kind == 'vdm' else ' VideoFusion'} checkpoint: use --config.model.kind={kind}"
+      elif "prior" in missing:
+        hint = ("it was trained with --config.model.condition=label (no encoder, no prior): use that, or train "
+                "a model with the embedding condition")
+      else:
+        hint = "it was trained with another config.model.condition or config.model.encoder.kind"
       raise CheckpointError(
           f"checkpoint {step} in {manager.directory} has the networks {sorted(saved)} and this config needs "
           f"{sorted(wanted)}" + (f" (missing: {', '.join(missing)})" if missing else "")

@@ -51,7 +51,7 @@ def base_from_scratch_warning(config: ml_collections.ConfigDict) -> str | None:
   """A warning for a video run whose base generator starts from scratch but is trained as a
   pretrained one is (a small learning rate, or frozen); None when the recipe is consistent."""
   t = config.train
-  if t.stage != "video" or t.init_base_from or not (t.freeze_base or t.base_lr_scale < 1):
+  if config.model.kind == "vdm" or t.stage != "video" or t.init_base_from or not (t.freeze_base or t.base_lr_scale < 1):
     return None
   how = "frozen (train.freeze_base=True)" if t.freeze_base else f"at {t.base_lr_scale} x the learning rate"
   return (f"warning: the base generator starts from scratch (train.init_base_from is empty) but trains {how}, "
@@ -60,21 +60,36 @@ def base_from_scratch_warning(config: ml_collections.ConfigDict) -> str | None:
           "--config.train.base_lr_scale=1 --config.train.freeze_base=False.")
 
 
+def _spatial_from_base(base: dict, video: dict, where: str) -> dict:
+  """VDM*'s parameters ``video`` with every layer the image U-Net ``base`` also has taken from it;
+  the temporal layers (``*_temporal*``) keep their fresh values (identity at init)."""
+  missing = sorted(k for k in video if "temporal" not in k and k not in base)
+  if missing:
+    raise ckpt.CheckpointError(f"the base generator in {where} lacks VDM*'s layers {missing[:4]}: train it with "
+                               "the same config.model.base as this run.")
+  return {k: base[k] if "temporal" not in k else v for k, v in video.items()}
+
+
 def init_base_from(trainer: Trainer, state: TrainState, workdir: str) -> TrainState:
   """Starts the base generator (weights and EMA) from the EMA weights of another run's latest
   checkpoint, as a released pretrained diffusion model is, together with the key-frame encoder
   and the prior when both runs have them (the base is conditioned on that encoder's embeddings);
-  the optimizer starts afresh."""
+  the optimizer starts afresh. For VDM* the base fills every layer of the space-time U-Net but
+  the temporal ones (VDM* on the same base generator as VideoFusion)."""
   restored, step = ckpt.restore_raw(workdir)
-  names = [n for n in ("base", "encoder", "prior") if n in state.params]
-  missing = [n for n in names if n not in restored["ema_params"]]
+  source = dict(restored["ema_params"])
+  if "video" in state.params and "base" in source:
+    source["video"] = _spatial_from_base(source["base"], jax.device_get(state.params["video"]),
+                                         f"{workdir} (step {step})")
+  names = [n for n in ("base", "video", "encoder", "prior") if n in state.params]
+  missing = [n for n in names if n not in source]
   if missing:
     raise ckpt.CheckpointError(
         f"{workdir} (step {step}) has no {' or '.join(missing)}: it was trained with another "
         "config.model.condition. Train the image stage with the same config.model as this run.")
   params, ema = dict(state.params), dict(state.ema_params)
   for name in names:
-    src = jax.device_get(restored["ema_params"][name])  # host copies: each device_put below makes new buffers
+    src = jax.device_get(source[name])  # host copies: each device_put below makes new buffers
     dst = state.params[name]
     if jax.tree.structure(src) != jax.tree.structure(dst) or any(
         a.shape != b.shape for a, b in zip(jax.tree.leaves(src), jax.tree.leaves(dst))):
@@ -126,7 +141,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   if verbose:
     sizes = ", ".join(f"{k} {v:,}" for k, v in trainer.num_params.items())
     print(f"parameters: {sizes}; devices {trainer.mesh.devices.size} "
-          f"(mesh {dict(trainer.mesh.shape)}); stage {config.train.stage}, λ={config.diffusion.lam}, "
+          f"(mesh {dict(trainer.mesh.shape)}); {config.model.kind}, stage {config.train.stage}, "
+          f"λ={config.diffusion.lam}, "
           f"condition: {config.model.condition}")
   if start >= total:
     manager.close()
@@ -148,9 +164,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
       manager.wait_until_finished()
       last = manager.latest_step()
       kept = f"the last good checkpoint (step {last}) is intact" if last is not None else "no checkpoint was saved yet"
+      norms = ", ".join(f"{k[len('grad_norm_'):]}={v}" for k, v in host.items() if k.startswith("grad_norm_"))
       raise NonFiniteLossError(
-          f"the loss became non-finite at step {step} (loss={host['loss']}, grad norms "
-          f"base={host['grad_norm_base']}, residual={host['grad_norm_residual']}); training "
+          f"the loss became non-finite at step {step} (loss={host['loss']}, grad norms {norms}); training "
           f"stopped and {kept} in {manager.directory}. Lower config.train.learning_rate or "
           f"check the data for NaNs, then rerun to resume.")
     return host
@@ -179,9 +195,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
           writer.scalars(step, host)
         if verbose:
           prior = f", prior {host['loss_prior']:.4f}" if "loss_prior" in host else ""
+          lrs = "/".join(f"{v:.1e}" for k, v in host.items() if k.startswith("lr_"))
+          norms = "/".join(f"{v:.2f}" for k, v in host.items() if k.startswith("grad_norm_"))
           print(f"step {step:>6}/{total}  loss {host['loss']:.4f} (key {host['loss_key']:.4f}, "
-                f"residual {host['loss_residual']:.4f}{prior})  lr {host['lr_base']:.1e}/{host['lr_residual']:.1e}  "
-                f"|g| {host['grad_norm_base']:.2f}/{host['grad_norm_residual']:.2f}  {rate:5.2f} steps/s  "
+                f"residual {host['loss_residual']:.4f}{prior})  lr {lrs}  |g| {norms}  {rate:5.2f} steps/s  "
                 f"elapsed {_format_time(now - t0)}  left {_format_time((total - step) / max(rate, 1e-9))}",
                 flush=True)
       if save_now:

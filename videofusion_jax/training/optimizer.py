@@ -63,13 +63,19 @@ def clip_each_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, dict]:
   """Per-network clipping, then AdamW with one learning rate for ``params['base']`` and the
   encoder (``base_lr_scale``) and one for the residual generator and the prior; networks the
-  stage does not train get no update. Returns the transformation and the two schedules (for logging)."""
+  stage does not train get no update. VDM* (``model.kind='vdm'``) trains every network at
+  ``learning_rate``: its temporal layers are new even when its spatial ones come from a
+  pretrained base. Returns the transformation and the schedules by name (for logging)."""
   t = config.train
-  schedules = {"base": learning_rate_schedule(config, base_lr_scale(config)),
-               "residual": learning_rate_schedule(config, 1.0)}
+  if config.model.kind == "vdm":
+    schedules = {"video": learning_rate_schedule(config, 1.0)}
+    group = lambda name: "video"  # noqa: E731
+  else:
+    schedules = {"base": learning_rate_schedule(config, base_lr_scale(config)),
+                 "residual": learning_rate_schedule(config, 1.0)}
+    group = lambda name: "base" if name in WITH_BASE else "residual"  # noqa: E731
   trainable = trainable_networks(config)
-  transforms = {name: optax.adamw(schedules["base" if name in WITH_BASE else "residual"], b1=0.9, b2=0.999,
-                                  weight_decay=t.weight_decay)
+  transforms = {name: optax.adamw(schedules[group(name)], b1=0.9, b2=0.999, weight_decay=t.weight_decay)
                 if name in trainable else optax.set_to_zero() for name in network_names(config)}
   labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}  # noqa: E731
   tx = optax.chain(clip_each_by_global_norm(t.grad_clip), optax.multi_transform(transforms, labels))

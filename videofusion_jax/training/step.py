@@ -10,7 +10,7 @@ import optax
 
 from videofusion_jax import diffusion
 from videofusion_jax.experiment import Experiment
-from videofusion_jax.models.factory import make_apply_fns, make_prior_fn
+from videofusion_jax.models.factory import generator_names, make_apply_fns, make_prior_fn, make_video_fn
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.optimizer import trainable_networks
 from videofusion_jax.training.state import TrainState, ema_update
@@ -72,8 +72,13 @@ def loss_fn(params, experiment: Experiment, batch, rng, ema_params=None):
     condition = condition_with_dropout(experiment.encode(params, key_frames), config, l_rng)
   else:
     label = labels_with_dropout(batch, config, l_rng)
-  base_fn, residual_fn = make_apply_fns(networks, params, label, train=True, rng=d_rng, condition=condition)
   t = diffusion.sample_timesteps(t_rng, b, schedule.num_timesteps)
+  if config.model.kind == "vdm":  # VDM*: one space-time network, ε loss on every frame
+    video_fn = make_video_fn(networks, params, label, train=True, rng=d_rng, condition=condition)
+    noise = diffusion.decomposed_noise(n_rng, video.shape, lambdas)  # independent per frame at λ = 0
+    loss, terms = diffusion.video_denoising_loss(video_fn, video, t, noise, schedule)
+    return _with_prior(loss, terms, params, experiment, key_frames, batch, p_rng, ema_params)
+  base_fn, residual_fn = make_apply_fns(networks, params, label, train=True, rng=d_rng, condition=condition)
   if image_stage:
     loss = diffusion.denoising_loss(base_fn, x0, t, jax.random.normal(n_rng, x0.shape), schedule)
     terms = {"loss_key": loss, "loss_residual": jnp.zeros(())}
@@ -82,11 +87,16 @@ def loss_fn(params, experiment: Experiment, batch, rng, ema_params=None):
     loss, terms = diffusion.joint_loss(base_fn, residual_fn, video, t, noise, lambdas, schedule,
                                        key_frame_input=config.model.key_frame_input,
                                        clean_key_frame=config.model.key_frame_clean)
+  return _with_prior(loss, terms, params, experiment, key_frames, batch, p_rng, ema_params)
+
+
+def _with_prior(loss, terms, params, experiment, key_frames, batch, rng, ema_params):
+  """The generators' loss plus, for the embedding condition, the prior's term."""
   terms["loss_generators"] = loss
-  if not embedding:
+  if experiment.config.model.condition != "embedding":
     return loss, terms
   terms["loss_prior"] = prior_loss(params, params if ema_params is None else ema_params, experiment,
-                                   key_frames, batch, p_rng)
+                                   key_frames, batch, rng)
   return loss + terms["loss_prior"], terms
 
 
@@ -109,11 +119,11 @@ def train_step(state: TrainState, batch, *, experiment: Experiment):
   params = jax.tree.map(lambda p, u: p + u, state.params, updates)
   ema = ema_update(state.ema_params, params, config.train.ema_decay, state.step)
   metrics = {
-      # 'loss' is what the step minimises: eq. 12 (or the image loss), plus the prior's term.
+      # 'loss' is what the step minimises: eq. 12 (or the image loss, or VDM*'s), plus the prior's term.
       "loss": loss, **terms,
       # Norms before clipping (each generator is clipped to train.grad_clip on its own).
-      "grad_norm_base": optax.global_norm(grads["base"]), "grad_norm_residual": optax.global_norm(grads["residual"]),
-      "lr_base": schedules["base"](state.step), "lr_residual": schedules["residual"](state.step),
+      **{f"grad_norm_{k}": optax.global_norm(grads[k]) for k in generator_names(config)},
+      **{f"lr_{k}": schedule(state.step) for k, schedule in schedules.items()},
   }
   return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
 
