@@ -1,6 +1,8 @@
 """VDM* (``model.kind='vdm'``): the space-time U-Net against an oracle, what it mixes and what
 VideoFusion's residual generator does not, reduction to the image U-Net, and the whole path
 (train, sample, checkpoint, start from a VideoFusion base) on 8 devices."""
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -132,11 +134,14 @@ def test_vdm_loss_against_the_formula():
 
 def test_vdm_configs_are_checked():
   validate(vdm_config())
+  validate(vdm_config(**{"model.residual.head_dim": 7}))  # VDM* builds no residual generator
   for overrides, match in [({"model.kind": "vdn"}, "model.kind="),
                            ({"model.key_frame_input": True}, "model.key_frame_input=True"),
                            ({"train.stage": "image"}, "train.init_base_from"),
                            ({"model.vdm.temporal_resolutions": (16,)}, "temporal_resolutions"),
-                           ({"train.freeze_base": True}, "train.freeze_base")]:
+                           ({"train.freeze_base": True}, "train.freeze_base"),
+                           ({"model.key_frame_clean": True}, "model.key_frame_clean=True"),
+                           ({"diffusion.lam": 0.5}, "diffusion.lam=0.5: VDM\\* is trained")]:
     with pytest.raises(ConfigError, match=match):
       validate(vdm_config(**overrides))
 
@@ -160,7 +165,9 @@ def test_vdm_trains_samples_and_restores_on_eight_devices(vdm_run):
   assert kernel.spec[-1] == "fsdp"
   fresh = trainer.init_state(config.seed)
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params["video"], fresh.params["video"])
-  assert moved["mid_temporal"]["proj"]["kernel"] > 0  # the temporal layers train
+  for layer in ("proj", "qkv"):  # the temporal layers train, their bias included
+    assert moved["mid_temporal"][layer]["kernel"] > 0
+  assert moved["mid_temporal"]["relative_bias"] > 0
   restored = trainer.restore(workdir)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -220,3 +227,22 @@ def test_vdm_starts_from_a_videofusion_base(vdm_run, videofusion, tmp_path):
   per_frame = jax.jit(base_fn)(z.reshape(8, 8, 8, 3), jnp.repeat(t, 4)).reshape(z.shape)
   np.testing.assert_allclose(video, per_frame, atol=1e-4)
   assert float(jnp.abs(per_frame).mean()) > 1e-2  # the base really computes something
+
+
+def test_guided_vdm_estimate_mixes_the_conditioned_and_null_passes(vdm_run):
+  """Sampling's VDM* estimate under guidance: ε̂_∅ + s (ε̂_c − ε̂_∅), from the doubled batch."""
+  config, trainer, _, state = vdm_run
+  guided_config = vdm_config(**{"mesh.data": 4, "mesh.fsdp": 2, "sample.guidance_scale": 2.5})
+  experiment = types.SimpleNamespace(config=guided_config, networks=trainer.networks, lambdas=trainer.lambdas,
+                                     schedule=trainer.schedule)
+  params = perturbed(jax.device_get(state.params), 11)
+  cond = jax.random.normal(jax.random.PRNGKey(1), (2, config.model.encoder.embed_dim))
+  labels, doubled = sampling.network_conditions(guided_config, None, cond)
+  assert labels is None and doubled.shape == (4, cond.shape[1]) and not np.any(doubled[2:])
+  z = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 8, 8, 3))
+  t = jnp.array([200, 700])
+  guided = jax.jit(lambda p: sampling.video_eps_fn(experiment, p, labels, doubled)(z, t))(params)
+  run = jax.jit(lambda p, c: make_video_fn(trainer.networks, p, None, condition=c)(z, t))
+  with_c, null = run(params, cond), run(params, jnp.zeros_like(cond))
+  assert float(jnp.abs(with_c - null).max()) > 1e-3
+  np.testing.assert_allclose(guided, null + 2.5 * (with_c - null), atol=1e-4)

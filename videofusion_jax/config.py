@@ -136,7 +136,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{SCHEDULE_KINDS}.")
   if d.frame_stride < 1:
     raise ConfigError(f"config.data.frame_stride={d.frame_stride}: must be >= 1.")
-  for name in ("base", "residual"):
+  for name in ("base",) if config.model.kind == "vdm" else ("base", "residual"):  # VDM* builds no residual
     m = config.model[name]
     try:
       check_image_size(d.image_size, m.channel_mult)
@@ -153,10 +153,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       "'vdm' (VDM*, one space-time U-Net on every frame).")
   if m.kind == "vdm":
     from videofusion_jax.models.factory import temporal_resolutions
-    for field, why in (("model.key_frame_input", m.key_frame_input), ("train.freeze_base", t.freeze_base)):
-      if why:
+    for field, on in (("model.key_frame_input", m.key_frame_input), ("model.key_frame_clean", m.key_frame_clean),
+                      ("train.freeze_base", t.freeze_base)):
+      if on:
         raise ConfigError(f"config.{field}=True belongs to VideoFusion's base and residual generators; VDM* "
                           f"(config.model.kind='vdm') has one network: set --config.{field}=False.")
+    if float(config.diffusion.lam) != 0.0:
+      raise ConfigError(f"config.diffusion.lam={config.diffusion.lam}: VDM* is trained and sampled on independent "
+                        "per-frame noise; set --config.diffusion.lam=0 (configs/ucf101.py:vdm and "
+                        "configs/demo.py:vdm do).")
     if t.stage != "video":
       raise ConfigError(f"config.train.stage={t.stage!r}: VDM* trains on videos only. To start it from an "
                         "image model, train VideoFusion's image stage and pass its workdir as "
