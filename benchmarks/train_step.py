@@ -15,7 +15,9 @@ the steps, since XLA counts a loop's body once). ``--compare`` also prints Video
 """
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -56,6 +58,7 @@ def fresh_compilation_cache(root: str) -> str:
   from jax._src import compilation_cache  # the public switch alone does not re-open a used cache
 
   path = tempfile.mkdtemp(prefix="xla_cache_", dir=root or None)
+  atexit.register(shutil.rmtree, path, ignore_errors=True)  # a measurement's cache, not the user's
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -23,6 +23,7 @@ def test_benchmark_prints_every_field_for_both_kinds(tmp_path):
                       f"--cache_root={tmp_path}", *TINY],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
+  assert not list(tmp_path.iterdir())  # the measurement's fresh caches are removed at exit
   lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
   assert [(x["result"], x["model"]) for x in lines] == [
       ("train_step", "videofusion"), ("sample", "videofusion"), ("train_step", "vdm"), ("sample", "vdm"),
