@@ -7,6 +7,7 @@ conditioning (class label, frame index) to an ε estimate of the same shape.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -115,6 +116,19 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def _attention_dense(features: int, zero: bool, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
+  """An attention block's q/k/v or output projection (``zero``: starts at zero, the block the identity)."""
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=_init(nn.initializers.zeros if zero else nn.initializers.lecun_normal(), DENSE),
+                  bias_init=_init(nn.initializers.zeros, BIAS))
+
+
+def _attention_norm(channels: int, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
+  """The GroupNorm ahead of an attention block's projections."""
+  return nn.GroupNorm(_groups(channels), dtype=dtype, param_dtype=param_dtype, name="norm",
+                      scale_init=_init(nn.initializers.ones, NORM), bias_init=_init(nn.initializers.zeros, NORM))
+
+
 class AttentionBlock(nn.Module):
   """Multi-head self-attention over the ``H·W`` positions, with a residual connection.
 
@@ -130,13 +144,8 @@ class AttentionBlock(nn.Module):
   def __call__(self, x):
     b, h, w, c = x.shape
     heads = attention_heads(c, self.head_dim)
-    dense = lambda f, zero, name: nn.Dense(  # noqa: E731
-        f, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=_init(nn.initializers.zeros if zero else nn.initializers.lecun_normal(), DENSE),
-        bias_init=_init(nn.initializers.zeros, BIAS))
-    y = nn.GroupNorm(_groups(c), dtype=self.dtype, param_dtype=self.param_dtype, name="norm",
-                     scale_init=_init(nn.initializers.ones, NORM),
-                     bias_init=_init(nn.initializers.zeros, NORM))(x)
+    dense = functools.partial(_attention_dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    y = _attention_norm(c, self.dtype, self.param_dtype)(x)
     qkv = dense(3 * c, False, "qkv")(y).reshape(b, h * w, 3, heads, c // heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
@@ -164,13 +173,8 @@ class TemporalAttentionBlock(nn.Module):
     n = self.num_frames
     chex.assert_equal(bn % n, 0)
     heads = attention_heads(c, self.head_dim)
-    dense = lambda f, zero, name: nn.Dense(  # noqa: E731
-        f, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=_init(nn.initializers.zeros if zero else nn.initializers.lecun_normal(), DENSE),
-        bias_init=_init(nn.initializers.zeros, BIAS))
-    y = nn.GroupNorm(_groups(c), dtype=self.dtype, param_dtype=self.param_dtype, name="norm",
-                     scale_init=_init(nn.initializers.ones, NORM),
-                     bias_init=_init(nn.initializers.zeros, NORM))(x)
+    dense = functools.partial(_attention_dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    y = _attention_norm(c, self.dtype, self.param_dtype)(x)
     # (B, N, H, W, C) -> (B·H·W, N, C): each spatial position is a sequence over the frames.
     y = y.reshape(bn // n, n, h * w, c).transpose(0, 2, 1, 3).reshape(-1, n, c)
     qkv = dense(3 * c, False, "qkv")(y).reshape(-1, n, 3, heads, c // heads)
