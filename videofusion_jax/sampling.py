@@ -89,15 +89,8 @@ def video_eps_fn(experiment: Experiment, params, labels: jnp.ndarray | None, con
   base_fn, residual_fn = make_apply_fns(experiment.networks, params, labels, condition=condition)
   if not residual:
     residual_fn = lambda z, t, i, *key: jnp.zeros_like(z)  # noqa: E731
-  lambdas, schedule, key_input = experiment.lambdas, experiment.schedule, c.model.key_frame_input
-
-  def eps_fn(z, t):
-    if scale is None:
-      return diffusion.decomposed_eps(base_fn, residual_fn, z, t, lambdas, schedule, key_frame_input=key_input,
-                                      key_frame=key_frame)[0]
-    return diffusion.guided_decomposed_eps(base_fn, residual_fn, z, t, lambdas, schedule, scale,
-                                           key_frame_input=key_input, key_frame=key_frame)
-  return eps_fn
+  return diffusion.decomposed_eps_fn(base_fn, residual_fn, experiment.lambdas, experiment.schedule, scale,
+                                     c.model.key_frame_input, key_frame)
 
 
 @functools.lru_cache(maxsize=4)

@@ -19,6 +19,7 @@ from videofusion_jax.diffusion.samplers import (
     ddim_step,
     ddim_timesteps,
     ddpm_step,
+    decomposed_eps_fn,
     sample,
     sample_chain,
     sample_embeddings,
@@ -27,7 +28,8 @@ from videofusion_jax.diffusion.schedules import SCHEDULE_KINDS, Schedule, make_s
 
 __all__ = [
     "SCHEDULE_KINDS", "Schedule", "classifier_free_guidance", "combine_noise", "compose_noise",
-    "ddim_step", "ddim_timesteps", "ddpm_step", "decomposed_eps", "decomposed_noise", "denoising_loss",
+    "ddim_step", "ddim_timesteps", "ddpm_step", "decomposed_eps", "decomposed_eps_fn", "decomposed_noise",
+    "denoising_loss",
     "frame_lambdas", "frame_residuals", "guided_decomposed_eps", "guided_eps", "insert_key_frame", "joint_loss",
     "key_frame_index", "make_schedule", "non_key_frames", "predict_x0", "q_sample", "remove_base_noise",
     "sample", "sample_chain", "sample_embeddings", "sample_timesteps", "video_denoising_loss",

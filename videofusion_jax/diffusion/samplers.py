@@ -154,10 +154,19 @@ def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas
   ``key_frame`` (a clean key frame ``(B, H, W, C)`` the residual generator reads at every step) as
   in ``decomposed_eps``.
   """
+  eps_fn = decomposed_eps_fn(base_fn, residual_fn, lambdas, schedule, guidance_scale, key_frame_input, key_frame)
+  return sample_chain(eps_fn, rng, shape, lambdas, schedule, method, num_steps, eta, clip_x0, initial_noise)
+
+
+def decomposed_eps_fn(base_fn, residual_fn, lambdas: jnp.ndarray, schedule: Schedule,
+                      guidance_scale: float | None = None, key_frame_input: bool = False,
+                      key_frame: jnp.ndarray | None = None):
+  """VideoFusion's per-step estimate ``eps_fn(z (B, N, H, W, C), t (B,))`` for ``sample_chain``:
+  eqs. (10)-(11), or with ``guidance_scale`` their guided mix (``guided_decomposed_eps``)."""
   def eps_fn(z, t):
     if guidance_scale is None:
       return decomposed_eps(base_fn, residual_fn, z, t, lambdas, schedule, key_frame_input=key_frame_input,
                             key_frame=key_frame)[0]
     return guided_decomposed_eps(base_fn, residual_fn, z, t, lambdas, schedule, guidance_scale,
                                  key_frame_input=key_frame_input, key_frame=key_frame)
-  return sample_chain(eps_fn, rng, shape, lambdas, schedule, method, num_steps, eta, clip_x0, initial_noise)
+  return eps_fn
