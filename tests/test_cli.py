@@ -38,7 +38,12 @@ def test_missing_dataset_and_missing_checkpoint(tmp_path):
   assert f"{tmp_path / 'nowhere'} does not exist" in r.stderr and "UCF-101/" in r.stderr
   assert "crcv.ucf.edu" in r.stderr and "--config.data.manual_dir" in r.stderr
   r = run_main("--config=configs/demo.py", "--mode=sample", workdir=tmp_path / "empty")
-  assert r.returncode == 1 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+  assert r.returncode == 1 and "empty does not exist: train first" in r.stderr and "Traceback" not in r.stderr
+  assert not (tmp_path / "empty").exists()  # sampling creates nothing where there is nothing
+  (tmp_path / "empty").mkdir()
+  r = run_main("--config=configs/demo.py", "--mode=sample", workdir=tmp_path / "empty")
+  assert r.returncode == 1 and "no checkpoint in" in r.stderr and "Traceback" not in r.stderr
+  assert list((tmp_path / "empty").iterdir()) == []
 
 
 def test_persistent_compilation_cache(tmp_path):

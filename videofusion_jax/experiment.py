@@ -91,8 +91,9 @@ class Experiment:
     return jax.jit(shd.with_activation_rules(fn, self.mesh, self.config.sharding_rules), **kwargs)
 
   def restore(self, workdir: str | Path, step: int | None = None) -> TrainState:
-    """The state of checkpoint ``step`` (default: the latest) of ``workdir``, on this mesh."""
-    manager = ckpt.make_manager(workdir, self.config.train.keep_checkpoints, async_save=False)
+    """The state of checkpoint ``step`` (default: the newest intact one) of ``workdir``, on this
+    mesh; reads only."""
+    manager = ckpt.make_manager(workdir, self.config.train.keep_checkpoints, read_only=True)
     try:
       return ckpt.restore(manager, self.abstract_state(), step)
     finally:

@@ -3,11 +3,16 @@
 Modes: ``train`` (resumes from the latest checkpoint in the workdir), ``sample`` (EMA
 weights of the latest checkpoint -> videos), ``train_and_sample``, ``eval`` (FVD, KVD and,
 given C3D weights, the Inception Score of the latest checkpoint).
+
+Several hosts: ``--multihost`` (TPU pods, SLURM: JAX finds the coordinator itself), or
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on each host.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -15,7 +20,115 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, events and samples go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "train_and_sample", "eval"], "What to run.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Join the other processes of a multi-host run "
+                               "(jax.distributed.initialize) before anything touches a device.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (implies --multihost); "
+                                   "not needed on TPU pods and SLURM, where JAX finds it.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _flag_error(e: Exception) -> str:
+  """One line for a command-line error raised while parsing flags (the config file is loaded then)."""
+  text = str(e).strip()
+  if "Traceback" in text:  # a config file that raised: its last line says what went wrong
+    flag = text.split(":", 1)[0]
+    text = f"{flag}: {[line for line in text.splitlines() if line.strip()][-1].strip()}"
+  typo = re.search(r"'(\w+)'\s*Did you mean \"(\w+)\" instead", text)
+  if typo:
+    text = f"the config has no field {typo.group(1)!r}; did you mean {typo.group(2)!r}?"
+  return " ".join(text.split())
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with every error as one ``error:`` line (a missing config file, a
+  misspelled override) before anything slow happens."""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path = Path(arg[len("--config="):].split(":", 1)[0]).expanduser()
+      if not path.is_file():
+        found = sorted(str(p) for p in Path("configs").glob("*.py")) if Path("configs").is_dir() else []
+        _fail(f"--config={path}: no such file" + (f" (configs here: {', '.join(found)})" if found else
+                                                  " (run from the repository root, or give the file's full path)"))
+  try:
+    return flags.FLAGS(argv)
+  except flags.UnrecognizedFlagError as e:
+    name = str(e.flagname) if getattr(e, "flagname", None) else ""
+    if name.startswith("config."):
+      _fail(f"--{name}: the config has no such field{_suggest(name.split('.')[1:], argv) or '.'}")
+    _fail(f"{_flag_error(e)} (python -m videofusion_jax.main --helpfull lists the flags)")
+  except Exception as e:  # noqa: BLE001 - config files and overrides raise anything; one line each
+    bad = _unknown_override(argv)
+    _fail(f"--config.{'.'.join(bad)}: the config has no such field{_suggest(bad, argv) or '.'}" if bad
+          else _flag_error(e))
+
+
+def _unknown_override(argv: list[str]) -> list[str] | None:
+  """The path of the first ``--config.a.b=v`` override that names no field of the loaded config."""
+  config = _load_config_file(argv)
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and config is not None:
+      path, node = arg[len("--config."):].split("=", 1)[0].split("."), config
+      for part in path:
+        if not hasattr(node, "keys") or part not in node.keys():
+          return path
+        node = node[part]
+  return None
+
+
+def _load_config_file(argv: list[str]):
+  """The config of ``--config=path[:variant]`` without its overrides, or None if it cannot be loaded."""
+  import importlib.util
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path, _, variant = arg[len("--config="):].partition(":")
+      try:
+        spec = importlib.util.spec_from_file_location("_config_file", Path(path).expanduser())
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(variant) if variant else module.get_config()
+      except Exception:  # noqa: BLE001 - its own error is reported instead
+        return None
+  return None
+
+
+def _suggest(path: list[str], argv: list[str]) -> str:
+  """'; did you mean --config.a.b?' for a misspelled override, from the config file's fields."""
+  import difflib
+  node = _load_config_file(argv)
+  if node is None:
+    return ""
+  fixed = []
+  for part in path:
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    if part not in keys:
+      close = difflib.get_close_matches(part, keys, n=1)
+      if not close:
+        return f" ({'config' + ''.join('.' + p for p in fixed)} has {', '.join(sorted(keys))})." if keys else ""
+      part = close[0]
+    fixed.append(part)
+    node = node[part]
+  return f"; did you mean --config.{'.'.join(fixed)}?"
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _start_distributed() -> None:
+  """``jax.distributed.initialize`` with the flags given (JAX finds the rest on TPU pods and
+  SLURM); on CPUs the processes talk through gloo collectives."""
+  import jax
+  kwargs = {k: v for k, v in (("coordinator_address", _COORDINATOR.value), ("num_processes", _NUM_PROCESSES.value),
+                              ("process_id", _PROCESS_ID.value)) if v is not None}
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as e:
+    _fail(f"jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: "
+          f"{' '.join(str(e).split())[:400]}. On TPU pods and SLURM pass --multihost alone; elsewhere give "
+          "--coordinator_address=HOST:PORT (process 0's host), --num_processes and --process_id on every host.")
 
 
 def main(argv) -> None:
@@ -27,12 +140,16 @@ def main(argv) -> None:
   from videofusion_jax.data.pipeline import PipelineError
   from videofusion_jax.data.video_io import VideoReadError
   from videofusion_jax.training.checkpoint import CheckpointError
-  from videofusion_jax.training.loop import NonFiniteLossError
+  from videofusion_jax.training.loop import NonFiniteLossError, Preempted
+  from videofusion_jax.training.workdir import WorkdirError, check_workdir
 
-  if os.environ.get("VIDEOFUSION_MULTIHOST"):
-    import jax
-    jax.distributed.initialize()
   config = _CONFIG.value
+  try:
+    check_workdir(_WORKDIR.value, must_exist=_MODE.value in ("sample", "eval"))
+  except WorkdirError as e:
+    _fail(str(e))
+  if _MULTIHOST.value or _COORDINATOR.value or os.environ.get("VIDEOFUSION_MULTIHOST"):
+    _start_distributed()
   try:
     from videofusion_jax.experiment import enable_compilation_cache
     enable_compilation_cache(config.compilation_cache_dir)
@@ -51,11 +168,17 @@ def main(argv) -> None:
     if _MODE.value == "eval":
       from videofusion_jax.evaluation import evaluate
       evaluate.run(config, _WORKDIR.value, experiment=experiment)
+  except Preempted as e:
+    print(e, flush=True)
+    sys.exit(0)
+  except KeyboardInterrupt:
+    print("\ninterrupted: stopped at once; the checkpoints saved before are intact (rerun to resume).",
+          file=sys.stderr)
+    sys.exit(130)
   except (ConfigError, DatasetNotFoundError, VideoReadError, CheckpointError, NonFiniteLossError,
-          PipelineError, FileNotFoundError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+          PipelineError, FileNotFoundError, FloatingPointError, WorkdirError) as e:
+    _fail(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

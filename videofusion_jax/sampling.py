@@ -222,9 +222,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   if given is not None:
     source = f" from the embeddings in {s.embeddings}"
   print(f"sampling {s.num_samples} videos from checkpoint {step} (EMA weights){source}, "
-        f"{s.method} with {s.num_steps if s.method == 'ddim' else config.diffusion.num_timesteps} steps")
+        f"{s.method} with {s.num_steps if s.method == 'ddim' else config.diffusion.num_timesteps} steps: compiling "
+        "the chain, then running it (one batch; a minute or more on a CPU)", flush=True)
+  t0 = time.time()
   videos, used = generate_videos(experiment, state.ema_params, s.num_samples, s.seed, labels, given,
                                  with_condition=True)
+  print(f"sampled {s.num_samples} videos in {time.time() - t0:.0f} s (compile included)", flush=True)
   out_dir = Path(workdir) / "samples" / f"step_{step}"
   out_dir.mkdir(parents=True, exist_ok=True)
   frames = video_io.to_uint8(videos)

@@ -1,10 +1,11 @@
-"""Orbax checkpoints: async saves, keep the last N, restore onto any mesh.
+"""Orbax checkpoints: async saves, keep the last N, restore onto any mesh, skip damaged ones.
 
 Each step holds two items: ``state`` (the TrainState) and ``data`` (a small JSON dict with the
 input stream's position, so that resuming continues the stream instead of restarting it).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax
@@ -17,10 +18,15 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint where one was expected; the message says where and what to do."""
 
 
-def make_manager(workdir: str | Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def make_manager(workdir: str | Path, keep: int, async_save: bool = True, read_only: bool = False
+                 ) -> ocp.CheckpointManager:
+  """The workdir's checkpoint manager; ``read_only`` for sampling and evaluation: it creates no
+  folder and deletes nothing (an error when there is no checkpoint folder)."""
   directory = Path(workdir).absolute() / "checkpoints"
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=async_save)
+  if read_only and not directory.is_dir():
+    raise CheckpointError(f"no checkpoint in {directory}: train first (--mode=train).")
+  options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
+                                         enable_async_checkpointing=async_save and not read_only)
   # Named items, so that steps written before the stream position existed (one unnamed
   # item) do not lock the manager into single-item mode.
   return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
@@ -49,44 +55,169 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict | No
   manager.save(step, args=ocp.args.Composite(**items))
 
 
-def saved_networks(manager: ocp.CheckpointManager, step: int) -> set[str] | None:
-  """The networks (top-level keys of ``params``) in checkpoint ``step``, from its metadata; None
-  if they cannot be read."""
+def _flat_shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """``{path: shape}`` of a state tree or of Orbax's metadata of one; paths as strings, so that
+  a saved ``'1'`` and a live ``1`` (an optimizer-state tuple index) compare equal."""
+  def name(k):
+    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+  return {tuple(name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The saved state's ``{path: shape}`` from its metadata; None when unreadable or empty."""
   step_dir = Path(manager.directory) / str(step)
   item = step_dir / "state" if (step_dir / "state").is_dir() else step_dir / "default"
   try:
     with ocp.StandardCheckpointer() as reader:
       meta = reader.metadata(item)
-    return set(getattr(meta, "item_metadata", meta)["params"].keys())
-  except Exception:  # noqa: BLE001 - only used to word an error better
+    tree = getattr(meta, "item_metadata", meta)
+    return _flat_shapes(dict(tree)) if tree else None
+  except Exception:  # noqa: BLE001 - any failure to read the metadata means it is damaged
     return None
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f"no checkpoint in {manager.directory}: train first (--mode=train).")
+def _mismatch_error(manager, step: int, abstract_state, saved_shapes: dict) -> CheckpointError:
+  """The error for a checkpoint that is intact but holds another model than the config's."""
+  saved, wanted = {p[1] for p in saved_shapes if p[0] == "params" and len(p) > 1}, set(abstract_state.params)
+  where = f"checkpoint {step} in {manager.directory}"
+  record = f"; the run's config is in {Path(manager.directory).parent / 'config.json'}"
+  if saved != wanted:
+    missing, extra = sorted(wanted - saved), sorted(saved - wanted)
+    if "video" in saved ^ wanted:
+      kind = "vdm" if "video" in saved else "videofusion"
+      hint = f"it is a{' VDM*' if kind == 'vdm' else ' VideoFusion'} checkpoint: use --config.model.kind={kind}"
+    elif "prior" in missing:
+      hint = ("it was trained with --config.model.condition=label (no encoder, no prior): use that, or train "
+              "a model with the embedding condition")
+    elif "prior" in extra:
+      hint = ("it was trained with --config.model.condition=embedding (a key-frame encoder and its prior): use "
+              "that")
+    else:
+      hint = "it was trained with another config.model.condition or config.model.encoder.kind"
+    return CheckpointError(
+        f"{where} has the networks {sorted(saved)} and this config needs {sorted(wanted)}"
+        + (f" (missing: {', '.join(missing)})" if missing else "")
+        + (f" (not used by this config: {', '.join(extra)})" if extra else "") + f"; {hint}{record}.")
+  wanted_shapes = _flat_shapes(abstract_state)
+  diffs = [f"{'.'.join(p)} is {saved_shapes[p]} there and {wanted_shapes[p]} here" for p in sorted(wanted_shapes)
+           if p in saved_shapes and saved_shapes[p] != wanted_shapes[p]]
+  absent = [".".join(p) for p in sorted(set(wanted_shapes) ^ set(saved_shapes))]
+  detail = "; ".join(diffs[:3]) or f"the state trees differ at {', '.join(absent[:3])}"
+  return CheckpointError(f"{where} was trained with another model or optimizer config than this one ({detail}). "
+                         f"Use the config it was trained with{record}.")
+
+
+def check_compatible(manager: ocp.CheckpointManager, abstract_state) -> None:
+  """Raises the CheckpointError of ``restore`` when the newest checkpoint whose metadata can be
+  read holds another model than ``abstract_state``: cheap (no array is read), so a run can say
+  so before its slow start."""
+  wanted = _flat_shapes(abstract_state)
+  for step in sorted(manager.all_steps(), reverse=True):
+    saved = _saved_shapes(manager, step)
+    if saved is not None:
+      if _weights(saved) != _weights(wanted):
+        raise _mismatch_error(manager, step, abstract_state, saved)
+      return
+
+
+def _weights(shapes: dict) -> dict:
+  return {p: v for p, v in shapes.items() if p[0] in ("params", "ema_params")}
+
+
+def _restore_step(manager, step: int, abstract_state, with_data: bool):
+  """``(state, data)`` of ``step``; ``_Damaged`` when it cannot be read, CheckpointError when
+  it is intact but does not match ``abstract_state``."""
+  saved, wanted = _saved_shapes(manager, step), _flat_shapes(abstract_state)
+  if saved is not None and _weights(saved) != _weights(wanted):  # another model: known before reading any array
+    raise _mismatch_error(manager, step, abstract_state, saved)
   try:
-    return _restore_state(manager, step, abstract_state)
-  except (ValueError, KeyError, TypeError) as e:
-    saved, wanted = saved_networks(manager, step), set(abstract_state.params)
-    if saved is not None and saved != wanted:
-      missing, extra = sorted(wanted - saved), sorted(saved - wanted)
-      if "video" in saved ^ wanted:
-        kind = "vdm" if "video" in saved else "videofusion"
-        hint = f"it is a{' VDM*' if kind == 'vdm' else ' VideoFusion'} checkpoint: use --config.model.kind={kind}"
-      elif "prior" in missing:
-        hint = ("it was trained with --config.model.condition=label (no encoder, no prior): use that, or train "
-                "a model with the embedding condition")
-      else:
-        hint = "it was trained with another config.model.condition or config.model.encoder.kind"
-      raise CheckpointError(
-          f"checkpoint {step} in {manager.directory} has the networks {sorted(saved)} and this config needs "
-          f"{sorted(wanted)}" + (f" (missing: {', '.join(missing)})" if missing else "")
-          + (f" (not used by this config: {', '.join(extra)})" if extra else "") + f"; {hint}.") from None
-    raise CheckpointError(
-        f"checkpoint {step} in {manager.directory} does not match this config's model "
-        f"({type(e).__name__}: {str(e)[:300]}). Use the config it was trained with.") from None
+    state = _restore_state(manager, step, abstract_state)
+  except Exception as e:  # noqa: BLE001 - TensorStore raises plain Exceptions; classified below
+    _quiet_closed_event_loops()
+    if saved is None:
+      raise _Damaged("its metadata cannot be read") from None
+    if saved == wanted:
+      raise _Damaged(f"reading its arrays failed ({type(e).__name__}: {_first_line(e)})") from None
+    raise _mismatch_error(manager, step, abstract_state, saved) from None
+  data = None
+  if with_data:
+    try:
+      data = restore_data_state(manager, step)
+    except Exception as e:  # noqa: BLE001
+      raise _Damaged(f"its input-stream position cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+  return state, data
+
+
+def _quiet_closed_event_loops() -> None:
+  """After a failed restore, reads still in flight finish on Orbax's closed event loop and Python
+  prints a 'RuntimeError: Event loop is closed' traceback for each; they are harmless, so they are
+  not shown (every other unraisable exception still is)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "quiet_closed_loops", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  hook.quiet_closed_loops = True
+  sys.unraisablehook = hook
+
+
+class _Damaged(Exception):
+  """A checkpoint that exists but cannot be read (a truncated or missing file)."""
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None, with_data: bool = False,
+            log=print):
+  """The state of checkpoint ``step``, or by default of the newest one that can be read: a damaged
+  checkpoint (a file truncated or deleted after its save) is skipped with a message naming it,
+  and the one before is tried. Nothing is deleted. With ``with_data``, returns ``(state, data,
+  step, damaged_steps)``, ``data`` being the input stream's position saved with it."""
+  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {manager.directory}: train first (--mode=train).")
+  damaged = []
+  for s in steps:
+    try:
+      state, data = _restore_step(manager, s, abstract_state, with_data)
+    except _Damaged as e:
+      damaged.append(s)
+      log(f"warning: skipped checkpoint {s} in {manager.directory}: it is damaged ({e}).")
+      continue
+    if damaged:
+      log(f"restored checkpoint {s}, the newest intact one.")
+    return (state, data, s, damaged) if with_data else state
+  raise CheckpointError(
+      f"no intact checkpoint in {manager.directory}: {'step ' if len(damaged) == 1 else 'steps '}"
+      f"{', '.join(map(str, damaged))} cannot be read (see above). Nothing was deleted: restore them from a "
+      "backup, or move the checkpoints folder away to start afresh.")
+
+
+def move_aside(manager: ocp.CheckpointManager, steps: list[int], log=print) -> None:
+  """Moves damaged checkpoints to ``workdir/checkpoints_damaged/`` (kept, not deleted), so that
+  training from an older one can save those steps again; process 0 moves, all hosts wait."""
+  if not steps:
+    return
+  root = Path(manager.directory)
+  if jax.process_index() == 0:
+    aside = root.parent / "checkpoints_damaged"
+    aside.mkdir(exist_ok=True)
+    for s in steps:
+      target = aside / str(s)
+      k = 1
+      while target.exists():
+        target, k = aside / f"{s}.{k}", k + 1
+      (root / str(s)).rename(target)
+      log(f"moved the damaged checkpoint {s} to {target} (kept for inspection; training saves step {s} anew).")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("damaged checkpoints moved")
+  manager.reload()
 
 
 def restore_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None:

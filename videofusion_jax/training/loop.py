@@ -1,6 +1,7 @@
 """The training loop: input stream -> jitted step -> checked metrics, events and checkpoints."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -12,8 +13,10 @@ import numpy as np
 
 from videofusion_jax.data.stream import prepare_dataset, resume_position, stream_identity
 from videofusion_jax.training import checkpoint as ckpt
+from videofusion_jax.training.preemption import StopRequest
 from videofusion_jax.training.state import TrainState
 from videofusion_jax.training.step import Trainer
+from videofusion_jax.training.workdir import WorkdirLock
 
 
 class NonFiniteLossError(RuntimeError):
@@ -26,9 +29,12 @@ def _format_time(seconds: float) -> str:
 
 
 class _Writer:
-  """TensorBoard event files through tensorboardX when it is installed (else console only)."""
+  """Metrics to ``workdir/metrics.jsonl`` (one JSON object per logged step, read by the notebook
+  and by scripts without TensorBoard) and to TensorBoard event files through tensorboardX when
+  it is installed."""
 
   def __init__(self, workdir: Path):
+    self._jsonl = open(workdir / "metrics.jsonl", "a")  # appended: a resumed run continues the curve
     try:
       from tensorboardX import SummaryWriter
       self._w = SummaryWriter(str(workdir / "tensorboard"))
@@ -37,12 +43,15 @@ class _Writer:
       self._w = None
 
   def scalars(self, step: int, metrics: dict) -> None:
+    self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+    self._jsonl.flush()
     if self._w:
       for k, v in metrics.items():
         self._w.add_scalar(k, float(v), step)
       self._w.flush()
 
   def close(self) -> None:
+    self._jsonl.close()
     if self._w:
       self._w.close()
 
@@ -110,43 +119,84 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
+class Preempted(Exception):
+  """Training stopped on SIGTERM or SIGINT after saving the step it was in (not an error)."""
+
+  def __init__(self, step: int, signal_name: str, directory: str):
+    super().__init__(f"stopped on {signal_name} at step {step}: checkpoint {step} is saved in {directory}; "
+                     "run the same command again to resume from it.")
+    self.step = step
+
+
+def _start(trainer: Trainer, manager, config: ml_collections.ConfigDict, say) -> tuple[TrainState, dict | None]:
+  """The state to train from: the newest intact checkpoint (damaged newer ones moved aside so that
+  their steps can be saved again), else a fresh state, from ``train.init_base_from`` if given."""
+  if manager.all_steps():
+    state, saved_stream, step, damaged = ckpt.restore(manager, trainer.abstract_state(), with_data=True, log=say)
+    ckpt.move_aside(manager, [s for s in damaged if s > step], log=say)
+    say(f"resumed from checkpoint {step} in {manager.directory}")
+    return state, saved_stream
+  state = trainer.init_state(config.seed)
+  if config.train.init_base_from:
+    state = init_base_from(trainer, state, config.train.init_base_from)
+  return state, None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict] | None = None,
           trainer: Trainer | None = None, verbose: bool = True) -> TrainState:
-  """Trains (or resumes) in ``workdir``: checkpoints, TensorBoard events and ``config.json``.
+  """Trains (or resumes) in ``workdir``: checkpoints, TensorBoard events, ``metrics.jsonl`` and
+  ``config.json`` (written once the checkpoints are known to match this config).
 
   ``batches`` yields host-local numpy batches; by default the config's TFDS pipeline.
   ``trainer`` reuses an already built (and compiled) step for the same model and train config;
-  otherwise one is built here, which validates the config.
+  otherwise one is built here, which validates the config. The workdir is locked for the run
+  (``train.lock``). SIGTERM or SIGINT save the step in flight and raise ``Preempted``.
   """
   workdir = Path(workdir)
   trainer = trainer or Trainer(config)
-  if batches is None:
-    prepare_dataset(config)
-  warning = base_from_scratch_warning(config)
-  if warning and verbose:
-    print(warning, flush=True)
-  save_config(config, workdir)
-  manager = ckpt.make_manager(workdir, config.train.keep_checkpoints)
-  saved_stream = None
-  if manager.latest_step() is not None:
-    state = ckpt.restore(manager, trainer.abstract_state())
-    saved_stream = ckpt.restore_data_state(manager, int(state.step))
-    print(f"resumed from checkpoint {int(state.step)} in {manager.directory}")
-  else:
-    state = trainer.init_state(config.seed)
-    if config.train.init_base_from:
-      state = init_base_from(trainer, state, config.train.init_base_from)
-  start = int(state.step)
-  total = config.train.num_steps
-  if verbose:
-    sizes = ", ".join(f"{k} {v:,}" for k, v in trainer.num_params.items())
-    print(f"parameters: {sizes}; devices {trainer.mesh.devices.size} "
-          f"(mesh {dict(trainer.mesh.shape)}); {config.model.kind}, stage {config.train.stage}, "
-          f"λ={config.diffusion.lam}, "
-          f"condition: {config.model.condition}")
-  if start >= total:
-    manager.close()
-    return state
+  lead = jax.process_index() == 0
+  say = print if verbose and lead else (lambda *a, **k: None)
+  lock = WorkdirLock(workdir) if lead else None
+  manager = None
+  with StopRequest() as stop:  # from here on a signal stops training at a step, with its checkpoint
+    try:
+      if lock:
+        lock.acquire()
+      manager = ckpt.make_manager(workdir, config.train.keep_checkpoints)
+      ckpt.check_compatible(manager, trainer.abstract_state())  # before the slow start
+      latest = manager.latest_step()
+      if latest is not None and latest >= config.train.num_steps:
+        say(f"nothing to train: checkpoint {latest} in {manager.directory} has reached config.train.num_steps="
+            f"{config.train.num_steps}. Raise --config.train.num_steps to train on.")
+        return ckpt.restore(manager, trainer.abstract_state(), log=say)
+      if batches is None:
+        prepare_dataset(config)
+      state, saved_stream = _start(trainer, manager, config, say)
+      if int(state.step) >= config.train.num_steps:  # newer checkpoints were damaged: this one is done too
+        say(f"nothing to train: checkpoint {int(state.step)} has reached config.train.num_steps.")
+        return state
+      warning = base_from_scratch_warning(config)
+      if warning:
+        say(warning, flush=True)
+      if lead:
+        save_config(config, workdir)
+      sizes = ", ".join(f"{k} {v:,}" for k, v in trainer.num_params.items())
+      say(f"parameters: {sizes}; devices {trainer.mesh.devices.size} (mesh {dict(trainer.mesh.shape)}, "
+          f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); {config.model.kind}, "
+          f"stage {config.train.stage}, λ={config.diffusion.lam}, condition: {config.model.condition}")
+      return _loop(trainer, state, manager, config, workdir, batches, saved_stream, stop, say)
+    finally:
+      if manager is not None:
+        manager.close()  # waits for a save in flight
+      if lock:
+        lock.release()
+
+
+def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, batches, saved_stream, stop,
+          say) -> TrainState:
+  """Steps from ``state.step`` to ``train.num_steps``: metrics checked on the host (one step
+  behind, so that the device never waits), logged, and checkpointed asynchronously."""
+  start, total = int(state.step), config.train.num_steps
   local_batch = config.train.batch_size // jax.process_count()
   stream = stream_identity(config, jax.process_count(), local_batch)
   start_batch = resume_position(saved_stream, stream, start)
@@ -156,7 +206,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
                                       process_count=jax.process_count(), start_batch=start_batch)
   writer = _Writer(workdir) if jax.process_index() == 0 else None
   pending = None  # (step, metrics) not yet checked on the host
-  t0, last_log_time, last_log_step = time.time(), time.time(), start
+  t0 = time.time()
+  last_log_time, last_log_step = t0, start
+  save_wait = 0.0  # seconds the loop was blocked by checkpoint saves since the last log
 
   def check(step, metrics):
     host = jax.device_get(metrics)
@@ -178,35 +230,51 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
       except StopIteration:
         raise RuntimeError(f"the input ran out at step {step}; the pipeline should repeat.") from None
       state, metrics = trainer.step(state, trainer.global_batch(local))
+      if step == start + 1:  # the compile: kept out of the steps/s and time-left estimates
+        jax.block_until_ready(metrics)
+        last_log_time, last_log_step = time.time(), step
+        say(f"first step done in {last_log_time - t0:.1f} s (compiling the step, or loading it from the "
+            "compilation cache)", flush=True)
       if pending is not None:
         check(*pending)
       pending = (step, metrics)
-      log_now = step % config.train.log_every == 0 or step == total
-      save_now = step % config.train.checkpoint_every == 0 or step == total
+      stopping = stop.reached(step)
+      log_now = step % config.train.log_every == 0 or step == total or stopping
+      save_now = step % config.train.checkpoint_every == 0 or step == total or stopping
       if log_now or save_now:  # a checkpoint is written only after its step's loss was checked
         host = check(*pending)
         pending = None
       if log_now:
         now = time.time()
-        rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+        rate = (step - last_log_step) / max(now - last_log_time, 1e-9) if step > last_log_step else None
         last_log_time, last_log_step = now, step
-        host["steps_per_sec"] = rate
+        if rate is not None:
+          host["steps_per_sec"] = rate
+        host["checkpoint_wait_s"], save_wait = save_wait, 0.0
         if writer:
           writer.scalars(step, host)
-        if verbose:
-          prior = f", prior {host['loss_prior']:.4f}" if "loss_prior" in host else ""
-          lrs = "/".join(f"{v:.1e}" for k, v in host.items() if k.startswith("lr_"))
-          norms = "/".join(f"{v:.2f}" for k, v in host.items() if k.startswith("grad_norm_"))
-          print(f"step {step:>6}/{total}  loss {host['loss']:.4f} (key {host['loss_key']:.4f}, "
-                f"residual {host['loss_residual']:.4f}{prior})  lr {lrs}  |g| {norms}  {rate:5.2f} steps/s  "
-                f"elapsed {_format_time(now - t0)}  left {_format_time((total - step) / max(rate, 1e-9))}",
-                flush=True)
+        prior = f", prior {host['loss_prior']:.4f}" if "loss_prior" in host else ""
+        lrs = "/".join(f"{v:.1e}" for k, v in host.items() if k.startswith("lr_"))
+        norms = "/".join(f"{v:.2f}" for k, v in host.items() if k.startswith("grad_norm_"))
+        speed = (f"{rate:5.2f} steps/s  left {_format_time((total - step) / max(rate, 1e-9))}" if rate is not None
+                 else "rate after the next log")
+        say(f"step {step:>6}/{total}  loss {host['loss']:.4f} (key {host['loss_key']:.4f}, "
+            f"residual {host['loss_residual']:.4f}{prior})  lr {lrs}  |g| {norms}  {speed}  "
+            f"elapsed {_format_time(now - t0)}", flush=True)
       if save_now:
+        t_save = time.time()
         ckpt.save(manager, step, state, {**stream, "batches": start_batch + step - start})
+        waited = time.time() - t_save  # the device-to-host copy; the write itself goes on in the background
+        save_wait += waited
+        say(f"checkpoint {step}: training waited {waited:.2f} s for it (written in the background)", flush=True)
+      if stopping:
+        t_wait = time.time()
+        manager.wait_until_finished()
+        say(f"checkpoint {step} written ({time.time() - t_wait:.1f} s waiting for the write).")
+        raise Preempted(step, stop.signal_name or "SIGTERM", str(manager.directory))
     manager.wait_until_finished()
   finally:
     if writer:
       writer.close()
-    manager.close()
   sys.stdout.flush()
   return state

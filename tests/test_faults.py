@@ -1,0 +1,227 @@
+"""Faults a pod run meets: preemption (SIGTERM, Ctrl-C), damaged checkpoints, a second run in the
+same workdir, and bad input that must end in one line and change nothing on disk."""
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from tiny import tiny_config_file
+
+from videofusion_jax.training import checkpoint as ckpt
+from videofusion_jax.training import sharding as shd
+from videofusion_jax.training.loop import train
+from videofusion_jax.training.step import Trainer
+from videofusion_jax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_device_env() -> dict:
+  """The environment of a CLI run on one CPU device (the suite's 8 simulated ones are not needed)."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def main_cmd(config_file, workdir, *args):
+  return [sys.executable, "-u", "-m", "videofusion_jax.main", f"--config={config_file}", f"--workdir={workdir}", *args]
+
+
+def run_main(config_file, workdir, *args, timeout=300):
+  return subprocess.run(main_cmd(config_file, workdir, *args), cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout, env=one_device_env())
+
+
+def snapshot(directory: Path) -> dict:
+  """Every file and folder under ``directory`` with a hash of its bytes."""
+  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+          for p in sorted(directory.rglob("*"))}
+
+
+def losses(workdir: Path) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory, tfds_dir):
+  """The tiny config as a file for the command line: a log line every step, no periodic checkpoint."""
+  return tiny_config_file(tmp_path_factory.mktemp("config"), **{
+      "data.data_dir": tfds_dir, "train.num_steps": 400, "train.checkpoint_every": 1000, "train.log_every": 1})
+
+
+def interrupt(config_file, workdir, sig, after_step, num_steps=400):
+  """Starts training, sends ``sig`` once step ``after_step`` is logged; returns (rc, output, seconds to exit)."""
+  proc = subprocess.Popen(main_cmd(config_file, workdir, f"--config.train.num_steps={num_steps}"), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=one_device_env())
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith(f"step {after_step:>6}/"):
+      break
+  t = time.time()
+  proc.send_signal(sig)
+  out, _ = proc.communicate(timeout=120)
+  return proc.returncode, "".join(lines) + out, time.time() - t
+
+
+def test_sigterm_and_ctrl_c_save_the_step_and_resume_exactly(config_file, tmp_path):
+  workdir = tmp_path / "run"
+  rc, out, seconds = interrupt(config_file, workdir, signal.SIGINT, after_step=3)
+  assert rc == 0, out
+  assert "Traceback" not in out and "SIGINT received" in out
+  stopped = int(out.split("stopped on SIGINT at step ")[1].split(":")[0])
+  assert stopped >= 3 and (workdir / "checkpoints" / str(stopped)).is_dir()
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [stopped]
+  assert seconds < 60 and not (workdir / LOCK_NAME).exists()
+  # The first log line's rate leaves the compile out; its time is said once.
+  assert "first step done in" in out and "left" not in out.split(f"step {1:>6}/")[1].splitlines()[0]
+  # SIGTERM (preemption) on the resumed run: it resumes from the step it stopped at.
+  rc, out, seconds = interrupt(config_file, workdir, signal.SIGTERM, after_step=stopped + 2)
+  assert rc == 0 and f"resumed from checkpoint {stopped}" in out and "Traceback" not in out, out
+  second = int(out.split("stopped on SIGTERM at step ")[1].split(":")[0])
+  assert second >= stopped + 2 and seconds < 60
+  # An uninterrupted run of the same steps, saving every step: the resumed run's next loss is the
+  # same number, and the checkpoint saved on SIGTERM holds the same state as its step's.
+  straight = tmp_path / "straight"
+  r = run_main(config_file, straight, f"--config.train.num_steps={second}", "--config.train.checkpoint_every=1",
+               f"--config.train.keep_checkpoints={second}")
+  assert r.returncode == 0, r.stderr
+  assert losses(workdir)[stopped + 1] == pytest.approx(losses(straight)[stopped + 1], rel=1e-6)
+  (saved, step), (expected, expected_step) = ckpt.restore_raw(workdir), ckpt.restore_raw(straight)
+  assert step == expected_step == second
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def trainer():
+  c = tiny_config()
+  return Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
+
+
+def fake_batches(config, n=8, seed=0):
+  rng = np.random.default_rng(seed)
+  c = config.data
+  for _ in range(n):
+    yield {"video": rng.uniform(-1, 1, (config.train.batch_size, c.num_frames, c.image_size, c.image_size, 3)
+                                ).astype(np.float32),
+           "label": rng.integers(0, c.num_classes, config.train.batch_size).astype(np.int32)}
+
+
+def damage(step_dir: Path, how: str) -> None:
+  files = sorted((step_dir / "state").rglob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
+  if how == "truncate":
+    with open(files[-1], "r+b") as f:
+      f.truncate(64)
+  elif how == "delete":
+    (step_dir / "state" / "manifest.ocdbt").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_a_damaged_checkpoint_is_skipped_and_training_resumes_from_the_one_before(trainer, tmp_path, how, capsys):
+  c = trainer.config
+  train(c, tmp_path / "run", batches=fake_batches(c), trainer=trainer, verbose=False)  # checkpoints 2 and 4
+  damage(tmp_path / "run" / "checkpoints" / "4", how)
+  before = snapshot(tmp_path / "run" / "checkpoints" / "4")
+  # Sampling and evaluation read the newest intact one and move nothing.
+  state = trainer.restore(tmp_path / "run")
+  assert int(state.step) == 2 and snapshot(tmp_path / "run" / "checkpoints" / "4") == before
+  out = capsys.readouterr().out
+  assert f"skipped checkpoint 4 in {tmp_path / 'run' / 'checkpoints'}: it is damaged" in out
+  # Training resumes from 2 and gives what an uninterrupted run gives (the same batches 3 and 4).
+  c6 = tiny_config(**{"train.num_steps": 6})
+  batches = list(fake_batches(c))
+  resumed = train(c6, tmp_path / "run", batches=iter(batches[2:]), trainer=trainer)
+  out = capsys.readouterr().out
+  assert "skipped checkpoint 4" in out and "resumed from checkpoint 2" in out
+  # Kept, out of the way: the run saves step 4 anew.
+  assert snapshot(tmp_path / "run" / "checkpoints_damaged" / "4") == before
+  assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [2, 4, 6]
+  straight = train(c6, tmp_path / "straight", batches=iter(batches), trainer=trainer, verbose=False)
+  for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_no_intact_checkpoint_is_an_error_that_deletes_nothing(trainer, tmp_path):
+  c = trainer.config
+  train(c, tmp_path, batches=fake_batches(c), trainer=trainer, verbose=False)
+  for step in (2, 4):
+    damage(tmp_path / "checkpoints" / str(step), "truncate")
+  before = snapshot(tmp_path)
+  with pytest.raises(ckpt.CheckpointError, match=r"no intact checkpoint .* steps 4, 2 cannot be read .* Nothing "
+                     "was deleted"):
+    train(tiny_config(**{"train.num_steps": 6}), tmp_path, batches=fake_batches(c), trainer=trainer, verbose=False)
+  assert snapshot(tmp_path) == before
+
+
+def test_workdir_lock(tmp_path, capsys):
+  lock = WorkdirLock(tmp_path).__enter__()
+  with pytest.raises(WorkdirError, match=rf"another training run \(process {os.getpid()} on host "
+                     rf"{socket.gethostname()}, started .*\) holds {tmp_path / LOCK_NAME}"):
+    WorkdirLock(tmp_path).acquire()
+  lock.__exit__()
+  assert not (tmp_path / LOCK_NAME).exists()
+  # A lock left by a process of this host that is gone is taken over.
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+  with WorkdirLock(tmp_path):
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+  assert "was left by process" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def trained(config_file, tmp_path_factory):
+  """A workdir trained 2 steps through the command line."""
+  workdir = tmp_path_factory.mktemp("trained")
+  r = run_main(config_file, workdir, "--config.train.num_steps=2")
+  assert r.returncode == 0, r.stderr
+  return workdir
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.base.base_channels=16"], "ema_params.base.conv_in.bias is (8,) there and (16,) here). Use the config it "
+     "was trained with; the run's config is in"),
+    (["--config.train.nmu_steps=3"], "--config.train.nmu_steps: the config has no such field; did you mean "
+     "--config.train.num_steps?"),
+    (["--config.model.condition=label"], "it was trained with --config.model.condition=embedding"),
+    ("lock", "another training run (process"),
+    ("missing_config", "--config=configs/nowhere.py: no such file (configs here: configs/demo.py"),
+])
+def test_bad_input_is_one_line_and_changes_nothing(trained, config_file, args, message):
+  if args == "lock":  # a live process of this host (this test) holds the workdir
+    (trained / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "x"}))
+  before = snapshot(trained)
+  if args == "missing_config":
+    r = run_main("configs/nowhere.py", trained)
+  else:
+    r = run_main(config_file, trained, *([] if args == "lock" else args))
+  (trained / LOCK_NAME).unlink(missing_ok=True)
+  assert r.returncode == 1, r.stdout + r.stderr
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and message in errors[0], r.stderr
+  assert "Traceback" not in r.stderr + r.stdout and "Event loop is closed" not in r.stderr
+  after = snapshot(trained)
+  after.pop(LOCK_NAME, None)
+  before.pop(LOCK_NAME, None)
+  assert after == before
+
+
+def test_workdir_that_is_a_file_and_a_finished_run(trained, config_file, tmp_path):
+  (tmp_path / "a_file").write_text("x")
+  r = run_main(config_file, tmp_path / "a_file")
+  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --workdir=") and "is a file" in \
+      r.stderr and (tmp_path / "a_file").read_text() == "x"
+  before = snapshot(trained)
+  r = run_main(config_file, trained, "--config.train.num_steps=1")
+  assert r.returncode == 0 and "nothing to train: checkpoint 2" in r.stdout and "num_steps=1" in r.stdout
+  assert snapshot(trained) == before

@@ -1,0 +1,43 @@
+"""The tiny config of the tests, importable without conftest's side effects (a config file
+for subprocess runs: ``tiny_config_file``)."""
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+
+def tiny_config(**overrides):
+  """The demo config shrunk to 8x8, 4 frames, 8 channels: compiles in seconds on a CPU. The
+  key-frame embedding and the prior (on the clip id), as the paper."""
+  import demo
+
+  from videofusion_jax.config import unet_config
+
+  c = demo.get_config()
+  c.data.update(num_frames=4, image_size=8, frame_stride=2)
+  c.model.base = unet_config(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                             attention_resolutions=(4,), head_dim=8)
+  c.model.residual = unet_config(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                 attention_resolutions=(), head_dim=8)
+  # The paper's path (the demo's clean key-frame input has its own tests).
+  c.model.update(key_frame_input=False, key_frame_clean=False)
+  # A prior as small as the generators (the demo's would dominate this step's FLOPs).
+  c.model.prior.update(width=32, num_layers=2)
+  c.train.prior_repeats = 2
+  c.train.update(batch_size=8, num_steps=4, warmup_steps=2, log_every=1, checkpoint_every=2,
+                 keep_checkpoints=5, learning_rate=1e-3)
+  c.sample.update(num_steps=5, num_samples=3, batch_size=3, upscale=1, num_real_clips=12)
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def tiny_config_file(directory: Path, **overrides) -> Path:
+  """A config file for ``--config=`` that gives ``tiny_config(**overrides)``."""
+  path = Path(directory) / "tiny_config.py"
+  path.write_text(f"import sys\nsys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent / 'configs')!r}]\n"
+                  f"from tiny import tiny_config\n\n\ndef get_config():\n  return tiny_config(**{overrides!r})\n")
+  return path

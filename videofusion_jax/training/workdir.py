@@ -1,0 +1,98 @@
+"""What a run may do with its workdir: checks before any slow work, and the lock that keeps two
+training runs from writing the same checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+LOCK_NAME = "train.lock"
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used as asked; the message says why and what to do."""
+
+
+def check_workdir(workdir: str | Path, must_exist: bool = False) -> Path:
+  """``workdir`` as a Path, after checking that a run can write there (it is created later, when
+  missing); ``must_exist`` for the modes that read a trained run. Changes nothing on disk."""
+  path = Path(workdir).expanduser()
+  if path.exists() and not path.is_dir():
+    raise WorkdirError(f"--workdir={workdir} is a file, not a directory: give a directory (it is created "
+                       "when missing).")
+  if must_exist and not path.is_dir():
+    raise WorkdirError(f"--workdir={workdir} does not exist: train first (--mode=train), or give the workdir of "
+                       "a trained run.")
+  existing = path
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise WorkdirError(f"--workdir={workdir}: {existing} is a file, so the workdir cannot be created under it.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    what = "the workdir" if existing == path else f"{existing}, where the workdir would be created,"
+    raise WorkdirError(f"--workdir={workdir}: {what} is not writable by this user: choose another --workdir or "
+                       "fix its permissions.")
+  return path
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by another user
+    return True
+  return True
+
+
+class WorkdirLock:
+  """``workdir/train.lock`` holding this run's process id and host, created atomically: a
+  second training run in the same workdir is refused with a message naming the first. A lock
+  left by a run that died on this host (its process is gone) is taken over, with a note."""
+
+  def __init__(self, workdir: Path):
+    self.path = Path(workdir) / LOCK_NAME
+    self.held = False
+
+  def acquire(self) -> None:
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        other = self._read()
+        if other and other.get("host") == me["host"] and not _alive(int(other.get("pid", -1))):
+          print(f"note: {self.path} was left by process {other['pid']} on this host, which is gone; taking it over.")
+          self.path.unlink(missing_ok=True)
+          continue
+        who = (f"process {other.get('pid')} on host {other.get('host')}, started {other.get('started')}"
+               if other else "a run whose lock file cannot be read")
+        raise WorkdirError(
+            f"another training run ({who}) holds {self.path}: two runs in one workdir would overwrite each other's "
+            f"checkpoints. Wait for it to finish or stop it, use another --workdir, or delete {self.path} if "
+            "that run is gone.") from None
+      with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+      self.held = True
+      return
+
+  def _read(self) -> dict | None:
+    try:
+      return json.loads(self.path.read_text())
+    except (OSError, ValueError):
+      return None
+
+  def release(self) -> None:
+    if self.held:
+      self.path.unlink(missing_ok=True)
+      self.held = False
+
+  def __enter__(self) -> WorkdirLock:
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
