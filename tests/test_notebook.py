@@ -1,0 +1,143 @@
+"""notebooks/colab_demo.ipynb runs end to end on the CPU (nbclient, this venv's ipykernel) with tiny overrides:
+the demo trains and samples, and the notebook shows the training curve, the videos and the grid."""
+import ast
+import base64
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "colab_demo.ipynb"
+NUM_SAMPLES = 2
+# The demo shrunk as tiny_config is, so that compiling and running it takes seconds.
+SHRINK = ("--config.data.image_size=8 --config.data.num_frames=4 --config.train.batch_size=4 "
+          "--config.model.base.base_channels=8 --config.model.base.head_dim=8 --config.model.residual.base_channels=8 "
+          "--config.model.residual.head_dim=8 --config.model.encoder.base_channels=8 --config.model.prior.width=32 "
+          "--config.model.prior.num_layers=2 --config.train.prior_repeats=2 --config.sample.upscale=1 "
+          "--config.sample.num_real_clips=12 --config.sample.prior_num_steps=4")
+
+
+def _read():
+  return nbformat.read(NOTEBOOK, as_version=4)
+
+
+def _parameters_cell(nb):
+  cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+  assert len(cells) == 1 and cells[0].cell_type == "code", "one code cell tagged 'parameters'"
+  return cells[0]
+
+
+def test_notebook_is_clean_and_parameterised():
+  """Stored without outputs, valid nbformat 4, every parameter the test overrides is defined."""
+  nb = _read()
+  nbformat.validate(nb)
+  assert nb.nbformat == 4
+  assert NOTEBOOK.stat().st_size < 40_000
+  for cell in nb.cells:
+    if cell.cell_type == "code":
+      assert cell.outputs == [] and cell.execution_count is None, f"cell {cell.id} has outputs"
+  defaults = {t.id: ast.literal_eval(node.value) for node in ast.parse(_parameters_cell(nb).source).body
+              for t in node.targets}
+  overridden = {"REPO_URL", "TRAIN_STEPS", "LOG_EVERY", "SAMPLE_STEPS", "NUM_SAMPLES", "WORKDIR", "EXTRA_ARGS"}
+  assert overridden <= set(defaults)
+  assert defaults["REPO_URL"] == "" and defaults["TRAIN_STEPS"] == 1600
+
+
+def _kernel_env(tmp_path):
+  """The test process's environment for the kernel (and so for the notebook's training process): one CPU
+  device (conftest.py asks for eight), and XLA's CPU backend unoptimised (compiling is most of this run:
+  it saves about 40% of its CPU time)."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join([*flags, "--xla_backend_optimization_level=0"])
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", IPYTHONDIR=str(tmp_path / "ipython"))
+  return env
+
+
+def _execute(nb, tmp_path, monkeypatch):
+  from nbclient import NotebookClient
+
+  spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+  spec_dir.mkdir(parents=True)
+  (spec_dir / "kernel.json").write_text(json.dumps({
+      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+      "display_name": "Python 3 (test)", "language": "python"}))
+  monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))  # searched before the user's kernelspecs
+  monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+  client = NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}})
+  client.execute(env=_kernel_env(tmp_path))
+  return nb
+
+
+def _outputs(cell, output_type=None):
+  return [o for o in cell.outputs if output_type is None or o.output_type == output_type]
+
+
+def _text(cell):
+  return "".join(o.get("text", "") for o in _outputs(cell, "stream"))
+
+
+def test_notebook_trains_plots_and_shows_videos(tfds_dir, tmp_path, monkeypatch):
+  nb = _read()
+  workdir = tmp_path / "work"
+  extra = f"{SHRINK} --config.data.data_dir={tfds_dir} --config.compilation_cache_dir={tmp_path / 'xla'}"
+  params = _parameters_cell(nb)  # the tiny overrides follow the notebook's own values, as papermill's would
+  params.source += (f"\nTRAIN_STEPS = 12\nLOG_EVERY = 4\nSAMPLE_STEPS = 4\nNUM_SAMPLES = {NUM_SAMPLES}\n"
+                    f"WORKDIR = {str(workdir)!r}\nEXTRA_ARGS = {extra!r}\n")
+  nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
+  _execute(nb, tmp_path, monkeypatch)
+  cells = {c.id: c for c in nb.cells if c.cell_type == "code"}
+
+  for cell in cells.values():
+    assert cell.execution_count is not None and not _outputs(cell, "error"), cell.id
+  assert _text(nb.cells[-1]).strip() == sys.executable  # the kernel ran this venv's interpreter
+  assert "nothing to install" in _text(cells["install"])
+  assert "CpuDevice(id=0)]" in _text(cells["devices"])  # one device: the conftest's eight did not reach it
+  log = _text(cells["train"])
+  assert "step     12/12" in log and "wrote 2 videos" in log, log[-3000:]
+
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [4, 8, 12]
+  for r in rows:
+    for key in ("loss", "loss_key", "loss_residual", "loss_prior"):
+      assert math.isfinite(r[key]) and 0 < r[key] < 10, (key, r)
+  assert (workdir / "checkpoints" / "12").is_dir()
+
+  from PIL import Image
+  curve = workdir / "training_curve.png"
+  with Image.open(curve) as im:
+    assert im.format == "PNG" and im.size == (800, 450)
+    colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 20  # lines, labels and a legend: not a blank canvas
+  shown = [o for o in _outputs(cells["curve"], "display_data") if "image/png" in o.data]
+  assert len(shown) == 1 and base64.b64decode(shown[0].data["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "step 12: loss" in _text(cells["curve"])
+
+  sample_dir = workdir / "samples" / "step_12"
+  mp4s = sorted(sample_dir.glob("sample_*.mp4"))
+  assert len(mp4s) == NUM_SAMPLES
+  html = "".join(o.data.get("text/html", "") for o in _outputs(cells["video"], "display_data"))
+  payloads = re.findall(r'<video [^>]*src="data:video/mp4;base64,([A-Za-z0-9+/=]+)"', html)
+  assert [base64.b64decode(p) for p in payloads] == [p.read_bytes() for p in mp4s]
+  images = [o.data["image/png"] for o in _outputs(cells["video"], "display_data") if "image/png" in o.data]
+  assert [base64.b64decode(i) for i in images] == [(sample_dir / "grid.png").read_bytes()]
+  assert "all_frame_accuracy" in _text(cells["video"])
+
+
+def test_notebook_stops_when_the_run_fails(tmp_path, monkeypatch):
+  """A run that exits non-zero fails its cell, so Run all (and this test) stops there, its message shown."""
+  from nbclient.exceptions import CellExecutionError
+
+  nb = _read()
+  nb.cells = nb.cells[:nb.cells.index(next(c for c in nb.cells if c.get("id") == "train")) + 1]
+  params = _parameters_cell(nb)
+  params.source += f"\nWORKDIR = {str(tmp_path / 'work')!r}\nEXTRA_ARGS = '--config.diffusion.lam=1.5'\n"
+  with pytest.raises(CellExecutionError, match="exited with code 1"):
+    _execute(nb, tmp_path, monkeypatch)
+  assert "config.diffusion.lam=1.5" in _text(nb.cells[-1])
