@@ -2,16 +2,17 @@
 # Train on a Cloud TPU VM slice (a pod slice has several workers, each running one process).
 #
 # Usage (from a machine with gcloud set up; extra arguments go to videofusion_jax.main):
-#   WORKDIR=gs://my-bucket/videofusion/ucf101 TPU_NAME=vf ACCELERATOR_TYPE=v5litepod-16 SPOT=1 \
+#   WORKDIR=/mnt/shared/videofusion/ucf101 TPU_NAME=vf ACCELERATOR_TYPE=v5litepod-16 SPOT=1 \
 #     bash launch/tpu_pod.sh --config.train.num_steps=100000
-#   DRY_RUN=1 WORKDIR=gs://my-bucket/run bash launch/tpu_pod.sh   # print every command, run none
+#   DRY_RUN=1 WORKDIR=/mnt/shared/run bash launch/tpu_pod.sh   # print every command, run none
 #
 # Settings (environment variables):
 #   TPU_NAME (videofusion), ZONE (us-west4-a), PROJECT (gcloud's default when empty),
 #   ACCELERATOR_TYPE (v5litepod-16), RUNTIME_VERSION (v2-alpha-tpuv5-lite), SPOT=1 for spot capacity,
-#   CONFIG (configs/ucf101.py, may end in :variant), MODE (train), WORKDIR (required: a gs:// bucket
-#   path, or a filesystem mounted on every worker, since every process saves into the same Orbax
-#   checkpoint directory), CLEANUP=1 deletes the slice at the end if this script created it,
+#   CONFIG (configs/ucf101.py, may end in :variant), MODE (train), WORKDIR (required: an absolute path on
+#   a filesystem mounted at the same place on every worker (Filestore/NFS, or a bucket through
+#   gcsfuse), since every process saves into the same Orbax checkpoint directory; gs:// URLs are
+#   not read directly yet), CLEANUP=1 deletes the slice at the end if this script created it,
 #   DRY_RUN=1, JAX_EXTRA (tpu: the pip extra that adds libtpu), WORKER_PYTHON (python3.11).
 # Steps: create the slice (or reuse a READY one), copy the committed code (git archive HEAD) to
 # every worker, set up the environment there, start the run on every worker in the background
@@ -58,12 +59,17 @@ run() {
 # The size suffix counts chips (cores before v5e and for v5p): every generation fits 8 in one host.
 SIZE="${ACCELERATOR_TYPE##*-}"
 [[ $SIZE =~ ^[0-9]+$ ]] || fail "ACCELERATOR_TYPE=$ACCELERATOR_TYPE: expected a type like v5litepod-16 or v4-32"
+SHARED="a directory on a filesystem mounted at the same path on every worker (Filestore/NFS, or a bucket mounted with gcsfuse)"
 if [ -z "$WORKDIR" ]; then
-  fail "set WORKDIR to a gs:// bucket path (e.g. WORKDIR=gs://my-bucket/videofusion): every worker saves there"
+  fail "set WORKDIR to $SHARED: every worker saves there"
 fi
-if [ "$SIZE" -gt 8 ] && [[ $WORKDIR != gs://* && $WORKDIR != /* ]]; then
+if [[ $WORKDIR == gs://* ]]; then
+  fail "WORKDIR=$WORKDIR: the workdir is written with ordinary file operations and gs:// URLs are not" \
+    "supported yet; mount the bucket on every worker (gcsfuse) and set WORKDIR to the mount's path"
+fi
+if [ "$SIZE" -gt 8 ] && [[ $WORKDIR != /* ]]; then
   fail "WORKDIR=$WORKDIR is local to each worker, but $ACCELERATOR_TYPE has several that save into one" \
-    "checkpoint: set WORKDIR to a gs:// bucket path (or a filesystem mounted on every worker)"
+    "checkpoint: set WORKDIR to $SHARED"
 fi
 [ -n "$JAX_VERSION" ] || fail "no jax==VERSION pin in $ROOT/requirements.txt"
 

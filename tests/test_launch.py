@@ -70,7 +70,7 @@ def one_error_line(r):
 def test_tpu_dry_run(fakes, tmp_path, spot, cleanup):
   env = {"DRY_RUN": "1", "TPU_NAME": "vf-test", "ZONE": "europe-west4-b", "PROJECT": "my-proj",
          "ACCELERATOR_TYPE": "v5litepod-16", "SPOT": spot, "CLEANUP": cleanup, "CONFIG": "configs/taichi.py",
-         "WORKDIR": "gs://bucket/run"}
+         "WORKDIR": "/mnt/shared/run"}
   r = launch(TPU_SCRIPT, fakes, tmp_path, env, *EXTRA)
   assert r.returncode == 0, r.stderr
   assert not list(fakes[1].iterdir()), "a dry run called a cluster tool"
@@ -108,7 +108,7 @@ def test_tpu_dry_run(fakes, tmp_path, spot, cleanup):
   # One process per worker in the background, logging to a file; JAX finds the rest on a TPU VM.
   assert "nohup python -m videofusion_jax.main" in remote[start] and "> logs/main.log" in remote[start]
   args = main_args(shlex.split(remote[start]))
-  assert flag(args, "config") == "configs/taichi.py" and flag(args, "workdir") == "gs://bucket/run"
+  assert flag(args, "config") == "configs/taichi.py" and flag(args, "workdir") == "/mnt/shared/run"
   assert flag(args, "mode") == "train" and "--multihost" in args and args[-2:] == EXTRA
   assert not [a for a in args if a.split("=")[0] in ("--coordinator_address", "--num_processes", "--process_id")]
   assert "logs/main.log" in remote[tail]
@@ -121,9 +121,10 @@ def test_tpu_dry_run(fakes, tmp_path, spot, cleanup):
 
 
 @pytest.mark.parametrize("accelerator,workdir,message", [
-    ("v5litepod-16", "", "set WORKDIR to a gs:// bucket path"),
-    ("v5litepod-16", "runs/ucf101", "set WORKDIR to a gs:// bucket path (or a filesystem mounted on every worker)"),
-    ("v4", "gs://bucket/run", "ACCELERATOR_TYPE=v4: expected a type like v5litepod-16"),
+    ("v5litepod-16", "", "set WORKDIR to a directory on a filesystem mounted at the same path on every worker"),
+    ("v5litepod-16", "runs/ucf101", "runs/ucf101 is local to each worker, but v5litepod-16 has several"),
+    ("v5litepod-16", "gs://bucket/run", "gs:// URLs are not supported yet; mount the bucket on every worker"),
+    ("v4", "/mnt/shared/run", "ACCELERATOR_TYPE=v4: expected a type like v5litepod-16"),
 ])
 def test_tpu_bad_settings(fakes, tmp_path, accelerator, workdir, message):
   env = {"DRY_RUN": "1", "ACCELERATOR_TYPE": accelerator, "WORKDIR": workdir}

@@ -18,6 +18,10 @@ class WorkdirError(RuntimeError):
 def check_workdir(workdir: str | Path, must_exist: bool = False) -> Path:
   """``workdir`` as a Path, after checking that a run can write there (it is created later, when
   missing); ``must_exist`` for the modes that read a trained run. Changes nothing on disk."""
+  if "://" in str(workdir):
+    raise WorkdirError(f"--workdir={workdir}: URLs are not supported yet (the workdir is written with ordinary file "
+                       "operations); mount the bucket (e.g. gcsfuse) at the same path on every host and give that "
+                       "path.")
   path = Path(workdir).expanduser()
   if path.exists() and not path.is_dir():
     raise WorkdirError(f"--workdir={workdir} is a file, not a directory: give a directory (it is created "
