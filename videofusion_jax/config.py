@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from videofusion_jax.diffusion.schedules import SCHEDULE_KINDS
-from videofusion_jax.models.unet import attention_channels, attention_heads, check_image_size
+from videofusion_jax.models.unet import REMAT_POLICIES, attention_channels, attention_heads, check_image_size
 
 
 class ConfigError(ValueError):
@@ -83,7 +83,13 @@ def base_config() -> ml_collections.ConfigDict:
       # as the null condition, and whose label the prior sees as the null label (guidance).
       label_dropout=0.1, log_every=50, checkpoint_every=5000, keep_checkpoints=3,
       prior_repeats=1,  # timesteps at which each key-frame embedding is noised for the prior's loss
-      init_base_from="", freeze_base=False))
+      init_base_from="", freeze_base=False,
+      # Memory switches (they change memory and compute, not the update). remat: rematerialise
+      # the U-Nets' blocks in the backward pass ('' off, 'block', 'block_dots': models.unet.
+      # REMAT_POLICIES). grad_accum_steps: the batch is split into this many micro-batches, run one
+      # after the other with their gradients summed, and one optimizer update is made (the same
+      # update as the whole batch at once, at the memory of one micro-batch).
+      remat="", grad_accum_steps=1))
 
   c.sample = ml_collections.ConfigDict(dict(
       method="ddim", num_steps=100, eta=0.0, clip_x0=True, num_samples=16, batch_size=16,
@@ -225,6 +231,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.base_lr_scale < 0:
     raise ConfigError(f"config.train.base_lr_scale={t.base_lr_scale}: must be >= 0 (the base generator's "
                       "learning rate is learning_rate x base_lr_scale in the video stage).")
+  if t.remat not in REMAT_POLICIES:
+    raise ConfigError(f"config.train.remat={t.remat!r}: use '' (off), 'block' (recompute each U-Net block in the "
+                      "backward pass: least memory) or 'block_dots' (keep each block's convolution and matmul "
+                      "outputs, recompute the rest).")
+  k = t.grad_accum_steps
+  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    raise ConfigError(f"config.train.grad_accum_steps={k!r}: must be an integer >= 1 (1 = no accumulation).")
+  if t.batch_size % k:
+    raise ConfigError(f"config.train.batch_size={t.batch_size} does not split into grad_accum_steps={k} "
+                      f"micro-batches; use a batch size that is a multiple of {k}, or another grad_accum_steps.")
   if t.grad_clip <= 0:
     raise ConfigError(f"config.train.grad_clip={t.grad_clip}: must be > 0 (each generator's gradient is "
                       "clipped to this global norm).")

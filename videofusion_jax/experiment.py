@@ -50,6 +50,14 @@ class Experiment:
       raise ConfigError(
           f"config.train.batch_size={config.train.batch_size} does not split evenly over the "
           f"{self.mesh.devices.size} devices of the mesh; use a multiple of {self.mesh.devices.size}.")
+    k = config.train.grad_accum_steps
+    if k > 1 and config.train.batch_size % (k * self.mesh.devices.size):
+      # Each micro-batch keeps the batch's split: every device holds batch / (k x devices) of its rows.
+      raise ConfigError(
+          f"config.train.batch_size={config.train.batch_size} with grad_accum_steps={k} gives micro-batches of "
+          f"{config.train.batch_size // k}, which do not split evenly over the {self.mesh.devices.size} devices of "
+          f"the mesh; use a batch size that is a multiple of {k * self.mesh.devices.size} (grad_accum_steps x "
+          "devices), or fewer accumulation steps.")
     self.networks = factory.make_networks(config)
     self.schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
     self.prior_schedule, self.encode = None, None

@@ -41,7 +41,8 @@ def make_networks(config: ml_collections.ConfigDict) -> dict[str, nn.Module]:
   # The paper's generators see c alone; the label reaches them only through the prior.
   common = dict(num_classes=0 if embedding else config.data.num_classes,
                 condition_dim=config.model.encoder.embed_dim if embedding else 0,
-                attention_implementation=config.model.attention_implementation or None, **dtypes)
+                attention_implementation=config.model.attention_implementation or None,
+                remat=config.train.remat, **dtypes)
 
   def unet(c, num_frames, **temporal):
     return UNet(base_channels=c.base_channels, channel_mult=tuple(c.channel_mult),

@@ -30,6 +30,13 @@ TO_RGB = (None, None, "channels_in", None)
 # constraint inside jit, so that XLA keeps FSDP's layout: weights gathered, activations split by
 # example). Outside a ``nn.logical_axis_rules`` context this is a no-op.
 ACTIVATION = ("activation_batch", "activation_height", "activation_width", "activation_channels")
+# Rematerialisation (``train.remat``): each res block and attention block is wrapped in
+# ``nn.remat``, so that the backward pass recomputes the block's activations from its input
+# instead of keeping them. 'block' keeps nothing inside a block; 'block_dots' keeps the outputs of
+# its convolutions and matrix products (recomputing norms, activations and softmax: less memory
+# saved, less recomputed). '' / 'none': off. Parameter names are the same in every mode.
+REMAT_POLICIES = {"": None, "none": None, "block": jax.checkpoint_policies.nothing_saveable,
+                  "block_dots": jax.checkpoint_policies.dots_saveable}
 
 
 def _constrain(x: jnp.ndarray) -> jnp.ndarray:
@@ -82,6 +89,15 @@ def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) ->
 
 def _groups(channels: int) -> int:
   return math.gcd(32, channels)
+
+
+def remat_block(cls: type[nn.Module], remat: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+  """``cls`` itself, or wrapped in ``nn.remat`` with ``REMAT_POLICIES[remat]`` (an instance made with
+  ``name=`` keeps that name, so the parameter tree does not change). ``static_argnums`` counts ``self``."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: use one of {tuple(REMAT_POLICIES)}.")
+  policy = REMAT_POLICIES[remat]
+  return cls if policy is None else nn.remat(cls, static_argnums=static_argnums, policy=policy)
 
 
 class ResBlock(nn.Module):
@@ -203,7 +219,10 @@ class UNet(nn.Module):
   many frames in consecutive rows, ``(B·N, H, W, C)``, every layer above works per frame, and a
   ``TemporalAttentionBlock`` over the frames follows each block at the feature-map sizes in
   ``temporal_resolutions`` and the middle attention. Its weights are named apart (``*_temporal*``),
-  so the rest is exactly the image U-Net's tree."""
+  so the rest is exactly the image U-Net's tree.
+
+  ``remat`` (``REMAT_POLICIES``) rematerialises every res block and attention block in the
+  backward pass; it changes memory and compute, not the outputs or the parameter tree."""
 
   base_channels: int = 64
   channel_mult: Sequence[int] = (1, 2, 2)
@@ -220,6 +239,7 @@ class UNet(nn.Module):
   attention_implementation: str | None = None
   temporal_frames: int = 0
   temporal_resolutions: Sequence[int] = ()
+  remat: str = ""  # a key of REMAT_POLICIES
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, t: jnp.ndarray, label: jnp.ndarray | None = None,
@@ -258,9 +278,12 @@ class UNet(nn.Module):
       chex.assert_shape(condition, (b, self.condition_dim))
       emb = emb + dense(emb_dim, "condition_dense")(condition.astype(self.dtype))
 
-    block = lambda c, name: ResBlock(c, self.dropout, self.dtype, self.param_dtype, name=name)  # noqa: E731
-    attn = lambda name: AttentionBlock(self.head_dim, self.dtype, self.param_dtype,  # noqa: E731
-                                       self.attention_implementation, name=name)
+    # `train` (argument 3, counting self) picks dropout on or off: static under remat.
+    res_block, attention_block = remat_block(ResBlock, self.remat, (3,)), remat_block(AttentionBlock, self.remat)
+    temporal_block = remat_block(TemporalAttentionBlock, self.remat)
+    block = lambda c, name: res_block(c, self.dropout, self.dtype, self.param_dtype, name=name)  # noqa: E731
+    attn = lambda name: attention_block(self.head_dim, self.dtype, self.param_dtype,  # noqa: E731
+                                        self.attention_implementation, name=name)
     conv = lambda c, k, s, names, name, zero=False: nn.Conv(  # noqa: E731
         c, (k, k), strides=(s, s), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         kernel_init=_init(nn.initializers.zeros if zero else nn.initializers.lecun_normal(), names),
@@ -268,8 +291,8 @@ class UNet(nn.Module):
 
     def temporal(h, name):
       if self.temporal_frames and (h.shape[1] in self.temporal_resolutions or name == "mid_temporal"):
-        h = TemporalAttentionBlock(self.temporal_frames, self.head_dim, self.dtype, self.param_dtype,
-                                   self.attention_implementation, name=name)(h)
+        h = temporal_block(self.temporal_frames, self.head_dim, self.dtype, self.param_dtype,
+                           self.attention_implementation, name=name)(h)
       return h
 
     h = _constrain(conv(self.base_channels, 3, 1, CONV, "conv_in")(x.astype(self.dtype)))

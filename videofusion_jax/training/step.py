@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from videofusion_jax import diffusion
 from videofusion_jax.experiment import Experiment
@@ -16,111 +18,206 @@ from videofusion_jax.training.optimizer import trainable_networks
 from videofusion_jax.training.state import TrainState, ema_update
 
 
+def _drop_labels(label: jnp.ndarray, config: ml_collections.ConfigDict, drop: jnp.ndarray) -> jnp.ndarray:
+  """``label`` ``(B,)`` with the rows where ``drop`` is True replaced by the null label ``num_classes``."""
+  return jnp.where(drop, config.data.num_classes, label.astype(jnp.int32))
+
+
 def labels_with_dropout(batch: dict, config: ml_collections.ConfigDict, rng: jax.Array) -> jnp.ndarray | None:
   """The batch's labels ``(B,)`` with ``train.label_dropout`` of them replaced by the null label
   ``num_classes`` (classifier-free guidance); None for an unconditional dataset."""
   if not config.data.num_classes:
     return None
-  label = batch["label"].astype(jnp.int32)
-  drop = jax.random.bernoulli(rng, config.train.label_dropout, label.shape)
-  return jnp.where(drop, config.data.num_classes, label)
+  label = batch["label"]
+  return _drop_labels(label, config, jax.random.bernoulli(rng, config.train.label_dropout, label.shape))
 
 
 def condition_with_dropout(c: jnp.ndarray, config: ml_collections.ConfigDict, rng: jax.Array) -> jnp.ndarray:
   """The embeddings ``(B, D)`` with ``train.label_dropout`` of the rows replaced by the null
   condition (zeros), for classifier-free guidance on c."""
-  drop = jax.random.bernoulli(rng, config.train.label_dropout, c.shape[:1])
+  return _drop_condition(c, jax.random.bernoulli(rng, config.train.label_dropout, c.shape[:1]))
+
+
+def _drop_condition(c: jnp.ndarray, drop: jnp.ndarray) -> jnp.ndarray:
+  """``c`` ``(B, D)`` with the rows where ``drop`` ``(B,)`` is True replaced by the null condition (zeros)."""
   return jnp.where(drop[:, None], 0.0, c)
 
 
-def prior_loss(params, ema_params, experiment: Experiment, key_frames, batch, rng):
+def draw_randomness(experiment: Experiment, rng: jax.Array, video_shape: tuple[int, ...]) -> tuple[dict, jax.Array]:
+  """Every random value of the loss on a batch of videos ``video_shape = (B, N, H, W, C)``, drawn
+  once for the whole batch, each with the example as its leading axis: a micro-batch's values are
+  the slice of its examples, however the batch is split (``train.grad_accum_steps``).
+
+  ``t`` ``(B,)``; ``noise`` like the videos (the image stage: ``(B, H, W, C)``, with ``frame`` ``(B,)``,
+  the frame each example trains on); ``drop`` ``(B,)``, whose condition is dropped to the null one;
+  for the prior (``model.condition='embedding'``) ``prior_t``, ``prior_drop`` ``(B, R)`` and
+  ``prior_noise`` ``(B, R, D)``, ``R = train.prior_repeats``. Returns them and the key of the
+  networks' own dropout layers (their masks are drawn per call, so per micro-batch)."""
+  config = experiment.config
+  t_rng, n_rng, d_rng, l_rng, f_rng, p_rng = jax.random.split(rng, 6)
+  b, num_frames = video_shape[:2]
+  draws = {"t": diffusion.sample_timesteps(t_rng, b, experiment.schedule.num_timesteps),
+           "drop": jax.random.bernoulli(l_rng, config.train.label_dropout, (b,))}
+  if config.train.stage == "image":
+    draws["frame"] = jax.random.randint(f_rng, (b,), 0, num_frames)
+    draws["noise"] = jax.random.normal(n_rng, (b,) + tuple(video_shape[2:]))
+  else:
+    draws["noise"] = diffusion.decomposed_noise(n_rng, tuple(video_shape), experiment.lambdas)
+  if config.model.condition == "embedding":
+    pt_rng, pn_rng, pl_rng = jax.random.split(p_rng, 3)
+    repeats, width = config.train.prior_repeats, config.model.encoder.embed_dim
+    # Drawn as (B·R,) rows, example i's repeats in rows iR..iR+R-1 (as jnp.repeat lays them out).
+    draws["prior_t"] = diffusion.sample_timesteps(pt_rng, b * repeats, experiment.prior_schedule.num_timesteps)
+    draws["prior_noise"] = jax.random.normal(pn_rng, (b * repeats, width))
+    draws["prior_drop"] = jax.random.bernoulli(pl_rng, config.train.label_dropout, (b * repeats,))
+    draws.update({k: draws[k].reshape((b, repeats) + draws[k].shape[1:]) for k in ("prior_t", "prior_noise",
+                                                                                  "prior_drop")})
+  return draws, d_rng
+
+
+def prior_loss(params, ema_params, experiment: Experiment, key_frames, batch, draws: dict):
   """The prior's ε loss on the key frames' embeddings by the EMA encoder (stop-gradient): the
   embeddings that the EMA generators are paired with at generation time. Each embedding is
-  noised at ``train.prior_repeats`` timesteps: the prior is an MLP, so a larger effective batch
-  costs little next to the U-Nets and lowers its gradient noise."""
-  t_rng, n_rng, l_rng = jax.random.split(rng, 3)
+  noised at ``train.prior_repeats`` timesteps (``draws['prior_*']``, ``draw_randomness``): the prior
+  is an MLP, so a larger effective batch costs little next to the U-Nets and lowers its gradient noise."""
   config, schedule = experiment.config, experiment.prior_schedule
   repeats = config.train.prior_repeats
   target = jnp.repeat(jax.lax.stop_gradient(experiment.encode(ema_params, key_frames)), repeats, axis=0)
-  labels = labels_with_dropout({"label": jnp.repeat(batch["label"], repeats)}, config, l_rng)
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731  (B, R, ...) -> (B·R, ...)
+  labels = None
+  if config.data.num_classes:
+    labels = _drop_labels(jnp.repeat(batch["label"], repeats), config, flat(draws["prior_drop"]))
   prior_fn = make_prior_fn(experiment.networks, params, labels)
-  t = diffusion.sample_timesteps(t_rng, target.shape[0], schedule.num_timesteps)
-  return diffusion.denoising_loss(prior_fn, target, t, jax.random.normal(n_rng, target.shape), schedule)
+  return diffusion.denoising_loss(prior_fn, target, flat(draws["prior_t"]), flat(draws["prior_noise"]), schedule)
 
 
 def loss_fn(params, experiment: Experiment, batch, rng, ema_params=None):
-  """The stage's loss and its terms for one batch ``{'video': (B, N, H, W, C), 'label': (B,)}``.
+  """The stage's loss and its terms for one batch ``{'video': (B, N, H, W, C), 'label': (B,)}``,
+  its random values drawn from ``rng`` (``draw_randomness``); see ``loss_on_draws``."""
+  draws, dropout_rng = draw_randomness(experiment, rng, batch["video"].shape)
+  return loss_on_draws(params, experiment, batch, draws, dropout_rng, ema_params)
+
+
+def loss_on_draws(params, experiment: Experiment, batch, draws: dict, dropout_rng: jax.Array, ema_params=None):
+  """The stage's loss and its terms for ``batch`` and its random values ``draws`` (``draw_randomness``,
+  or a slice of them for a micro-batch); ``dropout_rng``: the networks' dropout layers.
 
   With ``model.condition='embedding'`` both generators are conditioned on ``c = encode(params,
   key frame)`` (with dropout to the null condition), and the loss adds the prior's term (its
   target from ``ema_params``' encoder, default ``params``); the prior and the generators share no
   parameters, so one sum serves both. ``terms['loss_generators']`` is the generators' part.
+  Every term is a mean over the examples.
   """
   networks, config, lambdas, schedule = experiment.networks, experiment.config, experiment.lambdas, experiment.schedule
-  t_rng, n_rng, d_rng, l_rng, f_rng, p_rng = jax.random.split(rng, 6)
-  video = batch["video"]
+  video, t, noise = batch["video"], draws["t"], draws["noise"]
   b = video.shape[0]
   image_stage = config.train.stage == "image"
   if image_stage:
-    x0 = video[jnp.arange(b), jax.random.randint(f_rng, (b,), 0, video.shape[1])]
+    x0 = video[jnp.arange(b), draws["frame"]]
     key_frames = x0
   else:
     key_frames = video[:, diffusion.key_frame_index(video.shape[1])]
-  embedding = config.model.condition == "embedding"
   label, condition = None, None
-  if embedding:
-    condition = condition_with_dropout(experiment.encode(params, key_frames), config, l_rng)
-  else:
-    label = labels_with_dropout(batch, config, l_rng)
-  t = diffusion.sample_timesteps(t_rng, b, schedule.num_timesteps)
-  if config.model.kind == "vdm":  # VDM*: one space-time network, ε loss on every frame
-    video_fn = make_video_fn(networks, params, label, train=True, rng=d_rng, condition=condition)
-    noise = diffusion.decomposed_noise(n_rng, video.shape, lambdas)  # independent per frame at λ = 0
+  if config.model.condition == "embedding":
+    condition = _drop_condition(experiment.encode(params, key_frames), draws["drop"])
+  elif config.data.num_classes:
+    label = _drop_labels(batch["label"], config, draws["drop"])
+  if config.model.kind == "vdm":  # VDM*: one space-time network, ε loss on every frame (independent noise: λ = 0)
+    video_fn = make_video_fn(networks, params, label, train=True, rng=dropout_rng, condition=condition)
     loss, terms = diffusion.video_denoising_loss(video_fn, video, t, noise, schedule)
-    return _with_prior(loss, terms, params, experiment, key_frames, batch, p_rng, ema_params)
-  base_fn, residual_fn = make_apply_fns(networks, params, label, train=True, rng=d_rng, condition=condition)
+    return _with_prior(loss, terms, params, experiment, key_frames, batch, draws, ema_params)
+  base_fn, residual_fn = make_apply_fns(networks, params, label, train=True, rng=dropout_rng, condition=condition)
   if image_stage:
-    loss = diffusion.denoising_loss(base_fn, x0, t, jax.random.normal(n_rng, x0.shape), schedule)
+    loss = diffusion.denoising_loss(base_fn, x0, t, noise, schedule)
     terms = {"loss_key": loss, "loss_residual": jnp.zeros(())}
   else:
-    noise = diffusion.decomposed_noise(n_rng, video.shape, lambdas)
     loss, terms = diffusion.joint_loss(base_fn, residual_fn, video, t, noise, lambdas, schedule,
                                        key_frame_input=config.model.key_frame_input,
                                        clean_key_frame=config.model.key_frame_clean)
-  return _with_prior(loss, terms, params, experiment, key_frames, batch, p_rng, ema_params)
+  return _with_prior(loss, terms, params, experiment, key_frames, batch, draws, ema_params)
 
 
-def _with_prior(loss, terms, params, experiment, key_frames, batch, rng, ema_params):
+def _with_prior(loss, terms, params, experiment, key_frames, batch, draws, ema_params):
   """The generators' loss plus, for the embedding condition, the prior's term."""
   terms["loss_generators"] = loss
   if experiment.config.model.condition != "embedding":
     return loss, terms
   terms["loss_prior"] = prior_loss(params, params if ema_params is None else ema_params, experiment,
-                                   key_frames, batch, rng)
+                                   key_frames, batch, draws)
   return loss + terms["loss_prior"], terms
+
+
+def micro_batches(tree, k: int, experiment: Experiment):
+  """Each array ``(B, ...)`` of ``tree`` as ``(k, B/k, ...)``: micro-batch ``i`` holds examples ``i, i+k,
+  i+2k, ...``. Strided, so that every device keeps its own rows (each holds ``B/(k·devices)`` of each
+  micro-batch) and the split moves no data."""
+  spec = P(None, *experiment.batch_sharding.spec)
+
+  def split(x):
+    x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(experiment.mesh, spec))
+  return jax.tree.map(split, tree)
+
+
+def accumulated_gradients(grads_of, k: int, batch: dict, draws: dict, dropout_rng: jax.Array,
+                          experiment: Experiment, grad_shardings):
+  """``grads_of(batch, draws, dropout_rng) -> (metrics, grads)`` averaged over ``k`` micro-batches
+  (``micro_batches``) run one after the other in a ``lax.scan``: the memory of one micro-batch,
+  and, every term being a mean over equally many examples, the mean over the whole batch. The
+  networks' dropout key is folded with the micro-batch's index. The running sum of the gradients
+  keeps the parameters' shardings (FSDP: each device sums its own shard)."""
+  micro = micro_batches((batch, draws), k, experiment)
+  first = jax.tree.map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(grads_of, *first, dropout_rng)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def body(carry, xs):
+    i, (mb, md) = xs
+    metrics, grads = grads_of(mb, md, jax.random.fold_in(dropout_rng, i))
+    total_metrics, total_grads = jax.tree.map(jnp.add, carry, (metrics, grads))
+    return (total_metrics, jax.lax.with_sharding_constraint(total_grads, grad_shardings)), None
+
+  (metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+  return jax.tree.map(lambda x: x / k, (metrics, grads))
 
 
 def train_step(state: TrainState, batch, *, experiment: Experiment):
   """One optimizer step. Returns the new state and scalar metrics.
 
   Only the networks the stage trains are differentiated: a frozen base (or the image
-  stage's idle residual) runs forward only and costs no backward pass.
+  stage's idle residual) runs forward only and costs no backward pass. With
+  ``train.grad_accum_steps = k > 1`` the batch's gradients are accumulated over ``k`` micro-batches
+  (``accumulated_gradients``) before the one update; every random value of the loss is drawn for
+  the whole batch first, so the update is that of the whole batch at once.
   """
   config, tx, schedules = experiment.config, experiment.tx, experiment.lr_schedules
   rng = jax.random.fold_in(state.rng, state.step)
   trainable = trainable_networks(config)
+  draws, dropout_rng = draw_randomness(experiment, rng, batch["video"].shape)
+  # Split like the batch: each device draws (and keeps) its own examples' values.
+  draws = jax.lax.with_sharding_constraint(draws, experiment.batch_sharding)
 
-  def loss_of(sub):
-    return loss_fn({**state.params, **sub}, experiment, batch, rng, ema_params=state.ema_params)
+  def grads_of(batch, draws, dropout_rng):
+    def loss_of(sub):
+      return loss_on_draws({**state.params, **sub}, experiment, batch, draws, dropout_rng,
+                           ema_params=state.ema_params)
+    (loss, terms), grads = jax.value_and_grad(loss_of, has_aux=True)({k: state.params[k] for k in trainable})
+    return {"loss": loss, **terms}, grads
 
-  (loss, terms), sub_grads = jax.value_and_grad(loss_of, has_aux=True)({k: state.params[k] for k in trainable})
+  micro_steps = config.train.grad_accum_steps
+  if micro_steps == 1:
+    losses, sub_grads = grads_of(batch, draws, dropout_rng)
+  else:
+    grad_shardings = {name: experiment.state_sharding.params[name] for name in trainable}
+    losses, sub_grads = accumulated_gradients(grads_of, micro_steps, batch, draws, dropout_rng, experiment,
+                                              grad_shardings)
   grads = {k: sub_grads[k] if k in sub_grads else jax.tree.map(jnp.zeros_like, v) for k, v in state.params.items()}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: p + u, state.params, updates)
   ema = ema_update(state.ema_params, params, config.train.ema_decay, state.step)
   metrics = {
       # 'loss' is what the step minimises: eq. 12 (or the image loss, or VDM*'s), plus the prior's term.
-      "loss": loss, **terms,
+      **losses,
       # Norms before clipping (each generator is clipped to train.grad_clip on its own).
       **{f"grad_norm_{k}": optax.global_norm(grads[k]) for k in generator_names(config)},
       **{f"lr_{k}": schedule(state.step) for k, schedule in schedules.items()},
