@@ -10,7 +10,6 @@ Several hosts: ``--multihost`` (TPU pods, SLURM: JAX finds the coordinator itsel
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -35,9 +34,6 @@ def _flag_error(e: Exception) -> str:
   if "Traceback" in text:  # a config file that raised: its last line says what went wrong
     flag = text.split(":", 1)[0]
     text = f"{flag}: {[line for line in text.splitlines() if line.strip()][-1].strip()}"
-  typo = re.search(r"'(\w+)'\s*Did you mean \"(\w+)\" instead", text)
-  if typo:
-    text = f"the config has no field {typo.group(1)!r}; did you mean {typo.group(2)!r}?"
   return " ".join(text.split())
 
 
@@ -56,17 +52,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.UnrecognizedFlagError as e:
     name = str(e.flagname) if getattr(e, "flagname", None) else ""
     if name.startswith("config."):
-      _fail(f"--{name}: the config has no such field{_suggest(name.split('.')[1:], argv) or '.'}")
+      _fail(f"--{name}: the config has no such field{_suggest(name.split('.')[1:], _load_config_file(argv)) or '.'}")
     _fail(f"{_flag_error(e)} (python -m videofusion_jax.main --helpfull lists the flags)")
   except Exception as e:  # noqa: BLE001 - config files and overrides raise anything; one line each
-    bad = _unknown_override(argv)
-    _fail(f"--config.{'.'.join(bad)}: the config has no such field{_suggest(bad, argv) or '.'}" if bad
+    config = _load_config_file(argv)
+    bad = _unknown_override(argv, config)
+    _fail(f"--config.{'.'.join(bad)}: the config has no such field{_suggest(bad, config) or '.'}" if bad
           else _flag_error(e))
 
 
-def _unknown_override(argv: list[str]) -> list[str] | None:
+def _unknown_override(argv: list[str], config) -> list[str] | None:
   """The path of the first ``--config.a.b=v`` override that names no field of the loaded config."""
-  config = _load_config_file(argv)
   for arg in argv[1:]:
     if arg.startswith("--config.") and config is not None:
       path, node = arg[len("--config."):].split("=", 1)[0].split("."), config
@@ -93,10 +89,10 @@ def _load_config_file(argv: list[str]):
   return None
 
 
-def _suggest(path: list[str], argv: list[str]) -> str:
-  """'; did you mean --config.a.b?' for a misspelled override, from the config file's fields."""
+def _suggest(path: list[str], node) -> str:
+  """'; did you mean --config.a.b?' for a misspelled override, from the config file's fields (``node``,
+  the loaded config; None: no suggestion)."""
   import difflib
-  node = _load_config_file(argv)
   if node is None:
     return ""
   fixed = []
