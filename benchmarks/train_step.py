@@ -189,13 +189,17 @@ def bench_sample(trainer, counter, params) -> dict:
   b = c.sample.batch_size
   labels = jnp.zeros((b,), jnp.int32) if c.data.num_classes else None
   generate = sampling.make_generate_fn(trainer)
-  rng = jax.random.PRNGKey(0)
-  compiled, cold, warm = compile_cold_and_warm(generate, params, rng, labels, None)
-  jax.block_until_ready(compiled(params, rng, labels, None))
+  rows = np.arange(b)
+  anchor = jnp.zeros((b, c.data.image_size, c.data.image_size, 3), jnp.float32)
+  args = (labels, None, anchor, jnp.float32(0))
+  keys = sampling.row_keys(0, rows, rows)
+  compiled, cold, warm = compile_cold_and_warm(generate, params, keys, *args)
+  jax.block_until_ready(compiled(params, keys, *args))
   times = []
   for i in range(_SAMPLE_REPEATS.value):
+    keys = sampling.row_keys(i + 1, rows, rows)
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(params, jax.random.PRNGKey(i + 1), labels, None))
+    jax.block_until_ready(compiled(params, keys, *args))
     times.append(time.perf_counter() - t0)
   batch_s = statistics.median(times)
   flops = sampling_flops(counter, params)

@@ -273,3 +273,138 @@ def test_clean_key_frame_input_in_training_and_the_two_pass_sampler():
     np.testing.assert_allclose(full[:, 2], key, atol=1e-5)  # the same up to XLA's float reordering
     np.testing.assert_array_equal(seen[-1], key)  # the residual generator read the finished key frame
     assert np.abs(np.asarray(full[:, 0] - first[:, 0])).max() > 1e-3  # control: other frames differ
+
+
+# --- sampler options (issue 12): DDIM "trailing" timestep spacing, DDPM "fixed large" variance ---
+def _gaussian_eps_np(z, t, acp, mu=0.3, var=0.25):
+  """The exact ε-prediction E[ε | z_t] for data x0 ~ N(mu, var) elementwise (linear in z)."""
+  a = acp[t]
+  return np.sqrt(1 - a) * (z - np.sqrt(a) * mu) / (a * var + 1 - a)
+
+
+def _gaussian_eps_fn(acp, mu=0.3, var=0.25):
+  acp = jnp.asarray(acp, jnp.float32)
+
+  def eps_fn(z, t):
+    a = acp[t].reshape((-1,) + (1,) * (z.ndim - 1))
+    return jnp.sqrt(1 - a) * (z - jnp.sqrt(a) * mu) / (a * var + 1 - a)
+  return eps_fn
+
+
+def _row_keys_and_noise(lambdas, shape):
+  """Per-row keys for ``sample_chain(row_keys=...)`` and, in NumPy, the chain's draw ``s`` that
+  they give: row b's base noise from fold_in(base[b], s), its residual noise from
+  fold_in(residual[b], s), mixed as √λ base + √(1-λ) residual (eq. 8)."""
+  b, n, h, w, c = shape
+  base_keys = jax.random.split(jax.random.PRNGKey(21), b)
+  residual_keys = jax.random.split(jax.random.PRNGKey(22), b)
+  lam = np.asarray(lambdas, np.float64).reshape(1, n, 1, 1, 1)
+
+  def noise(s):
+    base = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, s), (h, w, c))) for k in base_keys])
+    res = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, s), (n, h, w, c))) for k in residual_keys])
+    return np.sqrt(lam) * base[:, None].astype(np.float64) + np.sqrt(1 - lam) * res.astype(np.float64)
+  return (base_keys, residual_keys), noise
+
+
+@pytest.mark.parametrize("T,n", [(1000, 50), (1000, 1), (100, 7), (50, 29), (20, 20), (1000, 3)])
+def test_ddim_trailing_timesteps_follow_diffusers(T, n):
+  ts = np.asarray(d.ddim_timesteps(T, n, spacing="trailing"))
+  diffusers = np.round(np.arange(T, 0, -T / n)).astype(int) - 1  # DDIMScheduler, timestep_spacing="trailing"
+  np.testing.assert_array_equal(ts, diffusers[:n])  # (50, 29): float arange adds a 30th step, -1
+  assert ts[0] == T - 1 and len(ts) == n and len(set(ts.tolist())) == n
+  assert np.all(np.diff(ts) < 0) and ts[-1] >= 0
+  if (T, n) == (1000, 50):
+    np.testing.assert_array_equal(ts, np.arange(999, 0, -20))
+    np.testing.assert_array_equal(d.ddim_timesteps(T, n), np.arange(980, -1, -20))  # default: leading
+
+
+def test_unknown_spacing_and_variance_raise():
+  from videofusion_jax.diffusion.samplers import sampler_timesteps
+  s = d.make_schedule("linear", 20)
+  z = jnp.zeros((1, 3, 2, 2, 1))
+  with pytest.raises(ValueError, match="'leading', 'trailing'"):
+    d.ddim_timesteps(20, 5, spacing="linspace")
+  with pytest.raises(ValueError, match="'leading', 'trailing'"):
+    sampler_timesteps("ddpm", 20, 5, spacing="Trailing")
+  with pytest.raises(ValueError, match="'fixed_small', 'fixed_large'"):
+    d.ddpm_step(z, z, jnp.array([3]), jax.random.PRNGKey(0), None, s, variance="learned")
+  with pytest.raises(ValueError, match="'fixed_small', 'fixed_large'"):
+    d.sample_chain(lambda z, t: z, jax.random.PRNGKey(0), z.shape, None, s, "ddim", 5, variance="large")
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_trailing_chain_matches_numpy_at_lambda_zero(eta):
+  """A whole trailing-spacing DDIM chain against a NumPy loop over diffusers' trailing timesteps,
+  the exact ε of Gaussian data, and the same per-row noise."""
+  T, n, shape = 100, 7, (2, 3, 4, 4, 1)
+  s = d.make_schedule("linear", T)
+  acp = np.cumprod(1 - ref_betas("linear", T))
+  lambdas = d.frame_lambdas(3, 0.0)
+  row_keys, noise = _row_keys_and_noise(lambdas, shape)
+  out = np.asarray(d.sample_chain(_gaussian_eps_fn(acp), None, shape, lambdas, s, "ddim", n, eta, clip_x0=False,
+                                  row_keys=row_keys, spacing="trailing"))
+
+  def ref_chain(ts):
+    z = noise(0)
+    for i, t in enumerate(ts):
+      tp = ts[i + 1] if i + 1 < n else -1
+      z = ref_ddim(z, _gaussian_eps_np(z, t, acp), t, tp, acp, eta, noise(i + 1))
+    return z
+
+  trailing = np.round(np.arange(T, 0, -T / n)).astype(int) - 1
+  assert trailing[0] == T - 1 and len(set(trailing.tolist())) == n
+  np.testing.assert_allclose(out, ref_chain(trailing), rtol=1e-4, atol=1e-4)
+  leading = np.arange(n)[::-1] * (T // n)
+  assert np.abs(ref_chain(leading) - out).max() > 1e-2  # control: the spacing changes the chain
+
+
+def test_ddpm_fixed_large_chain_matches_numpy_at_lambda_zero():
+  """Whole DDPM chains with σ_t² = β_t ("fixed_large") and the posterior variance ("fixed_small")
+  against a NumPy loop fed the same noise; no noise at t = 0."""
+  T, shape = 20, (2, 3, 4, 4, 1)
+  s = d.make_schedule("linear", T)
+  betas = ref_betas("linear", T)
+  acp = np.cumprod(1 - betas)
+  lambdas = d.frame_lambdas(3, 0.0)
+  row_keys, noise = _row_keys_and_noise(lambdas, shape)
+  outs = {}
+  for variance in ("fixed_large", "fixed_small"):
+    outs[variance] = np.asarray(d.sample_chain(_gaussian_eps_fn(acp), None, shape, lambdas, s, "ddpm",
+                                               clip_x0=False, row_keys=row_keys, variance=variance))
+    z = noise(0)
+    for i, t in enumerate(range(T - 1, -1, -1)):
+      a, ap = acp[t], (acp[t - 1] if t > 0 else 1.0)
+      x0 = (z - np.sqrt(1 - a) * _gaussian_eps_np(z, t, acp)) / np.sqrt(a)
+      mean = np.sqrt(ap) * betas[t] / (1 - a) * x0 + np.sqrt(1 - betas[t]) * (1 - ap) / (1 - a) * z
+      var = betas[t] if variance == "fixed_large" else betas[t] * (1 - ap) / (1 - a)
+      z = mean + (np.sqrt(var) * noise(i + 1) if t > 0 else 0.0)
+    np.testing.assert_allclose(outs[variance], z, rtol=1e-4, atol=1e-4)
+  assert np.abs(outs["fixed_large"] - outs["fixed_small"]).max() > 1e-2  # control: the variance matters
+
+
+def test_anchored_eps_pulls_the_clean_estimate_and_spares_the_key_frame():
+  """The continuity option's estimate: the x̂0 it implies is ``x̂0 + w (anchor - x̂0)`` frame by frame
+  (computed here from the definitions), weight 0 leaves ε as it was, and the weights fall linearly."""
+  np.testing.assert_allclose(d.anchor_weights(8, 3), [0.75, 0.5, 0.25, 0, 0, 0, 0, 0])
+  np.testing.assert_allclose(d.anchor_weights(4, 0), np.zeros(4))
+  per_step = np.asarray(d.anchor_weights(8, 3, num_steps=10), np.float64)  # compounded over 10 steps: the same
+  np.testing.assert_allclose(1 - (1 - per_step) ** 10, [0.75, 0.5, 0.25, 0, 0, 0, 0, 0], rtol=1e-5, atol=1e-7)
+  T = 50
+  s = d.make_schedule("cosine", T)
+  acp = np.asarray(s.alphas_cumprod, np.float64)
+  rng = np.random.default_rng(4)
+  z = rng.normal(size=(2, 4, 3, 3, 2)).astype(np.float32)
+  eps = rng.normal(size=z.shape).astype(np.float32)
+  anchor = rng.uniform(-1, 1, (2, 3, 3, 2)).astype(np.float32)
+  t = np.array([5, 40])
+  w = np.array([0.6, 0.3, 0.0, 0.0], np.float32)
+  out = np.asarray(d.anchored_eps(jnp.asarray(z), jnp.asarray(eps), jnp.asarray(t), jnp.asarray(anchor),
+                                  jnp.asarray(w), s, clip_x0=False))
+  a = acp[t].reshape(2, 1, 1, 1, 1)
+  x0 = (z - np.sqrt(1 - a) * eps) / np.sqrt(a)
+  implied = (z - np.sqrt(1 - a) * out) / np.sqrt(a)
+  expected = x0 + w.reshape(1, 4, 1, 1, 1) * (anchor[:, None] - x0)
+  np.testing.assert_allclose(implied, expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out[:, 2:], eps[:, 2:], rtol=1e-4, atol=1e-4)  # weight 0: ε unchanged
+  assert np.abs(out[:, 0] - eps[:, 0]).max() > 0.1  # control: a pulled frame's ε changes

@@ -1,4 +1,5 @@
 """Sampling from a checkpoint, the written files, and the demo's figures."""
+import copy
 import json
 
 import imageio.v3 as iio
@@ -10,7 +11,14 @@ from test_training import batches
 
 from videofusion_jax import sampling
 from videofusion_jax.config import ConfigError
-from videofusion_jax.evaluation.demo_metrics import all_frame_accuracy, demo_figures, key_frame_distance, motion
+from videofusion_jax.data import video_io
+from videofusion_jax.evaluation.demo_metrics import (
+    all_frame_accuracy,
+    boundary_jump,
+    demo_figures,
+    key_frame_distance,
+    motion,
+)
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.training.loop import train
@@ -88,6 +96,8 @@ def test_sample_mode_writes_videos_grid_and_figures(trained):
   assert [p.name for p in mp4s] == ["sample_000_label0.mp4", "sample_001_label1.mp4", "sample_002_label2.mp4"]
   frames = iio.imread(mp4s[0], plugin="pyav")
   assert frames.shape == (config.data.num_frames, 8, 8, 3)
+  assert sorted(p.stem for p in out.glob("sample_*.gif")) == sorted(p.stem for p in out.glob("sample_*.json")) \
+      == [p.stem for p in mp4s]
   grid = iio.imread(out / "grid.png")
   assert grid.shape == (3 * 9 + 1, 4 * 9 + 1, 3)
   saved = json.loads((out / "results.json").read_text())
@@ -163,3 +173,104 @@ def test_given_embeddings_replace_the_prior_and_a_wrong_width_is_a_clear_error(t
   c.sample.embeddings = str(tmp_path / "wide.npy")
   with pytest.raises(ConfigError, match=rf"shape \(3, {width + 1}\); this model's embeddings have width {width}"):
     sampling.run(c, str(workdir), experiment=trainer)
+
+
+def test_boundary_jump_against_brute_force():
+  rng = np.random.default_rng(3)
+  videos = rng.uniform(-1, 1, (2, 9, 3, 3, 3))  # 3 clips of 3 frames
+  seams = [np.abs(v[n + 1] - v[n]).mean() for v in videos for n in (2, 5)]
+  inside = [np.abs(v[n + 1] - v[n]).mean() for v in videos for n in (0, 1, 3, 4, 6, 7)]
+  assert boundary_jump(videos, 3) == pytest.approx(np.mean(seams) / np.mean(inside))
+  smooth = np.cumsum(np.full((1, 6, 2, 2, 3), 0.1), axis=1)  # every step the same: no seam
+  assert boundary_jump(smooth, 3) == pytest.approx(1.0)
+  with pytest.raises(ValueError, match="two clips or more of 4 frames"):
+    boundary_jump(videos, 4)
+
+
+@pytest.fixture(scope="module")
+def long_run(trained):
+  """The trained tiny model sampled as long videos: DDIM with η = 0, 2 clips, the first 2 frames of
+  the second clip pulled toward the last frame of the first (one compile for every test here)."""
+  config, workdir, _ = trained
+  c = tiny_config(**{"data.data_dir": config.data.data_dir, "sample.eta": 0.0, "sample.num_clips": 2,
+                     "sample.continuity_frames": 2, "sample.num_samples": 3, "sample.batch_size": 3})
+  experiment = Experiment(c)
+  return c, workdir, experiment, experiment.restore(workdir).ema_params
+
+
+def test_clips_sharing_base_noise_share_the_key_frame_and_not_the_motion(long_run):
+  """DDIM with η = 0: the key frame depends on b_T and c alone, so the clips of a long video (one
+  content index) have the same key frame, and their fresh residual noise changes the other frames;
+  the 'content' grid likewise, and the 'motion' grid (a b_T and c per row) changes the key frames."""
+  c, _, experiment, params = long_run
+  n, k = c.data.num_frames, c.data.num_frames // 2
+  rows = np.arange(3)
+  labels = sampling.sample_labels(c, 3)
+  videos, _ = sampling.long_videos(experiment, params, 0, rows, rows, labels)
+  assert videos.shape == (3, 2 * n, 8, 8, 3)
+  first, second = videos[:, :n], videos[:, n:]
+  np.testing.assert_allclose(first[:, k], second[:, k], atol=1e-5)
+  others = [i for i in range(n) if i != k]
+  assert np.abs(first[:, others] - second[:, others]).mean(axis=(2, 3, 4)).min() > 1e-2
+  assert np.abs(first[0, k] - first[1, k]).mean() > 1e-2  # control: another content, another key frame
+  content, motion = sampling.control_indices(tiny_config(**{"sample.control": "content"}))
+  grid, _ = sampling.draw_videos(experiment, params, 0, content, motion, labels[content])
+  np.testing.assert_allclose(grid[1:, k], np.broadcast_to(grid[0, k], grid[1:, k].shape), atol=1e-5)
+  assert np.abs(grid[1:, others] - grid[:1, others]).mean(axis=(1, 2, 3, 4)).min() > 1e-2
+  content, motion = sampling.control_indices(tiny_config(**{"sample.control": "motion"}))
+  grid, _ = sampling.draw_videos(experiment, params, 0, content, motion, labels[content])
+  assert np.abs(grid[1:, k] - grid[:1, k]).mean(axis=(1, 2, 3)).min() > 1e-2
+  # Each row depends on its own keys: the first row of a grid is the first clip of the long video.
+  np.testing.assert_allclose(grid[0], first[0], atol=1e-5)
+
+
+def test_continuity_frames_shrink_the_seam_between_clips(long_run):
+  """The first frames of a later clip pulled toward the last frame of the one before: the boundary
+  jump (seam / neighbouring frames inside clips) falls, and the key frame is untouched."""
+  c, _, experiment, params = long_run
+  rows = np.arange(3)
+  labels = sampling.sample_labels(c, 3)
+  joined, _ = sampling.long_videos(experiment, params, 0, rows, rows, labels)
+  free, _ = sampling.long_videos(experiment, params, 0, rows, rows, labels, anchored=False)
+  n, k = c.data.num_frames, c.data.num_frames // 2
+  np.testing.assert_allclose(joined[:, n + k], free[:, n + k], atol=1e-5)
+  with_option, without = boundary_jump(joined, n), boundary_jump(free, n)
+  print(f"boundary jump of the tiny model: {without:.2f} without, {with_option:.2f} with continuity_frames=2")
+  assert with_option < 0.8 * without
+
+
+def test_long_video_files_and_sidecars(long_run, monkeypatch, capsys):
+  """--mode=sample with num_clips=2: each video is one mp4 (and GIF) of 2N frames with a sidecar of
+  every setting; without a video encoder the rest is written and the fact said once."""
+  c, workdir, experiment, _ = long_run
+  results = sampling.run(c, str(workdir), experiment=experiment, config_name="configs/demo.py")
+  out = workdir / "samples" / "step_2_2clips"
+  n = 2 * c.data.num_frames
+  assert iio.imread(out / "sample_001_label1.mp4", plugin="pyav").shape == (n, 8, 8, 3)
+  assert iio.imread(out / "sample_001_label1.gif", index=None).shape[0] == n
+  side = json.loads((out / "sample_001_label1.json").read_text())
+  assert side == {"config": "configs/demo.py", "checkpoint_step": 2, "seed": 0, "sampler": "ddim",
+                  "spacing": "leading", "variance": None, "steps": 5, "eta": 0.0, "clip_x0": True,
+                  "guidance_scale": 1.0, "lambda": 0.5, "model": "videofusion", "condition": "embedding",
+                  "prior": {"steps": 64, "eta": 1.0, "guidance_scale": 1.0}, "embeddings_file": None,
+                  "clip_motion_indices": [2, 3],
+                  "frames": n, "clips": 2, "clip_frames": 4, "continuity_frames": 2, "fps": 8, "control": "",
+                  "prompt": None, "index": 1, "label": 1, "content_index": 1, "motion_index": 1, "embedding": "prior"}
+  npz = np.load(out / "samples.npz")
+  assert npz["videos"].shape == (3, n, 8, 8, 3) and results["frames"] == n
+  assert results["boundary_jump"] == pytest.approx(boundary_jump(npz["videos"], c.data.num_frames))
+  # No encoder: said once, GIFs, sidecars and the grid still written.
+  def no_encoder(*args, **kwargs):
+    raise ImportError("No module named 'av'")
+  monkeypatch.setattr(video_io, "write_video", no_encoder)
+  capsys.readouterr()
+  grid_config = copy.deepcopy(c)
+  grid_config.sample.control = "content"
+  sampling.run(grid_config, str(workdir), experiment=experiment)
+  printed = capsys.readouterr().out
+  grid_dir = workdir / "samples" / "step_2_content_2clips"
+  assert printed.count("no .mp4 written (No module named 'av')") == 1
+  assert not list(grid_dir.glob("*.mp4")) and len(list(grid_dir.glob("*.gif"))) == 3
+  assert (grid_dir / "grid.png").is_file()
+  assert [json.loads((grid_dir / f"sample_00{i}_label0.json").read_text())["motion_index"] for i in range(3)] \
+      == [0, 1, 2]

@@ -159,7 +159,7 @@ def test_checkpoint_moves_across_meshes_and_training_continues(trainer_on, refer
 
 def test_samples_from_a_checkpoint_restored_on_another_mesh(trainer_on, reference, tmp_path):
   """A checkpoint saved on 8 devices as 8x1 and restored on them as 1x8 (FSDP) gives the same videos
-  for the same seed as the state it was saved from. ``--mode=eval`` restores through the same
+  for the same seed as the state it was saved from, and as one device does. ``--mode=eval`` restores through the same
   ``Experiment.restore`` and draws its clips through the same ``sampling.generate_videos``
   (``evaluation.evaluate.run``), so this covers evaluation's restore too."""
   states, _ = reference
@@ -178,4 +178,9 @@ def test_samples_from_a_checkpoint_restored_on_another_mesh(trainer_on, referenc
   other_seed = sampling.generate_videos(reader, restored.ema_params, 8, seed=4, labels=labels)
   assert before.shape == (8, 4, 8, 8, 3)
   np.testing.assert_allclose(after, before, atol=1e-4)
+  # One device draws the same videos for the seed (every row's noise comes from its own keys).
+  single = trainer_on(1, 1)
+  alone = sampling.generate_videos(single, jax.device_put(states[-1].ema_params, single.state_sharding.ema_params),
+                                   8, seed=3, labels=labels)
+  np.testing.assert_allclose(alone, before, atol=1e-4)
   assert np.abs(other_seed - before).max() > 0.1  # control: the videos depend on the seed

@@ -178,12 +178,12 @@ def test_vdm_trains_samples_and_restores_on_eight_devices(vdm_run):
   np.testing.assert_array_equal(videos, again)
   # The same chain as VideoFusion's, with VDM*'s estimate at each step (an independent rerun of it).
   c = config
-  cond = sampling.sample_condition(trainer, restored.ema_params, jax.random.split(jax.random.fold_in(
-      jax.random.PRNGKey(0), 0))[0], jnp.asarray(labels), 3)
+  base_keys, residual_keys, prior_keys = sampling.row_keys(0, np.arange(3), np.arange(3))
+  cond = sampling.sample_condition(trainer, restored.ema_params, prior_keys, jnp.asarray(labels), 3)
   video_fn = make_video_fn(trainer.networks, restored.ema_params, None, condition=cond)
-  chain = diffusion.sample_chain(video_fn, jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), 0))[1],
-                                 (3, 4, 8, 8, 3), trainer.lambdas, trainer.schedule, "ddim", c.sample.num_steps,
-                                 c.sample.eta, c.sample.clip_x0)
+  chain = diffusion.sample_chain(video_fn, None, (3, 4, 8, 8, 3), trainer.lambdas, trainer.schedule, "ddim",
+                                 c.sample.num_steps, c.sample.eta, c.sample.clip_x0,
+                                 row_keys=(base_keys, residual_keys))
   np.testing.assert_allclose(videos, np.clip(np.asarray(chain), -1, 1), atol=1e-4)
 
 

@@ -93,11 +93,20 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict(dict(
       method="ddim", num_steps=100, eta=0.0, clip_x0=True, num_samples=16, batch_size=16,
+      # DDIM timesteps: 'leading' (980 ... 0 for T=1000, 50 steps) or 'trailing' (999 ... 19, starts
+      # at T-1); DDPM's σ_t²: 'fixed_small' (posterior variance) or 'fixed_large' (β_t).
+      spacing="leading", variance="fixed_small",
       seed=0, label=-1,  # -1: cycle through the classes
       guidance_scale=1.0, fps=8, upscale=4, num_real_clips=192,
       # model.condition='embedding': the prior's DDIM sampler, its guidance on the label, and
       # embeddings: a .npy of given c, (num_samples, embed_dim) or (embed_dim,), instead of the prior.
       prior_num_steps=64, prior_eta=1.0, prior_guidance_scale=1.0, embeddings=""))
+  # Long videos and control (--mode=sample). num_clips: clips per video, sharing b_T and c (the
+  # paper's long videos), each with fresh residual noise; continuity_frames: beyond the paper, the
+  # first m frames of each later clip are pulled toward the last frame of the clip before (0: off;
+  # m <= N//2 keeps the key frame free); control: '' new videos, 'content' one b_T and c with a
+  # residual noise per video, 'motion' one residual noise with a b_T and c per video.
+  c.sample.update(num_clips=1, continuity_frames=0, control="")
 
   # --mode=eval: StyleGAN-V's fvd2048_16f protocol by default (2048 real, 2048 generated clips).
   c.eval = ml_collections.ConfigDict(dict(
@@ -254,6 +263,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          "; this config is unconditional (config.data.num_classes=0)."))
   if s.num_samples < 1 or s.batch_size < 1:
     raise ConfigError(f"config.sample.num_samples={s.num_samples} / batch_size={s.batch_size}: must be >= 1.")
+  if s.num_clips < 1:
+    raise ConfigError(f"config.sample.num_clips={s.num_clips}: must be >= 1 (clips per video; 1 = one clip of "
+                      f"config.data.num_frames={d.num_frames} frames).")
+  key = d.num_frames // 2
+  if not 0 <= s.continuity_frames <= key:
+    raise ConfigError(f"config.sample.continuity_frames={s.continuity_frames}: must lie in [0, {key}] (the frames "
+                      f"before the key frame {key}, which the clips of a long video share; 0 = off).")
+  if s.control not in ("", "content", "motion"):
+    raise ConfigError(f"config.sample.control={s.control!r}: use '' (new videos), 'content' (one content, a "
+                      "motion per video) or 'motion' (one motion, a content per video).")
   if e.num_real < 2 or e.num_generated < 2:
     raise ConfigError(f"config.eval.num_real={e.num_real} / num_generated={e.num_generated}: FVD needs at least "
                       "2 clips on each side (the protocol uses 2048).")
@@ -265,6 +284,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"makes {d.num_frames} (config.data.num_frames).")
   if config.sample.method not in ("ddim", "ddpm"):
     raise ConfigError(f"config.sample.method={config.sample.method!r}: use 'ddim' or 'ddpm'.")
+  if config.sample.spacing not in ("leading", "trailing"):
+    raise ConfigError(f"config.sample.spacing={config.sample.spacing!r}: the DDIM timestep spacing; use "
+                      "'leading' (multiples of T // num_steps, ending at 0) or 'trailing' (starting at T-1).")
+  if config.sample.variance not in ("fixed_small", "fixed_large"):
+    raise ConfigError(f"config.sample.variance={config.sample.variance!r}: DDPM's σ_t²; use 'fixed_small' "
+                      "(β_t (1-ᾱ_{t-1})/(1-ᾱ_t)) or 'fixed_large' (β_t).")
   if not 1 <= config.sample.num_steps <= config.diffusion.num_timesteps:
     raise ConfigError(f"config.sample.num_steps={config.sample.num_steps}: must lie in "
                       f"[1, {config.diffusion.num_timesteps}].")

@@ -160,7 +160,8 @@ def main(argv) -> None:
       experiment = Experiment(config)
     if _MODE.value in ("sample", "train_and_sample"):
       from videofusion_jax import sampling
-      sampling.run(config, _WORKDIR.value, experiment=experiment)
+      sampling.run(config, _WORKDIR.value, experiment=experiment,
+                   config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
     if _MODE.value == "eval":
       from videofusion_jax.evaluation import evaluate
       evaluate.run(config, _WORKDIR.value, experiment=experiment)

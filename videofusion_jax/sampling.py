@@ -2,6 +2,7 @@
 sharded generator that ``--mode=sample`` and ``--mode=eval`` share."""
 from __future__ import annotations
 
+import builtins
 import functools
 import json
 import time
@@ -20,6 +21,7 @@ from videofusion_jax.data import video_io
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import make_apply_fns, make_prior_fn, make_video_fn
+from videofusion_jax.training import sharding as shd
 
 
 def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | None:
@@ -53,12 +55,14 @@ def prior_eps_fn(experiment: Experiment, params, labels: jnp.ndarray | None) -> 
 def sample_condition(experiment: Experiment, params, rng: jax.Array, labels: jnp.ndarray | None,
                      batch: int) -> jnp.ndarray:
   """The prior's embeddings ``(batch, D)`` for ``labels`` ``(batch,)`` (``prior_eps_fn``), put on
-  the sphere of radius √D where every encoder's embeddings lie."""
+  the sphere of radius √D where every encoder's embeddings lie. ``rng``: one key for the batch, or a
+  key per row ``(batch, 2)`` (``row_keys``)."""
   c = experiment.config
   eps_fn = prior_eps_fn(experiment, params, labels)
-  return to_sphere(diffusion.sample_embeddings(eps_fn, rng, (batch, c.model.encoder.embed_dim),
+  rows = (rng, None) if jnp.ndim(rng) == 2 else None
+  return to_sphere(diffusion.sample_embeddings(eps_fn, None if rows else rng, (batch, c.model.encoder.embed_dim),
                                                experiment.prior_schedule, num_steps=c.sample.prior_num_steps,
-                                               eta=c.sample.prior_eta))
+                                               eta=c.sample.prior_eta, row_keys=rows))
 
 
 def network_conditions(config: ml_collections.ConfigDict, labels: jnp.ndarray | None,
@@ -93,30 +97,49 @@ def video_eps_fn(experiment: Experiment, params, labels: jnp.ndarray | None, con
                                      c.model.key_frame_input, key_frame)
 
 
+def row_keys(seed: int, content: np.ndarray, motion: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """Each row's keys ``(base, residual, prior)``, ``(B, 2)`` each: the base noise and the prior's draw
+  from the row's ``content`` index, the residual noise from its ``motion`` index (three streams of
+  ``seed``). A video so depends on its indices alone, not on the batch, devices or hosts it is drawn
+  on; rows with one content index share ``b_T`` (with DDIM η = 0, the key frame) and ``c``, rows with
+  one motion index share the residual noise."""
+  root = jax.random.PRNGKey(seed)
+  fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+  content, motion = jnp.asarray(content, jnp.uint32), jnp.asarray(motion, jnp.uint32)
+  return (fold(jax.random.fold_in(root, 0), content), fold(jax.random.fold_in(root, 1), motion),
+          fold(jax.random.fold_in(root, 2), content))
+
+
 @functools.lru_cache(maxsize=4)
 def make_generate_fn(experiment: Experiment):
-  """``generate(params, rng, labels (B,) or None, condition (B, D) or None) -> (videos (B, N, H, W, C),
-  condition)``, jitted once per experiment (and once more for given conditions).
+  """``generate(params, keys, labels (B,) or None, condition (B, D) or None, anchor (B, H, W, C),
+  anchor_on ()) -> (videos (B, N, H, W, C), condition)``, jitted once per experiment (and once more
+  for given conditions). ``keys``: ``row_keys``; every random value of a row comes from its keys.
 
   With ``model.condition='embedding'`` and no given ``condition``, the prior samples it from the
   labels (or from nothing); both generators get it. With guidance (``sample.guidance_scale`` ≠ 1)
   each network takes the ``2B`` batch of ``diffusion.guided_decomposed_eps``: the condition (labels
   or c), then the null condition (the null label ``num_classes``, or zeros). VDM* (``model.kind =
-  'vdm'``) runs the same chain on its space-time network's estimate.
+  'vdm'``) runs the same chain on its space-time network's estimate. With
+  ``sample.continuity_frames`` = m > 0, the first m frames are pulled toward ``anchor`` (the last
+  frame of the clip before) by ``anchor_on`` (0 or 1) times ``diffusion.anchor_weights``.
   """
   c = experiment.config
+  s = c.sample
   shape_tail = (c.data.num_frames, c.data.image_size, c.data.image_size, 3)
+  chain_steps = s.num_steps if s.method == "ddim" else c.diffusion.num_timesteps
+  weights = diffusion.anchor_weights(c.data.num_frames, s.continuity_frames, chain_steps)
 
-  def generate(params, rng, labels, condition):
-    batch = c.sample.batch_size
-    if c.model.condition == "embedding":
-      prior_rng, rng = jax.random.split(rng)
-      if condition is None:
-        condition = sample_condition(experiment, params, prior_rng, labels, batch)
+  def generate(params, keys, labels, condition, anchor, anchor_on):
+    base_keys, residual_keys, prior_keys = keys
+    batch = base_keys.shape[0]
+    if c.model.condition == "embedding" and condition is None:
+      condition = sample_condition(experiment, params, prior_keys, labels, batch)
     net_labels, net_condition = network_conditions(c, labels, condition)
-    chain = functools.partial(diffusion.sample_chain, rng=rng, shape=(batch,) + shape_tail,
-                              lambdas=experiment.lambdas, schedule=experiment.schedule, method=c.sample.method,
-                              num_steps=c.sample.num_steps, eta=c.sample.eta, clip_x0=c.sample.clip_x0)
+    chain = functools.partial(diffusion.sample_chain, rng=None, shape=(batch,) + shape_tail,
+                              lambdas=experiment.lambdas, schedule=experiment.schedule, method=s.method,
+                              num_steps=s.num_steps, eta=s.eta, clip_x0=s.clip_x0,
+                              row_keys=(base_keys, residual_keys), spacing=s.spacing, variance=s.variance)
     key_frame = None
     if c.model.key_frame_clean:
       # The key frame's chain depends on the base generator and the base noise alone (its residual
@@ -124,39 +147,91 @@ def make_generate_fn(experiment: Experiment):
       # finishes the very key frame that the full chain will; the residual generator then reads it.
       first = chain(video_eps_fn(experiment, params, net_labels, net_condition, residual=False))
       key_frame = jnp.clip(first[:, diffusion.key_frame_index(c.data.num_frames)], -1.0, 1.0)
-    return chain(video_eps_fn(experiment, params, net_labels, net_condition, key_frame=key_frame)), condition
+    eps_fn = video_eps_fn(experiment, params, net_labels, net_condition, key_frame=key_frame)
+    if s.continuity_frames:
+      free_fn = eps_fn
+
+      def eps_fn(z, t):
+        return diffusion.anchored_eps(z, free_fn(z, t), t, anchor, anchor_on * weights, experiment.schedule,
+                                      s.clip_x0)
+    return chain(eps_fn), condition
 
   # Shard the batch over the mesh when it divides evenly; otherwise one device does it all.
-  divides = c.sample.batch_size % experiment.mesh.devices.size == 0
+  divides = s.batch_size % experiment.mesh.devices.size == 0
   return experiment.jit(generate, out_shardings=experiment.batch_sharding if divides else None)
 
 
+def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, motion: np.ndarray,
+                labels: np.ndarray | None, condition: np.ndarray | None = None,
+                anchor: np.ndarray | None = None,
+                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+  """Videos in [-1, 1] for rows of ``content`` and ``motion`` indices (``row_keys``), in batches of
+  ``sample.batch_size`` (the last one padded), gathered from every host: ``(R, N, H, W, C)`` and the
+  embeddings used ``(R, D)`` (None for the label condition). ``labels`` ``(R,)``; ``condition``
+  ``(R, D)``: given embeddings instead of the prior's; ``anchor`` ``(R, H, W, C)``: the frame each
+  row's first frames are pulled toward (``sample.continuity_frames``). ``progress(rows done)`` after
+  each batch."""
+  c = experiment.config
+  gen = make_generate_fn(experiment)
+  batch, rows = c.sample.batch_size, len(content)
+  frame = (c.data.image_size, c.data.image_size, 3)
+  everywhere = shd.replicated(experiment.mesh)
+
+  def put(x, dtype):  # the same values on every host: one array replicated over the whole mesh
+    x = np.asarray(x, dtype)
+    return jax.make_array_from_callback(x.shape, everywhere, lambda index: x[index])
+
+  out, conds = [], []
+  for start in range(0, rows, batch):
+    take = np.resize(np.arange(start, min(start + batch, rows)), batch)  # pad with rows already drawn
+    keys = tuple(put(k, np.uint32) for k in row_keys(seed, np.asarray(content)[take], np.asarray(motion)[take]))
+    lab = None if labels is None else put(np.asarray(labels)[take], np.int32)
+    cond = None if condition is None else put(condition[take], np.float32)
+    anc = put(np.zeros((batch,) + frame) if anchor is None else anchor[take], np.float32)
+    videos, used = gen(params, keys, lab, cond, anc, put(float(anchor is not None), np.float32))
+    if jax.process_count() > 1:  # the batch lies on every host's devices: gather it everywhere
+      videos, used = multihost_utils.process_allgather((videos, used), tiled=True)
+    n = min(batch, rows - start)
+    out.append(np.asarray(videos)[:n])
+    if used is not None:
+      conds.append(np.asarray(used)[:n])
+    if progress is not None:
+      progress(start + n)
+  return np.clip(np.concatenate(out), -1.0, 1.0), (np.concatenate(conds) if conds else None)
+
+
 def generate_videos(experiment: Experiment, params, num: int, seed: int, labels: np.ndarray | None,
-                    condition: np.ndarray | None = None, with_condition: bool = False):
-  """``num`` videos in [-1, 1], ``(num, N, H, W, C)``, reproducible from ``seed``.
+                    condition: np.ndarray | None = None, with_condition: bool = False, first: int = 0):
+  """Videos ``first`` .. ``first + num - 1`` of ``seed`` in [-1, 1], ``(num, N, H, W, C)``: each from
+  its own content and motion index (``row_keys``), so the same whatever the batch size or devices.
 
   ``condition`` ``(num, D)``: given key-frame embeddings instead of the prior's (``model.condition
   ='embedding'``). With ``with_condition`` also returns the embeddings used, ``(num, D)`` (None for
   the label condition)."""
-  gen = make_generate_fn(experiment)
-  batch = experiment.config.sample.batch_size
-  out, conds = [], []
-  for i, start in enumerate(range(0, num, batch)):
-    lab = cond = None
-    if labels is not None:
-      lab = jnp.asarray(np.resize(labels[start:start + batch], batch))
-    if condition is not None:
-      cond = jnp.asarray(np.resize(condition[start:start + batch], (batch, condition.shape[-1])), jnp.float32)
-    videos, used = gen(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), lab, cond)
-    if jax.process_count() > 1:  # the batch lies on every host's devices: gather it everywhere
-      videos, used = multihost_utils.process_allgather((videos, used), tiled=True)
-    out.append(np.asarray(videos))
-    if used is not None:
-      conds.append(np.asarray(used))
-  videos = np.clip(np.concatenate(out)[:num], -1.0, 1.0)
-  if with_condition:
-    return videos, (np.concatenate(conds)[:num] if conds else None)
-  return videos
+  index = np.arange(first, first + num)
+  videos, used = draw_videos(experiment, params, seed, index, index, labels, condition)
+  return (videos, used) if with_condition else videos
+
+
+def long_videos(experiment: Experiment, params, seed: int, content: np.ndarray, motion: np.ndarray,
+                labels: np.ndarray | None, condition: np.ndarray | None = None,
+                progress: Callable[[int], None] | None = None,
+                anchored: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+  """Videos of ``sample.num_clips`` consecutive clips, ``(R, num_clips x N, H, W, C)``: the clips of a
+  row share its content index (``b_T`` and ``c``: the paper's long videos), clip ``j`` draws fresh
+  residual noise (motion index ``motion x num_clips + j``). With ``sample.continuity_frames`` each
+  clip after the first is pulled toward the last frame of the one before (``anchored=False``: not, for
+  comparison). ``progress(clips done)``."""
+  num_clips = experiment.config.sample.num_clips
+  clips, anchor, used = [], None, condition
+  for j in range(num_clips):
+    done = None if progress is None else functools.partial(lambda j, rows: progress(j * len(content) + rows), j)
+    clip, used = draw_videos(experiment, params, seed, content, np.asarray(motion) * num_clips + j, labels,
+                             condition, anchor if anchored and experiment.config.sample.continuity_frames else None,
+                             done)
+    clips.append(clip)
+    anchor = clip[:, -1]
+  return np.concatenate(clips, axis=1), used
 
 
 def given_embeddings(config: ml_collections.ConfigDict, num: int) -> np.ndarray | None:
@@ -181,70 +256,155 @@ def given_embeddings(config: ml_collections.ConfigDict, num: int) -> np.ndarray 
 
 
 class Progress:
-  """Prints ``what: done/total (rate/s, ETA)`` at most every few seconds."""
+  """Prints ``what: done/total (rate/s, time left)`` at most every ``every_s`` seconds. The first
+  report (which holds the compile) sets the clock; the rate and time left count from it."""
 
-  def __init__(self, what: str, total: int, every_s: float = 10.0):
-    self.what, self.total, self.every_s = what, total, every_s
+  def __init__(self, what: str, total: int, every_s: float = 10.0, unit: str = "videos", quiet: bool = False):
+    self.what, self.total, self.every_s, self.unit, self.quiet = what, total, every_s, unit, quiet
     self.t0 = self.last = time.time()
+    self.first: tuple[float, int] | None = None
 
   def __call__(self, done: int) -> None:
     now = time.time()
+    if self.quiet:
+      return
+    if self.first is None:
+      self.first = (now, done)
+      print(f"  {self.what}: {done}/{self.total} ({now - self.t0:.0f} s, compile included)", flush=True)
+      self.last = now
+      return
     if now - self.last < self.every_s and done < self.total:
       return
     self.last = now
-    rate = done / max(now - self.t0, 1e-9)
-    eta = (self.total - done) / max(rate, 1e-9)
-    print(f"  {self.what}: {done}/{self.total} ({rate:.2f} clips/s, {eta:.0f} s left)", flush=True)
+    rate = (done - self.first[1]) / max(now - self.first[0], 1e-9)
+    left = (self.total - done) / max(rate, 1e-9)
+    print(f"  {self.what}: {done}/{self.total} ({rate:.2f} {self.unit}/s, {left:.0f} s left)", flush=True)
 
 
 def generated_videos(experiment: Experiment, params, num: int, seed: int, labels: np.ndarray | None,
                      consume: Callable[[np.ndarray], None]) -> None:
-  """Draws ``num`` clips in ``config.sample.batch_size`` batches (batch ``i`` from seed
-  ``seed + i``) and hands each batch, ``(B, N, S, S, 3)`` in [-1, 1], to ``consume``."""
+  """Draws videos 0 .. ``num - 1`` of ``seed`` in ``config.sample.batch_size`` batches and hands each
+  batch, ``(B, N, S, S, 3)`` in [-1, 1], to ``consume``."""
   batch = experiment.config.sample.batch_size
-  progress = Progress("generated clips", num)
-  for i, start in enumerate(range(0, num, batch)):
+  progress = Progress("generated videos", num, quiet=jax.process_index() > 0)
+  for start in range(0, num, batch):
     size = min(batch, num - start)
     lab = None if labels is None else labels[start:start + size]
-    consume(generate_videos(experiment, params, size, seed + i, lab))
+    consume(generate_videos(experiment, params, size, seed, lab, first=start))
     progress(start + size)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment | None = None) -> dict:
-  """Loads the latest checkpoint's EMA weights, writes samples under ``workdir/samples``."""
+def control_indices(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  """The rows' ``(content, motion)`` indices for ``sample.control``: '' a new video per row;
+  'content' one content (``b_T``, ``c``, label) and a residual noise per row (same content, other
+  motion); 'motion' a content per row and one residual noise (other content, same motion)."""
+  rows = np.arange(config.sample.num_samples)
+  zero = np.zeros_like(rows)
+  return {"": (rows, rows), "content": (zero, rows), "motion": (rows, zero)}[config.sample.control]
+
+
+def sampler_settings(config: ml_collections.ConfigDict) -> dict:
+  """What a sidecar records of the sampler."""
+  s = config.sample
+  ddim = s.method == "ddim"
+  return {"sampler": s.method, "spacing": s.spacing if ddim else None, "variance": None if ddim else s.variance,
+          "steps": s.num_steps if ddim else config.diffusion.num_timesteps, "eta": s.eta if ddim else None,
+          "clip_x0": s.clip_x0, "guidance_scale": s.guidance_scale, "lambda": config.diffusion.lam,
+          "model": config.model.kind, "condition": config.model.condition,
+          "prior": ({"steps": s.prior_num_steps, "eta": s.prior_eta, "guidance_scale": s.prior_guidance_scale}
+                    if config.model.condition == "embedding" and not s.embeddings else None),
+          "embeddings_file": s.embeddings or None}
+
+
+GRID_COLUMNS = 64  # grid.png shows at most this many frames of a video
+
+
+def write_videos(out_dir: Path, videos: np.ndarray, names: list[str], sidecars: list[dict], fps: int,
+                 upscale: int) -> list[str]:
+  """Writes each video ``(N, H, W, 3)`` uint8 as ``NAME.mp4`` (H.264), ``NAME.gif`` and ``NAME.json`` (its
+  sidecar), and ``grid.png`` (a row per video, at most ``GRID_COLUMNS`` frames). Without a video
+  encoder (no PyAV, as on some GPU images) says so once and writes the rest. Returns the kinds
+  written."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  mp4 = True
+  for video, name, sidecar in zip(videos, names, sidecars):
+    if mp4:
+      try:
+        video_io.write_video(out_dir / f"{name}.mp4", video, fps=fps, upscale=upscale)
+      except ImportError as e:
+        mp4 = False
+        print(f"note: no .mp4 written ({e}): install imageio and av (PyAV) for H.264; the GIFs, PNG grid "
+              "and samples.npz hold the same frames.", flush=True)
+    video_io.write_gif(out_dir / f"{name}.gif", video, fps=fps, upscale=upscale)
+    (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=2))
+  stride = -(-videos.shape[1] // GRID_COLUMNS)  # long videos: every stride-th frame
+  video_io.write_png(out_dir / "grid.png", video_io.frame_grid(videos[:, ::stride], upscale=upscale))
+  return (["mp4"] if mp4 else []) + ["gif", "json", "grid.png"]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment | None = None,
+        config_name: str = "") -> dict:
+  """Loads the latest checkpoint's EMA weights and writes ``sample.num_samples`` videos of
+  ``sample.num_clips`` clips (``sample.control``: the content or motion grid) under
+  ``workdir/samples/step_N[_control][_Kclips]``: mp4, GIF and a JSON sidecar per video, grid.png,
+  samples.npz and results.json (process 0 writes; every host draws its share)."""
   experiment = experiment or Experiment(config)
   state = experiment.restore(workdir)
   step = int(state.step)
   s = config.sample
+  print = builtins.print if jax.process_index() == 0 else (lambda *args, **kwargs: None)  # noqa: A001
+  content, motion = control_indices(config)
   given = given_embeddings(config, s.num_samples)
   labels = None if given is not None else sample_labels(config, s.num_samples)
+  if labels is not None:
+    labels = labels[content]
+  if given is not None:
+    given = given[content]
   source = {"label": "", "embedding": " through the prior"}[config.model.condition]
   if given is not None:
     source = f" from the embeddings in {s.embeddings}"
-  print(f"sampling {s.num_samples} videos from checkpoint {step} (EMA weights){source}, "
-        f"{s.method} with {s.num_steps if s.method == 'ddim' else config.diffusion.num_timesteps} steps: compiling "
-        "the chain, then running it (one batch; a minute or more on a CPU)", flush=True)
+  n_frames = s.num_clips * config.data.num_frames
+  what = {"": "videos", "content": "videos of one content (one b_T and c, a residual noise each)",
+          "motion": "videos of one motion (a b_T and c each, one residual noise)"}[s.control]
+  steps = s.num_steps if s.method == "ddim" else config.diffusion.num_timesteps
+  print(f"sampling {s.num_samples} {what} of {n_frames} frames ({s.num_clips} clip(s) of {config.data.num_frames}) "
+        f"from checkpoint {step} (EMA weights){source}, {s.method} with {steps} steps on {jax.device_count()} "
+        "device(s): the chain compiles once, then runs batch by batch", flush=True)
   t0 = time.time()
-  videos, used = generate_videos(experiment, state.ema_params, s.num_samples, s.seed, labels, given,
-                                 with_condition=True)
+  unit = "videos" if s.num_clips == 1 else "clips"
+  progress = Progress(unit, s.num_samples * s.num_clips, unit=unit, quiet=jax.process_index() > 0)
+  videos, used = long_videos(experiment, state.ema_params, s.seed, content, motion, labels, given, progress)
   print(f"sampled {s.num_samples} videos in {time.time() - t0:.0f} s (compile included)", flush=True)
-  out_dir = Path(workdir) / "samples" / f"step_{step}"
-  out_dir.mkdir(parents=True, exist_ok=True)
-  frames = video_io.to_uint8(videos)
-  np.savez_compressed(out_dir / "samples.npz", videos=videos,
-                      labels=labels if labels is not None else np.zeros(0),
-                      embeddings=used if used is not None else np.zeros(0))
-  try:
-    for i, video in enumerate(frames):
-      tag = f"_label{labels[i]}" if labels is not None else ""
-      video_io.write_video(out_dir / f"sample_{i:03d}{tag}.mp4", video, fps=s.fps, upscale=s.upscale)
-    video_io.write_png(out_dir / "grid.png", video_io.frame_grid(frames, upscale=s.upscale))
-  except ImportError as e:  # e.g. a GPU image without imageio/PyAV: the npz still holds every frame
-    print(f"note: videos not encoded ({e}); install imageio and av to get .mp4 and grid.png.")
-  results = {"step": step, "num_samples": int(s.num_samples), "dir": str(out_dir)}
-  results.update(_demo_figures(config, videos, labels))
-  (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-  print(f"wrote {s.num_samples} videos (.mp4), grid.png and samples.npz to {out_dir}")
+  suffix = (f"_{s.control}" if s.control else "") + (f"_{s.num_clips}clips" if s.num_clips > 1 else "")
+  out_dir = Path(workdir) / "samples" / f"step_{step}{suffix}"
+  results = {"step": step, "num_samples": int(s.num_samples), "num_clips": int(s.num_clips),
+             "frames": int(n_frames), "control": s.control, "dir": str(out_dir)}
+  clip_frames = config.data.num_frames
+  results.update(_demo_figures(config, videos[:, :clip_frames], labels))
+  if s.num_clips > 1:
+    from videofusion_jax.evaluation.demo_metrics import boundary_jump
+    results["boundary_jump"] = boundary_jump(videos, clip_frames)
+  if jax.process_index() == 0:
+    common = {"config": config_name or config.data.name, "checkpoint_step": step, "seed": int(s.seed),
+              **sampler_settings(config), "frames": int(n_frames), "clips": int(s.num_clips),
+              "clip_frames": int(clip_frames), "continuity_frames": int(s.continuity_frames), "fps": int(s.fps),
+              "control": s.control, "prompt": None}
+    names, sidecars = [], []
+    for i in range(s.num_samples):
+      label = None if labels is None else int(labels[i])
+      names.append(f"sample_{i:03d}" + ("" if label is None else f"_label{label}"))
+      sidecars.append({**common, "index": i, "label": label, "content_index": int(content[i]),
+                       "motion_index": int(motion[i]),
+                       # clip j's residual noise: motion index x num_clips + j (long_videos)
+                       "clip_motion_indices": [int(motion[i]) * s.num_clips + j for j in range(s.num_clips)],
+                       "embedding": "given" if given is not None else
+                       ("prior" if config.model.condition == "embedding" else None)})
+    kinds = write_videos(out_dir, video_io.to_uint8(videos), names, sidecars, s.fps, s.upscale)
+    np.savez_compressed(out_dir / "samples.npz", videos=videos,
+                        labels=labels if labels is not None else np.zeros(0),
+                        embeddings=used if used is not None else np.zeros(0))
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {s.num_samples} videos ({', '.join(kinds)}) and samples.npz to {out_dir}")
   if "all_frame_accuracy" in results:
     against = ("the clip the sample was conditioned on" if results["accuracy_against"] == "label"
                else "the clip of the sample's key frame (unconditional)")
@@ -258,6 +418,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   if "copy_distance_generated" in results:
     print(f"copy distance (mean |sample - nearest real clip|; 0 = a copy): {results['copy_distance_generated']:.3f}, "
           f"against {results['copy_distance_real']:.3f} between a real clip and its nearest other real clip")
+  if "boundary_jump" in results:
+    print(f"boundary jump (mean |first frame of a clip - last frame of the one before| / mean |frame[n+1] - "
+          f"frame[n]| inside clips; 1 = no visible seam): {results['boundary_jump']:.2f}"
+          + (f" with continuity_frames={s.continuity_frames}" if s.continuity_frames else ""))
   print(json.dumps({k: v for k, v in results.items() if k != "per_sample"}))
   return results
 

@@ -84,6 +84,16 @@ def frame_grid(videos: np.ndarray, upscale: int = 1, pad: int = 1) -> np.ndarray
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-  import imageio.v3 as iio
+  """Writes an ``(H, W, 3)`` uint8 image (Pillow)."""
+  from PIL import Image
 
-  iio.imwrite(path, image)
+  Image.fromarray(image).save(path)
+
+
+def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, upscale: int = 1) -> None:
+  """Writes ``(T, H, W, 3)`` uint8 frames as a looping GIF (Pillow: no video encoder needed)."""
+  from PIL import Image
+
+  frames = np.repeat(np.repeat(frames, upscale, axis=1), upscale, axis=2)
+  images = [Image.fromarray(f) for f in frames]
+  images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)

@@ -13,13 +13,20 @@ from videofusion_jax.diffusion.decomposition import (
     q_sample,
     remove_base_noise,
 )
-from videofusion_jax.diffusion.guidance import classifier_free_guidance, guided_decomposed_eps, guided_eps
+from videofusion_jax.diffusion.guidance import (
+    anchor_weights,
+    anchored_eps,
+    classifier_free_guidance,
+    guided_decomposed_eps,
+    guided_eps,
+)
 from videofusion_jax.diffusion.losses import denoising_loss, joint_loss, sample_timesteps, video_denoising_loss
 from videofusion_jax.diffusion.samplers import (
     ddim_step,
     ddim_timesteps,
     ddpm_step,
     decomposed_eps_fn,
+    row_noise,
     sample,
     sample_chain,
     sample_embeddings,
@@ -27,10 +34,11 @@ from videofusion_jax.diffusion.samplers import (
 from videofusion_jax.diffusion.schedules import SCHEDULE_KINDS, Schedule, make_schedule
 
 __all__ = [
-    "SCHEDULE_KINDS", "Schedule", "classifier_free_guidance", "combine_noise", "compose_noise",
+    "SCHEDULE_KINDS", "Schedule", "anchor_weights", "anchored_eps",
+    "classifier_free_guidance", "combine_noise", "compose_noise",
     "ddim_step", "ddim_timesteps", "ddpm_step", "decomposed_eps", "decomposed_eps_fn", "decomposed_noise",
     "denoising_loss",
     "frame_lambdas", "frame_residuals", "guided_decomposed_eps", "guided_eps", "insert_key_frame", "joint_loss",
-    "key_frame_index", "make_schedule", "non_key_frames", "predict_x0", "q_sample", "remove_base_noise",
+    "key_frame_index", "make_schedule", "non_key_frames", "predict_x0", "q_sample", "remove_base_noise", "row_noise",
     "sample", "sample_chain", "sample_embeddings", "sample_timesteps", "video_denoising_loss",
 ]

@@ -1,4 +1,5 @@
-"""Classifier-free guidance over the whole decomposed estimate (eqs. 10-11 run twice).
+"""Steering the estimate: classifier-free guidance over the whole decomposed estimate (eqs. 10-11
+run twice), and the anchor that joins the clips of a long video.
 
 Guiding each network on its own is not the same thing: the residual generator would see frames
 from which the *guided* base estimate was removed, an input its null-conditioned pass never
@@ -10,8 +11,8 @@ from __future__ import annotations
 import chex
 import jax.numpy as jnp
 
-from videofusion_jax.diffusion.decomposition import decomposed_eps
-from videofusion_jax.diffusion.schedules import Schedule
+from videofusion_jax.diffusion.decomposition import decomposed_eps, predict_x0
+from videofusion_jax.diffusion.schedules import Schedule, per_example
 
 
 def classifier_free_guidance(eps_cond: jnp.ndarray, eps_null: jnp.ndarray, scale: float) -> jnp.ndarray:
@@ -45,3 +46,38 @@ def guided_decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray
     return decomposed_eps(base_fn, residual_fn, z, tt, lambdas, schedule, key_frame_input=key_frame_input,
                           key_frame=doubled_key)[0]
   return guided_eps(eps_fn, z_t, t, scale)
+
+
+def anchor_weights(num_frames: int, num_anchored: int, num_steps: int = 1) -> jnp.ndarray:
+  """Per-frame pull toward the anchor at each of ``num_steps`` sampler steps, ``(N,)``.
+
+  Over the whole chain frame ``a < m = num_anchored`` is to be pulled by ``w^a = (m - a)/(m + 1)``
+  (0 from frame m on), so that frames that were all ``F`` would climb from the anchor ``P`` to ``F``
+  in ``m + 1`` even steps of ``(F - P)/(m + 1)``. A pull applied at every step compounds (the model
+  denoises what it was pulled to), so each step pulls by ``1 - (1 - w^a)^(1/num_steps)``: the
+  compounded pull is ``w^a`` where the model follows, less where it pulls back.
+  """
+  a = jnp.arange(num_frames, dtype=jnp.float32)
+  total = jnp.where(a < num_anchored, (num_anchored - a) / (num_anchored + 1.0), 0.0)
+  return 1.0 - (1.0 - total) ** (1.0 / num_steps)
+
+
+def anchored_eps(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, anchor: jnp.ndarray,
+                 weights: jnp.ndarray, schedule: Schedule, clip_x0: bool = True) -> jnp.ndarray:
+  """Soft replacement of the clean estimate at the start of a clip (beyond the paper: long videos
+  whose clips join without a seam): ``x̂0^a <- x̂0^a + w^a (anchor - x̂0^a)``, then the ε that
+  gives that ``x̂0``, ``(z_t - √ᾱ_t x̂0) / √(1-ᾱ_t)``, so that any sampler's step moves toward it.
+
+  ``z_t``, ``eps_hat``: ``(B, N, H, W, C)``; ``anchor``: ``(B, H, W, C)`` (the last frame of the
+  clip before); ``weights``: ``(N,)`` (``anchor_weights``, 0 at the key frame so the content the
+  clips share is untouched). Replacement as in Ho et al.'s VDM cannot serve here: VideoFusion's
+  generators see each non-key frame on its own (with the key frame), so frames given to a clip
+  would not inform its other frames; the frames must be pulled themselves.
+  """
+  chex.assert_equal_shape([z_t, eps_hat])
+  chex.assert_shape(anchor, z_t.shape[:1] + z_t.shape[2:])
+  a = per_example(schedule.alphas_cumprod, t, z_t.ndim)
+  x0 = predict_x0(z_t, eps_hat, t, schedule, clip_x0)
+  w = weights.reshape((1, -1) + (1,) * (z_t.ndim - 2))
+  x0 = x0 + w * (anchor[:, None] - x0)
+  return (z_t - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)

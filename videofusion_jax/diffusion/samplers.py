@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from videofusion_jax.diffusion.decomposition import decomposed_eps, decomposed_noise, predict_x0
+from videofusion_jax.diffusion.decomposition import compose_noise, decomposed_eps, decomposed_noise, predict_x0
 from videofusion_jax.diffusion.guidance import guided_decomposed_eps
 from videofusion_jax.diffusion.schedules import Schedule, per_example
 
@@ -33,9 +33,36 @@ def fresh_noise(rng: jax.Array, shape: tuple[int, ...], lambdas: jnp.ndarray | N
   return decomposed_noise(rng, shape, lambdas, dtype)
 
 
+RowKeys = tuple  # (base_keys (B, 2), residual_keys (B, 2) or None): a chain's keys, row by row
+
+
+def row_noise(row_keys: RowKeys, draw, shape: tuple[int, ...], lambdas: jnp.ndarray | None,
+              dtype=jnp.float32) -> jnp.ndarray:
+  """The chain's draw number ``draw`` (0: ``z_T``; s: step s's fresh noise) when every row has its
+  own keys ``row_keys = (base (B, 2), residual (B, 2))``: row ``b``'s base noise comes from
+  ``base[b]`` and its residual noise from ``residual[b]`` (eq. 8); with ``lambdas=None`` the whole
+  (independent) noise comes from ``base[b]``.
+
+  A row's noise so depends on its keys alone, not on the batch or the devices it is drawn on; rows
+  that share a base key share the base noise of every step (under DDIM with η = 0, the key frame),
+  rows that share a residual key share the residual noise.
+  """
+  base_keys, residual_keys = row_keys
+  if lambdas is not None and residual_keys is None:
+    raise ValueError("row_noise: decomposed (video) noise needs residual keys, row_keys = (base, residual).")
+  fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+
+  def normal(keys, tail):
+    return jax.vmap(lambda k: jax.random.normal(k, tail, dtype))(fold(keys, draw))
+
+  if lambdas is None:
+    return normal(base_keys, shape[1:])
+  return compose_noise(normal(base_keys, shape[2:]), normal(residual_keys, shape[1:]), lambdas).astype(dtype)
+
+
 def ddim_step(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, t_prev: jnp.ndarray,
               rng: jax.Array, lambdas: jnp.ndarray | None, schedule: Schedule, eta: float = 0.0,
-              clip_x0: bool = False) -> jnp.ndarray:
+              clip_x0: bool = False, noise: jnp.ndarray | None = None) -> jnp.ndarray:
   """One DDIM step (Song et al. 2021, eq. 12) from ``t`` to ``t_prev``:
 
   ``z_{t'} = √ᾱ_{t'} x̂0 + √(1-ᾱ_{t'}-σ²) ε̂ + σ ε'``, with
@@ -55,18 +82,21 @@ def ddim_step(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, t_prev: jn
   direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0)) * eps_hat
   z_prev = jnp.sqrt(a_prev) * x0 + direction
   if eta > 0:
-    z_prev = z_prev + sigma * fresh_noise(rng, z_t.shape, lambdas, z_t.dtype)
+    z_prev = z_prev + sigma * (fresh_noise(rng, z_t.shape, lambdas, z_t.dtype) if noise is None else noise)
   return z_prev
 
 
 def ddpm_step(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, rng: jax.Array,
-              lambdas: jnp.ndarray | None, schedule: Schedule, clip_x0: bool = False) -> jnp.ndarray:
+              lambdas: jnp.ndarray | None, schedule: Schedule, clip_x0: bool = False,
+              noise: jnp.ndarray | None = None, variance: str = "fixed_small") -> jnp.ndarray:
   """One ancestral DDPM step (Ho et al. 2020) from ``t`` to ``t - 1``: the posterior mean
 
   ``μ = √ᾱ_{t-1} β_t/(1-ᾱ_t) x̂0 + √α_t (1-ᾱ_{t-1})/(1-ᾱ_t) z_t``, plus
-  ``σ_t ε'`` with ``σ_t² = β_t (1-ᾱ_{t-1})/(1-ᾱ_t)`` ("fixed small") and ``ε'`` decomposed
-  noise (eq. 8); no noise is added at ``t = 0``.
+  ``σ_t ε'`` with ``σ_t² = β_t (1-ᾱ_{t-1})/(1-ᾱ_t)`` (``variance="fixed_small"``) or
+  ``σ_t² = β_t`` (``"fixed_large"``; Ho et al.'s other choice, diffusers' ``variance_type``) and
+  ``ε'`` decomposed noise (eq. 8), or ``noise`` when given; no noise is added at ``t = 0``.
   """
+  _check_variance(variance)
   chex.assert_equal_shape([z_t, eps_hat])
   nd = z_t.ndim
   beta = per_example(schedule.betas, t, nd)
@@ -75,24 +105,52 @@ def ddpm_step(z_t: jnp.ndarray, eps_hat: jnp.ndarray, t: jnp.ndarray, rng: jax.A
   a_prev = per_example(schedule.alphas_cumprod_prev, t, nd)
   x0 = predict_x0(z_t, eps_hat, t, schedule, clip_x0)
   mean = (jnp.sqrt(a_prev) * beta / (1.0 - a_t)) * x0 + (jnp.sqrt(alpha) * (1.0 - a_prev) / (1.0 - a_t)) * z_t
-  var = jnp.maximum(beta * (1.0 - a_prev) / (1.0 - a_t), 1e-20)
-  noise = fresh_noise(rng, z_t.shape, lambdas, z_t.dtype)
+  if variance == "fixed_large":
+    var = beta
+  else:
+    var = jnp.maximum(beta * (1.0 - a_prev) / (1.0 - a_t), 1e-20)
+  if noise is None:
+    noise = fresh_noise(rng, z_t.shape, lambdas, z_t.dtype)
   nonzero = _broadcast((jnp.asarray(t) > 0).astype(z_t.dtype), nd)
   return mean + nonzero * jnp.sqrt(var) * noise
 
 
-def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-  """Evenly spaced ("leading") DDIM timesteps, descending, e.g. T=1000, 50 -> 980 ... 0."""
+DDIM_SPACINGS = ("leading", "trailing")
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
+
+
+def _check_variance(variance: str) -> None:
+  if variance not in DDPM_VARIANCES:
+    raise ValueError(f"Unknown DDPM variance {variance!r}; use one of {DDPM_VARIANCES}.")
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> np.ndarray:
+  """``num_steps`` distinct DDIM timesteps, descending. ``spacing`` as diffusers'
+  ``timestep_spacing``: ``leading`` (multiples of ``T // num_steps``, e.g. T=1000, 50 -> 980 ... 0;
+  never visits ``T-1``) or ``trailing`` (``round(arange(T, 0, -T/num_steps)) - 1``, e.g. 999 ... 19:
+  starts at ``T-1``, Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+  """
+  if spacing not in DDIM_SPACINGS:
+    raise ValueError(f"Unknown DDIM timestep spacing {spacing!r}; use one of {DDIM_SPACINGS}.")
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}.")
+  if spacing == "trailing":
+    # diffusers' formula; [:num_steps] drops the extra ~0 (-> -1) that float arange yields for
+    # some (T, num_steps), e.g. (50, 29), and that diffusers keeps.
+    ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)).astype(np.int64)[:num_steps] - 1
+    return ts.astype(np.int32)
   step = num_timesteps // num_steps
   return (np.arange(num_steps) * step)[::-1].astype(np.int32)
 
 
-def sampler_timesteps(method: str, num_timesteps: int, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-  """The chain's ``(t, t_prev)`` pairs: ``num_steps`` DDIM steps, or all T for DDPM."""
+def sampler_timesteps(method: str, num_timesteps: int, num_steps: int,
+                      spacing: str = "leading") -> tuple[np.ndarray, np.ndarray]:
+  """The chain's ``(t, t_prev)`` pairs: ``num_steps`` DDIM steps (``spacing`` as in
+  ``ddim_timesteps``), or all T for DDPM (where both spacings are the same)."""
+  if spacing not in DDIM_SPACINGS:
+    raise ValueError(f"Unknown DDIM timestep spacing {spacing!r}; use one of {DDIM_SPACINGS}.")
   if method == "ddim":
-    ts = ddim_timesteps(num_timesteps, num_steps)
+    ts = ddim_timesteps(num_timesteps, num_steps, spacing)
   elif method == "ddpm":
     ts = np.arange(num_timesteps)[::-1].astype(np.int32)
   else:
@@ -100,44 +158,63 @@ def sampler_timesteps(method: str, num_timesteps: int, num_steps: int) -> tuple[
   return ts, np.concatenate([ts[1:], [-1]]).astype(np.int32)
 
 
-def sample_chain(eps_fn, rng: jax.Array, shape: tuple[int, ...], lambdas: jnp.ndarray | None,
+def sample_chain(eps_fn, rng: jax.Array | None, shape: tuple[int, ...], lambdas: jnp.ndarray | None,
                  schedule: Schedule, method: str = "ddim", num_steps: int = 50, eta: float = 0.0,
-                 clip_x0: bool = True, initial_noise: jnp.ndarray | None = None) -> jnp.ndarray:
+                 clip_x0: bool = True, initial_noise: jnp.ndarray | None = None,
+                 row_keys: RowKeys | None = None, spacing: str = "leading",
+                 variance: str = "fixed_small") -> jnp.ndarray:
   """The sampler loop for any noise estimate ``eps_fn(z (B, ...), t (B,)) -> (B, ...)``: from
   ``z_T`` (``initial_noise``, or drawn decomposed with ``lambdas`` (eqs. 7-8), independent with
   ``lambdas=None``) down to ``x0``. ``method`` is ``ddim`` (``num_steps``, ``eta``) or ``ddpm``
-  (all T steps); every fresh noise is drawn as ``z_T`` is. Jit-compatible: a ``lax.scan``."""
-  ts, t_prevs = sampler_timesteps(method, schedule.num_timesteps, num_steps)
-  init_rng, rng = jax.random.split(rng)
-  z = fresh_noise(init_rng, shape, lambdas, jnp.float32) if initial_noise is None else initial_noise
+  (all T steps); every fresh noise is drawn as ``z_T`` is: from ``rng`` for the whole batch, or,
+  with ``row_keys`` (``rng`` unused), row by row (``row_noise``). ``spacing``: the DDIM timesteps
+  (``ddim_timesteps``); ``variance``: DDPM's σ_t² (``ddpm_step``). Jit-compatible: a ``lax.scan``."""
+  _check_variance(variance)
+  ts, t_prevs = sampler_timesteps(method, schedule.num_timesteps, num_steps, spacing)
   batch = shape[0]
+  if (rng is None) == (row_keys is None):
+    raise ValueError("sample_chain draws its noise from rng (one key for the batch) or from row_keys (a key per "
+                     "row); give exactly one of them.")
+  if row_keys is None:
+    init_rng, rng = jax.random.split(rng)
+    draws = jax.random.split(rng, len(ts))
+    z = fresh_noise(init_rng, shape, lambdas, jnp.float32) if initial_noise is None else initial_noise
+  else:
+    draws = jnp.arange(1, len(ts) + 1)
+    z = row_noise(row_keys, 0, shape, lambdas) if initial_noise is None else initial_noise
+  stochastic = method == "ddpm" or eta > 0
 
   def body(z, inputs):
-    t, t_prev, step_rng = inputs
+    t, t_prev, draw = inputs
+    step_rng, noise = (draw, None) if row_keys is None else (None, None)
+    if row_keys is not None and stochastic:
+      noise = row_noise(row_keys, draw, shape, lambdas)
     tb = jnp.full((batch,), t, jnp.int32)
     eps_hat = eps_fn(z, tb).astype(jnp.float32)
     if method == "ddim":
       z = ddim_step(z, eps_hat, tb, jnp.full((batch,), t_prev, jnp.int32), step_rng, lambdas,
-                    schedule, eta=eta, clip_x0=clip_x0)
+                    schedule, eta=eta, clip_x0=clip_x0, noise=noise)
     else:
-      z = ddpm_step(z, eps_hat, tb, step_rng, lambdas, schedule, clip_x0=clip_x0)
+      z = ddpm_step(z, eps_hat, tb, step_rng, lambdas, schedule, clip_x0=clip_x0, noise=noise,
+                    variance=variance)
     return z, None
 
-  rngs = jax.random.split(rng, len(ts))
-  z, _ = jax.lax.scan(body, z, (jnp.asarray(ts), jnp.asarray(t_prevs), rngs))
+  z, _ = jax.lax.scan(body, z, (jnp.asarray(ts), jnp.asarray(t_prevs), draws))
   return z
 
 
-def sample_embeddings(eps_fn, rng: jax.Array, shape: tuple[int, int], schedule: Schedule,
-                      num_steps: int = 64, eta: float = 1.0) -> jnp.ndarray:
+def sample_embeddings(eps_fn, rng: jax.Array | None, shape: tuple[int, int], schedule: Schedule,
+                      num_steps: int = 64, eta: float = 1.0, row_keys: RowKeys | None = None) -> jnp.ndarray:
   """Ordinary (independent-noise) DDIM sampling of vectors ``(B, D)``: the prior's embeddings.
 
   ``eps_fn(z (B, D), t (B,)) -> (B, D)``. No clipping: embeddings are not bounded to [-1, 1]
   (which is also why there is no DDPM here: without clipping, its first steps from a cosine
   schedule's ᾱ_T ≈ 0 amplify the ε error without bound). ``eta = 1`` keeps the covariance of a
-  learned distribution where ``eta = 0`` may stretch it (see the prior's test).
+  learned distribution where ``eta = 0`` may stretch it (see the prior's test). ``row_keys``:
+  ``(keys (B, 2), None)``, each row's noise from its own key (``row_noise``).
   """
-  return sample_chain(eps_fn, rng, shape, None, schedule, "ddim", num_steps, eta, clip_x0=False)
+  return sample_chain(eps_fn, rng, shape, None, schedule, "ddim", num_steps, eta, clip_x0=False,
+                      row_keys=row_keys)
 
 
 def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas: jnp.ndarray,

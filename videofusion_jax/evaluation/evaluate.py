@@ -61,7 +61,7 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
       print(f"real-data features from the cache {path}")
       return {"features": cached["features"], "labels": cached["labels"]}
   print(f"I3D features of {proto['num_real']} real clips ({proto['dataset']} [{proto['split']}])")
-  progress = Progress("real clips", proto["num_real"])
+  progress = Progress("real clips", proto["num_real"], unit="clips", quiet=jax.process_index() > 0)
   feats, labels, done = [], [], 0
   for batch in pipeline.eval_iterator(config, proto["num_real"], config.eval.batch_size,
                                       split=proto["split"], verbose=verbose):
