@@ -5,8 +5,19 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+
+# One persistent XLA cache for the session, set before anything compiles: the many experiments
+# built from the same tiny config compile identical programs, which the later ones load.
+_XLA_CACHE = tempfile.mkdtemp(prefix="videofusion_tests_xla_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 
 import pytest  # noqa: E402
 from tiny import tiny_config  # noqa: E402,F401 - the tests import it from here
