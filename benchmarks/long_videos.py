@@ -27,7 +27,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's workdir.")
 def step_profile(videos: np.ndarray, clip_frames: int) -> list[float]:
   """Mean ``|frame[n+1] - frame[n]|`` by ``n mod clip_frames`` (entry ``clip_frames - 1``: the
   seam), over the mean of the steps inside clips, ``(clip_frames,)``."""
-  steps = np.abs(np.diff(videos.astype(np.float64), axis=1)).mean(axis=(0, 2, 3, 4))
+  from videofusion_jax.evaluation.demo_metrics import frame_steps
+
+  steps = frame_steps(videos)
   place = np.arange(len(steps)) % clip_frames
   inside = steps[place != clip_frames - 1].mean()
   return [round(float(steps[place == p].mean() / inside), 3) for p in range(clip_frames)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from videofusion_jax.diffusion.samplers import DDIM_SPACINGS, DDPM_VARIANCES
 from videofusion_jax.diffusion.schedules import SCHEDULE_KINDS
 from videofusion_jax.models.unet import REMAT_POLICIES, attention_channels, attention_heads, check_image_size
 
@@ -284,10 +285,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"makes {d.num_frames} (config.data.num_frames).")
   if config.sample.method not in ("ddim", "ddpm"):
     raise ConfigError(f"config.sample.method={config.sample.method!r}: use 'ddim' or 'ddpm'.")
-  if config.sample.spacing not in ("leading", "trailing"):
+  if config.sample.spacing not in DDIM_SPACINGS:
     raise ConfigError(f"config.sample.spacing={config.sample.spacing!r}: the DDIM timestep spacing; use "
                       "'leading' (multiples of T // num_steps, ending at 0) or 'trailing' (starting at T-1).")
-  if config.sample.variance not in ("fixed_small", "fixed_large"):
+  if config.sample.variance not in DDPM_VARIANCES:
     raise ConfigError(f"config.sample.variance={config.sample.variance!r}: DDPM's σ_t²; use 'fixed_small' "
                       "(β_t (1-ᾱ_{t-1})/(1-ᾱ_t)) or 'fixed_large' (β_t).")
   if not 1 <= config.sample.num_steps <= config.diffusion.num_timesteps:

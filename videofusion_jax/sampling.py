@@ -110,6 +110,17 @@ def row_keys(seed: int, content: np.ndarray, motion: np.ndarray) -> tuple[jnp.nd
           fold(jax.random.fold_in(root, 2), content))
 
 
+def chain_steps(config: ml_collections.ConfigDict) -> int:
+  """The video chain's number of steps: ``sample.num_steps`` for DDIM, all T for DDPM."""
+  return config.sample.num_steps if config.sample.method == "ddim" else config.diffusion.num_timesteps
+
+
+def clip_motion_indices(motion: np.ndarray, num_clips: int) -> np.ndarray:
+  """The motion index of each clip of a long video, ``(R, num_clips)``: clip ``j`` of a row with
+  motion index ``m`` draws its residual noise from ``m x num_clips + j``."""
+  return np.asarray(motion)[:, None] * num_clips + np.arange(num_clips)
+
+
 @functools.lru_cache(maxsize=4)
 def make_generate_fn(experiment: Experiment):
   """``generate(params, keys, labels (B,) or None, condition (B, D) or None, anchor (B, H, W, C),
@@ -127,8 +138,7 @@ def make_generate_fn(experiment: Experiment):
   c = experiment.config
   s = c.sample
   shape_tail = (c.data.num_frames, c.data.image_size, c.data.image_size, 3)
-  chain_steps = s.num_steps if s.method == "ddim" else c.diffusion.num_timesteps
-  weights = diffusion.anchor_weights(c.data.num_frames, s.continuity_frames, chain_steps)
+  weights = diffusion.anchor_weights(c.data.num_frames, s.continuity_frames, chain_steps(c))
 
   def generate(params, keys, labels, condition, anchor, anchor_on):
     base_keys, residual_keys, prior_keys = keys
@@ -175,6 +185,7 @@ def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
   gen = make_generate_fn(experiment)
   batch, rows = c.sample.batch_size, len(content)
   frame = (c.data.image_size, c.data.image_size, 3)
+  content, motion = np.asarray(content), np.asarray(motion)
   everywhere = shd.replicated(experiment.mesh)
 
   def put(x, dtype):  # the same values on every host: one array replicated over the whole mesh
@@ -184,7 +195,7 @@ def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
   out, conds = [], []
   for start in range(0, rows, batch):
     take = np.resize(np.arange(start, min(start + batch, rows)), batch)  # pad with rows already drawn
-    keys = tuple(put(k, np.uint32) for k in row_keys(seed, np.asarray(content)[take], np.asarray(motion)[take]))
+    keys = tuple(put(k, np.uint32) for k in row_keys(seed, content[take], motion[take]))
     lab = None if labels is None else put(np.asarray(labels)[take], np.int32)
     cond = None if condition is None else put(condition[take], np.float32)
     anc = put(np.zeros((batch,) + frame) if anchor is None else anchor[take], np.float32)
@@ -222,13 +233,15 @@ def long_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
   residual noise (motion index ``motion x num_clips + j``). With ``sample.continuity_frames`` each
   clip after the first is pulled toward the last frame of the one before (``anchored=False``: not, for
   comparison). ``progress(clips done)``."""
-  num_clips = experiment.config.sample.num_clips
+  s = experiment.config.sample
+  pull = anchored and s.continuity_frames > 0
   clips, anchor, used = [], None, condition
-  for j in range(num_clips):
-    done = None if progress is None else functools.partial(lambda j, rows: progress(j * len(content) + rows), j)
-    clip, used = draw_videos(experiment, params, seed, content, np.asarray(motion) * num_clips + j, labels,
-                             condition, anchor if anchored and experiment.config.sample.continuity_frames else None,
-                             done)
+  # Every clip passes the given condition (None: the prior's), not the first clip's c: the prior
+  # redraws the same c from the same keys, and passing c would compile a second variant.
+  for j, clip_motion in enumerate(clip_motion_indices(motion, s.num_clips).T):
+    done = None if progress is None else (lambda rows, j=j: progress(j * len(content) + rows))
+    clip, used = draw_videos(experiment, params, seed, content, clip_motion, labels, condition,
+                             anchor if pull else None, done)
     clips.append(clip)
     anchor = clip[:, -1]
   return np.concatenate(clips, axis=1), used
@@ -308,7 +321,7 @@ def sampler_settings(config: ml_collections.ConfigDict) -> dict:
   s = config.sample
   ddim = s.method == "ddim"
   return {"sampler": s.method, "spacing": s.spacing if ddim else None, "variance": None if ddim else s.variance,
-          "steps": s.num_steps if ddim else config.diffusion.num_timesteps, "eta": s.eta if ddim else None,
+          "steps": chain_steps(config), "eta": s.eta if ddim else None,
           "clip_x0": s.clip_x0, "guidance_scale": s.guidance_scale, "lambda": config.diffusion.lam,
           "model": config.model.kind, "condition": config.model.condition,
           "prior": ({"steps": s.prior_num_steps, "eta": s.prior_eta, "guidance_scale": s.prior_guidance_scale}
@@ -366,10 +379,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   n_frames = s.num_clips * config.data.num_frames
   what = {"": "videos", "content": "videos of one content (one b_T and c, a residual noise each)",
           "motion": "videos of one motion (a b_T and c each, one residual noise)"}[s.control]
-  steps = s.num_steps if s.method == "ddim" else config.diffusion.num_timesteps
   print(f"sampling {s.num_samples} {what} of {n_frames} frames ({s.num_clips} clip(s) of {config.data.num_frames}) "
-        f"from checkpoint {step} (EMA weights){source}, {s.method} with {steps} steps on {jax.device_count()} "
-        "device(s): the chain compiles once, then runs batch by batch", flush=True)
+        f"from checkpoint {step} (EMA weights){source}, {s.method} with {chain_steps(config)} steps on "
+        f"{jax.device_count()} device(s): the chain compiles once, then runs batch by batch", flush=True)
   t0 = time.time()
   unit = "videos" if s.num_clips == 1 else "clips"
   progress = Progress(unit, s.num_samples * s.num_clips, unit=unit, quiet=jax.process_index() > 0)
@@ -390,13 +402,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
               "clip_frames": int(clip_frames), "continuity_frames": int(s.continuity_frames), "fps": int(s.fps),
               "control": s.control, "prompt": None}
     names, sidecars = [], []
+    per_clip = clip_motion_indices(motion, s.num_clips)
     for i in range(s.num_samples):
       label = None if labels is None else int(labels[i])
       names.append(f"sample_{i:03d}" + ("" if label is None else f"_label{label}"))
       sidecars.append({**common, "index": i, "label": label, "content_index": int(content[i]),
                        "motion_index": int(motion[i]),
-                       # clip j's residual noise: motion index x num_clips + j (long_videos)
-                       "clip_motion_indices": [int(motion[i]) * s.num_clips + j for j in range(s.num_clips)],
+                       "clip_motion_indices": per_clip[i].tolist(),
                        "embedding": "given" if given is not None else
                        ("prior" if config.model.condition == "embedding" else None)})
     kinds = write_videos(out_dir, video_io.to_uint8(videos), names, sidecars, s.fps, s.upscale)

@@ -58,11 +58,16 @@ def to_uint8(videos: np.ndarray) -> np.ndarray:
   return np.clip(np.round((np.asarray(videos, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def upscale_frames(frames: np.ndarray, factor: int) -> np.ndarray:
+  """``(..., H, W, C)`` -> ``(..., H·factor, W·factor, C)``, nearest neighbour."""
+  return np.repeat(np.repeat(frames, factor, axis=-3), factor, axis=-2)
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, upscale: int = 1) -> None:
   """Writes ``(T, H, W, 3)`` uint8 frames as an H.264 mp4, optionally upscaled (nearest)."""
   import imageio.v3 as iio
 
-  frames = np.repeat(np.repeat(frames, upscale, axis=1), upscale, axis=2)
+  frames = upscale_frames(frames, upscale)
   # yuv420p (what players expect) needs even sizes.
   pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
   frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
@@ -73,7 +78,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, upsca
 def frame_grid(videos: np.ndarray, upscale: int = 1, pad: int = 1) -> np.ndarray:
   """``(B, N, H, W, 3)`` uint8 -> one image with a row per video and a column per frame."""
   b, n, h, w, c = videos.shape
-  videos = np.repeat(np.repeat(videos, upscale, axis=2), upscale, axis=3)
+  videos = upscale_frames(videos, upscale)
   h, w = h * upscale, w * upscale
   grid = np.full((b * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
   for i in range(b):
@@ -94,6 +99,5 @@ def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, upscale
   """Writes ``(T, H, W, 3)`` uint8 frames as a looping GIF (Pillow: no video encoder needed)."""
   from PIL import Image
 
-  frames = np.repeat(np.repeat(frames, upscale, axis=1), upscale, axis=2)
-  images = [Image.fromarray(f) for f in frames]
+  images = [Image.fromarray(f) for f in upscale_frames(frames, upscale)]
   images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)

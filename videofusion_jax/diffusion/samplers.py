@@ -124,14 +124,18 @@ def _check_variance(variance: str) -> None:
     raise ValueError(f"Unknown DDPM variance {variance!r}; use one of {DDPM_VARIANCES}.")
 
 
+def _check_spacing(spacing: str) -> None:
+  if spacing not in DDIM_SPACINGS:
+    raise ValueError(f"Unknown DDIM timestep spacing {spacing!r}; use one of {DDIM_SPACINGS}.")
+
+
 def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> np.ndarray:
   """``num_steps`` distinct DDIM timesteps, descending. ``spacing`` as diffusers'
   ``timestep_spacing``: ``leading`` (multiples of ``T // num_steps``, e.g. T=1000, 50 -> 980 ... 0;
   never visits ``T-1``) or ``trailing`` (``round(arange(T, 0, -T/num_steps)) - 1``, e.g. 999 ... 19:
   starts at ``T-1``, Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed").
   """
-  if spacing not in DDIM_SPACINGS:
-    raise ValueError(f"Unknown DDIM timestep spacing {spacing!r}; use one of {DDIM_SPACINGS}.")
+  _check_spacing(spacing)
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}.")
   if spacing == "trailing":
@@ -147,8 +151,7 @@ def sampler_timesteps(method: str, num_timesteps: int, num_steps: int,
                       spacing: str = "leading") -> tuple[np.ndarray, np.ndarray]:
   """The chain's ``(t, t_prev)`` pairs: ``num_steps`` DDIM steps (``spacing`` as in
   ``ddim_timesteps``), or all T for DDPM (where both spacings are the same)."""
-  if spacing not in DDIM_SPACINGS:
-    raise ValueError(f"Unknown DDIM timestep spacing {spacing!r}; use one of {DDIM_SPACINGS}.")
+  _check_spacing(spacing)
   if method == "ddim":
     ts = ddim_timesteps(num_timesteps, num_steps, spacing)
   elif method == "ddpm":
@@ -185,10 +188,9 @@ def sample_chain(eps_fn, rng: jax.Array | None, shape: tuple[int, ...], lambdas:
   stochastic = method == "ddpm" or eta > 0
 
   def body(z, inputs):
-    t, t_prev, draw = inputs
-    step_rng, noise = (draw, None) if row_keys is None else (None, None)
-    if row_keys is not None and stochastic:
-      noise = row_noise(row_keys, draw, shape, lambdas)
+    t, t_prev, draw = inputs  # draw: this step's key, or with row_keys its draw number
+    step_rng = draw if row_keys is None else None
+    noise = row_noise(row_keys, draw, shape, lambdas) if row_keys is not None and stochastic else None
     tb = jnp.full((batch,), t, jnp.int32)
     eps_hat = eps_fn(z, tb).astype(jnp.float32)
     if method == "ddim":

@@ -97,15 +97,21 @@ def demo_figures(samples: np.ndarray, labels: np.ndarray | None, real: np.ndarra
   return out
 
 
+def frame_steps(videos: np.ndarray) -> np.ndarray:
+  """Mean absolute difference between frame ``n`` and ``n + 1`` over videos ``(B, T, H, W, C)`` and
+  pixels, ``(T - 1,)``."""
+  return np.abs(np.diff(np.asarray(videos, np.float64), axis=1)).mean(axis=(0, 2, 3, 4))
+
+
 def boundary_jump(videos: np.ndarray, clip_frames: int) -> float:
   """The seam figure of long videos ``(B, T, H, W, C)`` made of clips of ``clip_frames`` frames:
   the mean absolute difference between the last frame of a clip and the first of the next,
   divided by that between neighbouring frames inside clips. 1: no visible seam; a frozen clip
   boundary 0; a cut between unrelated clips well above 1."""
-  v = np.asarray(videos, np.float64)
-  if v.ndim != 5 or v.shape[1] % clip_frames or v.shape[1] // clip_frames < 2:
+  shape = np.shape(videos)
+  if len(shape) != 5 or shape[1] % clip_frames or shape[1] // clip_frames < 2:
     raise ValueError(f"boundary_jump needs (B, T, H, W, C) videos of two clips or more of {clip_frames} frames; "
-                     f"got shape {v.shape}.")
-  steps = np.abs(np.diff(v, axis=1)).mean(axis=(0, 2, 3, 4))  # (T - 1,): frame n -> n + 1
-  seam = (np.arange(1, v.shape[1]) % clip_frames) == 0
+                     f"got shape {shape}.")
+  steps = frame_steps(videos)
+  seam = (np.arange(1, shape[1]) % clip_frames) == 0
   return float(steps[seam].mean() / steps[~seam].mean())

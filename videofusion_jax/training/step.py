@@ -23,15 +23,6 @@ def _drop_labels(label: jnp.ndarray, config: ml_collections.ConfigDict, drop: jn
   return jnp.where(drop, config.data.num_classes, label.astype(jnp.int32))
 
 
-def labels_with_dropout(batch: dict, config: ml_collections.ConfigDict, rng: jax.Array) -> jnp.ndarray | None:
-  """The batch's labels ``(B,)`` with ``train.label_dropout`` of them replaced by the null label
-  ``num_classes`` (classifier-free guidance); None for an unconditional dataset."""
-  if not config.data.num_classes:
-    return None
-  label = batch["label"]
-  return _drop_labels(label, config, jax.random.bernoulli(rng, config.train.label_dropout, label.shape))
-
-
 def condition_with_dropout(c: jnp.ndarray, config: ml_collections.ConfigDict, rng: jax.Array) -> jnp.ndarray:
   """The embeddings ``(B, D)`` with ``train.label_dropout`` of the rows replaced by the null
   condition (zeros), for classifier-free guidance on c."""
