@@ -60,10 +60,13 @@ def base_config() -> ml_collections.ConfigDict:
   # time embedding of each U-Net. 'label': the class label itself, in both (no encoder, no prior).
   c.model.condition = "embedding"
   # The key-frame encoder: 'learned' (trained jointly by the diffusion loss, Diffusion
-  # Autoencoders' semantic encoder) or 'frozen' (a registered fixed encoder, frozen_name; its
-  # width must equal embed_dim). Embeddings have norm √embed_dim.
+  # Autoencoders' semantic encoder), 'frozen' (a registered fixed encoder, frozen_name; its
+  # width must equal embed_dim) or 'clip' (the paper's: the CLIP image embedding of the key frame,
+  # from the Hugging Face CLIPModel directory clip_dir, computed once per dataset and stored beside
+  # it, see data/embeddings.py; embed_dim = its projection width). Embeddings have norm √embed_dim.
   c.model.encoder = ml_collections.ConfigDict(dict(
-      kind="learned", embed_dim=128, base_channels=64, channel_mult=(1, 2, 2, 4), frozen_name="pixels"))
+      kind="learned", embed_dim=128, base_channels=64, channel_mult=(1, 2, 2, 4), frozen_name="pixels",
+      clip_dir=""))
   # The prior: a diffusion model over c (residual MLP), conditioned on the class label or on
   # nothing (num_classes = 0); trained in the same run on the EMA encoder's embeddings.
   c.model.prior = ml_collections.ConfigDict(dict(
@@ -212,8 +215,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.encoder.embed_dim={m.encoder.embed_dim}: the frozen encoder "
                           f"{m.encoder.frozen_name!r} gives embeddings of width {width}; set "
                           f"--config.model.encoder.embed_dim={width}.")
+    elif m.encoder.kind == "clip":
+      _check_clip_encoder(m.encoder)
     elif m.encoder.kind != "learned":
-      raise ConfigError(f"config.model.encoder.kind={m.encoder.kind!r}: use 'learned' or 'frozen'.")
+      raise ConfigError(f"config.model.encoder.kind={m.encoder.kind!r}: use 'learned', 'frozen' or 'clip'.")
     if m.prior.schedule not in SCHEDULE_KINDS:
       raise ConfigError(f"config.model.prior.schedule={m.prior.schedule!r}: use one of {SCHEDULE_KINDS}.")
     if m.prior.width < 1 or m.prior.num_layers < 1:
@@ -294,3 +299,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 1 <= config.sample.num_steps <= config.diffusion.num_timesteps:
     raise ConfigError(f"config.sample.num_steps={config.sample.num_steps}: must lie in "
                       f"[1, {config.diffusion.num_timesteps}].")
+
+
+def _check_clip_encoder(e: ml_collections.ConfigDict) -> None:
+  """``model.encoder.kind='clip'``: a CLIP directory whose projection width is ``embed_dim``."""
+  import json
+  from pathlib import Path
+
+  if not e.get("clip_dir"):
+    raise ConfigError("config.model.encoder.kind='clip' needs --config.model.encoder.clip_dir=DIR, a local Hugging "
+                      "Face CLIPModel directory (config.json, model.safetensors, vocab.json, merges.txt).")
+  config_file = Path(e.clip_dir).expanduser() / "config.json"
+  if not config_file.is_file():
+    raise ConfigError(f"config.model.encoder.clip_dir={e.clip_dir!r}: {config_file} does not exist; give a local "
+                      "Hugging Face CLIPModel directory.")
+  width = json.loads(config_file.read_text()).get("projection_dim", 512)
+  if width != e.embed_dim:
+    raise ConfigError(f"config.model.encoder.embed_dim={e.embed_dim}: the CLIP in {e.clip_dir} gives embeddings of "
+                      f"width {width}; set --config.model.encoder.embed_dim={width}.")

@@ -18,7 +18,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, events and samples go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "train_and_sample", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "train_and_sample", "eval", "embed"],
+                          "What to run ('embed': store the CLIP frame embeddings of model.encoder.clip_dir "
+                          "beside the dataset, once, before a multi-host run; the workdir is not used).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Join the other processes of a multi-host run "
                                "(jax.distributed.initialize) before anything touches a device.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (implies --multihost); "
@@ -127,6 +129,19 @@ def _start_distributed() -> None:
           "--coordinator_address=HOST:PORT (process 0's host), --num_processes and --process_id on every host.")
 
 
+def _embed(config) -> None:
+  """``--mode=embed``: the CLIP frame embeddings of the training split, stored beside the dataset."""
+  from videofusion_jax.config import ConfigError, validate
+  from videofusion_jax.data import embeddings
+
+  validate(config)
+  if config.model.condition != "embedding" or config.model.encoder.kind != "clip":
+    raise ConfigError("--mode=embed stores CLIP frame embeddings: it needs --config.model.encoder.kind=clip and "
+                      "--config.model.encoder.clip_dir=DIR (with model.condition='embedding').")
+  split = config.data.get("split", "train")
+  print(f"CLIP frame embeddings: {embeddings.compute_table(config, split)}")
+
+
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)  # Orbax and TFDS log every file at INFO.
@@ -135,11 +150,18 @@ def main(argv) -> None:
   from videofusion_jax.data.builders import DatasetNotFoundError
   from videofusion_jax.data.pipeline import PipelineError
   from videofusion_jax.data.video_io import VideoReadError
+  from videofusion_jax.models.clip import CLIPLoadError
   from videofusion_jax.training.checkpoint import CheckpointError
   from videofusion_jax.training.loop import NonFiniteLossError, Preempted
   from videofusion_jax.training.workdir import WorkdirError, check_workdir
 
   config = _CONFIG.value
+  if _MODE.value == "embed":
+    try:
+      _embed(config)
+    except (ConfigError, DatasetNotFoundError, PipelineError, CLIPLoadError) as e:
+      _fail(str(e))
+    return
   try:
     check_workdir(_WORKDIR.value, must_exist=_MODE.value in ("sample", "eval"))
   except WorkdirError as e:
@@ -173,7 +195,7 @@ def main(argv) -> None:
           file=sys.stderr)
     sys.exit(130)
   except (ConfigError, DatasetNotFoundError, VideoReadError, CheckpointError, NonFiniteLossError,
-          PipelineError, FileNotFoundError, FloatingPointError, WorkdirError) as e:
+          PipelineError, FileNotFoundError, FloatingPointError, WorkdirError, CLIPLoadError) as e:
     _fail(str(e))
 
 

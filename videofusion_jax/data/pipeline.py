@@ -7,7 +7,9 @@ draws each clip's first frame from ``(seed, position)``. Resuming at batch ``k``
 rebuilds the same stream and skips ``k * B`` indices (integers, nothing is read or decoded).
 
 Only the frames of the clip are decoded (JPEG: only the centre square of them).
-Batches are dicts ``{'video': (B, N, S, S, 3) float32 in [-1, 1], 'label': (B,) int32}``.
+Batches are dicts ``{'video': (B, N, S, S, 3) float32 in [-1, 1], 'label': (B,) int32}``, and
+with ``model.encoder.kind='clip'`` ``'frame_embeddings': (B, N, D)``, the stored CLIP embeddings
+of the clip's frames (``data.embeddings``).
 This module and the builders are the only ones that import TensorFlow, and only when called.
 """
 from __future__ import annotations
@@ -121,9 +123,8 @@ def _reader(tf, source: _Source):
   return read
 
 
-def _clip(tf, example, first, num_frames: int, stride: int, size: int, jpeg: bool):
-  """Frames ``first, first + stride, ...`` of an example, centre square, resized: ``(N, S, S, 3)`` in [-1, 1]."""
-  encoded = tf.gather(example["video"], tf.cast(first, tf.int64) + tf.range(num_frames, dtype=tf.int64) * stride)
+def decode_frames(tf, encoded, size: int, jpeg: bool):
+  """Encoded frames ``(T,)`` -> their centre squares, area-resized: ``(T, S, S, 3)`` float32 in [-1, 1]."""
   shape = tf.io.extract_jpeg_shape(encoded[0]) if jpeg else tf.shape(tf.io.decode_png(encoded[0]))
   h, w = shape[0], shape[1]
   s = tf.minimum(h, w)
@@ -135,8 +136,14 @@ def _clip(tf, example, first, num_frames: int, stride: int, size: int, jpeg: boo
     return tf.image.crop_to_bounding_box(tf.io.decode_png(frame, channels=3), window[0], window[1], s, s)
 
   frames = tf.map_fn(decode, encoded, fn_output_signature=tf.TensorSpec((None, None, 3), tf.uint8))
-  clip = tf.image.resize(tf.cast(frames, tf.float32), (size, size), method="area", antialias=True)
-  clip = tf.clip_by_value(clip / 127.5 - 1.0, -1.0, 1.0)
+  frames = tf.image.resize(tf.cast(frames, tf.float32), (size, size), method="area", antialias=True)
+  return tf.clip_by_value(frames / 127.5 - 1.0, -1.0, 1.0)
+
+
+def _clip(tf, example, first, num_frames: int, stride: int, size: int, jpeg: bool):
+  """Frames ``first, first + stride, ...`` of an example, centre square, resized: ``(N, S, S, 3)`` in [-1, 1]."""
+  encoded = tf.gather(example["video"], tf.cast(first, tf.int64) + tf.range(num_frames, dtype=tf.int64) * stride)
+  clip = decode_frames(tf, encoded, size, jpeg)
   clip.set_shape((num_frames, size, size, 3))
   return {"video": clip, "label": tf.cast(example.get("label", 0), tf.int32)}
 
@@ -178,18 +185,36 @@ def train_iterator(config: ml_collections.ConfigDict, local_batch_size: int, see
   read = _reader(tf, source)
   jpeg = _is_jpeg(source.builder)
 
+  clip_table = None
+  if config.model.get("condition") == "embedding" and config.model.encoder.kind == "clip":
+    from videofusion_jax.data import embeddings
+    clip_table = embeddings.frame_table(config, source.split, process_count, verbose)
+
   def load(pos, index):
     example = read(index)
     length = tf.shape(example["video"], out_type=tf.int64)[0]
     # The clip's start depends on (seed, host, position) only, not on the order of arrival.
     first = tf.random.stateless_uniform([], seed=tf.stack([seed, pos * process_count + process_index]),
                                         maxval=tf.maximum(length - source.span, 0) + 1, dtype=tf.int64)
-    return _clip(tf, example, first, d.num_frames, d.frame_stride, d.image_size, jpeg)
+    clip = _clip(tf, example, first, d.num_frames, d.frame_stride, d.image_size, jpeg)
+    return {**clip, "record": index, "first": first} if clip_table else clip
 
   ds = tf.data.Dataset.zip((positions, indices)).map(load, num_parallel_calls=tf.data.AUTOTUNE,
                                                       deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return ds.as_numpy_iterator()
+  if clip_table is None:
+    return ds.as_numpy_iterator()
+  return _with_frame_embeddings(ds.as_numpy_iterator(), *clip_table, d.num_frames, d.frame_stride)
+
+
+def _with_frame_embeddings(batches, table, offsets, num_frames: int, stride: int) -> Iterator[dict]:
+  """Adds ``frame_embeddings`` ``(B, N, D)``: the stored CLIP embeddings of each clip's frames."""
+  from videofusion_jax.data.embeddings import clip_embeddings
+
+  for batch in batches:
+    batch["frame_embeddings"] = clip_embeddings(table, offsets, batch.pop("record"), batch.pop("first"),
+                                                num_frames, stride)
+    yield batch
 
 
 def eval_plan(num_clips: int, eligible: np.ndarray, lengths: np.ndarray, span: int,

@@ -99,9 +99,12 @@ def init_params(networks: dict[str, nn.Module], config: ml_collections.ConfigDic
 
 def make_encode_fn(networks: dict[str, nn.Module], config: ml_collections.ConfigDict):
   """``encode(params, key_frames (B, H, W, 3)) -> c (B, D)``: the learned encoder's output
-  (differentiable in ``params['encoder']``) or the frozen one's (stop-gradient)."""
+  (differentiable in ``params['encoder']``) or the frozen one's (stop-gradient); None for CLIP,
+  whose embeddings come with the batch."""
   if "encoder" in networks:
     return lambda params, x: networks["encoder"].apply({"params": params["encoder"]}, x)
+  if config.model.encoder.kind == "clip":
+    return None  # the batches carry the stored CLIP embeddings (data/embeddings.py)
   encode, _ = frozen_encoder(config.model.encoder.frozen_name, config.data.image_size)
   return lambda params, x: encode(x)
 

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from videofusion_jax import diffusion
 from videofusion_jax.experiment import Experiment
+from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import generator_names, make_apply_fns, make_prior_fn, make_video_fn
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.optimizer import trainable_networks
@@ -66,6 +67,18 @@ def draw_randomness(experiment: Experiment, rng: jax.Array, video_shape: tuple[i
   return draws, d_rng
 
 
+def key_frame_embeddings(params, experiment: Experiment, key_frames: jnp.ndarray, batch: dict, draws: dict):
+  """c ``(B, D)`` of the key frames ``(B, H, W, 3)``: the encoder's, or with ``model.encoder.kind='clip'``
+  the stored CLIP embedding of the same frame (``batch['frame_embeddings']`` ``(B, N, D)``: the key
+  frame's row, or in the image stage that of the frame trained on), scaled to norm √D."""
+  if experiment.encode is not None:
+    return experiment.encode(params, key_frames)
+  frames = batch["frame_embeddings"]
+  if experiment.config.train.stage == "image":
+    return to_sphere(frames[jnp.arange(frames.shape[0]), draws["frame"]])
+  return to_sphere(frames[:, diffusion.key_frame_index(frames.shape[1])])
+
+
 def prior_loss(params, ema_params, experiment: Experiment, key_frames, batch, draws: dict):
   """The prior's ε loss on the key frames' embeddings by the EMA encoder (stop-gradient): the
   embeddings that the EMA generators are paired with at generation time. Each embedding is
@@ -73,7 +86,8 @@ def prior_loss(params, ema_params, experiment: Experiment, key_frames, batch, dr
   is an MLP, so a larger effective batch costs little next to the U-Nets and lowers its gradient noise."""
   config, schedule = experiment.config, experiment.prior_schedule
   repeats = config.train.prior_repeats
-  target = jnp.repeat(jax.lax.stop_gradient(experiment.encode(ema_params, key_frames)), repeats, axis=0)
+  target = jnp.repeat(jax.lax.stop_gradient(key_frame_embeddings(ema_params, experiment, key_frames, batch, draws)),
+                      repeats, axis=0)
   flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731  (B, R, ...) -> (B·R, ...)
   labels = None
   if config.data.num_classes:
@@ -110,7 +124,7 @@ def loss_on_draws(params, experiment: Experiment, batch, draws: dict, dropout_rn
     key_frames = video[:, diffusion.key_frame_index(video.shape[1])]
   label, condition = None, None
   if config.model.condition == "embedding":
-    condition = _drop_condition(experiment.encode(params, key_frames), draws["drop"])
+    condition = _drop_condition(key_frame_embeddings(params, experiment, key_frames, batch, draws), draws["drop"])
   elif config.data.num_classes:
     label = _drop_labels(batch["label"], config, draws["drop"])
   if config.model.kind == "vdm":  # VDM*: one space-time network, ε loss on every frame (independent noise: λ = 0)

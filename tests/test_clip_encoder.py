@@ -1,0 +1,130 @@
+"""CLIP as the key-frame encoder (``model.encoder.kind='clip'``): every frame of the dataset embedded
+once and stored beside it (``data/embeddings.py``), the batches carrying each clip's frame
+embeddings, and the train step conditioning both generators and the prior on the key frame's."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_clip import write_checkpoint
+
+from videofusion_jax.models import clip as clip_lib
+from videofusion_jax.models.encoder import register_frozen_encoder, to_sphere
+
+WIDTH = 20  # the tiny CLIP's projection width (test_clip.SIZES)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("clip") / "tiny-clip"
+  write_checkpoint(directory)
+  return directory
+
+
+def clip_config(clip_dir, **overrides):
+  from conftest import tiny_config
+  return tiny_config(**{"model.encoder.kind": "clip", "model.encoder.clip_dir": str(clip_dir),
+                        "model.encoder.embed_dim": WIDTH, **overrides})
+
+
+def test_stored_frame_embeddings_are_clip_embeddings_of_the_pipelines_frames(clip_dir, tfds_dir, tmp_path):
+  from videofusion_jax.data import embeddings, pipeline
+
+  c = clip_config(clip_dir, **{"data.data_dir": tfds_dir})
+  batch = next(pipeline.train_iterator(c, 6, seed=0, verbose=False))
+  video, frames = batch["video"], batch["frame_embeddings"]
+  assert set(batch) == {"video", "label", "frame_embeddings"}
+  assert frames.shape == (6, c.data.num_frames, WIDTH) and frames.dtype == np.float32
+  # Independently: CLIP on this batch's own frames (the table was computed record by record).
+  clip = clip_lib.load(clip_dir)
+  flat = video.reshape((-1,) + video.shape[2:])
+  expected = np.asarray(clip.encode_image(clip.preprocess(embeddings.to_uint8(flat)))).reshape(frames.shape)
+  scale = np.abs(expected).max()
+  np.testing.assert_allclose(frames, expected, atol=2e-3 * scale)  # stored as float16
+  # Different frames have different embeddings, so a wrong row would be caught.
+  assert np.abs(frames[:, 0] - frames[:, 1]).max() > 0.05 * scale
+
+  # The table sits beside the dataset, with its metadata, and is computed once.
+  builder = pipeline.get_builder(c.data)
+  path = embeddings.table_path(builder, "train", str(clip_dir), c.data.image_size)
+  assert path.is_file() and path.parent.parent.parent == Path(builder.data_dir)
+  meta = json.loads(path.with_suffix(".json").read_text())
+  assert meta["embed_dim"] == WIDTH and sum(meta["lengths"]) == np.load(path, mmap_mode="r").shape[0]
+  mtime = path.stat().st_mtime_ns
+  table, offsets = embeddings.frame_table(c, "train", verbose=False)
+  assert path.stat().st_mtime_ns == mtime and offsets[0] == 0
+  assert not list(path.parent.glob("*.partial*"))
+
+  # A table that no longer fits the dataset, and a multi-host run without one, get one clear message.
+  with pytest.raises(pipeline.PipelineError, match="the dataset was rebuilt. Delete"):
+    np.save(path, np.zeros((3, WIDTH), np.float16))
+    embeddings.frame_table(c, "train", verbose=False)
+  path.unlink()
+  with pytest.raises(pipeline.PipelineError, match="--mode=embed"):
+    embeddings.frame_table(c, "train", process_count=2, verbose=False)
+
+
+@pytest.mark.parametrize("stage", ["video", "image"])
+def test_the_step_conditions_on_the_stored_embedding_of_the_key_frame(clip_dir, stage):
+  """The loss of the 'clip' kind, given stored frame embeddings, equals that of the frozen-encoder
+  slot whose encoder returns exactly the embedding of the frame the step trains on (the key frame;
+  in the image stage, the drawn frame): the generators' and the prior's terms alike. Every other
+  frame's row holds a different embedding, so reading a wrong row changes the loss."""
+  from videofusion_jax.experiment import Experiment
+  from videofusion_jax.training import sharding as shd
+  from videofusion_jax.training.step import draw_randomness, loss_fn
+
+  rng = np.random.default_rng(0)
+  b, n = 8, 4
+  wanted = jnp.asarray(rng.standard_normal((b, WIDTH)), jnp.float32)
+  register_frozen_encoder("test_fixed_rows", lambda size: ((lambda x: wanted), WIDTH))
+  overrides = {"train.stage": stage, "train.label_dropout": 0.3}
+  c_clip = clip_config(clip_dir, **overrides)
+  c_frozen = clip_config(clip_dir, **{**overrides, "model.encoder.kind": "frozen",
+                                      "model.encoder.frozen_name": "test_fixed_rows"})
+  devices = jax.devices()[:1]
+  e_clip = Experiment(c_clip, mesh=shd.make_mesh(c_clip, devices=devices))
+  e_frozen = Experiment(c_frozen, mesh=shd.make_mesh(c_frozen, devices=devices))
+  params = e_clip.init_state(0).params
+  assert jax.tree.structure(params) == jax.tree.structure(e_frozen.abstract_state().params)
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+  video = jnp.asarray(rng.uniform(-1, 1, (b, n, 8, 8, 3)), jnp.float32)
+  key = jax.random.PRNGKey(5)
+  draws, _ = draw_randomness(e_clip, key, video.shape)
+  row = draws["frame"] if stage == "image" else jnp.full((b,), n // 2)
+  others = jnp.asarray(rng.standard_normal((b, n, WIDTH)), jnp.float32)
+  frames = others.at[jnp.arange(b), row].set(wanted)
+  batch = {"video": video, "label": jnp.asarray(rng.integers(0, 3, b), jnp.int32)}
+
+  clip_loss = jax.jit(lambda p, f: loss_fn(p, e_clip, {**batch, "frame_embeddings": f}, key))
+  loss_clip, terms_clip = clip_loss(params, frames)
+  loss_frozen, terms_frozen = jax.jit(lambda p: loss_fn(p, e_frozen, batch, key))(params)
+  assert terms_clip["loss_prior"] > 0
+  for name in ("loss_generators", "loss_prior"):
+    np.testing.assert_allclose(terms_clip[name], terms_frozen[name], rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(loss_clip, loss_frozen, rtol=1e-5)
+  # Control: the same batch with another frame's row in place of the wanted one changes both terms.
+  moved = others.at[jnp.arange(b), (row + 1) % n].set(wanted)
+  _, terms_moved = clip_loss(params, moved)
+  for name in ("loss_generators", "loss_prior"):
+    assert abs(float(terms_moved[name]) - float(terms_frozen[name])) > 1e-4, name
+  # The stored embedding is scaled to the sphere of radius √D, as every encoder's output.
+  np.testing.assert_allclose(np.linalg.norm(to_sphere(wanted), axis=1), np.sqrt(WIDTH), rtol=1e-5)
+
+
+def test_clip_encoder_config_errors(clip_dir, tmp_path):
+  from videofusion_jax.config import ConfigError, validate
+
+  with pytest.raises(ConfigError, match="needs --config.model.encoder.clip_dir=DIR"):
+    validate(clip_config(""))
+  with pytest.raises(ConfigError, match="does not exist"):
+    validate(clip_config(tmp_path / "missing"))
+  with pytest.raises(ConfigError, match="gives embeddings of width 20; set --config.model.encoder.embed_dim=20"):
+    validate(clip_config(clip_dir, **{"model.encoder.embed_dim": 64}))
