@@ -191,7 +191,11 @@ def bench_sample(trainer, counter, params) -> dict:
   generate = sampling.make_generate_fn(trainer)
   rows = np.arange(b)
   anchor = jnp.zeros((b, c.data.image_size, c.data.image_size, 3), jnp.float32)
-  args = (labels, None, anchor, jnp.float32(0))
+  text = None
+  if sampling.text_prior(c):
+    text = jnp.zeros((b, c.model.encoder.embed_dim), jnp.float32)
+    labels = None
+  args = (labels, text, None, anchor, jnp.float32(0))
   keys = sampling.row_keys(0, rows, rows)
   compiled, cold, warm = compile_cold_and_warm(generate, params, keys, *args)
   jax.block_until_ready(compiled(params, keys, *args))

@@ -4,10 +4,13 @@ python -m videofusion_jax.main --config=configs/demo.py --workdir=workdirs/demo
 
 As the paper: λ = 0.5, both generators conditioned on the learned key-frame embedding c, and a
 prior that samples c from the clip id. ``configs/demo.py:unconditional``: the prior samples c
-from nothing (the clip id is not used at all); ``configs/demo.py:vdm``: VDM*, the baseline.
+from nothing (the clip id is not used at all); ``configs/demo.py:vdm``: VDM*, the baseline;
+``configs/demo.py:text``: text-to-video, the prior on captions written for the clips.
 Beyond the paper, the residual generator reads the clean key frame (``model.key_frame_clean``);
 the other departures are the CPU's (README).
 """
+from pathlib import Path
+
 from videofusion_jax.config import base_config, unet_config
 
 
@@ -41,7 +44,15 @@ def get_config(variant: str = ""):
     # frame, independent noise; the same embedding, prior and training budget.
     c.model.update(kind="vdm", key_frame_input=False, key_frame_clean=False)
     c.diffusion.lam = 0.0
+  elif variant == "text":
+    # Text-to-video: both generators on the CLIP image embedding of the key frame, the prior on the
+    # caption's CLIP text embedding (the captions written for the clips in the repository, six each).
+    # Without --config.model.encoder.clip_dir, the project's own small CLIP (initialised, not trained).
+    c.data.num_classes = 0  # the clip id is not used: only the captions
+    c.model.encoder.update(kind="clip", clip_dir="")
+    c.model.prior.condition = "text"
+    c.sample.prompts_file = str(Path(__file__).resolve().parent / "demo_prompts.txt")
   elif variant:
-    raise ValueError(f"unknown demo variant {variant!r}; use configs/demo.py, configs/demo.py:unconditional "
-                     "or configs/demo.py:vdm.")
+    raise ValueError(f"unknown demo variant {variant!r}; use configs/demo.py, configs/demo.py:unconditional, "
+                     "configs/demo.py:vdm or configs/demo.py:text.")
   return c

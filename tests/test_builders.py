@@ -270,3 +270,57 @@ def test_unconditional_configs_train_and_sample_through_the_prior(built, tmp_pat
     assert npz["videos"].shape == (3, 4, 8, 8, 3) and np.all(np.abs(npz["videos"]) <= 1.0)
     assert npz["labels"].size == 0 and npz["embeddings"].shape == (3, c.model.encoder.embed_dim)
     assert np.all(np.isfinite(npz["embeddings"]))
+
+
+def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_path):
+  """configs/webvid.py with the tiny model and a tiny CLIP in Hugging Face's layout (test_clip):
+  the fabricated WebVid's frames and captions are embedded once beside the dataset, the prior
+  trains on the captions' text embeddings, and sampling from prompts writes each prompt into the
+  video's sidecar and samples.npz."""
+  import json
+
+  import webvid
+  from test_clip import write_checkpoint
+
+  from videofusion_jax import sampling
+  from videofusion_jax.data import embeddings
+  from videofusion_jax.models import clip as clip_lib
+  from videofusion_jax.training.loop import train
+  from videofusion_jax.training.step import Trainer
+
+  builder, layout, data_dir = built("webvid")
+  clip_dir = tmp_path / "clip"
+  write_checkpoint(clip_dir)
+  tiny = tiny_config()
+  c = webvid.get_config()
+  assert c.model.encoder.kind == "clip" and c.model.prior.condition == "text" and c.data.num_frames == 16
+  c.data.update(data_dir=data_dir, image_size=8, num_frames=4)
+  c.model.base, c.model.residual = tiny.model.base, tiny.model.residual
+  c.model.encoder.update(clip_dir=str(clip_dir), embed_dim=20)
+  c.model.prior.update(width=32, num_layers=2)
+  c.train, c.sample = tiny.train, tiny.sample
+  c.train.num_steps = 2
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a sunset over the sea\n\nan aerial view of a city at night\n")
+  c.sample.update(prompts_file=str(prompts), prior_guidance_scale=2.0, guidance_scale=2.0)
+  trainer = Trainer(c)
+  assert trainer.networks["prior"].text_dim == 20 and trainer.networks["prior"].num_classes == 0
+  state = train(c, tmp_path / "run", trainer=trainer, verbose=False)
+  assert int(state.step) == 2 and "text_embed" in state.params["prior"]
+
+  # The caption table holds each training record's caption, embedded by CLIP's text tower.
+  path = embeddings.table_path(builder, "train", clip_dir, 8, kind="captions")
+  meta = json.loads(path.with_suffix(".json").read_text())
+  assert meta["captions"] == [e.caption for e in layout.examples["train"]] and meta["counts"] == [1] * 3
+  clip = clip_lib.load(clip_dir)
+  np.testing.assert_allclose(np.load(path), clip.encode_text(clip.tokenize(meta["captions"])), atol=2e-3)
+
+  sampling.run(c, str(tmp_path / "run"), experiment=trainer)
+  out = tmp_path / "run" / "samples" / "step_2"
+  expected = ["a sunset over the sea", "an aerial view of a city at night", "a sunset over the sea"]
+  assert [json.loads((out / f"sample_{i:03d}.json").read_text())["prompt"] for i in range(3)] == expected
+  npz = np.load(out / "samples.npz")
+  assert npz["prompts"].tolist() == expected and npz["videos"].shape == (3, 4, 8, 8, 3)
+  # The same prompt and content index give the same c; the other prompt another one.
+  e = npz["embeddings"]
+  assert np.all(np.isfinite(e)) and np.abs(e[0] - e[1]).max() > 1e-3

@@ -67,10 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.encoder = ml_collections.ConfigDict(dict(
       kind="learned", embed_dim=128, base_channels=64, channel_mult=(1, 2, 2, 4), frozen_name="pixels",
       clip_dir=""))
-  # The prior: a diffusion model over c (residual MLP), conditioned on the class label or on
-  # nothing (num_classes = 0); trained in the same run on the EMA encoder's embeddings.
+  # The prior: a diffusion model over c (residual MLP), conditioned ('label') on the class label
+  # or on nothing (num_classes = 0), or ('text') on the caption's CLIP text embedding (encoder.kind
+  # 'clip'; prompts at generation); trained in the same run on the EMA encoder's embeddings.
   c.model.prior = ml_collections.ConfigDict(dict(
-      width=512, num_layers=4, schedule="cosine", num_timesteps=1000))
+      width=512, num_layers=4, schedule="cosine", num_timesteps=1000, condition="label"))
   # Beyond the paper: the residual generator also reads the base generator's current estimate of
   # the clean key frame (stop-gradient), so that each frame is denoised as a change of it.
   c.model.key_frame_input = False
@@ -104,7 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
       guidance_scale=1.0, fps=8, upscale=4, num_real_clips=192,
       # model.condition='embedding': the prior's DDIM sampler, its guidance on the label, and
       # embeddings: a .npy of given c, (num_samples, embed_dim) or (embed_dim,), instead of the prior.
-      prior_num_steps=64, prior_eta=1.0, prior_guidance_scale=1.0, embeddings=""))
+      prior_num_steps=64, prior_eta=1.0, prior_guidance_scale=1.0, embeddings="",
+      # model.prior.condition='text': the prompt, or a file of prompts (one a line); the samples take
+      # them in turn. prior_guidance_scale then guides the prior on the text.
+      prompt="", prompts_file=""))
   # Long videos and control (--mode=sample). num_clips: clips per video, sharing b_T and c (the
   # paper's long videos), each with fresh residual noise; continuity_frames: beyond the paper, the
   # first m frames of each later clip are pulled toward the last frame of the clip before (0: off;
@@ -219,6 +223,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _check_clip_encoder(m.encoder)
     elif m.encoder.kind != "learned":
       raise ConfigError(f"config.model.encoder.kind={m.encoder.kind!r}: use 'learned', 'frozen' or 'clip'.")
+    if m.prior.condition not in ("label", "text"):
+      raise ConfigError(f"config.model.prior.condition={m.prior.condition!r}: use 'label' (the class label, or "
+                        "nothing when data.num_classes = 0) or 'text' (the caption's CLIP text embedding).")
+    if m.prior.condition == "text" and m.encoder.kind != "clip":
+      raise ConfigError("config.model.prior.condition='text' maps CLIP text embeddings to CLIP image embeddings: "
+                        f"set --config.model.encoder.kind=clip (it is {m.encoder.kind!r}).")
     if m.prior.schedule not in SCHEDULE_KINDS:
       raise ConfigError(f"config.model.prior.schedule={m.prior.schedule!r}: use one of {SCHEDULE_KINDS}.")
     if m.prior.width < 1 or m.prior.num_layers < 1:
@@ -276,6 +286,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= s.continuity_frames <= key:
     raise ConfigError(f"config.sample.continuity_frames={s.continuity_frames}: must lie in [0, {key}] (the frames "
                       f"before the key frame {key}, which the clips of a long video share; 0 = off).")
+  if (s.prompt or s.prompts_file) and not (m.condition == "embedding" and m.prior.condition == "text"):
+    raise ConfigError("config.sample.prompt / prompts_file: this model does not generate from text (its prior is "
+                      "not on text: model.prior.condition='text' with model.encoder.kind='clip' is).")
+  if s.prompt and s.prompts_file:
+    raise ConfigError("config.sample.prompt and config.sample.prompts_file are both set: give one of them.")
   if s.control not in ("", "content", "motion"):
     raise ConfigError(f"config.sample.control={s.control!r}: use '' (new videos), 'content' (one content, a "
                       "motion per video) or 'motion' (one motion, a content per video).")
@@ -302,13 +317,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_clip_encoder(e: ml_collections.ConfigDict) -> None:
-  """``model.encoder.kind='clip'``: a CLIP directory whose projection width is ``embed_dim``."""
+  """``model.encoder.kind='clip'``: a CLIP directory whose projection width is ``embed_dim`` (none: the
+  project's own small CLIP)."""
   import json
   from pathlib import Path
 
   if not e.get("clip_dir"):
-    raise ConfigError("config.model.encoder.kind='clip' needs --config.model.encoder.clip_dir=DIR, a local Hugging "
-                      "Face CLIPModel directory (config.json, model.safetensors, vocab.json, merges.txt).")
+    return  # the project's own small CLIP, made at embed_dim (data/embeddings.py)
   config_file = Path(e.clip_dir).expanduser() / "config.json"
   if not config_file.is_file():
     raise ConfigError(f"config.model.encoder.clip_dir={e.clip_dir!r}: {config_file} does not exist; give a local "

@@ -35,17 +35,67 @@ def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | N
   return np.full((num,), config.sample.label, np.int32)
 
 
+def text_prior(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model generates from text (its prior maps a caption's CLIP text embedding to c)."""
+  return config.model.condition == "embedding" and config.model.prior.condition == "text"
+
+
+def sample_prompts(config: ml_collections.ConfigDict, num: int) -> list[str] | None:
+  """The prompts of ``num`` samples, taken in turn from ``sample.prompt`` or ``sample.prompts_file``
+  (one a line); None unless the prior is on text."""
+  if not text_prior(config):
+    return None
+  s = config.sample
+  if s.prompts_file:
+    try:
+      lines = Path(s.prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f"config.sample.prompts_file={s.prompts_file!r}: cannot read it ({e}).") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+      raise ConfigError(f"config.sample.prompts_file={s.prompts_file!r} holds no prompt (give one a line).")
+  elif s.prompt.strip():
+    prompts = [s.prompt.strip()]
+  else:
+    raise ConfigError("this model generates from text: give --config.sample.prompt='a rabbit in a meadow' or "
+                      "--config.sample.prompts_file=FILE (one prompt a line).")
+  return [prompts[i % len(prompts)] for i in range(num)]
+
+
+def prompt_embeddings(config: ml_collections.ConfigDict, prompts: list[str], verbose: bool = True) -> np.ndarray:
+  """CLIP text embeddings of ``prompts`` on the sphere of radius √D, ``(len(prompts), D)`` float32:
+  what the prior on text was trained with (the caption tables of ``data.embeddings``)."""
+  from videofusion_jax.data.embeddings import load_clip
+
+  clip = load_clip(config, verbose)
+  unique = sorted(set(prompts))
+  ids = clip.tokenize(unique)
+  long = [p for p, row in zip(unique, ids) if row[-1] not in (clip.tokenizer.pad_id, clip.tokenizer.eos_id)]
+  if long and verbose:
+    print(f"note: {len(long)} prompt(s) are longer than CLIP's {clip.config.context_length} tokens and were cut "
+          f"(the first: {long[0][:60]!r}).", flush=True)
+  table = np.asarray(to_sphere(clip.encode_text(ids)))
+  return table[[unique.index(p) for p in prompts]]
+
+
 def guided(config: ml_collections.ConfigDict) -> bool:
   """Whether sampling mixes conditional and null estimates (a conditioned model, s ≠ 1)."""
   conditioned = config.model.condition == "embedding" or bool(config.data.num_classes)
   return conditioned and config.sample.guidance_scale != 1.0
 
 
-def prior_eps_fn(experiment: Experiment, params, labels: jnp.ndarray | None) -> Callable:
-  """The prior's estimate ``eps_fn(z (B, D), t (B,))`` for ``labels`` ``(B,)`` (None: a prior on
-  nothing), guided by ``sample.prior_guidance_scale`` on the label (doubled batch)."""
+def prior_eps_fn(experiment: Experiment, params, labels: jnp.ndarray | None,
+                 text: jnp.ndarray | None = None) -> Callable:
+  """The prior's estimate ``eps_fn(z (B, D), t (B,))`` for ``labels`` ``(B,)`` or text embeddings
+  ``text`` ``(B, D)`` (both None: a prior on nothing), guided by ``sample.prior_guidance_scale`` on
+  the label or the text (doubled batch: the null label, or the null text, zeros)."""
   c = experiment.config
   s, n = c.sample, c.data.num_classes
+  if text is not None:
+    if s.prior_guidance_scale == 1.0:
+      return make_prior_fn(experiment.networks, params, None, text)
+    doubled = make_prior_fn(experiment.networks, params, None, jnp.concatenate([text, jnp.zeros_like(text)]))
+    return functools.partial(diffusion.guided_eps, doubled, scale=s.prior_guidance_scale)
   if not (n and s.prior_guidance_scale != 1.0):
     return make_prior_fn(experiment.networks, params, labels)
   doubled = make_prior_fn(experiment.networks, params, jnp.concatenate([labels, jnp.full_like(labels, n)]))
@@ -53,12 +103,12 @@ def prior_eps_fn(experiment: Experiment, params, labels: jnp.ndarray | None) -> 
 
 
 def sample_condition(experiment: Experiment, params, rng: jax.Array, labels: jnp.ndarray | None,
-                     batch: int) -> jnp.ndarray:
-  """The prior's embeddings ``(batch, D)`` for ``labels`` ``(batch,)`` (``prior_eps_fn``), put on
-  the sphere of radius √D where every encoder's embeddings lie. ``rng``: one key for the batch, or a
-  key per row ``(batch, 2)`` (``row_keys``)."""
+                     batch: int, text: jnp.ndarray | None = None) -> jnp.ndarray:
+  """The prior's embeddings ``(batch, D)`` for ``labels`` ``(batch,)`` or ``text`` ``(batch, D)``
+  (``prior_eps_fn``), put on the sphere of radius √D where every encoder's embeddings lie. ``rng``:
+  one key for the batch, or a key per row ``(batch, 2)`` (``row_keys``)."""
   c = experiment.config
-  eps_fn = prior_eps_fn(experiment, params, labels)
+  eps_fn = prior_eps_fn(experiment, params, labels, text)
   rows = (rng, None) if jnp.ndim(rng) == 2 else None
   return to_sphere(diffusion.sample_embeddings(eps_fn, None if rows else rng, (batch, c.model.encoder.embed_dim),
                                                experiment.prior_schedule, num_steps=c.sample.prior_num_steps,
@@ -123,14 +173,16 @@ def clip_motion_indices(motion: np.ndarray, num_clips: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def make_generate_fn(experiment: Experiment):
-  """``generate(params, keys, labels (B,) or None, condition (B, D) or None, anchor (B, H, W, C),
-  anchor_on ()) -> (videos (B, N, H, W, C), condition)``, jitted once per experiment (and once more
-  for given conditions). ``keys``: ``row_keys``; every random value of a row comes from its keys.
+  """``generate(params, keys, labels (B,) or None, text (B, D) or None, condition (B, D) or None,
+  anchor (B, H, W, C), anchor_on ()) -> (videos (B, N, H, W, C), condition)``, jitted once per
+  experiment (and once more for given conditions). ``keys``: ``row_keys``; every random value of a
+  row comes from its keys.
 
   With ``model.condition='embedding'`` and no given ``condition``, the prior samples it from the
-  labels (or from nothing); both generators get it. With guidance (``sample.guidance_scale`` ≠ 1)
-  each network takes the ``2B`` batch of ``diffusion.guided_decomposed_eps``: the condition (labels
-  or c), then the null condition (the null label ``num_classes``, or zeros). VDM* (``model.kind =
+  labels, from the prompts' text embeddings ``text``, or from nothing; both generators get it. With
+  guidance (``sample.guidance_scale`` ≠ 1) each network takes the ``2B`` batch of
+  ``diffusion.guided_decomposed_eps``: the condition (labels or c), then the null condition (the
+  null label ``num_classes``, or zeros). VDM* (``model.kind =
   'vdm'``) runs the same chain on its space-time network's estimate. With
   ``sample.continuity_frames`` = m > 0, the first m frames are pulled toward ``anchor`` (the last
   frame of the clip before) by ``anchor_on`` (0 or 1) times ``diffusion.anchor_weights``.
@@ -140,11 +192,11 @@ def make_generate_fn(experiment: Experiment):
   shape_tail = (c.data.num_frames, c.data.image_size, c.data.image_size, 3)
   weights = diffusion.anchor_weights(c.data.num_frames, s.continuity_frames, chain_steps(c))
 
-  def generate(params, keys, labels, condition, anchor, anchor_on):
+  def generate(params, keys, labels, text, condition, anchor, anchor_on):
     base_keys, residual_keys, prior_keys = keys
     batch = base_keys.shape[0]
     if c.model.condition == "embedding" and condition is None:
-      condition = sample_condition(experiment, params, prior_keys, labels, batch)
+      condition = sample_condition(experiment, params, prior_keys, labels, batch, text)
     net_labels, net_condition = network_conditions(c, labels, condition)
     chain = functools.partial(diffusion.sample_chain, rng=None, shape=(batch,) + shape_tail,
                               lambdas=experiment.lambdas, schedule=experiment.schedule, method=s.method,
@@ -174,11 +226,13 @@ def make_generate_fn(experiment: Experiment):
 def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, motion: np.ndarray,
                 labels: np.ndarray | None, condition: np.ndarray | None = None,
                 anchor: np.ndarray | None = None,
-                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                progress: Callable[[int], None] | None = None,
+                text: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
   """Videos in [-1, 1] for rows of ``content`` and ``motion`` indices (``row_keys``), in batches of
   ``sample.batch_size`` (the last one padded), gathered from every host: ``(R, N, H, W, C)`` and the
   embeddings used ``(R, D)`` (None for the label condition). ``labels`` ``(R,)``; ``condition``
-  ``(R, D)``: given embeddings instead of the prior's; ``anchor`` ``(R, H, W, C)``: the frame each
+  ``(R, D)``: given embeddings instead of the prior's; ``text`` ``(R, D)``: the prompts' text
+  embeddings, for a prior on text (``prompt_embeddings``); ``anchor`` ``(R, H, W, C)``: the frame each
   row's first frames are pulled toward (``sample.continuity_frames``). ``progress(rows done)`` after
   each batch."""
   c = experiment.config
@@ -198,8 +252,9 @@ def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
     keys = tuple(put(k, np.uint32) for k in row_keys(seed, content[take], motion[take]))
     lab = None if labels is None else put(np.asarray(labels)[take], np.int32)
     cond = None if condition is None else put(condition[take], np.float32)
+    txt = None if text is None else put(np.asarray(text)[take], np.float32)
     anc = put(np.zeros((batch,) + frame) if anchor is None else anchor[take], np.float32)
-    videos, used = gen(params, keys, lab, cond, anc, put(float(anchor is not None), np.float32))
+    videos, used = gen(params, keys, lab, txt, cond, anc, put(float(anchor is not None), np.float32))
     if jax.process_count() > 1:  # the batch lies on every host's devices: gather it everywhere
       videos, used = multihost_utils.process_allgather((videos, used), tiled=True)
     n = min(batch, rows - start)
@@ -212,22 +267,23 @@ def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
 
 
 def generate_videos(experiment: Experiment, params, num: int, seed: int, labels: np.ndarray | None,
-                    condition: np.ndarray | None = None, with_condition: bool = False, first: int = 0):
+                    condition: np.ndarray | None = None, with_condition: bool = False, first: int = 0,
+                    text: np.ndarray | None = None):
   """Videos ``first`` .. ``first + num - 1`` of ``seed`` in [-1, 1], ``(num, N, H, W, C)``: each from
   its own content and motion index (``row_keys``), so the same whatever the batch size or devices.
 
   ``condition`` ``(num, D)``: given key-frame embeddings instead of the prior's (``model.condition
   ='embedding'``). With ``with_condition`` also returns the embeddings used, ``(num, D)`` (None for
-  the label condition)."""
+  the label condition). ``text`` ``(num, D)``: the prompts' embeddings, for a prior on text."""
   index = np.arange(first, first + num)
-  videos, used = draw_videos(experiment, params, seed, index, index, labels, condition)
+  videos, used = draw_videos(experiment, params, seed, index, index, labels, condition, text=text)
   return (videos, used) if with_condition else videos
 
 
 def long_videos(experiment: Experiment, params, seed: int, content: np.ndarray, motion: np.ndarray,
                 labels: np.ndarray | None, condition: np.ndarray | None = None,
                 progress: Callable[[int], None] | None = None,
-                anchored: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                anchored: bool = True, text: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
   """Videos of ``sample.num_clips`` consecutive clips, ``(R, num_clips x N, H, W, C)``: the clips of a
   row share its content index (``b_T`` and ``c``: the paper's long videos), clip ``j`` draws fresh
   residual noise (motion index ``motion x num_clips + j``). With ``sample.continuity_frames`` each
@@ -241,7 +297,7 @@ def long_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
   for j, clip_motion in enumerate(clip_motion_indices(motion, s.num_clips).T):
     done = None if progress is None else (lambda rows, j=j: progress(j * len(content) + rows))
     clip, used = draw_videos(experiment, params, seed, content, clip_motion, labels, condition,
-                             anchor if pull else None, done)
+                             anchor if pull else None, done, text)
     clips.append(clip)
     anchor = clip[:, -1]
   return np.concatenate(clips, axis=1), used
@@ -295,15 +351,16 @@ class Progress:
 
 
 def generated_videos(experiment: Experiment, params, num: int, seed: int, labels: np.ndarray | None,
-                     consume: Callable[[np.ndarray], None]) -> None:
+                     consume: Callable[[np.ndarray], None], text: np.ndarray | None = None) -> None:
   """Draws videos 0 .. ``num - 1`` of ``seed`` in ``config.sample.batch_size`` batches and hands each
-  batch, ``(B, N, S, S, 3)`` in [-1, 1], to ``consume``."""
+  batch, ``(B, N, S, S, 3)`` in [-1, 1], to ``consume``. ``text`` ``(num, D)``: for a prior on text."""
   batch = experiment.config.sample.batch_size
   progress = Progress("generated videos", num, quiet=jax.process_index() > 0)
   for start in range(0, num, batch):
     size = min(batch, num - start)
     lab = None if labels is None else labels[start:start + size]
-    consume(generate_videos(experiment, params, size, seed, lab, first=start))
+    txt = None if text is None else text[start:start + size]
+    consume(generate_videos(experiment, params, size, seed, lab, first=start, text=txt))
     progress(start + size)
 
 
@@ -373,7 +430,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     labels = labels[content]
   if given is not None:
     given = given[content]
+  prompts = text = None
+  if given is None and text_prior(config):
+    prompts = [sample_prompts(config, s.num_samples)[i] for i in content]
+    text = prompt_embeddings(config, prompts, verbose=jax.process_index() == 0)
+    labels = _demo_prompt_labels(config, prompts, text)
   source = {"label": "", "embedding": " through the prior"}[config.model.condition]
+  if prompts is not None:
+    source += f" from {len(set(prompts))} prompt(s)"
   if given is not None:
     source = f" from the embeddings in {s.embeddings}"
   n_frames = s.num_clips * config.data.num_frames
@@ -385,7 +449,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   t0 = time.time()
   unit = "videos" if s.num_clips == 1 else "clips"
   progress = Progress(unit, s.num_samples * s.num_clips, unit=unit, quiet=jax.process_index() > 0)
-  videos, used = long_videos(experiment, state.ema_params, s.seed, content, motion, labels, given, progress)
+  videos, used = long_videos(experiment, state.ema_params, s.seed, content, motion, labels, given, progress,
+                             text=text)
   print(f"sampled {s.num_samples} videos in {time.time() - t0:.0f} s (compile included)", flush=True)
   suffix = (f"_{s.control}" if s.control else "") + (f"_{s.num_clips}clips" if s.num_clips > 1 else "")
   out_dir = Path(workdir) / "samples" / f"step_{step}{suffix}"
@@ -393,6 +458,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
              "frames": int(n_frames), "control": s.control, "dir": str(out_dir)}
   clip_frames = config.data.num_frames
   results.update(_demo_figures(config, videos[:, :clip_frames], labels))
+  if prompts is not None and "per_sample" in results:
+    acc = np.asarray(results["per_sample"]["all_frame_accuracy"])
+    results["per_prompt"] = {p: {"all_frame_accuracy": float(acc[[q == p for q in prompts]].mean()),
+                                 "clip": int(labels[prompts.index(p)])} for p in dict.fromkeys(prompts)}
   if s.num_clips > 1:
     from videofusion_jax.evaluation.demo_metrics import boundary_jump
     results["boundary_jump"] = boundary_jump(videos, clip_frames)
@@ -400,13 +469,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     common = {"config": config_name or config.data.name, "checkpoint_step": step, "seed": int(s.seed),
               **sampler_settings(config), "frames": int(n_frames), "clips": int(s.num_clips),
               "clip_frames": int(clip_frames), "continuity_frames": int(s.continuity_frames), "fps": int(s.fps),
-              "control": s.control, "prompt": None}
+              "control": s.control}
     names, sidecars = [], []
     per_clip = clip_motion_indices(motion, s.num_clips)
     for i in range(s.num_samples):
       label = None if labels is None else int(labels[i])
       names.append(f"sample_{i:03d}" + ("" if label is None else f"_label{label}"))
-      sidecars.append({**common, "index": i, "label": label, "content_index": int(content[i]),
+      sidecars.append({**common, "index": i, "label": label, "prompt": None if prompts is None else prompts[i],
+                       "content_index": int(content[i]),
                        "motion_index": int(motion[i]),
                        "clip_motion_indices": per_clip[i].tolist(),
                        "embedding": "given" if given is not None else
@@ -414,7 +484,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     kinds = write_videos(out_dir, video_io.to_uint8(videos), names, sidecars, s.fps, s.upscale)
     np.savez_compressed(out_dir / "samples.npz", videos=videos,
                         labels=labels if labels is not None else np.zeros(0),
-                        embeddings=used if used is not None else np.zeros(0))
+                        embeddings=used if used is not None else np.zeros(0),
+                        prompts=np.asarray(prompts if prompts is not None else [], dtype=str))
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {s.num_samples} videos ({', '.join(kinds)}) and samples.npz to {out_dir}")
   if "all_frame_accuracy" in results:
@@ -427,6 +498,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
           f"{results['motion_ratio']:.2f} = {results['motion_generated']:.3f} / {results['motion_real']:.3f}; "
           f"distance to the key frame: {results['key_distance_ratio']:.2f} = "
           f"{results['key_distance_generated']:.3f} / {results['key_distance_real']:.3f}")
+  for prompt, figures in results.get("per_prompt", {}).items():
+    print(f"  prompt {prompt!r} (clip {figures['clip']}): all-frame accuracy "
+          f"{100 * figures['all_frame_accuracy']:.0f}%")
   if "copy_distance_generated" in results:
     print(f"copy distance (mean |sample - nearest real clip|; 0 = a copy): {results['copy_distance_generated']:.3f}, "
           f"against {results['copy_distance_real']:.3f} between a real clip and its nearest other real clip")
@@ -436,6 +510,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
           + (f" with continuity_frames={s.continuity_frames}" if s.continuity_frames else ""))
   print(json.dumps({k: v for k, v in results.items() if k != "per_sample"}))
   return results
+
+
+def _demo_prompt_labels(config, prompts: list[str], text: np.ndarray) -> np.ndarray | None:
+  """The demo clip each prompt describes, for the all-frame accuracy: the clip of the repository's
+  caption it equals, else of the caption nearest to it in CLIP's text space. None off the demo."""
+  if config.data.name != "demo_clips":
+    return None
+  from videofusion_jax.data.builders.demo_clips import CAPTIONS
+
+  captions = [(label, c) for label, caps in enumerate(CAPTIONS.values()) for c in caps]
+  caption_text = prompt_embeddings(config, [c for _, c in captions], verbose=False)
+  nearest = np.argmax(text @ caption_text.T, axis=1)
+  return np.array([next((lab for lab, c in captions if c == p), captions[j][0]) for p, j in zip(prompts, nearest)],
+                  np.int32)
 
 
 def _demo_figures(config, videos, labels) -> dict:

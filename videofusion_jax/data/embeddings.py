@@ -12,9 +12,17 @@ Layout, in the TFDS dataset's own folder::
                                                  record r's frame i is row offsets[r] + i
     clip_embeddings/<fingerprint>/<split>.json   the CLIP directory, D, the frame size, frame counts
 
+    clip_embeddings/<fingerprint>/<split>.captions.npy   (captions, D) float16: CLIP text embeddings
+    clip_embeddings/<fingerprint>/<split>.captions.json  the captions, and each record's first and count
+
 The fingerprint hashes the CLIP directory's config and weight files (names and sizes) and the
 frame size, so another CLIP or size gets its own table. A table is written under a temporary
 name and renamed when complete: an interrupted run leaves no partial table behind.
+
+Captions come from the dataset's ``caption`` feature (WebVid) or, for the demo clips, from the
+captions written for them in the repository (several per clip). Without ``model.encoder.clip_dir``
+the project's own small CLIP is used (``models.clip.project_clip``: initialised, not trained, its
+vocabulary learned from the captions), saved once beside the dataset as ``project_clip_d<D>/``.
 """
 from __future__ import annotations
 
@@ -42,8 +50,62 @@ def fingerprint(clip_dir: str | Path, image_size: int) -> str:
   return h.hexdigest()[:12]
 
 
-def table_path(builder, split: str, clip_dir: str, image_size: int) -> Path:
-  return Path(builder.data_dir) / "clip_embeddings" / fingerprint(clip_dir, image_size) / f"{split}.npy"
+def table_path(builder, split: str, clip_dir: str | Path, image_size: int, kind: str = "frames") -> Path:
+  """Where the frame (``kind='frames'``) or caption (``'captions'``) embeddings of ``split`` go."""
+  name = f"{split}.npy" if kind == "frames" else f"{split}.captions.npy"
+  return Path(builder.data_dir) / "clip_embeddings" / fingerprint(clip_dir, image_size) / name
+
+
+def record_captions(config: ml_collections.ConfigDict, split: str) -> list[tuple[str, ...]]:
+  """Each record's captions, in record order: the dataset's ``caption`` feature, or the repository's
+  captions of the demo clips."""
+  source = pipeline._source(config, split, verbose=False)
+  features = source.builder.info.features
+  tf = pipeline._tf()
+  read = pipeline._reader(tf, source)
+  records = tf.data.Dataset.range(len(source.lengths))
+  if "caption" in features:
+    return [(c.decode("utf-8"),) for c in records.map(lambda i: read(i)["caption"]).as_numpy_iterator()]
+  if config.data.name == "demo_clips":
+    from videofusion_jax.data.builders.demo_clips import CAPTIONS, CLASS_NAMES
+    return [CAPTIONS[CLASS_NAMES[int(label)]] for label in records.map(lambda i: read(i)["label"]).as_numpy_iterator()]
+  raise pipeline.PipelineError(f"{source.builder.info.full_name} has no captions, so a prior on text "
+                               "(model.prior.condition='text') has nothing to learn from; use a captioned dataset "
+                               "(webvid, or demo_clips with the repository's captions), or model.prior.condition="
+                               "'label'.")
+
+
+def resolve_clip_dir(config: ml_collections.ConfigDict, verbose: bool = True) -> Path:
+  """``model.encoder.clip_dir``, or the project's own CLIP beside the training dataset (made once)."""
+  from videofusion_jax.models import clip as clip_lib
+
+  if config.model.encoder.clip_dir:
+    directory = Path(config.model.encoder.clip_dir).expanduser()
+    if verbose:
+      print(f"CLIP: {directory} (model.encoder.clip_dir)", flush=True)
+    return directory
+  split = config.data.get("split", "train")
+  builder = pipeline.get_builder(config.data, verbose=False)
+  directory = Path(builder.data_dir) / f"project_clip_d{config.model.encoder.embed_dim}"
+  if not (directory / "model.safetensors").is_file():
+    try:
+      captions = [c for caps in record_captions(config, split) for c in caps]
+    except pipeline.PipelineError:
+      captions = []  # an image-only dataset: the text tower is never used
+    partial = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
+    clip_lib.save_pretrained(clip_lib.project_clip(config.model.encoder.embed_dim, captions), partial)
+    os.replace(partial, directory)
+  if verbose:
+    print(f"CLIP: the project's own small CLIP ({directory}: initialised, not trained; no "
+          "model.encoder.clip_dir was given).", flush=True)
+  return directory
+
+
+def load_clip(config: ml_collections.ConfigDict, verbose: bool = True):
+  """The CLIP of ``model.encoder.clip_dir``, or the project's own; says which when ``verbose``."""
+  from videofusion_jax.models import clip as clip_lib
+
+  return clip_lib.load(resolve_clip_dir(config, verbose))
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -56,7 +118,7 @@ def compute_table(config: ml_collections.ConfigDict, split: str, batch_size: int
   (see the module docstring). Returns its path; an existing table is kept as it is."""
   from videofusion_jax.models import clip as clip_lib
 
-  d, clip_dir = config.data, config.model.encoder.clip_dir
+  d, clip_dir = config.data, resolve_clip_dir(config, verbose=False)
   source = pipeline._source(config, split, verbose=False)
   path = table_path(source.builder, split, clip_dir, d.image_size)
   if path.is_file():
@@ -102,7 +164,7 @@ def frame_table(config: ml_collections.ConfigDict, split: str, process_count: in
   """``(table (frames, D) float16, memory-mapped; offsets (records,))`` for ``split``, computed first
   if missing (by a single process; a multi-host run asks for ``--mode=embed`` beforehand)."""
   source = pipeline._source(config, split, verbose=False)
-  path = table_path(source.builder, split, config.model.encoder.clip_dir, config.data.image_size)
+  path = table_path(source.builder, split, resolve_clip_dir(config, verbose=False), config.data.image_size)
   if not path.is_file():
     if process_count > 1:
       raise pipeline.PipelineError(
@@ -123,3 +185,62 @@ def clip_embeddings(table: np.ndarray, offsets: np.ndarray, records: np.ndarray,
   """The embeddings of the frames of clips ``(record, first frame)``: ``(B, N, D)`` float32."""
   rows = offsets[records][:, None] + firsts[:, None] + stride * np.arange(num_frames)
   return np.asarray(table[rows], np.float32)
+
+
+def compute_caption_table(config: ml_collections.ConfigDict, split: str, batch_size: int = 256,
+                          verbose: bool = True) -> Path:
+  """Embeds every caption of ``split`` (``record_captions``) with CLIP's text tower and writes the
+  caption table (see the module docstring). Returns its path; an existing table is kept."""
+  from videofusion_jax.models import clip as clip_lib
+
+  clip_dir = resolve_clip_dir(config, verbose=False)
+  source = pipeline._source(config, split, verbose=False)
+  path = table_path(source.builder, split, clip_dir, config.data.image_size, kind="captions")
+  if path.is_file():
+    return path
+  per_record = record_captions(config, split)
+  captions = [c for caps in per_record for c in caps]
+  clip = clip_lib.load(clip_dir)
+  if verbose:
+    print(f"Embedding the {len(captions)} captions of {source.builder.info.full_name} [{split}] with CLIP's text "
+          f"tower, once; the table goes to {path}.", flush=True)
+  table = np.concatenate([np.asarray(clip.encode_text(clip.tokenize(captions[i:i + batch_size])))
+                          for i in range(0, len(captions), batch_size)]).astype(np.float16)
+  counts = np.array([len(caps) for caps in per_record], np.int64)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.npy")
+  np.save(partial, table)
+  path.with_suffix(".json").write_text(json.dumps(
+      {"clip_dir": str(clip_dir), "captions": captions, "counts": counts.tolist()}))
+  os.replace(partial, path)
+  return path
+
+
+def caption_table(config: ml_collections.ConfigDict, split: str, process_count: int = 1,
+                  verbose: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(table (captions, D) float16, first caption of each record, caption count of each record)``,
+  computed first if missing (as ``frame_table``)."""
+  source = pipeline._source(config, split, verbose=False)
+  path = table_path(source.builder, split, resolve_clip_dir(config, verbose=False), config.data.image_size,
+                    kind="captions")
+  if not path.is_file():
+    if process_count > 1:
+      raise pipeline.PipelineError(
+          f"no CLIP caption embeddings for {source.builder.info.full_name} [{split}] yet ({path}); compute them "
+          "once on one host with the same flags and --mode=embed, then start the multi-host run.")
+    compute_caption_table(config, split, verbose=verbose)
+  counts = np.asarray(json.loads(path.with_suffix(".json").read_text())["counts"], np.int64)
+  if len(counts) != len(source.lengths):
+    raise pipeline.PipelineError(f"{path} has captions for {len(counts)} records but {source.builder.info.full_name} "
+                                 f"[{split}] has {len(source.lengths)}: the dataset was rebuilt. Delete {path} and "
+                                 f"{path.with_suffix('.json')} to recompute them.")
+  firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+  return np.load(path, mmap_mode="r"), firsts, counts
+
+
+def chosen_caption_embeddings(table: np.ndarray, firsts: np.ndarray, counts: np.ndarray, records: np.ndarray,
+                              draws: np.ndarray) -> np.ndarray:
+  """One caption's embedding per clip, ``(B, D)`` float32: caption ``⌊u·count⌋`` of the record for the
+  clip's uniform draw ``u`` in [0, 1) (drawn from the stream's position, so resuming repeats it)."""
+  pick = np.minimum((np.asarray(draws) * counts[records]).astype(np.int64), counts[records] - 1)
+  return np.asarray(table[firsts[records] + pick], np.float32)

@@ -9,7 +9,7 @@ rebuilds the same stream and skips ``k * B`` indices (integers, nothing is read 
 Only the frames of the clip are decoded (JPEG: only the centre square of them).
 Batches are dicts ``{'video': (B, N, S, S, 3) float32 in [-1, 1], 'label': (B,) int32}``, and
 with ``model.encoder.kind='clip'`` ``'frame_embeddings': (B, N, D)``, the stored CLIP embeddings
-of the clip's frames (``data.embeddings``).
+of the clip's frames, and for a prior on text ``'caption_embeddings': (B, D)`` (``data.embeddings``).
 This module and the builders are the only ones that import TensorFlow, and only when called.
 """
 from __future__ import annotations
@@ -37,17 +37,18 @@ def default_data_dir() -> str:
   return os.environ.get("TFDS_DATA_DIR", str(Path.home() / "tensorflow_datasets"))
 
 
-def get_builder(data: ml_collections.ConfigDict, build: bool = True):
+def get_builder(data: ml_collections.ConfigDict, build: bool = True, verbose: bool | None = None):
   """The prepared TFDS builder for ``data.name`` (e.g. ``ucf101/64``); builds it on first use
   from ``data.manual_dir`` (the raw files), or from the bundled clips for the demo.
-  ``build=False`` only checks that it is prepared or could be built (``builders.prepare``)."""
+  ``build=False`` only checks that it is prepared or could be built (``builders.prepare``);
+  ``verbose`` (default: ``build``) says which dataset is used."""
   from videofusion_jax.data import builders
 
   name, _, builder_config = data.name.partition("/")
   try:
     return builders.prepare(name, data.get("data_dir") or default_data_dir(),
                             manual_dir=data.get("manual_dir") or None, config=builder_config or None,
-                            verbose=build, build=build)
+                            verbose=build if verbose is None else verbose, build=build)
   except ValueError as e:  # the builders' messages name the file or value at fault
     raise PipelineError(f"cannot prepare {data.name}: {e}") from None
 
@@ -92,7 +93,7 @@ class _Source:
 
 def _source(config: ml_collections.ConfigDict, split: str, verbose: bool) -> _Source:
   d = config.data
-  builder = get_builder(d)
+  builder = get_builder(d, verbose=verbose)
   lengths = split_lengths(builder, split)
   span = (d.num_frames - 1) * d.frame_stride + 1
   eligible = np.flatnonzero(lengths >= span)
@@ -185,10 +186,13 @@ def train_iterator(config: ml_collections.ConfigDict, local_batch_size: int, see
   read = _reader(tf, source)
   jpeg = _is_jpeg(source.builder)
 
-  clip_table = None
+  clip_table = caption_table = None
   if config.model.get("condition") == "embedding" and config.model.encoder.kind == "clip":
     from videofusion_jax.data import embeddings
+    embeddings.resolve_clip_dir(config, verbose)  # says which CLIP
     clip_table = embeddings.frame_table(config, source.split, process_count, verbose)
+    if config.model.prior.condition == "text":
+      caption_table = embeddings.caption_table(config, source.split, process_count, verbose)
 
   def load(pos, index):
     example = read(index)
@@ -197,23 +201,34 @@ def train_iterator(config: ml_collections.ConfigDict, local_batch_size: int, see
     first = tf.random.stateless_uniform([], seed=tf.stack([seed, pos * process_count + process_index]),
                                         maxval=tf.maximum(length - source.span, 0) + 1, dtype=tf.int64)
     clip = _clip(tf, example, first, d.num_frames, d.frame_stride, d.image_size, jpeg)
-    return {**clip, "record": index, "first": first} if clip_table else clip
+    if clip_table is None:
+      return clip
+    clip.update(record=index, first=first)
+    if caption_table is not None:  # which of the record's captions: another stream of the same position
+      clip["caption_draw"] = tf.random.stateless_uniform([], seed=tf.stack([pos * process_count + process_index,
+                                                                             seed]), dtype=tf.float32)
+    return clip
 
   ds = tf.data.Dataset.zip((positions, indices)).map(load, num_parallel_calls=tf.data.AUTOTUNE,
                                                       deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   if clip_table is None:
     return ds.as_numpy_iterator()
-  return _with_frame_embeddings(ds.as_numpy_iterator(), *clip_table, d.num_frames, d.frame_stride)
+  return _with_clip_embeddings(ds.as_numpy_iterator(), clip_table, caption_table, d.num_frames, d.frame_stride)
 
 
-def _with_frame_embeddings(batches, table, offsets, num_frames: int, stride: int) -> Iterator[dict]:
-  """Adds ``frame_embeddings`` ``(B, N, D)``: the stored CLIP embeddings of each clip's frames."""
-  from videofusion_jax.data.embeddings import clip_embeddings
+def _with_clip_embeddings(batches, frame_table, caption_table, num_frames: int, stride: int) -> Iterator[dict]:
+  """Adds ``frame_embeddings`` ``(B, N, D)``, the stored CLIP embeddings of each clip's frames, and
+  with a caption table ``caption_embeddings`` ``(B, D)``, one of the record's captions."""
+  from videofusion_jax.data import embeddings
 
   for batch in batches:
-    batch["frame_embeddings"] = clip_embeddings(table, offsets, batch.pop("record"), batch.pop("first"),
-                                                num_frames, stride)
+    records = batch.pop("record")
+    batch["frame_embeddings"] = embeddings.clip_embeddings(*frame_table, records, batch.pop("first"),
+                                                           num_frames, stride)
+    if caption_table is not None:
+      batch["caption_embeddings"] = embeddings.chosen_caption_embeddings(*caption_table, records,
+                                                                         batch.pop("caption_draw"))
     yield batch
 
 

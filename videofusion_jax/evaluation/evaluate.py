@@ -19,7 +19,7 @@ import numpy as np
 from videofusion_jax.data import video_io
 from videofusion_jax.evaluation.i3d import MIN_FRAMES
 from videofusion_jax.experiment import Experiment
-from videofusion_jax.sampling import Progress, generated_videos, sample_labels
+from videofusion_jax.sampling import Progress, generated_videos, prompt_embeddings, sample_labels, sample_prompts
 
 
 def frame_repeat(num_frames: int) -> int:
@@ -118,7 +118,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     if c3d is not None:
       probs.append(c3d(video_io.to_uint8(videos)))
 
-  generated_videos(experiment, state.ema_params, e.num_generated, e.seed, labels, consume)
+  prompts = sample_prompts(config, e.num_generated)
+  text = None if prompts is None else prompt_embeddings(config, prompts, verbose=jax.process_index() == 0)
+  generated_videos(experiment, state.ema_params, e.num_generated, e.seed, labels, consume, text)
   fake = np.concatenate(gen_feats)
   results = {"step": step, "num_real": int(len(real["features"])), "num_generated": int(len(fake)),
              "protocol": protocol(config),

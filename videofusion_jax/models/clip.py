@@ -504,3 +504,67 @@ def init(config: CLIPConfig, tokenizer: CLIPTokenizer, rng: jax.Array, dtype: Dt
   ids = jnp.zeros((1, config.context_length), jnp.int32)
   pixels = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
   return CLIP(config, net.init(rng, ids, pixels)["params"], tokenizer, dtype)
+
+
+def to_state_dict(params) -> dict[str, np.ndarray]:
+  """The Hugging Face state dict of Flax ``params`` (the inverse of ``params_from_state_dict``)."""
+  state = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = tuple(k.key for k in key_path)
+    value = np.asarray(leaf, np.float32)
+    if path[-1] == "kernel":
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    state[hf_name(path)] = np.ascontiguousarray(value)
+  return state
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray]) -> None:
+  """``tensors`` (float32) as a ``.safetensors`` file (see ``read_safetensors``)."""
+  header, offset = {}, 0
+  for name, array in tensors.items():
+    header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+    offset += array.nbytes
+  text = json.dumps(header).encode()
+  text += b" " * (-len(text) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(text)) + text)
+    for array in tensors.values():
+      f.write(np.ascontiguousarray(array, np.float32).tobytes())
+
+
+def save_pretrained(clip: CLIP, directory: str | Path) -> Path:
+  """Writes ``clip`` as a Hugging Face ``CLIPModel`` directory that ``load`` reads back."""
+  from videofusion_jax.models.clip_tokenizer import save_vocab
+
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  c = clip.config
+
+  def tower(t: TowerConfig) -> dict:
+    return {"hidden_size": t.width, "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
+            "intermediate_size": t.mlp_dim, "hidden_act": t.activation, "layer_norm_eps": t.eps}
+  config = {"model_type": "clip", "projection_dim": c.projection_dim,
+            "text_config": {**tower(c.text), "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length,
+                            "eos_token_id": c.eos_token_id},
+            "vision_config": {**tower(c.vision), "image_size": c.image_size, "patch_size": c.patch_size}}
+  (directory / "config.json").write_text(json.dumps(config, indent=2))
+  (directory / "preprocessor_config.json").write_text(json.dumps(
+      {"image_mean": list(c.image_mean), "image_std": list(c.image_std), "crop_size": c.image_size,
+       "size": {"shortest_edge": c.image_size}}, indent=2))
+  save_vocab(directory, clip.tokenizer.vocab, clip.tokenizer.merges)
+  write_safetensors(directory / "model.safetensors", to_state_dict(clip.params))
+  return directory
+
+
+def project_clip(embed_dim: int, captions: Sequence[str], seed: int = 0) -> CLIP:
+  """The project's own small CLIP, for offline runs without a CLIP directory: two 64-wide layers per
+  tower, 32-pixel images in 8-pixel patches, 32 tokens, a BPE vocabulary learned from ``captions``,
+  projections of width ``embed_dim``, and weights drawn from ``seed`` (initialised, not trained: a
+  fixed random feature extractor, deterministic, without CLIP's semantics)."""
+  from videofusion_jax.models.clip_tokenizer import train_bpe
+
+  tower = TowerConfig(width=64, layers=2, heads=4, mlp_dim=256)
+  vocab, merges = train_bpe(list(captions) or ["a video"], 400)
+  config = CLIPConfig(text=tower, vision=tower, projection_dim=embed_dim, vocab_size=len(vocab), context_length=32,
+                      eos_token_id=vocab["<|endoftext|>"], image_size=32, patch_size=8)
+  return init(config, CLIPTokenizer(vocab, merges, config.context_length), jax.random.PRNGKey(seed))

@@ -177,7 +177,8 @@ class CLIPTokenizer:
         raise ValueError(f"the {name} token {token!r} is not in the vocabulary ({len(vocab)} tokens)")
     self.vocab = dict(vocab)
     self.id_to_token = {i: t for t, i in self.vocab.items()}
-    self.ranks = {tuple(pair): rank for rank, pair in reversed(list(enumerate(merges)))}  # first rank wins
+    self.merges = [tuple(pair) for pair in merges]
+    self.ranks = {pair: rank for rank, pair in reversed(list(enumerate(self.merges)))}  # first rank wins
     self.context_length = int(context_length)
     self.bos_id = self.vocab[bos_token]
     self.eos_id = self.vocab[eos_token]

@@ -58,7 +58,9 @@ def make_networks(config: ml_collections.ConfigDict) -> dict[str, nn.Module]:
     if e.kind == "learned":
       networks["encoder"] = KeyFrameEncoder(e.embed_dim, e.base_channels, tuple(e.channel_mult), **dtypes)
     # The prior stays in float32: it is small, and its targets are compared to 1e-3.
-    networks["prior"] = EmbeddingPrior(e.embed_dim, p.width, p.num_layers, config.data.num_classes)
+    on_text = p.condition == "text"
+    networks["prior"] = EmbeddingPrior(e.embed_dim, p.width, p.num_layers, 0 if on_text else config.data.num_classes,
+                                       text_dim=e.embed_dim if on_text else 0)
   return networks
 
 
@@ -93,7 +95,9 @@ def init_params(networks: dict[str, nn.Module], config: ml_collections.ConfigDic
   if "encoder" in networks:
     params["encoder"] = networks["encoder"].init(rngs["encoder"], x)["params"]
   if "prior" in networks:
-    params["prior"] = networks["prior"].init(rngs["prior"], cond, t, label)["params"]
+    text = cond if networks["prior"].text_dim else None
+    params["prior"] = networks["prior"].init(rngs["prior"], cond, t, None if text is not None else label,
+                                             text)["params"]
   return params
 
 
@@ -109,9 +113,11 @@ def make_encode_fn(networks: dict[str, nn.Module], config: ml_collections.Config
   return lambda params, x: encode(x)
 
 
-def make_prior_fn(networks: dict[str, nn.Module], params, label: jnp.ndarray | None) -> Callable:
-  """``prior_fn(z (B, D), t (B,)) -> ε̂ (B, D)``, conditioned on ``label`` ``(B,)`` (or nothing)."""
-  return lambda z, t: networks["prior"].apply({"params": params["prior"]}, z, t, label)
+def make_prior_fn(networks: dict[str, nn.Module], params, label: jnp.ndarray | None,
+                  text: jnp.ndarray | None = None) -> Callable:
+  """``prior_fn(z (B, D), t (B,)) -> ε̂ (B, D)``, conditioned on ``label`` ``(B,)``, on a text
+  embedding ``text`` ``(B, D)`` (zeros: the null text), or on nothing."""
+  return lambda z, t: networks["prior"].apply({"params": params["prior"]}, z, t, label, text)
 
 
 def boxed_abstract_params(networks: dict[str, UNet], config: ml_collections.ConfigDict):

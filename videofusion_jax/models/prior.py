@@ -1,7 +1,8 @@
 """The prior over key-frame embeddings: a diffusion model on ``c`` (DALL-E 2's diffusion prior).
 
 At generation time it samples the embedding that both generators are conditioned on, from the
-class label or from nothing (``num_classes = 0``); a caption embedding comes with text-to-video.
+class label, from a caption's CLIP text embedding (``text_dim > 0``; DALL-E 2's prior on text), or
+from nothing.
 The network is a residual MLP that predicts the noise of a noisy embedding.
 """
 from __future__ import annotations
@@ -20,18 +21,21 @@ Dtype = Any
 class EmbeddingPrior(nn.Module):
   """ε-prediction MLP: ``num_layers`` pre-norm residual blocks of width ``width``, each modulated
   (scale and shift) by the embedding of ``t`` plus that of the label (index ``num_classes`` is
-  the null label of classifier-free guidance)."""
+  the null label of classifier-free guidance) or of the text embedding (zeros: the null text)."""
 
   embed_dim: int
   width: int = 256
   num_layers: int = 4
   num_classes: int = 0
+  text_dim: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, z: jnp.ndarray, t: jnp.ndarray, label: jnp.ndarray | None = None) -> jnp.ndarray:
-    """z: ``(B, embed_dim)`` noisy embeddings; t: ``(B,)``; label: ``(B,)`` int. Returns ``(B, embed_dim)``."""
+  def __call__(self, z: jnp.ndarray, t: jnp.ndarray, label: jnp.ndarray | None = None,
+               text: jnp.ndarray | None = None) -> jnp.ndarray:
+    """z: ``(B, embed_dim)`` noisy embeddings; t: ``(B,)``; label: ``(B,)`` int; text: ``(B, text_dim)``.
+    Returns ``(B, embed_dim)``."""
     chex.assert_shape(z, (None, self.embed_dim))
     b = z.shape[0]
     chex.assert_shape(t, (b,))
@@ -51,6 +55,11 @@ class EmbeddingPrior(nn.Module):
         raise ValueError("this prior is class-conditional: pass a label (num_classes = null).")
       emb = emb + nn.Embed(self.num_classes + 1, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="label_embed", embedding_init=_init(nn.initializers.normal(1.0), TABLE))(label)
+    if self.text_dim > 0:
+      if text is None:
+        raise ValueError("this prior is conditioned on text: pass a text embedding (zeros = null).")
+      chex.assert_shape(text, (b, self.text_dim))
+      emb = emb + dense(self.width, "text_embed")(text.astype(self.dtype))
     emb = nn.silu(emb)
     h = dense(self.width, "dense_in")(z.astype(self.dtype))
     for i in range(self.num_layers):

@@ -89,10 +89,13 @@ def prior_loss(params, ema_params, experiment: Experiment, key_frames, batch, dr
   target = jnp.repeat(jax.lax.stop_gradient(key_frame_embeddings(ema_params, experiment, key_frames, batch, draws)),
                       repeats, axis=0)
   flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731  (B, R, ...) -> (B·R, ...)
-  labels = None
-  if config.data.num_classes:
+  labels = text = None
+  if config.model.prior.condition == "text":  # the caption's CLIP text embedding, or the null text (zeros)
+    text = _drop_condition(jnp.repeat(to_sphere(batch["caption_embeddings"]), repeats, axis=0),
+                           flat(draws["prior_drop"]))
+  elif config.data.num_classes:
     labels = _drop_labels(jnp.repeat(batch["label"], repeats), config, flat(draws["prior_drop"]))
-  prior_fn = make_prior_fn(experiment.networks, params, labels)
+  prior_fn = make_prior_fn(experiment.networks, params, labels, text)
   return diffusion.denoising_loss(prior_fn, target, flat(draws["prior_t"]), flat(draws["prior_noise"]), schedule)
 
 

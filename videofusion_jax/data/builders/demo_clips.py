@@ -16,6 +16,19 @@ from videofusion_jax.data.builders.common import Decoded, Source, SplitReport, V
 
 STORED_SIZE = 64
 CLASS_NAMES = tuple(name.split(".")[0].split("_")[0] for name in video_io.DEMO_CLIPS)
+# Captions written for the clips (several each, so that a text prior has something to learn), for
+# the text-to-video demo (configs/demo.py:text). Not stored in the dataset: they are the repository's.
+CAPTIONS = {
+    "bigbuckbunny": ("a big grey rabbit stands in a green meadow", "a cartoon bunny on the grass",
+                     "an animated rabbit in a sunny field", "a fat rabbit walks on green grass near a tree",
+                     "a grey bunny in a meadow with flowers", "animation of a rabbit outdoors in spring"),
+    "bikes": ("people ride bicycles down a city street", "bikes parked along a busy sidewalk",
+              "cyclists pass by on a grey day", "a street full of bicycles and pedestrians",
+              "bicycles moving through town", "a crowd with bikes in the city"),
+    "carphone": ("a man talks on the phone in a car", "a person sitting in a car, speaking",
+                 "close-up of a man's face inside a car", "a driver chatting on his mobile phone",
+                 "a man in a car looks around while talking", "a young man in the back seat of a car"),
+}
 
 
 class DemoClips(VideoBuilder):
