@@ -318,7 +318,9 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
   sampling.run(c, str(tmp_path / "run"), experiment=trainer)
   out = tmp_path / "run" / "samples" / "step_2"
   expected = ["a sunset over the sea", "an aerial view of a city at night", "a sunset over the sea"]
-  assert [json.loads((out / f"sample_{i:03d}.json").read_text())["prompt"] for i in range(3)] == expected
+  sides = [json.loads((out / f"sample_{i:03d}.json").read_text()) for i in range(3)]
+  assert [s["prompt"] for s in sides] == expected and sides[0]["clip"] == str(clip_dir)
+  assert sides[0]["prior"]["guidance_scale"] == 2.0 and sides[0]["guidance_scale"] == 2.0
   npz = np.load(out / "samples.npz")
   assert npz["prompts"].tolist() == expected and npz["videos"].shape == (3, 4, 8, 8, 3)
   # The same prompt and content index give the same c; the other prompt another one.

@@ -252,6 +252,7 @@ def test_long_video_files_and_sidecars(long_run, monkeypatch, capsys):
   assert side == {"config": "configs/demo.py", "checkpoint_step": 2, "seed": 0, "sampler": "ddim",
                   "spacing": "leading", "variance": None, "steps": 5, "eta": 0.0, "clip_x0": True,
                   "guidance_scale": 1.0, "lambda": 0.5, "model": "videofusion", "condition": "embedding",
+                  "encoder": "learned", "clip": None,
                   "prior": {"steps": 64, "eta": 1.0, "guidance_scale": 1.0}, "embeddings_file": None,
                   "clip_motion_indices": [2, 3],
                   "frames": n, "clips": 2, "clip_frames": 4, "continuity_frames": 2, "fps": 8, "control": "",

@@ -381,9 +381,18 @@ def sampler_settings(config: ml_collections.ConfigDict) -> dict:
           "steps": chain_steps(config), "eta": s.eta if ddim else None,
           "clip_x0": s.clip_x0, "guidance_scale": s.guidance_scale, "lambda": config.diffusion.lam,
           "model": config.model.kind, "condition": config.model.condition,
+          "encoder": config.model.encoder.kind if config.model.condition == "embedding" else None,
+          "clip": _clip_used(config),
           "prior": ({"steps": s.prior_num_steps, "eta": s.prior_eta, "guidance_scale": s.prior_guidance_scale}
                     if config.model.condition == "embedding" and not s.embeddings else None),
           "embeddings_file": s.embeddings or None}
+
+
+def _clip_used(config: ml_collections.ConfigDict) -> str | None:
+  """Which CLIP a 'clip' encoder used, for the sidecar: its directory, or the project's own."""
+  if config.model.condition != "embedding" or config.model.encoder.kind != "clip":
+    return None
+  return config.model.encoder.clip_dir or "the project's own small CLIP (initialised, not trained)"
 
 
 GRID_COLUMNS = 64  # grid.png shows at most this many frames of a video
