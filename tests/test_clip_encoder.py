@@ -127,3 +127,24 @@ def test_clip_encoder_config_errors(clip_dir, tmp_path):
     validate(clip_config(tmp_path / "missing"))
   with pytest.raises(ConfigError, match="gives embeddings of width 20; set --config.model.encoder.embed_dim=20"):
     validate(clip_config(clip_dir, **{"model.encoder.embed_dim": 64}))
+
+
+def test_mode_embed_stores_the_frame_and_caption_tables(clip_dir, tfds_dir, capsys):
+  """``--mode=embed`` (main._embed): both tables of the demo clips, once; a config without the
+  CLIP encoder is one clear error."""
+  from videofusion_jax.config import ConfigError
+  from videofusion_jax.data import embeddings, pipeline
+  from videofusion_jax.main import _embed
+
+  c = clip_config(clip_dir, **{"data.data_dir": tfds_dir, "data.num_classes": 0, "model.prior.condition": "text"})
+  _embed(c)
+  builder = pipeline.get_builder(c.data, verbose=False)
+  frames = embeddings.table_path(builder, "train", clip_dir, c.data.image_size)
+  captions = embeddings.table_path(builder, "train", clip_dir, c.data.image_size, kind="captions")
+  out = capsys.readouterr().out
+  assert f"CLIP frame embeddings: {frames}" in out and f"CLIP caption embeddings: {captions}" in out
+  from videofusion_jax.data.builders.demo_clips import CAPTIONS
+  assert np.load(captions.with_suffix(".counts.npy")).tolist() == [len(v) for v in CAPTIONS.values()]
+  assert np.load(captions).shape == (sum(len(v) for v in CAPTIONS.values()), WIDTH)
+  with pytest.raises(ConfigError, match="needs --config.model.encoder.kind=clip"):
+    _embed(clip_config(clip_dir, **{"model.encoder.kind": "learned"}))

@@ -140,6 +140,8 @@ def _embed(config) -> None:
                       "--config.model.encoder.clip_dir=DIR (with model.condition='embedding').")
   split = config.data.get("split", "train")
   print(f"CLIP frame embeddings: {embeddings.compute_table(config, split)}")
+  if config.model.prior.condition == "text":
+    print(f"CLIP caption embeddings: {embeddings.compute_caption_table(config, split)}")
 
 
 def main(argv) -> None:

@@ -12,8 +12,10 @@ Layout, in the TFDS dataset's own folder::
                                                  record r's frame i is row offsets[r] + i
     clip_embeddings/<fingerprint>/<split>.json   the CLIP directory, D, the frame size, frame counts
 
-    clip_embeddings/<fingerprint>/<split>.captions.npy   (captions, D) float16: CLIP text embeddings
-    clip_embeddings/<fingerprint>/<split>.captions.json  the captions, and each record's first and count
+    clip_embeddings/<fingerprint>/<split>.captions.npy         (captions, D) float16: CLIP text embeddings,
+                                                               each record's captions in turn
+    clip_embeddings/<fingerprint>/<split>.captions.counts.npy  (records,) int64: captions per record
+    clip_embeddings/<fingerprint>/<split>.captions.json        the CLIP directory and the captions
 
 The fingerprint hashes the CLIP directory's config and weight files (names and sizes) and the
 frame size, so another CLIP or size gets its own table. A table is written under a temporary
@@ -26,6 +28,7 @@ vocabulary learned from the captions), saved once beside the dataset as ``projec
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -102,10 +105,16 @@ def resolve_clip_dir(config: ml_collections.ConfigDict, verbose: bool = True) ->
 
 
 def load_clip(config: ml_collections.ConfigDict, verbose: bool = True):
-  """The CLIP of ``model.encoder.clip_dir``, or the project's own; says which when ``verbose``."""
+  """The CLIP of ``model.encoder.clip_dir``, or the project's own; says which when ``verbose``.
+  Loaded once per directory and process."""
+  return _load_clip(str(resolve_clip_dir(config, verbose)))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_clip(directory: str):
   from videofusion_jax.models import clip as clip_lib
 
-  return clip_lib.load(resolve_clip_dir(config, verbose))
+  return clip_lib.load(directory)
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -116,14 +125,12 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
 def compute_table(config: ml_collections.ConfigDict, split: str, batch_size: int = 128, verbose: bool = True) -> Path:
   """Embeds every frame of ``split`` with the CLIP of ``model.encoder.clip_dir`` and writes the table
   (see the module docstring). Returns its path; an existing table is kept as it is."""
-  from videofusion_jax.models import clip as clip_lib
-
   d, clip_dir = config.data, resolve_clip_dir(config, verbose=False)
   source = pipeline._source(config, split, verbose=False)
   path = table_path(source.builder, split, clip_dir, d.image_size)
   if path.is_file():
     return path
-  clip = clip_lib.load(clip_dir)
+  clip = _load_clip(str(clip_dir))
   tf = pipeline._tf()
   read = pipeline._reader(tf, source)
   jpeg = pipeline._is_jpeg(source.builder)
@@ -191,8 +198,6 @@ def compute_caption_table(config: ml_collections.ConfigDict, split: str, batch_s
                           verbose: bool = True) -> Path:
   """Embeds every caption of ``split`` (``record_captions``) with CLIP's text tower and writes the
   caption table (see the module docstring). Returns its path; an existing table is kept."""
-  from videofusion_jax.models import clip as clip_lib
-
   clip_dir = resolve_clip_dir(config, verbose=False)
   source = pipeline._source(config, split, verbose=False)
   path = table_path(source.builder, split, clip_dir, config.data.image_size, kind="captions")
@@ -200,7 +205,7 @@ def compute_caption_table(config: ml_collections.ConfigDict, split: str, batch_s
     return path
   per_record = record_captions(config, split)
   captions = [c for caps in per_record for c in caps]
-  clip = clip_lib.load(clip_dir)
+  clip = _load_clip(str(clip_dir))
   if verbose:
     print(f"Embedding the {len(captions)} captions of {source.builder.info.full_name} [{split}] with CLIP's text "
           f"tower, once; the table goes to {path}.", flush=True)
@@ -209,10 +214,10 @@ def compute_caption_table(config: ml_collections.ConfigDict, split: str, batch_s
   counts = np.array([len(caps) for caps in per_record], np.int64)
   path.parent.mkdir(parents=True, exist_ok=True)
   partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.npy")
+  np.save(path.with_suffix(".counts.npy"), counts)
+  path.with_suffix(".json").write_text(json.dumps({"clip_dir": str(clip_dir), "captions": captions}))
   np.save(partial, table)
-  path.with_suffix(".json").write_text(json.dumps(
-      {"clip_dir": str(clip_dir), "captions": captions, "counts": counts.tolist()}))
-  os.replace(partial, path)
+  os.replace(partial, path)  # last: the table's presence says the three files are complete
   return path
 
 
@@ -229,11 +234,11 @@ def caption_table(config: ml_collections.ConfigDict, split: str, process_count: 
           f"no CLIP caption embeddings for {source.builder.info.full_name} [{split}] yet ({path}); compute them "
           "once on one host with the same flags and --mode=embed, then start the multi-host run.")
     compute_caption_table(config, split, verbose=verbose)
-  counts = np.asarray(json.loads(path.with_suffix(".json").read_text())["counts"], np.int64)
+  counts = np.load(path.with_suffix(".counts.npy"))
   if len(counts) != len(source.lengths):
     raise pipeline.PipelineError(f"{path} has captions for {len(counts)} records but {source.builder.info.full_name} "
-                                 f"[{split}] has {len(source.lengths)}: the dataset was rebuilt. Delete {path} and "
-                                 f"{path.with_suffix('.json')} to recompute them.")
+                                 f"[{split}] has {len(source.lengths)}: the dataset was rebuilt. Delete {path} to "
+                                 "recompute the caption embeddings.")
   firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
   return np.load(path, mmap_mode="r"), firsts, counts
 
