@@ -47,7 +47,8 @@ def get_config(variant: str = ""):
   elif variant == "text":
     # Text-to-video: both generators on the CLIP image embedding of the key frame, the prior on the
     # caption's CLIP text embedding (the captions written for the clips in the repository, six each).
-    # Without --config.model.encoder.clip_dir, the project's own small CLIP (initialised, not trained).
+    # Without --config.model.encoder.clip_dir, the project's own small CLIP, trained on the clips' frames
+    # and captions (data/embeddings.py).
     c.data.num_classes = 0  # the clip id is not used: only the captions
     c.model.encoder.update(kind="clip", clip_dir="")
     c.model.prior.condition = "text"

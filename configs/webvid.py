@@ -8,8 +8,8 @@ python -m videofusion_jax.main --config=configs/webvid.py --workdir=W --mode=sam
     --config.model.encoder.clip_dir=/data/clip-vit-base-patch32 --config.sample.prompt="a dog runs on a beach"
 
 ``clip_dir``: a local Hugging Face CLIPModel directory (ViT-B/32: embed_dim 512); without one the
-project's own small CLIP is used (initialised, not trained: for trying the pipeline, not for
-results). The frame and caption embeddings are computed once and stored beside the dataset
+project's own small CLIP is used (trained on the dataset's first 2,000 videos and their captions:
+for trying the pipeline, not for results). The frame and caption embeddings are computed once and stored beside the dataset
 (``--mode=embed`` does it before a multi-host run). ``:small`` for a local check.
 """
 from videofusion_jax.config import unconditional_64_config

@@ -392,7 +392,7 @@ def _clip_used(config: ml_collections.ConfigDict) -> str | None:
   """Which CLIP a 'clip' encoder used, for the sidecar: its directory, or the project's own."""
   if config.model.condition != "embedding" or config.model.encoder.kind != "clip":
     return None
-  return config.model.encoder.clip_dir or "the project's own small CLIP (initialised, not trained)"
+  return config.model.encoder.clip_dir or "the project's own small CLIP"
 
 
 GRID_COLUMNS = 64  # grid.png shows at most this many frames of a video

@@ -23,8 +23,9 @@ name and renamed when complete: an interrupted run leaves no partial table behin
 
 Captions come from the dataset's ``caption`` feature (WebVid) or, for the demo clips, from the
 captions written for them in the repository (several per clip). Without ``model.encoder.clip_dir``
-the project's own small CLIP is used (``models.clip.project_clip``: initialised, not trained, its
-vocabulary learned from the captions), saved once beside the dataset as ``project_clip_d<D>/``.
+the project's own small CLIP is used (``models.project_clip``: its vocabulary learned from the
+captions, trained contrastively on the dataset's frames and captions), made once and saved beside
+the dataset as ``project_clip_d<D>/``.
 """
 from __future__ import annotations
 
@@ -42,14 +43,18 @@ from videofusion_jax.data import pipeline
 
 
 def fingerprint(clip_dir: str | Path, image_size: int) -> str:
-  """12 hex digits identifying a CLIP directory's config and weights, and the frame size."""
+  """12 hex digits identifying a CLIP directory's config and weights (their bytes when under 64 MB,
+  else their names and sizes), and the frame size."""
   directory = Path(clip_dir).expanduser()
   h = hashlib.sha256(f"frame size {image_size}".encode())
   for name in ("config.json", "preprocessor_config.json"):
     if (directory / name).is_file():
       h.update((directory / name).read_bytes())
   for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("pytorch_model*.bin")):
-    h.update(f"{path.name} {path.stat().st_size}".encode())
+    size = path.stat().st_size
+    h.update(f"{path.name} {size}".encode())
+    if size < 2**26:  # the project's own CLIP: retrained weights of the same size get another table
+      h.update(path.read_bytes())
   return h.hexdigest()[:12]
 
 
@@ -78,29 +83,75 @@ def record_captions(config: ml_collections.ConfigDict, split: str) -> list[tuple
                                "'label'.")
 
 
+def _frames_per_record(config: ml_collections.ConfigDict, split: str, per_record: int = 32,
+                       max_records: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+  """Up to ``per_record`` evenly spaced frames of each of the first ``max_records`` records, as the
+  pipeline decodes them (uint8 ``(M, S, S, 3)``), and each frame's record ``(M,)``."""
+  d = config.data
+  source = pipeline._source(config, split, verbose=False)
+  tf = pipeline._tf()
+  read = pipeline._reader(tf, source)
+  jpeg = pipeline._is_jpeg(source.builder)
+
+  def pick(i):
+    encoded = read(i)["video"]
+    n = tf.shape(encoded, out_type=tf.int64)[0]
+    index = tf.unique(tf.cast(tf.linspace(0.0, tf.cast(n - 1, tf.float32), per_record), tf.int64))[0]
+    return pipeline.decode_frames(tf, tf.gather(encoded, index), d.image_size, jpeg), i
+
+  frames, records = [], []
+  for f, i in tf.data.Dataset.range(min(len(source.lengths), max_records)).map(pick).as_numpy_iterator():
+    frames.append(to_uint8(f))
+    records.append(np.full(len(f), i))
+  return np.concatenate(frames), np.concatenate(records)
+
+
+def make_project_clip(config: ml_collections.ConfigDict, directory: Path, verbose: bool = True) -> None:
+  """The project's own CLIP for the training split, trained on its frames and captions when it has
+  captions (else initialised), saved to ``directory`` in Hugging Face's layout (atomically)."""
+  from videofusion_jax.models import clip as clip_lib
+  from videofusion_jax.models import project_clip
+
+  split = config.data.get("split", "train")
+  try:
+    per_record = record_captions(config, split)
+  except pipeline.PipelineError:
+    per_record = None  # an image-only dataset: the text tower is never used
+  captions = [c for caps in per_record or [] for c in caps]
+  clip = project_clip.project_clip(config.model.encoder.embed_dim, captions)
+  if per_record:
+    frames, frame_records = _frames_per_record(config, split)
+    caption_records = np.repeat(np.arange(len(per_record)), [len(c) for c in per_record])
+    start = time.time()
+    clip, figures = project_clip.train(clip, clip.preprocess(frames), frame_records, captions, caption_records)
+    figures.update(frames=len(frames), captions=len(captions), seconds=round(time.time() - start, 1))
+    if verbose:
+      print(f"Trained the project's own CLIP on {len(frames)} frames and {len(captions)} captions in "
+            f"{time.time() - start:.0f} s: contrastive loss {figures['loss_first']:.2f} -> {figures['loss_last']:.2f}, "
+            f"{100 * figures['retrieval']:.0f}% of the frames nearest to a caption of their own video.", flush=True)
+  partial = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
+  clip_lib.save_pretrained(clip, partial)
+  (partial / "project_clip.json").write_text(json.dumps({"trained": bool(per_record), **(figures if per_record
+                                                                                           else {})}))
+  os.replace(partial, directory)
+
+
 def resolve_clip_dir(config: ml_collections.ConfigDict, verbose: bool = True) -> Path:
   """``model.encoder.clip_dir``, or the project's own CLIP beside the training dataset (made once)."""
-  from videofusion_jax.models import clip as clip_lib
-
   if config.model.encoder.clip_dir:
     directory = Path(config.model.encoder.clip_dir).expanduser()
     if verbose:
       print(f"CLIP: {directory} (model.encoder.clip_dir)", flush=True)
     return directory
-  split = config.data.get("split", "train")
   builder = pipeline.get_builder(config.data, verbose=False)
   directory = Path(builder.data_dir) / f"project_clip_d{config.model.encoder.embed_dim}"
   if not (directory / "model.safetensors").is_file():
-    try:
-      captions = [c for caps in record_captions(config, split) for c in caps]
-    except pipeline.PipelineError:
-      captions = []  # an image-only dataset: the text tower is never used
-    partial = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
-    clip_lib.save_pretrained(clip_lib.project_clip(config.model.encoder.embed_dim, captions), partial)
-    os.replace(partial, directory)
+    make_project_clip(config, directory, verbose)
   if verbose:
-    print(f"CLIP: the project's own small CLIP ({directory}: initialised, not trained; no "
-          "model.encoder.clip_dir was given).", flush=True)
+    trained = json.loads((directory / "project_clip.json").read_text()).get("trained")
+    how = "trained on this dataset's frames and captions" if trained else "initialised, not trained: no captions"
+    print(f"CLIP: the project's own small CLIP ({directory}: {how}; no model.encoder.clip_dir was given).",
+          flush=True)
   return directory
 
 

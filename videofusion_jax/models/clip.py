@@ -554,17 +554,3 @@ def save_pretrained(clip: CLIP, directory: str | Path) -> Path:
   save_vocab(directory, clip.tokenizer.vocab, clip.tokenizer.merges)
   write_safetensors(directory / "model.safetensors", to_state_dict(clip.params))
   return directory
-
-
-def project_clip(embed_dim: int, captions: Sequence[str], seed: int = 0) -> CLIP:
-  """The project's own small CLIP, for offline runs without a CLIP directory: two 64-wide layers per
-  tower, 32-pixel images in 8-pixel patches, 32 tokens, a BPE vocabulary learned from ``captions``,
-  projections of width ``embed_dim``, and weights drawn from ``seed`` (initialised, not trained: a
-  fixed random feature extractor, deterministic, without CLIP's semantics)."""
-  from videofusion_jax.models.clip_tokenizer import train_bpe
-
-  tower = TowerConfig(width=64, layers=2, heads=4, mlp_dim=256)
-  vocab, merges = train_bpe(list(captions) or ["a video"], 400)
-  config = CLIPConfig(text=tower, vision=tower, projection_dim=embed_dim, vocab_size=len(vocab), context_length=32,
-                      eos_token_id=vocab["<|endoftext|>"], image_size=32, patch_size=8)
-  return init(config, CLIPTokenizer(vocab, merges, config.context_length), jax.random.PRNGKey(seed))
