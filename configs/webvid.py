@@ -9,8 +9,9 @@ python -m videofusion_jax.main --config=configs/webvid.py --workdir=W --mode=sam
 
 ``clip_dir``: a local Hugging Face CLIPModel directory (ViT-B/32: embed_dim 512); without one the
 project's own small CLIP is used (trained on the dataset's first 2,000 videos and their captions:
-for trying the pipeline, not for results). The frame and caption embeddings are computed once and stored beside the dataset
-(``--mode=embed`` does it before a multi-host run). ``:small`` for a local check.
+for trying the pipeline, not for results). The frame and caption embeddings are computed once and
+stored beside the dataset (``--mode=embed`` does it before a multi-host run). ``:small`` for a
+local check.
 """
 from videofusion_jax.config import unconditional_64_config
 

@@ -148,3 +148,34 @@ def test_mode_embed_stores_the_frame_and_caption_tables(clip_dir, tfds_dir, caps
   assert np.load(captions).shape == (sum(len(v) for v in CAPTIONS.values()), WIDTH)
   with pytest.raises(ConfigError, match="needs --config.model.encoder.kind=clip"):
     _embed(clip_config(clip_dir, **{"model.encoder.kind": "learned"}))
+
+
+def test_without_a_clip_directory_the_project_trains_its_own_once(tfds_dir, capsys):
+  """No ``clip_dir``: the project's CLIP is trained on the demo clips' frames and captions, saved
+  beside the dataset in Hugging Face's layout (``clip.load`` reads it), said, and reused."""
+  from videofusion_jax.data import embeddings
+  from videofusion_jax.data.builders.demo_clips import CAPTIONS
+
+  c = clip_config("", **{"data.data_dir": tfds_dir, "data.num_classes": 0, "model.prior.condition": "text",
+                         "model.encoder.embed_dim": 16})
+  directory = embeddings.resolve_clip_dir(c)
+  out = capsys.readouterr().out
+  assert "Trained the project's own CLIP on 96 frames and 18 captions" in out
+  assert "trained on this dataset's frames and captions" in out
+  meta = json.loads((directory / "project_clip.json").read_text())
+  assert meta["trained"] and meta["retrieval"] == 1.0 and meta["loss_last"] < meta["loss_first"]
+  clip = clip_lib.load(directory)
+  assert clip.embed_dim == 16 and clip.config.image_size == 32
+  # Its captions' embeddings are nearer to their own clip's captions than to the others'.
+  captions = [t for caps in CAPTIONS.values() for t in caps]
+  text = np.array(clip.encode_text(clip.tokenize(captions)))
+  text /= np.linalg.norm(text, axis=1, keepdims=True)
+  group = np.repeat(np.arange(3), 6)
+  sim = text @ text.T
+  np.fill_diagonal(sim, np.nan)
+  own = np.array([np.nanmean(sim[i, group == group[i]]) for i in range(18)])
+  other = np.array([np.nanmean(sim[i, group != group[i]]) for i in range(18)])
+  assert np.all(own > other)
+  mtime = (directory / "model.safetensors").stat().st_mtime_ns
+  assert embeddings.resolve_clip_dir(c, verbose=False) == directory
+  assert (directory / "model.safetensors").stat().st_mtime_ns == mtime
