@@ -217,18 +217,25 @@ def compute_table(config: ml_collections.ConfigDict, split: str, batch_size: int
   return path
 
 
-def frame_table(config: ml_collections.ConfigDict, split: str, process_count: int = 1,
-                verbose: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """``(table (frames, D) float16, memory-mapped; offsets (records,))`` for ``split``, computed first
-  if missing (by a single process; a multi-host run asks for ``--mode=embed`` beforehand)."""
+def _ensure_table(config: ml_collections.ConfigDict, split: str, kind: str, process_count: int, verbose: bool):
+  """``(source, path)`` of the ``kind`` table of ``split``, computed first if missing (by a single
+  process; a multi-host run asks for ``--mode=embed`` beforehand)."""
   source = pipeline._source(config, split, verbose=False)
-  path = table_path(source.builder, split, resolve_clip_dir(config, verbose=False), config.data.image_size)
+  path = table_path(source.builder, split, resolve_clip_dir(config, verbose=False), config.data.image_size, kind)
   if not path.is_file():
     if process_count > 1:
+      what = "frame" if kind == "frames" else "caption"
       raise pipeline.PipelineError(
-          f"no CLIP frame embeddings for {source.builder.info.full_name} [{split}] yet ({path}); compute them once "
-          "on one host with the same flags and --mode=embed, then start the multi-host run.")
-    compute_table(config, split, verbose=verbose)
+          f"no CLIP {what} embeddings for {source.builder.info.full_name} [{split}] yet ({path}); compute them "
+          "once on one host with the same flags and --mode=embed, then start the multi-host run.")
+    (compute_table if kind == "frames" else compute_caption_table)(config, split, verbose=verbose)
+  return source, path
+
+
+def frame_table(config: ml_collections.ConfigDict, split: str, process_count: int = 1,
+                verbose: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """``(table (frames, D) float16, memory-mapped; offsets (records,))`` for ``split`` (``_ensure_table``)."""
+  source, path = _ensure_table(config, split, "frames", process_count, verbose)
   table = np.load(path, mmap_mode="r")
   if table.shape[0] != int(source.lengths.sum()):
     raise pipeline.PipelineError(
@@ -274,17 +281,9 @@ def compute_caption_table(config: ml_collections.ConfigDict, split: str, batch_s
 
 def caption_table(config: ml_collections.ConfigDict, split: str, process_count: int = 1,
                   verbose: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """``(table (captions, D) float16, first caption of each record, caption count of each record)``,
-  computed first if missing (as ``frame_table``)."""
-  source = pipeline._source(config, split, verbose=False)
-  path = table_path(source.builder, split, resolve_clip_dir(config, verbose=False), config.data.image_size,
-                    kind="captions")
-  if not path.is_file():
-    if process_count > 1:
-      raise pipeline.PipelineError(
-          f"no CLIP caption embeddings for {source.builder.info.full_name} [{split}] yet ({path}); compute them "
-          "once on one host with the same flags and --mode=embed, then start the multi-host run.")
-    compute_caption_table(config, split, verbose=verbose)
+  """``(table (captions, D) float16, first caption of each record, caption count of each record)``
+  for ``split`` (``_ensure_table``)."""
+  source, path = _ensure_table(config, split, "captions", process_count, verbose)
   counts = np.load(path.with_suffix(".counts.npy"))
   if len(counts) != len(source.lengths):
     raise pipeline.PipelineError(f"{path} has captions for {len(counts)} records but {source.builder.info.full_name} "
