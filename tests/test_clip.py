@@ -328,6 +328,19 @@ def test_bad_directories_and_inputs_get_one_clear_message_each(tmp_path):
   (tmp_path / "c" / "model.safetensors").unlink()
   (tmp_path / "c" / "pytorch_model.bin").write_bytes(b"not a zip")
   assert "not a zip-format PyTorch checkpoint" in _error(clip_lib.load, tmp_path / "c")
+  with zipfile.ZipFile(tmp_path / "c" / "pytorch_model.bin", "w") as z:  # a storage missing from the archive
+    z.writestr("archive/data.pkl", pickle.dumps({"w": 1}, protocol=2)[:-3])
+  assert "is damaged" in _error(clip_lib.load, tmp_path / "c")
+  (tmp_path / "c" / "pytorch_model.bin").unlink()
+  write_safetensors(tmp_path / "c" / "model.safetensors", state)
+  (tmp_path / "c" / "config.json").write_text("{not json")
+  assert "config.json is not valid JSON" in _error(clip_lib.load, tmp_path / "c")
+  (tmp_path / "c" / "config.json").write_text(json.dumps({**config, "text_config": {
+      **config["text_config"], "hidden_act": "swish2"}}))
+  assert "text_config.hidden_act='swish2' is not one this CLIP knows" in _error(clip_lib.load, tmp_path / "c")
+  for e in ("nowhere", "file", "empty", "c"):  # every message above is the loader's own error class
+    with pytest.raises(clip_lib.CLIPLoadError):
+      clip_lib.load(tmp_path / e)
 
   write_checkpoint(tmp_path / "ok")
   clip = clip_lib.load(tmp_path / "ok")

@@ -145,7 +145,9 @@ def test_mode_embed_stores_the_frame_and_caption_tables(clip_dir, tfds_dir, caps
   assert f"CLIP frame embeddings: {frames}" in out and f"CLIP caption embeddings: {captions}" in out
   from videofusion_jax.data.builders.demo_clips import CAPTIONS
   assert np.load(captions.with_suffix(".counts.npy")).tolist() == [len(v) for v in CAPTIONS.values()]
-  assert np.load(captions).shape == (sum(len(v) for v in CAPTIONS.values()), WIDTH)
+  clip = clip_lib.load(clip_dir)
+  in_order = [t for caps in CAPTIONS.values() for t in caps]  # record order = the clips' label order
+  np.testing.assert_allclose(np.load(captions), clip.encode_text(clip.tokenize(in_order)), atol=2e-3)
   with pytest.raises(ConfigError, match="needs --config.model.encoder.kind=clip"):
     _embed(clip_config(clip_dir, **{"model.encoder.kind": "learned"}))
 
@@ -179,3 +181,27 @@ def test_without_a_clip_directory_the_project_trains_its_own_once(tfds_dir, caps
   mtime = (directory / "model.safetensors").stat().st_mtime_ns
   assert embeddings.resolve_clip_dir(c, verbose=False) == directory
   assert (directory / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_each_clip_gets_one_of_its_records_captions_and_resuming_repeats_the_draws(clip_dir, tfds_dir):
+  """With a prior on text, every clip of a batch carries the embedding of one caption of its own
+  record (the demo: label = record), the draws cover several captions, and a stream resumed at
+  batch 2 gives the caption embeddings of the uninterrupted stream's third batch."""
+  from videofusion_jax.data import embeddings, pipeline
+
+  c = clip_config(clip_dir, **{"data.data_dir": tfds_dir, "data.num_classes": 3, "model.prior.condition": "text"})
+  table, firsts, counts = embeddings.caption_table(c, "train", verbose=False)
+  stream = pipeline.train_iterator(c, 8, seed=3, verbose=False)
+  batches = [next(stream) for _ in range(3)]
+  rows = []
+  for b in batches:
+    assert b["caption_embeddings"].shape == (8, WIDTH)
+    for emb, label in zip(b["caption_embeddings"], b["label"]):
+      own = np.asarray(table[firsts[label]:firsts[label] + counts[label]], np.float32)
+      match = np.flatnonzero(np.abs(own - emb).max(axis=1) == 0)
+      assert len(match) == 1, label
+      rows.append((int(label), int(match[0])))
+  assert len(set(rows)) >= 6  # several captions per record are drawn
+  resumed = next(pipeline.train_iterator(c, 8, seed=3, start_batch=2, verbose=False))
+  np.testing.assert_array_equal(resumed["caption_embeddings"], batches[2]["caption_embeddings"])
+  np.testing.assert_array_equal(resumed["frame_embeddings"], batches[2]["frame_embeddings"])

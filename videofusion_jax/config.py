@@ -328,7 +328,10 @@ def _check_clip_encoder(e: ml_collections.ConfigDict) -> None:
   if not config_file.is_file():
     raise ConfigError(f"config.model.encoder.clip_dir={e.clip_dir!r}: {config_file} does not exist; give a local "
                       "Hugging Face CLIPModel directory.")
-  width = json.loads(config_file.read_text()).get("projection_dim", 512)
+  try:
+    width = json.loads(config_file.read_text()).get("projection_dim", 512)
+  except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise ConfigError(f"config.model.encoder.clip_dir: {config_file} is not valid JSON ({err}).") from None
   if width != e.embed_dim:
     raise ConfigError(f"config.model.encoder.embed_dim={e.embed_dim}: the CLIP in {e.clip_dir} gives embeddings of "
                       f"width {width}; set --config.model.encoder.embed_dim={width}.")

@@ -136,8 +136,9 @@ def _embed(config) -> None:
 
   validate(config)
   if config.model.condition != "embedding" or config.model.encoder.kind != "clip":
-    raise ConfigError("--mode=embed stores CLIP frame embeddings: it needs --config.model.encoder.kind=clip and "
-                      "--config.model.encoder.clip_dir=DIR (with model.condition='embedding').")
+    raise ConfigError("--mode=embed stores CLIP frame embeddings: it needs --config.model.encoder.kind=clip (with "
+                      "model.condition='embedding'; --config.model.encoder.clip_dir=DIR, or none for the project's "
+                      "own CLIP).")
   split = config.data.get("split", "train")
   print(f"CLIP frame embeddings: {embeddings.compute_table(config, split)}")
   if config.model.prior.condition == "text":

@@ -67,10 +67,14 @@ def prompt_embeddings(config: ml_collections.ConfigDict, prompts: list[str], ver
   what the prior on text was trained with (the caption tables of ``data.embeddings``)."""
   from videofusion_jax.data.embeddings import load_clip
 
-  clip = load_clip(config, verbose)
+  clip = load_clip(config, verbose, jax.process_count())
+  if clip.embed_dim != config.model.encoder.embed_dim:
+    raise ConfigError(f"the CLIP used for the prompts gives embeddings of width {clip.embed_dim}, but this model was "
+                      f"trained on width {config.model.encoder.embed_dim}: give the model.encoder.clip_dir it was "
+                      "trained with.")
   unique = sorted(set(prompts))
   ids = clip.tokenize(unique)
-  long = [p for p, row in zip(unique, ids) if row[-1] not in (clip.tokenizer.pad_id, clip.tokenizer.eos_id)]
+  long = [p for p in unique if len(clip.tokenizer.encode(p)) > clip.config.context_length - 2]
   if long and verbose:
     print(f"note: {len(long)} prompt(s) are longer than CLIP's {clip.config.context_length} tokens and were cut "
           f"(the first: {long[0][:60]!r}).", flush=True)

@@ -33,6 +33,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -106,21 +107,24 @@ def _frames_per_record(config: ml_collections.ConfigDict, split: str, per_record
   return np.concatenate(frames), np.concatenate(records)
 
 
-def make_project_clip(config: ml_collections.ConfigDict, directory: Path, verbose: bool = True) -> None:
-  """The project's own CLIP for the training split, trained on its frames and captions when it has
-  captions (else initialised), saved to ``directory`` in Hugging Face's layout (atomically)."""
+def make_project_clip(config: ml_collections.ConfigDict, directory: Path, verbose: bool = True,
+                      max_records: int = 2000) -> None:
+  """The project's own CLIP for the training split, its vocabulary learned from and its weights
+  trained on the frames and captions of the first ``max_records`` records when the dataset has
+  captions (else initialised), saved to ``directory`` in Hugging Face's layout (atomically; when
+  another process got there first, its copy is kept)."""
   from videofusion_jax.models import clip as clip_lib
   from videofusion_jax.models import project_clip
 
   split = config.data.get("split", "train")
   try:
-    per_record = record_captions(config, split)
+    per_record = record_captions(config, split)[:max_records]
   except pipeline.PipelineError:
     per_record = None  # an image-only dataset: the text tower is never used
   captions = [c for caps in per_record or [] for c in caps]
   clip = project_clip.project_clip(config.model.encoder.embed_dim, captions)
   if per_record:
-    frames, frame_records = _frames_per_record(config, split)
+    frames, frame_records = _frames_per_record(config, split, max_records=max_records)
     caption_records = np.repeat(np.arange(len(per_record)), [len(c) for c in per_record])
     start = time.time()
     clip, figures = project_clip.train(clip, clip.preprocess(frames), frame_records, captions, caption_records)
@@ -133,11 +137,17 @@ def make_project_clip(config: ml_collections.ConfigDict, directory: Path, verbos
   clip_lib.save_pretrained(clip, partial)
   (partial / "project_clip.json").write_text(json.dumps({"trained": bool(per_record), **(figures if per_record
                                                                                            else {})}))
-  os.replace(partial, directory)
+  try:
+    os.replace(partial, directory)
+  except OSError:
+    if not (directory / "model.safetensors").is_file():
+      raise
+    shutil.rmtree(partial, ignore_errors=True)  # another process made it first: keep one CLIP
 
 
-def resolve_clip_dir(config: ml_collections.ConfigDict, verbose: bool = True) -> Path:
-  """``model.encoder.clip_dir``, or the project's own CLIP beside the training dataset (made once)."""
+def resolve_clip_dir(config: ml_collections.ConfigDict, verbose: bool = True, process_count: int = 1) -> Path:
+  """``model.encoder.clip_dir``, or the project's own CLIP beside the training dataset (made once, by
+  a single process: a multi-host run asks for ``--mode=embed`` beforehand)."""
   if config.model.encoder.clip_dir:
     directory = Path(config.model.encoder.clip_dir).expanduser()
     if verbose:
@@ -146,6 +156,10 @@ def resolve_clip_dir(config: ml_collections.ConfigDict, verbose: bool = True) ->
   builder = pipeline.get_builder(config.data, verbose=False)
   directory = Path(builder.data_dir) / f"project_clip_d{config.model.encoder.embed_dim}"
   if not (directory / "model.safetensors").is_file():
+    if process_count > 1:
+      raise pipeline.PipelineError(
+          f"the project's own CLIP for {builder.info.full_name} is not made yet ({directory}); make it and the "
+          "embedding tables once on one host with the same flags and --mode=embed, then start the multi-host run.")
     make_project_clip(config, directory, verbose)
   if verbose:
     trained = json.loads((directory / "project_clip.json").read_text()).get("trained")
@@ -155,10 +169,10 @@ def resolve_clip_dir(config: ml_collections.ConfigDict, verbose: bool = True) ->
   return directory
 
 
-def load_clip(config: ml_collections.ConfigDict, verbose: bool = True):
+def load_clip(config: ml_collections.ConfigDict, verbose: bool = True, process_count: int = 1):
   """The CLIP of ``model.encoder.clip_dir``, or the project's own; says which when ``verbose``.
   Loaded once per directory and process."""
-  return _load_clip(str(resolve_clip_dir(config, verbose)))
+  return _load_clip(str(resolve_clip_dir(config, verbose, process_count)))
 
 
 @functools.lru_cache(maxsize=2)
@@ -221,7 +235,8 @@ def _ensure_table(config: ml_collections.ConfigDict, split: str, kind: str, proc
   """``(source, path)`` of the ``kind`` table of ``split``, computed first if missing (by a single
   process; a multi-host run asks for ``--mode=embed`` beforehand)."""
   source = pipeline._source(config, split, verbose=False)
-  path = table_path(source.builder, split, resolve_clip_dir(config, verbose=False), config.data.image_size, kind)
+  path = table_path(source.builder, split, resolve_clip_dir(config, False, process_count), config.data.image_size,
+                    kind)
   if not path.is_file():
     if process_count > 1:
       what = "frame" if kind == "frames" else "caption"
@@ -267,15 +282,21 @@ def compute_caption_table(config: ml_collections.ConfigDict, split: str, batch_s
   if verbose:
     print(f"Embedding the {len(captions)} captions of {source.builder.info.full_name} [{split}] with CLIP's text "
           f"tower, once; the table goes to {path}.", flush=True)
-  table = np.concatenate([np.asarray(clip.encode_text(clip.tokenize(captions[i:i + batch_size])))
-                          for i in range(0, len(captions), batch_size)]).astype(np.float16)
   counts = np.array([len(caps) for caps in per_record], np.int64)
   path.parent.mkdir(parents=True, exist_ok=True)
   partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.npy")
-  np.save(path.with_suffix(".counts.npy"), counts)
-  path.with_suffix(".json").write_text(json.dumps({"clip_dir": str(clip_dir), "captions": captions}))
-  np.save(partial, table)
-  os.replace(partial, path)  # last: the table's presence says the three files are complete
+  try:
+    table = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(captions), clip.embed_dim))
+    for i in range(0, len(captions), batch_size):
+      table[i:i + batch_size] = np.asarray(clip.encode_text(clip.tokenize(captions[i:i + batch_size])))
+    table.flush()
+    del table
+    np.save(path.with_suffix(".counts.npy"), counts)
+    path.with_suffix(".json").write_text(json.dumps({"clip_dir": str(clip_dir), "captions": captions}))
+    os.replace(partial, path)  # last: the table's presence says the three files are complete
+  finally:
+    if partial.exists():
+      partial.unlink()
   return path
 
 

@@ -189,7 +189,7 @@ def train_iterator(config: ml_collections.ConfigDict, local_batch_size: int, see
   clip_table = caption_table = None
   if config.model.get("condition") == "embedding" and config.model.encoder.kind == "clip":
     from videofusion_jax.data import embeddings
-    embeddings.resolve_clip_dir(config, verbose)  # says which CLIP
+    embeddings.resolve_clip_dir(config, verbose, process_count)  # says which CLIP
     clip_table = embeddings.frame_table(config, source.split, process_count, verbose)
     if config.model.prior.condition == "text":
       caption_table = embeddings.caption_table(config, source.split, process_count, verbose)

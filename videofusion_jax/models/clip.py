@@ -373,8 +373,11 @@ def read_weights(directory: Path) -> tuple[dict[str, np.ndarray], str]:
       state.update(read_safetensors(directory / shard))
     return state, str(index)
   if torch_bin.is_file():
-    from videofusion_jax.models.torch_pickle import read_torch_checkpoint
-    return read_torch_checkpoint(torch_bin), str(torch_bin)
+    from videofusion_jax.models.torch_pickle import TorchCheckpointError, read_torch_checkpoint
+    try:
+      return read_torch_checkpoint(torch_bin), str(torch_bin)
+    except TorchCheckpointError as e:
+      raise CLIPLoadError(str(e)) from None
   raise CLIPLoadError(f"{directory} has no CLIP weights: expected model.safetensors, model.safetensors.index.json "
                       "or pytorch_model.bin (a Hugging Face CLIPModel saved with save_pretrained).")
 
@@ -468,12 +471,22 @@ def load(path: str | Path, dtype: Dtype = jnp.float32) -> CLIP:
     found = sorted(p.name for p in directory.iterdir())[:10]
     raise CLIPLoadError(f"{directory} has no config.json, so it is not a Hugging Face CLIPModel directory "
                         f"(it holds {found}).")
-  config_json = json.loads(config_file.read_text())
+  try:
+    config_json = json.loads(config_file.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CLIPLoadError(f"{config_file} is not valid JSON ({e}).") from None
   if "text_config" not in config_json or "vision_config" not in config_json:
     raise CLIPLoadError(f"{config_file} is not a CLIPModel config: it has no text_config and vision_config "
                         f"(model_type {config_json.get('model_type')!r}).")
   pre_file = directory / "preprocessor_config.json"
-  config = CLIPConfig.from_json(config_json, json.loads(pre_file.read_text()) if pre_file.is_file() else None)
+  try:
+    config = CLIPConfig.from_json(config_json, json.loads(pre_file.read_text()) if pre_file.is_file() else None)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CLIPLoadError(f"{pre_file} is not valid JSON ({e}).") from None
+  for tower, t in (("text_config", config.text), ("vision_config", config.vision)):
+    if t.activation not in ACTIVATIONS:
+      raise CLIPLoadError(f"{config_file}: {tower}.hidden_act={t.activation!r} is not one this CLIP knows "
+                          f"({sorted(ACTIVATIONS)}).")
   _check_preprocessor_size(pre_file, config)
   state, source = read_weights(directory)
   params = params_from_state_dict(state, config, source)

@@ -78,10 +78,14 @@ def train(clip: CLIP, pixels: np.ndarray, frame_groups: np.ndarray, captions: li
 
   params, losses = run(clip.params)
   trained = CLIP(clip.config, params, clip.tokenizer, clip.dtype)
-  image = np.asarray(trained.encode_image(pixels))
-  text = np.asarray(trained.encode_text(np.asarray(ids)))
+  # Retrieval on at most 4,096 frames and captions (enough for the figure; the matrix stays small).
+  fi = np.random.default_rng(seed).permutation(pixels.shape[0])[:4096]
+  ti = np.random.default_rng(seed + 1).permutation(ids.shape[0])[:4096]
+  image = np.concatenate([np.asarray(trained.encode_image(pixels[fi[k:k + 256]])) for k in range(0, len(fi), 256)])
+  text = np.concatenate([np.asarray(trained.encode_text(np.asarray(ids[ti[k:k + 256]])))
+                         for k in range(0, len(ti), 256)])
   sim = (image / np.linalg.norm(image, axis=1, keepdims=True)) @ (text / np.linalg.norm(text, axis=1, keepdims=True)).T
-  retrieval = float(np.mean(np.asarray(caption_groups)[sim.argmax(1)] == np.asarray(frame_groups)))
+  retrieval = float(np.mean(np.asarray(caption_groups)[ti][sim.argmax(1)] == np.asarray(frame_groups)[fi]))
   losses = np.asarray(losses)
   return trained, {"loss_first": float(losses[:10].mean()), "loss_last": float(losses[-10:].mean()),
                    "retrieval": retrieval}

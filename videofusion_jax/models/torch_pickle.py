@@ -81,8 +81,13 @@ def read_torch_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     if not pickles:
       raise TorchCheckpointError(f"{path} is a zip file without a data.pkl: not a torch.save checkpoint.")
     prefix = pickles[0][: -len("/data.pkl")]
-    with archive.open(pickles[0]) as f:
-      state = _Unpickler(f, archive, prefix, path).load()
+    try:
+      with archive.open(pickles[0]) as f:
+        state = _Unpickler(f, archive, prefix, path).load()
+    except (KeyError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as e:
+      if isinstance(e, TorchCheckpointError):
+        raise
+      raise TorchCheckpointError(f"{path} is damaged: {type(e).__name__}: {e}. Download or save it again.") from None
   if not isinstance(state, dict):
     raise TorchCheckpointError(f"{path} holds a {type(state).__name__}, not a state dict.")
   return dict(state)
