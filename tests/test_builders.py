@@ -281,10 +281,12 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
 
   import jax
   import jax.numpy as jnp
+  import ml_collections
   import webvid
   from test_clip import write_checkpoint
 
   from videofusion_jax import sampling
+  from videofusion_jax.config import ConfigError
   from videofusion_jax.data import embeddings
   from videofusion_jax.models import clip as clip_lib
   from videofusion_jax.training.loop import train
@@ -318,6 +320,10 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
   clip = clip_lib.load(clip_dir)
   np.testing.assert_allclose(np.load(path), clip.encode_text(clip.tokenize(meta["captions"])), atol=2e-3)
 
+  other = ml_collections.ConfigDict(c.to_dict())
+  other.model.encoder.clip_dir = ""  # the project's own CLIP: not the one the model was trained with
+  with pytest.raises(ConfigError, match=f"was trained with '{clip_dir}'"):
+    sampling.run(other, str(tmp_path / "run"), experiment=trainer)
   sampling.run(c, str(tmp_path / "run"), experiment=trainer)
   out = tmp_path / "run" / "samples" / "step_2"
   expected = ["a sunset over the sea", "an aerial view of a city at night", "a sunset over the sea"]

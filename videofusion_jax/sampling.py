@@ -392,6 +392,21 @@ def sampler_settings(config: ml_collections.ConfigDict) -> dict:
           "embeddings_file": s.embeddings or None}
 
 
+def check_same_clip(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A 'clip' encoder samples with the CLIP it was trained with (the workdir's ``config.json``
+  records it): another CLIP's text space would feed the prior embeddings it never saw."""
+  if _clip_used(config) is None or not (Path(workdir) / "config.json").is_file():
+    return
+  try:
+    trained = json.loads((Path(workdir) / "config.json").read_text())["model"]["encoder"].get("clip_dir", "")
+  except (ValueError, KeyError, TypeError):
+    return  # an older or hand-edited record: nothing to compare
+  if trained != config.model.encoder.clip_dir:
+    used = repr(trained) if trained else "the project's own CLIP"
+    raise ConfigError(f"config.model.encoder.clip_dir={config.model.encoder.clip_dir!r}, but this model was trained "
+                      f"with {used} ({workdir}/config.json): pass --config.model.encoder.clip_dir={trained!r}.")
+
+
 def _clip_used(config: ml_collections.ConfigDict) -> str | None:
   """Which CLIP a 'clip' encoder used, for the sidecar: its directory, or the project's own."""
   if config.model.condition != "embedding" or config.model.encoder.kind != "clip":
@@ -432,6 +447,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   ``workdir/samples/step_N[_control][_Kclips]``: mp4, GIF and a JSON sidecar per video, grid.png,
   samples.npz and results.json (process 0 writes; every host draws its share)."""
   experiment = experiment or Experiment(config)
+  check_same_clip(config, workdir)
   state = experiment.restore(workdir)
   step = int(state.step)
   s = config.sample
@@ -445,7 +461,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     given = given[content]
   prompts = text = None
   if given is None and text_prior(config):
-    prompts = [sample_prompts(config, s.num_samples)[i] for i in content]
+    in_turn = sample_prompts(config, s.num_samples)
+    prompts = [in_turn[i] for i in content]
     text = prompt_embeddings(config, prompts, verbose=jax.process_index() == 0)
     labels = _demo_prompt_labels(config, prompts, text)
   source = {"label": "", "embedding": " through the prior"}[config.model.condition]
@@ -530,9 +547,9 @@ def _demo_prompt_labels(config, prompts: list[str], text: np.ndarray) -> np.ndar
   caption it equals, else of the caption nearest to it in CLIP's text space. None off the demo."""
   if config.data.name != "demo_clips":
     return None
-  from videofusion_jax.data.builders.demo_clips import CAPTIONS
+  from videofusion_jax.data.builders.demo_clips import CAPTIONS, CLASS_NAMES
 
-  captions = [(label, c) for label, caps in enumerate(CAPTIONS.values()) for c in caps]
+  captions = [(CLASS_NAMES.index(name), c) for name, caps in CAPTIONS.items() for c in caps]
   caption_text = prompt_embeddings(config, [c for _, c in captions], verbose=False)
   nearest = np.argmax(text @ caption_text.T, axis=1)
   return np.array([next((lab for lab, c in captions if c == p), captions[j][0]) for p, j in zip(prompts, nearest)],

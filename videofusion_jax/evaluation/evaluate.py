@@ -19,7 +19,14 @@ import numpy as np
 from videofusion_jax.data import video_io
 from videofusion_jax.evaluation.i3d import MIN_FRAMES
 from videofusion_jax.experiment import Experiment
-from videofusion_jax.sampling import Progress, generated_videos, prompt_embeddings, sample_labels, sample_prompts
+from videofusion_jax.sampling import (
+  Progress,
+  check_same_clip,
+  generated_videos,
+  prompt_embeddings,
+  sample_labels,
+  sample_prompts,
+)
 
 
 def frame_repeat(num_frames: int) -> int:
@@ -101,6 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     from videofusion_jax.evaluation.c3d import C3DProbs
     c3d = C3DProbs(e.c3d_weights, batch_size=e.batch_size)  # a wrong path fails before sampling
   workdir = Path(workdir)
+  check_same_clip(config, str(workdir))
   state = experiment.restore(workdir)
   step = int(state.step)
   i3d = i3d_features(e.batch_size)
