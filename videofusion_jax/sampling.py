@@ -95,14 +95,12 @@ def prior_eps_fn(experiment: Experiment, params, labels: jnp.ndarray | None,
   the label or the text (doubled batch: the null label, or the null text, zeros)."""
   c = experiment.config
   s, n = c.sample, c.data.num_classes
+  if s.prior_guidance_scale == 1.0 or (text is None and not n):
+    return make_prior_fn(experiment.networks, params, None if text is not None else labels, text)
   if text is not None:
-    if s.prior_guidance_scale == 1.0:
-      return make_prior_fn(experiment.networks, params, None, text)
     doubled = make_prior_fn(experiment.networks, params, None, jnp.concatenate([text, jnp.zeros_like(text)]))
-    return functools.partial(diffusion.guided_eps, doubled, scale=s.prior_guidance_scale)
-  if not (n and s.prior_guidance_scale != 1.0):
-    return make_prior_fn(experiment.networks, params, labels)
-  doubled = make_prior_fn(experiment.networks, params, jnp.concatenate([labels, jnp.full_like(labels, n)]))
+  else:
+    doubled = make_prior_fn(experiment.networks, params, jnp.concatenate([labels, jnp.full_like(labels, n)]))
   return functools.partial(diffusion.guided_eps, doubled, scale=s.prior_guidance_scale)
 
 

@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 
 from videofusion_jax.data import pipeline
+from videofusion_jax.data.video_io import to_uint8  # the pipeline's [-1, 1] frames as CLIP's uint8 input
 
 
 def fingerprint(clip_dir: str | Path, image_size: int) -> str:
@@ -180,11 +181,6 @@ def _load_clip(directory: str):
   from videofusion_jax.models import clip as clip_lib
 
   return clip_lib.load(directory)
-
-
-def to_uint8(frames: np.ndarray) -> np.ndarray:
-  """Frames in [-1, 1] (the pipeline's) -> uint8, as CLIP's preprocessing takes them."""
-  return np.clip(np.round((np.asarray(frames, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def compute_table(config: ml_collections.ConfigDict, split: str, batch_size: int = 128, verbose: bool = True) -> Path:

@@ -480,14 +480,15 @@ def load(path: str | Path, dtype: Dtype = jnp.float32) -> CLIP:
                         f"(model_type {config_json.get('model_type')!r}).")
   pre_file = directory / "preprocessor_config.json"
   try:
-    config = CLIPConfig.from_json(config_json, json.loads(pre_file.read_text()) if pre_file.is_file() else None)
+    preprocessor = json.loads(pre_file.read_text()) if pre_file.is_file() else None
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise CLIPLoadError(f"{pre_file} is not valid JSON ({e}).") from None
+  config = CLIPConfig.from_json(config_json, preprocessor)
   for tower, t in (("text_config", config.text), ("vision_config", config.vision)):
     if t.activation not in ACTIVATIONS:
       raise CLIPLoadError(f"{config_file}: {tower}.hidden_act={t.activation!r} is not one this CLIP knows "
                           f"({sorted(ACTIVATIONS)}).")
-  _check_preprocessor_size(pre_file, config)
+  _check_preprocessor_size(pre_file, preprocessor, config)
   state, source = read_weights(directory)
   params = params_from_state_dict(state, config, source)
   try:
@@ -500,10 +501,10 @@ def load(path: str | Path, dtype: Dtype = jnp.float32) -> CLIP:
   return CLIP(config, jax.tree.map(jnp.asarray, params), tokenizer, dtype)
 
 
-def _check_preprocessor_size(pre_file: Path, config: CLIPConfig) -> None:
-  if not pre_file.is_file():
+def _check_preprocessor_size(pre_file: Path, preprocessor: Mapping[str, Any] | None, config: CLIPConfig) -> None:
+  if preprocessor is None:
     return
-  crop = json.loads(pre_file.read_text()).get("crop_size", config.image_size)
+  crop = preprocessor.get("crop_size", config.image_size)
   crop = crop.get("height", config.image_size) if isinstance(crop, dict) else crop
   if crop != config.image_size:
     raise CLIPLoadError(f"{pre_file} crops to {crop} pixels but the vision tower takes {config.image_size} "
