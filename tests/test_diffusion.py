@@ -221,6 +221,52 @@ def test_joint_loss_matches_formula_and_is_zero_for_oracle():
   np.testing.assert_allclose(loss, (key + 3 * res) / 4, rtol=1e-5)
 
 
+def test_min_snr_weights_and_the_weighted_joint_loss():
+  """min(SNR, γ)/SNR against the NumPy cosine schedule; the weighted eq. (12) equals the weighted mean
+  of each example's own loss, computed one example at a time."""
+  schedule, lambdas, x0, noise = _clips_and_noise(7)
+  t = jnp.array([3, 400, 990])
+  acp = np.cumprod(1 - ref_betas("cosine", 1000))
+  snr = acp[np.asarray(t)] / (1 - acp[np.asarray(t)])
+  w = d.min_snr_weights(t, schedule, 5.0)
+  np.testing.assert_allclose(w, np.minimum(snr, 5.0) / snr, rtol=1e-4)
+  assert snr[0] > 5 > snr[1] and float(w[0]) < 0.1 and float(w[1]) == float(w[2]) == 1.0
+  base_fn = lambda z, t: 0.3 * z  # noqa: E731
+  residual_fn = lambda z, t, i: -0.2 * z + 0.01 * i[None, :, None, None, None]  # noqa: E731
+  loss, terms = d.joint_loss(base_fn, residual_fn, x0, t, noise, lambdas, schedule, weights=w)
+  one = [d.joint_loss(base_fn, residual_fn, x0[b:b + 1], t[b:b + 1], noise[b:b + 1], lambdas, schedule)
+         for b in range(3)]
+  for name, value in [("loss", loss), ("loss_key", terms["loss_key"]), ("loss_residual", terms["loss_residual"])]:
+    per_example = np.array([float(o[0]) if name == "loss" else float(o[1][name]) for o in one])
+    np.testing.assert_allclose(value, np.mean(np.asarray(w) * per_example), rtol=1e-5)
+  # Unit weights change nothing; the image loss takes the same weights.
+  np.testing.assert_allclose(d.joint_loss(base_fn, residual_fn, x0, t, noise, lambdas, schedule,
+                                          weights=jnp.ones(3))[0],
+                             d.joint_loss(base_fn, residual_fn, x0, t, noise, lambdas, schedule)[0], rtol=1e-6)
+  frames, frame_noise = x0[:, 0], noise[:, 0]
+  image = [float(d.denoising_loss(base_fn, frames[b:b + 1], t[b:b + 1], frame_noise[b:b + 1], schedule))
+           for b in range(3)]
+  np.testing.assert_allclose(d.denoising_loss(base_fn, frames, t, frame_noise, schedule, w),
+                             np.mean(np.asarray(w) * np.array(image)), rtol=1e-5)
+
+
+def test_stratified_timesteps_cover_every_stratum_and_stay_uniform():
+  """Each batch holds one timestep per stratum of [0, T); over many batches each example's timestep
+  is uniform on [0, T) (chi-square over 10 bins, p > 0.001) and as likely to fall in any stratum."""
+  draw = jax.jit(jax.vmap(lambda r: d.sample_timesteps(r, 8, 1000, stratified=True)))
+  t = np.asarray(draw(jax.random.split(jax.random.PRNGKey(0), 4000)))
+  assert t.min() >= 0 and t.max() <= 999
+  np.testing.assert_array_equal(np.sort(t // 125, axis=1), np.tile(np.arange(8), (4000, 1)))
+  from scipy import stats
+  for column in (0, 5):
+    counts = np.bincount(t[:, column] // 100, minlength=10)
+    assert stats.chisquare(counts).pvalue > 1e-3, counts
+    assert stats.chisquare(np.bincount(t[:, column] // 125, minlength=8)).pvalue > 1e-3
+  # The ordinary draw does not cover the strata (a control for the first assertion).
+  plain = np.asarray(jax.vmap(lambda r: d.sample_timesteps(r, 8, 1000))(jax.random.split(jax.random.PRNGKey(0), 50)))
+  assert (np.sort(plain // 125, axis=1) != np.arange(8)).any(axis=1).mean() > 0.9
+
+
 def test_key_frame_input_is_the_base_estimate_of_the_clean_key_frame():
   """With key_frame_input the residual generator receives x̂^k = (z^k - √(1-ᾱ) b̂) / √ᾱ, clipped;
   an oracle base makes it the clean key frame, and any base gives the NumPy formula."""

@@ -146,6 +146,39 @@ def test_batch_that_does_not_split_over_devices_is_a_clear_error():
     Trainer(tiny_config(**{"train.batch_size": 6}))
 
 
+def test_min_snr_weighting_weights_each_example_of_the_step_loss(trainer):
+  """With train.loss_weighting='min_snr' the generators' loss of a batch is the mean of each example's
+  unweighted loss times min(SNR_t, γ)/SNR_t (each example run alone); the prior's term is unweighted."""
+  import copy
+
+  from videofusion_jax.training.step import draw_randomness, loss_on_draws
+  weighted = copy.copy(trainer)
+  weighted.config = tiny_config(**{"train.loss_weighting": "min_snr", "train.min_snr_gamma": 2.0})
+  params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), trainer.init_state(0).params)
+  batch = {k: jnp.asarray(v) for k, v in batches(trainer.config, 1)[0].items()}
+  draws, rng = draw_randomness(trainer, jax.random.PRNGKey(3), batch["video"].shape)
+  draws["t"] = jnp.array([2, 30, 100, 300, 500, 700, 900, 999])  # both sides of SNR = 2
+  w = np.asarray(diffusion.min_snr_weights(draws["t"], trainer.schedule, 2.0))
+  assert (w < 1).sum() >= 2 and (w == 1).sum() >= 2
+  _, terms = jax.jit(lambda *a: loss_on_draws(*a[:1], weighted, *a[1:]))(params, batch, draws, rng)
+  one = jax.jit(lambda *a: loss_on_draws(*a[:1], trainer, *a[1:])[1])  # compiled once for the 8 examples
+  alone = [one(params, jax.tree.map(lambda x: x[b:b + 1], batch), jax.tree.map(lambda x: x[b:b + 1], draws), rng)
+           for b in range(8)]
+  per_example = np.array([float(a["loss_generators"]) for a in alone])
+  np.testing.assert_allclose(terms["loss_generators"], np.mean(w * per_example), rtol=1e-4)
+  np.testing.assert_allclose(terms["loss_prior"], np.mean([float(a["loss_prior"]) for a in alone]), rtol=1e-4)
+
+
+def test_timestep_and_weighting_options_are_checked():
+  from videofusion_jax.config import ConfigError, validate
+  with pytest.raises(ConfigError, match="train.timesteps='sorted': use 'uniform' or 'stratified'"):
+    validate(tiny_config(**{"train.timesteps": "sorted"}))
+  with pytest.raises(ConfigError, match="train.loss_weighting='snr': use ''"):
+    validate(tiny_config(**{"train.loss_weighting": "snr"}))
+  with pytest.raises(ConfigError, match="min_snr_gamma=0.0: must be > 0"):
+    validate(tiny_config(**{"train.loss_weighting": "min_snr", "train.min_snr_gamma": 0.0}))
+
+
 def test_base_learning_rate_scale_and_cosine_decay():
   from videofusion_jax.training.optimizer import make_optimizer
   _, sched = make_optimizer(tiny_config(**{"train.base_lr_scale": 0.01, "train.lr_decay": "cosine",

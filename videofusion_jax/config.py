@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
       # as the null condition, and whose label the prior sees as the null label (guidance).
       label_dropout=0.1, log_every=50, checkpoint_every=5000, keep_checkpoints=3,
       prior_repeats=1,  # timesteps at which each key-frame embedding is noised for the prior's loss
+      # The generators' timesteps: 'uniform' (independent draws) or 'stratified' (one per stratum of
+      # [0, T), Kingma et al. 2021: lower loss variance at small batches). loss_weighting: '' (eq. 12 as
+      # written) or 'min_snr' (each example's term weighted by min(SNR_t, min_snr_gamma) / SNR_t).
+      timesteps="uniform", loss_weighting="", min_snr_gamma=5.0,
       init_base_from="", freeze_base=False,
       # Memory switches (they change memory and compute, not the update). remat: rematerialise
       # the U-Nets' blocks in the backward pass ('' off, 'block', 'block_dots': models.unet.
@@ -247,6 +251,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       "generator: set --config.model.key_frame_input=True as well.")
   if t.stage not in ("video", "image"):
     raise ConfigError(f"config.train.stage={t.stage!r}: use 'video' or 'image'.")
+  if t.timesteps not in ("uniform", "stratified"):
+    raise ConfigError(f"config.train.timesteps={t.timesteps!r}: use 'uniform' or 'stratified' (one timestep per "
+                      "stratum of [0, T) in each batch).")
+  if t.loss_weighting not in ("", "min_snr"):
+    raise ConfigError(f"config.train.loss_weighting={t.loss_weighting!r}: use '' (eq. 12 unweighted) or 'min_snr'.")
+  if t.loss_weighting == "min_snr" and not t.min_snr_gamma > 0:
+    raise ConfigError(f"config.train.min_snr_gamma={t.min_snr_gamma}: must be > 0 (the cap on SNR_t in the "
+                      "min-SNR weights; 5 is the paper's choice).")
   if t.batch_size < 1 or t.num_steps < 1:
     raise ConfigError("config.train.batch_size and config.train.num_steps must be >= 1.")
   if t.lr_decay not in ("constant", "cosine"):

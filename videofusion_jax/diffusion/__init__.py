@@ -20,7 +20,13 @@ from videofusion_jax.diffusion.guidance import (
     guided_decomposed_eps,
     guided_eps,
 )
-from videofusion_jax.diffusion.losses import denoising_loss, joint_loss, sample_timesteps, video_denoising_loss
+from videofusion_jax.diffusion.losses import (
+    denoising_loss,
+    joint_loss,
+    min_snr_weights,
+    sample_timesteps,
+    video_denoising_loss,
+)
 from videofusion_jax.diffusion.samplers import (
     ddim_step,
     ddim_timesteps,
@@ -39,6 +45,7 @@ __all__ = [
     "ddim_step", "ddim_timesteps", "ddpm_step", "decomposed_eps", "decomposed_eps_fn", "decomposed_noise",
     "denoising_loss",
     "frame_lambdas", "frame_residuals", "guided_decomposed_eps", "guided_eps", "insert_key_frame", "joint_loss",
-    "key_frame_index", "make_schedule", "non_key_frames", "predict_x0", "q_sample", "remove_base_noise", "row_noise",
+    "key_frame_index", "make_schedule",
+    "min_snr_weights", "non_key_frames", "predict_x0", "q_sample", "remove_base_noise", "row_noise",
     "sample", "sample_chain", "sample_embeddings", "sample_timesteps", "video_denoising_loss",
 ]

@@ -17,8 +17,9 @@ ResidualFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 def joint_loss(base_fn: BaseFn, residual_fn: ResidualFn, x0: jnp.ndarray, t: jnp.ndarray,
                noise: jnp.ndarray, lambdas: jnp.ndarray, schedule: Schedule, key_frame_input: bool = False,
-               clean_key_frame: bool = False):
-  """Eq. (12), the joint loss with stop-gradient, divided by ``N·H·W·C`` and averaged over B.
+               clean_key_frame: bool = False, weights: jnp.ndarray | None = None):
+  """Eq. (12), the joint loss with stop-gradient, divided by ``N·H·W·C`` and averaged over B
+  (with ``weights`` ``(B,)``, each example's term is weighted first: ``min_snr_weights``).
 
   ``L = ‖ε^k - z_φ^b(z^k)‖² + Σ_{i≠k} ‖ε^i - √λ^i sg[z_φ^b(z^k)] - √(1-λ^i) z_ψ^r(z'^i, i)‖²``
   where ``z'`` is built from ``sg[z_φ^b]`` (eq. 10). The base generator therefore learns
@@ -42,27 +43,30 @@ def joint_loss(base_fn: BaseFn, residual_fn: ResidualFn, x0: jnp.ndarray, t: jnp
   eps_hat, base_eps, _ = decomposed_eps(base_fn, residual_fn, z_t, t, lambdas, schedule,
                                         stop_base_gradient=True, key_frame_input=key_frame_input,
                                         key_frame=x0[:, k] if key_frame_input and clean_key_frame else None)
-  loss_key = jnp.mean(jnp.square(noise[:, k].astype(jnp.float32) - base_eps.astype(jnp.float32)))
+  loss_key = _weighted_mean(jnp.square(noise[:, k].astype(jnp.float32) - base_eps.astype(jnp.float32)), weights)
   others = non_key_frames(num_frames)
-  loss_residual = jnp.mean(jnp.square(
-      noise[:, others].astype(jnp.float32) - eps_hat[:, others].astype(jnp.float32)))
+  loss_residual = _weighted_mean(jnp.square(
+      noise[:, others].astype(jnp.float32) - eps_hat[:, others].astype(jnp.float32)), weights)
   loss = (loss_key + (num_frames - 1) * loss_residual) / num_frames
   return loss, {"loss_key": loss_key, "loss_residual": loss_residual}
 
 
 def video_denoising_loss(eps_fn: BaseFn, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray,
-                         schedule: Schedule):
+                         schedule: Schedule, weights: jnp.ndarray | None = None):
   """Eq. (1)'s ε loss for a network on whole videos (VDM*): ``‖ε - eps_fn(z_t, t)‖²`` with
   ``eps_fn(z (B, N, H, W, C), t (B,)) -> (B, N, H, W, C)``, averaged over every element.
 
   ``noise`` is independent per frame for VDM (``decomposed_noise`` with λ = 0). Returns ``(loss,
   terms)`` with the terms of ``joint_loss`` (the key frame's MSE and the other frames'), so that
   both kinds of model log the same figures; ``loss = (loss_key + (N-1) loss_residual) / N``.
+  ``weights`` ``(B,)``: per-example weights, as in ``joint_loss``.
   """
   chex.assert_rank(x0, 5)
   chex.assert_equal_shape([x0, noise])
   num_frames = x0.shape[1]
   err = jnp.square(noise.astype(jnp.float32) - eps_fn(q_sample(x0, t, noise, schedule), t).astype(jnp.float32))
+  if weights is not None:
+    err = err * weights.reshape(weights.shape + (1,) * (err.ndim - 1))
   per_frame = jnp.mean(err, axis=(0, 2, 3, 4))
   loss_key = per_frame[key_frame_index(num_frames)]
   loss_residual = jnp.mean(per_frame[non_key_frames(num_frames)])
@@ -70,17 +74,50 @@ def video_denoising_loss(eps_fn: BaseFn, x0: jnp.ndarray, t: jnp.ndarray, noise:
 
 
 def denoising_loss(eps_fn: BaseFn, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray,
-                   schedule: Schedule):
+                   schedule: Schedule, weights: jnp.ndarray | None = None):
   """The ε-prediction loss of an ordinary DPM: ``‖ε - eps_fn(√ᾱ x0 + √(1-ᾱ) ε, t)‖²``.
 
   The image stage trains the base generator with it on single frames ``(B, H, W, C)``; the
-  prior, on embeddings ``(B, D)``. ``t``: ``(B,)``. Returns the mean over all elements.
+  prior, on embeddings ``(B, D)``. ``t``: ``(B,)``. Returns the mean over all elements (with
+  ``weights`` ``(B,)``, of each example's weighted error).
   """
   chex.assert_equal_shape([x0, noise])
   z_t = q_sample(x0, t, noise, schedule)
-  return jnp.mean(jnp.square(noise.astype(jnp.float32) - eps_fn(z_t, t).astype(jnp.float32)))
+  return _weighted_mean(jnp.square(noise.astype(jnp.float32) - eps_fn(z_t, t).astype(jnp.float32)), weights)
 
 
-def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int) -> jnp.ndarray:
-  """Uniform training timesteps, ``(B,)`` int32 in ``[0, T)``."""
-  return jax.random.randint(rng, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
+def _weighted_mean(err: jnp.ndarray, weights: jnp.ndarray | None) -> jnp.ndarray:
+  """Mean of ``err`` ``(B, ...)`` over every element, each example's entries scaled by ``weights[b]``."""
+  if weights is None:
+    return jnp.mean(err)
+  return jnp.mean(err * weights.reshape(weights.shape + (1,) * (err.ndim - 1)))
+
+
+def min_snr_weights(t: jnp.ndarray, schedule: Schedule, gamma: float) -> jnp.ndarray:
+  """Min-SNR-γ loss weights for ε-prediction (Hang et al., ICCV 2023): ``min(SNR_t, γ) / SNR_t``
+  with ``SNR_t = ᾱ_t / (1-ᾱ_t)``, ``(B,)`` for ``t`` ``(B,)``.
+
+  The ε loss weighs the clean-image error by ``SNR_t``; this caps that weight at ``γ``, so that the
+  nearly clean timesteps (whose ε is hardest to tell and matters least to samples) stop dominating
+  the gradient. Timesteps with ``SNR_t <= γ`` keep weight 1.
+  """
+  a = jnp.asarray(schedule.alphas_cumprod)[t]
+  snr = a / (1.0 - a)
+  return jnp.minimum(snr, gamma) / snr
+
+
+def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int, stratified: bool = False) -> jnp.ndarray:
+  """Training timesteps, ``(B,)`` int32 in ``[0, T)``, each uniform.
+
+  ``stratified`` (the low-discrepancy sampler of Kingma et al., 2021): ``[0, T)`` is cut into B equal
+  strata, one timestep is drawn in each from one shared offset, and the strata are dealt to the
+  examples in a random order. Each timestep is still uniform (exactly so when B divides T), but the
+  batch covers every noise level, so the loss of a small batch varies far less from step to step.
+  """
+  if not stratified:
+    return jax.random.randint(rng, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
+  u_rng, p_rng = jax.random.split(rng)
+  strata = jax.random.permutation(p_rng, batch_size).astype(jnp.float32)
+  u = jax.random.uniform(u_rng, ())
+  t = jnp.floor((strata + u) / batch_size * num_timesteps).astype(jnp.int32)
+  return jnp.minimum(t, num_timesteps - 1)

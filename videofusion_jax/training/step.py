@@ -48,7 +48,8 @@ def draw_randomness(experiment: Experiment, rng: jax.Array, video_shape: tuple[i
   config = experiment.config
   t_rng, n_rng, d_rng, l_rng, f_rng, p_rng = jax.random.split(rng, 6)
   b, num_frames = video_shape[:2]
-  draws = {"t": diffusion.sample_timesteps(t_rng, b, experiment.schedule.num_timesteps),
+  draws = {"t": diffusion.sample_timesteps(t_rng, b, experiment.schedule.num_timesteps,
+                                           stratified=config.train.timesteps == "stratified"),
            "drop": jax.random.bernoulli(l_rng, config.train.label_dropout, (b,))}
   if config.train.stage == "image":
     draws["frame"] = jax.random.randint(f_rng, (b,), 0, num_frames)
@@ -119,6 +120,9 @@ def loss_on_draws(params, experiment: Experiment, batch, draws: dict, dropout_rn
   networks, config, lambdas, schedule = experiment.networks, experiment.config, experiment.lambdas, experiment.schedule
   video, t, noise = batch["video"], draws["t"], draws["noise"]
   b = video.shape[0]
+  weights = None  # train.loss_weighting: per-example weights of the generators' loss
+  if config.train.loss_weighting == "min_snr":
+    weights = diffusion.min_snr_weights(t, schedule, config.train.min_snr_gamma)
   image_stage = config.train.stage == "image"
   if image_stage:
     x0 = video[jnp.arange(b), draws["frame"]]
@@ -132,16 +136,16 @@ def loss_on_draws(params, experiment: Experiment, batch, draws: dict, dropout_rn
     label = _drop_labels(batch["label"], config, draws["drop"])
   if config.model.kind == "vdm":  # VDM*: one space-time network, ε loss on every frame (independent noise: λ = 0)
     video_fn = make_video_fn(networks, params, label, train=True, rng=dropout_rng, condition=condition)
-    loss, terms = diffusion.video_denoising_loss(video_fn, video, t, noise, schedule)
+    loss, terms = diffusion.video_denoising_loss(video_fn, video, t, noise, schedule, weights)
     return _with_prior(loss, terms, params, experiment, key_frames, batch, draws, ema_params)
   base_fn, residual_fn = make_apply_fns(networks, params, label, train=True, rng=dropout_rng, condition=condition)
   if image_stage:
-    loss = diffusion.denoising_loss(base_fn, x0, t, noise, schedule)
+    loss = diffusion.denoising_loss(base_fn, x0, t, noise, schedule, weights)
     terms = {"loss_key": loss, "loss_residual": jnp.zeros(())}
   else:
     loss, terms = diffusion.joint_loss(base_fn, residual_fn, video, t, noise, lambdas, schedule,
                                        key_frame_input=config.model.key_frame_input,
-                                       clean_key_frame=config.model.key_frame_clean)
+                                       clean_key_frame=config.model.key_frame_clean, weights=weights)
   return _with_prior(loss, terms, params, experiment, key_frames, batch, draws, ema_params)
 
 
