@@ -243,6 +243,10 @@ def test_min_snr_weights_and_the_weighted_joint_loss():
   np.testing.assert_allclose(d.joint_loss(base_fn, residual_fn, x0, t, noise, lambdas, schedule,
                                           weights=jnp.ones(3))[0],
                              d.joint_loss(base_fn, residual_fn, x0, t, noise, lambdas, schedule)[0], rtol=1e-6)
+  video = [float(d.video_denoising_loss(base_fn, x0[b:b + 1], t[b:b + 1], noise[b:b + 1], schedule)[0])
+           for b in range(3)]
+  np.testing.assert_allclose(d.video_denoising_loss(base_fn, x0, t, noise, schedule, w)[0],
+                             np.mean(np.asarray(w) * np.array(video)), rtol=1e-5)
   frames, frame_noise = x0[:, 0], noise[:, 0]
   image = [float(d.denoising_loss(base_fn, frames[b:b + 1], t[b:b + 1], frame_noise[b:b + 1], schedule))
            for b in range(3)]

@@ -258,7 +258,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.loss_weighting={t.loss_weighting!r}: use '' (eq. 12 unweighted) or 'min_snr'.")
   if t.loss_weighting == "min_snr" and not t.min_snr_gamma > 0:
     raise ConfigError(f"config.train.min_snr_gamma={t.min_snr_gamma}: must be > 0 (the cap on SNR_t in the "
-                      "min-SNR weights; 5 is the paper's choice).")
+                      "min-SNR weights; Hang et al. use 5).")
   if t.batch_size < 1 or t.num_steps < 1:
     raise ConfigError("config.train.batch_size and config.train.num_steps must be >= 1.")
   if t.lr_decay not in ("constant", "cosine"):

@@ -65,9 +65,7 @@ def video_denoising_loss(eps_fn: BaseFn, x0: jnp.ndarray, t: jnp.ndarray, noise:
   chex.assert_equal_shape([x0, noise])
   num_frames = x0.shape[1]
   err = jnp.square(noise.astype(jnp.float32) - eps_fn(q_sample(x0, t, noise, schedule), t).astype(jnp.float32))
-  if weights is not None:
-    err = err * weights.reshape(weights.shape + (1,) * (err.ndim - 1))
-  per_frame = jnp.mean(err, axis=(0, 2, 3, 4))
+  per_frame = jnp.mean(_scale_examples(err, weights), axis=(0, 2, 3, 4))
   loss_key = per_frame[key_frame_index(num_frames)]
   loss_residual = jnp.mean(per_frame[non_key_frames(num_frames)])
   return jnp.mean(per_frame), {"loss_key": loss_key, "loss_residual": loss_residual}
@@ -86,11 +84,14 @@ def denoising_loss(eps_fn: BaseFn, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.n
   return _weighted_mean(jnp.square(noise.astype(jnp.float32) - eps_fn(z_t, t).astype(jnp.float32)), weights)
 
 
+def _scale_examples(err: jnp.ndarray, weights: jnp.ndarray | None) -> jnp.ndarray:
+  """``err`` ``(B, ...)`` with example ``b``'s entries times ``weights[b]`` (None: unchanged)."""
+  return err if weights is None else err * weights.reshape(weights.shape + (1,) * (err.ndim - 1))
+
+
 def _weighted_mean(err: jnp.ndarray, weights: jnp.ndarray | None) -> jnp.ndarray:
   """Mean of ``err`` ``(B, ...)`` over every element, each example's entries scaled by ``weights[b]``."""
-  if weights is None:
-    return jnp.mean(err)
-  return jnp.mean(err * weights.reshape(weights.shape + (1,) * (err.ndim - 1)))
+  return jnp.mean(_scale_examples(err, weights))
 
 
 def min_snr_weights(t: jnp.ndarray, schedule: Schedule, gamma: float) -> jnp.ndarray:
@@ -103,7 +104,7 @@ def min_snr_weights(t: jnp.ndarray, schedule: Schedule, gamma: float) -> jnp.nda
   """
   a = jnp.asarray(schedule.alphas_cumprod)[t]
   snr = a / (1.0 - a)
-  return jnp.minimum(snr, gamma) / snr
+  return jnp.where(snr > gamma, gamma / snr, 1.0)  # not min(snr, γ)/snr: no 0/0 where ᾱ_t rounds to 0
 
 
 def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int, stratified: bool = False) -> jnp.ndarray:
