@@ -38,11 +38,13 @@ def test_benchmark_prints_every_field_for_both_kinds(tmp_path):
     assert abs(train["mfu"] - train["xla_flops_per_step"] / (train["step_ms_median"] / 1000) / 695e12) < 1e-4
     assert train["peak_memory_bytes"] > 0 and train["xla_flops_per_step"] > 0
     assert 0 < train["compile_warm_s"] < train["compile_cold_s"]  # the persistent cache is used
+    assert 0 < train["compile_warm_trace_lower_s"] < train["compile_warm_s"]  # a part of the warm compile
   for sample in (vf_sample, vdm_sample):
     assert sample["steps"] == 2 and sample["method"] == "ddim" and sample["videos_per_s"] > 0
     for field in ("sample_compile_cold_s", "sample_compile_warm_s", "sample_tflops_per_s", "sample_mfu",
                   "sample_xla_flops_per_batch"):
       assert field in sample, field
+    assert 0 < sample["sample_compile_warm_trace_lower_s"] < sample["sample_compile_warm_s"]
   assert "params_video" in vdm and "params_base" in vf and "params_residual" in vf
   # VDM* runs the base U-Net (plus temporal layers) on all N frames, VideoFusion on the key frame
   # and the smaller residual U-Net on N-1: XLA's counts must show VideoFusion cheaper.
