@@ -38,12 +38,6 @@ _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed sampling batc
 _COMPARE = flags.DEFINE_bool("compare", False, "Also run VDM* on the same base generator, and print ratios.")
 _CACHE_ROOT = flags.DEFINE_string("cache_root", "", "Where the fresh compilation caches go ('' = a temp dir).")
 
-SAMPLE_FIELDS = ("sample_compile_cold_s", "sample_compile_warm_s", "sample_compile_warm_trace_lower_s",
-                 "sample_s_per_batch", "videos_per_s", "sample_xla_flops_per_batch", "sample_tflops_per_s",
-                 "sample_mfu")
-TRAIN_FIELDS = ("compile_cold_s", "compile_warm_s", "compile_warm_trace_lower_s", "step_ms_median", "clips_per_s",
-                "xla_flops_per_step", "tflops_per_s", "mfu", "peak_memory_bytes", "memory_source")
-
 
 def vdm_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """VDM* on ``config``'s base generator: the same U-Net made space-time, independent noise."""
