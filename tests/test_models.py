@@ -88,3 +88,32 @@ def test_attention_heads_have_a_fixed_width():
   ref = np.asarray(x, np.float64).reshape(2, 6, 96) + att @ np.asarray(params["proj"]["kernel"]) + np.asarray(
       params["proj"]["bias"])
   np.testing.assert_allclose(out.reshape(2, 6, 96), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,dtype", [((2, 8, 8, 64), jnp.float32), ((3, 5, 7, 48), jnp.bfloat16),
+                                         ((4, 256), jnp.float32), ((2, 4, 6, 6, 32), jnp.float32)])
+def test_group_norm_matches_flax(shape, dtype):
+  """The project's GroupNorm (one jitted lax function, cheap to trace) has flax.linen.GroupNorm's
+  parameters, output and gradients, for images, videos, vectors and bfloat16 compute."""
+  from videofusion_jax.models.unet import GroupNorm
+
+  rng = np.random.default_rng(0)
+  groups = int(np.gcd(32, shape[-1]))
+  x = jnp.asarray(rng.normal(2.0, 3.0, shape), dtype)  # off-centre: the mean matters
+  ours, ref = GroupNorm(groups, dtype, jnp.float32), nn.GroupNorm(groups, dtype=dtype, param_dtype=jnp.float32)
+  init = nn.unbox(ours.init(jax.random.PRNGKey(0), x))
+  assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, ref.init(jax.random.PRNGKey(0), x))
+  v = jax.tree.map(lambda a: jnp.asarray(rng.normal(1.0, 0.5, a.shape), a.dtype), init)
+  out, expected = ours.apply(v, x), ref.apply(v, x)
+  assert out.dtype == expected.dtype == dtype
+  tol = 1e-4 if dtype == jnp.float32 else 2e-2  # float32 sums in another order; bfloat16 rounding
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32), rtol=tol, atol=tol)
+
+  def loss(m):
+    return lambda v, x: jnp.sum(jnp.sin(m.apply(v, x).astype(jnp.float32)))
+
+  grads, expected_grads = (jax.tree.leaves(jax.grad(loss(m), (0, 1))(v, x)) for m in (ours, ref))
+  assert len(grads) == 3  # scale, bias and the input
+  for g, e in zip(grads, expected_grads):
+    g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)
+    np.testing.assert_allclose(g, e, rtol=0, atol=(3e-4 if dtype == jnp.float32 else 5e-2) * np.abs(e).max())

@@ -396,6 +396,55 @@ def test_each_generator_is_clipped_by_its_own_norm():
   np.testing.assert_allclose(out["residual"]["w"], grads["residual"]["w"], rtol=1e-6)
 
 
+def test_adamw_matches_optax_and_keeps_its_state_layout():
+  """The step's AdamW (one jitted function per parameter, cheap to trace) gives optax.adamw's
+  updates and state over several steps of a warm-up schedule with weight decay, inside the
+  per-network masks of make_optimizer, and its state has optax's layout (checkpoints of either
+  restore)."""
+  import optax
+
+  from videofusion_jax.training.optimizer import adamw, global_norm
+
+  rng = np.random.default_rng(0)
+  params = {"base": {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.zeros(4)},
+            "residual": {"w": jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)}}
+  schedule = optax.linear_schedule(0.0, 1e-2, 3)
+
+  def labelled(make):
+    return optax.multi_transform({"base": make(schedule, b1=0.9, b2=0.999, weight_decay=0.05),
+                                  "residual": optax.set_to_zero()}, {"base": "base", "residual": "residual"})
+
+  ours, ref = labelled(adamw), labelled(optax.adamw)
+  s_ours, s_ref = ours.init(params), ref.init(params)
+  assert jax.tree.structure(s_ours) == jax.tree.structure(s_ref)
+  p_ours = p_ref = params
+  for step in range(5):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 10 ** (step - 2), jnp.float32), params)
+    u_ours, s_ours = jax.jit(ours.update)(grads, s_ours, p_ours)
+    u_ref, s_ref = ref.update(grads, s_ref, p_ref)
+    for a, b in zip(jax.tree.leaves((u_ours, s_ours)), jax.tree.leaves((u_ref, s_ref))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-9)
+    p_ours, p_ref = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_ref, u_ref)
+  assert float(jnp.abs(p_ours["base"]["w"] - params["base"]["w"]).max()) > 1e-3  # it did move the base
+  np.testing.assert_allclose(global_norm(grads), optax.global_norm(grads), rtol=1e-6)
+  with pytest.raises(ValueError, match="needs the parameters"):
+    adamw(schedule).update(grads["base"], adamw(schedule).init(params["base"]))
+
+
+def test_ema_follows_its_formula_with_warm_up():
+  """ema ← d·ema + (1-d)·params, d = min(decay, (1+step)/(10+step)), leaf by leaf, dtype kept."""
+  from videofusion_jax.training.state import ema_update
+
+  rng = np.random.default_rng(1)
+  ema = {"a": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=5), jnp.float32)}
+  params = jax.tree.map(lambda x: x + 1.0, ema)
+  for step, d in [(0, 0.1), (5, 6 / 15), (10_000, 0.999)]:
+    out = jax.jit(ema_update, static_argnums=2)(ema, params, 0.999, jnp.int32(step))
+    for o, e, p in zip(jax.tree.leaves(out), jax.tree.leaves(ema), jax.tree.leaves(params)):
+      assert o.dtype == e.dtype
+      np.testing.assert_allclose(o, d * np.asarray(e) + (1 - d) * np.asarray(p), rtol=1e-6)
+
+
 def test_frozen_base_costs_no_backward_pass(trainer):
   """XLA's cost analysis of the compiled step: freezing the base removes its backward pass."""
   frozen = Trainer(tiny_config(**{"train.freeze_base": True}), mesh=trainer.mesh)

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from videofusion_jax.models.unet import BIAS, CONV, DENSE, NORM, _groups, _init
+from videofusion_jax.models.unet import BIAS, CONV, DENSE, GroupNorm, _groups, _init
 
 Dtype = Any
 
@@ -51,9 +51,7 @@ class KeyFrameEncoder(nn.Module):
     conv = lambda c, s, name: nn.Conv(  # noqa: E731
         c, (3, 3), strides=(s, s), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         kernel_init=_init(nn.initializers.lecun_normal(), CONV), bias_init=_init(nn.initializers.zeros, BIAS))
-    norm = lambda c, name: nn.GroupNorm(  # noqa: E731
-        _groups(c), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        scale_init=_init(nn.initializers.ones, NORM), bias_init=_init(nn.initializers.zeros, NORM))
+    norm = lambda c, name: GroupNorm(_groups(c), self.dtype, self.param_dtype, name=name)  # noqa: E731
     h = conv(self.base_channels, 1, "conv_in")(x.astype(self.dtype))
     for level, mult in enumerate(self.channel_mult):
       c = self.base_channels * mult

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax import lax
 
 from videofusion_jax.models.factory import network_names
 
@@ -43,21 +44,78 @@ def base_lr_scale(config: ml_collections.ConfigDict) -> float:
   return 1.0 if config.train.stage == "image" else float(config.train.base_lr_scale)
 
 
+# The helpers below are jitted per parameter so that the step's trace holds one call per
+# parameter, traced once per distinct shape, instead of a few operations each traced on its own:
+# tracing is host time that no compilation cache saves, paid by every run (benchmarks/RESULTS.md).
+# Their bodies use lax, not jnp: each jnp operation is itself a jitted call, several times dearer
+# to trace.
+@jax.jit
+def _sum_of_squares(g):
+  g = lax.convert_element_type(g, jnp.float32)
+  return lax.reduce_sum(lax.mul(g, g), tuple(range(g.ndim)))
+
+
+@jax.jit
+def _scaled(g, factor):
+  return lax.mul(g, lax.convert_element_type(factor, g.dtype))
+
+
+def global_norm(tree) -> jax.Array:
+  """The L2 norm of all of ``tree``'s leaves together (as ``optax.global_norm``), in float32."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(jnp.sum(jnp.stack([_sum_of_squares(g) for g in leaves]))) if leaves else jnp.float32(0)
+
+
 def clip_each_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   """Clips each generator's gradient ``updates[name]`` to global norm ``max_norm`` on its own, so
   that one network's large gradient does not shrink the other's update. Stateless (its state is
   ``EmptyState``, as ``optax.clip_by_global_norm``'s, so checkpoints of either restore)."""
 
   def clip(tree):
-    norm = optax.global_norm(tree)
+    norm = global_norm(tree)
     factor = jnp.where(norm < max_norm, 1.0, max_norm / jnp.maximum(norm, 1e-30))
-    return jax.tree.map(lambda g: (g * factor).astype(g.dtype), tree)
+    return jax.tree.map(lambda g: _scaled(g, factor), tree)
 
   def update(updates, state, params=None):
     del params
     return {name: clip(tree) for name, tree in updates.items()}, state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def adamw(learning_rate: optax.Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """``optax.adamw``'s update with its state (so checkpoints of either restore), computed by one
+  jitted function per parameter (see ``_sum_of_squares``), where optax traces a dozen operations
+  per parameter."""
+  reference = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+  @jax.jit
+  def leaf(g, mu, nu, p, lr, correction1, correction2):
+    k = lambda value: lax.convert_element_type(value, g.dtype)  # noqa: E731  (rank 0 broadcasts)
+    mu = lax.add(lax.mul(k(1 - b1), g), lax.mul(k(b1), mu))
+    nu = lax.add(lax.mul(k(1 - b2), lax.mul(g, g)), lax.mul(k(b2), nu))
+    u = lax.div(lax.div(mu, k(correction1)), lax.add(lax.sqrt(lax.div(nu, k(correction2))), k(eps)))
+    if weight_decay:
+      u = lax.add(u, lax.mul(k(weight_decay), p))
+    return lax.mul(k(-lr), u), mu, nu
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("adamw needs the parameters for its weight decay: tx.update(grads, state, params).")
+    adam, decay_state, schedule_state = state
+    count = optax.safe_increment(adam.count)
+    # In float32 whatever the moments' dtype: b2**count in low precision rounds to 1 (optax's note).
+    c1, c2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
+    lr = jnp.asarray(learning_rate(schedule_state.count), jnp.float32)
+    grads, tree = jax.tree.flatten(updates)
+    mus, nus, ps = (tree.flatten_up_to(x) for x in (adam.mu, adam.nu, params))
+    rows = [leaf(g, m, v, p, lr, c1, c2) for g, m, v, p in zip(grads, mus, nus, ps)]
+    new_updates, mu, nu = (tree.unflatten([row[i] for row in rows]) for i in range(3))
+    return new_updates, (adam._replace(count=count, mu=mu, nu=nu), decay_state,
+                         schedule_state._replace(count=optax.safe_increment(schedule_state.count)))
+
+  return optax.GradientTransformation(reference.init, update)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, dict]:
@@ -75,7 +133,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
                  "residual": learning_rate_schedule(config, 1.0)}
     group = lambda name: "base" if name in WITH_BASE else "residual"  # noqa: E731
   trainable = trainable_networks(config)
-  transforms = {name: optax.adamw(schedules[group(name)], b1=0.9, b2=0.999, weight_decay=t.weight_decay)
+  transforms = {name: adamw(schedules[group(name)], b1=0.9, b2=0.999, weight_decay=t.weight_decay)
                 if name in trainable else optax.set_to_zero() for name in network_names(config)}
   labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}  # noqa: E731
   tx = optax.chain(clip_each_by_global_norm(t.grad_clip), optax.multi_transform(transforms, labels))

@@ -22,4 +22,12 @@ class TrainState:
 def ema_update(ema, params, decay: float, step: jnp.ndarray):
   """``ema ← d·ema + (1-d)·params`` with ``d = min(decay, (1+step)/(10+step))`` (warm-up)."""
   d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+  return jax.tree.map(lambda e, p: _ema_leaf(e, p, d), ema, params)
+
+
+@jax.jit
+def _ema_leaf(e, p, d):
+  # Jitted per leaf, in lax: the step's trace holds one call per parameter, traced once per shape,
+  # not three jnp operations (each a jitted call) per parameter (training/optimizer.py).
+  d = jax.lax.convert_element_type(d, e.dtype)
+  return jax.lax.add(jax.lax.mul(d, e), jax.lax.mul(jax.lax.sub(jax.lax.full((), 1, e.dtype), d), p))

@@ -6,7 +6,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -15,7 +14,7 @@ from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import generator_names, make_apply_fns, make_prior_fn, make_video_fn
 from videofusion_jax.training import sharding as shd
-from videofusion_jax.training.optimizer import trainable_networks
+from videofusion_jax.training.optimizer import global_norm, trainable_networks
 from videofusion_jax.training.state import TrainState, ema_update
 
 
@@ -231,7 +230,7 @@ def train_step(state: TrainState, batch, *, experiment: Experiment):
       # 'loss' is what the step minimises: eq. 12 (or the image loss, or VDM*'s), plus the prior's term.
       **losses,
       # Norms before clipping (each generator is clipped to train.grad_clip on its own).
-      **{f"grad_norm_{k}": optax.global_norm(grads[k]) for k in generator_names(config)},
+      **{f"grad_norm_{k}": global_norm(grads[k]) for k in generator_names(config)},
       **{f"lr_{k}": schedule(state.step) for k, schedule in schedules.items()},
   }
   return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
