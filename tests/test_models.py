@@ -90,24 +90,33 @@ def test_attention_heads_have_a_fixed_width():
   np.testing.assert_allclose(out.reshape(2, 6, 96), ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape,dtype", [((2, 8, 8, 64), jnp.float32), ((3, 5, 7, 48), jnp.bfloat16),
-                                         ((4, 256), jnp.float32), ((2, 4, 6, 6, 32), jnp.float32)])
-def test_group_norm_matches_flax(shape, dtype):
+@pytest.mark.parametrize("shape,dtype,param_dtype,loc,std", [
+    ((2, 8, 8, 64), jnp.float32, jnp.float32, 2.0, 3.0),  # off-centre: the mean matters
+    ((3, 5, 7, 48), jnp.bfloat16, jnp.float32, 2.0, 3.0),
+    ((4, 256), jnp.float32, jnp.float32, 2.0, 3.0),
+    ((2, 4, 6, 6, 32), jnp.float32, jnp.float32, 2.0, 3.0),
+    ((2, 8, 8, 64), jnp.float32, jnp.float32, 0.0, 1e-3),  # variance 1e-6: epsilon matters
+    ((2, 8, 8, 64), jnp.bfloat16, jnp.bfloat16, 2.0, 3.0)])
+def test_group_norm_matches_flax(shape, dtype, param_dtype, loc, std):
   """The project's GroupNorm (one jitted lax function, cheap to trace) has flax.linen.GroupNorm's
-  parameters, output and gradients, for images, videos, vectors and bfloat16 compute."""
+  parameters, output and gradients, for images, videos, vectors, bfloat16 compute and parameters."""
   from videofusion_jax.models.unet import GroupNorm
 
   rng = np.random.default_rng(0)
   groups = int(np.gcd(32, shape[-1]))
-  x = jnp.asarray(rng.normal(2.0, 3.0, shape), dtype)  # off-centre: the mean matters
-  ours, ref = GroupNorm(groups, dtype, jnp.float32), nn.GroupNorm(groups, dtype=dtype, param_dtype=jnp.float32)
-  init = nn.unbox(ours.init(jax.random.PRNGKey(0), x))
-  assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, ref.init(jax.random.PRNGKey(0), x))
+  x = jnp.asarray(rng.normal(loc, std, shape), dtype)
+  ours, ref = GroupNorm(groups, dtype, param_dtype), nn.GroupNorm(groups, dtype=dtype, param_dtype=param_dtype)
+  init, expected_init = nn.unbox(ours.init(jax.random.PRNGKey(0), x)), ref.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(init) == jax.tree.structure(expected_init)
+  for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(expected_init)):
+    assert a.dtype == b.dtype == param_dtype and np.array_equal(a, b)
   v = jax.tree.map(lambda a: jnp.asarray(rng.normal(1.0, 0.5, a.shape), a.dtype), init)
   out, expected = ours.apply(v, x), ref.apply(v, x)
   assert out.dtype == expected.dtype == dtype
   tol = 1e-4 if dtype == jnp.float32 else 2e-2  # float32 sums in another order; bfloat16 rounding
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32), rtol=tol, atol=tol)
+  # A constant input far from 0: E[x²] - E[x]² cancels to about 0 or below (clipped), never a NaN.
+  assert np.isfinite(np.asarray(ours.apply(v, jnp.full(shape, 1000.0, dtype)), np.float32)).all()
 
   def loss(m):
     return lambda v, x: jnp.sum(jnp.sin(m.apply(v, x).astype(jnp.float32)))

@@ -422,13 +422,21 @@ def test_adamw_matches_optax_and_keeps_its_state_layout():
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 10 ** (step - 2), jnp.float32), params)
     u_ours, s_ours = jax.jit(ours.update)(grads, s_ours, p_ours)
     u_ref, s_ref = ref.update(grads, s_ref, p_ref)
-    for a, b in zip(jax.tree.leaves((u_ours, s_ours)), jax.tree.leaves((u_ref, s_ref))):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-9)
+    assert jax.tree.structure((u_ours, s_ours)) == jax.tree.structure((u_ref, s_ref))
+    for a, b in zip(jax.tree.leaves((u_ours, s_ours)), jax.tree.leaves((u_ref, s_ref)), strict=True):
+      assert a.dtype == b.dtype and a.shape == b.shape
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-12)
     p_ours, p_ref = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_ref, u_ref)
   assert float(jnp.abs(p_ours["base"]["w"] - params["base"]["w"]).max()) > 1e-3  # it did move the base
   np.testing.assert_allclose(global_norm(grads), optax.global_norm(grads), rtol=1e-6)
   with pytest.raises(ValueError, match="needs the parameters"):
     adamw(schedule).update(grads["base"], adamw(schedule).init(params["base"]))
+  # A constant learning rate, no weight decay: one step as optax's.
+  u, _ = adamw(1e-3).update(grads["base"], adamw(1e-3).init(params["base"]), params["base"])
+  expected, _ = optax.adamw(1e-3, weight_decay=0.0).update(grads["base"], optax.adamw(1e-3).init(params["base"]),
+                                                          params["base"])
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6)
 
 
 def test_ema_follows_its_formula_with_warm_up():
@@ -440,9 +448,14 @@ def test_ema_follows_its_formula_with_warm_up():
   params = jax.tree.map(lambda x: x + 1.0, ema)
   for step, d in [(0, 0.1), (5, 6 / 15), (10_000, 0.999)]:
     out = jax.jit(ema_update, static_argnums=2)(ema, params, 0.999, jnp.int32(step))
-    for o, e, p in zip(jax.tree.leaves(out), jax.tree.leaves(ema), jax.tree.leaves(params)):
+    for o, e, p in zip(jax.tree.leaves(out), jax.tree.leaves(ema), jax.tree.leaves(params), strict=True):
       assert o.dtype == e.dtype
       np.testing.assert_allclose(o, d * np.asarray(e) + (1 - d) * np.asarray(p), rtol=1e-6)
+  # bfloat16 parameters: d = 0.999 is 1 in bfloat16, so 1 - d must come from float32 (else the EMA stops).
+  e16, p16 = jnp.full((4,), 0.001, jnp.bfloat16), jnp.ones((4,), jnp.bfloat16)
+  out = ema_update(e16, p16, 0.999, jnp.int32(100_000))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), 0.999 * 0.001 + 0.001, rtol=1e-2)
 
 
 def test_frozen_base_costs_no_backward_pass(trainer):

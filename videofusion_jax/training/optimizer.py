@@ -57,11 +57,13 @@ def _sum_of_squares(g):
 
 @jax.jit
 def _scaled(g, factor):
-  return lax.mul(g, lax.convert_element_type(factor, g.dtype))
+  return lax.convert_element_type(lax.mul(lax.convert_element_type(g, jnp.float32), factor), g.dtype)
 
 
 def global_norm(tree) -> jax.Array:
-  """The L2 norm of all of ``tree``'s leaves together (as ``optax.global_norm``), in float32."""
+  """The L2 norm of all of ``tree``'s leaves together, as ``optax.global_norm`` but squared and
+  summed in float32 whatever the leaves' dtype (optax squares in theirs: a float16 gradient above
+  256 made its norm inf, and the clipping then zeroed the update)."""
   leaves = jax.tree.leaves(tree)
   return jnp.sqrt(jnp.sum(jnp.stack([_sum_of_squares(g) for g in leaves]))) if leaves else jnp.float32(0)
 
@@ -83,11 +85,14 @@ def clip_each_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def adamw(learning_rate: optax.Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 0.0) -> optax.GradientTransformation:
   """``optax.adamw``'s update with its state (so checkpoints of either restore), computed by one
   jitted function per parameter (see ``_sum_of_squares``), where optax traces a dozen operations
-  per parameter."""
+  per parameter. Gradients, moments and parameters share one dtype (the moments take the
+  parameters', as in optax): lax does not promote."""
+  if not callable(learning_rate):
+    learning_rate = optax.constant_schedule(learning_rate)
   reference = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
   @jax.jit
