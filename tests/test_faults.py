@@ -27,11 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def one_device_env() -> dict:
   """The environment of a CLI run on one CPU device (the suite's 8 simulated ones are not needed),
-  with XLA's CPU backend unoptimised: compiling is most of these runs (runs compared with each
-  other all use it)."""
+  with conftest.py's unoptimised XLA CPU backend (runs compared with each other all use it)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
-  env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
