@@ -1,11 +1,11 @@
 """The benchmark (benchmarks/train_step.py --compare) on a tiny config: every field, and the
 figures that can be checked independently (FLOPs ratio, params, clips/s from the step time)."""
 import json
-import os
 import subprocess
 import sys
 
 from conftest import ROOT
+from test_faults import one_device_env
 
 TINY = ["--config.data.num_frames=4", "--config.data.image_size=8", "--config.model.base.base_channels=8",
         "--config.model.base.head_dim=8", "--config.model.base.attention_resolutions=(4,)",
@@ -16,8 +16,7 @@ TINY = ["--config.data.num_frames=4", "--config.data.image_size=8", "--config.mo
 
 
 def test_benchmark_prints_every_field_for_both_kinds(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"}
+  env = {**one_device_env(), "PYTHONPATH": str(ROOT)}
   r = subprocess.run([sys.executable, "benchmarks/train_step.py", "--config=configs/demo.py", "--steps=3",
                       "--warmup=1", "--sample_steps=2", "--sample_repeats=1", "--compare",
                       f"--cache_root={tmp_path}", *TINY],

@@ -4,13 +4,13 @@ import ast
 import base64
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+from test_faults import one_device_env
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "colab_demo.ipynb"
@@ -52,10 +52,8 @@ def test_notebook_is_clean_and_parameterised():
 def _kernel_env(tmp_path):
   """The test process's environment for the kernel (and so for the notebook's training process): one CPU
   device (conftest.py asks for eight; its unoptimised XLA CPU backend is kept)."""
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags)
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", IPYTHONDIR=str(tmp_path / "ipython"))
+  env = one_device_env()
+  env.update(TF_CPP_MIN_LOG_LEVEL="2", IPYTHONDIR=str(tmp_path / "ipython"))
   return env
 
 
