@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine (CPU only; 8 simulated devices for the sharding tests).
+# Test files run in parallel, one pytest-xdist worker per CPU core (at most 4: each holds a JAX
+# process of up to a few GB); compiling, most of the suite's time, uses one core. TEST_WORKERS=N
+# sets the count, TEST_WORKERS=0 runs everything in this one process.
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-python -m pytest -q --durations=15 tests "$@"
+CORES="$(python -c 'import os; print(len(os.sched_getaffinity(0)))')"
+WORKERS="${TEST_WORKERS:-$(( CORES < 4 ? CORES : 4 ))}"
+python -m pytest -q --durations=15 -n "$WORKERS" --dist loadfile tests "$@"
