@@ -5,6 +5,6 @@
 # sets the count, TEST_WORKERS=0 runs everything in this one process.
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-CORES="$(python -c 'import os; print(len(os.sched_getaffinity(0)))')"
+CORES="$(nproc)"  # the cores this process may use (its CPU affinity)
 WORKERS="${TEST_WORKERS:-$(( CORES < 4 ? CORES : 4 ))}"
 python -m pytest -q --durations=15 -n "$WORKERS" --dist loadfile tests "$@"
