@@ -254,6 +254,73 @@ def test_min_snr_weights_and_the_weighted_joint_loss():
                              np.mean(np.asarray(w) * np.array(image)), rtol=1e-5)
 
 
+def _frame_dependent_fns():
+  """A base and a residual "network" whose outputs depend on the input, the timestep and, for the
+  residual, the frame index, which is ``(R,)`` shared by the batch or ``(B, R)`` per example."""
+  base_fn = lambda z, t: 0.3 * z + 1e-4 * t[:, None, None, None]  # noqa: E731
+
+  def residual_fn(z, t, i, key=None):
+    i = i if i.ndim == 2 else jnp.broadcast_to(i, z.shape[:2])
+    out = -0.2 * z + 0.05 * i[..., None, None, None] + 1e-4 * t[:, None, None, None, None]
+    return out if key is None else out + 0.1 * key[:, None]
+
+  return base_fn, residual_fn
+
+
+@pytest.mark.parametrize("clean_key_frame", [False, True])
+def test_residual_frames_estimate_eq12_without_bias(clean_key_frame):
+  """train.residual_frames: eq. 12's residual term taken on some non-key frames per example. On every
+  non-key frame (in any order per example) it is eq. 12; with one frame per example, the mean over
+  the N-1 assignments in which each example takes each frame once is eq. 12 exactly (the estimate is
+  unbiased), while a single assignment differs from it. The key frame's term never changes."""
+  schedule, lambdas, x0, noise = _clips_and_noise(8)
+  t = jnp.array([3, 400, 990])
+  base_fn, residual_fn = _frame_dependent_fns()
+  w = d.min_snr_weights(t, schedule, 5.0)
+  kw = dict(key_frame_input=clean_key_frame, clean_key_frame=clean_key_frame, weights=w)
+  loss, terms = d.joint_loss(base_fn, residual_fn, x0, t, noise, lambdas, schedule, **kw)
+  others = np.asarray(d.non_key_frames(4))  # [0, 1, 3]
+  shuffled = jnp.asarray(np.stack([others[[1, 2, 0]], others[[2, 0, 1]], others]))
+  sub_loss, sub_terms = d.joint_loss(base_fn, residual_fn, x0, t, noise, lambdas, schedule, frames=shuffled, **kw)
+  np.testing.assert_allclose(sub_loss, loss, rtol=1e-6)
+  np.testing.assert_allclose(sub_terms["loss_residual"], terms["loss_residual"], rtol=1e-6)
+  single = [d.joint_loss(base_fn, residual_fn, x0, t, noise, lambdas, schedule, **kw,
+                         frames=jnp.asarray(others[(np.arange(3) + s) % 3][:, None]))[1] for s in range(3)]
+  np.testing.assert_allclose(np.mean([o["loss_residual"] for o in single]), terms["loss_residual"], rtol=1e-5)
+  assert abs(float(single[0]["loss_residual"]) / float(terms["loss_residual"]) - 1) > 1e-3
+  for o in single:
+    np.testing.assert_allclose(o["loss_key"], terms["loss_key"], rtol=1e-6)
+  # One example alone, its frames by hand (eqs. 10-11 written out).
+  f = jnp.array([[3, 0]])
+  _, one = d.joint_loss(base_fn, residual_fn, x0[1:2], t[1:2], noise[1:2], lambdas, schedule, frames=f)
+  a = float(schedule.alphas_cumprod[400])
+  z = np.sqrt(a) * np.asarray(x0[1]) + np.sqrt(1 - a) * np.asarray(noise[1])
+  b_hat = 0.3 * z[2] + 0.04
+  expect = []
+  for i in (3, 0):
+    z_prime = z[i] - np.sqrt(0.5) * np.sqrt(1 - a) * b_hat
+    r_hat = -0.2 * z_prime + 0.05 * i + 0.04
+    expect.append(np.mean((np.asarray(noise[1, i]) - np.sqrt(0.5) * b_hat - np.sqrt(0.5) * r_hat) ** 2))
+  np.testing.assert_allclose(one["loss_residual"], np.mean(expect), rtol=1e-5)
+
+
+def test_residual_frames_are_distinct_non_key_frames_drawn_uniformly():
+  """sample_residual_frames: R distinct frames per example, never the key frame; each non-key frame is
+  drawn with probability R/(N-1) and each of the C(N-1, R) sets equally often (chi-square, p > 0.001)."""
+  from itertools import combinations
+
+  from scipy import stats
+  frames = np.asarray(jax.jit(lambda r: d.sample_residual_frames(r, 6000, 5, 2))(jax.random.PRNGKey(1)))
+  assert frames.shape == (6000, 2) and frames.dtype == np.int32
+  assert set(np.unique(frames)) == {0, 1, 3, 4} and np.all(frames[:, 0] != frames[:, 1])
+  np.testing.assert_allclose(np.bincount(frames.ravel(), minlength=5)[[0, 1, 3, 4]] / 6000, 0.5, atol=0.03)
+  sets = {pair: i for i, pair in enumerate(combinations((0, 1, 3, 4), 2))}
+  counts = np.bincount([sets[tuple(sorted(row))] for row in frames], minlength=6)
+  assert stats.chisquare(counts).pvalue > 1e-3
+  with pytest.raises(ValueError, match=r"count must be in \[1, 4\] \(the non-key frames of 5\), got 5"):
+    d.sample_residual_frames(jax.random.PRNGKey(0), 2, 5, 5)
+
+
 def test_stratified_timesteps_cover_every_stratum_and_stay_uniform():
   """Each batch holds one timestep per stratum of [0, T); over many batches each example's timestep
   is uniform on [0, T) (chi-square over 10 bins, p > 0.001) and as likely to fall in any stratum."""

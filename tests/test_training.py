@@ -169,6 +169,37 @@ def test_min_snr_weighting_weights_each_example_of_the_step_loss(trainer):
   np.testing.assert_allclose(terms["loss_prior"], np.mean([float(a["loss_prior"]) for a in alone]), rtol=1e-4)
 
 
+def test_residual_frames_take_each_examples_frames_through_the_networks(trainer):
+  """train.residual_frames=1: the step draws one non-key frame per example, and the residual
+  generator reads that frame's index (per example, not the batch's). Over the N-1 assignments in
+  which each example takes each frame once, the mean residual term is the full one of eq. 12 with
+  the same networks (as it would not be if an example were given another example's frame index)."""
+  import copy
+
+  from videofusion_jax.training.step import draw_randomness, loss_on_draws
+  one_frame = copy.copy(trainer)
+  one_frame.config = tiny_config(**{"train.residual_frames": 1})
+  leaves, tree = jax.tree.flatten(trainer.init_state(0).params)
+  keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  table = params["residual"]["frame_embed"]["embedding"]
+  params["residual"]["frame_embed"]["embedding"] = 5 * table  # so that a wrong frame index shows in the loss
+  batch = {k: jnp.asarray(v) for k, v in batches(trainer.config, 1)[0].items()}
+  draws, rng = draw_randomness(one_frame, jax.random.PRNGKey(3), batch["video"].shape)
+  others = np.asarray(diffusion.non_key_frames(trainer.config.data.num_frames))
+  assert draws["residual_frames"].shape == (8, 1) and set(np.asarray(draws["residual_frames"]).ravel()) <= set(others)
+  assert "residual_frames" not in draw_randomness(trainer, jax.random.PRNGKey(3), batch["video"].shape)[0]
+  every = {k: v for k, v in draws.items() if k != "residual_frames"}  # as the default config draws them
+  full = jax.jit(lambda *a: loss_on_draws(*a[:1], trainer, *a[1:])[1])(params, batch, every, rng)
+  sub = jax.jit(lambda *a: loss_on_draws(*a[:1], one_frame, *a[1:])[1])
+  assign = [jnp.asarray(others[(np.arange(8) + s) % len(others)])[:, None] for s in range(len(others))]
+  terms = [sub(params, batch, {**draws, "residual_frames": frames}, rng) for frames in assign]
+  np.testing.assert_allclose(np.mean([float(o["loss_residual"]) for o in terms]), full["loss_residual"], rtol=1e-4)
+  for o in terms:
+    np.testing.assert_allclose(o["loss_key"], full["loss_key"], rtol=1e-5)
+    np.testing.assert_allclose(o["loss_prior"], full["loss_prior"], rtol=1e-5)
+
+
 def test_timestep_and_weighting_options_are_checked():
   from videofusion_jax.config import ConfigError, validate
   with pytest.raises(ConfigError, match="train.timesteps='sorted': use 'uniform' or 'stratified'"):
@@ -177,6 +208,10 @@ def test_timestep_and_weighting_options_are_checked():
     validate(tiny_config(**{"train.loss_weighting": "snr"}))
   with pytest.raises(ConfigError, match="min_snr_gamma=0.0: must be > 0"):
     validate(tiny_config(**{"train.loss_weighting": "min_snr", "train.min_snr_gamma": 0.0}))
+  with pytest.raises(ConfigError, match=r"train.residual_frames=4: must be an integer in \[0, 3\]"):
+    validate(tiny_config(**{"train.residual_frames": 4}))
+  with pytest.raises(ConfigError, match="residual_frames=2 belongs to VideoFusion's residual generator"):
+    validate(tiny_config(**{"train.residual_frames": 2, "model.kind": "vdm", "diffusion.lam": 0.0}))
 
 
 def test_base_learning_rate_scale_and_cosine_decay():

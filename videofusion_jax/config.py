@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
       # [0, T), Kingma et al. 2021: lower loss variance at small batches). loss_weighting: '' (eq. 12 as
       # written) or 'min_snr' (each example's term weighted by min(SNR_t, min_snr_gamma) / SNR_t).
       timesteps="uniform", loss_weighting="", min_snr_gamma=5.0,
+      # residual_frames: beyond the paper, the residual generator's term of eq. 12 on this many of
+      # each clip's N-1 non-key frames, drawn anew each step (an unbiased estimate of the term at
+      # R/(N-1) of the residual generator's cost); 0: every frame, as eq. 12.
+      residual_frames=0,
       init_base_from="", freeze_base=False,
       # Memory switches (they change memory and compute, not the update). remat: rematerialise
       # the U-Nets' blocks in the backward pass ('' off, 'block', 'block_dots': models.unet.
@@ -259,6 +263,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.loss_weighting == "min_snr" and not t.min_snr_gamma > 0:
     raise ConfigError(f"config.train.min_snr_gamma={t.min_snr_gamma}: must be > 0 (the cap on SNR_t in the "
                       "min-SNR weights; Hang et al. use 5).")
+  r = t.residual_frames
+  if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= d.num_frames - 1:
+    raise ConfigError(f"config.train.residual_frames={r!r}: must be an integer in [0, {d.num_frames - 1}] (how many "
+                      f"of the {d.num_frames - 1} non-key frames of each clip train the residual generator per "
+                      "step; 0 = all of them).")
+  if r and m.kind == "vdm":
+    raise ConfigError(f"config.train.residual_frames={r} belongs to VideoFusion's residual generator; VDM* "
+                      "(config.model.kind='vdm') trains one network on every frame: set "
+                      "--config.train.residual_frames=0.")
   if t.batch_size < 1 or t.num_steps < 1:
     raise ConfigError("config.train.batch_size and config.train.num_steps must be >= 1.")
   if t.lr_decay not in ("constant", "cosine"):

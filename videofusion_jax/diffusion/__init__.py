@@ -12,6 +12,7 @@ from videofusion_jax.diffusion.decomposition import (
     predict_x0,
     q_sample,
     remove_base_noise,
+    take_frames,
 )
 from videofusion_jax.diffusion.guidance import (
     anchor_weights,
@@ -24,6 +25,7 @@ from videofusion_jax.diffusion.losses import (
     denoising_loss,
     joint_loss,
     min_snr_weights,
+    sample_residual_frames,
     sample_timesteps,
     video_denoising_loss,
 )
@@ -47,5 +49,6 @@ __all__ = [
     "frame_lambdas", "frame_residuals", "guided_decomposed_eps", "guided_eps", "insert_key_frame", "joint_loss",
     "key_frame_index", "make_schedule",
     "min_snr_weights", "non_key_frames", "predict_x0", "q_sample", "remove_base_noise", "row_noise",
-    "sample", "sample_chain", "sample_embeddings", "sample_timesteps", "video_denoising_loss",
+    "sample", "sample_chain", "sample_embeddings", "sample_residual_frames", "sample_timesteps",
+    "take_frames", "video_denoising_loss",
 ]

@@ -32,8 +32,9 @@ def frame_lambdas(num_frames: int, lam: float) -> jnp.ndarray:
 
 
 def _frame_weights(lambdas: jnp.ndarray, ndim: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """``√λ^i`` and ``√(1-λ^i)`` shaped ``(1, N, 1, ..., 1)`` for a rank-``ndim`` video."""
-  shape = (1, lambdas.shape[0]) + (1,) * (ndim - 2)
+  """``√λ^i`` and ``√(1-λ^i)`` shaped ``(1, N, 1, ..., 1)`` for a rank-``ndim`` video (from
+  per-example ``lambdas`` ``(B, N)``: ``(B, N, 1, ..., 1)``)."""
+  shape = (1,) * (2 - lambdas.ndim) + lambdas.shape + (1,) * (ndim - 2)
   return jnp.sqrt(lambdas).reshape(shape), jnp.sqrt(1.0 - lambdas).reshape(shape)
 
 
@@ -53,12 +54,13 @@ def frame_residuals(x: jnp.ndarray, lambdas: jnp.ndarray) -> jnp.ndarray:
 def compose_noise(base: jnp.ndarray, residual: jnp.ndarray, lambdas: jnp.ndarray) -> jnp.ndarray:
   """Eq. (4): ``ε^i = √λ^i b + √(1-λ^i) r^i``.
 
-  ``base``: ``(B, H, W, C)``, shared by all frames; ``residual``: ``(B, N, H, W, C)``.
+  ``base``: ``(B, H, W, C)``, shared by all frames; ``residual``: ``(B, N, H, W, C)``; ``lambdas``
+  ``(N,)``, or ``(B, N)`` where each example has frames of its own (``take_frames``).
   Returns ``(B, N, H, W, C)``; each frame is N(0, I) and ``Cov(ε^i, ε^j) = √(λ^i λ^j) I``.
   """
   chex.assert_rank(residual, 5)
   chex.assert_shape(base, residual.shape[:1] + residual.shape[2:])
-  chex.assert_shape(lambdas, (residual.shape[1],))
+  chex.assert_shape(lambdas, residual.shape[:2] if lambdas.ndim == 2 else residual.shape[1:2])
   sqrt_lam, sqrt_one_minus = _frame_weights(lambdas, residual.ndim)
   return sqrt_lam * base[:, None] + sqrt_one_minus * residual
 
@@ -134,9 +136,16 @@ def insert_key_frame(others: jnp.ndarray, key: jnp.ndarray) -> jnp.ndarray:
   return jnp.concatenate([others[:, :k], key[:, None], others[:, k:]], axis=1)
 
 
+def take_frames(video: jnp.ndarray, frames: jnp.ndarray) -> jnp.ndarray:
+  """Each example's own frames: ``video`` ``(B, N, ...)`` and ``frames`` ``(B, R)`` -> ``(B, R, ...)``."""
+  chex.assert_rank(frames, 2)
+  chex.assert_equal_shape_prefix([video, frames], 1)
+  return jnp.take_along_axis(video, frames.reshape(frames.shape + (1,) * (video.ndim - 2)), axis=1)
+
+
 def decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambdas: jnp.ndarray,
                    schedule: Schedule, stop_base_gradient: bool = False, key_frame_input: bool = False,
-                   key_frame: jnp.ndarray | None = None):
+                   key_frame: jnp.ndarray | None = None, frames: jnp.ndarray | None = None):
   """Eqs. (10) and (11) together: the noise estimate of every frame from the two networks.
 
   ``base_fn(z_key (B, H, W, C), t (B,)) -> (B, H, W, C)`` predicts ``b_t`` from the key frame;
@@ -152,6 +161,10 @@ def decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambd
   when asked) base estimate as ``z'``, so that each frame is denoised as a change of the key frame.
   With ``key_frame`` ``(B, H, W, C)`` given, the residual generator reads that clean key frame
   instead (``model.key_frame_clean``: the real one in training, the finished one at generation).
+
+  ``frames`` ``(B, R)`` (``train.residual_frames``): the residual generator runs on these non-key
+  frames of each example only (``frame_index`` ``(B, R)``), and ``eps_hat`` and ``residual_eps`` are
+  theirs, ``(B, R, H, W, C)``.
   """
   chex.assert_rank(z_t, 5)
   num_frames = z_t.shape[1]
@@ -159,13 +172,16 @@ def decomposed_eps(base_fn, residual_fn, z_t: jnp.ndarray, t: jnp.ndarray, lambd
   base_eps = base_fn(z_t[:, k], t)
   used_base = jax.lax.stop_gradient(base_eps) if stop_base_gradient else base_eps
   z_prime = remove_base_noise(z_t, used_base, t, lambdas, schedule)
-  idx = non_key_frames(num_frames)
+  idx = non_key_frames(num_frames) if frames is None else frames
+  z_in = z_prime[:, idx] if frames is None else take_frames(z_prime, frames)
   if key_frame is not None:
-    residual_others = residual_fn(z_prime[:, idx], t, idx, key_frame)
+    residual_others = residual_fn(z_in, t, idx, key_frame)
   elif key_frame_input:
     key_x0 = predict_x0(z_t[:, k], used_base, t, schedule, clip_x0=True)
-    residual_others = residual_fn(z_prime[:, idx], t, idx, key_x0)
+    residual_others = residual_fn(z_in, t, idx, key_x0)
   else:
-    residual_others = residual_fn(z_prime[:, idx], t, idx)
+    residual_others = residual_fn(z_in, t, idx)
+  if frames is not None:
+    return combine_noise(used_base, residual_others, lambdas[frames]), base_eps, residual_others
   residual_eps = insert_key_frame(residual_others, jnp.zeros_like(base_eps))
   return combine_noise(used_base, residual_eps, lambdas), base_eps, residual_eps

@@ -8,7 +8,13 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from videofusion_jax.diffusion.decomposition import decomposed_eps, key_frame_index, non_key_frames, q_sample
+from videofusion_jax.diffusion.decomposition import (
+  decomposed_eps,
+  key_frame_index,
+  non_key_frames,
+  q_sample,
+  take_frames,
+)
 from videofusion_jax.diffusion.schedules import Schedule
 
 BaseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -17,7 +23,8 @@ ResidualFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 def joint_loss(base_fn: BaseFn, residual_fn: ResidualFn, x0: jnp.ndarray, t: jnp.ndarray,
                noise: jnp.ndarray, lambdas: jnp.ndarray, schedule: Schedule, key_frame_input: bool = False,
-               clean_key_frame: bool = False, weights: jnp.ndarray | None = None):
+               clean_key_frame: bool = False, weights: jnp.ndarray | None = None,
+               frames: jnp.ndarray | None = None):
   """Eq. (12), the joint loss with stop-gradient, divided by ``N·H·W·C`` and averaged over B
   (with ``weights`` ``(B,)``, each example's term is weighted first: ``min_snr_weights``).
 
@@ -30,6 +37,9 @@ def joint_loss(base_fn: BaseFn, residual_fn: ResidualFn, x0: jnp.ndarray, t: jnp
     x0: clean videos ``(B, N, H, W, C)``; t: ``(B,)``; noise: decomposed ``ε`` like x0.
     key_frame_input: pass the residual generator ``x̂^k`` (``decomposed_eps``), from ``sg[z_φ^b]``;
       with ``clean_key_frame``, the real key frame ``x0[:, k]`` instead.
+    frames: ``(B, R)`` non-key frames of each example (``sample_residual_frames``) whose term is
+      taken: beyond eq. 12, an unbiased estimate of ``loss_residual`` (the mean over all N-1 frames)
+      at R/(N-1) of the residual generator's cost. None: every non-key frame.
   Returns:
     ``(loss, {'loss_key': ..., 'loss_residual': ...})``: scalars; the two terms are
     mean squared errors over their own frames, and
@@ -42,11 +52,14 @@ def joint_loss(base_fn: BaseFn, residual_fn: ResidualFn, x0: jnp.ndarray, t: jnp
   k = key_frame_index(num_frames)
   eps_hat, base_eps, _ = decomposed_eps(base_fn, residual_fn, z_t, t, lambdas, schedule,
                                         stop_base_gradient=True, key_frame_input=key_frame_input,
-                                        key_frame=x0[:, k] if key_frame_input and clean_key_frame else None)
+                                        key_frame=x0[:, k] if key_frame_input and clean_key_frame else None,
+                                        frames=frames)
   loss_key = _weighted_mean(jnp.square(noise[:, k].astype(jnp.float32) - base_eps.astype(jnp.float32)), weights)
-  others = non_key_frames(num_frames)
-  loss_residual = _weighted_mean(jnp.square(
-      noise[:, others].astype(jnp.float32) - eps_hat[:, others].astype(jnp.float32)), weights)
+  if frames is None:
+    target, estimate = noise[:, non_key_frames(num_frames)], eps_hat[:, non_key_frames(num_frames)]
+  else:  # eps_hat holds those frames only
+    target, estimate = take_frames(noise, frames), eps_hat
+  loss_residual = _weighted_mean(jnp.square(target.astype(jnp.float32) - estimate.astype(jnp.float32)), weights)
   loss = (loss_key + (num_frames - 1) * loss_residual) / num_frames
   return loss, {"loss_key": loss_key, "loss_residual": loss_residual}
 
@@ -122,3 +135,13 @@ def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int, strati
   u = jax.random.uniform(u_rng, ())
   t = jnp.floor((strata + u) / batch_size * num_timesteps).astype(jnp.int32)
   return jnp.minimum(t, num_timesteps - 1)
+
+
+def sample_residual_frames(rng: jax.Array, batch_size: int, num_frames: int, count: int) -> jnp.ndarray:
+  """``count`` distinct non-key frames of each example, drawn uniformly: ``(B, count)`` int32 indices
+  into the ``N = num_frames`` frames (the key frame ``k`` never among them), for ``joint_loss(frames=)``.
+  Every non-key frame is drawn with probability ``count / (N-1)``."""
+  if not 1 <= count <= num_frames - 1:
+    raise ValueError(f"count must be in [1, {num_frames - 1}] (the non-key frames of {num_frames}), got {count}.")
+  order = jnp.argsort(jax.random.uniform(rng, (batch_size, num_frames - 1)), axis=1)[:, :count]
+  return non_key_frames(num_frames)[order]

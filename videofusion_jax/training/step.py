@@ -40,7 +40,9 @@ def draw_randomness(experiment: Experiment, rng: jax.Array, video_shape: tuple[i
   the slice of its examples, however the batch is split (``train.grad_accum_steps``).
 
   ``t`` ``(B,)``; ``noise`` like the videos (the image stage: ``(B, H, W, C)``, with ``frame`` ``(B,)``,
-  the frame each example trains on); ``drop`` ``(B,)``, whose condition is dropped to the null one;
+  the frame each example trains on); with ``train.residual_frames`` below N-1, ``residual_frames``
+  ``(B, train.residual_frames)``, the non-key frames whose residual term each example takes;
+  ``drop`` ``(B,)``, whose condition is dropped to the null one;
   for the prior (``model.condition='embedding'``) ``prior_t``, ``prior_drop`` ``(B, R)`` and
   ``prior_noise`` ``(B, R, D)``, ``R = train.prior_repeats``. Returns them and the key of the
   networks' own dropout layers (their masks are drawn per call, so per micro-batch)."""
@@ -55,6 +57,8 @@ def draw_randomness(experiment: Experiment, rng: jax.Array, video_shape: tuple[i
     draws["noise"] = jax.random.normal(n_rng, (b,) + tuple(video_shape[2:]))
   else:
     draws["noise"] = diffusion.decomposed_noise(n_rng, tuple(video_shape), experiment.lambdas)
+    if 0 < config.train.residual_frames < num_frames - 1:
+      draws["residual_frames"] = diffusion.sample_residual_frames(f_rng, b, num_frames, config.train.residual_frames)
   if config.model.condition == "embedding":
     pt_rng, pn_rng, pl_rng = jax.random.split(p_rng, 3)
     repeats, width = config.train.prior_repeats, config.model.encoder.embed_dim
@@ -144,7 +148,8 @@ def loss_on_draws(params, experiment: Experiment, batch, draws: dict, dropout_rn
   else:
     loss, terms = diffusion.joint_loss(base_fn, residual_fn, video, t, noise, lambdas, schedule,
                                        key_frame_input=config.model.key_frame_input,
-                                       clean_key_frame=config.model.key_frame_clean, weights=weights)
+                                       clean_key_frame=config.model.key_frame_clean, weights=weights,
+                                       frames=draws.get("residual_frames"))
   return _with_prior(loss, terms, params, experiment, key_frames, batch, draws, ema_params)
 
 
