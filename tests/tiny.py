@@ -18,9 +18,9 @@ def tiny_config(**overrides):
                              attention_resolutions=(4,), head_dim=8)
   c.model.residual = unet_config(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                                  attention_resolutions=(), head_dim=8)
-  # The paper's path (the demo's clean key-frame input and loss weighting have their own tests).
+  # The paper's path (the demo's clean key-frame input, loss weighting and residual frames have their own tests).
   c.model.update(key_frame_input=False, key_frame_clean=False)
-  c.train.update(timesteps="uniform", loss_weighting="")
+  c.train.update(timesteps="uniform", loss_weighting="", residual_frames=0)
   # A prior as small as the generators (the demo's would dominate this step's FLOPs).
   c.model.prior.update(width=32, num_layers=2)
   c.train.prior_repeats = 2
