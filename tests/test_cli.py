@@ -58,6 +58,21 @@ def test_persistent_compilation_cache(tmp_path):
   assert r.returncode == 0, r.stderr
   assert r.stdout.splitlines()[0] == str(tmp_path / "cache")
   assert any(p.name.endswith("-cache") for p in (tmp_path / "cache").iterdir())
+  assert (tmp_path / "cache" / ".lockfile").exists()  # the size limit turns on JAX's file lock
+  # Eight programs of a few KB each into a cache of 8 KB: the least recently used ones are removed.
+  code = ("import jax, jax.numpy as jnp\n"
+          "from videofusion_jax.experiment import enable_compilation_cache\n"
+          f"enable_compilation_cache({str(tmp_path / 'small')!r}, max_gb=8000 / 2**30)\n"
+          "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+          "for k in range(8):\n"
+          "  float(jax.jit(lambda x: jnp.sin(x) @ x.T + k)(jnp.ones((8, 8))).sum())\n")
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  sizes = [p.stat().st_size for p in (tmp_path / "small").iterdir() if p.name.endswith("-cache")]
+  assert 1 <= len(sizes) < 8 and 0 < sum(sizes) <= 8000, sizes
+  code = "from videofusion_jax.experiment import enable_compilation_cache\nenable_compilation_cache('x', 0.0)\n"
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and "config.compilation_cache_max_gb=0.0: must be > 0" in r.stderr
   (tmp_path / "a_file").write_text("")
   r = run_main("--config=configs/demo.py", f"--config.compilation_cache_dir={tmp_path / 'a_file' / 'x'}",
                workdir=tmp_path / "w")

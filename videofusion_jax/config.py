@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
   # XLA's persistent compilation cache, for every mode: a rerun (or a resumed run) loads its
   # compiled step and sampler instead of compiling them again. '' turns it off.
   c.compilation_cache_dir = "~/.cache/videofusion_jax/xla"
+  # Its size limit: beyond it the least recently used programs are removed. The limit also turns on
+  # JAX's file lock, so that runs sharing the folder never read a program another is still writing.
+  c.compilation_cache_max_gb = 10.0
 
   c.data = ml_collections.ConfigDict(dict(
       # name: a builder of videofusion_jax.data.builders, '/<stored short side>' optional (ucf101/64).

@@ -20,11 +20,15 @@ from videofusion_jax.training.optimizer import make_optimizer
 from videofusion_jax.training.state import TrainState
 
 
-def enable_compilation_cache(directory: str) -> str | None:
-  """Turns on XLA's persistent compilation cache in ``directory`` (created if missing); ''
-  leaves it off. Call before anything is compiled. Returns the absolute path used, or None."""
+def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None:
+  """Turns on XLA's persistent compilation cache in ``directory`` (created if missing), kept under
+  ``max_gb`` GiB by removing the least recently used programs; '' leaves it off. Call before
+  anything is compiled. Returns the absolute path used, or None."""
   if not directory:
     return None
+  if not max_gb > 0:
+    raise ConfigError(f"config.compilation_cache_max_gb={max_gb}: must be > 0 (the persistent compilation "
+                      "cache's size; config.compilation_cache_dir='' turns the cache off).")
   path = os.path.abspath(os.path.expanduser(directory))
   try:
     os.makedirs(path, exist_ok=True)
@@ -32,6 +36,9 @@ def enable_compilation_cache(directory: str) -> str | None:
     raise ConfigError(f"config.compilation_cache_dir={directory!r}: cannot create {path} ({e.strerror}); "
                       "pass a writable folder, or '' to turn the cache off.") from None
   jax.config.update("jax_compilation_cache_dir", path)
+  # A limit, unlike JAX's default of none, also makes every read and write of the folder take its
+  # file lock: without it a run could load a program that another is still writing.
+  jax.config.update("jax_compilation_cache_max_size", int(max_gb * 2**30))
   return path
 
 

@@ -173,7 +173,7 @@ def main(argv) -> None:
     _start_distributed()
   try:
     from videofusion_jax.experiment import enable_compilation_cache
-    enable_compilation_cache(config.compilation_cache_dir)
+    enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
     # One experiment per run (it validates the config), shared by the modes the run performs.
     if _MODE.value in ("train", "train_and_sample"):
       from videofusion_jax.training.loop import train
