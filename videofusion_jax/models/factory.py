@@ -160,7 +160,8 @@ def make_apply_fns(networks: dict[str, nn.Module], params, label: jnp.ndarray | 
     flat = z_prime.reshape((b * m,) + z_prime.shape[2:])
     lab = None if label is None else jnp.repeat(label, m)
     cond = None if condition is None else jnp.repeat(condition, m, axis=0)
-    frame_index = frame_index.reshape(-1) if frame_index.ndim == 2 else jnp.tile(frame_index, b)  # (B, m): each its own
+    # (B, m): each example's own frames (train.residual_frames); (m,): the same frames for every example.
+    frame_index = frame_index.reshape(-1) if frame_index.ndim == 2 else jnp.tile(frame_index, b)
     out = run("residual", flat, jnp.repeat(t, m), lab, frame_index, cond)
     return out.reshape(z_prime.shape[:-1] + out.shape[-1:])
 
