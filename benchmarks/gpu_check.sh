@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The prepared GPU run for a session lent a device machine (issue 10's targets). A full-size U-Net
-# step takes minutes to compile there (../shared/gpu.md), so the work comes in parts, one device
-# command (under 10 minutes) each, in order of priority:
-#   PART=train   (default) VideoFusion and VDM* on the same base generator, train step only
-#                (--compare --sample_steps=0), XLA's attention: clips/s, MFU, memory and compile
-#                ratios, the issue's main targets;
-#   PART=sample  the same pair, DDIM-50 sampling included (videos/s, sampling MFU);
-#   PART=cudnn   VideoFusion's train step with cuDNN's fused attention (its FLOPs are counted on
-#                the XLA-attention program: XLA does not count the cuDNN call).
-# BATCH: the train and sample batch (default 16: VDM* at the config's 256 runs 4,096 frames of
-# the 256-channel base U-Net per step, beyond one GPU's memory). Results: $OUT/bench.jsonl (the
-# JSON lines of benchmarks/train_step.py) and $OUT/bench.log; add rows to benchmarks/RESULTS.md.
+# The prepared GPU run for a session lent a device machine (issue 10's targets), one device command
+# (under 10 minutes) per part. A full-size U-Net step compiles for minutes there (../shared/gpu.md)
+# and compiling is host work, so each part starts its runs side by side: they compile at once, then
+# take turns on the device (benchmarks/train_step.py --sync_dir), so no two time at once.
+#   PART=train   (default) the train step of VideoFusion (XLA's attention and cuDNN's fused one) and
+#                of VDM* on the same base generator: clips/s, MFU, memory and compile; ratios last.
+#   PART=sample  DDIM sampling of both kinds from initial weights: videos/s, sampling MFU; ratios.
+# BATCH (train, default 4: VDM* at the ucf101 size holds ~25 GB of activations per clip by XLA's
+# CPU memory analysis, so 16 clips would not fit one GPU), SAMPLE_BATCH (default 16), STEPS (20),
+# SAMPLE_STEPS (50), TIMEOUT (each run's limit, 540 s), SYNC_TIMEOUT (time alone only until this
+# many seconds after the start, 420 s), PEAK_TFLOPS (695). Results: $OUT/bench.jsonl (the JSON
+# lines, the ratios last) and one log per run; add rows to benchmarks/RESULTS.md.
 # Check it on the CPU first (a few minutes):
-#   OUT=/tmp/out CONFIG=configs/demo.py BATCH=8 STEPS=3 SAMPLE_STEPS=2 PART=sample bash benchmarks/gpu_check.sh
+#   OUT=/tmp/out CONFIG=configs/demo.py BATCH=8 STEPS=3 SAMPLE_STEPS=2 bash benchmarks/gpu_check.sh
 # On the device (ml_collections from .whl, see the developers' guide):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
 #     export PYTHONPATH=/tmp/site:$PWD; bash benchmarks/gpu_check.sh
@@ -21,17 +21,34 @@ OUT="${OUT:-/tmp/out}"
 CONFIG="${CONFIG:-configs/ucf101.py}"
 PART="${PART:-train}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" TF_CPP_MIN_LOG_LEVEL=2
+# Each run allocates what it uses (not 75% of the device up front): the runs share one device.
+export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee -a "$OUT/bench.log"
-args=(--config="$CONFIG" --config.train.batch_size="${BATCH:-16}" --config.sample.batch_size="${BATCH:-16}"
-      --steps="${STEPS:-20}" --peak_tflops="${PEAK_TFLOPS:-695}")
+sync_dir=$(mktemp -d)
+common=(--config="$CONFIG" --config.train.batch_size="${BATCH:-4}" --config.sample.batch_size="${SAMPLE_BATCH:-16}"
+        --steps="${STEPS:-20}" --peak_tflops="${PEAK_TFLOPS:-695}" --compare --sync_dir="$sync_dir"
+        --sync_timeout="${SYNC_TIMEOUT:-420}")
 case "$PART" in
-  train) args+=(--compare --sample_steps=0 --config.model.attention_implementation=) ;;
-  sample) args+=(--compare --sample_steps="${SAMPLE_STEPS:-50}" --config.model.attention_implementation=) ;;
-  cudnn) args+=(--sample_steps=0 --config.model.attention_implementation=cudnn) ;;
-  *) echo "PART=$PART: use train, sample or cudnn" >&2; exit 2 ;;
+  train) parties=3
+         runs=("vf --kinds=videofusion --sample_steps=0 --config.model.attention_implementation="
+               "vdm --kinds=vdm --sample_steps=0 --config.model.attention_implementation="
+               "vf_cudnn --kinds=videofusion --sample_steps=0 --config.model.attention_implementation=cudnn") ;;
+  sample) parties=2
+          runs=("vf_sample --kinds=videofusion --notrain --sample_steps=${SAMPLE_STEPS:-50} --config.model.attention_implementation="
+                "vdm_sample --kinds=vdm --notrain --sample_steps=${SAMPLE_STEPS:-50} --config.model.attention_implementation=") ;;
+  *) echo "PART=$PART: use train or sample" >&2; exit 2 ;;
 esac
-echo "== PART=$PART ${args[*]}" | tee -a "$OUT/bench.log"
-timeout "${TIMEOUT:-560}" python3 benchmarks/train_step.py "${args[@]}" 2>&1 | tee -a "$OUT/bench.log" \
-  | grep '^{' >> "$OUT/bench.jsonl"
+logs=()
+for r in "${runs[@]}"; do
+  read -r name flags <<< "$r"
+  logs+=("$OUT/$name.log")
+  echo "== $(date +%T) $name: ${common[*]} $flags --sync_parties=$parties" | tee -a "$OUT/bench.log"
+  # shellcheck disable=SC2086  # $flags: one run's flags, split on spaces
+  (timeout "${TIMEOUT:-540}" python3 benchmarks/train_step.py "${common[@]}" $flags --sync_parties=$parties \
+     > "$OUT/$name.log" 2>&1; rc=$?; echo "== $(date +%T) $name: exit $rc" | tee -a "$OUT/bench.log") &
+done
+wait
+rm -rf "$sync_dir"
+grep -h '^{' "${logs[@]}" > "$OUT/bench.jsonl"
+python3 benchmarks/train_step.py --summarize="$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log" | grep '^{' >> "$OUT/bench.jsonl"
 cat "$OUT/bench.jsonl"

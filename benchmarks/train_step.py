@@ -12,11 +12,20 @@ GPU notes), and peak memory (the device's memory stats where it has them, else X
 analysis of the step). For sampling: videos/s of DDIM with ``--sample_steps`` steps at the
 config's sample batch and size, and its MFU (FLOPs: XLA's count for one step of each chain, times
 the steps, since XLA counts a loop's body once). ``--compare`` also prints VideoFusion / VDM* ratios.
+
+Several runs can share one device (``benchmarks/gpu_check.sh``: a lease is short and compiling is
+host work): with ``--sync_dir`` each run compiles everything it needs (FLOP counting included),
+waits until ``--sync_parties`` runs have, then times alone (a file lock), so the compiles overlap
+and the timings do not. ``--summarize=FILE`` prints the ratios of such runs' JSON lines.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
+import glob
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -29,6 +38,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+_START = time.perf_counter()
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps (after the warm-up ones).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed train steps after compiling.")
@@ -37,6 +48,12 @@ _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "DDIM steps of the samp
 _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed sampling batches (median).")
 _COMPARE = flags.DEFINE_bool("compare", False, "Also run VDM* on the same base generator, and print ratios.")
 _CACHE_ROOT = flags.DEFINE_string("cache_root", "", "Where the fresh compilation caches go ('' = a temp dir).")
+_TRAIN = flags.DEFINE_bool("train", True, "Time the train step (--notrain: sampling only, from initial weights).")
+_SYNC_DIR = flags.DEFINE_string("sync_dir", "", "A folder shared by runs side by side on one device ('' = alone).")
+_SYNC_PARTIES = flags.DEFINE_integer("sync_parties", 1, "How many runs share --sync_dir.")
+_SYNC_TIMEOUT = flags.DEFINE_float("sync_timeout", 300.0, "Time alone only until this many s after the start.")
+_KINDS = flags.DEFINE_list("kinds", ["videofusion", "vdm"], "With --compare: which of the two to run.")
+_SUMMARIZE = flags.DEFINE_string("summarize", "", "A file of these JSON lines: print their ratios, run nothing.")
 
 
 def vdm_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -77,6 +94,36 @@ def compile_cold_and_warm(jitted, *args):
   trace_lower = time.perf_counter() - t0
   lowered.compile()
   return compiled, cold, time.perf_counter() - t0, trace_lower
+
+
+def mark_ready() -> None:
+  open(os.path.join(_SYNC_DIR.value, f"{os.getpid()}.ready"), "w").close()
+
+
+@contextlib.contextmanager
+def timing_turn():
+  """Yields a dict for the result: with ``--sync_dir``, once every party has compiled (or
+  ``--sync_timeout`` seconds have passed since this run started), holding the folder's lock, so
+  that no two runs time at once."""
+  if not _SYNC_DIR.value:
+    yield {}
+    return
+  mark_ready()
+  compiled_at, t0 = time.time(), time.perf_counter()
+  ready = lambda: len(glob.glob(os.path.join(_SYNC_DIR.value, "*.ready")))  # noqa: E731
+  while ready() < _SYNC_PARTIES.value and time.perf_counter() - _START < _SYNC_TIMEOUT.value:
+    time.sleep(1.0)
+  parties = f"{min(ready(), _SYNC_PARTIES.value)}/{_SYNC_PARTIES.value} compiled"
+  with open(os.path.join(_SYNC_DIR.value, "timing.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the run ends, however it ends
+    try:
+      # Wall-clock times, so that the runs' logs show the barrier and the turns.
+      turn = {"synced": parties, "sync_waited_s": round(time.perf_counter() - t0, 1),
+              "compiled_at": compiled_at, "timed_from": time.time()}
+      yield turn
+      turn["timed_to"] = time.time()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def xla_flops(compiled) -> float:
@@ -123,18 +170,19 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       "label": rng.integers(0, max(d.num_classes, 1), b).astype(np.int32)})
   state = trainer.init_state(c.seed)
   compiled, cold, warm, trace_lower = compile_cold_and_warm(trainer.step, state, batch)
-  for _ in range(_WARMUP.value):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(_STEPS.value):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
-  step_s = statistics.median(times)
   flops = xla_flops(compiled if counter is trainer else counter.step.lower(counter.abstract_state(), batch).compile())
-  peak, program, source = memory(compiled)
+  with timing_turn() as sync:
+    for _ in range(_WARMUP.value):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(_STEPS.value):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+    peak, program, source = memory(compiled)
+  step_s = statistics.median(times)
   out = {
       "result": "train_step", "model": c.model.kind, "device": jax.devices()[0].device_kind,
       "devices": jax.device_count(), "batch": b, "frames": d.num_frames, "size": d.image_size,
@@ -149,7 +197,7 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
           "" if counter is trainer else " with XLA's attention (cuDNN's fused attention is not counted)"),
       "tflops_per_s": round(flops / step_s / 1e12, 4), "peak_tflops": _PEAK.value,
       "mfu": round(flops / step_s / 1e12 / _PEAK.value, 5),
-      "peak_memory_bytes": peak, "program_memory_bytes": program, "memory_source": source,
+      "peak_memory_bytes": peak, "program_memory_bytes": program, "memory_source": source, **sync,
   }
   return out, state
 
@@ -199,15 +247,16 @@ def bench_sample(trainer, counter, params) -> dict:
   args = (labels, text, None, anchor, jnp.float32(0))
   keys = sampling.row_keys(0, rows, rows)
   compiled, cold, warm, trace_lower = compile_cold_and_warm(generate, params, keys, *args)
-  jax.block_until_ready(compiled(params, keys, *args))
-  times = []
-  for i in range(_SAMPLE_REPEATS.value):
-    keys = sampling.row_keys(i + 1, rows, rows)
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(params, keys, *args))
-    times.append(time.perf_counter() - t0)
-  batch_s = statistics.median(times)
   flops = sampling_flops(counter, params)
+  with timing_turn() as sync:
+    jax.block_until_ready(compiled(params, keys, *args))
+    times = []
+    for i in range(_SAMPLE_REPEATS.value):
+      keys = sampling.row_keys(i + 1, rows, rows)
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(params, keys, *args))
+      times.append(time.perf_counter() - t0)
+  batch_s = statistics.median(times)
   return {
       "result": "sample", "model": c.model.kind, "device": jax.devices()[0].device_kind, "batch": b,
       "method": c.sample.method, "steps": c.sample.num_steps, "guidance_scale": c.sample.guidance_scale,
@@ -217,7 +266,7 @@ def bench_sample(trainer, counter, params) -> dict:
       "sample_xla_flops_per_batch": flops,
       "sample_flops_source": "XLA cost analysis of one step of each chain (prior, key frame, video) x its steps",
       "sample_tflops_per_s": round(flops / batch_s / 1e12, 4),
-      "sample_mfu": round(flops / batch_s / 1e12 / _PEAK.value, 5),
+      "sample_mfu": round(flops / batch_s / 1e12 / _PEAK.value, 5), **sync,
   }
 
 
@@ -226,8 +275,12 @@ def run_model(config: ml_collections.ConfigDict) -> list[dict]:
 
   trainer = Trainer(config)
   counter = flops_trainer(trainer)
-  train, state = bench_train(trainer, counter)
-  results = [train]
+  results = []
+  if _TRAIN.value:
+    train, state = bench_train(trainer, counter)
+    results.append(train)
+  else:
+    state = trainer.init_state(config.seed)
   if _SAMPLE_STEPS.value:
     results.append(bench_sample(trainer, counter, state.ema_params))
   for r in results:
@@ -236,21 +289,54 @@ def run_model(config: ml_collections.ConfigDict) -> list[dict]:
 
 
 def ratios(vf: list[dict], vdm: list[dict]) -> dict:
-  """VideoFusion / VDM* for speed and memory (same base generator, same process)."""
-  out = {"result": "compare", "model": "videofusion / vdm",
-         "clips_per_s_ratio": round(vf[0]["clips_per_s"] / vdm[0]["clips_per_s"], 3),
-         "program_memory_ratio": round(vf[0]["program_memory_bytes"] / vdm[0]["program_memory_bytes"], 3),
-         "xla_flops_ratio": round(vf[0]["xla_flops_per_step"] / vdm[0]["xla_flops_per_step"], 3),
-         "params_ratio": round(sum(v for k, v in vf[0].items() if k.startswith("params_"))
-                               / sum(v for k, v in vdm[0].items() if k.startswith("params_")), 3)}
-  if len(vf) > 1 and len(vdm) > 1:
-    out["videos_per_s_ratio"] = round(vf[1]["videos_per_s"] / vdm[1]["videos_per_s"], 3)
-    out["sample_xla_flops_ratio"] = round(vf[1]["sample_xla_flops_per_batch"] / vdm[1]["sample_xla_flops_per_batch"], 3)
+  """VideoFusion / VDM* for speed and memory (same base generator), from each kind's rows: its
+  train step and, where present, its sampling. ``peak_memory_ratio`` where both peaks are the
+  device's (per process; in one ``--compare`` process VDM*'s is the process's peak so far, which
+  can only understate VideoFusion's advantage)."""
+  one = lambda rows, kind: next((r for r in rows if r["result"] == kind), None)  # noqa: E731
+  out = {"result": "compare", "model": "videofusion / vdm"}
+  vf_train, vdm_train = one(vf, "train_step"), one(vdm, "train_step")
+  if vf_train and vdm_train:
+    out.update(
+        clips_per_s_ratio=round(vf_train["clips_per_s"] / vdm_train["clips_per_s"], 3),
+        program_memory_ratio=round(vf_train["program_memory_bytes"] / vdm_train["program_memory_bytes"], 3),
+        xla_flops_ratio=round(vf_train["xla_flops_per_step"] / vdm_train["xla_flops_per_step"], 3),
+        params_ratio=round(sum(v for k, v in vf_train.items() if k.startswith("params_"))
+                           / sum(v for k, v in vdm_train.items() if k.startswith("params_")), 3))
+    if all(r["memory_source"].startswith("device") for r in (vf_train, vdm_train)):
+      out["peak_memory_ratio"] = round(vf_train["peak_memory_bytes"] / vdm_train["peak_memory_bytes"], 3)
+  vf_sample, vdm_sample = one(vf, "sample"), one(vdm, "sample")
+  if vf_sample and vdm_sample:
+    out["videos_per_s_ratio"] = round(vf_sample["videos_per_s"] / vdm_sample["videos_per_s"], 3)
+    out["sample_xla_flops_ratio"] = round(
+        vf_sample["sample_xla_flops_per_batch"] / vdm_sample["sample_xla_flops_per_batch"], 3)
   return out
+
+
+def summarize(path: str) -> dict:
+  """The ratios of the VideoFusion and VDM* rows (XLA's attention, the same batch) in a file of
+  this benchmark's JSON lines, such as runs side by side wrote."""
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.startswith("{")]
+  rows = [r for r in rows if r.get("attention", "xla") == "xla" and r["result"] != "compare"]
+  by_kind = {k: [r for r in rows if r["model"] == k] for k in ("videofusion", "vdm")}
+  for kind in ("train_step", "sample"):
+    batches = {r["batch"] for r in rows if r["result"] == kind}
+    if len(batches) > 1:
+      raise app.UsageError(f"{path}: {kind} rows of batches {sorted(batches)}; compare rows of one batch.")
+  if not by_kind["videofusion"] or not by_kind["vdm"]:
+    raise app.UsageError(f"{path}: needs rows of both kinds (videofusion and vdm), found "
+                         f"{sorted({r['model'] for r in rows})}.")
+  return ratios(by_kind["videofusion"], by_kind["vdm"])
 
 
 def main(argv):
   del argv
+  if _SUMMARIZE.value:
+    print(json.dumps(summarize(_SUMMARIZE.value)), flush=True)
+    return
+  if _SYNC_DIR.value:
+    atexit.register(mark_ready)  # a run that fails before timing must not keep the others waiting
   c = _CONFIG.value
   if _SAMPLE_STEPS.value:
     c.sample.update(method="ddim", num_steps=_SAMPLE_STEPS.value)
@@ -259,11 +345,19 @@ def main(argv):
       raise app.UsageError("--compare runs VideoFusion and VDM* from a VideoFusion config; this one is VDM*.")
     # Both kinds train every network on whole videos (VideoFusion as the paper: every frame's residual term).
     c.train.update(stage="video", freeze_base=False, residual_frames=0)
-  results = run_model(c)
-  if _COMPARE.value:
+    unknown = set(_KINDS.value) - {"videofusion", "vdm"}
+    if unknown or not _KINDS.value:
+      raise app.UsageError(f"--kinds={','.join(_KINDS.value)}: use videofusion, vdm or both.")
     # VideoFusion runs first: where the device reports a process-wide peak, VDM*'s includes
-    # VideoFusion's; the ratio uses each compiled step's own memory (program_memory_bytes).
-    print(json.dumps(ratios(results, run_model(vdm_of(c)))), flush=True)
+    # VideoFusion's; program_memory_bytes is each compiled step's own.
+    vf = run_model(c) if "videofusion" in _KINDS.value else []
+    vdm = run_model(vdm_of(c)) if "vdm" in _KINDS.value else []
+    if vf and vdm:
+      print(json.dumps(ratios(vf, vdm)), flush=True)
+  else:
+    if _KINDS.present:
+      raise app.UsageError("--kinds chooses between the two kinds of --compare; add --compare.")
+    run_model(c)
 
 
 if __name__ == "__main__":

@@ -50,3 +50,41 @@ def test_benchmark_prints_every_field_for_both_kinds(tmp_path):
   assert compare["xla_flops_ratio"] == round(vf["xla_flops_per_step"] / vdm["xla_flops_per_step"], 3) < 1
   assert compare["clips_per_s_ratio"] == round(vf["clips_per_s"] / vdm["clips_per_s"], 3)
   assert compare["videos_per_s_ratio"] == round(vf_sample["videos_per_s"] / vdm_sample["videos_per_s"], 3)
+
+
+def test_side_by_side_runs_wait_for_each_other_take_turns_and_summarize(tmp_path):
+  """benchmarks/gpu_check.sh's way: one kind per run (sampling only), the runs started together
+  and sharing --sync_dir. Each times only once both have compiled, never while the other times,
+  and --summarize gives the ratios of their rows."""
+  env = {**one_device_env(), "PYTHONPATH": str(ROOT)}
+  (tmp_path / "sync").mkdir()
+  args = [sys.executable, "benchmarks/train_step.py", "--config=configs/demo.py", "--notrain", "--sample_steps=2",
+          "--sample_repeats=3", "--compare", f"--cache_root={tmp_path}", f"--sync_dir={tmp_path / 'sync'}",
+          "--sync_parties=2", "--sync_timeout=800", *TINY]
+  procs = [subprocess.Popen([*args, f"--kinds={kind}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for kind in ("videofusion", "vdm")]
+  outs = [p.communicate(timeout=900) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
+  rows = [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for out, _ in outs]
+  assert [[(r["result"], r["model"]) for r in run] for run in rows] == [[("sample", "videofusion")],
+                                                                          [("sample", "vdm")]]
+  vf, vdm = rows[0][0], rows[1][0]
+  assert vf["synced"] == vdm["synced"] == "2/2 compiled"
+  assert min(vf["timed_from"], vdm["timed_from"]) >= max(vf["compiled_at"], vdm["compiled_at"])  # the barrier
+  first, second = sorted((vf, vdm), key=lambda r: r["timed_from"])
+  assert first["timed_from"] < first["timed_to"] <= second["timed_from"] < second["timed_to"]  # the lock
+
+  lines = tmp_path / "bench.jsonl"
+  lines.write_text(json.dumps(vf) + "\n" + json.dumps(vdm) + "\n")
+  r = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--summarize={lines}"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads(r.stdout.splitlines()[-1]) == {
+      "result": "compare", "model": "videofusion / vdm",
+      "videos_per_s_ratio": round(vf["videos_per_s"] / vdm["videos_per_s"], 3),
+      "sample_xla_flops_ratio": round(vf["sample_xla_flops_per_batch"] / vdm["sample_xla_flops_per_batch"], 3)}
+
+  lines.write_text(json.dumps(vf) + "\n" + json.dumps({**vdm, "batch": 3}) + "\n")  # rows of two batches
+  r = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--summarize={lines}"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "sample rows of batches [2, 3]" in r.stderr, r.stderr[-2000:]
