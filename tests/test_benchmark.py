@@ -15,15 +15,24 @@ TINY = ["--config.data.num_frames=4", "--config.data.image_size=8", "--config.mo
         "--config.compilation_cache_dir="]
 
 
-def test_benchmark_prints_every_field_for_both_kinds(tmp_path):
+def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_turns(tmp_path):
+  """``--compare`` in one run and, started beside it as benchmarks/gpu_check.sh does, a second
+  run of one kind (VDM*, sampling only). They share ``--sync_dir``: each times only once both have
+  compiled, never while the other times; ``--summarize`` gives the ratios of the rows."""
   env = {**one_device_env(), "PYTHONPATH": str(ROOT)}
-  r = subprocess.run([sys.executable, "benchmarks/train_step.py", "--config=configs/demo.py", "--steps=3",
-                      "--warmup=1", "--sample_steps=2", "--sample_repeats=1", "--compare",
-                      f"--cache_root={tmp_path}", *TINY],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert not list(tmp_path.iterdir())  # the measurement's fresh caches are removed at exit
-  lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+  caches, sync = tmp_path / "caches", tmp_path / "sync"
+  caches.mkdir()
+  sync.mkdir()
+  common = [sys.executable, "benchmarks/train_step.py", "--config=configs/demo.py", "--sample_steps=2", "--compare",
+            f"--cache_root={caches}", f"--sync_dir={sync}", "--sync_parties=2", "--sync_timeout=800", *TINY]
+  runs = [subprocess.Popen([*common, "--steps=3", "--warmup=1", "--sample_repeats=1"], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+          subprocess.Popen([*common, "--kinds=vdm", "--notrain", "--sample_repeats=3"], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+  outs = [run.communicate(timeout=900) for run in runs]
+  assert [run.returncode for run in runs] == [0, 0], [err[-3000:] for _, err in outs]
+  assert not list(caches.iterdir())  # the measurement's fresh caches are removed at exit
+  lines, beside = ([json.loads(line) for line in out.splitlines() if line.startswith("{")] for out, _ in outs)
   assert [(x["result"], x["model"]) for x in lines] == [
       ("train_step", "videofusion"), ("sample", "videofusion"), ("train_step", "vdm"), ("sample", "vdm"),
       ("compare", "videofusion / vdm")]
@@ -52,39 +61,22 @@ def test_benchmark_prints_every_field_for_both_kinds(tmp_path):
   assert compare["videos_per_s_ratio"] == round(vf_sample["videos_per_s"] / vdm_sample["videos_per_s"], 3)
 
 
-def test_side_by_side_runs_wait_for_each_other_take_turns_and_summarize(tmp_path):
-  """benchmarks/gpu_check.sh's way: one kind per run (sampling only), the runs started together
-  and sharing --sync_dir. Each times only once both have compiled, never while the other times,
-  and --summarize gives the ratios of their rows."""
-  env = {**one_device_env(), "PYTHONPATH": str(ROOT)}
-  (tmp_path / "sync").mkdir()
-  args = [sys.executable, "benchmarks/train_step.py", "--config=configs/demo.py", "--notrain", "--sample_steps=2",
-          "--sample_repeats=3", "--compare", f"--cache_root={tmp_path}", f"--sync_dir={tmp_path / 'sync'}",
-          "--sync_parties=2", "--sync_timeout=800", *TINY]
-  procs = [subprocess.Popen([*args, f"--kinds={kind}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for kind in ("videofusion", "vdm")]
-  outs = [p.communicate(timeout=900) for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
-  rows = [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for out, _ in outs]
-  assert [[(r["result"], r["model"]) for r in run] for run in rows] == [[("sample", "videofusion")],
-                                                                          [("sample", "vdm")]]
-  vf, vdm = rows[0][0], rows[1][0]
-  assert vf["synced"] == vdm["synced"] == "2/2 compiled"
-  assert min(vf["timed_from"], vdm["timed_from"]) >= max(vf["compiled_at"], vdm["compiled_at"])  # the barrier
-  first, second = sorted((vf, vdm), key=lambda r: r["timed_from"])
-  assert first["timed_from"] < first["timed_to"] <= second["timed_from"] < second["timed_to"]  # the lock
+  # The run beside: VDM* sampling alone (--kinds, --notrain), then the turns of both runs.
+  assert [(x["result"], x["model"]) for x in beside] == [("sample", "vdm")]
+  alone = beside[0]
+  assert alone["steps"] == 2 and alone["videos_per_s"] > 0 and alone["sample_xla_flops_per_batch"] > 0
+  turns = [vf, vf_sample, vdm, vdm_sample, alone]
+  assert all(x["synced"] == "2/2 compiled" for x in turns)
+  assert vf["timed_from"] >= alone["compiled_at"] and alone["timed_from"] >= vf["compiled_at"]  # the barrier
+  windows = sorted((x["timed_from"], x["timed_to"]) for x in turns)
+  assert all(a_from < a_to <= b_from for (a_from, a_to), (b_from, _) in zip(windows, windows[1:]))  # the lock
 
-  lines = tmp_path / "bench.jsonl"
-  lines.write_text(json.dumps(vf) + "\n" + json.dumps(vdm) + "\n")
-  r = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--summarize={lines}"], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=300)
+  rows = tmp_path / "bench.jsonl"
+  rows.write_text("".join(json.dumps(x) + "\n" for x in (*lines, alone)))
+  summarize = [sys.executable, "benchmarks/train_step.py", f"--summarize={rows}"]
+  r = subprocess.run(summarize, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert json.loads(r.stdout.splitlines()[-1]) == {
-      "result": "compare", "model": "videofusion / vdm",
-      "videos_per_s_ratio": round(vf["videos_per_s"] / vdm["videos_per_s"], 3),
-      "sample_xla_flops_ratio": round(vf["sample_xla_flops_per_batch"] / vdm["sample_xla_flops_per_batch"], 3)}
-
-  lines.write_text(json.dumps(vf) + "\n" + json.dumps({**vdm, "batch": 3}) + "\n")  # rows of two batches
-  r = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--summarize={lines}"], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=300)
+  assert json.loads(r.stdout.splitlines()[-1]) == compare  # the first row of each kind and result, as in one run
+  rows.write_text(json.dumps(vf_sample) + "\n" + json.dumps({**alone, "batch": 3}) + "\n")
+  r = subprocess.run(summarize, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and "sample rows of batches [2, 3]" in r.stderr, r.stderr[-2000:]
