@@ -189,7 +189,8 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
   step_s = statistics.median(times)
   out = {
       "result": "train_step", "model": c.model.kind, "device": jax.devices()[0].device_kind,
-      "devices": jax.device_count(), "batch": b, "frames": d.num_frames, "size": d.image_size,
+      "devices": jax.device_count(), "pid": os.getpid(), "batch": b, "frames": d.num_frames,
+      "size": d.image_size,
       "dtype": c.model.dtype, "stage": c.train.stage, "trainable": list(trainable_networks(c)),
       **{f"params_{k}": v for k, v in trainer.num_params.items()},
       "compile_cold_s": round(cold, 2), "compile_warm_s": round(warm, 2),
@@ -295,9 +296,8 @@ def run_model(config: ml_collections.ConfigDict) -> list[dict]:
 
 def ratios(vf: list[dict], vdm: list[dict]) -> dict:
   """VideoFusion / VDM* for speed and memory (same base generator), from each kind's rows: its
-  train step and, where present, its sampling. ``peak_memory_ratio`` where both peaks are the
-  device's (per process; in one ``--compare`` process VDM*'s is the process's peak so far, which
-  can only understate VideoFusion's advantage)."""
+  train step and, where present, its sampling. ``peak_memory_ratio`` only where both peaks are
+  the device's and come from separate processes: a process's peak includes all it ran before."""
   one = lambda rows, kind: next((r for r in rows if r["result"] == kind), None)  # noqa: E731
   out = {"result": "compare", "model": "videofusion / vdm"}
   vf_train, vdm_train = one(vf, "train_step"), one(vdm, "train_step")
@@ -308,7 +308,8 @@ def ratios(vf: list[dict], vdm: list[dict]) -> dict:
         xla_flops_ratio=round(vf_train["xla_flops_per_step"] / vdm_train["xla_flops_per_step"], 3),
         params_ratio=round(sum(v for k, v in vf_train.items() if k.startswith("params_"))
                            / sum(v for k, v in vdm_train.items() if k.startswith("params_")), 3))
-    if all(r["memory_source"].startswith("device") for r in (vf_train, vdm_train)):
+    if (all(r["memory_source"].startswith("device") for r in (vf_train, vdm_train))
+        and vf_train["pid"] != vdm_train["pid"]):
       out["peak_memory_ratio"] = round(vf_train["peak_memory_bytes"] / vdm_train["peak_memory_bytes"], 3)
   vf_sample, vdm_sample = one(vf, "sample"), one(vdm, "sample")
   if vf_sample and vdm_sample:

@@ -77,6 +77,18 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   r = subprocess.run(summarize, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert json.loads(r.stdout.splitlines()[-1]) == compare  # the first row of each kind and result, as in one run
+  # Peaks the device reported (a GPU's): a ratio only when the two rows come from separate processes.
+  device = "device memory_stats (process peak so far)"
+  apart = [{**vf, "memory_source": device}, {**vdm, "memory_source": device, "pid": vf["pid"] + 1}]
+  rows.write_text("".join(json.dumps(x) + "\n" for x in apart))
+  r = subprocess.run(summarize, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads(r.stdout.splitlines()[-1]) == {
+      **{k: v for k, v in compare.items() if not k.startswith(("videos", "sample"))},
+      "peak_memory_ratio": round(vf["peak_memory_bytes"] / vdm["peak_memory_bytes"], 3)}
+  rows.write_text("".join(json.dumps({**x, "pid": vf["pid"]}) + "\n" for x in apart))  # one process: its peak is shared
+  r = subprocess.run(summarize, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and "peak_memory_ratio" not in json.loads(r.stdout.splitlines()[-1]), r.stderr[-3000:]
   rows.write_text(json.dumps(vf_sample) + "\n" + json.dumps({**alone, "batch": 3}) + "\n")
   r = subprocess.run(summarize, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and "sample rows of batches [2, 3]" in r.stderr, r.stderr[-2000:]
