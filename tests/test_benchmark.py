@@ -60,7 +60,6 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   assert compare["clips_per_s_ratio"] == round(vf["clips_per_s"] / vdm["clips_per_s"], 3)
   assert compare["videos_per_s_ratio"] == round(vf_sample["videos_per_s"] / vdm_sample["videos_per_s"], 3)
 
-
   # The run beside: VDM* sampling alone (--kinds, --notrain), then the turns of both runs.
   assert [(x["result"], x["model"]) for x in beside] == [("sample", "vdm")]
   alone = beside[0]
@@ -71,24 +70,25 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   windows = sorted((x["timed_from"], x["timed_to"]) for x in turns)
   assert all(a_from < a_to <= b_from for (a_from, a_to), (b_from, _) in zip(windows, windows[1:]))  # the lock
 
-  rows = tmp_path / "bench.jsonl"
-  rows.write_text("".join(json.dumps(x) + "\n" for x in (*lines, alone)))
-  summarize = [sys.executable, "benchmarks/train_step.py", f"--summarize={rows}"]
-  r = subprocess.run(summarize, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  def summarize(*rows):
+    """``--summarize`` of a file of ``rows``: the process's result."""
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return subprocess.run([sys.executable, "benchmarks/train_step.py", f"--summarize={path}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+  r = summarize(*lines, alone)
   assert r.returncode == 0, r.stderr[-3000:]
   assert json.loads(r.stdout.splitlines()[-1]) == compare  # the first row of each kind and result, as in one run
   # Peaks the device reported (a GPU's): a ratio only when the two rows come from separate processes.
   device = "device memory_stats (process peak so far)"
   apart = [{**vf, "memory_source": device}, {**vdm, "memory_source": device, "pid": vf["pid"] + 1}]
-  rows.write_text("".join(json.dumps(x) + "\n" for x in apart))
-  r = subprocess.run(summarize, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  r = summarize(*apart)
   assert r.returncode == 0, r.stderr[-3000:]
   assert json.loads(r.stdout.splitlines()[-1]) == {
       **{k: v for k, v in compare.items() if not k.startswith(("videos", "sample"))},
       "peak_memory_ratio": round(vf["peak_memory_bytes"] / vdm["peak_memory_bytes"], 3)}
-  rows.write_text("".join(json.dumps({**x, "pid": vf["pid"]}) + "\n" for x in apart))  # one process: its peak is shared
-  r = subprocess.run(summarize, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  r = summarize(*({**x, "pid": vf["pid"]} for x in apart))  # one process: its peak is shared
   assert r.returncode == 0 and "peak_memory_ratio" not in json.loads(r.stdout.splitlines()[-1]), r.stderr[-3000:]
-  rows.write_text(json.dumps(vf_sample) + "\n" + json.dumps({**alone, "batch": 3}) + "\n")
-  r = subprocess.run(summarize, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  r = summarize(vf_sample, {**alone, "batch": 3})
   assert r.returncode != 0 and "sample rows of batches [2, 3]" in r.stderr, r.stderr[-2000:]
