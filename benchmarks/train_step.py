@@ -213,7 +213,7 @@ def sampling_flops(trainer, params) -> float:
   from videofusion_jax import sampling
 
   c = trainer.config
-  b, d = c.sample.batch_size, c.data
+  b, d = sampling.sampling_batch(trainer), c.data
   labels = jnp.zeros((b,), jnp.int32) if d.num_classes else None
   cond = jnp.zeros((b, c.model.encoder.embed_dim)) if c.model.condition == "embedding" else None
   net_labels, net_cond = sampling.network_conditions(c, labels, cond)
@@ -241,7 +241,7 @@ def bench_sample(trainer, counter, params) -> dict:
   from videofusion_jax import sampling
 
   c = trainer.config
-  b = c.sample.batch_size
+  b = sampling.sampling_batch(trainer)
   labels = jnp.zeros((b,), jnp.int32) if c.data.num_classes else None
   generate = sampling.make_generate_fn(trainer)
   rows = np.arange(b)

@@ -157,13 +157,30 @@ def test_checkpoint_moves_across_meshes_and_training_continues(trainer_on, refer
   assert step == STEPS
 
 
-def test_samples_from_a_checkpoint_restored_on_another_mesh(trainer_on, reference, tmp_path):
+def test_samples_from_a_checkpoint_restored_on_another_mesh(trainer_on, reference, tmp_path, monkeypatch):
   """A checkpoint saved on 8 devices as 8x1 and restored on them as 1x8 (FSDP) gives the same videos
   for the same seed as the state it was saved from, and as one device does. ``--mode=eval`` restores through the same
   ``Experiment.restore`` and draws its clips through the same ``sampling.generate_videos``
-  (``evaluation.evaluate.run``), so this covers evaluation's restore too."""
+  (``evaluation.evaluate.run``), so this covers evaluation's restore too. ``sample.batch_size=3`` is
+  rounded up to the 8 devices, each drawing one row of a batch."""
+  drawn = []  # (experiment's devices, rows, devices holding them, rows per device) per generated batch
+  make = sampling.make_generate_fn
+
+  def recording(experiment):
+    generate = make(experiment)
+
+    def run(*args):
+      videos, used = generate(*args)
+      drawn.append((experiment.mesh.devices.size, videos.shape[0], len(videos.sharding.device_set),
+                      {s.data.shape[0] for s in videos.addressable_shards}))
+      return videos, used
+    return run
+
+  monkeypatch.setattr(sampling, "make_generate_fn", recording)
   states, _ = reference
-  saver, reader = trainer_on(8, 1), trainer_on(1, 8)
+  saver, reader, single = trainer_on(8, 1), trainer_on(1, 8), trainer_on(1, 1)
+  for experiment in (saver, reader, single):  # 3 rows at a time, which 8 devices round up to 8
+    monkeypatch.setitem(experiment.config.sample, "batch_size", 3)
   state = on(saver, states[-1])
   manager = ckpt.make_manager(tmp_path, keep=5, async_save=False)
   ckpt.save(manager, STEPS, state)
@@ -179,8 +196,9 @@ def test_samples_from_a_checkpoint_restored_on_another_mesh(trainer_on, referenc
   assert before.shape == (8, 4, 8, 8, 3)
   np.testing.assert_allclose(after, before, atol=1e-4)
   # One device draws the same videos for the seed (every row's noise comes from its own keys).
-  single = trainer_on(1, 1)
   alone = sampling.generate_videos(single, jax.device_put(states[-1].ema_params, single.state_sharding.ema_params),
                                    8, seed=3, labels=labels)
   np.testing.assert_allclose(alone, before, atol=1e-4)
   assert np.abs(other_seed - before).max() > 0.1  # control: the videos depend on the seed
+  # 8 rows: one batch of 8 over the 8 devices (three times), then 3 + 3 + 2 (padded to 3) on one device.
+  assert drawn == [(8, 8, 8, {1})] * 3 + [(1, 3, 1, {3})] * 3

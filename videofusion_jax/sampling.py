@@ -174,6 +174,14 @@ def clip_motion_indices(motion: np.ndarray, num_clips: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
+def sampling_batch(experiment: Experiment) -> int:
+  """The rows drawn at once: ``sample.batch_size`` rounded up to a multiple of the mesh's devices, so
+  that every device takes a share (the extra rows are drawn and dropped; each row's noise is its own,
+  ``row_keys``, so the videos kept do not change)."""
+  devices = experiment.mesh.devices.size
+  return -(-experiment.config.sample.batch_size // devices) * devices
+
+
 def make_generate_fn(experiment: Experiment):
   """``generate(params, keys, labels (B,) or None, text (B, D) or None, condition (B, D) or None,
   anchor (B, H, W, C), anchor_on ()) -> (videos (B, N, H, W, C), condition)``, jitted once per
@@ -220,9 +228,8 @@ def make_generate_fn(experiment: Experiment):
                                       s.clip_x0)
     return chain(eps_fn), condition
 
-  # Shard the batch over the mesh when it divides evenly; otherwise one device does it all.
-  divides = s.batch_size % experiment.mesh.devices.size == 0
-  return experiment.jit(generate, out_shardings=experiment.batch_sharding if divides else None)
+  # The batch (``sampling_batch``) divides over the mesh: each device draws its share of the rows.
+  return experiment.jit(generate, out_shardings=experiment.batch_sharding)
 
 
 def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, motion: np.ndarray,
@@ -231,7 +238,7 @@ def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
                 progress: Callable[[int], None] | None = None,
                 text: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
   """Videos in [-1, 1] for rows of ``content`` and ``motion`` indices (``row_keys``), in batches of
-  ``sample.batch_size`` (the last one padded), gathered from every host: ``(R, N, H, W, C)`` and the
+  ``sampling_batch`` (the last one padded), gathered from every host: ``(R, N, H, W, C)`` and the
   embeddings used ``(R, D)`` (None for the label condition). ``labels`` ``(R,)``; ``condition``
   ``(R, D)``: given embeddings instead of the prior's; ``text`` ``(R, D)``: the prompts' text
   embeddings, for a prior on text (``prompt_embeddings``); ``anchor`` ``(R, H, W, C)``: the frame each
@@ -239,7 +246,7 @@ def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
   each batch."""
   c = experiment.config
   gen = make_generate_fn(experiment)
-  batch, rows = c.sample.batch_size, len(content)
+  batch, rows = sampling_batch(experiment), len(content)
   frame = (c.data.image_size, c.data.image_size, 3)
   content, motion = np.asarray(content), np.asarray(motion)
   everywhere = shd.replicated(experiment.mesh)
@@ -352,11 +359,18 @@ class Progress:
     print(f"  {self.what}: {done}/{self.total} ({rate:.2f} {self.unit}/s, {left:.0f} s left)", flush=True)
 
 
+def _batch_words(experiment: Experiment) -> str:
+  asked, batch, devices = experiment.config.sample.batch_size, sampling_batch(experiment), experiment.mesh.devices.size
+  if asked == batch:
+    return f"{batch} at a time"
+  return f"{batch} at a time (sample.batch_size={asked} rounded up to a multiple of the {devices} devices)"
+
+
 def generated_videos(experiment: Experiment, params, num: int, seed: int, labels: np.ndarray | None,
                      consume: Callable[[np.ndarray], None], text: np.ndarray | None = None) -> None:
-  """Draws videos 0 .. ``num - 1`` of ``seed`` in ``config.sample.batch_size`` batches and hands each
-  batch, ``(B, N, S, S, 3)`` in [-1, 1], to ``consume``. ``text`` ``(num, D)``: for a prior on text."""
-  batch = experiment.config.sample.batch_size
+  """Draws videos 0 .. ``num - 1`` of ``seed`` in ``sampling_batch`` batches and hands each batch,
+  ``(B, N, S, S, 3)`` in [-1, 1], to ``consume``. ``text`` ``(num, D)``: for a prior on text."""
+  batch = sampling_batch(experiment)
   progress = Progress("generated videos", num, quiet=jax.process_index() > 0)
   for start in range(0, num, batch):
     size = min(batch, num - start)
@@ -473,7 +487,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
           "motion": "videos of one motion (a b_T and c each, one residual noise)"}[s.control]
   print(f"sampling {s.num_samples} {what} of {n_frames} frames ({s.num_clips} clip(s) of {config.data.num_frames}) "
         f"from checkpoint {step} (EMA weights){source}, {s.method} with {chain_steps(config)} steps on "
-        f"{jax.device_count()} device(s): the chain compiles once, then runs batch by batch", flush=True)
+        f"{jax.device_count()} device(s), {_batch_words(experiment)}: the chain compiles once, then runs batch by "
+        "batch", flush=True)
   t0 = time.time()
   unit = "videos" if s.num_clips == 1 else "clips"
   progress = Progress(unit, s.num_samples * s.num_clips, unit=unit, quiet=jax.process_index() > 0)
