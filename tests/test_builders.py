@@ -207,11 +207,15 @@ def test_demo_clips_port(tfds_dir):
 
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_the_pipeline_reads_every_builder(built, name):
-  """One epoch of training clips and the evaluation clips, from each real builder's dataset."""
+  """One epoch of training clips and the evaluation clips, from each real builder's dataset; the
+  same clips whether the decoded videos are kept in memory (they fit ``data.cache_mb``) or not."""
   builder, layout, data_dir = built(name)
   c = tiny_config(**{"data.name": f"{name}/{CONFIG}", "data.data_dir": data_dir, "data.image_size": 16})
   train = layout.examples["train"]
   batch = next(pipeline.train_iterator(c, len(train), seed=0, verbose=False))  # exactly one epoch
+  c.data.cache_mb = 0.0
+  np.testing.assert_array_equal(next(pipeline.train_iterator(c, len(train), seed=0, verbose=False))["video"],
+                                batch["video"])
   video = batch["video"]
   assert video.shape == (len(train), 4, 16, 16, 3) and video.dtype == np.float32
   assert video.min() >= -1.0 and video.max() <= 1.0 and video.std() > 0.1

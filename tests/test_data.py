@@ -68,6 +68,29 @@ def test_resuming_after_k_batches_continues_the_stream(config):
   assert sorted(labels[:3]) == [0, 1, 2] and sorted(labels[3:6]) == [0, 1, 2]  # epochs cover every clip
 
 
+def test_videos_kept_decoded_in_memory_give_the_stream_that_decodes_as_it_reads(config, capsys):
+  """The demo's videos fit in ``data.cache_mb`` (0.37 MB at 8x8): decoded once and kept, they give
+  the same clips and labels in the same order as decoding each clip as it is read (``cache_mb=0``),
+  from the start and resumed; a limit below their size decodes as it reads."""
+  def stream(cache_mb, start_batch=0):
+    c = tiny_config(**{"data.data_dir": config.data.data_dir, "data.cache_mb": cache_mb})
+    it = pipeline.train_iterator(c, 4, seed=7, start_batch=start_batch)
+    kept = "decoding the 502 frames of 3 videos once and keeping them in memory (0.4 MB" in capsys.readouterr().out
+    return it, kept
+
+  (kept, was_kept), (read, was_read) = stream(512.0), stream(0.0)
+  assert was_kept and not was_read
+  assert not stream(0.3)[1]
+  batches = [next(read) for _ in range(6)]
+  for b in batches:
+    a = next(kept)
+    np.testing.assert_array_equal(a["video"], b["video"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  assert not np.array_equal(batches[0]["video"], batches[1]["video"])  # control: the batches differ
+  resumed, _ = stream(512.0, start_batch=4)
+  np.testing.assert_array_equal(next(resumed)["video"], batches[4]["video"])
+
+
 def test_eval_protocol_is_deterministic_and_spreads_over_each_video(config):
   a = pipeline.eval_clips(config, 15)
   b = pipeline.eval_clips(config, 15)

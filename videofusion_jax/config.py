@@ -39,7 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
       # name: a builder of videofusion_jax.data.builders, '/<stored short side>' optional (ucf101/64).
       # manual_dir: the raw dataset (read once, on first use, to build the TFDS dataset in data_dir).
       name="demo_clips", data_dir="", manual_dir="", split="train", eval_split="",
-      num_frames=16, frame_stride=1, image_size=64, num_classes=0))
+      num_frames=16, frame_stride=1, image_size=64, num_classes=0,
+      # Training reads each video once and keeps its frames decoded in memory when all of this
+      # host's, at image_size in float32, fit in cache_mb MB (the demo's: 1.5 MB); 0: never.
+      cache_mb=512.0))
 
   c.diffusion = ml_collections.ConfigDict(dict(
       schedule="linear", num_timesteps=1000, lam=0.5))
@@ -170,6 +173,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{SCHEDULE_KINDS}.")
   if d.frame_stride < 1:
     raise ConfigError(f"config.data.frame_stride={d.frame_stride}: must be >= 1.")
+  if not d.cache_mb >= 0:
+    raise ConfigError(f"config.data.cache_mb={d.cache_mb}: the MB of decoded frames to keep in memory; "
+                      "must be >= 0 (0: decode every clip as it is read).")
   for name in ("base",) if config.model.kind == "vdm" else ("base", "residual"):  # VDM* builds no residual
     m = config.model[name]
     try:

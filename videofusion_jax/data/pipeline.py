@@ -6,7 +6,10 @@ examples long enough for a clip, visits them in a fresh seeded permutation every
 draws each clip's first frame from ``(seed, position)``. Resuming at batch ``k`` therefore
 rebuilds the same stream and skips ``k * B`` indices (integers, nothing is read or decoded).
 
-Only the frames of the clip are decoded (JPEG: only the centre square of them).
+Only the frames of the clip are decoded (JPEG: only the centre square of them), unless the
+host's videos, decoded at the clip's size, fit in ``data.cache_mb``: then each is read and decoded
+once, at the start, and clips are gathered from memory (the same values: frames are decoded and
+resized one by one either way).
 Batches are dicts ``{'video': (B, N, S, S, 3) float32 in [-1, 1], 'label': (B,) int32}``, and
 with ``model.encoder.kind='clip'`` ``'frame_embeddings': (B, N, D)``, the stored CLIP embeddings
 of the clip's frames, and for a prior on text ``'caption_embeddings': (B, D)`` (``data.embeddings``).
@@ -149,6 +152,45 @@ def _clip(tf, example, first, num_frames: int, stride: int, size: int, jpeg: boo
   return {"video": clip, "label": tf.cast(example.get("label", 0), tf.int32)}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Decoded:
+  frames: np.ndarray  # (F, S, S, 3) float32 in [-1, 1]: every frame of the host's videos, video after video
+  first_row: np.ndarray  # (R,) int64: a record's first row in ``frames`` (-1: another host's record)
+  labels: np.ndarray  # (R,) int32
+
+
+def decoded_videos(tf, source: _Source, local: np.ndarray, size: int, jpeg: bool, limit_mb: float,
+                   verbose: bool) -> _Decoded | None:
+  """Every frame of the records ``local``, decoded and resized once (``decode_frames``); None when
+  they would take more than ``limit_mb`` MB."""
+  num_frames = int(source.lengths[local].sum())
+  mb = num_frames * size * size * 3 * 4 / 2**20
+  if mb > limit_mb:
+    return None
+  if verbose:
+    print(f"{source.builder.info.full_name} [{source.split}]: decoding the {num_frames} frames of {len(local)} "
+          f"videos once and keeping them in memory ({mb:.1f} MB, at most data.cache_mb={limit_mb:g})")
+  read = _reader(tf, source)
+
+  def decode(index):
+    example = read(index)
+    return decode_frames(tf, example["video"], size, jpeg), tf.cast(example.get("label", 0), tf.int32)
+
+  videos = tf.data.Dataset.from_tensor_slices(tf.constant(local, tf.int64)).map(
+      decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  first_row = np.full(len(source.lengths), -1, np.int64)
+  labels = np.zeros(len(source.lengths), np.int32)
+  chunks, row = [], 0
+  for index, (frames, label) in zip(local, videos.as_numpy_iterator()):
+    if len(frames) != source.lengths[index]:
+      raise PipelineError(f"{source.builder.info.full_name} [{source.split}] record {index} has {len(frames)} "
+                          f"frames, its metadata {source.lengths[index]}; delete the dataset's folder and rebuild it.")
+    first_row[index], labels[index] = row, label
+    chunks.append(frames)
+    row += len(frames)
+  return _Decoded(np.concatenate(chunks), first_row, labels)
+
+
 def _is_jpeg(builder) -> bool:
   return getattr(builder.info.features["video"], "_encoding_format", "png") == "jpeg"
 
@@ -194,13 +236,25 @@ def train_iterator(config: ml_collections.ConfigDict, local_batch_size: int, see
     if config.model.prior.condition == "text":
       caption_table = embeddings.caption_table(config, source.split, process_count, verbose)
 
+  decoded = decoded_videos(tf, source, local, d.image_size, jpeg, d.cache_mb, verbose)
+  if decoded is not None:
+    frames, first_row = tf.constant(decoded.frames), tf.constant(decoded.first_row)
+    lengths, labels = tf.constant(source.lengths), tf.constant(decoded.labels)
+    steps = tf.range(d.num_frames, dtype=tf.int64) * d.frame_stride
+
   def load(pos, index):
-    example = read(index)
-    length = tf.shape(example["video"], out_type=tf.int64)[0]
+    if decoded is None:
+      example = read(index)
+      length = tf.shape(example["video"], out_type=tf.int64)[0]
+    else:
+      length = lengths[index]
     # The clip's start depends on (seed, host, position) only, not on the order of arrival.
     first = tf.random.stateless_uniform([], seed=tf.stack([seed, pos * process_count + process_index]),
                                         maxval=tf.maximum(length - source.span, 0) + 1, dtype=tf.int64)
-    clip = _clip(tf, example, first, d.num_frames, d.frame_stride, d.image_size, jpeg)
+    if decoded is None:
+      clip = _clip(tf, example, first, d.num_frames, d.frame_stride, d.image_size, jpeg)
+    else:
+      clip = {"video": tf.gather(frames, first_row[index] + first + steps), "label": labels[index]}
     if clip_table is None:
       return clip
     clip.update(record=index, first=first)
