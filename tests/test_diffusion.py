@@ -476,6 +476,21 @@ def test_ddim_trailing_chain_matches_numpy_at_lambda_zero(eta):
   assert np.abs(ref_chain(leading) - out).max() > 1e-2  # control: the spacing changes the chain
 
 
+def test_sample_takes_the_chain_options_of_the_config():
+  """``diffusion.sample`` (the two networks' chain for library users) passes ``spacing`` and
+  ``variance`` to the chain that ``--mode=sample`` runs (``sample_chain`` on ``decomposed_eps_fn``)."""
+  schedule, lambdas, x0, _ = _clips_and_noise(20)
+  base_fn = lambda zk, tt: 0.5 * zk + 0.01 * tt[:, None, None, None] / 1000  # noqa: E731
+  residual_fn = lambda z, tt, i: 0.3 * z  # noqa: E731
+  eps_fn = d.decomposed_eps_fn(base_fn, residual_fn, lambdas, schedule)
+  for method, steps, option in (("ddim", 7, {"spacing": "trailing"}), ("ddpm", 20, {"variance": "fixed_large"})):
+    kw = dict(rng=jax.random.PRNGKey(4), shape=x0.shape, lambdas=lambdas, schedule=schedule, method=method,
+              num_steps=steps, eta=1.0)
+    out = d.sample(base_fn, residual_fn, **kw, **option)
+    np.testing.assert_allclose(out, d.sample_chain(eps_fn, **kw, **option), atol=1e-6)
+    assert np.abs(np.asarray(out - d.sample(base_fn, residual_fn, **kw))).max() > 1e-2  # control: not the default
+
+
 def test_ddpm_fixed_large_chain_matches_numpy_at_lambda_zero():
   """Whole DDPM chains with σ_t² = β_t ("fixed_large") and the posterior variance ("fixed_small")
   against a NumPy loop fed the same noise; no noise at t = 0."""

@@ -223,18 +223,21 @@ def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas
            schedule: Schedule, method: str = "ddim", num_steps: int = 50, eta: float = 0.0,
            clip_x0: bool = True, initial_noise: jnp.ndarray | None = None,
            guidance_scale: float | None = None, key_frame_input: bool = False,
-           key_frame: jnp.ndarray | None = None) -> jnp.ndarray:
+           key_frame: jnp.ndarray | None = None, spacing: str = "leading",
+           variance: str = "fixed_small") -> jnp.ndarray:
   """Generates videos ``(B, N, H, W, C)`` with VideoFusion's two networks from decomposed noise
   ``z_T`` (eq. 7 at t = T), each step's estimate from eqs. (10)-(11).
 
-  ``base_fn``, ``residual_fn`` as in ``decomposed_eps``; the chain as in ``sample_chain``. With
+  ``base_fn``, ``residual_fn`` as in ``decomposed_eps``; the chain as in ``sample_chain`` (``spacing``:
+  the DDIM timesteps, ``variance``: DDPM's σ_t², as ``config.sample`` names them). With
   ``guidance_scale`` the networks take the doubled batch of ``guided_decomposed_eps`` (conditioned
   rows, then null-conditioned rows) and each step uses the guided estimate. ``key_frame_input`` and
   ``key_frame`` (a clean key frame ``(B, H, W, C)`` the residual generator reads at every step) as
   in ``decomposed_eps``.
   """
   eps_fn = decomposed_eps_fn(base_fn, residual_fn, lambdas, schedule, guidance_scale, key_frame_input, key_frame)
-  return sample_chain(eps_fn, rng, shape, lambdas, schedule, method, num_steps, eta, clip_x0, initial_noise)
+  return sample_chain(eps_fn, rng, shape, lambdas, schedule, method, num_steps, eta, clip_x0, initial_noise,
+                      spacing=spacing, variance=variance)
 
 
 def decomposed_eps_fn(base_fn, residual_fn, lambdas: jnp.ndarray, schedule: Schedule,
