@@ -6,6 +6,9 @@
 #   PART=train   (default) the train step of VideoFusion (XLA's attention and cuDNN's fused one) and
 #                of VDM* on the same base generator: clips/s, MFU, memory and compile; ratios last.
 #   PART=sample  DDIM sampling of both kinds from initial weights: videos/s, sampling MFU; ratios.
+#                Beside them VideoFusion's train step at a wider batch (WIDE_BATCH, 16; ~93 GB by the
+#                CPU analysis, and each run frees its memory when it exits after its turn) with
+#                WIDE_ATTENTION (cudnn): the MFU target at a batch that fills the device.
 # BATCH (train, default 4: VDM* at the ucf101 size holds ~25 GB of activations per clip by XLA's
 # CPU memory analysis, so 16 clips would not fit one GPU), SAMPLE_BATCH (default 16), STEPS (20),
 # SAMPLE_STEPS (50), TIMEOUT (each run's limit, 540 s), SYNC_TIMEOUT (time alone only until this
@@ -33,9 +36,10 @@ case "$PART" in
          runs=("vf --kinds=videofusion --sample_steps=0 --config.model.attention_implementation="
                "vdm --kinds=vdm --sample_steps=0 --config.model.attention_implementation="
                "vf_cudnn --kinds=videofusion --sample_steps=0 --config.model.attention_implementation=cudnn") ;;
-  sample) parties=2
+  sample) parties=3
           runs=("vf_sample --kinds=videofusion --notrain --sample_steps=${SAMPLE_STEPS:-50} --config.model.attention_implementation="
-                "vdm_sample --kinds=vdm --notrain --sample_steps=${SAMPLE_STEPS:-50} --config.model.attention_implementation=") ;;
+                "vdm_sample --kinds=vdm --notrain --sample_steps=${SAMPLE_STEPS:-50} --config.model.attention_implementation="
+                "vf_wide --kinds=videofusion --sample_steps=0 --config.train.batch_size=${WIDE_BATCH:-16} --config.model.attention_implementation=${WIDE_ATTENTION-cudnn}") ;;
   *) echo "PART=$PART: use train or sample" >&2; exit 2 ;;
 esac
 logs=()
