@@ -202,3 +202,5 @@ def test_samples_from_a_checkpoint_restored_on_another_mesh(trainer_on, referenc
   assert np.abs(other_seed - before).max() > 0.1  # control: the videos depend on the seed
   # 8 rows: one batch of 8 over the 8 devices (three times), then 3 + 3 + 2 (padded to 3) on one device.
   assert drawn == [(8, 8, 8, {1})] * 3 + [(1, 3, 1, {3})] * 3
+  assert sampling.describe_batch(saver) == "8 at a time (sample.batch_size=3 rounded up to a multiple of the 8 devices)"
+  assert sampling.describe_batch(single) == "3 at a time"

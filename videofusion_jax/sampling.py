@@ -359,7 +359,9 @@ class Progress:
     print(f"  {self.what}: {done}/{self.total} ({rate:.2f} {self.unit}/s, {left:.0f} s left)", flush=True)
 
 
-def _batch_words(experiment: Experiment) -> str:
+def describe_batch(experiment: Experiment) -> str:
+  """The sampling batch in words, for the runs' first line: ``sampling_batch`` and why, if it is not
+  ``sample.batch_size``."""
   asked, batch, devices = experiment.config.sample.batch_size, sampling_batch(experiment), experiment.mesh.devices.size
   if asked == batch:
     return f"{batch} at a time"
@@ -487,7 +489,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
           "motion": "videos of one motion (a b_T and c each, one residual noise)"}[s.control]
   print(f"sampling {s.num_samples} {what} of {n_frames} frames ({s.num_clips} clip(s) of {config.data.num_frames}) "
         f"from checkpoint {step} (EMA weights){source}, {s.method} with {chain_steps(config)} steps on "
-        f"{jax.device_count()} device(s), {_batch_words(experiment)}: the chain compiles once, then runs batch by "
+        f"{jax.device_count()} device(s), {describe_batch(experiment)}: the chain compiles once, then runs batch by "
         "batch", flush=True)
   t0 = time.time()
   unit = "videos" if s.num_clips == 1 else "clips"

@@ -22,6 +22,7 @@ from videofusion_jax.experiment import Experiment
 from videofusion_jax.sampling import (
   Progress,
   check_same_clip,
+  describe_batch,
   generated_videos,
   prompt_embeddings,
   sample_labels,
@@ -118,7 +119,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     # The real clips' class mix, so that class-conditional FVD compares like with like.
     labels = np.resize(real["labels"], e.num_generated).astype(np.int32)
   print(f"sampling {e.num_generated} clips from checkpoint {step} (EMA weights, {config.sample.method}, "
-        f"{config.sample.num_steps} steps) on {jax.device_count()} devices")
+        f"{config.sample.num_steps} steps) on {jax.device_count()} devices, {describe_batch(experiment)}")
   gen_feats, probs = [], []
 
   def consume(videos):
