@@ -173,7 +173,6 @@ def clip_motion_indices(motion: np.ndarray, num_clips: int) -> np.ndarray:
   return np.asarray(motion)[:, None] * num_clips + np.arange(num_clips)
 
 
-@functools.lru_cache(maxsize=4)
 def sampling_batch(experiment: Experiment) -> int:
   """The rows drawn at once: ``sample.batch_size`` rounded up to a multiple of the mesh's devices, so
   that every device takes a share (the extra rows are drawn and dropped; each row's noise is its own,
@@ -182,6 +181,7 @@ def sampling_batch(experiment: Experiment) -> int:
   return -(-experiment.config.sample.batch_size // devices) * devices
 
 
+@functools.lru_cache(maxsize=4)
 def make_generate_fn(experiment: Experiment):
   """``generate(params, keys, labels (B,) or None, text (B, D) or None, condition (B, D) or None,
   anchor (B, H, W, C), anchor_on ()) -> (videos (B, N, H, W, C), condition)``, jitted once per
