@@ -164,10 +164,12 @@ def test_samples_from_a_checkpoint_restored_on_another_mesh(trainer_on, referenc
   (``evaluation.evaluate.run``), so this covers evaluation's restore too. ``sample.batch_size=3`` is
   rounded up to the 8 devices, each drawing one row of a batch."""
   drawn = []  # (experiment's devices, rows, devices holding them, rows per device) per generated batch
+  made = []  # the jitted chain of each draw: one per experiment, traced once
   make = sampling.make_generate_fn
 
   def recording(experiment):
     generate = make(experiment)
+    made.append((experiment, generate))
 
     def run(*args):
       videos, used = generate(*args)
@@ -204,3 +206,5 @@ def test_samples_from_a_checkpoint_restored_on_another_mesh(trainer_on, referenc
   assert drawn == [(8, 8, 8, {1})] * 3 + [(1, 3, 1, {3})] * 3
   assert sampling.describe_batch(saver) == "8 at a time (sample.batch_size=3 rounded up to a multiple of the 8 devices)"
   assert sampling.describe_batch(single) == "3 at a time"
+  assert [e for e, _ in made] == [saver, reader, reader, single]
+  assert made[1][1] is made[2][1] and made[1][1]._cache_size() == 1  # the reader's two draws: one chain, one trace
