@@ -69,7 +69,6 @@ def main(argv) -> None:
   tmp = Path(tempfile.mkdtemp(prefix="pipeline_bench_"))
   config.data.data_dir = _DATA_DIR.value or str(tmp / "tfds")
   config.data.manual_dir = _MANUAL.value
-  build_s = 0.0
   stand_in = not _MANUAL.value and config.data.name.startswith("ucf101")
   if stand_in:
     write_ucf101_stand_in(tmp / "raw", _VIDEOS.value, _FRAMES.value)

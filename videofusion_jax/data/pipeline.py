@@ -159,10 +159,10 @@ class _Decoded:
   labels: np.ndarray  # (R,) int32
 
 
-def decoded_videos(tf, source: _Source, local: np.ndarray, size: int, jpeg: bool, limit_mb: float,
+def decoded_videos(tf, source: _Source, read, local: np.ndarray, size: int, jpeg: bool, limit_mb: float,
                    verbose: bool) -> _Decoded | None:
-  """Every frame of the records ``local``, decoded and resized once (``decode_frames``); None when
-  they would take more than ``limit_mb`` MB."""
+  """Every frame of the records ``local``, read with ``read`` (``_reader``) and decoded and resized
+  once (``decode_frames``); None when they would take more than ``limit_mb`` MB."""
   num_frames = int(source.lengths[local].sum())
   mb = num_frames * size * size * 3 * 4 / 2**20
   if mb > limit_mb:
@@ -170,7 +170,6 @@ def decoded_videos(tf, source: _Source, local: np.ndarray, size: int, jpeg: bool
   if verbose:
     print(f"{source.builder.info.full_name} [{source.split}]: decoding the {num_frames} frames of {len(local)} "
           f"videos once and keeping them in memory ({mb:.1f} MB, at most data.cache_mb={limit_mb:g})")
-  read = _reader(tf, source)
 
   def decode(index):
     example = read(index)
@@ -236,7 +235,7 @@ def train_iterator(config: ml_collections.ConfigDict, local_batch_size: int, see
     if config.model.prior.condition == "text":
       caption_table = embeddings.caption_table(config, source.split, process_count, verbose)
 
-  decoded = decoded_videos(tf, source, local, d.image_size, jpeg, d.cache_mb, verbose)
+  decoded = decoded_videos(tf, source, read, local, d.image_size, jpeg, d.cache_mb, verbose)
   if decoded is not None:
     frames, first_row = tf.constant(decoded.frames), tf.constant(decoded.first_row)
     lengths, labels = tf.constant(source.lengths), tf.constant(decoded.labels)
