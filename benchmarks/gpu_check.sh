@@ -9,6 +9,9 @@
 #                Beside them VideoFusion's train step at a wider batch (WIDE_BATCH, 16; ~93 GB by the
 #                CPU analysis, and each run frees its memory when it exits after its turn) with
 #                WIDE_ATTENTION (cudnn): the MFU target at a batch that fills the device.
+#   PART=all     the six runs of both parts side by side in one command (sampling: 2 timed batches,
+#                not 3), for a lease of 15 minutes whose machine start leaves time for one call:
+#                TIMEOUT=570 SYNC_TIMEOUT=400 SAMPLE_BATCH=8 PART=all bash benchmarks/gpu_check.sh
 # BATCH (train, default 4: VDM* at the ucf101 size holds ~25 GB of activations per clip by XLA's
 # CPU memory analysis, so 16 clips would not fit one GPU), SAMPLE_BATCH (default 16), STEPS (20),
 # SAMPLE_STEPS (50), TIMEOUT (each run's limit, 540 s), SYNC_TIMEOUT (time alone only until this
@@ -40,7 +43,14 @@ case "$PART" in
           runs=("vf_sample --kinds=videofusion --notrain --sample_steps=${SAMPLE_STEPS:-50} --config.model.attention_implementation="
                 "vdm_sample --kinds=vdm --notrain --sample_steps=${SAMPLE_STEPS:-50} --config.model.attention_implementation="
                 "vf_wide --kinds=videofusion --sample_steps=0 --config.train.batch_size=${WIDE_BATCH:-16} --config.model.attention_implementation=${WIDE_ATTENTION-cudnn}") ;;
-  *) echo "PART=$PART: use train or sample" >&2; exit 2 ;;
+  all) parties=6  # both parts in one command: for a lease whose machine start leaves one call
+       runs=("vf --kinds=videofusion --sample_steps=0 --config.model.attention_implementation="
+             "vdm --kinds=vdm --sample_steps=0 --config.model.attention_implementation="
+             "vf_cudnn --kinds=videofusion --sample_steps=0 --config.model.attention_implementation=cudnn"
+             "vf_sample --kinds=videofusion --notrain --sample_steps=${SAMPLE_STEPS:-50} --sample_repeats=2 --config.model.attention_implementation="
+             "vdm_sample --kinds=vdm --notrain --sample_steps=${SAMPLE_STEPS:-50} --sample_repeats=2 --config.model.attention_implementation="
+             "vf_wide --kinds=videofusion --sample_steps=0 --config.train.batch_size=${WIDE_BATCH:-16} --config.model.attention_implementation=${WIDE_ATTENTION-cudnn}") ;;
+  *) echo "PART=$PART: use train, sample or all" >&2; exit 2 ;;
 esac
 logs=()
 for r in "${runs[@]}"; do
