@@ -56,6 +56,11 @@ _SYNC_PARTIES = flags.DEFINE_integer("sync_parties", 1, "How many runs share --s
 _SYNC_TIMEOUT = flags.DEFINE_float("sync_timeout", 300.0, "Time alone only until this many s after the start.")
 _KINDS = flags.DEFINE_list("kinds", ["videofusion", "vdm"], "With --compare: which of the two to run.")
 _SUMMARIZE = flags.DEFINE_string("summarize", "", "A file of these JSON lines: print their ratios, run nothing.")
+_COUNT_ON = flags.DEFINE_enum(
+    "count_flops_on", "auto", ["auto", "host", "device"],
+    "Where XLA counts the FLOPs: 'device', the compiled step; 'host', the step lowered for one of the host's "
+    "CPU devices (XLA's GPU cost analysis leaves out the products it hands to cuBLAS and cuDNN); 'auto': "
+    "'device' on one CPU device, else 'host'.")
 
 
 def vdm_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -148,17 +153,41 @@ def memory(compiled) -> tuple[int, int, str]:
   return program, program, "compiled.memory_analysis (arguments + outputs + temporaries - aliased)"
 
 
+def counts_on_host() -> bool:
+  """Whether XLA's FLOPs are counted on the host's CPU backend (``--count_flops_on``). On a GPU,
+  XLA's cost analysis of a compiled step counts only what XLA generates itself, not the matrix
+  products and convolutions it hands to cuBLAS and cuDNN (VDM*'s ucf101 step on an H200: 6.35
+  TFLOP, against 69.3 by the CPU's count), and gives nothing for a lowered program; on several
+  devices a compiled program is one device's share."""
+  if _COUNT_ON.value != "auto":
+    return _COUNT_ON.value == "host"
+  return not (jax.default_backend() == "cpu" and jax.device_count() == 1)
+
+
 def flops_trainer(trainer):
-  """The experiment whose programs XLA's FLOPs are counted on: ``trainer`` itself, or with cuDNN's
-  fused attention (a custom call XLA's cost analysis does not count) the same model with XLA's
-  attention, only lowered for counting."""
+  """The experiment whose programs XLA's FLOPs are counted on: ``trainer`` itself, or (only
+  lowered, for counting) the same model with XLA's attention where ``trainer`` uses cuDNN's fused
+  one (a custom call XLA's cost analysis does not count), on one host CPU device where
+  ``counts_on_host()``: the whole step's FLOPs, whatever the devices run."""
+  from videofusion_jax.training import sharding as shd
   from videofusion_jax.training.step import Trainer
 
-  if not trainer.config.model.attention_implementation:
+  host = counts_on_host()
+  if not host and not trainer.config.model.attention_implementation:
     return trainer
   c = ml_collections.ConfigDict(trainer.config.to_dict())
   c.model.attention_implementation = ""
-  return Trainer(c, mesh=trainer.mesh)
+  if not host:
+    return Trainer(c, mesh=trainer.mesh)
+  c.mesh.update(data=1, fsdp=1)
+  return Trainer(c, mesh=shd.make_mesh(c, jax.devices("cpu")[:1]))
+
+
+def abstract_on(experiment, tree, sharding=None):
+  """``tree``'s arrays as shapes and dtypes laid out by ``sharding`` on ``experiment``'s mesh
+  (default: its batch sharding), for lowering there."""
+  sharding = experiment.batch_sharding if sharding is None else sharding
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def bench_train(trainer, counter) -> tuple[dict, object]:
@@ -174,7 +203,9 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       "label": rng.integers(0, max(d.num_classes, 1), b).astype(np.int32)})
   state = trainer.init_state(c.seed)
   compiled, cold, warm, trace_lower = compile_cold_and_warm(trainer.step, state, batch)
-  flops = xla_flops(compiled if counter is trainer else counter.step.lower(counter.abstract_state(), batch))
+  device_flops = xla_flops(compiled)
+  flops = device_flops if counter is trainer else xla_flops(
+      counter.step.lower(counter.abstract_state(), abstract_on(counter, batch)))
   with timing_turn() as sync:
     for _ in range(_WARMUP.value):
       state, metrics = compiled(state, batch)
@@ -198,41 +229,52 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       "step_ms_median": round(1000 * step_s, 3), "step_ms_min": round(1000 * min(times), 3),
       "clips_per_s": round(b / step_s, 3),
       "xla_flops_per_step": flops, "attention": c.model.attention_implementation or "xla",
-      "flops_source": "XLA cost analysis of the compiled step" if counter is trainer else (
-          "XLA cost analysis of the step lowered with XLA's attention (XLA does not count cuDNN's)"),
+      "flops_source": flops_source(trainer, counter, "step", compiled=counter is trainer),
+      "device_xla_flops_per_step": device_flops,
       "tflops_per_s": round(flops / step_s / 1e12, 4), "peak_tflops": _PEAK.value,
-      "mfu": round(flops / step_s / 1e12 / _PEAK.value, 5),
+      "mfu": round(flops / step_s / 1e12 / (_PEAK.value * jax.device_count()), 5),
       "peak_memory_bytes": peak, "program_memory_bytes": program, "memory_source": source, **sync,
   }
   return out, state
 
 
-def sampling_flops(trainer, params) -> float:
-  """XLA's FLOPs for one generated batch: each chain's one-step estimate (lowered, not compiled),
-  times its steps."""
+def flops_source(trainer, counter, what: str, compiled: bool) -> str:
+  """What a FLOP count of ``what`` is: XLA's cost analysis of which program, where."""
+  text = f"XLA cost analysis of the {what} {'compiled' if compiled else 'lowered'}"
+  if counter.config.model.attention_implementation != trainer.config.model.attention_implementation:
+    text += " with XLA's attention (XLA does not count cuDNN's)"
+  if counts_on_host():
+    text += " on one host CPU device (the whole step; a GPU's own count leaves out cuBLAS and cuDNN)"
+  return text
+
+
+def sampling_flops(trainer, params, b: int) -> float:
+  """XLA's FLOPs for one generated batch of ``b`` videos: each chain's one-step estimate (lowered,
+  not compiled, on ``trainer``'s devices), times its steps."""
   from videofusion_jax import sampling
 
-  c = trainer.config
-  b, d = sampling.sampling_batch(trainer), c.data
-  labels = jnp.zeros((b,), jnp.int32) if d.num_classes else None
-  cond = jnp.zeros((b, c.model.encoder.embed_dim)) if c.model.condition == "embedding" else None
-  net_labels, net_cond = sampling.network_conditions(c, labels, cond)
-  z = jnp.zeros((b, d.num_frames, d.image_size, d.image_size, 3))
-  t = jnp.zeros((b,), jnp.int32)
-  key = jnp.zeros((b, d.image_size, d.image_size, 3)) if c.model.key_frame_clean else None
+  c, d = trainer.config, trainer.config.data
+  with jax.default_device(trainer.mesh.devices.flat[0]):  # the inputs below: where the count is made
+    labels = jnp.zeros((b,), jnp.int32) if d.num_classes else None
+    cond = jnp.zeros((b, c.model.encoder.embed_dim)) if c.model.condition == "embedding" else None
+    net_labels, net_cond = sampling.network_conditions(c, labels, cond)
+    z = jnp.zeros((b, d.num_frames, d.image_size, d.image_size, 3))
+    t = jnp.zeros((b,), jnp.int32)
+    key = jnp.zeros((b, d.image_size, d.image_size, 3)) if c.model.key_frame_clean else None
 
-  def count(fn, *args):
-    return xla_flops(jax.jit(fn).lower(*args))
+    def count(fn, *args):
+      return xla_flops(jax.jit(fn).lower(*args))
 
-  total = c.sample.num_steps * count(
-      lambda p, zz, tt: sampling.video_eps_fn(trainer, p, net_labels, net_cond, key_frame=key)(zz, tt), params, z, t)
-  if c.model.key_frame_clean:
-    total += c.sample.num_steps * count(
-        lambda p, zz, tt: sampling.video_eps_fn(trainer, p, net_labels, net_cond, residual=False)(zz, tt),
+    total = c.sample.num_steps * count(
+        lambda p, zz, tt: sampling.video_eps_fn(trainer, p, net_labels, net_cond, key_frame=key)(zz, tt),
         params, z, t)
-  if cond is not None:
-    total += c.sample.prior_num_steps * count(
-        lambda p, e, tt: sampling.prior_eps_fn(trainer, p, labels)(e, tt), params, cond, t)
+    if c.model.key_frame_clean:
+      total += c.sample.num_steps * count(
+          lambda p, zz, tt: sampling.video_eps_fn(trainer, p, net_labels, net_cond, residual=False)(zz, tt),
+          params, z, t)
+    if cond is not None:
+      total += c.sample.prior_num_steps * count(
+          lambda p, e, tt: sampling.prior_eps_fn(trainer, p, labels)(e, tt), params, cond, t)
   return total
 
 
@@ -253,7 +295,7 @@ def bench_sample(trainer, counter, params) -> dict:
   args = (labels, text, None, anchor, jnp.float32(0))
   keys = sampling.row_keys(0, rows, rows)
   compiled, cold, warm, trace_lower = compile_cold_and_warm(generate, params, keys, *args)
-  flops = sampling_flops(counter, params)
+  flops = sampling_flops(counter, counter.abstract_state().ema_params if counts_on_host() else params, b)
   with timing_turn() as sync:
     jax.block_until_ready(compiled(params, keys, *args))
     times = []
@@ -270,9 +312,10 @@ def bench_sample(trainer, counter, params) -> dict:
       "sample_compile_warm_trace_lower_s": round(trace_lower, 2),
       "sample_s_per_batch": round(batch_s, 4), "videos_per_s": round(b / batch_s, 4),
       "sample_xla_flops_per_batch": flops,
-      "sample_flops_source": "XLA cost analysis of each chain's step (prior, key frame, video), lowered, x its steps",
+      "sample_flops_source": flops_source(trainer, counter, "step of each chain (prior, key frame, video)",
+                                          compiled=False) + ", x its steps",
       "sample_tflops_per_s": round(flops / batch_s / 1e12, 4),
-      "sample_mfu": round(flops / batch_s / 1e12 / _PEAK.value, 5), **sync,
+      "sample_mfu": round(flops / batch_s / 1e12 / (_PEAK.value * jax.device_count()), 5), **sync,
   }
 
 
@@ -314,8 +357,9 @@ def ratios(vf: list[dict], vdm: list[dict]) -> dict:
   vf_sample, vdm_sample = one(vf, "sample"), one(vdm, "sample")
   if vf_sample and vdm_sample:
     out["videos_per_s_ratio"] = round(vf_sample["videos_per_s"] / vdm_sample["videos_per_s"], 3)
-    out["sample_xla_flops_ratio"] = round(
-        vf_sample["sample_xla_flops_per_batch"] / vdm_sample["sample_xla_flops_per_batch"], 3)
+    if vdm_sample["sample_xla_flops_per_batch"]:  # 0 where XLA counted none (a GPU's lowered program)
+      out["sample_xla_flops_ratio"] = round(
+          vf_sample["sample_xla_flops_per_batch"] / vdm_sample["sample_xla_flops_per_batch"], 3)
   return out
 
 
