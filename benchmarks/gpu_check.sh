@@ -3,66 +3,84 @@
 # (under 10 minutes) per part. A full-size U-Net step compiles for minutes there (../shared/gpu.md)
 # and compiling is host work, so each part starts its runs side by side: they compile at once, then
 # take turns on the device (benchmarks/train_step.py --sync_dir), so no two time at once.
-#   PART=train   (default) the train step of VideoFusion (XLA's attention and cuDNN's fused one) and
-#                of VDM* on the same base generator: clips/s, MFU, memory and compile; ratios last.
-#   PART=sample  DDIM sampling of both kinds from initial weights: videos/s, sampling MFU; ratios.
-#                Beside them VideoFusion's train step at a wider batch (WIDE_BATCH, 16; ~93 GB by the
-#                CPU analysis, and each run frees its memory when it exits after its turn) with
-#                WIDE_ATTENTION (cudnn): the MFU target at a batch that fills the device.
-#   PART=all     the six runs of both parts side by side in one command (sampling: 2 timed batches,
-#                not 3), for a lease of 15 minutes whose machine start leaves time for one call:
-#                TIMEOUT=570 SYNC_TIMEOUT=400 SAMPLE_BATCH=8 PART=all bash benchmarks/gpu_check.sh
-# BATCH (train, default 4: VDM* at the ucf101 size holds ~25 GB of activations per clip by XLA's
-# CPU memory analysis, so 16 clips would not fit one GPU), SAMPLE_BATCH (default 16), STEPS (20),
-# SAMPLE_STEPS (50), TIMEOUT (each run's limit, 540 s), SYNC_TIMEOUT (time alone only until this
-# many seconds after the start, 420 s), PEAK_TFLOPS (695). Results: $OUT/bench.jsonl (the JSON
+#   PART=vf      (default) what the H200 lease of 2026-12-04 left unmeasured: VideoFusion's train step
+#                did not finish compiling there in 7 minutes (six compiles side by side; VDM*'s took
+#                4.5). VideoFusion (batch BATCH, XLA's attention) beside VDM* (the same, for the
+#                ratios of one run), VideoFusion with XLA's autotuning off (--xla_gpu_autotune_level=0:
+#                what the autotuning costs in compile time, and gains in step time) and VideoFusion at
+#                WIDE_BATCH (16) with WIDE_ATTENTION (cudnn): the MFU target at a batch that fills the
+#                device. Ratios last.
+#   PART=train   the train step of VideoFusion (XLA's attention and cuDNN's fused one) and of VDM* on
+#                the same base generator: clips/s, MFU, memory and compile; ratios last.
+#   PART=sample  DDIM sampling of both kinds: videos/s, sampling MFU; ratios. Beside them
+#                VideoFusion's train step at WIDE_BATCH with WIDE_ATTENTION.
+#   PART=all     the six runs of train and sample side by side (sampling: 2 timed batches, not 3).
+#                On 2026-12-04 (SAMPLE_BATCH=8) both samplings and VDM*'s step were timed, VideoFusion's
+#                three steps were still compiling when the 570 s ran out.
+# Every run times from a zero state (INIT, default zeros: --init=zeros; no figure depends on the
+# values, and the initializers took 1.5-2.5 minutes to compile on the H200).
+# BATCH (train, default 4: VDM* at batch 4 peaked at 56.7 GB on the H200), SAMPLE_BATCH (8), STEPS
+# (20), SAMPLE_STEPS (50), TIMEOUT (each run's limit, 560 s), SYNC_TIMEOUT (time alone only until
+# this many seconds after the start, 400 s), PEAK_TFLOPS (695). Results: $OUT/bench.jsonl (the JSON
 # lines, the ratios last) and one log per run; add rows to benchmarks/RESULTS.md.
-# Check it on the CPU first (a few minutes):
+# Check it on the CPU first (a few minutes; the cuDNN runs stop at once there, holding nobody up):
 #   OUT=/tmp/out CONFIG=configs/demo.py BATCH=8 STEPS=3 SAMPLE_STEPS=2 bash benchmarks/gpu_check.sh
-# On the device (ml_collections from .whl, see the developers' guide):
+# On the device (ml_collections from .whl, see the developers' guide; machine start took ~30 s):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
 #     export PYTHONPATH=/tmp/site:$PWD; bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 CONFIG="${CONFIG:-configs/ucf101.py}"
-PART="${PART:-train}"
+PART="${PART:-vf}"
 mkdir -p "$OUT"
 # Each run allocates what it uses (not 75% of the device up front): the runs share one device.
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee -a "$OUT/bench.log"
 sync_dir=$(mktemp -d)
-common=(--config="$CONFIG" --config.train.batch_size="${BATCH:-4}" --config.sample.batch_size="${SAMPLE_BATCH:-16}"
+common=(--config="$CONFIG" --config.train.batch_size="${BATCH:-4}" --config.sample.batch_size="${SAMPLE_BATCH:-8}"
         --steps="${STEPS:-20}" --peak_tflops="${PEAK_TFLOPS:-695}" --compare --sync_dir="$sync_dir"
-        --sync_timeout="${SYNC_TIMEOUT:-420}")
+        --sync_timeout="${SYNC_TIMEOUT:-400}" --init="${INIT:-zeros}")
+xla=--config.model.attention_implementation=  # XLA's own attention
+wide="--config.train.batch_size=${WIDE_BATCH:-16} --config.model.attention_implementation=${WIDE_ATTENTION-cudnn}"
+sample="--notrain --sample_steps=${SAMPLE_STEPS:-50}"
+# Each run: "name|XLA_FLAGS|flags".
 case "$PART" in
-  train) parties=3
-         runs=("vf --kinds=videofusion --sample_steps=0 --config.model.attention_implementation="
-               "vdm --kinds=vdm --sample_steps=0 --config.model.attention_implementation="
-               "vf_cudnn --kinds=videofusion --sample_steps=0 --config.model.attention_implementation=cudnn") ;;
-  sample) parties=3
-          runs=("vf_sample --kinds=videofusion --notrain --sample_steps=${SAMPLE_STEPS:-50} --config.model.attention_implementation="
-                "vdm_sample --kinds=vdm --notrain --sample_steps=${SAMPLE_STEPS:-50} --config.model.attention_implementation="
-                "vf_wide --kinds=videofusion --sample_steps=0 --config.train.batch_size=${WIDE_BATCH:-16} --config.model.attention_implementation=${WIDE_ATTENTION-cudnn}") ;;
-  all) parties=6  # both parts in one command: for a lease whose machine start leaves one call
-       runs=("vf --kinds=videofusion --sample_steps=0 --config.model.attention_implementation="
-             "vdm --kinds=vdm --sample_steps=0 --config.model.attention_implementation="
-             "vf_cudnn --kinds=videofusion --sample_steps=0 --config.model.attention_implementation=cudnn"
-             "vf_sample --kinds=videofusion --notrain --sample_steps=${SAMPLE_STEPS:-50} --sample_repeats=2 --config.model.attention_implementation="
-             "vdm_sample --kinds=vdm --notrain --sample_steps=${SAMPLE_STEPS:-50} --sample_repeats=2 --config.model.attention_implementation="
-             "vf_wide --kinds=videofusion --sample_steps=0 --config.train.batch_size=${WIDE_BATCH:-16} --config.model.attention_implementation=${WIDE_ATTENTION-cudnn}") ;;
-  *) echo "PART=$PART: use train, sample or all" >&2; exit 2 ;;
+  vf) runs=("vf||--kinds=videofusion --sample_steps=0 $xla"
+            "vdm||--kinds=vdm --sample_steps=0 $xla"
+            "vf_autotune0|--xla_gpu_autotune_level=0|--kinds=videofusion --sample_steps=0 $xla"
+            "vf_wide||--kinds=videofusion --sample_steps=0 $wide") ;;
+  train) runs=("vf||--kinds=videofusion --sample_steps=0 $xla"
+               "vdm||--kinds=vdm --sample_steps=0 $xla"
+               "vf_cudnn||--kinds=videofusion --sample_steps=0 --config.model.attention_implementation=cudnn") ;;
+  sample) runs=("vf_sample||--kinds=videofusion $sample $xla"
+                "vdm_sample||--kinds=vdm $sample $xla"
+                "vf_wide||--kinds=videofusion --sample_steps=0 $wide") ;;
+  all) runs=("vf||--kinds=videofusion --sample_steps=0 $xla"
+             "vdm||--kinds=vdm --sample_steps=0 $xla"
+             "vf_cudnn||--kinds=videofusion --sample_steps=0 --config.model.attention_implementation=cudnn"
+             "vf_sample||--kinds=videofusion $sample --sample_repeats=2 $xla"
+             "vdm_sample||--kinds=vdm $sample --sample_repeats=2 $xla"
+             "vf_wide||--kinds=videofusion --sample_steps=0 $wide") ;;
+  *) echo "PART=$PART: use vf, train, sample or all" >&2; exit 2 ;;
 esac
+parties=${#runs[@]}
 logs=()
 for r in "${runs[@]}"; do
-  read -r name flags <<< "$r"
+  IFS='|' read -r name flags_xla flags <<< "$r"
   logs+=("$OUT/$name.log")
-  echo "== $(date +%T) $name: ${common[*]} $flags --sync_parties=$parties" | tee -a "$OUT/bench.log"
-  # shellcheck disable=SC2086  # $flags: one run's flags, split on spaces
-  (timeout "${TIMEOUT:-540}" python3 benchmarks/train_step.py "${common[@]}" $flags --sync_parties=$parties \
-     > "$OUT/$name.log" 2>&1; rc=$?; echo "== $(date +%T) $name: exit $rc" | tee -a "$OUT/bench.log") &
+  echo "== $(date +%T) $name: XLA_FLAGS='$flags_xla' ${common[*]} $flags --sync_parties=$parties" | tee -a "$OUT/bench.log"
+  # shellcheck disable=SC2086  # split on spaces: $flags, a run's flags; the XLA flags (trimmed: XLA
+  # reads a blank XLA_FLAGS as a file name)
+  xla_flags="$(echo ${XLA_FLAGS:-} $flags_xla)"
+  (if [ -n "$xla_flags" ]; then export XLA_FLAGS="$xla_flags"; else unset XLA_FLAGS; fi
+   timeout "${TIMEOUT:-560}" python3 benchmarks/train_step.py "${common[@]}" $flags --sync_parties=$parties \
+     > "$OUT/$name.log" 2>&1; rc=$?
+   echo "== $(date +%T) $name: exit $rc" | tee -a "$OUT/bench.log") &
 done
 wait
 rm -rf "$sync_dir"
 grep -h '^{' "${logs[@]}" > "$OUT/bench.jsonl"
-python3 benchmarks/train_step.py --summarize="$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/bench.log" | grep '^{' >> "$OUT/bench.jsonl"
+# The ratios: of VideoFusion and VDM* with XLA's attention and the default XLA flags.
+grep -h '^{' "$OUT/vf.log" "$OUT/vdm.log" "$OUT/vf_sample.log" "$OUT/vdm_sample.log" 2>/dev/null > "$OUT/pairs.jsonl"
+python3 benchmarks/train_step.py --summarize="$OUT/pairs.jsonl" 2>&1 | tee -a "$OUT/bench.log" | grep '^{' >> "$OUT/bench.jsonl"
 cat "$OUT/bench.jsonl"

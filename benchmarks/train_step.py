@@ -56,6 +56,11 @@ _SYNC_PARTIES = flags.DEFINE_integer("sync_parties", 1, "How many runs share --s
 _SYNC_TIMEOUT = flags.DEFINE_float("sync_timeout", 300.0, "Time alone only until this many s after the start.")
 _KINDS = flags.DEFINE_list("kinds", ["videofusion", "vdm"], "With --compare: which of the two to run.")
 _SUMMARIZE = flags.DEFINE_string("summarize", "", "A file of these JSON lines: print their ratios, run nothing.")
+_INIT = flags.DEFINE_enum(
+    "init", "random", ["random", "zeros"],
+    "The state timed: the config's initializers, or zeros of the same shapes, dtypes and layout (no speed, FLOP "
+    "count or memory figure depends on the values; skips compiling the initializers, 1.5-2.5 minutes at the "
+    "ucf101 size on an H200).")
 _COUNT_ON = flags.DEFINE_enum(
     "count_flops_on", "auto", ["auto", "host", "device"],
     "Where XLA counts the FLOPs: 'device', the compiled step; 'host', the step lowered for one of the host's "
@@ -190,6 +195,15 @@ def abstract_on(experiment, tree, sharding=None):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def initial_state(trainer):
+  """The state to time from (``--init``): ``trainer``'s fresh state, or zeros laid out as it."""
+  if _INIT.value == "random":
+    return trainer.init_state(trainer.config.seed)
+  abstract = trainer.abstract_state()
+  return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract),
+                 out_shardings=trainer.state_sharding)()
+
+
 def bench_train(trainer, counter) -> tuple[dict, object]:
   """Times ``trainer``'s step on a synthetic batch (FLOPs from ``counter``'s step); returns the
   figures and the last state."""
@@ -201,7 +215,7 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
   batch = trainer.global_batch({
       "video": rng.uniform(-1, 1, (b, d.num_frames, d.image_size, d.image_size, 3)).astype(np.float32),
       "label": rng.integers(0, max(d.num_classes, 1), b).astype(np.int32)})
-  state = trainer.init_state(c.seed)
+  state = initial_state(trainer)
   compiled, cold, warm, trace_lower = compile_cold_and_warm(trainer.step, state, batch)
   device_flops = xla_flops(compiled)
   flops = device_flops if counter is trainer else xla_flops(
@@ -220,7 +234,7 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
   step_s = statistics.median(times)
   out = {
       "result": "train_step", "model": c.model.kind, "device": jax.devices()[0].device_kind,
-      "devices": jax.device_count(), "pid": os.getpid(), "batch": b, "frames": d.num_frames,
+      "devices": jax.device_count(), "pid": os.getpid(), "init": _INIT.value, "batch": b, "frames": d.num_frames,
       "size": d.image_size,
       "dtype": c.model.dtype, "stage": c.train.stage, "trainable": list(trainable_networks(c)),
       **{f"params_{k}": v for k, v in trainer.num_params.items()},
@@ -306,7 +320,8 @@ def bench_sample(trainer, counter, params) -> dict:
       times.append(time.perf_counter() - t0)
   batch_s = statistics.median(times)
   return {
-      "result": "sample", "model": c.model.kind, "device": jax.devices()[0].device_kind, "batch": b,
+      "result": "sample", "model": c.model.kind, "device": jax.devices()[0].device_kind, "init": _INIT.value,
+      "batch": b,
       "method": c.sample.method, "steps": c.sample.num_steps, "guidance_scale": c.sample.guidance_scale,
       "sample_compile_cold_s": round(cold, 2), "sample_compile_warm_s": round(warm, 2),
       "sample_compile_warm_trace_lower_s": round(trace_lower, 2),
@@ -329,7 +344,7 @@ def run_model(config: ml_collections.ConfigDict) -> list[dict]:
     train, state = bench_train(trainer, counter)
     results.append(train)
   else:
-    state = trainer.init_state(config.seed)
+    state = initial_state(trainer)
   if _SAMPLE_STEPS.value:
     results.append(bench_sample(trainer, counter, state.ema_params))
   for r in results:

@@ -28,8 +28,8 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   runs = [subprocess.Popen([*common, "--steps=3", "--warmup=1", "--sample_repeats=1", "--count_flops_on=host"],
                            cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-          subprocess.Popen([*common, "--kinds=vdm", "--notrain", "--sample_repeats=3"], cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+          subprocess.Popen([*common, "--kinds=vdm", "--notrain", "--sample_repeats=3", "--init=zeros"], cwd=ROOT,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
   outs = [run.communicate(timeout=900) for run in runs]
   assert [run.returncode for run in runs] == [0, 0], [err[-3000:] for _, err in outs]
   assert not list(caches.iterdir())  # the measurement's fresh caches are removed at exit
@@ -70,6 +70,7 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   assert [(x["result"], x["model"]) for x in beside] == [("sample", "vdm")]
   alone = beside[0]
   assert alone["steps"] == 2 and alone["videos_per_s"] > 0 and alone["sample_xla_flops_per_batch"] > 0
+  assert alone["init"] == "zeros" and vdm_sample["init"] == "random"  # --init: the state's values only
   # Counted on the device (its default on one CPU device) and on the host: one program, one count.
   assert "host" not in alone["sample_flops_source"] and "host" in vdm_sample["sample_flops_source"]
   assert alone["sample_xla_flops_per_batch"] == vdm_sample["sample_xla_flops_per_batch"]
