@@ -6,9 +6,10 @@ python benchmarks/train_step.py --config=configs/ucf101.py --compare   # and VDM
 
 For each model: compile time of the step cold (an empty persistent cache) and warm (the cache
 filled, in-memory caches cleared), the median step time over ``--steps`` steps after
-``--warmup``, clips/s, XLA's FLOPs per step (its cost analysis of the compiled program), achieved
-TFLOP/s, MFU against ``--peak_tflops`` (695: a bf16 matrix product measured on an H200, see the
-GPU notes), and peak memory (the device's memory stats where it has them, else XLA's memory
+``--warmup``, clips/s, XLA's FLOPs per step (its cost analysis of the compiled program; off the
+CPU, of the program lowered for a host CPU device: a GPU's own count leaves out cuBLAS and cuDNN),
+achieved TFLOP/s, MFU against ``--peak_tflops`` (695: a bf16 matrix product measured on an H200,
+see the GPU notes) times the devices, and peak memory (the device's memory stats where it has them, else XLA's memory
 analysis of the step). For sampling: videos/s of DDIM with ``--sample_steps`` steps at the
 config's sample batch and size, and its MFU (FLOPs: XLA's count for one step of each chain, times
 the steps, since XLA counts a loop's body once; those steps, and the step with XLA's attention that
@@ -18,7 +19,9 @@ stands in for cuDNN's, are counted lowered, not compiled: within 1% on the demo,
 Several runs can share one device (``benchmarks/gpu_check.sh``: a lease is short and compiling is
 host work): with ``--sync_dir`` each run compiles everything it needs (FLOP counting included),
 waits until ``--sync_parties`` runs have, then times alone (a file lock), so the compiles overlap
-and the timings do not. ``--summarize=FILE`` prints the ratios of such runs' JSON lines.
+and the timings do not. ``--summarize=FILE`` prints the ratios of such runs' JSON lines;
+``--flops_only`` prints the FLOP counts alone, nothing compiled or run (a device's rows, counted
+on any host).
 """
 from __future__ import annotations
 
@@ -61,6 +64,9 @@ _INIT = flags.DEFINE_enum(
     "The state timed: the config's initializers, or zeros of the same shapes, dtypes and layout (no speed, FLOP "
     "count or memory figure depends on the values; skips compiling the initializers, 1.5-2.5 minutes at the "
     "ucf101 size on an H200).")
+_FLOPS_ONLY = flags.DEFINE_bool(
+    "flops_only", False, "Print XLA's FLOP counts of the programs the rows time (as they count them, but "
+    "lowered), nothing compiled or run: the FLOPs of a device's rows, counted anywhere.")
 _COUNT_ON = flags.DEFINE_enum(
     "count_flops_on", "auto", ["auto", "host", "device"],
     "Where XLA counts the FLOPs: 'device', the compiled step; 'host', the step lowered for one of the host's "
@@ -334,18 +340,39 @@ def bench_sample(trainer, counter, params) -> dict:
   }
 
 
+def count_flops(trainer, counter) -> dict:
+  """``--flops_only``: XLA's counts for the train step and a sampling batch, lowered on ``counter``."""
+  from videofusion_jax import sampling
+
+  c, d, b = trainer.config, trainer.config.data, trainer.config.train.batch_size
+  out = {"result": "flops", "model": c.model.kind, "batch": b, "frames": d.num_frames, "size": d.image_size}
+  if _TRAIN.value:
+    batch = {"video": jax.ShapeDtypeStruct((b, d.num_frames, d.image_size, d.image_size, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    out["xla_flops_per_step"] = xla_flops(counter.step.lower(counter.abstract_state(), abstract_on(counter, batch)))
+    out["flops_source"] = flops_source(trainer, counter, "step", compiled=False)
+  if _SAMPLE_STEPS.value:
+    out["sample_batch"] = sampling.sampling_batch(trainer)
+    out["sample_steps"] = c.sample.num_steps
+    out["sample_xla_flops_per_batch"] = sampling_flops(counter, counter.abstract_state().ema_params,
+                                                       out["sample_batch"])
+  return out
+
+
 def run_model(config: ml_collections.ConfigDict) -> list[dict]:
   from videofusion_jax.training.step import Trainer
 
   trainer = Trainer(config)
   counter = flops_trainer(trainer)
   results = []
-  if _TRAIN.value:
+  if _FLOPS_ONLY.value:
+    results.append(count_flops(trainer, counter))
+  elif _TRAIN.value:
     train, state = bench_train(trainer, counter)
     results.append(train)
   else:
     state = initial_state(trainer)
-  if _SAMPLE_STEPS.value:
+  if _SAMPLE_STEPS.value and not _FLOPS_ONLY.value:
     results.append(bench_sample(trainer, counter, state.ema_params))
   for r in results:
     print(json.dumps(r), flush=True)
@@ -417,7 +444,7 @@ def main(argv):
     # VideoFusion's; program_memory_bytes is each compiled step's own.
     vf = run_model(c) if "videofusion" in _KINDS.value else []
     vdm = run_model(vdm_of(c)) if "vdm" in _KINDS.value else []
-    if vf and vdm:
+    if vf and vdm and not _FLOPS_ONLY.value:
       print(json.dumps(ratios(vf, vdm)), flush=True)
   else:
     if _KINDS.present:

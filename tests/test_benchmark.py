@@ -80,6 +80,18 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   windows = sorted((x["timed_from"], x["timed_to"]) for x in turns)
   assert all(a_from < a_to <= b_from for (a_from, a_to), (b_from, _) in zip(windows, windows[1:]))  # the lock
 
+  # --flops_only: the counts of the timed rows (run 1 counted on the host), nothing compiled or run.
+  counted = subprocess.run([sys.executable, "benchmarks/train_step.py", "--config=configs/demo.py", "--sample_steps=2",
+                            "--compare", "--flops_only", "--count_flops_on=host", *TINY],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert counted.returncode == 0, counted.stderr[-3000:]
+  rows = [json.loads(line) for line in counted.stdout.splitlines() if line.startswith("{")]
+  assert [(x["result"], x["model"], x["batch"], x["sample_batch"]) for x in rows] == [
+      ("flops", "videofusion", 2, 2), ("flops", "vdm", 2, 2)]
+  for row, train, sample in zip(rows, (vf, vdm), (vf_sample, vdm_sample)):
+    assert (row["xla_flops_per_step"], row["sample_xla_flops_per_batch"]) == (
+        train["xla_flops_per_step"], sample["sample_xla_flops_per_batch"])
+
   def summarize(*rows):
     """``--summarize`` of a file of ``rows``: the process's result."""
     path = tmp_path / "bench.jsonl"
