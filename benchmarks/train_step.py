@@ -9,8 +9,8 @@ filled, in-memory caches cleared), the median step time over ``--steps`` steps a
 ``--warmup``, clips/s, XLA's FLOPs per step (its cost analysis of the compiled program; off the
 CPU, of the program lowered for a host CPU device: a GPU's own count leaves out cuBLAS and cuDNN),
 achieved TFLOP/s, MFU against ``--peak_tflops`` (695: a bf16 matrix product measured on an H200,
-see the GPU notes) times the devices, and peak memory (the device's memory stats where it has them, else XLA's memory
-analysis of the step). For sampling: videos/s of DDIM with ``--sample_steps`` steps at the
+see the GPU notes) times the devices, and peak memory (the device's memory stats where it has
+them, else XLA's memory analysis of the step). For sampling: videos/s of DDIM with ``--sample_steps`` steps at the
 config's sample batch and size, and its MFU (FLOPs: XLA's count for one step of each chain, times
 the steps, since XLA counts a loop's body once; those steps, and the step with XLA's attention that
 stands in for cuDNN's, are counted lowered, not compiled: within 1% on the demo, minutes sooner).
@@ -191,14 +191,20 @@ def flops_trainer(trainer):
   if not host:
     return Trainer(c, mesh=trainer.mesh)
   c.mesh.update(data=1, fsdp=1)
-  return Trainer(c, mesh=shd.make_mesh(c, jax.devices("cpu")[:1]))
+  try:
+    cpu = jax.devices("cpu")[:1]
+  except RuntimeError:
+    raise app.UsageError(
+        f"XLA's FLOPs are counted on a host CPU device where the device is not the CPU, and JAX has no CPU "
+        f"backend here (JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r}): add cpu to it (e.g. "
+        "JAX_PLATFORMS=cuda,cpu), or pass --count_flops_on=device (a GPU's own count leaves out cuBLAS and "
+        "cuDNN).") from None
+  return Trainer(c, mesh=shd.make_mesh(c, cpu))
 
 
-def abstract_on(experiment, tree, sharding=None):
-  """``tree``'s arrays as shapes and dtypes laid out by ``sharding`` on ``experiment``'s mesh
-  (default: its batch sharding), for lowering there."""
-  sharding = experiment.batch_sharding if sharding is None else sharding
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_on(experiment, batch):
+  """``batch``'s arrays as shapes and dtypes split as ``experiment``'s batches, for lowering there."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=experiment.batch_sharding), batch)
 
 
 def initial_state(trainer):
