@@ -18,7 +18,7 @@
 #                On 2026-12-04 (SAMPLE_BATCH=8) both samplings and VDM*'s step were timed, VideoFusion's
 #                three steps were still compiling when the 570 s ran out.
 # Every run times from a zero state (INIT, default zeros: --init=zeros; no figure depends on the
-# values, and the initializers took 1.5-2.5 minutes to compile on the H200).
+# values, and the initializers took 1.4-2.3 minutes to compile on the H200).
 # BATCH (train, default 4: VDM* at batch 4 peaked at 56.7 GB on the H200), SAMPLE_BATCH (8), STEPS
 # (20), SAMPLE_STEPS (50), TIMEOUT (each run's limit, 560 s), SYNC_TIMEOUT (time alone only until
 # this many seconds after the start, 400 s), PEAK_TFLOPS (695). Results: $OUT/bench.jsonl (the JSON

@@ -62,7 +62,7 @@ _SUMMARIZE = flags.DEFINE_string("summarize", "", "A file of these JSON lines: p
 _INIT = flags.DEFINE_enum(
     "init", "random", ["random", "zeros"],
     "The state timed: the config's initializers, or zeros of the same shapes, dtypes and layout (no speed, FLOP "
-    "count or memory figure depends on the values; skips compiling the initializers, 1.5-2.5 minutes at the "
+    "count or memory figure depends on the values; skips compiling the initializers, 1.4-2.3 minutes at the "
     "ucf101 size on an H200).")
 _FLOPS_ONLY = flags.DEFINE_bool(
     "flops_only", False, "Print XLA's FLOP counts of the programs the rows time (as they count them, but "
