@@ -41,26 +41,18 @@ common=(--config="$CONFIG" --config.train.batch_size="${BATCH:-4}" --config.samp
         --steps="${STEPS:-20}" --peak_tflops="${PEAK_TFLOPS:-695}" --compare --sync_dir="$sync_dir"
         --sync_timeout="${SYNC_TIMEOUT:-400}" --init="${INIT:-zeros}")
 xla=--config.model.attention_implementation=  # XLA's own attention
-wide="--config.train.batch_size=${WIDE_BATCH:-16} --config.model.attention_implementation=${WIDE_ATTENTION-cudnn}"
 sample="--notrain --sample_steps=${SAMPLE_STEPS:-50}"
 # Each run: "name|XLA_FLAGS|flags".
+vf="vf||--kinds=videofusion --sample_steps=0 $xla"
+vdm="vdm||--kinds=vdm --sample_steps=0 $xla"
+vf_cudnn="vf_cudnn||--kinds=videofusion --sample_steps=0 --config.model.attention_implementation=cudnn"
+vf_wide="vf_wide||--kinds=videofusion --sample_steps=0 --config.train.batch_size=${WIDE_BATCH:-16} --config.model.attention_implementation=${WIDE_ATTENTION-cudnn}"
 case "$PART" in
-  vf) runs=("vf||--kinds=videofusion --sample_steps=0 $xla"
-            "vdm||--kinds=vdm --sample_steps=0 $xla"
-            "vf_autotune0|--xla_gpu_autotune_level=0|--kinds=videofusion --sample_steps=0 $xla"
-            "vf_wide||--kinds=videofusion --sample_steps=0 $wide") ;;
-  train) runs=("vf||--kinds=videofusion --sample_steps=0 $xla"
-               "vdm||--kinds=vdm --sample_steps=0 $xla"
-               "vf_cudnn||--kinds=videofusion --sample_steps=0 --config.model.attention_implementation=cudnn") ;;
-  sample) runs=("vf_sample||--kinds=videofusion $sample $xla"
-                "vdm_sample||--kinds=vdm $sample $xla"
-                "vf_wide||--kinds=videofusion --sample_steps=0 $wide") ;;
-  all) runs=("vf||--kinds=videofusion --sample_steps=0 $xla"
-             "vdm||--kinds=vdm --sample_steps=0 $xla"
-             "vf_cudnn||--kinds=videofusion --sample_steps=0 --config.model.attention_implementation=cudnn"
-             "vf_sample||--kinds=videofusion $sample --sample_repeats=2 $xla"
-             "vdm_sample||--kinds=vdm $sample --sample_repeats=2 $xla"
-             "vf_wide||--kinds=videofusion --sample_steps=0 $wide") ;;
+  vf) runs=("$vf" "$vdm" "vf_autotune0|--xla_gpu_autotune_level=0|--kinds=videofusion --sample_steps=0 $xla" "$vf_wide") ;;
+  train) runs=("$vf" "$vdm" "$vf_cudnn") ;;
+  sample) runs=("vf_sample||--kinds=videofusion $sample $xla" "vdm_sample||--kinds=vdm $sample $xla" "$vf_wide") ;;
+  all) runs=("$vf" "$vdm" "$vf_cudnn" "vf_sample||--kinds=videofusion $sample --sample_repeats=2 $xla"
+             "vdm_sample||--kinds=vdm $sample --sample_repeats=2 $xla" "$vf_wide") ;;
   *) echo "PART=$PART: use vf, train, sample or all" >&2; exit 2 ;;
 esac
 parties=${#runs[@]}

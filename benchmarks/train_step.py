@@ -202,9 +202,18 @@ def flops_trainer(trainer):
   return Trainer(c, mesh=shd.make_mesh(c, cpu))
 
 
-def abstract_on(experiment, batch):
-  """``batch``'s arrays as shapes and dtypes split as ``experiment``'s batches, for lowering there."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=experiment.batch_sharding), batch)
+def synthetic_batch(config: ml_collections.ConfigDict) -> dict:
+  """A train batch of ``config``'s shapes (numpy): videos uniform in [-1, 1], random labels."""
+  b, d = config.train.batch_size, config.data
+  rng = np.random.default_rng(0)
+  return {"video": rng.uniform(-1, 1, (b, d.num_frames, d.image_size, d.image_size, 3)).astype(np.float32),
+          "label": rng.integers(0, max(d.num_classes, 1), b).astype(np.int32)}
+
+
+def step_flops(counter, batch: dict) -> float:
+  """XLA's FLOPs of ``counter``'s train step on ``batch``'s shapes, lowered (nothing compiled)."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=counter.batch_sharding), batch)
+  return xla_flops(counter.step.lower(counter.abstract_state(), abstract))
 
 
 def initial_state(trainer):
@@ -223,15 +232,11 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
 
   c = trainer.config
   b, d = c.train.batch_size, c.data
-  rng = np.random.default_rng(0)
-  batch = trainer.global_batch({
-      "video": rng.uniform(-1, 1, (b, d.num_frames, d.image_size, d.image_size, 3)).astype(np.float32),
-      "label": rng.integers(0, max(d.num_classes, 1), b).astype(np.int32)})
+  batch = trainer.global_batch(synthetic_batch(c))
   state = initial_state(trainer)
   compiled, cold, warm, trace_lower = compile_cold_and_warm(trainer.step, state, batch)
   device_flops = xla_flops(compiled)
-  flops = device_flops if counter is trainer else xla_flops(
-      counter.step.lower(counter.abstract_state(), abstract_on(counter, batch)))
+  flops = device_flops if counter is trainer else step_flops(counter, batch)
   with timing_turn() as sync:
     for _ in range(_WARMUP.value):
       state, metrics = compiled(state, batch)
@@ -274,12 +279,13 @@ def flops_source(trainer, counter, what: str, compiled: bool) -> str:
   return text
 
 
-def sampling_flops(trainer, params, b: int) -> float:
+def sampling_flops(trainer, b: int) -> float:
   """XLA's FLOPs for one generated batch of ``b`` videos: each chain's one-step estimate (lowered,
   not compiled, on ``trainer``'s devices), times its steps."""
   from videofusion_jax import sampling
 
   c, d = trainer.config, trainer.config.data
+  params = trainer.abstract_state().ema_params
   with jax.default_device(trainer.mesh.devices.flat[0]):  # the inputs below: where the count is made
     labels = jnp.zeros((b,), jnp.int32) if d.num_classes else None
     cond = jnp.zeros((b, c.model.encoder.embed_dim)) if c.model.condition == "embedding" else None
@@ -321,7 +327,7 @@ def bench_sample(trainer, counter, params) -> dict:
   args = (labels, text, None, anchor, jnp.float32(0))
   keys = sampling.row_keys(0, rows, rows)
   compiled, cold, warm, trace_lower = compile_cold_and_warm(generate, params, keys, *args)
-  flops = sampling_flops(counter, counter.abstract_state().ema_params if counts_on_host() else params, b)
+  flops = sampling_flops(counter, b)
   with timing_turn() as sync:
     jax.block_until_ready(compiled(params, keys, *args))
     times = []
@@ -350,18 +356,16 @@ def count_flops(trainer, counter) -> dict:
   """``--flops_only``: XLA's counts for the train step and a sampling batch, lowered on ``counter``."""
   from videofusion_jax import sampling
 
-  c, d, b = trainer.config, trainer.config.data, trainer.config.train.batch_size
-  out = {"result": "flops", "model": c.model.kind, "batch": b, "frames": d.num_frames, "size": d.image_size}
+  c, d = trainer.config, trainer.config.data
+  out = {"result": "flops", "model": c.model.kind, "batch": c.train.batch_size, "frames": d.num_frames,
+         "size": d.image_size}
   if _TRAIN.value:
-    batch = {"video": jax.ShapeDtypeStruct((b, d.num_frames, d.image_size, d.image_size, 3), jnp.float32),
-             "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
-    out["xla_flops_per_step"] = xla_flops(counter.step.lower(counter.abstract_state(), abstract_on(counter, batch)))
+    out["xla_flops_per_step"] = step_flops(counter, synthetic_batch(c))
     out["flops_source"] = flops_source(trainer, counter, "step", compiled=False)
   if _SAMPLE_STEPS.value:
     out["sample_batch"] = sampling.sampling_batch(trainer)
     out["sample_steps"] = c.sample.num_steps
-    out["sample_xla_flops_per_batch"] = sampling_flops(counter, counter.abstract_state().ema_params,
-                                                       out["sample_batch"])
+    out["sample_xla_flops_per_batch"] = sampling_flops(counter, out["sample_batch"])
   return out
 
 

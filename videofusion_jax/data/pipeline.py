@@ -236,24 +236,28 @@ def train_iterator(config: ml_collections.ConfigDict, local_batch_size: int, see
       caption_table = embeddings.caption_table(config, source.split, process_count, verbose)
 
   decoded = decoded_videos(tf, source, read, local, d.image_size, jpeg, d.cache_mb, verbose)
-  if decoded is not None:
+  if decoded is None:
+    def video_of(index):
+      """``(length, clip(first))`` of record ``index``: read, then only the clip's frames decoded."""
+      example = read(index)
+      return (tf.shape(example["video"], out_type=tf.int64)[0],
+              lambda first: _clip(tf, example, first, d.num_frames, d.frame_stride, d.image_size, jpeg))
+  else:
     frames, first_row = tf.constant(decoded.frames), tf.constant(decoded.first_row)
     lengths, labels = tf.constant(source.lengths), tf.constant(decoded.labels)
     steps = tf.range(d.num_frames, dtype=tf.int64) * d.frame_stride
 
+    def video_of(index):
+      """The same, gathered from the frames decoded once."""
+      return lengths[index], lambda first: {"video": tf.gather(frames, first_row[index] + first + steps),
+                                            "label": labels[index]}
+
   def load(pos, index):
-    if decoded is None:
-      example = read(index)
-      length = tf.shape(example["video"], out_type=tf.int64)[0]
-    else:
-      length = lengths[index]
+    length, clip_at = video_of(index)
     # The clip's start depends on (seed, host, position) only, not on the order of arrival.
     first = tf.random.stateless_uniform([], seed=tf.stack([seed, pos * process_count + process_index]),
                                         maxval=tf.maximum(length - source.span, 0) + 1, dtype=tf.int64)
-    if decoded is None:
-      clip = _clip(tf, example, first, d.num_frames, d.frame_stride, d.image_size, jpeg)
-    else:
-      clip = {"video": tf.gather(frames, first_row[index] + first + steps), "label": labels[index]}
+    clip = clip_at(first)
     if clip_table is None:
       return clip
     clip.update(record=index, first=first)
