@@ -17,8 +17,15 @@
 #   PART=all     the six runs of train and sample side by side (sampling: 2 timed batches, not 3).
 #                On 2026-12-04 (SAMPLE_BATCH=8) both samplings and VDM*'s step were timed, VideoFusion's
 #                three steps were still compiling when the 570 s ran out.
+#   RUNS         instead of a part: runs separated by ';', each "name|XLA_FLAGS|benchmark flags", e.g.
+#                RUNS="vf_nofa|--xla_gpu_experimental_enable_fusion_autotuner=false|--kinds=videofusion --sample_steps=0"
+#                (a second call that tries what the first one's compile phases point at).
 # Every run times from a zero state (INIT, default zeros: --init=zeros; no figure depends on the
-# values, and the initializers took 1.4-2.3 minutes to compile on the H200).
+# values, and the initializers took 1.4-2.3 minutes to compile on the H200). Every run traces its
+# cold compiles (--compile_profile: a 'compile_phases' line, where XLA spent the time) and gives up
+# on one still running COMPILE_DEADLINE seconds after its start (TIMEOUT - 45: a 'compile_unfinished'
+# line with the phases so far, where the timeout would have killed it silently); the VideoFusion and
+# VDM* train steps' traces come back as $OUT/<run>_train_step.json.gz (Perfetto; ui.perfetto.dev).
 # BATCH (train, default 4: VDM* at batch 4 peaked at 56.7 GB on the H200), SAMPLE_BATCH (8), STEPS
 # (20), SAMPLE_STEPS (50), TIMEOUT (each run's limit, 560 s), SYNC_TIMEOUT (time alone only until
 # this many seconds after the start, 400 s), PEAK_TFLOPS (695). Results: $OUT/bench.jsonl (the JSON
@@ -37,9 +44,11 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee -a "$OUT/bench.log"
 sync_dir=$(mktemp -d)
+timeout_s="${TIMEOUT:-560}"
 common=(--config="$CONFIG" --config.train.batch_size="${BATCH:-4}" --config.sample.batch_size="${SAMPLE_BATCH:-8}"
         --steps="${STEPS:-20}" --peak_tflops="${PEAK_TFLOPS:-695}" --compare --sync_dir="$sync_dir"
-        --sync_timeout="${SYNC_TIMEOUT:-400}" --init="${INIT:-zeros}")
+        --sync_timeout="${SYNC_TIMEOUT:-400}" --init="${INIT:-zeros}"
+        --compile_deadline_s="${COMPILE_DEADLINE:-$(( timeout_s - 45 ))}")
 xla=--config.model.attention_implementation=  # XLA's own attention
 sample="--notrain --sample_steps=${SAMPLE_STEPS:-50}"
 # Each run: "name|XLA_FLAGS|flags".
@@ -55,6 +64,7 @@ case "$PART" in
              "vdm_sample||--kinds=vdm $sample --sample_repeats=2 $xla" "$vf_wide") ;;
   *) echo "PART=$PART: use vf, train, sample or all" >&2; exit 2 ;;
 esac
+if [ -n "${RUNS:-}" ]; then IFS=';' read -r -a runs <<< "$RUNS"; fi
 parties=${#runs[@]}
 logs=()
 for r in "${runs[@]}"; do
@@ -65,14 +75,28 @@ for r in "${runs[@]}"; do
   # reads a blank XLA_FLAGS as a file name)
   xla_flags="$(echo ${XLA_FLAGS:-} $flags_xla)"
   (if [ -n "$xla_flags" ]; then export XLA_FLAGS="$xla_flags"; else unset XLA_FLAGS; fi
-   timeout "${TIMEOUT:-560}" python3 benchmarks/train_step.py "${common[@]}" $flags --sync_parties=$parties \
-     > "$OUT/$name.log" 2>&1; rc=$?
+   timeout "$timeout_s" python3 benchmarks/train_step.py "${common[@]}" $flags --sync_parties=$parties \
+     --compile_profile="$sync_dir/profile/$name" > "$OUT/$name.log" 2>&1; rc=$?
    echo "== $(date +%T) $name: exit $rc" | tee -a "$OUT/bench.log") &
 done
 wait
-rm -rf "$sync_dir"
 grep -h '^{' "${logs[@]}" > "$OUT/bench.jsonl"
 # The ratios: of VideoFusion and VDM* with XLA's attention and the default XLA flags.
-grep -h '^{' "$OUT/vf.log" "$OUT/vdm.log" "$OUT/vf_sample.log" "$OUT/vdm_sample.log" 2>/dev/null > "$OUT/pairs.jsonl"
-python3 benchmarks/train_step.py --summarize="$OUT/pairs.jsonl" 2>&1 | tee -a "$OUT/bench.log" | grep '^{' >> "$OUT/bench.jsonl"
-cat "$OUT/bench.jsonl"
+grep -h '^{' "$OUT/vf.log" "$OUT/vdm.log" "$OUT/vf_sample.log" "$OUT/vdm_sample.log" 2>/dev/null > "$sync_dir/pairs.jsonl"
+python3 benchmarks/train_step.py --summarize="$sync_dir/pairs.jsonl" 2>&1 | tee -a "$OUT/bench.log" | grep '^{' >> "$OUT/bench.jsonl"
+# The two kinds' train-step compile traces, where under 15 MiB and while fewer than 8 files are in
+# $OUT (at most 8 come back).
+for name in vf vdm; do
+  trace=$(find "$sync_dir/profile/$name/${name/vf/videofusion}_train_step" -name perfetto_trace.json.gz 2>/dev/null | head -1)
+  if [ -n "$trace" ] && [ "$(stat -c %s "$trace")" -lt 15728640 ] && [ "$(ls "$OUT" | wc -l)" -lt 8 ]; then
+    cp "$trace" "$OUT/${name}_train_step.json.gz"
+  fi
+done
+rm -rf "$sync_dir"
+# Last, what the reply shows (its end): each run's results in short, its compiles' longest phases.
+for log in "${logs[@]}"; do
+  echo "== $(basename "$log" .log)"
+  grep '^{' "$log" > "$log.jsonl.tmp" && python3 benchmarks/train_step.py --report="$log.jsonl.tmp"
+  rm -f "$log.jsonl.tmp"
+done
+grep '"compare"' "$OUT/bench.jsonl"

@@ -21,7 +21,8 @@ host work): with ``--sync_dir`` each run compiles everything it needs (FLOP coun
 waits until ``--sync_parties`` runs have, then times alone (a file lock), so the compiles overlap
 and the timings do not. ``--summarize=FILE`` prints the ratios of such runs' JSON lines;
 ``--flops_only`` prints the FLOP counts alone, nothing compiled or run (a device's rows, counted
-on any host).
+on any host). ``--compile_profile`` traces each cold compile and prints where XLA spent the time;
+``--compile_deadline_s`` gives up on a compile that would outlast a lease, saying what it spent.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from compile_trace import CompileUnfinished, compile_phases, read_events, watched_compile
 from ml_collections import config_flags
 
 _START = time.perf_counter()
@@ -59,6 +61,8 @@ _SYNC_PARTIES = flags.DEFINE_integer("sync_parties", 1, "How many runs share --s
 _SYNC_TIMEOUT = flags.DEFINE_float("sync_timeout", 300.0, "Time alone only until this many s after the start.")
 _KINDS = flags.DEFINE_list("kinds", ["videofusion", "vdm"], "With --compare: which of the two to run.")
 _SUMMARIZE = flags.DEFINE_string("summarize", "", "A file of these JSON lines: print their ratios, run nothing.")
+_REPORT = flags.DEFINE_string("report", "", "A file of these JSON lines: print them in short, a line each (a "
+                              "compile's phases: its longest), run nothing.")
 _INIT = flags.DEFINE_enum(
     "init", "random", ["random", "zeros"],
     "The state timed: the config's initializers, or zeros of the same shapes, dtypes and layout (no speed, FLOP "
@@ -72,6 +76,14 @@ _COUNT_ON = flags.DEFINE_enum(
     "Where XLA counts the FLOPs: 'device', the compiled step; 'host', the step lowered for one of the host's "
     "CPU devices (XLA's GPU cost analysis leaves out the products it hands to cuBLAS and cuDNN); 'auto': "
     "'device' on one CPU device, else 'host'.")
+_PROFILE = flags.DEFINE_string(
+    "compile_profile", "", "A folder: trace each cold compile with jax.profiler there (a subfolder per program) "
+    "and print a 'compile_phases' line: where XLA spent the time (HLO passes, autotuning, code generation), "
+    "longest first.")
+_DEADLINE = flags.DEFINE_float(
+    "compile_deadline_s", 0.0, "Give up on a cold compile still running this many seconds after the run's "
+    "start (0: never): print what it spent (and, with --compile_profile, on what) in a 'compile_unfinished' "
+    "line and exit 3, where a run killed by a timeout says nothing.")
 
 
 def vdm_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -96,22 +108,46 @@ def fresh_compilation_cache(root: str) -> str:
   return path
 
 
-def compile_cold_and_warm(jitted, *args):
+def compile_cold_and_warm(jitted, *args, model: str, program: str):
   """``(compiled, cold_s, warm_s, warm_trace_lower_s)``: trace + compile with an empty persistent
   cache, then again with it filled and jax's in-memory caches cleared (what a rerun of the same job
   pays). ``warm_trace_lower_s``: the warm run's tracing and lowering to StableHLO, host Python that
   no cache saves (the rest is the cache lookup; on the CPU also XLA's code generation, which its
-  cache entries do not hold)."""
+  cache entries do not hold). The cold compile is traced and given up at the deadline as
+  ``--compile_profile`` and ``--compile_deadline_s`` say; ``model`` and ``program`` name it there."""
   fresh_compilation_cache(_CACHE_ROOT.value)
   t0 = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
-  cold = time.perf_counter() - t0
+  lowered = jitted.lower(*args)
+  lower_s = time.perf_counter() - t0
+  row = {"model": model, "program": program, "lower_s": round(lower_s, 2), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  profile = os.path.join(_PROFILE.value, f"{model}_{program}") if _PROFILE.value else ""
+  try:
+    compiled, compile_s, trace = watched_compile(lowered, profile,
+                                                 _START + _DEADLINE.value if _DEADLINE.value else None)
+  except CompileUnfinished as e:
+    give_up({**row, "compile_s_so_far": round(e.elapsed_s, 1), "deadline_s": _DEADLINE.value}, e.trace)
+  cold = lower_s + compile_s  # not the trace's writing
+  if trace:
+    print(json.dumps({"result": "compile_phases", **row, "finished": True, "compile_cold_s": round(cold, 2),
+                      "trace": trace, **compile_phases(read_events(trace))}), flush=True)
   jax.clear_caches()
   t0 = time.perf_counter()
   lowered = jitted.lower(*args)
   trace_lower = time.perf_counter() - t0
   lowered.compile()
   return compiled, cold, time.perf_counter() - t0, trace_lower
+
+
+def give_up(row: dict, trace: str | None) -> None:
+  """Ends the run at the compile deadline: the phases traced so far, a 'compile_unfinished' line,
+  exit 3 (at once: XLA's compile cannot be stopped, and waits for nothing)."""
+  if trace:
+    print(json.dumps({"result": "compile_phases", **row, "finished": False, "trace": trace,
+                      **compile_phases(read_events(trace))}))
+  print(json.dumps({"result": "compile_unfinished", **row, "device": jax.devices()[0].device_kind}), flush=True)
+  if _SYNC_DIR.value:
+    mark_ready()  # the runs beside this one need not wait for it
+  os._exit(3)
 
 
 def mark_ready() -> None:
@@ -234,7 +270,8 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
   b, d = c.train.batch_size, c.data
   batch = trainer.global_batch(synthetic_batch(c))
   state = initial_state(trainer)
-  compiled, cold, warm, trace_lower = compile_cold_and_warm(trainer.step, state, batch)
+  compiled, cold, warm, trace_lower = compile_cold_and_warm(trainer.step, state, batch, model=c.model.kind,
+                                                            program="train_step")
   device_flops = xla_flops(compiled)
   flops = device_flops if counter is trainer else step_flops(counter, batch)
   with timing_turn() as sync:
@@ -264,7 +301,8 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       "device_xla_flops_per_step": device_flops,
       "tflops_per_s": round(flops / step_s / 1e12, 4), "peak_tflops": _PEAK.value,
       "mfu": round(flops / step_s / 1e12 / (_PEAK.value * jax.device_count()), 5),
-      "peak_memory_bytes": peak, "program_memory_bytes": program, "memory_source": source, **sync,
+      "peak_memory_bytes": peak, "program_memory_bytes": program, "memory_source": source,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), **sync,
   }
   return out, state
 
@@ -326,7 +364,8 @@ def bench_sample(trainer, counter, params) -> dict:
     labels = None
   args = (labels, text, None, anchor, jnp.float32(0))
   keys = sampling.row_keys(0, rows, rows)
-  compiled, cold, warm, trace_lower = compile_cold_and_warm(generate, params, keys, *args)
+  compiled, cold, warm, trace_lower = compile_cold_and_warm(generate, params, keys, *args, model=c.model.kind,
+                                                            program="sample")
   flops = sampling_flops(counter, b)
   with timing_turn() as sync:
     jax.block_until_ready(compiled(params, keys, *args))
@@ -348,7 +387,8 @@ def bench_sample(trainer, counter, params) -> dict:
       "sample_flops_source": flops_source(trainer, counter, "step of each chain (prior, key frame, video)",
                                           compiled=False) + ", x its steps",
       "sample_tflops_per_s": round(flops / batch_s / 1e12, 4),
-      "sample_mfu": round(flops / batch_s / 1e12 / (_PEAK.value * jax.device_count()), 5), **sync,
+      "sample_mfu": round(flops / batch_s / 1e12 / (_PEAK.value * jax.device_count()), 5),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), **sync,
   }
 
 
@@ -415,6 +455,26 @@ def ratios(vf: list[dict], vdm: list[dict]) -> dict:
   return out
 
 
+def short(row: dict, phases: int = 6) -> str:
+  """One result line in short, for the end of a device run's output (the reply shows only its end)."""
+  r, what = row, row["result"]
+  head = f"{r.get('model', '')} {r.get('program', what)}" + (f" [{r['xla_flags']}]" if r.get("xla_flags") else "")
+  if what == "train_step":
+    return (f"{head} batch {r['batch']} {r['attention']}: {r['step_ms_median']} ms, {r['clips_per_s']} clips/s, "
+            f"MFU {r['mfu']:.2%}, peak {r['peak_memory_bytes'] / 1e9:.2f} GB, compile {r['compile_cold_s']} s "
+            f"cold / {r['compile_warm_s']} s warm")
+  if what == "sample":
+    return (f"{head} batch {r['batch']}: {r['videos_per_s']} videos/s, MFU {r['sample_mfu']:.2%}, compile "
+            f"{r['sample_compile_cold_s']} s cold / {r['sample_compile_warm_s']} s warm")
+  if what == "compile_unfinished":
+    return f"{head}: still compiling {r['compile_s_so_far']} s after lowering (deadline {r['deadline_s']} s)"
+  if what == "compile_phases":
+    longest = "; ".join(f"{p['name'][:60]} {p['self_s']} s x{p['count']}" for p in r["phases"][:phases])
+    state = "compiled" if r["finished"] else "unfinished"
+    return f"{head} compile ({state}, {r['span_s']} s traced, {r['threads']} threads), self time: {longest}"
+  return json.dumps(row)
+
+
 def summarize(path: str) -> dict:
   """The ratios of the VideoFusion and VDM* rows (XLA's attention, the same batch) in a file of
   this benchmark's JSON lines, such as runs side by side wrote."""
@@ -436,6 +496,12 @@ def main(argv):
   del argv
   if _SUMMARIZE.value:
     print(json.dumps(summarize(_SUMMARIZE.value)), flush=True)
+    return
+  if _REPORT.value:
+    with open(_REPORT.value) as f:
+      for line in f:
+        if line.startswith("{"):
+          print(short(json.loads(line)), flush=True)
     return
   if _SYNC_DIR.value:
     atexit.register(mark_ready)  # a run that fails before timing must not keep the others waiting

@@ -1,11 +1,25 @@
 """The benchmark (benchmarks/train_step.py --compare) on a tiny config: every field, and the
-figures that can be checked independently (FLOPs ratio, params, clips/s from the step time)."""
+figures that can be checked independently (FLOPs ratio, params, clips/s from the step time); the
+compile's trace (benchmarks/compile_trace.py) on a trace of known times."""
+import gzip
+import importlib.util
 import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 from test_faults import one_device_env
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+compile_trace = _load("compile_trace")
 
 TINY = ["--config.data.num_frames=4", "--config.data.image_size=8", "--config.model.base.base_channels=8",
         "--config.model.base.head_dim=8", "--config.model.base.attention_resolutions=(4,)",
@@ -25,8 +39,9 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   sync.mkdir()
   common = [sys.executable, "benchmarks/train_step.py", "--config=configs/demo.py", "--sample_steps=2", "--compare",
             f"--cache_root={caches}", f"--sync_dir={sync}", "--sync_parties=2", "--sync_timeout=800", *TINY]
-  runs = [subprocess.Popen([*common, "--steps=3", "--warmup=1", "--sample_repeats=1", "--count_flops_on=host"],
-                           cwd=ROOT, env=env,
+  profile = tmp_path / "profile"
+  runs = [subprocess.Popen([*common, "--steps=3", "--warmup=1", "--sample_repeats=1", "--count_flops_on=host",
+                            f"--compile_profile={profile}"], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
           subprocess.Popen([*common, "--kinds=vdm", "--notrain", "--sample_repeats=3", "--init=zeros"], cwd=ROOT,
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
@@ -34,10 +49,24 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   assert [run.returncode for run in runs] == [0, 0], [err[-3000:] for _, err in outs]
   assert not list(caches.iterdir())  # the measurement's fresh caches are removed at exit
   lines, beside = ([json.loads(line) for line in out.splitlines() if line.startswith("{")] for out, _ in outs)
+  traced = [x for x in lines if x["result"] == "compile_phases"]
+  lines = [x for x in lines if x["result"] != "compile_phases"]
   assert [(x["result"], x["model"]) for x in lines] == [
       ("train_step", "videofusion"), ("sample", "videofusion"), ("train_step", "vdm"), ("sample", "vdm"),
       ("compare", "videofusion / vdm")]
   vf, vf_sample, vdm, vdm_sample, compare = lines
+  # --compile_profile: each cold compile traced, its phases printed before its result.
+  assert [(x["model"], x["program"], x["finished"]) for x in traced] == [
+      ("videofusion", "train_step", True), ("videofusion", "sample", True), ("vdm", "train_step", True),
+      ("vdm", "sample", True)]
+  colds = ("compile_cold_s", "sample_compile_cold_s") * 2
+  for row, result, cold in zip(traced, (vf, vf_sample, vdm, vdm_sample), colds):
+    assert row["compile_cold_s"] == result[cold] and row["trace"].startswith(str(profile))
+    # XLA's events lie within the compile (its cold time less the lowering) and fill most of it.
+    assert 0.5 * (row["compile_cold_s"] - row["lower_s"]) < row["span_s"] <= row["compile_cold_s"], row
+    assert row["phases"] == compile_trace.compile_phases(compile_trace.read_events(row["trace"]))["phases"]
+    assert any("Compile" in p["name"] for p in row["phases"])
+    assert all(0 <= p["self_s"] <= p["total_s"] for p in row["phases"])
   for train in (vf, vdm):
     for field in ("compile_cold_s", "compile_warm_s", "step_ms_median", "clips_per_s", "xla_flops_per_step",
                   "tflops_per_s", "mfu", "peak_memory_bytes", "program_memory_bytes", "memory_source"):
@@ -92,6 +121,37 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
     assert (row["xla_flops_per_step"], row["sample_xla_flops_per_batch"]) == (
         train["xla_flops_per_step"], sample["sample_xla_flops_per_batch"])
 
+  # --compile_deadline_s: a compile still running at the deadline (here: passed before it began) ends the
+  # run with its phases so far and a 'compile_unfinished' line, exit 3; --report prints rows in short.
+  late = subprocess.run([sys.executable, "benchmarks/train_step.py", "--config=configs/demo.py", "--sample_steps=0",
+                         "--compare", "--kinds=videofusion", "--init=zeros", "--compile_deadline_s=0.5",
+                         f"--compile_profile={tmp_path / 'late'}", *TINY],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert late.returncode == 3, late.stderr[-3000:]
+  late_rows = [json.loads(line) for line in late.stdout.splitlines() if line.startswith("{")]
+  assert [(x["result"], x["program"]) for x in late_rows] == [("compile_phases", "train_step"),
+                                                             ("compile_unfinished", "train_step")]
+  assert late_rows[0]["finished"] is False and late_rows[1]["deadline_s"] == 0.5
+  assert 0 <= late_rows[1]["compile_s_so_far"] < 5  # given up at once: the deadline had passed
+  report_file = tmp_path / "report.jsonl"
+  report_file.write_text("".join(json.dumps(x) + "\n" for x in [vf, vf_sample, *late_rows]))
+  report = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--report={report_file}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert report.returncode == 0, report.stderr[-3000:]
+  assert vf["xla_flags"] == late_rows[1]["xla_flags"] == env["XLA_FLAGS"]  # the rows say what XLA ran with
+  flags = f" [{env['XLA_FLAGS']}]"
+  assert report.stdout.splitlines() == [
+      f"videofusion train_step{flags} batch 2 xla: {vf['step_ms_median']} ms, {vf['clips_per_s']} clips/s, MFU "
+      f"{vf['mfu']:.2%}, peak {vf['peak_memory_bytes'] / 1e9:.2f} GB, compile {vf['compile_cold_s']} s cold / "
+      f"{vf['compile_warm_s']} s warm",
+      f"videofusion sample{flags} batch 2: {vf_sample['videos_per_s']} videos/s, MFU {vf_sample['sample_mfu']:.2%}, "
+      f"compile {vf_sample['sample_compile_cold_s']} s cold / {vf_sample['sample_compile_warm_s']} s warm",
+      f"videofusion train_step{flags} compile (unfinished, {late_rows[0]['span_s']} s traced, "
+      f"{late_rows[0]['threads']} threads), self time: "
+      + "; ".join(f"{p['name'][:60]} {p['self_s']} s x{p['count']}" for p in late_rows[0]["phases"][:6]),
+      f"videofusion train_step{flags}: still compiling {late_rows[1]['compile_s_so_far']} s after lowering "
+      "(deadline 0.5 s)"]
+
   def summarize(*rows):
     """``--summarize`` of a file of ``rows``: the process's result."""
     path = tmp_path / "bench.jsonl"
@@ -114,3 +174,30 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   assert r.returncode == 0 and "peak_memory_ratio" not in json.loads(r.stdout.splitlines()[-1]), r.stderr[-3000:]
   r = summarize(vf_sample, {**alone, "batch": 3})
   assert r.returncode != 0 and "sample rows of batches [2, 3]" in r.stderr, r.stderr[-2000:]
+
+
+def test_compile_phases_of_a_trace_of_known_times(tmp_path):
+  """Self time is an event's duration less its children's on the same thread; numbers in names
+  are one phase; jax's wrapper around the whole compile is left out; the span runs from the first
+  start to the last end. A trace written by hand, times in microseconds."""
+  def event(name, ts, dur, tid=1):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": 7, "tid": tid}
+
+  events = [event("Compile", 0, 100_000),
+            event("pass.1", 10_000, 30_000), event("autotune", 20_000, 10_000),  # autotune inside pass.1
+            event("pass.2", 50_000, 10_000),
+            event("kernel", 5_000, 40_000, tid=2), event("kernel", 60_000, 50_000, tid=2),
+            event("backend_compile_and_load", 0, 100_000, tid=3),
+            {"ph": "i", "name": "instant", "ts": 1, "pid": 7, "tid": 1}]
+  path = tmp_path / "trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  out = compile_trace.compile_phases(compile_trace.read_events(str(path)), top=3)
+  assert out["span_s"] == 0.11 and out["events"] == 6 and out["threads"] == 2
+  # kernel 90 ms; Compile 100 - 30 - 10 = 60 ms; pass.# (30 - 10) + 10 = 30 ms; autotune 10 ms.
+  assert out["phases"] == [{"name": "kernel", "count": 2, "self_s": 0.09, "total_s": 0.09},
+                           {"name": "Compile", "count": 1, "self_s": 0.06, "total_s": 0.1},
+                           {"name": "pass.#", "count": 2, "self_s": 0.03, "total_s": 0.04}]
+  assert compile_trace.compile_phases([], top=3) == {"span_s": 0.0, "events": 0, "threads": 0, "phases": []}
+  with pytest.raises(FileNotFoundError, match="no perfetto_trace.json.gz under"):
+    compile_trace.perfetto_trace(str(tmp_path / "nothing"))

@@ -1,4 +1,5 @@
 """The command line: bad input ends with one clear message, no traceback."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_main(*args, workdir):
+  if not any(a.startswith("--config.compilation_cache_dir=") for a in args):
+    # The suite's XLA cache (conftest.py), never the user's: main.py points its process's cache there.
+    args = (*args, f"--config.compilation_cache_dir={os.environ.get('VIDEOFUSION_TESTS_XLA_CACHE', '')}")
   cmd = [sys.executable, "-m", "videofusion_jax.main", f"--workdir={workdir}", *args]
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 

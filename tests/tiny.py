@@ -1,5 +1,6 @@
 """The tiny config of the tests, importable without conftest's side effects (a config file
 for subprocess runs: ``tiny_config_file``)."""
+import os
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -27,6 +28,9 @@ def tiny_config(**overrides):
   c.train.update(batch_size=8, num_steps=4, warmup_steps=2, log_every=1, checkpoint_every=2,
                  keep_checkpoints=5, learning_rate=1e-3)
   c.sample.update(num_steps=5, num_samples=3, batch_size=3, upscale=1, num_real_clips=12)
+  # The suite's own XLA cache (conftest.py; inherited by the runs it starts), never the user's: a run
+  # of main.py points the process's cache at config.compilation_cache_dir.
+  c.compilation_cache_dir = os.environ.get("VIDEOFUSION_TESTS_XLA_CACHE", "")
   for key, value in overrides.items():
     node = c
     *path, last = key.split(".")
