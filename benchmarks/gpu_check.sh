@@ -23,9 +23,9 @@
 # Every run times from a zero state (INIT, default zeros: --init=zeros; no figure depends on the
 # values, and the initializers took 1.4-2.3 minutes to compile on the H200). Every run traces its
 # cold compiles (--compile_profile: a 'compile_phases' line, where XLA spent the time) and gives up
-# on one still running COMPILE_DEADLINE seconds after its start (TIMEOUT - 45: a 'compile_unfinished'
-# line with the phases so far, where the timeout would have killed it silently); the VideoFusion and
-# VDM* train steps' traces come back as $OUT/<run>_train_step.json.gz (Perfetto; ui.perfetto.dev).
+# on one still running COMPILE_DEADLINE seconds after its start (TIMEOUT - 60: a 'compile_unfinished'
+# line with the phases so far, where the timeout would have killed it silently); the runs' train-step
+# traces come back as $OUT/<run>_train_step.json.gz (Perfetto, ui.perfetto.dev; while $OUT holds < 8).
 # BATCH (train, default 4: VDM* at batch 4 peaked at 56.7 GB on the H200), SAMPLE_BATCH (8), STEPS
 # (20), SAMPLE_STEPS (50), TIMEOUT (each run's limit, 560 s), SYNC_TIMEOUT (time alone only until
 # this many seconds after the start, 400 s), PEAK_TFLOPS (695). Results: $OUT/bench.jsonl (the JSON
@@ -48,7 +48,7 @@ timeout_s="${TIMEOUT:-560}"
 common=(--config="$CONFIG" --config.train.batch_size="${BATCH:-4}" --config.sample.batch_size="${SAMPLE_BATCH:-8}"
         --steps="${STEPS:-20}" --peak_tflops="${PEAK_TFLOPS:-695}" --compare --sync_dir="$sync_dir"
         --sync_timeout="${SYNC_TIMEOUT:-400}" --init="${INIT:-zeros}"
-        --compile_deadline_s="${COMPILE_DEADLINE:-$(( timeout_s - 45 ))}")
+        --compile_deadline_s="${COMPILE_DEADLINE:-$(( timeout_s - 60 ))}")
 xla=--config.model.attention_implementation=  # XLA's own attention
 sample="--notrain --sample_steps=${SAMPLE_STEPS:-50}"
 # Each run: "name|XLA_FLAGS|flags".
@@ -84,10 +84,11 @@ grep -h '^{' "${logs[@]}" > "$OUT/bench.jsonl"
 # The ratios: of VideoFusion and VDM* with XLA's attention and the default XLA flags.
 grep -h '^{' "$OUT/vf.log" "$OUT/vdm.log" "$OUT/vf_sample.log" "$OUT/vdm_sample.log" 2>/dev/null > "$sync_dir/pairs.jsonl"
 python3 benchmarks/train_step.py --summarize="$sync_dir/pairs.jsonl" 2>&1 | tee -a "$OUT/bench.log" | grep '^{' >> "$OUT/bench.jsonl"
-# The two kinds' train-step compile traces, where under 15 MiB and while fewer than 8 files are in
-# $OUT (at most 8 come back).
-for name in vf vdm; do
-  trace=$(find "$sync_dir/profile/$name/${name/vf/videofusion}_train_step" -name perfetto_trace.json.gz 2>/dev/null | head -1)
+# The runs' train-step compile traces, in the runs' order, each under 15 MiB, while fewer than 8
+# files are in $OUT (at most 8 come back).
+for log in "${logs[@]}"; do
+  name=$(basename "$log" .log)
+  trace=$(find "$sync_dir/profile/$name" -path '*_train_step/*' -name perfetto_trace.json.gz 2>/dev/null | head -1)
   if [ -n "$trace" ] && [ "$(stat -c %s "$trace")" -lt 15728640 ] && [ "$(ls "$OUT" | wc -l)" -lt 8 ]; then
     cp "$trace" "$OUT/${name}_train_step.json.gz"
   fi
@@ -98,5 +99,6 @@ for log in "${logs[@]}"; do
   echo "== $(basename "$log" .log)"
   grep '^{' "$log" > "$log.jsonl.tmp" && python3 benchmarks/train_step.py --report="$log.jsonl.tmp"
   rm -f "$log.jsonl.tmp"
+  if ! grep -q '"result": "train_step"\|"result": "sample"' "$log"; then tail -n 3 "$log" | cut -c1-400; fi
 done
-grep '"compare"' "$OUT/bench.jsonl"
+grep '"compare"' "$OUT/bench.jsonl" || echo "(no ratios: they need the vf and vdm runs)"
