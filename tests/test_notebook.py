@@ -134,7 +134,8 @@ def test_notebook_stops_when_the_run_fails(tmp_path, monkeypatch):
   nb = _read()
   nb.cells = nb.cells[:nb.cells.index(next(c for c in nb.cells if c.get("id") == "train")) + 1]
   params = _parameters_cell(nb)
-  params.source += f"\nWORKDIR = {str(tmp_path / 'work')!r}\nEXTRA_ARGS = '--config.diffusion.lam=1.5'\n"
+  extra = f"--config.diffusion.lam=1.5 --config.compilation_cache_dir={tmp_path / 'xla'}"  # not the user's cache
+  params.source += f"\nWORKDIR = {str(tmp_path / 'work')!r}\nEXTRA_ARGS = {extra!r}\n"
   with pytest.raises(CellExecutionError, match="exited with code 1"):
     _execute(nb, tmp_path, monkeypatch)
   assert "config.diffusion.lam=1.5" in _text(nb.cells[-1])
