@@ -13,24 +13,22 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
 
 import jax
 
 
 class CompileUnfinished(Exception):
   """The compile was still running at the deadline (its thread is left running: XLA cannot be
-  interrupted, so the process should report and exit)."""
+  interrupted, so the process should report and exit). ``trace``: the Perfetto trace so far, or None."""
 
-  def __init__(self, elapsed_s: float):
+  def __init__(self, elapsed_s: float, trace: str | None):
     super().__init__(f"still compiling after {elapsed_s:.1f} s")
-    self.elapsed_s = elapsed_s
+    self.elapsed_s, self.trace = elapsed_s, trace
 
 
-def watched_compile(lowered, profile_dir: str = "", deadline: float | None = None,
-                    clock: Callable[[], float] = time.perf_counter):
+def watched_compile(lowered, profile_dir: str = "", deadline: float | None = None):
   """``lowered.compile()``, traced into ``profile_dir`` (a new folder; '' = not traced) and given up
-  at ``deadline`` (a time of ``clock``; None = never).
+  at ``deadline`` (a ``time.perf_counter()`` time; None = never).
 
   Returns ``(compiled, seconds, trace)``, ``trace`` the Perfetto trace written (None when not
   traced). Raises ``CompileUnfinished`` (after the trace is written, its path in ``.trace``) when
@@ -45,22 +43,20 @@ def watched_compile(lowered, profile_dir: str = "", deadline: float | None = Non
   def work():
     try:
       done["compiled"] = lowered.compile()
-    except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+    except BaseException as e:  # handed to the caller's thread
       done["error"] = e
 
-  t0 = clock()
+  t0 = time.perf_counter()
   thread = threading.Thread(target=work, name="compile", daemon=True)
   thread.start()
-  thread.join(None if deadline is None else max(deadline - clock(), 0.0))
-  elapsed = clock() - t0
+  thread.join(None if deadline is None else max(deadline - time.perf_counter(), 0.0))
+  elapsed = time.perf_counter() - t0
   trace = None
   if profile_dir:
     jax.profiler.stop_trace()
     trace = perfetto_trace(profile_dir)
   if thread.is_alive():
-    unfinished = CompileUnfinished(elapsed)
-    unfinished.trace = trace
-    raise unfinished
+    raise CompileUnfinished(elapsed, trace)
   if "error" in done:
     raise done["error"]
   return done["compiled"], elapsed, trace
