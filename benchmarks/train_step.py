@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -61,8 +62,9 @@ _SYNC_PARTIES = flags.DEFINE_integer("sync_parties", 1, "How many runs share --s
 _SYNC_TIMEOUT = flags.DEFINE_float("sync_timeout", 300.0, "Time alone only until this many s after the start.")
 _KINDS = flags.DEFINE_list("kinds", ["videofusion", "vdm"], "With --compare: which of the two to run.")
 _SUMMARIZE = flags.DEFINE_string("summarize", "", "A file of these JSON lines: print their ratios, run nothing.")
-_REPORT = flags.DEFINE_string("report", "", "A file of these JSON lines: print them in short, a line each (a "
-                              "compile's phases: its longest), run nothing.")
+_REPORT = flags.DEFINE_list("report", [], "Files holding these JSON lines (a run's log will do): print them in "
+                            "short, a line each (a compile's phases: its longest), run nothing. With several "
+                            "files, each under its name; a file without results shows its last lines instead.")
 _INIT = flags.DEFINE_enum(
     "init", "random", ["random", "zeros"],
     "The state timed: the config's initializers, or zeros of the same shapes, dtypes and layout (no speed, FLOP "
@@ -475,6 +477,22 @@ def short(row: dict, phases: int = 6) -> str:
   return json.dumps(row)
 
 
+def report(path: str, named: bool = False) -> None:
+  """Prints ``path``'s JSON lines in short (``short``), under ``== name`` if ``named``; a file with no
+  train or sampling result also shows its last 3 lines (why the run stopped)."""
+  with open(path) as f:
+    lines = f.read().splitlines()
+  rows = [json.loads(line) for line in lines if line.startswith("{")]
+  if named:
+    print(f"== {os.path.splitext(os.path.basename(path))[0]}")
+  for row in rows:
+    print(short(row))
+  if not any(r["result"] in ("train_step", "sample") for r in rows):
+    for line in lines[-3:]:
+      print(line[:400])
+  sys.stdout.flush()
+
+
 def summarize(path: str) -> dict:
   """The ratios of the VideoFusion and VDM* rows (XLA's attention, the same batch) in a file of
   this benchmark's JSON lines, such as runs side by side wrote."""
@@ -498,10 +516,8 @@ def main(argv):
     print(json.dumps(summarize(_SUMMARIZE.value)), flush=True)
     return
   if _REPORT.value:
-    with open(_REPORT.value) as f:
-      for line in f:
-        if line.startswith("{"):
-          print(short(json.loads(line)), flush=True)
+    for path in _REPORT.value:
+      report(path, named=len(_REPORT.value) > 1)
     return
   if _SYNC_DIR.value:
     atexit.register(mark_ready)  # a run that fails before timing must not keep the others waiting

@@ -133,24 +133,30 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
                                                              ("compile_unfinished", "train_step")]
   assert late_rows[0]["finished"] is False and late_rows[1]["deadline_s"] == 0.5
   assert 0 <= late_rows[1]["compile_s_so_far"] < 5  # given up at once: the deadline had passed
-  report_file = tmp_path / "report.jsonl"
-  report_file.write_text("".join(json.dumps(x) + "\n" for x in [vf, vf_sample, *late_rows]))
-  report = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--report={report_file}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+  # --report of two runs' logs: each under its name, in short; the run without results also shows its
+  # log's last lines (here its own last JSON line, then the logging that followed).
+  timed, stopped = tmp_path / "timed.log", tmp_path / "stopped.log"
+  timed.write_text("".join(json.dumps(x) + "\n" for x in [vf, vf_sample]))
+  stopped.write_text(late.stdout + "a line\nlast line\n")
+  report = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--report={timed},{stopped}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
   assert report.returncode == 0, report.stderr[-3000:]
   assert vf["xla_flags"] == late_rows[1]["xla_flags"] == env["XLA_FLAGS"]  # the rows say what XLA ran with
   flags = f" [{env['XLA_FLAGS']}]"
   assert report.stdout.splitlines() == [
+      "== timed",
       f"videofusion train_step{flags} batch 2 xla: {vf['step_ms_median']} ms, {vf['clips_per_s']} clips/s, MFU "
       f"{vf['mfu']:.2%}, peak {vf['peak_memory_bytes'] / 1e9:.2f} GB, compile {vf['compile_cold_s']} s cold / "
       f"{vf['compile_warm_s']} s warm",
       f"videofusion sample{flags} batch 2: {vf_sample['videos_per_s']} videos/s, MFU {vf_sample['sample_mfu']:.2%}, "
       f"compile {vf_sample['sample_compile_cold_s']} s cold / {vf_sample['sample_compile_warm_s']} s warm",
+      "== stopped",
       f"videofusion train_step{flags} compile (unfinished, {late_rows[0]['span_s']} s traced, "
       f"{late_rows[0]['threads']} threads), self time: "
       + "; ".join(f"{p['name'][:60]} {p['self_s']} s x{p['count']}" for p in late_rows[0]["phases"][:6]),
       f"videofusion train_step{flags}: still compiling {late_rows[1]['compile_s_so_far']} s after lowering "
-      "(deadline 0.5 s)"]
+      "(deadline 0.5 s)",
+      late.stdout.splitlines()[-1][:400], "a line", "last line"]
 
   def summarize(*rows):
     """``--summarize`` of a file of ``rows``: the process's result."""
