@@ -127,6 +127,11 @@ def compile_phases(events: list[dict], top: int = 20) -> dict:
                       "total_s": round(total_us[n] / 1e6, 3)} for n in order]}
 
 
+def trace_phases(path: str, top: int = 20) -> dict:
+  """``compile_phases`` of the Perfetto trace at ``path``."""
+  return compile_phases(read_events(path), top)
+
+
 def _close(entry: list, self_us: dict[str, float]) -> None:
   _, name, own = entry
   self_us[name] = self_us.get(name, 0.0) + own

@@ -43,10 +43,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from compile_trace import CompileUnfinished, compile_phases, read_events, watched_compile
+from compile_trace import CompileUnfinished, trace_phases, watched_compile
 from ml_collections import config_flags
 
 _START = time.perf_counter()
+_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # what XLA runs with, in every row
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps (after the warm-up ones).")
@@ -121,7 +122,7 @@ def compile_cold_and_warm(jitted, *args, model: str, program: str):
   t0 = time.perf_counter()
   lowered = jitted.lower(*args)
   lower_s = time.perf_counter() - t0
-  row = {"model": model, "program": program, "lower_s": round(lower_s, 2), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  row = {"model": model, "program": program, "lower_s": round(lower_s, 2), "xla_flags": _XLA_FLAGS}
   profile = os.path.join(_PROFILE.value, f"{model}_{program}") if _PROFILE.value else ""
   try:
     compiled, compile_s, trace = watched_compile(lowered, profile,
@@ -130,8 +131,7 @@ def compile_cold_and_warm(jitted, *args, model: str, program: str):
     give_up({**row, "compile_s_so_far": round(e.elapsed_s, 1), "deadline_s": _DEADLINE.value}, e.trace)
   cold = lower_s + compile_s  # not the trace's writing
   if trace:
-    print(json.dumps({"result": "compile_phases", **row, "finished": True, "compile_cold_s": round(cold, 2),
-                      "trace": trace, **compile_phases(read_events(trace))}), flush=True)
+    print_phases({**row, "finished": True, "compile_cold_s": round(cold, 2)}, trace)
   jax.clear_caches()
   t0 = time.perf_counter()
   lowered = jitted.lower(*args)
@@ -140,12 +140,16 @@ def compile_cold_and_warm(jitted, *args, model: str, program: str):
   return compiled, cold, time.perf_counter() - t0, trace_lower
 
 
+def print_phases(row: dict, trace: str) -> None:
+  """The 'compile_phases' line: ``row`` (which compile), the trace's path and its phases."""
+  print(json.dumps({"result": "compile_phases", **row, "trace": trace, **trace_phases(trace)}), flush=True)
+
+
 def give_up(row: dict, trace: str | None) -> None:
   """Ends the run at the compile deadline: the phases traced so far, a 'compile_unfinished' line,
   exit 3 (at once: XLA's compile cannot be stopped, and waits for nothing)."""
   if trace:
-    print(json.dumps({"result": "compile_phases", **row, "finished": False, "trace": trace,
-                      **compile_phases(read_events(trace))}))
+    print_phases({**row, "finished": False}, trace)
   print(json.dumps({"result": "compile_unfinished", **row, "device": jax.devices()[0].device_kind}), flush=True)
   if _SYNC_DIR.value:
     mark_ready()  # the runs beside this one need not wait for it
@@ -304,7 +308,7 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       "tflops_per_s": round(flops / step_s / 1e12, 4), "peak_tflops": _PEAK.value,
       "mfu": round(flops / step_s / 1e12 / (_PEAK.value * jax.device_count()), 5),
       "peak_memory_bytes": peak, "program_memory_bytes": program, "memory_source": source,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""), **sync,
+      "xla_flags": _XLA_FLAGS, **sync,
   }
   return out, state
 
@@ -390,7 +394,7 @@ def bench_sample(trainer, counter, params) -> dict:
                                           compiled=False) + ", x its steps",
       "sample_tflops_per_s": round(flops / batch_s / 1e12, 4),
       "sample_mfu": round(flops / batch_s / 1e12 / (_PEAK.value * jax.device_count()), 5),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""), **sync,
+      "xla_flags": _XLA_FLAGS, **sync,
   }
 
 

@@ -2,24 +2,15 @@
 figures that can be checked independently (FLOPs ratio, params, clips/s from the step time); the
 compile's trace (benchmarks/compile_trace.py) on a trace of known times."""
 import gzip
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_benchmark
 from test_faults import one_device_env
 
-
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-compile_trace = _load("compile_trace")
+compile_trace = load_benchmark("compile_trace")
 
 TINY = ["--config.data.num_frames=4", "--config.data.image_size=8", "--config.model.base.base_channels=8",
         "--config.model.base.head_dim=8", "--config.model.base.attention_resolutions=(4,)",
@@ -64,7 +55,7 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
     assert row["compile_cold_s"] == result[cold] and row["trace"].startswith(str(profile))
     # XLA's events lie within the compile (its cold time less the lowering) and fill most of it.
     assert 0.5 * (row["compile_cold_s"] - row["lower_s"]) < row["span_s"] <= row["compile_cold_s"], row
-    assert row["phases"] == compile_trace.compile_phases(compile_trace.read_events(row["trace"]))["phases"]
+    assert row["phases"] == compile_trace.trace_phases(row["trace"])["phases"]
     assert any("Compile" in p["name"] for p in row["phases"])
     assert all(0 <= p["self_s"] <= p["total_s"] for p in row["phases"])
   for train in (vf, vdm):

@@ -1,14 +1,12 @@
 """The memory switches (issue 11, item 5): remat, gradient accumulation and FSDP change memory,
 not the update; and the arithmetic of benchmarks/memory.py, on the tiny config (nothing here
 compiles the ucf101 model)."""
-import importlib.util
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import load_benchmark, tiny_config
 from test_topology import assert_state_close
 from test_training import batches
 
@@ -18,15 +16,7 @@ from videofusion_jax.models import factory
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.step import Trainer
 
-
-def _load_benchmark():
-  spec = importlib.util.spec_from_file_location("memory_benchmark", ROOT / "benchmarks" / "memory.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("memory")
 
 
 def on_devices(config, n: int):
