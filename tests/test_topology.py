@@ -2,6 +2,8 @@
 really splits the weights, and a checkpoint saved on one mesh restores onto another device count
 and mesh shape (8 -> 4 -> 1 -> 8 devices, data parallel to FSDP and back) for training, sampling and
 evaluation. Compiles dominate: each mesh's Trainer (its step, and its generator) is built once."""
+import contextlib
+
 import jax
 import numpy as np
 import pytest
@@ -125,11 +127,29 @@ def test_one_step_on_any_mesh_equals_one_device(trainer_on, reference, data, mes
       assert shard == x.shape, (where, shard)
 
 
+@contextlib.contextmanager
+def compiles():
+  """The list of the programs XLA compiles in the block (one duration each; a persistent-cache hit
+  is not a compile)."""
+  seen = []
+
+  def listen(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      seen.append(duration)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def test_checkpoint_moves_across_meshes_and_training_continues(trainer_on, reference, data, tmp_path):
   """2 steps on 8 devices (8x1, data parallel) -> save -> restore on 4 devices as 2x2 (FSDP) -> 1 step
   -> save -> restore on 1 device -> 1 step -> save -> restore on 8 devices as 1x8 (FSDP) -> 1 step. At
   every hop the restored state equals the saved one exactly and lies on the new mesh as its Trainer
-  lays it out, and every step equals the uninterrupted single-device run's."""
+  lays it out, and every step equals the uninterrupted single-device run's. Saving compiles nothing
+  (one process writes each replicated array from one device, whole: Orbax's replica-parallel
+  default slices it per replica, a program per parameter shape at the first save)."""
   states, metrics = reference
   hops = [((8, 1), 2), ((2, 2), 1), ((1, 1), 1), ((1, 8), 1)]
   step, saved = 0, None
@@ -151,8 +171,10 @@ def test_checkpoint_moves_across_meshes_and_training_continues(trainer_on, refer
       assert_state_close(state, states[step])
     saved = jax.device_get(state)
     manager = ckpt.make_manager(tmp_path, keep=5, async_save=False)
-    ckpt.save(manager, step, state)
-    manager.wait_until_finished()
+    with compiles() as compiled:
+      ckpt.save(manager, step, state)
+      manager.wait_until_finished()
+    assert compiled == [], (mesh, len(compiled))
     manager.close()
   assert step == STEPS
 

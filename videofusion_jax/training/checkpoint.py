@@ -5,11 +5,14 @@ input stream's position, so that resuming continues the stream instead of restar
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 ITEMS = ("state", "data")
 
@@ -18,10 +21,34 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint where one was expected; the message says where and what to do."""
 
 
+@functools.cache
+def one_process_writes_whole_arrays() -> bool:
+  """In a run of one process, Orbax saves each replicated array from one device, whole (its
+  default outside GPUs is "replica-parallel": a slice from each replica, one jitted slicing per
+  parameter shape, 248 programs compiled at the tiny model's first save on 8 devices, 7.7 s of
+  the training loop blocked there, 1.6 s at each later save; whole arrays: 0.4 s and 0.2 s,
+  benchmarks/RESULTS.md). Slicing spreads the writing over hosts; one process writes everything
+  anyway. Several processes keep Orbax's default. Runs once per process (the handler is global),
+  before the first save; returns whether it changed the handler."""
+  if jax.process_count() > 1:
+    return False
+  handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),  # Orbax's default
+                                           use_replica_parallel=False)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns of any override of its default handler
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    logging.set_verbosity(verbosity)
+  return True
+
+
 def make_manager(workdir: str | Path, keep: int, async_save: bool = True, read_only: bool = False
                  ) -> ocp.CheckpointManager:
   """The workdir's checkpoint manager; ``read_only`` for sampling and evaluation: it creates no
   folder and deletes nothing (an error when there is no checkpoint folder)."""
+  if not read_only:
+    one_process_writes_whole_arrays()
   directory = Path(workdir).absolute() / "checkpoints"
   if read_only and not directory.is_dir():
     raise CheckpointError(f"no checkpoint in {directory}: train first (--mode=train).")
