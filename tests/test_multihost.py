@@ -1,7 +1,9 @@
 """Two processes on this machine joined by ``jax.distributed`` (CPU collectives through gloo),
 started as a pod's hosts are: the command line with --coordinator_address, --num_processes
 and --process_id."""
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from test_faults import one_device_env
 from tiny import tiny_config_file
 
 from videofusion_jax import sampling
+from videofusion_jax.evaluation import evaluate
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.loop import train
 from videofusion_jax.training.step import Trainer
@@ -40,31 +43,62 @@ app.run(main.main, argv=[sys.argv[0]] + sys.argv[2:], flags_parser=main._parse_f
 """
 
 
+# The command line's main, with the clips each process ran through I3D counted (saved at the end).
+EVAL_WORKER = """
+import sys
+import numpy as np
+from absl import app
+from videofusion_jax import main
+from videofusion_jax.evaluation import i3d
+
+rows, call = [], i3d.I3DFeatures.__call__
+def counting(self, videos, *args, **kwargs):
+  rows.append(len(videos))
+  return call(self, videos, *args, **kwargs)
+i3d.I3DFeatures.__call__ = counting
+try:
+  app.run(main.main, argv=[sys.argv[0]] + sys.argv[2:], flags_parser=main._parse_flags)
+finally:
+  np.save(sys.argv[1], np.array(rows))
+"""
+
+EVAL = {"eval.num_real": 5, "eval.num_generated": 3, "eval.batch_size": 2, "eval.kvd_subsets": 2,
+        "eval.kvd_subset_size": 2}
+
+
+def run_two(worker: str, outputs: list[Path], config_file: Path, workdir: Path, mode: str) -> list[str]:
+  """``worker`` (one of the scripts above) as two processes of one run on ``workdir``, process i
+  writing ``outputs[i]``; asserts both exit 0 and returns their outputs."""
+  script = outputs[0].parent / f"{mode}_worker.py"
+  script.write_text(worker)
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, str(script), str(outputs[i]), f"--config={config_file}", f"--workdir={workdir}",
+       f"--mode={mode}", f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_device_env()) for i in range(2)]
+  outs = [p.communicate(timeout=400) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, out + err[-3000:]
+  return [out for out, _ in outs]
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
 
 
-def test_two_processes_train_and_sample_as_one_and_a_single_process_resumes(tmp_path, tfds_dir, capsys):
-  """Training, then sampling (3 videos in batches of 2 spread over both hosts' devices), on two
-  processes; process 0 alone prints and writes; one process alone then draws the same videos and
-  resumes the training."""
+def test_two_processes_train_sample_and_evaluate_as_one_and_a_single_process_resumes(tmp_path, tfds_dir, capsys):
+  """Training, then sampling (3 videos in batches of 2 spread over both hosts' devices), then
+  --mode=eval, on two processes; process 0 alone prints and writes; one process alone then draws
+  the same videos, computes the same features and figures, and resumes the training."""
   config_file = tiny_config_file(tmp_path, **{"data.data_dir": tfds_dir, "train.num_steps": 3,
                                               "train.checkpoint_every": 3, "train.log_every": 1,
-                                              "sample.batch_size": 2})
-  (tmp_path / "worker.py").write_text(WORKER)
-  workdir, port = tmp_path / "run", free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / f"params_{i}.npz"), f"--config={config_file}",
-       f"--workdir={workdir}", "--mode=train_and_sample",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_device_env()) for i in range(2)]
-  outs = [p.communicate(timeout=400) for p in procs]
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, out + err[-3000:]
+                                              "sample.batch_size": 2, **EVAL})
+  workdir = tmp_path / "run"
+  outs = run_two(WORKER, [tmp_path / f"params_{i}.npz" for i in range(2)], config_file, workdir, "train_and_sample")
   # Process 0 alone prints and writes events; both trained on a 2-device mesh, one device each.
-  assert "step      3/3" in outs[0][0] and "step" not in outs[1][0] and "2 processes" in outs[0][0]
+  assert "step      3/3" in outs[0] and "step" not in outs[1] and "2 processes" in outs[0]
   params = [np.load(tmp_path / f"params_{i}.npz") for i in range(2)]
   assert list(params[0]["devices"]) == [2, 2] and list(params[1]["devices"]) == [2, 2]
   names = [k for k in params[0].files if k != "devices"]
@@ -74,18 +108,36 @@ def test_two_processes_train_and_sample_as_one_and_a_single_process_resumes(tmp_
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3"]
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 3
   # The samples: written once, by process 0; one process on one device draws the same videos.
-  assert "wrote 3 videos" in outs[0][0] and "wrote" not in outs[1][0] and "sampl" not in outs[1][0]
+  assert "wrote 3 videos" in outs[0] and "wrote" not in outs[1] and "sampl" not in outs[1]
   assert sorted(p.name for p in (workdir / "samples" / "step_3").glob("*.mp4")) == [
       "sample_000_label0.mp4", "sample_001_label1.mp4", "sample_002_label2.mp4"]
   npz = np.load(workdir / "samples" / "step_3" / "samples.npz")
-  # A single process restores it, samples and continues.
-  c = tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 4, "train.checkpoint_every": 3})
+  # Evaluation: each process runs I3D on its share, 5 real clips as 3 + 2 and the generated batches
+  # (2, then 1) as 1 + 1 and 1 + 0; process 0 alone prints and writes the figures and the cache.
+  outs = run_two(EVAL_WORKER, [tmp_path / f"i3d_rows_{i}.npy" for i in range(2)], config_file, workdir, "eval")
+  rows = [np.load(tmp_path / f"i3d_rows_{i}.npy").tolist() for i in range(2)]
+  assert rows == [[2, 1, 1, 1], [2, 1, 0]], rows
+  assert "split over 2 hosts" in outs[0] and "FVD" in outs[0]
+  assert not any(word in outs[1] for word in ("I3D", "FVD", "sampl", "wrote")), outs[1]
+  figures = json.loads((workdir / "eval" / "step_3.json").read_text())
+  cache = next((workdir / "eval_cache").iterdir())
+  features = np.load(cache)["features"]
+  # A single process restores it, samples, evaluates and continues.
+  c = tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 4, "train.checkpoint_every": 3,
+                     "sample.batch_size": 2, **EVAL})
   trainer = Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
   restored = trainer.restore(workdir)
   for k, leaf in zip(names, jax.tree.leaves(restored.params)):
     np.testing.assert_array_equal(np.asarray(leaf), params[0][k])
   alone = sampling.generate_videos(trainer, restored.ema_params, 3, c.sample.seed, npz["labels"])
   np.testing.assert_allclose(npz["videos"], alone, atol=1e-4)
+  shutil.rmtree(workdir / "eval_cache")  # computed again, by one process
+  single = evaluate.run(c, str(workdir), experiment=trainer)
+  np.testing.assert_allclose(np.load(cache)["features"], features, rtol=1e-5, atol=1e-4)
+  assert single["num_real"] == figures["num_real"] == 5 and single["num_generated"] == figures["num_generated"] == 3
+  for k in ("fvd", "kvd", "kvd_std"):
+    np.testing.assert_allclose(single[k], figures[k], rtol=1e-3, atol=1e-6)
+  assert figures["fvd"] > 1.0
   state = train(c, workdir, trainer=trainer)
   assert int(state.step) == 4 and "resumed from checkpoint 3" in capsys.readouterr().out
   assert os.path.isdir(workdir / "checkpoints" / "4")

@@ -4,6 +4,10 @@ Real clips come from the dataset's evaluation protocol (``pipeline.eval_plan``);
 features are cached in ``workdir/eval_cache`` per dataset, split, frame count, stride,
 resolution and clip count. Generated clips are drawn from the latest checkpoint's EMA weights
 with the ``config.sample`` settings. Results go to ``workdir/eval/step_<N>.json``.
+
+On several hosts each runs the feature networks on its own share of the clips (real: the clips it
+reads; generated: its rows of each batch, which every host holds) and the shares are gathered in
+order, so every host ends with the features one host would compute, at 1/hosts of the work.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from videofusion_jax.data import video_io
 from videofusion_jax.evaluation.i3d import MIN_FRAMES
@@ -57,28 +62,82 @@ def _cache_path(workdir: Path, proto: dict) -> Path:
   return workdir / "eval_cache" / name
 
 
+def say(*args, **kwargs) -> None:
+  """``print`` on the first host only (every host runs the same evaluation)."""
+  if jax.process_index() == 0:
+    print(*args, **kwargs)
+
+
+def _share_sizes(n: int) -> list[int]:
+  """How many of ``n`` rows each host takes: ``np.array_split``'s contiguous shares, in process
+  order (the split of ``pipeline.eval_iterator``)."""
+  return [len(a) for a in np.array_split(np.arange(n), jax.process_count())]
+
+
+def host_share(n: int) -> slice:
+  """This host's rows of ``n``."""
+  sizes = _share_sizes(n)
+  start = sum(sizes[:jax.process_index()])
+  return slice(start, start + sizes[jax.process_index()])
+
+
+def gather_shares(local: np.ndarray, n: int) -> np.ndarray:
+  """Every host's ``host_share(n)`` rows (this one's: ``local``), in order, on every host."""
+  if jax.process_count() == 1:
+    return local
+  sizes = _share_sizes(n)
+  padded = np.zeros((max(sizes),) + local.shape[1:], local.dtype)  # equal shapes for the all-gather
+  padded[:len(local)] = local
+  every = np.asarray(multihost_utils.process_allgather(padded))  # (hosts, max share, ...)
+  return np.concatenate([every[i, :size] for i, size in enumerate(sizes)])
+
+
+def _cached_features(path: Path, proto: dict) -> dict | None:
+  """The cache's features and labels if it holds ``proto``'s, as the first host reads them, on
+  every host (the hosts must agree: the features are computed together)."""
+  from videofusion_jax.evaluation.i3d import NUM_CLASSES
+
+  found = None
+  if jax.process_index() == 0 and path.exists():
+    cached = np.load(path, allow_pickle=False)
+    if json.loads(str(cached["protocol"])) == proto:
+      found = {"features": cached["features"].astype(np.float32), "labels": cached["labels"].astype(np.int32)}
+  if jax.process_count() == 1:
+    return found
+  if not int(multihost_utils.broadcast_one_to_all(np.int32(found is not None))):
+    return None
+  n = proto["num_real"]
+  like = found or {"features": np.zeros((n, NUM_CLASSES), np.float32), "labels": np.zeros((n,), np.int32)}
+  return {k: np.asarray(v) for k, v in multihost_utils.broadcast_one_to_all(like).items()}
+
+
 def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, verbose: bool = True) -> dict:
-  """I3D features of the protocol's real clips (and their labels), cached in the workdir."""
+  """I3D features of the protocol's real clips (and their labels), cached in the workdir. Each
+  host reads and runs its share of the clips."""
   from videofusion_jax.data import pipeline
+  from videofusion_jax.evaluation.i3d import NUM_CLASSES
 
   proto = protocol(config)
   path = _cache_path(workdir, proto)
-  if path.exists():
-    cached = np.load(path, allow_pickle=False)
-    if json.loads(str(cached["protocol"])) == proto:
-      print(f"real-data features from the cache {path}")
-      return {"features": cached["features"], "labels": cached["labels"]}
-  print(f"I3D features of {proto['num_real']} real clips ({proto['dataset']} [{proto['split']}])")
-  progress = Progress("real clips", proto["num_real"], unit="clips", quiet=jax.process_index() > 0)
-  feats, labels, done = [], [], 0
-  for batch in pipeline.eval_iterator(config, proto["num_real"], config.eval.batch_size,
-                                      split=proto["split"], verbose=verbose):
+  cached = _cached_features(path, proto)
+  if cached is not None:
+    say(f"real-data features from the cache {path}")
+    return cached
+  n, hosts = proto["num_real"], jax.process_count()
+  share = host_share(n)
+  say(f"I3D features of {n} real clips ({proto['dataset']} [{proto['split']}])"
+        + (f", split over {hosts} hosts" if hosts > 1 else ""))
+  progress = Progress("real clips", share.stop - share.start, unit="clips", quiet=jax.process_index() > 0)
+  feats, labels, done = [np.zeros((0, NUM_CLASSES), np.float32)], [np.zeros((0,), np.int32)], 0
+  for batch in pipeline.eval_iterator(config, n, config.eval.batch_size, process_index=jax.process_index(),
+                                      process_count=hosts, split=proto["split"],
+                                      verbose=verbose and jax.process_index() == 0):
     feats.append(extract(for_i3d(batch["video"])))
-    labels.append(batch["label"])
+    labels.append(batch["label"].astype(np.int32))
     done += len(batch["label"])
     progress(done)
-  out = {"features": np.concatenate(feats), "labels": np.concatenate(labels)}
-  if jax.process_index() == 0:  # every host computed the same features; one writes them
+  out = {"features": gather_shares(np.concatenate(feats), n), "labels": gather_shares(np.concatenate(labels), n)}
+  if jax.process_index() == 0:  # every host holds all the features; one writes them
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, protocol=json.dumps(proto), **out)
@@ -101,7 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   experiment = experiment or Experiment(config)  # validates the config (eval fields included)
   e = config.eval
   if frame_repeat(config.data.num_frames) > 1:
-    print(f"note: I3D needs clips of at least {MIN_FRAMES} frames; each of the {config.data.num_frames} "
+    say(f"note: I3D needs clips of at least {MIN_FRAMES} frames; each of the {config.data.num_frames} "
           f"frames is shown {frame_repeat(config.data.num_frames)} times, to real and generated clips alike "
           "(figures are comparable with each other, not with published 16-frame FVDs).")
   c3d = None
@@ -118,14 +177,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   if labels is not None and config.sample.label == -1:
     # The real clips' class mix, so that class-conditional FVD compares like with like.
     labels = np.resize(real["labels"], e.num_generated).astype(np.int32)
-  print(f"sampling {e.num_generated} clips from checkpoint {step} (EMA weights, {config.sample.method}, "
+  say(f"sampling {e.num_generated} clips from checkpoint {step} (EMA weights, {config.sample.method}, "
         f"{config.sample.num_steps} steps) on {jax.device_count()} devices, {describe_batch(experiment)}")
   gen_feats, probs = [], []
 
-  def consume(videos):
-    gen_feats.append(i3d(for_i3d(videos)))
+  def consume(videos):  # every host holds the batch and runs its rows
+    mine = videos[host_share(len(videos))]
+    gen_feats.append(gather_shares(i3d(for_i3d(mine)), len(videos)))
     if c3d is not None:
-      probs.append(c3d(video_io.to_uint8(videos)))
+      probs.append(gather_shares(c3d(video_io.to_uint8(mine)), len(videos)))
 
   prompts = sample_prompts(config, e.num_generated)
   text = None if prompts is None else prompt_embeddings(config, prompts, verbose=jax.process_index() == 0)
@@ -149,5 +209,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   line = f"step {step}: FVD {results['fvd']:.1f}, KVD {kvd_mean:.2f} ± {kvd_std:.2f}"
   if c3d is not None:
     line += f", IS {results['inception_score']:.2f} ± {results['inception_score_std']:.2f}"
-  print(f"{line} ({len(real['features'])} real / {len(fake)} generated clips); wrote {out}")
+  say(f"{line} ({len(real['features'])} real / {len(fake)} generated clips); wrote {out}")
   return results
