@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from videofusion_jax.data import video_io
-from videofusion_jax.evaluation.i3d import MIN_FRAMES
+from videofusion_jax.evaluation.i3d import MIN_FRAMES, NUM_CLASSES
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.sampling import (
   Progress,
@@ -95,8 +95,6 @@ def gather_shares(local: np.ndarray, n: int) -> np.ndarray:
 def _cached_features(path: Path, proto: dict) -> dict | None:
   """The cache's features and labels if it holds ``proto``'s, as the first host reads them, on
   every host (the hosts must agree: the features are computed together)."""
-  from videofusion_jax.evaluation.i3d import NUM_CLASSES
-
   found = None
   if jax.process_index() == 0 and path.exists():
     cached = np.load(path, allow_pickle=False)
@@ -115,7 +113,6 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
   """I3D features of the protocol's real clips (and their labels), cached in the workdir. Each
   host reads and runs its share of the clips."""
   from videofusion_jax.data import pipeline
-  from videofusion_jax.evaluation.i3d import NUM_CLASSES
 
   proto = protocol(config)
   path = _cache_path(workdir, proto)
@@ -126,7 +123,7 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
   n, hosts = proto["num_real"], jax.process_count()
   share = host_share(n)
   say(f"I3D features of {n} real clips ({proto['dataset']} [{proto['split']}])"
-        + (f", split over {hosts} hosts" if hosts > 1 else ""))
+      + (f", split over {hosts} hosts" if hosts > 1 else ""))
   progress = Progress("real clips", share.stop - share.start, unit="clips", quiet=jax.process_index() > 0)
   feats, labels, done = [np.zeros((0, NUM_CLASSES), np.float32)], [np.zeros((0,), np.int32)], 0
   for batch in pipeline.eval_iterator(config, n, config.eval.batch_size, process_index=jax.process_index(),
@@ -161,8 +158,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   e = config.eval
   if frame_repeat(config.data.num_frames) > 1:
     say(f"note: I3D needs clips of at least {MIN_FRAMES} frames; each of the {config.data.num_frames} "
-          f"frames is shown {frame_repeat(config.data.num_frames)} times, to real and generated clips alike "
-          "(figures are comparable with each other, not with published 16-frame FVDs).")
+        f"frames is shown {frame_repeat(config.data.num_frames)} times, to real and generated clips alike "
+        "(figures are comparable with each other, not with published 16-frame FVDs).")
   c3d = None
   if e.c3d_weights:
     from videofusion_jax.evaluation.c3d import C3DProbs
@@ -178,7 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     # The real clips' class mix, so that class-conditional FVD compares like with like.
     labels = np.resize(real["labels"], e.num_generated).astype(np.int32)
   say(f"sampling {e.num_generated} clips from checkpoint {step} (EMA weights, {config.sample.method}, "
-        f"{config.sample.num_steps} steps) on {jax.device_count()} devices, {describe_batch(experiment)}")
+      f"{config.sample.num_steps} steps) on {jax.device_count()} devices, {describe_batch(experiment)}")
   gen_feats, probs = [], []
 
   def consume(videos):  # every host holds the batch and runs its rows
