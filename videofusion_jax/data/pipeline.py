@@ -307,6 +307,12 @@ def eval_plan(num_clips: int, eligible: np.ndarray, lengths: np.ndarray, span: i
   return records, firsts
 
 
+def eval_shares(num_clips: int, process_count: int) -> list[np.ndarray]:
+  """Every host's clips of ``num_clips`` (indices), contiguous and in process order: what
+  ``eval_iterator`` reads on each host, and how evaluation splits its generated batches."""
+  return np.array_split(np.arange(num_clips), process_count)
+
+
 def eval_iterator(config: ml_collections.ConfigDict, num_clips: int, batch_size: int,
                   process_index: int = 0, process_count: int = 1, split: str | None = None,
                   verbose: bool = True) -> Iterator[dict]:
@@ -317,7 +323,7 @@ def eval_iterator(config: ml_collections.ConfigDict, num_clips: int, batch_size:
   split = split or d.get("eval_split") or d.get("split", "train")
   source = _source(config, split, verbose)
   records, firsts = eval_plan(num_clips, source.eligible, source.lengths, source.span)
-  mine = np.array_split(np.arange(num_clips), process_count)[process_index]
+  mine = eval_shares(num_clips, process_count)[process_index]
   read = _reader(tf, source)
   jpeg = _is_jpeg(source.builder)
 

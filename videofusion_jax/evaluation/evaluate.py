@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from videofusion_jax.data import video_io
+from videofusion_jax.data import pipeline, video_io
 from videofusion_jax.evaluation.i3d import MIN_FRAMES, NUM_CLASSES
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.sampling import (
@@ -68,24 +68,12 @@ def say(*args, **kwargs) -> None:
     print(*args, **kwargs)
 
 
-def _share_sizes(n: int) -> list[int]:
-  """How many of ``n`` rows each host takes: ``np.array_split``'s contiguous shares, in process
-  order (the split of ``pipeline.eval_iterator``)."""
-  return [len(a) for a in np.array_split(np.arange(n), jax.process_count())]
-
-
-def host_share(n: int) -> slice:
-  """This host's rows of ``n``."""
-  sizes = _share_sizes(n)
-  start = sum(sizes[:jax.process_index()])
-  return slice(start, start + sizes[jax.process_index()])
-
-
 def gather_shares(local: np.ndarray, n: int) -> np.ndarray:
-  """Every host's ``host_share(n)`` rows (this one's: ``local``), in order, on every host."""
+  """Every host's rows of ``n`` (``pipeline.eval_shares``; this one's: ``local``), in order, on
+  every host."""
   if jax.process_count() == 1:
     return local
-  sizes = _share_sizes(n)
+  sizes = [len(share) for share in pipeline.eval_shares(n, jax.process_count())]
   padded = np.zeros((max(sizes),) + local.shape[1:], local.dtype)  # equal shapes for the all-gather
   padded[:len(local)] = local
   every = np.asarray(multihost_utils.process_allgather(padded))  # (hosts, max share, ...)
@@ -112,8 +100,6 @@ def _cached_features(path: Path, proto: dict) -> dict | None:
 def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, verbose: bool = True) -> dict:
   """I3D features of the protocol's real clips (and their labels), cached in the workdir. Each
   host reads and runs its share of the clips."""
-  from videofusion_jax.data import pipeline
-
   proto = protocol(config)
   path = _cache_path(workdir, proto)
   cached = _cached_features(path, proto)
@@ -121,10 +107,10 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
     say(f"real-data features from the cache {path}")
     return cached
   n, hosts = proto["num_real"], jax.process_count()
-  share = host_share(n)
   say(f"I3D features of {n} real clips ({proto['dataset']} [{proto['split']}])"
       + (f", split over {hosts} hosts" if hosts > 1 else ""))
-  progress = Progress("real clips", share.stop - share.start, unit="clips", quiet=jax.process_index() > 0)
+  progress = Progress("real clips", len(pipeline.eval_shares(n, hosts)[jax.process_index()]), unit="clips",
+                      quiet=jax.process_index() > 0)
   feats, labels, done = [np.zeros((0, NUM_CLASSES), np.float32)], [np.zeros((0,), np.int32)], 0
   for batch in pipeline.eval_iterator(config, n, config.eval.batch_size, process_index=jax.process_index(),
                                       process_count=hosts, split=proto["split"],
@@ -179,7 +165,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   gen_feats, probs = [], []
 
   def consume(videos):  # every host holds the batch and runs its rows
-    mine = videos[host_share(len(videos))]
+    mine = videos[pipeline.eval_shares(len(videos), jax.process_count())[jax.process_index()]]
     gen_feats.append(gather_shares(i3d(for_i3d(mine)), len(videos)))
     if c3d is not None:
       probs.append(gather_shares(c3d(video_io.to_uint8(mine)), len(videos)))
