@@ -54,17 +54,3 @@ def load_benchmark(name: str):
 def tfds_dir(tmp_path_factory):
   """A TFDS data dir with the demo clips built once per session."""
   return str(tmp_path_factory.mktemp("tfds"))
-
-
-# The modules that take longest (pytest --durations=0 on 2026-12-04, 2-core CPU: from 366 s for
-# test_training down to 80 s; 2637 s in all) run first: pytest-xdist hands whole files to its
-# workers in this order (--dist loadfile), and a long file started last would leave the other
-# workers idle at the end.
-_SLOW_MODULES = ("test_training", "test_builders", "test_faults", "test_topology", "test_sampling", "test_vdm",
-                 "test_demo_training", "test_clip_encoder", "test_multihost", "test_memory", "test_benchmark",
-                 "test_evaluation", "test_eval_mode", "test_notebook")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_SLOW_MODULES)}
-  items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))  # stable
