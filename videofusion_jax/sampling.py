@@ -2,7 +2,6 @@
 sharded generator that ``--mode=sample`` and ``--mode=eval`` share."""
 from __future__ import annotations
 
-import builtins
 import functools
 import json
 import time
@@ -333,6 +332,12 @@ def given_embeddings(config: ml_collections.ConfigDict, num: int) -> np.ndarray 
   return np.broadcast_to(e, (num, width)).astype(np.float32)
 
 
+def say(*args, **kwargs) -> None:
+  """``print`` on the first host only (every host runs the same sampling or evaluation)."""
+  if jax.process_index() == 0:
+    print(*args, **kwargs)
+
+
 class Progress:
   """Prints ``what: done/total (rate/s, time left)`` at most every ``every_s`` seconds. The first
   report (which holds the compile) sets the clock; the rate and time left count from it."""
@@ -465,7 +470,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   state = experiment.restore(workdir)
   step = int(state.step)
   s = config.sample
-  print = builtins.print if jax.process_index() == 0 else (lambda *args, **kwargs: None)  # noqa: A001
+  print = say  # noqa: A001 - every host samples; the first one speaks
   content, motion = control_indices(config)
   given = given_embeddings(config, s.num_samples)
   labels = None if given is not None else sample_labels(config, s.num_samples)

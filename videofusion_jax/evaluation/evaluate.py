@@ -32,6 +32,7 @@ from videofusion_jax.sampling import (
   prompt_embeddings,
   sample_labels,
   sample_prompts,
+  say,
 )
 
 
@@ -60,12 +61,6 @@ def _cache_path(workdir: Path, proto: dict) -> Path:
   name = (f"{proto['dataset'].replace('/', '_')}-{proto['split'].replace('+', '_')}-{proto['num_frames']}f"
           f"-stride{proto['frame_stride']}-{proto['resolution']}px-{proto['num_real']}clips.npz")
   return workdir / "eval_cache" / name
-
-
-def say(*args, **kwargs) -> None:
-  """``print`` on the first host only (every host runs the same evaluation)."""
-  if jax.process_index() == 0:
-    print(*args, **kwargs)
 
 
 def gather_shares(local: np.ndarray, n: int) -> np.ndarray:
