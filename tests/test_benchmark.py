@@ -73,6 +73,7 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
     assert abs(train["xla_flops_per_step"] / train["device_xla_flops_per_step"] - 1) < 0.2
     assert 0 < train["compile_warm_s"] < train["compile_cold_s"]  # the persistent cache is used
     assert 0 < train["compile_warm_trace_lower_s"] < train["compile_warm_s"]  # a part of the warm compile
+    assert train["warm_step_program"] == "stored"  # the warm compile loaded the traced step, no tracing
   for sample in (vf_sample, vdm_sample):
     assert sample["steps"] == 2 and sample["method"] == "ddim" and sample["videos_per_s"] > 0
     for field in ("sample_compile_cold_s", "sample_compile_warm_s", "sample_tflops_per_s", "sample_mfu",

@@ -90,6 +90,7 @@ def test_sigterm_and_ctrl_c_save_the_step_and_resume_exactly(config_file, tmp_pa
   # SIGTERM (preemption) on the resumed run: it resumes from the step it stopped at.
   rc, out, seconds = interrupt(config_file, workdir, signal.SIGTERM, after_step=stopped + 2)
   assert rc == 0 and f"resumed from checkpoint {stopped}" in out and "Traceback" not in out, out
+  assert "(the step's traced program loaded from the store;" in out  # the first run stored it
   second = int(out.split("stopped on SIGTERM at step ")[1].split(":")[0])
   assert second >= stopped + 2 and seconds < 60
   # An uninterrupted run of the same steps, saving every step: the resumed run's next loss is the

@@ -99,6 +99,7 @@ def test_two_processes_train_sample_and_evaluate_as_one_and_a_single_process_res
   outs = run_two(WORKER, [tmp_path / f"params_{i}.npz" for i in range(2)], config_file, workdir, "train_and_sample")
   # Process 0 alone prints and writes events; both trained on a 2-device mesh, one device each.
   assert "step      3/3" in outs[0] and "step" not in outs[1] and "2 processes" in outs[0]
+  assert "(the step traced and stored for the next run;" in outs[0]  # jax.export holds a two-host step
   params = [np.load(tmp_path / f"params_{i}.npz") for i in range(2)]
   assert list(params[0]["devices"]) == [2, 2] and list(params[1]["devices"]) == [2, 2]
   names = [k for k in params[0].files if k != "devices"]

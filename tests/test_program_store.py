@@ -1,0 +1,158 @@
+"""The traced programs kept beside the compilation cache (``training.program_store``): a stored
+step is the traced one, bit for bit, loads without running the step's Python, keeps its donation,
+and its key changes with everything the tracing reads; a damaged file is traced again, and what
+cannot be stored runs as the plain jit."""
+import collections
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from test_training import batches
+
+from videofusion_jax.training import program_store
+from videofusion_jax.training import sharding as shd
+from videofusion_jax.training import step as step_module
+from videofusion_jax.training.program_store import StoredJit, program_context, program_key, source_digest
+from videofusion_jax.training.step import Trainer
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+  """An empty store of this test's own."""
+  directory = tmp_path / "programs"
+  monkeypatch.setattr(program_store, "store_directory", lambda: directory)
+  return directory
+
+
+def one_device(config):
+  return shd.make_mesh(config, devices=jax.devices()[:1])
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_a_stored_step_is_the_traced_one_and_a_new_process_loads_it_without_tracing(store, monkeypatch):
+  c = tiny_config()
+  first = Trainer(c, mesh=one_device(c))
+  data = [first.global_batch(b) for b in batches(c, 2)]
+
+  def two_steps(step, trainer):
+    state = trainer.init_state(0)
+    for batch in data:
+      before = jax.tree.leaves(state.params)
+      state, metrics = step(state, batch)
+      assert all(x.is_deleted() for x in before)  # the state is donated, as by the plain jit
+    return state, metrics
+
+  stored = two_steps(first.step, first)
+  assert first.step.source == "traced" and len(list(store.glob("train_step-*.jaxexport"))) == 1
+  plain = two_steps(first.step.plain, first)
+  for a, b in zip(leaves(stored), leaves(plain)):
+    np.testing.assert_array_equal(a, b)
+
+  # A later run (a new Trainer, jax's and the store's memory cleared) must not run the step's Python.
+  def not_traced(*args, **kwargs):
+    raise AssertionError("the step was traced")
+  monkeypatch.setattr(step_module, "train_step", not_traced)
+  jax.clear_caches()
+  second = Trainer(c, mesh=one_device(c))
+  loaded = two_steps(second.step, second)
+  assert second.step.source == "stored"
+  for a, b in zip(leaves(loaded), leaves(plain)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_the_key_follows_what_the_tracing_reads(tmp_path):
+  c = tiny_config()
+  mesh = one_device(c)
+  x = {"a": jnp.zeros((2, 3)), "b": jnp.ones((4,), jnp.int32)}
+  key = program_key("f", program_context(c), mesh, (x,))
+  assert key == program_key("f", program_context(c), mesh, ({"a": jnp.ones((2, 3)), "b": x["b"]},))  # values: no
+  other = c.copy_and_resolve_references()
+  other.train.learning_rate *= 2
+  moved = c.copy_and_resolve_references()
+  moved.compilation_cache_dir = str(tmp_path)  # where the cache is: not read by any program
+  assert program_context(moved) == program_context(c)
+  changed = [
+      program_key("g", program_context(c), mesh, (x,)),
+      program_key("f", program_context(other), mesh, (x,)),
+      program_key("f", program_context(c), mesh, ({**x, "a": jnp.zeros((2, 4))},)),
+      program_key("f", program_context(c), mesh, ({**x, "a": jnp.zeros((2, 3), jnp.bfloat16)},)),
+      program_key("f", program_context(c), mesh, ((x["a"], x["b"]),)),
+      program_key("f", program_context(c), jax.sharding.Mesh(np.array(jax.devices()[1:2]), ("data",)), (x,)),
+      program_key("f", program_context(c), mesh, (x,), source="0" * 64),
+  ]
+  assert len({key, *changed}) == 1 + len(changed)
+  # The package's source: a copy hashes the same, one changed byte does not.
+  package = tmp_path / "package"
+  shutil.copytree(program_store.__file__.rsplit("/training/", 1)[0], package)
+  assert source_digest(str(package)) == source_digest()
+  losses = package / "diffusion" / "losses.py"
+  losses.write_text(losses.read_text() + "\n")
+  assert source_digest.__wrapped__(str(package)) != source_digest()
+
+
+State = collections.namedtuple("State", "w count")
+
+
+def affine(state: State, x: dict) -> tuple[State, dict]:
+  y = x["v"] @ state.w
+  return State(state.w * 0.5, state.count + 1), {"y": y, "mean": y.mean()}
+
+
+def test_a_damaged_program_is_traced_again_and_one_that_cannot_be_stored_runs_plain(store, capsys):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  state, x = State(jnp.arange(6.0).reshape(3, 2), jnp.zeros((), jnp.int32)), {"v": jnp.ones((4, 3))}
+  expected = jax.jit(affine)(state, x)
+
+  def run(context):
+    f = StoredJit(affine, "affine", context, mesh)
+    out = f(state, x)
+    assert type(out[0]) is State  # the tree comes back as it went in
+    for a, b in zip(leaves(out), leaves(expected)):
+      np.testing.assert_array_equal(a, b)
+    return f.source
+
+  assert run("ctx") == "traced"
+  assert run("ctx") == "stored"
+  (path,) = store.glob("affine-*.jaxexport")
+  data = path.read_bytes()
+  path.write_bytes(data[:-10])  # truncated
+  assert run("ctx") == "traced" and path.read_bytes() == data
+  path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # one bit flipped
+  assert run("ctx") == "traced" and path.read_bytes() == data
+
+  # A tree whose static data is no Python literal cannot be written: the plain jit runs, said once.
+  class Opaque:
+    pass
+
+  @jax.tree_util.register_pytree_node_class
+  class Holder:
+    def __init__(self, value, tag):
+      self.value, self.tag = value, tag
+
+    def tree_flatten(self):
+      return (self.value,), self.tag
+
+    @classmethod
+    def tree_unflatten(cls, tag, children):
+      return cls(children[0], tag)
+
+  f = StoredJit(lambda h: h.value * 2, "holder", "ctx", mesh)
+  np.testing.assert_array_equal(f(Holder(jnp.arange(3.0), Opaque())), [0.0, 2.0, 4.0])
+  assert f.source == "plain" and not list(store.glob("holder-*"))
+  assert "note: the holder program cannot be stored" in capsys.readouterr().out
+
+
+def test_without_a_local_compilation_cache_nothing_is_stored(monkeypatch, tmp_path):
+  assert program_store.store_directory(str(tmp_path)) == tmp_path / "programs"
+  assert program_store.store_directory("") is None and program_store.store_directory("gs://bucket/xla") is None
+  monkeypatch.setattr(program_store, "store_directory", lambda: None)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  f = StoredJit(affine, "affine", "ctx", mesh)
+  out = f(State(jnp.ones((3, 2)), jnp.zeros((), jnp.int32)), {"v": jnp.ones((4, 3))})
+  assert f.source == "plain" and float(out[1]["mean"]) == 3.0
