@@ -258,8 +258,8 @@ def synthetic_batch(config: ml_collections.ConfigDict) -> dict:
 def step_flops(counter, batch: dict) -> float:
   """XLA's FLOPs of ``counter``'s train step on ``batch``'s shapes, lowered (nothing compiled)."""
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=counter.batch_sharding), batch)
-  # The step as traced (``.plain``): the stored program's call adds a few ops per argument before
-  # XLA's optimisations, and a run without a compilation cache (--flops_only) has no store.
+  # The step as traced (``.plain``), as a run without a compilation cache (--flops_only) has it:
+  # lowered through the stored program, XLA counts about one operation per argument differently.
   return xla_flops(counter.step.plain.lower(counter.abstract_state(), abstract))
 
 
@@ -393,7 +393,7 @@ def bench_sample(trainer, counter, params) -> dict:
       "batch": b,
       "method": c.sample.method, "steps": c.sample.num_steps, "guidance_scale": c.sample.guidance_scale,
       "sample_compile_cold_s": round(cold, 2), "sample_compile_warm_s": round(warm, 2),
-      "sample_compile_warm_trace_lower_s": round(trace_lower, 2),
+      "sample_compile_warm_trace_lower_s": round(trace_lower, 2), "warm_sample_program": generate.source,
       "sample_s_per_batch": round(batch_s, 4), "videos_per_s": round(b / batch_s, 4),
       "sample_xla_flops_per_batch": flops,
       "sample_flops_source": flops_source(trainer, counter, "step of each chain (prior, key frame, video)",

@@ -80,6 +80,7 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
                   "sample_xla_flops_per_batch"):
       assert field in sample, field
     assert 0 < sample["sample_compile_warm_trace_lower_s"] < sample["sample_compile_warm_s"]
+    assert sample["warm_sample_program"] == "stored"
   assert "params_video" in vdm and "params_base" in vf and "params_residual" in vf
   # VDM* runs the base U-Net (plus temporal layers) on all N frames, VideoFusion on the key frame
   # and the smaller residual U-Net on N-1: XLA's counts must show VideoFusion cheaper.

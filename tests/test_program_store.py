@@ -3,6 +3,7 @@ step is the traced one, bit for bit, loads without running the step's Python, ke
 and its key changes with everything the tracing reads; a damaged file is traced again, and what
 cannot be stored runs as the plain jit."""
 import collections
+import json
 import shutil
 
 import jax
@@ -12,6 +13,7 @@ import pytest
 from conftest import tiny_config
 from test_training import batches
 
+from videofusion_jax.experiment import Experiment
 from videofusion_jax.training import program_store
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training import step as step_module
@@ -148,10 +150,35 @@ def test_a_damaged_program_is_traced_again_and_one_that_cannot_be_stored_runs_pl
   assert "note: the holder program cannot be stored" in capsys.readouterr().out
 
 
+def test_the_context_is_read_at_the_first_call(store):
+  """A config changed after the program's owner is built, before its first call, keys the program."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  config = {"scale": 2.0}
+  make = lambda: StoredJit(lambda x: x * config["scale"], "scaled", lambda: json.dumps(config), mesh)  # noqa: E731
+  twice = make()
+  np.testing.assert_array_equal(twice(jnp.ones(3)), [2.0, 2.0, 2.0])
+  thrice = make()
+  config["scale"] = 3.0
+  np.testing.assert_array_equal(thrice(jnp.ones(3)), [3.0, 3.0, 3.0])
+  assert thrice.source == "traced" and len(list(store.glob("scaled-*"))) == 2
+  config["scale"] = 2.0
+  again = make()
+  np.testing.assert_array_equal(again(jnp.ones(3)), [2.0, 2.0, 2.0])
+  assert again.source == "stored"
+
+
 def test_without_a_local_compilation_cache_nothing_is_stored(monkeypatch, tmp_path):
   assert program_store.store_directory(str(tmp_path)) == tmp_path / "programs"
   assert program_store.store_directory("") is None and program_store.store_directory("gs://bucket/xla") is None
-  monkeypatch.setattr(program_store, "store_directory", lambda: None)
+  # config.store_programs=False: the plain jit, with a store there.
+  directory = tmp_path / "programs"
+  monkeypatch.setattr(program_store, "store_directory", lambda: directory)
+  off = tiny_config()
+  off.store_programs = False
+  f = Experiment(off, mesh=one_device(off)).stored_jit(affine, "affine")
+  out = f(State(jnp.ones((3, 2)), jnp.zeros((), jnp.int32)), {"v": jnp.ones((4, 3))})
+  assert f.source == "plain" and float(out[1]["mean"]) == 3.0 and not directory.exists()
+  monkeypatch.setattr(program_store, "store_directory", lambda: None)  # no cache
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   f = StoredJit(affine, "affine", "ctx", mesh)
   out = f(State(jnp.ones((3, 2)), jnp.zeros((), jnp.int32)), {"v": jnp.ones((4, 3))})

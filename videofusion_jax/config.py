@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Its size limit: beyond it the least recently used programs are removed. The limit also turns on
   # JAX's file lock, so that runs sharing the folder never read a program another is still writing.
   c.compilation_cache_max_gb = 10.0
+  # Keep the traced train step and sampler in the cache's programs/ folder too, so that a rerun
+  # skips tracing them (training/program_store.py). Its key holds the package's source files, not
+  # functions replaced while the process runs: set False when you do that (in a notebook).
+  c.store_programs = True
 
   c.data = ml_collections.ConfigDict(dict(
       # name: a builder of videofusion_jax.data.builders, '/<stored short side>' optional (ucf101/64).

@@ -17,6 +17,7 @@ from videofusion_jax.models import factory
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.optimizer import make_optimizer
+from videofusion_jax.training.program_store import StoredJit, program_context
 from videofusion_jax.training.state import TrainState
 
 
@@ -104,6 +105,14 @@ class Experiment:
   def jit(self, fn, **kwargs):
     """``jax.jit(fn)`` traced with the rule table in context (U-Net activations split by batch)."""
     return jax.jit(shd.with_activation_rules(fn, self.mesh, self.config.sharding_rules), **kwargs)
+
+  def stored_jit(self, fn, name: str, **kwargs) -> StoredJit:
+    """``self.jit(fn, **kwargs)`` whose traced program is kept beside the compilation cache under
+    ``name`` and this run's config (``training.program_store``; ``config.store_programs``): a later
+    run loads it untraced."""
+    return StoredJit(shd.with_activation_rules(fn, self.mesh, self.config.sharding_rules), name,
+                     lambda: program_context(self.config), self.mesh,
+                     enabled=lambda: self.config.get("store_programs", True), **kwargs)
 
   def restore(self, workdir: str | Path, step: int | None = None) -> TrainState:
     """The state of checkpoint ``step`` (default: the newest intact one) of ``workdir``, on this

@@ -228,7 +228,7 @@ def make_generate_fn(experiment: Experiment):
     return chain(eps_fn), condition
 
   # The batch (``sampling_batch``) divides over the mesh: each device draws its share of the rows.
-  return experiment.jit(generate, out_shardings=experiment.batch_sharding)
+  return experiment.stored_jit(generate, "generate", out_shardings=experiment.batch_sharding)
 
 
 def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, motion: np.ndarray,

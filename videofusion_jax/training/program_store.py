@@ -9,8 +9,8 @@ everything the tracing depends on: the package's source files, the versions of j
 and optax, JAX's settings, the run's config, the mesh's devices and the arguments' tree, shapes,
 dtypes and shardings. A later process with the same key loads the program instead of tracing it (the ucf101 step: 1.7 s
 instead of 6.4 s; the first run pays about half a tracing more, to write and read it back).
-Changes made at run time (a function replaced in a notebook) are not in the key: turn the
-compilation cache off (``config.compilation_cache_dir=''``) when you do that.
+Changes made at run time (a function replaced in a notebook) are not in the key: set
+``config.store_programs=False`` when you do that.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _environment() -> str:
 def program_context(config) -> str:
   """The config as the key's JSON, less the compilation cache's own settings (no program reads them)."""
   d = config.to_dict()
-  for k in ("compilation_cache_dir", "compilation_cache_max_gb"):
+  for k in ("compilation_cache_dir", "compilation_cache_max_gb", "store_programs"):
     d.pop(k, None)
   return json.dumps(d, sort_keys=True, default=repr)
 
@@ -149,8 +149,12 @@ class StoredJit:
   ``source``: how the last program was had: 'stored' (loaded), 'traced' (traced and stored),
   'plain' (no store, or the program could not be exported: traced as by ``jax.jit``)."""
 
-  def __init__(self, fn, name: str, context: str, mesh, **jit_kwargs):
+  def __init__(self, fn, name: str, context, mesh, *, enabled=lambda: True, **jit_kwargs):
+    """``context``: the key's text for what ``fn`` reads besides its arguments (the config as JSON),
+    or a function giving it, called when a program is first looked up: a config changed after this
+    is built, before the first call, is keyed as traced. ``enabled()`` False: the plain jit."""
     self.name, self.context, self.mesh, self.jit_kwargs = name, context, mesh, jit_kwargs
+    self.enabled = enabled
     self.plain = jax.jit(fn, **jit_kwargs)
     self.source = None
     self._calls: dict = {}  # argument signature -> the jitted program
@@ -160,20 +164,25 @@ class StoredJit:
     self._calls.clear()
     self.plain.clear_cache()
 
+  def _cache_size(self) -> int:
+    """The programs held for distinct argument signatures, as ``jax.jit``'s: one per trace or load."""
+    return sum(program is not self.plain for program in self._calls.values()) + self.plain._cache_size()
+
   def _signature(self, args):
     leaves, tree = jax.tree.flatten(args)
     return tree, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
 
   def _program(self, args):
     """The jitted program for ``args``: loaded, else traced and stored, else the plain jit."""
-    directory = store_directory()
+    directory = store_directory() if self.enabled() else None
     if directory is None:
       self.source = "plain"
       return self.plain
     signature = self._signature(args)
     if signature in self._calls:
       return self._calls[signature]
-    path = directory / f"{self.name}-{program_key(self.name, self.context, self.mesh, args)[:40]}.jaxexport"
+    context = self.context() if callable(self.context) else self.context
+    path = directory / f"{self.name}-{program_key(self.name, context, self.mesh, args)[:40]}.jaxexport"
     blob, self.source = _read(path), "stored"
     exported = None
     if blob is not None:

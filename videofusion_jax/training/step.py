@@ -15,7 +15,6 @@ from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import generator_names, make_apply_fns, make_prior_fn, make_video_fn
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.optimizer import global_norm, trainable_networks
-from videofusion_jax.training.program_store import StoredJit, program_context
 from videofusion_jax.training.state import TrainState, ema_update
 
 
@@ -249,7 +248,5 @@ class Trainer(Experiment):
     super().__init__(config, mesh)
     step = functools.partial(train_step, experiment=self)
     # Kept traced beside the compilation cache: a warm start runs none of the step's Python.
-    self.step = StoredJit(shd.with_activation_rules(step, self.mesh, config.sharding_rules), "train_step",
-                          program_context(config), self.mesh,
-                          in_shardings=(self.state_sharding, self.batch_sharding),
-                          out_shardings=(self.state_sharding, shd.replicated(self.mesh)), donate_argnums=0)
+    self.step = self.stored_jit(step, "train_step", in_shardings=(self.state_sharding, self.batch_sharding),
+                                out_shardings=(self.state_sharding, shd.replicated(self.mesh)), donate_argnums=0)
