@@ -1,9 +1,11 @@
 """The traced programs kept beside the compilation cache (``training.program_store``): a stored
 step is the traced one, bit for bit, loads without running the step's Python, keeps its donation,
-and its key changes with everything the tracing reads; a damaged file is traced again, and what
-cannot be stored runs as the plain jit."""
+and its key changes with everything the tracing reads (the config as at the first call); a damaged
+file is traced again, what cannot be stored runs as the plain jit, and the store keeps the most
+recently used programs."""
 import collections
 import json
+import os
 import shutil
 
 import jax
@@ -165,6 +167,17 @@ def test_the_context_is_read_at_the_first_call(store):
   again = make()
   np.testing.assert_array_equal(again(jnp.ones(3)), [2.0, 2.0, 2.0])
   assert again.source == "stored"
+
+
+def test_the_store_keeps_the_most_recently_used_programs(store, monkeypatch):
+  monkeypatch.setattr(program_store, "KEEP", 2)
+  paths = [store / f"p{i}.jaxexport" for i in range(3)]
+  for i, path in enumerate(paths[:2]):
+    program_store._write(path, b"program %d" % i)
+    os.utime(path, (1000 + i, 1000 + i))
+  assert program_store._read(paths[0]) == b"program 0"  # read now: the most recently used
+  program_store._write(paths[2], b"program 2")
+  assert sorted(p.name for p in store.iterdir()) == ["p0.jaxexport", "p2.jaxexport"]
 
 
 def test_without_a_local_compilation_cache_nothing_is_stored(monkeypatch, tmp_path):
