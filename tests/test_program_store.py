@@ -16,6 +16,7 @@ from conftest import tiny_config
 from test_training import batches
 
 from videofusion_jax.experiment import Experiment
+from videofusion_jax.models import encoder
 from videofusion_jax.training import program_store
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training import step as step_module
@@ -191,6 +192,13 @@ def test_without_a_local_compilation_cache_nothing_is_stored(monkeypatch, tmp_pa
   f = Experiment(off, mesh=one_device(off)).stored_jit(affine, "affine")
   out = f(State(jnp.ones((3, 2)), jnp.zeros((), jnp.int32)), {"v": jnp.ones((4, 3))})
   assert f.source == "plain" and float(out[1]["mean"]) == 3.0 and not directory.exists()
+  # A frozen encoder registered from outside the package: its code is not in the key, so not stored.
+  outside = tiny_config(**{"model.encoder.kind": "frozen", "model.encoder.frozen_name": "test_pixels",
+                           "model.encoder.embed_dim": 48})
+  assert Experiment(tiny_config(**{"model.encoder.kind": "frozen", "model.encoder.frozen_name": "pixels",
+                                   "model.encoder.embed_dim": 48}), mesh=one_device(outside)).stores_programs()
+  monkeypatch.setitem(encoder.FROZEN_ENCODERS, "test_pixels", lambda size: encoder.pixels_encoder(size))
+  assert not Experiment(outside, mesh=one_device(outside)).stores_programs()
   monkeypatch.setattr(program_store, "store_directory", lambda: None)  # no cache
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   f = StoredJit(affine, "affine", "ctx", mesh)

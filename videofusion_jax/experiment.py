@@ -14,6 +14,7 @@ import ml_collections
 from videofusion_jax import diffusion
 from videofusion_jax.config import ConfigError, validate
 from videofusion_jax.models import factory
+from videofusion_jax.models.encoder import frozen_encoder_in_package
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.optimizer import make_optimizer
@@ -111,8 +112,15 @@ class Experiment:
     ``name`` and this run's config (``training.program_store``; ``config.store_programs``): a later
     run loads it untraced."""
     return StoredJit(shd.with_activation_rules(fn, self.mesh, self.config.sharding_rules), name,
-                     lambda: program_context(self.config), self.mesh,
-                     enabled=lambda: self.config.get("store_programs", True), **kwargs)
+                     lambda: program_context(self.config), self.mesh, enabled=self.stores_programs, **kwargs)
+
+  def stores_programs(self) -> bool:
+    """``config.store_programs``, unless the programs would run code from outside this package that
+    their key cannot see (a frozen encoder registered by the user): those are traced every run."""
+    e = self.config.model.encoder
+    external = self.config.model.condition == "embedding" and e.kind == "frozen" and not frozen_encoder_in_package(
+        e.frozen_name)
+    return bool(self.config.get("store_programs", True)) and not external
 
   def restore(self, workdir: str | Path, step: int | None = None) -> TrainState:
     """The state of checkpoint ``step`` (default: the newest intact one) of ``workdir``, on this

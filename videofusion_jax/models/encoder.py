@@ -94,6 +94,12 @@ def register_frozen_encoder(name: str, factory: Callable[[int], tuple[EncodeFn, 
   FROZEN_ENCODERS[name] = factory
 
 
+def frozen_encoder_in_package(name: str) -> bool:
+  """Whether frozen encoder ``name`` is this package's own code (not one registered from outside,
+  whose code and weights a stored program's key cannot see: ``training.program_store``)."""
+  return getattr(FROZEN_ENCODERS.get(name), "__module__", "").startswith("videofusion_jax.")
+
+
 def frozen_encoder(name: str, image_size: int) -> tuple[EncodeFn, int]:
   if name not in FROZEN_ENCODERS:
     raise ValueError(f"unknown frozen encoder {name!r}; registered: {sorted(FROZEN_ENCODERS)} "

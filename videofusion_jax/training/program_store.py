@@ -10,7 +10,9 @@ and optax, JAX's settings, the run's config, the mesh's devices and the argument
 dtypes and shardings. A later process with the same key loads the program instead of tracing it
 (the ucf101 step: 1.7 s instead of 6.4 s; its sampler 0.26 s instead of 2.0 s); the first run pays
 about half a tracing more, to write it and read it back. Changes made at run time (a function
-replaced in a notebook) are not in the key: set ``config.store_programs=False`` when you do that.
+replaced in a notebook) are not in the key: set ``config.store_programs=False`` when you do that
+(``Experiment.stores_programs`` also keeps out programs that run a frozen encoder registered from
+outside the package).
 """
 from __future__ import annotations
 
