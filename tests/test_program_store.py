@@ -1,10 +1,10 @@
 """The traced programs kept beside the compilation cache (``training.program_store``): a stored
-step is the traced one, bit for bit, loads without running the step's Python, keeps its donation,
-and its key changes with everything the tracing reads (the config as at the first call); a damaged
-file is traced again, what cannot be stored runs as the plain jit, and the store keeps the most
-recently used programs."""
+step is the traced one, bit for bit, loads without running the step's Python and keeps its
+donation; the key changes with everything the tracing reads (the config its experiment was built
+from); a config or a source file changed since it was read is not stored, a damaged file is traced
+again, what cannot be stored runs as the plain jit, a store that cannot be written leaves the run
+going, and the store keeps the most recently used programs."""
 import collections
-import json
 import os
 import shutil
 
@@ -15,6 +15,7 @@ import pytest
 from conftest import tiny_config
 from test_training import batches
 
+import videofusion_jax
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models import encoder
 from videofusion_jax.training import program_store
@@ -150,24 +151,47 @@ def test_a_damaged_program_is_traced_again_and_one_that_cannot_be_stored_runs_pl
   f = StoredJit(lambda h: h.value * 2, "holder", "ctx", mesh)
   np.testing.assert_array_equal(f(Holder(jnp.arange(3.0), Opaque())), [0.0, 2.0, 4.0])
   assert f.source == "plain" and not list(store.glob("holder-*"))
-  assert "note: the holder program cannot be stored" in capsys.readouterr().out
+  assert "note: the holder program is not stored (ValueError" in capsys.readouterr().out
 
 
-def test_the_context_is_read_at_the_first_call(store):
-  """A config changed after the program's owner is built, before its first call, keys the program."""
+def test_the_experiment_keys_its_config_as_built_and_changed_code_is_not_stored(store, monkeypatch, capsys):
+  """A program is keyed by the config its experiment was built from: another config traces anew,
+  the same one loads, and a config changed after the experiment was built (its networks, schedule
+  and optimizer came from the old one) or a package file changed after import is not stored."""
+  c = tiny_config()
+  mesh = one_device(c)
+  args = (State(jnp.ones((3, 2)), jnp.zeros((), jnp.int32)), {"v": jnp.ones((4, 3))})
+
+  def source(config, change=None):
+    experiment = Experiment(config, mesh=mesh)
+    if change:
+      change(experiment.config)
+    f = experiment.stored_jit(affine, "affine")
+    f(*args)
+    return f.source
+
+  other = tiny_config()
+  other.train.learning_rate *= 2
+  assert [source(c), source(other), source(c)] == ["traced", "traced", "stored"]
+  assert len(list(store.glob("affine-*"))) == 2
+
+  def change(config):
+    config.train.learning_rate *= 3
+  assert source(tiny_config(), change) == "plain" and len(list(store.glob("affine-*"))) == 2
+  monkeypatch.setattr(videofusion_jax, "LOADED_AT", 0.0)  # every file is newer than the import now
+  assert source(c) == "plain"
+  assert "a source file of videofusion_jax changed since it was loaded" in capsys.readouterr().out
+
+
+def test_a_store_that_cannot_be_written_leaves_the_run_going(store, monkeypatch, capsys):
+  def read_only(*args):
+    raise OSError(30, "Read-only file system")
+  monkeypatch.setattr(program_store.os, "replace", read_only)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  config = {"scale": 2.0}
-  make = lambda: StoredJit(lambda x: x * config["scale"], "scaled", lambda: json.dumps(config), mesh)  # noqa: E731
-  twice = make()
-  np.testing.assert_array_equal(twice(jnp.ones(3)), [2.0, 2.0, 2.0])
-  thrice = make()
-  config["scale"] = 3.0
-  np.testing.assert_array_equal(thrice(jnp.ones(3)), [3.0, 3.0, 3.0])
-  assert thrice.source == "traced" and len(list(store.glob("scaled-*"))) == 2
-  config["scale"] = 2.0
-  again = make()
-  np.testing.assert_array_equal(again(jnp.ones(3)), [2.0, 2.0, 2.0])
-  assert again.source == "stored"
+  f = StoredJit(lambda x, s: x * s, "scale", "ctx", mesh)
+  np.testing.assert_array_equal(f(jnp.ones(3), 2.0), [2.0, 2.0, 2.0])  # a Python scalar argument too
+  assert f.source == "traced" and list(store.iterdir()) == []  # no program, no temporary file left
+  assert "warning: cannot store the traced program" in capsys.readouterr().out
 
 
 def test_the_store_keeps_the_most_recently_used_programs(store, monkeypatch):

@@ -54,6 +54,7 @@ class Experiment:
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
     validate(config)
     self.config = config
+    self._program_context = program_context(config)  # the config everything below is built from
     self.mesh = mesh if mesh is not None else shd.make_mesh(config)
     if config.train.batch_size % self.mesh.devices.size:
       raise ConfigError(
@@ -112,15 +113,17 @@ class Experiment:
     ``name`` and this run's config (``training.program_store``; ``config.store_programs``): a later
     run loads it untraced."""
     return StoredJit(shd.with_activation_rules(fn, self.mesh, self.config.sharding_rules), name,
-                     lambda: program_context(self.config), self.mesh, enabled=self.stores_programs, **kwargs)
+                     self._program_context, self.mesh, enabled=self.stores_programs, **kwargs)
 
   def stores_programs(self) -> bool:
-    """``config.store_programs``, unless the programs would run code from outside this package that
-    their key cannot see (a frozen encoder registered by the user): those are traced every run."""
+    """``config.store_programs``, unless the programs would run what their key cannot see: a config
+    changed after this experiment built its networks, schedule and optimizer from it, or a frozen
+    encoder registered from outside this package. Those programs are traced every run."""
     e = self.config.model.encoder
     external = self.config.model.condition == "embedding" and e.kind == "frozen" and not frozen_encoder_in_package(
         e.frozen_name)
-    return bool(self.config.get("store_programs", True)) and not external
+    return (bool(self.config.get("store_programs", True)) and not external
+            and program_context(self.config) == self._program_context)
 
   def restore(self, workdir: str | Path, step: int | None = None) -> TrainState:
     """The state of checkpoint ``step`` (default: the newest intact one) of ``workdir``, on this

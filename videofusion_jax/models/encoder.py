@@ -86,6 +86,7 @@ def pixels_encoder(image_size: int, grid: int = 4) -> tuple[EncodeFn, int]:
 # name -> factory(image_size) -> (encode, embedding width). Register more (CLIP) with
 # ``register_frozen_encoder``; ``model.encoder.frozen_name`` picks one.
 FROZEN_ENCODERS: dict[str, Callable[[int], tuple[EncodeFn, int]]] = {"pixels": pixels_encoder}
+_PACKAGED = dict(FROZEN_ENCODERS)
 
 
 def register_frozen_encoder(name: str, factory: Callable[[int], tuple[EncodeFn, int]]) -> None:
@@ -97,7 +98,7 @@ def register_frozen_encoder(name: str, factory: Callable[[int], tuple[EncodeFn, 
 def frozen_encoder_in_package(name: str) -> bool:
   """Whether frozen encoder ``name`` is this package's own code (not one registered from outside,
   whose code and weights a stored program's key cannot see: ``training.program_store``)."""
-  return getattr(FROZEN_ENCODERS.get(name), "__module__", "").startswith("videofusion_jax.")
+  return name in _PACKAGED and FROZEN_ENCODERS.get(name) is _PACKAGED[name]
 
 
 def frozen_encoder(name: str, image_size: int) -> tuple[EncodeFn, int]:

@@ -11,8 +11,9 @@ dtypes and shardings. A later process with the same key loads the program instea
 (the ucf101 step: 1.7 s instead of 6.4 s; its sampler 0.26 s instead of 2.0 s); the first run pays
 about half a tracing more, to write it and read it back. Changes made at run time (a function
 replaced in a notebook) are not in the key: set ``config.store_programs=False`` when you do that
-(``Experiment.stores_programs`` also keeps out programs that run a frozen encoder registered from
-outside the package).
+(``Experiment.stores_programs`` also keeps out a config changed after its experiment was built and
+a frozen encoder registered from outside the package; a package file changed after the import is
+kept out here).
 """
 from __future__ import annotations
 
@@ -22,17 +23,25 @@ import hashlib
 import json
 import os
 import pathlib
+import tempfile
 
 import jax
+import numpy as np
 from jax import export
+from jax._src import config as jax_config  # trace_context: the settings jax.jit keys its traces by
+
+import videofusion_jax
 
 PROGRAMS = "programs"  # the store's folder inside the compilation cache
 KEEP = 64  # programs kept; the least recently used go first
 _VOLATILE = ("cache", "persistent", "log", "dump", "pprint", "traceback", "transfer_guard")  # settings no program reads
 
 
+PACKAGE = pathlib.Path(__file__).resolve().parents[1]
+
+
 @functools.cache
-def source_digest(root: str = str(pathlib.Path(__file__).resolve().parents[1])) -> str:
+def source_digest(root: str = str(PACKAGE)) -> str:
   """sha256 of every ``.py`` file under ``root`` (default: this package), names and contents."""
   h = hashlib.sha256()
   for path in sorted(pathlib.Path(root).rglob("*.py")):
@@ -40,12 +49,30 @@ def source_digest(root: str = str(pathlib.Path(__file__).resolve().parents[1])) 
   return h.hexdigest()
 
 
-def _environment() -> str:
+def source_changed_since_loaded() -> bool:
+  """Whether a source file of the package changed after it was loaded: the code running may then
+  differ from the files the key's digest reads (a module imported after the edit, or before)."""
+  try:
+    return any(p.stat().st_mtime > videofusion_jax.LOADED_AT for p in PACKAGE.rglob("*.py"))
+  except OSError:
+    return True
+
+
+def _settings() -> list:
+  """The settings a trace reads: JAX's (global, and those set by context managers) and flax's."""
+  import flax
+  values = sorted((k, repr(v)) for k, v in jax.config.values.items() if not any(s in k for s in _VOLATILE))
+  context = [repr(v) for v in jax_config.trace_context() if " at 0x" not in repr(v)]
+  return [values, context, sorted((k, repr(v)) for k, v in getattr(flax.config, "_values", {}).items())]
+
+
+def _environment(mesh) -> str:
   import flax
   import jaxlib
   import optax
-  settings = sorted((k, repr(v)) for k, v in jax.config.values.items() if not any(s in k for s in _VOLATILE))
-  return repr((jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, settings))
+  platform = mesh.devices.flat[0].client.platform_version
+  return repr((jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, np.__version__,
+               platform, _settings()))
 
 
 def program_context(config) -> str:
@@ -60,9 +87,10 @@ def program_key(name: str, context: str, mesh, args: tuple, source: str | None =
   """The hex key of program ``name`` traced for ``args`` (arrays or ``ShapeDtypeStruct``s) in
   ``context`` (the run's config as JSON) on ``mesh``."""
   leaves, tree = jax.tree.flatten(args)
-  signature = [(tuple(x.shape), str(x.dtype), repr(getattr(x, "sharding", None))) for x in leaves]
+  signature = [(np.shape(x), str(getattr(x, "dtype", type(x).__name__)), repr(getattr(x, "sharding", None)))
+               for x in leaves]
   devices = [(d.id, d.platform, d.device_kind) for d in mesh.devices.flat]
-  parts = (name, context, source or source_digest(), _environment(), str(mesh.shape), devices,
+  parts = (name, context, source or source_digest(), _environment(mesh), str(mesh.shape), devices,
            jax.process_count(), str(tree), signature)
   return hashlib.sha256(repr(parts).encode()).hexdigest()
 
@@ -133,14 +161,19 @@ def _read(path: pathlib.Path) -> bytes | None:
 def _write(path: pathlib.Path, blob: bytes) -> None:
   """Stores ``blob`` atomically (hosts writing the same program replace it with the same bytes),
   then keeps the ``KEEP`` most recently used programs."""
+  tmp = None
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(hashlib.sha256(blob).hexdigest().encode() + blob)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+      f.write(hashlib.sha256(blob).hexdigest().encode() + blob)
     os.replace(tmp, path)
   except OSError as e:  # a read-only or full disk: the run goes on, tracing next time too
-    print(f"warning: cannot store the traced program in {path.parent} ({e.strerror}); the next run traces it "
-          "again.", flush=True)
+    if tmp is not None:
+      pathlib.Path(tmp).unlink(missing_ok=True)
+    if jax.process_index() == 0:
+      print(f"warning: cannot store the traced program in {path.parent} ({e.strerror}); the next run traces "
+            "it again.", flush=True)
     return
   used = {}
   for p in path.parent.glob("*.jaxexport"):
@@ -155,6 +188,15 @@ def _write(path: pathlib.Path, blob: bytes) -> None:
       pass
 
 
+def _all_processes(ok: bool) -> bool:
+  """``ok`` on every process (one small all-gather when there are several): the hosts either all
+  run the stored program or all the plain one, never a mix, whose collectives could wait forever."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok, np.int32))))
+
+
 class StoredJit:
   """``jax.jit(fn, **jit_kwargs)`` whose traced and lowered program is kept in the store
   (``store_directory()``) under ``program_key`` and loaded from there by later processes: the
@@ -163,15 +205,15 @@ class StoredJit:
   ``source``: how the last program was had: 'stored' (loaded), 'traced' (traced and stored),
   'plain' (no store, or the program could not be exported: traced as by ``jax.jit``)."""
 
-  def __init__(self, fn, name: str, context, mesh, *, enabled=lambda: True, **jit_kwargs):
-    """``context``: the key's text for what ``fn`` reads besides its arguments (the config as JSON),
-    or a function giving it, called when a program is first looked up: a config changed after this
-    is built, before the first call, is keyed as traced. ``enabled()`` False: the plain jit."""
+  def __init__(self, fn, name: str, context: str, mesh, *, enabled=lambda: True, **jit_kwargs):
+    """``context``: the key's text for what ``fn`` reads besides its arguments (the run's config as
+    JSON, taken when the objects ``fn`` uses were built). ``enabled()``, asked once per new argument
+    signature: False gives the plain jit (a config changed since, or code the key cannot see)."""
     self.name, self.context, self.mesh, self.jit_kwargs = name, context, mesh, jit_kwargs
     self.enabled = enabled
     self.plain = jax.jit(fn, **jit_kwargs)
     self.source = None
-    self._calls: dict = {}  # argument signature -> the jitted program
+    self._calls: dict = {}  # argument signature and trace settings -> the jitted program
 
   def clear_cache(self) -> None:
     """Forgets the programs held in memory (as ``jax.clear_caches`` does jax's)."""
@@ -184,21 +226,31 @@ class StoredJit:
 
   def _signature(self, args):
     leaves, tree = jax.tree.flatten(args)
-    return tree, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
+    avals = tuple((np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "sharding", None)) for x in leaves)
+    return tree, avals, jax_config.trace_context()
+
+  def _plain(self, signature, why: str = ""):
+    if why and jax.process_index() == 0:
+      print(f"note: the {self.name} program is not stored ({why}); it is traced on every run.", flush=True)
+    self.source = "plain"
+    self._calls[signature] = self.plain
+    return self.plain
 
   def _program(self, args):
     """The jitted program for ``args``: loaded, else traced and stored, else the plain jit."""
-    directory = store_directory() if self.enabled() else None
+    directory = store_directory()
     if directory is None:
       self.source = "plain"
       return self.plain
     signature = self._signature(args)
     if signature in self._calls:
       return self._calls[signature]
-    context = self.context() if callable(self.context) else self.context
-    path = directory / f"{self.name}-{program_key(self.name, context, self.mesh, args)[:40]}.jaxexport"
-    blob, self.source = _read(path), "stored"
-    exported = None
+    if not self.enabled():
+      return self._plain(signature)
+    if source_changed_since_loaded():
+      return self._plain(signature, "a source file of videofusion_jax changed since it was loaded; rerun")
+    path = directory / f"{self.name}-{program_key(self.name, self.context, self.mesh, args)[:40]}.jaxexport"
+    blob, self.source, exported, failure = _read(path), "stored", None, ""
     if blob is not None:
       make_serializable(args)  # reading needs the node types registered too
       try:
@@ -209,20 +261,19 @@ class StoredJit:
       self.source = "traced"
       try:
         make_serializable(args)
-        traced = export.export(self.plain, disabled_checks=[export.DisabledSafetyCheck.custom_call("ALL")])(*args)
+        traced = export.export(self.plain, platforms=(self.mesh.devices.flat[0].platform,),
+                               disabled_checks=[export.DisabledSafetyCheck.custom_call("ALL")])(*args)
         make_serializable(traced.out_tree)
         blob = traced.serialize()
         # What the next run will load, read back now: every process runs the stored bytes' program,
         # whether it traced or loaded it, so hosts that trace and hosts that load compile one program.
         exported = export.deserialize(bytearray(blob))
       except Exception as e:  # noqa: BLE001 - what export cannot hold still runs, traced as by jax.jit
-        if jax.process_index() == 0:
-          print(f"note: the {self.name} program cannot be stored ({type(e).__name__}: {str(e)[:200]}); "
-                "it is traced on every run.", flush=True)
-        self.source = "plain"
-        self._calls[signature] = self.plain
-        return self.plain
-      _write(path, blob)
+        exported, failure = None, f"{type(e).__name__}: {str(e)[:200]}"
+      else:
+        _write(path, blob)
+    if not _all_processes(exported is not None):
+      return self._plain(signature, failure or "another process could not export it")
     program = jax.jit(exported.call, **self.jit_kwargs)
     self._calls[signature] = program
     return program
