@@ -467,6 +467,14 @@ def ratios(vf: list[dict], vdm: list[dict]) -> dict:
   return out
 
 
+def _host_part(row: dict, seconds: str, program: str) -> str:
+  """' (S s of it on the host, the program P)': what the warm compile spent before XLA, and whether
+  it loaded the stored program ('stored') or traced it; '' for rows from before these fields."""
+  if seconds not in row:
+    return ""
+  return f" ({row[seconds]} s of it on the host, the program {row.get(program, 'traced')})"
+
+
 def short(row: dict, phases: int = 6) -> str:
   """One result line in short, for the end of a device run's output (the reply shows only its end)."""
   r, what = row, row["result"]
@@ -474,10 +482,11 @@ def short(row: dict, phases: int = 6) -> str:
   if what == "train_step":
     return (f"{head} batch {r['batch']} {r['attention']}: {r['step_ms_median']} ms, {r['clips_per_s']} clips/s, "
             f"MFU {r['mfu']:.2%}, peak {r['peak_memory_bytes'] / 1e9:.2f} GB, compile {r['compile_cold_s']} s "
-            f"cold / {r['compile_warm_s']} s warm")
+            f"cold / {r['compile_warm_s']} s warm{_host_part(r, 'compile_warm_trace_lower_s', 'warm_step_program')}")
   if what == "sample":
     return (f"{head} batch {r['batch']}: {r['videos_per_s']} videos/s, MFU {r['sample_mfu']:.2%}, compile "
-            f"{r['sample_compile_cold_s']} s cold / {r['sample_compile_warm_s']} s warm")
+            f"{r['sample_compile_cold_s']} s cold / {r['sample_compile_warm_s']} s warm"
+            f"{_host_part(r, 'sample_compile_warm_trace_lower_s', 'warm_sample_program')}")
   if what == "compile_unfinished":
     return f"{head}: still compiling {r['compile_s_so_far']} s after lowering (deadline {r['deadline_s']} s)"
   if what == "compile_phases":
