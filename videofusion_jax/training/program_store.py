@@ -250,9 +250,9 @@ class StoredJit:
     if source_changed_since_loaded():
       return self._plain(signature, "a source file of videofusion_jax changed since it was loaded; rerun")
     path = directory / f"{self.name}-{program_key(self.name, self.context, self.mesh, args)[:40]}.jaxexport"
+    make_serializable(args)  # reading and writing both need the arguments' node types registered
     blob, self.source, exported, failure = _read(path), "stored", None, ""
     if blob is not None:
-      make_serializable(args)  # reading needs the node types registered too
       try:
         exported = export.deserialize(bytearray(blob))
       except Exception:  # noqa: BLE001 - a program this jax cannot read is traced again
@@ -260,7 +260,6 @@ class StoredJit:
     if exported is None:
       self.source = "traced"
       try:
-        make_serializable(args)
         traced = export.export(self.plain, platforms=(self.mesh.devices.flat[0].platform,),
                                disabled_checks=[export.DisabledSafetyCheck.custom_call("ALL")])(*args)
         make_serializable(traced.out_tree)
