@@ -1,5 +1,6 @@
 """The TFDS builders, each run on a small copy of its dataset's real on-disk layout cut from the demo clips."""
 import os
+import tempfile
 
 import fabricate
 import numpy as np
@@ -116,7 +117,11 @@ def test_prepared_dataset_is_reused_not_rebuilt(built, tmp_path):
 
 
 @pytest.mark.parametrize("name", list(MAKERS))
-def test_missing_or_misplaced_manual_dir_names_the_layout(name, tmp_path):
+def test_missing_or_misplaced_manual_dir_names_the_layout(name, tmp_path, monkeypatch):
+  # No builder leaves a folder in the system's temporary folder (TFDS's lookup of its public bucket).
+  system_tmp = tmp_path / "system_tmp"
+  system_tmp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
   with pytest.raises(builders.DatasetNotFoundError) as missing:
     builders.prepare(name, str(tmp_path / "tfds"), manual_dir=str(tmp_path / "nowhere"), config=CONFIG)
   message = str(missing.value)
@@ -129,6 +134,7 @@ def test_missing_or_misplaced_manual_dir_names_the_layout(name, tmp_path):
   with pytest.raises(builders.DatasetNotFoundError, match="downloads/manual"):  # the TFDS default
     builders.prepare(name, str(tmp_path / "tfds"), config=CONFIG)
   assert not (tmp_path / "tfds" / f"videofusion_{name}" / CONFIG / "1.0.0").exists()
+  assert not list(system_tmp.iterdir())
 
 
 def test_a_split_without_usable_videos_fails_clearly_and_leaves_nothing(tmp_path):

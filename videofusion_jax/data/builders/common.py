@@ -178,6 +178,15 @@ class SplitReport:
     return out
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """A DatasetInfo that never looks for TFDS's public bucket: these datasets are not there, and
+  TFDS's lookup leaves an empty ``tmp*tfds`` folder in the system's temporary folder for each
+  builder made before its data is prepared (19 per run of the test suite)."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the video builders. Subclasses set the class constants and ``_list_sources``."""
 
@@ -255,7 +264,7 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     features = {"video": self._video_feature(), "num_frames": np.int32, "id": tfds.features.Text(),
                 **self._extra_features()}
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=self, description=self.DESCRIPTION, features=tfds.features.FeaturesDict(features),
         homepage=self.HOMEPAGE, supervised_keys=self._supervised_keys(), metadata=tfds.core.MetadataDict(),
         disable_shuffling=self.disable_shuffling)
