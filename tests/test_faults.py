@@ -3,6 +3,7 @@ same workdir, and bad input that must end in one line and change nothing on disk
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -85,7 +86,9 @@ def test_sigterm_and_ctrl_c_save_the_step_and_resume_exactly(config_file, tmp_pa
   assert stopped >= 3 and (workdir / "checkpoints" / str(stopped)).is_dir()
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [stopped]
   assert seconds < 60 and not (workdir / LOCK_NAME).exists()
-  # The first log line's rate leaves the compile out; its time is said once.
+  # The first log line's rate leaves the compile out; its time is said once, the initial state's before.
+  assert re.search(r"initial state made in [0-9.]+ s \((its traced program loaded from the store|its program traced "
+                   r"and stored for the next run); compiled", out), out
   assert "first step done in" in out and "left" not in out.split(f"step {1:>6}/")[1].splitlines()[0]
   # SIGTERM (preemption) on the resumed run: it resumes from the step it stopped at.
   rc, out, seconds = interrupt(config_file, workdir, signal.SIGTERM, after_step=stopped + 2)

@@ -7,6 +7,9 @@ going, and the store keeps the most recently used programs."""
 import collections
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,8 @@ from videofusion_jax.training import sharding as shd
 from videofusion_jax.training import step as step_module
 from videofusion_jax.training.program_store import StoredJit, program_context, program_key, source_digest
 from videofusion_jax.training.step import Trainer
+
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -70,6 +75,48 @@ def test_a_stored_step_is_the_traced_one_and_a_new_process_loads_it_without_trac
   assert second.step.source == "stored"
   for a, b in zip(leaves(loaded), leaves(plain)):
     np.testing.assert_array_equal(a, b)
+  # The initial state's program too (a fresh run's other compile).
+  assert (first.init_source, second.init_source) == ("traced", "stored")
+  assert len(list(store.glob("init-*.jaxexport"))) == 1
+
+  # A new process: none of the types of the programs' trees registered yet (the initial state's
+  # come only with its output); it runs the stored programs and gets the plain jit's numbers.
+  np.savez(store.parent / "data.npz", *[np.asarray(x) for b in data for x in jax.tree.leaves(b)])
+  r = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(store), str(TESTS)], capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.splitlines()[-1] == "stored stored", r.stdout
+  fresh = np.load(store.parent / "fresh.npz")
+  init = leaves(first._init.plain(jax.random.PRNGKey(0)))
+  assert len(fresh.files) == len(init) + len(leaves(plain))
+  for i, b in enumerate(init + leaves(plain)):
+    np.testing.assert_array_equal(fresh[f"arr_{i}"], b)
+
+
+# ``store`` is argv[1], the suite's XLA cache (conftest.py, inherited) is kept.
+FRESH_PROCESS = """
+import os, pathlib, sys
+sys.path[:0] = [sys.argv[2], os.path.join(os.path.dirname(sys.argv[2]), "configs")]
+import jax, numpy as np
+jax.config.update("jax_compilation_cache_dir", os.environ["VIDEOFUSION_TESTS_XLA_CACHE"])
+jax.config.update("jax_compilation_cache_max_size", 16 << 30)
+from tiny import tiny_config
+from videofusion_jax.training import program_store
+from videofusion_jax.training import sharding as shd
+from videofusion_jax.training.step import Trainer
+program_store.store_directory = lambda: pathlib.Path(sys.argv[1])
+c = tiny_config()
+trainer = Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
+saved = np.load(pathlib.Path(sys.argv[1]).parent / "data.npz")
+data = [{"label": saved[f"arr_{2 * i}"], "video": saved[f"arr_{2 * i + 1}"]} for i in range(2)]
+state = trainer.init_state(0)
+out = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+for batch in data:
+  state, metrics = trainer.step(state, trainer.global_batch(batch))
+out += [np.asarray(x) for x in jax.tree.leaves(jax.device_get((state, metrics)))]
+np.savez(pathlib.Path(sys.argv[1]).parent / "fresh.npz", *out)
+print(trainer.init_source, trainer.step.source)
+"""
 
 
 def test_the_key_follows_what_the_tracing_reads(tmp_path):

@@ -236,7 +236,13 @@ def test_sharded_step_matches_single_device(trainer):
   lowered = sharded.step.lower(sharded.abstract_state(), abstract_batch(sharded, c))
   assert lowered.as_text().count('sharding_constraint') >= 10
   b = batches(c, 1)[0]
-  s1, m1 = sharded.step(sharded.init_state(0), sharded.global_batch(b))
+  fresh = sharded.init_state(0)
+  # The abstract state (restores read into it) is what init gives, with the state's shardings.
+  abstract = sharded.abstract_state()
+  assert jax.tree.structure(abstract) == jax.tree.structure(fresh)
+  for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(fresh)):
+    assert (a.shape, a.dtype, a.sharding) == (x.shape, x.dtype, x.sharding)
+  s1, m1 = sharded.step(fresh, sharded.global_batch(b))
   s2, m2 = single.step(single.init_state(0), single.global_batch(b))
   np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
   _allclose_trees(s1.params, s2.params, atol=1e-5)

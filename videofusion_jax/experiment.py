@@ -80,11 +80,20 @@ class Experiment:
     boxed = factory.boxed_abstract_params(self.networks, config)
     self.num_params = {k: factory.count_params(v) for k, v in boxed.items()}
     param_sh = shd.param_shardings(boxed, self.mesh, rules)
-    opt_sh = shd.opt_state_shardings(jax.eval_shape(self.tx.init, nn.unbox(boxed)), param_sh, self.mesh)
+    params = nn.unbox(boxed)
+    opt_state = jax.eval_shape(self.tx.init, params)
+    opt_sh = shd.opt_state_shardings(opt_state, param_sh, self.mesh)
     rep = shd.replicated(self.mesh)
     self.state_sharding = TrainState(step=rep, params=param_sh, ema_params=param_sh, opt_state=opt_sh, rng=rep)
+    # What _init_fn gives, from the shapes above: tracing it again costs a second per call at the
+    # ucf101 size, twice per resume.
+    key = jax.eval_shape(lambda r: jax.random.split(r)[1], jax.random.PRNGKey(0))
+    self._abstract_state = ckpt.abstract_like(
+        TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, ema_params=params, opt_state=opt_state,
+                   rng=key), self.state_sharding)
     self.batch_sharding = shd.batch_sharding(self.mesh, rules)
-    self._init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
+    self._init = self.stored_jit(self._init_fn, "init", out_like=self._abstract_state,
+                                 out_shardings=self.state_sharding)
 
   def _init_fn(self, rng: jax.Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
@@ -93,12 +102,18 @@ class Experiment:
                       opt_state=self.tx.init(params), rng=state_rng)
 
   def init_state(self, seed: int) -> TrainState:
-    """A fresh state, laid out on the mesh (compiled once per experiment)."""
+    """A fresh state, laid out on the mesh (compiled once per experiment; its traced program
+    stored as the step's)."""
     return self._init(jax.random.PRNGKey(seed))
+
+  @property
+  def init_source(self) -> str | None:
+    """How ``init_state``'s program was had: 'stored', 'traced' or 'plain' (``StoredJit.source``)."""
+    return self._init.source
 
   def abstract_state(self):
     """Shapes, dtypes and shardings of the state, without allocating it."""
-    return ckpt.abstract_like(jax.eval_shape(self._init_fn, jax.random.PRNGKey(0)), self.state_sharding)
+    return self._abstract_state
 
   def global_batch(self, local: dict) -> dict:
     """This host's numpy batch -> global arrays split over the mesh as the rule table says."""

@@ -136,7 +136,12 @@ def _start(trainer: Trainer, manager, config: ml_collections.ConfigDict, say) ->
     ckpt.move_aside(manager, [s for s in damaged if s > step], log=say)
     say(f"resumed from checkpoint {step} in {manager.directory}")
     return state, saved_stream
-  state = trainer.init_state(config.seed)
+  t0 = time.time()
+  state = jax.block_until_ready(trainer.init_state(config.seed))
+  how = {"stored": "its traced program loaded from the store; ",
+         "traced": "its program traced and stored for the next run; "}.get(trainer.init_source, "")
+  say(f"initial state made in {time.time() - t0:.1f} s ({how}compiled, or loaded from the compilation cache, "
+      "and run)")
   if config.train.init_base_from:
     state = init_base_from(trainer, state, config.train.init_base_from)
   return state, None

@@ -205,11 +205,14 @@ class StoredJit:
   ``source``: how the last program was had: 'stored' (loaded), 'traced' (traced and stored),
   'plain' (no store, or the program could not be exported: traced as by ``jax.jit``)."""
 
-  def __init__(self, fn, name: str, context: str, mesh, *, enabled=lambda: True, **jit_kwargs):
+  def __init__(self, fn, name: str, context: str, mesh, *, enabled=lambda: True, out_like=None, **jit_kwargs):
     """``context``: the key's text for what ``fn`` reads besides its arguments (the run's config as
     JSON, taken when the objects ``fn`` uses were built). ``enabled()``, asked once per new argument
-    signature: False gives the plain jit (a config changed since, or code the key cannot see)."""
+    signature: False gives the plain jit (a config changed since, or code the key cannot see).
+    ``out_like``: a pytree with the node types of ``fn``'s output, where the arguments lack some
+    (a new process must register them before it can read the stored program)."""
     self.name, self.context, self.mesh, self.jit_kwargs = name, context, mesh, jit_kwargs
+    self.out_like = out_like
     self.enabled = enabled
     self.plain = jax.jit(fn, **jit_kwargs)
     self.source = None
@@ -250,13 +253,15 @@ class StoredJit:
     if source_changed_since_loaded():
       return self._plain(signature, "a source file of videofusion_jax changed since it was loaded; rerun")
     path = directory / f"{self.name}-{program_key(self.name, self.context, self.mesh, args)[:40]}.jaxexport"
-    make_serializable(args)  # reading and writing both need the arguments' node types registered
+    make_serializable((args, self.out_like))  # reading and writing both need the node types registered
     blob, self.source, exported, failure = _read(path), "stored", None, ""
     if blob is not None:
       try:
         exported = export.deserialize(bytearray(blob))
-      except Exception:  # noqa: BLE001 - a program this jax cannot read is traced again
-        exported = None
+      except Exception as e:  # noqa: BLE001 - a program that cannot be read is traced again, said once
+        if jax.process_index() == 0:
+          print(f"note: the stored {self.name} program could not be read ({type(e).__name__}: {str(e)[:200]}); "
+                "it is traced and stored again.", flush=True)
     if exported is None:
       self.source = "traced"
       try:
