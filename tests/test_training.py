@@ -8,6 +8,7 @@ from conftest import tiny_config
 
 from videofusion_jax import diffusion
 from videofusion_jax.data.stream import resume_position
+from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.factory import make_apply_fns
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import loop as loop_module
@@ -246,6 +247,23 @@ def test_sharded_step_matches_single_device(trainer):
   s2, m2 = single.step(single.init_state(0), single.global_batch(b))
   np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
   _allclose_trees(s1.params, s2.params, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model.kind": "vdm", "diffusion.lam": 0.0},
+    {"model.condition": "label"},
+    {"model.encoder.kind": "frozen", "model.encoder.frozen_name": "pixels", "model.encoder.embed_dim": 48},
+    {"mesh.data": 4, "mesh.fsdp": 2},
+], ids=["vdm", "label", "frozen_encoder", "fsdp"])
+def test_the_abstract_state_is_what_init_gives(overrides):
+  """``abstract_state()`` is built from shapes, not traced from ``init_state``'s function: the two
+  agree for each kind of network set, conditioning and mesh (checkpoints are read into it)."""
+  e = Experiment(tiny_config(**overrides))
+  traced = ckpt.abstract_like(jax.eval_shape(e._init_fn, jax.random.PRNGKey(0)), e.state_sharding)
+  built = e.abstract_state()
+  assert jax.tree.structure(built) == jax.tree.structure(traced)
+  for a, b in zip(jax.tree.leaves(built), jax.tree.leaves(traced)):
+    assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)
 
 
 def test_resume_gives_the_same_next_step(trainer, tmp_path):

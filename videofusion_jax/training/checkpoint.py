@@ -181,8 +181,10 @@ def _restore_step(manager, step: int, abstract_state, with_data: bool):
 
 
 # The step folders read in this process ("<checkpoints>/<step>/"): what a failed read of one leaves
-# behind is not shown (``_hide_abandoned_reads_of``).
-_READ_STEP_DIRS: set[str] = set()
+# behind is not shown (``_hide_abandoned_reads_of``). Replaced, never changed in place: the hooks
+# read it from other threads.
+_READ_STEP_DIRS: frozenset[str] = frozenset()
+_READ_COROUTINE = "_read_array_index_and_device_put"  # Orbax's read of one array's shard
 
 
 def _hide_abandoned_reads_of(step_dir: Path) -> None:
@@ -190,42 +192,72 @@ def _hide_abandoned_reads_of(step_dir: Path) -> None:
   event loop closes under them, and as they are collected, later and from other threads, Python
   and asyncio print a traceback for each (1,121 of them, 70,684 lines on stderr, for the tests'
   tiny model) after the one line that says the checkpoint was skipped. They say nothing more and
-  nobody can catch them, so the ones that name ``step_dir``, and the callbacks Orbax's reads
-  leave on the closed loop, are not shown. Called before the read: the first of them can come
-  before the failure reaches the caller. Every other unraisable exception and asyncio error is
-  still shown."""
-  _READ_STEP_DIRS.add(str(step_dir.absolute()) + os.sep)
+  nobody can catch them, so they are not shown: errors of Orbax's read coroutine, errors and
+  logs that name ``step_dir``, and TensorStore's completions posted to the closed loop from its
+  threads ("Event loop is closed" raised in ``call_soon_threadsafe``, which names nothing).
+  Called before the read: the first of them can come before the failure reaches the caller.
+  Every other unraisable exception and asyncio log is still shown."""
+  global _READ_STEP_DIRS
+  _READ_STEP_DIRS = _READ_STEP_DIRS | {str(step_dir.absolute()) + os.sep}
+  # The reads that had not started when the loop closed. Each call: pytest's catch_warnings drops it.
+  warnings.filterwarnings("ignore", message=f"coroutine '{_READ_COROUTINE}' was never awaited",
+                          category=RuntimeWarning)
   previous = sys.unraisablehook
   if getattr(previous, "hides_abandoned_reads", False):
     return
 
   def hook(unraisable):
-    if not _is_abandoned_read(unraisable.exc_value):
+    if not _safely(_is_abandoned_read, unraisable.exc_value, unraisable.object):
       previous(unraisable)
   hook.hides_abandoned_reads = True
   sys.unraisablehook = hook
-  # asyncio logs each read's task and future at their collection ("exception was never retrieved").
-  pylogging.getLogger("asyncio").addFilter(
-      lambda record: not (record.exc_info and _is_abandoned_read(record.exc_info[1])))
-  # The reads that had not started when the loop closed.
-  warnings.filterwarnings("ignore", message=r"coroutine '_read_array_index_and_device_put' was never awaited",
-                          category=RuntimeWarning)
+  # asyncio logs each read's task and future at their collection ("exception was never retrieved",
+  # "Task was destroyed but it is pending!").
+  pylogging.getLogger("asyncio").addFilter(lambda record: not _safely(_is_abandoned_read_log, record))
 
 
-def _is_abandoned_read(exc: BaseException | None) -> bool:
-  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+def _safely(check, *args) -> bool:
+  """``check(*args)``, False if it fails: a hook that raises would print its own traceback."""
+  try:
+    return bool(check(*args))
+  except Exception:  # noqa: BLE001
+    return False
+
+
+def _is_abandoned_read(exc: BaseException | None, obj=None) -> bool:
+  code = getattr(obj, "cr_code", None)
+  if code is not None and code.co_name == _READ_COROUTINE:
     return True
-  while exc is not None:  # Orbax's error, caused by TensorStore's, names the folder
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and obj is None:
+    tb = exc.__traceback__
+    return tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+  return _names_a_read_step(exc)
+
+
+def _names_a_read_step(exc: BaseException | None) -> bool:
+  """Whether ``exc`` or one of its causes names a step folder read here (Orbax's error quotes the
+  array's TensorStore spec, TensorStore's its file)."""
+  dirs, seen = _READ_STEP_DIRS, set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
     text = str(exc)
-    if any(d in text for d in _READ_STEP_DIRS):
+    if any(d in text for d in dirs):
       return True
     exc = exc.__cause__
   return False
 
 
+def _is_abandoned_read_log(record: pylogging.LogRecord) -> bool:
+  if _READ_COROUTINE in record.getMessage():
+    return True
+  return bool(record.exc_info) and _names_a_read_step(record.exc_info[1])
+
+
 def _root_cause(e: BaseException) -> BaseException:
-  while e.__cause__ is not None:
+  seen = {id(e)}
+  while e.__cause__ is not None and id(e.__cause__) not in seen:
     e = e.__cause__
+    seen.add(id(e))
   return e
 
 
