@@ -48,7 +48,7 @@ def main(argv) -> None:
   if s.num_clips < 2 or not s.continuity_frames:
     raise app.UsageError("give --config.sample.num_clips >= 2 and --config.sample.continuity_frames >= 1.")
   experiment = Experiment(config)
-  state = experiment.restore(_WORKDIR.value)
+  state = experiment.restore(_WORKDIR.value, ema_only=True)
   rows = np.arange(s.num_samples)
   labels = sampling.sample_labels(config, s.num_samples)
   videos, seconds = {}, {}

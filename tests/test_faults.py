@@ -144,6 +144,14 @@ def test_a_damaged_checkpoint_is_skipped_and_training_resumes_from_the_one_befor
   assert int(state.step) == 2 and snapshot(tmp_path / "run" / "checkpoints" / "4") == before
   out = capsys.readouterr().out
   assert f"skipped checkpoint 4 in {tmp_path / 'run' / 'checkpoints'}: it is damaged" in out
+  # Sampling's read (EMA weights only) skips it the same way and reads the same weights, nothing else.
+  ema = trainer.restore(tmp_path / "run", ema_only=True)
+  assert "skipped checkpoint 4" in capsys.readouterr().out
+  assert int(ema.step) == 2 and ema.params is None and ema.opt_state is None and ema.rng is None
+  assert jax.tree.structure(ema.ema_params) == jax.tree.structure(state.ema_params)
+  for a, b in zip(jax.tree.leaves(ema.ema_params), jax.tree.leaves(state.ema_params)):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Training resumes from 2 and gives what an uninterrupted run gives (the same batches 3 and 4).
   c6 = tiny_config(**{"train.num_steps": 6})
   batches = list(fake_batches(c))

@@ -330,6 +330,9 @@ def test_checkpoints_of_the_single_item_format_still_restore_and_resume(trainer,
   manager = ckpt.make_manager(tmp_path / "old", keep=5, async_save=False)
   old_state = ckpt.restore(manager, trainer.abstract_state(), step=2)
   _allclose_trees(old_state.params, state.params)
+  ema = ckpt.restore(manager, trainer.abstract_state(), step=2, fields=("step", "ema_params"))  # sampling's read
+  assert int(ema.step) == 2 and ema.params is None
+  _allclose_trees(ema.ema_params, state.ema_params)
 
 
 def test_resume_position_when_the_stream_layout_changes():

@@ -140,11 +140,12 @@ class Experiment:
     return (bool(self.config.get("store_programs", True)) and not external
             and program_context(self.config) == self._program_context)
 
-  def restore(self, workdir: str | Path, step: int | None = None) -> TrainState:
+  def restore(self, workdir: str | Path, step: int | None = None, ema_only: bool = False) -> TrainState:
     """The state of checkpoint ``step`` (default: the newest intact one) of ``workdir``, on this
-    mesh; reads only."""
+    mesh; reads only. ``ema_only`` (sampling, evaluation): only ``step`` and ``ema_params`` are
+    read, the other fields are None (a quarter of the arrays with Adam: no weights, no moments)."""
     manager = ckpt.make_manager(workdir, self.config.train.keep_checkpoints, read_only=True)
     try:
-      return ckpt.restore(manager, self.abstract_state(), step)
+      return ckpt.restore(manager, self.abstract_state(), step, fields=("step", "ema_params") if ema_only else None)
     finally:
       manager.close()

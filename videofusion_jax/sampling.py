@@ -467,7 +467,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   samples.npz and results.json (process 0 writes; every host draws its share)."""
   experiment = experiment or Experiment(config)
   check_same_clip(config, workdir)
-  state = experiment.restore(workdir)
+  state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)
   s = config.sample
   print = say  # noqa: A001 - every host samples; the first one speaks

@@ -147,7 +147,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     c3d = C3DProbs(e.c3d_weights, batch_size=e.batch_size)  # a wrong path fails before sampling
   workdir = Path(workdir)
   check_same_clip(config, str(workdir))
-  state = experiment.restore(workdir)
+  state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)
   i3d = i3d_features(e.batch_size)
   real = real_features(config, workdir, i3d)

@@ -5,6 +5,7 @@ input stream's position, so that resuming continues the stream instead of restar
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging as pylogging
 import os
@@ -62,11 +63,23 @@ def make_manager(workdir: str | Path, keep: int, async_save: bool = True, read_o
   return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
 
 
-def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state=None):
-  """The ``state`` item of ``step`` (as plain arrays without ``abstract_state``), whichever format wrote it."""
-  _hide_abandoned_reads_of(Path(manager.directory) / str(step))
+def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state=None, fields=None):
+  """The ``state`` item of ``step`` (as plain arrays without ``abstract_state``), whichever format wrote it.
+  ``fields``: the TrainState fields to read, the others left None (none of their arrays is read)."""
+  step_dir = Path(manager.directory) / str(step)
+  _hide_abandoned_reads_of(step_dir)
+  legacy = (step_dir / "default").is_dir()  # one unnamed item: before the stream position
+  if fields is not None:
+    # Orbax's partial restore reads only the arrays of the subtrees named in the target.
+    target = {f: getattr(abstract_state, f) for f in fields}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    with ocp.PyTreeCheckpointer() as reader:
+      read = reader.restore(step_dir / ("default" if legacy else "state"), args=args)
+    return abstract_state.replace(**{f.name: read[f.name] if f.name in fields else None
+                                     for f in dataclasses.fields(abstract_state)})
   args = ocp.args.StandardRestore(abstract_state)
-  if (Path(manager.directory) / str(step) / "default").is_dir():  # one unnamed item: before the stream position
+  if legacy:
     with ocp.CheckpointManager(manager.directory) as legacy:
       return legacy.restore(step, args=args)
   return manager.restore(step, args=ocp.args.Composite(state=args))["state"]
@@ -156,14 +169,14 @@ def _weights(shapes: dict) -> dict:
   return {p: v for p, v in shapes.items() if p[0] in ("params", "ema_params")}
 
 
-def _restore_step(manager, step: int, abstract_state, with_data: bool):
+def _restore_step(manager, step: int, abstract_state, with_data: bool, fields=None):
   """``(state, data)`` of ``step``; ``_Damaged`` when it cannot be read, CheckpointError when
   it is intact but does not match ``abstract_state``."""
   saved, wanted = _saved_shapes(manager, step), _flat_shapes(abstract_state)
   if saved is not None and _weights(saved) != _weights(wanted):  # another model: known before reading any array
     raise _mismatch_error(manager, step, abstract_state, saved)
   try:
-    state = _restore_state(manager, step, abstract_state)
+    state = _restore_state(manager, step, abstract_state, fields)
   except Exception as e:  # noqa: BLE001 - TensorStore raises plain Exceptions; classified below
     if saved is None:
       raise _Damaged("its metadata cannot be read") from None
@@ -270,18 +283,19 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None, with_data: bool = False,
-            log=print):
+            log=print, fields: tuple[str, ...] | None = None):
   """The state of checkpoint ``step``, or by default of the newest one that can be read: a damaged
   checkpoint (a file truncated or deleted after its save) is skipped with a message naming it,
   and the one before is tried. Nothing is deleted. With ``with_data``, returns ``(state, data,
-  step, damaged_steps)``, ``data`` being the input stream's position saved with it."""
+  step, damaged_steps)``, ``data`` being the input stream's position saved with it. ``fields``
+  (e.g. ``('step', 'ema_params')``): only those TrainState fields are read, the others are None."""
   steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
   if not steps:
     raise CheckpointError(f"no checkpoint in {manager.directory}: train first (--mode=train).")
   damaged = []
   for s in steps:
     try:
-      state, data = _restore_step(manager, s, abstract_state, with_data)
+      state, data = _restore_step(manager, s, abstract_state, with_data, fields)
     except _Damaged as e:
       damaged.append(s)
       log(f"warning: skipped checkpoint {s} in {manager.directory}: it is damaged ({e}).")
