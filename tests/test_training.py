@@ -333,6 +333,8 @@ def test_checkpoints_of_the_single_item_format_still_restore_and_resume(trainer,
   ema = ckpt.restore(manager, trainer.abstract_state(), step=2, fields=("step", "ema_params"))  # sampling's read
   assert int(ema.step) == 2 and ema.params is None
   _allclose_trees(ema.ema_params, state.ema_params)
+  with pytest.raises(ValueError, match=r"fields \['ema'\] are not fields of the state"):  # not "damaged"
+    ckpt.restore(manager, trainer.abstract_state(), step=2, fields=("step", "ema"))
 
 
 def test_resume_position_when_the_stream_layout_changes():

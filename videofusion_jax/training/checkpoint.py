@@ -80,8 +80,8 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state=Non
                                      for f in dataclasses.fields(abstract_state)})
   args = ocp.args.StandardRestore(abstract_state)
   if legacy:
-    with ocp.CheckpointManager(manager.directory) as legacy:
-      return legacy.restore(step, args=args)
+    with ocp.CheckpointManager(manager.directory) as single_item:
+      return single_item.restore(step, args=args)
   return manager.restore(step, args=ocp.args.Composite(state=args))["state"]
 
 
@@ -165,6 +165,11 @@ def check_compatible(manager: ocp.CheckpointManager, abstract_state) -> None:
       return
 
 
+def _read_part(shapes: dict, fields) -> dict:
+  """The paths of ``shapes`` that a restore of ``fields`` (None: all) reads."""
+  return shapes if fields is None else {p: v for p, v in shapes.items() if p[0] in fields}
+
+
 def _weights(shapes: dict) -> dict:
   return {p: v for p, v in shapes.items() if p[0] in ("params", "ema_params")}
 
@@ -175,12 +180,16 @@ def _restore_step(manager, step: int, abstract_state, with_data: bool, fields=No
   saved, wanted = _saved_shapes(manager, step), _flat_shapes(abstract_state)
   if saved is not None and _weights(saved) != _weights(wanted):  # another model: known before reading any array
     raise _mismatch_error(manager, step, abstract_state, saved)
+  if fields is not None:
+    unknown = set(fields) - {f.name for f in dataclasses.fields(abstract_state)}
+    if unknown:
+      raise ValueError(f"fields {sorted(unknown)} are not fields of the state")
   try:
     state = _restore_state(manager, step, abstract_state, fields)
   except Exception as e:  # noqa: BLE001 - TensorStore raises plain Exceptions; classified below
     if saved is None:
       raise _Damaged("its metadata cannot be read") from None
-    if saved == wanted:
+    if _read_part(saved, fields) == _read_part(wanted, fields):
       cause = _root_cause(e)  # Orbax's own message is the TensorStore spec of the array; the cause says what failed
       raise _Damaged(f"reading its arrays failed ({type(cause).__name__}: {_first_line(cause, 400)})") from None
     raise _mismatch_error(manager, step, abstract_state, saved) from None
