@@ -166,6 +166,21 @@ def test_a_damaged_checkpoint_is_skipped_and_training_resumes_from_the_one_befor
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
+def test_a_checkpoints_metadata_is_read_once_until_the_step_is_saved_anew(tmp_path, monkeypatch):
+  """A resume reads the shapes twice (compatibility check, restore): the second comes from memory,
+  but a step saved again (after its damaged one was moved aside) is read again."""
+  manager = ckpt.make_manager(tmp_path, keep=5, async_save=False)
+  ckpt.save(manager, 1, {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)})
+  assert ckpt._saved_shapes(manager, 1) == {("w",): (2, 3), ("b",): (3,)}
+  with monkeypatch.context() as m:
+    m.setattr(ckpt.ocp, "StandardCheckpointer", None)  # reading the metadata again would fail: None
+    assert ckpt._saved_shapes(manager, 1) == {("w",): (2, 3), ("b",): (3,)}
+  ckpt.move_aside(manager, [1], log=lambda *_: None)
+  ckpt.save(manager, 1, {"w": np.zeros((4,), np.float32)})
+  assert ckpt._saved_shapes(manager, 1) == {("w",): (4,)}
+  manager.close()
+
+
 def test_no_intact_checkpoint_is_an_error_that_deletes_nothing(trainer, tmp_path):
   c = trainer.config
   train(c, tmp_path, batches=fake_batches(c), trainer=trainer, verbose=False)
