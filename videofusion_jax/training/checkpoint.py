@@ -63,23 +63,29 @@ def make_manager(workdir: str | Path, keep: int, async_save: bool = True, read_o
   return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
 
 
+def _state_item(step_dir: Path) -> Path:
+  """The folder of a step's state: ``state``, or ``default`` for the single-item format written before
+  the stream position was saved."""
+  return step_dir / "default" if (step_dir / "default").is_dir() else step_dir / "state"
+
+
 def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state=None, fields=None):
   """The ``state`` item of ``step`` (as plain arrays without ``abstract_state``), whichever format wrote it.
   ``fields``: the TrainState fields to read, the others left None (none of their arrays is read)."""
   step_dir = Path(manager.directory) / str(step)
   _hide_abandoned_reads_of(step_dir)
-  legacy = (step_dir / "default").is_dir()  # one unnamed item: before the stream position
+  item = _state_item(step_dir)
   if fields is not None:
     # Orbax's partial restore reads only the arrays of the subtrees named in the target.
     target = {f: getattr(abstract_state, f) for f in fields}
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     with ocp.PyTreeCheckpointer() as reader:
-      read = reader.restore(step_dir / ("default" if legacy else "state"), args=args)
+      read = reader.restore(item, args=args)
     return abstract_state.replace(**{f.name: read[f.name] if f.name in fields else None
                                      for f in dataclasses.fields(abstract_state)})
   args = ocp.args.StandardRestore(abstract_state)
-  if legacy:
+  if item.name == "default":
     with ocp.CheckpointManager(manager.directory) as single_item:
       return single_item.restore(step, args=args)
   return manager.restore(step, args=ocp.args.Composite(state=args))["state"]
@@ -116,8 +122,7 @@ _SHAPES_READ: dict[tuple, dict] = {}
 
 def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict | None:
   """The saved state's ``{path: shape}`` from its metadata; None when unreadable or empty."""
-  step_dir = Path(manager.directory) / str(step)
-  item = step_dir / "state" if (step_dir / "state").is_dir() else step_dir / "default"
+  item = _state_item(Path(manager.directory) / str(step))
   try:
     stat = (item / "_METADATA").stat()
     identity = (str(item.absolute()), stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
@@ -178,36 +183,32 @@ def check_compatible(manager: ocp.CheckpointManager, abstract_state) -> None:
   for step in sorted(manager.all_steps(), reverse=True):
     saved = _saved_shapes(manager, step)
     if saved is not None:
-      if _weights(saved) != _weights(wanted):
+      if _subtrees(saved, WEIGHTS) != _subtrees(wanted, WEIGHTS):
         raise _mismatch_error(manager, step, abstract_state, saved)
       return
 
 
-def _read_part(shapes: dict, fields) -> dict:
-  """The paths of ``shapes`` that a restore of ``fields`` (None: all) reads."""
+def _subtrees(shapes: dict, fields) -> dict:
+  """The paths of ``shapes`` under the state's ``fields`` (None: all), those a restore of them reads."""
   return shapes if fields is None else {p: v for p, v in shapes.items() if p[0] in fields}
 
 
-def _weights(shapes: dict) -> dict:
-  return {p: v for p, v in shapes.items() if p[0] in ("params", "ema_params")}
+WEIGHTS = ("params", "ema_params")
 
 
 def _restore_step(manager, step: int, abstract_state, with_data: bool, fields=None):
   """``(state, data)`` of ``step``; ``_Damaged`` when it cannot be read, CheckpointError when
   it is intact but does not match ``abstract_state``."""
   saved, wanted = _saved_shapes(manager, step), _flat_shapes(abstract_state)
-  if saved is not None and _weights(saved) != _weights(wanted):  # another model: known before reading any array
+  # Another model: known before reading any array.
+  if saved is not None and _subtrees(saved, WEIGHTS) != _subtrees(wanted, WEIGHTS):
     raise _mismatch_error(manager, step, abstract_state, saved)
-  if fields is not None:
-    unknown = set(fields) - {f.name for f in dataclasses.fields(abstract_state)}
-    if unknown:
-      raise ValueError(f"fields {sorted(unknown)} are not fields of the state")
   try:
     state = _restore_state(manager, step, abstract_state, fields)
   except Exception as e:  # noqa: BLE001 - TensorStore raises plain Exceptions; classified below
     if saved is None:
       raise _Damaged("its metadata cannot be read") from None
-    if _read_part(saved, fields) == _read_part(wanted, fields):
+    if _subtrees(saved, fields) == _subtrees(wanted, fields):
       cause = _root_cause(e)  # Orbax's own message is the TensorStore spec of the array; the cause says what failed
       raise _Damaged(f"reading its arrays failed ({type(cause).__name__}: {_first_line(cause, 400)})") from None
     raise _mismatch_error(manager, step, abstract_state, saved) from None
@@ -277,14 +278,8 @@ def _is_abandoned_read(exc: BaseException | None, obj=None) -> bool:
 def _names_a_read_step(exc: BaseException | None) -> bool:
   """Whether ``exc`` or one of its causes names a step folder read here (Orbax's error quotes the
   array's TensorStore spec, TensorStore's its file)."""
-  dirs, seen = _READ_STEP_DIRS, set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    text = str(exc)
-    if any(d in text for d in dirs):
-      return True
-    exc = exc.__cause__
-  return False
+  dirs = _READ_STEP_DIRS
+  return any(d in str(e) for e in _causes(exc) for d in dirs)
 
 
 def _is_abandoned_read_log(record: pylogging.LogRecord) -> bool:
@@ -293,12 +288,18 @@ def _is_abandoned_read_log(record: pylogging.LogRecord) -> bool:
   return bool(record.exc_info) and _names_a_read_step(record.exc_info[1])
 
 
+def _causes(exc: BaseException | None):
+  """``exc``, its ``__cause__``, that one's, ... (a chain that loops is followed once)."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    yield exc
+    exc = exc.__cause__
+
+
 def _root_cause(e: BaseException) -> BaseException:
-  seen = {id(e)}
-  while e.__cause__ is not None and id(e.__cause__) not in seen:
-    e = e.__cause__
-    seen.add(id(e))
-  return e
+  *_, last = _causes(e)
+  return last
 
 
 class _Damaged(Exception):
@@ -316,6 +317,10 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
   and the one before is tried. Nothing is deleted. With ``with_data``, returns ``(state, data,
   step, damaged_steps)``, ``data`` being the input stream's position saved with it. ``fields``
   (e.g. ``('step', 'ema_params')``): only those TrainState fields are read, the others are None."""
+  if fields is not None:  # checked before the loop, whose errors would call every checkpoint damaged
+    unknown = set(fields) - {f.name for f in dataclasses.fields(abstract_state)}
+    if unknown:
+      raise ValueError(f"fields {sorted(unknown)} are not fields of the state")
   steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
   if not steps:
     raise CheckpointError(f"no checkpoint in {manager.directory}: train first (--mode=train).")
