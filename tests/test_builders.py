@@ -5,7 +5,7 @@ import tempfile
 import fabricate
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import one_device, tiny_config
 
 from videofusion_jax.data import builders, pipeline, video_io
 from videofusion_jax.data.builders import common, registry
@@ -271,7 +271,7 @@ def test_unconditional_configs_train_and_sample_through_the_prior(built, tmp_pat
     if encoder == "frozen":
       c.model.encoder.update(kind="frozen", frozen_name="pixels", embed_dim=48)
       c.model.update(key_frame_input=True, key_frame_clean=True)
-    trainer = Trainer(c)
+    trainer = Trainer(c, mesh=one_device(c))
     assert ("encoder" in trainer.num_params) == (encoder == "learned") and "prior" in trainer.num_params
     state = train(c, tmp_path / name, trainer=trainer, verbose=False)
     assert "label_embed" not in state.params["prior"] and int(state.step) == 2
@@ -317,7 +317,7 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a sunset over the sea\n\nan aerial view of a city at night\n")
   c.sample.update(prompts_file=str(prompts), prior_guidance_scale=2.0, guidance_scale=2.0)
-  trainer = Trainer(c)
+  trainer = Trainer(c, mesh=one_device(c))
   assert trainer.networks["prior"].text_dim == 20 and trainer.networks["prior"].num_classes == 0
   state = train(c, tmp_path / "run", trainer=trainer, verbose=False)
   assert int(state.step) == 2 and "text_embed" in state.params["prior"]

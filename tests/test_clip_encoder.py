@@ -152,7 +152,7 @@ def test_mode_embed_stores_the_frame_and_caption_tables(clip_dir, tfds_dir, caps
     _embed(clip_config(clip_dir, **{"model.encoder.kind": "learned"}))
 
 
-def test_without_a_clip_directory_the_project_trains_its_own_once(tfds_dir, capsys):
+def test_without_a_clip_directory_the_project_trains_its_own_once(tfds_dir, capsys, optimised):
   """No ``clip_dir``: the project's CLIP is trained on the demo clips' frames and captions, saved
   beside the dataset in Hugging Face's layout (``clip.load`` reads it), said, and reused."""
   from videofusion_jax.data import embeddings

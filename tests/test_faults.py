@@ -57,9 +57,11 @@ def losses(workdir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory, tfds_dir):
-  """The tiny config as a file for the command line: a log line every step, no periodic checkpoint."""
+  """The tiny config as a file for the command line: a log line every step, no periodic checkpoint,
+  the traced programs stored (a resumed run loads them)."""
   return tiny_config_file(tmp_path_factory.mktemp("config"), **{
-      "data.data_dir": tfds_dir, "train.num_steps": 400, "train.checkpoint_every": 1000, "train.log_every": 1})
+      "data.data_dir": tfds_dir, "store_programs": True, "train.num_steps": 400, "train.checkpoint_every": 1000,
+      "train.log_every": 1})
 
 
 def interrupt(config_file, workdir, sig, after_step, num_steps=400):
@@ -96,11 +98,11 @@ def test_sigterm_and_ctrl_c_save_the_step_and_resume_exactly(config_file, tmp_pa
   assert "(the step's traced program loaded from the store;" in out  # the first run stored it
   second = int(out.split("stopped on SIGTERM at step ")[1].split(":")[0])
   assert second >= stopped + 2 and seconds < 60
-  # An uninterrupted run of the same steps, saving every step: the resumed run's next loss is the
+  # An uninterrupted run of the same steps, saving its last: the resumed run's next loss is the
   # same number, and the checkpoint saved on SIGTERM holds the same state as its step's.
   straight = tmp_path / "straight"
-  r = run_main(config_file, straight, f"--config.train.num_steps={second}", "--config.train.checkpoint_every=1",
-               f"--config.train.keep_checkpoints={second}")
+  r = run_main(config_file, straight, f"--config.train.num_steps={second}",
+               f"--config.train.checkpoint_every={second}")
   assert r.returncode == 0, r.stderr
   assert losses(workdir)[stopped + 1] == pytest.approx(losses(straight)[stopped + 1], rel=1e-6)
   (saved, step), (expected, expected_step) = ckpt.restore_raw(workdir), ckpt.restore_raw(straight)

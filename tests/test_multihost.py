@@ -92,7 +92,7 @@ def test_two_processes_train_sample_and_evaluate_as_one_and_a_single_process_res
   """Training, then sampling (3 videos in batches of 2 spread over both hosts' devices), then
   --mode=eval, on two processes; process 0 alone prints and writes; one process alone then draws
   the same videos, computes the same features and figures, and resumes the training."""
-  config_file = tiny_config_file(tmp_path, **{"data.data_dir": tfds_dir, "train.num_steps": 3,
+  config_file = tiny_config_file(tmp_path, **{"data.data_dir": tfds_dir, "store_programs": True, "train.num_steps": 3,
                                               "train.checkpoint_every": 3, "train.log_every": 1,
                                               "sample.batch_size": 2, **EVAL})
   workdir = tmp_path / "run"

@@ -15,19 +15,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import one_device
+from conftest import tiny_config as _tiny_config
 from test_training import batches
 
 import videofusion_jax
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models import encoder
 from videofusion_jax.training import program_store
-from videofusion_jax.training import sharding as shd
 from videofusion_jax.training import step as step_module
 from videofusion_jax.training.program_store import StoredJit, program_context, program_key, source_digest
 from videofusion_jax.training.step import Trainer
 
 TESTS = Path(__file__).resolve().parent
+
+
+def tiny_config(**overrides):
+  """The tests' tiny config with its programs stored (the suite's default does not store them)."""
+  return _tiny_config(**{"store_programs": True, **overrides})
 
 
 @pytest.fixture
@@ -36,10 +41,6 @@ def store(tmp_path, monkeypatch):
   directory = tmp_path / "programs"
   monkeypatch.setattr(program_store, "store_directory", lambda: directory)
   return directory
-
-
-def one_device(config):
-  return shd.make_mesh(config, devices=jax.devices()[:1])
 
 
 def leaves(tree):
@@ -105,7 +106,7 @@ from videofusion_jax.training import program_store
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.step import Trainer
 program_store.store_directory = lambda: pathlib.Path(sys.argv[1])
-c = tiny_config()
+c = tiny_config(store_programs=True)
 trainer = Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
 saved = np.load(pathlib.Path(sys.argv[1]).parent / "data.npz")
 data = [{"label": saved[f"arr_{2 * i}"], "video": saved[f"arr_{2 * i + 1}"]} for i in range(2)]

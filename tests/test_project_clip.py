@@ -37,7 +37,7 @@ def test_contrastive_loss_is_clips_with_every_caption_of_the_video_positive():
                                              100.0)) < 1e-6
 
 
-def test_training_separates_the_videos_and_carries_words_to_unseen_captions():
+def test_training_separates_the_videos_and_carries_words_to_unseen_captions(optimised):
   """Three 'videos' of 20 frames (a colour and a stripe direction each, with noise) and four captions
   each: after training, every frame's nearest caption is of its own video, the loss falls to near
   its floor, and an unseen caption made of one video's words is nearest to that video's frames."""

@@ -6,7 +6,7 @@ import imageio.v3 as iio
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import one_device, tiny_config
 from test_training import batches
 
 from videofusion_jax import sampling
@@ -83,7 +83,7 @@ def test_demo_figures_against_brute_force():
 def trained(tmp_path_factory, tfds_dir):
   config = tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 2})
   workdir = tmp_path_factory.mktemp("run")
-  trainer = Trainer(config)
+  trainer = Trainer(config, mesh=one_device(config))
   train(config, workdir, iter(batches(config, 2)), trainer=trainer, verbose=False)
   return config, workdir, trainer
 
@@ -135,7 +135,8 @@ def test_guided_sampling_at_scale_zero_is_null_conditioned_sampling(trained, tfd
   params = jax.tree.map(lambda p: p + 0.05, trainer.init_state(0).params)
   labels = np.array([0, 1, 2], np.int32)
   emb = np.asarray(to_sphere(jax.random.normal(jax.random.PRNGKey(0), (3, config.model.encoder.embed_dim))))
-  zero = Experiment(tiny_config(**{"data.data_dir": tfds_dir, "sample.guidance_scale": 0.0}))
+  zero_config = tiny_config(**{"data.data_dir": tfds_dir, "sample.guidance_scale": 0.0})
+  zero = Experiment(zero_config, mesh=one_device(zero_config))
   assert sampling.guided(zero.config) and not sampling.guided(trainer.config)
   guided = sampling.generate_videos(zero, params, 3, seed=1, labels=labels, condition=emb)
   np.testing.assert_allclose(guided, sampling.generate_videos(trainer, params, 3, seed=1, labels=labels,
@@ -145,8 +146,9 @@ def test_guided_sampling_at_scale_zero_is_null_conditioned_sampling(trained, tfd
                                                   condition=emb)).max() > 1e-2
 
   # The label condition: s = 0 is sampling with the null label.
-  one, zero = (Experiment(tiny_config(**{"data.data_dir": tfds_dir, "model.condition": "label",
-                                         "sample.guidance_scale": s})) for s in (1.0, 0.0))
+  one, zero = (Experiment(c, mesh=one_device(c)) for c in (
+      tiny_config(**{"data.data_dir": tfds_dir, "model.condition": "label", "sample.guidance_scale": s})
+      for s in (1.0, 0.0)))
   params = jax.tree.map(lambda p: p + 0.05, one.init_state(0).params)
   guided = sampling.generate_videos(zero, params, 3, seed=1, labels=labels)
   null = np.full(3, config.data.num_classes, np.int32)
@@ -194,7 +196,7 @@ def long_run(trained):
   config, workdir, _ = trained
   c = tiny_config(**{"data.data_dir": config.data.data_dir, "sample.eta": 0.0, "sample.num_clips": 2,
                      "sample.continuity_frames": 2, "sample.num_samples": 3, "sample.batch_size": 3})
-  experiment = Experiment(c)
+  experiment = Experiment(c, mesh=one_device(c))
   return c, workdir, experiment, experiment.restore(workdir).ema_params
 
 

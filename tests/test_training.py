@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import one_device, tiny_config
 
 from videofusion_jax import diffusion
 from videofusion_jax.data.stream import resume_position
@@ -360,7 +360,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trainer, tmp_path):
 
 def test_image_stage_then_video_stage_with_frozen_base(tmp_path):
   image_cfg = tiny_config(**{"train.stage": "image", "train.num_steps": 2})
-  image_trainer = Trainer(image_cfg)
+  image_trainer = Trainer(image_cfg, mesh=one_device(image_cfg))
   init = image_trainer.init_state(image_cfg.seed)
   image_state = train(image_cfg, tmp_path / "image", iter(batches(image_cfg, 2)),
                       trainer=image_trainer, verbose=False)
@@ -369,7 +369,7 @@ def test_image_stage_then_video_stage_with_frozen_base(tmp_path):
 
   video_cfg = tiny_config(**{"train.init_base_from": str(tmp_path / "image"),
                              "train.freeze_base": True, "train.num_steps": 2, "seed": 1})
-  video_trainer = Trainer(video_cfg)
+  video_trainer = Trainer(video_cfg, mesh=one_device(video_cfg))
   video_init = video_trainer.init_state(1)
   video_state = train(video_cfg, tmp_path / "video", iter(batches(video_cfg, 2)), trainer=video_trainer,
                       verbose=False)

@@ -31,6 +31,10 @@ def tiny_config(**overrides):
   # The suite's own XLA cache (conftest.py; inherited by the runs it starts), never the user's: a run
   # of main.py points the process's cache at config.compilation_cache_dir.
   c.compilation_cache_dir = os.environ.get("VIDEOFUSION_TESTS_XLA_CACHE", "")
+  # No traced program stored: storing one costs ~1 s more per program and init than tracing alone
+  # (jax.export, written and read back), and hardly a test program runs twice. The store's own
+  # tests, and the runs that resume, turn it on (store_programs=True).
+  c.store_programs = False
   for key, value in overrides.items():
     node = c
     *path, last = key.split(".")
