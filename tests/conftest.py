@@ -8,8 +8,9 @@ import os
 # all three; the switch alone, optimised, is slower: ~47 s and ~16 s). The suite: 807-819 s
 # against 980 s with the emitters, every test passing (benchmarks/RESULTS.md, "The test suite's
 # time"). Unoptimised through JAX's flag (its environment variable reaches the runs the tests
-# start), not XLA_FLAGS, so that the few tests that run long computations can compile them
-# optimised (the ``optimised`` fixture): the project's own CLIP trains 2.6x faster so.
+# start), not --xla_backend_optimization_level=0 in XLA_FLAGS, which no single compile could undo:
+# the few tests that run long computations compile them optimised (the ``optimised`` fixture; the
+# project's own CLIP trains 2.6x faster so).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_cpu_use_fusion_emitters=false").strip()
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
@@ -69,8 +70,10 @@ def tfds_dir(tmp_path_factory):
 @pytest.fixture
 def optimised():
   """XLA's optimisations on for this test's compiles (conftest.py turns them off for the suite):
-  for tests whose time goes into running a long computation rather than compiling it. The jitted
-  functions already compiled unoptimised in this process stay so (jax.jit's own cache)."""
+  for tests whose time goes into running a long computation rather than compiling it. jax.jit's
+  in-memory cache does not key on the setting: a function compiled before, unoptimised, stays so
+  here, and one first compiled here stays optimised for the rest of the worker (the same numbers
+  to rounding; the persistent cache keeps the two apart)."""
   jax.config.update("jax_disable_most_optimizations", False)
   yield
   jax.config.update("jax_disable_most_optimizations", True)

@@ -149,12 +149,14 @@ def test_vdm_configs_are_checked():
 @pytest.fixture(scope="module")
 def vdm_run(tmp_path_factory):
   """VDM* on a 4x2 mesh (data x fsdp) of 8 simulated devices, trained 4 steps (the first at a zero
-  learning rate, the second moving only the zero-initialised output layer)."""
-  config = vdm_config(**{"mesh.data": 4, "mesh.fsdp": 2})
+  learning rate, the second moving only the zero-initialised output layer), its init and step
+  programs stored and run as loaded back (the suite's one stored program on a sharded mesh)."""
+  config = vdm_config(**{"mesh.data": 4, "mesh.fsdp": 2, "store_programs": True})
   trainer = Trainer(config)
   assert trainer.mesh.devices.size == 8 and set(trainer.num_params) == {"video", "encoder", "prior"}
   workdir = tmp_path_factory.mktemp("vdm")
   state = train(config, workdir, iter(batches(config, 4)), trainer=trainer, verbose=False)
+  assert trainer.init_source in ("traced", "stored") and trainer.step.source in ("traced", "stored")
   return config, trainer, workdir, state
 
 

@@ -33,7 +33,9 @@ def tiny_config(**overrides):
   c.compilation_cache_dir = os.environ.get("VIDEOFUSION_TESTS_XLA_CACHE", "")
   # No traced program stored: storing one costs ~1 s more per program and init than tracing alone
   # (jax.export, written and read back), and hardly a test program runs twice. The store's own
-  # tests, and the runs that resume, turn it on (store_programs=True).
+  # tests, the CLI runs that resume, the two-process run and VDM* on a 4x2 mesh turn it on
+  # (store_programs=True); the tests built from other configs (the builders', the demo's, the
+  # benchmark's) keep the project's default, on.
   c.store_programs = False
   for key, value in overrides.items():
     node = c
