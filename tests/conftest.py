@@ -74,6 +74,7 @@ def optimised():
   in-memory cache does not key on the setting: a function compiled before, unoptimised, stays so
   here, and one first compiled here stays optimised for the rest of the worker (the same numbers
   to rounding; the persistent cache keeps the two apart)."""
+  before = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", False)
   yield
-  jax.config.update("jax_disable_most_optimizations", True)
+  jax.config.update("jax_disable_most_optimizations", before)

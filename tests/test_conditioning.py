@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_config
+from conftest import one_device, tiny_config
 
 from videofusion_jax import diffusion
 from videofusion_jax.models.prior import EmbeddingPrior
@@ -69,10 +69,9 @@ def test_prior_samples_each_class_of_a_gaussian_mixture():
 @pytest.fixture(scope="module")
 def embedding_setup():
   from videofusion_jax.experiment import Experiment
-  from videofusion_jax.training import sharding as shd
 
   c = tiny_config(**{"train.label_dropout": 0.5})
-  e = Experiment(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
+  e = Experiment(c, mesh=one_device(c))
   params = e.init_state(0).params
   # Random perturbations: the zero-initialised output layers then pass every input through (a
   # constant shift of all weights would make the encoder's output the same for every frame).

@@ -6,10 +6,10 @@ import functools
 import demo
 import jax
 import numpy as np
+from conftest import one_device
 
 from videofusion_jax.data import pipeline
 from videofusion_jax.training.loop import train
-from videofusion_jax.training.sharding import make_mesh
 from videofusion_jax.training.step import Trainer, loss_fn
 
 
@@ -18,7 +18,7 @@ def test_demo_model_learns_the_real_clips(tfds_dir, tmp_path):
   config.data.data_dir = tfds_dir
   config.train.update(num_steps=200, batch_size=4, log_every=100, checkpoint_every=200)
   real = pipeline.eval_clips(config, 24)
-  trainer = Trainer(config, mesh=make_mesh(config, devices=jax.devices()[:1]))
+  trainer = Trainer(config, mesh=one_device(config))
   # Measured by eq. 12 as written, on every frame and unweighted, whatever the demo trains with
   # (train.residual_frames, train.loss_weighting).
   unweighted = copy.copy(trainer)

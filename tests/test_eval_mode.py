@@ -1,14 +1,12 @@
 """--mode=eval on a briefly trained tiny model: FVD/KVD written, real-data features cached."""
 import json
 
-import jax
 import numpy as np
-from conftest import tiny_config
+from conftest import one_device, tiny_config
 
 from videofusion_jax.data import pipeline, video_io
 from videofusion_jax.evaluation import distances, evaluate
 from videofusion_jax.sampling import generate_videos
-from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.loop import train
 from videofusion_jax.training.step import Trainer
 
@@ -17,7 +15,7 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   c = tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 2})
   c.eval.update(num_real=4, num_generated=4, batch_size=4, kvd_subsets=3, kvd_subset_size=3)
   c.sample.update(batch_size=4)
-  trainer = Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
+  trainer = Trainer(c, mesh=one_device(c))
   state = train(c, tmp_path, trainer=trainer, verbose=False)
   first = evaluate.run(c, str(tmp_path), experiment=trainer)
   assert first == json.loads((tmp_path / "eval" / "step_2.json").read_text())

@@ -14,11 +14,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import one_device, tiny_config
 from tiny import tiny_config_file
 
 from videofusion_jax.training import checkpoint as ckpt
-from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.loop import train
 from videofusion_jax.training.step import Trainer
 from videofusion_jax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock
@@ -114,7 +113,7 @@ def test_sigterm_and_ctrl_c_save_the_step_and_resume_exactly(config_file, tmp_pa
 @pytest.fixture(scope="module")
 def trainer():
   c = tiny_config()
-  return Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
+  return Trainer(c, mesh=one_device(c))
 
 
 def fake_batches(config, n=8, seed=0):

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from conftest import tiny_config
+from conftest import one_device, tiny_config
 from test_faults import one_device_env
 from tiny import tiny_config_file
 
 from videofusion_jax import sampling
 from videofusion_jax.evaluation import evaluate
-from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.loop import train
 from videofusion_jax.training.step import Trainer
 
@@ -126,7 +125,7 @@ def test_two_processes_train_sample_and_evaluate_as_one_and_a_single_process_res
   # A single process restores it, samples, evaluates and continues.
   c = tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 4, "train.checkpoint_every": 3,
                      "sample.batch_size": 2, **EVAL})
-  trainer = Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
+  trainer = Trainer(c, mesh=one_device(c))
   restored = trainer.restore(workdir)
   for k, leaf in zip(names, jax.tree.leaves(restored.params)):
     np.testing.assert_array_equal(np.asarray(leaf), params[0][k])

@@ -12,7 +12,6 @@ from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.factory import make_apply_fns
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import loop as loop_module
-from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.loop import NonFiniteLossError, train
 from videofusion_jax.training.step import Trainer
 
@@ -34,7 +33,7 @@ def batches(config, n, seed=0, nan_at=None):
 def trainer():
   """The tiny model on one device (the sharding test compares it with a 4x2 mesh)."""
   c = tiny_config()
-  return Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:1]))
+  return Trainer(c, mesh=one_device(c))
 
 
 def abstract_batch(experiment, config):
