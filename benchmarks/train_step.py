@@ -49,6 +49,12 @@ from ml_collections import config_flags
 _START = time.perf_counter()
 _XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # what XLA runs with, in every row
 
+
+def xla_settings() -> dict:
+  """What XLA compiled with, for every row: its flags, and whether JAX asked for its optimisations
+  (``JAX_DISABLE_MOST_OPTIMIZATIONS``, as the test suite runs, turns them off without a flag)."""
+  return {"xla_flags": _XLA_FLAGS, "xla_optimised": not jax.config.read("jax_disable_most_optimizations")}
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps (after the warm-up ones).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed train steps after compiling.")
@@ -124,7 +130,7 @@ def compile_cold_and_warm(jitted, *args, model: str, program: str):
   t0 = time.perf_counter()
   lowered = jitted.lower(*args)
   lower_s = time.perf_counter() - t0
-  row = {"model": model, "program": program, "lower_s": round(lower_s, 2), "xla_flags": _XLA_FLAGS}
+  row = {"model": model, "program": program, "lower_s": round(lower_s, 2), **xla_settings()}
   profile = os.path.join(_PROFILE.value, f"{model}_{program}") if _PROFILE.value else ""
   try:
     compiled, compile_s, trace = watched_compile(lowered, profile,
@@ -314,7 +320,7 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       "tflops_per_s": round(flops / step_s / 1e12, 4), "peak_tflops": _PEAK.value,
       "mfu": round(flops / step_s / 1e12 / (_PEAK.value * jax.device_count()), 5),
       "peak_memory_bytes": peak, "program_memory_bytes": program, "memory_source": source,
-      "xla_flags": _XLA_FLAGS, **sync,
+      **xla_settings(), **sync,
   }
   return out, state
 
@@ -400,7 +406,7 @@ def bench_sample(trainer, counter, params) -> dict:
                                           compiled=False) + ", x its steps",
       "sample_tflops_per_s": round(flops / batch_s / 1e12, 4),
       "sample_mfu": round(flops / batch_s / 1e12 / (_PEAK.value * jax.device_count()), 5),
-      "xla_flags": _XLA_FLAGS, **sync,
+      **xla_settings(), **sync,
   }
 
 
@@ -478,7 +484,8 @@ def _host_part(row: dict, seconds: str, program: str) -> str:
 def short(row: dict, phases: int = 6) -> str:
   """One result line in short, for the end of a device run's output (the reply shows only its end)."""
   r, what = row, row["result"]
-  head = f"{r.get('model', '')} {r.get('program', what)}" + (f" [{r['xla_flags']}]" if r.get("xla_flags") else "")
+  settings = ", ".join(filter(None, [r.get("xla_flags"), "" if r.get("xla_optimised", True) else "unoptimised"]))
+  head = f"{r.get('model', '')} {r.get('program', what)}" + (f" [{settings}]" if settings else "")
   if what == "train_step":
     return (f"{head} batch {r['batch']} {r['attention']}: {r['step_ms_median']} ms, {r['clips_per_s']} clips/s, "
             f"MFU {r['mfu']:.2%}, peak {r['peak_memory_bytes'] / 1e9:.2f} GB, compile {r['compile_cold_s']} s "

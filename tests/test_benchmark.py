@@ -134,8 +134,10 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   report = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--report={timed},{stopped}"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
   assert report.returncode == 0, report.stderr[-3000:]
-  assert vf["xla_flags"] == late_rows[1]["xla_flags"] == env["XLA_FLAGS"]  # the rows say what XLA ran with
-  flags = f" [{env['XLA_FLAGS']}]"
+  # The rows say what XLA ran with: the suite's flags, and its optimisations off (JAX_DISABLE_MOST_OPTIMIZATIONS).
+  assert vf["xla_flags"] == late_rows[1]["xla_flags"] == env["XLA_FLAGS"]
+  assert vf["xla_optimised"] is late_rows[1]["xla_optimised"] is (env.get("JAX_DISABLE_MOST_OPTIMIZATIONS") != "1")
+  flags = f" [{env['XLA_FLAGS']}, unoptimised]"
   assert report.stdout.splitlines() == [
       "== timed",
       f"videofusion train_step{flags} batch 2 xla: {vf['step_ms_median']} ms, {vf['clips_per_s']} clips/s, MFU "
