@@ -27,11 +27,57 @@ def run_main(*args, workdir):
     ("--config.data.image_size=17", "image size 17 cannot be downsampled"),
     ("--config.sample.guidance_scale=-1", "config.sample.guidance_scale=-1.0: must be >= 0"),
     ("--config.model.base.head_dim=40", "config.model.base.head_dim=40: attention over 96 channels"),
+    ("--config.sample.num_steps=600", "config.sample.num_steps=600 with config.sample.spacing='leading' starts the "
+     "chain at t=599 of 1000"),
 ])
 def test_bad_config_values(override, message, tmp_path):
   r = run_main("--config=configs/demo.py", *override.split(), workdir=tmp_path)
   assert r.returncode == 1
   assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sampler_settings_that_would_give_wrong_samples_are_refused():
+  """A DDIM chain must start where its noise holds about no signal (√ᾱ at its first step, against the
+  schedule's ᾱ), η lies in [0, 1], guidance scales are finite, and the writer's fps and upscale are >= 1."""
+  import demo
+
+  from videofusion_jax.config import ConfigError, validate
+  from videofusion_jax.diffusion import ddim_timesteps, make_schedule
+  from videofusion_jax.diffusion.samplers import start_signal
+
+  for kind, steps, spacing in [("cosine", 600, "leading"), ("cosine", 10, "leading"), ("linear", 3, "leading"),
+                               ("cosine", 1, "trailing"), ("scaled_linear", 10, "leading")]:
+    t = int(ddim_timesteps(1000, steps, spacing)[0])
+    assert start_signal(kind, 1000, steps, spacing) == (t, pytest.approx(
+        float(make_schedule(kind, 1000).sqrt_alphas_cumprod[t]), rel=1e-5))
+
+  def refused(**overrides):
+    c = demo.get_config()  # cosine, T = 1000 for both the generators and the prior
+    for key, value in overrides.items():
+      section, field = key.split("__")
+      c[section][field] = value
+    with pytest.raises(ConfigError) as e:
+      validate(c)
+    return str(e.value)
+
+  validate(demo.get_config())  # 250 leading steps start at t=996; the prior's 64 at t=945 (√ᾱ 0.08)
+  assert "t=599 of 1000" in refused(sample__num_steps=600) and "√ᾱ_t = 0.58" in refused(sample__num_steps=600)
+  assert "t=900 of 1000" in refused(sample__num_steps=10)  # √ᾱ 0.16: leading's known flaw at few steps
+  assert "t=0 of 1000" in refused(sample__num_steps=1)
+  assert "config.sample.prior_num_steps=2 with config.sample.prior_spacing='leading'" in refused(
+      sample__prior_num_steps=2)
+  ok = demo.get_config()
+  ok.sample.update(num_steps=10, spacing="trailing", prior_num_steps=2, prior_spacing="trailing")
+  validate(ok)
+  ok.sample.update(method="ddpm", num_steps=1000, spacing="leading")  # DDPM runs every timestep
+  validate(ok)
+  for field, value in [("eta", -1.0), ("eta", float("nan")), ("prior_eta", 1.5)]:
+    assert f"config.sample.{field}={value!r}: DDIM's η must lie in [0, 1]" in refused(**{f"sample__{field}": value})
+  assert "must be a finite number" in refused(sample__guidance_scale=float("nan"))
+  assert "must be a finite number" in refused(sample__prior_guidance_scale=float("inf"))
+  for field in ("fps", "upscale", "num_real_clips"):
+    assert f"config.sample.{field}=0: must be an integer >= 1" in refused(**{f"sample__{field}": 0})
+  assert "config.sample.prior_spacing='middle'" in refused(sample__prior_spacing="middle")
 
 
 def test_missing_dataset_and_missing_checkpoint(tmp_path):

@@ -1,6 +1,7 @@
 """Sampling from a checkpoint, the written files, and the demo's figures."""
 import copy
 import json
+from pathlib import Path
 
 import imageio.v3 as iio
 import jax
@@ -164,17 +165,71 @@ def test_given_embeddings_replace_the_prior_and_a_wrong_width_is_a_clear_error(t
   given = np.asarray(to_sphere(jax.random.normal(jax.random.PRNGKey(5), (width,))))
   np.save(tmp_path / "c.npy", given)
   c = tiny_config(**{"data.data_dir": config.data.data_dir, "sample.embeddings": str(tmp_path / "c.npy")})
-  sampling.run(c, str(workdir), experiment=trainer)
-  npz = np.load(workdir / "samples" / "step_2" / "samples.npz")
+  out = Path(sampling.run(c, str(workdir), experiment=trainer)["dir"])
+  npz = np.load(out / "samples.npz")
   np.testing.assert_allclose(npz["embeddings"], np.broadcast_to(given, (3, width)), rtol=1e-6)
   state = trainer.restore(workdir)
   direct = sampling.generate_videos(trainer, state.ema_params, 3, c.sample.seed, None,
                                     condition=np.broadcast_to(given, (3, width)))
   np.testing.assert_allclose(npz["videos"], direct, atol=1e-5)
+  # Put on the sphere every training embedding lies on: a unit vector (CLIP's norm) gives the same c, and
+  # a zero row stays the null condition; a run's samples.npz gives back the embeddings it used.
+  np.save(tmp_path / "unit.npy", np.stack([given / np.sqrt(width), np.zeros(width), 3 * given]))
+  c.sample.embeddings = str(tmp_path / "unit.npy")
+  np.testing.assert_allclose(sampling.given_embeddings(c, 3), np.stack([given, np.zeros(width), given]), rtol=1e-5,
+                             atol=1e-6)
+  c.sample.embeddings = str(out / "samples.npz")
+  np.testing.assert_allclose(sampling.given_embeddings(c, 3), npz["embeddings"], rtol=1e-5)
+  np.savez(tmp_path / "other.npz", videos=np.zeros(3))
+  c.sample.embeddings = str(tmp_path / "other.npz")
+  with pytest.raises(ConfigError, match=r"a \.npz without an 'embeddings' array \(it holds \['videos'\]\)"):
+    sampling.given_embeddings(c, 3)
   np.save(tmp_path / "wide.npy", np.zeros((3, width + 1), np.float32))
   c.sample.embeddings = str(tmp_path / "wide.npy")
   with pytest.raises(ConfigError, match=rf"shape \(3, {width + 1}\); this model's embeddings have width {width}"):
     sampling.run(c, str(workdir), experiment=trainer)
+
+
+def test_a_rerun_keeps_the_samples_before_it(trained, capsys):
+  """A second --mode=sample of the same checkpoint writes beside the first run's folder, whose files
+  stay as they were; no folder mixes two runs' files."""
+  config, workdir, trainer = trained
+  first = workdir / "samples" / "step_2"
+  if not first.is_dir():
+    sampling.run(config, str(workdir), experiment=trainer)
+  before = {p.name: p.read_bytes() for p in first.iterdir()}
+  other = tiny_config(**{"data.data_dir": config.data.data_dir, "sample.seed": 7, "sample.num_samples": 2})
+  capsys.readouterr()
+  out = Path(sampling.run(other, str(workdir), experiment=trainer)["dir"])
+  assert out.parent == first.parent and out.name.startswith("step_2-run") and out != first
+  assert f"{first} holds an earlier run's samples, which are kept; this run writes to {out}" in capsys.readouterr().out
+  assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+  assert sorted(p.name for p in out.glob("*.mp4")) == ["sample_000_label0.mp4", "sample_001_label1.mp4"]
+  assert json.loads((out / "sample_000_label0.json").read_text())["seed"] == 7
+
+
+def test_settings_the_model_was_not_trained_with_are_refused_before_sampling(trained):
+  """λ, the schedule or the key-frame input differ from the workdir's config.json: restoring cannot see it
+  (no weight's shape changes), so sampling says which fields differ and the flags that give training's."""
+  config, workdir, trainer = trained
+  before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+  other = tiny_config(**{"data.data_dir": config.data.data_dir, "diffusion.lam": 0.9,
+                         "diffusion.schedule": "linear"})
+  with pytest.raises(ConfigError) as e:
+    sampling.run(other, str(workdir), experiment=trainer)
+  message = str(e.value)
+  assert "config.diffusion.lam=0.9 (trained with 0.5), config.diffusion.schedule='linear' (trained with 'cosine')" \
+      in message and "pass --config.diffusion.lam=0.5 --config.diffusion.schedule=cosine" in message
+  assert str(workdir / "config.json") in message
+  assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before
+
+
+def test_diverged_samples_are_an_error_not_black_videos(trained):
+  """NaN weights give NaN videos: an error that says so, not frames clipped or written as black."""
+  config, workdir, trainer = trained
+  params = jax.tree.map(lambda p: p * np.nan, trainer.init_state(0).params)
+  with pytest.raises(FloatingPointError, match="3 of 3 sampled videos hold NaN or infinite values"):
+    sampling.generate_videos(trainer, params, 3, seed=1, labels=np.array([0, 1, 2], np.int32))
 
 
 def test_boundary_jump_against_brute_force():
@@ -252,10 +307,11 @@ def test_long_video_files_and_sidecars(long_run, monkeypatch, capsys):
   assert iio.imread(out / "sample_001_label1.gif", index=None).shape[0] == n
   side = json.loads((out / "sample_001_label1.json").read_text())
   assert side == {"config": "configs/demo.py", "checkpoint_step": 2, "seed": 0, "sampler": "ddim",
-                  "spacing": "leading", "variance": None, "steps": 5, "eta": 0.0, "clip_x0": True,
+                  "spacing": "trailing", "variance": None, "steps": 5, "eta": 0.0, "clip_x0": True,
                   "guidance_scale": 1.0, "lambda": 0.5, "model": "videofusion", "condition": "embedding",
                   "encoder": "learned", "clip": None,
-                  "prior": {"steps": 64, "eta": 1.0, "guidance_scale": 1.0}, "embeddings_file": None,
+                  "prior": {"steps": 64, "spacing": "leading", "eta": 1.0, "guidance_scale": 1.0},
+                  "embeddings_file": None,
                   "clip_motion_indices": [2, 3],
                   "frames": n, "clips": 2, "clip_frames": 4, "continuity_frames": 2, "fps": 8, "control": "",
                   "prompt": None, "index": 1, "label": 1, "content_index": 1, "motion_index": 1, "embedding": "prior"}

@@ -27,7 +27,8 @@ def tiny_config(**overrides):
   c.train.prior_repeats = 2
   c.train.update(batch_size=8, num_steps=4, warmup_steps=2, log_every=1, checkpoint_every=2,
                  keep_checkpoints=5, learning_rate=1e-3)
-  c.sample.update(num_steps=5, num_samples=3, batch_size=3, upscale=1, num_real_clips=12)
+  # Five steps from T-1 ('leading' would start the five at t=800, which validation refuses).
+  c.sample.update(num_steps=5, spacing="trailing", num_samples=3, batch_size=3, upscale=1, num_real_clips=12)
   # The suite's own XLA cache (conftest.py; inherited by the runs it starts), never the user's: a run
   # of main.py points the process's cache at config.compilation_cache_dir.
   c.compilation_cache_dir = os.environ.get("VIDEOFUSION_TESTS_XLA_CACHE", "")

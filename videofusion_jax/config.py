@@ -5,9 +5,11 @@ field can be overridden on the command line (``--config.train.batch_size=64``).
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
-from videofusion_jax.diffusion.samplers import DDIM_SPACINGS, DDPM_VARIANCES
+from videofusion_jax.diffusion.samplers import DDIM_SPACINGS, DDPM_VARIANCES, start_signal
 from videofusion_jax.diffusion.schedules import SCHEDULE_KINDS
 from videofusion_jax.models.unet import REMAT_POLICIES, attention_channels, attention_heads, check_image_size
 
@@ -121,9 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
       spacing="leading", variance="fixed_small",
       seed=0, label=-1,  # -1: cycle through the classes
       guidance_scale=1.0, fps=8, upscale=4, num_real_clips=192,
-      # model.condition='embedding': the prior's DDIM sampler, its guidance on the label, and
-      # embeddings: a .npy of given c, (num_samples, embed_dim) or (embed_dim,), instead of the prior.
-      prior_num_steps=64, prior_eta=1.0, prior_guidance_scale=1.0, embeddings="",
+      # model.condition='embedding': the prior's DDIM sampler (its timesteps' spacing as above), its
+      # guidance on the label, and embeddings: a .npy of given c, (num_samples, embed_dim) or
+      # (embed_dim,), or a samples.npz, instead of the prior.
+      prior_num_steps=64, prior_spacing="leading", prior_eta=1.0, prior_guidance_scale=1.0, embeddings="",
       # model.prior.condition='text': the prompt, or a file of prompts (one a line); the samples take
       # them in turn. prior_guidance_scale then guides the prior on the text.
       prompt="", prompts_file=""))
@@ -343,15 +346,48 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"makes {d.num_frames} (config.data.num_frames).")
   if config.sample.method not in ("ddim", "ddpm"):
     raise ConfigError(f"config.sample.method={config.sample.method!r}: use 'ddim' or 'ddpm'.")
-  if config.sample.spacing not in DDIM_SPACINGS:
-    raise ConfigError(f"config.sample.spacing={config.sample.spacing!r}: the DDIM timestep spacing; use "
-                      "'leading' (multiples of T // num_steps, ending at 0) or 'trailing' (starting at T-1).")
+  for field in ("spacing", "prior_spacing"):
+    if config.sample[field] not in DDIM_SPACINGS:
+      raise ConfigError(f"config.sample.{field}={config.sample[field]!r}: the DDIM timestep spacing; use "
+                        "'leading' (multiples of T // num_steps, ending at 0) or 'trailing' (starting at T-1).")
   if config.sample.variance not in DDPM_VARIANCES:
     raise ConfigError(f"config.sample.variance={config.sample.variance!r}: DDPM's σ_t²; use 'fixed_small' "
                       "(β_t (1-ᾱ_{t-1})/(1-ᾱ_t)) or 'fixed_large' (β_t).")
   if not 1 <= config.sample.num_steps <= config.diffusion.num_timesteps:
     raise ConfigError(f"config.sample.num_steps={config.sample.num_steps}: must lie in "
                       f"[1, {config.diffusion.num_timesteps}].")
+  for field in ("eta", "prior_eta"):
+    if not 0.0 <= float(s[field]) <= 1.0:  # NaN fails too
+      raise ConfigError(f"config.sample.{field}={s[field]!r}: DDIM's η must lie in [0, 1] (0 = deterministic, "
+                        "1 = DDPM-like noise).")
+  for field in ("guidance_scale", "prior_guidance_scale"):
+    if not math.isfinite(float(s[field])):
+      raise ConfigError(f"config.sample.{field}={s[field]!r}: must be a finite number >= 0.")
+  for field in ("fps", "upscale", "num_real_clips"):
+    if not isinstance(s[field], int) or isinstance(s[field], bool) or s[field] < 1:
+      raise ConfigError(f"config.sample.{field}={s[field]!r}: must be an integer >= 1.")
+  if s.method == "ddim":
+    _check_chain_start(f"config.sample.num_steps={s.num_steps} with config.sample.spacing={s.spacing!r}",
+                       config.diffusion.schedule, config.diffusion.num_timesteps, s.num_steps, s.spacing,
+                       "--config.sample.spacing=trailing (it starts at T-1) or another num_steps")
+  if m.condition == "embedding" and not s.embeddings:
+    _check_chain_start(f"config.sample.prior_num_steps={s.prior_num_steps} with config.sample.prior_spacing="
+                       f"{s.prior_spacing!r}", m.prior.schedule, m.prior.num_timesteps, s.prior_num_steps,
+                       s.prior_spacing, "--config.sample.prior_spacing=trailing or another prior_num_steps")
+
+
+MAX_START_SIGNAL = 0.1  # how much more of the signal (√ᾱ) a DDIM chain's first step may assume than t = T-1
+
+
+def _check_chain_start(what: str, kind: str, num_timesteps: int, num_steps: int, spacing: str, fix: str) -> None:
+  """A DDIM chain must start about where its noise holds no signal (t = T-1): ``leading`` spacing with
+  more than T/2 steps starts at ``num_steps - 1``, with one step at 0."""
+  t, signal = start_signal(kind, num_timesteps, num_steps, spacing)
+  _, floor = start_signal(kind, num_timesteps, 1, "trailing")  # at t = T-1
+  if signal - floor > MAX_START_SIGNAL:
+    raise ConfigError(f"{what} starts the chain at t={t} of {num_timesteps}, where the noise it starts from would "
+                      f"still hold √ᾱ_t = {signal:.2f} of the signal (at t={num_timesteps - 1}: {floor:.2f}): the "
+                      f"samples would be wrong. Use {fix}.")
 
 
 def _check_clip_encoder(e: ml_collections.ConfigDict) -> None:

@@ -113,7 +113,8 @@ def sample_condition(experiment: Experiment, params, rng: jax.Array, labels: jnp
   rows = (rng, None) if jnp.ndim(rng) == 2 else None
   return to_sphere(diffusion.sample_embeddings(eps_fn, None if rows else rng, (batch, c.model.encoder.embed_dim),
                                                experiment.prior_schedule, num_steps=c.sample.prior_num_steps,
-                                               eta=c.sample.prior_eta, row_keys=rows))
+                                               eta=c.sample.prior_eta, row_keys=rows,
+                                               spacing=c.sample.prior_spacing))
 
 
 def network_conditions(config: ml_collections.ConfigDict, labels: jnp.ndarray | None,
@@ -271,7 +272,15 @@ def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
       conds.append(np.asarray(used)[:n])
     if progress is not None:
       progress(start + n)
-  return np.clip(np.concatenate(out), -1.0, 1.0), (np.concatenate(conds) if conds else None)
+  videos = np.concatenate(out)
+  # Before the clip, which would turn +-inf into +-1 (and the writers NaN into black frames).
+  bad = ~np.isfinite(videos.reshape(len(videos), -1)).all(axis=1)
+  if bad.any():
+    raise FloatingPointError(
+        f"{int(bad.sum())} of {len(videos)} sampled videos hold NaN or infinite values: the weights or the "
+        "sampler's settings make the chain diverge. "
+        "Try an earlier checkpoint, --config.sample.clip_x0=True or a lower guidance scale; nothing was written.")
+  return np.clip(videos, -1.0, 1.0), (np.concatenate(conds) if conds else None)
 
 
 def generate_videos(experiment: Experiment, params, num: int, seed: int, labels: np.ndarray | None,
@@ -312,14 +321,24 @@ def long_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
 
 
 def given_embeddings(config: ml_collections.ConfigDict, num: int) -> np.ndarray | None:
-  """``sample.embeddings`` loaded and checked: ``(num, embed_dim)`` float32, or None when unset."""
+  """``sample.embeddings`` loaded and checked: ``(num, embed_dim)`` float32, or None when unset. A .npy,
+  or a .npz with an ``embeddings`` array (a run's samples.npz). Each row is put on the sphere of radius
+  √embed_dim, where every training embedding lies (an encoder's, the prior's); a zero row stays zero,
+  the null condition."""
   path = config.sample.embeddings
   if not path:
     return None
   try:
     e = np.load(Path(path).expanduser())
+    if isinstance(e, np.lib.npyio.NpzFile):
+      if "embeddings" not in e.files:
+        raise ConfigError(f"config.sample.embeddings={path!r}: a .npz without an 'embeddings' array (it holds "
+                          f"{e.files}); give a .npy, or a samples.npz written by --mode=sample.")
+      e = e["embeddings"]
   except (OSError, ValueError) as err:
     raise ConfigError(f"config.sample.embeddings={path!r}: cannot read a .npy array ({err}).") from None
+  if not (np.issubdtype(e.dtype, np.floating) or np.issubdtype(e.dtype, np.integer)):
+    raise ConfigError(f"config.sample.embeddings={path!r} holds {e.dtype} values, not numbers.")
   width = config.model.encoder.embed_dim
   if e.ndim == 1:
     e = e[None]
@@ -329,6 +348,9 @@ def given_embeddings(config: ml_collections.ConfigDict, num: int) -> np.ndarray 
                       f"for the {num} samples, or ({width},) for all of them.")
   if not np.all(np.isfinite(e)):
     raise ConfigError(f"config.sample.embeddings={path!r} holds NaN or infinite values.")
+  e = e.astype(np.float64)
+  norm = np.linalg.norm(e, axis=1, keepdims=True)
+  e = np.where(norm > 0, np.sqrt(width) * e / np.where(norm > 0, norm, 1.0), 0.0)
   return np.broadcast_to(e, (num, width)).astype(np.float32)
 
 
@@ -406,24 +428,53 @@ def sampler_settings(config: ml_collections.ConfigDict) -> dict:
           "model": config.model.kind, "condition": config.model.condition,
           "encoder": config.model.encoder.kind if config.model.condition == "embedding" else None,
           "clip": _clip_used(config),
-          "prior": ({"steps": s.prior_num_steps, "eta": s.prior_eta, "guidance_scale": s.prior_guidance_scale}
+          "prior": ({"steps": s.prior_num_steps, "spacing": s.prior_spacing, "eta": s.prior_eta,
+                     "guidance_scale": s.prior_guidance_scale}
                     if config.model.condition == "embedding" and not s.embeddings else None),
           "embeddings_file": s.embeddings or None}
 
 
-def check_same_clip(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A 'clip' encoder samples with the CLIP it was trained with (the workdir's ``config.json``
-  records it): another CLIP's text space would feed the prior embeddings it never saw."""
-  if _clip_used(config) is None or not (Path(workdir) / "config.json").is_file():
-    return
+# What a trained model's weights mean and that restoring cannot check (no parameter's shape depends
+# on it): sampling with another value than training's gives wrong samples without an error.
+TRAINED_FIELDS = ("diffusion.lam", "diffusion.schedule", "diffusion.num_timesteps", "model.kind", "model.condition",
+                  "model.key_frame_input", "model.key_frame_clean", "model.prior.schedule",
+                  "model.prior.num_timesteps", "model.prior.condition")
+
+
+def _field(tree, dotted: str):
+  for part in dotted.split("."):
+    tree = tree[part]
+  return tree
+
+
+def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The settings ``TRAINED_FIELDS`` (and a 'clip' encoder's CLIP: another CLIP's text space would feed
+  the prior embeddings it never saw) as the workdir's ``config.json`` records the training run's: a
+  ConfigError naming each that differs and the flags that give training's. Nothing to compare without
+  the record (an older or hand-edited one: the fields it lacks)."""
+  record = Path(workdir) / "config.json"
   try:
-    trained = json.loads((Path(workdir) / "config.json").read_text())["model"]["encoder"].get("clip_dir", "")
-  except (ValueError, KeyError, TypeError):
-    return  # an older or hand-edited record: nothing to compare
-  if trained != config.model.encoder.clip_dir:
-    used = repr(trained) if trained else "the project's own CLIP"
-    raise ConfigError(f"config.model.encoder.clip_dir={config.model.encoder.clip_dir!r}, but this model was trained "
-                      f"with {used} ({workdir}/config.json): pass --config.model.encoder.clip_dir={trained!r}.")
+    trained = json.loads(record.read_text())
+  except (OSError, ValueError):
+    return
+  fields = TRAINED_FIELDS + (("model.encoder.clip_dir",) if _clip_used(config) is not None else ())
+  differ = []
+  for name in fields:
+    try:
+      was = _field(trained, name)
+    except (KeyError, TypeError):
+      if name == "model.encoder.clip_dir":
+        was = ""  # recorded before clip_dir existed: the project's own CLIP
+      else:
+        continue
+    now = json.loads(json.dumps(_field(config, name)))  # as JSON records it (tuples as lists)
+    if now != was:
+      differ.append((name, now, was))
+  if differ:
+    flags = " ".join(f"--config.{name}={was}" for name, _, was in differ)
+    what = ", ".join(f"config.{name}={now!r} (trained with {was!r})" for name, now, was in differ)
+    raise ConfigError(f"{what}: this model was trained with other settings ({record}), and its weights give wrong "
+                      f"samples under these; pass {flags}, or the config it was trained with.")
 
 
 def _clip_used(config: ml_collections.ConfigDict) -> str | None:
@@ -434,6 +485,20 @@ def _clip_used(config: ml_collections.ConfigDict) -> str | None:
 
 
 GRID_COLUMNS = 64  # grid.png shows at most this many frames of a video
+
+
+def fresh_directory(path: Path) -> Path:
+  """``path``, or, when an earlier run left files there, the first free ``path-runK`` (K = 2, 3, ...):
+  a rerun (another seed, sampler or guidance) keeps the samples before it, and no folder mixes two
+  runs' files. Says so when it moves on."""
+  if not path.is_dir() or not any(path.iterdir()):
+    return path
+  k = 2
+  while (path.parent / f"{path.name}-run{k}").exists():
+    k += 1
+  fresh = path.parent / f"{path.name}-run{k}"
+  say(f"note: {path} holds an earlier run's samples, which are kept; this run writes to {fresh}.")
+  return fresh
 
 
 def write_videos(out_dir: Path, videos: np.ndarray, names: list[str], sidecars: list[dict], fps: int,
@@ -466,7 +531,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   ``workdir/samples/step_N[_control][_Kclips]``: mp4, GIF and a JSON sidecar per video, grid.png,
   samples.npz and results.json (process 0 writes; every host draws its share)."""
   experiment = experiment or Experiment(config)
-  check_same_clip(config, workdir)
+  check_trained_config(config, workdir)
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)
   s = config.sample
@@ -496,14 +561,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
         f"from checkpoint {step} (EMA weights){source}, {s.method} with {chain_steps(config)} steps on "
         f"{jax.device_count()} device(s), {describe_batch(experiment)}: the chain compiles once, then runs batch by "
         "batch", flush=True)
+  suffix = (f"_{s.control}" if s.control else "") + (f"_{s.num_clips}clips" if s.num_clips > 1 else "")
+  # Chosen before sampling, whose collectives every host joins: no host looks after process 0 has written.
+  out_dir = fresh_directory(Path(workdir) / "samples" / f"step_{step}{suffix}")
   t0 = time.time()
   unit = "videos" if s.num_clips == 1 else "clips"
   progress = Progress(unit, s.num_samples * s.num_clips, unit=unit, quiet=jax.process_index() > 0)
   videos, used = long_videos(experiment, state.ema_params, s.seed, content, motion, labels, given, progress,
                              text=text)
   print(f"sampled {s.num_samples} videos in {time.time() - t0:.0f} s (compile included)", flush=True)
-  suffix = (f"_{s.control}" if s.control else "") + (f"_{s.num_clips}clips" if s.num_clips > 1 else "")
-  out_dir = Path(workdir) / "samples" / f"step_{step}{suffix}"
   results = {"step": step, "num_samples": int(s.num_samples), "num_clips": int(s.num_clips),
              "frames": int(n_frames), "control": s.control, "dir": str(out_dir)}
   clip_frames = config.data.num_frames

@@ -12,7 +12,7 @@ import numpy as np
 
 from videofusion_jax.diffusion.decomposition import compose_noise, decomposed_eps, decomposed_noise, predict_x0
 from videofusion_jax.diffusion.guidance import guided_decomposed_eps
-from videofusion_jax.diffusion.schedules import Schedule, per_example
+from videofusion_jax.diffusion.schedules import Schedule, betas_of, per_example
 
 
 def _broadcast(values: jnp.ndarray, ndim: int) -> jnp.ndarray:
@@ -147,6 +147,17 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading")
   return (np.arange(num_steps) * step)[::-1].astype(np.int32)
 
 
+def start_signal(schedule_kind: str, num_timesteps: int, num_steps: int, spacing: str = "leading"
+                 ) -> tuple[int, float]:
+  """The DDIM chain's first timestep ``t`` and ``√ᾱ_t`` there: the share of the signal that the chain
+  takes its starting noise to still hold (pure noise holds none). Near 0 for ``trailing`` (``t = T-1``);
+  ``leading`` starts lower, far too low when ``num_steps > T/2`` (step 1: ``t = num_steps - 1``) or
+  when there are very few steps (one step: ``t = 0``). NumPy only: config validation calls it before
+  any device is set up."""
+  t = int(ddim_timesteps(num_timesteps, num_steps, spacing)[0])
+  return t, float(np.sqrt(np.prod(1.0 - betas_of(schedule_kind, num_timesteps)[:t + 1])))
+
+
 def sampler_timesteps(method: str, num_timesteps: int, num_steps: int,
                       spacing: str = "leading") -> tuple[np.ndarray, np.ndarray]:
   """The chain's ``(t, t_prev)`` pairs: ``num_steps`` DDIM steps (``spacing`` as in
@@ -206,17 +217,19 @@ def sample_chain(eps_fn, rng: jax.Array | None, shape: tuple[int, ...], lambdas:
 
 
 def sample_embeddings(eps_fn, rng: jax.Array | None, shape: tuple[int, int], schedule: Schedule,
-                      num_steps: int = 64, eta: float = 1.0, row_keys: RowKeys | None = None) -> jnp.ndarray:
+                      num_steps: int = 64, eta: float = 1.0, row_keys: RowKeys | None = None,
+                      spacing: str = "leading") -> jnp.ndarray:
   """Ordinary (independent-noise) DDIM sampling of vectors ``(B, D)``: the prior's embeddings.
 
   ``eps_fn(z (B, D), t (B,)) -> (B, D)``. No clipping: embeddings are not bounded to [-1, 1]
   (which is also why there is no DDPM here: without clipping, its first steps from a cosine
   schedule's ᾱ_T ≈ 0 amplify the ε error without bound). ``eta = 1`` keeps the covariance of a
   learned distribution where ``eta = 0`` may stretch it (see the prior's test). ``row_keys``:
-  ``(keys (B, 2), None)``, each row's noise from its own key (``row_noise``).
+  ``(keys (B, 2), None)``, each row's noise from its own key (``row_noise``). ``spacing``: the
+  timesteps, as ``ddim_timesteps``.
   """
   return sample_chain(eps_fn, rng, shape, None, schedule, "ddim", num_steps, eta, clip_x0=False,
-                      row_keys=row_keys)
+                      row_keys=row_keys, spacing=spacing)
 
 
 def sample(base_fn, residual_fn, rng: jax.Array, shape: tuple[int, ...], lambdas: jnp.ndarray,

@@ -41,19 +41,23 @@ def _cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999)
       dtype=np.float64)
 
 
-def make_schedule(kind: str, num_timesteps: int) -> Schedule:
-  """Builds a schedule: ``linear`` (DDPM, β from 1e-4 to 0.02), ``cosine`` (Nichol and
-  Dhariwal) or ``scaled_linear`` (Stable Diffusion: √β linear from √0.00085 to √0.012)."""
+def betas_of(kind: str, num_timesteps: int) -> np.ndarray:
+  """β_t, t = 0 .. T-1, in float64 (NumPy: usable before any device is set up)."""
   if not isinstance(num_timesteps, int) or num_timesteps < 2:
     raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}.")
   if kind == "linear":
-    betas = np.linspace(1e-4, 0.02, num_timesteps, dtype=np.float64)
-  elif kind == "scaled_linear":
-    betas = np.linspace(0.00085**0.5, 0.012**0.5, num_timesteps, dtype=np.float64) ** 2
-  elif kind == "cosine":
-    betas = _cosine_betas(num_timesteps)
-  else:
-    raise ValueError(f"Unknown schedule kind {kind!r}; choose one of {SCHEDULE_KINDS}.")
+    return np.linspace(1e-4, 0.02, num_timesteps, dtype=np.float64)
+  if kind == "scaled_linear":
+    return np.linspace(0.00085**0.5, 0.012**0.5, num_timesteps, dtype=np.float64) ** 2
+  if kind == "cosine":
+    return _cosine_betas(num_timesteps)
+  raise ValueError(f"Unknown schedule kind {kind!r}; choose one of {SCHEDULE_KINDS}.")
+
+
+def make_schedule(kind: str, num_timesteps: int) -> Schedule:
+  """Builds a schedule: ``linear`` (DDPM, β from 1e-4 to 0.02), ``cosine`` (Nichol and
+  Dhariwal) or ``scaled_linear`` (Stable Diffusion: √β linear from √0.00085 to √0.012)."""
+  betas = betas_of(kind, num_timesteps)
   alphas = 1.0 - betas
   alphas_cumprod = np.cumprod(alphas)
   alphas_cumprod_prev = np.concatenate([[1.0], alphas_cumprod[:-1]])

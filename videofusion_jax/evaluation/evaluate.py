@@ -26,7 +26,7 @@ from videofusion_jax.evaluation.i3d import MIN_FRAMES, NUM_CLASSES
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.sampling import (
   Progress,
-  check_same_clip,
+  check_trained_config,
   describe_batch,
   generated_videos,
   prompt_embeddings,
@@ -146,7 +146,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     from videofusion_jax.evaluation.c3d import C3DProbs
     c3d = C3DProbs(e.c3d_weights, batch_size=e.batch_size)  # a wrong path fails before sampling
   workdir = Path(workdir)
-  check_same_clip(config, str(workdir))
+  check_trained_config(config, str(workdir))
+  prompts = sample_prompts(config, e.num_generated)  # a text model without a prompt: an error before any slow work
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)
   i3d = i3d_features(e.batch_size)
@@ -165,7 +166,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     if c3d is not None:
       probs.append(gather_shares(c3d(video_io.to_uint8(mine)), len(videos)))
 
-  prompts = sample_prompts(config, e.num_generated)
   text = None if prompts is None else prompt_embeddings(config, prompts, verbose=jax.process_index() == 0)
   generated_videos(experiment, state.ema_params, e.num_generated, e.seed, labels, consume, text)
   fake = np.concatenate(gen_feats)
