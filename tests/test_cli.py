@@ -1,20 +1,23 @@
 """The command line: bad input ends with one clear message, no traceback."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_main(*args, workdir):
+def run_main(*args, workdir, env=None):
   if not any(a.startswith("--config.compilation_cache_dir=") for a in args):
     # The suite's XLA cache (conftest.py), never the user's: main.py points its process's cache there.
     args = (*args, f"--config.compilation_cache_dir={os.environ.get('VIDEOFUSION_TESTS_XLA_CACHE', '')}")
   cmd = [sys.executable, "-m", "videofusion_jax.main", f"--workdir={workdir}", *args]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=None if env is None else {**os.environ, **env})
 
 
 @pytest.mark.parametrize("override,message", [
@@ -80,6 +83,30 @@ def test_sampler_settings_that_would_give_wrong_samples_are_refused():
   assert "config.sample.prior_spacing='middle'" in refused(sample__prior_spacing="middle")
 
 
+def test_training_settings_that_would_lose_checkpoints_or_fail_late_are_refused():
+  """Each refused by validation, before anything runs: keep_checkpoints=0 (Orbax would keep none: the first
+  save would delete every checkpoint), intervals of 0 (a modulo by zero after the compile), a mesh the
+  devices cannot make, and values read nowhere else."""
+  from videofusion_jax.config import ConfigError
+  from videofusion_jax.experiment import Experiment
+
+  for key, value, message in [
+      ("train.keep_checkpoints", 0, "config.train.keep_checkpoints=0: the checkpoints kept on disk"),
+      ("train.checkpoint_every", 0, "config.train.checkpoint_every=0: the steps between checkpoints"),
+      ("train.log_every", 0, "config.train.log_every=0: the steps between log lines"),
+      ("train.label_dropout", 1.5, "config.train.label_dropout=1.5: the share of examples"),
+      ("train.learning_rate", -1.0, "config.train.learning_rate=-1.0: must be a finite number >= 0"),
+      ("train.weight_decay", float("nan"), "config.train.weight_decay=nan: must be a finite number >= 0"),
+      ("data.num_classes", -1, "config.data.num_classes=-1: the dataset's class count"),
+      ("model.residual.channel_mult", (), "config.model.residual.channel_mult=(): one positive integer per"),
+      ("mesh.fsdp", 0, "config.mesh.fsdp=0: the devices along the mesh's 'fsdp' axis"),
+      ("mesh.fsdp", -1, "config.mesh.data and config.mesh.fsdp are both -1"),
+      ("mesh.data", 3, "config.mesh data=3, fsdp=1 does not cover the 8 devices"),
+  ]:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+      Experiment(tiny_config(**{key: value}))
+
+
 def test_missing_dataset_and_missing_checkpoint(tmp_path):
   r = run_main("--config=configs/ucf101.py", f"--config.data.data_dir={tmp_path}",
                f"--config.data.manual_dir={tmp_path / 'nowhere'}", workdir=tmp_path)
@@ -94,6 +121,12 @@ def test_missing_dataset_and_missing_checkpoint(tmp_path):
   r = run_main("--config=configs/demo.py", "--mode=sample", workdir=tmp_path / "empty")
   assert r.returncode == 1 and "no checkpoint in" in r.stderr and "Traceback" not in r.stderr
   assert list((tmp_path / "empty").iterdir()) == []
+  # A workdir given as ~/... (a shell leaves the ~ of --workdir=~/... alone) is the one in the home folder,
+  # for every mode, not a folder named ~ in the current one.
+  r = run_main("--config=configs/demo.py", "--mode=sample", workdir="~/empty", env={"HOME": str(tmp_path)})
+  assert r.returncode == 1 and f"no checkpoint in {tmp_path / 'empty' / 'checkpoints'}" in r.stderr, r.stderr
+  r = run_main("--config=configs/demo.py", workdir="")
+  assert r.returncode == 1 and "error: --workdir is empty" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_persistent_compilation_cache(tmp_path):

@@ -155,16 +155,19 @@ def test_a_damaged_checkpoint_is_skipped_and_training_resumes_from_the_one_befor
   for a, b in zip(jax.tree.leaves(ema.ema_params), jax.tree.leaves(state.ema_params)):
     assert a.sharding == b.sharding
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # Training resumes from 2 and gives what an uninterrupted run gives (the same batches 3 and 4).
-  c6 = tiny_config(**{"train.num_steps": 6})
+  # Training resumes from 2 and gives what an uninterrupted run gives (the same batches 3 and 4). Asked for
+  # the damaged checkpoint's own step (4), it does not stop at "nothing to train": step 4 is not there intact.
+  last = 4 if how == "delete" else 6
+  c_last = tiny_config(**{"train.num_steps": last})
   batches = list(fake_batches(c))
-  resumed = train(c6, tmp_path / "run", batches=iter(batches[2:]), trainer=trainer)
+  resumed = train(c_last, tmp_path / "run", batches=iter(batches[2:]), trainer=trainer)
   out = capsys.readouterr().out
-  assert "skipped checkpoint 4" in out and "resumed from checkpoint 2" in out
+  assert "skipped checkpoint 4" in out and "resumed from checkpoint 2" in out and "nothing to train" not in out
+  assert int(resumed.step) == last
   # Kept, out of the way: the run saves step 4 anew.
   assert snapshot(tmp_path / "run" / "checkpoints_damaged" / "4") == before
-  assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [2, 4, 6]
-  straight = train(c6, tmp_path / "straight", batches=iter(batches), trainer=trainer, verbose=False)
+  assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == list(range(2, last + 1, 2))
+  straight = train(c_last, tmp_path / "straight", batches=iter(batches), trainer=trainer, verbose=False)
   for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
@@ -254,6 +257,11 @@ def test_workdir_lock(tmp_path, capsys):
   with WorkdirLock(tmp_path):
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
   assert "was left by process" in capsys.readouterr().out
+  # So is one naming this very process (a restarted container reuses ids and host names) that it does not hold.
+  (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+  with WorkdirLock(tmp_path):
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["started"]  # this run's own record now
+  assert f"was left by process {os.getpid()}" in capsys.readouterr().out and not (tmp_path / LOCK_NAME).exists()
 
 
 @pytest.fixture(scope="module")

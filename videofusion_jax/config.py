@@ -180,6 +180,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{SCHEDULE_KINDS}.")
   if d.frame_stride < 1:
     raise ConfigError(f"config.data.frame_stride={d.frame_stride}: must be >= 1.")
+  if not _is_int(d.num_classes) or d.num_classes < 0:
+    raise ConfigError(f"config.data.num_classes={d.num_classes!r}: the dataset's class count, an integer >= 0 "
+                      "(0: unconditional).")
+  for name in ("base", "residual"):
+    mult = config.model[name].channel_mult
+    if not mult or not all(_is_int(x) and x >= 1 for x in mult):
+      raise ConfigError(f"config.model.{name}.channel_mult={mult!r}: one positive integer per resolution level, "
+                        "e.g. (1, 2, 4).")
+  for axis in ("data", "fsdp"):
+    n = config.mesh[axis]
+    if not _is_int(n) or not (n == -1 or n >= 1):
+      raise ConfigError(f"config.mesh.{axis}={n!r}: the devices along the mesh's {axis!r} axis, an integer >= 1, "
+                        "or -1 for the devices the other axis leaves.")
+  if config.mesh.data == config.mesh.fsdp == -1:
+    raise ConfigError("config.mesh.data and config.mesh.fsdp are both -1: give one of them (-1 takes the rest).")
   if not d.cache_mb >= 0:
     raise ConfigError(f"config.data.cache_mb={d.cache_mb}: the MB of decoded frames to keep in memory; "
                       "must be >= 0 (0: decode every clip as it is read).")
@@ -290,6 +305,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       "--config.train.residual_frames=0.")
   if t.batch_size < 1 or t.num_steps < 1:
     raise ConfigError("config.train.batch_size and config.train.num_steps must be >= 1.")
+  for field, what in (("log_every", "steps between log lines"), ("checkpoint_every", "steps between checkpoints"),
+                      ("keep_checkpoints", "checkpoints kept on disk, the newest; older ones are deleted")):
+    if not _is_int(t[field]) or t[field] < 1:
+      raise ConfigError(f"config.train.{field}={t[field]!r}: the {what}; must be an integer >= 1.")
+  if not 0.0 <= float(t.label_dropout) <= 1.0:
+    raise ConfigError(f"config.train.label_dropout={t.label_dropout!r}: the share of examples trained on the null "
+                      "condition; must lie in [0, 1] (0.1 is usual; guidance needs it > 0).")
+  for field in ("learning_rate", "weight_decay"):
+    if not (math.isfinite(float(t[field])) and t[field] >= 0):
+      raise ConfigError(f"config.train.{field}={t[field]!r}: must be a finite number >= 0.")
   if t.lr_decay not in ("constant", "cosine"):
     raise ConfigError(f"config.train.lr_decay={t.lr_decay!r}: use 'constant' or 'cosine'.")
   if not 0.0 <= t.ema_decay < 1.0:
@@ -374,6 +399,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_chain_start(f"config.sample.prior_num_steps={s.prior_num_steps} with config.sample.prior_spacing="
                        f"{s.prior_spacing!r}", m.prior.schedule, m.prior.num_timesteps, s.prior_num_steps,
                        s.prior_spacing, "--config.sample.prior_spacing=trailing or another prior_num_steps")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
 
 
 MAX_START_SIGNAL = 0.1  # how much more of the signal (√ᾱ) a DDIM chain's first step may assume than t = T-1

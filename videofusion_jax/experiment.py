@@ -55,7 +55,10 @@ class Experiment:
     validate(config)
     self.config = config
     self._program_context = program_context(config)  # the config everything below is built from
-    self.mesh = mesh if mesh is not None else shd.make_mesh(config)
+    try:
+      self.mesh = mesh if mesh is not None else shd.make_mesh(config)
+    except ValueError as e:  # the mesh's shape against the devices there are
+      raise ConfigError(str(e)) from None
     if config.train.batch_size % self.mesh.devices.size:
       raise ConfigError(
           f"config.train.batch_size={config.train.batch_size} does not split evenly over the "

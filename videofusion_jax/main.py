@@ -166,7 +166,8 @@ def main(argv) -> None:
       _fail(str(e))
     return
   try:
-    check_workdir(_WORKDIR.value, must_exist=_MODE.value in ("sample", "eval"))
+    # The path checked is the path used (~ expanded: a shell leaves it in --workdir=~/run).
+    workdir = str(check_workdir(_WORKDIR.value, must_exist=_MODE.value in ("sample", "eval")))
   except WorkdirError as e:
     _fail(str(e))
   if _MULTIHOST.value or _COORDINATOR.value or os.environ.get("VIDEOFUSION_MULTIHOST"):
@@ -179,17 +180,17 @@ def main(argv) -> None:
       from videofusion_jax.training.loop import train
       from videofusion_jax.training.step import Trainer
       experiment = Trainer(config)
-      train(config, _WORKDIR.value, trainer=experiment)
+      train(config, workdir, trainer=experiment)
     else:
       from videofusion_jax.experiment import Experiment
       experiment = Experiment(config)
     if _MODE.value in ("sample", "train_and_sample"):
       from videofusion_jax import sampling
-      sampling.run(config, _WORKDIR.value, experiment=experiment,
+      sampling.run(config, workdir, experiment=experiment,
                    config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
     if _MODE.value == "eval":
       from videofusion_jax.evaluation import evaluate
-      evaluate.run(config, _WORKDIR.value, experiment=experiment)
+      evaluate.run(config, workdir, experiment=experiment)
   except Preempted as e:
     print(e, flush=True)
     sys.exit(0)

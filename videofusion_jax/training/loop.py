@@ -128,14 +128,21 @@ class Preempted(Exception):
     self.step = step
 
 
+def _resume(trainer: Trainer, manager, say, restored: tuple | None = None) -> tuple[TrainState, dict | None]:
+  """The newest intact checkpoint and its stream position (``restored``: ``ckpt.restore``'s answer, when
+  read already); damaged newer ones moved aside, so that their steps can be saved again."""
+  state, saved_stream, step, damaged = restored or ckpt.restore(manager, trainer.abstract_state(), with_data=True,
+                                                                log=say)
+  ckpt.move_aside(manager, [s for s in damaged if s > step], log=say)
+  say(f"resumed from checkpoint {step} in {manager.directory}")
+  return state, saved_stream
+
+
 def _start(trainer: Trainer, manager, config: ml_collections.ConfigDict, say) -> tuple[TrainState, dict | None]:
-  """The state to train from: the newest intact checkpoint (damaged newer ones moved aside so that
-  their steps can be saved again), else a fresh state, from ``train.init_base_from`` if given."""
+  """The state to train from: the newest intact checkpoint (``_resume``), else a fresh state, from
+  ``train.init_base_from`` if given."""
   if manager.all_steps():
-    state, saved_stream, step, damaged = ckpt.restore(manager, trainer.abstract_state(), with_data=True, log=say)
-    ckpt.move_aside(manager, [s for s in damaged if s > step], log=say)
-    say(f"resumed from checkpoint {step} in {manager.directory}")
-    return state, saved_stream
+    return _resume(trainer, manager, say)
   t0 = time.time()
   state = jax.block_until_ready(trainer.init_state(config.seed))
   how = {"stored": "its traced program loaded from the store; ",
@@ -169,17 +176,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
         lock.acquire()
       manager = ckpt.make_manager(workdir, config.train.keep_checkpoints)
       ckpt.check_compatible(manager, trainer.abstract_state())  # before the slow start
-      latest = manager.latest_step()
+      latest, started = manager.latest_step(), None
       if latest is not None and latest >= config.train.num_steps:
-        say(f"nothing to train: checkpoint {latest} in {manager.directory} has reached config.train.num_steps="
-            f"{config.train.num_steps}. Raise --config.train.num_steps to train on.")
-        return ckpt.restore(manager, trainer.abstract_state(), log=say)
+        # Done, unless that checkpoint is damaged and the newest intact one is not: then training goes on
+        # from it (the damaged ones moved aside), and saves their steps anew.
+        restored = ckpt.restore(manager, trainer.abstract_state(), with_data=True, log=say)
+        if restored[2] >= config.train.num_steps:
+          say(f"nothing to train: checkpoint {restored[2]} in {manager.directory} has reached "
+              f"config.train.num_steps={config.train.num_steps}. Raise --config.train.num_steps to train on.")
+          return restored[0]
+        started = _resume(trainer, manager, say, restored)
       if batches is None:
         prepare_dataset(config)
-      state, saved_stream = _start(trainer, manager, config, say)
-      if int(state.step) >= config.train.num_steps:  # newer checkpoints were damaged: this one is done too
-        say(f"nothing to train: checkpoint {int(state.step)} has reached config.train.num_steps.")
-        return state
+      state, saved_stream = started or _start(trainer, manager, config, say)
       warning = base_from_scratch_warning(config)
       if warning:
         say(warning, flush=True)

@@ -18,6 +18,9 @@ class WorkdirError(RuntimeError):
 def check_workdir(workdir: str | Path, must_exist: bool = False) -> Path:
   """``workdir`` as a Path, after checking that a run can write there (it is created later, when
   missing); ``must_exist`` for the modes that read a trained run. Changes nothing on disk."""
+  if not str(workdir).strip():
+    raise WorkdirError("--workdir is empty: give the directory for the run's checkpoints, logs and samples (it is "
+                       "created when missing).")
   if "://" in str(workdir):
     raise WorkdirError(f"--workdir={workdir}: URLs are not supported yet (the workdir is written with ordinary file "
                        "operations); mount the bucket (e.g. gcsfuse) at the same path on every host and give that "
@@ -51,10 +54,14 @@ def _alive(pid: int) -> bool:
   return True
 
 
+_HELD: set[str] = set()  # the lock files this process holds
+
+
 class WorkdirLock:
   """``workdir/train.lock`` holding this run's process id and host, created atomically: a
   second training run in the same workdir is refused with a message naming the first. A lock
-  left by a run that died on this host (its process is gone) is taken over, with a note."""
+  left by a run that died on this host (its process is gone, or its id is this process's: a
+  restarted container) is taken over, with a note."""
 
   def __init__(self, workdir: Path):
     self.path = Path(workdir) / LOCK_NAME
@@ -68,7 +75,11 @@ class WorkdirLock:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
         other = self._read()
-        if other and other.get("host") == me["host"] and not _alive(int(other.get("pid", -1))):
+        pid = int(other.get("pid", -1)) if other else -1
+        # This process's own id on a lock it does not hold: left by an earlier run whose container reused
+        # the id (and the host name).
+        mine_before = pid == me["pid"] and str(self.path) not in _HELD
+        if other and other.get("host") == me["host"] and (mine_before or not _alive(pid)):
           print(f"note: {self.path} was left by process {other['pid']} on this host, which is gone; taking it over.")
           self.path.unlink(missing_ok=True)
           continue
@@ -81,6 +92,7 @@ class WorkdirLock:
       with os.fdopen(fd, "w") as f:
         json.dump(me, f)
       self.held = True
+      _HELD.add(str(self.path))
       return
 
   def _read(self) -> dict | None:
@@ -93,6 +105,7 @@ class WorkdirLock:
     if self.held:
       self.path.unlink(missing_ok=True)
       self.held = False
+      _HELD.discard(str(self.path))
 
   def __enter__(self) -> WorkdirLock:
     self.acquire()
