@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 from conftest import one_device, tiny_config
 
 from videofusion_jax.data import pipeline, video_io
@@ -39,3 +40,12 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   second = evaluate.run(c, str(tmp_path), experiment=trainer)
   assert "from the cache" in capsys.readouterr().out
   np.testing.assert_allclose(second["fvd"], first["fvd"], rtol=1e-6)
+  # The cache is of the dataset it was read from: the same dataset rebuilt with other videos (other frame
+  # counts) is read again, not served the old features.
+  source = first["protocol"]["source"]
+  assert source["builder"] == "videofusion_demo_clips/64/1.0.0" and source["videos"] == 3 and source["data_dir"].startswith(
+      tfds_dir)
+  lengths = pipeline.split_lengths
+  monkeypatch.setattr(pipeline, "split_lengths", lambda *a: lengths(*a) + 1)
+  with pytest.raises(AssertionError, match="re-read"):
+    evaluate.run(c, str(tmp_path), experiment=trainer)

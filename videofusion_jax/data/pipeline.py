@@ -18,6 +18,7 @@ This module and the builders are the only ones that import TensorFlow, and only 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from collections.abc import Iterator
@@ -73,6 +74,16 @@ def split_lengths(builder, split: str) -> np.ndarray:
     raise PipelineError(f"config.data.split={split!r}: {builder.info.full_name} has splits "
                      f"{sorted(lengths)}; combine them with '+' (slices such as 'train[:10%]' are not supported).")
   return np.concatenate([np.asarray(lengths[p], np.int64) for p in parts])
+
+
+def source_fingerprint(config: ml_collections.ConfigDict, split: str) -> dict:
+  """What the clips of ``split`` are read from: the built dataset's name and version, its folder, its
+  video count and a digest of the videos' frame counts (a rebuild with other videos changes it). Keys
+  the evaluation's cached real-clip features."""
+  builder = get_builder(config.data, verbose=False)
+  lengths = split_lengths(builder, split)
+  return {"builder": builder.info.full_name, "data_dir": str(builder.data_dir), "videos": int(len(lengths)),
+          "lengths_sha256": hashlib.sha256(lengths.astype("<i8").tobytes()).hexdigest()[:16]}
 
 
 def host_examples(eligible: np.ndarray, process_index: int, process_count: int) -> np.ndarray:

@@ -93,14 +93,16 @@ def _cached_features(path: Path, proto: dict) -> dict | None:
 
 
 def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, verbose: bool = True) -> dict:
-  """I3D features of the protocol's real clips (and their labels), cached in the workdir. Each
-  host reads and runs its share of the clips."""
+  """I3D features of the protocol's real clips (and their labels), cached in the workdir under the
+  protocol and the dataset they were read from (``pipeline.source_fingerprint``: a rebuilt or moved
+  dataset is read again); ``protocol`` with them. Each host reads and runs its share of the clips."""
   proto = protocol(config)
+  proto["source"] = pipeline.source_fingerprint(config, proto["split"])
   path = _cache_path(workdir, proto)
   cached = _cached_features(path, proto)
   if cached is not None:
     say(f"real-data features from the cache {path}")
-    return cached
+    return {**cached, "protocol": proto}
   n, hosts = proto["num_real"], jax.process_count()
   say(f"I3D features of {n} real clips ({proto['dataset']} [{proto['split']}])"
       + (f", split over {hosts} hosts" if hosts > 1 else ""))
@@ -120,7 +122,7 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, protocol=json.dumps(proto), **out)
     tmp.replace(path)  # a crash mid-write never leaves a half cache behind
-  return out
+  return {**out, "protocol": proto}
 
 
 @functools.lru_cache(maxsize=2)
@@ -170,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   generated_videos(experiment, state.ema_params, e.num_generated, e.seed, labels, consume, text)
   fake = np.concatenate(gen_feats)
   results = {"step": step, "num_real": int(len(real["features"])), "num_generated": int(len(fake)),
-             "protocol": protocol(config),
+             "protocol": real["protocol"],
              "fvd": distances.fvd(real["features"], fake)}
   kvd_mean, kvd_std = distances.kernel_distance(real["features"], fake, num_subsets=e.kvd_subsets,
                                                 subset_size=e.kvd_subset_size, seed=e.seed)
