@@ -134,3 +134,32 @@ def test_clips_longer_than_every_video_are_refused_clearly(config):
   c = tiny_config(**{"data.data_dir": config.data.data_dir, "data.num_frames": 200})
   with pytest.raises(pipeline.PipelineError, match="no video .* has the 399 frames"):
     pipeline.train_iterator(c, 2, seed=0)
+
+
+def test_num_classes_must_match_the_datasets_labels(config, tmp_path):
+  """data.num_classes against the built dataset's labels (the demo's 3 clips): a smaller count would read
+  label 2 as the null label (or index past the embedding), a dataset without labels would train on label
+  0 alone. Refused as the run prepares its data, before its initial state or any compile."""
+  from types import SimpleNamespace
+
+  from videofusion_jax.training.loop import train
+  from videofusion_jax.training.step import Trainer
+
+  builder = pipeline.get_builder(config.data, verbose=False)
+  assert builder.info.features["label"].num_classes == 3
+  pipeline.check_classes(builder, 3)
+  pipeline.check_classes(builder, 0)  # labels there, unused: unconditional
+  for wrong in (2, 5):
+    with pytest.raises(pipeline.PipelineError, match=rf"config.data.num_classes={wrong}: .* has 3 classes; set "
+                       r"--config.data.num_classes=3"):
+      pipeline.check_classes(builder, wrong)
+  unlabelled = SimpleNamespace(info=SimpleNamespace(features={"video": None}, full_name="sky/64/1.0.0"))
+  pipeline.check_classes(unlabelled, 0)
+  with pytest.raises(pipeline.PipelineError, match=r"sky/64/1.0.0 has no class labels; set --config.data.num_"):
+    pipeline.check_classes(unlabelled, 3)
+  c = tiny_config(**{"data.data_dir": config.data.data_dir, "data.num_classes": 2})
+  trainer = Trainer(c)
+  trainer.init_state = None  # the initial state is never made: the error comes first
+  with pytest.raises(pipeline.PipelineError, match="has 3 classes"):
+    train(c, tmp_path / "run", trainer=trainer, verbose=False)
+  assert not list((tmp_path / "run" / "checkpoints").iterdir())

@@ -105,9 +105,25 @@ class _Source:
   span: int  # frames one clip covers: (N - 1) x stride + 1
 
 
+def check_classes(builder, num_classes: int) -> None:
+  """``data.num_classes`` against the dataset's class labels: a label at or past ``num_classes`` would be
+  read as the null label of guidance or index past the label embedding (NaN), and a dataset without
+  labels would train a 'conditional' model on label 0 alone."""
+  features = builder.info.features
+  has = "label" in features.keys() and hasattr(features["label"], "num_classes")
+  if num_classes and not has:
+    raise PipelineError(f"config.data.num_classes={num_classes}: {builder.info.full_name} has no class labels; set "
+                        "--config.data.num_classes=0 (unconditional).")
+  if num_classes and features["label"].num_classes != num_classes:
+    k = features["label"].num_classes
+    raise PipelineError(f"config.data.num_classes={num_classes}: {builder.info.full_name} has {k} classes; set "
+                        f"--config.data.num_classes={k} (or 0 to ignore its labels).")
+
+
 def _source(config: ml_collections.ConfigDict, split: str, verbose: bool) -> _Source:
   d = config.data
   builder = get_builder(d, verbose=verbose)
+  check_classes(builder, d.num_classes)
   lengths = split_lengths(builder, split)
   span = (d.num_frames - 1) * d.frame_stride + 1
   eligible = np.flatnonzero(lengths >= span)

@@ -33,10 +33,13 @@ def resume_position(saved: dict | None, stream: dict, step: int) -> int:
 
 
 def prepare_dataset(config: ml_collections.ConfigDict) -> None:
-  """Builds the TFDS dataset from the raw files if needed: on host 0 only, the others wait."""
+  """Builds the TFDS dataset from the raw files if needed: on host 0 only, the others wait. Then checks
+  ``data.num_classes`` against its labels (``pipeline.check_classes``)."""
   from videofusion_jax.data import pipeline  # imports TensorFlow when it builds
 
   # The other hosts only check, so that a missing dataset stops each with its message, not at the barrier.
   pipeline.get_builder(config.data, build=jax.process_index() == 0)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("dataset prepared")
+  # On every host, once it is built: all stop alike, before the slow start (initial state, compiles).
+  pipeline.check_classes(pipeline.get_builder(config.data, verbose=False), config.data.num_classes)
