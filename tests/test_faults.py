@@ -155,6 +155,11 @@ def test_a_damaged_checkpoint_is_skipped_and_training_resumes_from_the_one_befor
   for a, b in zip(jax.tree.leaves(ema.ema_params), jax.tree.leaves(state.ema_params)):
     assert a.sharding == b.sharding
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Another run starting from this one (train.init_base_from) reads the newest readable one, the same weights.
+  raw, raw_step = ckpt.restore_raw(tmp_path / "run")
+  assert raw_step == 2 and "skipped checkpoint 4" in capsys.readouterr().out
+  for a, b in zip(jax.tree.leaves(raw["ema_params"]), jax.tree.leaves(state.ema_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Training resumes from 2 and gives what an uninterrupted run gives (the same batches 3 and 4). Asked for
   # the damaged checkpoint's own step (4), it does not stop at "nothing to train": step 4 is not there intact.
   last = 4 if how == "delete" else 6

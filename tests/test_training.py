@@ -326,6 +326,11 @@ def test_checkpoints_of_the_single_item_format_still_restore_and_resume(trainer,
   with pytest.raises(ckpt.CheckpointError, match="no checkpoint found"):
     ckpt.restore_raw(tmp_path / "nothing")
   assert not (tmp_path / "nothing").exists()  # reading another run never creates or deletes anything
+  # A fresh run told to start from a run that is not there stops before anything: no state made, no folder.
+  c_from = tiny_config(**{"train.init_base_from": str(tmp_path / "nothing")})
+  with pytest.raises(ckpt.CheckpointError, match=f"no checkpoint found under {tmp_path / 'nothing' / 'checkpoints'}"):
+    train(c_from, tmp_path / "fresh", iter(data), trainer=None, verbose=False)
+  assert not (tmp_path / "fresh").exists()
   manager = ckpt.make_manager(tmp_path / "old", keep=5, async_save=False)
   old_state = ckpt.restore(manager, trainer.abstract_state(), step=2)
   _allclose_trees(old_state.params, state.params)

@@ -370,23 +370,30 @@ def restore_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None
   return dict(manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
 
 
-def restore_raw(workdir: str | Path):
-  """The latest checkpoint of another run as plain arrays (no target tree). Read only: the
-  manager neither creates folders nor keeps a maximum, so nothing of that run is touched."""
-  directory = Path(workdir).absolute() / "checkpoints"
-  if not directory.is_dir():
-    raise CheckpointError(f"no checkpoint found under {directory}: train that run first.")
+def check_other_run(workdir: str | Path) -> Path:
+  """``workdir/checkpoints`` of another run (``train.init_base_from``), checked before any slow work:
+  a CheckpointError when it holds no checkpoint."""
+  directory = Path(workdir).expanduser().absolute() / "checkpoints"
+  if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+    raise CheckpointError(f"no checkpoint found under {directory}: train that run first (config.train."
+                          "init_base_from names its workdir).")
+  return directory
+
+
+def restore_raw(workdir: str | Path, log=print):
+  """The newest readable checkpoint of another run as plain arrays (no target tree), and its step; a
+  damaged one is skipped with a message, as ``restore`` does. Read only: the manager neither creates
+  folders nor keeps a maximum, so nothing of that run is touched."""
+  directory = check_other_run(workdir)
   options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
   manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
-  step = manager.latest_step()
-  if step is None:
-    manager.close()
-    raise CheckpointError(f"no checkpoint found under {directory}: train that run first.")
   try:
-    restored = _restore_state(manager, step)
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"cannot read checkpoint {step} under {directory} "
-                          f"({type(e).__name__}: {str(e)[:300]}).") from None
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return _restore_state(manager, step), step
+      except Exception as e:  # noqa: BLE001 - TensorStore's read errors come as plain Exceptions
+        log(f"warning: skipped checkpoint {step} in {directory}: it cannot be read ({_first_line(_root_cause(e))}).")
   finally:
     manager.close()
-  return restored, step
+  raise CheckpointError(f"no readable checkpoint under {directory} (see above): train that run again, or restore "
+                        "its checkpoints from a backup.")

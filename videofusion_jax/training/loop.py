@@ -165,6 +165,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   (``train.lock``). SIGTERM or SIGINT save the step in flight and raise ``Preempted``.
   """
   workdir = Path(workdir)
+  saved = workdir / "checkpoints"
+  fresh = not saved.is_dir() or not any(p.name.isdigit() for p in saved.iterdir())
+  if config.train.init_base_from and fresh:  # a fresh run starts from that run's weights
+    ckpt.check_other_run(config.train.init_base_from)  # before the lock, the folders and any slow work
   trainer = trainer or Trainer(config)
   lead = jax.process_index() == 0
   say = print if verbose and lead else (lambda *a, **k: None)
