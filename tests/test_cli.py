@@ -41,7 +41,8 @@ def test_bad_config_values(override, message, tmp_path):
 
 def test_sampler_settings_that_would_give_wrong_samples_are_refused():
   """A DDIM chain must start where its noise holds about no signal (√ᾱ at its first step, against the
-  schedule's ᾱ), η lies in [0, 1], guidance scales are finite, and the writer's fps and upscale are >= 1."""
+  schedule's ᾱ), η lies in [0, 1], guidance scales are finite and have a condition to guide by, and the
+  writer's fps and upscale are >= 1."""
   import demo
 
   from videofusion_jax.config import ConfigError, validate
@@ -81,6 +82,10 @@ def test_sampler_settings_that_would_give_wrong_samples_are_refused():
   for field in ("fps", "upscale", "num_real_clips"):
     assert f"config.sample.{field}=0: must be an integer >= 1" in refused(**{f"sample__{field}": 0})
   assert "config.sample.prior_spacing='middle'" in refused(sample__prior_spacing="middle")
+  # Guidance where there is no condition to guide by (the sidecar would record a scale never applied).
+  assert "this model is unconditional" in refused(model__condition="label", data__num_classes=0,
+                                                  sample__guidance_scale=3.0)
+  assert "this prior is on nothing" in refused(data__num_classes=0, sample__prior_guidance_scale=2.0)
 
 
 def test_training_settings_that_would_lose_checkpoints_or_fail_late_are_refused():

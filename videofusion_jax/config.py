@@ -388,6 +388,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("guidance_scale", "prior_guidance_scale"):
     if not math.isfinite(float(s[field])):
       raise ConfigError(f"config.sample.{field}={s[field]!r}: must be a finite number >= 0.")
+  # Guidance mixes a conditional and a null estimate: a model on nothing has no condition to guide by.
+  if s.guidance_scale != 1.0 and m.condition == "label" and not d.num_classes:
+    raise ConfigError(f"config.sample.guidance_scale={s.guidance_scale}: this model is unconditional "
+                      "(model.condition='label' with data.num_classes=0), so there is nothing to guide; leave it at 1.")
+  if (s.prior_guidance_scale != 1.0 and m.condition == "embedding" and m.prior.condition == "label"
+          and not d.num_classes):
+    raise ConfigError(f"config.sample.prior_guidance_scale={s.prior_guidance_scale}: this prior is on nothing "
+                      "(data.num_classes=0, no text), so there is nothing to guide it by; leave it at 1.")
   for field in ("fps", "upscale", "num_real_clips"):
     if not isinstance(s[field], int) or isinstance(s[field], bool) or s[field] < 1:
       raise ConfigError(f"config.sample.{field}={s[field]!r}: must be an integer >= 1.")
