@@ -19,6 +19,7 @@ from videofusion_jax import sampling
 from videofusion_jax.evaluation import evaluate
 from videofusion_jax.training.loop import train
 from videofusion_jax.training.step import Trainer
+from videofusion_jax.training.workdir import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,14 @@ EVAL = {"eval.num_real": 5, "eval.num_generated": 3, "eval.batch_size": 2, "eval
 def run_two(worker: str, outputs: list[Path], config_file: Path, workdir: Path, mode: str) -> list[str]:
   """``worker`` (one of the scripts above) as two processes of one run on ``workdir``, process i
   writing ``outputs[i]``; asserts both exit 0 and returns their outputs."""
+  procs, outs = start_two(worker, outputs, config_file, workdir, mode, timeout=400)
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, out + err[-3000:]
+  return [out for out, _ in outs]
+
+
+def start_two(worker: str, outputs: list[Path], config_file: Path, workdir: Path, mode: str, timeout: float):
+  """The two processes of ``run_two``, run to their end: the processes and their (stdout, stderr)."""
   script = outputs[0].parent / f"{mode}_worker.py"
   script.write_text(worker)
   port = free_port()
@@ -75,10 +84,7 @@ def run_two(worker: str, outputs: list[Path], config_file: Path, workdir: Path, 
       [sys.executable, str(script), str(outputs[i]), f"--config={config_file}", f"--workdir={workdir}",
        f"--mode={mode}", f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_device_env()) for i in range(2)]
-  outs = [p.communicate(timeout=400) for p in procs]
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, out + err[-3000:]
-  return [out for out, _ in outs]
+  return procs, [p.communicate(timeout=timeout) for p in procs]
 
 
 def free_port() -> int:
@@ -141,3 +147,20 @@ def test_two_processes_train_sample_and_evaluate_as_one_and_a_single_process_res
   state = train(c, workdir, trainer=trainer)
   assert int(state.step) == 4 and "resumed from checkpoint 3" in capsys.readouterr().out
   assert os.path.isdir(workdir / "checkpoints" / "4")
+
+
+def test_a_workdir_another_run_holds_stops_both_hosts(tmp_path, tfds_dir):
+  """Process 0 alone takes the workdir's lock; refused, it tells the other host, and both stop with an
+  error at once (the other one used to wait at the checkpoint manager's first barrier until its timeout)."""
+  config_file = tiny_config_file(tmp_path, **{"data.data_dir": tfds_dir})
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  lock = {"pid": os.getpid(), "host": socket.gethostname(), "started": "earlier"}  # a live process: this one
+  (workdir / LOCK_NAME).write_text(json.dumps(lock))
+  procs, outs = start_two(WORKER, [tmp_path / f"params_{i}.npz" for i in range(2)], config_file, workdir, "train",
+                          timeout=120)
+  assert [p.returncode for p in procs] == [1, 1], outs
+  assert "error: another training run (process" in outs[0][1] and "Traceback" not in outs[0][1]
+  assert f"error: process 0 could not lock {workdir / LOCK_NAME}" in outs[1][1] and "Traceback" not in outs[1][1]
+  assert json.loads((workdir / LOCK_NAME).read_text()) == lock and sorted(p.name for p in workdir.iterdir()) == [
+      LOCK_NAME]

@@ -16,7 +16,7 @@ from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training.preemption import StopRequest
 from videofusion_jax.training.state import TrainState
 from videofusion_jax.training.step import Trainer
-from videofusion_jax.training.workdir import WorkdirLock
+from videofusion_jax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock
 
 
 class NonFiniteLossError(RuntimeError):
@@ -154,6 +154,25 @@ def _start(trainer: Trainer, manager, config: ml_collections.ConfigDict, say) ->
   return state, None
 
 
+def _lock_on_every_host(lock: WorkdirLock | None, workdir: Path) -> None:
+  """Process 0 takes the workdir's lock (``lock``; None on the others); when it cannot, every host stops
+  with an error, where the others would wait at the checkpoint manager's first barrier until its timeout."""
+  refused = None
+  if lock is not None:
+    try:
+      lock.acquire()
+    except WorkdirError as e:
+      refused = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    held = bool(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+    if not held and refused is None:
+      raise WorkdirError(f"process 0 could not lock {workdir / LOCK_NAME}: another training run holds the workdir "
+                         "(process 0's error names it).")
+  if refused is not None:
+    raise refused
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dict] | None = None,
           trainer: Trainer | None = None, verbose: bool = True) -> TrainState:
   """Trains (or resumes) in ``workdir``: checkpoints, TensorBoard events, ``metrics.jsonl`` and
@@ -176,8 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   manager = None
   with StopRequest() as stop:  # from here on a signal stops training at a step, with its checkpoint
     try:
-      if lock:
-        lock.acquire()
+      _lock_on_every_host(lock, workdir)
       manager = ckpt.make_manager(workdir, config.train.keep_checkpoints)
       ckpt.check_compatible(manager, trainer.abstract_state())  # before the slow start
       latest, started = manager.latest_step(), None
