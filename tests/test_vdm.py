@@ -185,7 +185,7 @@ def test_vdm_trains_samples_and_restores_on_eight_devices(vdm_run):
   video_fn = make_video_fn(trainer.networks, restored.ema_params, None, condition=cond)
   chain = diffusion.sample_chain(video_fn, None, (3, 4, 8, 8, 3), trainer.lambdas, trainer.schedule, "ddim",
                                  c.sample.num_steps, c.sample.eta, c.sample.clip_x0,
-                                 row_keys=(base_keys, residual_keys))
+                                 row_keys=(base_keys, residual_keys), spacing=c.sample.spacing)
   np.testing.assert_allclose(videos, np.clip(np.asarray(chain), -1, 1), atol=1e-4)
 
 
