@@ -86,6 +86,9 @@ def test_sampler_settings_that_would_give_wrong_samples_are_refused():
   assert "this model is unconditional" in refused(model__condition="label", data__num_classes=0,
                                                   sample__guidance_scale=3.0)
   assert "this prior is on nothing" in refused(data__num_classes=0, sample__prior_guidance_scale=2.0)
+  given = demo.get_config()  # given embeddings: the prior does not run, its guidance scale is not read
+  given.data.num_classes, given.sample.prior_guidance_scale, given.sample.embeddings = 0, 2.0, "c.npy"
+  validate(given)
 
 
 def test_training_settings_that_would_lose_checkpoints_or_fail_late_are_refused():

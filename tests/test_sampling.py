@@ -182,7 +182,12 @@ def test_given_embeddings_replace_the_prior_and_a_wrong_width_is_a_clear_error(t
   np.testing.assert_allclose(sampling.given_embeddings(c, 3), npz["embeddings"], rtol=1e-5)
   np.savez(tmp_path / "other.npz", videos=np.zeros(3))
   c.sample.embeddings = str(tmp_path / "other.npz")
-  with pytest.raises(ConfigError, match=r"a \.npz without an 'embeddings' array \(it holds \['videos'\]\)"):
+  with pytest.raises(ConfigError, match=r"a \.npz without an 'embeddings' array \(it holds \['videos'\]\)") as e:
+    sampling.given_embeddings(c, 3)
+  assert "cannot read" not in str(e.value)
+  np.savez(tmp_path / "label_model.npz", embeddings=np.zeros(0))  # a label-conditioned run's samples.npz
+  c.sample.embeddings = str(tmp_path / "label_model.npz")
+  with pytest.raises(ConfigError, match="holds no embeddings"):
     sampling.given_embeddings(c, 3)
   np.save(tmp_path / "wide.npy", np.zeros((3, width + 1), np.float32))
   c.sample.embeddings = str(tmp_path / "wide.npy")

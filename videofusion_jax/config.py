@@ -393,7 +393,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.sample.guidance_scale={s.guidance_scale}: this model is unconditional "
                       "(model.condition='label' with data.num_classes=0), so there is nothing to guide; leave it at 1.")
   if (s.prior_guidance_scale != 1.0 and m.condition == "embedding" and m.prior.condition == "label"
-          and not d.num_classes):
+          and not d.num_classes and not s.embeddings):  # given embeddings: the prior does not run
     raise ConfigError(f"config.sample.prior_guidance_scale={s.prior_guidance_scale}: this prior is on nothing "
                       "(data.num_classes=0, no text), so there is nothing to guide it by; leave it at 1.")
   for field in ("fps", "upscale", "num_real_clips"):

@@ -330,13 +330,17 @@ def given_embeddings(config: ml_collections.ConfigDict, num: int) -> np.ndarray 
     return None
   try:
     e = np.load(Path(path).expanduser())
-    if isinstance(e, np.lib.npyio.NpzFile):
-      if "embeddings" not in e.files:
-        raise ConfigError(f"config.sample.embeddings={path!r}: a .npz without an 'embeddings' array (it holds "
-                          f"{e.files}); give a .npy, or a samples.npz written by --mode=sample.")
+    files = e.files if isinstance(e, np.lib.npyio.NpzFile) else None
+    if files is not None and "embeddings" in files:
       e = e["embeddings"]
   except (OSError, ValueError) as err:
     raise ConfigError(f"config.sample.embeddings={path!r}: cannot read a .npy array ({err}).") from None
+  if files is not None and "embeddings" not in files:
+    raise ConfigError(f"config.sample.embeddings={path!r}: a .npz without an 'embeddings' array (it holds "
+                      f"{files}); give a .npy, or a samples.npz written by --mode=sample.")
+  if e.size == 0:
+    raise ConfigError(f"config.sample.embeddings={path!r} holds no embeddings (a label-conditioned model's "
+                      "samples.npz has none).")
   if not (np.issubdtype(e.dtype, np.floating) or np.issubdtype(e.dtype, np.integer)):
     raise ConfigError(f"config.sample.embeddings={path!r} holds {e.dtype} values, not numbers.")
   width = config.model.encoder.embed_dim

@@ -77,12 +77,13 @@ def split_lengths(builder, split: str) -> np.ndarray:
 
 
 def source_fingerprint(config: ml_collections.ConfigDict, split: str) -> dict:
-  """What the clips of ``split`` are read from: the built dataset's name and version, its folder, its
-  video count and a digest of the videos' frame counts (a rebuild with other videos changes it). Keys
-  the evaluation's cached real-clip features."""
+  """What the clips of ``split`` are read from: the built dataset's name and version, its video count and
+  a digest of the videos' frame counts (a rebuild with other videos changes it). Keys the evaluation's
+  cached real-clip features. Not its folder, which hosts may mount at different paths: they must all
+  agree on whether the cache holds the features."""
   builder = get_builder(config.data, verbose=False)
   lengths = split_lengths(builder, split)
-  return {"builder": builder.info.full_name, "data_dir": str(builder.data_dir), "videos": int(len(lengths)),
+  return {"builder": builder.info.full_name, "videos": int(len(lengths)),
           "lengths_sha256": hashlib.sha256(lengths.astype("<i8").tobytes()).hexdigest()[:16]}
 
 

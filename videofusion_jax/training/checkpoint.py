@@ -387,13 +387,15 @@ def restore_raw(workdir: str | Path, log=print):
   directory = check_other_run(workdir)
   options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
   manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
+  cause = ""
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
         return _restore_state(manager, step), step
       except Exception as e:  # noqa: BLE001 - TensorStore's read errors come as plain Exceptions
-        log(f"warning: skipped checkpoint {step} in {directory}: it cannot be read ({_first_line(_root_cause(e))}).")
+        cause = f"{type(_root_cause(e)).__name__}: {_first_line(_root_cause(e))}"
+        log(f"warning: skipped checkpoint {step} in {directory}: it cannot be read ({cause}).")
   finally:
     manager.close()
-  raise CheckpointError(f"no readable checkpoint under {directory} (see above): train that run again, or restore "
-                        "its checkpoints from a backup.")
+  raise CheckpointError(f"no readable checkpoint under {directory} (the last read failed with {cause}): train that "
+                        "run again, or restore its checkpoints from a backup.")
