@@ -216,7 +216,8 @@ def test_the_pipeline_reads_every_builder(built, name):
   """One epoch of training clips and the evaluation clips, from each real builder's dataset; the
   same clips whether the decoded videos are kept in memory (they fit ``data.cache_mb``) or not."""
   builder, layout, data_dir = built(name)
-  c = tiny_config(**{"data.name": f"{name}/{CONFIG}", "data.data_dir": data_dir, "data.image_size": 16})
+  c = tiny_config(**{"data.name": f"{name}/{CONFIG}", "data.data_dir": data_dir, "data.image_size": 16,
+                     "data.num_classes": 101 if name == "ucf101" else 0})  # the dataset's own class count
   train = layout.examples["train"]
   batch = next(pipeline.train_iterator(c, len(train), seed=0, verbose=False))  # exactly one epoch
   c.data.cache_mb = 0.0
@@ -236,7 +237,8 @@ def test_hosts_split_ucf101_and_train_plus_test_reads_both(built):
   """'train+test' reads both splits; over 2 and 4 simulated hosts, one epoch of every host's
   stream holds each video once (the labels of the fabricated UCF101 tell the videos apart)."""
   _, layout, data_dir = built("ucf101")
-  c = tiny_config(**{"data.name": f"ucf101/{CONFIG}", "data.data_dir": data_dir, "data.split": "train+test"})
+  c = tiny_config(**{"data.name": f"ucf101/{CONFIG}", "data.data_dir": data_dir, "data.split": "train+test",
+                     "data.num_classes": 101})
   labels = sorted(e.label for split in ("train", "test") for e in layout.examples[split])
   assert len(labels) >= 4
   for hosts in (1, 2, 4):
