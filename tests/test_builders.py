@@ -316,7 +316,7 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
   c.model.encoder.update(clip_dir=str(clip_dir), embed_dim=20)
   c.model.prior.update(width=32, num_layers=2)
   c.train, c.sample = tiny.train, tiny.sample
-  c.train.num_steps = 2
+  c.train.update(num_steps=2, label_dropout=0.1)  # guided below: the null text and c seen in training
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a sunset over the sea\n\nan aerial view of a city at night\n")
   c.sample.update(prompts_file=str(prompts), prior_guidance_scale=2.0, guidance_scale=2.0)

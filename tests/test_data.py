@@ -136,10 +136,11 @@ def test_clips_longer_than_every_video_are_refused_clearly(config):
     pipeline.train_iterator(c, 2, seed=0)
 
 
-def test_num_classes_must_match_the_datasets_labels(config, tmp_path):
+def test_num_classes_and_image_size_must_fit_the_dataset(config, tmp_path):
   """data.num_classes against the built dataset's labels (the demo's 3 clips): a smaller count would read
   label 2 as the null label (or index past the embedding), a dataset without labels would train on label
-  0 alone. Refused as the run prepares its data, before its initial state or any compile."""
+  0 alone; data.image_size against its stored frames. Refused as the run prepares its data, before its
+  initial state or any compile."""
   from types import SimpleNamespace
 
   from videofusion_jax.training.loop import train
@@ -157,6 +158,10 @@ def test_num_classes_must_match_the_datasets_labels(config, tmp_path):
   pipeline.check_classes(unlabelled, 0)
   with pytest.raises(pipeline.PipelineError, match=r"sky/64/1.0.0 has no class labels; set --config.data.num_"):
     pipeline.check_classes(unlabelled, 3)
+  # Frames stored at 64 px (the short side): a larger image size would upsample them.
+  pipeline.check_image_size(builder, 64)
+  with pytest.raises(pipeline.PipelineError, match=r"config.data.image_size=128: .* stores its frames at 64 px"):
+    pipeline.check_image_size(builder, 128)
   c = tiny_config(**{"data.data_dir": config.data.data_dir, "data.num_classes": 2})
   trainer = Trainer(c)
   trainer.init_state = None  # the initial state is never made: the error comes first

@@ -226,6 +226,11 @@ def test_settings_the_model_was_not_trained_with_are_refused_before_sampling(tra
   assert "config.diffusion.lam=0.9 (trained with 0.5), config.diffusion.schedule='linear' (trained with 'cosine')" \
       in message and "pass --config.diffusion.lam=0.5 --config.diffusion.schedule=cosine" in message
   assert str(workdir / "config.json") in message
+  # Guidance on a model trained without the null condition (the tiny config, like the demo, drops no label).
+  guided = tiny_config(**{"data.data_dir": config.data.data_dir, "sample.guidance_scale": 2.0})
+  with pytest.raises(ConfigError, match=r"config.sample.guidance_scale=2.0: this model was trained with "
+                     r"train.label_dropout=0 .* never learned the null condition"):
+    sampling.run(guided, str(workdir), experiment=trainer)
   assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before
 
 

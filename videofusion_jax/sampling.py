@@ -454,8 +454,9 @@ def _field(tree, dotted: str):
 def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """The settings ``TRAINED_FIELDS`` (and a 'clip' encoder's CLIP: another CLIP's text space would feed
   the prior embeddings it never saw) as the workdir's ``config.json`` records the training run's: a
-  ConfigError naming each that differs and the flags that give training's. Nothing to compare without
-  the record (an older or hand-edited one: the fields it lacks)."""
+  ConfigError naming each that differs and the flags that give training's; also guidance on a model
+  trained without the null condition (``train.label_dropout=0``). Nothing to compare without the
+  record (an older or hand-edited one: the fields it lacks)."""
   record = Path(workdir) / "config.json"
   try:
     trained = json.loads(record.read_text())
@@ -479,6 +480,18 @@ def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> Non
     what = ", ".join(f"config.{name}={now!r} (trained with {was!r})" for name, now, was in differ)
     raise ConfigError(f"{what}: this model was trained with other settings ({record}), and its weights give wrong "
                       f"samples under these; pass {flags}, or the config it was trained with.")
+  s = config.sample
+  scales = ([f"config.sample.guidance_scale={s.guidance_scale}"] if guided(config) else []) + (
+      [f"config.sample.prior_guidance_scale={s.prior_guidance_scale}"]
+      if config.model.condition == "embedding" and not s.embeddings and s.prior_guidance_scale != 1.0 else [])
+  try:
+    dropout = float(trained["train"]["label_dropout"])
+  except (KeyError, TypeError, ValueError):
+    dropout = None  # not recorded: nothing to compare
+  if scales and dropout == 0.0:
+    raise ConfigError(f"{' and '.join(scales)}: this model was trained with train.label_dropout=0 ({record}), so it "
+                      "never learned the null condition that guidance mixes in; sample at scale 1, or train with "
+                      "--config.train.label_dropout > 0 (0.1 is usual).")
 
 
 def _clip_used(config: ml_collections.ConfigDict) -> str | None:

@@ -121,10 +121,27 @@ def check_classes(builder, num_classes: int) -> None:
                         f"--config.data.num_classes={k} (or 0 to ignore its labels).")
 
 
+def check_image_size(builder, image_size: int) -> None:
+  """``data.image_size`` against the short side the dataset stores its frames at (its builder config's
+  ``resolution``): a larger size would upsample every frame, silently."""
+  stored = getattr(builder.builder_config, "resolution", None)
+  if stored and image_size > stored:
+    raise PipelineError(f"config.data.image_size={image_size}: {builder.info.full_name} stores its frames at {stored} "
+                        f"px (the short side), so they would be upsampled; use --config.data.image_size <= {stored}, "
+                        "or a config of the dataset built at a larger resolution (data.name=NAME/RESOLUTION).")
+
+
+def check_fits(builder, data: ml_collections.ConfigDict) -> None:
+  """The dataset can feed ``data`` as configured: its class labels (``check_classes``) and frame size
+  (``check_image_size``)."""
+  check_classes(builder, data.num_classes)
+  check_image_size(builder, data.image_size)
+
+
 def _source(config: ml_collections.ConfigDict, split: str, verbose: bool) -> _Source:
   d = config.data
   builder = get_builder(d, verbose=verbose)
-  check_classes(builder, d.num_classes)
+  check_fits(builder, d)
   lengths = split_lengths(builder, split)
   span = (d.num_frames - 1) * d.frame_stride + 1
   eligible = np.flatnonzero(lengths >= span)
