@@ -169,7 +169,7 @@ def unconditional_64_config(name: str, frame_stride: int) -> ml_collections.Conf
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field and how to fix it."""
   d, t = config.data, config.train
-  if not isinstance(d.num_frames, int) or d.num_frames < 2:
+  if not _is_int(d.num_frames) or d.num_frames < 2:
     raise ConfigError(f"config.data.num_frames={d.num_frames!r}: VideoFusion needs at least 2 "
                       "frames (a key frame and one other).")
   if not 0.0 <= float(config.diffusion.lam) <= 1.0:
@@ -295,7 +295,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.min_snr_gamma={t.min_snr_gamma}: must be > 0 (the cap on SNR_t in the "
                       "min-SNR weights; Hang et al. use 5).")
   r = t.residual_frames
-  if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= d.num_frames - 1:
+  if not _is_int(r) or not 0 <= r <= d.num_frames - 1:
     raise ConfigError(f"config.train.residual_frames={r!r}: must be an integer in [0, {d.num_frames - 1}] (how many "
                       f"of the {d.num_frames - 1} non-key frames of each clip train the residual generator per "
                       "step; 0 = all of them).")
@@ -327,7 +327,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       "backward pass: least memory) or 'block_dots' (keep each block's convolution and matmul "
                       "outputs, recompute the rest).")
   k = t.grad_accum_steps
-  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+  if not _is_int(k) or k < 1:
     raise ConfigError(f"config.train.grad_accum_steps={k!r}: must be an integer >= 1 (1 = no accumulation).")
   if t.batch_size % k:
     raise ConfigError(f"config.train.batch_size={t.batch_size} does not split into grad_accum_steps={k} "
@@ -397,7 +397,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.sample.prior_guidance_scale={s.prior_guidance_scale}: this prior is on nothing "
                       "(data.num_classes=0, no text), so there is nothing to guide it by; leave it at 1.")
   for field in ("fps", "upscale", "num_real_clips"):
-    if not isinstance(s[field], int) or isinstance(s[field], bool) or s[field] < 1:
+    if not _is_int(s[field]) or s[field] < 1:
       raise ConfigError(f"config.sample.{field}={s[field]!r}: must be an integer >= 1.")
   if s.method == "ddim":
     _check_chain_start(f"config.sample.num_steps={s.num_steps} with config.sample.spacing={s.spacing!r}",

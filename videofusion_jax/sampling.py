@@ -352,9 +352,7 @@ def given_embeddings(config: ml_collections.ConfigDict, num: int) -> np.ndarray 
                       f"for the {num} samples, or ({width},) for all of them.")
   if not np.all(np.isfinite(e)):
     raise ConfigError(f"config.sample.embeddings={path!r} holds NaN or infinite values.")
-  e = e.astype(np.float64)
-  norm = np.linalg.norm(e, axis=1, keepdims=True)
-  e = np.where(norm > 0, np.sqrt(width) * e / np.where(norm > 0, norm, 1.0), 0.0)
+  e = np.asarray(to_sphere(jnp.asarray(e, jnp.float32)))  # a zero row stays zero: the null condition
   return np.broadcast_to(e, (num, width)).astype(np.float32)
 
 

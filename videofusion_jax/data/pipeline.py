@@ -45,16 +45,19 @@ def get_builder(data: ml_collections.ConfigDict, build: bool = True, verbose: bo
   """The prepared TFDS builder for ``data.name`` (e.g. ``ucf101/64``); builds it on first use
   from ``data.manual_dir`` (the raw files), or from the bundled clips for the demo.
   ``build=False`` only checks that it is prepared or could be built (``builders.prepare``);
-  ``verbose`` (default: ``build``) says which dataset is used."""
+  ``verbose`` (default: ``build``) says which dataset is used. Either way the dataset must fit
+  ``data`` (``check_fits``: its labels and stored frame size, known before it is built)."""
   from videofusion_jax.data import builders
 
   name, _, builder_config = data.name.partition("/")
   try:
-    return builders.prepare(name, data.get("data_dir") or default_data_dir(),
-                            manual_dir=data.get("manual_dir") or None, config=builder_config or None,
-                            verbose=build if verbose is None else verbose, build=build)
+    builder = builders.prepare(name, data.get("data_dir") or default_data_dir(),
+                               manual_dir=data.get("manual_dir") or None, config=builder_config or None,
+                               verbose=build if verbose is None else verbose, build=build)
   except ValueError as e:  # the builders' messages name the file or value at fault
     raise PipelineError(f"cannot prepare {data.name}: {e}") from None
+  check_fits(builder, data)
+  return builder
 
 
 def check_dataset(data: ml_collections.ConfigDict) -> None:
@@ -141,7 +144,6 @@ def check_fits(builder, data: ml_collections.ConfigDict) -> None:
 def _source(config: ml_collections.ConfigDict, split: str, verbose: bool) -> _Source:
   d = config.data
   builder = get_builder(d, verbose=verbose)
-  check_fits(builder, d)
   lengths = split_lengths(builder, split)
   span = (d.num_frames - 1) * d.frame_stride + 1
   eligible = np.flatnonzero(lengths >= span)

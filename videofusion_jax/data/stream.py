@@ -33,13 +33,12 @@ def resume_position(saved: dict | None, stream: dict, step: int) -> int:
 
 
 def prepare_dataset(config: ml_collections.ConfigDict) -> None:
-  """Builds the TFDS dataset from the raw files if needed: on host 0 only, the others wait. Then checks
-  ``data.num_classes`` against its labels and ``data.image_size`` against its frames (``pipeline.check_fits``)."""
+  """Builds the TFDS dataset from the raw files if needed: on host 0 only, the others wait. Every host
+  checks that it fits ``config.data`` (``pipeline.check_fits``, in ``get_builder``), before the barrier."""
   from videofusion_jax.data import pipeline  # imports TensorFlow when it builds
 
-  # The other hosts only check, so that a missing dataset stops each with its message, not at the barrier.
+  # The other hosts only check, so that a missing dataset or one that does not fit stops each with its
+  # message, not at the barrier.
   pipeline.get_builder(config.data, build=jax.process_index() == 0)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("dataset prepared")
-  # On every host, once it is built: all stop alike, before the slow start (initial state, compiles).
-  pipeline.check_fits(pipeline.get_builder(config.data, verbose=False), config.data)

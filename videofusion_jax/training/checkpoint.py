@@ -370,11 +370,17 @@ def restore_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None
   return dict(manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
 
 
+def has_checkpoints(workdir: str | Path) -> bool:
+  """Whether ``workdir/checkpoints`` holds a step's folder (read from the folder names, no checkpoint opened)."""
+  directory = Path(workdir).expanduser() / "checkpoints"
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def check_other_run(workdir: str | Path) -> Path:
   """``workdir/checkpoints`` of another run (``train.init_base_from``), checked before any slow work:
   a CheckpointError when it holds no checkpoint."""
   directory = Path(workdir).expanduser().absolute() / "checkpoints"
-  if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+  if not has_checkpoints(workdir):
     raise CheckpointError(f"no checkpoint found under {directory}: train that run first (config.train."
                           "init_base_from names its workdir).")
   return directory

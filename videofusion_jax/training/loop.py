@@ -184,10 +184,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   (``train.lock``). SIGTERM or SIGINT save the step in flight and raise ``Preempted``.
   """
   workdir = Path(workdir)
-  saved = workdir / "checkpoints"
-  fresh = not saved.is_dir() or not any(p.name.isdigit() for p in saved.iterdir())
-  if config.train.init_base_from and fresh:  # a fresh run starts from that run's weights
-    ckpt.check_other_run(config.train.init_base_from)  # before the lock, the folders and any slow work
+  if config.train.init_base_from and not ckpt.has_checkpoints(workdir):  # a fresh run starts from that run's
+    ckpt.check_other_run(config.train.init_base_from)  # weights: checked before the lock, folders, slow work
   trainer = trainer or Trainer(config)
   lead = jax.process_index() == 0
   say = print if verbose and lead else (lambda *a, **k: None)
@@ -203,10 +201,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
         # Done, unless that checkpoint is damaged and the newest intact one is not: then training goes on
         # from it (the damaged ones moved aside), and saves their steps anew.
         restored = ckpt.restore(manager, trainer.abstract_state(), with_data=True, log=say)
-        if restored[2] >= config.train.num_steps:
-          say(f"nothing to train: checkpoint {restored[2]} in {manager.directory} has reached "
+        state, _, step, _ = restored
+        if step >= config.train.num_steps:
+          say(f"nothing to train: checkpoint {step} in {manager.directory} has reached "
               f"config.train.num_steps={config.train.num_steps}. Raise --config.train.num_steps to train on.")
-          return restored[0]
+          return state
         started = _resume(trainer, manager, say, restored)
       if batches is None:
         prepare_dataset(config)
