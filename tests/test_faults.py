@@ -18,7 +18,7 @@ from conftest import one_device, tiny_config
 from tiny import tiny_config_file
 
 from videofusion_jax.training import checkpoint as ckpt
-from videofusion_jax.training.loop import train
+from videofusion_jax.training.loop import _drop_metrics_after, train
 from videofusion_jax.training.step import Trainer
 from videofusion_jax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock
 
@@ -175,6 +175,31 @@ def test_a_damaged_checkpoint_is_skipped_and_training_resumes_from_the_one_befor
   straight = train(c_last, tmp_path / "straight", batches=iter(batches), trainer=trainer, verbose=False)
   for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  # The curve has each step once: steps 3 and 4 as the resumed run logged them (the first run's lines of
+  # them are gone), and TensorBoard is told to hide the first run's events from step 3 on.
+  assert "metrics.jsonl: 2 line(s) past step 2 removed" in out
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(1, last + 1))
+  assert {r["step"]: r["loss"] for r in rows} == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
+  assert purge_steps(tmp_path / "run" / "tensorboard") == [3]
+
+
+def purge_steps(logdir: Path) -> list[int]:
+  """The steps of the session-start events in ``logdir``'s TensorBoard files (TensorBoard hides the
+  events an earlier writer logged at and after such a step), read with TensorFlow's own reader."""
+  import tensorflow as tf
+  return [e.step for f in sorted(logdir.glob("events.out.tfevents.*"))
+          for e in tf.compat.v1.train.summary_iterator(str(f)) if e.session_log.status == e.session_log.START]
+
+
+def test_metrics_of_a_crashed_run_past_its_checkpoint_are_dropped_and_a_torn_line_too(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)]
+  path.write_text("".join(rows) + '{"step": 6, "lo')  # the crash cut the last write short
+  assert _drop_metrics_after(path, 3) == 3
+  assert path.read_text() == "".join(rows[:3])
+  assert _drop_metrics_after(path, 3) == 0 and path.read_text() == "".join(rows[:3])
+  assert _drop_metrics_after(tmp_path / "absent.jsonl", 3) == 0 and not (tmp_path / "absent.jsonl").exists()
 
 
 def test_a_checkpoints_metadata_is_read_once_until_the_step_is_saved_anew(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -28,16 +29,43 @@ def _format_time(seconds: float) -> str:
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _drop_metrics_after(path: Path, step: int) -> int:
+  """Removes from ``path`` (metrics.jsonl) the lines of steps after ``step``, which a run that stopped
+  without checkpointing them logged (a crash, not a preemption: that saves its last step), and a line
+  cut short by the stop; returns how many were removed. The file is replaced whole (no half-written file)."""
+  if not path.exists():
+    return 0
+  lines = path.read_text().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) < len(lines):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+  return len(lines) - len(kept)
+
+
 class _Writer:
   """Metrics to ``workdir/metrics.jsonl`` (one JSON object per logged step, read by the notebook
   and by scripts without TensorBoard) and to TensorBoard event files through tensorboardX when
   it is installed."""
 
-  def __init__(self, workdir: Path):
+  def __init__(self, workdir: Path, start: int, say=print):
+    dropped = _drop_metrics_after(workdir / "metrics.jsonl", start)
+    if dropped:
+      say(f"metrics.jsonl: {dropped} line(s) past step {start} removed (logged before the run stopped without "
+          "a checkpoint of them; they are logged again as it resumes).")
     self._jsonl = open(workdir / "metrics.jsonl", "a")  # appended: a resumed run continues the curve
     try:
       from tensorboardX import SummaryWriter
-      self._w = SummaryWriter(str(workdir / "tensorboard"))
+      # TensorBoard hides the events at and past purge_step that an earlier run wrote.
+      self._w = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1 if start else None)
     except ImportError:
       print("note: tensorboardX is not installed; metrics go to the console only.")
       self._w = None
@@ -239,7 +267,7 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
     from videofusion_jax.data import pipeline
     batches = pipeline.train_iterator(config, local_batch, seed=config.seed, process_index=jax.process_index(),
                                       process_count=jax.process_count(), start_batch=start_batch)
-  writer = _Writer(workdir) if jax.process_index() == 0 else None
+  writer = _Writer(workdir, start, say) if jax.process_index() == 0 else None
   pending = None  # (step, metrics) not yet checked on the host
   t0 = time.time()
   last_log_time, last_log_step = t0, start
