@@ -271,7 +271,7 @@ def test_unconditional_configs_train_and_sample_through_the_prior(built, tmp_pat
     c.model, c.train, c.sample = tiny.model, tiny.train, tiny.sample
     c.train.num_steps = 2
     if encoder == "frozen":
-      c.model.encoder.update(kind="frozen", frozen_name="pixels", embed_dim=48)
+      c.model.encoder.update(kind="frozen", frozen_name="pixels", embed_dim=49)
       c.model.update(key_frame_input=True, key_frame_clean=True)
     trainer = Trainer(c, mesh=one_device(c))
     assert ("encoder" in trainer.num_params) == (encoder == "learned") and "prior" in trainer.num_params

@@ -22,8 +22,8 @@ def run_main(*args, workdir, env=None):
 
 @pytest.mark.parametrize("override,message", [
     ("--config.diffusion.lam=1.5", "config.diffusion.lam=1.5: λ is the base-noise share"),
-    ("--config.model.encoder.kind=frozen", "the frozen encoder 'pixels' gives embeddings of width 48; set "
-     "--config.model.encoder.embed_dim=48"),
+    ("--config.model.encoder.kind=frozen", "the frozen encoder 'pixels' gives embeddings of width 49; set "
+     "--config.model.encoder.embed_dim=49"),
     ("--config.data.num_classes=0 --config.sample.label=1",
      "config.sample.label=1: use -1 (every class in turn); this config is unconditional"),
     ("--config.data.num_frames=1", "config.data.num_frames=1: VideoFusion needs at least 2"),

@@ -18,6 +18,7 @@ import pytest
 
 from videofusion_jax.models import clip as clip_lib
 from videofusion_jax.models.clip_tokenizer import save_vocab, train_bpe
+from videofusion_jax.models.torch_pickle import read_torch_checkpoint
 
 CAPTIONS = ["a person riding a horse on the beach", "two dogs play in the snow", "The sky at night, time-lapse!",
             "a dog", "someone plays the violin while riding a bicycle through a crowded market in 2023"]
@@ -197,9 +198,10 @@ def test_pooling_rule_is_hugging_faces():
   assert clip_lib.end_of_text_index(ids, 5).tolist() == [2, 0]  # first end-of-text
 
 
-def _fake_torch_save(path, state, monkeypatch):
+def _fake_torch_save(path, state, monkeypatch, views=None):
   """``torch.save(state_dict)``'s zip layout, written without PyTorch: fake ``torch`` modules give the
-  pickle the globals a real checkpoint names. One tensor is stored transposed (non-contiguous)."""
+  pickle the globals a real checkpoint names. One tensor is stored transposed (non-contiguous).
+  ``views``: ``{name: (offset, size, stride)}`` written instead of a tensor's own (damaged records)."""
   torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
 
   def _rebuild_tensor_v2(*args):
@@ -219,20 +221,22 @@ def _fake_torch_save(path, state, monkeypatch):
       self.key, self.array = key, array
 
   class Tensor:
-    def __init__(self, key, array, transposed):
+    def __init__(self, key, array, transposed, name=None):
+      self.name = name
       self.storage = Storage(key, np.ascontiguousarray(array.T) if transposed else np.ascontiguousarray(array))
       self.shape, self.stride = array.shape, (1, array.shape[0]) if transposed else None
 
     def __reduce__(self):
       stride = self.stride or tuple(int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape)))
-      return _rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False, collections.OrderedDict())
+      offset, size, stride = (views or {}).get(self.name, (0, self.shape, stride))
+      return _rebuild_tensor_v2, (self.storage, offset, size, stride, False, collections.OrderedDict())
 
   buf = io.BytesIO()
   pickler = pickle.Pickler(buf, protocol=2)
   pickler.persistent_id = lambda obj: (("storage", storages[obj.array.dtype], obj.key, "cpu", obj.array.size)
                                        if isinstance(obj, Storage) else None)
   tensors = collections.OrderedDict(
-      (name, Tensor(str(i), np.asarray(a), transposed=name == "text_projection.weight"))
+      (name, Tensor(str(i), np.asarray(a), transposed=name == "text_projection.weight", name=name))
       for i, (name, a) in enumerate(state.items()))
   pickler.dump(tensors)
   with zipfile.ZipFile(path, "w") as z:
@@ -300,7 +304,7 @@ def _error(fn, *args) -> str:
   return str(e.value)
 
 
-def test_bad_directories_and_inputs_get_one_clear_message_each(tmp_path):
+def test_bad_directories_and_inputs_get_one_clear_message_each(tmp_path, monkeypatch):
   assert "does not exist" in _error(clip_lib.load, tmp_path / "nowhere")
   (tmp_path / "file").write_text("x")
   assert "is not a directory" in _error(clip_lib.load, tmp_path / "file")
@@ -331,7 +335,25 @@ def test_bad_directories_and_inputs_get_one_clear_message_each(tmp_path):
   with zipfile.ZipFile(tmp_path / "c" / "pytorch_model.bin", "w") as z:  # a storage missing from the archive
     z.writestr("archive/data.pkl", pickle.dumps({"w": 1}, protocol=2)[:-3])
   assert "is damaged" in _error(clip_lib.load, tmp_path / "c")
+  # Tensor records that reach past their storage (4 floats): an error, not memory beyond it read as
+  # weights (or a crash).
+  for view in ((0, (8,), (1,)), (0, (4,), (1 << 28,)), (9, (), ()), (-1, (2,), (1,)), (0, (2, 2), (1,))):
+    _fake_torch_save(tmp_path / "c" / "pytorch_model.bin", {"w": np.arange(4, dtype=np.float32)}, monkeypatch,
+                     views={"w": view})
+    assert "does not lie inside its storage of 4 elements" in _error(read_torch_checkpoint,
+                                                                     tmp_path / "c" / "pytorch_model.bin")
+  _fake_torch_save(tmp_path / "c" / "pytorch_model.bin", {"w": np.arange(4, dtype=np.float32)}, monkeypatch,
+                   views={"w": (1, (3,), (1,))})
+  np.testing.assert_array_equal(read_torch_checkpoint(tmp_path / "c" / "pytorch_model.bin")["w"], [1, 2, 3])
   (tmp_path / "c" / "pytorch_model.bin").unlink()
+  # A safetensors header whose records do not fit their bytes, or lack a field.
+  for info, message in (({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, "needs 12 bytes"),
+                        ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "byte range [8, 0)"),
+                        ({"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}, "has shape 2"),
+                        ({"dtype": "F32", "shape": [2]}, "is not {dtype, shape, data_offsets")):
+    text = json.dumps({"w": info}).encode()
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + bytes(16))
+    assert message in _error(clip_lib.read_safetensors, tmp_path / "bad.safetensors")
   write_safetensors(tmp_path / "c" / "model.safetensors", state)
   (tmp_path / "c" / "config.json").write_text("{not json")
   assert "config.json is not valid JSON" in _error(clip_lib.load, tmp_path / "c")

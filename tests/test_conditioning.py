@@ -9,6 +9,7 @@ import pytest
 from conftest import one_device, tiny_config
 
 from videofusion_jax import diffusion
+from videofusion_jax.models.encoder import frozen_encoder
 from videofusion_jax.models.prior import EmbeddingPrior
 from videofusion_jax.models.unet import UNet
 from videofusion_jax.training.step import loss_fn
@@ -137,3 +138,22 @@ def test_the_condition_changes_both_generators_and_zeros_are_the_null_output(emb
   np.testing.assert_array_equal(bd, b0)
   np.testing.assert_array_equal(rd, r0)
   assert np.abs(np.asarray(b1 - b0)).max() > 1e-3 and c.data.num_classes == 3
+
+
+def test_the_pixels_encoder_puts_every_frame_on_the_sphere_and_uniform_greys_apart():
+  """A black or grey frame (fades, flat frames) has its own embedding of norm √D, not the null
+  condition's zeros nor a direction of rounding noise; the embedding is the 4x4 pooled frame and
+  a 1, scaled, computed here with NumPy."""
+  encode, width = frozen_encoder("pixels", 8)
+  assert width == 3 * 16 + 1
+  rng = np.random.default_rng(0)
+  frames = np.concatenate([np.stack([np.full((8, 8, 3), v, np.float32) for v in (-1.0, 0.0, 0.3, 1.0)]),
+                           rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)])
+  got = np.asarray(encode(jnp.asarray(frames)))
+  pooled = frames.reshape(6, 4, 2, 4, 2, 3).mean(axis=(2, 4)).reshape(6, -1)
+  want = np.concatenate([pooled, np.ones((6, 1))], axis=1)
+  want *= np.sqrt(width) / np.linalg.norm(want, axis=1, keepdims=True)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.sqrt(width), rtol=1e-5)
+  gaps = np.linalg.norm(got[:, None] - got[None], axis=-1)[np.triu_indices(6, 1)]
+  assert gaps.min() > 0.5, gaps  # no two of the frames share an embedding

@@ -266,9 +266,9 @@ def test_without_a_local_compilation_cache_nothing_is_stored(monkeypatch, tmp_pa
   assert f.source == "plain" and float(out[1]["mean"]) == 3.0 and not directory.exists()
   # A frozen encoder registered from outside the package: its code is not in the key, so not stored.
   outside = tiny_config(**{"model.encoder.kind": "frozen", "model.encoder.frozen_name": "test_pixels",
-                           "model.encoder.embed_dim": 48})
+                           "model.encoder.embed_dim": 49})
   assert Experiment(tiny_config(**{"model.encoder.kind": "frozen", "model.encoder.frozen_name": "pixels",
-                                   "model.encoder.embed_dim": 48}), mesh=one_device(outside)).stores_programs()
+                                   "model.encoder.embed_dim": 49}), mesh=one_device(outside)).stores_programs()
   monkeypatch.setitem(encoder.FROZEN_ENCODERS, "test_pixels", lambda size: encoder.pixels_encoder(size))
   assert not Experiment(outside, mesh=one_device(outside)).stores_programs()
   monkeypatch.setattr(program_store, "store_directory", lambda: None)  # no cache

@@ -251,7 +251,7 @@ def test_sharded_step_matches_single_device(trainer):
 @pytest.mark.parametrize("overrides", [
     {"model.kind": "vdm", "diffusion.lam": 0.0},
     {"model.condition": "label"},
-    {"model.encoder.kind": "frozen", "model.encoder.frozen_name": "pixels", "model.encoder.embed_dim": 48},
+    {"model.encoder.kind": "frozen", "model.encoder.frozen_name": "pixels", "model.encoder.embed_dim": 49},
     {"mesh.data": 4, "mesh.fsdp": 2},
 ], ids=["vdm", "label", "frozen_encoder", "fsdp"])
 def test_the_abstract_state_is_what_init_gives(overrides):

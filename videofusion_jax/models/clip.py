@@ -344,17 +344,30 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise CLIPLoadError(f"{path} is not a safetensors file: its header is not JSON ({e}).") from None
   data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+  if not isinstance(header, dict):
+    raise CLIPLoadError(f"{path} is not a safetensors file: its header is not a JSON object.")
   tensors = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+    try:
+      dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+      raise CLIPLoadError(f"{path} is damaged: the header's record of tensor {name} is not "
+                          "{dtype, shape, data_offsets: [begin, end]}; download or save it again.") from None
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name)
     if dtype is None:
-      raise CLIPLoadError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not know.")
-    begin, end = info["data_offsets"]
+      raise CLIPLoadError(f"{path}: tensor {name} has dtype {dtype_name}, which this reader does not know.")
+    if (not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end))
+        or begin > end):
+      raise CLIPLoadError(f"{path} is damaged: tensor {name} has shape {shape} and byte range [{begin}, {end}).")
     if end > data.size:
       raise CLIPLoadError(f"{path} is truncated: tensor {name} ends at byte {end} of {data.size}.")
-    tensors[name] = data[begin:end].view(dtype).reshape(info["shape"])
+    wanted = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if end - begin != wanted:
+      raise CLIPLoadError(f"{path} is damaged: tensor {name} of shape {tuple(shape)} and dtype {dtype_name} needs "
+                          f"{wanted} bytes, its byte range [{begin}, {end}) holds {end - begin}.")
+    tensors[name] = data[begin:end].view(dtype).reshape(shape)
   return tensors
 
 

@@ -69,8 +69,9 @@ EncodeFn = Callable[[jnp.ndarray], jnp.ndarray]
 
 def pixels_encoder(image_size: int, grid: int = 4) -> tuple[EncodeFn, int]:
   """A parameter-free frozen encoder: the frame average-pooled to ``grid x grid`` (``3 grid²``
-  numbers), centred (``frozen_encoder`` scales it to the sphere). A baseline, and the frozen
-  slot's reference user."""
+  numbers) and a constant 1 (``frozen_encoder`` scales it to the sphere; the constant keeps the
+  brightness there, so that a uniform frame of every grey has its own embedding and none is the
+  null condition's zeros). A baseline, and the frozen slot's reference user."""
   if image_size % grid:
     raise ValueError(f"the 'pixels' encoder pools {image_size}x{image_size} frames to {grid}x{grid}; "
                      f"the image size must be a multiple of {grid}.")
@@ -78,9 +79,9 @@ def pixels_encoder(image_size: int, grid: int = 4) -> tuple[EncodeFn, int]:
   def encode(x):
     b, h, w, c = x.shape
     pooled = x.reshape(b, grid, h // grid, grid, w // grid, c).mean(axis=(2, 4)).reshape(b, -1)
-    return pooled - pooled.mean(axis=-1, keepdims=True)
+    return jnp.concatenate([pooled, jnp.ones((b, 1), pooled.dtype)], axis=-1)
 
-  return encode, 3 * grid * grid
+  return encode, 3 * grid * grid + 1
 
 
 # name -> factory(image_size) -> (encode, embedding width). Register more (CLIP) with

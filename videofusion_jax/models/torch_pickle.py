@@ -33,10 +33,17 @@ class _StorageType:
 
 
 def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *unused) -> np.ndarray:
+  size, stride = tuple(size), tuple(stride)
+  ints = all(isinstance(n, int) and n >= 0 for n in (offset, *size, *stride))
+  # The last element the view reaches; as_strided itself would read past the storage (other memory).
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if ints and all(size) else offset - 1
+  if not ints or len(size) != len(stride) or last >= len(storage) or offset > len(storage):
+    raise ValueError(f"a tensor of shape {size}, strides {stride} at offset {offset} does not lie inside its "
+                     f"storage of {len(storage)} elements")
   if not size:
     return storage[offset].copy()
   item = storage.itemsize
-  view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size), strides=tuple(s * item for s in stride))
+  view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size, strides=tuple(s * item for s in stride))
   return np.ascontiguousarray(view)
 
 
@@ -84,7 +91,7 @@ def read_torch_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     try:
       with archive.open(pickles[0]) as f:
         state = _Unpickler(f, archive, prefix, path).load()
-    except (KeyError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    except (KeyError, IndexError, TypeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as e:
       if isinstance(e, TorchCheckpointError):
         raise
       raise TorchCheckpointError(f"{path} is damaged: {type(e).__name__}: {e}. Download or save it again.") from None
