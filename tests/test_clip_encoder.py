@@ -205,3 +205,23 @@ def test_each_clip_gets_one_of_its_records_captions_and_resuming_repeats_the_dra
   resumed = next(pipeline.train_iterator(c, 8, seed=3, start_batch=2, verbose=False))
   np.testing.assert_array_equal(resumed["caption_embeddings"], batches[2]["caption_embeddings"])
   np.testing.assert_array_equal(resumed["frame_embeddings"], batches[2]["frame_embeddings"])
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["hashed_whole", "sampled"])
+def test_the_tables_of_other_clip_weights_are_not_reused(tmp_path, monkeypatch, sampled):
+  """The stored tables' folder (``fingerprint``) changes with the weights' bytes, also when a large
+  checkpoint (hashed by samples of its bytes) is fine-tuned and saved over the same directory, and
+  with the frame size; the same bytes give the same folder."""
+  from videofusion_jax.data import embeddings
+  if sampled:  # the released CLIPs' path (hundreds of MB) on a small file
+    monkeypatch.setattr(embeddings, "HASH_WHOLE_BELOW", 2**10)
+  (tmp_path / "config.json").write_text("{}")
+  weights = tmp_path / "model.safetensors"
+  rng = np.random.default_rng(0)
+  first = rng.standard_normal(2**17).astype(np.float32)
+  weights.write_bytes(first.tobytes())
+  before = embeddings.fingerprint(tmp_path, 32)
+  weights.write_bytes((first + 1e-3 * rng.standard_normal(first.shape).astype(np.float32)).tobytes())
+  tuned = embeddings.fingerprint(tmp_path, 32)
+  weights.write_bytes(first.tobytes())
+  assert tuned != before and embeddings.fingerprint(tmp_path, 32) == before != embeddings.fingerprint(tmp_path, 16)
