@@ -43,7 +43,6 @@ import numpy as np
 from videofusion_jax.data import pipeline
 from videofusion_jax.data.video_io import to_uint8  # the pipeline's [-1, 1] frames as CLIP's uint8 input
 
-
 HASH_WHOLE_BELOW = 2**26  # bytes: weight files hashed whole; larger ones are sampled
 
 
