@@ -129,14 +129,15 @@ def test_notebook_trains_plots_and_shows_videos(tfds_dir, tmp_path, monkeypatch)
 
 
 def test_notebook_stops_when_the_run_fails(tmp_path, monkeypatch):
-  """A run that exits non-zero fails its cell, so Run all (and this test) stops there, its message shown."""
+  """A run that exits non-zero fails its cell, so Run all (and this test) stops there, its message shown.
+  The config is a variant (``file:variant``), which the set-up cells take as the file it names."""
   from nbclient.exceptions import CellExecutionError
 
   nb = _read()
   nb.cells = nb.cells[:nb.cells.index(next(c for c in nb.cells if c.get("id") == "train")) + 1]
   params = _parameters_cell(nb)
   extra = f"--config.diffusion.lam=1.5 --config.compilation_cache_dir={tmp_path / 'xla'}"  # not the user's cache
-  params.source += f"\nWORKDIR = {str(tmp_path / 'work')!r}\nEXTRA_ARGS = {extra!r}\n"
+  params.source += f"\nCONFIG = 'configs/demo.py:vdm'\nWORKDIR = {str(tmp_path / 'work')!r}\nEXTRA_ARGS = {extra!r}\n"
   with pytest.raises(CellExecutionError, match="exited with code 1"):
     _execute(nb, tmp_path, monkeypatch)
   assert "config.diffusion.lam=1.5" in _text(nb.cells[-1])

@@ -159,8 +159,10 @@ def main(argv) -> None:
   from videofusion_jax.training.workdir import WorkdirError, check_workdir
 
   config = _CONFIG.value
+  from videofusion_jax.experiment import enable_compilation_cache
   if _MODE.value == "embed":
     try:
+      enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
       _embed(config)
     except (ConfigError, DatasetNotFoundError, PipelineError, CLIPLoadError) as e:
       _fail(str(e))
@@ -173,7 +175,6 @@ def main(argv) -> None:
   if _MULTIHOST.value or _COORDINATOR.value or os.environ.get("VIDEOFUSION_MULTIHOST"):
     _start_distributed()
   try:
-    from videofusion_jax.experiment import enable_compilation_cache
     enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
     # One experiment per run (it validates the config), shared by the modes the run performs.
     if _MODE.value in ("train", "train_and_sample"):
