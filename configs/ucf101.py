@@ -27,5 +27,5 @@ def get_config(variant: str = ""):
   if variant.endswith("small"):
     c.model.base.update(base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1)
     c.model.residual.update(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1)
-    c.train.update(batch_size=4, num_steps=100, log_every=10)
+    c.train.update(batch_size=4, num_steps=100, log_every=10, warmup_steps=10)
   return c

@@ -1,4 +1,7 @@
 """Training: stop-gradient, two learning rates, sharding, checkpoints, resume, NaN handling."""
+import importlib
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +10,7 @@ import pytest
 from conftest import one_device, tiny_config
 
 from videofusion_jax import diffusion
+from videofusion_jax.config import ConfigError, validate
 from videofusion_jax.data.stream import resume_position
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.factory import make_apply_fns
@@ -222,6 +226,37 @@ def test_base_learning_rate_scale_and_cosine_decay():
   for step, expected in [(0, 0.0), (5, 0.5 * peak), (10, peak), (60, 0.5 * peak), (110, 0.0)]:
     np.testing.assert_allclose(sched["residual"](step), expected, atol=1e-9)
     np.testing.assert_allclose(sched["base"](step), 0.01 * expected, atol=1e-11)
+  # No warm-up: the first step takes the full rate (it was a one-step ramp from 0), cos((π/2) s/T) decays.
+  _, sched = make_optimizer(tiny_config(**{"train.lr_decay": "cosine", "train.warmup_steps": 0,
+                                           "train.num_steps": 100}))
+  for step in (0, 50, 100):
+    np.testing.assert_allclose(sched["residual"](step), 0.5 * peak * (1 + np.cos(np.pi * step / 100)), atol=1e-9)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.grad_clip", float("nan"), "grad_clip=nan: must be a finite number > 0"),
+    ("train.base_lr_scale", float("nan"), "base_lr_scale=nan: must be a finite number >= 0"),
+    ("train.warmup_steps", -5, "warmup_steps=-5: the steps of the learning rate's linear warm-up"),
+    ("train.freeze_base", True, "freeze_base=True with config.train.stage='image'"),
+])
+def test_recipe_values_that_would_fail_late_are_refused(field, value, message):
+  extra = {"train.stage": "image"} if field == "train.freeze_base" else {}
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate(tiny_config(**{field: value, **extra}))
+
+
+def test_a_run_that_ends_in_its_warm_up_is_warned():
+  from videofusion_jax.training.loop import warmup_warning
+  from videofusion_jax.training.optimizer import make_optimizer
+  short = tiny_config(**{"train.warmup_steps": 50, "train.num_steps": 10, "train.lr_decay": "cosine"})
+  _, sched = make_optimizer(short)
+  # What it says is what the schedule gives at the last step (9): 9/50 of the rate.
+  share = float(sched["residual"](9)) / 1e-3
+  assert f"at {100 * share:.0f}% of the learning rate" in warmup_warning(short) and "decay never starts" in (
+      warmup_warning(short))
+  assert warmup_warning(tiny_config()) is None  # warm-up 2 of 4 steps
+  for name, variant in (("ucf101", "small"), ("ucf101", "vdm_small"), ("webvid", "small")):
+    assert warmup_warning(importlib.import_module(name).get_config(variant)) is None, (name, variant)
 
 
 def test_sharded_step_matches_single_device(trainer):

@@ -319,9 +319,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.lr_decay={t.lr_decay!r}: use 'constant' or 'cosine'.")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ConfigError(f"config.train.ema_decay={t.ema_decay}: must lie in [0, 1).")
-  if t.base_lr_scale < 0:
-    raise ConfigError(f"config.train.base_lr_scale={t.base_lr_scale}: must be >= 0 (the base generator's "
-                      "learning rate is learning_rate x base_lr_scale in the video stage).")
+  if not _is_int(t.warmup_steps) or t.warmup_steps < 0:
+    raise ConfigError(f"config.train.warmup_steps={t.warmup_steps!r}: the steps of the learning rate's linear "
+                      "warm-up from 0; must be an integer >= 0 (0 = none).")
+  if t.stage == "image" and t.freeze_base:
+    raise ConfigError("config.train.freeze_base=True with config.train.stage='image': the image stage trains the "
+                      "base generator, which freeze_base would leave untrained; set --config.train.freeze_base="
+                      "False, or train the video stage (--config.train.stage=video).")
+  if not (math.isfinite(float(t.base_lr_scale)) and t.base_lr_scale >= 0):
+    raise ConfigError(f"config.train.base_lr_scale={t.base_lr_scale}: must be a finite number >= 0 (the base "
+                      "generator's learning rate is learning_rate x base_lr_scale in the video stage).")
   if t.remat not in REMAT_POLICIES:
     raise ConfigError(f"config.train.remat={t.remat!r}: use '' (off), 'block' (recompute each U-Net block in the "
                       "backward pass: least memory) or 'block_dots' (keep each block's convolution and matmul "
@@ -332,9 +339,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.batch_size % k:
     raise ConfigError(f"config.train.batch_size={t.batch_size} does not split into grad_accum_steps={k} "
                       f"micro-batches; use a batch size that is a multiple of {k}, or another grad_accum_steps.")
-  if t.grad_clip <= 0:
-    raise ConfigError(f"config.train.grad_clip={t.grad_clip}: must be > 0 (each generator's gradient is "
-                      "clipped to this global norm).")
+  if not (math.isfinite(float(t.grad_clip)) and t.grad_clip > 0):
+    raise ConfigError(f"config.train.grad_clip={t.grad_clip}: must be a finite number > 0 (each generator's "
+                      "gradient is clipped to this global norm).")
   s, e = config.sample, config.eval
   if s.guidance_scale < 0:
     raise ConfigError(f"config.sample.guidance_scale={s.guidance_scale}: must be >= 0 (1 = no guidance, "

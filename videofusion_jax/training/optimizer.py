@@ -26,15 +26,18 @@ def trainable_networks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, scale: float) -> optax.Schedule:
-  """Linear warm-up to ``learning_rate * scale``, then constant (``train.lr_decay='constant'``)
-  or a cosine decay to 0 at ``train.num_steps`` (``'cosine'``)."""
+  """Linear warm-up from 0 over ``train.warmup_steps`` steps (none when 0: the first step takes the
+  full rate) to ``learning_rate * scale``, then constant (``train.lr_decay='constant'``) or a cosine
+  decay to 0 at ``train.num_steps`` (``'cosine'``)."""
   t = config.train
   peak = t.learning_rate * scale
-  warmup = max(int(t.warmup_steps), 1)
+  warmup = int(t.warmup_steps)
   if t.lr_decay == "cosine":
     after = optax.cosine_decay_schedule(peak, max(int(t.num_steps) - warmup, 1))
   else:  # 'constant' (config.validate admits no other)
     after = optax.constant_schedule(peak)
+  if warmup == 0:
+    return after
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
