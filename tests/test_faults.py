@@ -181,7 +181,7 @@ def test_a_damaged_checkpoint_is_skipped_and_training_resumes_from_the_one_befor
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == list(range(1, last + 1))
   assert {r["step"]: r["loss"] for r in rows} == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
-  assert purge_steps(tmp_path / "run" / "tensorboard") == [3]
+  assert purge_steps(tmp_path / "run" / "tensorboard") == [1, 3]  # each run marks where it started
 
 
 def purge_steps(logdir: Path) -> list[int]:
@@ -274,7 +274,7 @@ def test_a_damaged_checkpoint_is_one_line_in_a_plain_process(tmp_path):
                                                   rel=1e-12)
 
 
-def test_workdir_lock(tmp_path, capsys):
+def test_workdir_lock(tmp_path, capsys, monkeypatch):
   lock = WorkdirLock(tmp_path).__enter__()
   with pytest.raises(WorkdirError, match=rf"another training run \(process {os.getpid()} on host "
                      rf"{socket.gethostname()}, started .*\) holds {tmp_path / LOCK_NAME}"):
@@ -292,6 +292,23 @@ def test_workdir_lock(tmp_path, capsys):
   with WorkdirLock(tmp_path):
     assert json.loads((tmp_path / LOCK_NAME).read_text())["started"]  # this run's own record now
   assert f"was left by process {os.getpid()}" in capsys.readouterr().out and not (tmp_path / LOCK_NAME).exists()
+  # A SLURM job requeued after a node failure (the same job id, the next restart count, other nodes) takes over
+  # its earlier attempt's lock; another attempt's live lock of the same count (a second srun) is refused.
+  earlier = {"pid": 4242, "host": "gpu01-gone", "started": "x", "slurm_job": "77", "slurm_restart": "0"}
+  monkeypatch.setenv("SLURM_JOB_ID", "77")
+  monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+  (tmp_path / LOCK_NAME).write_text(json.dumps(earlier))
+  with pytest.raises(WorkdirError, match="another training run \\(process 4242 on host gpu01-gone"):
+    WorkdirLock(tmp_path).acquire()
+  monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+  with WorkdirLock(tmp_path):
+    held = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert held["pid"] == os.getpid() and (held["slurm_job"], held["slurm_restart"]) == ("77", "1")
+  assert "was left by attempt 0 of this SLURM job (77, now attempt 1: requeued)" in capsys.readouterr().out
+  monkeypatch.delenv("SLURM_JOB_ID")  # outside SLURM a foreign host's lock stays refused
+  (tmp_path / LOCK_NAME).write_text(json.dumps(earlier))
+  with pytest.raises(WorkdirError, match="another training run"):
+    WorkdirLock(tmp_path).acquire()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint._src.metadata import array_metadata_store
@@ -328,9 +329,17 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
   for s in steps:
     try:
       state, data = _restore_step(manager, s, abstract_state, with_data, fields)
+      error = None
     except _Damaged as e:
+      error = e
+    # Each host reads its own shards: a step damaged where one host reads is skipped by every host.
+    if not _on_every_host(error is None):
       damaged.append(s)
-      log(f"warning: skipped checkpoint {s} in {manager.directory}: it is damaged ({e}).")
+      log(f"warning: skipped checkpoint {s} in {manager.directory}: it is damaged "
+          f"({error or 'unreadable on another host: see its warning'}).")
+      if error is not None and jax.process_index() > 0:
+        print(f"warning (process {jax.process_index()}): checkpoint {s} in {manager.directory} is damaged "
+              f"({error}).", flush=True)
       continue
     if damaged:
       log(f"restored checkpoint {s}, the newest intact one.")
@@ -339,6 +348,14 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
       f"no intact checkpoint in {manager.directory}: {'step ' if len(damaged) == 1 else 'steps '}"
       f"{', '.join(map(str, damaged))} cannot be read (see above). Nothing was deleted: restore them from a "
       "backup, or move the checkpoints folder away to start afresh.")
+
+
+def _on_every_host(ok: bool) -> bool:
+  """Whether ``ok`` holds on every process (one process: ``ok``); every process must call it."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def move_aside(manager: ocp.CheckpointManager, steps: list[int], log=print) -> None:
@@ -397,10 +414,13 @@ def restore_raw(workdir: str | Path, log=print):
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
-        return _restore_state(manager, step), step
+        state, error = _restore_state(manager, step), None
       except Exception as e:  # noqa: BLE001 - TensorStore's read errors come as plain Exceptions
-        cause = f"{type(_root_cause(e)).__name__}: {_first_line(_root_cause(e))}"
-        log(f"warning: skipped checkpoint {step} in {directory}: it cannot be read ({cause}).")
+        state, error = None, f"{type(_root_cause(e)).__name__}: {_first_line(_root_cause(e))}"
+      if _on_every_host(error is None):  # the hosts start from the same step
+        return state, step
+      cause = error or "unreadable on another host"
+      log(f"warning: skipped checkpoint {step} in {directory}: it cannot be read ({cause}).")
   finally:
     manager.close()
   raise CheckpointError(f"no readable checkpoint under {directory} (the last read failed with {cause}): train that "

@@ -65,7 +65,7 @@ class _Writer:
     try:
       from tensorboardX import SummaryWriter
       # TensorBoard hides the events at and past purge_step that an earlier run wrote.
-      self._w = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1 if start else None)
+      self._w = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
     except ImportError:
       print("note: tensorboardX is not installed; metrics go to the console only.")
       self._w = None
@@ -95,6 +95,18 @@ def base_from_scratch_warning(config: ml_collections.ConfigDict) -> str | None:
           "a setting meant for fine-tuning a pretrained base. Train the image stage first "
           "(--config.train.stage=image) and pass its workdir as --config.train.init_base_from, or set "
           "--config.train.base_lr_scale=1 --config.train.freeze_base=False.")
+
+
+def warmup_warning(config: ml_collections.ConfigDict) -> str | None:
+  """A warning for a run that ends before its learning-rate warm-up does (a short local run of a
+  pod config); None otherwise."""
+  t = config.train
+  if t.warmup_steps < t.num_steps:
+    return None
+  decay = " and its cosine decay never starts" if t.lr_decay == "cosine" else ""
+  return (f"warning: config.train.warmup_steps={t.warmup_steps} >= num_steps={t.num_steps}: the run ends on the "
+          f"warm-up ramp, at {100 * (t.num_steps - 1) / t.warmup_steps:.0f}% of the learning rate{decay}. For a "
+          f"short run set --config.train.warmup_steps={t.num_steps // 10} (or 0).")
 
 
 def _spatial_from_base(base: dict, video: dict, where: str) -> dict:
@@ -238,9 +250,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
       if batches is None:
         prepare_dataset(config)
       state, saved_stream = started or _start(trainer, manager, config, say)
-      warning = base_from_scratch_warning(config)
-      if warning:
-        say(warning, flush=True)
+      for warning in (base_from_scratch_warning(config), warmup_warning(config)):
+        if warning:
+          say(warning, flush=True)
       if lead:
         save_config(config, workdir)
       sizes = ", ".join(f"{k} {v:,}" for k, v in trainer.num_params.items())

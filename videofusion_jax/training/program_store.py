@@ -248,10 +248,14 @@ class StoredJit:
     signature = self._signature(args)
     if signature in self._calls:
       return self._calls[signature]
-    if not self.enabled():
-      return self._plain(signature)
-    if source_changed_since_loaded():
-      return self._plain(signature, "a source file of videofusion_jax changed since it was loaded; rerun")
+    # Asked on every host (a source file may change on one host's disk only): all run the stored program
+    # or all the plain one.
+    enabled = self.enabled()
+    changed = enabled and source_changed_since_loaded()
+    if not _all_processes(enabled and not changed):
+      why = ("a source file of videofusion_jax changed since it was loaded; rerun" if changed
+             else "a source file of videofusion_jax changed on another host since it was loaded" if enabled else "")
+      return self._plain(signature, why)
     path = directory / f"{self.name}-{program_key(self.name, self.context, self.mesh, args)[:40]}.jaxexport"
     make_serializable((args, self.out_like))  # reading and writing both need the node types registered
     blob, self.source, exported, failure = _read(path), "stored", None, ""

@@ -57,11 +57,19 @@ def _alive(pid: int) -> bool:
 _HELD: set[str] = set()  # the lock files this process holds
 
 
+def _slurm_attempt() -> tuple[str, str] | None:
+  """This process's SLURM job id and restart count (a requeued job keeps its id and counts up), or
+  None outside SLURM."""
+  job = os.environ.get("SLURM_JOB_ID")
+  return (job, os.environ.get("SLURM_RESTART_COUNT", "0")) if job else None
+
+
 class WorkdirLock:
   """``workdir/train.lock`` holding this run's process id and host, created atomically: a
   second training run in the same workdir is refused with a message naming the first. A lock
   left by a run that died on this host (its process is gone, or its id is this process's: a
-  restarted container) is taken over, with a note."""
+  restarted container), or by an earlier attempt of this SLURM job (requeued after a node failure,
+  maybe on other nodes), is taken over, with a note."""
 
   def __init__(self, workdir: Path):
     self.path = Path(workdir) / LOCK_NAME
@@ -69,6 +77,9 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    attempt = _slurm_attempt()
+    if attempt:
+      me["slurm_job"], me["slurm_restart"] = attempt
     self.path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
       try:
@@ -81,6 +92,11 @@ class WorkdirLock:
         mine_before = pid == me["pid"] and str(self.path) not in _HELD
         if other and other.get("host") == me["host"] and (mine_before or not _alive(pid)):
           print(f"note: {self.path} was left by process {other['pid']} on this host, which is gone; taking it over.")
+          self.path.unlink(missing_ok=True)
+          continue
+        if other and attempt and other.get("slurm_job") == attempt[0] and other.get("slurm_restart") != attempt[1]:
+          print(f"note: {self.path} was left by attempt {other.get('slurm_restart')} of this SLURM job "
+                f"({attempt[0]}, now attempt {attempt[1]}: requeued); taking it over.")
           self.path.unlink(missing_ok=True)
           continue
         who = (f"process {other.get('pid')} on host {other.get('host')}, started {other.get('started')}"
