@@ -348,12 +348,18 @@ def test_bad_directories_and_inputs_get_one_clear_message_each(tmp_path, monkeyp
   (tmp_path / "c" / "pytorch_model.bin").unlink()
   # A safetensors header whose records do not fit their bytes, or lack a field.
   for info, message in (({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, "needs 12 bytes"),
+                        ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "which this reader does not know"),
+                        ({"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 0]}, "needs 4835703278458516"),
                         ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "byte range [8, 0)"),
                         ({"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}, "has shape 2"),
                         ({"dtype": "F32", "shape": [2]}, "is not {dtype, shape, data_offsets")):
     text = json.dumps({"w": info}).encode()
     (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + bytes(16))
     assert message in _error(clip_lib.read_safetensors, tmp_path / "bad.safetensors")
+  # A scalar and an empty tensor are not damage.
+  write_safetensors(tmp_path / "edge.safetensors", {"scalar": np.float32(2.5), "empty": np.zeros((0, 3), np.float32)})
+  edge = clip_lib.read_safetensors(tmp_path / "edge.safetensors")
+  assert edge["scalar"].shape == () and float(edge["scalar"]) == 2.5 and edge["empty"].shape == (0, 3)
   write_safetensors(tmp_path / "c" / "model.safetensors", state)
   (tmp_path / "c" / "config.json").write_text("{not json")
   assert "config.json is not valid JSON" in _error(clip_lib.load, tmp_path / "c")

@@ -164,3 +164,38 @@ def test_a_workdir_another_run_holds_stops_both_hosts(tmp_path, tfds_dir):
   assert f"error: process 0 could not lock {workdir / LOCK_NAME}" in outs[1][1] and "Traceback" not in outs[1][1]
   assert json.loads((workdir / LOCK_NAME).read_text()) == lock and sorted(p.name for p in workdir.iterdir()) == [
       LOCK_NAME]
+
+
+# WORKER where a source file changed on process 0's disk after the import (so it would not load stored programs).
+HOOK = "train, loop.train = loop.train, train_and_dump"
+ONE_HOST_CHANGED = WORKER.replace(HOOK, HOOK + """
+import videofusion_jax
+if sys.argv[-1] == "--process_id=0":
+  videofusion_jax.LOADED_AT = 0.0""")
+
+
+def test_hosts_agree_on_the_checkpoint_and_on_stored_programs_when_one_host_differs(tmp_path, tfds_dir):
+  """A checkpoint one host cannot read is skipped by both (they restored different steps and stopped in a
+  collective mismatch), and a source change seen by one host makes both trace (one loaded the stored
+  program, the other traced: the same mismatch). FSDP over the two hosts: each reads its own shards."""
+  settings = {"data.data_dir": tfds_dir, "store_programs": True, "train.checkpoint_every": 2, "train.log_every": 1,
+              "mesh.data": 1, "mesh.fsdp": 2}
+  workdir = tmp_path / "run"
+  (tmp_path / "first").mkdir()
+  run_two(WORKER, [tmp_path / f"first_{i}.npz" for i in range(2)],
+          tiny_config_file(tmp_path / "first", **settings, **{"train.num_steps": 4}), workdir, "train")
+  # The shards process 1 wrote, and reads back on the same mesh, cut short: process 0 reads none of them.
+  for path in (workdir / "checkpoints" / "4" / "state").rglob("ocdbt.process_1/d/*"):
+    with open(path, "r+b") as f:
+      f.truncate(64)
+  (tmp_path / "resume").mkdir()
+  outs = run_two(ONE_HOST_CHANGED, [tmp_path / f"resumed_{i}.npz" for i in range(2)],
+                 tiny_config_file(tmp_path / "resume", **settings, **{"train.num_steps": 6}), workdir, "train")
+  assert "skipped checkpoint 4" in outs[0] and "unreadable on another host" in outs[0], outs[0]
+  assert "resumed from checkpoint 2" in outs[0] and "step      6/6" in outs[0]
+  assert "warning (process 1): checkpoint 4" in outs[1] and "reading its arrays failed" in outs[1], outs[1]
+  assert "a source file of videofusion_jax changed since it was loaded" in outs[0]
+  assert (workdir / "checkpoints_damaged" / "4").is_dir()
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
+  for i in range(2):
+    assert list(np.load(tmp_path / f"resumed_{i}.npz")["devices"]) == [2, 2]

@@ -113,7 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
       # the U-Nets' blocks in the backward pass ('' off, 'block', 'block_dots': models.unet.
       # REMAT_POLICIES). grad_accum_steps: the batch is split into this many micro-batches, run one
       # after the other with their gradients summed, and one optimizer update is made (the same
-      # update as the whole batch at once, at the memory of one micro-batch).
+      # update as the whole batch at once, at the memory of one micro-batch; with model dropout > 0
+      # the same in distribution: each micro-batch draws its own dropout masks).
       remat="", grad_accum_steps=1))
 
   c.sample = ml_collections.ConfigDict(dict(

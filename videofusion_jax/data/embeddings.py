@@ -43,29 +43,32 @@ import numpy as np
 from videofusion_jax.data import pipeline
 from videofusion_jax.data.video_io import to_uint8  # the pipeline's [-1, 1] frames as CLIP's uint8 input
 
-HASH_WHOLE_BELOW = 2**26  # bytes: weight files hashed whole; larger ones are sampled
-
 
 def fingerprint(clip_dir: str | Path, image_size: int) -> str:
-  """12 hex digits identifying a CLIP directory's config and weights (their bytes when under 64 MB,
-  else their names, sizes and 16 windows of 64 KiB spread over each file: fine-tuned weights saved
-  over the same directory change them all), and the frame size."""
+  """12 hex digits identifying a CLIP directory's config and weights (every byte: weights fine-tuned
+  in part and saved over the same directory get other tables) and the frame size."""
   directory = Path(clip_dir).expanduser()
   h = hashlib.sha256(f"frame size {image_size}".encode())
   for name in ("config.json", "preprocessor_config.json"):
     if (directory / name).is_file():
       h.update((directory / name).read_bytes())
   for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("pytorch_model*.bin")):
-    size = path.stat().st_size
-    h.update(f"{path.name} {size}".encode())
-    if size < HASH_WHOLE_BELOW:  # the project's own CLIP: retrained weights of the same size get another table
-      h.update(path.read_bytes())
-    else:  # a released CLIP (hundreds of MB): a sample of its bytes, read in a few milliseconds
-      with open(path, "rb") as f:
-        for k in range(16):
-          f.seek(max(0, k * (size - 2**16) // 15))
-          h.update(f.read(2**16))
+    stat = path.stat()
+    h.update(f"{path.name} {stat.st_size}".encode())
+    h.update(_file_digest(str(path.absolute()), stat.st_size, stat.st_mtime_ns))
   return h.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+  """sha256 of a file's bytes, once per process for each (path, size, modification time): a released
+  CLIP's 600 MB take about a second."""
+  del size, mtime_ns  # the cache's key: a file saved anew is read again
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(2**23):
+      h.update(chunk)
+  return h.digest()
 
 
 def table_path(builder, split: str, clip_dir: str | Path, image_size: int, kind: str = "frames") -> Path:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -355,7 +356,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     except (KeyError, TypeError, ValueError):
       raise CLIPLoadError(f"{path} is damaged: the header's record of tensor {name} is not "
                           "{dtype, shape, data_offsets: [begin, end]}; download or save it again.") from None
-    dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
       raise CLIPLoadError(f"{path}: tensor {name} has dtype {dtype_name}, which this reader does not know.")
     if (not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end))
@@ -363,7 +364,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
       raise CLIPLoadError(f"{path} is damaged: tensor {name} has shape {shape} and byte range [{begin}, {end}).")
     if end > data.size:
       raise CLIPLoadError(f"{path} is truncated: tensor {name} ends at byte {end} of {data.size}.")
-    wanted = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    wanted = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
     if end - begin != wanted:
       raise CLIPLoadError(f"{path} is damaged: tensor {name} of shape {tuple(shape)} and dtype {dtype_name} needs "
                           f"{wanted} bytes, its byte range [{begin}, {end}) holds {end - begin}.")

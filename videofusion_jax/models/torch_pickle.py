@@ -91,7 +91,8 @@ def read_torch_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     try:
       with archive.open(pickles[0]) as f:
         state = _Unpickler(f, archive, prefix, path).load()
-    except (KeyError, IndexError, TypeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    except (KeyError, IndexError, TypeError, MemoryError, pickle.UnpicklingError, EOFError, ValueError,
+            zipfile.BadZipFile) as e:
       if isinstance(e, TorchCheckpointError):
         raise
       raise TorchCheckpointError(f"{path} is damaged: {type(e).__name__}: {e}. Download or save it again.") from None

@@ -70,6 +70,35 @@ def _state_item(step_dir: Path) -> Path:
   return step_dir / "default" if (step_dir / "default").is_dir() else step_dir / "state"
 
 
+def _past_the_barrier(read):
+  """``read()``, an Orbax restore, with a failure of this host's read raised only after the barrier that
+  ends ``Checkpointer.restore`` (it reads in ``_restore``, then waits for every process): a host whose
+  read failed would skip it while the others wait there, and each host's next collective would pair
+  with the wrong one (``_agree``'s vote with that barrier). While it runs, a failed ``_restore`` is held
+  and returns None, so that the barrier is reached."""
+  failures = []
+  original = ocp.Checkpointer._restore
+
+  def held(self, directory, args):
+    try:
+      return original(self, directory, args)
+    except Exception as e:  # noqa: BLE001 - raised below, after the barrier
+      failures.append(e)
+      return None
+
+  ocp.Checkpointer._restore = held
+  try:
+    result = read()
+  except Exception:
+    if not failures:
+      raise
+  finally:
+    ocp.Checkpointer._restore = original
+  if failures:  # (what read() made of the None, e.g. a TypeError indexing it, is not the cause)
+    raise failures[0]
+  return result
+
+
 def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state=None, fields=None):
   """The ``state`` item of ``step`` (as plain arrays without ``abstract_state``), whichever format wrote it.
   ``fields``: the TrainState fields to read, the others left None (none of their arrays is read)."""
@@ -82,14 +111,14 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state=Non
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     with ocp.PyTreeCheckpointer() as reader:
-      read = reader.restore(item, args=args)
+      read = _past_the_barrier(lambda: reader.restore(item, args=args))
     return abstract_state.replace(**{f.name: read[f.name] if f.name in fields else None
                                      for f in dataclasses.fields(abstract_state)})
   args = ocp.args.StandardRestore(abstract_state)
   if item.name == "default":
     with ocp.CheckpointManager(manager.directory) as single_item:
-      return single_item.restore(step, args=args)
-  return manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+      return _past_the_barrier(lambda: single_item.restore(step, args=args))
+  return _past_the_barrier(lambda: manager.restore(step, args=ocp.args.Composite(state=args))["state"])
 
 
 def abstract_like(state, shardings):
@@ -199,27 +228,44 @@ WEIGHTS = ("params", "ema_params")
 
 def _restore_step(manager, step: int, abstract_state, with_data: bool, fields=None):
   """``(state, data)`` of ``step``; ``_Damaged`` when it cannot be read, CheckpointError when
-  it is intact but does not match ``abstract_state``."""
+  it is intact but does not match ``abstract_state``. Each host reads its own shards, so the hosts
+  agree after each read (``_agree``): a step damaged where one host reads is damaged for all, and
+  no host goes on to a read (and its barrier) that another skipped."""
   saved, wanted = _saved_shapes(manager, step), _flat_shapes(abstract_state)
   # Another model: known before reading any array.
   if saved is not None and _subtrees(saved, WEIGHTS) != _subtrees(wanted, WEIGHTS):
     raise _mismatch_error(manager, step, abstract_state, saved)
+  state, damaged = None, None
   try:
     state = _restore_state(manager, step, abstract_state, fields)
   except Exception as e:  # noqa: BLE001 - TensorStore raises plain Exceptions; classified below
     if saved is None:
-      raise _Damaged("its metadata cannot be read") from None
-    if _subtrees(saved, fields) == _subtrees(wanted, fields):
+      damaged = _Damaged("its metadata cannot be read")
+    elif _subtrees(saved, fields) == _subtrees(wanted, fields):
       cause = _root_cause(e)  # Orbax's own message is the TensorStore spec of the array; the cause says what failed
-      raise _Damaged(f"reading its arrays failed ({type(cause).__name__}: {_first_line(cause, 400)})") from None
-    raise _mismatch_error(manager, step, abstract_state, saved) from None
+      damaged = _Damaged(f"reading its arrays failed ({type(cause).__name__}: {_first_line(cause, 400)})")
+    else:
+      damaged = _mismatch_error(manager, step, abstract_state, saved)  # raised after the vote, as the others
+  _agree(manager, step, damaged)
   data = None
   if with_data:
     try:
       data = restore_data_state(manager, step)
     except Exception as e:  # noqa: BLE001
-      raise _Damaged(f"its input-stream position cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+      damaged = _Damaged(f"its input-stream position cannot be read ({type(e).__name__}: {_first_line(e)})")
+    _agree(manager, step, damaged)
   return state, data
+
+
+def _agree(manager, step: int, damaged: Exception | None) -> None:
+  """Raises ``damaged`` (a ``_Damaged``, or the CheckpointError of another model) on the hosts that met
+  it and a ``_Damaged`` naming another host on the others, when any host met one; every host calls it."""
+  if _on_every_host(damaged is None):
+    return
+  if isinstance(damaged, _Damaged) and jax.process_index() > 0:  # process 0 alone logs; this cause is its own
+    print(f"warning (process {jax.process_index()}): checkpoint {step} in {manager.directory} is damaged "
+          f"({damaged}).", flush=True)
+  raise damaged or _Damaged("unreadable on another host: see its warning")
 
 
 # The step folders read in this process ("<checkpoints>/<step>/"): what a failed read of one leaves
@@ -329,17 +375,9 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
   for s in steps:
     try:
       state, data = _restore_step(manager, s, abstract_state, with_data, fields)
-      error = None
-    except _Damaged as e:
-      error = e
-    # Each host reads its own shards: a step damaged where one host reads is skipped by every host.
-    if not _on_every_host(error is None):
+    except _Damaged as e:  # on every host together (_agree)
       damaged.append(s)
-      log(f"warning: skipped checkpoint {s} in {manager.directory}: it is damaged "
-          f"({error or 'unreadable on another host: see its warning'}).")
-      if error is not None and jax.process_index() > 0:
-        print(f"warning (process {jax.process_index()}): checkpoint {s} in {manager.directory} is damaged "
-              f"({error}).", flush=True)
+      log(f"warning: skipped checkpoint {s} in {manager.directory}: it is damaged ({e}).")
       continue
     if damaged:
       log(f"restored checkpoint {s}, the newest intact one.")
@@ -384,7 +422,8 @@ def restore_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None
   """The input stream's position saved with ``step``, or None for a checkpoint without one."""
   if not (Path(manager.directory) / str(step) / "data").exists():
     return None
-  return dict(manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
+  return dict(_past_the_barrier(lambda: manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
+      "data"]))
 
 
 def has_checkpoints(workdir: str | Path) -> bool:
@@ -414,7 +453,7 @@ def restore_raw(workdir: str | Path, log=print):
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
-        state, error = _restore_state(manager, step), None
+        state, error = _restore_state(manager, step), None  # (its failures reach Orbax's barrier: _past_the_barrier)
       except Exception as e:  # noqa: BLE001 - TensorStore's read errors come as plain Exceptions
         state, error = None, f"{type(_root_cause(e)).__name__}: {_first_line(_root_cause(e))}"
       if _on_every_host(error is None):  # the hosts start from the same step

@@ -110,6 +110,8 @@ class WorkdirLock:
       self.held = True
       _HELD.add(str(self.path))
       return
+    raise WorkdirError(f"could not take over {self.path}: another run took it at the same moment. Check that no "
+                       "other training run uses this workdir, then run again.")
 
   def _read(self) -> dict | None:
     try:
