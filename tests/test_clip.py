@@ -296,6 +296,17 @@ def test_preprocess_resizes_the_short_side_crops_the_centre_and_normalises(tmp_p
   assert out.shape == (2, s, s, 3)
   np.testing.assert_allclose(out, np.broadcast_to((np.float32([10, 128, 250]) / 255 - mean) / std, out.shape),
                              atol=1e-6)
+  # A preprocessor that resizes the short side to more than the crop (size.shortest_edge): a frame whose
+  # short side is already that size is cropped at its centre, not shrunk to S first.
+  (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(
+      {"crop_size": s, "size": {"shortest_edge": s + 8}}))
+  larger = clip_lib.load(tmp_path / "clip")
+  frame = rng.integers(0, 256, (s + 8, s + 20, 3), dtype=np.uint8)
+  np.testing.assert_allclose(larger.preprocess(frame), (frame[None, 4:4 + s, 10:10 + s] / 255.0 - mean) / std,
+                             atol=1e-6)
+  (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": s - 1}}))
+  with pytest.raises(clip_lib.CLIPLoadError, match=f"resizes the short side to {s - 1}, which cannot be"):
+    clip_lib.load(tmp_path / "clip")
 
 
 def _error(fn, *args) -> str:

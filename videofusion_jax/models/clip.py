@@ -87,6 +87,7 @@ class CLIPConfig:
   patch_size: int = 32
   image_mean: tuple[float, float, float] = OPENAI_MEAN
   image_std: tuple[float, float, float] = OPENAI_STD
+  resize_size: int | None = None  # the short side before the centre crop (preprocessor's size); None: image_size
 
   @classmethod
   def from_json(cls, config: Mapping[str, Any], preprocessor: Mapping[str, Any] | None = None) -> CLIPConfig:
@@ -98,11 +99,14 @@ class CLIPConfig:
                          c.get("hidden_act", "quick_gelu"), c.get("layer_norm_eps", 1e-5))
     image_size = v.get("image_size", 224)
     pre = preprocessor or {}
+    resize = pre.get("size", image_size)
+    resize = resize.get("shortest_edge", image_size) if isinstance(resize, dict) else resize
     return cls(text=tower(t, 512, 12, 8, 2048), vision=tower(v, 768, 12, 12, 3072),
                projection_dim=config.get("projection_dim", 512), vocab_size=t.get("vocab_size", 49408),
                context_length=t.get("max_position_embeddings", 77), eos_token_id=t.get("eos_token_id", 49407),
                image_size=image_size, patch_size=v.get("patch_size", 32),
-               image_mean=tuple(pre.get("image_mean", OPENAI_MEAN)), image_std=tuple(pre.get("image_std", OPENAI_STD)))
+               image_mean=tuple(pre.get("image_mean", OPENAI_MEAN)), image_std=tuple(pre.get("image_std", OPENAI_STD)),
+               resize_size=resize if resize != image_size else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,8 +448,8 @@ class CLIP:
 
   def preprocess(self, frames) -> np.ndarray:
     """uint8 frames ``(B, H, W, 3)`` (or one ``(H, W, 3)``) of any size -> pixels ``(B, S, S, 3)``
-    float32, as ``CLIPImageProcessor``: bicubic resize of the short side to S, centre crop, /255,
-    then the checkpoint's mean and std."""
+    float32, as ``CLIPImageProcessor``: bicubic resize of the short side (to the preprocessor's
+    ``size.shortest_edge``, S when it has none), centre crop to S, /255, then the checkpoint's mean and std."""
     return preprocess(frames, self.config)
 
 
@@ -459,13 +463,13 @@ def preprocess(frames, config: CLIPConfig) -> np.ndarray:
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
     raise ValueError(f"preprocess takes uint8 RGB frames (B, H, W, 3) or (H, W, 3); got {frames.dtype} "
                      f"{frames.shape}.")
-  s = config.image_size
+  s, r = config.image_size, config.resize_size or config.image_size
   out = np.empty((len(frames), s, s, 3), np.float32)
   for i, frame in enumerate(frames):
     h, w = frame.shape[:2]
     short, long = (h, w) if h <= w else (w, h)
-    new_long = int(s * long / short)
-    size = (new_long, s) if h <= w else (s, new_long)  # PIL takes (width, height)
+    new_long = int(r * long / short)
+    size = (new_long, r) if h <= w else (r, new_long)  # PIL takes (width, height)
     image = np.asarray(Image.fromarray(frame).resize(size, Image.BICUBIC))
     top, left = (image.shape[0] - s) // 2, (image.shape[1] - s) // 2
     out[i] = image[top:top + s, left:left + s]
@@ -523,6 +527,10 @@ def _check_preprocessor_size(pre_file: Path, preprocessor: Mapping[str, Any] | N
   if crop != config.image_size:
     raise CLIPLoadError(f"{pre_file} crops to {crop} pixels but the vision tower takes {config.image_size} "
                         "(vision_config.image_size in config.json).")
+  resize = config.resize_size or config.image_size
+  if not isinstance(resize, int) or resize < config.image_size:
+    raise CLIPLoadError(f"{pre_file} resizes the short side to {resize!r}, which cannot be centre-cropped to "
+                        f"{config.image_size} pixels: give size.shortest_edge >= crop_size.")
 
 
 def init(config: CLIPConfig, tokenizer: CLIPTokenizer, rng: jax.Array, dtype: Dtype = jnp.float32) -> CLIP:
@@ -578,7 +586,7 @@ def save_pretrained(clip: CLIP, directory: str | Path) -> Path:
   (directory / "config.json").write_text(json.dumps(config, indent=2))
   (directory / "preprocessor_config.json").write_text(json.dumps(
       {"image_mean": list(c.image_mean), "image_std": list(c.image_std), "crop_size": c.image_size,
-       "size": {"shortest_edge": c.image_size}}, indent=2))
+       "size": {"shortest_edge": c.resize_size or c.image_size}}, indent=2))
   save_vocab(directory, clip.tokenizer.vocab, clip.tokenizer.merges)
   write_safetensors(directory / "model.safetensors", to_state_dict(clip.params))
   return directory
