@@ -199,3 +199,24 @@ def test_slurm_outside_a_job(fakes, tmp_path):
 def test_slurm_tasks_per_node_must_match_gpus(fakes, tmp_path):
   env = {**SLURM_ENV, "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_GPUS_ON_NODE": "8"}
   assert "use --ntasks-per-node=8" in one_error_line(launch(SLURM_SCRIPT, fakes, tmp_path, env))
+
+
+@pytest.mark.parametrize("version,venv_works,message", [
+    ("3.10.12", True, "is Python 3.10.12; the pinned requirements need Python 3.11 or 3.12"),
+    ("3.11.9", False, "-m venv' failed (above); on Debian or Ubuntu install the venv module"),
+])
+def test_setup_stops_on_an_old_python_or_a_missing_venv_module(tmp_path, version, venv_works, message):
+  """launch/setup_env.sh with a stand-in python: one clear error, and no half-made .venv left behind
+  for the next run to take as working."""
+  fake = tmp_path / "python3"
+  newer = "0" if version >= "3.11" else "1"
+  fake.write_text("#!/usr/bin/env bash\n"
+                  f'if [ "$1" = "--version" ]; then echo "Python {version}"; exit 0; fi\n'
+                  f'if [ "$1" = "-c" ]; then exit {newer}; fi\n'
+                  f'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; {"exit 0" if venv_works else "exit 1"}; fi\n')
+  fake.chmod(0o755)
+  venv = tmp_path / "venv"
+  r = subprocess.run(["bash", "-c", f"source {ROOT / 'launch' / 'setup_env.sh'}"], capture_output=True, text=True,
+                     env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(fake), "VENV": str(venv)})
+  assert r.returncode == 1 and message in r.stderr, r.stderr
+  assert not venv.exists()
