@@ -11,6 +11,7 @@ import ml_collections
 
 from videofusion_jax.diffusion.samplers import DDIM_SPACINGS, DDPM_VARIANCES, start_signal
 from videofusion_jax.diffusion.schedules import SCHEDULE_KINDS
+from videofusion_jax.models.factory import DTYPES
 from videofusion_jax.models.unet import REMAT_POLICIES, attention_channels, attention_heads, check_image_size
 
 
@@ -179,6 +180,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.diffusion.schedule not in SCHEDULE_KINDS:
     raise ConfigError(f"config.diffusion.schedule={config.diffusion.schedule!r}: use one of "
                       f"{SCHEDULE_KINDS}.")
+  if config.model.dtype not in DTYPES:
+    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: the networks' compute type; use one of "
+                      f"{tuple(DTYPES)} (the parameters stay float32).")
+  if config.model.param_dtype != "float32":
+    raise ConfigError(f"config.model.param_dtype={config.model.param_dtype!r}: the parameters must be float32. In "
+                      "bfloat16 or float16 the EMA's decay (0.999, 0.9999) and Adam's b2 round to 1, so the EMA "
+                      "weights that sampling uses and Adam's second moment stop moving, without an error. For less "
+                      "memory compute in bfloat16 (--config.model.dtype=bfloat16) or split the state over devices "
+                      "(--config.mesh.fsdp).")
+  if config.model.attention_implementation not in ("", "xla", "cudnn"):
+    raise ConfigError(f"config.model.attention_implementation={config.model.attention_implementation!r}: use '' "
+                      "(XLA chooses), 'xla' or 'cudnn' (fused attention on NVIDIA GPUs).")
   if d.frame_stride < 1:
     raise ConfigError(f"config.data.frame_stride={d.frame_stride}: must be >= 1.")
   if not _is_int(d.num_classes) or d.num_classes < 0:
