@@ -5,16 +5,21 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then
+  if ! command -v "$PYTHON" >/dev/null; then
+    echo "error: $PYTHON is not found; install Python 3.11 or 3.12 and run again (PYTHON=python3.11 picks one)." >&2
+    exit 1
+  fi
   if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-    echo "error: $PYTHON is $("$PYTHON" --version 2>&1 || echo 'not found'); the pinned requirements need Python" \
-      "3.11 or 3.12: install one and run again with PYTHON=python3.11 (or python3.12)." >&2
+    echo "error: $PYTHON is $("$PYTHON" --version 2>&1); the pinned requirements need Python 3.11 or 3.12:" \
+      "install one and run again with PYTHON=python3.11 (or python3.12)." >&2
     exit 1
   fi
   echo "[setup] creating $VENV"
+  [ -e "$VENV" ] && made="" || made=1
   if ! "$PYTHON" -m venv "$VENV"; then
-    rm -rf "$VENV"  # half made: the next run would take it for a working one
+    [ -n "$made" ] && rm -rf "$VENV"  # half made here: the next run would take it for a working one
     echo "error: '$PYTHON -m venv' failed (above); on Debian or Ubuntu install the venv module" \
-      "(apt install python3-venv, or python3.11-venv) and run again." >&2
+      "(apt install ${PYTHON##*/}-venv, or python3-venv) and run again." >&2
     exit 1
   fi
 fi

@@ -209,7 +209,7 @@ def test_setup_stops_on_an_old_python_or_a_missing_venv_module(tmp_path, version
   """launch/setup_env.sh with a stand-in python: one clear error, and no half-made .venv left behind
   for the next run to take as working."""
   fake = tmp_path / "python3"
-  newer = "0" if version >= "3.11" else "1"
+  newer = "0" if tuple(map(int, version.split("."))) >= (3, 11) else "1"
   fake.write_text("#!/usr/bin/env bash\n"
                   f'if [ "$1" = "--version" ]; then echo "Python {version}"; exit 0; fi\n'
                   f'if [ "$1" = "-c" ]; then exit {newer}; fi\n'
@@ -220,3 +220,13 @@ def test_setup_stops_on_an_old_python_or_a_missing_venv_module(tmp_path, version
                      env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(fake), "VENV": str(venv)})
   assert r.returncode == 1 and message in r.stderr, r.stderr
   assert not venv.exists()
+  if not venv_works:  # a folder the user already had is not deleted
+    venv.mkdir()
+    (venv / "notes.txt").write_text("mine")
+    r = subprocess.run(["bash", "-c", f"source {ROOT / 'launch' / 'setup_env.sh'}"], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(fake), "VENV": str(venv)})
+    assert r.returncode == 1 and (venv / "notes.txt").read_text() == "mine"
+  r = subprocess.run(["bash", "-c", f"source {ROOT / 'launch' / 'setup_env.sh'}"], capture_output=True, text=True,
+                     env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": "python3.nowhere",
+                          "VENV": str(tmp_path / "other")})
+  assert r.returncode == 1 and r.stderr.startswith("error: python3.nowhere is not found; install Python 3.11"), r.stderr

@@ -239,7 +239,7 @@ def test_base_learning_rate_scale_and_cosine_decay():
     ("train.warmup_steps", -5, "warmup_steps=-5: the steps of the learning rate's linear warm-up"),
     ("train.freeze_base", True, "freeze_base=True with config.train.stage='image'"),
     ("model.dtype", "bf16", "config.model.dtype='bf16': the networks' compute type; use one of"),
-    ("model.param_dtype", "bfloat16", "round to 1, so the EMA weights that sampling uses"),
+    ("model.param_dtype", "bfloat16", "the EMA's decay (0.999, 0.9999) and Adam's b2 round to 1"),
     ("model.attention_implementation", "flash", "attention_implementation='flash': use ''"),
 ])
 def test_recipe_values_that_would_fail_late_are_refused(field, value, message):

@@ -185,10 +185,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{tuple(DTYPES)} (the parameters stay float32).")
   if config.model.param_dtype != "float32":
     raise ConfigError(f"config.model.param_dtype={config.model.param_dtype!r}: the parameters must be float32. In "
-                      "bfloat16 or float16 the EMA's decay (0.999, 0.9999) and Adam's b2 round to 1, so the EMA "
-                      "weights that sampling uses and Adam's second moment stop moving, without an error. For less "
-                      "memory compute in bfloat16 (--config.model.dtype=bfloat16) or split the state over devices "
-                      "(--config.mesh.fsdp).")
+                      "bfloat16 the EMA's decay (0.999, 0.9999) and Adam's b2 round to 1 (in float16, 0.9999 "
+                      "does), so the EMA weights that sampling uses and Adam's second moment stop moving, without an "
+                      "error. For less memory compute in bfloat16 (--config.model.dtype=bfloat16) or split the state "
+                      "over devices (--config.mesh.fsdp).")
   if config.model.attention_implementation not in ("", "xla", "cudnn"):
     raise ConfigError(f"config.model.attention_implementation={config.model.attention_implementation!r}: use '' "
                       "(XLA chooses), 'xla' or 'cudnn' (fused attention on NVIDIA GPUs).")
