@@ -413,8 +413,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if s.guidance_scale != 1.0 and m.condition == "label" and not d.num_classes:
     raise ConfigError(f"config.sample.guidance_scale={s.guidance_scale}: this model is unconditional "
                       "(model.condition='label' with data.num_classes=0), so there is nothing to guide; leave it at 1.")
-  if (s.prior_guidance_scale != 1.0 and m.condition == "embedding" and m.prior.condition == "label"
-          and not d.num_classes and not s.embeddings):  # given embeddings: the prior does not run
+  if s.prior_guidance_scale != 1.0 and prior_samples(config) and m.prior.condition == "label" and not d.num_classes:
     raise ConfigError(f"config.sample.prior_guidance_scale={s.prior_guidance_scale}: this prior is on nothing "
                       "(data.num_classes=0, no text), so there is nothing to guide it by; leave it at 1.")
   for field in ("fps", "upscale", "num_real_clips"):
@@ -424,10 +423,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_chain_start(f"config.sample.num_steps={s.num_steps} with config.sample.spacing={s.spacing!r}",
                        config.diffusion.schedule, config.diffusion.num_timesteps, s.num_steps, s.spacing,
                        "--config.sample.spacing=trailing (it starts at T-1) or another num_steps")
-  if m.condition == "embedding" and not s.embeddings:
+  if prior_samples(config):
     _check_chain_start(f"config.sample.prior_num_steps={s.prior_num_steps} with config.sample.prior_spacing="
                        f"{s.prior_spacing!r}", m.prior.schedule, m.prior.num_timesteps, s.prior_num_steps,
                        s.prior_spacing, "--config.sample.prior_spacing=trailing or another prior_num_steps")
+
+
+def prior_samples(config: ml_collections.ConfigDict) -> bool:
+  """Whether sampling draws the key-frame embedding from the prior (the embedding condition, no
+  ``sample.embeddings`` given)."""
+  return config.model.condition == "embedding" and not config.sample.embeddings
 
 
 def _is_int(x) -> bool:

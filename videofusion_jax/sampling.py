@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from videofusion_jax import diffusion
-from videofusion_jax.config import ConfigError
+from videofusion_jax.config import ConfigError, prior_samples
 from videofusion_jax.data import video_io
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
@@ -432,7 +432,7 @@ def sampler_settings(config: ml_collections.ConfigDict) -> dict:
           "clip": _clip_used(config),
           "prior": ({"steps": s.prior_num_steps, "spacing": s.prior_spacing, "eta": s.prior_eta,
                      "guidance_scale": s.prior_guidance_scale}
-                    if config.model.condition == "embedding" and not s.embeddings else None),
+                    if prior_samples(config) else None),
           "embeddings_file": s.embeddings or None}
 
 
@@ -481,7 +481,7 @@ def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> Non
   s = config.sample
   scales = ([f"config.sample.guidance_scale={s.guidance_scale}"] if guided(config) else []) + (
       [f"config.sample.prior_guidance_scale={s.prior_guidance_scale}"]
-      if config.model.condition == "embedding" and not s.embeddings and s.prior_guidance_scale != 1.0 else [])
+      if prior_samples(config) and s.prior_guidance_scale != 1.0 else [])
   try:
     dropout = float(trained["train"]["label_dropout"])
   except (KeyError, TypeError, ValueError):
@@ -611,7 +611,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
                        "motion_index": int(motion[i]),
                        "clip_motion_indices": per_clip[i].tolist(),
                        "embedding": "given" if given is not None else
-                       ("prior" if config.model.condition == "embedding" else None)})
+                       ("prior" if prior_samples(config) else None)})
     kinds = write_videos(out_dir, video_io.to_uint8(videos), names, sidecars, s.fps, s.upscale)
     np.savez_compressed(out_dir / "samples.npz", videos=videos,
                         labels=labels if labels is not None else np.zeros(0),

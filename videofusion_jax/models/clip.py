@@ -89,6 +89,11 @@ class CLIPConfig:
   image_std: tuple[float, float, float] = OPENAI_STD
   resize_size: int | None = None  # the short side before the centre crop (preprocessor's size); None: image_size
 
+  @property
+  def short_side(self) -> int:
+    """The frames' short side after the resize, before the centre crop to ``image_size``."""
+    return self.resize_size or self.image_size
+
   @classmethod
   def from_json(cls, config: Mapping[str, Any], preprocessor: Mapping[str, Any] | None = None) -> CLIPConfig:
     t, v = config["text_config"] or {}, config["vision_config"] or {}
@@ -463,7 +468,7 @@ def preprocess(frames, config: CLIPConfig) -> np.ndarray:
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
     raise ValueError(f"preprocess takes uint8 RGB frames (B, H, W, 3) or (H, W, 3); got {frames.dtype} "
                      f"{frames.shape}.")
-  s, r = config.image_size, config.resize_size or config.image_size
+  s, r = config.image_size, config.short_side
   out = np.empty((len(frames), s, s, 3), np.float32)
   for i, frame in enumerate(frames):
     h, w = frame.shape[:2]
@@ -527,7 +532,7 @@ def _check_preprocessor_size(pre_file: Path, preprocessor: Mapping[str, Any] | N
   if crop != config.image_size:
     raise CLIPLoadError(f"{pre_file} crops to {crop} pixels but the vision tower takes {config.image_size} "
                         "(vision_config.image_size in config.json).")
-  resize = config.resize_size or config.image_size
+  resize = config.short_side
   if not isinstance(resize, int) or resize < config.image_size:
     raise CLIPLoadError(f"{pre_file} resizes the short side to {resize!r}, which cannot be centre-cropped to "
                         f"{config.image_size} pixels: give size.shortest_edge >= crop_size.")
@@ -586,7 +591,7 @@ def save_pretrained(clip: CLIP, directory: str | Path) -> Path:
   (directory / "config.json").write_text(json.dumps(config, indent=2))
   (directory / "preprocessor_config.json").write_text(json.dumps(
       {"image_mean": list(c.image_mean), "image_std": list(c.image_std), "crop_size": c.image_size,
-       "size": {"shortest_edge": c.resize_size or c.image_size}}, indent=2))
+       "size": {"shortest_edge": c.short_side}}, indent=2))
   save_vocab(directory, clip.tokenizer.vocab, clip.tokenizer.merges)
   write_safetensors(directory / "model.safetensors", to_state_dict(clip.params))
   return directory

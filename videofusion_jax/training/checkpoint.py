@@ -14,10 +14,11 @@ import warnings
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint._src.metadata import array_metadata_store
+
+from videofusion_jax.training.sharding import on_every_host
 
 ITEMS = ("state", "data")
 
@@ -260,7 +261,7 @@ def _restore_step(manager, step: int, abstract_state, with_data: bool, fields=No
 def _agree(manager, step: int, damaged: Exception | None) -> None:
   """Raises ``damaged`` (a ``_Damaged``, or the CheckpointError of another model) on the hosts that met
   it and a ``_Damaged`` naming another host on the others, when any host met one; every host calls it."""
-  if _on_every_host(damaged is None):
+  if on_every_host(damaged is None):
     return
   if isinstance(damaged, _Damaged) and jax.process_index() > 0:  # process 0 alone logs; this cause is its own
     print(f"warning (process {jax.process_index()}): checkpoint {step} in {manager.directory} is damaged "
@@ -388,14 +389,6 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
       "backup, or move the checkpoints folder away to start afresh.")
 
 
-def _on_every_host(ok: bool) -> bool:
-  """Whether ``ok`` holds on every process (one process: ``ok``); every process must call it."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-
-
 def move_aside(manager: ocp.CheckpointManager, steps: list[int], log=print) -> None:
   """Moves damaged checkpoints to ``workdir/checkpoints_damaged/`` (kept, not deleted), so that
   training from an older one can save those steps again; process 0 moves, all hosts wait."""
@@ -456,7 +449,7 @@ def restore_raw(workdir: str | Path, log=print):
         state, error = _restore_state(manager, step), None  # (its failures reach Orbax's barrier: _past_the_barrier)
       except Exception as e:  # noqa: BLE001 - TensorStore's read errors come as plain Exceptions
         state, error = None, f"{type(_root_cause(e)).__name__}: {_first_line(_root_cause(e))}"
-      if _on_every_host(error is None):  # the hosts start from the same step
+      if on_every_host(error is None):  # the hosts start from the same step
         return state, step
       cause = error or "unreadable on another host"
       log(f"warning: skipped checkpoint {step} in {directory}: it cannot be read ({cause}).")

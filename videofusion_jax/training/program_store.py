@@ -31,6 +31,7 @@ from jax import export
 from jax._src import config as jax_config  # trace_context: the settings jax.jit keys its traces by
 
 import videofusion_jax
+from videofusion_jax.training.sharding import on_every_host
 
 PROGRAMS = "programs"  # the store's folder inside the compilation cache
 KEEP = 64  # programs kept; the least recently used go first
@@ -188,15 +189,6 @@ def _write(path: pathlib.Path, blob: bytes) -> None:
       pass
 
 
-def _all_processes(ok: bool) -> bool:
-  """``ok`` on every process (one small all-gather when there are several): the hosts either all
-  run the stored program or all the plain one, never a mix, whose collectives could wait forever."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils
-  return bool(np.all(multihost_utils.process_allgather(np.array(ok, np.int32))))
-
-
 class StoredJit:
   """``jax.jit(fn, **jit_kwargs)`` whose traced and lowered program is kept in the store
   (``store_directory()``) under ``program_key`` and loaded from there by later processes: the
@@ -252,7 +244,7 @@ class StoredJit:
     # or all the plain one.
     enabled = self.enabled()
     changed = enabled and source_changed_since_loaded()
-    if not _all_processes(enabled and not changed):
+    if not on_every_host(enabled and not changed):
       why = ("a source file of videofusion_jax changed since it was loaded; rerun" if changed
              else "a source file of videofusion_jax changed on another host since it was loaded" if enabled else "")
       return self._plain(signature, why)
@@ -280,7 +272,7 @@ class StoredJit:
         exported, failure = None, f"{type(e).__name__}: {str(e)[:200]}"
       else:
         _write(path, blob)
-    if not _all_processes(exported is not None):
+    if not on_every_host(exported is not None):  # all run the stored program or all the plain one
       return self._plain(signature, failure or "another process could not export it")
     program = jax.jit(exported.call, **self.jit_kwargs)
     self._calls[signature] = program

@@ -14,6 +14,15 @@ from jax.sharding import PartitionSpec as P
 MESH_AXES = ("data", "fsdp")
 
 
+def on_every_host(ok: bool) -> bool:
+  """Whether ``ok`` holds on every process (one small all-gather when there are several; one process:
+  ``ok``). Every process must call it: hosts that decide alike run the same collectives after."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   """A ``(data, fsdp)`` mesh over all devices; ``-1`` in ``config.mesh`` takes the rest."""
   devices = np.asarray(jax.devices() if devices is None else devices)

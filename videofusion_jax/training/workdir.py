@@ -90,13 +90,14 @@ class WorkdirLock:
         # This process's own id on a lock it does not hold: left by an earlier run whose container reused
         # the id (and the host name).
         mine_before = pid == me["pid"] and str(self.path) not in _HELD
+        left_by = None
         if other and other.get("host") == me["host"] and (mine_before or not _alive(pid)):
-          print(f"note: {self.path} was left by process {other['pid']} on this host, which is gone; taking it over.")
-          self.path.unlink(missing_ok=True)
-          continue
-        if other and attempt and other.get("slurm_job") == attempt[0] and other.get("slurm_restart") != attempt[1]:
-          print(f"note: {self.path} was left by attempt {other.get('slurm_restart')} of this SLURM job "
-                f"({attempt[0]}, now attempt {attempt[1]}: requeued); taking it over.")
+          left_by = f"process {other['pid']} on this host, which is gone"
+        elif other and attempt and other.get("slurm_job") == attempt[0] and other.get("slurm_restart") != attempt[1]:
+          left_by = (f"attempt {other.get('slurm_restart')} of this SLURM job ({attempt[0]}, now attempt "
+                     f"{attempt[1]}: requeued)")
+        if left_by:
+          print(f"note: {self.path} was left by {left_by}; taking it over.")
           self.path.unlink(missing_ok=True)
           continue
         who = (f"process {other.get('pid')} on host {other.get('host')}, started {other.get('started')}"
