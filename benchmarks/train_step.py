@@ -226,19 +226,28 @@ def counts_on_host() -> bool:
   return not (jax.default_backend() == "cpu" and jax.device_count() == 1)
 
 
+def counting_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` as XLA's FLOPs of the model are counted on: XLA's attention where ``config`` uses
+  cuDNN's fused one (a custom call XLA's cost analysis does not count), the batch in one pass where
+  it accumulates micro-batches (XLA counts a loop's body once), no recompute (``remat`` repeats
+  forward passes that are not the model's work). The same sums otherwise: the count is the step's."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.attention_implementation = ""
+  c.train.update(grad_accum_steps=1, remat="")
+  return c
+
+
 def flops_trainer(trainer):
   """The experiment whose programs XLA's FLOPs are counted on: ``trainer`` itself, or (only
-  lowered, for counting) the same model with XLA's attention where ``trainer`` uses cuDNN's fused
-  one (a custom call XLA's cost analysis does not count), on one host CPU device where
+  lowered, for counting) the same model as ``counting_config`` has it, on one host CPU device where
   ``counts_on_host()``: the whole step's FLOPs, whatever the devices run."""
   from videofusion_jax.training import sharding as shd
   from videofusion_jax.training.step import Trainer
 
   host = counts_on_host()
-  if not host and not trainer.config.model.attention_implementation:
+  c = counting_config(trainer.config)
+  if not host and c.to_dict() == trainer.config.to_dict():
     return trainer
-  c = ml_collections.ConfigDict(trainer.config.to_dict())
-  c.model.attention_implementation = ""
   if not host:
     return Trainer(c, mesh=trainer.mesh)
   c.mesh.update(data=1, fsdp=1)
@@ -254,11 +263,23 @@ def flops_trainer(trainer):
 
 
 def synthetic_batch(config: ml_collections.ConfigDict) -> dict:
-  """A train batch of ``config``'s shapes (numpy): videos uniform in [-1, 1], random labels."""
-  b, d = config.train.batch_size, config.data
+  """A train batch of ``config``'s shapes (numpy): videos uniform in [-1, 1], random labels, and
+  where the model reads stored CLIP embeddings, random unit ones: ``frame_embeddings`` ``(B, N, D)``
+  and for a prior on text ``caption_embeddings`` ``(B, D)`` (the pipeline's keys)."""
+  b, d, m = config.train.batch_size, config.data, config.model
   rng = np.random.default_rng(0)
-  return {"video": rng.uniform(-1, 1, (b, d.num_frames, d.image_size, d.image_size, 3)).astype(np.float32),
-          "label": rng.integers(0, max(d.num_classes, 1), b).astype(np.int32)}
+  batch = {"video": rng.uniform(-1, 1, (b, d.num_frames, d.image_size, d.image_size, 3)).astype(np.float32),
+           "label": rng.integers(0, max(d.num_classes, 1), b).astype(np.int32)}
+
+  def unit(*shape):
+    x = rng.normal(size=shape)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+  if m.condition == "embedding" and m.encoder.kind == "clip":
+    batch["frame_embeddings"] = unit(b, d.num_frames, m.encoder.embed_dim)
+    if m.prior.condition == "text":
+      batch["caption_embeddings"] = unit(b, m.encoder.embed_dim)
+  return batch
 
 
 def step_flops(counter, batch: dict) -> float:
@@ -308,6 +329,8 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       "devices": jax.device_count(), "pid": os.getpid(), "init": _INIT.value, "batch": b, "frames": d.num_frames,
       "size": d.image_size,
       "dtype": c.model.dtype, "stage": c.train.stage, "trainable": list(trainable_networks(c)),
+      "residual_frames": c.train.residual_frames, "grad_accum_steps": c.train.grad_accum_steps,
+      "remat": c.train.remat,
       **{f"params_{k}": v for k, v in trainer.num_params.items()},
       "compile_cold_s": round(cold, 2), "compile_warm_s": round(warm, 2),
       "compile_warm_trace_lower_s": round(trace_lower, 2), "warm_step_program": trainer.step.source,
@@ -328,8 +351,13 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
 def flops_source(trainer, counter, what: str, compiled: bool) -> str:
   """What a FLOP count of ``what`` is: XLA's cost analysis of which program, where."""
   text = f"XLA cost analysis of the {what} {'compiled' if compiled else 'lowered'}"
-  if counter.config.model.attention_implementation != trainer.config.model.attention_implementation:
+  ours, counted = trainer.config, counter.config
+  if counted.model.attention_implementation != ours.model.attention_implementation:
     text += " with XLA's attention (XLA does not count cuDNN's)"
+  if counted.train.grad_accum_steps != ours.train.grad_accum_steps:
+    text += f" with the batch in one pass (the run's {ours.train.grad_accum_steps} micro-batches do the same sums)"
+  if counted.train.remat != ours.train.remat:
+    text += f" without remat (the run's remat={ours.train.remat!r} also recomputes forward passes)"
   if counts_on_host():
     text += " on one host CPU device (the whole step; a GPU's own count leaves out cuBLAS and cuDNN)"
   return text
@@ -361,8 +389,10 @@ def sampling_flops(trainer, b: int) -> float:
           lambda p, zz, tt: sampling.video_eps_fn(trainer, p, net_labels, net_cond, residual=False)(zz, tt),
           params, z, t)
     if cond is not None:
+      text = cond if sampling.text_prior(c) else None  # the caption's embedding: zeros count the same
       total += c.sample.prior_num_steps * count(
-          lambda p, e, tt: sampling.prior_eps_fn(trainer, p, labels)(e, tt), params, cond, t)
+          lambda p, e, tt: sampling.prior_eps_fn(trainer, p, None if text is not None else labels, text)(e, tt),
+          params, cond, t)
   return total
 
 
@@ -428,9 +458,13 @@ def count_flops(trainer, counter) -> dict:
 
 
 def run_model(config: ml_collections.ConfigDict) -> list[dict]:
+  from videofusion_jax.config import ConfigError
   from videofusion_jax.training.step import Trainer
 
-  trainer = Trainer(config)
+  try:
+    trainer = Trainer(config)
+  except ConfigError as e:  # one line, as the main program gives it
+    raise app.UsageError(str(e)) from None
   counter = flops_trainer(trainer)
   results = []
   if _FLOPS_ONLY.value:
@@ -536,8 +570,18 @@ def summarize(path: str) -> dict:
   return ratios(by_kind["videofusion"], by_kind["vdm"])
 
 
+def override(node: ml_collections.ConfigDict, why: str, **values) -> None:
+  """Sets ``values`` in ``node`` (a part of the config), with a note for each one that changes."""
+  changed = {k: (node[k], v) for k, v in values.items() if node[k] != v}
+  if changed:
+    print(f"note: {why} sets " + ", ".join(f"{k}={v!r} (the config has {old!r})" for k, (old, v) in changed.items()),
+          file=sys.stderr, flush=True)
+  node.update(values)
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: every setting is a --flag (quote a value with spaces).")
   if _SUMMARIZE.value:
     print(json.dumps(summarize(_SUMMARIZE.value)), flush=True)
     return
@@ -549,12 +593,13 @@ def main(argv):
     atexit.register(mark_ready)  # a run that fails before timing must not keep the others waiting
   c = _CONFIG.value
   if _SAMPLE_STEPS.value:
-    c.sample.update(method="ddim", num_steps=_SAMPLE_STEPS.value)
+    override(c.sample, "--sample_steps", method="ddim")
+    c.sample.num_steps = _SAMPLE_STEPS.value
   if _COMPARE.value:
     if c.model.kind == "vdm":
       raise app.UsageError("--compare runs VideoFusion and VDM* from a VideoFusion config; this one is VDM*.")
     # Both kinds train every network on whole videos (VideoFusion as the paper: every frame's residual term).
-    c.train.update(stage="video", freeze_base=False, residual_frames=0)
+    override(c.train, "--compare", stage="video", freeze_base=False, residual_frames=0)
     unknown = set(_KINDS.value) - {"videofusion", "vdm"}
     if unknown or not _KINDS.value:
       raise app.UsageError(f"--kinds={','.join(_KINDS.value)}: use videofusion, vdm or both.")

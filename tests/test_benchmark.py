@@ -179,6 +179,33 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   assert r.returncode != 0 and "sample rows of batches [2, 3]" in r.stderr, r.stderr[-2000:]
 
 
+def test_flops_are_the_steps_under_memory_switches_and_for_a_model_on_stored_clip_embeddings():
+  """XLA counts a loop's body once (micro-batches) and counts remat's recomputed forward passes: with
+  both switches the count is the plain step's. ``--compare`` says which settings it changes. A model
+  on stored CLIP embeddings with a prior on text gets a synthetic batch with them and its prior's
+  count (both failed: a missing batch key, a prior called without its text)."""
+  env = {**one_device_env(), "PYTHONPATH": str(ROOT)}
+
+  def flops(config, *extra):
+    r = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--config={config}", "--flops_only",
+                        "--sample_steps=2", "--count_flops_on=host", *TINY, *extra],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")][-1], r.stderr
+
+  compare = ["--compare", "--kinds=videofusion"]
+  plain, said = flops("configs/demo.py", *compare)
+  assert "note: --compare sets residual_frames=0 (the config has 2)" in said  # demo's departure, undone
+  switched, _ = flops("configs/demo.py", *compare, "--config.train.grad_accum_steps=2",
+                      "--config.train.remat=block")
+  assert switched["xla_flops_per_step"] == plain["xla_flops_per_step"] > 0
+  assert switched["sample_xla_flops_per_batch"] == plain["sample_xla_flops_per_batch"]
+  assert "the run's 2 micro-batches" in switched["flops_source"] and "without remat" in switched["flops_source"]
+  assert "micro-batches" not in plain["flops_source"] and "remat" not in plain["flops_source"]
+  text, _ = flops("configs/demo.py:text")
+  assert text["xla_flops_per_step"] > 0 and text["sample_xla_flops_per_batch"] > 0
+
+
 def test_compile_phases_of_a_trace_of_known_times(tmp_path):
   """Self time is an event's duration less its children's on the same thread; numbers in names
   are one phase; jax's wrapper around the whole compile is left out; the span runs from the first

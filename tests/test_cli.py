@@ -32,11 +32,30 @@ def run_main(*args, workdir, env=None):
     ("--config.model.base.head_dim=40", "config.model.base.head_dim=40: attention over 96 channels"),
     ("--config.sample.num_steps=600", "config.sample.num_steps=600 with config.sample.spacing='leading' starts the "
      "chain at t=599 of 1000"),
+    # cuDNN's attention where JAX would fail inside the first trace (float32; no NVIDIA GPU here).
+    ("--config.model.attention_implementation=cudnn", "with config.model.dtype='float32': cuDNN's fused attention "
+     "takes bfloat16 or float16"),
+    ("--config.model.attention_implementation=cudnn --config.model.dtype=bfloat16",
+     "cuDNN's fused attention needs an NVIDIA GPU and this run's devices are 'cpu'"),
+    # An unquoted value with spaces: the words after the first were dropped (the prompt 'a').
+    ("--config.sample.prompt=a dog runs", "unexpected arguments 'dog runs': every setting is a --flag"),
+    # A process id without --multihost ran alone, as process 0, in the shared workdir.
+    ("--process_id=1 --num_processes=2", "jax.distributed.initialize(num_processes=2, process_id=1) failed"),
 ])
 def test_bad_config_values(override, message, tmp_path):
   r = run_main("--config=configs/demo.py", *override.split(), workdir=tmp_path)
   assert r.returncode == 1
   assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_configs_without_variants_say_so():
+  import sky_timelapse
+  import taichi
+
+  for module, name in ((taichi, "taichi"), (sky_timelapse, "sky_timelapse")):
+    assert module.get_config().data.name == module.get_config("").data.name == f"{name}/64"
+    with pytest.raises(ValueError, match=f"configs/{name}.py has no variant 'small'"):
+      module.get_config("small")
 
 
 def test_sampler_settings_that_would_give_wrong_samples_are_refused():

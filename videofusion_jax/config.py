@@ -168,6 +168,22 @@ def unconditional_64_config(name: str, frame_stride: int) -> ml_collections.Conf
   return c
 
 
+def _check_cudnn_attention(config: ml_collections.ConfigDict) -> None:
+  """cuDNN's fused attention runs on NVIDIA GPUs in 16-bit types; elsewhere JAX fails deep in the
+  first trace (``cuDNN is not detected``, ``Q must be fp16/bf16``)."""
+  import jax  # only here: validating other configs must not start a backend
+
+  fix = "use --config.model.attention_implementation= (XLA's attention) instead"
+  if config.model.dtype not in ("bfloat16", "float16"):
+    raise ConfigError(f"config.model.attention_implementation='cudnn' with config.model.dtype="
+                      f"{config.model.dtype!r}: cuDNN's fused attention takes bfloat16 or float16; set "
+                      f"--config.model.dtype=bfloat16, or {fix}.")
+  device = jax.devices()[0]
+  if device.platform != "gpu" or "cuda" not in str(getattr(device.client, "platform_version", "")).lower():
+    raise ConfigError(f"config.model.attention_implementation='cudnn': cuDNN's fused attention needs an NVIDIA GPU "
+                      f"and this run's devices are {device.device_kind!r} ({jax.default_backend()}); {fix}.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field and how to fix it."""
   d, t = config.data, config.train
@@ -192,6 +208,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.attention_implementation not in ("", "xla", "cudnn"):
     raise ConfigError(f"config.model.attention_implementation={config.model.attention_implementation!r}: use '' "
                       "(XLA chooses), 'xla' or 'cudnn' (fused attention on NVIDIA GPUs).")
+  if config.model.attention_implementation == "cudnn":
+    _check_cudnn_attention(config)
   if d.frame_stride < 1:
     raise ConfigError(f"config.data.frame_stride={d.frame_stride}: must be >= 1.")
   if not _is_int(d.num_classes) or d.num_classes < 0:

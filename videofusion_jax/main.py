@@ -50,7 +50,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(f"--config={path}: no such file" + (f" (configs here: {', '.join(found)})" if found else
                                                   " (run from the repository root, or give the file's full path)"))
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.UnrecognizedFlagError as e:
     name = str(e.flagname) if getattr(e, "flagname", None) else ""
     if name.startswith("config."):
@@ -61,6 +61,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     bad = _unknown_override(argv, config)
     _fail(f"--config.{'.'.join(bad)}: the config has no such field{_suggest(bad, config) or '.'}" if bad
           else _flag_error(e))
+  if len(rest) > 1:  # an unquoted value with spaces, a stray word: it would be dropped without a word
+    _fail(f"unexpected arguments {' '.join(rest[1:])!r}: every setting is a --flag; quote a value with spaces "
+          "(--config.sample.prompt='a dog runs').")
+  return rest
 
 
 def _unknown_override(argv: list[str], config) -> list[str] | None:
@@ -125,7 +129,7 @@ def _start_distributed() -> None:
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as e:
     _fail(f"jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: "
-          f"{' '.join(str(e).split())[:400]}. On TPU pods and SLURM pass --multihost alone; elsewhere give "
+          f"{' '.join(str(e).split())[:400].rstrip('.')}. On TPU pods and SLURM pass --multihost alone; elsewhere give "
           "--coordinator_address=HOST:PORT (process 0's host), --num_processes and --process_id on every host.")
 
 
@@ -172,7 +176,10 @@ def main(argv) -> None:
     workdir = str(check_workdir(_WORKDIR.value, must_exist=_MODE.value in ("sample", "eval")))
   except WorkdirError as e:
     _fail(str(e))
-  if _MULTIHOST.value or _COORDINATOR.value or os.environ.get("VIDEOFUSION_MULTIHOST"):
+  # Any of the multi-host flags means a multi-host run: a process that ran alone with --process_id=1
+  # would write its checkpoints over the others' in the shared workdir.
+  if (_MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None
+      or os.environ.get("VIDEOFUSION_MULTIHOST")):
     _start_distributed()
   try:
     enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
