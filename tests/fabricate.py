@@ -81,12 +81,13 @@ def piece(clip: int, start: int, length: int) -> np.ndarray:
   return _clip(clip)[start:start + length]
 
 
-def write_video(path: Path, frames: np.ndarray, codec: str = "libx264") -> Path:
-  """Encodes frames with PyAV; the container comes from the suffix (.mp4, .avi)."""
+def write_video(path: Path, frames: np.ndarray, codec: str = "libx264", pixel_format: str = "yuv420p") -> Path:
+  """Encodes frames with PyAV; the container comes from the suffix (.mp4, .avi). ``pixel_format="gray"``
+  needs a codec that stores it (ffv1; this libx264 turns it into yuv420p)."""
   import imageio.v3 as iio
 
   path.parent.mkdir(parents=True, exist_ok=True)
-  iio.imwrite(path, frames, plugin="pyav", codec=codec, fps=FPS, out_pixel_format="yuv420p")
+  iio.imwrite(path, frames, plugin="pyav", codec=codec, fps=FPS, out_pixel_format=pixel_format)
   return path
 
 
@@ -194,7 +195,8 @@ def make_sky(root: Path) -> Layout:
 
 
 def make_taichi(root: Path) -> Layout:
-  """``{train,test}/<name>.mp4`` files mixed with FOMM-style PNG-frame folders (one grayscale)."""
+  """``{train,test}/<name>.mp4`` files mixed with FOMM-style PNG-frame folders (one grayscale) and a
+  grayscale (pixel format gray) ``.avi``."""
   root = Path(root)
   ex = {"train": [], "test": []}
   for split, name, frames in (("train", "aaa#001#chunk.mp4", piece(0, 0, 24)),
@@ -205,11 +207,13 @@ def make_taichi(root: Path) -> Layout:
   ex["train"].append(Example("train/bbb#002.mp4", gray, 18, is_frame_folder=True))
   rgb = write_frames(root / "test" / "eee", piece(2, 0, 19), ext=".png")
   ex["test"].append(Example("test/eee", rgb, 19, is_frame_folder=True))
+  gray_video = write_video(root / "train" / "fff.avi", piece(2, 4, 17), codec="ffv1", pixel_format="gray")
+  ex["train"].append(Example("train/fff.avi", gray_video, 17))
   write_truncated(root / "train" / "ccc.mp4", piece(2, 0, 20))
   write_video(root / "train" / "zzz.mp4", piece(0, 30, SHORT))
   (root / "train" / "notes.txt").write_text("not a video: ignored")
   return Layout(root=root, examples=ex, corrupt={"train": ["train/ccc.mp4"]},
-                too_short={"train": {"train/zzz.mp4": SHORT}}, grayscale={"train": 1}).finalize()
+                too_short={"train": {"train/zzz.mp4": SHORT}}, grayscale={"train": 2}).finalize()
 
 
 WEBVID_COLUMNS = ("videoid", "contentUrl", "duration", "page_dir", "name")
@@ -217,7 +221,8 @@ WEBVID_COLUMNS = ("videoid", "contentUrl", "duration", "page_dir", "name")
 
 def make_webvid(root: Path, flavour: str = "10M") -> Layout:
   """``results_<flavour>_{train,val}.csv`` + ``videos/<page_dir>/<videoid>.mp4`` with rows whose
-  videos were never downloaded; captions with commas, quotes, a newline and non-ASCII text."""
+  videos were never downloaded; captions with commas, quotes, a newline and non-ASCII text; the train
+  CSV's last row is cut short, as by an interrupted download (skipped as corrupt, named by its line)."""
   root = Path(root)
   rows = {"train": [], "val": []}
   ex = {"train": [], "val": []}
@@ -251,8 +256,12 @@ def make_webvid(root: Path, flavour: str = "10M") -> Layout:
       writer = csv.DictWriter(f, fieldnames=WEBVID_COLUMNS)
       writer.writeheader()
       writer.writerows(items)
-  return Layout(root=root, examples=ex, corrupt={"train": [bad]}, too_short={"train": {short: SHORT}},
-                missing=missing).finalize()
+  train_csv = root / f"results_{flavour}_train.csv"
+  cut_line = train_csv.read_text(encoding="utf-8").count("\n") + 1  # the caption with a newline spans 2 lines
+  with open(train_csv, "a", encoding="utf-8") as f:
+    f.write("1008,https://example.invalid/1008.mp4,PT00H0")  # no page_dir, name, newline
+  return Layout(root=root, examples=ex, corrupt={"train": [bad, f"{train_csv.name} line {cut_line}"]},
+                too_short={"train": {short: SHORT}}, missing=missing).finalize()
 
 
 def decode_independently(example: Example) -> np.ndarray:

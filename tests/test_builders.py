@@ -1,6 +1,7 @@
 """The TFDS builders, each run on a small copy of its dataset's real on-disk layout cut from the demo clips."""
 import os
 import tempfile
+from pathlib import Path
 
 import fabricate
 import numpy as np
@@ -137,13 +138,65 @@ def test_missing_or_misplaced_manual_dir_names_the_layout(name, tmp_path, monkey
   assert not list(system_tmp.iterdir())
 
 
-def test_a_split_without_usable_videos_fails_clearly_and_leaves_nothing(tmp_path):
+def test_a_test_split_without_usable_videos_is_omitted_and_a_train_split_fails_clearly(tmp_path):
+  """A test split whose only videos are too short or corrupt is left out, with the reason in the
+  metadata and the summary, as an empty one is; a train split without a usable video stops the build
+  with one message and leaves nothing."""
   raw = tmp_path / "raw"
   fabricate.write_frames(raw / "sky_train" / "a" / "a_1", fabricate.piece(0, 0, 16))
   fabricate.write_frames(raw / "sky_test" / "b" / "b_1", fabricate.piece(1, 0, fabricate.SHORT))
-  with pytest.raises(ValueError, match=r"split 'test' has no usable video: 0 corrupt.*1 shorter than min_frames=16"):
-    builders.prepare("sky_timelapse", str(tmp_path / "tfds"), manual_dir=str(raw), config=CONFIG, verbose=False)
-  assert not builders.SkyTimelapse(data_dir=str(tmp_path / "tfds"), config=CONFIG).is_prepared()
+  fabricate.write_frames(raw / "sky_test" / "b" / "b_2", fabricate.piece(1, 0, 0))  # no frames: too short
+  bad = fabricate.write_frames(raw / "sky_test" / "c" / "c_1", fabricate.piece(2, 0, 16))
+  (bad / "0000003.jpg").write_bytes(b"not a jpeg")
+  builder = builders.prepare("sky_timelapse", str(tmp_path / "tfds"), manual_dir=str(raw), config=CONFIG,
+                             verbose=False)
+  assert sorted(builder.info.splits) == ["train"] and builder.info.splits["train"].num_examples == 1
+  reason = builder.info.metadata["omitted_splits"]["test"]
+  assert reason.startswith("no usable video: 1 corrupt/unreadable, 2 shorter than min_frames=16, 0 missing")
+  assert "sky_test/c/c_1" in reason and "'sky_test/b/b_1': 10" in reason and "'sky_test/b/b_2': 0" in reason
+  assert f"  test: omitted, {reason}." in registry.summarize(builder)
+  assert builder.info.metadata["lengths"] == {"train": [16]}
+
+  raw = tmp_path / "raw_short_train"
+  fabricate.write_frames(raw / "sky_train" / "a" / "a_1", fabricate.piece(0, 0, fabricate.SHORT))
+  fabricate.write_frames(raw / "sky_test" / "b" / "b_1", fabricate.piece(1, 0, 16))
+  with pytest.raises(ValueError, match=r"split 'train' has no usable video: 0 corrupt.*1 shorter than "
+                     r"min_frames=16.*Fix the raw data or pick a config with a smaller min_frames"):
+    builders.prepare("sky_timelapse", str(tmp_path / "tfds2"), manual_dir=str(raw), config=CONFIG, verbose=False)
+  assert not builders.SkyTimelapse(data_dir=str(tmp_path / "tfds2"), config=CONFIG).is_prepared()
+
+
+def test_a_build_past_tfds_memory_limit_sorts_one_record_per_bucket_in_source_order(tmp_path, monkeypatch):
+  """Unshuffled, TFDS orders records by key and, once a split passes its in-memory limit (1 GB; here
+  10 kB), spills them to 1000 temporary buckets by key range and sorts one bucket at a time in memory:
+  keys 0, 1, 2, ... would all land in bucket 0 (the whole split in memory). Seven taichi videos, the
+  fourth too short: written record ``i`` of source ``s`` is alone in bucket ``floor(1000 s / 7)``, and
+  the records, and the lengths in the metadata, keep the sources' order."""
+  from tensorflow_datasets.core import shuffle
+
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 10 << 10)
+  buckets = []  # (bucket number, records) of each non-empty bucket read back
+  read_values = shuffle._Bucket.read_values
+
+  def counting_read_values(self):
+    values = list(read_values(self))
+    if values:
+      buckets.append((int(Path(self._path).stem.rsplit("_", 1)[-1]), len(values)))
+    return values
+
+  monkeypatch.setattr(shuffle._Bucket, "read_values", counting_read_values)
+  raw = tmp_path / "raw"
+  lengths = [16, 17, 18, 19, 20, 21]  # tell the records apart
+  for i, n in enumerate(lengths):
+    fabricate.write_video(raw / "train" / f"v{i}.mp4", fabricate.piece(i % 3, 0, n))
+  fabricate.write_video(raw / "train" / "v2_short.mp4", fabricate.piece(0, 0, fabricate.SHORT))  # source 3
+  (raw / "test").mkdir()
+  builder = builders.prepare("taichi", str(tmp_path / "tfds"), manual_dir=str(raw), config=CONFIG, verbose=False)
+  assert buckets == [(1000 * s // 7, 1) for s in (0, 1, 2, 4, 5, 6)]
+  source = builder.as_data_source("train")
+  assert [_text(source[i]["id"]) for i in range(len(source))] == [f"train/v{i}.mp4" for i in range(6)]
+  assert [int(source[i]["num_frames"]) for i in range(len(source))] == lengths
+  assert builder.info.metadata["lengths"]["train"] == lengths
 
 
 def test_unknown_dataset_or_config_is_a_clear_error(tmp_path):
@@ -188,6 +241,42 @@ def test_stored_size_keeps_aspect_with_even_sides():
     common.VideoConfig(name="odd", resolution=63)
 
 
+def test_16_bit_gray_frames_are_scaled_by_their_bit_depth_not_their_values(tmp_path):
+  """A folder of 16-bit grayscale PNGs (mode I;16) with a bright frame and a dark one, whose values
+  all lie under 256 (under 0.4% of 16-bit white), and an 8-bit one (mode L) with the same values:
+  the 16-bit frames map v -> round(v / 257), whatever their values, the 8-bit one keeps them."""
+  from PIL import Image
+
+  ramp = np.tile(np.arange(64), (64, 1))  # (64, 64): stored at short side 64, no resize
+  bright, dark = (ramp * 600).astype(np.uint16), (ramp * 4).astype(np.uint16)  # peaks 37800 and 252
+  for i, frame in enumerate((bright, dark)):
+    Image.fromarray(frame).save(tmp_path / f"{i}.png")
+  Image.fromarray(dark.astype(np.uint8)).save(tmp_path / "2.png")
+  assert [Image.open(tmp_path / f"{i}.png").mode for i in range(3)] == ["I;16", "I;16", "L"]
+  decoded = common.decode_frame_folder(tmp_path, resolution=64, min_frames=1)
+  assert decoded.grayscale and decoded.frames.shape == (3, 64, 64, 3)
+  # Integer arithmetic: round(v / 257) = (2 v + 257) // 514 (no ties: 257 is odd).
+  expected = [(2 * bright.astype(np.int64) + 257) // 514, (2 * dark.astype(np.int64) + 257) // 514, dark]
+  for frame, want in zip(decoded.frames, expected):
+    for channel in range(3):
+      np.testing.assert_array_equal(frame[..., channel], want)
+  assert decoded.frames[1].max() == 1  # the dark frame stays dark (252 / 257)
+
+
+def test_gray_video_files_are_counted_as_grayscale(tmp_path):
+  """A video stored in pixel format gray (ffv1) is reported grayscale; a colour one (yuv420p) is not,
+  nor is gray content in a colour pixel format (the stream says how it was stored)."""
+  frames = fabricate.piece(0, 0, 16)
+  gray = fabricate.write_video(tmp_path / "gray.avi", frames, codec="ffv1", pixel_format="gray")
+  colour = fabricate.write_video(tmp_path / "colour.mp4", frames)
+  gray_content = fabricate.write_video(tmp_path / "gray_content.mp4", np.repeat(frames[..., :1], 3, axis=-1))
+  decoded = common.decode_video_file(gray, 64, 16)
+  assert decoded.grayscale and decoded.num_frames == 16
+  np.testing.assert_array_equal(decoded.frames[..., 0], decoded.frames[..., 2])
+  assert not common.decode_video_file(colour, 64, 16).grayscale
+  assert not common.decode_video_file(gray_content, 64, 16).grayscale
+
+
 def test_webvid_falls_back_to_the_2m_csv(tmp_path):
   from videofusion_jax.data.builders import webvid
 
@@ -196,6 +285,17 @@ def test_webvid_falls_back_to_the_2m_csv(tmp_path):
   assert webvid.find_csv(tmp_path, "val") is None
   (tmp_path / "results_10M_train.csv").write_text("videoid,contentUrl,duration,page_dir,name\n")
   assert webvid.find_csv(tmp_path, "train") == tmp_path / "results_10M_train.csv"
+
+
+def test_webvid_skips_a_csv_row_cut_short_and_names_its_line(built):
+  """The fabricated train CSV ends mid-row (line 10: the caption on line 3 spans two lines): that row
+  is skipped and named with what is missing and what to do; the rows before it are built."""
+  builder, layout, _ = built("webvid")
+  corrupt = builder.info.metadata["build_report"]["train"]["corrupt"]
+  assert corrupt["results_10M_train.csv line 10"] == ("CSV row cut short or empty: no page_dir, name; download "
+                                                      "results_10M_train.csv again to include it")
+  assert builder.info.splits["train"].num_examples == len(layout.examples["train"]) == 3
+  assert "results_10M_train.csv line 10 (CSV row cut short" in registry.summarize(builder)
 
 
 def test_demo_clips_port(tfds_dir):

@@ -40,18 +40,82 @@ def test_each_host_reads_its_own_block_and_every_example_once_per_epoch():
   for hosts in (2, 4):
     blocks = [pipeline.host_examples(eligible, h, hosts) for h in range(hosts)]
     assert sorted(np.concatenate(blocks).tolist()) == eligible.tolist()
-    for block in blocks:
+    for h, block in enumerate(blocks):
       # a contiguous run of the eligible records: each host reads its own files
       start = int(np.flatnonzero(eligible == block[0])[0])
       np.testing.assert_array_equal(block, eligible[start:start + len(block)])
-      stream = list(pipeline.record_order(block, seed=1).take(3 * len(block)).as_numpy_iterator())
+      order = pipeline.record_order(block, seed=1, process_index=h, process_count=hosts)
+      stream = list(order.take(3 * len(block)).as_numpy_iterator())
       epochs = [stream[i * len(block):(i + 1) * len(block)] for i in range(3)]
       for epoch in epochs:  # every epoch visits each of the host's examples exactly once
         assert sorted(epoch) == block.tolist()
-      if len(block) > 2:
-        assert epochs[0] != epochs[1]  # and in a fresh order
+      if len(block) > 2:  # and in fresh orders (two epochs of 3 records may agree: 1 in 6)
+        assert len({tuple(epoch) for epoch in epochs}) > 1
   with pytest.raises(pipeline.PipelineError, match="fewer than the 4 hosts"):
     pipeline.host_examples(eligible[:3], 0, 4)
+
+
+def test_hosts_shuffle_their_blocks_with_their_own_permutations():
+  """Equal blocks of 12 records on 2 and 4 hosts: one permutation shared by every host would put the
+  records at the same offset of each block in the same global batch, always. Each host's order of
+  offsets differs from every other host's in every epoch, each epoch still visits each of the host's
+  records once, a stream started at a position is the tail of the full one, and one host's order is
+  fixed by the seed (and is the order of ``(seed, epoch)`` that checkpoints before hosts had their own
+  seeds continue, ``stream.ORDER_VERSION``)."""
+  import tensorflow as tf
+
+  eligible = np.arange(48)
+  for hosts in (2, 4):
+    n = len(eligible) // hosts
+    offsets = []
+    for h in range(hosts):
+      block = pipeline.host_examples(eligible, h, hosts)
+      order = pipeline.record_order(block, seed=1, process_index=h, process_count=hosts)
+      stream = np.array(list(order.take(3 * n).as_numpy_iterator()))
+      for e in range(3):
+        assert sorted(stream[e * n:(e + 1) * n].tolist()) == block.tolist()
+      later = pipeline.record_order(block, seed=1, position=17, process_index=h, process_count=hosts)
+      np.testing.assert_array_equal(list(later.take(3 * n - 17).as_numpy_iterator()), stream[17:])
+      offsets.append((stream - block[0]).reshape(3, n))
+    for a in range(hosts):
+      for b in range(a + 1, hosts):
+        for e in range(3):
+          assert not np.array_equal(offsets[a][e], offsets[b][e]), (hosts, a, b, e)
+        # Independent permutations agree at about 1 offset in n; a shared one at all of them.
+        assert (offsets[a] == offsets[b]).mean() < 0.5
+
+  def single_host(seed):
+    order = pipeline.record_order(np.arange(10), seed, process_index=0, process_count=1)
+    return list(order.take(30).as_numpy_iterator())
+
+  one = single_host(3)
+  assert one == single_host(3) and one != single_host(4)
+  v1 = [tf.random.experimental.stateless_shuffle(tf.range(10, dtype=tf.int64), seed=[3, e]).numpy() for e in range(3)]
+  np.testing.assert_array_equal(one, np.concatenate(v1))
+
+
+def test_a_checkpoint_of_the_old_record_order_is_not_continued_on_the_new_one(capsys):
+  """Checkpoints saved before ``order_version`` (every host shuffled with one permutation) resume at
+  the same number of examples with a note naming the change; on one host, whose order is unchanged,
+  at the saved batch silently, as a checkpoint of the current order does."""
+  from videofusion_jax.data import stream as stream_lib
+
+  config = tiny_config()
+  now = stream_lib.stream_identity(config, 4, 8)
+  assert now["order_version"] == stream_lib.ORDER_VERSION == 2
+  old = {k: v for k, v in now.items() if k != "order_version"}
+  assert stream_lib.resume_position({**now, "batches": 9}, now, 7) == 9
+  assert capsys.readouterr().out == ""
+  # 9 batches of 4 hosts x 8 examples on another order: the same 288 examples, batch 9 of the new one.
+  assert stream_lib.resume_position({**old, "batches": 9}, now, 7) == 9
+  out = capsys.readouterr().out
+  assert "cannot continue exactly" in out and "data order is version 1 and this code shuffles with version 2" in out
+  assert stream_lib.resume_position({**old, "batches": 9}, {**now, "local_batch_size": 16}, 7) == 4
+  assert "version 1" in capsys.readouterr().out
+  single = stream_lib.stream_identity(config, 1, 8)
+  old_single = {k: v for k, v in single.items() if k != "order_version"}
+  assert stream_lib.resume_position({**old_single, "batches": 5}, single, 7) == 5
+  assert capsys.readouterr().out == ""
 
 
 def test_resuming_after_k_batches_continues_the_stream(config):

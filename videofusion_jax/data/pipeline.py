@@ -2,8 +2,8 @@
 
 Examples are read by random access from the builders' ArrayRecord files, so the stream is a
 pure function of ``(seed, position)``: host ``h`` of ``P`` owns a contiguous block of the
-examples long enough for a clip, visits them in a fresh seeded permutation every epoch, and
-draws each clip's first frame from ``(seed, position)``. Resuming at batch ``k`` therefore
+examples long enough for a clip, visits them in a fresh permutation seeded by ``(seed, epoch, h)``
+every epoch, and draws each clip's first frame from ``(seed, position)``. Resuming at batch ``k`` therefore
 rebuilds the same stream and skips ``k * B`` indices (integers, nothing is read or decoded).
 
 Only the frames of the clip are decoded (JPEG: only the centre square of them), unless the
@@ -241,16 +241,20 @@ def _is_jpeg(builder) -> bool:
   return getattr(builder.info.features["video"], "_encoding_format", "png") == "jpeg"
 
 
-def record_order(local: np.ndarray, seed: int, position: int = 0):
-  """The endless ``tf.data`` stream of record indices of one host from ``position`` on: epoch ``e``
-  visits ``local`` in the permutation seeded by ``(seed, e)``. Skipping costs integers only."""
+def record_order(local: np.ndarray, seed: int, position: int = 0, *, process_index: int, process_count: int):
+  """The endless ``tf.data`` stream of record indices of host ``process_index`` of ``process_count``
+  from ``position`` on: epoch ``e`` visits ``local`` in the permutation seeded by
+  ``(seed, e * process_count + process_index)`` (one host: ``(seed, e)``). Skipping costs integers only."""
   tf = _tf()
   n = len(local)
   first_epoch, offset = divmod(position, n)
   local_t = tf.constant(local, tf.int64)
 
   def epoch_order(epoch):
-    perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch]))
+    # Each host its own permutation: with one shared permutation the examples at the same offset of
+    # equal blocks would always land in the same global batch.
+    perm = tf.random.experimental.stateless_shuffle(
+        tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch * process_count + process_index]))
     return tf.data.Dataset.from_tensor_slices(tf.gather(local_t, perm))
 
   return tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch_order).skip(offset)
@@ -269,7 +273,7 @@ def train_iterator(config: ml_collections.ConfigDict, local_batch_size: int, see
   source = _source(config, d.get("split", "train"), verbose)
   local = host_examples(source.eligible, process_index, process_count)
   position = start_batch * local_batch_size  # examples this host has consumed
-  indices = record_order(local, seed, position)
+  indices = record_order(local, seed, position, process_index=process_index, process_count=process_count)
   positions = tf.data.Dataset.range(position, 2**62)
   read = _reader(tf, source)
   jpeg = _is_jpeg(source.builder)

@@ -9,26 +9,42 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
+# How ``pipeline.record_order`` shuffles; a new value when a code change reorders the stream.
+# 1 (checkpoints without the field): every host shuffled its block with the permutation of (seed, epoch).
+# 2: host h of P shuffles with (seed, epoch * P + h); one host's order is version 1's.
+ORDER_VERSION = 2
+
 
 def stream_identity(config: ml_collections.ConfigDict, process_count: int, local_batch_size: int) -> dict:
   """Everything the record order depends on: which videos qualify, how they are split over hosts
-  and shuffled. Saved with each checkpoint beside the number of batches consumed."""
+  and shuffled (``order_version``). Saved with each checkpoint beside the number of batches consumed."""
   d = config.data
   return {"dataset": d.name, "split": d.split, "num_frames": d.num_frames, "frame_stride": d.frame_stride,
-          "seed": config.seed, "process_count": process_count, "local_batch_size": local_batch_size}
+          "seed": config.seed, "process_count": process_count, "local_batch_size": local_batch_size,
+          "order_version": ORDER_VERSION}
 
 
 def resume_position(saved: dict | None, stream: dict, step: int) -> int:
   """The input-stream batch to resume at: the saved position when the stream is laid out as it
-  was (data, seed, hosts, per-host batch); otherwise the batch that has consumed as many examples."""
+  was (data, seed, hosts, per-host batch, shuffling code); otherwise the batch that has consumed as
+  many examples."""
   if saved is None:
     return step  # a checkpoint without a stream position: one batch per step from batch 0
-  if all(saved.get(k) == v for k, v in stream.items()):
+  saved = {"order_version": 1, **saved}  # saved before the field existed
+  changed = [k for k, v in stream.items() if saved.get(k) != v]
+  if not changed:
     return int(saved["batches"])
+  if changed == ["order_version"] and stream["process_count"] == 1 and saved["order_version"] == 1:
+    return int(saved["batches"])  # one host shuffles as version 1 did: the stream continues exactly
   examples = int(saved["batches"]) * saved["local_batch_size"] * saved["process_count"]
   position = examples // (stream["local_batch_size"] * stream["process_count"])
+  why = ""
+  if "order_version" in changed:
+    why = (f" The checkpoint's data order is version {saved['order_version']} and this code shuffles with "
+           f"version {stream['order_version']} (each host its own permutation), so in the current epoch some "
+           "examples may be seen twice and others not at all.")
   print(f"note: the input stream was {saved} and is now {stream}; the example order cannot continue "
-        f"exactly, so it restarts at batch {position} (the same number of examples seen).")
+        f"exactly, so it restarts at batch {position} (the same number of examples seen).{why}")
   return position
 
 

@@ -6,7 +6,8 @@ one at a time, resizes the frames so that the short side equals the config's ``r
 so record ``i`` is the ``i``-th source that decoded to at least ``min_frames`` frames.
 ``info.metadata`` keeps ``lengths[split]`` (frames per record, in record order) and
 ``build_report[split]`` (what was skipped and converted, and why), filled while the splits are
-generated and written by TFDS with the rest of the dataset info.
+generated and written by TFDS with the rest of the dataset info. A split other than train with no
+usable video is left out, the reason in ``omitted_splits[split]``; a train split without one stops the build.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from videofusion_jax.data.builders import DatasetNotFoundError
 
 __all__ = [
     "BUILDERS_HINT", "DatasetNotFoundError", "Decoded", "Source", "SplitReport", "VideoBuilder", "VideoConfig",
-    "decode_frame_folder", "decode_video_file", "list_images", "resize_frame", "resolution_configs", "stored_size",
+    "decode_frame_folder", "decode_video_file", "is_gray_video", "list_images", "record_key", "resize_frame",
+    "resolution_configs", "stored_size",
 ]
 
 RESOLUTIONS = (64, 128, 256)
@@ -36,8 +38,13 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 BUILDERS_HINT = "--config.data.manual_dir=DIR (raw data) and --config.data.data_dir=DIR (where TFDS writes)"
 MAX_NAMES_PRINTED = 10  # in error messages and build summaries
 _MISSING_EXAMPLES_KEPT = 20
-_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
-_GRAY_MODES = frozenset({"1", "L", "LA"}) | _WIDE_GRAY_MODES
+_KEY_RANGE = 2**128  # TFDS's record keys are 128-bit (tensorflow_datasets.core.shuffle.HKEY_SIZE)
+# Grayscale modes PIL cannot convert to RGB, and what maps each to 8 bits: the mode says the bit
+# depth, not the values (a dark 16-bit frame has no value above 255 and is still 16-bit). PNG is the
+# only format we read that holds them: "I;16*" is a 16-bit PNG, and so is "I" (how Pillow < 10 opens
+# one); "F" (float) is taken as 0..255.
+_WIDE_GRAY_DIVISORS = {"I": 257.0, "I;16": 257.0, "I;16B": 257.0, "I;16L": 257.0, "F": 1.0}
+_GRAY_MODES = frozenset({"1", "L", "LA"}) | frozenset(_WIDE_GRAY_DIVISORS)
 
 
 @dataclasses.dataclass(eq=False)
@@ -119,10 +126,8 @@ def decode_frame_folder(folder: Path, resolution: int, min_frames: int) -> Decod
       with Image.open(path) as image:
         image.load()
         gray = gray or image.mode in _GRAY_MODES
-        if image.mode in _WIDE_GRAY_MODES:  # PIL cannot convert these to RGB directly
-          array = np.asarray(image, np.float64)
-          if array.max() > 255:  # 16-bit range
-            array = array / 257.0
+        if image.mode in _WIDE_GRAY_DIVISORS:  # PIL cannot convert these to RGB directly
+          array = np.asarray(image, np.float64) / _WIDE_GRAY_DIVISORS[image.mode]
           image = Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8))
         frame = np.asarray(image.convert("RGB"))
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
@@ -136,13 +141,26 @@ def decode_frame_folder(folder: Path, resolution: int, min_frames: int) -> Decod
   return Decoded(np.stack(frames), len(frames), grayscale=gray, resized_frames=resized)
 
 
+def is_gray_video(path: Path) -> bool:
+  """Whether the first video stream of ``path`` stores gray pixels (``gray``, ``gray16le``, ``ya8``, ...).
+  ``read_video`` returns RGB either way, so the build report asks the stream."""
+  import av
+
+  try:
+    with av.open(str(path)) as container:
+      fmt = container.streams.video[0].codec_context.pix_fmt or ""
+  except Exception:  # the file decoded, so only the count is at stake
+    return False
+  return fmt.startswith(("gray", "ya"))
+
+
 def decode_video_file(path: Path, resolution: int, min_frames: int) -> Decoded:
   """A video file -> ``Decoded``; raises ``VideoReadError`` when it cannot be decoded."""
   frames = video_io.read_video(path)  # RGB uint8; PyAV already converts gray pixel formats
   if len(frames) < min_frames:
     return Decoded(None, len(frames))
   size = stored_size(frames.shape[1], frames.shape[2], resolution)
-  return Decoded(np.stack([resize_frame(f, size) for f in frames]), len(frames))
+  return Decoded(np.stack([resize_frame(f, size) for f in frames]), len(frames), grayscale=is_gray_video(path))
 
 
 @dataclasses.dataclass
@@ -176,6 +194,15 @@ class SplitReport:
     out = dataclasses.asdict(self)
     del out["lengths"]
     return out
+
+
+def record_key(index: int, count: int) -> int:
+  """The key of source ``index`` of ``count``: increasing with ``index`` and spread evenly over
+  ``[0, 2**128)``. With ``disable_shuffling`` TFDS orders records by key and, once a split passes
+  its in-memory limit (1 GB), puts record ``k`` in temporary bucket ``floor(k * 1000 / 2**128)`` of
+  1000 and sorts one bucket at a time in memory: keys ``0, 1, 2, ...`` would all land in bucket 0,
+  and the build would hold the whole split in memory."""
+  return index * (_KEY_RANGE // count)
 
 
 class _LocalDatasetInfo(tfds.core.DatasetInfo):
@@ -290,32 +317,57 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                f"e.g. {report.missing_examples[:3]}).")
         self._omitted[split] = f"no videos found (missing: {report.missing})"
         continue
-      generators[split] = self._generate_examples(split, sources, report)
+      # TFDS cannot drop a split once its generator runs, so the first usable video is found here
+      # (and kept, not decoded twice): a test split without one is omitted, a train split stops the build.
+      first = self._first_usable(sources, report)
+      if first is None:
+        problems = (f"no usable video: {len(report.corrupt)} corrupt/unreadable, {len(report.too_short)} shorter "
+                    f"than min_frames={self.builder_config.min_frames}, {report.missing} missing; first problems: "
+                    f"{dict(list(report.corrupt.items())[:3])} {dict(list(report.too_short.items())[:3])}")
+        if split == "train":
+          raise ValueError(f"{self.DATASET}: split {split!r} has {problems}. Fix the raw data or pick a config "
+                           "with a smaller min_frames.")
+        self._omitted[split] = problems
+        continue
+      generators[split] = self._generate_examples(split, sources, report, first)
     metadata["omitted_splits"] = dict(self._omitted)
     metadata["config"] = {"resolution": self.builder_config.resolution, "min_frames": self.builder_config.min_frames}
     return generators
 
-  def _generate_examples(self, split: str, sources: list[Source], report: SplitReport
-                         ) -> Iterator[tuple[int, dict[str, Any]]]:
-    for source in sources:
-      try:
-        decoded = self._decode(source)
-      except Exception as e:  # one bad file must never stop a build: skip, count and name it
-        reason = str(e) if isinstance(e, video_io.VideoReadError) else f"{type(e).__name__}: {e}"
-        report.corrupt[source.id] = reason
-        continue
-      if decoded.frames is None:
-        report.too_short[source.id] = decoded.num_frames
-        continue
-      key = report.examples  # consecutive ints: TFDS sorts unshuffled records by key
+  def _usable(self, source: Source, report: SplitReport) -> Decoded | None:
+    """``source`` decoded, or None after counting it in ``report`` as corrupt or too short."""
+    try:
+      decoded = self._decode(source)
+    except Exception as e:  # one bad file must never stop a build: skip, count and name it
+      report.corrupt[source.id] = str(e) if isinstance(e, video_io.VideoReadError) else f"{type(e).__name__}: {e}"
+      return None
+    if decoded.frames is None:
+      report.too_short[source.id] = decoded.num_frames
+      return None
+    return decoded
+
+  def _first_usable(self, sources: list[Source], report: SplitReport) -> tuple[int, Decoded] | None:
+    """``(index, decoded)`` of the first source that decodes to ``min_frames`` frames; the ones before
+    it are counted in ``report``."""
+    for index, source in enumerate(sources):
+      decoded = self._usable(source, report)
+      if decoded is not None:
+        return index, decoded
+    return None
+
+  def _generate_examples(self, split: str, sources: list[Source], report: SplitReport,
+                         first: tuple[int, Decoded]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(key, example)`` of each usable source from ``first`` (``_first_usable``) on, in order."""
+    start, decoded = first
+    for index in range(start, len(sources)):
+      source = sources[index]
+      if index > start:
+        decoded = self._usable(source, report)
+        if decoded is None:
+          continue
       report.add_written(decoded)
-      yield key, {"video": decoded.frames, "num_frames": decoded.num_frames, "id": source.id, **source.features}
-    if report.examples == 0:
-      raise ValueError(
-          f"{self.DATASET}: split {split!r} has no usable video: {len(report.corrupt)} corrupt/unreadable, "
-          f"{len(report.too_short)} shorter than min_frames={self.builder_config.min_frames}, "
-          f"{report.missing} missing. First problems: {dict(list(report.corrupt.items())[:3])} "
-          f"{dict(list(report.too_short.items())[:3])}. Fix the raw data or pick a config with a smaller "
-          "min_frames.")
+      example = {"video": decoded.frames, "num_frames": decoded.num_frames, "id": source.id, **source.features}
+      decoded = None  # not held while the next source decodes
+      yield record_key(index, len(sources)), example
     self.info.metadata["lengths"][split] = report.lengths
     self.info.metadata["build_report"][split] = report.as_metadata()

@@ -65,7 +65,21 @@ class WebVid(VideoBuilder):
         if absent:
           raise ValueError(f"{path}: columns {absent} are missing (header: {reader.fieldnames}); a WebVid CSV "
                            "has videoid,contentUrl,duration,page_dir,name.")
-        for row in reader:
+        while True:
+          line = reader.line_num + 1  # where the next row starts (a caption may span lines)
+          try:
+            row = next(reader, None)
+          except csv.Error as e:  # not a ValueError: get_builder would show a traceback
+            raise ValueError(f"{path}, line {line}: {e}. The CSV is damaged: download it again.") from None
+          if row is None:
+            break
+          # A row cut short (an interrupted download of the CSV) lacks its last columns: skipped and
+          # named in the build summary, as a corrupt video is.
+          cut = [c for c in REQUIRED_COLUMNS if row.get(c) is None or (c != "name" and not row[c])]
+          if cut:
+            report.corrupt[f"{path.name} line {line}"] = (
+                f"CSV row cut short or empty: no {', '.join(cut)}; download {path.name} again to include it")
+            continue
           page_dir, filename = row["page_dir"], f"{row['videoid']}.mp4"
           if page_dir not in listings:
             folder = videos / page_dir
