@@ -166,6 +166,25 @@ def test_a_workdir_another_run_holds_stops_both_hosts(tmp_path, tfds_dir):
       LOCK_NAME]
 
 
+def test_a_workdir_one_host_cannot_use_stops_every_host_at_once(tmp_path):
+  """The workdir is checked on every host after they join: one host's bad workdir (here a file: its
+  mount failed) stops it with its reason and the others with a pointer to it, at once (they used to
+  wait for it in jax.distributed.initialize until its timeout)."""
+  good, bad = tmp_path / "run", tmp_path / "not_mounted"
+  bad.write_text("")
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "videofusion_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_device_env())
+      for i, workdir in enumerate((good, bad))]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [1, 1], outs
+  assert f"error: --workdir={bad} is a file, not a directory" in outs[1][1]
+  assert f"error: --workdir={good}: another host cannot use it" in outs[0][1]
+  assert not good.exists() and "Traceback" not in outs[0][1] + outs[1][1]
+
+
 # WORKER where a source file changed on process 0's disk after the import (so it would not load stored programs).
 HOOK = "train, loop.train = loop.train, train_and_dump"
 ONE_HOST_CHANGED = WORKER.replace(HOOK, HOOK + """

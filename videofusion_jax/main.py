@@ -171,16 +171,25 @@ def main(argv) -> None:
     except (ConfigError, DatasetNotFoundError, PipelineError, CLIPLoadError) as e:
       _fail(str(e))
     return
+  # Any of the multi-host flags means a multi-host run: a process that ran alone with --process_id=1
+  # would write its checkpoints over the others' in the shared workdir.
+  multihost = bool(_MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None
+                   or _PROCESS_ID.value is not None or os.environ.get("VIDEOFUSION_MULTIHOST"))
+  if multihost:
+    _start_distributed()
+  problem = None
   try:
     # The path checked is the path used (~ expanded: a shell leaves it in --workdir=~/run).
     workdir = str(check_workdir(_WORKDIR.value, must_exist=_MODE.value in ("sample", "eval")))
   except WorkdirError as e:
-    _fail(str(e))
-  # Any of the multi-host flags means a multi-host run: a process that ran alone with --process_id=1
-  # would write its checkpoints over the others' in the shared workdir.
-  if (_MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None
-      or os.environ.get("VIDEOFUSION_MULTIHOST")):
-    _start_distributed()
+    problem = e
+  if multihost:  # a host that stopped alone would leave the others waiting at their first collective
+    from videofusion_jax.training.sharding import on_every_host
+    if not on_every_host(problem is None) and problem is None:
+      _fail(f"--workdir={_WORKDIR.value}: another host cannot use it (its own error says why); every host needs the "
+            "same directory, shared and writable (a bucket mounted at the same path on each).")
+  if problem is not None:
+    _fail(str(problem))
   try:
     enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
     # One experiment per run (it validates the config), shared by the modes the run performs.
