@@ -168,6 +168,14 @@ def test_eval_protocol_is_deterministic_and_spreads_over_each_video(config):
   # One visit a video: the middle clip.
   records, firsts = pipeline.eval_plan(3, np.arange(3), np.array([132, 250, 120]), span=7)
   np.testing.assert_array_equal(firsts[np.argsort(records)], np.round((np.array([132, 250, 120]) - 7) / 2))
+  # 8 clips of 3 videos: two are visited 3 times, one twice, each at the centres of its own visits' parts.
+  lengths = np.array([132, 250, 120])
+  records, firsts = pipeline.eval_plan(8, np.arange(3), lengths, span=7)
+  assert sorted(np.bincount(records).tolist()) == [2, 3, 3]
+  for r in range(3):
+    visits = int(np.sum(records == r))
+    np.testing.assert_array_equal(np.sort(firsts[records == r]),
+                                  np.round((lengths[r] - 7) * (np.arange(visits) + 0.5) / visits))
 
 
 def test_unreadable_videos_give_clear_errors(tmp_path):

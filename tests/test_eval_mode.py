@@ -1,13 +1,15 @@
 """--mode=eval on a briefly trained tiny model: FVD/KVD written, real-data features cached."""
+import copy
 import json
 
 import numpy as np
 import pytest
 from conftest import one_device, tiny_config
 
+from videofusion_jax.config import ConfigError
 from videofusion_jax.data import pipeline, video_io
 from videofusion_jax.evaluation import distances, evaluate
-from videofusion_jax.sampling import generate_videos
+from videofusion_jax.sampling import generate_videos, sampler_settings
 from videofusion_jax.training.loop import train
 from videofusion_jax.training.step import Trainer
 
@@ -21,6 +23,9 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   first = evaluate.run(c, str(tmp_path), experiment=trainer)
   assert first == json.loads((tmp_path / "eval" / "step_2.json").read_text())
   assert first["num_real"] == first["num_generated"] == 4 and first["protocol"]["frame_repeat"] == 3
+  # The file says what produced it: the sampler's settings (as sample mode's sidecars), the seed, KVD's subsets.
+  assert first["sampler_settings"] == sampler_settings(c) and first["sampler_settings"]["steps"] == 5
+  assert (first["seed"], first["kvd_subsets"], first["kvd_subset_size"]) == (c.eval.seed, 3, 3)
   # The cached real features are I3D's logits of the protocol's clips, computed independently here.
   cache = np.load(next((tmp_path / "eval_cache").iterdir()))
   clips = pipeline.eval_clips(c, 4)["video"]
@@ -34,12 +39,33 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   kvd = distances.kernel_distance(expected, fake, num_subsets=3, subset_size=3, seed=c.eval.seed)
   np.testing.assert_allclose([first["kvd"], first["kvd_std"]], kvd, rtol=1e-3, atol=1e-6)
   assert first["fvd"] > 1.0
-  # A second run reads the cache instead of the dataset, and the same seeds give the same figures.
+  # A second run reads the cache instead of the dataset, and the same seeds give the same figures. Its
+  # KVD subsets of 10 hold the 4 clips there are (recorded so); it writes beside the first run's file, kept.
   monkeypatch.setattr(pipeline, "eval_iterator", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
   capsys.readouterr()
-  second = evaluate.run(c, str(tmp_path), experiment=trainer)
-  assert "from the cache" in capsys.readouterr().out
+  wider = copy.deepcopy(c)
+  wider.eval.kvd_subset_size = 10
+  second = evaluate.run(wider, str(tmp_path), experiment=trainer)
+  printed = capsys.readouterr().out
+  assert "from the cache" in printed
   np.testing.assert_allclose(second["fvd"], first["fvd"], rtol=1e-6)
+  kept, rerun = tmp_path / "eval" / "step_2.json", tmp_path / "eval" / "step_2-run2.json"
+  assert f"{kept} holds an earlier run's results, which are kept; this run writes to {rerun}" in printed
+  assert f"wrote {rerun}" in printed
+  assert json.loads(kept.read_text()) == first and json.loads(rerun.read_text()) == second
+  assert second["kvd_subset_size"] == 4 and second["sampler_settings"] == first["sampler_settings"]
+  kvd = distances.kernel_distance(expected, fake, num_subsets=3, subset_size=4, seed=c.eval.seed)
+  np.testing.assert_allclose([second["kvd"], second["kvd_std"]], kvd, rtol=1e-3, atol=1e-6)
+  # The log gives the chain's steps (DDPM: all T, not sample.num_steps) and where the seed comes from.
+  ddpm = copy.deepcopy(c)
+  ddpm.sample.method = "ddpm"
+  sample = evaluate.generated_videos
+  monkeypatch.setattr(evaluate, "generated_videos", lambda *a: (_ for _ in ()).throw(AssertionError("sampled")))
+  with pytest.raises(AssertionError, match="sampled"):
+    evaluate.run(ddpm, str(tmp_path), experiment=trainer)
+  assert f"(EMA weights, ddpm, 1000 steps, seed eval.seed={c.eval.seed})" in capsys.readouterr().out
+  assert c.diffusion.num_timesteps == 1000 != c.sample.num_steps
+  monkeypatch.setattr(evaluate, "generated_videos", sample)
   # The cache is of the dataset it was read from: the same dataset rebuilt with other videos (other frame
   # counts) is read again, not served the old features.
   source = first["protocol"]["source"]
@@ -48,3 +74,14 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   monkeypatch.setattr(pipeline, "split_lengths", lambda *a: lengths(*a) + 1)
   with pytest.raises(AssertionError, match="re-read"):
     evaluate.run(c, str(tmp_path), experiment=trainer)
+
+
+def test_eval_refuses_given_embeddings_before_any_work(tmp_path, monkeypatch):
+  """Eval draws every clip's c from the prior: sample.embeddings would be ignored, so it is refused before
+  the model is built or anything is read."""
+  c = tiny_config(**{"sample.embeddings": str(tmp_path / "c.npy")})
+  monkeypatch.setattr(evaluate, "Experiment", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+  with pytest.raises(ConfigError, match=r"config.sample.embeddings='.*c.npy': --mode=eval draws every clip's "
+                     r"content condition c from the prior"):
+    evaluate.run(c, str(tmp_path))
+  assert not any(tmp_path.iterdir())

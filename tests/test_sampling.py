@@ -1,6 +1,7 @@
 """Sampling from a checkpoint, the written files, and the demo's figures."""
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -65,6 +66,18 @@ def test_demo_figures_cannot_be_won_by_a_trivial_output():
   assert uncond["accuracy_against"] == "key frame's nearest clip"
 
 
+def test_one_real_clip_gives_null_not_infinity():
+  """With one real clip there is no other clip to be near: the real clips' copy distance is null, and
+  the figures are strict JSON; the rest are still the brute-force values."""
+  rng = np.random.default_rng(2)
+  real, samples = rng.uniform(-1, 1, (1, 5, 4, 4, 3)), rng.uniform(-1, 1, (3, 5, 4, 4, 3))
+  figures = demo_figures(samples, np.zeros(3, int), real, np.zeros(1, int))
+  assert figures["copy_distance_real"] is None
+  assert json.loads(json.dumps(figures, allow_nan=False)) == figures
+  assert figures["copy_distance_generated"] == pytest.approx(np.mean([np.abs(s - real[0]).mean() for s in samples]))
+  assert figures["all_frame_accuracy"] == 1.0  # every frame's nearest real frame is in the one clip
+
+
 def test_demo_figures_against_brute_force():
   rng = np.random.default_rng(1)
   real, real_labels = _real_clips(rng)
@@ -125,6 +138,41 @@ def test_samples_are_reproducible_from_the_seed(trained):
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
   assert a.shape == (3, 4, 8, 8, 3) and np.abs(a).max() <= 1.0
+
+
+def _rows_drawn(monkeypatch) -> list[int]:
+  """The batch of every call of the generator, recorded (its keys' rows)."""
+  rows, make = [], sampling.make_generate_fn
+
+  def spy(experiment):
+    generate = make(experiment)
+
+    def call(params, keys, *args):
+      rows.append(keys[0].shape[0])
+      return generate(params, keys, *args)
+    return call
+  monkeypatch.setattr(sampling, "make_generate_fn", spy)
+  return rows
+
+
+def test_fewer_videos_than_the_batch_draw_only_their_rows(trained, monkeypatch):
+  """One video with sample.batch_size=3 runs a chain of 1 row, not 3, and it is the very video the batch
+  of 3 draws first (each row's noise comes from its own keys). Evaluation's batches keep one shape,
+  the last padded: one compiled chain, not a second for the remainder."""
+  config, _, trainer = trained
+  params = jax.tree.map(lambda p: p + 0.05, trainer.init_state(0).params)
+  labels = np.array([0, 1, 2], np.int32)
+  rows = _rows_drawn(monkeypatch)
+  alone = sampling.generate_videos(trainer, params, 1, seed=1, labels=labels[:1])
+  batch = sampling.generate_videos(trainer, params, 3, seed=1, labels=labels)
+  assert rows == [1, 3] and config.sample.batch_size == 3
+  np.testing.assert_allclose(alone[0], batch[0], atol=1e-5)  # the same to float rounding (3e-6 seen)
+  assert sampling.describe_batch(trainer, 1) == "1 at a time (the 1 video(s) wanted, fewer than sample.batch_size=3)"
+  rows.clear()
+  got = []
+  sampling.generated_videos(trainer, params, 4, 1, np.resize(labels, 4), got.append)
+  assert rows == [3, 3] and [len(v) for v in got] == [3, 1]
+  np.testing.assert_allclose(got[0], batch, atol=1e-6)
 
 
 def test_guided_sampling_at_scale_zero_is_null_conditioned_sampling(trained, tfds_dir):
@@ -203,14 +251,21 @@ def test_a_rerun_keeps_the_samples_before_it(trained, capsys):
   if not first.is_dir():
     sampling.run(config, str(workdir), experiment=trainer)
   before = {p.name: p.read_bytes() for p in first.iterdir()}
-  other = tiny_config(**{"data.data_dir": config.data.data_dir, "sample.seed": 7, "sample.num_samples": 2})
+  # One video: the 1-row chain that test_fewer_videos_than_the_batch_draw_only_their_rows compiles.
+  other = tiny_config(**{"data.data_dir": config.data.data_dir, "sample.seed": 7, "sample.num_samples": 1,
+                         "sample.num_real_clips": 1})
   capsys.readouterr()
   out = Path(sampling.run(other, str(workdir), experiment=trainer)["dir"])
   assert out.parent == first.parent and out.name.startswith("step_2-run") and out != first
   assert f"{first} holds an earlier run's samples, which are kept; this run writes to {out}" in capsys.readouterr().out
   assert {p.name: p.read_bytes() for p in first.iterdir()} == before
-  assert sorted(p.name for p in out.glob("*.mp4")) == ["sample_000_label0.mp4", "sample_001_label1.mp4"]
+  assert sorted(p.name for p in out.glob("*.mp4")) == ["sample_000_label0.mp4"]
   assert json.loads((out / "sample_000_label0.json").read_text())["seed"] == 7
+  # One real clip (sample.num_real_clips=1): no other clip to be near, null in a strict results.json.
+  def refuse(name):
+    raise ValueError(f"results.json holds {name}, not JSON")
+  results = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+  assert results["copy_distance_real"] is None and results["copy_distance_generated"] > 0
 
 
 def test_settings_the_model_was_not_trained_with_are_refused_before_sampling(trained):
@@ -240,6 +295,29 @@ def test_diverged_samples_are_an_error_not_black_videos(trained):
   params = jax.tree.map(lambda p: p * np.nan, trainer.init_state(0).params)
   with pytest.raises(FloatingPointError, match="3 of 3 sampled videos hold NaN or infinite values"):
     sampling.generate_videos(trainer, params, 3, seed=1, labels=np.array([0, 1, 2], np.int32))
+
+
+@pytest.mark.parametrize("fps", [8, 24, 30, 60])
+def test_gifs_keep_the_frame_rate(tmp_path, fps):
+  """A GIF's delays are whole 1/100 s: read back, each frame starts at i·1000/fps to 5 ms and the total is
+  N/fps to 5 ms (one rounded delay for all drifts: fps 60 stored 10 ms, 6x too fast); above 50 fps a
+  warning, as browsers slow delays under 20 ms."""
+  from PIL import Image
+
+  n = 7
+  frames = np.stack([np.full((4, 4, 3), 30 * i, np.uint8) for i in range(n)])  # distinct: none merged
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    video_io.write_gif(tmp_path / "a.gif", frames, fps=fps)
+  assert [str(w.message).startswith(f"sample.fps={fps}: GIF delays") for w in caught] == ([True] if fps > 50 else [])
+  gif = Image.open(tmp_path / "a.gif")
+  durations = []
+  for i in range(gif.n_frames):
+    gif.seek(i)
+    durations.append(gif.info["duration"])
+  assert len(durations) == n and all(d % 10 == 0 for d in durations)
+  starts = np.cumsum([0] + durations)
+  np.testing.assert_allclose(starts, np.arange(n + 1) * 1000 / fps, atol=5)
 
 
 def test_boundary_jump_against_brute_force():

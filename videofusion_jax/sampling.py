@@ -173,12 +173,14 @@ def clip_motion_indices(motion: np.ndarray, num_clips: int) -> np.ndarray:
   return np.asarray(motion)[:, None] * num_clips + np.arange(num_clips)
 
 
-def sampling_batch(experiment: Experiment) -> int:
-  """The rows drawn at once: ``sample.batch_size`` rounded up to a multiple of the mesh's devices, so
-  that every device takes a share (the extra rows are drawn and dropped; each row's noise is its own,
-  ``row_keys``, so the videos kept do not change)."""
+def sampling_batch(experiment: Experiment, rows: int | None = None) -> int:
+  """The rows drawn at once for ``rows`` videos (None: as many as wanted): ``sample.batch_size``, or
+  ``rows`` when fewer, rounded up to a multiple of the mesh's devices, so that every device takes a
+  share (the extra rows are drawn and dropped; each row's noise is its own, ``row_keys``, so the
+  videos kept do not change)."""
   devices = experiment.mesh.devices.size
-  return -(-experiment.config.sample.batch_size // devices) * devices
+  wanted = experiment.config.sample.batch_size if rows is None else min(experiment.config.sample.batch_size, rows)
+  return -(-max(wanted, 1) // devices) * devices
 
 
 @functools.lru_cache(maxsize=4)
@@ -236,17 +238,18 @@ def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
                 labels: np.ndarray | None, condition: np.ndarray | None = None,
                 anchor: np.ndarray | None = None,
                 progress: Callable[[int], None] | None = None,
-                text: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                text: np.ndarray | None = None, batch: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
   """Videos in [-1, 1] for rows of ``content`` and ``motion`` indices (``row_keys``), in batches of
-  ``sampling_batch`` (the last one padded), gathered from every host: ``(R, N, H, W, C)`` and the
-  embeddings used ``(R, D)`` (None for the label condition). ``labels`` ``(R,)``; ``condition``
-  ``(R, D)``: given embeddings instead of the prior's; ``text`` ``(R, D)``: the prompts' text
-  embeddings, for a prior on text (``prompt_embeddings``); ``anchor`` ``(R, H, W, C)``: the frame each
-  row's first frames are pulled toward (``sample.continuity_frames``). ``progress(rows done)`` after
-  each batch."""
+  ``batch`` rows (default ``sampling_batch`` of the R rows; the last one padded), gathered from every
+  host: ``(R, N, H, W, C)`` and the embeddings used ``(R, D)`` (None for the label condition).
+  ``labels`` ``(R,)``; ``condition`` ``(R, D)``: given embeddings instead of the prior's; ``text``
+  ``(R, D)``: the prompts' text embeddings, for a prior on text (``prompt_embeddings``); ``anchor``
+  ``(R, H, W, C)``: the frame each row's first frames are pulled toward (``sample.continuity_frames``).
+  ``progress(rows done)`` after each batch."""
   c = experiment.config
   gen = make_generate_fn(experiment)
-  batch, rows = sampling_batch(experiment), len(content)
+  rows = len(content)
+  batch = batch or sampling_batch(experiment, rows)
   frame = (c.data.image_size, c.data.image_size, 3)
   content, motion = np.asarray(content), np.asarray(motion)
   everywhere = shd.replicated(experiment.mesh)
@@ -285,15 +288,16 @@ def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
 
 def generate_videos(experiment: Experiment, params, num: int, seed: int, labels: np.ndarray | None,
                     condition: np.ndarray | None = None, with_condition: bool = False, first: int = 0,
-                    text: np.ndarray | None = None):
+                    text: np.ndarray | None = None, batch: int | None = None):
   """Videos ``first`` .. ``first + num - 1`` of ``seed`` in [-1, 1], ``(num, N, H, W, C)``: each from
   its own content and motion index (``row_keys``), so the same whatever the batch size or devices.
 
   ``condition`` ``(num, D)``: given key-frame embeddings instead of the prior's (``model.condition
   ='embedding'``). With ``with_condition`` also returns the embeddings used, ``(num, D)`` (None for
-  the label condition). ``text`` ``(num, D)``: the prompts' embeddings, for a prior on text."""
+  the label condition). ``text`` ``(num, D)``: the prompts' embeddings, for a prior on text.
+  ``batch``: the rows drawn at once (default ``sampling_batch(experiment, num)``)."""
   index = np.arange(first, first + num)
-  videos, used = draw_videos(experiment, params, seed, index, index, labels, condition, text=text)
+  videos, used = draw_videos(experiment, params, seed, index, index, labels, condition, text=text, batch=batch)
   return (videos, used) if with_condition else videos
 
 
@@ -388,26 +392,33 @@ class Progress:
     print(f"  {self.what}: {done}/{self.total} ({rate:.2f} {self.unit}/s, {left:.0f} s left)", flush=True)
 
 
-def describe_batch(experiment: Experiment) -> str:
-  """The sampling batch in words, for the runs' first line: ``sampling_batch`` and why, if it is not
-  ``sample.batch_size``."""
-  asked, batch, devices = experiment.config.sample.batch_size, sampling_batch(experiment), experiment.mesh.devices.size
+def describe_batch(experiment: Experiment, rows: int | None = None) -> str:
+  """The sampling batch for ``rows`` videos in words, for the runs' first line: ``sampling_batch`` and
+  why, if it is not ``sample.batch_size``."""
+  asked, devices = experiment.config.sample.batch_size, experiment.mesh.devices.size
+  batch = sampling_batch(experiment, rows)
   if asked == batch:
     return f"{batch} at a time"
-  return f"{batch} at a time (sample.batch_size={asked} rounded up to a multiple of the {devices} devices)"
+  fewer = rows is not None and rows < asked
+  wanted = f"the {rows} video(s) wanted" if fewer else f"sample.batch_size={asked}"
+  if batch == (rows if fewer else asked):
+    return f"{batch} at a time ({wanted}, fewer than sample.batch_size={asked})"
+  return f"{batch} at a time ({wanted} rounded up to a multiple of the {devices} devices)"
 
 
 def generated_videos(experiment: Experiment, params, num: int, seed: int, labels: np.ndarray | None,
                      consume: Callable[[np.ndarray], None], text: np.ndarray | None = None) -> None:
   """Draws videos 0 .. ``num - 1`` of ``seed`` in ``sampling_batch`` batches and hands each batch,
   ``(B, N, S, S, 3)`` in [-1, 1], to ``consume``. ``text`` ``(num, D)``: for a prior on text."""
-  batch = sampling_batch(experiment)
+  # One batch shape for every call, the last (short) batch padded: the chain compiles once, where a
+  # batch of the remainder would compile a second program for a single batch's rows.
+  batch = sampling_batch(experiment, num)
   progress = Progress("generated videos", num, quiet=jax.process_index() > 0)
   for start in range(0, num, batch):
     size = min(batch, num - start)
     lab = None if labels is None else labels[start:start + size]
     txt = None if text is None else text[start:start + size]
-    consume(generate_videos(experiment, params, size, seed, lab, first=start, text=txt))
+    consume(generate_videos(experiment, params, size, seed, lab, first=start, text=txt, batch=batch))
     progress(start + size)
 
 
@@ -508,12 +519,27 @@ def fresh_directory(path: Path) -> Path:
   runs' files. Says so when it moves on."""
   if not path.is_dir() or not any(path.iterdir()):
     return path
-  k = 2
-  while (path.parent / f"{path.name}-run{k}").exists():
-    k += 1
-  fresh = path.parent / f"{path.name}-run{k}"
+  fresh = _next_run(path.parent, path.name)
   say(f"note: {path} holds an earlier run's samples, which are kept; this run writes to {fresh}.")
   return fresh
+
+
+def fresh_file(path: Path) -> Path:
+  """``path``, or, when an earlier run wrote it, the first free ``STEM-runK.SUFFIX`` (K = 2, 3, ...), as
+  ``fresh_directory`` for a folder: a rerun keeps the results before it. Says so when it moves on."""
+  if not path.exists():
+    return path
+  fresh = _next_run(path.parent, path.stem, path.suffix)
+  say(f"note: {path} holds an earlier run's results, which are kept; this run writes to {fresh}.")
+  return fresh
+
+
+def _next_run(parent: Path, stem: str, suffix: str = "") -> Path:
+  """The first ``parent/STEM-runK SUFFIX`` (K = 2, 3, ...) that does not exist."""
+  k = 2
+  while (parent / f"{stem}-run{k}{suffix}").exists():
+    k += 1
+  return parent / f"{stem}-run{k}{suffix}"
 
 
 def write_videos(out_dir: Path, videos: np.ndarray, names: list[str], sidecars: list[dict], fps: int,
@@ -574,8 +600,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
           "motion": "videos of one motion (a b_T and c each, one residual noise)"}[s.control]
   print(f"sampling {s.num_samples} {what} of {n_frames} frames ({s.num_clips} clip(s) of {config.data.num_frames}) "
         f"from checkpoint {step} (EMA weights){source}, {s.method} with {chain_steps(config)} steps on "
-        f"{jax.device_count()} device(s), {describe_batch(experiment)}: the chain compiles once, then runs batch by "
-        "batch", flush=True)
+        f"{jax.device_count()} device(s), {describe_batch(experiment, s.num_samples)}: the chain compiles once, "
+        "then runs batch by batch", flush=True)
   suffix = (f"_{s.control}" if s.control else "") + (f"_{s.num_clips}clips" if s.num_clips > 1 else "")
   # Chosen before sampling, whose collectives every host joins: no host looks after process 0 has written.
   out_dir = fresh_directory(Path(workdir) / "samples" / f"step_{step}{suffix}")
@@ -633,8 +659,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     print(f"  prompt {prompt!r} (clip {figures['clip']}): all-frame accuracy "
           f"{100 * figures['all_frame_accuracy']:.0f}%")
   if "copy_distance_generated" in results:
+    real = results["copy_distance_real"]
+    against = (f"against {real:.3f} between a real clip and its nearest other real clip" if real is not None else
+               f"with no real clip's distance to compare (sample.num_real_clips={s.num_real_clips}: no other clip)")
     print(f"copy distance (mean |sample - nearest real clip|; 0 = a copy): {results['copy_distance_generated']:.3f}, "
-          f"against {results['copy_distance_real']:.3f} between a real clip and its nearest other real clip")
+          + against)
   if "boundary_jump" in results:
     print(f"boundary jump (mean |first frame of a clip - last frame of the one before| / mean |frame[n+1] - "
           f"frame[n]| inside clips; 1 = no visible seam): {results['boundary_jump']:.2f}"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -344,16 +343,18 @@ def eval_plan(num_clips: int, eligible: np.ndarray, lengths: np.ndarray, span: i
               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """The evaluation protocol: which record and first frame each of ``num_clips`` real clips uses.
 
-  Clip ``k`` comes from video ``order[k % V]`` of a seeded permutation of the ``V`` eligible
-  videos, on that video's visit ``e = k // V`` of ``E = ceil(num_clips / V)``: its first frame
-  is ``round((L - span) * (e + 0.5) / E)``, so one visit takes the middle clip and several
-  visits spread evenly over the video. Returns ``(records, firsts)``, each ``(num_clips,)``.
+  Clip ``k`` comes from video ``order[p]``, ``p = k % V``, of a seeded permutation of the ``V``
+  eligible videos, on that video's visit ``e = k // V`` of its ``E_p = ceil((num_clips - p) / V)``
+  visits: its first frame is ``round((L - span) * (e + 0.5) / E_p)``, so one visit takes the middle
+  clip and several visits spread evenly over the video (each video by its own count: where
+  ``num_clips`` is not a multiple of ``V``, the videos visited once less are still centred).
+  Returns ``(records, firsts)``, each ``(num_clips,)``.
   """
   v = len(eligible)
   order = np.random.default_rng(seed).permutation(eligible)
   k = np.arange(num_clips)
   records = order[k % v]
-  visits = math.ceil(num_clips / v)
+  visits = -(-(num_clips - k % v) // v)  # ceil((num_clips - p) / V)
   firsts = np.round((lengths[records] - span) * ((k // v) + 0.5) / visits).astype(np.int64)
   return records, firsts
 

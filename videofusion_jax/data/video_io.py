@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +96,22 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
   Image.fromarray(image).save(path)
 
 
+def gif_durations(num_frames: int, fps: float) -> list[int]:
+  """Each frame's GIF delay in ms, ``(num_frames,)``: multiples of 10 ms (a GIF keeps whole 1/100 s, and
+  Pillow truncates), chosen so that frame ``i`` starts at ``i * 1000 / fps`` rounded to 10 ms; their
+  total is ``num_frames / fps`` to 10 ms, where one delay for all would drift (fps 60: 10 ms, 10 fps)."""
+  starts = [round(i * 100 / fps) for i in range(num_frames + 1)]  # in 1/100 s
+  return [10 * (b - a) for a, b in zip(starts, starts[1:])]
+
+
 def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, upscale: int = 1) -> None:
-  """Writes ``(T, H, W, 3)`` uint8 frames as a looping GIF (Pillow: no video encoder needed)."""
+  """Writes ``(T, H, W, 3)`` uint8 frames as a looping GIF at ``fps`` (``gif_durations``; Pillow: no
+  video encoder needed). Warns above 50 fps, which a GIF cannot show."""
   from PIL import Image
 
+  if fps > 50:
+    warnings.warn(f"sample.fps={fps}: GIF delays come in 1/100 s and browsers slow delays under 20 ms (to "
+                  "100 ms), so GIFs above 50 fps play slower than the mp4; use fps <= 50 for GIFs that keep time.",
+                  stacklevel=2)
   images = [Image.fromarray(f) for f in upscale_frames(frames, upscale)]
-  images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+  images[0].save(path, save_all=True, append_images=images[1:], duration=gif_durations(len(images), fps), loop=0)

@@ -9,7 +9,8 @@
   divided by that of real clips (1 is right: a frozen video scores 0, flicker scores > 1); and
   the same ratio for each frame's distance to the key frame.
 - *Copy distance*: the mean absolute difference between each sample and its nearest real clip
-  (every frame aligned), against the same for each real clip and its nearest *other* real clip.
+  (every frame aligned), against the same for each real clip and its nearest *other* real clip
+  (None with a single real clip).
   These three figures are all won by copying training clips; this one shows it: a copy scores
   0, and a sample closer to the training clips than they are to each other is a near-copy.
 
@@ -76,7 +77,8 @@ def nearest_clip_distance(samples: np.ndarray, real: np.ndarray, leave_one_out: 
 def demo_figures(samples: np.ndarray, labels: np.ndarray | None, real: np.ndarray,
                  real_labels: np.ndarray) -> dict:
   """The figures and their per-sample values (lists), for ``results.json``. With ``labels`` None
-  (unconditional samples) all-frame accuracy is measured against the key frame's nearest clip."""
+  (unconditional samples) all-frame accuracy is measured against the key frame's nearest clip. With a
+  single real clip ``copy_distance_real`` is None: there is no other clip to be near."""
   m_gen, m_real = motion(samples), motion(real)
   k_gen, k_real = key_frame_distance(samples), key_frame_distance(real)
   out = {
@@ -86,8 +88,10 @@ def demo_figures(samples: np.ndarray, labels: np.ndarray | None, real: np.ndarra
       "key_distance_ratio": float(k_gen.mean() / k_real.mean()),
       "per_sample": {"motion": m_gen.tolist(), "key_distance": k_gen.tolist()},
   }
-  c_gen, c_real = nearest_clip_distance(samples, real), nearest_clip_distance(real, real, leave_one_out=True)
-  out.update(copy_distance_generated=float(c_gen.mean()), copy_distance_real=float(c_real.mean()))
+  c_gen = nearest_clip_distance(samples, real)
+  # One real clip has no other to be near: None (JSON null), not an infinite distance (invalid JSON).
+  c_real = float(nearest_clip_distance(real, real, leave_one_out=True).mean()) if len(real) > 1 else None
+  out.update(copy_distance_generated=float(c_gen.mean()), copy_distance_real=c_real)
   out["per_sample"]["copy_distance"] = c_gen.tolist()
   out["accuracy_against"] = "label" if labels is not None else "key frame's nearest clip"
   acc, labels = all_frame_accuracy(samples, labels, real, real_labels)

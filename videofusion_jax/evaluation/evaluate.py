@@ -3,7 +3,9 @@
 Real clips come from the dataset's evaluation protocol (``pipeline.eval_plan``); their I3D
 features are cached in ``workdir/eval_cache`` per dataset, split, frame count, stride,
 resolution and clip count. Generated clips are drawn from the latest checkpoint's EMA weights
-with the ``config.sample`` settings. Results go to ``workdir/eval/step_<N>.json``.
+with the ``config.sample`` settings and ``eval.seed``. Results go to ``workdir/eval/step_<N>.json``
+(an earlier evaluation's file is kept: then ``step_<N>-run2.json``, ...), with the settings that
+produced them.
 
 On several hosts each runs the feature networks on its own share of the clips (real: the clips it
 reads; generated: its rows of each batch, which every host holds) and the shares are gathered in
@@ -21,17 +23,21 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from videofusion_jax.config import ConfigError
 from videofusion_jax.data import pipeline, video_io
 from videofusion_jax.evaluation.i3d import MIN_FRAMES, NUM_CLASSES
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.sampling import (
   Progress,
+  chain_steps,
   check_trained_config,
   describe_batch,
+  fresh_file,
   generated_videos,
   prompt_embeddings,
   sample_labels,
   sample_prompts,
+  sampler_settings,
   say,
 )
 
@@ -47,7 +53,8 @@ def protocol(config: ml_collections.ConfigDict) -> dict:
   repeat = frame_repeat(d.num_frames)
   return {"dataset": d.name, "split": e.split or d.eval_split or d.split, "num_frames": d.num_frames,
           "frame_stride": d.frame_stride, "resolution": d.image_size, "num_real": e.num_real,
-          "clip_selection": "pipeline.eval_plan (seed 0)", "features": "I3D Kinetics-400 logits, time-averaged",
+          "clip_selection": "pipeline.eval_plan v2 (seed 0; each video's own visits)",
+          "features": "I3D Kinetics-400 logits, time-averaged",
           "i3d_input": "uint8 frames -> TF1 bilinear 224x224 (no half-pixel) -> [-1, 1]",
           "frame_repeat": repeat}
 
@@ -134,9 +141,14 @@ def i3d_features(batch_size: int):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment | None = None) -> dict:
-  """Evaluates the latest checkpoint of ``workdir``; returns and writes the figures."""
+  """Evaluates the latest checkpoint of ``workdir``; returns and writes the figures, with the sampler's
+  settings, ``eval.seed`` and the KVD subset size used."""
   from videofusion_jax.evaluation import distances
 
+  if config.sample.embeddings:  # before any slow work: the figures would not be of the given c
+    raise ConfigError(f"config.sample.embeddings={config.sample.embeddings!r}: --mode=eval draws every clip's "
+                      "content condition c from the prior (the protocol's distribution), not from given "
+                      "embeddings; leave sample.embeddings unset for eval, or use --mode=sample with them.")
   experiment = experiment or Experiment(config)  # validates the config (eval fields included)
   e = config.eval
   if frame_repeat(config.data.num_frames) > 1:
@@ -159,7 +171,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     # The real clips' class mix, so that class-conditional FVD compares like with like.
     labels = np.resize(real["labels"], e.num_generated).astype(np.int32)
   say(f"sampling {e.num_generated} clips from checkpoint {step} (EMA weights, {config.sample.method}, "
-      f"{config.sample.num_steps} steps) on {jax.device_count()} devices, {describe_batch(experiment)}")
+      f"{chain_steps(config)} steps, seed eval.seed={e.seed}) on {jax.device_count()} devices, "
+      f"{describe_batch(experiment, e.num_generated)}")
   gen_feats, probs = [], []
 
   def consume(videos):  # every host holds the batch and runs its rows
@@ -171,11 +184,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   text = None if prompts is None else prompt_embeddings(config, prompts, verbose=jax.process_index() == 0)
   generated_videos(experiment, state.ema_params, e.num_generated, e.seed, labels, consume, text)
   fake = np.concatenate(gen_feats)
+  # Each KVD subset draws min(subset_size, N, M) clips of each side: the size recorded is that one.
+  kvd_size = min(e.kvd_subset_size, len(real["features"]), len(fake))
   results = {"step": step, "num_real": int(len(real["features"])), "num_generated": int(len(fake)),
+             "seed": int(e.seed), "sampler_settings": sampler_settings(config),
+             "kvd_subsets": int(e.kvd_subsets), "kvd_subset_size": int(kvd_size),
              "protocol": real["protocol"],
              "fvd": distances.fvd(real["features"], fake)}
   kvd_mean, kvd_std = distances.kernel_distance(real["features"], fake, num_subsets=e.kvd_subsets,
-                                                subset_size=e.kvd_subset_size, seed=e.seed)
+                                                subset_size=kvd_size, seed=e.seed)
   results.update(kvd=kvd_mean, kvd_std=kvd_std)
   if c3d is not None:
     probs = np.concatenate(probs)
@@ -183,11 +200,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     is_mean, is_std = distances.inception_score(probs, splits=min(10, len(probs)))
     results.update(inception_score=is_mean, inception_score_std=is_std)
   out = workdir / "eval" / f"step_{step}.json"
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # only the first host writes, so only it looks for a free name
     out.parent.mkdir(parents=True, exist_ok=True)
+    out = fresh_file(out)
     out.write_text(json.dumps(results, indent=2))
   line = f"step {step}: FVD {results['fvd']:.1f}, KVD {kvd_mean:.2f} ± {kvd_std:.2f}"
   if c3d is not None:
     line += f", IS {results['inception_score']:.2f} ± {results['inception_score_std']:.2f}"
   say(f"{line} ({len(real['features'])} real / {len(fake)} generated clips); wrote {out}")
+  if kvd_size < e.kvd_subset_size:
+    say(f"note: KVD's subsets hold {kvd_size} clips a side, not eval.kvd_subset_size={e.kvd_subset_size}: "
+        "no side has more (recorded as kvd_subset_size).")
   return results
