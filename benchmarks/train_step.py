@@ -232,7 +232,8 @@ def counting_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   it accumulates micro-batches (XLA counts a loop's body once), no recompute (``remat`` repeats
   forward passes that are not the model's work). The same sums otherwise: the count is the step's."""
   c = ml_collections.ConfigDict(config.to_dict())
-  c.model.attention_implementation = ""
+  if c.model.attention_implementation == "cudnn":
+    c.model.attention_implementation = ""
   c.train.update(grad_accum_steps=1, remat="")
   return c
 
@@ -244,9 +245,11 @@ def flops_trainer(trainer):
   from videofusion_jax.training import sharding as shd
   from videofusion_jax.training.step import Trainer
 
-  host = counts_on_host()
   c = counting_config(trainer.config)
-  if not host and c.to_dict() == trainer.config.to_dict():
+  same = c.to_dict() == trainer.config.to_dict()
+  # A GPU's cost analysis of a program only lowered is empty (0 FLOPs): another model is counted on the host.
+  host = counts_on_host() or (not same and jax.default_backend() != "cpu")
+  if not host and same:
     return trainer
   if not host:
     return Trainer(c, mesh=trainer.mesh)
@@ -348,17 +351,18 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
   return out, state
 
 
-def flops_source(trainer, counter, what: str, compiled: bool) -> str:
-  """What a FLOP count of ``what`` is: XLA's cost analysis of which program, where."""
+def flops_source(trainer, counter, what: str, compiled: bool, train: bool = True) -> str:
+  """What a FLOP count of ``what`` is (``train``: of the train step): XLA's cost analysis of which
+  program, where."""
   text = f"XLA cost analysis of the {what} {'compiled' if compiled else 'lowered'}"
   ours, counted = trainer.config, counter.config
   if counted.model.attention_implementation != ours.model.attention_implementation:
     text += " with XLA's attention (XLA does not count cuDNN's)"
-  if counted.train.grad_accum_steps != ours.train.grad_accum_steps:
+  if train and counted.train.grad_accum_steps != ours.train.grad_accum_steps:
     text += f" with the batch in one pass (the run's {ours.train.grad_accum_steps} micro-batches do the same sums)"
-  if counted.train.remat != ours.train.remat:
+  if train and counted.train.remat != ours.train.remat:
     text += f" without remat (the run's remat={ours.train.remat!r} also recomputes forward passes)"
-  if counts_on_host():
+  if counts_on_host() or (counter.mesh.devices.flat[0].platform == "cpu" and jax.default_backend() != "cpu"):
     text += " on one host CPU device (the whole step; a GPU's own count leaves out cuBLAS and cuDNN)"
   return text
 
@@ -432,7 +436,7 @@ def bench_sample(trainer, counter, params) -> dict:
       "sample_compile_warm_trace_lower_s": round(trace_lower, 2), "warm_sample_program": generate.source,
       "sample_s_per_batch": round(batch_s, 4), "videos_per_s": round(b / batch_s, 4),
       "sample_xla_flops_per_batch": flops,
-      "sample_flops_source": flops_source(trainer, counter, "step of each chain (prior, key frame, video)",
+      "sample_flops_source": flops_source(trainer, counter, "step of each chain (prior, key frame, video)", train=False,
                                           compiled=False) + ", x its steps",
       "sample_tflops_per_s": round(flops / batch_s / 1e12, 4),
       "sample_mfu": round(flops / batch_s / 1e12 / (_PEAK.value * jax.device_count()), 5),

@@ -156,6 +156,10 @@ def test_a_test_split_without_usable_videos_is_omitted_and_a_train_split_fails_c
   assert "sky_test/c/c_1" in reason and "'sky_test/b/b_1': 10" in reason and "'sky_test/b/b_2': 0" in reason
   assert f"  test: omitted, {reason}." in registry.summarize(builder)
   assert builder.info.metadata["lengths"] == {"train": [16]}
+  # Evaluating on it later names the reason, not only the splits there are.
+  with pytest.raises(pipeline.PipelineError, match=r"has splits \['train'\].*Split 'test' was left out when the "
+                     r"dataset was built: no usable video: 1 corrupt"):
+    pipeline.split_lengths(builder, "test")
 
   raw = tmp_path / "raw_short_train"
   fabricate.write_frames(raw / "sky_train" / "a" / "a_1", fabricate.piece(0, 0, fabricate.SHORT))

@@ -73,8 +73,11 @@ def split_lengths(builder, split: str) -> np.ndarray:
   parts = split.split("+")
   unknown = [p for p in parts if p not in lengths]
   if unknown:
-    raise PipelineError(f"config.data.split={split!r}: {builder.info.full_name} has splits "
-                     f"{sorted(lengths)}; combine them with '+' (slices such as 'train[:10%]' are not supported).")
+    omitted = {p: why for p, why in (builder.info.metadata.get("omitted_splits") or {}).items() if p in unknown}
+    why = "".join(f" Split {p!r} was left out when the dataset was built: {reason}." for p, reason in omitted.items())
+    raise PipelineError(f"split {split!r} (config.data.split, data.eval_split or eval.split): "
+                        f"{builder.info.full_name} has splits {sorted(lengths)}; combine them with '+' (slices such "
+                        f"as 'train[:10%]' are not supported).{why}")
   return np.concatenate([np.asarray(lengths[p], np.int64) for p in parts])
 
 

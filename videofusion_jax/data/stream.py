@@ -39,7 +39,7 @@ def resume_position(saved: dict | None, stream: dict, step: int) -> int:
   examples = int(saved["batches"]) * saved["local_batch_size"] * saved["process_count"]
   position = examples // (stream["local_batch_size"] * stream["process_count"])
   why = ""
-  if "order_version" in changed:
+  if "order_version" in changed and max(saved["process_count"], stream["process_count"]) > 1:
     why = (f" The checkpoint's data order is version {saved['order_version']} and this code shuffles with "
            f"version {stream['order_version']} (each host its own permutation), so in the current epoch some "
            "examples may be seen twice and others not at all.")

@@ -99,9 +99,11 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
 def gif_durations(num_frames: int, fps: float) -> list[int]:
   """Each frame's GIF delay in ms, ``(num_frames,)``: multiples of 10 ms (a GIF keeps whole 1/100 s, and
   Pillow truncates), chosen so that frame ``i`` starts at ``i * 1000 / fps`` rounded to 10 ms; their
-  total is ``num_frames / fps`` to 10 ms, where one delay for all would drift (fps 60: 10 ms, 10 fps)."""
+  total is ``num_frames / fps`` to 10 ms, where one delay for all would drift (fps 60: 10 ms, 10 fps).
+  Above 100 fps no delay is under 10 ms, so the GIF runs longer."""
   starts = [round(i * 100 / fps) for i in range(num_frames + 1)]  # in 1/100 s
-  return [10 * (b - a) for a, b in zip(starts, starts[1:])]
+  # Above 100 fps some would be 0, a delay viewers skip or stretch: at least 10 ms (write_gif warns).
+  return [max(10, 10 * (b - a)) for a, b in zip(starts, starts[1:])]
 
 
 def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, upscale: int = 1) -> None:

@@ -317,8 +317,9 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                f"e.g. {report.missing_examples[:3]}).")
         self._omitted[split] = f"no videos found (missing: {report.missing})"
         continue
-      # TFDS cannot drop a split once its generator runs, so the first usable video is found here
-      # (and kept, not decoded twice): a test split without one is omitted, a train split stops the build.
+      # TFDS cannot drop a split once its generator runs, so the first usable video is found here: a test
+      # split without one is omitted, a train split stops the build. It is decoded again when written
+      # (one video per split), not held while the splits before it are written.
       first = self._first_usable(sources, report)
       if first is None:
         problems = (f"no usable video: {len(report.corrupt)} corrupt/unreadable, {len(report.too_short)} shorter "
@@ -346,25 +347,22 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       return None
     return decoded
 
-  def _first_usable(self, sources: list[Source], report: SplitReport) -> tuple[int, Decoded] | None:
-    """``(index, decoded)`` of the first source that decodes to ``min_frames`` frames; the ones before
-    it are counted in ``report``."""
+  def _first_usable(self, sources: list[Source], report: SplitReport) -> int | None:
+    """The index of the first source that decodes to ``min_frames`` frames; the ones before it are
+    counted in ``report``."""
     for index, source in enumerate(sources):
-      decoded = self._usable(source, report)
-      if decoded is not None:
-        return index, decoded
+      if self._usable(source, report) is not None:
+        return index
     return None
 
   def _generate_examples(self, split: str, sources: list[Source], report: SplitReport,
-                         first: tuple[int, Decoded]) -> Iterator[tuple[int, dict[str, Any]]]:
+                         first: int) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(key, example)`` of each usable source from ``first`` (``_first_usable``) on, in order."""
-    start, decoded = first
-    for index in range(start, len(sources)):
+    for index in range(first, len(sources)):
       source = sources[index]
-      if index > start:
-        decoded = self._usable(source, report)
-        if decoded is None:
-          continue
+      decoded = self._usable(source, report)
+      if decoded is None:  # the first one decoded before; a file changed since is counted as any other
+        continue
       report.add_written(decoded)
       example = {"video": decoded.frames, "num_frames": decoded.num_frames, "id": source.id, **source.features}
       decoded = None  # not held while the next source decodes
