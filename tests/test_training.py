@@ -334,7 +334,7 @@ def test_resume_continues_the_input_stream(trainer, tmp_path, tfds_dir, monkeypa
   manager = ckpt.make_manager(tmp_path / "split", keep=5, async_save=False)
   assert ckpt.restore_data_state(manager, 4) == {
       "dataset": "demo_clips", "split": "train", "num_frames": 4, "frame_stride": 2, "seed": 0,
-      "process_count": 1, "local_batch_size": 8, "batches": 4}
+      "process_count": 1, "local_batch_size": 8, "order_version": 2, "batches": 4}
   train(half, tmp_path / "restart", trainer=trainer, verbose=False)
   monkeypatch.setattr(loop_module, "resume_position", lambda saved, stream, step: 0)
   restarted = train(c, tmp_path / "restart", trainer=trainer, verbose=False)
