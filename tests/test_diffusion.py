@@ -450,14 +450,17 @@ def test_unknown_spacing_and_variance_raise():
     d.sample_chain(lambda z, t: z, jax.random.PRNGKey(0), z.shape, None, s, "ddim", 5, variance="large")
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.5])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_trailing_chain_matches_numpy_at_lambda_zero(eta):
+def test_ddim_trailing_chain_matches_numpy(eta, lam):
   """A whole trailing-spacing DDIM chain against a NumPy loop over diffusers' trailing timesteps,
-  the exact ε of Gaussian data, and the same per-row noise."""
+  the exact ε of Gaussian data, and the same per-row noise: at λ = 0.5 each draw (z_T and, with
+  η > 0, every step's) is mixed √λ base + √(1-λ) residual in NumPy from the same raw normal draws."""
   T, n, shape = 100, 7, (2, 3, 4, 4, 1)
   s = d.make_schedule("linear", T)
   acp = np.cumprod(1 - ref_betas("linear", T))
-  lambdas = d.frame_lambdas(3, 0.0)
+  lambdas = d.frame_lambdas(3, lam)
+  np.testing.assert_array_equal(lambdas, [lam, 1.0, lam])  # the key frame (index 1) is all base noise
   row_keys, noise = _row_keys_and_noise(lambdas, shape)
   out = np.asarray(d.sample_chain(_gaussian_eps_fn(acp), None, shape, lambdas, s, "ddim", n, eta, clip_x0=False,
                                   row_keys=row_keys, spacing="trailing"))
@@ -491,14 +494,17 @@ def test_sample_takes_the_chain_options_of_the_config():
     assert np.abs(np.asarray(out - d.sample(base_fn, residual_fn, **kw))).max() > 1e-2  # control: not the default
 
 
-def test_ddpm_fixed_large_chain_matches_numpy_at_lambda_zero():
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_ddpm_fixed_large_chain_matches_numpy(lam):
   """Whole DDPM chains with σ_t² = β_t ("fixed_large") and the posterior variance ("fixed_small")
-  against a NumPy loop fed the same noise; no noise at t = 0."""
+  against a NumPy loop fed the same noise (at λ = 0.5 mixed √λ base + √(1-λ) residual in NumPy from
+  the same raw normal draws); no noise at t = 0."""
   T, shape = 20, (2, 3, 4, 4, 1)
   s = d.make_schedule("linear", T)
   betas = ref_betas("linear", T)
   acp = np.cumprod(1 - betas)
-  lambdas = d.frame_lambdas(3, 0.0)
+  lambdas = d.frame_lambdas(3, lam)
+  np.testing.assert_array_equal(lambdas, [lam, 1.0, lam])
   row_keys, noise = _row_keys_and_noise(lambdas, shape)
   outs = {}
   for variance in ("fixed_large", "fixed_small"):

@@ -144,6 +144,63 @@ def test_two_learning_rates_and_metrics(trainer):
   assert max(moved) > 0
 
 
+# What each network's first update must be, as README.md states it: in the video stage the base and its
+# encoder fine-tune at base_lr_scale x the rate, the residual generator and the prior at the rate;
+# freeze_base freezes the base and the encoder; the image stage trains all but the residual generator,
+# the base (and encoder) at the full rate. None: frozen (no update at all).
+LR_SHARES = {
+    "video": {"base": 0.01, "encoder": 0.01, "residual": 1.0, "prior": 1.0},
+    "freeze_base": {"base": None, "encoder": None, "residual": 1.0, "prior": 1.0},
+    "image": {"base": 1.0, "encoder": 1.0, "residual": None, "prior": 1.0},
+}
+
+
+@pytest.mark.parametrize("setting", list(LR_SHARES))
+def test_optimizer_applies_each_networks_learning_rate_and_freezes_the_rest(setting):
+  """One update of make_optimizer's transformation on a toy parameter tree keyed as the state's,
+  against Adam's first step computed here: m̂ = g, v̂ = g², so AdamW's update is
+  -lr (g / (|g| + eps) + wd p), of magnitude lr per element up to eps and the decay. The gradients'
+  norms stay below grad_clip (no clipping); the frozen networks get exactly 0 though their gradients
+  are not 0."""
+  from videofusion_jax.models.factory import network_names
+  from videofusion_jax.training.optimizer import make_optimizer
+  lr, scale, wd, eps = 1e-3, 0.01, 0.1, 1e-8
+  overrides = {"train.learning_rate": lr, "train.base_lr_scale": scale, "train.warmup_steps": 0,
+               "train.weight_decay": wd, "train.grad_clip": 1.0, "train.lr_decay": "constant"}
+  overrides.update({"freeze_base": {"train.freeze_base": True}, "image": {"train.stage": "image"}}.get(setting, {}))
+  c = tiny_config(**overrides)
+  validate(c)
+  shares = LR_SHARES[setting]
+  assert set(network_names(c)) == set(shares)  # the toy tree has the state's top-level keys
+  rng = np.random.default_rng(3)
+  params, grads = {}, {}
+  for name in shares:
+    shapes = {"kernel": (3, 4), "bias": (5,)}
+    params[name] = {k: rng.normal(size=shape).astype(np.float32) for k, shape in shapes.items()}
+    # |g| in [1e-3, 1e-2] with random signs: each network's norm < 0.05, far below grad_clip.
+    grads[name] = {k: (rng.choice([-1.0, 1.0], shape) * rng.uniform(1e-3, 1e-2, shape)).astype(np.float32)
+                   for k, shape in shapes.items()}
+  tx, schedules = make_optimizer(c)
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.asarray, grads), tx.init(params), params)
+  updates = jax.device_get(updates)
+  for name, share in shares.items():
+    for k, u in updates[name].items():
+      if share is None:
+        np.testing.assert_array_equal(u, 0, err_msg=f"{setting}: {name}/{k} is frozen")
+        continue
+      g, p = grads[name][k].astype(np.float64), params[name][k].astype(np.float64)
+      expected = -lr * share * (g / (np.abs(g) + eps) + wd * p)
+      np.testing.assert_allclose(u, expected, rtol=2e-5, atol=1e-7 * lr * share, err_msg=f"{setting}: {name}/{k}")
+  # With zero parameters (no decay) each element's magnitude is the network's rate, up to eps (and float32's
+  # bias correction: 1 - 0.999 in float32 is 1.3e-5 off, 6.4e-6 after the square root).
+  zeros = jax.tree.map(np.zeros_like, params)
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.asarray, grads), tx.init(zeros), zeros)
+  for name, share in shares.items():
+    for k, u in jax.device_get(updates)[name].items():
+      g = np.abs(grads[name][k].astype(np.float64))
+      np.testing.assert_allclose(np.abs(u), 0 if share is None else lr * share * g / (g + eps), rtol=2e-5, atol=0)
+
+
 def test_batch_that_does_not_split_over_devices_is_a_clear_error():
   from videofusion_jax.config import ConfigError
   with pytest.raises(ConfigError, match="batch_size=6 does not split evenly over the 8 devices"):
