@@ -35,6 +35,52 @@ def test_clips_are_consecutive_real_frames(config):
   assert dist.min() < 1e-5
 
 
+# The demo's records by length (demo_clips.py: bigbuckbunny 132 frames, bikes 250, carphone 120; label =
+# the clip's place in that sorted list), a fact of the bundled files rather than of the stored labels.
+DEMO_LABEL_OF_LENGTH = {132: 0, 250: 1, 120: 2}
+
+
+def stored_videos(data_config, size: int) -> tuple[list[np.ndarray], np.ndarray]:
+  """Every record of the demo's train split as TFDS stores it (64x64 uint8, decoded by TFDS), area-resized
+  to ``size`` by averaging whole blocks (64 / size pixels a side) and scaled to [-1, 1]: ``x / 127.5 - 1``;
+  and each record's label, from its length (``DEMO_LABEL_OF_LENGTH``)."""
+  videos, labels = [], []
+  for e in pipeline.get_builder(data_config, verbose=False).as_data_source("train"):
+    frames = np.stack(e["video"]).astype(np.float64)
+    t, h, w, c = frames.shape
+    block = h // size
+    assert h == w == 64 and block * size == h
+    videos.append(frames.reshape(t, size, block, size, block, c).mean(axis=(2, 4)) / 127.5 - 1.0)
+    labels.append(DEMO_LABEL_OF_LENGTH[t])
+    assert int(e["label"]) == labels[-1]  # the label TFDS stored is the one of the record's clip
+  return videos, np.array(labels)
+
+
+def test_a_clips_label_is_the_label_of_the_video_its_frames_come_from(config):
+  """Each training clip's frames are found in exactly one stored video (frames f, f+2, ..., area-resized),
+  and its label is that video's, kept in memory (data.cache_mb>0) or decoded as read (cache_mb=0);
+  evaluation clip i is frames firsts[i], firsts[i]+2, ... of record records[i] of ``eval_plan``, with
+  its label."""
+  videos, labels = stored_videos(config.data, 8)
+  span, stride = 7, 2
+  windows = np.stack([v[f:f + span:stride] for v in videos for f in range(len(v) - span + 1)])
+  owner = np.concatenate([np.full(len(v) - span + 1, r) for r, v in enumerate(videos)])
+  for cache_mb in (512.0, 0.0):
+    c = tiny_config(**{"data.data_dir": config.data.data_dir, "data.cache_mb": cache_mb})
+    batch = next(pipeline.train_iterator(c, 12, seed=11, verbose=False))
+    dist = np.abs(windows[None] - batch["video"][:, None]).max(axis=(2, 3, 4, 5))
+    found = owner[np.argmin(dist, axis=1)]
+    assert dist.min(axis=1).max() < 1e-4  # every clip is a window of a stored video
+    assert len(set(found.tolist())) == 3  # clips of every video were drawn (a control of the labels' check)
+    np.testing.assert_array_equal(batch["label"], labels[found], err_msg=f"cache_mb={cache_mb}")
+  lengths = np.array([len(v) for v in videos])
+  real = pipeline.eval_clips(config, 12)
+  records, firsts = pipeline.eval_plan(12, np.arange(3), lengths, span=span)
+  expected = np.stack([videos[r][f:f + span:stride] for r, f in zip(records, firsts)])
+  np.testing.assert_allclose(real["video"], expected, atol=1e-4)
+  np.testing.assert_array_equal(real["label"], labels[records])
+
+
 def test_each_host_reads_its_own_block_and_every_example_once_per_epoch():
   eligible = np.array([0, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14])  # records long enough for a clip
   for hosts in (2, 4):
