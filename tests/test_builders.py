@@ -386,6 +386,9 @@ def test_unconditional_configs_train_and_sample_through_the_prior(built, tmp_pat
     assert npz["videos"].shape == (3, 4, 8, 8, 3) and np.all(np.abs(npz["videos"]) <= 1.0)
     assert npz["labels"].size == 0 and npz["embeddings"].shape == (3, c.model.encoder.embed_dim)
     assert np.all(np.isfinite(npz["embeddings"]))
+    # The prior on nothing still draws each row its own c (a row's noise is its own), and each video differs.
+    assert np.abs(npz["embeddings"][:, None] - npz["embeddings"][None]).sum(-1)[np.triu_indices(3, 1)].min() > 1e-3
+    assert np.abs(npz["videos"][:, None] - npz["videos"][None]).mean((2, 3, 4, 5))[np.triu_indices(3, 1)].min() > 1e-3
 
 
 def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_path):
