@@ -76,12 +76,20 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
     evaluate.run(c, str(tmp_path), experiment=trainer)
 
 
-def test_eval_refuses_given_embeddings_before_any_work(tmp_path, monkeypatch):
-  """Eval draws every clip's c from the prior: sample.embeddings would be ignored, so it is refused before
-  the model is built or anything is read."""
-  c = tiny_config(**{"sample.embeddings": str(tmp_path / "c.npy")})
+@pytest.mark.parametrize("overrides, message", [
+    ({"sample.embeddings": "c.npy"},
+     r"config.sample.embeddings='c.npy': --mode=eval draws every clip's content condition c from the prior"),
+    # One class against the real clips' mix (the generated clips took that class, silently).
+    ({"sample.label": 1},
+     r"config.sample.label=1: --mode=eval gives the generated clips the real clips' labels")])
+def test_eval_refuses_sampling_settings_it_would_not_follow_before_any_work(tmp_path, monkeypatch, overrides,
+                                                                            message):
+  """Eval draws every clip's c from the prior and gives the clips the real clips' labels: given embeddings or
+  one class would be ignored or skew the figures, so they are refused before the model is built or anything
+  is read."""
+  c = tiny_config(**overrides)
+  assert c.data.num_classes > 0
   monkeypatch.setattr(evaluate, "Experiment", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
-  with pytest.raises(ConfigError, match=r"config.sample.embeddings='.*c.npy': --mode=eval draws every clip's "
-                     r"content condition c from the prior"):
+  with pytest.raises(ConfigError, match=message):
     evaluate.run(c, str(tmp_path))
   assert not any(tmp_path.iterdir())

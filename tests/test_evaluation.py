@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
@@ -89,6 +90,28 @@ def test_singular_covariances_give_the_distance_in_their_subspace():
   assert distances.fvd(x, x + 1e-3) == pytest.approx(400 * 1e-6, rel=1e-4)
 
 
+def test_statistics_given_in_float32_give_the_float64_distance():
+  """Fewer clips than features (the demo's 96 against I3D's 400) and covariances rounded to float32, as stored
+  statistics or ``jnp.cov`` give them: their null-space eigenvalues come out about ±1e-8 of the largest, which
+  is round-off of the input, not a sign of a non-covariance (it was refused as one)."""
+  rng = np.random.default_rng(5)
+  a = (rng.normal(size=(96, 400)) * 3).astype(np.float32)
+  b = (rng.normal(size=(96, 400)) * 3 + 0.1).astype(np.float32)
+  exact = distances.fvd(a, b)  # float64 statistics; against scipy's sqrtm above
+  (mu1, s1), (mu2, s2) = _stats(a.astype(np.float64)), _stats(b.astype(np.float64))
+  assert np.linalg.eigvalsh(s1.astype(np.float32).astype(np.float64)).min() < -1e-9 * np.abs(s1).max()
+  got = distances.frechet_distance(mu1, s1.astype(np.float32), mu2, s2.astype(np.float32))
+  assert got == pytest.approx(exact, rel=1e-7)  # the rounding of the statistics to float32
+  s1j, s2j = (np.asarray(jnp.cov(jnp.asarray(x), rowvar=False)) for x in (a, b))
+  assert s1j.dtype == np.float32
+  assert distances.frechet_distance(mu1, s1j, mu2, s2j) == pytest.approx(exact, rel=1e-6)
+  # A clearly negative eigenvalue is still refused, in either precision.
+  bad = s1 - 1e-4 * np.abs(s1).max() * np.eye(400)
+  for dtype in (np.float64, np.float32):
+    with pytest.raises(ValueError, match="sigma1 has a negative eigenvalue .* not a covariance matrix"):
+      distances.frechet_distance(mu1, bad.astype(dtype), mu2, s2)
+
+
 def test_a_non_finite_square_root_falls_back_to_eps_with_a_warning(monkeypatch):
   rng = np.random.default_rng(4)
   mu1, s1 = _stats(rng.normal(size=(40, 5)))
@@ -96,9 +119,9 @@ def test_a_non_finite_square_root_falls_back_to_eps_with_a_warning(monkeypatch):
   real = distances._trace_sqrt_product
   calls = []
 
-  def first_call_fails(a, b):
+  def first_call_fails(a, b, tol):
     calls.append(1)
-    return float("nan") if len(calls) == 1 else real(a, b)
+    return float("nan") if len(calls) == 1 else real(a, b, tol)
 
   monkeypatch.setattr(distances, "_trace_sqrt_product", first_call_fails)
   with pytest.warns(RuntimeWarning, match="adding 0.001 \\* I"):

@@ -34,53 +34,65 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return x.mean(axis=0), np.cov(x, rowvar=False, ddof=1).reshape(x.shape[1], x.shape[1])
 
 
-# Eigenvalues below -_NEG_TOL * (scale) are a sign of a non-PSD input, not of round-off.
+# An eigenvalue below -_NEG_TOL * (the largest) is a sign of a non-PSD input, not of round-off (below
+# -_round_off when the input's own precision is coarser).
 _NEG_TOL = 1e-9
 
 
-def _psd_eigh(a: np.ndarray, name: str, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-  """Eigen-decomposition of a symmetric PSD matrix; tiny negative eigenvalues (round-off) -> 0."""
+def _round_off(d: int, *arrays) -> float:
+  """The relative size of round-off in the eigenvalues of ``d``-dimensional covariances given as ``arrays``:
+  the float64 computation's (``d`` units in the last place), or the inputs' own rounding when coarser
+  (``√d`` units of their least precise floating type: a covariance rounded to float32, as stored statistics
+  or ``jnp.cov`` give, has null-space eigenvalues of about ±1e-8 of its largest)."""
+  given = max((np.finfo(a.dtype).eps for a in arrays if np.issubdtype(a.dtype, np.floating)), default=0.0)
+  return max(d * float(np.finfo(np.float64).eps), float(np.sqrt(d) * given))
+
+
+def _psd_eigh(a: np.ndarray, name: str, tol: float, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+  """Eigen-decomposition of a symmetric PSD matrix; eigenvalues within ``tol`` (relative, ``_round_off``)
+  of 0 -> 0."""
   a = (a + a.T) / 2
   w, v = np.linalg.eigh(a) if vectors else (np.linalg.eigvalsh(a), None)
   scale = max(float(np.abs(w).max()), 1e-300)
-  if w.min() < -_NEG_TOL * scale:
+  if w.min() < -max(tol, _NEG_TOL) * scale:
     # Its square root would be imaginary: this is not a covariance, not round-off.
     raise ValueError(f"{name} has a negative eigenvalue {w.min():.3g} (largest {w.max():.3g}): it is not a "
                      "covariance matrix; compute it with `feature_statistics`.")
-  return _drop_round_off(w, scale), v
+  return _drop_round_off(w, scale, tol), v
 
 
-def _drop_round_off(w: np.ndarray, scale: float) -> np.ndarray:
+def _drop_round_off(w: np.ndarray, scale: float, tol: float) -> np.ndarray:
   # Eigenvalues within round-off of 0 would each add sqrt(round-off) to the trace of the square root
-  # (about 1e-7 per null direction, 1e-4 over 400 features): zero them.
+  # (in float64 about 1e-7 per null direction, 1e-4 over 400 features; in float32 about 1e-3 each): zero them.
   w = w.copy()
-  w[w < len(w) * np.finfo(np.float64).eps * scale] = 0.0
+  w[w < tol * scale] = 0.0
   return w
 
 
-def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-  """``tr((s1 s2)^½) = tr((s1^½ s2 s1^½)^½)``: the inner matrix is symmetric PSD, so eigh applies."""
-  w1, v1 = _psd_eigh(sigma1, "sigma1")
-  w2, _ = _psd_eigh(sigma2, "sigma2", vectors=False)
-  r = (v1 * np.sqrt(w1)) @ v1.T
-  inner = r @ sigma2 @ r
-  w = np.linalg.eigvalsh((inner + inner.T) / 2)
-  # ||s1^½ s2 s1^½|| <= ||s1|| ||s2||: round-off is relative to that, not to the product's own size.
-  if w.min() < -_NEG_TOL * max(float(w1.max() * w2.max()), 1e-300):
-    raise ValueError(f"the product of the covariances has a negative eigenvalue {w.min():.3g}: the square "
-                     "root would have a large imaginary part; the inputs are not covariance matrices.")
-  return float(np.sqrt(_drop_round_off(w, float(w1.max() * w2.max()))).sum())
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, tol: float) -> float:
+  """``tr((s1 s2)^½)``, as the sum of the singular values of ``s2^½ s1^½`` (``(s1 s2)^½`` has the eigenvalues
+  of ``(s1^½ s2 s1^½)^½ = |s2^½ s1^½|``): both roots are of PSD matrices, nothing is square-rooted twice,
+  so the round-off of either input (``tol``) stays its own size instead of growing to its square root."""
+  roots = []
+  for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
+    w, v = _psd_eigh(s, name, tol)
+    roots.append((v * np.sqrt(w)) @ v.T)
+  return float(np.linalg.svd(roots[1] @ roots[0], compute_uv=False).sum())
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = 1e-6) -> float:
   """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); means ``(D,)``, covariances ``(D, D)``.
 
-  If the square root comes out non-finite, ``eps * I`` is added to both covariances (as
-  pytorch-fid does) with a warning.
+  Computed in float64; what counts as round-off (an eigenvalue near 0 of either sign) follows the
+  precision the covariances were given in (``_round_off``: float32 statistics are accepted). If the
+  square root comes out non-finite, ``eps * I`` is added to both covariances (as pytorch-fid does)
+  with a warning.
   """
+  sigma1, sigma2 = np.asarray(sigma1), np.asarray(sigma2)
+  tol = _round_off(sigma1.shape[-1] if sigma1.ndim else 1, sigma1, sigma2)
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-  sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+  sigma1, sigma2 = sigma1.astype(np.float64), sigma2.astype(np.float64)
   d = mu1.shape[-1] if mu1.ndim == 1 else -1
   if mu1.ndim != 1 or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
     raise ValueError(f"expected means (D,) and covariances (D, D) of one D; got mu1 {mu1.shape}, sigma1 "
@@ -92,7 +104,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if not np.allclose(s, s.T, rtol=1e-6, atol=1e-10 * max(float(np.abs(s).max()), 1e-300)):
       raise ValueError(f"{name} is not symmetric: pass a covariance matrix (see `feature_statistics`).")
   try:
-    tr_covmean = _trace_sqrt_product(sigma1, sigma2)
+    tr_covmean = _trace_sqrt_product(sigma1, sigma2, tol)
   except np.linalg.LinAlgError:
     tr_covmean = float("nan")
   if not np.isfinite(tr_covmean):
@@ -100,7 +112,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
                   "both covariances.", RuntimeWarning, stacklevel=2)
     offset = eps * np.eye(d)
     sigma1, sigma2 = sigma1 + offset, sigma2 + offset
-    tr_covmean = _trace_sqrt_product(sigma1, sigma2)
+    tr_covmean = _trace_sqrt_product(sigma1, sigma2, tol)
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 

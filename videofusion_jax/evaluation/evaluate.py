@@ -149,6 +149,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     raise ConfigError(f"config.sample.embeddings={config.sample.embeddings!r}: --mode=eval draws every clip's "
                       "content condition c from the prior (the protocol's distribution), not from given "
                       "embeddings; leave sample.embeddings unset for eval, or use --mode=sample with them.")
+  if config.data.num_classes and config.sample.label != -1:  # the same: one class against the real clips' mix
+    raise ConfigError(f"config.sample.label={config.sample.label}: --mode=eval gives the generated clips the real "
+                      "clips' labels, so that class-conditional FVD compares like with like; one class against "
+                      "every class would inflate the figures. Leave sample.label at -1 for eval (--mode=sample "
+                      "draws one class).")
   experiment = experiment or Experiment(config)  # validates the config (eval fields included)
   e = config.eval
   if frame_repeat(config.data.num_frames) > 1:
@@ -167,8 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   i3d = i3d_features(e.batch_size)
   real = real_features(config, workdir, i3d)
   labels = sample_labels(config, e.num_generated)
-  if labels is not None and config.sample.label == -1:
-    # The real clips' class mix, so that class-conditional FVD compares like with like.
+  if labels is not None:  # the real clips' class mix (sample.label is -1: checked above)
     labels = np.resize(real["labels"], e.num_generated).astype(np.int32)
   say(f"sampling {e.num_generated} clips from checkpoint {step} (EMA weights, {config.sample.method}, "
       f"{chain_steps(config)} steps, seed eval.seed={e.seed}) on {jax.device_count()} devices, "
