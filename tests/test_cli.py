@@ -41,6 +41,8 @@ def run_main(*args, workdir, env=None):
     ("--config.sample.prompt=a dog runs", "unexpected arguments 'dog runs': every setting is a --flag"),
     # A process id without --multihost ran alone, as process 0, in the shared workdir.
     ("--process_id=1 --num_processes=2", "jax.distributed.initialize(num_processes=2, process_id=1) failed"),
+    # The image stage leaves the residual generator untrained: its videos were noise but for the key frame.
+    ("--mode=train_and_sample --config.train.stage=image", "--mode=train_and_sample with config.train.stage='image'"),
 ])
 def test_bad_config_values(override, message, tmp_path):
   r = run_main("--config=configs/demo.py", *override.split(), workdir=tmp_path)

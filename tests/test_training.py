@@ -14,6 +14,7 @@ from videofusion_jax.config import ConfigError, validate
 from videofusion_jax.data.stream import resume_position
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.factory import make_apply_fns
+from videofusion_jax.sampling import check_trained_config
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import loop as loop_module
 from videofusion_jax.training.loop import NonFiniteLossError, train
@@ -483,6 +484,19 @@ def test_image_stage_then_video_stage_with_frozen_base(tmp_path):
                          image_state.params["base"]["conv_out"]["kernel"])
   assert not np.allclose(video_state.params["residual"]["conv_out"]["kernel"],
                          video_init.params["residual"]["conv_out"]["kernel"])
+
+  # The image-stage run's residual generator is untrained: sampling or evaluating that workdir is refused.
+  with pytest.raises(ConfigError, match="holds an image-stage run .* its residual generator is untrained"):
+    check_trained_config(video_cfg, str(tmp_path / "image"))
+  check_trained_config(video_cfg, str(tmp_path / "video"))
+  # A video run whose noise schedule is not the one the base learned (no weight's shape tells) is refused
+  # before its workdir is touched or its model built.
+  for key, value in (("diffusion.num_timesteps", 500), ("model.prior.schedule", "linear")):
+    other = tiny_config(**{"train.init_base_from": str(tmp_path / "image"), key: value})
+    message = re.escape(f"config.{key}={value!r} (that run's") + ".* trained the networks this run takes from it"
+    with pytest.raises(ConfigError, match=message):
+      train(other, tmp_path / "other", iter([]))
+    assert not (tmp_path / "other").exists()
 
 
 def test_guidance_mixes_whole_decomposed_estimates(trainer):

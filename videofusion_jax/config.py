@@ -5,7 +5,9 @@ field can be overridden on the command line (``--config.train.batch_size=64``).
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import ml_collections
 
@@ -490,3 +492,58 @@ def _check_clip_encoder(e: ml_collections.ConfigDict) -> None:
   if width != e.embed_dim:
     raise ConfigError(f"config.model.encoder.embed_dim={e.embed_dim}: the CLIP in {e.clip_dir} gives embeddings of "
                       f"width {width}; set --config.model.encoder.embed_dim={width}.")
+
+
+# What a trained model's weights mean and that restoring cannot check (no parameter's shape depends
+# on it): sampling with another value than training's gives wrong samples without an error.
+TRAINED_FIELDS = ("diffusion.lam", "diffusion.schedule", "diffusion.num_timesteps", "model.kind", "model.condition",
+                  "model.key_frame_input", "model.key_frame_clean", "model.prior.schedule",
+                  "model.prior.num_timesteps", "model.prior.condition")
+# Those of them that the networks ``train.init_base_from`` takes (base, encoder, prior) were trained
+# under: λ, the kind and the key-frame input are the residual generator's, or the video stage's.
+BASE_FIELDS = ("diffusion.schedule", "diffusion.num_timesteps", "model.condition", "model.prior.schedule",
+               "model.prior.num_timesteps", "model.prior.condition")
+
+
+def recorded_config(workdir) -> tuple[Path, dict | None]:
+  """``workdir/config.json`` (the config a training run wrote) and its contents; None when it is
+  missing or unreadable (an older or hand-edited workdir: nothing to compare)."""
+  record = Path(workdir) / "config.json"
+  try:
+    return record, json.loads(record.read_text())
+  except (OSError, ValueError):
+    return record, None
+
+
+def field_or_none(tree, dotted: str):
+  """``tree``'s field at the dotted path (a ConfigDict or the JSON of one); None where it has none."""
+  for part in dotted.split("."):
+    try:
+      tree = tree[part]
+    except (KeyError, TypeError, IndexError):
+      return None
+  return tree
+
+
+def differing_fields(config: ml_collections.ConfigDict, trained: dict, fields) -> list[tuple[str, object, object]]:
+  """``(name, this config's value, the recorded one)`` for each of ``fields`` (dotted) that differs from
+  ``trained`` (a recorded config.json); fields the record lacks are not compared, but for
+  ``model.encoder.clip_dir``, recorded before it existed, which meant the project's own CLIP ('')."""
+  differ = []
+  for name in fields:
+    was = field_or_none(trained, name)
+    if was is None:
+      if name != "model.encoder.clip_dir":
+        continue
+      was = ""
+    now = json.loads(json.dumps(field_or_none(config, name)))  # as JSON records it (tuples as lists)
+    if now != was:
+      differ.append((name, now, was))
+  return differ
+
+
+def clip_used(config: ml_collections.ConfigDict) -> str | None:
+  """Which CLIP a 'clip' encoder uses: its directory, or the project's own; None for another encoder."""
+  if config.model.condition != "embedding" or config.model.encoder.kind != "clip":
+    return None
+  return config.model.encoder.clip_dir or "the project's own small CLIP"

@@ -193,6 +193,11 @@ def main(argv) -> None:
   try:
     enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
     # One experiment per run (it validates the config), shared by the modes the run performs.
+    if _MODE.value == "train_and_sample" and config.train.stage == "image":  # before hours of training
+      raise ConfigError("--mode=train_and_sample with config.train.stage='image': the image stage trains the base "
+                        "generator alone and leaves the residual generator untrained, so its videos would be noise "
+                        "but for the key frame. Use --mode=train, then train the video stage from this workdir "
+                        "(--config.train.init_base_from) and sample that.")
     if _MODE.value in ("train", "train_and_sample"):
       from videofusion_jax.training.loop import train
       from videofusion_jax.training.step import Trainer

@@ -15,7 +15,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from videofusion_jax import diffusion
-from videofusion_jax.config import ConfigError, prior_samples
+from videofusion_jax.config import (
+  TRAINED_FIELDS,
+  ConfigError,
+  clip_used,
+  differing_fields,
+  field_or_none,
+  prior_samples,
+  recorded_config,
+)
 from videofusion_jax.data import video_io
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
@@ -440,24 +448,11 @@ def sampler_settings(config: ml_collections.ConfigDict) -> dict:
           "clip_x0": s.clip_x0, "guidance_scale": s.guidance_scale, "lambda": config.diffusion.lam,
           "model": config.model.kind, "condition": config.model.condition,
           "encoder": config.model.encoder.kind if config.model.condition == "embedding" else None,
-          "clip": _clip_used(config),
+          "clip": clip_used(config),
           "prior": ({"steps": s.prior_num_steps, "spacing": s.prior_spacing, "eta": s.prior_eta,
                      "guidance_scale": s.prior_guidance_scale}
                     if prior_samples(config) else None),
           "embeddings_file": s.embeddings or None}
-
-
-# What a trained model's weights mean and that restoring cannot check (no parameter's shape depends
-# on it): sampling with another value than training's gives wrong samples without an error.
-TRAINED_FIELDS = ("diffusion.lam", "diffusion.schedule", "diffusion.num_timesteps", "model.kind", "model.condition",
-                  "model.key_frame_input", "model.key_frame_clean", "model.prior.schedule",
-                  "model.prior.num_timesteps", "model.prior.condition")
-
-
-def _field(tree, dotted: str):
-  for part in dotted.split("."):
-    tree = tree[part]
-  return tree
 
 
 def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -466,24 +461,16 @@ def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> Non
   ConfigError naming each that differs and the flags that give training's; also guidance on a model
   trained without the null condition (``train.label_dropout=0``). Nothing to compare without the
   record (an older or hand-edited one: the fields it lacks)."""
-  record = Path(workdir) / "config.json"
-  try:
-    trained = json.loads(record.read_text())
-  except (OSError, ValueError):
+  record, trained = recorded_config(workdir)
+  if trained is None:
     return
-  fields = TRAINED_FIELDS + (("model.encoder.clip_dir",) if _clip_used(config) is not None else ())
-  differ = []
-  for name in fields:
-    try:
-      was = _field(trained, name)
-    except (KeyError, TypeError):
-      if name == "model.encoder.clip_dir":
-        was = ""  # recorded before clip_dir existed: the project's own CLIP
-      else:
-        continue
-    now = json.loads(json.dumps(_field(config, name)))  # as JSON records it (tuples as lists)
-    if now != was:
-      differ.append((name, now, was))
+  if field_or_none(trained, "train.stage") == "image":
+    raise ConfigError(f"{workdir} holds an image-stage run (train.stage='image', {record}): it trained the base "
+                      "generator alone, and its residual generator is untrained (every frame but the key frame would "
+                      "come out as noise). Train the video stage from it with --config.train.init_base_from="
+                      f"{workdir} --config.train.stage=video in a new workdir, and sample that.")
+  fields = TRAINED_FIELDS + (("model.encoder.clip_dir",) if clip_used(config) is not None else ())
+  differ = differing_fields(config, trained, fields)
   if differ:
     flags = " ".join(f"--config.{name}={was}" for name, _, was in differ)
     what = ", ".join(f"config.{name}={now!r} (trained with {was!r})" for name, now, was in differ)
@@ -501,13 +488,6 @@ def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> Non
     raise ConfigError(f"{' and '.join(scales)}: this model was trained with train.label_dropout=0 ({record}), so it "
                       "never learned the null condition that guidance mixes in; sample at scale 1, or train with "
                       "--config.train.label_dropout > 0 (0.1 is usual).")
-
-
-def _clip_used(config: ml_collections.ConfigDict) -> str | None:
-  """Which CLIP a 'clip' encoder used, for the sidecar: its directory, or the project's own."""
-  if config.model.condition != "embedding" or config.model.encoder.kind != "clip":
-    return None
-  return config.model.encoder.clip_dir or "the project's own small CLIP"
 
 
 GRID_COLUMNS = 64  # grid.png shows at most this many frames of a video

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from videofusion_jax.config import BASE_FIELDS, ConfigError, clip_used, differing_fields, recorded_config
 from videofusion_jax.data.stream import prepare_dataset, resume_position, stream_identity
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training.preemption import StopRequest
@@ -117,6 +118,25 @@ def _spatial_from_base(base: dict, video: dict, where: str) -> dict:
     raise ckpt.CheckpointError(f"the base generator in {where} lacks VDM*'s layers {missing[:4]}: train it with "
                                "the same config.model.base as this run.")
   return {k: base[k] if "temporal" not in k else v for k, v in video.items()}
+
+
+def check_base_source(config: ml_collections.ConfigDict) -> None:
+  """The settings that the networks ``train.init_base_from`` gives were trained under (``BASE_FIELDS``, and
+  a 'clip' encoder's CLIP) as that run's ``config.json`` records them: a ConfigError naming each that
+  differs (no parameter's shape depends on them, so the restore cannot tell: a base trained on another
+  noise schedule predicts ε for other noise levels). Nothing to compare without the record."""
+  source = config.train.init_base_from
+  record, trained = recorded_config(source)
+  if trained is None:
+    return
+  fields = BASE_FIELDS + (("model.encoder.clip_dir",) if clip_used(config) is not None else ())
+  differ = differing_fields(config, trained, fields)
+  if differ:
+    flags = " ".join(f"--config.{name}={was}" for name, _, was in differ)
+    what = ", ".join(f"config.{name}={now!r} (that run's {was!r})" for name, now, was in differ)
+    raise ConfigError(f"{what}: config.train.init_base_from={source} trained the networks this run takes from it "
+                      f"under other settings ({record}), and their weights would be wrong under these; pass "
+                      f"{flags}, or train the image stage with this run's settings.")
 
 
 def init_base_from(trainer: Trainer, state: TrainState, workdir: str) -> TrainState:
@@ -226,6 +246,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   workdir = Path(workdir)
   if config.train.init_base_from and not ckpt.has_checkpoints(workdir):  # a fresh run starts from that run's
     ckpt.check_other_run(config.train.init_base_from)  # weights: checked before the lock, folders, slow work
+    check_base_source(config)
   trainer = trainer or Trainer(config)
   lead = jax.process_index() == 0
   say = print if verbose and lead else (lambda *a, **k: None)
