@@ -48,20 +48,24 @@ def main(argv) -> None:
   if s.num_clips < 2 or not s.continuity_frames:
     raise app.UsageError("give --config.sample.num_clips >= 2 and --config.sample.continuity_frames >= 1.")
   experiment = Experiment(config)
+  sampling.check_trained_config(config, _WORKDIR.value)  # as --mode=sample: settings the weights were not trained on
+  given = sampling.given_embeddings(config, s.num_samples)
+  prompts = sampling.sample_prompts(config, s.num_samples) if given is None else None  # a model on text
   state = experiment.restore(_WORKDIR.value, ema_only=True)
+  text = None if prompts is None else sampling.prompt_embeddings(config, prompts)
   rows = np.arange(s.num_samples)
   labels = sampling.sample_labels(config, s.num_samples)
   videos, seconds = {}, {}
   for anchored in (False, True):
     t0 = time.time()
-    videos[anchored], _ = sampling.long_videos(experiment, state.ema_params, s.seed, rows, rows, labels,
-                                               anchored=anchored)
+    videos[anchored], _ = sampling.long_videos(experiment, state.ema_params, s.seed, rows, rows, labels, given,
+                                               anchored=anchored, text=text)
     seconds[anchored] = time.time() - t0
   k = key_frame_index(n)
   keys = videos[True][:, k::n]  # (R, clips, H, W, C): the key frame of every clip
   result = {
       "result": "long_videos", "step": int(state.step), "videos": int(s.num_samples), "clips": int(s.num_clips),
-      "frames": int(s.num_clips * n), **sampling.sampler_settings(config),
+      "frames": int(s.num_clips * n), **sampling.sampler_settings(config), "prompts": prompts,
       "continuity_frames": int(s.continuity_frames),
       "boundary_jump_without": round(boundary_jump(videos[False], n), 4),
       "boundary_jump_with": round(boundary_jump(videos[True], n), 4),

@@ -50,6 +50,31 @@ def test_bad_config_values(override, message, tmp_path):
   assert message in r.stderr and "Traceback" not in r.stderr
 
 
+def test_workdir_is_required_but_for_embed():
+  """--mode=embed writes beside the dataset (its help says the workdir is not used), yet it was refused without
+  one; the other modes need it, and say what it is."""
+  cmd = [sys.executable, "-m", "videofusion_jax.main", "--config=configs/demo.py"]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1 and "--workdir is required" in r.stderr and "Traceback" not in r.stderr
+  r = subprocess.run([*cmd, "--mode=embed"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1 and "--workdir" not in r.stderr  # past the flags: the config's own problem
+  assert "--mode=embed stores CLIP frame embeddings: it needs --config.model.encoder.kind=clip" in r.stderr
+
+
+def test_train_and_sample_checks_what_sampling_reads_before_training(tmp_path):
+  """A text model's missing prompt, or a given embeddings file that cannot be read, stopped the run only after
+  every training step."""
+  for args, message in (
+      (("--config=configs/demo.py:text", "--config.sample.prompts_file="),
+       "this model generates from text: give --config.sample.prompt="),
+      (("--config=configs/demo.py", f"--config.sample.embeddings={tmp_path / 'none.npy'}"),
+       "config.sample.embeddings=")):
+    workdir = tmp_path / "run"
+    r = run_main(*args, "--mode=train_and_sample", workdir=workdir)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "step " not in r.stdout and not (workdir / "checkpoints").exists()
+
+
 def test_configs_without_variants_say_so():
   import sky_timelapse
   import taichi

@@ -8,11 +8,13 @@ import io
 import json
 import math
 import pickle
+import re
 import struct
 import sys
 import types
 import zipfile
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -374,6 +376,12 @@ def test_bad_directories_and_inputs_get_one_clear_message_each(tmp_path, monkeyp
   write_safetensors(tmp_path / "c" / "model.safetensors", state)
   (tmp_path / "c" / "config.json").write_text("{not json")
   assert "config.json is not valid JSON" in _error(clip_lib.load, tmp_path / "c")
+  # The config's own check of the directory (model.encoder.clip_dir) says the same of a config that is not an object.
+  from videofusion_jax.config import ConfigError, _check_clip_encoder
+  (tmp_path / "c" / "config.json").write_text("[1, 2]")
+  listed = re.escape(f"{tmp_path / 'c' / 'config.json'} holds a JSON list, not a CLIPModel")
+  with pytest.raises(ConfigError, match=listed):
+    _check_clip_encoder(ml_collections.ConfigDict({"clip_dir": str(tmp_path / "c"), "embed_dim": 512}))
   (tmp_path / "c" / "config.json").write_text(json.dumps({**config, "text_config": {
       **config["text_config"], "hidden_act": "swish2"}}))
   assert "text_config.hidden_act='swish2' is not one this CLIP knows" in _error(clip_lib.load, tmp_path / "c")
@@ -387,3 +395,58 @@ def test_bad_directories_and_inputs_get_one_clear_message_each(tmp_path, monkeyp
   assert "L <= 16" in _error(clip.encode_text, np.zeros((1, 17), np.int32))
   assert "must lie in [0, " in _error(clip.encode_text, np.full((1, 4), 10**6, np.int32))
   assert "uint8 RGB frames" in _error(clip.preprocess, np.zeros((1, 8, 8, 3), np.float32))
+
+
+def _sharded_index(directory, text):
+  """The weights moved to a shard, with ``text`` as its index."""
+  (directory / "model.safetensors").rename(directory / "model-00001-of-00001.safetensors")
+  (directory / "model.safetensors.index.json").write_text(text)
+
+
+def _config_edit(directory, edit):
+  config = json.loads((directory / "config.json").read_text())
+  edit(config)
+  (directory / "config.json").write_text(json.dumps(config))
+
+
+def _tokenizer_json_only(directory, spec):
+  (directory / "vocab.json").unlink()
+  (directory / "merges.txt").unlink()
+  (directory / "tokenizer.json").write_text(json.dumps(spec))
+
+
+DAMAGED = {  # case: (the damage, the file the message must name)
+    "index_not_json": (lambda d: _sharded_index(d, "{not json"), "model.safetensors.index.json"),
+    "index_without_weight_map": (lambda d: _sharded_index(d, '{"metadata": {}}'), "model.safetensors.index.json"),
+    "index_a_list": (lambda d: _sharded_index(d, "[1, 2]"), "model.safetensors.index.json"),
+    "config_a_list": (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json"),
+    "text_config_a_list": (lambda d: _config_edit(d, lambda c: c.update(text_config=[1])), "config.json"),
+    "heads_not_dividing_width": (lambda d: _config_edit(d, lambda c: c["text_config"].update(num_attention_heads=5)),
+                                 "config.json"),
+    "zero_heads": (lambda d: _config_edit(d, lambda c: c["vision_config"].update(num_attention_heads=0)),
+                   "config.json"),
+    "preprocessor_a_list": (lambda d: (d / "preprocessor_config.json").write_text("[]"), "preprocessor_config.json"),
+    "vocab_not_json": (lambda d: (d / "vocab.json").write_text('{"a": 1,'), "vocab.json"),
+    "vocab_a_list": (lambda d: (d / "vocab.json").write_text('["a"]'), "vocab.json"),
+    "merges_of_three_tokens": (lambda d: (d / "merges.txt").write_text((d / "merges.txt").read_text() + "a b c\n"),
+                               "merges.txt"),
+    "tokenizer_json_without_vocab": (lambda d: _tokenizer_json_only(d, {"model": {}}), "tokenizer.json"),
+    "tokenizer_json_a_list": (lambda d: _tokenizer_json_only(d, []), "tokenizer.json"),
+    "tokenizer_json_bad_added_token": (lambda d: _tokenizer_json_only(d, {"model": {"vocab": {"a": 0}, "merges": []},
+                                                                         "added_tokens": [{"id": 1}]}),
+                                       "tokenizer.json"),
+    "special_tokens_not_json": (lambda d: (d / "special_tokens_map.json").write_text("{"), "special_tokens_map.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_a_damaged_file_is_one_clip_load_error_naming_it(tmp_path, case):
+  """Each damaged file of a CLIP directory (config.model.encoder.clip_dir) is a CLIPLoadError (what the
+  command line reports in one line) whose message gives the file's path."""
+  write_checkpoint(tmp_path / "c")
+  clip_lib.load(tmp_path / "c")  # whole, it loads
+  damage, name = DAMAGED[case]
+  damage(tmp_path / "c")
+  with pytest.raises(clip_lib.CLIPLoadError) as e:
+    clip_lib.load(tmp_path / "c")
+  assert str(tmp_path / "c" / name) in str(e.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -14,6 +15,7 @@ import pytest
 from test_clip import write_checkpoint
 
 from videofusion_jax.models import clip as clip_lib
+from videofusion_jax.models.clip_tokenizer import save_vocab
 from videofusion_jax.models.encoder import register_frozen_encoder, to_sphere
 
 WIDTH = 20  # the tiny CLIP's projection width (test_clip.SIZES)
@@ -226,3 +228,94 @@ def test_the_tables_of_other_clip_weights_are_not_reused(tmp_path):
   weights.write_bytes(first.tobytes())
   os.utime(weights, ns=(0, 2 * 10**18))
   assert after != before and embeddings.fingerprint(tmp_path, 32) == before != embeddings.fingerprint(tmp_path, 16)
+
+
+def _text_config(clip_dir, tfds_dir):
+  return clip_config(clip_dir, **{"data.data_dir": tfds_dir, "data.num_classes": 0, "model.prior.condition": "text"})
+
+
+def test_a_damaged_table_is_one_error_naming_it(tmp_path, tfds_dir):
+  """A truncated frame table, caption table, caption counts or caption record file is a PipelineError (one line on the
+  command line) that names the file and says how to compute it again, not numpy's traceback; the
+  damaged file is left as it is (the error says to delete it)."""
+  from videofusion_jax.data import embeddings, pipeline
+
+  write_checkpoint(tmp_path / "clip", seed=7)  # its own tables: the other tests' stay whole
+  c = _text_config(tmp_path / "clip", tfds_dir)
+  embeddings.frame_table(c, "train", verbose=False)
+  embeddings.caption_table(c, "train", verbose=False)
+  builder = pipeline.get_builder(c.data, verbose=False)
+  frames = embeddings.table_path(builder, "train", tmp_path / "clip", c.data.image_size)
+  captions = embeddings.table_path(builder, "train", tmp_path / "clip", c.data.image_size, kind="captions")
+  counts = captions.with_suffix(".counts.npy")
+  for file, read in ((frames, embeddings.frame_table), (frames, embeddings.compute_table),
+                     (captions, embeddings.caption_table), (counts, embeddings.caption_table)):
+    whole = file.read_bytes()
+    for size in (0, 40, len(whole) - 8):  # nothing, part of the header, part of the data
+      file.write_bytes(whole[:size])
+      with pytest.raises(pipeline.PipelineError, match=f"^{re.escape(str(file))} is damaged.*delete it") as e:
+        read(c, "train", verbose=False)
+      assert "\n" not in str(e.value) and file.read_bytes() == whole[:size]
+    file.write_bytes(whole)
+  record = captions.with_suffix(".json")
+  whole = record.read_bytes()
+  for damaged in (b"[1]", whole[:-3]):
+    record.write_bytes(damaged)
+    message = f"^{re.escape(str(record))} is damaged.*delete {re.escape(str(captions))} and"
+    with pytest.raises(pipeline.PipelineError, match=message):
+      embeddings.caption_table(c, "train", verbose=False)
+  record.write_bytes(whole)
+  np.testing.assert_array_equal(np.asarray(embeddings.caption_table(c, "train", verbose=False)[0]), np.load(captions))
+
+
+def test_stale_caption_embeddings_are_computed_again(tmp_path, tfds_dir, monkeypatch, capsys):
+  """A caption table computed from other captions (the repository's demo captions edited) or with another
+  tokenizer (its files saved anew over the CLIP directory) is computed again, and said; a multi-host run
+  is asked for --mode=embed instead. Each time the table equals CLIP's text embeddings of the current
+  captions with the current tokenizer, computed here."""
+  from videofusion_jax.data import embeddings, pipeline
+  from videofusion_jax.data.builders import demo_clips
+
+  directory = tmp_path / "clip"
+  write_checkpoint(directory, seed=8)
+  c = _text_config(directory, tfds_dir)
+
+  def expected():  # record order = the clips' label order
+    clip = clip_lib.load(directory)
+    return np.asarray(clip.encode_text(clip.tokenize([t for caps in demo_clips.CAPTIONS.values() for t in caps])))
+
+  first = np.asarray(embeddings.caption_table(c, "train", verbose=False)[0], np.float32)
+  np.testing.assert_allclose(first, expected(), atol=2e-3)
+  for i, name in enumerate(demo_clips.CAPTIONS):
+    monkeypatch.setitem(demo_clips.CAPTIONS, name, tuple(f"a totally different caption {i} {j}" for j in range(4)))
+  stale = re.escape("holds the embeddings of other captions (the dataset or the repository's captions changed: "
+                    "repository_captions)")
+  with pytest.raises(pipeline.PipelineError, match=f"{stale}; .*--mode=embed"):
+    embeddings.caption_table(c, "train", process_count=2, verbose=False)
+  table, firsts, counts = embeddings.caption_table(c, "train")
+  assert re.search(f"{stale}; computing it again.", capsys.readouterr().out)
+  assert counts.tolist() == [4, 4, 4] and firsts.tolist() == [0, 4, 8]
+  new = np.asarray(table, np.float32)
+  np.testing.assert_allclose(new, expected(), atol=2e-3)
+  assert np.abs(new - first[:12]).max() > 0.1
+
+  # Same captions, other words: one caption of the first record changed.
+  monkeypatch.setitem(demo_clips.CAPTIONS, next(iter(demo_clips.CAPTIONS)), ("a dog",) * 4)
+  np.testing.assert_allclose(np.asarray(embeddings.caption_table(c, "train", verbose=False)[0]), expected(), atol=2e-3)
+
+  # Another tokenizer: fewer merges, so the captions split into other tokens.
+  vocab = json.loads((directory / "vocab.json").read_text())
+  merges = (directory / "merges.txt").read_text().splitlines()[1:]
+  before = np.asarray(embeddings.caption_table(c, "train", verbose=False)[0], np.float32)
+  save_vocab(directory, vocab, [tuple(m.split()) for m in merges[:10]])
+  table = np.asarray(embeddings.caption_table(c, "train")[0], np.float32)
+  assert "captions tokenized by another tokenizer" in capsys.readouterr().out
+  np.testing.assert_allclose(table, expected(), atol=2e-3)
+  assert np.abs(table - before).max() > 0.1
+  # Current: kept as it is.
+  path = embeddings.table_path(pipeline.get_builder(c.data, verbose=False), "train", directory, c.data.image_size,
+                               kind="captions")
+  mtime = path.stat().st_mtime_ns
+  embeddings.caption_table(c, "train", process_count=2, verbose=False)
+  embeddings.caption_table(c, "train", verbose=False)
+  assert path.stat().st_mtime_ns == mtime and not list(path.parent.glob("*.partial*"))

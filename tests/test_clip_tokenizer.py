@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import unicodedata
 
 import numpy as np
@@ -275,3 +276,22 @@ def test_train_bpe_by_hand():
   assert merges == [("a", "b</w>"), ("a", "b"), ("ab", "c</w>")]
   assert [vocab["ab</w>"], vocab["ab"], vocab["abc</w>"]] == [512, 513, 514]
   assert (vocab[BOS], vocab[EOS], len(vocab)) == (515, 516, 517)
+
+
+def test_a_bad_merge_is_named_by_its_line_and_file(tmp_path, trained):
+  """A damaged merges.txt line is reported with the file and the line number a text editor shows (the
+  #version header counted), and a damaged merge in tokenizer.json by its index in model.merges."""
+  vocab, merges = trained
+  save_vocab(tmp_path / "txt", vocab, merges)
+  lines = (tmp_path / "txt" / "merges.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+  lines.insert(5, "x y z\n")  # the file's line 6
+  (tmp_path / "txt" / "merges.txt").write_text("".join(lines), encoding="utf-8")
+  file = tmp_path / "txt" / "merges.txt"
+  with pytest.raises(ValueError, match="^" + re.escape(f"line 6 of {file} is 'x y z\\n', not a merge of two tokens")):
+    CLIPTokenizer.from_directory(tmp_path / "txt", 16)
+  (tmp_path / "hf").mkdir()
+  spec = {"model": {"vocab": vocab, "merges": [f"{a} {b}" for a, b in merges[:3]] + [["x"]]}}
+  (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+  file = tmp_path / "hf" / "tokenizer.json"
+  with pytest.raises(ValueError, match="^" + re.escape(f"model.merges[3] of {file} is ['x'], not a merge")):
+    CLIPTokenizer.from_directory(tmp_path / "hf", 16)

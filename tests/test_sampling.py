@@ -275,6 +275,12 @@ def test_given_embeddings_replace_the_prior_and_a_wrong_width_is_a_clear_error(t
   c.sample.embeddings = str(tmp_path / "unit.npy")
   np.testing.assert_allclose(sampling.given_embeddings(c, 3), np.stack([given, np.zeros(width), given]), rtol=1e-5,
                              atol=1e-6)
+  # Rows far from the unit scale: squared in float32, 1e20 overflowed (to the null condition) and 1e-9 fell
+  # under the norm's floor; each is the same direction, √D long.
+  g64 = given.astype(np.float64)
+  np.save(tmp_path / "scales.npy", np.stack([g64 * 1e20, g64 * 1e-9, g64 * 1e-300]))
+  c.sample.embeddings = str(tmp_path / "scales.npy")
+  np.testing.assert_allclose(sampling.given_embeddings(c, 3), np.stack([given] * 3), rtol=1e-5, atol=1e-6)
   c.sample.embeddings = str(out / "samples.npz")
   np.testing.assert_allclose(sampling.given_embeddings(c, 3), npz["embeddings"], rtol=1e-5)
   np.savez(tmp_path / "other.npz", videos=np.zeros(3))

@@ -1,5 +1,6 @@
 """Text-to-video: the prior on a caption's CLIP text embedding, its guidance, and prompts."""
 import json
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -105,7 +106,7 @@ def test_guidance_scale_one_is_plain_conditional_sampling_on_text():
   np.testing.assert_allclose(prior_eps_fn(e, params, None, text)(z, t), guided3, atol=1e-5)
 
 
-def test_prompt_settings_get_one_clear_message_each(tmp_path):
+def test_prompt_settings_get_one_clear_message_each(tmp_path, capsys):
   from videofusion_jax.sampling import sample_prompts
 
   text = {"data.num_classes": 0, "model.encoder.kind": "clip", "model.prior.condition": "text"}
@@ -115,8 +116,6 @@ def test_prompt_settings_get_one_clear_message_each(tmp_path):
     validate(tiny_config(**{"model.prior.condition": "text"}))
   with pytest.raises(ConfigError, match="use 'label' .* or 'text'"):
     validate(tiny_config(**{"model.prior.condition": "caption"}))
-  with pytest.raises(ConfigError, match="both set: give one of them"):
-    validate(tiny_config(**text, **{"sample.prompt": "a", "sample.prompts_file": "f"}))
   with pytest.raises(ConfigError, match="give --config.sample.prompt="):
     sample_prompts(tiny_config(**text), 3)
   with pytest.raises(ConfigError, match="cannot read it"):
@@ -129,3 +128,16 @@ def test_prompt_settings_get_one_clear_message_each(tmp_path):
       ["one", "two", "one", "two", "one"]
   assert sample_prompts(tiny_config(), 3) is None
   assert json.loads(json.dumps(sample_prompts(tiny_config(**text, **{"sample.prompt": "x"}), 2))) == ["x", "x"]
+  # A prompt given replaces the prompts file a config sets (configs/demo.py:text refused the README's
+  # --config.sample.prompt): the file is not read, and a note says so.
+  from demo import get_config as demo_config
+  c = demo_config("text")
+  c.sample.prompt = "a dog runs"
+  validate(c)
+  assert Path(c.sample.prompts_file).is_file()
+  assert sample_prompts(c, 2) == ["a dog runs", "a dog runs"]
+  assert "config.sample.prompts_file=" in capsys.readouterr().out
+  # A file saved with a byte-order mark gives the same prompts as without it.
+  (tmp_path / "bom.txt").write_bytes("\ufeffone\ntwo\n".encode("utf-8"))
+  assert sample_prompts(tiny_config(**text, **{"sample.prompts_file": str(tmp_path / "bom.txt")}), 2) == \
+      ["one", "two"]

@@ -396,8 +396,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if (s.prompt or s.prompts_file) and not (m.condition == "embedding" and m.prior.condition == "text"):
     raise ConfigError("config.sample.prompt / prompts_file: this model does not generate from text (its prior is "
                       "not on text: model.prior.condition='text' with model.encoder.kind='clip' is).")
-  if s.prompt and s.prompts_file:
-    raise ConfigError("config.sample.prompt and config.sample.prompts_file are both set: give one of them.")
   if s.control not in ("", "content", "motion"):
     raise ConfigError(f"config.sample.control={s.control!r}: use '' (new videos), 'content' (one content, a "
                       "motion per video) or 'motion' (one motion, a content per video).")
@@ -476,9 +474,6 @@ def _check_chain_start(what: str, kind: str, num_timesteps: int, num_steps: int,
 def _check_clip_encoder(e: ml_collections.ConfigDict) -> None:
   """``model.encoder.kind='clip'``: a CLIP directory whose projection width is ``embed_dim`` (none: the
   project's own small CLIP)."""
-  import json
-  from pathlib import Path
-
   if not e.get("clip_dir"):
     return  # the project's own small CLIP, made at embed_dim (data/embeddings.py)
   config_file = Path(e.clip_dir).expanduser() / "config.json"
@@ -486,9 +481,13 @@ def _check_clip_encoder(e: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.model.encoder.clip_dir={e.clip_dir!r}: {config_file} does not exist; give a local "
                       "Hugging Face CLIPModel directory.")
   try:
-    width = json.loads(config_file.read_text()).get("projection_dim", 512)
+    spec = json.loads(config_file.read_text())
   except (UnicodeDecodeError, json.JSONDecodeError) as err:
     raise ConfigError(f"config.model.encoder.clip_dir: {config_file} is not valid JSON ({err}).") from None
+  if not isinstance(spec, dict):
+    raise ConfigError(f"config.model.encoder.clip_dir: {config_file} holds a JSON {type(spec).__name__}, not a "
+                      "CLIPModel config object; download it again.")
+  width = spec.get("projection_dim", 512)
   if width != e.embed_dim:
     raise ConfigError(f"config.model.encoder.embed_dim={e.embed_dim}: the CLIP in {e.clip_dir} gives embeddings of "
                       f"width {width}; set --config.model.encoder.embed_dim={width}.")

@@ -27,7 +27,11 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of pr
                                    "not needed on TPU pods and SLURM, where JAX finds it.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
+flags.register_multi_flags_validator(  # --mode=embed writes beside the dataset, not in a workdir
+    ["workdir", "mode"], lambda f: f["workdir"] is not None or f["mode"] == "embed",
+    message="--workdir is required: the directory of the run's checkpoints, events and samples (only --mode=embed "
+            "goes without one).")
 
 
 def _flag_error(e: Exception) -> str:
@@ -198,6 +202,10 @@ def main(argv) -> None:
                         "generator alone and leaves the residual generator untrained, so its videos would be noise "
                         "but for the key frame. Use --mode=train, then train the video stage from this workdir "
                         "(--config.train.init_base_from) and sample that.")
+    if _MODE.value == "train_and_sample":  # what sampling will read, checked before the training, not after it
+      from videofusion_jax import sampling
+      sampling.sample_prompts(config, 1, note=False)
+      sampling.given_embeddings(config, config.sample.num_samples)
     if _MODE.value in ("train", "train_and_sample"):
       from videofusion_jax.training.loop import train
       from videofusion_jax.training.step import Trainer

@@ -47,15 +47,19 @@ def text_prior(config: ml_collections.ConfigDict) -> bool:
   return config.model.condition == "embedding" and config.model.prior.condition == "text"
 
 
-def sample_prompts(config: ml_collections.ConfigDict, num: int) -> list[str] | None:
-  """The prompts of ``num`` samples, taken in turn from ``sample.prompt`` or ``sample.prompts_file``
-  (one a line); None unless the prior is on text."""
+def sample_prompts(config: ml_collections.ConfigDict, num: int, note: bool = True) -> list[str] | None:
+  """The prompts of ``num`` samples, taken in turn from ``sample.prompt`` or else ``sample.prompts_file``
+  (one a line; a config file may set one, as ``configs/demo.py:text`` does, and a prompt given on the
+  command line replaces it); None unless the prior is on text."""
   if not text_prior(config):
     return None
   s = config.sample
-  if s.prompts_file:
+  if s.prompt.strip() and s.prompts_file and note:
+    say(f"note: config.sample.prompt is given: config.sample.prompts_file={s.prompts_file!r} is not read.")
+  if s.prompts_file and not s.prompt.strip():
     try:
-      lines = Path(s.prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
+      # utf-8-sig: a byte-order mark (Windows editors write one) would open the first prompt as '\ufeff...'.
+      lines = Path(s.prompts_file).expanduser().read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
       raise ConfigError(f"config.sample.prompts_file={s.prompts_file!r}: cannot read it ({e}).") from None
     prompts = [line.strip() for line in lines if line.strip()]
@@ -364,6 +368,11 @@ def given_embeddings(config: ml_collections.ConfigDict, num: int) -> np.ndarray 
                       f"for the {num} samples, or ({width},) for all of them.")
   if not np.all(np.isfinite(e)):
     raise ConfigError(f"config.sample.embeddings={path!r} holds NaN or infinite values.")
+  # Each row divided by its largest magnitude first (in float64): squared in float32, rows of 1e20 overflowed
+  # to a norm of inf (the null condition) and rows of 1e-9 fell under to_sphere's floor (short of √D).
+  e = np.asarray(e, np.float64)
+  peak = np.abs(e).max(axis=-1, keepdims=True)
+  e = e / np.where(peak > 0, peak, 1.0)
   e = np.asarray(to_sphere(jnp.asarray(e, jnp.float32)))  # a zero row stays zero: the null condition
   return np.broadcast_to(e, (num, width)).astype(np.float32)
 

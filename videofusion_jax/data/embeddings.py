@@ -15,11 +15,16 @@ Layout, in the TFDS dataset's own folder::
     clip_embeddings/<fingerprint>/<split>.captions.npy         (captions, D) float16: CLIP text embeddings,
                                                                each record's captions in turn
     clip_embeddings/<fingerprint>/<split>.captions.counts.npy  (records,) int64: captions per record
-    clip_embeddings/<fingerprint>/<split>.captions.json        the CLIP directory and the captions
+    clip_embeddings/<fingerprint>/<split>.captions.json        the CLIP directory, the captions, their source
+                                                               and a digest of the tokenizer files
 
 The fingerprint hashes the CLIP directory's config and weight files (names and sizes) and the
-frame size, so another CLIP or size gets its own table. A table is written under a temporary
-name and renamed when complete: an interrupted run leaves no partial table behind.
+frame size, so another CLIP or size gets its own table. The tokenizer does not enter it (it
+does not touch the frames): a caption table whose recorded source (the built dataset, for the
+demo clips the repository's captions) or tokenizer differ from the current ones is computed again
+in place, and said. A table is written under a temporary
+name and renamed when complete: an interrupted run leaves no partial table behind. A damaged
+table is an error that names it (deleting it makes the next run compute it again).
 
 Captions come from the dataset's ``caption`` feature (WebVid) or, for the demo clips, from the
 captions written for them in the repository (several per clip). Without ``model.encoder.clip_dir``
@@ -58,6 +63,20 @@ def fingerprint(clip_dir: str | Path, image_size: int) -> str:
     h.update(f"{path.name} {stat.st_size}".encode())
     h.update(_file_digest(str(path.absolute()), stat.st_size, stat.st_mtime_ns))
   return h.hexdigest()[:12]
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json")
+
+
+def tokenizer_digest(clip_dir: str | Path) -> str:
+  """16 hex digits identifying the tokenizer files of a CLIP directory (their names and bytes): what
+  the caption table depends on besides the captions and the weights."""
+  directory = Path(clip_dir).expanduser()
+  h = hashlib.sha256(b"tokenizer")
+  for name in TOKENIZER_FILES:
+    if (directory / name).is_file():
+      h.update(f"{name} ".encode() + hashlib.sha256((directory / name).read_bytes()).digest())
+  return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=16)
@@ -184,15 +203,30 @@ def resolve_clip_dir(config: ml_collections.ConfigDict, verbose: bool = True, pr
 
 def load_clip(config: ml_collections.ConfigDict, verbose: bool = True, process_count: int = 1):
   """The CLIP of ``model.encoder.clip_dir``, or the project's own; says which when ``verbose``.
-  Loaded once per directory and process."""
+  Loaded once per directory and process (again when its files change)."""
   return _load_clip(str(resolve_clip_dir(config, verbose, process_count)))
 
 
-@functools.lru_cache(maxsize=2)
 def _load_clip(directory: str):
+  # Keyed on the files too: a tokenizer or weights saved anew in the same directory are read again.
+  return _load_clip_files(directory, fingerprint(directory, 0), tokenizer_digest(directory))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_clip_files(directory: str, weights: str, tokenizer: str):
   from videofusion_jax.models import clip as clip_lib
 
+  del weights, tokenizer  # the cache's key
   return clip_lib.load(directory)
+
+
+def _open_table(path: Path, mmap: bool = True) -> np.ndarray:
+  """A stored table (memory-mapped when ``mmap``); a damaged one is a PipelineError that names it."""
+  try:
+    return np.load(path, mmap_mode="r" if mmap else None)
+  except (OSError, ValueError, EOFError) as e:  # truncated (EOFError: to nothing), overwritten, not .npy
+    raise pipeline.PipelineError(f"{path} is damaged or unreadable ({e}); delete it and the next run (or --mode=embed) "
+                                 "computes it again.") from None
 
 
 def compute_table(config: ml_collections.ConfigDict, split: str, batch_size: int = 128, verbose: bool = True) -> Path:
@@ -202,6 +236,7 @@ def compute_table(config: ml_collections.ConfigDict, split: str, batch_size: int
   source = pipeline._source(config, split, verbose=False)
   path = table_path(source.builder, split, clip_dir, d.image_size)
   if path.is_file():
+    _open_table(path)  # a damaged table is said here too, not reported as computed
     return path
   clip = _load_clip(str(clip_dir))
   tf = pipeline._tf()
@@ -259,7 +294,7 @@ def frame_table(config: ml_collections.ConfigDict, split: str, process_count: in
                 verbose: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """``(table (frames, D) float16, memory-mapped; offsets (records,))`` for ``split`` (``_ensure_table``)."""
   source, path = _ensure_table(config, split, "frames", process_count, verbose)
-  table = np.load(path, mmap_mode="r")
+  table = _open_table(path)
   if table.shape[0] != int(source.lengths.sum()):
     raise pipeline.PipelineError(
         f"{path} has {table.shape[0]} rows but {source.builder.info.full_name} [{split}] has "
@@ -275,51 +310,112 @@ def clip_embeddings(table: np.ndarray, offsets: np.ndarray, records: np.ndarray,
   return np.asarray(table[rows], np.float32)
 
 
+def _caption_source(config: ml_collections.ConfigDict, split: str, clip_dir: Path) -> dict:
+  """What a caption table of ``split`` is computed from, known without reading a record (a start must not read
+  WebVid's millions): the built dataset (``pipeline.source_fingerprint``), for the demo clips a digest of the
+  repository's captions, and a digest of the tokenizer's files."""
+  source = dict(pipeline.source_fingerprint(config, split))
+  if config.data.name == "demo_clips":
+    from videofusion_jax.data.builders.demo_clips import CAPTIONS, CLASS_NAMES
+    text = json.dumps([list(CLASS_NAMES), {k: list(v) for k, v in CAPTIONS.items()}], sort_keys=True)
+    source["repository_captions"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+  return {"source": source, "tokenizer": tokenizer_digest(clip_dir)}
+
+
+def _caption_table_stale(path: Path, current: dict) -> str | None:
+  """Why the caption table at ``path`` is not that of ``current`` (``_caption_source``), or None when it is; a
+  record without one of its keys (a table of an older version) is not compared on it. Damaged files are a
+  PipelineError that names them."""
+  meta_file, counts_file = path.with_suffix(".json"), path.with_suffix(".counts.npy")
+  if not meta_file.is_file() or not counts_file.is_file():
+    return f"unrecorded captions ({meta_file.name} or {counts_file.name} is missing: an interrupted run)"
+  try:
+    meta = json.loads(meta_file.read_text())
+  except (OSError, ValueError) as e:
+    meta = f"unreadable ({e})"
+  if not isinstance(meta, dict):
+    raise pipeline.PipelineError(f"{meta_file} is damaged: {meta if isinstance(meta, str) else 'not a JSON object'}; "
+                                 f"delete {path} and the next run (or --mode=embed) computes the caption embeddings "
+                                 "again.")
+  was = meta.get("source")
+  if isinstance(was, dict):
+    differ = sorted(k for k in set(was) | set(current["source"]) if was.get(k) != current["source"].get(k))
+    if differ:
+      return f"other captions (the dataset or the repository's captions changed: {', '.join(differ)})"
+  if meta.get("tokenizer") not in (None, current["tokenizer"]):
+    return "captions tokenized by another tokenizer (its files were saved anew)"
+  counts = _open_table(counts_file, mmap=False)
+  if _open_table(path).shape[:1] != (int(counts.sum()),):
+    return "another number of captions than its record"
+  return None
+
+
 def compute_caption_table(config: ml_collections.ConfigDict, split: str, batch_size: int = 256,
                           verbose: bool = True) -> Path:
   """Embeds every caption of ``split`` (``record_captions``) with CLIP's text tower and writes the
-  caption table (see the module docstring). Returns its path; an existing table is kept."""
+  caption table (see the module docstring). Returns its path; an existing table is kept when it was
+  computed from the current captions with the current tokenizer, else computed again in place (said)."""
   clip_dir = resolve_clip_dir(config, verbose=False)
   source = pipeline._source(config, split, verbose=False)
   path = table_path(source.builder, split, clip_dir, config.data.image_size, kind="captions")
+  current = _caption_source(config, split, clip_dir)
   if path.is_file():
-    return path
+    stale = _caption_table_stale(path, current)
+    if stale is None:
+      return path
+    if verbose:
+      print(f"{path} holds the embeddings of {stale}; computing it again.", flush=True)
   per_record = record_captions(config, split)
   captions = [c for caps in per_record for c in caps]
   clip = _load_clip(str(clip_dir))
   if verbose:
     print(f"Embedding the {len(captions)} captions of {source.builder.info.full_name} [{split}] with CLIP's text "
           f"tower, once; the table goes to {path}.", flush=True)
-  counts = np.array([len(caps) for caps in per_record], np.int64)
   path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.npy")
+  partials = {suffix: path.with_name(f".{path.stem}.{os.getpid()}.partial{suffix}")
+              for suffix in (".npy", ".counts.npy", ".json")}
   try:
-    table = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(captions), clip.embed_dim))
+    table = np.lib.format.open_memmap(partials[".npy"], mode="w+", dtype=np.float16,
+                                      shape=(len(captions), clip.embed_dim))
     for i in range(0, len(captions), batch_size):
       table[i:i + batch_size] = np.asarray(clip.encode_text(clip.tokenize(captions[i:i + batch_size])))
     table.flush()
     del table
-    np.save(path.with_suffix(".counts.npy"), counts)
-    path.with_suffix(".json").write_text(json.dumps({"clip_dir": str(clip_dir), "captions": captions}))
-    os.replace(partial, path)  # last: the table's presence says the three files are complete
+    np.save(partials[".counts.npy"], np.array([len(caps) for caps in per_record], np.int64))
+    partials[".json"].write_text(json.dumps({"clip_dir": str(clip_dir), "captions": captions, **current}))
+    # The record last: an old table being replaced, interrupted midway, no longer matches it (recomputed).
+    os.replace(partials[".counts.npy"], path.with_suffix(".counts.npy"))
+    os.replace(partials[".npy"], path)
+    os.replace(partials[".json"], path.with_suffix(".json"))
   finally:
-    if partial.exists():
-      partial.unlink()
+    for partial in partials.values():
+      if partial.exists():
+        partial.unlink()
   return path
 
 
 def caption_table(config: ml_collections.ConfigDict, split: str, process_count: int = 1,
                   verbose: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """``(table (captions, D) float16, first caption of each record, caption count of each record)``
-  for ``split`` (``_ensure_table``)."""
-  source, path = _ensure_table(config, split, "captions", process_count, verbose)
-  counts = np.load(path.with_suffix(".counts.npy"))
+  for ``split``: computed first when missing or stale (``compute_caption_table``), by a single process (a
+  multi-host run asks for ``--mode=embed`` beforehand)."""
+  if process_count > 1:
+    source, path = _ensure_table(config, split, "captions", process_count, verbose)
+    stale = _caption_table_stale(path, _caption_source(config, split, resolve_clip_dir(config, False, process_count)))
+    if stale is not None:
+      raise pipeline.PipelineError(
+          f"{path} holds the embeddings of {stale}; compute them again once on one host with the same flags and "
+          "--mode=embed, then start the multi-host run.")
+  else:
+    source = pipeline._source(config, split, verbose=False)
+    path = compute_caption_table(config, split, verbose=verbose)
+  counts = _open_table(path.with_suffix(".counts.npy"), mmap=False)
   if len(counts) != len(source.lengths):
     raise pipeline.PipelineError(f"{path} has captions for {len(counts)} records but {source.builder.info.full_name} "
                                  f"[{split}] has {len(source.lengths)}: the dataset was rebuilt. Delete {path} to "
                                  "recompute the caption embeddings.")
   firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-  return np.load(path, mmap_mode="r"), firsts, counts
+  return _open_table(path), firsts, counts
 
 
 def chosen_caption_embeddings(table: np.ndarray, firsts: np.ndarray, counts: np.ndarray, records: np.ndarray,

@@ -388,7 +388,14 @@ def read_weights(directory: Path) -> tuple[dict[str, np.ndarray], str]:
   if single.is_file():
     return read_safetensors(single), str(single)
   if index.is_file():
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    try:
+      spec = json.loads(index.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CLIPLoadError(f"{index} is damaged, not valid JSON ({e}); download it again.") from None
+    weight_map = spec.get("weight_map") if isinstance(spec, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise CLIPLoadError(f"{index} is damaged: it has no weight_map of tensor name -> shard file; download it again.")
+    shards = sorted(set(weight_map.values()))
     state = {}
     for shard in shards:
       if not (directory / shard).is_file():
@@ -498,19 +505,25 @@ def load(path: str | Path, dtype: Dtype = jnp.float32) -> CLIP:
     config_json = json.loads(config_file.read_text())
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise CLIPLoadError(f"{config_file} is not valid JSON ({e}).") from None
+  if not isinstance(config_json, dict):
+    raise CLIPLoadError(f"{config_file} is not a CLIPModel config: it holds a JSON {type(config_json).__name__}, "
+                        "not an object; download it again.")
   if "text_config" not in config_json or "vision_config" not in config_json:
     raise CLIPLoadError(f"{config_file} is not a CLIPModel config: it has no text_config and vision_config "
                         f"(model_type {config_json.get('model_type')!r}).")
+  for tower in ("text_config", "vision_config"):
+    if not isinstance(config_json[tower] or {}, dict):
+      raise CLIPLoadError(f"{config_file}: {tower} is {config_json[tower]!r}, not an object; download it again.")
   pre_file = directory / "preprocessor_config.json"
   try:
     preprocessor = json.loads(pre_file.read_text()) if pre_file.is_file() else None
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise CLIPLoadError(f"{pre_file} is not valid JSON ({e}).") from None
+  if preprocessor is not None and not isinstance(preprocessor, dict):
+    raise CLIPLoadError(f"{pre_file} holds a JSON {type(preprocessor).__name__}, not an object; download it again.")
   config = CLIPConfig.from_json(config_json, preprocessor)
   for tower, t in (("text_config", config.text), ("vision_config", config.vision)):
-    if t.activation not in ACTIVATIONS:
-      raise CLIPLoadError(f"{config_file}: {tower}.hidden_act={t.activation!r} is not one this CLIP knows "
-                          f"({sorted(ACTIVATIONS)}).")
+    _check_tower(config_file, tower, t)
   _check_preprocessor_size(pre_file, preprocessor, config)
   state, source = read_weights(directory)
   params = params_from_state_dict(state, config, source)
@@ -522,6 +535,22 @@ def load(path: str | Path, dtype: Dtype = jnp.float32) -> CLIP:
     raise CLIPLoadError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens, more than the text tower's "
                         f"vocab_size {config.vocab_size} in config.json.")
   return CLIP(config, jax.tree.map(jnp.asarray, params), tokenizer, dtype)
+
+
+def _check_tower(config_file: Path, tower: str, t: TowerConfig) -> None:
+  """What the transformer's shapes need of ``config.json``, checked here: past this point a bad value is a
+  reshape error deep inside Flax."""
+  for key, value in (("hidden_size", t.width), ("num_hidden_layers", t.layers), ("num_attention_heads", t.heads),
+                     ("intermediate_size", t.mlp_dim)):
+    least = 0 if key == "num_hidden_layers" else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+      raise CLIPLoadError(f"{config_file}: {tower}.{key}={value!r} is not an integer >= {least}; download it again.")
+  if t.width % t.heads:
+    raise CLIPLoadError(f"{config_file}: {tower}.num_attention_heads={t.heads} does not divide hidden_size={t.width}; "
+                        "the heads split the width evenly: download config.json again.")
+  if t.activation not in ACTIVATIONS:
+    raise CLIPLoadError(f"{config_file}: {tower}.hidden_act={t.activation!r} is not one this CLIP knows "
+                        f"({sorted(ACTIVATIONS)}).")
 
 
 def _check_preprocessor_size(pre_file: Path, preprocessor: Mapping[str, Any] | None, config: CLIPConfig) -> None:

@@ -33,7 +33,7 @@ import json
 import os
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 
 import numpy as np
@@ -195,20 +195,39 @@ class CLIPTokenizer:
     vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
     tokenizer_file = os.path.join(path, "tokenizer.json")
     if os.path.isfile(vocab_file) and os.path.isfile(merges_file):
-      with open(vocab_file, encoding="utf-8") as f:
-        vocab = json.load(f)
-      with open(merges_file, encoding="utf-8") as f:
-        merges = _parse_merges(line for line in f if not line.startswith("#version"))
+      source = vocab_file
+      vocab = _read_json(vocab_file)
+      if not _is_vocab(vocab):
+        raise ValueError(f"{vocab_file} is not a CLIP vocabulary (a JSON object of token: id); {_REDO}")
+      try:
+        with open(merges_file, encoding="utf-8") as f:
+          # "#version" headers read as blank lines, so that the numbers in messages are the file's lines.
+          lines = ("" if line.startswith("#version") else line for line in f)
+          merges = _parse_merges(lines, lambda n: f"line {n} of {merges_file}")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{merges_file} is not UTF-8 text ({e}); {_REDO}") from None
     elif os.path.isfile(tokenizer_file):
-      with open(tokenizer_file, encoding="utf-8") as f:
-        spec = json.load(f)
-      vocab = dict(spec["model"]["vocab"])
-      for added in spec.get("added_tokens") or []:  # specials may live only here
-        vocab.setdefault(added["content"], added["id"])
-      merges = _parse_merges(spec["model"]["merges"])
+      source = tokenizer_file
+      spec = _read_json(tokenizer_file)
+      model = spec.get("model") if isinstance(spec, dict) else None
+      vocab = model.get("vocab") if isinstance(model, dict) else None
+      merges = model.get("merges") if isinstance(model, dict) else None
+      added = (spec.get("added_tokens") if isinstance(spec, dict) else None) or []
+      if not _is_vocab(vocab) or not isinstance(merges, list) or not isinstance(added, list):
+        raise ValueError(f"{tokenizer_file} is not a BPE tokenizer: it needs model.vocab (token: id) and model.merges "
+                         f"(a list); {_REDO}")
+      vocab = dict(vocab)
+      for entry in added:  # specials may live only here
+        if not (isinstance(entry, dict) and isinstance(entry.get("content"), str) and _is_id(entry.get("id"))):
+          raise ValueError(f"{tokenizer_file}: added_tokens holds {entry!r}, not {{content, id}}; {_REDO}")
+        vocab.setdefault(entry["content"], entry["id"])
+      merges = _parse_merges(merges, lambda n: f"model.merges[{n}] of {tokenizer_file}", first=0)
     else:
       raise ValueError(f"no CLIP tokenizer in {path!r}: looked for vocab.json + merges.txt, or tokenizer.json")
     pad_token = _special_token(path, "pad_token") or EOS_TOKEN
+    for name, token in (("bos", BOS_TOKEN), ("eos", EOS_TOKEN), ("pad", pad_token)):
+      if token not in vocab:  # here, where the file is known (the constructor's message cannot name it)
+        raise ValueError(f"{source} has no {name} token {token!r} among its {len(vocab)} tokens; {_REDO}")
     return cls(vocab, merges, context_length=context_length, pad_token=pad_token)
 
   def _bpe(self, word: str) -> tuple[int, ...]:
@@ -267,15 +286,38 @@ class CLIPTokenizer:
     return out
 
 
-def _parse_merges(entries: Iterable[str | Sequence[str]]) -> list[tuple[str, str]]:
-  """Merges from ``"a b"`` lines/strings or ``[a, b]`` pairs; blank lines skipped."""
+_REDO = "download the tokenizer files again or save them with save_vocab"
+
+
+def _is_id(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_vocab(vocab) -> bool:
+  """Whether ``vocab`` is a token -> id mapping as ``vocab.json`` and ``tokenizer.json`` hold it."""
+  return isinstance(vocab, dict) and all(isinstance(t, str) and _is_id(i) for t, i in vocab.items())
+
+
+def _read_json(file: str):
+  """A tokenizer file's JSON; a damaged file is a ValueError that names it."""
+  try:
+    with open(file, encoding="utf-8") as f:
+      return json.load(f)
+  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+    raise ValueError(f"{file} is not valid JSON ({e}); {_REDO}") from None
+
+
+def _parse_merges(entries: Iterable[str | Sequence[str]], where: Callable[[int], str] = "merge {}".format,
+                  first: int = 1) -> list[tuple[str, str]]:
+  """Merges from ``"a b"`` lines/strings or ``[a, b]`` pairs; blank lines skipped. ``where(number)`` names an
+  entry in messages, numbered from ``first``."""
   merges = []
-  for entry in entries:
-    parts = entry.split() if isinstance(entry, str) else list(entry)
-    if not parts:
+  for number, entry in enumerate(entries, first):
+    parts = entry.split() if isinstance(entry, str) else list(entry) if isinstance(entry, (list, tuple)) else None
+    if parts == []:
       continue
-    if len(parts) != 2:
-      raise ValueError(f"a merge must be two tokens, got {entry!r}")
+    if parts is None or len(parts) != 2 or not all(isinstance(p, str) for p in parts):
+      raise ValueError(f"{where(number)} is {entry!r}, not a merge of two tokens; {_REDO}")
     merges.append((parts[0], parts[1]))
   return merges
 
@@ -287,8 +329,8 @@ def _special_token(path: str, key: str) -> str | None:
     file = os.path.join(path, name)
     if not os.path.isfile(file):
       continue
-    with open(file, encoding="utf-8") as f:
-      value = json.load(f).get(key)
+    spec = _read_json(file)
+    value = spec.get(key) if isinstance(spec, dict) else None
     if isinstance(value, dict):
       value = value.get("content")
     if isinstance(value, str):
