@@ -647,6 +647,30 @@ def test_frozen_base_costs_no_backward_pass(trainer):
   assert only_residual < 0.9 * joint, (only_residual, joint)
 
 
+def test_a_frozen_base_runs_without_dropout_and_the_residual_with_it():
+  """With train.freeze_base the base is a fixed function, as in sampling: the z' the residual generator learns
+  from carried the base's dropout noise (ucf101's dropout 0.1), which sampling never has. The same draws under
+  two dropout keys: the frozen base's loss is the same, the residual's is not; unfrozen, both differ."""
+  from videofusion_jax.training.step import draw_randomness, loss_on_draws
+
+  losses = {}
+  for freeze in (True, False):
+    c = tiny_config(**{"model.base.dropout": 0.5, "model.residual.dropout": 0.5, "train.freeze_base": freeze})
+    e = Experiment(c, mesh=one_device(c))
+    params = e.init_state(0).params
+    leaves, tree = jax.tree.flatten(params)  # away from the zero-initialised output layers, so dropout shows
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    batch = {k: jnp.asarray(v) for k, v in batches(c, 1)[0].items()}
+    draws, _ = draw_randomness(e, jax.random.PRNGKey(1), batch["video"].shape)
+    terms = jax.jit(lambda rng, e=e, p=params, b=batch, d=draws: loss_on_draws(p, e, b, d, rng)[1])
+    losses[freeze] = [jax.device_get(terms(jax.random.PRNGKey(k))) for k in (2, 3)]
+  (a, b), (x, y) = losses[True], losses[False]
+  assert a["loss_key"] == b["loss_key"]
+  assert abs(a["loss_residual"] - b["loss_residual"]) > 1e-4
+  assert abs(x["loss_key"] - y["loss_key"]) > 1e-4 and abs(x["loss_residual"] - y["loss_residual"]) > 1e-4
+
+
 def test_checkpoint_written_before_the_restructuring_restores_and_resumes(trainer, tmp_path):
   """tests/data/checkpoint_before_issue8 was written by the code before the modules moved and the
   optimizer changed (the tiny config with the label condition, 2 steps): it restores with the same

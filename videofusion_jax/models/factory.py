@@ -131,14 +131,15 @@ def count_params(params) -> int:
 
 def make_apply_fns(networks: dict[str, nn.Module], params, label: jnp.ndarray | None,
                    train: bool = False, rng: jax.Array | None = None,
-                   condition: jnp.ndarray | None = None) -> tuple[Callable, Callable]:
+                   condition: jnp.ndarray | None = None, frozen: tuple[str, ...] = ()) -> tuple[Callable, Callable]:
   """Closures ``base_fn(z_key, t)`` and ``residual_fn(z', t, frame_index[, key_x0])`` for ``diffusion``.
 
   Both networks get the same conditioning: ``label`` ``(B,)`` (None if unconditional; the null
   label of classifier-free guidance is ``num_classes``) for ``model.condition='label'``, or
   ``condition`` ``(B, D)``, the key-frame embedding c (zeros: the null condition), repeated for
   every frame of the residual generator. Guidance is not done here: it mixes whole decomposed
-  estimates (``diffusion.guided_decomposed_eps``).
+  estimates (``diffusion.guided_decomposed_eps``). ``frozen``: networks that run as in sampling even when
+  ``train`` (``train.freeze_base``: the fixed base the residual generator learns beside, without dropout).
   """
   rngs = {}
   if train and rng is not None:
@@ -146,8 +147,9 @@ def make_apply_fns(networks: dict[str, nn.Module], params, label: jnp.ndarray | 
     rngs = {"base": {"dropout": base_rng}, "residual": {"dropout": residual_rng}}
 
   def run(name, x, t, lab, frame_index, cond):
-    kwargs = {"rngs": rngs[name]} if rngs else {}
-    return networks[name].apply({"params": params[name]}, x, t, lab, frame_index, train=train,
+    training = train and name not in frozen
+    kwargs = {"rngs": rngs[name]} if rngs and training else {}
+    return networks[name].apply({"params": params[name]}, x, t, lab, frame_index, train=training,
                                 condition=cond, **kwargs)
 
   def base_fn(z_key, t):

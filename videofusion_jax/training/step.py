@@ -141,7 +141,9 @@ def loss_on_draws(params, experiment: Experiment, batch, draws: dict, dropout_rn
     video_fn = make_video_fn(networks, params, label, train=True, rng=dropout_rng, condition=condition)
     loss, terms = diffusion.video_denoising_loss(video_fn, video, t, noise, schedule, weights)
     return _with_prior(loss, terms, params, experiment, key_frames, batch, draws, ema_params)
-  base_fn, residual_fn = make_apply_fns(networks, params, label, train=True, rng=dropout_rng, condition=condition)
+  # A frozen base is a fixed function, as it is in sampling: no dropout in the z' the residual generator learns from.
+  base_fn, residual_fn = make_apply_fns(networks, params, label, train=True, rng=dropout_rng, condition=condition,
+                                        frozen=("base",) if config.train.freeze_base else ())
   if image_stage:
     loss = diffusion.denoising_loss(base_fn, x0, t, noise, schedule, weights)
     terms = {"loss_key": loss, "loss_residual": jnp.zeros(())}
