@@ -93,3 +93,42 @@ def test_eval_refuses_sampling_settings_it_would_not_follow_before_any_work(tmp_
   with pytest.raises(ConfigError, match=message):
     evaluate.run(c, str(tmp_path))
   assert not any(tmp_path.iterdir())
+
+
+def test_a_text_models_clips_take_the_real_clips_captions(tfds_dir, tmp_path, monkeypatch, capsys):
+  """A text model's generated clip i takes the first caption of real clip (i mod num_real)'s record, as
+  class-conditional clips take the real labels: all of them from one prompt (what eval did, from
+  sample.prompt) measured the prompt against the whole captioned set. The networks are stood in for:
+  what is checked is which text reaches the sampler, and what the results file says of it."""
+  import types
+
+  from videofusion_jax.data.builders.demo_clips import CAPTIONS, CLASS_NAMES
+
+  c = tiny_config(**{"data.data_dir": tfds_dir, "data.num_classes": 0, "model.encoder.kind": "clip",
+                     "model.prior.condition": "text", "sample.prompt": "a dog"})
+  c.eval.update(num_real=4, num_generated=6, batch_size=4, kvd_subsets=2, kvd_subset_size=3)
+  # The demo's record r is clip r, label r: the real clips' labels name their records, read here independently.
+  real = pipeline.eval_clips(c, 4)["label"]
+  expected = [CAPTIONS[CLASS_NAMES[r]][0] for r in np.resize(real, 6)]
+  assert len(set(expected)) > 1
+  seen = {}
+  monkeypatch.setattr(evaluate, "prompt_embeddings", lambda config, prompts, verbose=True: seen.setdefault(
+      "prompts", prompts) and np.arange(len(prompts), dtype=np.float32)[:, None] * np.ones((1, 4), np.float32))
+  monkeypatch.setattr(evaluate, "real_features", lambda *a, **k: {
+      "features": np.random.default_rng(0).normal(size=(4, 400)), "labels": real, "protocol": {}})
+  monkeypatch.setattr(evaluate, "i3d_features",
+                      lambda b: lambda v: np.random.default_rng(len(v)).normal(size=(len(v), 400)))
+  monkeypatch.setattr(evaluate, "describe_batch", lambda *a: "one batch")
+
+  def generated(experiment, params, num, seed, labels, consume, text):
+    seen["text"] = text
+    consume(np.zeros((num, c.data.num_frames, 8, 8, 3), np.float32))
+
+  monkeypatch.setattr(evaluate, "generated_videos", generated)
+  monkeypatch.setattr(evaluate, "check_trained_config", lambda *a: None)
+  fake = types.SimpleNamespace(restore=lambda *a, **k: types.SimpleNamespace(step=1, ema_params=None))
+  results = evaluate.run(c, str(tmp_path), experiment=fake)
+  assert seen["prompts"] == expected
+  np.testing.assert_array_equal(seen["text"][:, 0], np.arange(6))  # the embeddings of those prompts, in order
+  assert results["prompts"] == "the first caption of each real clip's record"
+  assert "config.sample.prompt and config.sample.prompts_file are not read" in capsys.readouterr().out

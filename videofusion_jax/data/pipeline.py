@@ -368,6 +368,13 @@ def eval_shares(num_clips: int, process_count: int) -> list[np.ndarray]:
   return np.array_split(np.arange(num_clips), process_count)
 
 
+def eval_records(config: ml_collections.ConfigDict, num_clips: int, split: str) -> np.ndarray:
+  """The record of each of the ``num_clips`` real clips of the evaluation protocol (``eval_plan``), in the
+  order ``eval_iterator`` reads them, ``(num_clips,)``."""
+  source = _source(config, split, verbose=False)
+  return eval_plan(num_clips, source.eligible, source.lengths, source.span)[0]
+
+
 def eval_iterator(config: ml_collections.ConfigDict, num_clips: int, batch_size: int,
                   process_index: int = 0, process_count: int = 1, split: str | None = None,
                   verbose: bool = True) -> Iterator[dict]:

@@ -36,9 +36,9 @@ from videofusion_jax.sampling import (
   generated_videos,
   prompt_embeddings,
   sample_labels,
-  sample_prompts,
   sampler_settings,
   say,
+  text_prior,
 )
 
 
@@ -140,6 +140,25 @@ def i3d_features(batch_size: int):
   return I3DFeatures(batch_size=batch_size)
 
 
+def eval_prompts(config: ml_collections.ConfigDict) -> list[str] | None:
+  """A text model's prompt for each generated clip: the first caption of the record of real clip ``i mod
+  eval.num_real``, as class-conditional clips take the real clips' labels, so that FVD compares like with
+  like (one prompt against a whole captioned dataset would measure the prompt, not the model); None for
+  other models. ``sample.prompt``/``prompts_file`` are not read (said, when set)."""
+  if not text_prior(config):
+    return None
+  from videofusion_jax.data.embeddings import record_captions
+
+  e, s = config.eval, config.sample
+  if s.prompt.strip() or s.prompts_file:
+    say("note: --mode=eval gives the generated clips the real clips' captions; config.sample.prompt and "
+        "config.sample.prompts_file are not read.")
+  split = protocol(config)["split"]
+  captions = record_captions(config, split)
+  records = np.resize(pipeline.eval_records(config, e.num_real, split), e.num_generated)
+  return [captions[r][0] for r in records]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment | None = None) -> dict:
   """Evaluates the latest checkpoint of ``workdir``; returns and writes the figures, with the sampler's
   settings, ``eval.seed`` and the KVD subset size used."""
@@ -166,7 +185,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     c3d = C3DProbs(e.c3d_weights, batch_size=e.batch_size)  # a wrong path fails before sampling
   workdir = Path(workdir)
   check_trained_config(config, str(workdir))
-  prompts = sample_prompts(config, e.num_generated)  # a text model without a prompt: an error before any slow work
+  prompts = eval_prompts(config)  # before any slow work: a dataset without captions is an error
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)
   i3d = i3d_features(e.batch_size)
@@ -194,6 +213,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
              "seed": int(e.seed), "sampler_settings": sampler_settings(config),
              "kvd_subsets": int(e.kvd_subsets), "kvd_subset_size": int(kvd_size),
              "protocol": real["protocol"],
+             "prompts": None if prompts is None else "the first caption of each real clip's record",
              "fvd": distances.fvd(real["features"], fake)}
   kvd_mean, kvd_std = distances.kernel_distance(real["features"], fake, num_subsets=e.kvd_subsets,
                                                 subset_size=kvd_size, seed=e.seed)
