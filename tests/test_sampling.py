@@ -298,7 +298,7 @@ def test_given_embeddings_replace_the_prior_and_a_wrong_width_is_a_clear_error(t
     sampling.run(c, str(workdir), experiment=trainer)
 
 
-def test_a_rerun_keeps_the_samples_before_it(trained, capsys):
+def test_a_rerun_keeps_the_samples_before_it(trained, capsys, monkeypatch):
   """A second --mode=sample of the same checkpoint writes beside the first run's folder, whose files
   stay as they were; no folder mixes two runs' files."""
   config, workdir, trainer = trained
@@ -321,6 +321,20 @@ def test_a_rerun_keeps_the_samples_before_it(trained, capsys):
     raise ValueError(f"results.json holds {name}, not JSON")
   results = json.loads((out / "results.json").read_text(), parse_constant=refuse)
   assert results["copy_distance_real"] is None and results["copy_distance_generated"] > 0
+  # A video encoder that fails in its own way (a PyAV built without H.264): the run still writes its arrays,
+  # GIFs and sidecars, leaves no half-written .mp4 and says why (it raised past the ImportError it expected).
+  from videofusion_jax.data import video_io
+
+  def no_h264(path, *a, **k):
+    Path(path).write_bytes(b"half")
+    raise RuntimeError("Unknown encoder 'libx264'")
+
+  monkeypatch.setattr(video_io, "write_video", no_h264)
+  third = Path(sampling.run(other, str(workdir), experiment=trainer)["dir"])
+  assert "note: no .mp4 written (RuntimeError: Unknown encoder 'libx264')" in capsys.readouterr().out
+  assert sorted(p.name for p in third.iterdir()) == ["grid.png", "results.json", "sample_000_label0.gif",
+                                                     "sample_000_label0.json", "samples.npz"]
+  np.testing.assert_array_equal(np.load(third / "samples.npz")["videos"], np.load(out / "samples.npz")["videos"])
 
 
 def test_settings_the_model_was_not_trained_with_are_refused_before_sampling(trained):

@@ -126,6 +126,9 @@ def test_prompt_settings_get_one_clear_message_each(tmp_path, capsys):
   (tmp_path / "p.txt").write_text(" one \n\ntwo\n")
   assert sample_prompts(tiny_config(**text, **{"sample.prompts_file": str(tmp_path / "p.txt")}), 5) == \
       ["one", "two", "one", "two", "one"]
+  capsys.readouterr()
+  assert sample_prompts(tiny_config(**text, **{"sample.prompts_file": str(tmp_path / "p.txt")}), 1) == ["one"]
+  assert "holds 2 prompts; the first 1 are sampled" in capsys.readouterr().out
   assert sample_prompts(tiny_config(), 3) is None
   assert json.loads(json.dumps(sample_prompts(tiny_config(**text, **{"sample.prompt": "x"}), 2))) == ["x", "x"]
   # A prompt given replaces the prompts file a config sets (configs/demo.py:text refused the README's

@@ -229,7 +229,7 @@ def main(argv) -> None:
           file=sys.stderr)
     sys.exit(130)
   except (ConfigError, DatasetNotFoundError, VideoReadError, CheckpointError, NonFiniteLossError,
-          PipelineError, FileNotFoundError, FloatingPointError, WorkdirError, CLIPLoadError) as e:
+          PipelineError, OSError, FloatingPointError, WorkdirError, CLIPLoadError) as e:  # OSError: a path in the way
     _fail(str(e))
 
 

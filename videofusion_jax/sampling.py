@@ -65,6 +65,9 @@ def sample_prompts(config: ml_collections.ConfigDict, num: int, note: bool = Tru
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
       raise ConfigError(f"config.sample.prompts_file={s.prompts_file!r} holds no prompt (give one a line).")
+    if len(prompts) > num and note:
+      say(f"note: {s.prompts_file} holds {len(prompts)} prompts; the first {num} are sampled (one per sample: raise "
+          f"--config.sample.num_samples to {len(prompts)} for all of them).")
   elif s.prompt.strip():
     prompts = [s.prompt.strip()]
   else:
@@ -543,10 +546,11 @@ def write_videos(out_dir: Path, videos: np.ndarray, names: list[str], sidecars: 
     if mp4:
       try:
         video_io.write_video(out_dir / f"{name}.mp4", video, fps=fps, upscale=upscale)
-      except ImportError as e:
+      except Exception as e:  # noqa: BLE001 - no PyAV, or a build without H.264 (its errors are its own classes)
         mp4 = False
-        print(f"note: no .mp4 written ({e}): install imageio and av (PyAV) for H.264; the GIFs, PNG grid "
-              "and samples.npz hold the same frames.", flush=True)
+        (out_dir / f"{name}.mp4").unlink(missing_ok=True)  # a half-written file is no video
+        print(f"note: no .mp4 written ({type(e).__name__}: {e}): install imageio and av (PyAV) with H.264 (libx264); "
+              "the GIFs, PNG grid and samples.npz hold the same frames.", flush=True)
     video_io.write_gif(out_dir / f"{name}.gif", video, fps=fps, upscale=upscale)
     (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=2))
   stride = -(-videos.shape[1] // GRID_COLUMNS)  # long videos: every stride-th frame
@@ -627,12 +631,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
                        "clip_motion_indices": per_clip[i].tolist(),
                        "embedding": "given" if given is not None else
                        ("prior" if prior_samples(config) else None)})
-    kinds = write_videos(out_dir, video_io.to_uint8(videos), names, sidecars, s.fps, s.upscale)
+    out_dir.mkdir(parents=True, exist_ok=True)  # the arrays first: a failing video encoder loses no samples
     np.savez_compressed(out_dir / "samples.npz", videos=videos,
                         labels=labels if labels is not None else np.zeros(0),
                         embeddings=used if used is not None else np.zeros(0),
                         prompts=np.asarray(prompts if prompts is not None else [], dtype=str))
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    kinds = write_videos(out_dir, video_io.to_uint8(videos), names, sidecars, s.fps, s.upscale)
     print(f"wrote {s.num_samples} videos ({', '.join(kinds)}) and samples.npz to {out_dir}")
   if "all_frame_accuracy" in results:
     against = ("the clip the sample was conditioned on" if results["accuracy_against"] == "label"
