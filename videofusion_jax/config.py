@@ -541,6 +541,19 @@ def differing_fields(config: ml_collections.ConfigDict, trained: dict, fields) -
   return differ
 
 
+def check_against_record(config: ml_collections.ConfigDict, trained: dict, fields, whose: str, why: str,
+                         otherwise: str) -> None:
+  """A ConfigError naming each of ``fields`` (and a 'clip' encoder's CLIP directory) whose value differs from
+  ``trained`` (a recorded config.json), as ``config.F=now (<whose> was)``, then ``why``, and the flags that
+  give the recorded values, or ``otherwise``."""
+  fields = tuple(fields) + (("model.encoder.clip_dir",) if clip_used(config) is not None else ())
+  differ = differing_fields(config, trained, fields)
+  if differ:
+    flags = " ".join(f"--config.{name}={was}" for name, _, was in differ)
+    what = ", ".join(f"config.{name}={now!r} ({whose} {was!r})" for name, now, was in differ)
+    raise ConfigError(f"{what}: {why}; pass {flags}, or {otherwise}.")
+
+
 def clip_used(config: ml_collections.ConfigDict) -> str | None:
   """Which CLIP a 'clip' encoder uses: its directory, or the project's own; None for another encoder."""
   if config.model.condition != "embedding" or config.model.encoder.kind != "clip":

@@ -18,8 +18,8 @@ from videofusion_jax import diffusion
 from videofusion_jax.config import (
   TRAINED_FIELDS,
   ConfigError,
+  check_against_record,
   clip_used,
-  differing_fields,
   field_or_none,
   prior_samples,
   recorded_config,
@@ -481,13 +481,9 @@ def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> Non
                       "generator alone, and its residual generator is untrained (every frame but the key frame would "
                       "come out as noise). Train the video stage from it with --config.train.init_base_from="
                       f"{workdir} --config.train.stage=video in a new workdir, and sample that.")
-  fields = TRAINED_FIELDS + (("model.encoder.clip_dir",) if clip_used(config) is not None else ())
-  differ = differing_fields(config, trained, fields)
-  if differ:
-    flags = " ".join(f"--config.{name}={was}" for name, _, was in differ)
-    what = ", ".join(f"config.{name}={now!r} (trained with {was!r})" for name, now, was in differ)
-    raise ConfigError(f"{what}: this model was trained with other settings ({record}), and its weights give wrong "
-                      f"samples under these; pass {flags}, or the config it was trained with.")
+  check_against_record(config, trained, TRAINED_FIELDS, "trained with",
+                       f"this model was trained with other settings ({record}), and its weights give wrong samples "
+                       "under these", "the config it was trained with")
   s = config.sample
   scales = ([f"config.sample.guidance_scale={s.guidance_scale}"] if guided(config) else []) + (
       [f"config.sample.prior_guidance_scale={s.prior_guidance_scale}"]

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from videofusion_jax.config import BASE_FIELDS, ConfigError, clip_used, differing_fields, recorded_config
+from videofusion_jax.config import BASE_FIELDS, check_against_record, recorded_config
 from videofusion_jax.data.stream import prepare_dataset, resume_position, stream_identity
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training.preemption import StopRequest
@@ -129,14 +129,10 @@ def check_base_source(config: ml_collections.ConfigDict) -> None:
   record, trained = recorded_config(source)
   if trained is None:
     return
-  fields = BASE_FIELDS + (("model.encoder.clip_dir",) if clip_used(config) is not None else ())
-  differ = differing_fields(config, trained, fields)
-  if differ:
-    flags = " ".join(f"--config.{name}={was}" for name, _, was in differ)
-    what = ", ".join(f"config.{name}={now!r} (that run's {was!r})" for name, now, was in differ)
-    raise ConfigError(f"{what}: config.train.init_base_from={source} trained the networks this run takes from it "
-                      f"under other settings ({record}), and their weights would be wrong under these; pass "
-                      f"{flags}, or train the image stage with this run's settings.")
+  check_against_record(config, trained, BASE_FIELDS, "that run's",
+                       f"config.train.init_base_from={source} trained the networks this run takes from it under "
+                       f"other settings ({record}), and their weights would be wrong under these",
+                       "train the image stage with this run's settings")
 
 
 def init_base_from(trainer: Trainer, state: TrainState, workdir: str) -> TrainState:
