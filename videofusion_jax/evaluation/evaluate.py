@@ -220,7 +220,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   results.update(kvd=kvd_mean, kvd_std=kvd_std)
   if c3d is not None:
     probs = np.concatenate(probs)
-    # TGANv2: 10 splits (with 2048 x 10 clips, the mean and std over 10 runs of 2048).
+    # 10 splits: with the default 2048 clips, StyleGAN-V's isv2048_ucf (mean and std over 10 splits of ~205).
     is_mean, is_std = distances.inception_score(probs, splits=min(10, len(probs)))
     results.update(inception_score=is_mean, inception_score_std=is_std)
   out = workdir / "eval" / f"step_{step}.json"
