@@ -319,3 +319,10 @@ def test_stale_caption_embeddings_are_computed_again(tmp_path, tfds_dir, monkeyp
   embeddings.caption_table(c, "train", process_count=2, verbose=False)
   embeddings.caption_table(c, "train", verbose=False)
   assert path.stat().st_mtime_ns == mtime and not list(path.parent.glob("*.partial*"))
+  # A tokenizer file the tokenizer reads nothing new from (a re-download's config, the vocabulary re-saved with
+  # other spacing): the same tokenizer, the table kept (on WebVid, millions of captions not embedded again).
+  (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+  (directory / "vocab.json").write_text(json.dumps(json.loads((directory / "vocab.json").read_text()), indent=1))
+  embeddings.caption_table(c, "train", process_count=2, verbose=False)
+  embeddings.caption_table(c, "train", verbose=False)
+  assert path.stat().st_mtime_ns == mtime

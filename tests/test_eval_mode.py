@@ -127,8 +127,19 @@ def test_a_text_models_clips_take_the_real_clips_captions(tfds_dir, tmp_path, mo
   monkeypatch.setattr(evaluate, "generated_videos", generated)
   monkeypatch.setattr(evaluate, "check_trained_config", lambda *a: None)
   fake = types.SimpleNamespace(restore=lambda *a, **k: types.SimpleNamespace(step=1, ema_params=None))
+  from videofusion_jax.data import embeddings
+  read = embeddings.record_captions
+
+  def captions_of(config, split, records=None):
+    seen["read"] = records
+    return read(config, split, records)
+
+  monkeypatch.setattr(embeddings, "record_captions", captions_of)
   results = evaluate.run(c, str(tmp_path), experiment=fake)
   assert seen["prompts"] == expected
+  # Only the real clips' own records are read (WebVid's train split holds millions): each once.
+  assert seen["read"] is not None and sorted(seen["read"].tolist()) == sorted(set(real.tolist()))
+  assert len(set(real.tolist())) < 4
   np.testing.assert_array_equal(seen["text"][:, 0], np.arange(6))  # the embeddings of those prompts, in order
   assert results["prompts"] == "the first caption of each real clip's record"
   assert "config.sample.prompt and config.sample.prompts_file are not read" in capsys.readouterr().out

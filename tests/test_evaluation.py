@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import scipy.linalg
@@ -97,14 +98,20 @@ def test_statistics_given_in_float32_give_the_float64_distance():
   rng = np.random.default_rng(5)
   a = (rng.normal(size=(96, 400)) * 3).astype(np.float32)
   b = (rng.normal(size=(96, 400)) * 3 + 0.1).astype(np.float32)
-  exact = distances.fvd(a, b)  # float64 statistics; against scipy's sqrtm above
   (mu1, s1), (mu2, s2) = _stats(a.astype(np.float64)), _stats(b.astype(np.float64))
+  exact = distances.fvd(a, b)  # float64 statistics; scipy's general square root agrees to its own round-off
+  covmean = scipy.linalg.sqrtm(s1 @ s2)
+  scipy_fd = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * np.real(covmean)))
+  assert exact == pytest.approx(scipy_fd, rel=1e-6)
   assert np.linalg.eigvalsh(s1.astype(np.float32).astype(np.float64)).min() < -1e-9 * np.abs(s1).max()
   got = distances.frechet_distance(mu1, s1.astype(np.float32), mu2, s2.astype(np.float32))
   assert got == pytest.approx(exact, rel=1e-7)  # the rounding of the statistics to float32
   s1j, s2j = (np.asarray(jnp.cov(jnp.asarray(x), rowvar=False)) for x in (a, b))
   assert s1j.dtype == np.float32
   assert distances.frechet_distance(mu1, s1j, mu2, s2j) == pytest.approx(exact, rel=1e-6)
+  # bfloat16 (8 bits of mantissa: ml_dtypes, not a NumPy floating type) is judged at its own precision too.
+  s1b, s2b = s1.astype(ml_dtypes.bfloat16), s2.astype(ml_dtypes.bfloat16)
+  assert distances.frechet_distance(mu1, s1b, mu2, s2b) == pytest.approx(exact, rel=2e-2)
   # A clearly negative eigenvalue is still refused, in either precision.
   bad = s1 - 1e-4 * np.abs(s1).max() * np.eye(400)
   for dtype in (np.float64, np.float32):

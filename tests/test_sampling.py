@@ -323,15 +323,17 @@ def test_a_rerun_keeps_the_samples_before_it(trained, capsys, monkeypatch):
   assert results["copy_distance_real"] is None and results["copy_distance_generated"] > 0
   # A video encoder that fails in its own way (a PyAV built without H.264): the run still writes its arrays,
   # GIFs and sidecars, leaves no half-written .mp4 and says why (it raised past the ImportError it expected).
+  from av.codec.codec import UnknownCodecError  # PyAV's error for an encoder its FFmpeg build lacks
+
   from videofusion_jax.data import video_io
 
   def no_h264(path, *a, **k):
     Path(path).write_bytes(b"half")
-    raise RuntimeError("Unknown encoder 'libx264'")
+    raise UnknownCodecError("Unknown encoder 'libx264'")
 
   monkeypatch.setattr(video_io, "write_video", no_h264)
   third = Path(sampling.run(other, str(workdir), experiment=trainer)["dir"])
-  assert "note: no .mp4 written (RuntimeError: Unknown encoder 'libx264')" in capsys.readouterr().out
+  assert "note: no .mp4 written (UnknownCodecError: Unknown encoder 'libx264')" in capsys.readouterr().out
   assert sorted(p.name for p in third.iterdir()) == ["grid.png", "results.json", "sample_000_label0.gif",
                                                      "sample_000_label0.json", "samples.npz"]
   np.testing.assert_array_equal(np.load(third / "samples.npz")["videos"], np.load(out / "samples.npz")["videos"])

@@ -128,7 +128,8 @@ def test_prompt_settings_get_one_clear_message_each(tmp_path, capsys):
       ["one", "two", "one", "two", "one"]
   capsys.readouterr()
   assert sample_prompts(tiny_config(**text, **{"sample.prompts_file": str(tmp_path / "p.txt")}), 1) == ["one"]
-  assert "holds 2 prompts; the first 1 are sampled" in capsys.readouterr().out
+  assert "holds 2 prompts and 1 sample(s) are drawn, one prompt each in turn: the last 1 prompt(s) are not used" \
+      in capsys.readouterr().out
   assert sample_prompts(tiny_config(), 3) is None
   assert json.loads(json.dumps(sample_prompts(tiny_config(**text, **{"sample.prompt": "x"}), 2))) == ["x", "x"]
   # A prompt given replaces the prompts file a config sets (configs/demo.py:text refused the README's

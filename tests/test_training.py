@@ -458,7 +458,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trainer, tmp_path):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
-def test_image_stage_then_video_stage_with_frozen_base(tmp_path):
+def test_image_stage_then_video_stage_with_frozen_base(tmp_path, monkeypatch):
   image_cfg = tiny_config(**{"train.stage": "image", "train.num_steps": 2})
   image_trainer = Trainer(image_cfg, mesh=one_device(image_cfg))
   init = image_trainer.init_state(image_cfg.seed)
@@ -497,6 +497,12 @@ def test_image_stage_then_video_stage_with_frozen_base(tmp_path):
     with pytest.raises(ConfigError, match=message):
       train(other, tmp_path / "other", iter([]))
     assert not (tmp_path / "other").exists()
+  # On several hosts, a host whose check passed stops too when another's failed (it would wait at its first
+  # collective): on_every_host, the hosts' vote, stood in for by "another host said no".
+  monkeypatch.setattr(loop_module, "on_every_host", lambda ok: False)
+  with pytest.raises(ConfigError, match="init_base_from: another host cannot use that run"):
+    train(video_cfg, tmp_path / "other", iter([]))
+  assert not (tmp_path / "other").exists()
 
 
 def test_guidance_mixes_whole_decomposed_estimates(trainer):

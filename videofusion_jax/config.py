@@ -507,7 +507,7 @@ BASE_FIELDS = ("diffusion.schedule", "diffusion.num_timesteps", "model.condition
 def recorded_config(workdir) -> tuple[Path, dict | None]:
   """``workdir/config.json`` (the config a training run wrote) and its contents; None when it is
   missing or unreadable (an older or hand-edited workdir: nothing to compare)."""
-  record = Path(workdir) / "config.json"
+  record = Path(workdir).expanduser() / "config.json"
   try:
     return record, json.loads(record.read_text())
   except (OSError, ValueError):
@@ -546,7 +546,8 @@ def check_against_record(config: ml_collections.ConfigDict, trained: dict, field
   """A ConfigError naming each of ``fields`` (and a 'clip' encoder's CLIP directory) whose value differs from
   ``trained`` (a recorded config.json), as ``config.F=now (<whose> was)``, then ``why``, and the flags that
   give the recorded values, or ``otherwise``."""
-  fields = tuple(fields) + (("model.encoder.clip_dir",) if clip_used(config) is not None else ())
+  fields = tuple(f for f in fields if prior_samples(config) or not f.startswith("model.prior."))  # a prior's own
+  fields += (("model.encoder.clip_dir",) if clip_used(config) is not None else ())
   differ = differing_fields(config, trained, fields)
   if differ:
     flags = " ".join(f"--config.{name}={was}" for name, _, was in differ)

@@ -172,7 +172,7 @@ def main(argv) -> None:
     try:
       enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
       _embed(config)
-    except (ConfigError, DatasetNotFoundError, PipelineError, CLIPLoadError) as e:
+    except (ConfigError, DatasetNotFoundError, PipelineError, CLIPLoadError, OSError) as e:
       _fail(str(e))
     return
   # Any of the multi-host flags means a multi-host run: a process that ran alone with --process_id=1

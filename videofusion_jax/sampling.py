@@ -66,8 +66,9 @@ def sample_prompts(config: ml_collections.ConfigDict, num: int, note: bool = Tru
     if not prompts:
       raise ConfigError(f"config.sample.prompts_file={s.prompts_file!r} holds no prompt (give one a line).")
     if len(prompts) > num and note:
-      say(f"note: {s.prompts_file} holds {len(prompts)} prompts; the first {num} are sampled (one per sample: raise "
-          f"--config.sample.num_samples to {len(prompts)} for all of them).")
+      say(f"note: {s.prompts_file} holds {len(prompts)} prompts and {num} sample(s) are drawn, one prompt each in "
+          f"turn: the last {len(prompts) - num} prompt(s) are not used (--config.sample.num_samples={len(prompts)} "
+          "uses every one).")
   elif s.prompt.strip():
     prompts = [s.prompt.strip()]
   else:
@@ -542,8 +543,8 @@ def write_videos(out_dir: Path, videos: np.ndarray, names: list[str], sidecars: 
     if mp4:
       try:
         video_io.write_video(out_dir / f"{name}.mp4", video, fps=fps, upscale=upscale)
-      except Exception as e:  # noqa: BLE001 - no PyAV, or a build without H.264 (its errors are its own classes)
-        mp4 = False
+      except (ImportError, ValueError, RuntimeError) as e:  # no PyAV, or a build without H.264 (UnknownCodecError
+        mp4 = False  # is a ValueError); an OSError (a full disk) is no encoder's and stops the run
         (out_dir / f"{name}.mp4").unlink(missing_ok=True)  # a half-written file is no video
         print(f"note: no .mp4 written ({type(e).__name__}: {e}): install imageio and av (PyAV) with H.264 (libx264); "
               "the GIFs, PNG grid and samples.npz hold the same frames.", flush=True)

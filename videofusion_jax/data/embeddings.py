@@ -65,17 +65,19 @@ def fingerprint(clip_dir: str | Path, image_size: int) -> str:
   return h.hexdigest()[:12]
 
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json")
-
-
 def tokenizer_digest(clip_dir: str | Path) -> str:
-  """16 hex digits identifying the tokenizer files of a CLIP directory (their names and bytes): what
-  the caption table depends on besides the captions and the weights."""
-  directory = Path(clip_dir).expanduser()
+  """16 hex digits identifying what the tokenizer of a CLIP directory reads (its vocabulary, merges and pad
+  token, from whichever files hold them): what the caption table depends on besides the captions and the
+  weights. Files it does not read, or a re-save that changes only their layout, leave it as it was."""
+  from videofusion_jax.models.clip import CLIPLoadError
+  from videofusion_jax.models.clip_tokenizer import CLIPTokenizer
+
+  try:
+    tok = CLIPTokenizer.from_directory(Path(clip_dir).expanduser(), context_length=2)
+  except (OSError, ValueError) as e:
+    raise CLIPLoadError(str(e)) from None
   h = hashlib.sha256(b"tokenizer")
-  for name in TOKENIZER_FILES:
-    if (directory / name).is_file():
-      h.update(f"{name} ".encode() + hashlib.sha256((directory / name).read_bytes()).digest())
+  h.update(json.dumps([sorted(tok.vocab.items()), tok.merges, tok.pad_id]).encode())
   return h.hexdigest()[:16]
 
 
@@ -97,21 +99,26 @@ def table_path(builder, split: str, clip_dir: str | Path, image_size: int, kind:
   return Path(builder.data_dir) / "clip_embeddings" / fingerprint(clip_dir, image_size) / name
 
 
-def record_captions(config: ml_collections.ConfigDict, split: str) -> list[tuple[str, ...]]:
-  """Each record's captions, in record order: the dataset's ``caption`` feature, or the repository's
-  captions of the demo clips."""
+def record_captions(config: ml_collections.ConfigDict, split: str,
+                    records: np.ndarray | None = None) -> list[tuple[str, ...]]:
+  """The captions of each of ``records`` (default: every record of ``split``, in order): the dataset's
+  ``caption`` feature, or the repository's captions of the demo clips."""
   source = pipeline._source(config, split, verbose=False)
   features = source.builder.info.features
   tf = pipeline._tf()
   read = pipeline._reader(tf, source)
-  records = tf.data.Dataset.range(len(source.lengths))
+  if records is None:
+    records = tf.data.Dataset.range(len(source.lengths))
+  else:
+    records = tf.data.Dataset.from_tensor_slices(np.asarray(records, np.int64))
   if "caption" in features:
     return [(c.decode("utf-8"),) for c in records.map(lambda i: read(i)["caption"]).as_numpy_iterator()]
   if config.data.name == "demo_clips":
     from videofusion_jax.data.builders.demo_clips import CAPTIONS, CLASS_NAMES
     return [CAPTIONS[CLASS_NAMES[int(label)]] for label in records.map(lambda i: read(i)["label"]).as_numpy_iterator()]
-  raise pipeline.PipelineError(f"{source.builder.info.full_name} has no captions, so a prior on text "
-                               "(model.prior.condition='text') has nothing to learn from; use a captioned dataset "
+  raise pipeline.PipelineError(f"{source.builder.info.full_name} [{split}] has no captions, so a prior on text "
+                               "(model.prior.condition='text') has none to learn from or to be evaluated on; use a "
+                               "captioned dataset "
                                "(webvid, or demo_clips with the repository's captions), or model.prior.condition="
                                "'label'.")
 

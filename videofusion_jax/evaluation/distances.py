@@ -1,8 +1,8 @@
 """FVD, KVD and the Inception Score from network outputs: NumPy float64, pure functions.
 
 - Fréchet distance (FVD on I3D logits): ``||mu1 - mu2||² + tr(s1 + s2 - 2 (s1 s2)^½)``, with the
-  trace of the square root computed as tfgan (the FVD reference) does, through symmetric
-  square roots, which stays exact when the covariances are singular (fewer videos than features).
+  trace of the square root taken as the nuclear norm of ``s2^½ s1^½`` (the symmetric square roots
+  of each), which stays exact when the covariances are singular (fewer videos than features).
 - Kernel distance (KVD): the unbiased MMD² of Bińkowski et al.'s KID code with the cubic
   polynomial kernel ``(x·y / d + 1)³``, averaged over random subsets (as DIGAN and LVDM report it).
 - Inception score: ``exp(E_x KL(p(y|x) || p(y)))`` per split, as TGAN/TGANv2 compute it.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 
+import ml_dtypes
 import numpy as np
 
 
@@ -39,20 +40,31 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _NEG_TOL = 1e-9
 
 
+def _eps(dtype: np.dtype) -> float:
+  """The unit in the last place of a floating type (ml_dtypes' bfloat16 too, which NumPy does not count as
+  floating); 0 for any other type."""
+  if dtype.kind not in "fV":
+    return 0.0
+  try:
+    return float(ml_dtypes.finfo(dtype).eps)
+  except ValueError:
+    return 0.0
+
+
 def _round_off(d: int, *arrays) -> float:
   """The relative size of round-off in the eigenvalues of ``d``-dimensional covariances given as ``arrays``:
   the float64 computation's (``d`` units in the last place), or the inputs' own rounding when coarser
   (``√d`` units of their least precise floating type: a covariance rounded to float32, as stored statistics
   or ``jnp.cov`` give, has null-space eigenvalues of about ±1e-8 of its largest)."""
-  given = max((np.finfo(a.dtype).eps for a in arrays if np.issubdtype(a.dtype, np.floating)), default=0.0)
+  given = max((_eps(a.dtype) for a in arrays), default=0.0)
   return max(d * float(np.finfo(np.float64).eps), float(np.sqrt(d) * given))
 
 
-def _psd_eigh(a: np.ndarray, name: str, tol: float, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+def _psd_eigh(a: np.ndarray, name: str, tol: float) -> tuple[np.ndarray, np.ndarray]:
   """Eigen-decomposition of a symmetric PSD matrix; eigenvalues within ``tol`` (relative, ``_round_off``)
   of 0 -> 0."""
   a = (a + a.T) / 2
-  w, v = np.linalg.eigh(a) if vectors else (np.linalg.eigvalsh(a), None)
+  w, v = np.linalg.eigh(a)
   scale = max(float(np.abs(w).max()), 1e-300)
   if w.min() < -max(tol, _NEG_TOL) * scale:
     # Its square root would be imaginary: this is not a covariance, not round-off.

@@ -154,9 +154,10 @@ def eval_prompts(config: ml_collections.ConfigDict) -> list[str] | None:
     say("note: --mode=eval gives the generated clips the real clips' captions; config.sample.prompt and "
         "config.sample.prompts_file are not read.")
   split = protocol(config)["split"]
-  captions = record_captions(config, split)
   records = np.resize(pipeline.eval_records(config, e.num_real, split), e.num_generated)
-  return [captions[r][0] for r in records]
+  needed = np.unique(records)  # only these records are read (WebVid's train split holds millions)
+  first = {int(r): captions[0] for r, captions in zip(needed, record_captions(config, split, needed))}
+  return [first[int(r)] for r in records]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment | None = None) -> dict:
