@@ -32,7 +32,10 @@
 # lines, the ratios last) and one log per run; add rows to benchmarks/RESULTS.md.
 # Check it on the CPU first (a few minutes; the cuDNN runs stop at once there, holding nobody up):
 #   OUT=/tmp/out CONFIG=configs/demo.py BATCH=8 STEPS=3 SAMPLE_STEPS=2 bash benchmarks/gpu_check.sh
-# On the device (ml_collections from .whl, see the developers' guide; machine start took ~30 s):
+# On the device (ml_collections from .whl, see the developers' guide; machine start took ~30 s). .whl is
+# not in the repository (gitignored): build it here first and name it in the device call's carry:
+#   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     -d .whl ml_collections==1.1.0
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
 #     export PYTHONPATH=/tmp/site:$PWD; bash benchmarks/gpu_check.sh
 set -uo pipefail
