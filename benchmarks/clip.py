@@ -24,9 +24,10 @@ from videofusion_jax.models import clip as clip_lib
 from videofusion_jax.models.clip_tokenizer import CLIPTokenizer, train_bpe
 
 _CLIP_DIR = flags.DEFINE_string("clip_dir", "", "A Hugging Face CLIPModel directory ('' = ViT-B/32 shapes, random).")
-_BATCH = flags.DEFINE_integer("batch", 32, "Frames (and texts) per batch.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed batches (median).")
-_FRAME_SIZE = flags.DEFINE_integer("frame_size", 64, "Side of the square uint8 frames given to preprocess.")
+_BATCH = flags.DEFINE_integer("batch", 32, "Frames (and texts) per batch.", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed batches (median).", lower_bound=1)
+_FRAME_SIZE = flags.DEFINE_integer("frame_size", 64, "Side of the square uint8 frames given to preprocess.",
+                                   lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the towers.")
 
 CAPTIONS = ["a person riding a horse on the beach", "two dogs play in the snow", "time-lapse of clouds over a city"]
@@ -46,10 +47,14 @@ def _median_seconds(fn, repeats: int) -> tuple[float, float]:
 
 
 def main(argv) -> None:
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: every setting is a --flag.")
   dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
   if _CLIP_DIR.value:
-    clip, source = clip_lib.load(_CLIP_DIR.value, dtype=dtype), _CLIP_DIR.value
+    try:
+      clip, source = clip_lib.load(_CLIP_DIR.value, dtype=dtype), _CLIP_DIR.value
+    except clip_lib.CLIPLoadError as e:  # one line, as the main program gives it
+      raise app.UsageError(f"--clip_dir={_CLIP_DIR.value}: {e}") from None
   else:
     config = clip_lib.CLIPConfig(text=clip_lib.TowerConfig(512, 12, 8, 2048),
                                  vision=clip_lib.TowerConfig(768, 12, 12, 3072))

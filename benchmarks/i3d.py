@@ -15,9 +15,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Clips per compiled call.")
-_BATCHES = flags.DEFINE_integer("batches", 3, "Timed batches (after one compile batch).")
-_FRAMES = flags.DEFINE_integer("frames", 16, "Frames per clip.")
+from videofusion_jax.evaluation.i3d import MIN_FRAMES
+
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Clips per compiled call.", lower_bound=1)
+_BATCHES = flags.DEFINE_integer("batches", 3, "Timed batches (after one compile batch).", lower_bound=1)
+_FRAMES = flags.DEFINE_integer("frames", 16, f"Frames per clip (I3D needs {MIN_FRAMES} or more; FVD uses 16).",
+                               lower_bound=MIN_FRAMES)
 _TOP5 = flags.DEFINE_bool("top5", False, "Print the top-5 classes of the middle 16 frames of each demo clip.")
 
 
@@ -40,12 +43,16 @@ def top5_of_demo_clips(features) -> list[dict]:
 
 
 def main(argv):
-  del argv
-  from videofusion_jax.evaluation.i3d import I3DFeatures
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: every setting is a --flag.")
+  from videofusion_jax.evaluation.i3d import I3DFeatures, I3DWeightsError
 
   b, t = _BATCH.value, _FRAMES.value
   t0 = time.time()
-  features = I3DFeatures(batch_size=b)
+  try:
+    features = I3DFeatures(batch_size=b)
+  except I3DWeightsError as e:  # one line, as the main program gives it
+    raise app.UsageError(str(e)) from None
   load_s = time.time() - t0
   videos = np.random.default_rng(0).integers(0, 256, (b, t, 224, 224, 3)).astype(np.uint8)
   t0 = time.time()

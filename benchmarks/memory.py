@@ -9,7 +9,8 @@ Reported per device:
 - ``state``: bytes of the parameters, their EMA and the optimizer state (Adam's moments), summed
   from the shardings of the state (the shard each device holds: with data parallelism (8x1)
   every device holds all of it; with FSDP (1x8) weights are split over ``fsdp``), and the compiled
-  step's argument size (state + one batch shard) as a check.
+  step's argument size (state + one batch shard) as a check. Also the state's bytes summed over
+  every device's shard (8x1: eight copies) and one copy's (the arrays' logical size).
 - ``train_step``: the compiled step's argument, output, temporary and aliased (donated) bytes, and
   ``program_bytes = argument + output + temp - alias`` (what the step holds at its peak by XLA's
   buffer assignment), per remat mode and per-device batch.
@@ -58,19 +59,31 @@ def _shard_bytes(x) -> int:
   return int(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
-def _bytes(tree, per_device: bool) -> int:
+def _held_bytes(x) -> int:
+  """Bytes of ``x`` held by all its devices together: every device's shard (replicas counted each time)."""
+  itemsize = np.dtype(x.dtype).itemsize
+  return sum(int(np.prod([len(range(*s.indices(n))) for s, n in zip(index, x.shape)], dtype=np.int64)) * itemsize
+             for index in x.sharding.devices_indices_map(x.shape).values())
+
+
+def _bytes(tree, count: str) -> int:
   leaves = jax.tree.leaves(tree)
-  if per_device:
+  if count == "device":
     return sum(_shard_bytes(x) for x in leaves)
-  return sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize for x in leaves)
+  if count == "all_devices":
+    return sum(_held_bytes(x) for x in leaves)
+  if count == "one_copy":
+    return sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize for x in leaves)
+  raise ValueError(f"count={count!r}: 'device', 'all_devices' or 'one_copy'.")
 
 
-def state_bytes(experiment, per_device: bool = True) -> dict:
-  """Bytes of the train state by part, ``{'params', 'ema_params', 'opt_state', 'total'}``: held by
-  one device (``per_device``; NamedShardings split evenly, so every device holds the same) or in all."""
+def state_bytes(experiment, count: str = "device") -> dict:
+  """Bytes of the train state by part, ``{'params', 'ema_params', 'opt_state', 'total'}``: held by one
+  device (``'device'``; NamedShardings split evenly, so every device holds the same), by all devices
+  together (``'all_devices'``: data parallelism holds a copy on each) or in one copy (``'one_copy'``)."""
   state = experiment.abstract_state()
-  out = {k: _bytes(getattr(state, k), per_device) for k in ("params", "ema_params", "opt_state")}
-  out["total"] = _bytes(state, per_device)  # with the step and the rng key
+  out = {k: _bytes(getattr(state, k), count) for k in ("params", "ema_params", "opt_state")}
+  out["total"] = _bytes(state, count)  # with the step and the rng key
   return out
 
 
@@ -116,9 +129,11 @@ def largest_batch(intercept: float, slope: float, budget_bytes: float) -> int:
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
-  """``'8x1'`` -> ``(8, 1)`` (data, fsdp)."""
-  data, fsdp = text.lower().split("x")
-  return int(data), int(fsdp)
+  """``'8x1'`` -> ``(8, 1)`` (data, fsdp); a ValueError saying what is wrong otherwise."""
+  parts = text.strip().lower().split("x")
+  if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+    raise ValueError(f"{text!r} is not a mesh: give data x fsdp, two integers >= 1 such as 8x1 or 2x4.")
+  return int(parts[0]), int(parts[1])
 
 
 def _gib(x: float) -> str:
@@ -142,8 +157,9 @@ def run(config: ml_collections.ConfigDict, state_meshes, compile_meshes, remats,
     experiment = Experiment(config_for(config, mesh, min(batches)))
     out({"result": "state", "mesh": f"{mesh[0]}x{mesh[1]}", "devices": devices,
          **{f"{k}_bytes_per_device": v for k, v in state_bytes(experiment).items()},
-         "total_bytes_all_devices": state_bytes(experiment, per_device=False)["total"],
-         "source": "the state's shardings: each device's shard"})
+         "total_bytes_summed_over_devices": state_bytes(experiment, "all_devices")["total"],
+         "total_bytes_one_copy": state_bytes(experiment, "one_copy")["total"],
+         "source": "the state's shardings: each device's shard; summed over the devices; one copy's logical size"})
   for mesh in compile_meshes:
     for remat in remats:
       for b in batches:
@@ -171,12 +187,13 @@ def run(config: ml_collections.ConfigDict, state_meshes, compile_meshes, remats,
 
 def tables(rows: list[dict]) -> str:
   """The rows as three readable tables (GiB per device)."""
-  lines = ["state per device (GiB): mesh | params | EMA | optimizer | total | all devices together"]
+  lines = ["state per device (GiB): mesh | params | EMA | optimizer | total | total summed over the devices | "
+           "total of one copy"]
   for r in rows:
     if r["result"] == "state":
       parts = ("params", "ema_params", "opt_state", "total")
       lines.append(f"  {r['mesh']:>4} | " + " | ".join(_gib(r[f"{k}_bytes_per_device"]) for k in parts)
-                   + f" | {_gib(r['total_bytes_all_devices'])}")
+                   + f" | {_gib(r['total_bytes_summed_over_devices'])} | {_gib(r['total_bytes_one_copy'])}")
   lines.append("compiled train step per device (GiB): mesh | remat | batch/device | argument | output | alias | temp | "
                "program (arg + out + temp - alias) | compile s")
   for r in rows:
@@ -193,19 +210,54 @@ def tables(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  from absl import flags
+def meshes_of(flag: str, values: list[str], devices: int) -> list[tuple[int, int]]:
+  """The meshes of ``--flag``, each covering the ``devices``; a ValueError naming the flag otherwise."""
+  meshes = []
+  for text in values:
+    try:
+      mesh = parse_mesh(text)
+    except ValueError as e:
+      raise ValueError(f"--{flag}: {e}") from None
+    if mesh[0] * mesh[1] != devices:
+      raise ValueError(f"--{flag}={text}: data x fsdp = {mesh[0] * mesh[1]} does not cover the {devices} devices; "
+                       f"give meshes whose product is {devices}.")
+    meshes.append(mesh)
+  return meshes
 
+
+def batches_of(values: list[str]) -> list[int]:
+  """``--per_device_batches`` as integers >= 1 (at least one); a ValueError naming the flag otherwise."""
+  if not values or not all(v.strip().isdigit() and int(v) >= 1 for v in values):
+    raise ValueError(f"--per_device_batches={','.join(values)}: give one or more integers >= 1 (two or more for the "
+                     "fit), e.g. 1,2.")
+  return [int(v) for v in values]
+
+
+def main(argv):
+  from absl import app, flags
+
+  from videofusion_jax.config import ConfigError
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: every setting is a --flag.")
   f = flags.FLAGS
-  if jax.device_count() != 8:
-    print(f"note: {jax.device_count()} devices (XLA_FLAGS set elsewhere); the meshes must cover them.")
+  devices = jax.device_count()
+  if devices != 8:
+    print(f"note: {devices} devices (XLA_FLAGS set elsewhere); the meshes must cover them.")
   quick = f.quick
-  state_meshes = [parse_mesh(m) for m in f.state_meshes]
-  compile_meshes = [parse_mesh(m) for m in (["1x8"] if quick else f.compile_meshes)]
+  try:
+    state_meshes = meshes_of("state_meshes", f.state_meshes, devices)
+    compile_meshes = meshes_of("compile_meshes", ["1x8"] if quick else f.compile_meshes, devices)
+    batches = batches_of(f.per_device_batches)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if not f.budget_gib > 0:
+    raise app.UsageError(f"--budget_gib={f.budget_gib}: give the device memory in GiB, > 0.")
   remats = ["", "block"] if quick else ["" if r in ("off", "none") else r for r in f.remat]
-  batches = [int(b) for b in f.per_device_batches]
-  rows = run(_CONFIG.value, state_meshes, compile_meshes, remats, batches, f.budget_gib)
+  try:
+    rows = run(_CONFIG.value, state_meshes, compile_meshes, remats, batches, f.budget_gib)
+  except ConfigError as e:  # one line, as the main program gives it (e.g. an unknown --remat)
+    raise app.UsageError(str(e)) from None
   print(tables(rows), flush=True)
 
 

@@ -141,8 +141,7 @@ def test_fsdp_splits_the_state_and_the_benchmark_counts_it(accumulation):
   fsdp = trainers["accumulated_4x2"]
   dp = Experiment(tiny_config(**ACCUM, **{"mesh.data": 8, "mesh.fsdp": 1}))
   dp_bytes, fsdp_bytes = bench.state_bytes(dp), bench.state_bytes(fsdp)
-  everything = bench.state_bytes(dp, per_device=False)
-  assert dp_bytes == everything
+  assert dp_bytes == bench.state_bytes(dp, "one_copy")  # each device a whole copy
   for part in ("params", "ema_params", "opt_state"):
     assert fsdp_bytes[part] < 0.7 * dp_bytes[part], (part, fsdp_bytes[part], dp_bytes[part])
   batch_shard = 32 // 8 * (4 * 8 * 8 * 3 * 4 + 4)  # 4 clips of (4, 8, 8, 3) float32 and their int32 labels
@@ -162,6 +161,9 @@ def test_benchmark_fit_and_largest_batch():
   with pytest.raises(ValueError, match="does not grow"):
     bench.largest_batch(10, 0, 40)
   assert bench.parse_mesh("1x8") == (1, 8)
+  for bad in ("8", "2x", "0x8", "2x2x2", "ax8"):
+    with pytest.raises(ValueError, match=f"{bad!r} is not a mesh: give data x fsdp"):
+      bench.parse_mesh(bad)
   c = bench.config_for(tiny_config(), (1, 8), 2, "block")
   assert (c.mesh.data, c.mesh.fsdp, c.train.batch_size, c.train.remat) == (1, 8, 16, "block")
   rows = [{"result": "fit", "mesh": "1x8", "remat": "block", "intercept_bytes": 2**30, "bytes_per_example": 2**29,

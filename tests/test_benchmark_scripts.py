@@ -1,0 +1,96 @@
+"""The smaller benchmark scripts: the input pipeline's figure on the UCF101 stand-in, the memory
+benchmark's state bytes, and bad flags answered with one message instead of a traceback."""
+import subprocess
+import sys
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, load_benchmark, tiny_config
+
+from videofusion_jax.experiment import Experiment
+
+memory = load_benchmark("memory")
+
+
+def test_pipeline_stand_in_decodes_every_clip_says_what_it_read_and_leaves_no_files(tmp_path, monkeypatch):
+  """The stand-in's few videos fit the config's data.cache_mb, but real UCF101 never does: it runs with
+  cache_mb=0 (``cached`` false) unless a cache is asked for. A dataset already prepared in --data_dir
+  is reused by TFDS whatever --videos and --frames say: ``source`` and ``videos`` describe the one read.
+  The temporary folder (the stand-in's raw files, and the TFDS build without --data_dir) is removed; a
+  given --data_dir stays."""
+  import ucf101
+
+  pipeline = load_benchmark("pipeline")
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  config = ucf101.get_config()
+  d = config.data.to_dict()
+  assert 3 * 40 * d["image_size"]**2 * 3 * 4 / 2**20 < d["cache_mb"]  # 3 videos of 40 frames would fit the cache
+
+  data_dir = tmp_path / "tfds"
+  first = pipeline.measure(config, 2, 1, data_dir=str(data_dir), videos=3, frames=40)
+  assert (first["cached"], first["cache_mb"], first["videos"]) == (False, 0.0, 3)
+  assert first["source"] == "UCF101 stand-in (3 x 40 frames, 320x240 avi)"
+  assert first["batch_shape"] == [2, d["num_frames"], d["image_size"], d["image_size"], 3]
+  assert list(temp.glob("pipeline_bench_*")) == []
+  again = pipeline.measure(config, 2, 1, data_dir=str(data_dir), videos=4, frames=50, cache_mb=512)
+  assert (again["cached"], again["cache_mb"], again["videos"]) == (True, 512.0, 3)
+  assert "(3 x 40 frames; not the stand-in of this run)" in again["source"], again["source"]
+  assert list(temp.glob("pipeline_bench_*")) == [] and any(data_dir.iterdir())
+  assert config.data.to_dict() == d  # the caller's config untouched
+
+
+def test_memory_state_bytes_summed_over_the_devices_count_every_copy():
+  """Data parallelism (8x1) holds the whole state on each of the 8 devices; FSDP (1x8) splits it, so
+  together the devices hold about one copy (a little more: the few replicated arrays). Independently:
+  the bytes of every shard of a state of zeros placed with those shardings."""
+  rows = {}
+  for mesh in ((8, 1), (1, 8)):
+    e = Experiment(memory.config_for(tiny_config(), mesh, 1))
+    rows[mesh] = {k: memory.state_bytes(e, k)["total"] for k in ("device", "all_devices", "one_copy")}
+    placed = jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding), e.abstract_state())
+    shards = [s.data.nbytes for x in jax.tree.leaves(placed) for s in x.addressable_shards]
+    assert rows[mesh]["all_devices"] == sum(shards)
+    assert rows[mesh]["one_copy"] == sum(x.nbytes for x in jax.tree.leaves(placed))
+  assert rows[(8, 1)]["all_devices"] == 8 * rows[(8, 1)]["device"] == 8 * rows[(8, 1)]["one_copy"]
+  assert rows[(1, 8)]["all_devices"] == 8 * rows[(1, 8)]["device"]
+  assert rows[(1, 8)]["one_copy"] <= rows[(1, 8)]["all_devices"] < 1.2 * rows[(1, 8)]["one_copy"]
+  table = memory.tables([{"result": "state", "mesh": "8x1", **{f"{k}_bytes_per_device": 2**30 for k in
+                                                                ("params", "ema_params", "opt_state", "total")},
+                          "total_bytes_summed_over_devices": 8 * 2**30, "total_bytes_one_copy": 2**30}])
+  assert "total summed over the devices | total of one copy" in table and "| 1.00 | 8.00 | 1.00" in table
+
+
+TINY_CONFIG = f"""import sys
+sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT / 'configs')!r}]
+from tiny import tiny_config
+
+
+def get_config():
+  return tiny_config()
+"""
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("pipeline", ["--batch_size=0"], "--batch_size"),
+    ("pipeline", ["--manual_dir=/nonexistent/ucf101"], "manual_dir"),
+    ("memory", ["--state_meshes=8", "--compile_meshes="], "--state_meshes: '8' is not a mesh"),
+    ("memory", ["--state_meshes=2x2", "--compile_meshes="], "--state_meshes=2x2: data x fsdp = 4"),
+    ("memory", ["--per_device_batches="], "--per_device_batches"),
+    ("i3d", ["--frames=4"], "--frames"),
+    ("clip", ["--clip_dir=/nonexistent/clip"], "--clip_dir=/nonexistent/clip: CLIP directory"),
+    ("clip", ["--repeats=0"], "--repeats"),
+    ("long_videos", ["--config={tiny}", "--workdir=/nonexistent/run", "--config.sample.num_clips=2",
+                     "--config.sample.continuity_frames=1"], "--workdir=/nonexistent/run: no checkpoint"),
+])
+def test_bad_flags_give_one_message_not_a_traceback(tmp_path, script, args, expected):
+  """Each fails before compiling anything: exit status 1, the flag named, no traceback."""
+  tiny = tmp_path / "tiny_config.py"
+  tiny.write_text(TINY_CONFIG)
+  r = subprocess.run([sys.executable, f"benchmarks/{script}.py", *(a.format(tiny=tiny) for a in args)], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  out = r.stdout + r.stderr
+  assert r.returncode == 1 and "Traceback" not in out and expected in out, out[-3000:]
