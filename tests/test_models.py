@@ -48,6 +48,10 @@ def test_missing_conditioning_and_bad_size_are_clear_errors(residual_unet):
   m, params, x, t = residual_unet
   with pytest.raises(ValueError, match="pass a label"):
     m.apply({"params": params}, x, t, None, jnp.array([0, 1]))
+  # One label or frame index for a batch of two broadcast over it unseen: the shapes are checked.
+  for label, frame in ((jnp.array([1]), jnp.array([0, 1])), (jnp.array([0, 1]), jnp.array([2]))):
+    with pytest.raises(AssertionError, match=r"has shape \(1,\) but expected \(2\)"):
+      m.apply({"params": params}, x, t, label, frame)
   with pytest.raises(ValueError, match="multiple of 4"):
     check_image_size(18, (1, 2, 2))
   with pytest.raises(ValueError, match="cannot be downsampled"):

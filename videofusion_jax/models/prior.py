@@ -53,6 +53,7 @@ class EmbeddingPrior(nn.Module):
     if self.num_classes > 0:
       if label is None:
         raise ValueError("this prior is class-conditional: pass a label (num_classes = null).")
+      chex.assert_shape(label, (b,))
       emb = emb + nn.Embed(self.num_classes + 1, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="label_embed", embedding_init=_init(nn.initializers.normal(1.0), TABLE))(label)
     if self.text_dim > 0:

@@ -311,12 +311,14 @@ class UNet(nn.Module):
     if self.num_classes > 0:
       if label is None:
         raise ValueError("this U-Net is class-conditional: pass a label (num_classes = null).")
+      chex.assert_shape(label, (b,))  # a (1,) label would broadcast over the batch unseen
       emb = emb + nn.Embed(self.num_classes + 1, emb_dim, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="label_embed",
                            embedding_init=_init(nn.initializers.normal(1.0), TABLE))(label)
     if self.num_frames > 0:
       if frame_index is None:
         raise ValueError("this U-Net conditions on the frame index: pass frame_index.")
+      chex.assert_shape(frame_index, (b,))
       emb = emb + nn.Embed(self.num_frames, emb_dim, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="frame_embed",
                            embedding_init=_init(nn.initializers.normal(1.0), TABLE))(frame_index)
