@@ -58,6 +58,13 @@ def test_memory_state_bytes_summed_over_the_devices_count_every_copy():
   assert rows[(8, 1)]["all_devices"] == 8 * rows[(8, 1)]["device"] == 8 * rows[(8, 1)]["one_copy"]
   assert rows[(1, 8)]["all_devices"] == 8 * rows[(1, 8)]["device"]
   assert rows[(1, 8)]["one_copy"] <= rows[(1, 8)]["all_devices"] < 1.2 * rows[(1, 8)]["one_copy"]
+  # The rows the benchmark prints (run()), not only the helper: its 'summed over the devices' column.
+  printed = memory.run(tiny_config(), [(8, 1), (1, 8)], [], [""], [1], 80.0, emit=lambda line: None)
+  for row, mesh in zip(printed, ((8, 1), (1, 8))):
+    assert row["mesh"] == f"{mesh[0]}x{mesh[1]}"
+    assert row["total_bytes_summed_over_devices"] == rows[mesh]["all_devices"]  # the sum of shards, above
+    assert row["total_bytes_one_copy"] == rows[mesh]["one_copy"]
+    assert row["total_bytes_per_device"] == rows[mesh]["device"]
   table = memory.tables([{"result": "state", "mesh": "8x1", **{f"{k}_bytes_per_device": 2**30 for k in
                                                                 ("params", "ema_params", "opt_state", "total")},
                           "total_bytes_summed_over_devices": 8 * 2**30, "total_bytes_one_copy": 2**30}])

@@ -214,3 +214,30 @@ def test_persistent_compilation_cache(tmp_path):
   r = run_main("--config=configs/demo.py", f"--config.compilation_cache_dir={tmp_path / 'a_file' / 'x'}",
                workdir=tmp_path / "w")
   assert r.returncode == 1 and "config.compilation_cache_dir=" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_recorded_config_is_compared_under_a_home_path_and_only_on_fields_the_model_has(tmp_path, monkeypatch):
+  """The record of a run given as ~/run is found (its checkpoints are: the check was skipped silently); a
+  model without a prior is not refused for its recorded prior settings, which mean nothing to it."""
+  import json
+
+  from videofusion_jax.config import TRAINED_FIELDS, ConfigError, check_against_record, recorded_config
+
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / "run").mkdir()
+  trained = json.loads(tiny_config(**{"diffusion.num_timesteps": 500}).to_json_best_effort())
+  (tmp_path / "run" / "config.json").write_text(json.dumps(trained))
+  record, found = recorded_config("~/run")
+  assert record == tmp_path / "run" / "config.json" and found == trained
+  with pytest.raises(ConfigError, match=re.escape("config.diffusion.num_timesteps=1000 (trained with 500)")):
+    check_against_record(tiny_config(), found, TRAINED_FIELDS, "trained with", "why", "otherwise")
+  # The label model (no encoder, no prior) against a record whose prior differs: nothing to refuse; with a
+  # prior, refused.
+  label = tiny_config(**{"model.condition": "label"})
+  found = json.loads(label.to_json_best_effort())
+  found["model"]["prior"]["schedule"] = "linear" if label.model.prior.schedule != "linear" else "cosine"
+  found["model"]["condition"] = "label"
+  check_against_record(label, found, TRAINED_FIELDS, "trained with", "why", "otherwise")
+  found["model"]["condition"] = tiny_config().model.condition
+  with pytest.raises(ConfigError, match="config.model.prior.schedule="):
+    check_against_record(tiny_config(), found, TRAINED_FIELDS, "trained with", "why", "otherwise")

@@ -337,6 +337,19 @@ def test_a_rerun_keeps_the_samples_before_it(trained, capsys, monkeypatch):
   assert sorted(p.name for p in third.iterdir()) == ["grid.png", "results.json", "sample_000_label0.gif",
                                                      "sample_000_label0.json", "samples.npz"]
   np.testing.assert_array_equal(np.load(third / "samples.npz")["videos"], np.load(out / "samples.npz")["videos"])
+  # A full disk is no encoder's failure: the run stops with it, after the arrays and results.json are written.
+  import errno
+
+  def full_disk(path, *a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(video_io, "write_video", full_disk)
+  before_runs = set(third.parent.iterdir())
+  with pytest.raises(OSError, match="No space left on device"):
+    sampling.run(other, str(workdir), experiment=trainer)
+  (fourth,) = set(third.parent.iterdir()) - before_runs
+  np.testing.assert_array_equal(np.load(fourth / "samples.npz")["videos"], np.load(out / "samples.npz")["videos"])
+  assert json.loads((fourth / "results.json").read_text())["copy_distance_real"] is None
 
 
 def test_settings_the_model_was_not_trained_with_are_refused_before_sampling(trained):
@@ -366,6 +379,23 @@ def test_diverged_samples_are_an_error_not_black_videos(trained):
   params = jax.tree.map(lambda p: p * np.nan, trainer.init_state(0).params)
   with pytest.raises(FloatingPointError, match="3 of 3 sampled videos hold NaN or infinite values"):
     sampling.generate_videos(trainer, params, 3, seed=1, labels=np.array([0, 1, 2], np.int32))
+
+
+@pytest.mark.parametrize("fps", [120, 200])
+def test_gifs_above_100_fps_hold_each_frame_at_least_10_ms(tmp_path, fps):
+  """Above 100 fps a frame's share of 1/100 s rounds to 0 for some frames: every delay is floored at 10 ms."""
+  from PIL import Image
+
+  n = 7
+  frames = np.stack([np.full((4, 4, 3), 30 * i, np.uint8) for i in range(n)])
+  with pytest.warns(UserWarning, match=f"sample.fps={fps}: GIF delays"):
+    video_io.write_gif(tmp_path / "a.gif", frames, fps=fps)
+  gif = Image.open(tmp_path / "a.gif")
+  durations = []
+  for i in range(gif.n_frames):
+    gif.seek(i)
+    durations.append(gif.info.get("duration"))
+  assert durations == [10] * n
 
 
 @pytest.mark.parametrize("fps", [8, 24, 30, 60])
