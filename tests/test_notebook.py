@@ -62,7 +62,7 @@ def _execute(nb, tmp_path, monkeypatch):
   from nbclient import NotebookClient
 
   spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
-  spec_dir.mkdir(parents=True)
+  spec_dir.mkdir(parents=True, exist_ok=True)  # a test may execute several notebooks
   (spec_dir / "kernel.json").write_text(json.dumps({
       "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
       "display_name": "Python 3 (test)", "language": "python"}))
@@ -88,9 +88,17 @@ def test_notebook_trains_plots_and_shows_videos(tfds_dir, tmp_path, monkeypatch)
   params = _parameters_cell(nb)  # the tiny overrides follow the notebook's own values, as papermill's would
   params.source += (f"\nTRAIN_STEPS = 12\nLOG_EVERY = 4\nSAMPLE_STEPS = 4\nNUM_SAMPLES = {NUM_SAMPLES}\n"
                     f"WORKDIR = {str(workdir)!r}\nEXTRA_ARGS = {extra!r}\n")
+  # Colab users rerun cells: the parameters again (as after editing the form), then the curve and the videos.
+  reruns = [nbformat.v4.new_code_cell(c.source) for c in nb.cells if c.get("id") in ("parameters", "curve", "video")]
+  nb.cells += reruns
   nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
   _execute(nb, tmp_path, monkeypatch)
   cells = {c.id: c for c in nb.cells if c.cell_type == "code"}
+  for cell in reruns:  # WORKDIR made a Path by the set-up cell broke every cell after a rerun of the parameters
+    assert not _outputs(cell, "error"), [o.get("evalue") for o in _outputs(cell, "error")]
+  assert "step 12: loss" in _text(reruns[1])
+  rerun_html = "".join(o.data.get("text/html", "") for o in _outputs(reruns[2], "display_data"))
+  assert f"{NUM_SAMPLES} videos sampled from checkpoint 12 (step_12):" in rerun_html
 
   for cell in cells.values():
     assert cell.execution_count is not None and not _outputs(cell, "error"), cell.id
@@ -141,3 +149,25 @@ def test_notebook_stops_when_the_run_fails(tmp_path, monkeypatch):
   with pytest.raises(CellExecutionError, match="exited with code 1"):
     _execute(nb, tmp_path, monkeypatch)
   assert "config.diffusion.lam=1.5" in _text(nb.cells[-1])
+
+
+def test_notebook_says_what_a_mode_without_samples_shows_and_refuses_bad_parameters(tmp_path, monkeypatch):
+  """MODE = 'train' draws no videos: the video cell says so (it raised 'run the training cell first', which had
+  just run). A bad EXTRA_ARGS (an unbalanced quote) or a mistyped CONFIG is one message naming it, at the
+  set-up cell, before anything slow."""
+  from nbclient.exceptions import CellExecutionError
+
+  keep = ("parameters", "install", "video")
+  cases = (("MODE = 'train'", None),
+           ("EXTRA_ARGS = \"--config.sample.prompt='a dog runs\"", "EXTRA_ARGS=.*No closing quotation"),
+           ("CONFIG = 'configs/dmeo.py'", r"CONFIG='configs/dmeo.py': no such file .*configs/demo.py"))
+  for settings, message in cases:
+    nb = _read()
+    nb.cells = [c for c in nb.cells if c.get("id") in keep]
+    _parameters_cell(nb).source += f"\nWORKDIR = {str(tmp_path / 'work')!r}\n{settings}\n"
+    if message is None:
+      _execute(nb, tmp_path, monkeypatch)
+      assert "MODE = 'train' draws none" in _text(nb.cells[-1]) and not _outputs(nb.cells[-1], "error")
+    else:
+      with pytest.raises(CellExecutionError, match=message):
+        _execute(nb, tmp_path, monkeypatch)
