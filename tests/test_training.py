@@ -17,6 +17,7 @@ from videofusion_jax.models.factory import make_apply_fns
 from videofusion_jax.sampling import check_trained_config
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import loop as loop_module
+from videofusion_jax.training import sharding
 from videofusion_jax.training.loop import NonFiniteLossError, train
 from videofusion_jax.training.step import Trainer
 
@@ -499,7 +500,7 @@ def test_image_stage_then_video_stage_with_frozen_base(tmp_path, monkeypatch):
     assert not (tmp_path / "other").exists()
   # On several hosts, a host whose check passed stops too when another's failed (it would wait at its first
   # collective): on_every_host, the hosts' vote, stood in for by "another host said no".
-  monkeypatch.setattr(loop_module, "on_every_host", lambda ok: False)
+  monkeypatch.setattr(sharding, "on_every_host", lambda ok: False)
   with pytest.raises(ConfigError, match="init_base_from: another host cannot use that run"):
     train(video_cfg, tmp_path / "other", iter([]))
   assert not (tmp_path / "other").exists()

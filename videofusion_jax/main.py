@@ -9,6 +9,7 @@ Several hosts: ``--multihost`` (TPU pods, SLURM: JAX finds the coordinator itsel
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -181,19 +182,18 @@ def main(argv) -> None:
                    or _PROCESS_ID.value is not None or os.environ.get("VIDEOFUSION_MULTIHOST"))
   if multihost:
     _start_distributed()
-  problem = None
+  # The path checked is the path used (~ expanded: a shell leaves it in --workdir=~/run).
+  check = functools.partial(check_workdir, _WORKDIR.value, must_exist=_MODE.value in ("sample", "eval"))
   try:
-    # The path checked is the path used (~ expanded: a shell leaves it in --workdir=~/run).
-    workdir = str(check_workdir(_WORKDIR.value, must_exist=_MODE.value in ("sample", "eval")))
+    if multihost:  # a host that stopped alone would leave the others waiting at their first collective
+      from videofusion_jax.training.sharding import checked_on_every_host
+      workdir = str(checked_on_every_host(check, (WorkdirError,), WorkdirError(
+          f"--workdir={_WORKDIR.value}: another host cannot use it (its own error says why); every host needs the "
+          "same directory, shared and writable (a bucket mounted at the same path on each).")))
+    else:
+      workdir = str(check())
   except WorkdirError as e:
-    problem = e
-  if multihost:  # a host that stopped alone would leave the others waiting at their first collective
-    from videofusion_jax.training.sharding import on_every_host
-    if not on_every_host(problem is None) and problem is None:
-      _fail(f"--workdir={_WORKDIR.value}: another host cannot use it (its own error says why); every host needs the "
-            "same directory, shared and writable (a bucket mounted at the same path on each).")
-  if problem is not None:
-    _fail(str(problem))
+    _fail(str(e))
   try:
     enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
     # One experiment per run (it validates the config), shared by the modes the run performs.

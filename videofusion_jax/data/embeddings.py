@@ -65,15 +65,29 @@ def fingerprint(clip_dir: str | Path, image_size: int) -> str:
   return h.hexdigest()[:12]
 
 
+# The files a CLIP tokenizer may read (clip_tokenizer.CLIPTokenizer.from_directory).
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json")
+
+
 def tokenizer_digest(clip_dir: str | Path) -> str:
   """16 hex digits identifying what the tokenizer of a CLIP directory reads (its vocabulary, merges and pad
   token, from whichever files hold them): what the caption table depends on besides the captions and the
-  weights. Files it does not read, or a re-save that changes only their layout, leave it as it was."""
+  weights. Files it does not read, or a re-save that changes only their layout, leave it as it was. Parsed
+  once per process while its files stay as they are (every start asks for it more than once)."""
+  directory = Path(clip_dir).expanduser().absolute()
+  stats = tuple((name, p.stat().st_size, p.stat().st_mtime_ns) for name in _TOKENIZER_FILES
+                if (p := directory / name).is_file())
+  return _tokenizer_digest(str(directory), stats)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_digest(directory: str, stats: tuple) -> str:
   from videofusion_jax.models.clip import CLIPLoadError
   from videofusion_jax.models.clip_tokenizer import CLIPTokenizer
 
+  del stats  # the cache's key: files saved anew are read again
   try:
-    tok = CLIPTokenizer.from_directory(Path(clip_dir).expanduser(), context_length=2)
+    tok = CLIPTokenizer.from_directory(directory, context_length=2)
   except (OSError, ValueError) as e:
     raise CLIPLoadError(str(e)) from None
   h = hashlib.sha256(b"tokenizer")

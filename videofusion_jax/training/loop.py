@@ -16,7 +16,7 @@ from videofusion_jax.config import BASE_FIELDS, ConfigError, check_against_recor
 from videofusion_jax.data.stream import prepare_dataset, resume_position, stream_identity
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training.preemption import StopRequest
-from videofusion_jax.training.sharding import on_every_host
+from videofusion_jax.training.sharding import checked_on_every_host
 from videofusion_jax.training.state import TrainState
 from videofusion_jax.training.step import Trainer
 from videofusion_jax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock
@@ -119,21 +119,6 @@ def _spatial_from_base(base: dict, video: dict, where: str) -> dict:
     raise ckpt.CheckpointError(f"the base generator in {where} lacks VDM*'s layers {missing[:4]}: train it with "
                                "the same config.model.base as this run.")
   return {k: base[k] if "temporal" not in k else v for k, v in video.items()}
-
-
-def _on_every_host(check) -> None:
-  """Runs ``check()`` on every host; when it raises on one, every host raises (that host its own error, the
-  others one that says so), where the others would wait at their first collective until its timeout."""
-  problem = None
-  try:
-    check()
-  except (ConfigError, ckpt.CheckpointError) as e:
-    problem = e
-  if not on_every_host(problem is None) and problem is None:
-    raise ConfigError("config.train.init_base_from: another host cannot use that run (its own error says why); "
-                      "every host needs the same workdir, at the same path.")
-  if problem is not None:
-    raise problem
 
 
 def check_base_source(config: ml_collections.ConfigDict) -> None:
@@ -257,8 +242,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   """
   workdir = Path(workdir)
   if config.train.init_base_from and not ckpt.has_checkpoints(workdir):  # a fresh run starts from that run's
-    _on_every_host(lambda: (ckpt.check_other_run(config.train.init_base_from),  # weights: checked before the
-                            check_base_source(config)))  # lock, the folders and any slow work
+    checked_on_every_host(  # weights: checked before the lock, the folders and any slow work
+        lambda: (ckpt.check_other_run(config.train.init_base_from), check_base_source(config)),
+        (ConfigError, ckpt.CheckpointError),
+        ConfigError("config.train.init_base_from: another host cannot use that run (its own error says why); "
+                    "every host needs the same workdir, at the same path."))
   trainer = trainer or Trainer(config)
   lead = jax.process_index() == 0
   say = print if verbose and lead else (lambda *a, **k: None)

@@ -3,6 +3,8 @@ input batches and (inside jit) U-Net activations."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import TypeVar
 
 import flax.linen as nn
 import jax
@@ -12,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
+T = TypeVar("T")
 
 
 def on_every_host(ok: bool) -> bool:
@@ -21,6 +24,22 @@ def on_every_host(ok: bool) -> bool:
     return ok
   from jax.experimental import multihost_utils
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def checked_on_every_host(check: Callable[[], T], errors: tuple[type[Exception], ...], elsewhere: Exception) -> T:
+  """``check()``'s value when it passes on every host; where it raised one of ``errors``, that error, and
+  ``elsewhere`` on the hosts where it passed (they would wait at their first collective until its timeout).
+  Every process must call it."""
+  problem = value = None
+  try:
+    value = check()
+  except errors as e:
+    problem = e
+  if not on_every_host(problem is None) and problem is None:
+    raise elsewhere
+  if problem is not None:
+    raise problem
+  return value
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
