@@ -112,8 +112,8 @@ def compile_phases(events: list[dict], top: int = 20) -> dict:
       start, dur = float(e["ts"]), float(e["dur"])
       while stack and stack[-1][0] <= start:
         _close(stack.pop(), self_us)
-      if stack:
-        stack[-1][2] -= dur
+      if stack:  # an event running past its parent's end (threads' events not nested, as XLA's thread
+        stack[-1][2] -= min(dur, stack[-1][0] - start)  # pools write them) is the parent's only while inside it
       name = phase_name(e["name"])
       total_us[name] = total_us.get(name, 0.0) + dur
       count[name] = count.get(name, 0) + 1

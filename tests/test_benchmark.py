@@ -228,6 +228,11 @@ def test_compile_phases_of_a_trace_of_known_times(tmp_path):
   assert out["phases"] == [{"name": "kernel", "count": 2, "self_s": 0.09, "total_s": 0.09},
                            {"name": "Compile", "count": 1, "self_s": 0.06, "total_s": 0.1},
                            {"name": "pass.#", "count": 2, "self_s": 0.03, "total_s": 0.04}]
+  # An event that outlives the one it started in takes only its overlap from the parent's self time
+  # (before: the parent's whole duration less the child's, -85 ms here).
+  crossing = compile_trace.compile_phases([event("parent", 0, 10_000), event("child", 5_000, 95_000)])
+  assert crossing["phases"] == [{"name": "child", "count": 1, "self_s": 0.095, "total_s": 0.095},
+                                {"name": "parent", "count": 1, "self_s": 0.005, "total_s": 0.01}]
   assert compile_trace.compile_phases([], top=3) == {"span_s": 0.0, "events": 0, "threads": 0, "phases": []}
   with pytest.raises(FileNotFoundError, match="no perfetto_trace.json.gz under"):
     compile_trace.perfetto_trace(str(tmp_path / "nothing"))

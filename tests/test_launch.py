@@ -230,3 +230,28 @@ def test_setup_stops_on_an_old_python_or_a_missing_venv_module(tmp_path, version
                      env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": "python3.nowhere",
                           "VENV": str(tmp_path / "other")})
   assert r.returncode == 1 and r.stderr.startswith("error: python3.nowhere is not found; install Python 3.11"), r.stderr
+
+
+@pytest.mark.parametrize("args,targets", [
+    ([], ["tests"]),
+    (["-k", "vdm", "-x"], ["tests", "-k", "vdm", "-x"]),
+    (["tests/test_vdm.py"], ["tests/test_vdm.py"]),
+    (["tests/test_cli.py::test_x", "-x"], ["tests/test_cli.py::test_x", "-x"]),
+])
+def test_test_script_runs_the_tests_it_is_given(tmp_path, args, targets):
+  """launch/test.sh hands pytest the whole tests folder, or only the files and ids it was given (before,
+  ``bash launch/test.sh tests/test_vdm.py`` ran the whole suite, that file twice over); options pass through.
+  A stand-in venv whose python prints its arguments, with the stamp of the pinned requirements."""
+  import hashlib
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  (venv / "bin" / "python").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+  (venv / "bin" / "python").chmod(0o755)
+  (venv / "bin" / "activate").write_text(f'export PATH="{venv / "bin"}:$PATH"\n')
+  want = hashlib.sha256((ROOT / "requirements.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes())
+  (venv / ".requirements.sha256").write_text(want.hexdigest() + "\n")
+  r = subprocess.run(["bash", str(ROOT / "launch" / "test.sh"), *args], capture_output=True, text=True, timeout=60,
+                     env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "VENV": str(venv), "TEST_WORKERS": "2"})
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.splitlines() == ["-m", "pytest", "-q", "--durations=15", "-n", "2", "--dist", "loadfile",
+                                   *targets], r.stdout

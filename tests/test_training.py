@@ -504,6 +504,9 @@ def test_image_stage_then_video_stage_with_frozen_base(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="init_base_from: another host cannot use that run"):
     train(video_cfg, tmp_path / "other", iter([]))
   assert not (tmp_path / "other").exists()
+  # Sampling's and evaluation's check of the training run's settings too (before: each host alone).
+  with pytest.raises(ConfigError, match="another host refused this run's settings against the training run's"):
+    check_trained_config(video_cfg, str(tmp_path / "video"))
 
 
 def test_guidance_mixes_whole_decomposed_estimates(trainer):

@@ -469,6 +469,16 @@ def sampler_settings(config: ml_collections.ConfigDict) -> dict:
 
 
 def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """``_check_trained_config_here``, agreed on by every host: a host whose ``config.json`` passed
+  stops too when another's did not (it would wait at the sampler's first collective). Every process
+  must call it."""
+  shd.checked_on_every_host(
+      lambda: _check_trained_config_here(config, workdir), (ConfigError,),
+      ConfigError(f"{workdir}: another host refused this run's settings against the training run's config.json "
+                  "(its own error says why); every host needs the same workdir, at the same path, and the same flags."))
+
+
+def _check_trained_config_here(config: ml_collections.ConfigDict, workdir: str) -> None:
   """The settings ``TRAINED_FIELDS`` (and a 'clip' encoder's CLIP: another CLIP's text space would feed
   the prior embeddings it never saw) as the workdir's ``config.json`` records the training run's: a
   ConfigError naming each that differs and the flags that give training's; also guidance on a model
