@@ -444,6 +444,21 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
   other.model.encoder.clip_dir = ""  # the project's own CLIP: not the one the model was trained with
   with pytest.raises(ConfigError, match=re.escape(f"config.model.encoder.clip_dir='' (trained with '{clip_dir}')")):
     sampling.run(other, str(tmp_path / "run"), experiment=trainer)
+  # The same CLIP by another name, or copied elsewhere (another machine's mount), is the CLIP trained with
+  # (before: refused, and the flag it offered named a folder that machine lacks); a copy with one weight
+  # changed is not.
+  import shutil
+  shutil.copytree(clip_dir, tmp_path / "moved")
+  for same in (f"{clip_dir}/", str(tmp_path / "moved")):
+    other.model.encoder.clip_dir = same
+    sampling.check_trained_config(other, str(tmp_path / "run"))
+  weights = next((tmp_path / "moved").glob("*.safetensors"))
+  data = bytearray(weights.read_bytes())
+  data[-1] ^= 1
+  weights.write_bytes(bytes(data))
+  with pytest.raises(ConfigError, match=re.escape(f"config.model.encoder.clip_dir='{tmp_path / 'moved'}' (trained "
+                                                  f"with '{clip_dir}')")):
+    sampling.check_trained_config(other, str(tmp_path / "run"))
   sampling.run(c, str(tmp_path / "run"), experiment=trainer)
   out = tmp_path / "run" / "samples" / "step_2"
   expected = ["a sunset over the sea", "an aerial view of a city at night", "a sunset over the sea"]

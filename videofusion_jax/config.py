@@ -536,9 +536,27 @@ def differing_fields(config: ml_collections.ConfigDict, trained: dict, fields) -
         continue
       was = ""
     now = json.loads(json.dumps(field_or_none(config, name)))  # as JSON records it (tuples as lists)
-    if now != was:
+    if now != was and not (name == "model.encoder.clip_dir" and _same_clip(config, now, was, trained)):
       differ.append((name, now, was))
   return differ
+
+
+CLIP_FINGERPRINT = "clip_fingerprint"  # config.json's record of the CLIP directory's weights (training.loop)
+
+
+def _same_clip(config: ml_collections.ConfigDict, now: str, was: str, trained: dict) -> bool:
+  """Whether the CLIP directories ``now`` and ``was`` (the recorded one) are one CLIP: the same folder
+  by another name (``~``, a trailing slash, a link), or a copy elsewhere (another machine's mount)
+  whose config and weights give the fingerprint the training run recorded."""
+  if not now or not was:  # the project's own CLIP against a directory
+    return False
+  if Path(now).expanduser().resolve() == Path(was).expanduser().resolve():
+    return True
+  recorded = trained.get(CLIP_FINGERPRINT) if isinstance(trained, dict) else None
+  if not recorded or not (Path(now).expanduser() / "config.json").is_file():
+    return False
+  from videofusion_jax.data.embeddings import fingerprint
+  return fingerprint(now, config.data.image_size) == recorded
 
 
 def check_against_record(config: ml_collections.ConfigDict, trained: dict, fields, whose: str, why: str,

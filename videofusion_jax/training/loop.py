@@ -12,7 +12,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from videofusion_jax.config import BASE_FIELDS, ConfigError, check_against_record, recorded_config
+from videofusion_jax.config import (
+    BASE_FIELDS,
+    CLIP_FINGERPRINT,
+    ConfigError,
+    check_against_record,
+    clip_used,
+    recorded_config,
+)
 from videofusion_jax.data.stream import prepare_dataset, resume_position, stream_identity
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training.preemption import StopRequest
@@ -172,8 +179,14 @@ def init_base_from(trainer: Trainer, state: TrainState, workdir: str) -> TrainSt
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """``workdir/config.json``: the config, and for a 'clip' encoder on a CLIP directory that CLIP's
+  fingerprint (``clip_fingerprint``), by which sampling knows the same CLIP at another path."""
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  record = json.loads(config.to_json_best_effort())
+  if clip_used(config) is not None and config.model.encoder.clip_dir:
+    from videofusion_jax.data.embeddings import fingerprint
+    record[CLIP_FINGERPRINT] = fingerprint(config.model.encoder.clip_dir, config.data.image_size)
+  (workdir / "config.json").write_text(json.dumps(record, indent=2))
 
 
 class Preempted(Exception):
