@@ -43,6 +43,10 @@ def run_main(*args, workdir, env=None):
     ("--process_id=1 --num_processes=2", "jax.distributed.initialize(num_processes=2, process_id=1) failed"),
     # The image stage leaves the residual generator untrained: its videos were noise but for the key frame.
     ("--mode=train_and_sample --config.train.stage=image", "--mode=train_and_sample with config.train.stage='image'"),
+    # Evaluation ran to its end, then NumPy's generator refused the seed: no results written.
+    ("--mode=eval --config.eval.seed=-1", "config.eval.seed=-1: a random seed must be an integer in [0, 4294967295]"),
+    # A ZeroDivisionError inside validation.
+    ("--config.model.base.head_dim=0", "config.model.base.head_dim=0: must be an integer >= 1"),
 ])
 def test_bad_config_values(override, message, tmp_path):
   r = run_main("--config=configs/demo.py", *override.split(), workdir=tmp_path)
@@ -151,6 +155,9 @@ def test_training_settings_that_would_lose_checkpoints_or_fail_late_are_refused(
       ("train.label_dropout", 1.5, "config.train.label_dropout=1.5: the share of examples"),
       ("train.learning_rate", -1.0, "config.train.learning_rate=-1.0: must be a finite number >= 0"),
       ("train.weight_decay", float("nan"), "config.train.weight_decay=nan: must be a finite number >= 0"),
+      # The optimizer clips every network's gradient on its own (optimizer.clip_each_by_global_norm).
+      ("train.grad_clip", 0.0, "config.train.grad_clip=0.0: must be a finite number > 0 (each network's gradient is "
+       "clipped to this global norm on its own: each generator's, the learned encoder's and the prior's)"),
       ("data.num_classes", -1, "config.data.num_classes=-1: the dataset's class count"),
       ("model.residual.channel_mult", (), "config.model.residual.channel_mult=(): one positive integer per"),
       ("mesh.fsdp", 0, "config.mesh.fsdp=0: the devices along the mesh's 'fsdp' axis"),
@@ -210,6 +217,11 @@ def test_persistent_compilation_cache(tmp_path):
   code = "from videofusion_jax.experiment import enable_compilation_cache\nenable_compilation_cache('x', 0.0)\n"
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode == 1 and "config.compilation_cache_max_gb=0.0: must be > 0" in r.stderr
+  # The command line turns the cache on before the config is validated: an infinite size is that one error line
+  # too (it was OverflowError's traceback).
+  r = run_main("--config=configs/demo.py", "--config.compilation_cache_max_gb=inf", workdir=tmp_path / "w_inf")
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+  assert "error: config.compilation_cache_max_gb=inf: must be > 0 and finite" in r.stderr
   (tmp_path / "a_file").write_text("")
   r = run_main("--config=configs/demo.py", f"--config.compilation_cache_dir={tmp_path / 'a_file' / 'x'}",
                workdir=tmp_path / "w")
@@ -241,3 +253,158 @@ def test_a_recorded_config_is_compared_under_a_home_path_and_only_on_fields_the_
   found["model"]["condition"] = tiny_config().model.condition
   with pytest.raises(ConfigError, match="config.model.prior.schedule="):
     check_against_record(tiny_config(), found, TRAINED_FIELDS, "trained with", "why", "otherwise")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"seed": -3}, "config.seed=-3: a random seed must be an integer in [0, 4294967295]"),
+    ({"sample.seed": -1}, "config.sample.seed=-1: a random seed"),
+    ({"eval.seed": 2**32}, "config.eval.seed=4294967296: a random seed"),  # JAX's key of seed 0
+    ({"model.base.head_dim": 0}, "config.model.base.head_dim=0: must be an integer >= 1"),  # was ZeroDivisionError
+    ({"model.residual.num_res_blocks": 0}, "config.model.residual.num_res_blocks=0: must be an integer >= 1"),
+    ({"model.base.dropout": 1.0}, "config.model.base.dropout=1.0: the share of activations dropped in training "
+     "must lie in [0, 1)"),
+    ({"model.residual.dropout": 1.5}, "config.model.residual.dropout=1.5: the share of activations dropped"),
+    ({"model.base.dropout": -0.5}, "config.model.base.dropout=-0.5: the share of activations dropped"),
+    # tiny_config's U-Nets: two levels at 8x8, feature maps of 8 and 4.
+    ({"model.base.attention_resolutions": (32,)}, "config.model.base.attention_resolutions=(32,): at "
+     "config.data.image_size=8 the U-Net's feature maps have the sizes [8, 4], so [32] would get no attention"),
+    ({"model.residual.attention_resolutions": (4, 2)}, "config.model.residual.attention_resolutions=(4, 2): at "
+     "config.data.image_size=8 the U-Net's feature maps have the sizes [8, 4], so [2] would get no attention"),
+    # VDM*'s spatial attention (the base generator's U-Net, made space-time).
+    ({"model.kind": "vdm", "diffusion.lam": 0.0, "model.base.attention_resolutions": (16,)},
+     "config.model.base.attention_resolutions=(16,): at config.data.image_size=8"),
+    # The learned encoder's, which failed at network init (ZeroDivisionError).
+    ({"model.encoder.base_channels": 0}, "config.model.encoder.base_channels=0: the learned encoder's width"),
+    ({"model.encoder.channel_mult": (0,)}, "config.model.encoder.channel_mult=(0,): one positive integer per level"),
+    # OverflowError where the cache's size limit is set.
+    ({"compilation_cache_dir": "/tmp/cache", "compilation_cache_max_gb": float("inf")},
+     "config.compilation_cache_max_gb=inf: the persistent compilation cache's size limit in GiB must be a finite "
+     "number > 0"),
+    ({"compilation_cache_dir": "/tmp/cache", "compilation_cache_max_gb": float("nan")},
+     "config.compilation_cache_max_gb=nan: the persistent compilation cache's size limit"),
+])
+def test_seeds_networks_and_cache_size_are_validated(overrides, message):
+  """Each refused by validation with one message (before: a late crash, a raw traceback, or a network
+  that silently differs from its config)."""
+  from videofusion_jax.config import ConfigError, validate
+
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate(tiny_config(**overrides))
+
+
+def test_the_limits_of_those_settings_pass():
+  """The edges of each range above are valid, and fields a model does not use are not checked."""
+  from videofusion_jax.config import validate
+
+  validate(tiny_config(**{"seed": 0, "sample.seed": 2**32 - 1, "eval.seed": 2**32 - 1, "model.base.dropout": 0.0,
+                          "model.residual.dropout": 0.99, "model.base.attention_resolutions": (8, 4),
+                          "model.residual.attention_resolutions": ()}))
+  # A frozen encoder has no width or levels; the cache's size means nothing with the cache off.
+  validate(tiny_config(**{"model.encoder.kind": "frozen", "model.encoder.embed_dim": 49,
+                          "model.encoder.base_channels": 0, "model.encoder.channel_mult": (0,),
+                          "compilation_cache_dir": "", "compilation_cache_max_gb": float("inf")}))
+  # VDM* builds no residual generator.
+  validate(tiny_config(**{"model.kind": "vdm", "diffusion.lam": 0.0, "model.residual.dropout": 1.5,
+                          "model.residual.attention_resolutions": (32,), "model.residual.num_res_blocks": 0}))
+
+
+def test_misspelled_fields_in_a_config_file_are_refused(tmp_path):
+  """A config file that sets a misspelled field added it as a new one, which nothing read, and the field
+  meant kept its default: refused, naming it and the nearest field, in validation, in unet_config,
+  and on the command line as one line; every shipped config passes."""
+  import demo
+  import sky_timelapse
+  import taichi
+  import ucf101
+  import webvid
+
+  from videofusion_jax.config import ConfigError, unet_config, validate
+
+  c = demo.get_config()
+  c.train.update(warmup_step=5)
+  with pytest.raises(ConfigError, match=re.escape("config.train.warmup_step=5: the config has no such field")
+                     + ".*" + re.escape("did you mean config.train.warmup_steps?")):
+    validate(c)
+  c = demo.get_config()
+  c.model.base.num_res_block = 3
+  with pytest.raises(ConfigError, match=re.escape("config.model.base.num_res_block=3: the config has no such field")
+                     + ".*" + re.escape("did you mean config.model.base.num_res_blocks?")):
+    validate(c)
+  c = demo.get_config()
+  c.modle = c.model  # a whole section: named, without its contents
+  with pytest.raises(ConfigError, match=re.escape("config.modle: the config has no such field") + ".*"
+                     + re.escape("did you mean config.model?")):
+    validate(c)
+  with pytest.raises(ConfigError, match=re.escape("unet_config(num_res_block=...): a U-Net has no field "
+                                                  "'num_res_block'") + ".*did you mean num_res_blocks\\?"):
+    unet_config(num_res_block=3)
+  with pytest.raises(KeyError, match=re.escape("tiny_config(train.warmup_step=...): the config has no such field")):
+    tiny_config(**{"train.warmup_step": 5})
+  for module, variants in ((demo, ("", "unconditional", "vdm", "text")), (ucf101, ("", "small", "vdm", "vdm_small")),
+                           (webvid, ("", "small")), (taichi, ("",)), (sky_timelapse, ("",))):
+    for variant in variants:
+      validate(module.get_config(variant))
+  for body, message in (
+      ("c.train.update(warmup_step=5)", "error: config.train.warmup_step=5: the config has no such field"),
+      ("c.model.base = unet_config(num_res_block=3)", "unet_config(num_res_block=...): a U-Net has no field")):
+    path = tmp_path / "misspelled.py"
+    path.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'configs')!r})\nimport demo\n"
+                    "from videofusion_jax.config import unet_config\n\n\ndef get_config():\n"
+                    f"  c = demo.get_config()\n  {body}\n  return c\n")
+    r = run_main(f"--config={path}", workdir=tmp_path / "w")
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_sampling_refuses_a_head_dim_or_image_size_other_than_training(tmp_path):
+  """No parameter's shape depends on head_dim (qkv maps c channels to 3c however they split into heads) or on
+  the image size, so restoring cannot tell: the recorded config.json's values are compared, for sampling
+  (TRAINED_FIELDS) and for train.init_base_from (BASE_FIELDS, with the encoder that gives the base's c; not the
+  image size there)."""
+  import json
+
+  import jax
+
+  from videofusion_jax.config import ConfigError
+  from videofusion_jax.models.factory import boxed_abstract_params, make_networks
+  from videofusion_jax.sampling import check_trained_config
+  from videofusion_jax.training.loop import check_base_source
+
+  config = tiny_config()
+  other = tiny_config(**{"model.base.head_dim": 4})  # 2 heads of 8 channels in the middle attention, or 4 of 4
+  shapes = lambda c: jax.tree.map(lambda x: x.shape, boxed_abstract_params(make_networks(c), c))  # noqa: E731
+  assert shapes(other) == shapes(config)  # the premise: weights of either restore into the other
+
+  def record(trained_config, **changes):
+    """A workdir whose config.json is ``trained_config``'s with ``changes`` (dotted keys)."""
+    trained = trained_config.to_dict()
+    for key, value in changes.items():
+      *path, last = key.split(".")
+      node = trained
+      for part in path:
+        node = node[part]
+      node[last] = value
+    workdir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(trained))
+    return str(workdir)
+
+  check_trained_config(config, record(config))
+  for key, value, now in (("model.base.head_dim", 4, 8), ("model.residual.head_dim", 2, 8),
+                          ("data.image_size", 16, 8)):
+    with pytest.raises(ConfigError, match=re.escape(f"config.{key}={now} (trained with {value})") + ".*"
+                       + re.escape(f"--config.{key}={value}")):
+      check_trained_config(config, record(config, **{key: value}))
+  # VDM* has no residual generator: its recorded head_dim means nothing to it.
+  vdm = tiny_config(**{"model.kind": "vdm", "diffusion.lam": 0.0})
+  check_trained_config(vdm, record(vdm, **{"model.residual.head_dim": 2}))
+  with pytest.raises(ConfigError, match=re.escape("config.model.base.head_dim=8 (trained with 4)")):
+    check_trained_config(vdm, record(vdm, **{"model.base.head_dim": 4}))
+  # init_base_from: the base's head_dim, and the encoder whose c the base and prior taken were trained on.
+  for key, value, now in (("model.base.head_dim", 4, 8), ("model.encoder.kind", "frozen", "learned")):
+    source = record(config, **{key: value})
+    with pytest.raises(ConfigError, match=re.escape(f"config.{key}={now!r} (that run's {value!r})")):
+      check_base_source(tiny_config(**{"train.init_base_from": source}))
+  check_base_source(tiny_config(**{"train.init_base_from": record(config, **{"model.residual.head_dim": 2})}))
+  # A base trained at another image size is fine-tuned at this one (progressive resolution), not refused.
+  check_base_source(tiny_config(**{"train.init_base_from": record(config, **{"data.image_size": 16})}))

@@ -95,6 +95,29 @@ def test_eval_refuses_sampling_settings_it_would_not_follow_before_any_work(tmp_
   assert not any(tmp_path.iterdir())
 
 
+def test_eval_says_it_does_not_read_the_long_video_and_control_settings(tmp_path, monkeypatch, capsys):
+  """sample.num_clips, continuity_frames and control shape --mode=sample's videos; eval draws single clips of
+  data.num_frames, as the protocol compares them with the real clips. A value set says so before the checkpoint
+  or any data is read (stopped here at the trained-config check, the first thing that reads the workdir);
+  defaults say nothing."""
+  monkeypatch.setattr(evaluate, "check_trained_config", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
+  for overrides, named in (
+      ({"sample.num_clips": 3, "sample.continuity_frames": 1, "sample.control": "content"},
+       "config.sample.num_clips=3, config.sample.continuity_frames=1, config.sample.control='content' are not read"),
+      ({"sample.control": "motion"}, "config.sample.control='motion' is not read"),
+      ({}, None)):
+    c = tiny_config(**overrides)
+    with pytest.raises(AssertionError, match="read"):
+      evaluate.run(c, str(tmp_path), experiment=object())
+    out = capsys.readouterr().out
+    if named is None:
+      assert "not read" not in out and "single clips" not in out
+      continue
+    assert f"note: --mode=eval draws single clips of data.num_frames={c.data.num_frames} frames" in out
+    assert named in out and "--mode=sample draws long videos and control grids" in out
+  assert not any(tmp_path.iterdir())
+
+
 def test_a_text_models_clips_take_the_real_clips_captions(tfds_dir, tmp_path, monkeypatch, capsys):
   """A text model's generated clip i takes the first caption of real clip (i mod num_real)'s record, as
   class-conditional clips take the real labels: all of them from one prompt (what eval did, from

@@ -327,6 +327,13 @@ def trained(config_file, tmp_path_factory):
      "--config.train.num_steps?"),
     (["--config.model.condition=label"], "it was trained with --config.model.condition=embedding"),
     ("lock", "another training run (process"),
+    # Resuming under another λ or noise schedule (no parameter's shape shows them) trained the checkpoints on
+    # under the new settings and wrote them into config.json; a split or clip length the dataset lacks failed
+    # at the first batch, after the initial state, with config.json rewritten.
+    (["--config.diffusion.lam=0.3", "--config.train.num_steps=3"], "config.diffusion.lam=0.3 (trained with 0.5): "
+     "the checkpoints in"),
+    (["--config.data.split=tset", "--config.train.num_steps=3"], "split 'tset' (config.data.split"),
+    (["--config.data.frame_stride=200", "--config.train.num_steps=3"], "has the 601 frames that data.num_frames=4"),
     ("missing_config", "--config=configs/nowhere.py: no such file (configs here: configs/demo.py"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(trained, config_file, args, message):

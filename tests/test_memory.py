@@ -30,10 +30,11 @@ def test_memory_switches_are_validated():
     validate(tiny_config(**{"train.grad_accum_steps": 0}))
   with pytest.raises(ConfigError, match="batch_size=8 does not split into grad_accum_steps=3 micro-batches"):
     validate(tiny_config(**{"train.grad_accum_steps": 3}))
-  # 8 examples in 2 micro-batches of 4 cannot keep the split over 8 devices.
+  # 8 examples in 2 micro-batches of 4 cannot keep the split over 8 devices (training's check: sampling and
+  # evaluation never read train.batch_size).
   with pytest.raises(ConfigError, match="micro-batches of 4, which do not split evenly over the 8 devices.*"
                                         "multiple of 16"):
-    Experiment(tiny_config(**{"train.grad_accum_steps": 2}))
+    Trainer(tiny_config(**{"train.grad_accum_steps": 2}))
   for remat in ("", "none", "block", "block_dots"):
     validate(tiny_config(**{"train.remat": remat}))
 

@@ -373,6 +373,37 @@ def test_settings_the_model_was_not_trained_with_are_refused_before_sampling(tra
   assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before
 
 
+def test_train_and_sample_refuses_guidance_without_dropout_before_training(tmp_path, tfds_dir):
+  """Guidance with train.label_dropout=0 (the demo's and the tiny config's): the model it trains never sees the
+  null condition that guidance mixes in. Sampling refused it (from config.json) only after every training step;
+  --mode=train_and_sample refuses it first, with the rule sampling applies to the recorded dropout."""
+  from test_cli import run_main
+  from tiny import tiny_config_file
+
+  config = tiny_config_file(tmp_path, **{"data.data_dir": tfds_dir, "train.num_steps": 1,
+                                         "sample.guidance_scale": 2.0})
+  workdir = tmp_path / "run"
+  r = run_main(f"--config={config}", "--mode=train_and_sample", workdir=workdir)
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+  assert ("error: config.sample.guidance_scale=2.0: --mode=train_and_sample trains the model with "
+          "train.label_dropout=0 first, so it would never learn the null condition that guidance mixes in; sample "
+          "at scale 1, or train with --config.train.label_dropout > 0") in r.stderr, r.stderr
+  assert "step " not in r.stdout and not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
+  # The rule itself: either scale (the prior's too: the tiny model draws c from a prior on the label), only at
+  # dropout 0, and nothing to check where the dropout is unknown.
+  check = sampling.check_guidance_was_trained
+  prior = tiny_config(**{"sample.prior_guidance_scale": 3.0})
+  assert sampling.prior_samples(prior)
+  with pytest.raises(ConfigError, match=r"^config.sample.prior_guidance_scale=3.0: --mode=train_and_sample"):
+    check(prior, 0.0)
+  both = tiny_config(**{"sample.guidance_scale": 2.0, "sample.prior_guidance_scale": 3.0})
+  with pytest.raises(ConfigError, match=r"^config.sample.guidance_scale=2.0 and config.sample.prior_guidance_scale="
+                                        r"3.0: this model was trained with train.label_dropout=0 \(W/config.json\)"):
+    check(both, 0.0, "W/config.json")
+  for config, dropout in ((both, 0.1), (both, None), (tiny_config(), 0.0)):
+    check(config, dropout)
+
+
 def test_diverged_samples_are_an_error_not_black_videos(trained):
   """NaN weights give NaN videos: an error that says so, not frames clipped or written as black."""
   config, workdir, trainer = trained

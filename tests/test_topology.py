@@ -11,6 +11,9 @@ from conftest import tiny_config
 from test_training import batches
 
 from videofusion_jax import sampling
+from videofusion_jax.config import ConfigError
+from videofusion_jax.experiment import Experiment
+from videofusion_jax.models import factory
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.step import Trainer
@@ -230,3 +233,29 @@ def test_samples_from_a_checkpoint_restored_on_another_mesh(trainer_on, referenc
   assert sampling.describe_batch(single) == "3 at a time"
   assert [e for e, _ in made] == [saver, reader, reader, single]
   assert made[1][1] is made[2][1] and made[1][1]._cache_size() == 1  # the reader's two draws: one chain, one trace
+
+
+def test_only_training_needs_its_batch_to_split_over_the_devices(monkeypatch):
+  """A run trained with train.batch_size=4 (on 4 devices, or with 2 accumulation steps of 4 on 4) is sampled
+  and evaluated on these 8: the Experiment they build ignores the training batch, and sampling rounds its own
+  batch up to the devices. The Trainer, which splits that batch, refuses it before it builds any network."""
+  for overrides in ({"train.batch_size": 4}, {"train.batch_size": 8, "train.grad_accum_steps": 2}):
+    c = tiny_config(**overrides, **{"sample.batch_size": 3})
+    experiment = Experiment(c)
+    assert experiment.mesh.devices.size == 8 == len(jax.devices())
+    assert sampling.sampling_batch(experiment) == 8
+    assert sampling.describe_batch(experiment) == "8 at a time (sample.batch_size=3 rounded up to a multiple of " \
+        "the 8 devices)"
+  monkeypatch.setattr(factory, "make_networks", lambda *a: (_ for _ in ()).throw(AssertionError("networks built")))
+  with pytest.raises(ConfigError, match=r"config.train.batch_size=4 does not split evenly over the 8 devices of the "
+                                        r"mesh; use a multiple of 8\."):
+    Trainer(tiny_config(**{"train.batch_size": 4}))
+  with pytest.raises(ConfigError, match=r"config.train.batch_size=8 with grad_accum_steps=2 gives micro-batches of 4, "
+                                        r"which do not split evenly over the 8 devices of the mesh; use a batch size "
+                                        r"that is a multiple of 16"):
+    Trainer(tiny_config(**{"train.batch_size": 8, "train.grad_accum_steps": 2}))
+  # The same batches split over 4 devices: the Trainer gets as far as the networks.
+  for overrides in ({"train.batch_size": 4}, {"train.batch_size": 8, "train.grad_accum_steps": 2}):
+    c = tiny_config(**overrides)
+    with pytest.raises(AssertionError, match="networks built"):
+      Trainer(c, mesh=shd.make_mesh(c, devices=jax.devices()[:4]))

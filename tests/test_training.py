@@ -317,6 +317,9 @@ def test_a_run_that_ends_in_its_warm_up_is_warned():
   assert share == pytest.approx(9 / 50, rel=1e-5)
   assert "at 18% of the learning rate" in warmup_warning(short) and "decay never starts" in warmup_warning(short)
   assert warmup_warning(tiny_config()) is None  # warm-up 2 of 4 steps
+  assert warmup_warning(short).endswith("set --config.train.warmup_steps=1 (or 0).")
+  # Under 10 steps a tenth of the run is 0 warm-up steps: said once (it read "=0 (or 0)").
+  assert warmup_warning(tiny_config(**{"train.num_steps": 2})).endswith("set --config.train.warmup_steps=0.")
   for name, variant in (("ucf101", "small"), ("ucf101", "vdm_small"), ("webvid", "small")):
     assert warmup_warning(importlib.import_module(name).get_config(variant)) is None, (name, variant)
 

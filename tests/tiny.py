@@ -43,6 +43,8 @@ def tiny_config(**overrides):
     *path, last = key.split(".")
     for p in path:
       node = node[p]
+    if last not in node:  # setting it would add a field that nothing reads
+      raise KeyError(f"tiny_config({key}=...): the config has no such field.")
     node[last] = value
   return c
 

@@ -5,6 +5,7 @@ field can be overridden on the command line (``--config.train.batch_size=64``).
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from pathlib import Path
@@ -23,11 +24,23 @@ class ConfigError(ValueError):
 
 def unet_config(**overrides) -> ml_collections.ConfigDict:
   """One generator's U-Net. ``head_dim``: channels per attention head (ADM's 64)."""
+  # attention_resolutions: feature-map sizes; at base_config's 64x64 these three levels make 64, 32 and 16.
   c = ml_collections.ConfigDict(dict(
-      base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8),
+      base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
       head_dim=64, dropout=0.0))
+  # update() would add a misspelled name as a new field, which no network reads.
+  for name in overrides:
+    if name not in c:
+      raise ConfigError(f"unet_config({name}=...): a U-Net has no field {name!r} (its fields: {', '.join(c.keys())})"
+                        f"{_did_you_mean(name, c.keys()) or '.'}")
   c.update(overrides)
   return c
+
+
+def _did_you_mean(name: str, known, prefix: str = "") -> str:
+  """'; did you mean <prefix><the known name nearest to name>?', or '' when none is near."""
+  close = difflib.get_close_matches(name, list(known), n=1)
+  return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -126,6 +139,8 @@ def base_config() -> ml_collections.ConfigDict:
       # at T-1); DDPM's σ_t²: 'fixed_small' (posterior variance) or 'fixed_large' (β_t).
       spacing="leading", variance="fixed_small",
       seed=0, label=-1,  # -1: cycle through the classes
+      # num_real_clips: the real clips that the demo's figures (data.name 'demo_clips' only: sampling's
+      # _demo_figures) compare the samples with; no other dataset reads it.
       guidance_scale=1.0, fps=8, upscale=4, num_real_clips=192,
       # model.condition='embedding': the prior's DDIM sampler (its timesteps' spacing as above), its
       # guidance on the label, and embeddings: a .npy of given c, (num_samples, embed_dim) or
@@ -186,8 +201,38 @@ def _check_cudnn_attention(config: ml_collections.ConfigDict) -> None:
                       f"and this run's devices are {device.device_kind!r} ({jax.default_backend()}); {fix}.")
 
 
+def _check_field_names(config: ml_collections.ConfigDict, known: ml_collections.ConfigDict, path: str = "config"):
+  """A ConfigError for the first field of ``config`` that ``known`` (``base_config()``) lacks: a config file's
+  ``c.train.update(warmup_step=5)`` adds it as a new field, which nothing reads, and the real one keeps its
+  default."""
+  for name, value in config.items():
+    if name not in known:
+      shown = "" if isinstance(value, ml_collections.ConfigDict) else f"={value!r}"
+      raise ConfigError(f"{path}.{name}{shown}: the config has no such field, so nothing would read it and the "
+                        "field meant would keep its default. Fix the name where it is set (the config file, or the "
+                        f"code that built the config){_did_you_mean(name, known.keys(), f'{path}.') or '.'}")
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(known[name], ml_collections.ConfigDict):
+      _check_field_names(value, known[name], f"{path}.{name}")
+
+
+# JAX's random keys take 32 bits of a seed (2**32 + s gives seed s's numbers); NumPy's refuses negative ones.
+MAX_SEED = 2**32 - 1
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field and how to fix it."""
+  _check_field_names(config, base_config())
+  for field in ("seed", "sample.seed", "eval.seed"):
+    seed = field_or_none(config, field)
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+      raise ConfigError(f"config.{field}={seed!r}: a random seed must be an integer in [0, {MAX_SEED}] (JAX's "
+                        "keys keep its low 32 bits, so a larger one repeats a smaller one's numbers, and NumPy's "
+                        "generator, which evaluation's KVD subsets use, takes no negative one).")
+  cache_gb = config.compilation_cache_max_gb
+  if config.compilation_cache_dir and not (_is_number(cache_gb) and math.isfinite(cache_gb) and cache_gb > 0):
+    raise ConfigError(f"config.compilation_cache_max_gb={cache_gb!r}: the persistent compilation cache's size "
+                      "limit in GiB must be a finite number > 0 (config.compilation_cache_dir='' turns the cache "
+                      "off).")
   d, t = config.data, config.train
   if not _is_int(d.num_frames) or d.num_frames < 2:
     raise ConfigError(f"config.data.num_frames={d.num_frames!r}: VideoFusion needs at least 2 "
@@ -234,10 +279,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       "must be >= 0 (0: decode every clip as it is read).")
   for name in ("base",) if config.model.kind == "vdm" else ("base", "residual"):  # VDM* builds no residual
     m = config.model[name]
+    for field in ("base_channels", "num_res_blocks", "head_dim"):
+      if not _is_int(m[field]) or m[field] < 1:
+        raise ConfigError(f"config.model.{name}.{field}={m[field]!r}: must be an integer >= 1.")
+    # Dropout of rate 1 zeroes every activation in training, and a negative one scales them up.
+    if not (_is_number(m.dropout) and 0.0 <= m.dropout < 1.0):
+      raise ConfigError(f"config.model.{name}.dropout={m.dropout!r}: the share of activations dropped in training "
+                        "must lie in [0, 1) (0 = none; ADM uses 0.1).")
     try:
       check_image_size(d.image_size, m.channel_mult)
     except ValueError as e:
       raise ConfigError(f"config.data.image_size / config.model.{name}.channel_mult: {e}") from None
+    # The U-Net puts attention where a feature map's size is listed: a size it never makes would get none.
+    sizes = [d.image_size // 2 ** level for level in range(len(m.channel_mult))]
+    bad = [r for r in m.attention_resolutions if r not in sizes]
+    if bad:
+      raise ConfigError(f"config.model.{name}.attention_resolutions={tuple(m.attention_resolutions)}: at "
+                        f"config.data.image_size={d.image_size} the U-Net's feature maps have the sizes {sizes}, so "
+                        f"{bad} would get no attention; list sizes among {sizes} (() for the middle attention alone).")
     try:
       for channels in attention_channels(d.image_size, m.base_channels, m.channel_mult, m.attention_resolutions):
         attention_heads(channels, m.head_dim)
@@ -282,6 +341,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.condition == "embedding":
     if m.encoder.embed_dim < 1:
       raise ConfigError(f"config.model.encoder.embed_dim={m.encoder.embed_dim}: must be >= 1.")
+    if m.encoder.kind == "learned":
+      enc = m.encoder
+      if not _is_int(enc.base_channels) or enc.base_channels < 1:
+        raise ConfigError(f"config.model.encoder.base_channels={enc.base_channels!r}: the learned encoder's width; "
+                          "must be an integer >= 1.")
+      if not enc.channel_mult or not all(_is_int(x) and x >= 1 for x in enc.channel_mult):
+        raise ConfigError(f"config.model.encoder.channel_mult={enc.channel_mult!r}: one positive integer per level of "
+                          "the learned encoder, e.g. (1, 2, 2, 4).")
     if m.encoder.kind == "frozen":
       from videofusion_jax.models.encoder import frozen_encoder
       try:
@@ -374,8 +441,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.batch_size={t.batch_size} does not split into grad_accum_steps={k} "
                       f"micro-batches; use a batch size that is a multiple of {k}, or another grad_accum_steps.")
   if not (math.isfinite(float(t.grad_clip)) and t.grad_clip > 0):
-    raise ConfigError(f"config.train.grad_clip={t.grad_clip}: must be a finite number > 0 (each generator's "
-                      "gradient is clipped to this global norm).")
+    raise ConfigError(f"config.train.grad_clip={t.grad_clip}: must be a finite number > 0 (each network's "
+                      "gradient is clipped to this global norm on its own: each generator's, the learned encoder's "
+                      "and the prior's).")
   s, e = config.sample, config.eval
   if s.guidance_scale < 0:
     raise ConfigError(f"config.sample.guidance_scale={s.guidance_scale}: must be >= 0 (1 = no guidance, "
@@ -457,6 +525,10 @@ def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 MAX_START_SIGNAL = 0.1  # how much more of the signal (√ᾱ) a DDIM chain's first step may assume than t = T-1
 
 
@@ -494,14 +566,31 @@ def _check_clip_encoder(e: ml_collections.ConfigDict) -> None:
 
 
 # What a trained model's weights mean and that restoring cannot check (no parameter's shape depends
-# on it): sampling with another value than training's gives wrong samples without an error.
+# on it): sampling with another value than training's gives wrong samples without an error. Besides λ,
+# the schedules, the kinds and the conditions: each U-Net's head_dim (its qkv maps c channels to 3c
+# however they split into heads) and data.image_size (the networks are convolutional: they run at any
+# size their levels divide, with the same weights). Left out because restoring checks them (another
+# value gives other shapes or parameter names): the U-Nets' base_channels, channel_mult, num_res_blocks
+# and attention_resolutions, model.vdm.temporal_resolutions, the encoder's embed_dim, base_channels and
+# channel_mult, the prior's width and num_layers, and data.num_frames (the residual generator's frame
+# embedding has a row per frame, VDM*'s relative position bias 2N - 1; sampling never changes it: a
+# long video is sample.num_clips clips of num_frames). Left out as training's alone: the U-Nets'
+# dropout (off in sampling); model.dtype and attention_implementation compute the same function another
+# way. The encoder's kind and frozen_name are BASE_FIELDS' alone: sampling never runs the encoder (c
+# comes from the prior, or from sample.embeddings).
 TRAINED_FIELDS = ("diffusion.lam", "diffusion.schedule", "diffusion.num_timesteps", "model.kind", "model.condition",
                   "model.key_frame_input", "model.key_frame_clean", "model.prior.schedule",
-                  "model.prior.num_timesteps", "model.prior.condition")
+                  "model.prior.num_timesteps", "model.prior.condition", "data.image_size", "model.base.head_dim",
+                  "model.residual.head_dim")
 # Those of them that the networks ``train.init_base_from`` takes (base, encoder, prior) were trained
-# under: λ, the kind and the key-frame input are the residual generator's, or the video stage's.
+# under: λ, the kind, the key-frame input and the residual's head_dim are the residual generator's, or
+# the video stage's. And the encoder's kind and frozen_name: the base and prior taken learned the c of
+# that run's encoder, and this run trains them on its own encoder's (a frozen or CLIP encoder has no
+# parameters whose shapes would tell). Not data.image_size: a base trained at one size and fine-tuned at
+# another is a recipe (progressive resolution), not a mistake.
 BASE_FIELDS = ("diffusion.schedule", "diffusion.num_timesteps", "model.condition", "model.prior.schedule",
-               "model.prior.num_timesteps", "model.prior.condition")
+               "model.prior.num_timesteps", "model.prior.condition", "model.base.head_dim",
+               "model.encoder.kind", "model.encoder.frozen_name")
 
 
 def recorded_config(workdir) -> tuple[Path, dict | None]:
@@ -564,13 +653,28 @@ def check_against_record(config: ml_collections.ConfigDict, trained: dict, field
   """A ConfigError naming each of ``fields`` (and a 'clip' encoder's CLIP directory) whose value differs from
   ``trained`` (a recorded config.json), as ``config.F=now (<whose> was)``, then ``why``, and the flags that
   give the recorded values, or ``otherwise``."""
-  fields = tuple(f for f in fields if prior_samples(config) or not f.startswith("model.prior."))  # a prior's own
+  fields = tuple(f for f in fields if _compared(config, f))
   fields += (("model.encoder.clip_dir",) if clip_used(config) is not None else ())
   differ = differing_fields(config, trained, fields)
   if differ:
     flags = " ".join(f"--config.{name}={was}" for name, _, was in differ)
     what = ", ".join(f"config.{name}={now!r} ({whose} {was!r})" for name, now, was in differ)
     raise ConfigError(f"{what}: {why}; pass {flags}, or {otherwise}.")
+
+
+def _compared(config: ml_collections.ConfigDict, field: str) -> bool:
+  """Whether ``field`` means anything to this config's model (a recorded value of a network it lacks is no
+  reason to refuse it; where the model itself differs, model.kind or model.condition says so)."""
+  m = config.model
+  if field.startswith("model.prior."):
+    return prior_samples(config)
+  if field.startswith("model.residual."):
+    return m.kind != "vdm"  # VDM* builds no residual generator
+  if field == "model.encoder.frozen_name":
+    return m.condition == "embedding" and m.encoder.kind == "frozen"
+  if field.startswith("model.encoder."):
+    return m.condition == "embedding"
+  return True
 
 
 def clip_used(config: ml_collections.ConfigDict) -> str | None:

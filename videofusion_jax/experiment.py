@@ -3,6 +3,7 @@ networks, noise schedule, per-frame λs, optimizer, mesh, every sharding, the ab
 and restoring a checkpoint onto this mesh."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -28,8 +29,8 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
   anything is compiled. Returns the absolute path used, or None."""
   if not directory:
     return None
-  if not max_gb > 0:
-    raise ConfigError(f"config.compilation_cache_max_gb={max_gb}: must be > 0 (the persistent compilation "
+  if not (isinstance(max_gb, (int, float)) and math.isfinite(max_gb) and max_gb > 0):  # inf: no int of it
+    raise ConfigError(f"config.compilation_cache_max_gb={max_gb}: must be > 0 and finite (the persistent compilation "
                       "cache's size; config.compilation_cache_dir='' turns the cache off).")
   path = os.path.abspath(os.path.expanduser(directory))
   try:
@@ -44,6 +45,16 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
   return path
 
 
+def experiment_mesh(config: ml_collections.ConfigDict, mesh=None):
+  """``mesh``, or the config's mesh over every device; a shape the devices cannot hold is a ConfigError."""
+  if mesh is not None:
+    return mesh
+  try:
+    return shd.make_mesh(config)
+  except ValueError as e:  # the mesh's shape against the devices there are
+    raise ConfigError(str(e)) from None
+
+
 class Experiment:
   """Everything a config determines before any data is read or any step is compiled.
 
@@ -55,22 +66,9 @@ class Experiment:
     validate(config)
     self.config = config
     self._program_context = program_context(config)  # the config everything below is built from
-    try:
-      self.mesh = mesh if mesh is not None else shd.make_mesh(config)
-    except ValueError as e:  # the mesh's shape against the devices there are
-      raise ConfigError(str(e)) from None
-    if config.train.batch_size % self.mesh.devices.size:
-      raise ConfigError(
-          f"config.train.batch_size={config.train.batch_size} does not split evenly over the "
-          f"{self.mesh.devices.size} devices of the mesh; use a multiple of {self.mesh.devices.size}.")
-    k = config.train.grad_accum_steps
-    if k > 1 and config.train.batch_size % (k * self.mesh.devices.size):
-      # Each micro-batch keeps the batch's split: every device holds batch / (k x devices) of its rows.
-      raise ConfigError(
-          f"config.train.batch_size={config.train.batch_size} with grad_accum_steps={k} gives micro-batches of "
-          f"{config.train.batch_size // k}, which do not split evenly over the {self.mesh.devices.size} devices of "
-          f"the mesh; use a batch size that is a multiple of {k * self.mesh.devices.size} (grad_accum_steps x "
-          "devices), or fewer accumulation steps.")
+    # train.batch_size against the devices is the Trainer's check: sampling and evaluation build
+    # this too, from a run that may have trained on another mesh.
+    self.mesh = experiment_mesh(config, mesh)
     self.networks = factory.make_networks(config)
     self.schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
     self.prior_schedule, self.encode = None, None

@@ -206,6 +206,7 @@ def main(argv) -> None:
       from videofusion_jax import sampling
       sampling.sample_prompts(config, 1, note=False)
       sampling.given_embeddings(config, config.sample.num_samples)
+      sampling.check_guidance_was_trained(config, config.train.label_dropout)  # the dropout it is about to train with
     if _MODE.value in ("train", "train_and_sample"):
       from videofusion_jax.training.loop import train
       from videofusion_jax.training.step import Trainer

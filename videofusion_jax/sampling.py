@@ -495,18 +495,32 @@ def _check_trained_config_here(config: ml_collections.ConfigDict, workdir: str) 
   check_against_record(config, trained, TRAINED_FIELDS, "trained with",
                        f"this model was trained with other settings ({record}), and its weights give wrong samples "
                        "under these", "the config it was trained with")
-  s = config.sample
-  scales = ([f"config.sample.guidance_scale={s.guidance_scale}"] if guided(config) else []) + (
-      [f"config.sample.prior_guidance_scale={s.prior_guidance_scale}"]
-      if prior_samples(config) and s.prior_guidance_scale != 1.0 else [])
   try:
     dropout = float(trained["train"]["label_dropout"])
   except (KeyError, TypeError, ValueError):
     dropout = None  # not recorded: nothing to compare
-  if scales and dropout == 0.0:
-    raise ConfigError(f"{' and '.join(scales)}: this model was trained with train.label_dropout=0 ({record}), so it "
-                      "never learned the null condition that guidance mixes in; sample at scale 1, or train with "
-                      "--config.train.label_dropout > 0 (0.1 is usual).")
+  check_guidance_was_trained(config, dropout, record)
+
+
+def check_guidance_was_trained(config: ml_collections.ConfigDict, label_dropout: float | None,
+                               record: str | None = None) -> None:
+  """A ConfigError when ``config`` samples with guidance (``sample.guidance_scale``, or the prior's
+  ``sample.prior_guidance_scale``, ≠ 1) from a model trained with ``label_dropout`` = 0: it never saw
+  the null condition that guidance mixes in. ``record``: the config.json the dropout was read from
+  (sampling a trained run); None: the dropout is this config's, of the training still to come
+  (``--mode=train_and_sample``, checked before it). ``label_dropout`` None: not known, nothing to check."""
+  s = config.sample
+  scales = ([f"config.sample.guidance_scale={s.guidance_scale}"] if guided(config) else []) + (
+      [f"config.sample.prior_guidance_scale={s.prior_guidance_scale}"]
+      if prior_samples(config) and s.prior_guidance_scale != 1.0 else [])
+  if not scales or label_dropout is None or float(label_dropout) != 0.0:
+    return
+  if record is None:
+    trained = "--mode=train_and_sample trains the model with train.label_dropout=0 first, so it would never learn"
+  else:
+    trained = f"this model was trained with train.label_dropout=0 ({record}), so it never learned"
+  raise ConfigError(f"{' and '.join(scales)}: {trained} the null condition that guidance mixes in; sample at scale "
+                    "1, or train with --config.train.label_dropout > 0 (0.1 is usual).")
 
 
 GRID_COLUMNS = 64  # grid.png shows at most this many frames of a video

@@ -175,6 +175,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
                       "every class would inflate the figures. Leave sample.label at -1 for eval (--mode=sample "
                       "draws one class).")
   experiment = experiment or Experiment(config)  # validates the config (eval fields included)
+  s = config.sample
+  unread = [f"config.sample.{k}={v!r}" for k, v, default in (
+      ("num_clips", s.num_clips, 1), ("continuity_frames", s.continuity_frames, 0), ("control", s.control, ""))
+      if v != default]
+  if unread:  # said, not refused: the protocol's figures are of single clips whatever these say
+    say(f"note: --mode=eval draws single clips of data.num_frames={config.data.num_frames} frames, each of its own "
+        f"content and motion, as the FVD protocol compares them with the real clips; {', '.join(unread)} "
+        f"{'is' if len(unread) == 1 else 'are'} not read (--mode=sample draws long videos and control grids; "
+        "benchmarks/long_videos.py measures long videos' seams).")
   e = config.eval
   if frame_repeat(config.data.num_frames) > 1:
     say(f"note: I3D needs clips of at least {MIN_FRAMES} frames; each of the {config.data.num_frames} "

@@ -15,6 +15,7 @@ import numpy as np
 from videofusion_jax.config import (
     BASE_FIELDS,
     CLIP_FINGERPRINT,
+    TRAINED_FIELDS,
     ConfigError,
     check_against_record,
     clip_used,
@@ -115,7 +116,7 @@ def warmup_warning(config: ml_collections.ConfigDict) -> str | None:
   decay = " and its cosine decay never starts" if t.lr_decay == "cosine" else ""
   return (f"warning: config.train.warmup_steps={t.warmup_steps} >= num_steps={t.num_steps}: the run ends on the "
           f"warm-up ramp, at {100 * (t.num_steps - 1) / t.warmup_steps:.0f}% of the learning rate{decay}. For a "
-          f"short run set --config.train.warmup_steps={t.num_steps // 10} (or 0).")
+          f"short run set --config.train.warmup_steps={t.num_steps // 10}" + (" (or 0)." if t.num_steps >= 10 else "."))
 
 
 def _spatial_from_base(base: dict, video: dict, where: str) -> dict:
@@ -141,6 +142,19 @@ def check_base_source(config: ml_collections.ConfigDict) -> None:
                        f"config.train.init_base_from={source} trained the networks this run takes from it under "
                        f"other settings ({record}), and their weights would be wrong under these",
                        "train the image stage with this run's settings")
+
+
+def check_resumed_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """The settings ``TRAINED_FIELDS`` (and a 'clip' encoder's CLIP) of a run resumed in ``workdir`` as its
+  ``config.json`` records them: a ConfigError naming each that differs (the checkpoints' networks learned
+  under the recorded ones; resuming would go on training them on another objective, and record these
+  settings as theirs). Nothing to compare without the record."""
+  record, trained = recorded_config(workdir)
+  if trained is None:
+    return
+  check_against_record(config, trained, TRAINED_FIELDS, "trained with",
+                       f"the checkpoints in {workdir / 'checkpoints'} were trained under other settings ({record}), "
+                       "and resuming would train them on under these", "train these settings in a new workdir")
 
 
 def init_base_from(trainer: Trainer, state: TrainState, workdir: str) -> TrainState:
@@ -271,6 +285,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
       manager = ckpt.make_manager(workdir, config.train.keep_checkpoints)
       ckpt.check_compatible(manager, trainer.abstract_state())  # before the slow start
       latest, started = manager.latest_step(), None
+      if latest is not None:  # the settings no parameter's shape shows, before config.json records these
+        checked_on_every_host(lambda: check_resumed_config(config, workdir), (ConfigError,), ConfigError(
+            f"{workdir}: another host refused to resume under these settings (its own error says why); every "
+            "host needs the same workdir, at the same path, and the same flags."))
       if latest is not None and latest >= config.train.num_steps:
         # Done, unless that checkpoint is damaged and the newest intact one is not: then training goes on
         # from it (the damaged ones moved aside), and saves their steps anew.

@@ -10,7 +10,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from videofusion_jax import diffusion
-from videofusion_jax.experiment import Experiment
+from videofusion_jax.config import ConfigError, validate
+from videofusion_jax.experiment import Experiment, experiment_mesh
 from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import generator_names, make_apply_fns, make_prior_fn, make_video_fn
 from videofusion_jax.training import sharding as shd
@@ -243,10 +244,30 @@ def train_step(state: TrainState, batch, *, experiment: Experiment):
   return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
 
 
+def check_train_batch(config: ml_collections.ConfigDict, devices: int) -> None:
+  """``train.batch_size`` (and each of its ``train.grad_accum_steps`` micro-batches) split evenly over
+  ``devices``, else a ConfigError: only the train step splits the training batch (sampling and
+  evaluation draw their own batches)."""
+  batch, k = config.train.batch_size, config.train.grad_accum_steps
+  if batch % devices:
+    raise ConfigError(
+        f"config.train.batch_size={batch} does not split evenly over the {devices} devices of the mesh; use a "
+        f"multiple of {devices}.")
+  if k > 1 and batch % (k * devices):
+    # Each micro-batch keeps the batch's split: every device holds batch / (k x devices) of its rows.
+    raise ConfigError(
+        f"config.train.batch_size={batch} with grad_accum_steps={k} gives micro-batches of {batch // k}, which do "
+        f"not split evenly over the {devices} devices of the mesh; use a batch size that is a multiple of "
+        f"{k * devices} (grad_accum_steps x devices), or fewer accumulation steps.")
+
+
 class Trainer(Experiment):
   """An experiment and its train step, jitted over the mesh (state donated)."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+    validate(config)  # what the checks below read, before the networks are built
+    mesh = experiment_mesh(config, mesh)
+    check_train_batch(config, mesh.devices.size)
     super().__init__(config, mesh)
     step = functools.partial(train_step, experiment=self)
     # Kept traced beside the compilation cache: a warm start runs none of the step's Python.
