@@ -3,6 +3,14 @@
 Model sizes are for a pod (base about 4x the residual). Pass ``:small`` for a local check.
 ``:vdm`` is VDM*, the paper's baseline: the same base U-Net made space-time (a temporal attention
 after each spatial one) on every frame, with independent noise (λ = 0); ``:vdm_small`` both.
+
+Where it differs from the paper: the paper fine-tunes a pretrained base (DALL-E 2's decoder) at a small
+learning rate, which ``train.base_lr_scale=0.1`` assumes: train the image stage first
+(``--config.train.stage=image`` in a workdir of its own), then this config with
+``--config.train.init_base_from=THAT_WORKDIR`` (from scratch it prints a warning saying so). The key-frame
+embedding c is the learned encoder's (``--config.model.encoder.kind=clip`` with a CLIP directory gives the
+paper's CLIP image embedding), and there is no super-resolution stage: samples and FVD are at 64x64 (the
+paper's UCF101 figures are at 128x128).
 """
 from videofusion_jax.config import base_config, unet_config
 

@@ -157,3 +157,77 @@ def test_the_pixels_encoder_puts_every_frame_on_the_sphere_and_uniform_greys_apa
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.sqrt(width), rtol=1e-5)
   gaps = np.linalg.norm(got[:, None] - got[None], axis=-1)[np.triu_indices(6, 1)]
   assert gaps.min() > 0.5, gaps  # no two of the frames share an embedding
+
+
+@pytest.mark.parametrize("condition", ["label", "text"])
+def test_prior_network_against_numpy(condition):
+  """The prior's MLP against NumPy: the sinusoidal embedding of t through two dense layers (SiLU between),
+  plus the label's row of the table or the text embedding's dense projection, SiLU; then residual blocks
+  h + W2 silu(W1 (LN(h)·(1 + scale) + shift)) with (scale, shift) from the embedding, and
+  W_out silu(LN(h)). LayerNorm without scale or bias, epsilon 1e-6."""
+  d, width = 4, 8
+  net = EmbeddingPrior(d, width=width, num_layers=2, num_classes=3 if condition == "label" else 0,
+                       text_dim=5 if condition == "text" else 0)
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.normal(size=(3, d)), jnp.float32)
+  t = jnp.array([0, 37, 900])
+  label = jnp.array([0, 3, 1]) if condition == "label" else None  # 3: the null label
+  text = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32) if condition == "text" else None
+  params = nn.unbox(net.init(jax.random.PRNGKey(0), z, t, label, text))["params"]
+  # Every weight perturbed: the output layers start at zero and the biases at 0.
+  params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(np.float32), params)
+  out = np.asarray(net.apply({"params": params}, z, t, label, text))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+  dense = lambda v, name: v @ p[name]["kernel"] + p[name]["bias"]  # noqa: E731
+  ln = lambda v: (v - v.mean(-1, keepdims=True)) / np.sqrt(v.var(-1, keepdims=True) + 1e-6)  # noqa: E731
+  freqs = np.exp(-np.log(10000.0) * np.arange(width // 2) / (width // 2))
+  args = np.asarray(t, np.float64)[:, None] * freqs
+  emb = dense(silu(dense(np.concatenate([np.cos(args), np.sin(args)], axis=1), "time_dense1")), "time_dense2")
+  if condition == "label":
+    emb = emb + p["label_embed"]["embedding"][np.asarray(label)]
+  else:
+    emb = emb + dense(np.asarray(text, np.float64), "text_embed")
+  emb = silu(emb)
+  h = dense(np.asarray(z, np.float64), "dense_in")
+  for i in range(2):
+    scale_shift = dense(emb, f"block{i}_emb")
+    y = ln(h) * (1 + scale_shift[:, :width]) + scale_shift[:, width:]
+    h = h + dense(silu(dense(y, f"block{i}_dense1")), f"block{i}_dense2")
+  np.testing.assert_allclose(out, dense(silu(ln(h)), "dense_out"), rtol=1e-4, atol=1e-4)
+
+
+def test_the_prior_learns_the_ema_encoders_embeddings_under_its_dropped_labels(embedding_setup):
+  """The prior's term of the loss: the ε loss (``diffusion.denoising_loss``) of the prior on the EMA encoder's
+  embeddings of the key frames, each repeated train.prior_repeats times, at the drawn ``prior_t`` and
+  ``prior_noise``, with the clip label replaced by the null label (num_classes) where ``prior_drop`` is set.
+  The live encoder does not enter it (replacing it leaves the term as it was), the EMA one does."""
+  from videofusion_jax.models.factory import make_prior_fn
+  from videofusion_jax.training.step import draw_randomness, loss_on_draws
+
+  e, params, batch = embedding_setup
+  c = e.config
+  draws, dropout_rng = draw_randomness(e, jax.random.PRNGKey(4), batch["video"].shape)
+  repeats, num_classes = c.train.prior_repeats, c.data.num_classes
+  drop = np.asarray(draws["prior_drop"]).reshape(-1)
+  assert 0 < drop.sum() < drop.size  # label_dropout = 0.5: some rows of each kind
+  labels = np.where(drop, num_classes, np.repeat(np.asarray(batch["label"]), repeats))
+  rng = np.random.default_rng(1)
+  other_encoder = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(np.float32), params["encoder"])
+  ema = {**params, "encoder": other_encoder}
+
+  @jax.jit
+  def prior_terms(p, ema_params):
+    return loss_on_draws(p, e, batch, draws, dropout_rng, ema_params)[1]["loss_prior"]
+
+  @jax.jit
+  def expected(p, encoder_params):
+    target = jnp.repeat(e.encode({"encoder": encoder_params}, batch["video"][:, 2]), repeats, axis=0)
+    return diffusion.denoising_loss(make_prior_fn(e.networks, p, jnp.asarray(labels)), target,
+                                    draws["prior_t"].reshape(-1), draws["prior_noise"].reshape(-1, target.shape[1]),
+                                    e.prior_schedule)
+
+  want = float(expected(params, other_encoder))
+  np.testing.assert_allclose(prior_terms(params, ema), want, rtol=1e-5)
+  np.testing.assert_allclose(prior_terms({**params, "encoder": ema["encoder"]}, ema), want, rtol=1e-5)
+  assert abs(float(expected(params, params["encoder"])) - want) > 1e-3 * want  # control: the encoder matters

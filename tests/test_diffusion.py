@@ -546,3 +546,124 @@ def test_anchored_eps_pulls_the_clean_estimate_and_spares_the_key_frame():
   np.testing.assert_allclose(implied, expected, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(out[:, 2:], eps[:, 2:], rtol=1e-4, atol=1e-4)  # weight 0: ε unchanged
   assert np.abs(out[:, 0] - eps[:, 0]).max() > 0.1  # control: a pulled frame's ε changes
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_steps_with_clip_x0_use_the_clipped_estimate(method):
+  """sample.clip_x0 (on by default): x̂0 = clip((z - √(1-ᾱ) ε̂)/√ᾱ, -1, 1) enters the DDPM posterior mean, and
+  DDIM's direction uses the ε that gives the clipped x̂0, (z - √ᾱ x̂0)/√(1-ᾱ) (ADM), against NumPy with the
+  same fresh noise (λ = 0.5: the noise is decomposed_noise's draw, mixed in NumPy). Control: x̂0 falls outside
+  [-1, 1] somewhere at each timestep, so the clip changes the step."""
+  s = d.make_schedule("linear", 1000)
+  betas = ref_betas("linear", 1000)
+  acp = np.cumprod(1 - betas)
+  lambdas = d.frame_lambdas(3, 0.5)
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(13), 3)
+  z = 1.5 * jax.random.normal(k1, (2, 3, 4, 4, 3))
+  eps = jax.random.normal(k2, (2, 3, 4, 4, 3))
+  base_rng, res_rng = jax.random.split(k3)
+  lam = np.array([0.5, 1.0, 0.5]).reshape(1, 3, 1, 1, 1)
+  noise = (np.sqrt(lam) * np.asarray(jax.random.normal(base_rng, (2, 4, 4, 3)))[:, None]
+           + np.sqrt(1 - lam) * np.asarray(jax.random.normal(res_rng, z.shape)))
+  zn, en = np.asarray(z, np.float64), np.asarray(eps, np.float64)
+  for t, tp in [(999, 979), (500, 480), (40, 20)]:
+    a, ap = acp[t], acp[tp]
+    raw = (zn - np.sqrt(1 - a) * en) / np.sqrt(a)
+    assert np.abs(raw).max() > 1.5  # the clip is active
+    x0 = np.clip(raw, -1, 1)
+    if method == "ddim":
+      out = d.ddim_step(z, eps, jnp.full((2,), t), jnp.full((2,), tp), k3, lambdas, s, eta=0.5, clip_x0=True)
+      sigma = 0.5 * np.sqrt((1 - ap) / (1 - a) * (1 - a / ap))
+      eps_clipped = (zn - np.sqrt(a) * x0) / np.sqrt(1 - a)
+      expected = np.sqrt(ap) * x0 + np.sqrt(1 - ap - sigma**2) * eps_clipped + sigma * noise
+    else:
+      out = d.ddpm_step(z, eps, jnp.full((2,), t), k3, lambdas, s, clip_x0=True)
+      ap = acp[t - 1]
+      mean = np.sqrt(ap) * betas[t] / (1 - a) * x0 + np.sqrt(1 - betas[t]) * (1 - ap) / (1 - a) * zn
+      expected = mean + np.sqrt(betas[t] * (1 - ap) / (1 - a)) * noise
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_anchored_eps_pulls_the_clipped_estimate():
+  """With clip_x0 (sampling's default) the pull starts from the clipped estimate: the x̂0 that the result
+  implies is ``c + w (anchor - c)`` with ``c = clip(x̂0, -1, 1)`` (NumPy), on every frame (w = 0: c itself).
+  Control: x̂0 of the pulled frames lies far outside [-1, 1], where pulling the unclipped x̂0 differs."""
+  T = 50
+  s = d.make_schedule("cosine", T)
+  acp = np.asarray(s.alphas_cumprod, np.float64)
+  rng = np.random.default_rng(5)
+  z = (2.0 * rng.normal(size=(2, 4, 3, 3, 2))).astype(np.float32)
+  eps = rng.normal(size=z.shape).astype(np.float32)
+  anchor = rng.uniform(-1, 1, (2, 3, 3, 2)).astype(np.float32)
+  t = np.array([5, 40])
+  w = np.array([0.6, 0.3, 0.0, 0.0], np.float32)
+  out = np.asarray(d.anchored_eps(jnp.asarray(z), jnp.asarray(eps), jnp.asarray(t), jnp.asarray(anchor),
+                                  jnp.asarray(w), s, clip_x0=True))
+  a = acp[t].reshape(2, 1, 1, 1, 1)
+  raw = (z - np.sqrt(1 - a) * eps) / np.sqrt(a)
+  clipped = np.clip(raw, -1, 1)
+  implied = (z - np.sqrt(1 - a) * out) / np.sqrt(a)
+  np.testing.assert_allclose(implied, clipped + w.reshape(1, 4, 1, 1, 1) * (anchor[:, None] - clipped),
+                             rtol=1e-4, atol=1e-4)
+  assert np.abs(raw[:, :2]).max() > 2.0  # the clip is active on the pulled frames
+
+
+def test_guidance_gives_the_clean_key_frame_to_both_passes():
+  """model.key_frame_clean under guidance: the residual generator reads the finished key frame in the
+  conditioned pass and in the null one (the key frame is no condition), so the guided estimate is
+  ε̂_∅ + s (ε̂_c - ε̂_∅) of the two passes run apart, each with the key frame. Control: the null pass
+  without the key frame gives another estimate."""
+  schedule, lambdas, x0, _ = _clips_and_noise(14)
+  z = jax.random.normal(jax.random.PRNGKey(15), x0.shape)
+  t = jnp.array([50, 400, 900])
+  key = x0[:, 2]
+
+  def fns(cond):  # cond (rows,): 1 for a conditioned row, 0 for a null one
+    def base_fn(zk, tt):
+      return 0.3 * zk + 0.2 * cond[:, None, None, None]
+
+    def residual_fn(zp, tt, i, key_frame):
+      return -0.2 * zp + 0.5 * key_frame[:, None] + 0.1 * cond[:, None, None, None, None]
+    return base_fn, residual_fn
+
+  ones, zeros = jnp.ones(3), jnp.zeros(3)
+  guided = d.guided_decomposed_eps(*fns(jnp.concatenate([ones, zeros])), z, t, lambdas, schedule, 2.0, key_frame=key)
+  cond = d.decomposed_eps(*fns(ones), z, t, lambdas, schedule, key_frame=key)[0]
+  null = d.decomposed_eps(*fns(zeros), z, t, lambdas, schedule, key_frame=key)[0]
+  np.testing.assert_allclose(guided, null + 2.0 * (cond - null), rtol=1e-5, atol=1e-5)
+  null_without_key = d.decomposed_eps(*fns(zeros), z, t, lambdas, schedule, key_frame=jnp.zeros_like(key))[0]
+  assert np.abs(np.asarray(null_without_key - null)).max() > 0.1
+
+
+@pytest.mark.parametrize("variant", ["every_frame", "residual_frames", "key_frame_input"])
+def test_the_residual_term_gives_the_base_no_gradient(variant):
+  """Eq. 12's stop-gradient on scalar "networks" (base w_b z, residual w_r z' (+ 0.1 x̂^k)): the residual
+  term's gradient in w_b is exactly 0, on every non-key frame, on train.residual_frames' frames and with
+  the key-frame input, while w_r gets one, and the key term's gradient is w_b's alone. Control: the
+  same residual term built from decomposed_eps without the stop-gradient reaches w_b."""
+  schedule, lambdas, x0, noise = _clips_and_noise(9)
+  t = jnp.array([3, 400, 990])
+  frames = jnp.array([[0], [3], [1]]) if variant == "residual_frames" else None
+  key_input = variant == "key_frame_input"
+
+  def fns(w):
+    def residual_fn(z, tt, i, key=None):
+      return w[1] * z + (0.0 if key is None else 0.1 * key[:, None])
+    return (lambda z, tt: w[0] * z), residual_fn
+
+  def terms(w):
+    return d.joint_loss(*fns(w), x0, t, noise, lambdas, schedule, key_frame_input=key_input, frames=frames)[1]
+
+  def residual_term_without_sg(w):
+    z = d.q_sample(x0, t, noise, schedule)
+    eps_hat = d.decomposed_eps(*fns(w), z, t, lambdas, schedule, key_frame_input=key_input, frames=frames)[0]
+    target = noise[:, np.asarray(d.non_key_frames(4))] if frames is None else d.take_frames(noise, frames)
+    estimate = eps_hat[:, np.asarray(d.non_key_frames(4))] if frames is None else eps_hat
+    return jnp.mean(jnp.square(target - estimate))
+
+  w = jnp.array([0.3, -0.2])
+  g_res = np.asarray(jax.grad(lambda v: terms(v)["loss_residual"])(w))
+  g_key = np.asarray(jax.grad(lambda v: terms(v)["loss_key"])(w))
+  assert g_res[0] == 0.0 and abs(g_res[1]) > 1e-3
+  assert abs(g_key[0]) > 1e-3 and g_key[1] == 0.0
+  assert abs(float(jax.grad(residual_term_without_sg)(w)[0])) > 1e-3

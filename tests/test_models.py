@@ -133,3 +133,45 @@ def test_group_norm_matches_flax(shape, dtype, param_dtype, loc, std):
   for g, e in zip(grads, expected_grads):
     g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)
     np.testing.assert_allclose(g, e, rtol=0, atol=(3e-4 if dtype == jnp.float32 else 5e-2) * np.abs(e).max())
+
+
+def _np_group_norm(x, groups, scale, bias, eps=1e-6):
+  """GroupNorm of ``x`` ``(B, H, W, C)`` in float64: each example's channel groups over (H, W, C/groups)."""
+  b, h, w, c = x.shape
+  g = x.reshape(b, h, w, groups, c // groups)
+  mean, var = g.mean(axis=(1, 2, 4), keepdims=True), g.var(axis=(1, 2, 4), keepdims=True)
+  return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+def _np_conv3x3(x, kernel, bias):
+  """A 3x3 'SAME' convolution, stride 1, as the sum over the kernel's offsets of the zero-padded input."""
+  b, h, w, _ = x.shape
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return sum(padded[:, dy:dy + h, dx:dx + w] @ kernel[dy, dx] for dy in range(3) for dx in range(3)) + bias
+
+
+def test_res_block_against_numpy():
+  """ADM's res block, against NumPy: GroupNorm-SiLU-conv3x3, the time embedding's scale and shift applied as
+  norm(h)·(1 + scale) + shift, SiLU, conv3x3, and a 1x1 convolution on the skip where the width changes
+  (8 -> 16 channels: 8 groups in the first norm, 16 in the second)."""
+  from videofusion_jax.models.unet import ResBlock
+
+  block = ResBlock(16, 0.0, jnp.float32, jnp.float32)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 4, 4, 8)), jnp.float32)
+  emb = jnp.asarray(rng.normal(size=(2, 12)), jnp.float32)
+  params = nn.unbox(block.init(jax.random.PRNGKey(0), x, emb, False))["params"]
+  # Every weight perturbed: conv2 starts at zero, norms at scale 1 and bias 0, the embedding's bias at 0.
+  params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(np.float32), params)
+  out = np.asarray(block.apply({"params": params}, x, emb, False))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+  xn = np.asarray(x, np.float64)
+  h = _np_conv3x3(silu(_np_group_norm(xn, 8, p["norm1"]["scale"], p["norm1"]["bias"])), p["conv1"]["kernel"],
+                  p["conv1"]["bias"])
+  scale_shift = silu(np.asarray(emb, np.float64)) @ p["emb"]["kernel"] + p["emb"]["bias"]
+  scale, shift = scale_shift[:, None, None, :16], scale_shift[:, None, None, 16:]
+  h = _np_group_norm(h, 16, p["norm2"]["scale"], p["norm2"]["bias"]) * (1 + scale) + shift
+  h = _np_conv3x3(silu(h), p["conv2"]["kernel"], p["conv2"]["bias"])
+  skip = xn @ p["skip"]["kernel"][0, 0] + p["skip"]["bias"]
+  np.testing.assert_allclose(out, skip + h, rtol=1e-4, atol=1e-4)

@@ -710,3 +710,56 @@ def test_checkpoint_written_before_the_restructuring_restores_and_resumes(traine
   resumed = train(c, tmp_path, iter(batches(c, 1)), trainer=trainer, verbose=False)
   assert int(resumed.step) == 3
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(resumed.params))
+
+
+def test_each_step_draws_from_its_own_key_and_the_ema_follows_the_updated_parameters(trainer):
+  """Two steps from the initial state (the first at the warm-up's zero rate leaves the parameters as they
+  are): the second step's loss is loss_fn's on its input state with the key fold_in(state.rng, step) (each
+  step draws new timesteps and noise), and its EMA is d·ema + (1-d)·params after the update, with
+  d = min(ema_decay, (1 + step)/(10 + step)) = 2/11 at step 1 (computed here in NumPy)."""
+  from videofusion_jax.training.step import loss_fn
+
+  c = trainer.config
+  b = batches(c, 2, seed=3)
+  state, _ = trainer.step(trainer.init_state(0), trainer.global_batch(b[0]))
+  before = jax.device_get(state)  # the step donates its input state
+  assert int(before.step) == 1
+  state, m = trainer.step(state, trainer.global_batch(b[1]))
+  after = jax.device_get(state)
+  rng = jax.random.fold_in(before.rng, 1)
+  loss = jax.jit(lambda p, e: loss_fn(p, trainer, {k: jnp.asarray(v) for k, v in b[1].items()}, rng, e)[0])
+  np.testing.assert_allclose(m["loss"], loss(before.params, before.ema_params), rtol=1e-5)
+  d = min(c.train.ema_decay, 2 / 11)
+  moved = 0.0
+  for e0, p0, p1, e1 in zip(*(jax.tree.leaves(x) for x in (before.ema_params, before.params, after.params,
+                                                           after.ema_params)), strict=True):
+    np.testing.assert_allclose(e1, d * np.asarray(e0, np.float64) + (1 - d) * np.asarray(p1, np.float64),
+                               rtol=1e-5, atol=1e-7)
+    moved = max(moved, float(np.abs(np.asarray(p1) - np.asarray(p0)).max()))
+  assert moved > 1e-4  # control: the update moved the parameters, so the EMA of the old ones differs
+
+
+def test_clipping_scales_to_grad_clip_and_sums_squares_in_float32():
+  """clip_each_by_global_norm(c) scales a generator whose gradient norm exceeds c to norm c exactly, for
+  c = 2.5 and 0.3 (not 1), and leaves one under c as it is; global_norm of float16 gradients of 300
+  (300² overflows float16) is their norm, in float32, and their clipped update is finite, of norm c."""
+  from videofusion_jax.training.optimizer import clip_each_by_global_norm, global_norm
+
+  rng = np.random.default_rng(4)
+  base = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=4)}
+  norm = np.sqrt(sum(np.sum(v**2) for v in base.values()))
+  for c in (2.5, 0.3):
+    grads = {"base": {k: jnp.asarray(4 * c * v / norm, jnp.float32) for k, v in base.items()},  # norm 4c
+             "residual": {"w": jnp.asarray(np.full(5, 0.5 * c / np.sqrt(5)), jnp.float32)}}  # norm c/2
+    tx = clip_each_by_global_norm(c)
+    out, _ = tx.update(grads, tx.init(grads))
+    for k, v in base.items():
+      np.testing.assert_allclose(out["base"][k], c * v / norm, rtol=1e-5)
+    np.testing.assert_array_equal(out["residual"]["w"], grads["residual"]["w"])
+  big = {"residual": {"w": jnp.full((4,), 300.0, jnp.float16)}}
+  np.testing.assert_allclose(global_norm(big), 600.0, rtol=1e-6)
+  tx = clip_each_by_global_norm(1.0)
+  out, _ = tx.update(big, tx.init(big))
+  w = np.asarray(out["residual"]["w"], np.float32)
+  assert out["residual"]["w"].dtype == jnp.float16 and np.isfinite(w).all()
+  np.testing.assert_allclose(w, 0.5, rtol=1e-3)
