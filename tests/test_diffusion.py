@@ -521,9 +521,13 @@ def test_ddpm_fixed_large_chain_matches_numpy(lam):
   assert np.abs(outs["fixed_large"] - outs["fixed_small"]).max() > 1e-2  # control: the variance matters
 
 
-def test_anchored_eps_pulls_the_clean_estimate_and_spares_the_key_frame():
-  """The continuity option's estimate: the x̂0 it implies is ``x̂0 + w (anchor - x̂0)`` frame by frame
-  (computed here from the definitions), weight 0 leaves ε as it was, and the weights fall linearly."""
+@pytest.mark.parametrize("clip_x0", [False, True])
+def test_anchored_eps_pulls_the_clean_estimate_and_spares_the_key_frame(clip_x0):
+  """The continuity option's estimate: the x̂0 it implies is ``c + w (anchor - c)`` frame by frame (computed
+  here from the definitions), with ``c`` = x̂0, or with clip_x0 (sampling's default) ``clip(x̂0, -1, 1)``;
+  weight 0 leaves ε as it was (unclipped), and the weights fall linearly. Controls: a pulled frame's ε
+  changes; with clip_x0, x̂0 of the pulled frames lies far outside [-1, 1], where pulling the unclipped
+  x̂0 differs."""
   np.testing.assert_allclose(d.anchor_weights(8, 3), [0.75, 0.5, 0.25, 0, 0, 0, 0, 0])
   np.testing.assert_allclose(d.anchor_weights(4, 0), np.zeros(4))
   per_step = np.asarray(d.anchor_weights(8, 3, num_steps=10), np.float64)  # compounded over 10 steps: the same
@@ -531,21 +535,24 @@ def test_anchored_eps_pulls_the_clean_estimate_and_spares_the_key_frame():
   T = 50
   s = d.make_schedule("cosine", T)
   acp = np.asarray(s.alphas_cumprod, np.float64)
-  rng = np.random.default_rng(4)
-  z = rng.normal(size=(2, 4, 3, 3, 2)).astype(np.float32)
+  rng = np.random.default_rng(5 if clip_x0 else 4)
+  z = ((2.0 if clip_x0 else 1.0) * rng.normal(size=(2, 4, 3, 3, 2))).astype(np.float32)
   eps = rng.normal(size=z.shape).astype(np.float32)
   anchor = rng.uniform(-1, 1, (2, 3, 3, 2)).astype(np.float32)
   t = np.array([5, 40])
   w = np.array([0.6, 0.3, 0.0, 0.0], np.float32)
   out = np.asarray(d.anchored_eps(jnp.asarray(z), jnp.asarray(eps), jnp.asarray(t), jnp.asarray(anchor),
-                                  jnp.asarray(w), s, clip_x0=False))
+                                  jnp.asarray(w), s, clip_x0=clip_x0))
   a = acp[t].reshape(2, 1, 1, 1, 1)
-  x0 = (z - np.sqrt(1 - a) * eps) / np.sqrt(a)
+  raw = (z - np.sqrt(1 - a) * eps) / np.sqrt(a)
+  c = np.clip(raw, -1, 1) if clip_x0 else raw
   implied = (z - np.sqrt(1 - a) * out) / np.sqrt(a)
-  expected = x0 + w.reshape(1, 4, 1, 1, 1) * (anchor[:, None] - x0)
-  np.testing.assert_allclose(implied, expected, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(out[:, 2:], eps[:, 2:], rtol=1e-4, atol=1e-4)  # weight 0: ε unchanged
+  np.testing.assert_allclose(implied, c + w.reshape(1, 4, 1, 1, 1) * (anchor[:, None] - c), rtol=1e-4, atol=1e-4)
   assert np.abs(out[:, 0] - eps[:, 0]).max() > 0.1  # control: a pulled frame's ε changes
+  if clip_x0:
+    assert np.abs(raw[:, :2]).max() > 2.0  # the clip is active on the pulled frames
+  else:
+    np.testing.assert_allclose(out[:, 2:], eps[:, 2:], rtol=1e-4, atol=1e-4)  # weight 0: ε unchanged
 
 
 @pytest.mark.parametrize("method", ["ddim", "ddpm"])
@@ -582,30 +589,6 @@ def test_steps_with_clip_x0_use_the_clipped_estimate(method):
       mean = np.sqrt(ap) * betas[t] / (1 - a) * x0 + np.sqrt(1 - betas[t]) * (1 - ap) / (1 - a) * zn
       expected = mean + np.sqrt(betas[t] * (1 - ap) / (1 - a)) * noise
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_anchored_eps_pulls_the_clipped_estimate():
-  """With clip_x0 (sampling's default) the pull starts from the clipped estimate: the x̂0 that the result
-  implies is ``c + w (anchor - c)`` with ``c = clip(x̂0, -1, 1)`` (NumPy), on every frame (w = 0: c itself).
-  Control: x̂0 of the pulled frames lies far outside [-1, 1], where pulling the unclipped x̂0 differs."""
-  T = 50
-  s = d.make_schedule("cosine", T)
-  acp = np.asarray(s.alphas_cumprod, np.float64)
-  rng = np.random.default_rng(5)
-  z = (2.0 * rng.normal(size=(2, 4, 3, 3, 2))).astype(np.float32)
-  eps = rng.normal(size=z.shape).astype(np.float32)
-  anchor = rng.uniform(-1, 1, (2, 3, 3, 2)).astype(np.float32)
-  t = np.array([5, 40])
-  w = np.array([0.6, 0.3, 0.0, 0.0], np.float32)
-  out = np.asarray(d.anchored_eps(jnp.asarray(z), jnp.asarray(eps), jnp.asarray(t), jnp.asarray(anchor),
-                                  jnp.asarray(w), s, clip_x0=True))
-  a = acp[t].reshape(2, 1, 1, 1, 1)
-  raw = (z - np.sqrt(1 - a) * eps) / np.sqrt(a)
-  clipped = np.clip(raw, -1, 1)
-  implied = (z - np.sqrt(1 - a) * out) / np.sqrt(a)
-  np.testing.assert_allclose(implied, clipped + w.reshape(1, 4, 1, 1, 1) * (anchor[:, None] - clipped),
-                             rtol=1e-4, atol=1e-4)
-  assert np.abs(raw[:, :2]).max() > 2.0  # the clip is active on the pulled frames
 
 
 def test_guidance_gives_the_clean_key_frame_to_both_passes():
