@@ -371,8 +371,13 @@ def test_resume_gives_the_same_next_step(trainer, tmp_path):
   full = train(c, tmp_path / "full", iter(data[:4]), trainer=trainer, verbose=False)
   first = tiny_config(**{"train.num_steps": 2})
   train(first, tmp_path / "split", iter(data[:2]), trainer=trainer, verbose=False)
+  # A save a preemption cut off, at a step off the checkpoint grid (never saved again): as large as a
+  # checkpoint, it stayed for good; the resumed run removes it.
+  stray = tmp_path / "split" / "checkpoints" / "3.orbax-checkpoint-tmp"
+  (stray / "state").mkdir(parents=True)
+  (stray / "state" / "d").write_bytes(b"\0" * 4096)
   resumed = train(c, tmp_path / "split", iter(data[2:4]), trainer=trainer, verbose=False)
-  assert int(resumed.step) == 4
+  assert int(resumed.step) == 4 and not stray.exists()
   _allclose_trees(full.params, resumed.params)
   _allclose_trees(full.ema_params, resumed.ema_params)
   _allclose_trees(full.opt_state, resumed.opt_state)
@@ -382,6 +387,32 @@ def test_resume_gives_the_same_next_step(trainer, tmp_path):
   np.testing.assert_allclose(m_full["loss"], m_resumed["loss"], rtol=1e-6)
   assert (tmp_path / "split" / "config.json").is_file()
   assert any((tmp_path / "split" / "tensorboard").iterdir())
+
+
+def test_a_resume_under_another_learning_rate_schedule_is_warned(tmp_path):
+  """A run resumed at step 12 of 12 with num_steps raised to 24 under a cosine decay: the rate at step 12
+  (optax's schedules of both configs, 2 warm-up steps) goes from near 0 back up, and the warning gives
+  both rates; the same schedule, or a constant decay whose rate at the step is the same, says nothing."""
+  import optax
+
+  from videofusion_jax.training.loop import save_config, schedule_change_warning
+
+  recorded = tiny_config(**{"train.num_steps": 12, "train.lr_decay": "cosine"})
+  save_config(recorded, tmp_path)
+  longer = tiny_config(**{"train.num_steps": 24, "train.lr_decay": "cosine"})
+  cosine = lambda n: optax.join_schedules(  # noqa: E731 - the formula, from optax's parts
+      [optax.linear_schedule(0.0, 1e-3, 2), optax.cosine_decay_schedule(1e-3, n - 2)], [2])
+  was, now = float(cosine(12)(12)), float(cosine(24)(12))
+  assert was < 1e-9 and now > 4e-4
+  warning = schedule_change_warning(longer, tmp_path, 12)
+  assert f"at step 12 the rate is {now:.2e} (x the network's scale) where it was {was:.2e}, up" in warning
+  assert "num_steps=24 (was 12)" in warning
+  assert schedule_change_warning(recorded, tmp_path, 12) is None
+  assert schedule_change_warning(longer, tmp_path / "nowhere", 12) is None  # nothing recorded
+  save_config(tiny_config(**{"train.num_steps": 12}), tmp_path)  # constant after the warm-up: the same rate
+  assert schedule_change_warning(tiny_config(**{"train.num_steps": 24}), tmp_path, 12) is None
+  warning = schedule_change_warning(tiny_config(**{"train.num_steps": 24, "train.warmup_steps": 20}), tmp_path, 12)
+  assert "warmup_steps=20 (was 2)" in warning and ", down 1.7x at once" in warning  # back on a longer ramp
 
 
 def test_resume_continues_the_input_stream(trainer, tmp_path, tfds_dir, monkeypatch):

@@ -43,8 +43,11 @@ def resume_position(saved: dict | None, stream: dict, step: int) -> int:
     why = (f" The checkpoint's data order is version {saved['order_version']} and this code shuffles with "
            f"version {stream['order_version']} (each host its own permutation), so in the current epoch some "
            "examples may be seen twice and others not at all.")
-  print(f"note: the input stream was {saved} and is now {stream}; the example order cannot continue "
-        f"exactly, so it restarts at batch {position} (the same number of examples seen).{why}")
+  seen = position * stream["local_batch_size"] * stream["process_count"]
+  again = f"; the {examples - seen} examples past it are seen again" if seen < examples else ""
+  if jax.process_index() == 0:  # every host computes it; one says it
+    print(f"note: the input stream was {saved} and is now {stream}; the example order cannot continue exactly, so "
+          f"it restarts at batch {position}, the whole batches of the {examples} examples seen{again}.{why}")
   return position
 
 

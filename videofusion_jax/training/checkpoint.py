@@ -58,8 +58,11 @@ def make_manager(workdir: str | Path, keep: int, async_save: bool = True, read_o
   directory = Path(workdir).absolute() / "checkpoints"
   if read_only and not directory.is_dir():
     raise CheckpointError(f"no checkpoint in {directory}: train first (--mode=train).")
+  # A save cut off by a preemption leaves STEP.orbax-checkpoint-tmp, as large as a checkpoint; at a step off the
+  # checkpoint_every grid (where a run usually stops) it is never saved again: removed when training starts.
   options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
-                                         enable_async_checkpointing=async_save and not read_only)
+                                         enable_async_checkpointing=async_save and not read_only,
+                                         cleanup_tmp_directories=not read_only)
   # Named items, so that steps written before the stream position existed (one unnamed
   # item) do not lock the manager into single-item mode.
   return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)

@@ -19,6 +19,7 @@ from videofusion_jax.config import (
     ConfigError,
     check_against_record,
     clip_used,
+    field_or_none,
     recorded_config,
 )
 from videofusion_jax.data.stream import prepare_dataset, resume_position, stream_identity
@@ -117,6 +118,37 @@ def warmup_warning(config: ml_collections.ConfigDict) -> str | None:
   return (f"warning: config.train.warmup_steps={t.warmup_steps} >= num_steps={t.num_steps}: the run ends on the "
           f"warm-up ramp, at {100 * (t.num_steps - 1) / t.warmup_steps:.0f}% of the learning rate{decay}. For a "
           f"short run set --config.train.warmup_steps={t.num_steps // 10}" + (" (or 0)." if t.num_steps >= 10 else "."))
+
+
+SCHEDULE_FIELDS = ("learning_rate", "lr_decay", "num_steps", "warmup_steps")  # train.*: the rate at a step
+
+
+def schedule_change_warning(config: ml_collections.ConfigDict, workdir: Path, step: int) -> str | None:
+  """A warning for a run resumed at ``step`` whose learning-rate schedule gives another rate there than the
+  one its ``config.json`` records (a raised ``num_steps`` stretches a cosine decay: the rate rises again; a
+  changed warm-up puts the run back on its ramp); None when the rate is the same, or nothing is recorded."""
+  from videofusion_jax.training.optimizer import learning_rate_schedule
+
+  record, trained = recorded_config(workdir)
+  if trained is None or step == 0:
+    return None
+  then = ml_collections.ConfigDict(config.to_dict())
+  changed = []
+  for name in SCHEDULE_FIELDS:
+    was = field_or_none(trained, f"train.{name}")
+    if was is not None and was != config.train[name]:
+      then.train[name] = type(config.train[name])(was)
+      changed.append(f"{name}={config.train[name]!r} (was {was!r})")
+  if not changed:
+    return None
+  was, now = (float(learning_rate_schedule(c, 1.0)(step)) for c in (then, config))
+  if abs(now - was) <= 1e-3 * max(abs(was), 1e-12):
+    return None
+  return (f"warning: the learning-rate schedule changed since checkpoint {step} was trained ({', '.join(changed)}; "
+          f"{record}): at step {step} the rate is {now:.2e} (x the network's scale) where it was {was:.2e}, "
+          f"{'up' if now > was else 'down'} {max(now, was) / max(min(now, was), 1e-30):.1f}x at once. With "
+          "train.lr_decay='cosine' a higher num_steps stretches the decay to the new end; to keep the rate, resume "
+          "with the recorded values.")
 
 
 def _spatial_from_base(base: dict, video: dict, where: str) -> dict:
@@ -296,13 +328,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
         state, _, step, _ = restored
         if step >= config.train.num_steps:
           say(f"nothing to train: checkpoint {step} in {manager.directory} has reached "
-              f"config.train.num_steps={config.train.num_steps}. Raise --config.train.num_steps to train on.")
+              f"config.train.num_steps={config.train.num_steps}. Raise --config.train.num_steps to train on"
+              + (" (with train.lr_decay='cosine' the decay then stretches to the new end: the learning rate rises "
+                 "again)." if config.train.lr_decay == "cosine" else "."))
           return state
         started = _resume(trainer, manager, say, restored)
       if batches is None:
         prepare_dataset(config)
       state, saved_stream = started or _start(trainer, manager, config, say)
-      for warning in (base_from_scratch_warning(config), warmup_warning(config)):
+      for warning in (base_from_scratch_warning(config), warmup_warning(config),
+                      schedule_change_warning(config, workdir, int(state.step)) if latest is not None else None):
         if warning:
           say(warning, flush=True)
       if lead:
