@@ -311,6 +311,44 @@ def test_workdir_lock(tmp_path, capsys, monkeypatch):
     WorkdirLock(tmp_path).acquire()
 
 
+def test_a_lock_its_holder_stopped_renewing_is_taken_over_from_another_host(tmp_path, capsys, monkeypatch):
+  """The holder renews the lock's modification time every HEARTBEAT_S from a thread of its own, until it
+  releases it; a lock of another host not renewed for STALE_S (its run killed past its grace period on a TPU
+  slice since recreated under other host names) is taken over, with a note (it was refused until deleted by
+  hand); one renewed since, or written before the heartbeat (no field), is still refused."""
+  from videofusion_jax.training import workdir as workdir_lib
+
+  monkeypatch.setattr(workdir_lib, "HEARTBEAT_S", 0.05)
+  path = tmp_path / LOCK_NAME
+  lock = WorkdirLock(tmp_path).__enter__()
+  long_ago = time.time() - 3600
+  os.utime(path, (long_ago, long_ago))
+  deadline = time.time() + 10
+  while path.stat().st_mtime < time.time() - 60 and time.time() < deadline:
+    time.sleep(0.02)
+  assert path.stat().st_mtime > time.time() - 60  # renewed
+  lock.__exit__()
+  assert not path.exists()
+  time.sleep(0.2)  # the released hold's thread has stopped: it recreates nothing, and touches nothing
+  assert not path.exists()
+
+  other = {"pid": 4242, "host": "tpu-slice-before-w-0", "started": "x", "heartbeat": 60.0}
+  for record, idle, taken in ((other, workdir_lib.STALE_S + 60, True), (other, workdir_lib.STALE_S - 60, False),
+                              ({k: v for k, v in other.items() if k != "heartbeat"}, 24 * 3600, False)):
+    path.write_text(json.dumps(record))
+    then = time.time() - idle
+    os.utime(path, (then, then))
+    if taken:
+      with WorkdirLock(tmp_path):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+      out = capsys.readouterr().out
+      assert "was left by process 4242 on host tpu-slice-before-w-0, which has not renewed it for 16 minutes" in out
+    else:
+      with pytest.raises(WorkdirError, match="another training run \\(process 4242 on host tpu-slice-before-w-0"):
+        WorkdirLock(tmp_path).acquire()
+      assert json.loads(path.read_text()) == record
+
+
 @pytest.fixture(scope="module")
 def trained(config_file, tmp_path_factory):
   """A workdir trained 2 steps through the command line."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -64,19 +65,44 @@ def _slurm_attempt() -> tuple[str, str] | None:
   return (job, os.environ.get("SLURM_RESTART_COUNT", "0")) if job else None
 
 
+# The holder renews the lock's modification time every HEARTBEAT_S seconds; a lock of another host not
+# renewed for STALE_S is a run that died without releasing it (killed past its grace period, its node
+# lost; a recreated TPU slice has other host names), and is taken over. Locks written before the
+# heartbeat (no "heartbeat" field) are never taken over so.
+HEARTBEAT_S = 60.0
+STALE_S = 15 * 60.0
+
+
 class WorkdirLock:
   """``workdir/train.lock`` holding this run's process id and host, created atomically: a
   second training run in the same workdir is refused with a message naming the first. A lock
   left by a run that died on this host (its process is gone, or its id is this process's: a
-  restarted container), or by an earlier attempt of this SLURM job (requeued after a node failure,
-  maybe on other nodes), is taken over, with a note."""
+  restarted container), by an earlier attempt of this SLURM job (requeued after a node failure,
+  maybe on other nodes), or not renewed for ``STALE_S`` (its holder renews it every ``HEARTBEAT_S``
+  from a thread of its own), is taken over, with a note."""
 
   def __init__(self, workdir: Path):
     self.path = Path(workdir) / LOCK_NAME
     self.held = False
+    self._stop = threading.Event()
+
+  def _renew(self, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+      try:
+        os.utime(self.path)
+      except OSError:  # gone or unreachable for now: the next beat tries again
+        pass
+
+  def _stale_for(self) -> float:
+    """Seconds since the lock file was last renewed (0 when it cannot be read)."""
+    try:
+      return max(0.0, time.time() - self.path.stat().st_mtime)
+    except OSError:
+      return 0.0
 
   def acquire(self) -> None:
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "heartbeat": HEARTBEAT_S}
     attempt = _slurm_attempt()
     if attempt:
       me["slurm_job"], me["slurm_restart"] = attempt
@@ -96,6 +122,10 @@ class WorkdirLock:
         elif other and attempt and other.get("slurm_job") == attempt[0] and other.get("slurm_restart") != attempt[1]:
           left_by = (f"attempt {other.get('slurm_restart')} of this SLURM job ({attempt[0]}, now attempt "
                      f"{attempt[1]}: requeued)")
+        elif other and other.get("heartbeat") and other.get("host") != me["host"] and (
+            (idle := self._stale_for()) > STALE_S):
+          left_by = (f"process {other.get('pid')} on host {other.get('host')}, which has not renewed it for "
+                     f"{idle / 60:.0f} minutes (a live run renews it every {float(other['heartbeat']):.0f} s)")
         if left_by:
           print(f"note: {self.path} was left by {left_by}; taking it over.")
           self.path.unlink(missing_ok=True)
@@ -110,6 +140,8 @@ class WorkdirLock:
         json.dump(me, f)
       self.held = True
       _HELD.add(str(self.path))
+      self._stop = threading.Event()  # this hold's own: a release ends its thread alone
+      threading.Thread(target=self._renew, args=(self._stop,), name="workdir-lock-heartbeat", daemon=True).start()
       return
     raise WorkdirError(f"could not take over {self.path}: another run took it at the same moment. Check that no "
                        "other training run uses this workdir, then run again.")
@@ -121,6 +153,7 @@ class WorkdirLock:
       return None
 
   def release(self) -> None:
+    self._stop.set()
     if self.held:
       self.path.unlink(missing_ok=True)
       self.held = False
