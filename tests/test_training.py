@@ -508,6 +508,12 @@ def test_image_stage_then_video_stage_with_frozen_base(tmp_path, monkeypatch):
   video_init = video_trainer.init_state(1)
   video_state = train(video_cfg, tmp_path / "video", iter(batches(video_cfg, 2)), trainer=video_trainer,
                       verbose=False)
+  # Started with the image run's seed, the video stage still draws its own timesteps and noise: its state's
+  # key is not the image run's (with the same key it replayed the image stage's draws step for step).
+  from videofusion_jax.training.loop import init_base_from
+  same_seed = video_trainer.init_state(image_cfg.seed)
+  assert np.array_equal(same_seed.rng, init.rng)
+  assert not np.array_equal(init_base_from(video_trainer, same_seed, str(tmp_path / "image")).rng, init.rng)
   # The base starts from the image run's EMA weights (what a released pretrained model is), with
   # its encoder (frozen with it); the prior starts there too and trains on.
   _allclose_trees(video_state.params["base"], image_state.ema_params["base"], atol=0)

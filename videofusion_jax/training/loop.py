@@ -221,7 +221,9 @@ def init_base_from(trainer: Trainer, state: TrainState, workdir: str) -> TrainSt
     ema[name] = jax.device_put(src, trainer.state_sharding.ema_params[name])
   print(f"{', '.join(names)} initialised from the EMA weights of {workdir} (step {step}).")
   opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_sharding.opt_state)(params)
-  return state.replace(params=params, ema_params=ema, opt_state=opt_state)
+  # A key of its own: with the image run's seed (the default, 0, in both) the state's key was that run's,
+  # and every step drew the image stage's timesteps, noise and dropouts again, step for step.
+  return state.replace(params=params, ema_params=ema, opt_state=opt_state, rng=jax.random.fold_in(state.rng, 1))
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
