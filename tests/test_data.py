@@ -81,6 +81,62 @@ def test_a_clips_label_is_the_label_of_the_video_its_frames_come_from(config):
   np.testing.assert_array_equal(real["label"], labels[records])
 
 
+def test_a_video_of_exactly_the_clips_span_gives_its_one_clip(config):
+  """18 frames at stride 7 span 7 x 17 + 1 = 120 frames, carphone's length: that video is long enough (its
+  one clip: frames 0, 7, ..., 119), so each epoch of 3 clips holds a clip of every video, kept in memory or
+  decoded as read; the other videos' clips are windows of their own frames."""
+  videos, labels = stored_videos(config.data, 8)
+  span, stride = 120, 7
+  assert sorted(len(v) for v in videos)[0] == span
+  for cache_mb in (512.0, 0.0):
+    c = tiny_config(**{"data.data_dir": config.data.data_dir, "data.num_frames": 18, "data.frame_stride": stride,
+                       "data.cache_mb": cache_mb})
+    batch = next(pipeline.train_iterator(c, 6, seed=2, verbose=False))
+    for epoch in (batch["label"][:3], batch["label"][3:]):
+      assert sorted(epoch.tolist()) == [0, 1, 2], cache_mb
+    for clip, label in zip(batch["video"], batch["label"]):
+      (record,) = np.flatnonzero(labels == label)
+      video = videos[record]
+      windows = np.stack([video[f:f + span:stride] for f in range(len(video) - span + 1)])
+      assert np.abs(windows - clip).max(axis=(1, 2, 3, 4)).min() < 1e-4, (cache_mb, label)
+
+
+def test_each_host_reads_its_own_block_at_its_own_draws(config):
+  """Two hosts over the demo's 3 records (contiguous blocks [0, 1] and [2]): host h's clip at stream position
+  p is frames f, f + 2, ... of record block[perm_e[p mod n]], where perm_e is the stateless shuffle of the
+  block's n offsets seeded (seed, e x 2 + h), e = p // n, and f the stateless uniform draw in [0, L - span]
+  seeded (seed, p x 2 + h) (TensorFlow's ops called here, by the documented seeds); its label is its
+  record's, kept in memory or decoded as read. The evaluation's 5 clips split as 3 + 2 in order."""
+  import tensorflow as tf
+
+  videos, labels = stored_videos(config.data, 8)
+  span, stride, seed, hosts, b = 7, 2, 11, 2, 6
+  for h, block in enumerate(([0, 1], [2])):
+    n = len(block)
+    records, clips = [], []
+    for p in range(b):
+      e, offset = divmod(p, n)
+      perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                      seed=tf.constant([seed, e * hosts + h], tf.int64)).numpy()
+      r = block[perm[offset]]
+      f = int(tf.random.stateless_uniform([], seed=tf.constant([seed, p * hosts + h], tf.int64),
+                                          maxval=len(videos[r]) - span + 1, dtype=tf.int64))
+      records.append(r)
+      clips.append(videos[r][f:f + span:stride])
+    for cache_mb in (512.0, 0.0):
+      c = tiny_config(**{"data.data_dir": config.data.data_dir, "data.cache_mb": cache_mb})
+      batch = next(pipeline.train_iterator(c, b, seed=seed, process_index=h, process_count=hosts, verbose=False))
+      np.testing.assert_allclose(batch["video"], np.stack(clips), atol=1e-4, err_msg=f"host {h}, cache_mb={cache_mb}")
+      np.testing.assert_array_equal(batch["label"], labels[records], err_msg=f"host {h}, cache_mb={cache_mb}")
+  lengths = np.array([len(v) for v in videos])
+  records, firsts = pipeline.eval_plan(5, np.arange(3), lengths, span=span)
+  expected = np.stack([videos[r][f:f + span:stride] for r, f in zip(records, firsts)])
+  for h, share in enumerate(([0, 1, 2], [3, 4])):
+    got = list(pipeline.eval_iterator(config, 5, 2, process_index=h, process_count=hosts, verbose=False))
+    np.testing.assert_allclose(np.concatenate([g["video"] for g in got]), expected[share], atol=1e-4)
+    np.testing.assert_array_equal(np.concatenate([g["label"] for g in got]), labels[records[share]])
+
+
 def test_each_host_reads_its_own_block_and_every_example_once_per_epoch():
   eligible = np.array([0, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14])  # records long enough for a clip
   for hosts in (2, 4):
@@ -120,6 +176,10 @@ def test_hosts_shuffle_their_blocks_with_their_own_permutations():
       stream = np.array(list(order.take(3 * n).as_numpy_iterator()))
       for e in range(3):
         assert sorted(stream[e * n:(e + 1) * n].tolist()) == block.tolist()
+      # Epoch e visits the block in the stateless shuffle seeded (seed, e x hosts + h).
+      expected = [block[tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                                 seed=[1, e * hosts + h]).numpy()] for e in range(3)]
+      np.testing.assert_array_equal(stream, np.concatenate(expected))
       later = pipeline.record_order(block, seed=1, position=17, process_index=h, process_count=hosts)
       np.testing.assert_array_equal(list(later.take(3 * n - 17).as_numpy_iterator()), stream[17:])
       offsets.append((stream - block[0]).reshape(3, n))

@@ -166,3 +166,53 @@ def test_a_text_models_clips_take_the_real_clips_captions(tfds_dir, tmp_path, mo
   np.testing.assert_array_equal(seen["text"][:, 0], np.arange(6))  # the embeddings of those prompts, in order
   assert results["prompts"] == "the first caption of each real clip's record"
   assert "config.sample.prompt and config.sample.prompts_file are not read" in capsys.readouterr().out
+
+
+def test_short_clips_show_each_frame_to_i3d_often_enough_in_place():
+  """I3D needs 9 frames: a clip of N frames shows each frame ceil(9 / N) times (once from 9 frames on), each
+  repeated in place (frames 0, 0, 0, 1, 1, 1, ...: the clip's motion slowed, not the clip looped), as uint8
+  round((x + 1) x 127.5)."""
+  for n, k in ((1, 9), (2, 5), (3, 3), (4, 3), (5, 2), (8, 2), (9, 1), (16, 1)):
+    assert evaluate.frame_repeat(n) == k, n
+  videos = np.random.default_rng(0).uniform(-1, 1, (2, 4, 3, 3, 3)).astype(np.float32)
+  shown = evaluate.for_i3d(videos)
+  assert shown.dtype == np.uint8 and shown.shape == (2, 12, 3, 3, 3)
+  for t in range(12):
+    np.testing.assert_array_equal(shown[:, t], np.round((videos[:, t // 3] + 1) * np.float32(127.5)))
+
+
+def test_the_real_clips_come_from_eval_split_else_data_eval_split_else_data_split():
+  """The split of the protocol's real clips (read, cached and recorded under it): config.eval.split when
+  set, else data.eval_split, else data.split."""
+  assert evaluate.protocol(tiny_config())["split"] == "train"
+  assert evaluate.protocol(tiny_config(**{"data.eval_split": "test"}))["split"] == "test"
+  both = tiny_config(**{"data.eval_split": "test", "eval.split": "train+test"})
+  assert evaluate.protocol(both)["split"] == "train+test"
+
+
+def test_a_class_models_clips_take_the_real_clips_labels_in_turn(tmp_path, monkeypatch):
+  """Class-conditional eval: generated clip i takes the label of real clip (i mod num_real), the real clips'
+  class mix, not the classes in turn (sample.label=-1's 0, 1, 2, ...): the briefly trained model of
+  test_eval_mode_writes_fvd_kvd_and_caches_real_features hardly depends on its label, so its figures cannot
+  tell. The networks are stood in for: what is checked is which labels reach the sampler."""
+  import types
+
+  c = tiny_config()
+  c.eval.update(num_real=4, num_generated=6, batch_size=4, kvd_subsets=2, kvd_subset_size=3)
+  real = np.array([2, 2, 0, 1], np.int32)
+  seen = {}
+  monkeypatch.setattr(evaluate, "real_features", lambda *a, **k: {
+      "features": np.random.default_rng(0).normal(size=(4, 400)), "labels": real, "protocol": {}})
+  monkeypatch.setattr(evaluate, "i3d_features",
+                      lambda b: lambda v: np.random.default_rng(len(v)).normal(size=(len(v), 400)))
+  monkeypatch.setattr(evaluate, "describe_batch", lambda *a: "one batch")
+
+  def generated(experiment, params, num, seed, labels, consume, text):
+    seen["labels"] = labels
+    consume(np.zeros((num, c.data.num_frames, 8, 8, 3), np.float32))
+
+  monkeypatch.setattr(evaluate, "generated_videos", generated)
+  monkeypatch.setattr(evaluate, "check_trained_config", lambda *a: None)
+  fake = types.SimpleNamespace(restore=lambda *a, **k: types.SimpleNamespace(step=1, ema_params=None))
+  evaluate.run(c, str(tmp_path), experiment=fake)
+  np.testing.assert_array_equal(seen["labels"], [2, 2, 0, 1, 2, 2])

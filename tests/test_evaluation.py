@@ -182,6 +182,26 @@ def test_kernel_distance_matches_the_pairwise_formula():
   assert mean == pytest.approx(_mmd2_loops(x[ix], y[iy]), rel=1e-10)
 
 
+def test_kernel_distance_subsets_of_sets_of_different_sizes():
+  """KVD's subsets as KID's code draws them: each subset takes min(subset_size, N, M) rows of each set
+  without replacement, a's rows then b's from one generator seeded ``seed``; the result is the mean and the
+  population std (ddof 0, as KID's and torch-fidelity's code) of the subsets' MMD², each the pairwise
+  formula. The sets differ in size, as eval.num_real and eval.num_generated may."""
+  rng = np.random.default_rng(13)
+  x, y = rng.normal(size=(30, 5)), rng.normal(size=(12, 5)) * 1.2 + 0.3
+  for subset_size, m in ((8, 8), (1000, 12)):
+    r = np.random.default_rng(4)
+    mmds = []
+    for _ in range(5):
+      ix = r.choice(30, m, replace=False)
+      iy = r.choice(12, m, replace=False)
+      mmds.append(_mmd2_loops(x[ix], y[iy]))
+    mean, std = distances.kernel_distance(x, y, num_subsets=5, subset_size=subset_size, seed=4)
+    assert mean == pytest.approx(np.mean(mmds), rel=1e-10)
+    assert std == pytest.approx(np.std(mmds), rel=1e-8)
+    assert np.std(mmds) > 0.05 * abs(np.mean(mmds))  # the subsets differ: the std is measured
+
+
 def test_kernel_distance_is_near_zero_for_one_distribution_and_grows_with_a_shift():
   rng = np.random.default_rng(7)
   a = rng.normal(size=(400, 16))
@@ -206,6 +226,14 @@ def test_inception_score_limits_and_scipy_kl():
   expected = [np.exp(np.mean([scipy.stats.entropy(row, part.mean(0)) for row in part]))
               for part in np.split(p, 3)]
   mean, std = distances.inception_score(p, splits=3)
+  assert mean == pytest.approx(np.mean(expected), rel=1e-9)
+  assert std == pytest.approx(np.std(expected), rel=1e-6)
+  # 63 clips in 10 splits: improved-GAN's (and TGANv2's) bounds i * n // splits, every clip in one split.
+  p63 = np.random.default_rng(9).dirichlet(np.full(7, 0.3), size=63)
+  bounds = [i * 63 // 10 for i in range(11)]
+  expected = [np.exp(np.mean([scipy.stats.entropy(row, part.mean(0)) for row in part]))
+              for part in (p63[a:b] for a, b in zip(bounds, bounds[1:]))]
+  mean, std = distances.inception_score(p63, splits=10)
   assert mean == pytest.approx(np.mean(expected), rel=1e-9)
   assert std == pytest.approx(np.std(expected), rel=1e-6)
   with pytest.raises(ValueError, match="pass softmax outputs, not logits"):

@@ -217,6 +217,65 @@ def test_a_checkpoints_metadata_is_read_once_until_the_step_is_saved_anew(tmp_pa
   manager.close()
 
 
+def test_a_run_keeps_its_newest_checkpoints_only(tmp_path):
+  """train.keep_checkpoints=N (``make_manager(keep=N)``): of steps 1..4 saved, the newest 2 stay, with
+  their own arrays; the older ones are deleted."""
+  manager = ckpt.make_manager(tmp_path, keep=2, async_save=False)
+  for step in range(1, 5):
+    ckpt.save(manager, step, {"w": np.full(3, step, np.float32)})
+  manager.close()
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 4]
+  reader = ckpt.make_manager(tmp_path, keep=2, read_only=True)
+  abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+  np.testing.assert_array_equal(np.asarray(ckpt.restore(reader, abstract, step=3)["w"]), np.full(3, 3.0))
+  reader.close()
+
+
+def test_a_step_moved_aside_again_keeps_every_earlier_copy(tmp_path):
+  """``move_aside`` never replaces what an earlier move kept: step 1 saved and moved aside three times is
+  kept as 1, 1.1 and 1.2 in checkpoints_damaged, each with the arrays it held."""
+  import orbax.checkpoint as ocp
+
+  manager = ckpt.make_manager(tmp_path, keep=5, async_save=False)
+  for value in range(3):
+    ckpt.save(manager, 1, {"w": np.full(2, value, np.float32)})
+    ckpt.move_aside(manager, [1], log=lambda *_: None)
+  manager.close()
+  aside = tmp_path / "checkpoints_damaged"
+  assert sorted(p.name for p in aside.iterdir()) == ["1", "1.1", "1.2"]
+  for name, value in (("1", 0), ("1.1", 1), ("1.2", 2)):
+    with ocp.StandardCheckpointer() as reader:
+      np.testing.assert_array_equal(np.asarray(reader.restore((aside / name / "state").absolute())["w"]),
+                                    np.full(2, value, np.float32))
+
+
+def test_the_last_step_is_logged_and_steps_per_sec_counts_the_steps_since_the_last_log(trainer, tmp_path,
+                                                                                      monkeypatch):
+  """log_every=3 over 7 steps: steps 3, 6 and the last, 7, are in metrics.jsonl, once each; a logged
+  steps/s is the steps since the previous log over the wall time between the two logs, measured here as
+  each line is written (batches arrive 0.1 s apart: the time is the input's, not the measurement's)."""
+  from videofusion_jax.training import loop
+
+  written, scalars = [], loop._Writer.scalars
+
+  def timed(self, step, metrics):
+    written.append((step, time.time()))
+    return scalars(self, step, metrics)
+
+  def slow(batches):
+    for batch in batches:
+      time.sleep(0.1)
+      yield batch
+
+  monkeypatch.setattr(loop._Writer, "scalars", timed)
+  c = tiny_config(**{"train.num_steps": 7, "train.log_every": 3, "train.checkpoint_every": 1000})
+  train(c, tmp_path, batches=slow(fake_batches(c, n=7)), trainer=trainer, verbose=False)
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [s for s, _ in written] == [3, 6, 7]
+  for (s0, t0), (s1, t1), row in zip(written, written[1:], rows[1:]):
+    assert row["steps_per_sec"] == pytest.approx((s1 - s0) / (t1 - t0), rel=0.05), (s1, row)  # 1e-4 seen
+
+
 def test_no_intact_checkpoint_is_an_error_that_deletes_nothing(trainer, tmp_path):
   c = trainer.config
   train(c, tmp_path, batches=fake_batches(c), trainer=trainer, verbose=False)

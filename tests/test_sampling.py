@@ -189,6 +189,21 @@ def test_samples_are_reproducible_from_the_seed(trained):
   assert a.shape == (3, 4, 8, 8, 3) and np.abs(a).max() <= 1.0
 
 
+def test_each_rows_keys_are_three_streams_of_the_seed_by_its_indices():
+  """``row_keys``: the base noise's and the prior's keys from the row's content index, the residual noise's
+  from its motion index, each index folded into its own stream of the seed (streams 0, 1, 2): a row's three
+  keys are distinct (one key for two draws would repeat the base noise's numbers in the prior's), rows with
+  one content index share the base and prior keys, rows with one motion index the residual key."""
+  root = jax.random.PRNGKey(5)
+  content, motion = np.array([0, 0, 3]), np.array([2, 4, 2])
+  base, residual, prior = (np.asarray(k) for k in sampling.row_keys(5, content, motion))
+  for keys, stream, index in ((base, 0, content), (residual, 1, motion), (prior, 2, content)):
+    expected = [np.asarray(jax.random.fold_in(jax.random.fold_in(root, stream), int(i))) for i in index]
+    np.testing.assert_array_equal(keys, np.stack(expected))
+  for i in range(3):
+    assert len({tuple(base[i]), tuple(residual[i]), tuple(prior[i])}) == 3
+
+
 def _rows_drawn(monkeypatch) -> list[int]:
   """The batch of every call of the generator, recorded (its keys' rows)."""
   rows, make = [], sampling.make_generate_fn
@@ -218,10 +233,22 @@ def test_fewer_videos_than_the_batch_draw_only_their_rows(trained, monkeypatch):
   np.testing.assert_allclose(alone[0], batch[0], atol=1e-5)  # the same to float rounding (3e-6 seen)
   assert sampling.describe_batch(trainer, 1) == "1 at a time (the 1 video(s) wanted, fewer than sample.batch_size=3)"
   rows.clear()
-  got = []
-  sampling.generated_videos(trainer, params, 4, 1, np.resize(labels, 4), got.append)
+  got, drawn, generate = [], [], sampling.generate_videos
+
+  def recorded(experiment, params, num, seed, labels, **kwargs):
+    drawn.append((kwargs["first"], labels.tolist()))
+    return generate(experiment, params, num, seed, labels, **kwargs)
+
+  monkeypatch.setattr(sampling, "generate_videos", recorded)
+  sampling.generated_videos(trainer, params, 4, 1, np.array([0, 1, 2, 1], np.int32), got.append)
   assert rows == [3, 3] and [len(v) for v in got] == [3, 1]
   np.testing.assert_allclose(got[0], batch, atol=1e-6)
+  # The second batch is video 3 of the seed with its own label (the labels hardly change this model's videos:
+  # which reach the sampler is checked), not video 0 again nor the first batch's label.
+  assert drawn == [(0, [0, 1, 2]), (3, [1])]
+  fourth = generate(trainer, params, 1, seed=1, labels=np.array([1], np.int32), first=3)
+  np.testing.assert_allclose(got[1], fourth, atol=1e-4)  # 1.5e-5 seen
+  assert np.abs(got[1][0] - batch[0]).max() > 1e-2  # control: another video
 
 
 def test_guided_sampling_at_scale_zero_is_null_conditioned_sampling(trained, tfds_dir):
@@ -551,5 +578,5 @@ def test_long_video_files_and_sidecars(long_run, monkeypatch, capsys):
   assert printed.count("no .mp4 written (ImportError: No module named 'av')") == 1
   assert not list(grid_dir.glob("*.mp4")) and len(list(grid_dir.glob("*.gif"))) == 3
   assert (grid_dir / "grid.png").is_file()
-  assert [json.loads((grid_dir / f"sample_00{i}_label0.json").read_text())["motion_index"] for i in range(3)] \
-      == [0, 1, 2]
+  sidecars = [json.loads((grid_dir / f"sample_00{i}_label0.json").read_text()) for i in range(3)]
+  assert [(side["content_index"], side["motion_index"]) for side in sidecars] == [(0, 0), (0, 1), (0, 2)]

@@ -1,5 +1,6 @@
 """Training: stop-gradient, two learning rates, sharding, checkpoints, resume, NaN handling."""
 import importlib
+import json
 import re
 
 import flax.linen as nn
@@ -433,6 +434,12 @@ def test_resume_continues_the_input_stream(trainer, tmp_path, tfds_dir, monkeypa
   restarted = train(c, tmp_path / "restart", trainer=trainer, verbose=False)
   assert max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
              for x, y in zip(jax.tree.leaves(full.params), jax.tree.leaves(restarted.params))) > 1e-4
+  # Restarted at batch 0, the stream's position is saved as it is: batch 0 and the 2 batches read since, not
+  # the step; and metrics.jsonl holds each of steps 1..4 once (trimmed at the step resumed, not the batch).
+  manager = ckpt.make_manager(tmp_path / "restart", keep=5, async_save=False)
+  assert ckpt.restore_data_state(manager, 4)["batches"] == 2
+  rows = (tmp_path / "restart" / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(row)["step"] for row in rows] == [1, 2, 3, 4]
 
 
 def test_checkpoints_of_the_single_item_format_still_restore_and_resume(trainer, tmp_path):
