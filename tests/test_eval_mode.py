@@ -118,12 +118,33 @@ def test_eval_says_it_does_not_read_the_long_video_and_control_settings(tmp_path
   assert not any(tmp_path.iterdir())
 
 
+def _stand_in_networks_and_i3d(monkeypatch, c, real_labels, seen: dict):
+  """``evaluate.run`` with the networks, I3D and the real clips' features stood in for (random features of the
+  right width; ``real_labels`` the real clips'): the sampler's labels and text go to ``seen``. Returns the
+  experiment to pass."""
+  import types
+
+  monkeypatch.setattr(evaluate, "real_features", lambda *a, **k: {
+      "features": np.random.default_rng(0).normal(size=(len(real_labels), 400)), "labels": real_labels,
+      "protocol": {}})
+  monkeypatch.setattr(evaluate, "i3d_features",
+                      lambda b: lambda v: np.random.default_rng(len(v)).normal(size=(len(v), 400)))
+  monkeypatch.setattr(evaluate, "describe_batch", lambda *a: "one batch")
+
+  def generated(experiment, params, num, seed, labels, consume, text):
+    seen["labels"], seen["text"] = labels, text
+    consume(np.zeros((num, c.data.num_frames, 8, 8, 3), np.float32))
+
+  monkeypatch.setattr(evaluate, "generated_videos", generated)
+  monkeypatch.setattr(evaluate, "check_trained_config", lambda *a: None)
+  return types.SimpleNamespace(restore=lambda *a, **k: types.SimpleNamespace(step=1, ema_params=None))
+
+
 def test_a_text_models_clips_take_the_real_clips_captions(tfds_dir, tmp_path, monkeypatch, capsys):
   """A text model's generated clip i takes the first caption of real clip (i mod num_real)'s record, as
   class-conditional clips take the real labels: all of them from one prompt (what eval did, from
   sample.prompt) measured the prompt against the whole captioned set. The networks are stood in for:
   what is checked is which text reaches the sampler, and what the results file says of it."""
-  import types
 
   from videofusion_jax.data.builders.demo_clips import CAPTIONS, CLASS_NAMES
 
@@ -137,19 +158,7 @@ def test_a_text_models_clips_take_the_real_clips_captions(tfds_dir, tmp_path, mo
   seen = {}
   monkeypatch.setattr(evaluate, "prompt_embeddings", lambda config, prompts, verbose=True: seen.setdefault(
       "prompts", prompts) and np.arange(len(prompts), dtype=np.float32)[:, None] * np.ones((1, 4), np.float32))
-  monkeypatch.setattr(evaluate, "real_features", lambda *a, **k: {
-      "features": np.random.default_rng(0).normal(size=(4, 400)), "labels": real, "protocol": {}})
-  monkeypatch.setattr(evaluate, "i3d_features",
-                      lambda b: lambda v: np.random.default_rng(len(v)).normal(size=(len(v), 400)))
-  monkeypatch.setattr(evaluate, "describe_batch", lambda *a: "one batch")
-
-  def generated(experiment, params, num, seed, labels, consume, text):
-    seen["text"] = text
-    consume(np.zeros((num, c.data.num_frames, 8, 8, 3), np.float32))
-
-  monkeypatch.setattr(evaluate, "generated_videos", generated)
-  monkeypatch.setattr(evaluate, "check_trained_config", lambda *a: None)
-  fake = types.SimpleNamespace(restore=lambda *a, **k: types.SimpleNamespace(step=1, ema_params=None))
+  fake = _stand_in_networks_and_i3d(monkeypatch, c, real, seen)
   from videofusion_jax.data import embeddings
   read = embeddings.record_captions
 
@@ -195,24 +204,10 @@ def test_a_class_models_clips_take_the_real_clips_labels_in_turn(tmp_path, monke
   class mix, not the classes in turn (sample.label=-1's 0, 1, 2, ...): the briefly trained model of
   test_eval_mode_writes_fvd_kvd_and_caches_real_features hardly depends on its label, so its figures cannot
   tell. The networks are stood in for: what is checked is which labels reach the sampler."""
-  import types
 
   c = tiny_config()
   c.eval.update(num_real=4, num_generated=6, batch_size=4, kvd_subsets=2, kvd_subset_size=3)
   real = np.array([2, 2, 0, 1], np.int32)
   seen = {}
-  monkeypatch.setattr(evaluate, "real_features", lambda *a, **k: {
-      "features": np.random.default_rng(0).normal(size=(4, 400)), "labels": real, "protocol": {}})
-  monkeypatch.setattr(evaluate, "i3d_features",
-                      lambda b: lambda v: np.random.default_rng(len(v)).normal(size=(len(v), 400)))
-  monkeypatch.setattr(evaluate, "describe_batch", lambda *a: "one batch")
-
-  def generated(experiment, params, num, seed, labels, consume, text):
-    seen["labels"] = labels
-    consume(np.zeros((num, c.data.num_frames, 8, 8, 3), np.float32))
-
-  monkeypatch.setattr(evaluate, "generated_videos", generated)
-  monkeypatch.setattr(evaluate, "check_trained_config", lambda *a: None)
-  fake = types.SimpleNamespace(restore=lambda *a, **k: types.SimpleNamespace(step=1, ema_params=None))
-  evaluate.run(c, str(tmp_path), experiment=fake)
+  evaluate.run(c, str(tmp_path), experiment=_stand_in_networks_and_i3d(monkeypatch, c, real, seen))
   np.testing.assert_array_equal(seen["labels"], [2, 2, 0, 1, 2, 2])

@@ -45,16 +45,6 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
   return path
 
 
-def experiment_mesh(config: ml_collections.ConfigDict, mesh=None):
-  """``mesh``, or the config's mesh over every device; a shape the devices cannot hold is a ConfigError."""
-  if mesh is not None:
-    return mesh
-  try:
-    return shd.make_mesh(config)
-  except ValueError as e:  # the mesh's shape against the devices there are
-    raise ConfigError(str(e)) from None
-
-
 class Experiment:
   """Everything a config determines before any data is read or any step is compiled.
 
@@ -66,9 +56,11 @@ class Experiment:
     validate(config)
     self.config = config
     self._program_context = program_context(config)  # the config everything below is built from
-    # train.batch_size against the devices is the Trainer's check: sampling and evaluation build
-    # this too, from a run that may have trained on another mesh.
-    self.mesh = experiment_mesh(config, mesh)
+    try:
+      self.mesh = mesh if mesh is not None else shd.make_mesh(config)
+    except ValueError as e:  # the mesh's shape against the devices there are
+      raise ConfigError(str(e)) from None
+    self.check_mesh()  # before the networks are built
     self.networks = factory.make_networks(config)
     self.schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
     self.prior_schedule, self.encode = None, None
@@ -95,6 +87,10 @@ class Experiment:
     self.batch_sharding = shd.batch_sharding(self.mesh, rules)
     self._init = self.stored_jit(self._init_fn, "init", out_like=self._abstract_state,
                                  out_shardings=self.state_sharding)
+
+  def check_mesh(self) -> None:
+    """What this experiment's work needs of ``self.mesh``, else a ConfigError; nothing here: sampling and
+    evaluation draw their own batches, on any mesh (``Trainer`` checks the training batch)."""
 
   def _init_fn(self, rng: jax.Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)

@@ -10,8 +10,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from videofusion_jax import diffusion
-from videofusion_jax.config import ConfigError, validate
-from videofusion_jax.experiment import Experiment, experiment_mesh
+from videofusion_jax.config import ConfigError
+from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import generator_names, make_apply_fns, make_prior_fn, make_video_fn
 from videofusion_jax.training import sharding as shd
@@ -264,10 +264,10 @@ def check_train_batch(config: ml_collections.ConfigDict, devices: int) -> None:
 class Trainer(Experiment):
   """An experiment and its train step, jitted over the mesh (state donated)."""
 
+  def check_mesh(self) -> None:
+    check_train_batch(self.config, self.mesh.devices.size)
+
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
-    validate(config)  # what the checks below read, before the networks are built
-    mesh = experiment_mesh(config, mesh)
-    check_train_batch(config, mesh.devices.size)
     super().__init__(config, mesh)
     step = functools.partial(train_step, experiment=self)
     # Kept traced beside the compilation cache: a warm start runs none of the step's Python.
