@@ -227,6 +227,29 @@ def test_a_checkpoint_of_the_old_record_order_is_not_continued_on_the_new_one(ca
   assert capsys.readouterr().out == ""
 
 
+def test_a_checkpoint_of_a_rebuilt_dataset_is_not_continued_on_its_new_videos(capsys):
+  """The stream names its dataset's videos: a dataset rebuilt with other videos under the same name
+  resumes at the same number of examples with a note; a checkpoint saved before the field existed
+  resumes at its batch silently, as one of the same videos does."""
+  from videofusion_jax.data import stream as stream_lib
+
+  config = tiny_config()
+  was = stream_lib.stream_identity(config, 1, 8, {"builder": "demo_clips/1.0.0", "videos": 3, "lengths_sha256": "a1"})
+  now = stream_lib.stream_identity(config, 1, 8, {"builder": "demo_clips/1.0.0", "videos": 4, "lengths_sha256": "b2"})
+  assert was["source"] == "demo_clips/1.0.0, 3 videos, frame counts a1"
+  assert stream_lib.resume_position({**was, "batches": 9}, was, 7) == 9
+  assert capsys.readouterr().out == ""
+  assert stream_lib.resume_position({**was, "batches": 9}, now, 7) == 9
+  out = capsys.readouterr().out
+  assert "cannot continue exactly" in out and "(demo_clips/1.0.0, 3 videos, frame counts a1; now demo_clips/1.0.0, " \
+      "4 videos, frame counts b2): it was rebuilt" in out
+  assert stream_lib.resume_position({**was, "batches": 9}, {**now, "local_batch_size": 16}, 7) == 4
+  assert "it was rebuilt" in capsys.readouterr().out
+  before = {k: v for k, v in was.items() if k != "source"}
+  assert stream_lib.resume_position({**before, "batches": 9}, now, 7) == 9
+  assert capsys.readouterr().out == ""
+
+
 def test_resuming_after_k_batches_continues_the_stream(config):
   """Batches 3..6 of one stream equal the first 4 batches of a stream resumed at batch 3
   (2 examples a batch over 3 videos: the resumed stream starts mid-epoch)."""

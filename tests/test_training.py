@@ -426,9 +426,12 @@ def test_resume_continues_the_input_stream(trainer, tmp_path, tfds_dir, monkeypa
   resumed = train(c, tmp_path / "split", trainer=trainer, verbose=False)
   _allclose_trees(full.params, resumed.params)
   manager = ckpt.make_manager(tmp_path / "split", keep=5, async_save=False)
+  from videofusion_jax.data import pipeline
+  source = pipeline.source_fingerprint(c, "train")  # the built dataset's videos: a rebuild is told apart
   assert ckpt.restore_data_state(manager, 4) == {
       "dataset": "demo_clips", "split": "train", "num_frames": 4, "frame_stride": 2, "seed": 0,
-      "process_count": 1, "local_batch_size": 8, "order_version": 2, "batches": 4}
+      "process_count": 1, "local_batch_size": 8, "order_version": 2, "batches": 4,
+      "source": f"{source['builder']}, {source['videos']} videos, frame counts {source['lengths_sha256']}"}
   train(half, tmp_path / "restart", trainer=trainer, verbose=False)
   monkeypatch.setattr(loop_module, "resume_position", lambda saved, stream, step: 0)
   restarted = train(c, tmp_path / "restart", trainer=trainer, verbose=False)

@@ -362,10 +362,13 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
   behind, so that the device never waits), logged, and checkpointed asynchronously."""
   start, total = int(state.step), config.train.num_steps
   local_batch = config.train.batch_size // jax.process_count()
-  stream = stream_identity(config, jax.process_count(), local_batch)
-  start_batch = resume_position(saved_stream, stream, start)
+  source = None
   if batches is None:
     from videofusion_jax.data import pipeline
+    source = pipeline.source_fingerprint(config, config.data.split)
+  stream = stream_identity(config, jax.process_count(), local_batch, source)
+  start_batch = resume_position(saved_stream, stream, start)
+  if batches is None:
     batches = pipeline.train_iterator(config, local_batch, seed=config.seed, process_index=jax.process_index(),
                                       process_count=jax.process_count(), start_batch=start_batch)
   writer = _Writer(workdir, start, say) if jax.process_index() == 0 else None
