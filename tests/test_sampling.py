@@ -1,6 +1,8 @@
 """Sampling from a checkpoint, the written files, and the demo's figures."""
 import copy
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import imageio.v3 as iio
 import jax
 import numpy as np
 import pytest
-from conftest import one_device, tiny_config
+from conftest import ROOT, one_device, tiny_config
 from test_data import stored_videos
 from test_training import batches
 
@@ -541,6 +543,38 @@ def test_continuity_frames_shrink_the_seam_between_clips(long_run):
   with_option, without = boundary_jump(joined, n), boundary_jump(free, n)
   print(f"boundary jump of the tiny model: {without:.2f} without, {with_option:.2f} with continuity_frames=2")
   assert with_option < 0.8 * without
+
+
+def test_the_long_videos_benchmark_reports_the_seams_of_these_draws(long_run, tmp_path):
+  """``benchmarks/long_videos.py`` on the trained run: its seam figures are those of the same videos
+  drawn here (the same keys), the last place of its step profile is the seam (its ratio to the mean
+  step inside clips, the boundary jump), the others average to 1, and the key frames of a video's
+  clips are one."""
+  from test_faults import one_device_env
+  from tiny import tiny_config_file
+
+  c, workdir, experiment, params = long_run
+  rows, n = np.arange(3), c.data.num_frames
+  labels = sampling.sample_labels(c, 3)
+  joined, _ = sampling.long_videos(experiment, params, c.sample.seed, rows, rows, labels)
+  free, _ = sampling.long_videos(experiment, params, c.sample.seed, rows, rows, labels, anchored=False)
+  config_file = tiny_config_file(tmp_path, **{k: c[k.split(".")[0]][k.split(".")[1]] for k in (
+      "data.data_dir", "sample.eta", "sample.num_clips", "sample.continuity_frames", "sample.num_samples",
+      "sample.batch_size")})
+  r = subprocess.run([sys.executable, "benchmarks/long_videos.py", f"--config={config_file}", f"--workdir={workdir}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300, env=one_device_env())
+  assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+  result = json.loads(r.stdout.splitlines()[0])
+  assert (result["step"], result["videos"], result["clips"], result["frames"]) == (2, 3, 2, 2 * n)
+  for name, videos in (("with", joined), ("without", free)):
+    jump = boundary_jump(videos, n)
+    assert result[f"boundary_jump_{name}"] == pytest.approx(jump, abs=2e-4)
+    profile = result[f"step_profile_{name}"]
+    assert len(profile) == n and profile[-1] == pytest.approx(jump, abs=2e-3)
+    assert np.mean(profile[:-1]) == pytest.approx(1.0, abs=2e-3)  # each inside place counted twice over 2 clips
+  assert result["boundary_jump_with"] < result["boundary_jump_without"]
+  assert 0 <= result["key_frame_max_difference_across_clips"] < 1e-5
+  assert result["seconds_with"] > 0 and result["seconds_without"] > 0
 
 
 def test_long_video_files_and_sidecars(long_run, monkeypatch, capsys):
