@@ -210,6 +210,22 @@ def test_batch_that_does_not_split_over_devices_is_a_clear_error():
     Trainer(tiny_config(**{"train.batch_size": 6}))
 
 
+def test_float16_samples_but_does_not_train():
+  """Training in float16 is refused before any network is built: the gradient reaching the output of a
+  mean over a ucf101 batch's 256 x 16 x 64 x 64 x 3 elements, 2 x err / count, is below float16's smallest
+  step for errors under ~0.75 (half of a unit normal's), so it rounds to 0, and the rest keeps a bit or two
+  (no loss scaling here). An Experiment, which samples,
+  takes float16."""
+  from videofusion_jax.config import ConfigError
+  count = 256 * 16 * 64 * 64 * 3
+  assert float(jnp.float16(2 * 0.5 / count)) == 0.0 and float(jnp.bfloat16(2 * 0.5 / count)) > 0.0
+  c = tiny_config(**{"model.dtype": "float16"})
+  with pytest.raises(ConfigError, match=r"config.model.dtype='float16' for training: without loss scaling .* rounds to 0 .* Train "
+                                        r"in bfloat16 \(--config.model.dtype=bfloat16, the default\) or float32"):
+    Trainer(c)
+  assert Experiment(c, mesh=one_device(c)).config.model.dtype == "float16"
+
+
 def test_min_snr_weighting_weights_each_example_of_the_step_loss(trainer):
   """With train.loss_weighting='min_snr' the generators' loss of a batch is the mean of each example's
   unweighted loss times min(SNR_t, γ)/SNR_t (each example run alone); the prior's term is unweighted."""

@@ -60,7 +60,7 @@ class Experiment:
       self.mesh = mesh if mesh is not None else shd.make_mesh(config)
     except ValueError as e:  # the mesh's shape against the devices there are
       raise ConfigError(str(e)) from None
-    self.check_mesh()  # before the networks are built
+    self.check_work()  # before the networks are built
     self.networks = factory.make_networks(config)
     self.schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
     self.prior_schedule, self.encode = None, None
@@ -88,9 +88,10 @@ class Experiment:
     self._init = self.stored_jit(self._init_fn, "init", out_like=self._abstract_state,
                                  out_shardings=self.state_sharding)
 
-  def check_mesh(self) -> None:
-    """What this experiment's work needs of ``self.mesh``, else a ConfigError; nothing here: sampling and
-    evaluation draw their own batches, on any mesh (``Trainer`` checks the training batch)."""
+  def check_work(self) -> None:
+    """What this experiment's work needs of its config and ``self.mesh`` beyond ``validate``, else a
+    ConfigError; nothing here: sampling and evaluation draw their own batches, on any mesh, in any compute
+    type (``Trainer`` checks the training batch and type)."""
 
   def _init_fn(self, rng: jax.Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
