@@ -9,6 +9,7 @@ from conftest import one_device, tiny_config
 from videofusion_jax.config import ConfigError
 from videofusion_jax.data import pipeline, video_io
 from videofusion_jax.evaluation import distances, evaluate
+from videofusion_jax.experiment import Experiment
 from videofusion_jax.sampling import generate_videos, sampler_settings
 from videofusion_jax.training.loop import train
 from videofusion_jax.training.step import Trainer
@@ -59,10 +60,14 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   # The log gives the chain's steps (DDPM: all T, not sample.num_steps) and where the seed comes from.
   ddpm = copy.deepcopy(c)
   ddpm.sample.method = "ddpm"
+  with pytest.raises(ConfigError, match=r"evaluation was given a Trainer built from another config "
+                                        r"\(sample.method='ddpm' \(was 'ddim'\)\): it would run the Trainer's"):
+    evaluate.run(ddpm, str(tmp_path), experiment=trainer)  # it sampled with DDIM and recorded DDPM
+  ddpm_experiment = Experiment(ddpm, mesh=trainer.mesh)
   sample = evaluate.generated_videos
   monkeypatch.setattr(evaluate, "generated_videos", lambda *a: (_ for _ in ()).throw(AssertionError("sampled")))
   with pytest.raises(AssertionError, match="sampled"):
-    evaluate.run(ddpm, str(tmp_path), experiment=trainer)
+    evaluate.run(ddpm, str(tmp_path), experiment=ddpm_experiment)
   assert f"(EMA weights, ddpm, 1000 steps, seed eval.seed={c.eval.seed})" in capsys.readouterr().out
   assert c.diffusion.num_timesteps == 1000 != c.sample.num_steps
   monkeypatch.setattr(evaluate, "generated_videos", sample)
@@ -137,7 +142,8 @@ def _stand_in_networks_and_i3d(monkeypatch, c, real_labels, seen: dict):
 
   monkeypatch.setattr(evaluate, "generated_videos", generated)
   monkeypatch.setattr(evaluate, "check_trained_config", lambda *a: None)
-  return types.SimpleNamespace(restore=lambda *a, **k: types.SimpleNamespace(step=1, ema_params=None))
+  return types.SimpleNamespace(restore=lambda *a, **k: types.SimpleNamespace(step=1, ema_params=None),
+                               check_config=lambda *a: None)
 
 
 def test_a_text_models_clips_take_the_real_clips_captions(tfds_dir, tmp_path, monkeypatch, capsys):

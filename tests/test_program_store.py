@@ -276,3 +276,49 @@ def test_without_a_local_compilation_cache_nothing_is_stored(monkeypatch, tmp_pa
   f = StoredJit(affine, "affine", "ctx", mesh)
   out = f(State(jnp.ones((3, 2)), jnp.zeros((), jnp.int32)), {"v": jnp.ones((4, 3))})
   assert f.source == "plain" and float(out[1]["mean"]) == 3.0
+
+
+def test_a_run_refuses_an_experiment_its_config_no_longer_describes(tmp_path):
+  """A notebook's second call: the config changed after its Trainer or Experiment was built (whose programs
+  and cached samplers keep the old values while config.json and the sidecars would record the new), or
+  another config handed with them that differs in what their programs read. Each is refused before
+  anything is read or written; the loop's own fields, and num_steps under a constant rate, may differ."""
+  from videofusion_jax import sampling
+  from videofusion_jax.config import ConfigError
+  from videofusion_jax.evaluation import evaluate
+  from videofusion_jax.training.loop import train
+
+  c = tiny_config()
+  trainer = Trainer(c, mesh=one_device(c))
+  c.train.learning_rate = 1e-5  # after the build: the optimizer has 1e-3
+  with pytest.raises(ConfigError, match=r"the config of this Trainer was changed after it was built "
+                                        r"\(train.learning_rate=1e-05 \(was 0.001\)\): its programs are built from "
+                                        r"the old values. Build a new Trainer from the changed config."):
+    train(c, tmp_path / "run", iter([]), trainer=trainer, verbose=False)
+  c.train.learning_rate = 1e-3
+  experiment = Experiment(c, mesh=one_device(c))
+  c.sample.num_steps = 2  # the sampler of 5 steps is built and cached per experiment
+  for run in (sampling.run, evaluate.run):
+    with pytest.raises(ConfigError, match=r"this Experiment was changed after it was built \(sample.num_steps=2 "
+                                          r"\(was 5\)\)"):
+      run(c, str(tmp_path / "run"), experiment=experiment)
+  c.sample.num_steps = 5
+  other = tiny_config(**{"train.learning_rate": 1e-5, "diffusion.lam": 0.9})
+  with pytest.raises(ConfigError, match=r"training was given a Trainer built from another config \(diffusion.lam=0.9 "
+                                        r"\(was 0.5\), train.learning_rate=1e-05 \(was 0.001\)\): it would run the "
+                                        r"Trainer's and record this one."):
+    train(other, tmp_path / "run", iter([]), trainer=trainer, verbose=False)
+  cosine = tiny_config(**{"train.lr_decay": "cosine"})
+  decaying = Trainer(cosine, mesh=one_device(cosine))
+  with pytest.raises(ConfigError, match=r"\(train.num_steps=8 \(was 4\)\)"):  # the rate decays to num_steps
+    train(tiny_config(**{"train.lr_decay": "cosine", "train.num_steps": 8}), tmp_path / "run", iter([]),
+          trainer=decaying, verbose=False)
+  longer = tiny_config(**{"sample.num_steps": 7})
+  with pytest.raises(ConfigError, match=r"sampling was given a Trainer built from another config "
+                                        r"\(sample.num_steps=7 \(was 5\)\)"):
+    trainer.check_config(longer, "sample")
+  # What the programs do not read: the loop's fields, and num_steps under a constant rate.
+  trainer.check_config(tiny_config(**{"train.num_steps": 9, "train.log_every": 3, "sample.num_samples": 1}), "train")
+  experiment.check_config(tiny_config(**{"sample.seed": 7, "sample.control": "content", "train.learning_rate": 1.0}),
+                          "sample")
+  assert not (tmp_path / "run").exists()

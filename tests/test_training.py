@@ -220,8 +220,9 @@ def test_float16_samples_but_does_not_train():
   count = 256 * 16 * 64 * 64 * 3
   assert float(jnp.float16(2 * 0.5 / count)) == 0.0 and float(jnp.bfloat16(2 * 0.5 / count)) > 0.0
   c = tiny_config(**{"model.dtype": "float16"})
-  with pytest.raises(ConfigError, match=r"config.model.dtype='float16' for training: without loss scaling .* rounds to 0 .* Train "
-                                        r"in bfloat16 \(--config.model.dtype=bfloat16, the default\) or float32"):
+  with pytest.raises(ConfigError, match=r"config.model.dtype='float16' for training: without loss scaling .* rounds "
+                                        r"to 0 .* Train in bfloat16 \(--config.model.dtype=bfloat16, the default\) "
+                                        r"or float32"):
     Trainer(c)
   assert Experiment(c, mesh=one_device(c)).config.model.dtype == "float16"
 

@@ -45,17 +45,44 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
   return path
 
 
+# What an Experiment's programs are built from (its networks, schedules, λs), whatever the mode; a run handed
+# an Experiment with another config would record one model and run another. Training adds the train
+# section (optimizer, loss, step), but for the loop's own fields, and ``train.num_steps`` unless the rate
+# decays to it; sampling and evaluation add the sampler's settings (``sampling.make_generate_fn``).
+PROGRAM_SECTIONS = ("model", "diffusion", "data.num_frames", "data.image_size", "data.num_classes")
+TRAIN_LOOP_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "init_base_from")
+SAMPLER_FIELDS = ("method", "num_steps", "eta", "clip_x0", "spacing", "variance", "guidance_scale",
+                  "continuity_frames", "batch_size", "prior_num_steps", "prior_spacing", "prior_eta",
+                  "prior_guidance_scale")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """A config's ``to_dict()`` as ``{dotted name: value}``."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    flat.update(_flat(value, name + ".") if isinstance(value, dict) else {name: value})
+  return flat
+
+
+def _changes(was: dict, now: dict) -> list[str]:
+  """``name=now (was was)`` for each dotted field that differs between two flat configs."""
+  return [f"{k}={now.get(k, '<none>')!r} (was {was.get(k, '<none>')!r})" for k in sorted(was.keys() | now.keys())
+          if was.get(k, "<none>") != now.get(k, "<none>")]
+
+
 class Experiment:
   """Everything a config determines before any data is read or any step is compiled.
 
   The config is validated here, once per run: build one ``Experiment`` and hand it to every
-  mode the run performs.
+  mode the run performs (``check_config``: with the config it was built from).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
     validate(config)
     self.config = config
     self._program_context = program_context(config)  # the config everything below is built from
+    self._built_from = _flat(config.to_dict())
     try:
       self.mesh = mesh if mesh is not None else shd.make_mesh(config)
     except ValueError as e:  # the mesh's shape against the devices there are
@@ -87,6 +114,33 @@ class Experiment:
     self.batch_sharding = shd.batch_sharding(self.mesh, rules)
     self._init = self.stored_jit(self._init_fn, "init", out_like=self._abstract_state,
                                  out_shardings=self.state_sharding)
+
+  def check_config(self, config: ml_collections.ConfigDict, work: str) -> None:
+    """A ConfigError unless ``config``, which ``work`` ('train', 'sample' or 'eval') records and reads, is
+    the one this experiment's programs were built from: not changed since the build (its compiled programs
+    and cached samplers would go on with the old values while config.json and the sidecars said the new),
+    nor another config that differs in what the programs read (``PROGRAM_SECTIONS``, and the train section
+    or the sampler's fields)."""
+    name = type(self).__name__
+    if program_context(self.config) != self._program_context:
+      changed = _changes(self._built_from, _flat(self.config.to_dict()))
+      raise ConfigError(f"the config of this {name} was changed after it was built ({', '.join(changed)}): its "
+                        f"programs are built from the old values. Build a new {name} from the changed config.")
+    if config is self.config:
+      return
+    fields = list(PROGRAM_SECTIONS)
+    if work == "train":
+      skip = TRAIN_LOOP_FIELDS + (("num_steps",) if config.train.lr_decay == "constant" else ())
+      fields += [f"train.{k}" for k in self.config.train.keys() if k not in skip]
+    else:
+      fields += [f"sample.{k}" for k in SAMPLER_FIELDS]
+    was, now = self._built_from, _flat(config.to_dict())
+    picked = lambda flat: {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in fields)}  # noqa: E731
+    changed = _changes(picked(was), picked(now))
+    if changed:
+      doing = {"train": "training", "sample": "sampling", "eval": "evaluation"}[work]
+      raise ConfigError(f"{doing} was given a {name} built from another config ({', '.join(changed)}): it would "
+                        f"run the {name}'s and record this one. Build a {name} from this config.")
 
   def check_work(self) -> None:
     """What this experiment's work needs of its config and ``self.mesh`` beyond ``validate``, else a

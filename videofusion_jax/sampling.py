@@ -586,7 +586,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   ``workdir/samples/step_N[_control][_Kclips]``: mp4, GIF and a JSON sidecar per video, grid.png,
   samples.npz and results.json (process 0 writes; every host draws its share)."""
   experiment = experiment or Experiment(config)
-  check_trained_config(config, workdir)
+  check_trained_config(config, workdir)  # first: what the config says against what the weights were trained with
+  experiment.check_config(config, "sample")
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)
   s = config.sample

@@ -195,6 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     c3d = C3DProbs(e.c3d_weights, batch_size=e.batch_size)  # a wrong path fails before sampling
   workdir = Path(workdir)
   check_trained_config(config, str(workdir))
+  experiment.check_config(config, "eval")
   prompts = eval_prompts(config)  # before any slow work: a dataset without captions is an error
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)

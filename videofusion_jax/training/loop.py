@@ -309,6 +309,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
         ConfigError("config.train.init_base_from: another host cannot use that run (its own error says why); "
                     "every host needs the same workdir, at the same path."))
   trainer = trainer or Trainer(config)
+  trainer.check_config(config, "train")
   lead = jax.process_index() == 0
   say = print if verbose and lead else (lambda *a, **k: None)
   lock = WorkdirLock(workdir) if lead else None
