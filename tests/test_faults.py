@@ -288,6 +288,68 @@ def test_no_intact_checkpoint_is_an_error_that_deletes_nothing(trainer, tmp_path
   assert snapshot(tmp_path) == before
 
 
+def tiny_checkpoints(workdir: Path, steps=(2,)) -> dict:
+  """Checkpoints of a two-array state at ``steps`` in ``workdir``; returns the abstract state that restores them."""
+  manager = ckpt.make_manager(workdir, keep=5, async_save=False)
+  for step in steps:
+    ckpt.save(manager, step, {"w": np.full(3, step, np.float32)})
+  manager.close()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return {"w": jax.ShapeDtypeStruct((3,), np.float32, sharding=device)}
+
+
+def test_a_step_that_was_not_saved_is_named_with_the_saved_steps_not_called_damaged(trainer, tmp_path, capsys):
+  """``restore(step=7)`` where only step 2 was saved: one line naming the saved steps, no "damaged"
+  warning, no "nothing was deleted" alarm; a saved step is still restored by its number."""
+  abstract = tiny_checkpoints(tmp_path, steps=(2, 4))
+  before = snapshot(tmp_path)
+  directory = tmp_path / "checkpoints"
+  manager = ckpt.make_manager(tmp_path, keep=5, read_only=True)
+  with pytest.raises(ckpt.CheckpointError) as error:
+    ckpt.restore(manager, abstract, step=7)
+  assert str(error.value) == (f"no checkpoint 7 in {directory}; its saved steps: [2, 4]. Ask for one of those, or "
+                              "for none (the newest intact one).")
+  np.testing.assert_array_equal(np.asarray(ckpt.restore(manager, abstract, step=2)["w"]), np.full(3, 2.0))
+  manager.close()
+  # The library's entry (Experiment.restore, sampling's and evaluation's) says the same, before reading anything.
+  with pytest.raises(ckpt.CheckpointError, match=re.escape(f"no checkpoint 7 in {directory}; its saved steps: "
+                                                           "[2, 4].")):
+    trainer.restore(tmp_path, step=7, ema_only=True)
+  assert "damaged" not in capsys.readouterr().out
+  assert snapshot(tmp_path) == before
+
+
+def test_restores_do_not_stack_hooks_and_hide_orbaxs_missing_item_metadata_warning(tmp_path, caplog, monkeypatch):
+  """A second restore leaves sys.unraisablehook, the warnings filters and the asyncio logger's filters as the
+  first left them (each restore used to add another asyncio filter, for good), and Orbax's absl warning that
+  the item's _CHECKPOINT_METADATA (never written for an item) does not exist is not logged, while absl's
+  other warnings are."""
+  import logging as pylogging
+  import warnings
+
+  from absl import logging
+
+  abstract = tiny_checkpoints(tmp_path)
+  monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: sys.__unraisablehook__(unraisable))  # this test's own
+  hooks = lambda: (sys.unraisablehook, list(warnings.filters), list(pylogging.getLogger("asyncio").filters))  # noqa: E731
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)  # a library user's default (main.py's ERROR would hide the warning)
+  try:
+    with caplog.at_level(pylogging.WARNING):
+      after = []
+      for _ in range(2):
+        manager = ckpt.make_manager(tmp_path, keep=5, read_only=True)
+        np.testing.assert_array_equal(np.asarray(ckpt.restore(manager, abstract)["w"]), np.full(3, 2.0))
+        manager.close()
+        after.append(hooks())
+      logging.warning("Metadata file does not exist: elsewhere")  # absl still logs, other messages too
+  finally:
+    logging.set_verbosity(verbosity)
+  assert after[1][0] is after[0][0] and after[1][1:] == after[0][1:]
+  messages = [r.getMessage() for r in caplog.records]
+  assert messages == ["Metadata file does not exist: elsewhere"], messages
+
+
 # A run restoring a damaged checkpoint (absl's verbosity as main.py sets it): Orbax's abandoned reads
 # surface, from other threads, while the run goes on.
 RESTORE_DAMAGED = """

@@ -294,6 +294,10 @@ def _hide_abandoned_reads_of(step_dir: Path) -> None:
   # The reads that had not started when the loop closed. Each call: pytest's catch_warnings drops it.
   warnings.filterwarnings("ignore", message=f"coroutine '{_READ_COROUTINE}' was never awaited",
                           category=RuntimeWarning)
+  # asyncio logs each read's task and future at their collection ("exception was never retrieved",
+  # "Task was destroyed but it is pending!"). Also added once: these hooks stay for the process, as the
+  # leftovers of a failed read surface at any later time, from other threads.
+  pylogging.getLogger("asyncio").addFilter(_hide_abandoned_read_log)
   previous = sys.unraisablehook
   if getattr(previous, "hides_abandoned_reads", False):
     return
@@ -303,9 +307,21 @@ def _hide_abandoned_reads_of(step_dir: Path) -> None:
       previous(unraisable)
   hook.hides_abandoned_reads = True
   sys.unraisablehook = hook
-  # asyncio logs each read's task and future at their collection ("exception was never retrieved",
-  # "Task was destroyed but it is pending!").
-  pylogging.getLogger("asyncio").addFilter(lambda record: not _safely(_is_abandoned_read_log, record))
+
+
+def _hide_abandoned_read_log(record: pylogging.LogRecord) -> bool:
+  return not _safely(_is_abandoned_read_log, record)
+
+
+def _hide_missing_item_metadata(record: pylogging.LogRecord) -> bool:
+  message = record.getMessage()
+  return not (message.startswith("Metadata file does not exist: ") and message.endswith("_CHECKPOINT_METADATA"))
+
+
+# Orbax's absl warning that an item's _CHECKPOINT_METADATA does not exist (the manager writes that file for the
+# step, not for each item): logged at each read of a checkpoint saved here wherever main.py's absl verbosity
+# does not hide it (a program using this as a library). Nothing else of absl's is filtered.
+logging.get_absl_logger().addFilter(_hide_missing_item_metadata)
 
 
 def _safely(check, *args) -> bool:
@@ -372,9 +388,14 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     unknown = set(fields) - {f.name for f in dataclasses.fields(abstract_state)}
     if unknown:
       raise ValueError(f"fields {sorted(unknown)} are not fields of the state")
-  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-  if not steps:
+  saved = sorted(manager.all_steps(), reverse=True)
+  if not saved:
     raise CheckpointError(f"no checkpoint in {manager.directory}: train first (--mode=train).")
+  # A step not saved is not a damaged one (a step's folder that Orbax does not list is read, and said damaged).
+  if step is not None and step not in saved and not (Path(manager.directory) / str(step)).is_dir():
+    raise CheckpointError(f"no checkpoint {step} in {manager.directory}; its saved steps: {saved[::-1]}. Ask for "
+                          "one of those, or for none (the newest intact one).")
+  steps = [step] if step is not None else saved
   damaged = []
   for s in steps:
     try:
