@@ -441,6 +441,60 @@ def test_diverged_samples_are_an_error_not_black_videos(trained):
     sampling.generate_videos(trainer, params, 3, seed=1, labels=np.array([0, 1, 2], np.int32))
 
 
+@pytest.mark.parametrize("kwargs, message", [pytest.param(*case, id=name) for name, case in {
+    "label past the classes": ({"labels": np.array([0, 1, 9], np.int32)},
+                               r"^labels hold 0..9, outside \[0, 3\]; give integers in \[0, 3\) "
+                               r"\(config.data.num_classes=3; 3 is the null label\)\.$"),
+    "negative label": ({"labels": np.array([0, -1, 2])}, r"^labels hold -1..2, outside \[0, 3\]"),
+    "too few labels": ({"labels": np.array([0])}, r"^labels has shape \(1,\) for 3 videos; give one label per video, "
+                                                  r"shape \(3,\)\.$"),
+    "float labels": ({"labels": np.array([0.0, 1.0, 2.0])}, r"^labels are float64; give integers in \[0, 3\)"),
+    "no labels": ({"labels": None}, r"^labels=None: this model is class-conditional \(its prior is on the label\): "
+                                    r"pass labels, shape \(3,\)"),
+    "condition of another width": ({"labels": None, "condition": np.ones((3, 5), np.float32)},
+                                   r"^condition has shape \(3, 5\) for 3 videos; give \(3, 32\), one embedding of "
+                                   r"width config.model.encoder.embed_dim=32 per video\.$"),
+    "condition for fewer videos": ({"labels": None, "condition": np.ones((2, 32), np.float32)},
+                                   r"^condition has shape \(2, 32\) for 3 videos"),
+    "NaN condition": ({"labels": None, "condition": np.full((3, 32), np.nan, np.float32)},
+                      r"^condition holds float32 values that are not all finite numbers"),
+    "text for a prior on the label": ({"labels": np.arange(3), "text": np.ones((3, 32), np.float32)},
+                                      r"^text was given, but this model does not read it \(it needs "
+                                      r"config.model.prior.condition='text'\)\.$"),
+}.items()])
+def test_labels_and_conditions_that_do_not_fit_the_model_are_refused_before_sampling(trained, kwargs, message):
+  """``generate_videos`` (and ``draw_videos`` under it): labels and given embeddings are checked on the host
+  before anything is traced (a label past data.num_classes gave NaN videos blamed on the weights, too few
+  labels an IndexError, a condition of another width a Chex traceback). Nothing is drawn: no params needed."""
+  _, _, trainer = trained
+  assert trainer.config.model.encoder.embed_dim == 32 and trainer.config.data.num_classes == 3
+  with pytest.raises(ConfigError, match=message):
+    sampling.generate_videos(trainer, None, 3, 0, **kwargs)
+
+
+def test_a_label_conditioned_models_labels_are_checked_and_it_takes_no_embeddings(tfds_dir):
+  """The label condition: both generators read the labels (the null label, 3, is allowed: guidance's), and
+  it has no embedding condition to give; ``draw_videos`` checks the labels against its rows."""
+  c = tiny_config(**{"data.data_dir": tfds_dir, "model.condition": "label"})
+  experiment = Experiment(c, mesh=one_device(c))
+  rows = np.arange(3)
+  with pytest.raises(ConfigError, match=r"^labels=None: this model is class-conditional \(both generators are on "
+                                        r"the label\)"):
+    sampling.draw_videos(experiment, None, 0, rows, rows, None)
+  with pytest.raises(ConfigError, match=r"^labels hold 0..4, outside \[0, 3\]"):
+    sampling.draw_videos(experiment, None, 0, rows, rows, np.array([0, 4, 3]))
+  with pytest.raises(ConfigError, match=r"^labels has shape \(2,\) for 3 videos"):
+    sampling.draw_videos(experiment, None, 0, rows, rows, np.array([0, 1]))
+  with pytest.raises(ConfigError, match=r"^condition was given, but this model does not read it \(it needs "
+                                        r"config.model.condition='embedding'\)\.$"):
+    sampling.draw_videos(experiment, None, 0, rows, rows, np.array([0, 1, 3]), np.ones((3, 32), np.float32))
+  sampling.check_conditions(c, 3, np.array([0, 1, 3]), None, None)  # the null label passes
+  # An unconditional model reads no labels: given ones (the demo's figures pass them) need only their count.
+  unconditional = tiny_config(**{"data.num_classes": 0})
+  sampling.check_conditions(unconditional, 3, np.array([0, 7, 2]), None, None)
+  sampling.check_conditions(unconditional, 3, None, None, None)
+
+
 @pytest.mark.parametrize("fps", [120, 200])
 def test_gifs_above_100_fps_hold_each_frame_at_least_10_ms(tmp_path, fps):
   """Above 100 fps a frame's share of 1/100 s rounds to 0 for some frames: every delay is floored at 10 ms."""

@@ -520,6 +520,91 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(trainer, tmp_path):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
+def _bad_first_batch(how):
+  """One of the tiny config's batches (8 x 4 frames of 8x8, labels in [0, 3)) spoilt as ``how`` says."""
+  def spoil(b):
+    v = b["video"]
+    return {"uint8": lambda: {**b, "video": np.round((v + 1) * 127.5).astype(np.uint8)},
+            "0..255": lambda: {**b, "video": np.round((v + 1) * 127.5).astype(np.float32)},
+            "nan": lambda: {**b, "video": np.where(np.arange(v.size).reshape(v.shape) == 5, np.nan, v)},
+            "16x16": lambda: {**b, "video": np.repeat(np.repeat(v, 2, axis=2), 2, axis=3)},
+            "6 frames": lambda: {**b, "video": np.concatenate([v, v[:, :2]], axis=1)},
+            "4 examples": lambda: {k: x[:4] for k, x in b.items()},
+            "no label": lambda: {"video": v},
+            "labels 0..9": lambda: {**b, "label": np.arange(8, dtype=np.int32) % 10 + 2},
+            "float labels": lambda: {**b, "label": b["label"].astype(np.float32)},
+            "a list": lambda: [v, b["label"]]}[how]()
+  return spoil
+
+
+@pytest.mark.parametrize("how, message", [pytest.param(*case, id=case[0]) for case in [
+    ("uint8", r"^batch\['video'\] is uint8; give float32 in \[-1, 1\]: video / 127.5 - 1"),
+    ("0..255", r"^batch\['video'\] holds values in \[0, 25\d\]; the model trains on frames in \[-1, 1\]: "
+               r"give video / 127.5 - 1 for frames in \[0, 255\]"),
+    ("nan", r"^batch\['video'\] holds NaN or infinite values"),
+    ("16x16", r"^batch\['video'\] has shape \(8, 4, 16, 16, 3\), where this config needs \(8, 4, 8, 8, 3\) .*: axis 2 "
+              r"\(16\) is not config.data.image_size=8; axis 3 \(16\) is not config.data.image_size=8\.$"),
+    ("6 frames", r"^batch\['video'\] has shape \(8, 6, 8, 8, 3\), .*: axis 1 \(6\) is not config.data.num_frames=4\.$"),
+    ("4 examples", r"^batch\['video'\] has shape \(4, 4, 8, 8, 3\), .*: axis 0 \(4\) is not "
+                   r"config.train.batch_size=8\.$"),
+    ("no label", r"^the training batch has no 'label' \(its keys: \['video'\]\); this config needs it "
+                 r"\(config.data.num_classes=3: the model is class-conditional"),
+    ("labels 0..9", r"^batch\['label'\] holds labels 2..9, outside \[0, 3\) \(config.data.num_classes=3\); set "
+                    r"--config.data.num_classes to the dataset's class count\.$"),
+    ("float labels", r"^batch\['label'\] is float32; give the class ids as integers \(int32\) in \[0, 3\)"),
+    ("a list", r"^a training batch is a dict of arrays \('video', 'label'\), not a list\.$"),
+]])
+def test_a_batch_that_does_not_fit_the_config_is_refused_before_the_step(trainer, tmp_path, how, message):
+  """``train(batches=...)``: a caller's batch is checked on the host against the config before the step
+  traces or runs (a uint8 or 0..255 video trained silently, labels past data.num_classes gave a NaN loss
+  blamed on the learning rate, a missing label a KeyError inside the trace, a wrong shape a Chex traceback
+  naming no field). One line naming the array and the config field; nothing trained, no checkpoint."""
+  c = trainer.config
+  first, *rest = batches(c, 2)
+  with pytest.raises(ConfigError, match=message):
+    train(c, tmp_path, iter([_bad_first_batch(how)(first), *rest]), trainer=trainer, verbose=False)
+  assert not ckpt.make_manager(tmp_path, keep=5, async_save=False).all_steps()
+
+
+def test_every_batch_keys_shapes_and_labels_are_checked_not_only_the_first(trainer, tmp_path):
+  """Past the first batch the check is the cheap one (keys, shapes, dtypes, labels; no pass over the video,
+  whose NaN the loss check catches): batch 2 of 6 frames stops at step 2, with step 1 trained."""
+  c = trainer.config
+  first, second = batches(c, 2)
+  with pytest.raises(ConfigError, match=r"^batch\['video'\] has shape \(8, 6, 8, 8, 3\), .*config.data.num_frames=4"):
+    train(c, tmp_path, iter([first, _bad_first_batch("6 frames")(second)]), trainer=trainer, verbose=False)
+  assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+
+
+def test_the_batch_check_asks_for_what_each_condition_reads():
+  """``check_batch`` asks for the arrays the step reads (``batch_keys``): the stored CLIP frame embeddings
+  for a 'clip' encoder, the caption embeddings (and no label) for a prior on text, no label for an
+  unconditional model; an unread label passes, as the pipeline's does. The pipeline's batch shapes pass."""
+  from videofusion_jax.training.step import batch_keys, check_batch
+
+  rng = np.random.default_rng(0)
+  video = rng.uniform(-1, 1, (8, 4, 8, 8, 3)).astype(np.float32)
+  label = np.zeros(8, np.int32)
+  clip = tiny_config(**{"model.encoder.kind": "clip", "model.prior.condition": "text"})
+  width = clip.model.encoder.embed_dim
+  frames, captions = np.zeros((8, 4, width), np.float32), np.zeros((8, width), np.float32)
+  assert set(batch_keys(clip)) == {"video", "frame_embeddings", "caption_embeddings"}
+  with pytest.raises(ConfigError, match=r"^the training batch has no 'frame_embeddings' .*config.model.encoder."
+                                        r"kind='clip'\): frame_embeddings \(B, N, D\)"):
+    check_batch(clip, {"video": video, "label": label, "caption_embeddings": captions}, 8)
+  with pytest.raises(ConfigError, match=rf"^batch\['caption_embeddings'\] has shape \(8, 5\), .*axis 1 \(5\) is not "
+                                        rf"config.model.encoder.embed_dim={width}\.$"):
+    check_batch(clip, {"video": video, "frame_embeddings": frames, "caption_embeddings": captions[:, :5]}, 8)
+  check_batch(clip, {"video": video, "label": label, "frame_embeddings": frames, "caption_embeddings": captions}, 8)
+  unconditional = tiny_config(**{"data.num_classes": 0})
+  assert set(batch_keys(unconditional)) == {"video"}
+  check_batch(unconditional, {"video": video, "label": label}, 8)
+  check_batch(unconditional, {"video": video}, 8)
+  with pytest.raises(ConfigError, match=r"^batch\['label'\] has shape \(4,\): every array of a batch holds one row"):
+    check_batch(unconditional, {"video": video, "label": label[:4]}, 8)
+  assert set(batch_keys(tiny_config(**{"model.condition": "label"}))) == {"video", "label"}
+
+
 def test_image_stage_then_video_stage_with_frozen_base(tmp_path, monkeypatch):
   image_cfg = tiny_config(**{"train.stage": "image", "train.num_steps": 2})
   image_trainer = Trainer(image_cfg, mesh=one_device(image_cfg))
@@ -612,7 +697,7 @@ def test_guidance_mixes_whole_decomposed_estimates(trainer):
   assert np.abs(np.asarray(per_network) - np.asarray(guided[3.0])).max() > 1e-3
 
 
-def test_image_stage_trains_the_base_at_the_full_learning_rate(trainer, tmp_path, capsys):
+def test_image_stage_trains_the_base_at_the_full_learning_rate(tmp_path, capsys):
   from videofusion_jax.training.loop import base_from_scratch_warning
   from videofusion_jax.training.optimizer import make_optimizer
 
@@ -628,7 +713,7 @@ def test_image_stage_trains_the_base_at_the_full_learning_rate(trainer, tmp_path
   for cfg in (tiny_config(), tiny_config(**{"train.base_lr_scale": 0.1, "train.init_base_from": "/x"}),
               tiny_config(**{"train.base_lr_scale": 0.1, "train.stage": "image"})):
     assert base_from_scratch_warning(cfg) is None
-  train(scratch, tmp_path, iter(batches(scratch, 1)), trainer=trainer, verbose=True)
+  train(scratch, tmp_path, iter(batches(scratch, 1)), trainer=Trainer(scratch, mesh=one_device(scratch)), verbose=True)
   assert "base_lr_scale=1" in capsys.readouterr().out
 
 

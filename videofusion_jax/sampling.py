@@ -250,6 +250,50 @@ def make_generate_fn(experiment: Experiment):
   return experiment.stored_jit(generate, "generate", out_shardings=experiment.batch_sharding)
 
 
+def check_conditions(config: ml_collections.ConfigDict, rows: int, labels, condition, text) -> None:
+  """What ``draw_videos`` is given for ``rows`` videos, on the host before anything is traced, else a
+  ConfigError naming the argument and the config field: ``labels`` one per row, and where the model reads
+  them (``data.num_classes`` > 0, the label condition or the prior on the label) integers in [0,
+  ``num_classes``] (``num_classes``: the null label); ``condition`` ``(rows, model.encoder.embed_dim)``,
+  finite, for the embedding condition only; ``text`` likewise, for a prior on text. (A label past the
+  classes indexes past the label embedding: NaN videos, blamed on the weights.)"""
+  m, n, width = config.model, config.data.num_classes, config.model.encoder.embed_dim
+  embedding = m.condition == "embedding"
+  if labels is not None:
+    labels = np.asarray(labels)
+    if labels.shape != (rows,):
+      raise ConfigError(f"labels has shape {labels.shape} for {rows} videos; give one label per video, shape "
+                        f"({rows},).")
+  reads_labels = n > 0 and (not embedding or (condition is None and m.prior.condition != "text"))
+  if reads_labels:
+    what = f"integers in [0, {n}) (config.data.num_classes={n}; {n} is the null label)"
+    if labels is None:
+      whose = "its prior is" if embedding else "both generators are"
+      raise ConfigError(f"labels=None: this model is class-conditional ({whose} on the label): pass labels, shape "
+                        f"({rows},), {what}.")
+    if not np.issubdtype(labels.dtype, np.integer):
+      raise ConfigError(f"labels are {labels.dtype}; give {what}.")
+    if labels.size and (labels.min() < 0 or labels.max() > n):
+      raise ConfigError(f"labels hold {labels.min()}..{labels.max()}, outside [0, {n}]; give {what}.")
+  if embedding and m.prior.condition == "text" and condition is None and text is None:
+    raise ConfigError(f"text=None: this model's prior is on text (config.model.prior.condition='text'): pass the "
+                      f"prompts' embeddings (prompt_embeddings), shape ({rows}, {width}), or a condition.")
+  for name, given, field in (("condition", condition, "model.condition='embedding'"),
+                             ("text", text, "model.prior.condition='text'")):
+    if given is None:
+      continue
+    if not (embedding and (name == "condition" or m.prior.condition == "text")):
+      raise ConfigError(f"{name} was given, but this model does not read it (it needs config.{field}).")
+    given = np.asarray(given)
+    if given.shape != (rows, width):
+      raise ConfigError(f"{name} has shape {given.shape} for {rows} videos; give ({rows}, {width}), one embedding "
+                        f"of width config.model.encoder.embed_dim={width} per video.")
+    numbers = jnp.issubdtype(given.dtype, jnp.floating) or jnp.issubdtype(given.dtype, jnp.integer)
+    if not (numbers and np.all(np.isfinite(given))):
+      raise ConfigError(f"{name} holds {given.dtype} values that are not all finite numbers; give float32 "
+                        "embeddings.")
+
+
 def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, motion: np.ndarray,
                 labels: np.ndarray | None, condition: np.ndarray | None = None,
                 anchor: np.ndarray | None = None,
@@ -263,8 +307,9 @@ def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
   ``(R, H, W, C)``: the frame each row's first frames are pulled toward (``sample.continuity_frames``).
   ``progress(rows done)`` after each batch."""
   c = experiment.config
-  gen = make_generate_fn(experiment)
   rows = len(content)
+  check_conditions(c, rows, labels, condition, text)
+  gen = make_generate_fn(experiment)
   batch = batch or sampling_batch(experiment, rows)
   frame = (c.data.image_size, c.data.image_size, 3)
   content, motion = np.asarray(content), np.asarray(motion)

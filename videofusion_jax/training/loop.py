@@ -27,7 +27,7 @@ from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training.preemption import StopRequest
 from videofusion_jax.training.sharding import checked_on_every_host
 from videofusion_jax.training.state import TrainState
-from videofusion_jax.training.step import Trainer
+from videofusion_jax.training.step import Trainer, check_batch
 from videofusion_jax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock
 
 
@@ -397,6 +397,16 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
         local = next(batches)
       except StopIteration:
         raise RuntimeError(f"the input ran out at step {step}; the pipeline should repeat.") from None
+      # On the host, before the step traces or runs: a caller's batch (``train(batches=...)``) of other keys,
+      # shapes, dtypes or labels than the config's would train silently or fail deep in the trace. Every
+      # batch's keys, shapes, dtypes and B labels (microseconds, no device sync); the video's values (a pass
+      # over the whole array) on the first batch only, agreed on by every host (one small collective, once),
+      # where a later NaN is the NaN check's (the pipeline's frames are clipped to [-1, 1]).
+      if step == start + 1:
+        checked_on_every_host(lambda: check_batch(config, local, local_batch), (ConfigError,), ConfigError(
+            "another host's first training batch does not fit the config (its own error says why)."))
+      else:
+        check_batch(config, local, local_batch, values=False)
       state, metrics = trainer.step(state, trainer.global_batch(local))
       if step == start + 1:  # the compile: kept out of the steps/s and time-left estimates
         jax.block_until_ready(metrics)

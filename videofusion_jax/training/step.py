@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -259,6 +261,106 @@ def check_train_batch(config: ml_collections.ConfigDict, devices: int) -> None:
         f"config.train.batch_size={batch} with grad_accum_steps={k} gives micro-batches of {batch // k}, which do "
         f"not split evenly over the {devices} devices of the mesh; use a batch size that is a multiple of "
         f"{k * devices} (grad_accum_steps x devices), or fewer accumulation steps.")
+
+
+# How far past [-1, 1] a caller's video may reach: the pipeline clips its frames to [-1, 1] exactly; this is
+# room for a caller's own float rounding, while frames left in [0, 255] (or scaled by a mean and std) are caught.
+VIDEO_RANGE_SLACK = 0.01
+
+
+def batch_keys(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The arrays the train step reads from a batch, each with what it is: ``video`` always; ``label`` where
+  the generators or the prior are conditioned on the class (``data.num_classes`` > 0, no prior on text);
+  ``frame_embeddings`` for a 'clip' encoder; ``caption_embeddings`` for a prior on text."""
+  m = config.model
+  embedding = m.condition == "embedding"
+  keys = {"video": "(B, N, S, S, 3) float32 in [-1, 1]"}
+  if config.data.num_classes and not (embedding and m.prior.condition == "text"):
+    keys["label"] = f"(B,) int32 in [0, {config.data.num_classes})"
+  if embedding and m.encoder.kind == "clip":
+    keys["frame_embeddings"] = "(B, N, D), the stored CLIP embeddings of the clip's frames"
+  if embedding and m.prior.condition == "text":
+    keys["caption_embeddings"] = "(B, D), the caption's CLIP text embedding"
+  return keys
+
+
+def _expected_shape(key: str, config: ml_collections.ConfigDict, b: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+  """The shape of ``batch[key]`` for a batch of ``b`` examples, and the config field each axis follows."""
+  hosts = jax.process_count()
+  per_host = (f"config.train.batch_size={config.train.batch_size} / {hosts} hosts" if hosts > 1
+              else "config.train.batch_size")
+  if key == "label":
+    return (b,), (per_host,)
+  d = config.data
+  if key == "video":
+    return ((b, d.num_frames, d.image_size, d.image_size, 3),
+            (per_host, "config.data.num_frames", "config.data.image_size", "config.data.image_size", "RGB"))
+  width = config.model.encoder.embed_dim
+  if key == "frame_embeddings":
+    return (b, d.num_frames, width), (per_host, "config.data.num_frames", "config.model.encoder.embed_dim")
+  return (b, width), (per_host, "config.model.encoder.embed_dim")  # caption_embeddings
+
+
+def check_batch(config: ml_collections.ConfigDict, batch, local_batch_size: int, values: bool = True) -> None:
+  """A host's training batch against ``config``, on the host and before anything is traced, else a
+  ConfigError naming the array and the config field: the arrays the step reads (``batch_keys``), their
+  shapes (``local_batch_size`` examples, ``data.num_frames`` frames of ``data.image_size``, embeddings of
+  ``model.encoder.embed_dim``), a floating video and integer labels in [0, ``data.num_classes``) (a label
+  past the classes is the null label or, past that, a NaN embedding). ``values``: also that the video
+  (within ``VIDEO_RANGE_SLACK`` of [-1, 1]) and the embeddings are finite: a pass over the whole video,
+  for the first batch only (the loop's NaN check catches a later one's NaN at its step); the rest reads
+  shapes, dtypes and the B labels: microseconds, no device sync."""
+  if not isinstance(batch, Mapping):
+    raise ConfigError(f"a training batch is a dict of arrays ({', '.join(repr(k) for k in batch_keys(config))}), "
+                      f"not a {type(batch).__name__}.")
+  needed = batch_keys(config)
+  for key, what in needed.items():
+    if key not in batch:
+      why = {"video": "",
+             "label": f" (config.data.num_classes={config.data.num_classes}: the model is class-conditional; "
+                      "0 trains an unconditional one)",
+             "frame_embeddings": " (config.model.encoder.kind='clip')",
+             "caption_embeddings": " (config.model.prior.condition='text')"}[key]
+      raise ConfigError(f"the training batch has no {key!r} (its keys: {sorted(batch)}); this config needs it"
+                        f"{why}: {key} {what}.")
+  arrays = {k: v if hasattr(v, "shape") and hasattr(v, "dtype") else np.asarray(v) for k, v in batch.items()}
+  for key, x in arrays.items():
+    if key in needed:
+      expected, fields = _expected_shape(key, config, local_batch_size)
+      if tuple(x.shape) != expected:
+        wrong = ([f"axis {i} ({n}) is not {fields[i]}={e}" for i, (n, e) in enumerate(zip(x.shape, expected)) if n != e]
+                 if len(x.shape) == len(expected) else [f"{len(x.shape)} axes, not {len(expected)}"])
+        raise ConfigError(f"batch[{key!r}] has shape {tuple(x.shape)}, where this config needs {expected} "
+                          f"({', '.join(fields)}): {'; '.join(wrong)}.")
+    elif not x.shape or x.shape[0] != local_batch_size:  # global_batch splits every array by example
+      raise ConfigError(f"batch[{key!r}] has shape {tuple(x.shape)}: every array of a batch holds one row per "
+                        f"example, {local_batch_size} here (this host's share of config.train.batch_size).")
+  video = arrays["video"]
+  if not jnp.issubdtype(video.dtype, jnp.floating):
+    raise ConfigError(f"batch['video'] is {video.dtype}; give float32 in [-1, 1]: video / 127.5 - 1 for uint8 "
+                      "frames in [0, 255].")
+  for key in ("frame_embeddings", "caption_embeddings"):
+    if key in needed and not jnp.issubdtype(arrays[key].dtype, jnp.floating):
+      raise ConfigError(f"batch[{key!r}] is {arrays[key].dtype}; give the float32 CLIP embeddings.")
+  if "label" in needed:
+    label, n = np.asarray(arrays["label"]), config.data.num_classes
+    if not jnp.issubdtype(label.dtype, jnp.integer):
+      raise ConfigError(f"batch['label'] is {label.dtype}; give the class ids as integers (int32) in [0, {n}) "
+                        f"(config.data.num_classes={n}).")
+    if label.size and (label.min() < 0 or label.max() >= n):
+      raise ConfigError(f"batch['label'] holds labels {label.min()}..{label.max()}, outside [0, {n}) "
+                        f"(config.data.num_classes={n}); set --config.data.num_classes to the dataset's class count.")
+  if not values:
+    return
+  lo, hi = np.min(video), np.max(video)  # NaN comes out of both; no array the size of the video is made
+  if not (np.isfinite(lo) and np.isfinite(hi)):
+    raise ConfigError("batch['video'] holds NaN or infinite values; give float32 frames in [-1, 1].")
+  if lo < -1 - VIDEO_RANGE_SLACK or hi > 1 + VIDEO_RANGE_SLACK:
+    raise ConfigError(f"batch['video'] holds values in [{float(lo):g}, {float(hi):g}]; the model trains on frames in "
+                      "[-1, 1]: give video / 127.5 - 1 for frames in [0, 255], clipped to [-1, 1].")
+  for key in ("frame_embeddings", "caption_embeddings"):
+    if key in needed and not np.all(np.isfinite(arrays[key])):
+      raise ConfigError(f"batch[{key!r}] holds NaN or infinite values.")
 
 
 def check_train_dtype(config: ml_collections.ConfigDict) -> None:
