@@ -5,6 +5,7 @@ from); a config or a source file changed since it was read is not stored, a dama
 again, what cannot be stored runs as the plain jit, a store that cannot be written leaves the run
 going, and the store keeps the most recently used programs."""
 import collections
+import json
 import os
 import shutil
 import subprocess
@@ -317,7 +318,17 @@ def test_a_run_refuses_an_experiment_its_config_no_longer_describes(tmp_path):
   with pytest.raises(ConfigError, match=r"sampling was given a Trainer built from another config "
                                         r"\(sample.num_steps=7 \(was 5\)\)"):
     trainer.check_config(longer, "sample")
-  # What the programs do not read: the loop's fields, and num_steps under a constant rate.
+  clips = tiny_config(**{"sample.num_clips": 3})  # long videos' clips are the sampler's, not evaluation's
+  with pytest.raises(ConfigError, match=r"\(sample.num_clips=3 \(was 1\)\)"):
+    experiment.check_config(clips, "sample")
+  experiment.check_config(clips, "eval")
+  # What the programs do not read, in place or in another config: the loop's fields, num_steps under a
+  # constant rate, the samples' count and seed; and a config read back from config.json (lists for tuples).
+  c.train.num_steps, c.sample.num_samples, c.data.data_dir = 9, 1, "/elsewhere"
+  trainer.check_config(c, "train")
+  experiment.check_config(c, "sample")
+  import ml_collections
+  trainer.check_config(ml_collections.ConfigDict(json.loads(json.dumps(c.to_dict()))), "train")
   trainer.check_config(tiny_config(**{"train.num_steps": 9, "train.log_every": 3, "sample.num_samples": 1}), "train")
   experiment.check_config(tiny_config(**{"sample.seed": 7, "sample.control": "content", "train.learning_rate": 1.0}),
                           "sample")

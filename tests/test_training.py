@@ -549,8 +549,9 @@ def _bad_first_batch(how):
                    r"config.train.batch_size=8\.$"),
     ("no label", r"^the training batch has no 'label' \(its keys: \['video'\]\); this config needs it "
                  r"\(config.data.num_classes=3: the model is class-conditional"),
-    ("labels 0..9", r"^batch\['label'\] holds labels 2..9, outside \[0, 3\) \(config.data.num_classes=3\); set "
-                    r"--config.data.num_classes to the dataset's class count\.$"),
+    ("labels 0..9", r"^batch\['label'\] holds labels 2..9, outside \[0, 3\) \(config.data.num_classes=3\); give "
+                    r"0-based class ids below 3 \(not 1-based ones, nor -1 for none\), or set "
+                    r"--config.data.num_classes to the class count\.$"),
     ("float labels", r"^batch\['label'\] is float32; give the class ids as integers \(int32\) in \[0, 3\)"),
     ("a list", r"^a training batch is a dict of arrays \('video', 'label'\), not a list\.$"),
 ]])

@@ -3,6 +3,7 @@ networks, noise schedule, per-frame λs, optimizer, mesh, every sharding, the ab
 and restoring a checkpoint onto this mesh."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -56,6 +57,11 @@ SAMPLER_FIELDS = ("method", "num_steps", "eta", "clip_x0", "spacing", "variance"
                   "prior_guidance_scale")
 
 
+def _as_json(config: ml_collections.ConfigDict) -> dict:
+  """The config as config.json records it (tuples as lists), so that one read back compares equal."""
+  return json.loads(json.dumps(config.to_dict(), default=repr))
+
+
 def _flat(tree: dict, prefix: str = "") -> dict:
   """A config's ``to_dict()`` as ``{dotted name: value}``."""
   flat = {}
@@ -82,7 +88,7 @@ class Experiment:
     validate(config)
     self.config = config
     self._program_context = program_context(config)  # the config everything below is built from
-    self._built_from = _flat(config.to_dict())
+    self._built_from = _flat(_as_json(config))
     try:
       self.mesh = mesh if mesh is not None else shd.make_mesh(config)
     except ValueError as e:  # the mesh's shape against the devices there are
@@ -116,31 +122,28 @@ class Experiment:
                                  out_shardings=self.state_sharding)
 
   def check_config(self, config: ml_collections.ConfigDict, work: str) -> None:
-    """A ConfigError unless ``config``, which ``work`` ('train', 'sample' or 'eval') records and reads, is
-    the one this experiment's programs were built from: not changed since the build (its compiled programs
-    and cached samplers would go on with the old values while config.json and the sidecars said the new),
-    nor another config that differs in what the programs read (``PROGRAM_SECTIONS``, and the train section
-    or the sampler's fields)."""
-    name = type(self).__name__
-    if program_context(self.config) != self._program_context:
-      changed = _changes(self._built_from, _flat(self.config.to_dict()))
-      raise ConfigError(f"the config of this {name} was changed after it was built ({', '.join(changed)}): its "
-                        f"programs are built from the old values. Build a new {name} from the changed config.")
-    if config is self.config:
-      return
+    """A ConfigError unless ``config``, which ``work`` ('train', 'sample' or 'eval') records and reads, agrees
+    with the config this experiment was built from (a snapshot taken then) on what its programs read
+    (``PROGRAM_SECTIONS``, and the train section or the sampler's fields): the same config changed in place
+    since the build (its compiled programs and cached samplers would go on with the old values while
+    config.json and the sidecars said the new), or another one. Other fields may differ."""
     fields = list(PROGRAM_SECTIONS)
     if work == "train":
       skip = TRAIN_LOOP_FIELDS + (("num_steps",) if config.train.lr_decay == "constant" else ())
       fields += [f"train.{k}" for k in self.config.train.keys() if k not in skip]
-    else:
-      fields += [f"sample.{k}" for k in SAMPLER_FIELDS]
-    was, now = self._built_from, _flat(config.to_dict())
+    else:  # long videos' clips are the sampler's; evaluation draws single clips whatever num_clips says
+      fields += [f"sample.{k}" for k in SAMPLER_FIELDS + (("num_clips",) if work == "sample" else ())]
     picked = lambda flat: {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in fields)}  # noqa: E731
-    changed = _changes(picked(was), picked(now))
-    if changed:
-      doing = {"train": "training", "sample": "sampling", "eval": "evaluation"}[work]
-      raise ConfigError(f"{doing} was given a {name} built from another config ({', '.join(changed)}): it would "
-                        f"run the {name}'s and record this one. Build a {name} from this config.")
+    changed = _changes(picked(self._built_from), picked(_flat(_as_json(config))))
+    if not changed:
+      return
+    name = type(self).__name__
+    if config is self.config:
+      raise ConfigError(f"the config of this {name} was changed after it was built ({', '.join(changed)}): its "
+                        f"programs are built from the old values. Build a new {name} from the changed config.")
+    doing = {"train": "training", "sample": "sampling", "eval": "evaluation"}[work]
+    raise ConfigError(f"{doing} was given a {name} built from another config ({', '.join(changed)}): it would "
+                      f"run the {name}'s and record this one. Build a {name} from this config.")
 
   def check_work(self) -> None:
     """What this experiment's work needs of its config and ``self.mesh`` beyond ``validate``, else a

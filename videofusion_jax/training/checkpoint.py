@@ -314,8 +314,12 @@ def _hide_abandoned_read_log(record: pylogging.LogRecord) -> bool:
 
 
 def _hide_missing_item_metadata(record: pylogging.LogRecord) -> bool:
+  return not _safely(_is_missing_item_metadata, record)
+
+
+def _is_missing_item_metadata(record: pylogging.LogRecord) -> bool:
   message = record.getMessage()
-  return not (message.startswith("Metadata file does not exist: ") and message.endswith("_CHECKPOINT_METADATA"))
+  return message.startswith("Metadata file does not exist: ") and message.endswith("_CHECKPOINT_METADATA")
 
 
 # Orbax's absl warning that an item's _CHECKPOINT_METADATA does not exist (the manager writes that file for the

@@ -398,14 +398,16 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
       except StopIteration:
         raise RuntimeError(f"the input ran out at step {step}; the pipeline should repeat.") from None
       # On the host, before the step traces or runs: a caller's batch (``train(batches=...)``) of other keys,
-      # shapes, dtypes or labels than the config's would train silently or fail deep in the trace. Every
-      # batch's keys, shapes, dtypes and B labels (microseconds, no device sync); the video's values (a pass
-      # over the whole array) on the first batch only, agreed on by every host (one small collective, once),
-      # where a later NaN is the NaN check's (the pipeline's frames are clipped to [-1, 1]).
+      # shapes, dtypes or labels than the config's would train silently or fail deep in the trace. The first
+      # batch whole (a pass over the video for its values), agreed on by every host (one small collective,
+      # once); later ones, on one host, by their keys, shapes, dtypes and B labels (microseconds, no device
+      # sync). Not on a pod: one host raising alone would leave the others waiting in the step's collectives
+      # (a later batch's NaN, or label past the classes, is the NaN check's, which every host sees).
       if step == start + 1:
-        checked_on_every_host(lambda: check_batch(config, local, local_batch), (ConfigError,), ConfigError(
-            "another host's first training batch does not fit the config (its own error says why)."))
-      else:
+        checked_on_every_host(lambda: check_batch(config, local, local_batch), (ConfigError, TypeError, ValueError),
+                              ConfigError("another host's first training batch does not fit the config (its own "
+                                          "error says why)."))
+      elif jax.process_count() == 1:
         check_batch(config, local, local_batch, values=False)
       state, metrics = trainer.step(state, trainer.global_batch(local))
       if step == start + 1:  # the compile: kept out of the steps/s and time-left estimates

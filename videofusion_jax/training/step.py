@@ -349,7 +349,8 @@ def check_batch(config: ml_collections.ConfigDict, batch, local_batch_size: int,
                         f"(config.data.num_classes={n}).")
     if label.size and (label.min() < 0 or label.max() >= n):
       raise ConfigError(f"batch['label'] holds labels {label.min()}..{label.max()}, outside [0, {n}) "
-                        f"(config.data.num_classes={n}); set --config.data.num_classes to the dataset's class count.")
+                        f"(config.data.num_classes={n}); give 0-based class ids below {n} (not 1-based ones, nor -1 "
+                        "for none), or set --config.data.num_classes to the class count.")
   if not values:
     return
   lo, hi = np.min(video), np.max(video)  # NaN comes out of both; no array the size of the video is made
