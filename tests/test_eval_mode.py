@@ -79,6 +79,13 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   monkeypatch.setattr(pipeline, "split_lengths", lambda *a: lengths(*a) + 1)
   with pytest.raises(AssertionError, match="re-read"):
     evaluate.run(c, str(tmp_path), experiment=trainer)
+  monkeypatch.setattr(pipeline, "split_lengths", lengths)
+  # A damaged cache (a copy cut short) is only a cache: said, and computed again, not a traceback.
+  cache = next((tmp_path / "eval_cache").iterdir())
+  cache.write_bytes(cache.read_bytes()[:5000])
+  with pytest.raises(AssertionError, match="re-read"):
+    evaluate.run(c, str(tmp_path), experiment=trainer)
+  assert f"warning: the cached real-clip features {cache} cannot be read (BadZipFile" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -217,3 +224,28 @@ def test_a_class_models_clips_take_the_real_clips_labels_in_turn(tmp_path, monke
   seen = {}
   evaluate.run(c, str(tmp_path), experiment=_stand_in_networks_and_i3d(monkeypatch, c, real, seen))
   np.testing.assert_array_equal(seen["labels"], [2, 2, 0, 1, 2, 2])
+
+
+def test_figures_are_printed_before_their_file_and_a_failed_write_leaves_none(tmp_path, monkeypatch, capsys):
+  """The figures an evaluation took hours for are printed before eval/step_N.json is written; a write that
+  fails (a full disk) leaves no half file, which a rerun took for an earlier run's results and wrote beside."""
+  import errno
+  from pathlib import Path
+
+  c = tiny_config()
+  c.eval.update(num_real=4, num_generated=4, batch_size=4, kvd_subsets=2, kvd_subset_size=3)
+  fake = _stand_in_networks_and_i3d(monkeypatch, c, np.array([0, 1, 2, 0], np.int32), {})
+  replace = Path.replace
+
+  def full_disk(self, target):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(Path, "replace", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    evaluate.run(c, str(tmp_path), experiment=fake)
+  assert "step 1: FVD " in capsys.readouterr().out
+  assert list((tmp_path / "eval").iterdir()) == []
+  monkeypatch.setattr(Path, "replace", replace)
+  evaluate.run(c, str(tmp_path), experiment=fake)
+  assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_1.json"]
+  assert "earlier run" not in capsys.readouterr().out

@@ -321,6 +321,14 @@ def test_given_embeddings_replace_the_prior_and_a_wrong_width_is_a_clear_error(t
   c.sample.embeddings = str(tmp_path / "label_model.npz")
   with pytest.raises(ConfigError, match="holds no embeddings"):
     sampling.given_embeddings(c, 3)
+  # A copy cut short (a traceback of zipfile's or numpy's before), or empty.
+  whole = (tmp_path / "label_model.npz").read_bytes()
+  for name, data in (("cut.npz", whole[:len(whole) // 2]), ("empty.npy", b"")):
+    (tmp_path / name).write_bytes(data)
+    c.sample.embeddings = str(tmp_path / name)
+    with pytest.raises(ConfigError, match=rf"config.sample.embeddings='{tmp_path / name}': cannot read a .npy array "
+                                          r"\((BadZipFile|EOFError): "):
+      sampling.given_embeddings(c, 3)
   np.save(tmp_path / "wide.npy", np.zeros((3, width + 1), np.float32))
   c.sample.embeddings = str(tmp_path / "wide.npy")
   with pytest.raises(ConfigError, match=rf"shape \(3, {width + 1}\); this model's embeddings have width {width}"):

@@ -226,8 +226,8 @@ def main(argv) -> None:
     print(e, flush=True)
     sys.exit(0)
   except KeyboardInterrupt:
-    print("\ninterrupted: stopped at once; the checkpoints saved before are intact (rerun to resume).",
-          file=sys.stderr)
+    rerun = "rerun to resume" if _MODE.value.startswith("train") else "rerun to start it again"
+    print(f"\ninterrupted: stopped at once; the checkpoints saved before are intact ({rerun}).", file=sys.stderr)
     sys.exit(130)
   except (ConfigError, DatasetNotFoundError, VideoReadError, CheckpointError, NonFiniteLossError,
           PipelineError, OSError, FloatingPointError, WorkdirError, CLIPLoadError) as e:  # OSError: a path in the way

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -398,8 +399,9 @@ def given_embeddings(config: ml_collections.ConfigDict, num: int) -> np.ndarray 
     files = e.files if isinstance(e, np.lib.npyio.NpzFile) else None
     if files is not None and "embeddings" in files:
       e = e["embeddings"]
-  except (OSError, ValueError) as err:
-    raise ConfigError(f"config.sample.embeddings={path!r}: cannot read a .npy array ({err}).") from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # a missing, truncated or damaged file
+    raise ConfigError(f"config.sample.embeddings={path!r}: cannot read a .npy array ({type(err).__name__}: "
+                      f"{err}).") from None
   if files is not None and "embeddings" not in files:
     raise ConfigError(f"config.sample.embeddings={path!r}: a .npz without an 'embeddings' array (it holds "
                       f"{files}); give a .npy, or a samples.npz written by --mode=sample.")

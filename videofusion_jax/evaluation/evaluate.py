@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import jax
@@ -87,9 +88,13 @@ def _cached_features(path: Path, proto: dict) -> dict | None:
   every host (the hosts must agree: the features are computed together)."""
   found = None
   if jax.process_index() == 0 and path.exists():
-    cached = np.load(path, allow_pickle=False)
-    if json.loads(str(cached["protocol"])) == proto:
-      found = {"features": cached["features"].astype(np.float32), "labels": cached["labels"].astype(np.int32)}
+    try:
+      with np.load(path, allow_pickle=False) as cached:
+        if json.loads(str(cached["protocol"])) == proto:
+          found = {"features": cached["features"].astype(np.float32), "labels": cached["labels"].astype(np.int32)}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # it is only a cache
+      say(f"warning: the cached real-clip features {path} cannot be read ({type(e).__name__}: {e}); computing "
+          "them again.")
   if jax.process_count() == 1:
     return found
   if not int(multihost_utils.broadcast_one_to_all(np.int32(found is not None))):
@@ -127,8 +132,11 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
   if jax.process_index() == 0:  # every host holds all the features; one writes them
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, protocol=json.dumps(proto), **out)
-    tmp.replace(path)  # a crash mid-write never leaves a half cache behind
+    try:
+      np.savez(tmp, protocol=json.dumps(proto), **out)
+      tmp.replace(path)  # a crash mid-write never leaves a half cache behind
+    finally:
+      tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file either
   return {**out, "protocol": proto}
 
 
@@ -234,15 +242,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     # 10 splits: with the default 2048 clips, StyleGAN-V's isv2048_ucf (mean and std over 10 splits of ~205).
     is_mean, is_std = distances.inception_score(probs, splits=min(10, len(probs)))
     results.update(inception_score=is_mean, inception_score_std=is_std)
+  line = f"step {step}: FVD {results['fvd']:.1f}, KVD {kvd_mean:.2f} ± {kvd_std:.2f}"
+  if c3d is not None:
+    line += f", IS {results['inception_score']:.2f} ± {results['inception_score_std']:.2f}"
+  say(f"{line} ({len(real['features'])} real / {len(fake)} generated clips)")  # before the write, which may fail
   out = workdir / "eval" / f"step_{step}.json"
   if jax.process_index() == 0:  # only the first host writes, so only it looks for a free name
     out.parent.mkdir(parents=True, exist_ok=True)
     out = fresh_file(out)
-    out.write_text(json.dumps(results, indent=2))
-  line = f"step {step}: FVD {results['fvd']:.1f}, KVD {kvd_mean:.2f} ± {kvd_std:.2f}"
-  if c3d is not None:
-    line += f", IS {results['inception_score']:.2f} ± {results['inception_score_std']:.2f}"
-  say(f"{line} ({len(real['features'])} real / {len(fake)} generated clips); wrote {out}")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:  # whole or not at all: a half-written file would be taken for an earlier run's results
+      tmp.write_text(json.dumps(results, indent=2))
+      tmp.replace(out)
+    finally:
+      tmp.unlink(missing_ok=True)
+  say(f"wrote {out}")
   if kvd_size < e.kvd_subset_size:
     say(f"note: KVD's subsets hold {kvd_size} clips a side, not eval.kvd_subset_size={e.kvd_subset_size}: "
         "no side has more (recorded as kvd_subset_size).")
