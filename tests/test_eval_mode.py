@@ -249,3 +249,26 @@ def test_figures_are_printed_before_their_file_and_a_failed_write_leaves_none(tm
   evaluate.run(c, str(tmp_path), experiment=fake)
   assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_1.json"]
   assert "earlier run" not in capsys.readouterr().out
+
+
+def test_a_file_where_the_results_go_stops_eval_and_sample_before_their_work(tmp_path, monkeypatch):
+  """eval/, eval_cache/ or samples/ in the workdir a file (or not writable): said before any clip is read,
+  sampled or run through I3D, not when the results are written at the end (the figures were lost)."""
+  from videofusion_jax import sampling
+  from videofusion_jax.training.workdir import WorkdirError
+
+  c = tiny_config()
+  c.eval.update(num_real=4, num_generated=4, batch_size=4, kvd_subsets=2, kvd_subset_size=3)
+  seen = {}
+  fake = _stand_in_networks_and_i3d(monkeypatch, c, np.array([0, 1, 2, 0], np.int32), seen)
+  for name in ("eval", "eval_cache"):
+    (tmp_path / name).write_text("")
+    with pytest.raises(WorkdirError, match=rf"^{tmp_path / name} is a file, where this run writes its {name} "
+                                           r"folder: move it away\.$"):
+      evaluate.run(c, str(tmp_path), experiment=fake)
+    (tmp_path / name).unlink()
+  assert seen == {}  # nothing sampled
+  (tmp_path / "samples").write_text("")
+  monkeypatch.setattr(fake, "restore", lambda *a, **k: (_ for _ in ()).throw(AssertionError("restored")), raising=False)
+  with pytest.raises(WorkdirError, match=rf"^{tmp_path / 'samples'} is a file"):
+    sampling.run(c, str(tmp_path), experiment=fake)

@@ -30,6 +30,7 @@ from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import make_apply_fns, make_prior_fn, make_video_fn
 from videofusion_jax.training import sharding as shd
+from videofusion_jax.training.workdir import check_output_folders
 
 
 def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | None:
@@ -635,6 +636,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   experiment = experiment or Experiment(config)
   check_trained_config(config, workdir)  # first: what the config says against what the weights were trained with
   experiment.check_config(config, "sample")
+  check_output_folders(workdir, "samples")
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)
   s = config.sample

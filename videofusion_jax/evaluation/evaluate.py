@@ -41,6 +41,7 @@ from videofusion_jax.sampling import (
   say,
   text_prior,
 )
+from videofusion_jax.training.workdir import check_output_folders
 
 
 def frame_repeat(num_frames: int) -> int:
@@ -204,6 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   workdir = Path(workdir)
   check_trained_config(config, str(workdir))
   experiment.check_config(config, "eval")
+  check_output_folders(workdir, "eval", "eval_cache")
   prompts = eval_prompts(config)  # before any slow work: a dataset without captions is an error
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)

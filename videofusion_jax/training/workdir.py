@@ -16,6 +16,18 @@ class WorkdirError(RuntimeError):
   """The workdir cannot be used as asked; the message says why and what to do."""
 
 
+def check_output_folders(workdir: str | Path, *names: str) -> None:
+  """The folders of ``workdir`` a mode writes its results to (``samples``, ``eval``, ``eval_cache``), checked
+  before its slow work, not when it writes at the end (the figures of a long evaluation were lost to a
+  file in the way): each, where it exists, a writable directory. Changes nothing on disk."""
+  for name in names:
+    path = Path(workdir).expanduser() / name
+    if path.exists() and not path.is_dir():
+      raise WorkdirError(f"{path} is a file, where this run writes its {name} folder: move it away.")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+      raise WorkdirError(f"{path} is not writable by this user: fix its permissions, or choose another --workdir.")
+
+
 def check_workdir(workdir: str | Path, must_exist: bool = False) -> Path:
   """``workdir`` as a Path, after checking that a run can write there (it is created later, when
   missing); ``must_exist`` for the modes that read a trained run. Changes nothing on disk."""
