@@ -521,6 +521,11 @@ def prior_samples(config: ml_collections.ConfigDict) -> bool:
   return config.model.condition == "embedding" and not config.sample.embeddings
 
 
+def text_prior(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model generates from text (its prior maps a caption's CLIP text embedding to c)."""
+  return config.model.condition == "embedding" and config.model.prior.condition == "text"
+
+
 def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 

@@ -24,6 +24,7 @@ from videofusion_jax.config import (
   field_or_none,
   prior_samples,
   recorded_config,
+  text_prior,
 )
 from videofusion_jax.data import video_io
 from videofusion_jax.experiment import Experiment
@@ -42,11 +43,6 @@ def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | N
   if config.sample.label == -1:
     return np.arange(num, dtype=np.int32) % n
   return np.full((num,), config.sample.label, np.int32)
-
-
-def text_prior(config: ml_collections.ConfigDict) -> bool:
-  """Whether the model generates from text (its prior maps a caption's CLIP text embedding to c)."""
-  return config.model.condition == "embedding" and config.model.prior.condition == "text"
 
 
 def sample_prompts(config: ml_collections.ConfigDict, num: int, note: bool = True) -> list[str] | None:
@@ -266,7 +262,8 @@ def check_conditions(config: ml_collections.ConfigDict, rows: int, labels, condi
     if labels.shape != (rows,):
       raise ConfigError(f"labels has shape {labels.shape} for {rows} videos; give one label per video, shape "
                         f"({rows},).")
-  reads_labels = n > 0 and (not embedding or (condition is None and m.prior.condition != "text"))
+  on_text = text_prior(config)
+  reads_labels = n > 0 and (not embedding or (condition is None and not on_text))
   if reads_labels:
     what = f"integers in [0, {n}) (config.data.num_classes={n}; {n} is the null label)"
     if labels is None:
@@ -277,14 +274,14 @@ def check_conditions(config: ml_collections.ConfigDict, rows: int, labels, condi
       raise ConfigError(f"labels are {labels.dtype}; give {what}.")
     if labels.size and (labels.min() < 0 or labels.max() > n):
       raise ConfigError(f"labels hold {labels.min()}..{labels.max()}, outside [0, {n}]; give {what}.")
-  if embedding and m.prior.condition == "text" and condition is None and text is None:
+  if on_text and condition is None and text is None:
     raise ConfigError(f"text=None: this model's prior is on text (config.model.prior.condition='text'): pass the "
                       f"prompts' embeddings (prompt_embeddings), shape ({rows}, {width}), or a condition.")
   for name, given, field in (("condition", condition, "model.condition='embedding'"),
                              ("text", text, "model.prior.condition='text'")):
     if given is None:
       continue
-    if not (embedding and (name == "condition" or m.prior.condition == "text")):
+    if not (on_text if name == "text" else embedding):
       raise ConfigError(f"{name} was given, but this model does not read it (it needs config.{field}).")
     given = np.asarray(given)
     if given.shape != (rows, width):

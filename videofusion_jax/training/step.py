@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from videofusion_jax import diffusion
-from videofusion_jax.config import ConfigError
+from videofusion_jax.config import ConfigError, text_prior
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import generator_names, make_apply_fns, make_prior_fn, make_video_fn
@@ -273,13 +273,12 @@ def batch_keys(config: ml_collections.ConfigDict) -> dict[str, str]:
   the generators or the prior are conditioned on the class (``data.num_classes`` > 0, no prior on text);
   ``frame_embeddings`` for a 'clip' encoder; ``caption_embeddings`` for a prior on text."""
   m = config.model
-  embedding = m.condition == "embedding"
   keys = {"video": "(B, N, S, S, 3) float32 in [-1, 1]"}
-  if config.data.num_classes and not (embedding and m.prior.condition == "text"):
+  if config.data.num_classes and not text_prior(config):
     keys["label"] = f"(B,) int32 in [0, {config.data.num_classes})"
-  if embedding and m.encoder.kind == "clip":
+  if m.condition == "embedding" and m.encoder.kind == "clip":
     keys["frame_embeddings"] = "(B, N, D), the stored CLIP embeddings of the clip's frames"
-  if embedding and m.prior.condition == "text":
+  if text_prior(config):
     keys["caption_embeddings"] = "(B, D), the caption's CLIP text embedding"
   return keys
 
