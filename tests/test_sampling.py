@@ -385,8 +385,61 @@ def test_a_rerun_keeps_the_samples_before_it(trained, capsys, monkeypatch):
   with pytest.raises(OSError, match="No space left on device"):
     sampling.run(other, str(workdir), experiment=trainer)
   (fourth,) = set(third.parent.iterdir()) - before_runs
+  assert fourth.name.endswith(".incomplete")  # never a name a rerun takes for complete samples
   np.testing.assert_array_equal(np.load(fourth / "samples.npz")["videos"], np.load(out / "samples.npz")["videos"])
   assert json.loads((fourth / "results.json").read_text())["copy_distance_real"] is None
+
+
+def test_a_run_stopped_while_writing_leaves_no_half_folder(trained, capsys, monkeypatch):
+  """A full disk (or Ctrl-C) while the files are written: no step_N folder is left for a rerun to take for an
+  earlier run's complete samples (it moved on to step_N-run2 beside a half folder); a samples.npz written
+  whole is kept in step_N.incomplete, said in one note, and one cut short is not kept. A rerun writes step_N."""
+  import errno
+
+  config, workdir, trainer = trained
+  # One video and one real clip (the 1-row chain other tests compile); 'motion' gives a folder of its own.
+  c = tiny_config(**{"data.data_dir": config.data.data_dir, "sample.num_samples": 1, "sample.num_real_clips": 1,
+                     "sample.control": "motion"})
+  samples = workdir / "samples"
+  final, kept = samples / "step_2_motion", samples / "step_2_motion.incomplete"
+
+  def full_disk(path, *a, **k):
+    Path(path).write_bytes(b"")  # the 0-byte GIF a full disk leaves
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(video_io, "write_gif", full_disk)
+  capsys.readouterr()
+  with pytest.raises(OSError, match="No space left on device"):
+    sampling.run(c, str(workdir), experiment=trainer)
+  printed = capsys.readouterr().out
+  assert not final.exists() and not list(samples.glob(".*partial*"))
+  assert [line for line in printed.splitlines() if "incomplete" in line] == [
+      f"note: writing {final} stopped (OSError: [Errno 28] No space left on device); this run's samples.npz was "
+      f"written whole to {kept}, an incomplete folder (not every video, sidecar or grid.png in it); a rerun writes "
+      "step_2_motion again."]
+  assert sorted(p.name for p in kept.iterdir()) == ["results.json", "sample_000_label0.gif", "sample_000_label0.mp4",
+                                                    "samples.npz"]
+  assert np.load(kept / "samples.npz")["videos"].shape == (1, c.data.num_frames, 8, 8, 3)
+  # Ctrl-C while samples.npz is written: nothing whole to keep, so nothing is left.
+  def interrupted(file, **arrays):
+    Path(file).write_bytes(b"PK")
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(np, "savez_compressed", interrupted)
+  before = sorted(samples.iterdir())
+  with pytest.raises(KeyboardInterrupt):
+    sampling.run(c, str(workdir), experiment=trainer)
+  assert sorted(samples.iterdir()) == before and "note: writing" not in capsys.readouterr().out
+  # The rerun: step_2_motion itself, whole, with the very videos the first run kept.
+  monkeypatch.undo()
+  results = sampling.run(c, str(workdir), experiment=trainer)
+  printed = capsys.readouterr().out
+  assert "earlier run" not in printed and f"and samples.npz to {final}\n" in printed
+  assert results["dir"] == str(final) and json.loads((final / "results.json").read_text())["dir"] == str(final)
+  assert sorted(p.name for p in final.iterdir()) == ["grid.png", "results.json", "sample_000_label0.gif",
+                                                     "sample_000_label0.json", "sample_000_label0.mp4", "samples.npz"]
+  assert not list(samples.glob("step_2_motion-run*")) and not list(samples.glob(".*partial*"))
+  np.testing.assert_array_equal(np.load(final / "samples.npz")["videos"], np.load(kept / "samples.npz")["videos"])
 
 
 def test_settings_the_model_was_not_trained_with_are_refused_before_sampling(trained):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
 import time
 import zipfile
 from collections.abc import Callable
@@ -574,7 +576,8 @@ GRID_COLUMNS = 64  # grid.png shows at most this many frames of a video
 def fresh_directory(path: Path) -> Path:
   """``path``, or, when an earlier run left files there, the first free ``path-runK`` (K = 2, 3, ...):
   a rerun (another seed, sampler or guidance) keeps the samples before it, and no folder mixes two
-  runs' files. Says so when it moves on."""
+  runs' files. Says so when it moves on. (``run`` renames a folder to ``path`` only once it is whole:
+  its hidden ``partial_directory`` and an ``incomplete_directory`` are not counted.)"""
   if not path.is_dir() or not any(path.iterdir()):
     return path
   fresh = _next_run(path.parent, path.name)
@@ -590,6 +593,40 @@ def fresh_file(path: Path) -> Path:
   fresh = _next_run(path.parent, path.stem, path.suffix)
   say(f"note: {path} holds an earlier run's results, which are kept; this run writes to {fresh}.")
   return fresh
+
+
+def partial_directory(path: Path) -> Path:
+  """The hidden folder beside ``path`` that this process writes ``path``'s files into before renaming it
+  to ``path``: ``.NAME.PID.partial``, a name ``fresh_directory`` never picks nor takes for a run's."""
+  return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def incomplete_directory(path: Path) -> Path:
+  """The first free ``NAME.incomplete`` (then ``NAME.incomplete2``, ...) beside ``path``: where a run cut
+  short while writing ``path`` leaves the samples it wrote whole."""
+  k, name = 1, f"{path.name}.incomplete"
+  while (path.parent / name).exists():
+    k += 1
+    name = f"{path.name}.incomplete{k}"
+  return path.parent / name
+
+
+def _set_aside(partial: Path, out_dir: Path, arrays_whole: bool, error: BaseException) -> None:
+  """After ``error`` stopped the writing of ``partial`` (a full disk, Ctrl-C): keeps it as
+  ``incomplete_directory(out_dir)`` when samples.npz was written whole (the arrays cost a chain to draw
+  again), saying where, and removes it otherwise. Never raises: the caller re-raises ``error``."""
+  if not arrays_whole:
+    shutil.rmtree(partial, ignore_errors=True)
+    return
+  kept = incomplete_directory(out_dir)
+  try:
+    os.replace(partial, kept)
+  except OSError:
+    kept = partial  # left where it is: still hidden from fresh_directory, and named below
+  why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+  say(f"note: writing {out_dir} stopped ({why}); this run's samples.npz was written whole to {kept}, an "
+      "incomplete folder (not every video, sidecar or grid.png in it); a rerun writes "
+      f"{out_dir.name} again.", flush=True)
 
 
 def _next_run(parent: Path, stem: str, suffix: str = "") -> Path:
@@ -629,7 +666,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   """Loads the latest checkpoint's EMA weights and writes ``sample.num_samples`` videos of
   ``sample.num_clips`` clips (``sample.control``: the content or motion grid) under
   ``workdir/samples/step_N[_control][_Kclips]``: mp4, GIF and a JSON sidecar per video, grid.png,
-  samples.npz and results.json (process 0 writes; every host draws its share)."""
+  samples.npz and results.json (process 0 writes; every host draws its share). The folder appears
+  whole or not at all (``partial_directory``, renamed at the end); a run stopped while writing keeps
+  a whole samples.npz in ``incomplete_directory`` and re-raises."""
   experiment = experiment or Experiment(config)
   check_trained_config(config, workdir)  # first: what the config says against what the weights were trained with
   experiment.check_config(config, "sample")
@@ -699,13 +738,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
                        "clip_motion_indices": per_clip[i].tolist(),
                        "embedding": "given" if given is not None else
                        ("prior" if prior_samples(config) else None)})
-    out_dir.mkdir(parents=True, exist_ok=True)  # the arrays first: a failing video encoder loses no samples
-    np.savez_compressed(out_dir / "samples.npz", videos=videos,
-                        labels=labels if labels is not None else np.zeros(0),
-                        embeddings=used if used is not None else np.zeros(0),
-                        prompts=np.asarray(prompts if prompts is not None else [], dtype=str))
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    kinds = write_videos(out_dir, video_io.to_uint8(videos), names, sidecars, s.fps, s.upscale)
+    # Written into a hidden folder renamed to out_dir at the end: a run cut short left a half out_dir that a
+    # rerun took for an earlier run's complete samples (and moved on to -run2).
+    partial, arrays_whole = partial_directory(out_dir), False
+    try:
+      shutil.rmtree(partial, ignore_errors=True)  # a dead process's, of this pid: no live run's
+      partial.mkdir(parents=True)
+      # The arrays first: a failing video encoder loses no samples.
+      np.savez_compressed(partial / "samples.npz", videos=videos,
+                          labels=labels if labels is not None else np.zeros(0),
+                          embeddings=used if used is not None else np.zeros(0),
+                          prompts=np.asarray(prompts if prompts is not None else [], dtype=str))
+      arrays_whole = True
+      (partial / "results.json").write_text(json.dumps(results, indent=2))
+      kinds = write_videos(partial, video_io.to_uint8(videos), names, sidecars, s.fps, s.upscale)
+      os.replace(partial, out_dir)  # out_dir is absent or empty (fresh_directory): replaced whole
+    except BaseException as e:  # Ctrl-C too: the half folder goes, the whole arrays stay
+      _set_aside(partial, out_dir, arrays_whole, e)
+      raise
     print(f"wrote {s.num_samples} videos ({', '.join(kinds)}) and samples.npz to {out_dir}")
   if "all_frame_accuracy" in results:
     against = ("the clip the sample was conditioned on" if results["accuracy_against"] == "label"
