@@ -1,10 +1,12 @@
 """The command line: bad input ends with one clear message, no traceback."""
+import errno
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import tiny_config
 
@@ -408,3 +410,19 @@ def test_sampling_refuses_a_head_dim_or_image_size_other_than_training(tmp_path)
   check_base_source(tiny_config(**{"train.init_base_from": record(config, **{"model.residual.head_dim": 2})}))
   # A base trained at another image size is fine-tuned at this one (progressive resolution), not refused.
   check_base_source(tiny_config(**{"train.init_base_from": record(config, **{"data.image_size": 16})}))
+
+
+def test_a_full_disk_names_the_folders_written_to_when_the_error_names_no_file(tmp_path):
+  """numpy, zipfile and TFDS writes raise ENOSPC with no filename: the line names the run's folders."""
+  from videofusion_jax.main import _os_error
+  config = tiny_config(**{"data.data_dir": str(tmp_path / "data"), "compilation_cache_dir": "~/cache"})
+  with pytest.raises(OSError) as e, open("/dev/full", "wb") as f:  # a real full disk: every write fails
+    np.save(f, np.zeros(1 << 16))
+  assert e.value.filename is None
+  line = _os_error(e.value, config, str(tmp_path / "run"))
+  assert line.startswith("[Errno 28] No space left on device: a disk this run writes to is full (the workdir "
+                         f"{tmp_path / 'run'}; the datasets' data_dir {tmp_path / 'data'}; the compilation cache "
+                         f"{Path('~/cache').expanduser()}). Free space there and rerun"), line
+  # An error that names its file says enough as it is.
+  named = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "samples.npz"))
+  assert _os_error(named, config, str(tmp_path / "run")) == str(named)

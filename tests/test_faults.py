@@ -108,6 +108,46 @@ def test_sigterm_and_ctrl_c_save_the_step_and_resume_exactly(config_file, tmp_pa
   assert step == expected_step == second
   for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  # Sampling has no step to finish: SIGTERM stops it at once as Ctrl-C does (its `finally` blocks run), with one
+  # line and the shell's code for the signal, where Python's default ended it silently (code -15).
+  proc = subprocess.Popen(main_cmd(config_file, straight, "--mode=sample"), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=one_device_env())
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("sampling "):
+      break
+  proc.send_signal(signal.SIGTERM)
+  out = "".join(lines) + proc.communicate(timeout=120)[0]
+  assert proc.returncode == 128 + signal.SIGTERM, out
+  assert "interrupted by SIGTERM: stopped at once; the checkpoints saved before are intact (rerun to start it " \
+         "again)." in out and "Traceback" not in out, out
+  assert not (straight / "samples" / f"step_{second}").exists()
+
+
+def test_a_signal_before_the_first_step_stops_a_dataset_build_at_once(trainer, tmp_path, monkeypatch):
+  """A first-use dataset build takes minutes, longer than a preemption's grace period: SIGTERM or Ctrl-C
+  there stops it at once (TFDS removes its temporary folder on the exception), with nothing to save, the
+  lock released and the handlers as they were; not after the build, the initial state and a first step."""
+  from videofusion_jax.training import loop
+  from videofusion_jax.training.preemption import Interrupted
+
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    def build(config, sig=sig):
+      os.kill(os.getpid(), sig)
+      for _ in range(200):  # a long build; the handler runs between two of its Python lines
+        time.sleep(0.05)
+      raise RuntimeError("the build ran to its end: the signal did not stop it")
+    monkeypatch.setattr(loop, "prepare_dataset", build)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    t = time.time()
+    with pytest.raises(Interrupted) as e:
+      train(trainer.config, tmp_path / sig.name, trainer=trainer, verbose=False)
+    assert e.value.signal_name == sig.name and isinstance(e.value, KeyboardInterrupt)
+    assert time.time() - t < 5
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    assert not (tmp_path / sig.name / LOCK_NAME).exists()
+    assert not list((tmp_path / sig.name / "checkpoints").glob("*"))
 
 
 @pytest.fixture(scope="module")

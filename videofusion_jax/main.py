@@ -9,6 +9,7 @@ Several hosts: ``--multihost`` (TPU pods, SLURM: JAX finds the coordinator itsel
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -124,6 +125,29 @@ def _fail(message: str) -> None:
   sys.exit(1)
 
 
+def _interrupted(e: KeyboardInterrupt, rerun: str) -> None:
+  """Ctrl-C, or SIGTERM where there was no step to save (``preemption.Interrupted``): one line, and the
+  shell's code for the signal (128 + its number)."""
+  import signal
+  name = getattr(e, "signal_name", "SIGINT")
+  by = "" if name == "SIGINT" else f" by {name}"
+  print(f"\ninterrupted{by}: stopped at once; the checkpoints saved before are intact ({rerun}).", file=sys.stderr)
+  sys.exit(128 + signal.Signals[name].value)
+
+
+def _os_error(e: OSError, config, workdir: str | None = None) -> str:
+  """An OSError's line; a full disk's names the folders written to when the error names no file (numpy,
+  zipfile and TFDS writes leave its filename empty)."""
+  if e.errno != errno.ENOSPC or e.filename:
+    return str(e)
+  folders = {"the workdir": workdir, "the datasets' data_dir": config.data.get("data_dir") or None,
+             "the compilation cache": config.get("compilation_cache_dir") or None}
+  named = "; ".join(f"{what} {os.path.expanduser(str(path))}" for what, path in folders.items() if path)
+  return (f"{e}: a disk this run writes to is full ({named or 'the current directory'}). Free space there and "
+          "rerun: checkpoints and files written before are intact, and a write that failed left no partial file "
+          "in their place.")
+
+
 def _start_distributed() -> None:
   """``jax.distributed.initialize`` with the flags given (JAX finds the rest on TPU pods and
   SLURM); on CPUs the processes talk through gloo collectives."""
@@ -169,12 +193,16 @@ def main(argv) -> None:
 
   config = _CONFIG.value
   from videofusion_jax.experiment import enable_compilation_cache
+  from videofusion_jax.training.preemption import sigterm_stops_at_once
   if _MODE.value == "embed":
     try:
-      enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
-      _embed(config)
+      with sigterm_stops_at_once(multihost=False):
+        enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
+        _embed(config)
+    except KeyboardInterrupt as e:
+      _interrupted(e, "rerun to start it again")
     except (ConfigError, DatasetNotFoundError, PipelineError, CLIPLoadError, OSError) as e:
-      _fail(str(e))
+      _fail(_os_error(e, config) if isinstance(e, OSError) else str(e))
     return
   # Any of the multi-host flags means a multi-host run: a process that ran alone with --process_id=1
   # would write its checkpoints over the others' in the shared workdir.
@@ -195,43 +223,42 @@ def main(argv) -> None:
   except WorkdirError as e:
     _fail(str(e))
   try:
-    enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
-    # One experiment per run (it validates the config), shared by the modes the run performs.
-    if _MODE.value == "train_and_sample" and config.train.stage == "image":  # before hours of training
-      raise ConfigError("--mode=train_and_sample with config.train.stage='image': the image stage trains the base "
-                        "generator alone and leaves the residual generator untrained, so its videos would be noise "
-                        "but for the key frame. Use --mode=train, then train the video stage from this workdir "
-                        "(--config.train.init_base_from) and sample that.")
-    if _MODE.value == "train_and_sample":  # what sampling will read, checked before the training, not after it
-      from videofusion_jax import sampling
-      sampling.sample_prompts(config, 1, note=False)
-      sampling.given_embeddings(config, config.sample.num_samples)
-      sampling.check_guidance_was_trained(config, config.train.label_dropout)  # the dropout it is about to train with
-    if _MODE.value in ("train", "train_and_sample"):
-      from videofusion_jax.training.loop import train
-      from videofusion_jax.training.step import Trainer
-      experiment = Trainer(config)
-      train(config, workdir, trainer=experiment)
-    else:
-      from videofusion_jax.experiment import Experiment
-      experiment = Experiment(config)
-    if _MODE.value in ("sample", "train_and_sample"):
-      from videofusion_jax import sampling
-      sampling.run(config, workdir, experiment=experiment,
-                   config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
-    if _MODE.value == "eval":
-      from videofusion_jax.evaluation import evaluate
-      evaluate.run(config, workdir, experiment=experiment)
+    with sigterm_stops_at_once(multihost):  # no step to save: SIGTERM stops it at once, as Ctrl-C does
+      enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
+      # One experiment per run (it validates the config), shared by the modes the run performs.
+      if _MODE.value == "train_and_sample" and config.train.stage == "image":  # before hours of training
+        raise ConfigError("--mode=train_and_sample with config.train.stage='image': the image stage trains the base "
+                          "generator alone and leaves the residual generator untrained, so its videos would be noise "
+                          "but for the key frame. Use --mode=train, then train the video stage from this workdir "
+                          "(--config.train.init_base_from) and sample that.")
+      if _MODE.value == "train_and_sample":  # what sampling will read, checked before the training, not after it
+        from videofusion_jax import sampling
+        sampling.sample_prompts(config, 1, note=False)
+        sampling.given_embeddings(config, config.sample.num_samples)
+        sampling.check_guidance_was_trained(config, config.train.label_dropout)  # the dropout it is about to train with
+      if _MODE.value in ("train", "train_and_sample"):
+        from videofusion_jax.training.loop import train
+        from videofusion_jax.training.step import Trainer
+        experiment = Trainer(config)
+        train(config, workdir, trainer=experiment)
+      else:
+        from videofusion_jax.experiment import Experiment
+        experiment = Experiment(config)
+      if _MODE.value in ("sample", "train_and_sample"):
+        from videofusion_jax import sampling
+        sampling.run(config, workdir, experiment=experiment,
+                     config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
+      if _MODE.value == "eval":
+        from videofusion_jax.evaluation import evaluate
+        evaluate.run(config, workdir, experiment=experiment)
   except Preempted as e:
     print(e, flush=True)
     sys.exit(0)
-  except KeyboardInterrupt:
-    rerun = "rerun to resume" if _MODE.value.startswith("train") else "rerun to start it again"
-    print(f"\ninterrupted: stopped at once; the checkpoints saved before are intact ({rerun}).", file=sys.stderr)
-    sys.exit(130)
+  except KeyboardInterrupt as e:  # the second Ctrl-C of a training run, or one (or SIGTERM) in any other work
+    _interrupted(e, "rerun to resume" if _MODE.value.startswith("train") else "rerun to start it again")
   except (ConfigError, DatasetNotFoundError, VideoReadError, CheckpointError, NonFiniteLossError,
           PipelineError, OSError, FloatingPointError, WorkdirError, CLIPLoadError) as e:  # OSError: a path in the way
-    _fail(str(e))
+    _fail(_os_error(e, config, workdir) if isinstance(e, OSError) else str(e))
 
 
 if __name__ == "__main__":

@@ -337,7 +337,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
           return state
         started = _resume(trainer, manager, say, restored)
       if batches is None:
-        prepare_dataset(config)
+        with stop.at_once():  # no step to save yet: a build of many minutes stops when told, not after it
+          prepare_dataset(config)
       state, saved_stream = started or _start(trainer, manager, config, say)
       for warning in (base_from_scratch_warning(config), warmup_warning(config),
                       schedule_change_warning(config, workdir, int(state.step)) if latest is not None else None):

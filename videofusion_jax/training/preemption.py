@@ -1,13 +1,46 @@
 """Stopping on a preemption notice: SIGTERM (what TPU and cloud GPU preemptions and SLURM send)
-or SIGINT (Ctrl-C) ends training after the step in flight, at a step all hosts agree on."""
+or SIGINT (Ctrl-C) ends training after the step in flight, at a step all hosts agree on; where there is
+no step to finish (sampling, evaluation, a dataset build), either stops the work at once, as an exception."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 
 import jax
 from jax.experimental import multihost_utils
+
+
+class Interrupted(KeyboardInterrupt):
+  """SIGTERM or SIGINT where work stops at once: raised like Ctrl-C's ``KeyboardInterrupt`` (which it is), so
+  that ``finally`` blocks run and temporary files go; Python's default for SIGTERM ends the process without
+  them."""
+
+  def __init__(self, signal_name: str):
+    super().__init__(signal_name)
+    self.signal_name = signal_name
+
+
+def _raise_interrupted(signum, frame) -> None:
+  del frame
+  raise Interrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def sigterm_stops_at_once(multihost: bool) -> Iterator[None]:
+  """While inside, SIGTERM raises ``Interrupted``, as Ctrl-C raises ``KeyboardInterrupt``. In the main
+  thread of one process only: a ``multihost`` run's SIGTERM is JAX's preemption service's. (Asked, not
+  read from JAX, so that it can be entered before ``jax.distributed.initialize``.)"""
+  if multihost or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 class StopRequest:
@@ -16,17 +49,21 @@ class StopRequest:
   One process: Python handlers set a flag, read by ``reached(step)``. Several processes: JAX's
   preemption service (started by ``jax.distributed.initialize``) catches SIGTERM on any host and
   makes ``reached(step)`` true on every host at the same step; SIGINT is turned into SIGTERM so
-  that it takes the same path. A second Ctrl-C stops at once.
+  that it takes the same path. A second Ctrl-C stops at once, and so does either signal inside
+  ``at_once()`` (one process).
   """
 
   def __init__(self):
     self.signal_name: str | None = None
     self._previous: dict[int, object] = {}
     self._multi = jax.process_count() > 1
+    self._at_once = False
 
   def _on_signal(self, signum, frame) -> None:
     del frame
     name = signal.Signals(signum).name
+    if self._at_once:
+      raise Interrupted(name)
     if self.signal_name == "SIGINT" and signum == signal.SIGINT:
       raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
     self.signal_name = name
@@ -47,6 +84,20 @@ class StopRequest:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
     self._previous.clear()
+
+  @contextlib.contextmanager
+  def at_once(self) -> Iterator[None]:
+    """While inside, a signal raises ``Interrupted`` instead of waiting for a step to save: for work before
+    the first step (a first-use dataset build, which a preemption's grace period would not see end, and
+    whose temporary folder TFDS removes on the exception). One process only: on several, a host that
+    stopped alone would leave the others waiting at their next collective."""
+    if self.signal_name is not None and not self._multi:  # told already, with no step to save since
+      raise Interrupted(self.signal_name)
+    self._at_once = not self._multi
+    try:
+      yield
+    finally:
+      self._at_once = False
 
   def reached(self, step: int) -> bool:
     """True when training should save ``step`` and stop (the same step on every host)."""
