@@ -216,6 +216,22 @@ def test_persistent_compilation_cache(tmp_path):
   assert r.returncode == 0, r.stderr
   sizes = [p.stat().st_size for p in (tmp_path / "small").iterdir() if p.name.endswith("-cache")]
   assert 1 <= len(sizes) < 8 and 0 < sum(sizes) <= 8000, sizes
+  # Called again in one process (a notebook's second run): programs go to the new folder, and '' ends the cache
+  # (JAX opened its cache at the first compile and went on writing there, whatever the setting said).
+  a, b = tmp_path / "a", tmp_path / "b"
+  code = ("import jax, jax.numpy as jnp, pathlib\n"
+          "from videofusion_jax.experiment import enable_compilation_cache\n"
+          "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+          f"for k, folder in enumerate([{str(a)!r}, {str(b)!r}, '']):\n"
+          "  enable_compilation_cache(folder)\n"
+          "  float(jax.jit(lambda x: jnp.sin(x) @ x.T + k)(jnp.ones((8, 8))).sum())\n"
+          f"  print(*(len(list(pathlib.Path(d).glob('*-cache'))) for d in ({str(a)!r}, {str(b)!r})))\n")
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  (a0, b0), (a1, b1), (a2, b2) = [tuple(map(int, line.split())) for line in r.stdout.splitlines()]
+  assert a0 >= 1 and b0 == 0, r.stdout  # the first program in a
+  assert a1 == a0 and b1 >= 1, r.stdout  # the second in b only
+  assert (a2, b2) == (a1, b1), r.stdout  # the third nowhere
   code = "from videofusion_jax.experiment import enable_compilation_cache\nenable_compilation_cache('x', 0.0)\n"
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode == 1 and "config.compilation_cache_max_gb=0.0: must be > 0" in r.stderr

@@ -359,6 +359,32 @@ def test_a_step_that_was_not_saved_is_named_with_the_saved_steps_not_called_dama
   assert snapshot(tmp_path) == before
 
 
+def test_the_coroutines_a_failed_read_leaves_unawaited_are_not_shown_and_others_are(tmp_path):
+  """A failed read of a damaged checkpoint leaves Orbax's shard reads and metadata reads never awaited
+  (Python warns as they are collected, at any later time); those warnings are hidden, another's is not."""
+  import gc
+  import warnings
+
+  class Store:  # Orbax's names: the warning quotes the qualified name
+    async def _get_array_metadatas(self):
+      pass
+
+  async def _read_array_index_and_device_put():
+    pass
+
+  async def another_coroutine():
+    pass
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ckpt._hide_abandoned_reads_of(tmp_path / "checkpoints" / "4")
+    for coroutine in (Store()._get_array_metadatas(), _read_array_index_and_device_put(), another_coroutine()):
+      del coroutine
+      gc.collect()
+  shown = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+  assert shown == [f"coroutine '{another_coroutine.__qualname__}' was never awaited"], shown
+
+
 def test_restores_do_not_stack_hooks_and_hide_orbaxs_missing_item_metadata_warning(tmp_path, caplog, monkeypatch):
   """A second restore leaves sys.unraisablehook, the warnings filters and the asyncio logger's filters as the
   first left them (each restore used to add another asyncio filter, for good), and Orbax's absl warning that

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental.compilation_cache import compilation_cache
 
 from videofusion_jax import diffusion
 from videofusion_jax.config import ConfigError, validate
@@ -26,9 +27,12 @@ from videofusion_jax.training.state import TrainState
 
 def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None:
   """Turns on XLA's persistent compilation cache in ``directory`` (created if missing), kept under
-  ``max_gb`` GiB by removing the least recently used programs; '' leaves it off. Call before
-  anything is compiled. Returns the absolute path used, or None."""
+  ``max_gb`` GiB by removing the least recently used programs; '' turns it off. Call before anything
+  is compiled, or again to move or end it (a notebook's second run). Returns the absolute path used, or
+  None."""
   if not directory:
+    if jax.config.jax_compilation_cache_dir:
+      _use_cache_dir(None)
     return None
   if not (isinstance(max_gb, (int, float)) and math.isfinite(max_gb) and max_gb > 0):  # inf: no int of it
     raise ConfigError(f"config.compilation_cache_max_gb={max_gb}: must be > 0 and finite (the persistent compilation "
@@ -39,11 +43,19 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
   except OSError as e:
     raise ConfigError(f"config.compilation_cache_dir={directory!r}: cannot create {path} ({e.strerror}); "
                       "pass a writable folder, or '' to turn the cache off.") from None
-  jax.config.update("jax_compilation_cache_dir", path)
+  _use_cache_dir(path)
   # A limit, unlike JAX's default of none, also makes every read and write of the folder take its
   # file lock: without it a run could load a program that another is still writing.
   jax.config.update("jax_compilation_cache_max_size", int(max_gb * 2**30))
   return path
+
+
+def _use_cache_dir(path: str | None) -> None:
+  """Points JAX's persistent cache at ``path`` (None: none). JAX opens its cache once, at the first compile,
+  and went on writing to that folder whatever the setting said later: it is reset when the folder changes."""
+  if jax.config.jax_compilation_cache_dir != path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()
 
 
 # What an Experiment's programs are built from (its networks, schedules, λs), whatever the mode; a run handed
@@ -55,11 +67,6 @@ TRAIN_LOOP_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "init_
 SAMPLER_FIELDS = ("method", "num_steps", "eta", "clip_x0", "spacing", "variance", "guidance_scale",
                   "continuity_frames", "batch_size", "prior_num_steps", "prior_spacing", "prior_eta",
                   "prior_guidance_scale")
-
-
-def _as_json(config: ml_collections.ConfigDict) -> dict:
-  """The config as config.json records it (tuples as lists), so that one read back compares equal."""
-  return json.loads(json.dumps(config.to_dict(), default=repr))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -88,7 +95,7 @@ class Experiment:
     validate(config)
     self.config = config
     self._program_context = program_context(config)  # the config everything below is built from
-    self._built_from = _flat(_as_json(config))
+    self._built_from = _flat(json.loads(self._program_context))  # as config.json records it: tuples as lists
     try:
       self.mesh = mesh if mesh is not None else shd.make_mesh(config)
     except ValueError as e:  # the mesh's shape against the devices there are
@@ -134,7 +141,7 @@ class Experiment:
     else:  # long videos' clips are the sampler's; evaluation draws single clips whatever num_clips says
       fields += [f"sample.{k}" for k in SAMPLER_FIELDS + (("num_clips",) if work == "sample" else ())]
     picked = lambda flat: {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in fields)}  # noqa: E731
-    changed = _changes(picked(self._built_from), picked(_flat(_as_json(config))))
+    changed = _changes(picked(self._built_from), picked(_flat(json.loads(program_context(config)))))
     if not changed:
       return
     name = type(self).__name__

@@ -276,7 +276,8 @@ def _agree(manager, step: int, damaged: Exception | None) -> None:
 # behind is not shown (``_hide_abandoned_reads_of``). Replaced, never changed in place: the hooks
 # read it from other threads.
 _READ_STEP_DIRS: frozenset[str] = frozenset()
-_READ_COROUTINE = "_read_array_index_and_device_put"  # Orbax's read of one array's shard
+# Orbax's coroutines of a read: one array's shard, and the arrays' metadata.
+_READ_COROUTINES = ("_read_array_index_and_device_put", "_get_array_metadatas")
 
 
 def _hide_abandoned_reads_of(step_dir: Path) -> None:
@@ -292,7 +293,8 @@ def _hide_abandoned_reads_of(step_dir: Path) -> None:
   global _READ_STEP_DIRS
   _READ_STEP_DIRS = _READ_STEP_DIRS | {str(step_dir.absolute()) + os.sep}
   # The reads that had not started when the loop closed. Each call: pytest's catch_warnings drops it.
-  warnings.filterwarnings("ignore", message=f"coroutine '{_READ_COROUTINE}' was never awaited",
+  names = "|".join(_READ_COROUTINES)
+  warnings.filterwarnings("ignore", message=rf"coroutine '([\w.<>]+\.)?({names})' was never awaited",
                           category=RuntimeWarning)
   # asyncio logs each read's task and future at their collection ("exception was never retrieved",
   # "Task was destroyed but it is pending!"). Also added once: these hooks stay for the process, as the
@@ -338,7 +340,7 @@ def _safely(check, *args) -> bool:
 
 def _is_abandoned_read(exc: BaseException | None, obj=None) -> bool:
   code = getattr(obj, "cr_code", None)
-  if code is not None and code.co_name == _READ_COROUTINE:
+  if code is not None and code.co_name in _READ_COROUTINES:
     return True
   if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and obj is None:
     tb = exc.__traceback__
@@ -354,7 +356,7 @@ def _names_a_read_step(exc: BaseException | None) -> bool:
 
 
 def _is_abandoned_read_log(record: pylogging.LogRecord) -> bool:
-  if _READ_COROUTINE in record.getMessage():
+  if any(name in record.getMessage() for name in _READ_COROUTINES):
     return True
   return bool(record.exc_info) and _names_a_read_step(record.exc_info[1])
 
