@@ -78,3 +78,22 @@ def optimised():
   jax.config.update("jax_disable_most_optimizations", False)
   yield
   jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="session")
+def xla_out_of_memory():
+  """XLA's own out-of-memory error, as a run meets it: a process allowed 6 GB more address space than it
+  uses asks XLA for a 14.4 GB array (the text is XLA's; the exception, its class, made here)."""
+  import subprocess
+  code = ("import resource, jax, jax.numpy as jnp\n"
+          "jnp.ones(3).block_until_ready()\n"
+          "used = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024\n"
+          "resource.setrlimit(resource.RLIMIT_AS, (used + (6 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+          "try:\n"
+          "  jax.jit(lambda x: jnp.outer(x, x))(jnp.ones(60000)).block_until_ready()\n"
+          "except jax.errors.JaxRuntimeError as e:\n"
+          "  print(e)\n")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+  assert r.returncode == 0 and "RESOURCE_EXHAUSTED" in r.stdout, (r.stdout, r.stderr)
+  return jax.errors.JaxRuntimeError(r.stdout.strip())

@@ -1,5 +1,6 @@
 """--mode=eval on a briefly trained tiny model: FVD/KVD written, real-data features cached."""
 import copy
+import functools
 import json
 
 import numpy as np
@@ -149,8 +150,11 @@ def _stand_in_networks_and_i3d(monkeypatch, c, real_labels, seen: dict):
 
   monkeypatch.setattr(evaluate, "generated_videos", generated)
   monkeypatch.setattr(evaluate, "check_trained_config", lambda *a: None)
-  return types.SimpleNamespace(restore=lambda *a, **k: types.SimpleNamespace(step=1, ema_params=None),
-                               check_config=lambda *a: None)
+  fake = types.SimpleNamespace(restore=lambda *a, **k: types.SimpleNamespace(step=1, ema_params=None),
+                               check_config=lambda *a: None, config=c, mesh=one_device(c))
+  fake.explain_out_of_memory = functools.partial(Experiment.explain_out_of_memory, fake)
+  fake.memory_error = functools.partial(Experiment.memory_error, fake)
+  return fake
 
 
 def test_a_text_models_clips_take_the_real_clips_captions(tfds_dir, tmp_path, monkeypatch, capsys):
@@ -249,6 +253,27 @@ def test_figures_are_printed_before_their_file_and_a_failed_write_leaves_none(tm
   evaluate.run(c, str(tmp_path), experiment=fake)
   assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_1.json"]
   assert "earlier run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["real_features", "generated_videos"])
+def test_an_evaluation_the_device_cannot_hold_names_both_batches(tmp_path, monkeypatch, xla_out_of_memory, where):
+  """XLA's out-of-memory error, in the real clips' features or in the generated clips' chain and
+  features, is one message naming sample.batch_size and eval.batch_size; nothing is written."""
+  from videofusion_jax.experiment import DeviceMemoryError
+
+  c = tiny_config(**{"sample.batch_size": 6})
+  c.eval.update(num_real=4, num_generated=4, batch_size=4, kvd_subsets=2, kvd_subset_size=3)
+  fake = _stand_in_networks_and_i3d(monkeypatch, c, np.array([0, 1, 2, 0], np.int32), {})
+  monkeypatch.setattr(evaluate, where, lambda *a, **k: (_ for _ in ()).throw(xla_out_of_memory))
+  with pytest.raises(DeviceMemoryError) as e:
+    evaluate.run(c, str(tmp_path), experiment=fake)
+  assert str(e.value).startswith("the device ran out of memory in evaluation (XLA: Out of memory allocating ")
+  assert str(e.value).endswith(
+      "; device: cpu). config.sample.batch_size=6 draws up to 6 video(s) of 4 x 8x8 frames on each of the 1 "
+      "device(s) at a time (and the I3D features, config.eval.batch_size=4 clips at a time). Lower them (each video's "
+      "noise is its own: the videos do not depend on it), or compute in bfloat16 (--config.model.dtype=bfloat16); "
+      "then run it again.")
+  assert not (tmp_path / "eval").exists() or not list((tmp_path / "eval").iterdir())
 
 
 def test_a_file_where_the_results_go_stops_eval_and_sample_before_their_work(tmp_path, monkeypatch):

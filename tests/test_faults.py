@@ -232,6 +232,38 @@ def purge_steps(logdir: Path) -> list[int]:
           for e in tf.compat.v1.train.summary_iterator(str(f)) if e.session_log.status == e.session_log.START]
 
 
+def test_a_step_the_device_cannot_hold_says_the_batch_per_device_and_what_lowers_it(trainer, tmp_path, monkeypatch,
+                                                                                       xla_out_of_memory):
+  """XLA's out-of-memory error (at the step's compile or run) is one message: what XLA was asked for, the
+  clips per device, the settings that lower the memory; the checkpoints before it are intact. Another
+  runtime error passes unchanged."""
+  from videofusion_jax.experiment import DeviceMemoryError
+
+  c = tiny_config(**{"train.num_steps": 2})
+  train(c, tmp_path, batches=fake_batches(c), trainer=trainer, verbose=False)
+  before = snapshot(tmp_path / "checkpoints")
+  monkeypatch.setattr(trainer, "step", lambda *a: (_ for _ in ()).throw(xla_out_of_memory))
+  c4 = tiny_config(**{"train.num_steps": 4})
+  with pytest.raises(DeviceMemoryError) as e:
+    train(c4, tmp_path, batches=fake_batches(c4), trainer=trainer, verbose=False)
+  asked = re.search(r"allocating (\d+) bytes", str(xla_out_of_memory)).group(1)
+  b, d = c.train.batch_size, c.data
+  assert str(e.value) == (
+      f"the device ran out of memory in training (XLA: Out of memory allocating {int(asked) / 1e9:.2f} GB; device: "
+      f"cpu). config.train.batch_size={b} puts {b} clip(s) of {d.num_frames} x {d.image_size}x{d.image_size} frames "
+      "on each of the 1 device(s). Lower it, or split each step into micro-batches (--config.train.grad_accum_steps"
+      "=K, the same update), or recompute activations in the backward pass (--config.train.remat=block), or compute "
+      "in bfloat16 (--config.model.dtype=bfloat16); benchmarks/memory.py gives a setting's memory without running "
+      "it. The checkpoints saved before are intact: rerun to resume.")
+  assert e.value.__cause__ is xla_out_of_memory
+  assert snapshot(tmp_path / "checkpoints") == before and not (tmp_path / LOCK_NAME).exists()
+  other = jax.errors.JaxRuntimeError("INTERNAL: something else")
+  monkeypatch.setattr(trainer, "step", lambda *a: (_ for _ in ()).throw(other))
+  with pytest.raises(jax.errors.JaxRuntimeError) as e:
+    train(c4, tmp_path, batches=fake_batches(c4), trainer=trainer, verbose=False)
+  assert e.value is other
+
+
 def test_metrics_of_a_crashed_run_past_its_checkpoint_are_dropped_and_a_torn_line_too(tmp_path):
   path = tmp_path / "metrics.jsonl"
   rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)]

@@ -390,6 +390,29 @@ def test_a_rerun_keeps_the_samples_before_it(trained, capsys, monkeypatch):
   assert json.loads((fourth / "results.json").read_text())["copy_distance_real"] is None
 
 
+def test_sampling_the_device_cannot_hold_says_the_batch_per_device_and_writes_nothing(trained, monkeypatch,
+                                                                                       xla_out_of_memory):
+  """XLA's out-of-memory error in the chain (its compile or a batch) is one message naming
+  sample.batch_size and the videos per device; no samples folder is made."""
+  from videofusion_jax.experiment import DeviceMemoryError
+
+  config, workdir, trainer = trained
+  c = tiny_config(**{"data.data_dir": config.data.data_dir, "sample.control": "content"})
+  monkeypatch.setattr(sampling, "long_videos", lambda *a, **k: (_ for _ in ()).throw(xla_out_of_memory))
+  before = sorted((workdir / "samples").glob("*")) if (workdir / "samples").exists() else []
+  with pytest.raises(DeviceMemoryError) as e:
+    sampling.run(c, str(workdir), experiment=trainer)
+  b, d = c.sample.batch_size, c.data
+  assert str(e.value).startswith("the device ran out of memory in sampling (XLA: Out of memory allocating ")
+  assert str(e.value).endswith(
+      f"; device: cpu). config.sample.batch_size={b} draws up to {b} video(s) of {d.num_frames} x {d.image_size}x"
+      f"{d.image_size} frames on each of the 1 device(s) at a time. Lower it (each video's noise is its own: the "
+      "videos do not depend on it), or compute in bfloat16 (--config.model.dtype=bfloat16); then run it again.")
+  assert e.value.__cause__ is xla_out_of_memory
+  after = sorted((workdir / "samples").glob("*")) if (workdir / "samples").exists() else []
+  assert after == before
+
+
 def test_a_run_stopped_while_writing_leaves_no_half_folder(trained, capsys, monkeypatch):
   """A full disk (or Ctrl-C) while the files are written: no step_N folder is left for a rerun to take for an
   earlier run's complete samples (it moved on to step_N-run2 beside a half folder); a samples.npz written

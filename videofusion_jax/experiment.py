@@ -3,9 +3,12 @@ networks, noise schedule, per-frame λs, optimizer, mesh, every sharding, the ab
 and restoring a checkpoint onto this mesh."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import flax.linen as nn
@@ -84,6 +87,22 @@ def _changes(was: dict, now: dict) -> list[str]:
           if was.get(k, "<none>") != now.get(k, "<none>")]
 
 
+class DeviceMemoryError(RuntimeError):
+  """A program did not fit the device's memory (XLA's RESOURCE_EXHAUSTED, at compile or run time); the
+  message names the settings that size it and how to lower them."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+  """Whether ``error`` is XLA's out-of-memory: a ``JaxRuntimeError`` saying RESOURCE_EXHAUSTED."""
+  return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def _xla_said(error: BaseException) -> str:
+  """XLA's first line, less its status code, with its byte counts in GB (the rest is a buffer dump)."""
+  line = str(error).strip().splitlines()[0].removeprefix("RESOURCE_EXHAUSTED:").strip().rstrip(".")
+  return re.sub(r"(\d{7,}) bytes", lambda m: f"{int(m.group(1)) / 1e9:.2f} GB", line)
+
+
 class Experiment:
   """Everything a config determines before any data is read or any step is compiled.
 
@@ -151,6 +170,52 @@ class Experiment:
     doing = {"train": "training", "sample": "sampling", "eval": "evaluation"}[work]
     raise ConfigError(f"{doing} was given a {name} built from another config ({', '.join(changed)}): it would "
                       f"run the {name}'s and record this one. Build a {name} from this config.")
+
+  @contextlib.contextmanager
+  def explain_out_of_memory(self, work: str) -> Iterator[None]:
+    """Inside, XLA's out-of-memory error (``out_of_memory``; at compile or run time) becomes a
+    ``DeviceMemoryError`` (``memory_error``) for ``work``; other errors pass as they are."""
+    try:
+      yield
+    except jax.errors.JaxRuntimeError as e:
+      if not out_of_memory(e):
+        raise
+      raise self.memory_error(e, work) from e
+
+  def memory_error(self, error: BaseException, work: str) -> DeviceMemoryError:
+    """The DeviceMemoryError for XLA's out-of-memory ``error`` in ``work`` ('train', 'sample' or 'eval'):
+    what the device was asked for, the batch per device that sizes it, and the settings that lower it."""
+    c = self.config
+    device = jax.devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    on = f"{device.device_kind}" + (f", {limit / 1e9:.1f} GB" if limit else "")
+    clip = f"{c.data.num_frames} x {c.data.image_size}x{c.data.image_size} frames"
+    cheaper = ["compute in bfloat16 (--config.model.dtype=bfloat16)"] if c.model.dtype == "float32" else []
+    devices = self.mesh.devices.size
+    if work == "train":
+      t = c.train
+      per_device = self.batch_sharding.shard_shape((t.batch_size,))[0]
+      parts = t.grad_accum_steps
+      steps = f", in {parts} micro-batches of {per_device // parts}" if parts > 1 else ""
+      ways = (["split each step into micro-batches (--config.train.grad_accum_steps=K, the same update)"]
+              + ([] if t.remat == "block" else ["recompute activations in the backward pass (--config.train.remat="
+                                                "block)"])
+              + cheaper
+              + (["shard the state over the devices (--config.mesh.fsdp=-1)"] if self.mesh.shape["fsdp"] < devices
+                 else []))
+      how = (f"config.train.batch_size={t.batch_size} puts {per_device} clip(s) of {clip} on each of the {devices} "
+             f"device(s){steps}. Lower it, or {', or '.join(ways)}; benchmarks/memory.py gives a setting's memory "
+             "without running it. The checkpoints saved before are intact: rerun to resume.")
+    else:
+      batch = -(-c.sample.batch_size // devices)
+      also = (f" (and the I3D features, config.eval.batch_size={c.eval.batch_size} clips at a time)"
+              if work == "eval" else "")
+      how = (f"config.sample.batch_size={c.sample.batch_size} draws up to {batch} video(s) of {clip} on each of the "
+             f"{devices} device(s) at a time{also}. Lower {'them' if also else 'it'} (each video's noise is its "
+             "own: the videos do not depend on it)" + "".join(f", or {w}" for w in cheaper) + "; then run it again.")
+    doing = {"train": "training", "sample": "sampling", "eval": "evaluation"}[work]
+    return DeviceMemoryError(f"the device ran out of memory in {doing} (XLA: {_xla_said(error)}; device: {on}). "
+                             + how)
 
   def check_work(self) -> None:
     """What this experiment's work needs of its config and ``self.mesh`` beyond ``validate``, else a

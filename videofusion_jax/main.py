@@ -186,6 +186,7 @@ def main(argv) -> None:
   from videofusion_jax.data.builders import DatasetNotFoundError
   from videofusion_jax.data.pipeline import PipelineError
   from videofusion_jax.data.video_io import VideoReadError
+  from videofusion_jax.experiment import DeviceMemoryError
   from videofusion_jax.models.clip import CLIPLoadError
   from videofusion_jax.training.checkpoint import CheckpointError
   from videofusion_jax.training.loop import NonFiniteLossError, Preempted
@@ -257,7 +258,7 @@ def main(argv) -> None:
   except KeyboardInterrupt as e:  # the second Ctrl-C of a training run, or one (or SIGTERM) in any other work
     _interrupted(e, "rerun to resume" if _MODE.value.startswith("train") else "rerun to start it again")
   except (ConfigError, DatasetNotFoundError, VideoReadError, CheckpointError, NonFiniteLossError,
-          PipelineError, OSError, FloatingPointError, WorkdirError, CLIPLoadError) as e:  # OSError: a path in the way
+          PipelineError, OSError, FloatingPointError, WorkdirError, CLIPLoadError, DeviceMemoryError) as e:
     _fail(_os_error(e, config, workdir) if isinstance(e, OSError) else str(e))
 
 

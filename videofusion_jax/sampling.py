@@ -708,8 +708,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   t0 = time.time()
   unit = "videos" if s.num_clips == 1 else "clips"
   progress = Progress(unit, s.num_samples * s.num_clips, unit=unit, quiet=jax.process_index() > 0)
-  videos, used = long_videos(experiment, state.ema_params, s.seed, content, motion, labels, given, progress,
-                             text=text)
+  with experiment.explain_out_of_memory("sample"):
+    videos, used = long_videos(experiment, state.ema_params, s.seed, content, motion, labels, given, progress,
+                               text=text)
   print(f"sampled {s.num_samples} videos in {time.time() - t0:.0f} s (compile included)", flush=True)
   results = {"step": step, "num_samples": int(s.num_samples), "num_clips": int(s.num_clips),
              "frames": int(n_frames), "control": s.control, "dir": str(out_dir)}

@@ -210,7 +210,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)
   i3d = i3d_features(e.batch_size)
-  real = real_features(config, workdir, i3d)
+  with experiment.explain_out_of_memory("eval"):
+    real = real_features(config, workdir, i3d)
   labels = sample_labels(config, e.num_generated)
   if labels is not None:  # the real clips' class mix (sample.label is -1: checked above)
     labels = np.resize(real["labels"], e.num_generated).astype(np.int32)
@@ -226,7 +227,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
       probs.append(gather_shares(c3d(video_io.to_uint8(mine)), len(videos)))
 
   text = None if prompts is None else prompt_embeddings(config, prompts, verbose=jax.process_index() == 0)
-  generated_videos(experiment, state.ema_params, e.num_generated, e.seed, labels, consume, text)
+  with experiment.explain_out_of_memory("eval"):
+    generated_videos(experiment, state.ema_params, e.num_generated, e.seed, labels, consume, text)
   fake = np.concatenate(gen_feats)
   # Each KVD subset draws min(subset_size, N, M) clips of each side: the size recorded is that one.
   kvd_size = min(e.kvd_subset_size, len(real["features"]), len(fake))

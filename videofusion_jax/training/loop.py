@@ -339,7 +339,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
       if batches is None:
         with stop.at_once():  # no step to save yet: a build of many minutes stops when told, not after it
           prepare_dataset(config)
-      state, saved_stream = started or _start(trainer, manager, config, say)
+      with trainer.explain_out_of_memory("train"):
+        state, saved_stream = started or _start(trainer, manager, config, say)
       for warning in (base_from_scratch_warning(config), warmup_warning(config),
                       schedule_change_warning(config, workdir, int(state.step)) if latest is not None else None):
         if warning:
@@ -350,7 +351,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
       say(f"parameters: {sizes}; devices {trainer.mesh.devices.size} (mesh {dict(trainer.mesh.shape)}, "
           f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); {config.model.kind}, "
           f"stage {config.train.stage}, λ={config.diffusion.lam}, condition: {config.model.condition}")
-      return _loop(trainer, state, manager, config, workdir, batches, saved_stream, stop, say)
+      with trainer.explain_out_of_memory("train"):
+        return _loop(trainer, state, manager, config, workdir, batches, saved_stream, stop, say)
     finally:
       if manager is not None:
         manager.close()  # waits for a save in flight
