@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
+from videofusion_jax.data import pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -436,9 +438,12 @@ def test_a_full_disk_names_the_folders_written_to_when_the_error_names_no_file(t
     np.save(f, np.zeros(1 << 16))
   assert e.value.filename is None
   line = _os_error(e.value, config, str(tmp_path / "run"))
-  assert line.startswith("[Errno 28] No space left on device: a disk this run writes to is full (the workdir "
-                         f"{tmp_path / 'run'}; the datasets' data_dir {tmp_path / 'data'}; the compilation cache "
-                         f"{Path('~/cache').expanduser()}). Free space there and rerun"), line
+  assert line == ("[Errno 28] No space left on device: a disk (or quota) this run writes to is full (the workdir "
+                  f"{tmp_path / 'run'}; the datasets' data_dir {tmp_path / 'data'}; the compilation cache "
+                  f"{Path('~/cache').expanduser()}). Free space there and rerun."), line
+  # The datasets' default folder when data_dir is '', and a full quota alike.
+  quota = _os_error(OSError(errno.EDQUOT, "Disk quota exceeded"), tiny_config(**{"data.data_dir": ""}), "/w")
+  assert f"the datasets' data_dir {pipeline.default_data_dir()};" in quota and "the workdir /w;" in quota
   # An error that names its file says enough as it is.
   named = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "samples.npz"))
   assert _os_error(named, config, str(tmp_path / "run")) == str(named)

@@ -46,18 +46,22 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
   except OSError as e:
     raise ConfigError(f"config.compilation_cache_dir={directory!r}: cannot create {path} ({e.strerror}); "
                       "pass a writable folder, or '' to turn the cache off.") from None
-  _use_cache_dir(path)
   # A limit, unlike JAX's default of none, also makes every read and write of the folder take its
   # file lock: without it a run could load a program that another is still writing.
-  jax.config.update("jax_compilation_cache_max_size", int(max_gb * 2**30))
+  _use_cache_dir(path, int(max_gb * 2**30))
   return path
 
 
-def _use_cache_dir(path: str | None) -> None:
-  """Points JAX's persistent cache at ``path`` (None: none). JAX opens its cache once, at the first compile,
-  and went on writing to that folder whatever the setting said later: it is reset when the folder changes."""
-  if jax.config.jax_compilation_cache_dir != path:
-    jax.config.update("jax_compilation_cache_dir", path)
+def _use_cache_dir(path: str | None, max_bytes: int | None = None) -> None:
+  """Points JAX's persistent cache at ``path`` (None: none), kept under ``max_bytes`` (None: as it is). JAX
+  opens its cache once, at the first compile, and went on with that folder and limit whatever the settings
+  said later: it is reset when either changes."""
+  changed = jax.config.jax_compilation_cache_dir != path
+  jax.config.update("jax_compilation_cache_dir", path)
+  if max_bytes is not None:
+    changed |= jax.config.jax_compilation_cache_max_size != max_bytes
+    jax.config.update("jax_compilation_cache_max_size", max_bytes)
+  if changed:
     compilation_cache.reset_cache()
 
 
@@ -87,14 +91,20 @@ def _changes(was: dict, now: dict) -> list[str]:
           if was.get(k, "<none>") != now.get(k, "<none>")]
 
 
+DOING = {"train": "training", "sample": "sampling", "eval": "evaluation"}  # a work's name in a message
+
+
 class DeviceMemoryError(RuntimeError):
   """A program did not fit the device's memory (XLA's RESOURCE_EXHAUSTED, at compile or run time); the
   message names the settings that size it and how to lower them."""
 
 
 def out_of_memory(error: BaseException) -> bool:
-  """Whether ``error`` is XLA's out-of-memory: a ``JaxRuntimeError`` saying RESOURCE_EXHAUSTED."""
-  return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+  """Whether ``error`` is XLA's out-of-memory: a ``JaxRuntimeError`` whose first line is RESOURCE_EXHAUSTED
+  and names memory (not, say, the coordination service's message-size limit, of the same status)."""
+  first = str(error).strip().partition("\n")[0]
+  return (isinstance(error, jax.errors.JaxRuntimeError) and first.startswith("RESOURCE_EXHAUSTED")
+          and "memory" in first.lower())
 
 
 def _xla_said(error: BaseException) -> str:
@@ -167,8 +177,7 @@ class Experiment:
     if config is self.config:
       raise ConfigError(f"the config of this {name} was changed after it was built ({', '.join(changed)}): its "
                         f"programs are built from the old values. Build a new {name} from the changed config.")
-    doing = {"train": "training", "sample": "sampling", "eval": "evaluation"}[work]
-    raise ConfigError(f"{doing} was given a {name} built from another config ({', '.join(changed)}): it would "
+    raise ConfigError(f"{DOING[work]} was given a {name} built from another config ({', '.join(changed)}): it would "
                       f"run the {name}'s and record this one. Build a {name} from this config.")
 
   @contextlib.contextmanager
@@ -183,39 +192,59 @@ class Experiment:
       raise self.memory_error(e, work) from e
 
   def memory_error(self, error: BaseException, work: str) -> DeviceMemoryError:
-    """The DeviceMemoryError for XLA's out-of-memory ``error`` in ``work`` ('train', 'sample' or 'eval'):
-    what the device was asked for, the batch per device that sizes it, and the settings that lower it."""
-    c = self.config
-    device = jax.devices()[0]
-    limit = (device.memory_stats() or {}).get("bytes_limit")
-    on = f"{device.device_kind}" + (f", {limit / 1e9:.1f} GB" if limit else "")
-    clip = f"{c.data.num_frames} x {c.data.image_size}x{c.data.image_size} frames"
-    cheaper = ["compute in bfloat16 (--config.model.dtype=bfloat16)"] if c.model.dtype == "float32" else []
-    devices = self.mesh.devices.size
-    if work == "train":
-      t = c.train
-      per_device = self.batch_sharding.shard_shape((t.batch_size,))[0]
-      parts = t.grad_accum_steps
-      steps = f", in {parts} micro-batches of {per_device // parts}" if parts > 1 else ""
-      ways = (["split each step into micro-batches (--config.train.grad_accum_steps=K, the same update)"]
-              + ([] if t.remat == "block" else ["recompute activations in the backward pass (--config.train.remat="
-                                                "block)"])
-              + cheaper
-              + (["shard the state over the devices (--config.mesh.fsdp=-1)"] if self.mesh.shape["fsdp"] < devices
-                 else []))
-      how = (f"config.train.batch_size={t.batch_size} puts {per_device} clip(s) of {clip} on each of the {devices} "
-             f"device(s){steps}. Lower it, or {', or '.join(ways)}; benchmarks/memory.py gives a setting's memory "
-             "without running it. The checkpoints saved before are intact: rerun to resume.")
-    else:
-      batch = -(-c.sample.batch_size // devices)
-      also = (f" (and the I3D features, config.eval.batch_size={c.eval.batch_size} clips at a time)"
-              if work == "eval" else "")
-      how = (f"config.sample.batch_size={c.sample.batch_size} draws up to {batch} video(s) of {clip} on each of the "
-             f"{devices} device(s) at a time{also}. Lower {'them' if also else 'it'} (each video's noise is its "
-             "own: the videos do not depend on it)" + "".join(f", or {w}" for w in cheaper) + "; then run it again.")
-    doing = {"train": "training", "sample": "sampling", "eval": "evaluation"}[work]
-    return DeviceMemoryError(f"the device ran out of memory in {doing} (XLA: {_xla_said(error)}; device: {on}). "
-                             + how)
+    """The DeviceMemoryError for XLA's out-of-memory ``error`` in ``work`` ('train', 'sample', 'eval', or
+    'eval_real': the real clips' I3D features): what the device was asked for, the batch per device that
+    sizes it, and the settings that lower it."""
+    device = jax.local_devices()[0]  # memory_stats of another host's device is an error
+    try:
+      limit = (device.memory_stats() or {}).get("bytes_limit")
+    except jax.errors.JaxRuntimeError:
+      limit = None
+    on = device.device_kind + (f", {limit / 1e9:.1f} GB" if limit else "")
+    how = self._train_memory_advice() if work == "train" else self._sampling_memory_advice(work)
+    return DeviceMemoryError(f"the device ran out of memory in {DOING[work.removesuffix('_real')]} (XLA: "
+                             f"{_xla_said(error)}; device: {on}). {how}")
+
+  def _memory_switches(self) -> list[str]:
+    """The settings beyond the batch that lower a step's memory, as flags in words."""
+    c, devices = self.config, self.mesh.devices.size
+    ways = ["split each step into micro-batches (--config.train.grad_accum_steps=K, the same update)"]
+    if c.train.remat != "block":
+      ways.append("recompute activations in the backward pass (--config.train.remat=block)")
+    if c.model.dtype == "float32":
+      ways.append("compute in bfloat16 (--config.model.dtype=bfloat16)")
+    if self.mesh.shape["fsdp"] < devices:
+      ways.append("shard the state over the devices (--config.mesh.data=1 --config.mesh.fsdp=-1)")
+    return ways
+
+  def _clip(self) -> str:
+    d = self.config.data
+    return f"{d.num_frames} x {d.image_size}x{d.image_size} frames"
+
+  def _train_memory_advice(self) -> str:
+    t, devices = self.config.train, self.mesh.devices.size
+    per_device = self.batch_sharding.shard_shape((t.batch_size,))[0]
+    parts = t.grad_accum_steps
+    steps = f", in {parts} micro-batches of {per_device // parts}" if parts > 1 else ""
+    return (f"config.train.batch_size={t.batch_size} puts {per_device} clip(s) of {self._clip()} on each of the "
+            f"{devices} device(s){steps}. Lower it, or {', or '.join(self._memory_switches())}; benchmarks/memory.py "
+            "gives a setting's memory without running it. No checkpoint was changed: rerun to resume from the last "
+            "one, if any.")
+
+  def _sampling_memory_advice(self, work: str) -> str:
+    c, devices = self.config, self.mesh.devices.size
+    if work == "eval_real":
+      return (f"The real clips' I3D features are computed config.eval.batch_size={c.eval.batch_size} clips at a "
+              "time: lower it, then run it again.")
+    from videofusion_jax.sampling import guided  # sampling builds on this module
+    batch = -(-c.sample.batch_size // devices)
+    twice = " (twice that with guidance: the conditioned and the null-conditioned pass)" if guided(c) else ""
+    i3d = (f"; their I3D features config.eval.batch_size={c.eval.batch_size} at a time (lower it too)"
+           if work == "eval" else "")
+    bf16 = ", or compute in bfloat16 (--config.model.dtype=bfloat16)" if c.model.dtype == "float32" else ""
+    return (f"config.sample.batch_size={c.sample.batch_size} draws up to {batch} video(s) of {self._clip()} on each "
+            f"of the {devices} device(s) at a time{twice}{i3d}. Lower it (each video's noise is its own: the videos "
+            f"do not depend on it){bf16}; then run it again.")
 
   def check_work(self) -> None:
     """What this experiment's work needs of its config and ``self.mesh`` beyond ``validate``, else a

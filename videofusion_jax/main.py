@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -125,27 +126,25 @@ def _fail(message: str) -> None:
   sys.exit(1)
 
 
-def _interrupted(e: KeyboardInterrupt, rerun: str) -> None:
-  """Ctrl-C, or SIGTERM where there was no step to save (``preemption.Interrupted``): one line, and the
-  shell's code for the signal (128 + its number)."""
-  import signal
+def _interrupted(e: KeyboardInterrupt, after: str) -> None:
+  """Ctrl-C, or SIGTERM where there was no step to save (``preemption.Interrupted``): one line ending
+  with ``after`` (what was kept, what to do), and the shell's code for the signal (128 + its number)."""
   name = getattr(e, "signal_name", "SIGINT")
   by = "" if name == "SIGINT" else f" by {name}"
-  print(f"\ninterrupted{by}: stopped at once; the checkpoints saved before are intact ({rerun}).", file=sys.stderr)
+  print(f"\ninterrupted{by}: stopped at once; {after}.", file=sys.stderr)
   sys.exit(128 + signal.Signals[name].value)
 
 
 def _os_error(e: OSError, config, workdir: str | None = None) -> str:
-  """An OSError's line; a full disk's names the folders written to when the error names no file (numpy,
-  zipfile and TFDS writes leave its filename empty)."""
-  if e.errno != errno.ENOSPC or e.filename:
+  """An OSError's line; a full disk's (or a full quota's) names the folders written to when the error
+  names no file (numpy, zipfile and TFDS writes leave its filename empty)."""
+  if e.errno not in (errno.ENOSPC, errno.EDQUOT) or e.filename:
     return str(e)
-  folders = {"the workdir": workdir, "the datasets' data_dir": config.data.get("data_dir") or None,
+  from videofusion_jax.data.pipeline import default_data_dir
+  folders = {"the workdir": workdir, "the datasets' data_dir": config.data.get("data_dir") or default_data_dir(),
              "the compilation cache": config.get("compilation_cache_dir") or None}
   named = "; ".join(f"{what} {os.path.expanduser(str(path))}" for what, path in folders.items() if path)
-  return (f"{e}: a disk this run writes to is full ({named or 'the current directory'}). Free space there and "
-          "rerun: checkpoints and files written before are intact, and a write that failed left no partial file "
-          "in their place.")
+  return f"{e}: a disk (or quota) this run writes to is full ({named}). Free space there and rerun."
 
 
 def _start_distributed() -> None:
@@ -201,7 +200,7 @@ def main(argv) -> None:
         enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
         _embed(config)
     except KeyboardInterrupt as e:
-      _interrupted(e, "rerun to start it again")
+      _interrupted(e, "the tables stored before are intact (rerun to make the rest)")
     except (ConfigError, DatasetNotFoundError, PipelineError, CLIPLoadError, OSError) as e:
       _fail(_os_error(e, config) if isinstance(e, OSError) else str(e))
     return
@@ -256,7 +255,8 @@ def main(argv) -> None:
     print(e, flush=True)
     sys.exit(0)
   except KeyboardInterrupt as e:  # the second Ctrl-C of a training run, or one (or SIGTERM) in any other work
-    _interrupted(e, "rerun to resume" if _MODE.value.startswith("train") else "rerun to start it again")
+    _interrupted(e, "the checkpoints saved before are intact (" + ("rerun to resume)" if _MODE.value.startswith("train")
+                                                                    else "rerun to start it again)"))
   except (ConfigError, DatasetNotFoundError, VideoReadError, CheckpointError, NonFiniteLossError,
           PipelineError, OSError, FloatingPointError, WorkdirError, CLIPLoadError, DeviceMemoryError) as e:
     _fail(_os_error(e, config, workdir) if isinstance(e, OSError) else str(e))

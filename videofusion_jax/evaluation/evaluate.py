@@ -210,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)
   i3d = i3d_features(e.batch_size)
-  with experiment.explain_out_of_memory("eval"):
+  with experiment.explain_out_of_memory("eval_real"):
     real = real_features(config, workdir, i3d)
   labels = sample_labels(config, e.num_generated)
   if labels is not None:  # the real clips' class mix (sample.label is -1: checked above)
