@@ -207,11 +207,14 @@ def test_persistent_compilation_cache(tmp_path):
   assert r.stdout.splitlines()[0] == str(tmp_path / "cache")
   assert any(p.name.endswith("-cache") for p in (tmp_path / "cache").iterdir())
   assert (tmp_path / "cache" / ".lockfile").exists()  # the size limit turns on JAX's file lock
-  # Eight programs of a few KB each into a cache of 8 KB: the least recently used ones are removed.
+  # Eight programs of a few KB each into a cache of 8 KB: the least recently used ones are removed. The limit is
+  # set by a second call, after the cache was opened with the default one (JAX kept the first limit).
   code = ("import jax, jax.numpy as jnp\n"
           "from videofusion_jax.experiment import enable_compilation_cache\n"
-          f"enable_compilation_cache({str(tmp_path / 'small')!r}, max_gb=8000 / 2**30)\n"
           "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+          f"enable_compilation_cache({str(tmp_path / 'small')!r})\n"
+          "float(jax.jit(lambda x: jnp.cos(x) @ x.T)(jnp.ones((8, 8))).sum())\n"
+          f"enable_compilation_cache({str(tmp_path / 'small')!r}, max_gb=8000 / 2**30)\n"
           "for k in range(8):\n"
           "  float(jax.jit(lambda x: jnp.sin(x) @ x.T + k)(jnp.ones((8, 8))).sum())\n")
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
