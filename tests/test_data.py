@@ -225,6 +225,12 @@ def test_a_checkpoint_of_the_old_record_order_is_not_continued_on_the_new_one(ca
   old_single = {k: v for k, v in single.items() if k != "order_version"}
   assert stream_lib.resume_position({**old_single, "batches": 5}, single, 7) == 5
   assert capsys.readouterr().out == ""
+  # Another batch per host alone: each host's order is its own whatever its batch, so it goes on
+  # (test_resuming_after_k_batches_continues_the_stream).
+  assert stream_lib.resume_position({**now, "batches": 9}, {**now, "local_batch_size": 16}, 7) == 4
+  assert capsys.readouterr().out == ("note: the batch per host is 16 (was 8): the example order goes on at batch 4, "
+                                     "the whole batches of the 288 examples seen; the 32 examples past it are seen "
+                                     "again.\n")
 
 
 def test_a_checkpoint_of_a_rebuilt_dataset_is_not_continued_on_its_new_videos(capsys):
@@ -262,6 +268,13 @@ def test_resuming_after_k_batches_continues_the_stream(config):
     np.testing.assert_array_equal(again["label"], batches[k]["label"])
   labels = np.concatenate([b["label"] for b in batches[:3]]).tolist()
   assert sorted(labels[:3]) == [0, 1, 2] and sorted(labels[3:6]) == [0, 1, 2]  # epochs cover every clip
+  # The stream is one of examples, whatever the batch: 6 examples in, batches of 3 go on with examples
+  # 6..11, the batches 3..5 of 2 above (a run resumed under another batch size continues its order).
+  other = pipeline.train_iterator(config, 3, seed=5, start_batch=2, verbose=False)
+  got = [next(other) for _ in range(2)]
+  for key in ("video", "label"):
+    np.testing.assert_array_equal(np.concatenate([b[key] for b in got]),
+                                  np.concatenate([b[key] for b in batches[3:6]]))
 
 
 def test_videos_kept_decoded_in_memory_give_the_stream_that_decodes_as_it_reads(config, capsys):

@@ -391,9 +391,10 @@ def test_a_rerun_keeps_the_samples_before_it(trained, capsys, monkeypatch):
 
 
 def test_sampling_the_device_cannot_hold_says_the_batch_per_device_and_writes_nothing(trained, monkeypatch,
-                                                                                       xla_out_of_memory):
+                                                                                       xla_out_of_memory, capsys):
   """XLA's out-of-memory error in the chain (its compile or a batch) is one message naming
-  sample.batch_size and the videos per device; no samples folder is made."""
+  sample.batch_size and the videos per device; no samples folder is made. (The first line names the
+  experiment's devices: one here, of the suite's eight.)"""
   from videofusion_jax.experiment import DeviceMemoryError
 
   config, workdir, trainer = trained
@@ -411,6 +412,7 @@ def test_sampling_the_device_cannot_hold_says_the_batch_per_device_and_writes_no
   assert e.value.__cause__ is xla_out_of_memory
   after = sorted((workdir / "samples").glob("*")) if (workdir / "samples").exists() else []
   assert after == before
+  assert jax.device_count() == 8 and " on 1 device(s), " in capsys.readouterr().out
 
 
 def test_a_run_stopped_while_writing_leaves_no_half_folder(trained, capsys, monkeypatch):

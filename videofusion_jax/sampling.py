@@ -700,8 +700,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
           "motion": "videos of one motion (a b_T and c each, one residual noise)"}[s.control]
   print(f"sampling {s.num_samples} {what} of {n_frames} frames ({s.num_clips} clip(s) of {config.data.num_frames}) "
         f"from checkpoint {step} (EMA weights){source}, {s.method} with {chain_steps(config)} steps on "
-        f"{jax.device_count()} device(s), {describe_batch(experiment, s.num_samples)}: the chain compiles once, "
-        "then runs batch by batch", flush=True)
+        f"{experiment.mesh.devices.size} device(s), {describe_batch(experiment, s.num_samples)}: the chain compiles "
+        "once, then runs batch by batch", flush=True)
   suffix = (f"_{s.control}" if s.control else "") + (f"_{s.num_clips}clips" if s.num_clips > 1 else "")
   # Chosen before sampling, whose collectives every host joins: no host looks after process 0 has written.
   out_dir = fresh_directory(Path(workdir) / "samples" / f"step_{step}{suffix}")

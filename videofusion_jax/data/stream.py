@@ -57,8 +57,12 @@ def resume_position(saved: dict | None, stream: dict, step: int) -> int:
   seen = position * stream["local_batch_size"] * stream["process_count"]
   again = f"; the {examples - seen} examples past it are seen again" if seen < examples else ""
   if jax.process_index() == 0:  # every host computes it; one says it
-    print(f"note: the input stream was {saved} and is now {stream}; the example order cannot continue exactly, so "
-          f"it restarts at batch {position}, the whole batches of the {examples} examples seen{again}.{why}")
+    if changed == ["local_batch_size"]:  # each host's order is its own, whatever its batch: it goes on
+      print(f"note: the batch per host is {stream['local_batch_size']} (was {saved['local_batch_size']}): the "
+            f"example order goes on at batch {position}, the whole batches of the {examples} examples seen{again}.")
+    else:
+      print(f"note: the input stream was {saved} and is now {stream}; the example order cannot continue exactly, "
+            f"so it restarts at batch {position}, the whole batches of the {examples} examples seen{again}.{why}")
   return position
 
 

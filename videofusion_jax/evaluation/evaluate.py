@@ -216,7 +216,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   if labels is not None:  # the real clips' class mix (sample.label is -1: checked above)
     labels = np.resize(real["labels"], e.num_generated).astype(np.int32)
   say(f"sampling {e.num_generated} clips from checkpoint {step} (EMA weights, {config.sample.method}, "
-      f"{chain_steps(config)} steps, seed eval.seed={e.seed}) on {jax.device_count()} devices, "
+      f"{chain_steps(config)} steps, seed eval.seed={e.seed}) on {experiment.mesh.devices.size} device(s), "
       f"{describe_batch(experiment, e.num_generated)}")
   gen_feats, probs = [], []
 
