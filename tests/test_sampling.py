@@ -1,6 +1,7 @@
 """Sampling from a checkpoint, the written files, and the demo's figures."""
 import copy
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -465,6 +466,26 @@ def test_a_run_stopped_while_writing_leaves_no_half_folder(trained, capsys, monk
                                                      "sample_000_label0.json", "sample_000_label0.mp4", "samples.npz"]
   assert not list(samples.glob("step_2_motion-run*")) and not list(samples.glob(".*partial*"))
   np.testing.assert_array_equal(np.load(final / "samples.npz")["videos"], np.load(kept / "samples.npz")["videos"])
+  # Another run of the checkpoint writes step_2_motion while this one samples (both chose it, absent then):
+  # this one's whole folder goes to the next free name, its results.json saying which, not to .incomplete.
+  real_write = sampling.write_videos
+
+  def another_run_finishes_meanwhile(out_dir, *args):
+    kinds = real_write(out_dir, *args)
+    final.mkdir()
+    (final / "samples.npz").write_bytes(b"the other run's")
+    return kinds
+
+  whole = sorted(p.name for p in final.iterdir())
+  shutil.rmtree(final)  # absent when this run chooses its folder
+  monkeypatch.setattr(sampling, "write_videos", another_run_finishes_meanwhile)
+  results = sampling.run(c, str(workdir), experiment=trainer)
+  moved = samples / "step_2_motion-run2"
+  assert (final / "samples.npz").read_bytes() == b"the other run's"
+  assert results["dir"] == str(moved) and json.loads((moved / "results.json").read_text())["dir"] == str(moved)
+  assert sorted(p.name for p in moved.iterdir()) == whole
+  assert f"and samples.npz to {moved}\n" in capsys.readouterr().out
+  assert not list(samples.glob("*.incomplete2")) and not list(samples.glob(".*partial*"))
 
 
 def test_settings_the_model_was_not_trained_with_are_refused_before_sampling(trained):

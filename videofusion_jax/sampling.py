@@ -2,6 +2,7 @@
 sharded generator that ``--mode=sample`` and ``--mode=eval`` share."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -629,6 +630,23 @@ def _set_aside(partial: Path, out_dir: Path, arrays_whole: bool, error: BaseExce
       f"{out_dir.name} again.", flush=True)
 
 
+def _move_into_place(partial: Path, out_dir: Path, results: dict) -> Path:
+  """Renames the whole ``partial`` to ``out_dir`` (absent or empty: ``fresh_directory``), or, when another run
+  of the same checkpoint wrote ``out_dir`` since it was chosen (two runs at once), to the next free
+  ``out_dir-runK``, with its results.json's ``dir`` (and ``results``) saying so. Returns the folder."""
+  try:
+    os.replace(partial, out_dir)
+    return out_dir
+  except OSError as e:
+    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+      raise
+  moved = fresh_directory(out_dir)
+  results["dir"] = str(moved)
+  (partial / "results.json").write_text(json.dumps(results, indent=2))
+  os.replace(partial, moved)
+  return moved
+
+
 def _next_run(parent: Path, stem: str, suffix: str = "") -> Path:
   """The first ``parent/STEM-runK SUFFIX`` (K = 2, 3, ...) that does not exist."""
   k = 2
@@ -753,7 +771,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
       arrays_whole = True
       (partial / "results.json").write_text(json.dumps(results, indent=2))
       kinds = write_videos(partial, video_io.to_uint8(videos), names, sidecars, s.fps, s.upscale)
-      os.replace(partial, out_dir)  # out_dir is absent or empty (fresh_directory): replaced whole
+      out_dir = _move_into_place(partial, out_dir, results)
     except BaseException as e:  # Ctrl-C too: the half folder goes, the whole arrays stay
       _set_aside(partial, out_dir, arrays_whole, e)
       raise
