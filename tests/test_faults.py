@@ -264,6 +264,32 @@ def test_a_step_the_device_cannot_hold_says_the_batch_per_device_and_what_lowers
   assert e.value is other
 
 
+def test_out_of_memory_on_the_command_line_is_one_error_line(config_file, tmp_path, xla_out_of_memory):
+  """The command line's side of the message above: XLA's error where the state is made is one `error:` line,
+  exit 1, no traceback, no checkpoint, the workdir's lock released."""
+  worker = tmp_path / "worker.py"
+  worker.write_text(
+      "import sys\n"
+      "import jax\n"
+      "from absl import app\n"
+      "from videofusion_jax import main\n"
+      "from videofusion_jax.training import loop\n"
+      "def no_memory(*args, **kwargs):\n"
+      "  raise jax.errors.JaxRuntimeError(sys.argv[1])\n"
+      "loop._start = no_memory\n"
+      "app.run(main.main, argv=[sys.argv[0]] + sys.argv[2:], flags_parser=main._parse_flags)\n")
+  workdir = tmp_path / "run"
+  r = subprocess.run([sys.executable, str(worker), str(xla_out_of_memory), f"--config={config_file}",
+                      f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                     env=one_device_env())
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]  # beside a first build's progress
+  assert len(errors) == 1 and errors[0] == r.stderr.strip().splitlines()[-1], r.stderr
+  assert errors[0].startswith("error: the device ran out of memory in training (XLA: Out of memory allocating ")
+  assert "config.train.batch_size=" in errors[0]
+  assert not list((workdir / "checkpoints").glob("*")) and not (workdir / LOCK_NAME).exists()
+
+
 def test_metrics_of_a_crashed_run_past_its_checkpoint_are_dropped_and_a_torn_line_too(tmp_path):
   path = tmp_path / "metrics.jsonl"
   rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)]
