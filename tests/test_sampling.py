@@ -1,6 +1,7 @@
 """Sampling from a checkpoint, the written files, and the demo's figures."""
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -466,6 +467,16 @@ def test_a_run_stopped_while_writing_leaves_no_half_folder(trained, capsys, monk
                                                      "sample_000_label0.json", "sample_000_label0.mp4", "samples.npz"]
   assert not list(samples.glob("step_2_motion-run*")) and not list(samples.glob(".*partial*"))
   np.testing.assert_array_equal(np.load(final / "samples.npz")["videos"], np.load(kept / "samples.npz")["videos"])
+  # A run killed while writing (no `finally`) leaves its hidden folder: the next run names it, once.
+  left = samples / ".step_2_motion.999999999.partial"
+  left.mkdir()
+  alive = samples / f".step_2_motion.{os.getppid()}.partial"  # a live process's: still writing
+  alive.mkdir()
+  sampling.run(c, str(workdir), experiment=trainer)
+  notes = [line for line in capsys.readouterr().out.splitlines() if ".partial" in line]
+  assert notes == [f"note: {left} was left by a sample run stopped while writing it (killed, or still writing on "
+                   "another host); no run reads it: take its samples.npz if you need it, then delete it."], notes
+  shutil.rmtree(left), shutil.rmtree(alive), shutil.rmtree(samples / "step_2_motion-run2")
   # Another run of the checkpoint writes step_2_motion while this one samples (both chose it, absent then):
   # this one's whole folder goes to the next free name, its results.json saying which, not to .incomplete.
   real_write = sampling.write_videos

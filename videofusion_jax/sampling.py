@@ -602,6 +602,27 @@ def partial_directory(path: Path) -> Path:
   return path.with_name(f".{path.name}.{os.getpid()}.partial")
 
 
+def note_left_partials(samples: Path) -> None:
+  """Says which hidden ``partial_directory`` folders under ``samples`` no process of this host writes: left
+  by a run killed while writing (SIGKILL, a crash: no ``finally`` ran), which no run reads or removes."""
+  for folder in sorted(samples.glob(".*.partial")):
+    pid = folder.name.split(".")[-2]
+    if pid.isdigit() and _running(int(pid)):
+      continue
+    say(f"note: {folder} was left by a sample run stopped while writing it (killed, or still writing on another "
+        "host); no run reads it: take its samples.npz if you need it, then delete it.")
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)  # no signal: whether the process exists
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's
+    return True
+  return True
+
+
 def incomplete_directory(path: Path) -> Path:
   """The first free ``NAME.incomplete`` (then ``NAME.incomplete2``, ...) beside ``path``: where a run cut
   short while writing ``path`` leaves the samples it wrote whole."""
@@ -723,6 +744,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   suffix = (f"_{s.control}" if s.control else "") + (f"_{s.num_clips}clips" if s.num_clips > 1 else "")
   # Chosen before sampling, whose collectives every host joins: no host looks after process 0 has written.
   out_dir = fresh_directory(Path(workdir) / "samples" / f"step_{step}{suffix}")
+  note_left_partials(out_dir.parent)
   t0 = time.time()
   unit = "videos" if s.num_clips == 1 else "clips"
   progress = Progress(unit, s.num_samples * s.num_clips, unit=unit, quiet=jax.process_index() > 0)
