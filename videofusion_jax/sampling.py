@@ -626,11 +626,8 @@ def _running(pid: int) -> bool:
 def incomplete_directory(path: Path) -> Path:
   """The first free ``NAME.incomplete`` (then ``NAME.incomplete2``, ...) beside ``path``: where a run cut
   short while writing ``path`` leaves the samples it wrote whole."""
-  k, name = 1, f"{path.name}.incomplete"
-  while (path.parent / name).exists():
-    k += 1
-    name = f"{path.name}.incomplete{k}"
-  return path.parent / name
+  first = path.with_name(f"{path.name}.incomplete")
+  return first if not first.exists() else _first_free(lambda k: path.with_name(f"{path.name}.incomplete{k}"))
 
 
 def _set_aside(partial: Path, out_dir: Path, arrays_whole: bool, error: BaseException) -> None:
@@ -670,10 +667,15 @@ def _move_into_place(partial: Path, out_dir: Path, results: dict) -> Path:
 
 def _next_run(parent: Path, stem: str, suffix: str = "") -> Path:
   """The first ``parent/STEM-runK SUFFIX`` (K = 2, 3, ...) that does not exist."""
+  return _first_free(lambda k: parent / f"{stem}-run{k}{suffix}")
+
+
+def _first_free(name: Callable[[int], Path]) -> Path:
+  """``name(k)`` for the first K = 2, 3, ... that does not exist."""
   k = 2
-  while (parent / f"{stem}-run{k}{suffix}").exists():
+  while name(k).exists():
     k += 1
-  return parent / f"{stem}-run{k}{suffix}"
+  return name(k)
 
 
 def write_videos(out_dir: Path, videos: np.ndarray, names: list[str], sidecars: list[dict], fps: int,
@@ -744,7 +746,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   suffix = (f"_{s.control}" if s.control else "") + (f"_{s.num_clips}clips" if s.num_clips > 1 else "")
   # Chosen before sampling, whose collectives every host joins: no host looks after process 0 has written.
   out_dir = fresh_directory(Path(workdir) / "samples" / f"step_{step}{suffix}")
-  note_left_partials(out_dir.parent)
+  if jax.process_index() == 0:  # the host that writes: another's processes are not this one's
+    note_left_partials(out_dir.parent)
   t0 = time.time()
   unit = "videos" if s.num_clips == 1 else "clips"
   progress = Progress(unit, s.num_samples * s.num_clips, unit=unit, quiet=jax.process_index() > 0)

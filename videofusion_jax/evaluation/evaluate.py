@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from videofusion_jax.sampling import (
   say,
   text_prior,
 )
-from videofusion_jax.training.workdir import check_output_folders
+from videofusion_jax.training.workdir import check_output_folders, write_whole
 
 
 def frame_repeat(num_frames: int) -> int:
@@ -132,12 +131,7 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
   out = {"features": gather_shares(np.concatenate(feats), n), "labels": gather_shares(np.concatenate(labels), n)}
   if jax.process_index() == 0:  # every host holds all the features; one writes them
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    try:
-      np.savez(tmp, protocol=json.dumps(proto), **out)
-      tmp.replace(path)  # a crash mid-write never leaves a half cache behind
-    finally:
-      tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file either
+    write_whole(path, lambda tmp: np.savez(tmp, protocol=json.dumps(proto), **out), suffix=".npz")
   return {**out, "protocol": proto}
 
 
@@ -254,12 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   if jax.process_index() == 0:  # only the first host writes, so only it looks for a free name
     out.parent.mkdir(parents=True, exist_ok=True)
     out = fresh_file(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:  # whole or not at all: a half-written file would be taken for an earlier run's results
-      tmp.write_text(json.dumps(results, indent=2))
-      tmp.replace(out)
-    finally:
-      tmp.unlink(missing_ok=True)
+    write_whole(out, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
   say(f"wrote {out}")
   if kvd_size < e.kvd_subset_size:
     say(f"note: KVD's subsets hold {kvd_size} clips a side, not eval.kvd_subset_size={e.kvd_subset_size}: "

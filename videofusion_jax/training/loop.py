@@ -314,7 +314,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   say = print if verbose and lead else (lambda *a, **k: None)
   lock = WorkdirLock(workdir) if lead else None
   manager = None
-  with StopRequest() as stop:  # from here on a signal stops training at a step, with its checkpoint
+  # From here on a signal stops training at a step, with its checkpoint; XLA's out-of-memory (a restore, the
+  # state, a step) is said with the settings that lower it.
+  with StopRequest() as stop, trainer.explain_out_of_memory("train"):
     try:
       _lock_on_every_host(lock, workdir)
       manager = ckpt.make_manager(workdir, config.train.keep_checkpoints)
@@ -339,8 +341,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
       if batches is None:
         with stop.at_once():  # no step to save yet: a build of many minutes stops when told, not after it
           prepare_dataset(config)
-      with trainer.explain_out_of_memory("train"):
-        state, saved_stream = started or _start(trainer, manager, config, say)
+      state, saved_stream = started or _start(trainer, manager, config, say)
       for warning in (base_from_scratch_warning(config), warmup_warning(config),
                       schedule_change_warning(config, workdir, int(state.step)) if latest is not None else None):
         if warning:
@@ -351,8 +352,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
       say(f"parameters: {sizes}; devices {trainer.mesh.devices.size} (mesh {dict(trainer.mesh.shape)}, "
           f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); {config.model.kind}, "
           f"stage {config.train.stage}, λ={config.diffusion.lam}, condition: {config.model.condition}")
-      with trainer.explain_out_of_memory("train"):
-        return _loop(trainer, state, manager, config, workdir, batches, saved_stream, stop, say)
+      return _loop(trainer, state, manager, config, workdir, batches, saved_stream, stop, say)
     finally:
       if manager is not None:
         manager.close()  # waits for a save in flight

@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 LOCK_NAME = "train.lock"
@@ -14,6 +15,18 @@ LOCK_NAME = "train.lock"
 
 class WorkdirError(RuntimeError):
   """The workdir cannot be used as asked; the message says why and what to do."""
+
+
+def write_whole(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
+  """Writes ``path`` whole or not at all: ``write(tmp)`` fills a hidden file beside it (ending in ``suffix``,
+  for writers that add their own), renamed to ``path`` at the end. A crash or a failed write (a full disk)
+  leaves no half file that a later run would take for a whole one."""
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+  try:
+    write(tmp)
+    tmp.replace(path)
+  finally:
+    tmp.unlink(missing_ok=True)
 
 
 def check_output_folders(workdir: str | Path, *names: str) -> None:
