@@ -28,10 +28,12 @@
 # traces come back as $OUT/<run>_train_step.json.gz (Perfetto, ui.perfetto.dev; while $OUT holds < 8).
 # BATCH (train, default 4: VDM* at batch 4 peaked at 56.7 GB on the H200), SAMPLE_BATCH (8), STEPS
 # (20), SAMPLE_STEPS (50), TIMEOUT (each run's limit, 560 s), SYNC_TIMEOUT (time alone only until
-# this many seconds after the start, 400 s), PEAK_TFLOPS (695). Results: $OUT/bench.jsonl (the JSON
-# lines, the ratios last) and one log per run; add rows to benchmarks/RESULTS.md.
+# this many seconds after the start, 400 s), PEAK_TFLOPS (the MFU's denominator; unset: measured first,
+# alone, on this device: a bfloat16 PEAK_SIZE^3 matrix product, 8192 as in ../shared/gpu.md, whose 695
+# TFLOP/s is the H200's; an H100 gives its own; 695 if the measurement fails). Results: $OUT/bench.jsonl
+# (the JSON lines, the peak first, the ratios last) and one log per run; add rows to benchmarks/RESULTS.md.
 # Check it on the CPU first (a few minutes; the cuDNN runs stop at once there, holding nobody up):
-#   OUT=/tmp/out CONFIG=configs/demo.py BATCH=8 STEPS=3 SAMPLE_STEPS=2 bash benchmarks/gpu_check.sh
+#   OUT=/tmp/out CONFIG=configs/demo.py BATCH=8 STEPS=3 SAMPLE_STEPS=2 PEAK_SIZE=512 bash benchmarks/gpu_check.sh
 # On the device (ml_collections from .whl, see the developers' guide; machine start took ~30 s). .whl is
 # not in the repository (gitignored): build it here first and name it in the device call's carry:
 #   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -48,8 +50,16 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" TF_CPP_MIN_LOG_LEVEL
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee -a "$OUT/bench.log"
 sync_dir=$(mktemp -d)
 timeout_s="${TIMEOUT:-560}"
+if [ -z "${PEAK_TFLOPS:-}" ]; then  # the device's own ceiling, before the runs take the host and the device
+  timeout 180 python3 benchmarks/train_step.py --measure_peak="${PEAK_SIZE:-8192}" > "$sync_dir/peak.log" 2>&1
+  PEAK_TFLOPS=$(python3 -c 'import json, sys
+print(next(json.loads(x)["tflops_per_s"] for x in open(sys.argv[1]) if x.startswith("{")))' "$sync_dir/peak.log" 2>/dev/null) \
+    || { PEAK_TFLOPS=695; { tail -3 "$sync_dir/peak.log"; echo "(the peak was not measured: MFU against 695)"; } \
+           | tee -a "$OUT/bench.log"; }
+  echo "== $(date +%T) peak: $PEAK_TFLOPS TFLOP/s" | tee -a "$OUT/bench.log"
+fi
 common=(--config="$CONFIG" --config.train.batch_size="${BATCH:-4}" --config.sample.batch_size="${SAMPLE_BATCH:-8}"
-        --steps="${STEPS:-20}" --peak_tflops="${PEAK_TFLOPS:-695}" --compare --sync_dir="$sync_dir"
+        --steps="${STEPS:-20}" --peak_tflops="$PEAK_TFLOPS" --compare --sync_dir="$sync_dir"
         --sync_timeout="${SYNC_TIMEOUT:-400}" --init="${INIT:-zeros}"
         --compile_deadline_s="${COMPILE_DEADLINE:-$(( timeout_s - 60 ))}")
 xla=--config.model.attention_implementation=  # XLA's own attention
@@ -83,7 +93,7 @@ for r in "${runs[@]}"; do
    echo "== $(date +%T) $name: exit $rc" | tee -a "$OUT/bench.log") &
 done
 wait
-grep -h '^{' "${logs[@]}" > "$OUT/bench.jsonl"
+grep -h '^{' "$sync_dir/peak.log" "${logs[@]}" 2>/dev/null > "$OUT/bench.jsonl"
 # The ratios: of VideoFusion and VDM* with XLA's attention and the default XLA flags.
 grep -h '^{' "$OUT/vf.log" "$OUT/vdm.log" "$OUT/vf_sample.log" "$OUT/vdm_sample.log" 2>/dev/null > "$sync_dir/pairs.jsonl"
 python3 benchmarks/train_step.py --summarize="$sync_dir/pairs.jsonl" 2>&1 | tee -a "$OUT/bench.log" | grep '^{' >> "$OUT/bench.jsonl"
@@ -96,8 +106,9 @@ for log in "${logs[@]}"; do
     cp "$trace" "$OUT/${name}_train_step.json.gz"
   fi
 done
-rm -rf "$sync_dir"
 # Last, what the reply shows (its end): each run's results in short, its compiles' longest phases
 # (a run without results: its log's last lines).
+if [ -f "$sync_dir/peak.log" ]; then logs=("$sync_dir/peak.log" "${logs[@]}"); fi
 python3 benchmarks/train_step.py --report="$(IFS=,; echo "${logs[*]}")"
 grep '"compare"' "$OUT/bench.jsonl" || echo "(no ratios: they need the vf and vdm runs)"
+rm -rf "$sync_dir"

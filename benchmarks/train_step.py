@@ -22,7 +22,8 @@ waits until ``--sync_parties`` runs have, then times alone (a file lock), so the
 and the timings do not. ``--summarize=FILE`` prints the ratios of such runs' JSON lines;
 ``--flops_only`` prints the FLOP counts alone, nothing compiled or run (a device's rows, counted
 on any host). ``--compile_profile`` traces each cold compile and prints where XLA spent the time;
-``--compile_deadline_s`` gives up on a compile that would outlast a lease, saying what it spent.
+``--compile_deadline_s`` gives up on a compile that would outlast a lease, saying what it spent;
+``--measure_peak=8192`` measures the MFU's denominator on this device (an H100's is not the H200's).
 """
 from __future__ import annotations
 
@@ -89,6 +90,11 @@ _PROFILE = flags.DEFINE_string(
     "compile_profile", "", "A folder: trace each cold compile with jax.profiler there (a subfolder per program) "
     "and print a 'compile_phases' line: where XLA spent the time (HLO passes, autotuning, code generation), "
     "longest first.")
+_MEASURE_PEAK = flags.DEFINE_integer(
+    "measure_peak", 0, "Measure the MFU's denominator on this device instead of a model: a bfloat16 N x N matrix "
+    "product (N = this flag; 8192 as in the GPU notes) timed --peak_repeats times on the first device; prints a "
+    "'peak' JSON line with its median TFLOP/s (pass it as --peak_tflops), runs nothing else.")
+_PEAK_REPEATS = flags.DEFINE_integer("peak_repeats", 10, "With --measure_peak: timed products (median).")
 _DEADLINE = flags.DEFINE_float(
     "compile_deadline_s", 0.0, "Give up on a cold compile still running this many seconds after the run's "
     "start (0: never): print what it spent (and, with --compile_profile, on what) in a 'compile_unfinished' "
@@ -532,6 +538,9 @@ def short(row: dict, phases: int = 6) -> str:
     return (f"{head} batch {r['batch']}: {r['videos_per_s']} videos/s, MFU {r['sample_mfu']:.2%}, compile "
             f"{r['sample_compile_cold_s']} s cold / {r['sample_compile_warm_s']} s warm"
             f"{_host_part(r, 'sample_compile_warm_trace_lower_s', 'warm_sample_program')}")
+  if what == "peak":
+    return (f"{r['device']} {r['dtype']} {r['size']}^3 matrix product: {r['tflops_per_s']} TFLOP/s "
+            f"(median of {r['repeats']})")
   if what == "compile_unfinished":
     return f"{head}: still compiling {r['compile_s_so_far']} s after lowering (deadline {r['deadline_s']} s)"
   if what == "compile_phases":
@@ -551,7 +560,7 @@ def report(path: str, named: bool = False) -> None:
     print(f"== {os.path.splitext(os.path.basename(path))[0]}")
   for row in rows:
     print(short(row))
-  if not any(r["result"] in ("train_step", "sample") for r in rows):
+  if not any(r["result"] in ("train_step", "sample", "peak") for r in rows):
     for line in lines[-3:]:
       print(line[:400])
   sys.stdout.flush()
@@ -574,6 +583,25 @@ def summarize(path: str) -> dict:
   return ratios(by_kind["videofusion"], by_kind["vdm"])
 
 
+def measure_peak(size: int, repeats: int) -> dict:
+  """The 'peak' row: the median TFLOP/s of a ``(size, size) @ (size, size)`` bfloat16 product on the
+  first device (2 size**3 FLOPs each; XLA's own count beside it), after one untimed product."""
+  device = jax.devices()[0]
+  a, b = (jax.device_put(jax.random.normal(jax.random.key(i), (size, size), jnp.bfloat16), device) for i in (1, 2))
+  product = jax.jit(jnp.matmul).lower(a, b).compile()
+  product(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    product(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  median = statistics.median(times)
+  flops = 2.0 * size**3
+  return {"result": "peak", "device": device.device_kind, "dtype": "bfloat16", "size": size, "repeats": repeats,
+          "median_s": median, "flops": flops, "xla_flops": xla_flops(product),
+          "tflops_per_s": round(flops / median / 1e12, 2), **xla_settings()}
+
+
 def override(node: ml_collections.ConfigDict, why: str, **values) -> None:
   """Sets ``values`` in ``node`` (a part of the config), with a note for each one that changes."""
   changed = {k: (node[k], v) for k, v in values.items() if node[k] != v}
@@ -592,6 +620,12 @@ def main(argv):
   if _REPORT.value:
     for path in _REPORT.value:
       report(path, named=len(_REPORT.value) > 1)
+    return
+  if _MEASURE_PEAK.value:
+    if _MEASURE_PEAK.value < 1 or _PEAK_REPEATS.value < 1:
+      raise app.UsageError(f"--measure_peak={_MEASURE_PEAK.value} --peak_repeats={_PEAK_REPEATS.value}: both "
+                           "must be at least 1 (the matrix size, the timed products).")
+    print(json.dumps(measure_peak(_MEASURE_PEAK.value, _PEAK_REPEATS.value)), flush=True)
     return
   if _SYNC_DIR.value:
     atexit.register(mark_ready)  # a run that fails before timing must not keep the others waiting

@@ -206,6 +206,32 @@ def test_flops_are_the_steps_under_memory_switches_and_for_a_model_on_stored_cli
   assert text["xla_flops_per_step"] > 0 and text["sample_xla_flops_per_batch"] > 0
 
 
+def test_measured_peak_is_the_products_flops_over_their_median_time(tmp_path):
+  """``--measure_peak=N``: the MFU's denominator on this device, 2 N^3 FLOPs (XLA's count beside it) over
+  the median of the timed products; ``--report`` prints it in short; a size of 0 or less is refused."""
+  env = {**one_device_env(), "PYTHONPATH": str(ROOT)}
+  r = subprocess.run([sys.executable, "benchmarks/train_step.py", "--measure_peak=96", "--peak_repeats=3"], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+  assert [x["result"] for x in rows] == ["peak"]
+  peak = rows[0]
+  assert (peak["dtype"], peak["size"], peak["repeats"], peak["device"]) == ("bfloat16", 96, 3, "cpu")
+  # XLA counts the product's 2 N^3 and, on the CPU, a FLOP per element of its conversions to and from
+  # float32 (two inputs, one output).
+  assert peak["flops"] == 2 * 96**3 and peak["xla_flops"] == 2 * 96**3 + 3 * 96**2
+  assert peak["median_s"] > 0 and peak["tflops_per_s"] == round(2 * 96**3 / peak["median_s"] / 1e12, 2)
+  log = tmp_path / "peak.log"
+  log.write_text(r.stdout)
+  report = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--report={log}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert report.stdout.splitlines() == [
+      f"cpu bfloat16 96^3 matrix product: {peak['tflops_per_s']} TFLOP/s (median of 3)"], report.stderr[-2000:]
+  bad = subprocess.run([sys.executable, "benchmarks/train_step.py", "--measure_peak=-8"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "--measure_peak=-8 --peak_repeats=10: both must be at least 1" in bad.stderr
+
+
 def test_compile_phases_of_a_trace_of_known_times(tmp_path):
   """Self time is an event's duration less its children's on the same thread; numbers in names
   are one phase; jax's wrapper around the whole compile is left out; the span runs from the first
