@@ -150,6 +150,35 @@ def test_a_signal_before_the_first_step_stops_a_dataset_build_at_once(trainer, t
     assert not list((tmp_path / sig.name / "checkpoints").glob("*"))
 
 
+def test_hosts_stop_between_batches_at_the_point_the_preemption_service_sets(monkeypatch):
+  """On several hosts JAX's preemption service sets the sync point, on a notice, to the highest id any host
+  gave it plus one (its C++ rule; a stand-in here, for one host): the batches after training give ids past
+  the training's steps, so a notice that came before the first batch stops the work at that batch, on
+  every host (ids from 0 would never meet point 401). One process never asks the service."""
+  from videofusion_jax.training import preemption
+  from videofusion_jax.training.preemption import Interrupted, StopRequest, stop_between_batches
+
+  given, point = [], [None]
+  def reached(step):
+    given.append(step)
+    return step == point[0]
+  monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point", reached)
+  monkeypatch.setattr(preemption, "_sync_id", -1)
+  monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+  stop = StopRequest()
+  assert not any(stop.reached(step) for step in range(1, 401))  # training's steps 1..400
+  stop_between_batches()
+  stop_between_batches()  # two batches of sampling
+  point[0] = given[-1] + 1  # SIGTERM on a host now
+  with pytest.raises(Interrupted) as e:
+    stop_between_batches()
+  assert given[-3:] == [401, 402, 403] and e.value.signal_name == "SIGTERM"
+  assert e.value.how == "every host stopped after the same batch"
+  monkeypatch.setattr(preemption.jax, "process_count", lambda: 1)
+  stop_between_batches()
+  assert len(given) == 403
+
+
 @pytest.fixture(scope="module")
 def trainer():
   c = tiny_config()

@@ -4,6 +4,7 @@ and --process_id."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -75,16 +76,33 @@ def run_two(worker: str, outputs: list[Path], config_file: Path, workdir: Path, 
   return [out for out, _ in outs]
 
 
-def start_two(worker: str, outputs: list[Path], config_file: Path, workdir: Path, mode: str, timeout: float):
-  """The two processes of ``run_two``, run to their end: the processes and their (stdout, stderr)."""
+def start_two(worker: str, outputs: list[Path], config_file: Path, workdir: Path, mode: str, timeout: float,
+              *flags: str, signal_at: tuple[str, signal.Signals, int] | None = None):
+  """The two processes of ``run_two`` (``flags`` added), run to their end: the processes and their (stdout,
+  stderr). ``signal_at=(start, sig, i)``: once process 0 prints a line beginning with ``start``, ``sig`` to
+  process ``i`` (its output before that line is in its stdout too)."""
   script = outputs[0].parent / f"{mode}_worker.py"
   script.write_text(worker)
   port = free_port()
   procs = [subprocess.Popen(
-      [sys.executable, str(script), str(outputs[i]), f"--config={config_file}", f"--workdir={workdir}",
-       f"--mode={mode}", f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_device_env()) for i in range(2)]
-  return procs, [p.communicate(timeout=timeout) for p in procs]
+      [sys.executable, "-u", str(script), str(outputs[i]), f"--config={config_file}", f"--workdir={workdir}",
+       f"--mode={mode}", f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+       *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_device_env())
+      for i in range(2)]
+  before = ""
+  try:
+    if signal_at is not None:
+      start, sig, i = signal_at
+      for line in procs[0].stdout:
+        before += line
+        if line.startswith(start):
+          break
+      procs[i].send_signal(sig)
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:  # a failed test leaves no process behind (one waiting for the other until its timeout)
+    for p in procs:
+      p.kill()
+  return procs, [(before + outs[0][0], outs[0][1]), outs[1]]
 
 
 def free_port() -> int:
@@ -128,6 +146,17 @@ def test_two_processes_train_sample_and_evaluate_as_one_and_a_single_process_res
   figures = json.loads((workdir / "eval" / "step_3.json").read_text())
   cache = next((workdir / "eval_cache").iterdir())
   features = np.load(cache)["features"]
+  # Ctrl-C on process 1 while sampling 40 videos: JAX's preemption service tells process 0, and both stop
+  # after the same batch (one stopping alone would leave the other waiting at its next collective; SIGTERM,
+  # caught by that service, was ignored), removing what they began to write.
+  procs, outs = start_two(WORKER, [tmp_path / f"unused_{i}.npz" for i in range(2)], config_file, workdir, "sample",
+                          120, "--config.sample.num_samples=40", signal_at=("sampling ", signal.SIGINT, 1))
+  assert [p.returncode for p in procs] == [128 + signal.SIGTERM, 128 + signal.SIGINT], outs
+  assert "interrupted by SIGTERM: every host stopped after the same batch;" in outs[0][1], outs[0]
+  assert "SIGINT received: every host stops after the batch in flight" in outs[1][0], outs[1]
+  assert "interrupted: every host stopped after the same batch;" in outs[1][1], outs[1]
+  assert "40/40" not in outs[0][0] and "wrote" not in outs[0][0], outs[0]
+  assert [p.name for p in (workdir / "samples").iterdir()] == ["step_3"]  # no second folder, no partial one
   # A single process restores it, samples, evaluates and continues.
   c = tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 4, "train.checkpoint_every": 3,
                      "sample.batch_size": 2, **EVAL})
@@ -207,14 +236,22 @@ def test_hosts_agree_on_the_checkpoint_and_on_stored_programs_when_one_host_diff
   for path in (workdir / "checkpoints" / "4" / "state").rglob("ocdbt.process_1/d/*"):
     with open(path, "r+b") as f:
       f.truncate(64)
+  for i in range(2):
+    assert list(np.load(tmp_path / f"first_{i}.npz")["devices"]) == [2, 2]
+  # The resumed run, stopped by SIGTERM on process 1 (a preemption notice reaches any host): JAX's preemption
+  # service tells process 0, and both save the same step and stop.
   (tmp_path / "resume").mkdir()
-  outs = run_two(ONE_HOST_CHANGED, [tmp_path / f"resumed_{i}.npz" for i in range(2)],
-                 tiny_config_file(tmp_path / "resume", **settings, **{"train.num_steps": 6}), workdir, "train")
+  procs, outs = start_two(ONE_HOST_CHANGED, [tmp_path / f"resumed_{i}.npz" for i in range(2)],
+                          tiny_config_file(tmp_path / "resume", **settings, **{"train.num_steps": 400}), workdir,
+                          "train", 400, signal_at=("step      6/", signal.SIGTERM, 1))
+  assert [p.returncode for p in procs] == [0, 0], outs
+  outs = [out for out, _ in outs]
   assert "skipped checkpoint 4" in outs[0] and "unreadable on another host" in outs[0], outs[0]
-  assert "resumed from checkpoint 2" in outs[0] and "step      6/6" in outs[0]
+  assert "resumed from checkpoint 2" in outs[0] and "step      6/400" in outs[0]
   assert "warning (process 1): checkpoint 4" in outs[1] and "reading its arrays failed" in outs[1], outs[1]
   assert "a source file of videofusion_jax changed since it was loaded" in outs[0]
+  stopped = [int(out.split("stopped on SIGTERM at step ")[1].split(":")[0]) for out in outs]
+  assert stopped[0] == stopped[1] >= 6, outs
   assert (workdir / "checkpoints_damaged" / "4").is_dir()
-  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
-  for i in range(2):
-    assert list(np.load(tmp_path / f"resumed_{i}.npz")["devices"]) == [2, 2]
+  every = sorted({*range(2, stopped[0] + 1, 2), stopped[0]})  # every 2 steps and the stop's, the last 5 kept
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == every[-5:]

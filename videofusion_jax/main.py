@@ -129,9 +129,9 @@ def _fail(message: str) -> None:
 def _interrupted(e: KeyboardInterrupt, after: str) -> None:
   """Ctrl-C, or SIGTERM where there was no step to save (``preemption.Interrupted``): one line ending
   with ``after`` (what was kept, what to do), and the shell's code for the signal (128 + its number)."""
-  name = getattr(e, "signal_name", "SIGINT")
+  name, how = getattr(e, "signal_name", "SIGINT"), getattr(e, "how", "stopped at once")
   by = "" if name == "SIGINT" else f" by {name}"
-  print(f"\ninterrupted{by}: stopped at once; {after}.", file=sys.stderr)
+  print(f"\ninterrupted{by}: {how}; {after}.", file=sys.stderr)
   sys.exit(128 + signal.Signals[name].value)
 
 

@@ -33,6 +33,7 @@ from videofusion_jax.data import video_io
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import make_apply_fns, make_prior_fn, make_video_fn
+from videofusion_jax.training import preemption
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.workdir import check_output_folders
 
@@ -338,6 +339,7 @@ def draw_videos(experiment: Experiment, params, seed: int, content: np.ndarray, 
       conds.append(np.asarray(used)[:n])
     if progress is not None:
       progress(start + n)
+    preemption.stop_between_batches()  # every host draws every batch: they stop together
   videos = np.concatenate(out)
   # Before the clip, which would turn +-inf into +-1 (and the writers NaN into black frames).
   bad = ~np.isfinite(videos.reshape(len(videos), -1)).all(axis=1)

@@ -40,6 +40,7 @@ from videofusion_jax.sampling import (
   say,
   text_prior,
 )
+from videofusion_jax.training import preemption
 from videofusion_jax.training.workdir import check_output_folders, write_whole
 
 
@@ -118,16 +119,19 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
   n, hosts = proto["num_real"], jax.process_count()
   say(f"I3D features of {n} real clips ({proto['dataset']} [{proto['split']}])"
       + (f", split over {hosts} hosts" if hosts > 1 else ""))
-  progress = Progress("real clips", len(pipeline.eval_shares(n, hosts)[jax.process_index()]), unit="clips",
-                      quiet=jax.process_index() > 0)
+  shares = [len(share) for share in pipeline.eval_shares(n, hosts)]
+  progress = Progress("real clips", shares[jax.process_index()], unit="clips", quiet=jax.process_index() > 0)
+  every_host = -(-min(shares) // config.eval.batch_size)  # the batches every host runs: where they can stop together
   feats, labels, done = [np.zeros((0, NUM_CLASSES), np.float32)], [np.zeros((0,), np.int32)], 0
-  for batch in pipeline.eval_iterator(config, n, config.eval.batch_size, process_index=jax.process_index(),
-                                      process_count=hosts, split=proto["split"],
-                                      verbose=verbose and jax.process_index() == 0):
+  for i, batch in enumerate(pipeline.eval_iterator(config, n, config.eval.batch_size,
+                                                   process_index=jax.process_index(), process_count=hosts,
+                                                   split=proto["split"], verbose=verbose and jax.process_index() == 0)):
     feats.append(extract(for_i3d(batch["video"])))
     labels.append(batch["label"].astype(np.int32))
     done += len(batch["label"])
     progress(done)
+    if i < every_host:
+      preemption.stop_between_batches()
   out = {"features": gather_shares(np.concatenate(feats), n), "labels": gather_shares(np.concatenate(labels), n)}
   if jax.process_index() == 0:  # every host holds all the features; one writes them
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Stopping on a preemption notice: SIGTERM (what TPU and cloud GPU preemptions and SLURM send)
 or SIGINT (Ctrl-C) ends training after the step in flight, at a step all hosts agree on; where there is
-no step to finish (sampling, evaluation, a dataset build), either stops the work at once, as an exception."""
+no step to finish (sampling, evaluation, a dataset build), either stops the work at once, as an exception
+(on several hosts: after a batch all hosts agree on)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,11 +17,11 @@ from jax.experimental import multihost_utils
 class Interrupted(KeyboardInterrupt):
   """SIGTERM or SIGINT where work stops at once: raised like Ctrl-C's ``KeyboardInterrupt`` (which it is), so
   that ``finally`` blocks run and temporary files go; Python's default for SIGTERM ends the process without
-  them."""
+  them. ``how``: how it stopped, in words."""
 
-  def __init__(self, signal_name: str):
+  def __init__(self, signal_name: str, how: str = "stopped at once"):
     super().__init__(signal_name)
-    self.signal_name = signal_name
+    self.signal_name, self.how = signal_name, how
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -28,19 +29,55 @@ def _raise_interrupted(signum, frame) -> None:
   raise Interrupted(signal.Signals(signum).name)
 
 
+# The last id this process gave JAX's preemption sync point (a training step, then a batch of other work):
+# the point the hosts agree on is the highest id any host gave when the notice came, plus one, so ids must
+# keep growing within a process for the point to be met again.
+_sync_id = -1
+_sigint_here = False  # this host's Ctrl-C, not a SIGTERM, started the stop
+
+
+def _reached_sync_point(point: int) -> bool:
+  global _sync_id
+  _sync_id = max(_sync_id, point)
+  return multihost_utils.reached_preemption_sync_point(point)
+
+
+def _forward_sigint(signum, frame) -> None:
+  """A multi-host run's first Ctrl-C: to JAX's preemption notifier as SIGTERM (which tells every host);
+  the second stops this host at once."""
+  del signum, frame
+  global _sigint_here
+  _sigint_here = True
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  print("\nSIGINT received: every host stops after the batch in flight (Ctrl-C again to stop this host at once, "
+        "leaving the others waiting).", flush=True)
+  os.kill(os.getpid(), signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def sigterm_stops_at_once(multihost: bool) -> Iterator[None]:
   """While inside, SIGTERM raises ``Interrupted``, as Ctrl-C raises ``KeyboardInterrupt``. In the main
-  thread of one process only: a ``multihost`` run's SIGTERM is JAX's preemption service's. (Asked, not
-  read from JAX, so that it can be entered before ``jax.distributed.initialize``.)"""
-  if multihost or threading.current_thread() is not threading.main_thread():
+  thread of one process only: a ``multihost`` run's SIGTERM is JAX's preemption service's, which
+  ``stop_between_batches`` reads, and Ctrl-C is sent to it as SIGTERM. (Asked, not read from JAX, so that
+  it can be entered before ``jax.distributed.initialize``.)"""
+  if threading.current_thread() is not threading.main_thread():
     yield
     return
-  previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+  sig, handler = (signal.SIGINT, _forward_sigint) if multihost else (signal.SIGTERM, _raise_interrupted)
+  previous = signal.signal(sig, handler)
   try:
     yield
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    signal.signal(sig, previous)
+
+
+def stop_between_batches() -> None:
+  """Where work with no step to save (sampling, evaluation) ends a batch, on several hosts: once any host got
+  SIGTERM (JAX's preemption service) or Ctrl-C (``sigterm_stops_at_once``), raises ``Interrupted`` on every
+  host at the same batch; one process: nothing (the signal raised already). Every host must call it equally
+  often: a host that stopped alone would leave the others waiting at their next collective."""
+  if jax.process_count() > 1 and _reached_sync_point(_sync_id + 1):
+    raise Interrupted("SIGINT" if _sigint_here else "SIGTERM", "every host stopped after the same batch")
 
 
 class StopRequest:
@@ -102,7 +139,7 @@ class StopRequest:
   def reached(self, step: int) -> bool:
     """True when training should save ``step`` and stop (the same step on every host)."""
     if self._multi:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return _reached_sync_point(step)
     return self.signal_name is not None
 
   def __enter__(self) -> StopRequest:
