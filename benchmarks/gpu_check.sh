@@ -53,7 +53,9 @@ timeout_s="${TIMEOUT:-560}"
 if [ -z "${PEAK_TFLOPS:-}" ]; then  # the device's own ceiling, before the runs take the host and the device
   timeout 180 python3 benchmarks/train_step.py --measure_peak="${PEAK_SIZE:-8192}" > "$sync_dir/peak.log" 2>&1
   PEAK_TFLOPS=$(python3 -c 'import json, sys
-print(next(json.loads(x)["tflops_per_s"] for x in open(sys.argv[1]) if x.startswith("{")))' "$sync_dir/peak.log" 2>/dev/null) \
+peak = next(json.loads(x)["tflops_per_s"] for x in open(sys.argv[1]) if x.startswith("{"))
+assert peak > 0, peak
+print(peak)' "$sync_dir/peak.log" 2>/dev/null) \
     || { PEAK_TFLOPS=695; { tail -3 "$sync_dir/peak.log"; echo "(the peak was not measured: MFU against 695)"; } \
            | tee -a "$OUT/bench.log"; }
   echo "== $(date +%T) peak: $PEAK_TFLOPS TFLOP/s" | tee -a "$OUT/bench.log"

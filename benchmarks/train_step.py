@@ -599,7 +599,7 @@ def measure_peak(size: int, repeats: int) -> dict:
   flops = 2.0 * size**3
   return {"result": "peak", "device": device.device_kind, "dtype": "bfloat16", "size": size, "repeats": repeats,
           "median_s": median, "flops": flops, "xla_flops": xla_flops(product),
-          "tflops_per_s": round(flops / median / 1e12, 2), **xla_settings()}
+          "tflops_per_s": round(flops / median / 1e12, 4), **xla_settings()}
 
 
 def override(node: ml_collections.ConfigDict, why: str, **values) -> None:
@@ -627,6 +627,9 @@ def main(argv):
                            "must be at least 1 (the matrix size, the timed products).")
     print(json.dumps(measure_peak(_MEASURE_PEAK.value, _PEAK_REPEATS.value)), flush=True)
     return
+  if _PEAK.value <= 0:
+    raise app.UsageError(f"--peak_tflops={_PEAK.value}: the device's peak must be above 0 (695: an H200's bf16 "
+                         "matrix product; --measure_peak=8192 measures this device's).")
   if _SYNC_DIR.value:
     atexit.register(mark_ready)  # a run that fails before timing must not keep the others waiting
   c = _CONFIG.value

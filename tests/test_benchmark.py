@@ -208,7 +208,7 @@ def test_flops_are_the_steps_under_memory_switches_and_for_a_model_on_stored_cli
 
 def test_measured_peak_is_the_products_flops_over_their_median_time(tmp_path):
   """``--measure_peak=N``: the MFU's denominator on this device, 2 N^3 FLOPs (XLA's count beside it) over
-  the median of the timed products; ``--report`` prints it in short; a size of 0 or less is refused."""
+  the median of the timed products; ``--report`` prints it in short; a size or a peak of 0 is refused."""
   env = {**one_device_env(), "PYTHONPATH": str(ROOT)}
   r = subprocess.run([sys.executable, "benchmarks/train_step.py", "--measure_peak=96", "--peak_repeats=3"], cwd=ROOT,
                      env=env, capture_output=True, text=True, timeout=300)
@@ -220,7 +220,7 @@ def test_measured_peak_is_the_products_flops_over_their_median_time(tmp_path):
   # XLA counts the product's 2 N^3 and, on the CPU, a FLOP per element of its conversions to and from
   # float32 (two inputs, one output).
   assert peak["flops"] == 2 * 96**3 and peak["xla_flops"] == 2 * 96**3 + 3 * 96**2
-  assert peak["median_s"] > 0 and peak["tflops_per_s"] == round(2 * 96**3 / peak["median_s"] / 1e12, 2)
+  assert peak["median_s"] > 0 and peak["tflops_per_s"] == round(2 * 96**3 / peak["median_s"] / 1e12, 4)
   log = tmp_path / "peak.log"
   log.write_text(r.stdout)
   report = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--report={log}"], cwd=ROOT, env=env,
@@ -230,6 +230,9 @@ def test_measured_peak_is_the_products_flops_over_their_median_time(tmp_path):
   bad = subprocess.run([sys.executable, "benchmarks/train_step.py", "--measure_peak=-8"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--measure_peak=-8 --peak_repeats=10: both must be at least 1" in bad.stderr
+  zero = subprocess.run([sys.executable, "benchmarks/train_step.py", "--peak_tflops=0"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)  # a peak measured as 0.0 (a tiny product)
+  assert zero.returncode != 0 and "--peak_tflops=0.0: the device's peak must be above 0" in zero.stderr
 
 
 def test_compile_phases_of_a_trace_of_known_times(tmp_path):

@@ -324,7 +324,7 @@ def test_metrics_of_a_crashed_run_past_its_checkpoint_are_dropped_and_a_torn_lin
   rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)]
   path.write_text("".join(rows) + '{"step": 6, "lo')  # the crash cut the last write short
   assert _drop_metrics_after(path, 3) == 3
-  assert path.read_text() == "".join(rows[:3])
+  assert path.read_text() == "".join(rows[:3]) and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
   assert _drop_metrics_after(path, 3) == 0 and path.read_text() == "".join(rows[:3])
   assert _drop_metrics_after(tmp_path / "absent.jsonl", 3) == 0 and not (tmp_path / "absent.jsonl").exists()
 

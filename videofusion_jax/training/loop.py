@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from videofusion_jax.training.preemption import StopRequest
 from videofusion_jax.training.sharding import checked_on_every_host
 from videofusion_jax.training.state import TrainState
 from videofusion_jax.training.step import Trainer, check_batch
-from videofusion_jax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock
+from videofusion_jax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock, write_whole
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,9 +55,7 @@ def _drop_metrics_after(path: Path, step: int) -> int:
     if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
       kept.append(line if line.endswith("\n") else line + "\n")
   if len(kept) < len(lines):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_whole(path, lambda tmp: tmp.write_text("".join(kept)))
   return len(lines) - len(kept)
 
 
