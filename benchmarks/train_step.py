@@ -92,9 +92,11 @@ _PROFILE = flags.DEFINE_string(
     "longest first.")
 _MEASURE_PEAK = flags.DEFINE_integer(
     "measure_peak", 0, "Measure the MFU's denominator on this device instead of a model: a bfloat16 N x N matrix "
-    "product (N = this flag; 8192 as in the GPU notes) timed --peak_repeats times on the first device; prints a "
-    "'peak' JSON line with its median TFLOP/s (pass it as --peak_tflops), runs nothing else.")
-_PEAK_REPEATS = flags.DEFINE_integer("peak_repeats", 10, "With --measure_peak: timed products (median).")
+    "product (N = this flag; 8192 as in the GPU notes) on the first device, after a second of warm-up; prints a "
+    "'peak' JSON line with its median TFLOP/s over --peak_repeats samples (pass it as --peak_tflops), runs "
+    "nothing else.")
+_PEAK_REPEATS = flags.DEFINE_integer("peak_repeats", 10, "With --measure_peak: timed samples (median), each "
+                                     "about 50 ms of products.")
 _DEADLINE = flags.DEFINE_float(
     "compile_deadline_s", 0.0, "Give up on a cold compile still running this many seconds after the run's "
     "start (0: never): print what it spent (and, with --compile_profile, on what) in a 'compile_unfinished' "
@@ -585,20 +587,27 @@ def summarize(path: str) -> dict:
 
 def measure_peak(size: int, repeats: int) -> dict:
   """The 'peak' row: the median TFLOP/s of a ``(size, size) @ (size, size)`` bfloat16 product on the
-  first device (2 size**3 FLOPs each; XLA's own count beside it), after one untimed product."""
+  first device (2 size**3 FLOPs each; XLA's own count beside it). After a second of untimed products (a
+  GPU's clocks rise under load), each of ``repeats`` samples times enough products queued back to back
+  to fill about 50 ms, so that one dispatch and one wait are a small part of it."""
   device = jax.devices()[0]
   a, b = (jax.device_put(jax.random.normal(jax.random.key(i), (size, size), jnp.bfloat16), device) for i in (1, 2))
   product = jax.jit(jnp.matmul).lower(a, b).compile()
-  product(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
+
+  def timed(count: int) -> float:
     t0 = time.perf_counter()
-    product(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  median = statistics.median(times)
+    for _ in range(count):
+      out = product(a, b)  # the one before is freed once done: one output held, not count
+    out.block_until_ready()  # one stream: the last one done, all are
+    return time.perf_counter() - t0
+
+  warm, count = time.perf_counter(), 1
+  while time.perf_counter() - warm < 1.0:
+    count = max(1, min(1000, round(0.05 / max(timed(count) / count, 1e-9))))
+  median = statistics.median(timed(count) / count for _ in range(repeats))
   flops = 2.0 * size**3
   return {"result": "peak", "device": device.device_kind, "dtype": "bfloat16", "size": size, "repeats": repeats,
-          "median_s": median, "flops": flops, "xla_flops": xla_flops(product),
+          "products_per_sample": count, "median_s": median, "flops": flops, "xla_flops": xla_flops(product),
           "tflops_per_s": round(flops / median / 1e12, 4), **xla_settings()}
 
 

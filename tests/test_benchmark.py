@@ -217,6 +217,7 @@ def test_measured_peak_is_the_products_flops_over_their_median_time(tmp_path):
   assert [x["result"] for x in rows] == ["peak"]
   peak = rows[0]
   assert (peak["dtype"], peak["size"], peak["repeats"], peak["device"]) == ("bfloat16", 96, 3, "cpu")
+  assert 1 <= peak["products_per_sample"] <= 1000  # about 50 ms of products a sample
   # XLA counts the product's 2 N^3 and, on the CPU, a FLOP per element of its conversions to and from
   # float32 (two inputs, one output).
   assert peak["flops"] == 2 * 96**3 and peak["xla_flops"] == 2 * 96**3 + 3 * 96**2

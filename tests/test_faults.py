@@ -152,31 +152,43 @@ def test_a_signal_before_the_first_step_stops_a_dataset_build_at_once(trainer, t
 
 def test_hosts_stop_between_batches_at_the_point_the_preemption_service_sets(monkeypatch):
   """On several hosts JAX's preemption service sets the sync point, on a notice, to the highest id any host
-  gave it plus one (its C++ rule; a stand-in here, for one host): the batches after training give ids past
-  the training's steps, so a notice that came before the first batch stops the work at that batch, on
-  every host (ids from 0 would never meet point 401). One process never asks the service."""
+  gave it plus one, 0 before the first (its C++ rule; a stand-in here, for one host). The ids count the
+  process's calls, training's steps and then the batches of other work: a notice during the batches after
+  training stops them at the next one, and a notice before a resumed run's first step (point 1) stops it at
+  that step (with step numbers as ids, as before, the first would never have stopped: 401 after 1..400 is
+  met, 5 never equals 1). A Ctrl-C forwarded before training makes training's next Ctrl-C stop at once. One
+  process never asks the service."""
   from videofusion_jax.training import preemption
   from videofusion_jax.training.preemption import Interrupted, StopRequest, stop_between_batches
 
   given, point = [], [None]
-  def reached(step):
-    given.append(step)
-    return step == point[0]
+  def reached(call):
+    given.append(call)
+    return call == point[0]
   monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point", reached)
-  monkeypatch.setattr(preemption, "_sync_id", -1)
+  monkeypatch.setattr(preemption, "_calls", 0)
+  monkeypatch.setattr(preemption, "_sigint_here", False)
   monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
   stop = StopRequest()
   assert not any(stop.reached(step) for step in range(1, 401))  # training's steps 1..400
   stop_between_batches()
   stop_between_batches()  # two batches of sampling
-  point[0] = given[-1] + 1  # SIGTERM on a host now
+  point[0] = max(given) + 1  # SIGTERM on a host now
   with pytest.raises(Interrupted) as e:
     stop_between_batches()
   assert given[-3:] == [401, 402, 403] and e.value.signal_name == "SIGTERM"
   assert e.value.how == "every host stopped after the same batch"
+  # A new process resumed at step 5, the notice during its start: the point is 0 + 1.
+  monkeypatch.setattr(preemption, "_calls", 0)
+  point[0] = 1
+  assert StopRequest().reached(5) and given[-1] == 1
+  # Ctrl-C forwarded before training: the next one, in training, stops this host at once.
+  monkeypatch.setattr(preemption, "_sigint_here", True)
+  with pytest.raises(KeyboardInterrupt):
+    StopRequest()._on_signal(signal.SIGINT, None)
   monkeypatch.setattr(preemption.jax, "process_count", lambda: 1)
   stop_between_batches()
-  assert len(given) == 403
+  assert len(given) == 404 and StopRequest().signal_name is None  # one process: a Ctrl-C raised already
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -90,6 +91,8 @@ def start_two(worker: str, outputs: list[Path], config_file: Path, workdir: Path
        *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_device_env())
       for i in range(2)]
   before = ""
+  deadline = threading.Timer(timeout, lambda: [p.kill() for p in procs])  # the line never printed: no hang
+  deadline.start()
   try:
     if signal_at is not None:
       start, sig, i = signal_at
@@ -100,6 +103,7 @@ def start_two(worker: str, outputs: list[Path], config_file: Path, workdir: Path
       procs[i].send_signal(sig)
     outs = [p.communicate(timeout=timeout) for p in procs]
   finally:  # a failed test leaves no process behind (one waiting for the other until its timeout)
+    deadline.cancel()
     for p in procs:
       p.kill()
   return procs, [(before + outs[0][0], outs[0][1]), outs[1]]

@@ -29,17 +29,18 @@ def _raise_interrupted(signum, frame) -> None:
   raise Interrupted(signal.Signals(signum).name)
 
 
-# The last id this process gave JAX's preemption sync point (a training step, then a batch of other work):
-# the point the hosts agree on is the highest id any host gave when the notice came, plus one, so ids must
-# keep growing within a process for the point to be met again.
-_sync_id = -1
-_sigint_here = False  # this host's Ctrl-C, not a SIGTERM, started the stop
+# JAX's preemption service, on a notice, asks every host for the last id it gave ``reached_preemption_sync_point``
+# (0 before the first) and sets the sync point to the highest plus one. One count of every call a process makes
+# (training's steps, then batches of other work) keeps every host's ids equal and growing: a step number would
+# not (a resumed run's first step is 5 where a notice during its start set the point to 1).
+_calls = 0
+_sigint_here = False  # this host's Ctrl-C, not a SIGTERM, started the stop (a multi-host run only)
 
 
-def _reached_sync_point(point: int) -> bool:
-  global _sync_id
-  _sync_id = max(_sync_id, point)
-  return multihost_utils.reached_preemption_sync_point(point)
+def _reached_sync_point() -> bool:
+  global _calls
+  _calls += 1
+  return multihost_utils.reached_preemption_sync_point(_calls)
 
 
 def _forward_sigint(signum, frame) -> None:
@@ -56,10 +57,11 @@ def _forward_sigint(signum, frame) -> None:
 
 @contextlib.contextmanager
 def sigterm_stops_at_once(multihost: bool) -> Iterator[None]:
-  """While inside, SIGTERM raises ``Interrupted``, as Ctrl-C raises ``KeyboardInterrupt``. In the main
-  thread of one process only: a ``multihost`` run's SIGTERM is JAX's preemption service's, which
-  ``stop_between_batches`` reads, and Ctrl-C is sent to it as SIGTERM. (Asked, not read from JAX, so that
-  it can be entered before ``jax.distributed.initialize``.)"""
+  """While inside, SIGTERM raises ``Interrupted``, as Ctrl-C raises ``KeyboardInterrupt`` (main thread only).
+  A ``multihost`` run's SIGTERM is JAX's preemption service's, which ``stop_between_batches`` and training
+  read, and its first Ctrl-C is sent to it as SIGTERM: enter after ``jax.distributed.initialize``, which
+  starts the service (before it, that SIGTERM would end the process). ``multihost`` is asked, not read from
+  JAX: one process enters before it could know."""
   if threading.current_thread() is not threading.main_thread():
     yield
     return
@@ -76,7 +78,7 @@ def stop_between_batches() -> None:
   SIGTERM (JAX's preemption service) or Ctrl-C (``sigterm_stops_at_once``), raises ``Interrupted`` on every
   host at the same batch; one process: nothing (the signal raised already). Every host must call it equally
   often: a host that stopped alone would leave the others waiting at their next collective."""
-  if jax.process_count() > 1 and _reached_sync_point(_sync_id + 1):
+  if jax.process_count() > 1 and _reached_sync_point():
     raise Interrupted("SIGINT" if _sigint_here else "SIGTERM", "every host stopped after the same batch")
 
 
@@ -91,13 +93,15 @@ class StopRequest:
   """
 
   def __init__(self):
-    self.signal_name: str | None = None
-    self._previous: dict[int, object] = {}
     self._multi = jax.process_count() > 1
+    # A Ctrl-C before training (sigterm_stops_at_once forwarded it) makes the next one stop at once.
+    self.signal_name: str | None = "SIGINT" if self._multi and _sigint_here else None
+    self._previous: dict[int, object] = {}
     self._at_once = False
 
   def _on_signal(self, signum, frame) -> None:
     del frame
+    global _sigint_here
     name = signal.Signals(signum).name
     if self._at_once:
       raise Interrupted(name)
@@ -107,6 +111,7 @@ class StopRequest:
     print(f"\n{name} received: finishing the step in flight, then saving a checkpoint and exiting "
           "(Ctrl-C again to stop at once without it).", flush=True)
     if self._multi:
+      _sigint_here = _sigint_here or signum == signal.SIGINT  # for the work after training, if it comes to it
       os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier, which tells the other hosts
 
   def install(self) -> StopRequest:
@@ -137,9 +142,11 @@ class StopRequest:
       self._at_once = False
 
   def reached(self, step: int) -> bool:
-    """True when training should save ``step`` and stop (the same step on every host)."""
+    """True when training should save ``step`` and stop (the same step on every host: each calls this once
+    per step)."""
+    del step  # the hosts agree on a count of calls, not on a step number (see _calls)
     if self._multi:
-      return _reached_sync_point(step)
+      return _reached_sync_point()
     return self.signal_name is not None
 
   def __enter__(self) -> StopRequest:
