@@ -218,8 +218,67 @@ def test_a_workdir_one_host_cannot_use_stops_every_host_at_once(tmp_path):
   assert not good.exists() and "Traceback" not in outs[0][1] + outs[1][1]
 
 
+HOOK = "train, loop.train = loop.train, train_and_dump"  # WORKER's line after which the variants below patch
+
+# WORKER where process 0 cannot write the workdir's lock file (a bucket without exclusive create, permissions).
+LOCK_UNWRITABLE = WORKER.replace(HOOK, HOOK + """
+from videofusion_jax.training import workdir
+def unwritable(self):
+  raise PermissionError(13, "Permission denied", str(self.path))
+if sys.argv[-1] == "--process_id=0":
+  workdir.WorkdirLock.acquire = unwritable""")
+
+# WORKER where process 1 cannot open its training input (what a CLIP table missing from its disk raises).
+INPUT_MISSING = WORKER.replace(HOOK, HOOK + """
+from videofusion_jax.data import pipeline
+def missing(*args, **kwargs):
+  raise pipeline.PipelineError("no CLIP frame embeddings for this dataset yet (a stand-in)")
+if sys.argv[-1] == "--process_id=1":
+  pipeline.train_iterator = missing""")
+
+
+def test_a_lock_a_dataset_or_an_input_one_host_cannot_use_stops_every_host_at_once(tmp_path, tfds_dir):
+  """Process 0 failing to write the lock file (an OSError, not another run's lock), process 1 unable to read
+  the dataset process 0 prepared (its data_dir lies under a file: not shared, and not buildable there), and
+  process 1 unable to open its training input each stop both hosts with an error at once; the host that
+  failed says why, the other points to it (they used to wait at their next collective, and at JAX's shutdown
+  barrier, for minutes)."""
+  config_file = tiny_config_file(tmp_path, **{"data.data_dir": tfds_dir})
+  procs, outs = start_two(LOCK_UNWRITABLE, [tmp_path / f"lock_{i}.npz" for i in range(2)], config_file,
+                          tmp_path / "locked", "train", 120)
+  assert [p.returncode for p in procs] == [1, 1], outs
+  assert f"error: [Errno 13] Permission denied: '{tmp_path / 'locked' / LOCK_NAME}'" in outs[0][1], outs[0]
+  assert "or the lock file could not be written (process 0's error says which)" in outs[1][1], outs[1]
+  not_a_dir = tmp_path / "not_a_dir"
+  not_a_dir.write_text("")
+  configs = []
+  for i, data_dir in enumerate((tfds_dir, str(not_a_dir / "tfds"))):
+    (tmp_path / f"host{i}").mkdir()
+    configs.append(tiny_config_file(tmp_path / f"host{i}", **{"data.data_dir": data_dir}))
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "videofusion_jax.main", f"--config={config}", f"--workdir={tmp_path / 'run'}",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_device_env())
+      for i, config in enumerate(configs)]
+  try:
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [1, 1], outs
+  assert "error: [Errno 20] Not a directory" in outs[1][1] and str(not_a_dir) in outs[1][1], outs[1]
+  assert "error: another host cannot read the dataset process 0 prepared (its own error says why)" in outs[0][1], \
+      outs[0]
+  assert "Traceback" not in outs[0][1] + outs[1][1]
+  procs, outs = start_two(INPUT_MISSING, [tmp_path / f"input_{i}.npz" for i in range(2)], config_file,
+                          tmp_path / "input", "train", 120)
+  assert [p.returncode for p in procs] == [1, 1], outs
+  assert "error: no CLIP frame embeddings for this dataset yet (a stand-in)" in outs[1][1], outs[1]
+  assert "error: another host could not open its training input, or its first batch does not fit" in outs[0][1]
+
+
 # WORKER where a source file changed on process 0's disk after the import (so it would not load stored programs).
-HOOK = "train, loop.train = loop.train, train_and_dump"
 ONE_HOST_CHANGED = WORKER.replace(HOOK, HOOK + """
 import videofusion_jax
 if sys.argv[-1] == "--process_id=0":

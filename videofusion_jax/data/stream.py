@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import jax
 import ml_collections
-from jax.experimental import multihost_utils
 
 # How ``pipeline.record_order`` shuffles; a new value when a code change reorders the stream.
 # 1 (checkpoints without the field): every host shuffled its block with the permutation of (seed, epoch).
@@ -64,18 +63,3 @@ def resume_position(saved: dict | None, stream: dict, step: int) -> int:
       print(f"note: the input stream was {saved} and is now {stream}; the example order cannot continue exactly, "
             f"so it restarts at batch {position}, the whole batches of the {examples} examples seen{again}.{why}")
   return position
-
-
-def prepare_dataset(config: ml_collections.ConfigDict) -> None:
-  """Builds the TFDS dataset from the raw files if needed: on host 0 only, the others wait. Every host
-  checks that it fits ``config.data`` (``pipeline.check_fits``, in ``get_builder``), before the barrier,
-  and then that ``data.split`` is one of its splits with videos of ``data.num_frames`` x ``frame_stride``
-  frames (before the slow start of a run, not at its first batch)."""
-  from videofusion_jax.data import pipeline  # imports TensorFlow when it builds
-
-  # The other hosts only check, so that a missing dataset or one that does not fit stops each with its
-  # message, not at the barrier.
-  pipeline.get_builder(config.data, build=jax.process_index() == 0)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("dataset prepared")
-  pipeline._source(config, config.data.split, verbose=False)  # every host reads the same built dataset

@@ -21,7 +21,7 @@ from videofusion_jax.config import (
     field_or_none,
     recorded_config,
 )
-from videofusion_jax.data.stream import prepare_dataset, resume_position, stream_identity
+from videofusion_jax.data.stream import resume_position, stream_identity
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training.preemption import StopRequest
 from videofusion_jax.training.sharding import checked_on_every_host
@@ -269,6 +269,27 @@ def _start(trainer: Trainer, manager, config: ml_collections.ConfigDict, say) ->
   return state, None
 
 
+def prepare_dataset(config: ml_collections.ConfigDict) -> None:
+  """Builds the TFDS dataset from the raw files if needed, on host 0 only while the others check that it
+  could be (``pipeline.get_builder``: a missing dataset or one that does not fit ``config.data`` stops each
+  host with its message); then every host opens the split it trains on (``data.split``, clips of
+  ``data.num_frames`` x ``frame_stride`` frames), before the slow start of a run, not at its first batch.
+  Each phase is agreed on: a host whose check, build or read fails stops with its error and the others with a
+  pointer to it, where they would wait at their next collective until its timeout (a build that failed on
+  host 0, a data_dir that is not shared and cannot be built into on another host)."""
+  from videofusion_jax.data import pipeline  # imports TensorFlow when it builds
+
+  errors = (pipeline.PipelineError, OSError)  # OSError: the builders' DatasetNotFoundError, a full disk
+  checked_on_every_host(lambda: pipeline.get_builder(config.data, build=jax.process_index() == 0), errors,
+                        pipeline.PipelineError("another host could not check or build the dataset (its own error "
+                                               "says why)."))
+  checked_on_every_host(lambda: pipeline._source(config, config.data.split, verbose=False), errors,
+                        pipeline.PipelineError(
+                            "another host cannot read the dataset process 0 prepared (its own error says why): every "
+                            "host needs it at the same data_dir, shared (a bucket mounted at the same path on each) or "
+                            "built on each from the same files."))
+
+
 def _lock_on_every_host(lock: WorkdirLock | None, workdir: Path) -> None:
   """Process 0 takes the workdir's lock (``lock``; None on the others); when it cannot, every host stops
   with an error, where the others would wait at the checkpoint manager's first barrier until its timeout."""
@@ -276,14 +297,14 @@ def _lock_on_every_host(lock: WorkdirLock | None, workdir: Path) -> None:
   if lock is not None:
     try:
       lock.acquire()
-    except WorkdirError as e:
+    except (WorkdirError, OSError) as e:  # OSError: a lock file this host cannot create (permissions, a bucket)
       refused = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     held = bool(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
     if not held and refused is None:
-      raise WorkdirError(f"process 0 could not lock {workdir / LOCK_NAME}: another training run holds the workdir "
-                         "(process 0's error names it).")
+      raise WorkdirError(f"process 0 could not lock {workdir / LOCK_NAME}: another training run holds the workdir, "
+                         "or the lock file could not be written (process 0's error says which).")
   if refused is not None:
     raise refused
 
@@ -363,16 +384,40 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
   behind, so that the device never waits), logged, and checkpointed asynchronously."""
   start, total = int(state.step), config.train.num_steps
   local_batch = config.train.batch_size // jax.process_count()
-  source = None
-  if batches is None:
-    from videofusion_jax.data import pipeline
-    source = pipeline.source_fingerprint(config, config.data.split)
-  stream = stream_identity(config, jax.process_count(), local_batch, source)
-  start_batch = resume_position(saved_stream, stream, start)
-  if batches is None:
-    batches = pipeline.train_iterator(config, local_batch, seed=config.seed, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), start_batch=start_batch)
-  writer = _Writer(workdir, start, say) if jax.process_index() == 0 else None
+
+  def open_input():
+    """This host's input stream and its first batch, checked whole (a pass over the video for its values)
+    against the config: a caller's batch (``train(batches=...)``) of other keys, shapes, dtypes or labels
+    would train silently or fail deep in the trace. Agreed on by every host (one small collective, once):
+    what fails here fails on one host (a CLIP table or a video missing from its disk, metrics.jsonl
+    unwritable on host 0), which would leave the others waiting in the first step's collectives."""
+    source, stream_batches = None, batches
+    if stream_batches is None:
+      from videofusion_jax.data import pipeline
+      source = pipeline.source_fingerprint(config, config.data.split)
+    stream = stream_identity(config, jax.process_count(), local_batch, source)
+    start_batch = resume_position(saved_stream, stream, start)
+    if stream_batches is None:
+      stream_batches = pipeline.train_iterator(
+          config, local_batch, seed=config.seed, process_index=jax.process_index(),
+          process_count=jax.process_count(), start_batch=start_batch)
+    first = next(stream_batches, None)
+    if first is not None:
+      check_batch(config, first, local_batch)
+    opened["writer"] = _Writer(workdir, start, say) if jax.process_index() == 0 else None
+    return stream, start_batch, stream_batches, first
+
+  opened = {}
+  try:
+    stream, start_batch, batches, first = checked_on_every_host(
+        open_input, (ValueError, TypeError, OSError),  # ConfigError, PipelineError, VideoReadError: ValueErrors
+        ConfigError("another host could not open its training input, or its first batch does not fit the config "
+                    "(its own error says why)."))
+  except BaseException:
+    if opened.get("writer"):
+      opened["writer"].close()
+    raise
+  writer = opened["writer"]
   pending = None  # (step, metrics) not yet checked on the host
   t0 = time.time()
   last_log_time, last_log_step = t0, start
@@ -393,21 +438,14 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
 
   try:
     for step in range(start + 1, total + 1):
-      try:
-        local = next(batches)
-      except StopIteration:
-        raise RuntimeError(f"the input ran out at step {step}; the pipeline should repeat.") from None
-      # On the host, before the step traces or runs: a caller's batch (``train(batches=...)``) of other keys,
-      # shapes, dtypes or labels than the config's would train silently or fail deep in the trace. The first
-      # batch whole (a pass over the video for its values), agreed on by every host (one small collective,
-      # once); later ones, on one host, by their keys, shapes, dtypes and B labels (microseconds, no device
-      # sync). Not on a pod: one host raising alone would leave the others waiting in the step's collectives
-      # (a later batch's NaN, or label past the classes, is the NaN check's, which every host sees).
-      if step == start + 1:
-        checked_on_every_host(lambda: check_batch(config, local, local_batch), (ConfigError, TypeError, ValueError),
-                              ConfigError("another host's first training batch does not fit the config (its own "
-                                          "error says why)."))
-      elif jax.process_count() == 1:
+      local = first if step == start + 1 else next(batches, None)
+      if local is None:
+        raise RuntimeError(f"the input ran out at step {step}; the pipeline should repeat.")
+      # Later batches than the first (open_input), on one host, by their keys, shapes, dtypes and B labels
+      # (microseconds, no device sync). Not on a pod: one host raising alone would leave the others waiting in
+      # the step's collectives (a later batch's NaN, or label past the classes, is the NaN check's, which every
+      # host sees).
+      if step > start + 1 and jax.process_count() == 1:
         check_batch(config, local, local_batch, values=False)
       state, metrics = trainer.step(state, trainer.global_batch(local))
       if step == start + 1:  # the compile: kept out of the steps/s and time-left estimates
