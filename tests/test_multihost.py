@@ -78,17 +78,18 @@ def run_two(worker: str, outputs: list[Path], config_file: Path, workdir: Path, 
 
 
 def start_two(worker: str, outputs: list[Path], config_file: Path, workdir: Path, mode: str, timeout: float,
-              *flags: str, signal_at: tuple[str, signal.Signals, int] | None = None):
-  """The two processes of ``run_two`` (``flags`` added), run to their end: the processes and their (stdout,
-  stderr). ``signal_at=(start, sig, i)``: once process 0 prints a line beginning with ``start``, ``sig`` to
-  process ``i`` (its output before that line is in its stdout too)."""
+              *flags: str, signal_at: tuple[str, signal.Signals, int] | None = None,
+              each: tuple[list[str], list[str]] = ([], [])):
+  """The two processes of ``run_two`` (``flags`` added, and ``each[i]`` to process i), run to their end: the
+  processes and their (stdout, stderr). ``signal_at=(start, sig, i)``: once process 0 prints a line beginning
+  with ``start``, ``sig`` to process ``i`` (its output before that line is in its stdout too)."""
   script = outputs[0].parent / f"{mode}_worker.py"
   script.write_text(worker)
   port = free_port()
   procs = [subprocess.Popen(
       [sys.executable, "-u", str(script), str(outputs[i]), f"--config={config_file}", f"--workdir={workdir}",
        f"--mode={mode}", f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
-       *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_device_env())
+       *flags, *each[i]], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_device_env())
       for i in range(2)]
   before = ""
   deadline = threading.Timer(timeout, lambda: [p.kill() for p in procs])  # the line never printed: no hang
@@ -161,6 +162,24 @@ def test_two_processes_train_sample_and_evaluate_as_one_and_a_single_process_res
   assert "interrupted: every host stopped after the same batch;" in outs[1][1], outs[1]
   assert "40/40" not in outs[0][0] and "wrote" not in outs[0][0], outs[0]
   assert [p.name for p in (workdir / "samples").iterdir()] == ["step_3"]  # no second folder, no partial one
+  # A file one host cannot read stops both at once, that host with its error, the other pointing to it (it
+  # used to wait in the sampler, or in evaluation's first gather): the compilation cache's folder at set-up,
+  # sampling's given embeddings, evaluation's real clips (a data_dir under a file on process 1).
+  absent, not_a_dir = tmp_path / "absent.npy", tmp_path / "not_a_dir"
+  not_a_dir.write_text("")
+  for mode, each, said in (
+      ("sample", ([], [f"--config.compilation_cache_dir={not_a_dir / 'cache'}"]),
+       ("config.compilation_cache_dir=", "another host could not set up this run")),
+      ("sample", ([f"--config.sample.embeddings={workdir / 'samples' / 'step_3' / 'samples.npz'}"],
+                  [f"--config.sample.embeddings={absent}"]),
+       ("config.sample.embeddings=", "another host could not read this run's sampling inputs")),
+      ("eval", ([], [f"--config.data.data_dir={not_a_dir / 'tfds'}"]),
+       ("Not a directory", "another host cannot read the real clips' dataset"))):
+    procs, outs = start_two(WORKER, [tmp_path / f"unused_{i}.npz" for i in range(2)], config_file, workdir, mode, 120,
+                            each=each)
+    assert [p.returncode for p in procs] == [1, 1], outs
+    assert said[0] in outs[1][1] and f"error: {said[1]} (its own error says why)" in outs[0][1], outs
+  assert [p.name for p in (workdir / "samples").iterdir()] == ["step_3"]
   # A single process restores it, samples, evaluates and continues.
   c = tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 4, "train.checkpoint_every": 3,
                      "sample.batch_size": 2, **EVAL})

@@ -224,26 +224,34 @@ def main(argv) -> None:
     _fail(str(e))
   try:
     with sigterm_stops_at_once(multihost):  # no step to save: SIGTERM stops it at once, as Ctrl-C does
-      enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
-      # One experiment per run (it validates the config), shared by the modes the run performs.
-      if _MODE.value == "train_and_sample" and config.train.stage == "image":  # before hours of training
-        raise ConfigError("--mode=train_and_sample with config.train.stage='image': the image stage trains the base "
-                          "generator alone and leaves the residual generator untrained, so its videos would be noise "
-                          "but for the key frame. Use --mode=train, then train the video stage from this workdir "
-                          "(--config.train.init_base_from) and sample that.")
-      if _MODE.value == "train_and_sample":  # what sampling will read, checked before the training, not after it
-        from videofusion_jax import sampling
-        sampling.sample_prompts(config, 1, note=False)
-        sampling.given_embeddings(config, config.sample.num_samples)
-        sampling.check_guidance_was_trained(config, config.train.label_dropout)  # the dropout it is about to train with
+      def set_up():
+        """One experiment per run (it validates the config), shared by the modes the run performs."""
+        enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
+        if _MODE.value == "train_and_sample" and config.train.stage == "image":  # before hours of training
+          raise ConfigError("--mode=train_and_sample with config.train.stage='image': the image stage trains the "
+                            "base generator alone and leaves the residual generator untrained, so its videos would be "
+                            "noise but for the key frame. Use --mode=train, then train the video stage from this "
+                            "workdir (--config.train.init_base_from) and sample that.")
+        if _MODE.value == "train_and_sample":  # what sampling will read, checked before the training, not after it
+          from videofusion_jax import sampling
+          sampling.sample_prompts(config, 1, note=False)
+          sampling.given_embeddings(config, config.sample.num_samples)
+          sampling.check_guidance_was_trained(config, config.train.label_dropout)  # the dropout it will train with
+        if _MODE.value in ("train", "train_and_sample"):
+          from videofusion_jax.training.step import Trainer
+          return Trainer(config)
+        from videofusion_jax.experiment import Experiment
+        return Experiment(config)
+
+      from videofusion_jax.training.sharding import checked_on_every_host
+      # Each host reads its own disk here (the cache's folder, prompts, embeddings, a CLIP directory): one that
+      # fails alone stops every host, where the others would wait at their first collective.
+      experiment = checked_on_every_host(set_up, (ValueError, OSError), ConfigError(
+          "another host could not set up this run (its own error says why): every host needs the same files at "
+          "the same paths (compilation_cache_dir, sample.prompts_file, sample.embeddings, the CLIP directory)."))
       if _MODE.value in ("train", "train_and_sample"):
         from videofusion_jax.training.loop import train
-        from videofusion_jax.training.step import Trainer
-        experiment = Trainer(config)
         train(config, workdir, trainer=experiment)
-      else:
-        from videofusion_jax.experiment import Experiment
-        experiment = Experiment(config)
       if _MODE.value in ("sample", "train_and_sample"):
         from videofusion_jax import sampling
         sampling.run(config, workdir, experiment=experiment,

@@ -721,18 +721,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   s = config.sample
   print = say  # noqa: A001 - every host samples; the first one speaks
   content, motion = control_indices(config)
-  given = given_embeddings(config, s.num_samples)
-  labels = None if given is not None else sample_labels(config, s.num_samples)
-  if labels is not None:
-    labels = labels[content]
-  if given is not None:
-    given = given[content]
-  prompts = text = None
-  if given is None and text_prior(config):
-    in_turn = sample_prompts(config, s.num_samples)
-    prompts = [in_turn[i] for i in content]
-    text = prompt_embeddings(config, prompts, verbose=jax.process_index() == 0)
-    labels = _demo_prompt_labels(config, prompts, text)
+
+  def inputs():  # files on each host's disk: one missing on one host would leave the others in the sampler
+    given = given_embeddings(config, s.num_samples)
+    labels = None if given is not None else sample_labels(config, s.num_samples)
+    if labels is not None:
+      labels = labels[content]
+    if given is not None:
+      given = given[content]
+    prompts = text = None
+    if given is None and text_prior(config):
+      in_turn = sample_prompts(config, s.num_samples)
+      prompts = [in_turn[i] for i in content]
+      text = prompt_embeddings(config, prompts, verbose=jax.process_index() == 0)
+      labels = _demo_prompt_labels(config, prompts, text)
+    return given, labels, prompts, text
+
+  given, labels, prompts, text = shd.checked_on_every_host(inputs, (ValueError, OSError), ConfigError(
+      "another host could not read this run's sampling inputs (its own error says why): every host needs the "
+      "same files (sample.embeddings, sample.prompts, the CLIP directory) at the same paths."))
   source = {"label": "", "embedding": " through the prior"}[config.model.condition]
   if prompts is not None:
     source += f" from {len(set(prompts))} prompt(s)"

@@ -41,6 +41,7 @@ from videofusion_jax.sampling import (
   text_prior,
 )
 from videofusion_jax.training import preemption
+from videofusion_jax.training.sharding import checked_on_every_host
 from videofusion_jax.training.workdir import check_output_folders, write_whole
 
 
@@ -110,7 +111,10 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
   protocol and the dataset they were read from (``pipeline.source_fingerprint``: a rebuilt or moved
   dataset is read again); ``protocol`` with them. Each host reads and runs its share of the clips."""
   proto = protocol(config)
-  proto["source"] = pipeline.source_fingerprint(config, proto["split"])
+  proto["source"] = checked_on_every_host(
+      lambda: pipeline.source_fingerprint(config, proto["split"]), (ValueError, OSError),
+      pipeline.PipelineError("another host cannot read the real clips' dataset (its own error says why): every "
+                             "host needs it at the same data_dir."))
   path = _cache_path(workdir, proto)
   cached = _cached_features(path, proto)
   if cached is not None:
@@ -122,17 +126,24 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
   shares = [len(share) for share in pipeline.eval_shares(n, hosts)]
   progress = Progress("real clips", shares[jax.process_index()], unit="clips", quiet=jax.process_index() > 0)
   every_host = -(-min(shares) // config.eval.batch_size)  # the batches every host runs: where they can stop together
-  feats, labels, done = [np.zeros((0, NUM_CLASSES), np.float32)], [np.zeros((0,), np.int32)], 0
-  for i, batch in enumerate(pipeline.eval_iterator(config, n, config.eval.batch_size,
-                                                   process_index=jax.process_index(), process_count=hosts,
-                                                   split=proto["split"], verbose=verbose and jax.process_index() == 0)):
-    feats.append(extract(for_i3d(batch["video"])))
-    labels.append(batch["label"].astype(np.int32))
-    done += len(batch["label"])
-    progress(done)
-    if i < every_host:
-      preemption.stop_between_batches()
-  out = {"features": gather_shares(np.concatenate(feats), n), "labels": gather_shares(np.concatenate(labels), n)}
+
+  def my_share():  # a clip that cannot be read on one host would leave the others waiting to gather
+    feats, labels, done = [np.zeros((0, NUM_CLASSES), np.float32)], [np.zeros((0,), np.int32)], 0
+    for i, batch in enumerate(pipeline.eval_iterator(config, n, config.eval.batch_size,
+                                                     process_index=jax.process_index(), process_count=hosts,
+                                                     split=proto["split"],
+                                                     verbose=verbose and jax.process_index() == 0)):
+      feats.append(extract(for_i3d(batch["video"])))
+      labels.append(batch["label"].astype(np.int32))
+      done += len(batch["label"])
+      progress(done)
+      if i < every_host:
+        preemption.stop_between_batches()
+    return np.concatenate(feats), np.concatenate(labels)
+
+  feats, labels = checked_on_every_host(my_share, (ValueError, OSError), pipeline.PipelineError(
+      "another host could not read its share of the real clips (its own error says why)."))
+  out = {"features": gather_shares(feats, n), "labels": gather_shares(labels, n)}
   if jax.process_index() == 0:  # every host holds all the features; one writes them
     path.parent.mkdir(parents=True, exist_ok=True)
     write_whole(path, lambda tmp: np.savez(tmp, protocol=json.dumps(proto), **out), suffix=".npz")
@@ -199,12 +210,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   c3d = None
   if e.c3d_weights:
     from videofusion_jax.evaluation.c3d import C3DProbs
-    c3d = C3DProbs(e.c3d_weights, batch_size=e.batch_size)  # a wrong path fails before sampling
+    c3d = checked_on_every_host(  # a wrong path fails before sampling, on every host
+        lambda: C3DProbs(e.c3d_weights, batch_size=e.batch_size), (ValueError, OSError), ConfigError(
+            "another host could not load eval.c3d_weights (its own error says why): every host needs the file at "
+            "the same path."))
   workdir = Path(workdir)
   check_trained_config(config, str(workdir))
   experiment.check_config(config, "eval")
   check_output_folders(workdir, "eval", "eval_cache")
-  prompts = eval_prompts(config)  # before any slow work: a dataset without captions is an error
+  prompts = checked_on_every_host(  # before any slow work: a dataset without captions is an error
+      lambda: eval_prompts(config), (ValueError, OSError),
+      ConfigError("another host could not read the real clips' captions (its own error says why)."))
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)
   i3d = i3d_features(e.batch_size)
@@ -224,7 +240,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     if c3d is not None:
       probs.append(gather_shares(c3d(video_io.to_uint8(mine)), len(videos)))
 
-  text = None if prompts is None else prompt_embeddings(config, prompts, verbose=jax.process_index() == 0)
+  text = None if prompts is None else checked_on_every_host(
+      lambda: prompt_embeddings(config, prompts, verbose=jax.process_index() == 0), (ValueError, OSError),
+      ConfigError("another host could not encode the prompts (its own error says why): every host needs the same "
+                  "CLIP directory at the same path."))
   with experiment.explain_out_of_memory("eval"):
     generated_videos(experiment, state.ema_params, e.num_generated, e.seed, labels, consume, text)
   fake = np.concatenate(gen_feats)
