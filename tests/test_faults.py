@@ -122,6 +122,25 @@ def test_sigterm_and_ctrl_c_save_the_step_and_resume_exactly(config_file, tmp_pa
   assert proc.returncode == 128 + signal.SIGTERM, out
   assert "interrupted by SIGTERM: stopped at once; the checkpoints saved before are intact (rerun to start it " \
          "again)." in out and "Traceback" not in out, out
+  # The same under the multi-host flags with one process (a one-node SLURM job): JAX's preemption service,
+  # started by jax.distributed.initialize, took the SIGTERM and sampling ran on.
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen(main_cmd(config_file, straight, "--mode=sample", f"--coordinator_address=localhost:{port}",
+                                   "--num_processes=1", "--process_id=0", "--config.sample.num_samples=60"),
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=one_device_env())
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("sampling "):
+      break
+  proc.send_signal(signal.SIGTERM)
+  try:
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+  finally:
+    proc.kill()
+  assert proc.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM: stopped at once" in out, out
 
 
 def test_a_signal_before_the_first_step_stops_a_dataset_build_at_once(trainer, tmp_path, monkeypatch):
@@ -189,6 +208,10 @@ def test_hosts_stop_between_batches_at_the_point_the_preemption_service_sets(mon
   monkeypatch.setattr(preemption.jax, "process_count", lambda: 1)
   stop_between_batches()
   assert len(given) == 404 and StopRequest().signal_name is None  # one process: a Ctrl-C raised already
+  # The Ctrl-C that stopped a run is not the next run's (a notebook's second run in the same process).
+  with preemption.sigterm_stops_at_once(multihost=True):
+    assert preemption._sigint_here
+  assert not preemption._sigint_here
 
 
 @pytest.fixture(scope="module")
@@ -595,6 +618,38 @@ def test_workdir_lock(tmp_path, capsys, monkeypatch):
   (tmp_path / LOCK_NAME).write_text(json.dumps(earlier))
   with pytest.raises(WorkdirError, match="another training run"):
     WorkdirLock(tmp_path).acquire()
+
+
+def test_a_lock_file_whose_write_failed_is_removed(tmp_path, monkeypatch):
+  """A full disk after the lock file's exclusive create: the error goes up and no empty lock file is left
+  (read as another run's, it refused every later run until deleted by hand)."""
+  import errno
+
+  from videofusion_jax.training import workdir as wd
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(wd.json, "dump", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    wd.WorkdirLock(tmp_path).acquire()
+  assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_any_failure_in_a_check_is_told_to_the_other_hosts(monkeypatch):
+  """``checked_on_every_host``: a failure outside its listed errors (TensorFlow's, XLA's) still votes no, so
+  that the other hosts raise at once instead of waiting at their next collective; then it goes on up as it
+  is. The vote stands in for the all-gather of several hosts."""
+  from videofusion_jax.training import sharding
+
+  votes = []
+  monkeypatch.setattr(sharding, "on_every_host", lambda ok: votes.append(ok) or ok)
+
+  def broken():
+    raise RuntimeError("a TensorFlow or XLA error")
+  with pytest.raises(RuntimeError, match="a TensorFlow or XLA error"):
+    sharding.checked_on_every_host(broken, (ValueError,), ValueError("elsewhere"))
+  assert votes == [False]
+  assert sharding.checked_on_every_host(lambda: 7, (ValueError,), ValueError("elsewhere")) == 7 and votes[-1]
 
 
 def test_a_lock_its_holder_stopped_renewing_is_taken_over_from_another_host(tmp_path, capsys, monkeypatch):

@@ -223,7 +223,10 @@ def main(argv) -> None:
   except WorkdirError as e:
     _fail(str(e))
   try:
-    with sigterm_stops_at_once(multihost):  # no step to save: SIGTERM stops it at once, as Ctrl-C does
+    # No step to save: SIGTERM stops it at once, as Ctrl-C does; on several processes, after an agreed batch
+    # (a --multihost run of one process, a one-node SLURM job, has no other host to tell).
+    import jax
+    with sigterm_stops_at_once(multihost and jax.process_count() > 1):
       def set_up():
         """One experiment per run (it validates the config), shared by the modes the run performs."""
         enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)

@@ -1,4 +1,5 @@
-"""The training stream's identity and resume position, and dataset preparation before a run.
+"""The training stream's identity and resume position (the dataset's preparation before a run, which the
+hosts agree on, is ``training.loop.prepare_dataset``).
 
 The pipeline makes the stream a function of its position (``pipeline.train_iterator``); this
 module says what the position means across restarts. No TensorFlow here.

@@ -402,8 +402,9 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
           config, local_batch, seed=config.seed, process_index=jax.process_index(),
           process_count=jax.process_count(), start_batch=start_batch)
     first = next(stream_batches, None)
-    if first is not None:
-      check_batch(config, first, local_batch)
+    if first is None:
+      raise RuntimeError(f"the input ran out at step {start + 1}; the pipeline should repeat.")
+    check_batch(config, first, local_batch)
     opened["writer"] = _Writer(workdir, start, say) if jax.process_index() == 0 else None
     return stream, start_batch, stream_batches, first
 

@@ -65,12 +65,14 @@ def sigterm_stops_at_once(multihost: bool) -> Iterator[None]:
   if threading.current_thread() is not threading.main_thread():
     yield
     return
+  global _sigint_here
   sig, handler = (signal.SIGINT, _forward_sigint) if multihost else (signal.SIGTERM, _raise_interrupted)
   previous = signal.signal(sig, handler)
   try:
     yield
   finally:
     signal.signal(sig, previous)
+    _sigint_here = False
 
 
 def stop_between_batches() -> None:

@@ -161,8 +161,12 @@ class WorkdirLock:
             f"another training run ({who}) holds {self.path}: two runs in one workdir would overwrite each other's "
             f"checkpoints. Wait for it to finish or stop it, use another --workdir, or delete {self.path} if "
             "that run is gone.") from None
-      with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
+      try:
+        with os.fdopen(fd, "w") as f:
+          json.dump(me, f)
+      except BaseException:  # a full disk: an empty lock file would refuse every later run
+        self.path.unlink(missing_ok=True)
+        raise
       self.held = True
       _HELD.add(str(self.path))
       self._stop = threading.Event()  # this hold's own: a release ends its thread alone
