@@ -110,16 +110,8 @@ def test_sigterm_and_ctrl_c_save_the_step_and_resume_exactly(config_file, tmp_pa
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
   # Sampling has no step to finish: SIGTERM stops it at once as Ctrl-C does (its `finally` blocks run), with one
   # line and the shell's code for the signal, where Python's default ended it silently (code -15).
-  proc = subprocess.Popen(main_cmd(config_file, straight, "--mode=sample"), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=one_device_env())
-  lines = []
-  for line in proc.stdout:
-    lines.append(line)
-    if line.startswith("sampling "):
-      break
-  proc.send_signal(signal.SIGTERM)
-  out = "".join(lines) + proc.communicate(timeout=120)[0]
-  assert proc.returncode == 128 + signal.SIGTERM, out
+  rc, out = sigterm_once_sampling(main_cmd(config_file, straight, "--mode=sample"))
+  assert rc == 128 + signal.SIGTERM, out
   assert "interrupted by SIGTERM: stopped at once; the checkpoints saved before are intact (rerun to start it " \
          "again)." in out and "Traceback" not in out, out
   # The same under the multi-host flags with one process (a one-node SLURM job): JAX's preemption service,
@@ -127,20 +119,27 @@ def test_sigterm_and_ctrl_c_save_the_step_and_resume_exactly(config_file, tmp_pa
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  proc = subprocess.Popen(main_cmd(config_file, straight, "--mode=sample", f"--coordinator_address=localhost:{port}",
-                                   "--num_processes=1", "--process_id=0", "--config.sample.num_samples=60"),
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=one_device_env())
+  rc, out = sigterm_once_sampling(main_cmd(config_file, straight, "--mode=sample", "--config.sample.num_samples=60",
+                                           f"--coordinator_address=localhost:{port}", "--num_processes=1",
+                                           "--process_id=0"))
+  assert rc == 128 + signal.SIGTERM and "interrupted by SIGTERM: stopped at once" in out, out
+
+
+def sigterm_once_sampling(cmd: list[str]) -> tuple[int, str]:
+  """Runs ``cmd`` (a --mode=sample run), sends SIGTERM once it says it is sampling; (exit code, output)."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=one_device_env())
   lines = []
-  for line in proc.stdout:
-    lines.append(line)
-    if line.startswith("sampling "):
-      break
-  proc.send_signal(signal.SIGTERM)
   try:
+    for line in proc.stdout:
+      lines.append(line)
+      if line.startswith("sampling "):
+        break
+    proc.send_signal(signal.SIGTERM)
     out = "".join(lines) + proc.communicate(timeout=120)[0]
   finally:
     proc.kill()
-  assert proc.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM: stopped at once" in out, out
+  return proc.returncode, out
 
 
 def test_a_signal_before_the_first_step_stops_a_dataset_build_at_once(trainer, tmp_path, monkeypatch):
