@@ -215,7 +215,7 @@ def main(argv) -> None:
   try:
     if multihost:  # a host that stopped alone would leave the others waiting at their first collective
       from videofusion_jax.training.sharding import checked_on_every_host
-      workdir = str(checked_on_every_host(check, (WorkdirError,), WorkdirError(
+      workdir = str(checked_on_every_host(check, WorkdirError(
           f"--workdir={_WORKDIR.value}: another host cannot use it (its own error says why); every host needs the "
           "same directory, shared and writable (a bucket mounted at the same path on each).")))
     else:
@@ -249,7 +249,7 @@ def main(argv) -> None:
       from videofusion_jax.training.sharding import checked_on_every_host
       # Each host reads its own disk here (the cache's folder, prompts, embeddings, a CLIP directory): one that
       # fails alone stops every host, where the others would wait at their first collective.
-      experiment = checked_on_every_host(set_up, (ValueError, OSError), ConfigError(
+      experiment = checked_on_every_host(set_up, ConfigError(
           "another host could not set up this run (its own error says why): every host needs the same files at "
           "the same paths (compilation_cache_dir, sample.prompts_file, sample.embeddings, the CLIP directory)."))
       if _MODE.value in ("train", "train_and_sample"):

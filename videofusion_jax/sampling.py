@@ -523,7 +523,7 @@ def check_trained_config(config: ml_collections.ConfigDict, workdir: str) -> Non
   stops too when another's did not (it would wait at the sampler's first collective). Every process
   must call it."""
   shd.checked_on_every_host(
-      lambda: _check_trained_config_here(config, workdir), (ConfigError,),
+      lambda: _check_trained_config_here(config, workdir),
       ConfigError(f"{workdir}: another host refused this run's settings against the training run's config.json "
                   "(its own error says why); every host needs the same workdir, at the same path, and the same flags."))
 
@@ -737,7 +737,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
       labels = _demo_prompt_labels(config, prompts, text)
     return given, labels, prompts, text
 
-  given, labels, prompts, text = shd.checked_on_every_host(inputs, (ValueError, OSError), ConfigError(
+  given, labels, prompts, text = shd.checked_on_every_host(inputs, ConfigError(
       "another host could not read this run's sampling inputs (its own error says why): every host needs the "
       "same files (sample.embeddings, sample.prompts, the CLIP directory) at the same paths."))
   source = {"label": "", "embedding": " through the prior"}[config.model.condition]

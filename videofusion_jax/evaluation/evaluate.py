@@ -112,7 +112,7 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
   dataset is read again); ``protocol`` with them. Each host reads and runs its share of the clips."""
   proto = protocol(config)
   proto["source"] = checked_on_every_host(
-      lambda: pipeline.source_fingerprint(config, proto["split"]), (ValueError, OSError),
+      lambda: pipeline.source_fingerprint(config, proto["split"]),
       pipeline.PipelineError("another host cannot read the real clips' dataset (its own error says why): every "
                              "host needs it at the same data_dir."))
   path = _cache_path(workdir, proto)
@@ -141,7 +141,7 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
         preemption.stop_between_batches()
     return np.concatenate(feats), np.concatenate(labels)
 
-  feats, labels = checked_on_every_host(my_share, (ValueError, OSError), pipeline.PipelineError(
+  feats, labels = checked_on_every_host(my_share, pipeline.PipelineError(
       "another host could not read its share of the real clips (its own error says why)."))
   out = {"features": gather_shares(feats, n), "labels": gather_shares(labels, n)}
   if jax.process_index() == 0:  # every host holds all the features; one writes them
@@ -211,7 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   if e.c3d_weights:
     from videofusion_jax.evaluation.c3d import C3DProbs
     c3d = checked_on_every_host(  # a wrong path fails before sampling, on every host
-        lambda: C3DProbs(e.c3d_weights, batch_size=e.batch_size), (ValueError, OSError), ConfigError(
+        lambda: C3DProbs(e.c3d_weights, batch_size=e.batch_size), ConfigError(
             "another host could not load eval.c3d_weights (its own error says why): every host needs the file at "
             "the same path."))
   workdir = Path(workdir)
@@ -219,7 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   experiment.check_config(config, "eval")
   check_output_folders(workdir, "eval", "eval_cache")
   prompts = checked_on_every_host(  # before any slow work: a dataset without captions is an error
-      lambda: eval_prompts(config), (ValueError, OSError),
+      lambda: eval_prompts(config),
       ConfigError("another host could not read the real clips' captions (its own error says why)."))
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)
@@ -241,7 +241,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
       probs.append(gather_shares(c3d(video_io.to_uint8(mine)), len(videos)))
 
   text = None if prompts is None else checked_on_every_host(
-      lambda: prompt_embeddings(config, prompts, verbose=jax.process_index() == 0), (ValueError, OSError),
+      lambda: prompt_embeddings(config, prompts, verbose=jax.process_index() == 0),
       ConfigError("another host could not encode the prompts (its own error says why): every host needs the same "
                   "CLIP directory at the same path."))
   with experiment.explain_out_of_memory("eval"):

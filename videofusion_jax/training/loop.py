@@ -279,11 +279,10 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
   host 0, a data_dir that is not shared and cannot be built into on another host)."""
   from videofusion_jax.data import pipeline  # imports TensorFlow when it builds
 
-  errors = (pipeline.PipelineError, OSError)  # OSError: the builders' DatasetNotFoundError, a full disk
-  checked_on_every_host(lambda: pipeline.get_builder(config.data, build=jax.process_index() == 0), errors,
+  checked_on_every_host(lambda: pipeline.get_builder(config.data, build=jax.process_index() == 0),
                         pipeline.PipelineError("another host could not check or build the dataset (its own error "
                                                "says why)."))
-  checked_on_every_host(lambda: pipeline._source(config, config.data.split, verbose=False), errors,
+  checked_on_every_host(lambda: pipeline._source(config, config.data.split, verbose=False),
                         pipeline.PipelineError(
                             "another host cannot read the dataset process 0 prepared (its own error says why): every "
                             "host needs it at the same data_dir, shared (a bucket mounted at the same path on each) or "
@@ -323,7 +322,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   if config.train.init_base_from and not ckpt.has_checkpoints(workdir):  # a fresh run starts from that run's
     checked_on_every_host(  # weights: checked before the lock, the folders and any slow work
         lambda: (ckpt.check_other_run(config.train.init_base_from), check_base_source(config)),
-        (ConfigError, ckpt.CheckpointError),
         ConfigError("config.train.init_base_from: another host cannot use that run (its own error says why); "
                     "every host needs the same workdir, at the same path."))
   trainer = trainer or Trainer(config)
@@ -341,7 +339,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
       ckpt.check_compatible(manager, trainer.abstract_state())  # before the slow start
       latest, started = manager.latest_step(), None
       if latest is not None:  # the settings no parameter's shape shows, before config.json records these
-        checked_on_every_host(lambda: check_resumed_config(config, workdir), (ConfigError,), ConfigError(
+        checked_on_every_host(lambda: check_resumed_config(config, workdir), ConfigError(
             f"{workdir}: another host refused to resume under these settings (its own error says why); every "
             "host needs the same workdir, at the same path, and the same flags."))
       if latest is not None and latest >= config.train.num_steps:
@@ -411,7 +409,7 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
   opened = {}
   try:
     stream, start_batch, batches, first = checked_on_every_host(
-        open_input, (ValueError, TypeError, OSError),  # ConfigError, PipelineError, VideoReadError: ValueErrors
+        open_input,
         ConfigError("another host could not open its training input, or its first batch does not fit the config "
                     "(its own error says why)."))
   except BaseException:

@@ -26,22 +26,17 @@ def on_every_host(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def checked_on_every_host(check: Callable[[], T], errors: tuple[type[Exception], ...], elsewhere: Exception) -> T:
-  """``check()``'s value when it passes on every host; where it raised one of ``errors`` (or any other
-  exception), that error, and ``elsewhere`` on the hosts where it passed (they would wait at their first
-  collective until its timeout). Every process must call it."""
-  problem = value = None
+def checked_on_every_host(check: Callable[[], T], elsewhere: Exception) -> T:
+  """``check()``'s value when it passes on every host; where it raised, that error, and ``elsewhere`` on
+  the hosts where it passed (they would wait at their first collective until its timeout). Every process
+  must call it."""
   try:
     value = check()
-  except errors as e:
-    problem = e
-  except Exception:  # another failure (TensorFlow's, XLA's): the others are told, and it goes on up as it is
+  except Exception:
     on_every_host(False)
     raise
-  if not on_every_host(problem is None) and problem is None:
+  if not on_every_host(True):
     raise elsewhere
-  if problem is not None:
-    raise problem
   return value
 
 
