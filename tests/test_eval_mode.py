@@ -301,3 +301,32 @@ def test_a_file_where_the_results_go_stops_eval_and_sample_before_their_work(tmp
   monkeypatch.setattr(fake, "restore", lambda *a, **k: (_ for _ in ()).throw(AssertionError("restored")), raising=False)
   with pytest.raises(WorkdirError, match=rf"^{tmp_path / 'samples'} is a file"):
     sampling.run(c, str(tmp_path), experiment=fake)
+
+
+def test_real_clip_features_that_cannot_be_cached_are_warned_and_the_evaluation_goes_on(tmp_path, monkeypatch,
+                                                                                          capsys):
+  """Process 0 alone caches the real clips' features: a write that fails there (a full disk) is a warning and
+  the features are returned (raised on process 0 alone, it left the other hosts waiting in the generated clips'
+  sampling), with no half file left. The dataset and I3D are stood in for (clips of known labels, features that
+  count the batch's clips)."""
+  import errno
+
+  from videofusion_jax.evaluation.i3d import NUM_CLASSES
+
+  c = tiny_config()
+  c.eval.update(num_real=4, batch_size=2)
+  monkeypatch.setattr(pipeline, "source_fingerprint", lambda *a, **k: "stand-in")
+  monkeypatch.setattr(pipeline, "eval_iterator", lambda config, n, batch_size, **k: (
+      {"video": np.zeros((2, 4, 8, 8, 3), np.float32), "label": np.array([i, i + 1], np.int32)} for i in (0, 2)))
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(np, "savez", full_disk)
+  out = evaluate.real_features(c, tmp_path, lambda v: np.full((len(v), NUM_CLASSES), v.shape[1], np.float32))
+  np.testing.assert_array_equal(out["labels"], [0, 1, 2, 3])
+  np.testing.assert_array_equal(out["features"], np.full((4, NUM_CLASSES), 4 * evaluate.frame_repeat(4)))
+  printed = capsys.readouterr().out
+  assert "warning: cannot cache the real-clip features in " in printed and "No space left on device" in printed
+  assert "the evaluation goes on, and the next one computes them again" in printed
+  assert not [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -651,6 +651,91 @@ def test_any_failure_in_a_check_is_told_to_the_other_hosts(monkeypatch):
   assert sharding.checked_on_every_host(lambda: 7, ValueError("elsewhere")) == 7 and votes[-1]
 
 
+def test_config_json_and_moving_damaged_checkpoints_aside_are_agreed_on_by_every_host(trainer, tmp_path,
+                                                                                       monkeypatch):
+  """What process 0 alone writes before the steps, config.json and the move of damaged checkpoints aside, is
+  voted on: where it fails (a read-only folder), process 0 raises its error after voting no, and the other
+  hosts, told by the vote, raise at once (they went on to their next collective and waited there). The vote
+  stands in for the all-gather of several hosts; nothing saved is lost."""
+  from videofusion_jax.training import loop, sharding
+
+  votes = []
+  monkeypatch.setattr(sharding, "on_every_host", lambda ok: votes.append(ok) or ok)
+
+  def read_only(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", "config.json")
+
+  c = trainer.config
+  with monkeypatch.context() as m:
+    m.setattr(loop, "save_config", read_only)
+    with pytest.raises(PermissionError, match="Permission denied"):
+      train(c, tmp_path / "run", batches=fake_batches(c), trainer=trainer, verbose=False)
+  assert votes[-1:] == [False] and not (tmp_path / "run" / "metrics.jsonl").exists()
+  assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+  manager = ckpt.make_manager(tmp_path / "moved", keep=5, async_save=False)
+  ckpt.save(manager, 1, {"w": np.zeros(2, np.float32)})
+  votes.clear()
+  with monkeypatch.context() as m:
+    m.setattr(Path, "rename", read_only)
+    with pytest.raises(PermissionError, match="Permission denied"):
+      ckpt.move_aside(manager, [1], log=lambda *_: None)
+  assert votes == [False]
+  # Another host (process 1 here, the vote no): it moves nothing and says which host to read.
+  with monkeypatch.context() as m:
+    m.setattr(ckpt.jax, "process_index", lambda: 1)
+    m.setattr(sharding, "on_every_host", lambda ok: votes.append(ok) or False)
+    with pytest.raises(ckpt.CheckpointError, match=r"process 0 could not move the damaged checkpoints \[1\] of .* "
+                                                   r"aside \(its own error says why\)"):
+      ckpt.move_aside(manager, [1], log=lambda *_: None)
+  assert votes == [False, True]
+  manager.close()
+  assert [p.name for p in (tmp_path / "moved" / "checkpoints").iterdir()] == ["1"]
+
+
+def test_a_metrics_line_process_0_cannot_write_is_warned_and_training_goes_on(tmp_path, capsys):
+  """metrics.jsonl is process 0's alone: a line it cannot write (a full disk; a write cut short) is warned
+  about once and the run goes on (raised on process 0 alone, it left the other hosts waiting in the next
+  step's collectives); no part of the line is left to end the file's readable part, and once lines are
+  written again the missed steps are named."""
+  import errno
+
+  from videofusion_jax.training import loop
+
+  class Disk:
+    def __init__(self, real):
+      self.real, self.fail = real, None
+
+    def write(self, data):
+      if self.fail == "full":
+        raise OSError(errno.ENOSPC, "No space left on device")
+      if self.fail == "short":
+        return self.real.write(data[:7])
+      return self.real.write(data)
+
+    def flush(self):
+      self.real.flush()
+
+    def fileno(self):
+      return self.real.fileno()
+
+    def close(self):
+      self.real.close()
+
+  writer = loop._Writer(tmp_path, 0)
+  writer._jsonl = disk = Disk(writer._jsonl)
+  for step, fail in ((1, None), (2, "short"), (3, "full"), (4, None), (5, None)):
+    disk.fail = fail
+    writer.scalars(step, {"loss": float(step)})
+  writer.close()
+  assert losses(tmp_path) == {1: 1.0, 4: 4.0, 5: 5.0}
+  printed = capsys.readouterr().out
+  assert printed.count("warning: cannot write the metrics") == 1
+  assert f"warning: cannot write the metrics of step 2 to {tmp_path / 'metrics.jsonl'} (the line was written in " \
+         "part); training goes on" in printed
+  assert "metrics.jsonl: written again from step 4; the steps 2, 3 are missing from it" in printed
+
+
 def test_a_lock_its_holder_stopped_renewing_is_taken_over_from_another_host(tmp_path, capsys, monkeypatch):
   """The holder renews the lock's modification time every HEARTBEAT_S from a thread of its own, until it
   releases it; a lock of another host not renewed for STALE_S (its run killed past its grace period on a TPU

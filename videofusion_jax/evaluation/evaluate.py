@@ -145,8 +145,12 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
       "another host could not read its share of the real clips (its own error says why)."))
   out = {"features": gather_shares(feats, n), "labels": gather_shares(labels, n)}
   if jax.process_index() == 0:  # every host holds all the features; one writes them
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_whole(path, lambda tmp: np.savez(tmp, protocol=json.dumps(proto), **out), suffix=".npz")
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      write_whole(path, lambda tmp: np.savez(tmp, protocol=json.dumps(proto), **out), suffix=".npz")
+    except OSError as e:  # only a cache: raised here, on process 0 alone, it left the others waiting
+      say(f"warning: cannot cache the real-clip features in {path} ({e.strerror or e}); the evaluation goes on, "
+          "and the next one computes them again.")
   return {**out, "protocol": proto}
 
 

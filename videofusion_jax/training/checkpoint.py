@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from videofusion_jax.training.sharding import on_every_host
+from videofusion_jax.training.sharding import checked_on_every_host, on_every_host
 
 ITEMS = ("state", "data")
 
@@ -421,11 +421,15 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
 
 def move_aside(manager: ocp.CheckpointManager, steps: list[int], log=print) -> None:
   """Moves damaged checkpoints to ``workdir/checkpoints_damaged/`` (kept, not deleted), so that
-  training from an older one can save those steps again; process 0 moves, all hosts wait."""
+  training from an older one can save those steps again; process 0 moves, every host learns whether
+  it could (one that cannot, a read-only folder, stops them all at once rather than alone)."""
   if not steps:
     return
   root = Path(manager.directory)
-  if jax.process_index() == 0:
+
+  def move():
+    if jax.process_index() != 0:
+      return
     aside = root.parent / "checkpoints_damaged"
     aside.mkdir(exist_ok=True)
     for s in steps:
@@ -435,9 +439,9 @@ def move_aside(manager: ocp.CheckpointManager, steps: list[int], log=print) -> N
         target, k = aside / f"{s}.{k}", k + 1
       (root / str(s)).rename(target)
       log(f"moved the damaged checkpoint {s} to {target} (kept for inspection; training saves step {s} anew).")
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("damaged checkpoints moved")
+
+  checked_on_every_host(move, CheckpointError(
+      f"process 0 could not move the damaged checkpoints {steps} of {root} aside (its own error says why)."))
   manager.reload()
 
 

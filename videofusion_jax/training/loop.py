@@ -1,7 +1,9 @@
 """The training loop: input stream -> jitted step -> checked metrics, events and checkpoints."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -62,14 +64,18 @@ def _drop_metrics_after(path: Path, step: int) -> int:
 class _Writer:
   """Metrics to ``workdir/metrics.jsonl`` (one JSON object per logged step, read by the notebook
   and by scripts without TensorBoard) and to TensorBoard event files through tensorboardX when
-  it is installed."""
+  it is installed. Only process 0 writes; a line it cannot write (a full disk, a dropped mount) is
+  warned about and training goes on: the line is in the log, and process 0 stopping alone would leave
+  the other hosts waiting in the next step's collectives."""
 
   def __init__(self, workdir: Path, start: int, say=print):
     dropped = _drop_metrics_after(workdir / "metrics.jsonl", start)
     if dropped:
       say(f"metrics.jsonl: {dropped} line(s) past step {start} removed (logged before the run stopped without "
           "a checkpoint of them; they are logged again as it resumes).")
-    self._jsonl = open(workdir / "metrics.jsonl", "a")  # appended: a resumed run continues the curve
+    self._path, self._say, self._missed = workdir / "metrics.jsonl", say, []
+    # Unbuffered: a write that fails leaves nothing behind in a buffer to be written twice later.
+    self._jsonl = open(self._path, "ab", buffering=0)  # appended: a resumed run continues the curve
     try:
       from tensorboardX import SummaryWriter
       # TensorBoard hides the events at and past purge_step that an earlier run wrote.
@@ -79,17 +85,43 @@ class _Writer:
       self._w = None
 
   def scalars(self, step: int, metrics: dict) -> None:
-    self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-    self._jsonl.flush()
-    if self._w:
-      for k, v in metrics.items():
-        self._w.add_scalar(k, float(v), step)
-      self._w.flush()
+    line = (json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n").encode()
+    end = None
+    try:
+      end = os.fstat(self._jsonl.fileno()).st_size
+      if self._jsonl.write(line) != len(line):
+        raise OSError(errno.ENOSPC, "the line was written in part", str(self._path))
+      if self._w:
+        for k, v in metrics.items():
+          self._w.add_scalar(k, float(v), step)
+        self._w.flush()
+    except OSError as e:
+      try:  # a line cut short would end the file's readable part for the notebook
+        if end is not None:
+          os.ftruncate(self._jsonl.fileno(), end)
+      except OSError:
+        pass
+      if not self._missed:
+        self._say(f"warning: cannot write the metrics of step {step} to {self._path} ({e.strerror or e}); "
+                  "training goes on (they are in this log) and tries again at each log.", flush=True)
+      self._missed.append(step)
+      return
+    if self._missed:
+      self._say(f"metrics.jsonl: written again from step {step}; the steps {_spans(self._missed)} are missing "
+                "from it (they are in this log).", flush=True)
+      self._missed = []
 
   def close(self) -> None:
     self._jsonl.close()
     if self._w:
       self._w.close()
+
+
+def _spans(steps: list[int]) -> str:
+  """The logged steps ``steps`` in short: ``'5, 6'``, or ``'5-10 (6 logs)'`` for more than two."""
+  if len(steps) <= 2:
+    return ", ".join(map(str, steps))
+  return f"{steps[0]}-{steps[-1]} ({len(steps)} logs)"
 
 
 def base_from_scratch_warning(config: ml_collections.ConfigDict) -> str | None:
@@ -362,8 +394,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
                       schedule_change_warning(config, workdir, int(state.step)) if latest is not None else None):
         if warning:
           say(warning, flush=True)
-      if lead:
-        save_config(config, workdir)
       sizes = ", ".join(f"{k} {v:,}" for k, v in trainer.num_params.items())
       say(f"parameters: {sizes}; devices {trainer.mesh.devices.size} (mesh {dict(trainer.mesh.shape)}, "
           f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); {config.model.kind}, "
@@ -387,8 +417,8 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
     """This host's input stream and its first batch, checked whole (a pass over the video for its values)
     against the config: a caller's batch (``train(batches=...)``) of other keys, shapes, dtypes or labels
     would train silently or fail deep in the trace. Agreed on by every host (one small collective, once):
-    what fails here fails on one host (a CLIP table or a video missing from its disk, metrics.jsonl
-    unwritable on host 0), which would leave the others waiting in the first step's collectives."""
+    what fails here fails on one host (a CLIP table or a video missing from its disk, config.json or
+    metrics.jsonl unwritable on host 0), which would leave the others waiting in the first step's collectives."""
     source, stream_batches = None, batches
     if stream_batches is None:
       from videofusion_jax.data import pipeline
@@ -403,20 +433,22 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
     if first is None:
       raise RuntimeError(f"the input ran out at step {start + 1}; the pipeline should repeat.")
     check_batch(config, first, local_batch)
-    opened["writer"] = _Writer(workdir, start, say) if jax.process_index() == 0 else None
+    if jax.process_index() == 0:
+      save_config(config, workdir)
+      opened["writer"] = _Writer(workdir, start, say)
     return stream, start_batch, stream_batches, first
 
   opened = {}
   try:
     stream, start_batch, batches, first = checked_on_every_host(
         open_input,
-        ConfigError("another host could not open its training input, or its first batch does not fit the config "
-                    "(its own error says why)."))
+        ConfigError("another host could not open its training input, or its first batch does not fit the config, "
+                    "or process 0 could not write config.json or metrics.jsonl (its own error says why)."))
   except BaseException:
     if opened.get("writer"):
       opened["writer"].close()
     raise
-  writer = opened["writer"]
+  writer = opened.get("writer")
   pending = None  # (step, metrics) not yet checked on the host
   t0 = time.time()
   last_log_time, last_log_step = t0, start
