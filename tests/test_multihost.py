@@ -256,12 +256,24 @@ if sys.argv[-1] == "--process_id=1":
   pipeline.train_iterator = missing""")
 
 
+# WORKER where process 1 fails alone at its third step's batch (a video it cannot decode, a bug): past every check.
+FAILS_MID_RUN = WORKER.replace(HOOK, HOOK + """
+from videofusion_jax.training import step
+batches, global_batch = [], step.Trainer.global_batch
+def failing(self, local):
+  batches.append(1)
+  if len(batches) == 3 and "--process_id=1" in sys.argv:
+    raise RuntimeError("a stand-in for a failure on one host mid-run")
+  return global_batch(self, local)
+step.Trainer.global_batch = failing""")
+
+
 def test_a_lock_a_dataset_or_an_input_one_host_cannot_use_stops_every_host_at_once(tmp_path, tfds_dir):
   """Process 0 failing to write the lock file (an OSError, not another run's lock), process 1 unable to read
-  the dataset process 0 prepared (its data_dir lies under a file: not shared, and not buildable there), and
-  process 1 unable to open its training input each stop both hosts with an error at once; the host that
-  failed says why, the other points to it (they used to wait at their next collective, and at JAX's shutdown
-  barrier, for minutes)."""
+  the dataset process 0 prepared (its data_dir lies under a file: not shared, and not buildable there),
+  process 1 unable to open its training input, and process 1 failing mid-run each stop both hosts with an
+  error at once; the host that failed says why, the other points to it (they used to wait at their next
+  collective, and at JAX's shutdown barrier, for minutes)."""
   config_file = tiny_config_file(tmp_path, **{"data.data_dir": tfds_dir})
   procs, outs = start_two(LOCK_UNWRITABLE, [tmp_path / f"lock_{i}.npz" for i in range(2)], config_file,
                           tmp_path / "locked", "train", 120)
@@ -295,6 +307,15 @@ def test_a_lock_a_dataset_or_an_input_one_host_cannot_use_stops_every_host_at_on
   assert [p.returncode for p in procs] == [1, 1], outs
   assert "error: no CLIP frame embeddings for this dataset yet (a stand-in)" in outs[1][1], outs[1]
   assert "error: another host could not open its training input, or its first batch does not fit" in outs[0][1]
+  # Past the checks, a host that fails alone tells the others, which stop at once with its error (the one that
+  # failed waited 5 minutes at JAX's shutdown barrier, the other in the step's collectives; then both aborted).
+  procs, outs = start_two(FAILS_MID_RUN, [tmp_path / f"mid_{i}.npz" for i in range(2)], config_file,
+                          tmp_path / "mid", "train", 120, "--config.train.num_steps=20", "--config.train.log_every=1")
+  assert [p.returncode for p in procs] == [1, 1], outs
+  assert "RuntimeError: a stand-in for a failure on one host mid-run" in outs[1][1], outs[1]
+  assert "error: process 1 stopped with an error (RuntimeError: a stand-in for a failure on one host mid-run); " \
+         "this host stops too" in outs[0][1], outs[0]
+  assert "step      2/20" in outs[0][0] and "step      3/20" not in outs[0][0], outs[0]
 
 
 # WORKER where a source file changed on process 0's disk after the import (so it would not load stored programs).

@@ -14,6 +14,7 @@ import functools
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -123,6 +124,17 @@ def _suggest(path: list[str], node) -> str:
 
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
+  _exit_failed(message)
+
+
+def _exit_failed(message: str) -> None:
+  """Exit 1; on a run of several processes the other hosts are told first (``sharding.report_failure``), and a
+  host whose others it stopped leaves without JAX's shutdown barrier, which they never reach."""
+  sharding = sys.modules.get("videofusion_jax.training.sharding")  # not imported: no distributed run yet
+  if sharding is not None and sharding.report_failure(message):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
   sys.exit(1)
 
 
@@ -210,6 +222,8 @@ def main(argv) -> None:
                    or _PROCESS_ID.value is not None or os.environ.get("VIDEOFUSION_MULTIHOST"))
   if multihost:
     _start_distributed()
+    from videofusion_jax.training.sharding import watch_for_failures
+    watch_for_failures()
   # The path checked is the path used (~ expanded: a shell leaves it in --workdir=~/run).
   check = functools.partial(check_workdir, _WORKDIR.value, must_exist=_MODE.value in ("sample", "eval"))
   try:
@@ -271,6 +285,11 @@ def main(argv) -> None:
   except (ConfigError, DatasetNotFoundError, VideoReadError, CheckpointError, NonFiniteLossError,
           PipelineError, OSError, FloatingPointError, WorkdirError, CLIPLoadError, DeviceMemoryError) as e:
     _fail(_os_error(e, config, workdir) if isinstance(e, OSError) else str(e))
+  except Exception as e:  # anything else keeps its traceback; on several hosts the others are told at once
+    if multihost:
+      traceback.print_exc()
+      _exit_failed(f"{type(e).__name__}: {e}")
+    raise
 
 
 if __name__ == "__main__":

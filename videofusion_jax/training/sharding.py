@@ -3,6 +3,10 @@ input batches and (inside jit) U-Net activations."""
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -38,6 +42,88 @@ def checked_on_every_host(check: Callable[[], T], elsewhere: Exception) -> T:
   if not on_every_host(True):
     raise elsewhere
   return value
+
+
+# One host failing alone, past every agreed check (a video it cannot decode, a bug): it tells the others through
+# the coordination service's key-value store, where a thread of each waits (``watch_for_failures``).
+_FAILED, _FAILING, _STOPPED, _LEFT = ("videofusion/failed", "videofusion/failing", "videofusion/stopped",
+                                      "videofusion/left")
+_failing_here = threading.Event()
+
+
+def _client():
+  """The coordination service's client of a run of several processes, else None (nothing initialised)."""
+  from jax._src import distributed
+  client = distributed.global_state.client
+  return client if client is not None and jax.process_count() > 1 else None
+
+
+def watch_for_failures(grace_s: float = 5.0) -> None:
+  """On a run of several processes, a thread that waits for another host's ``report_failure``: unless
+  this host fails too within ``grace_s`` (an agreed check failing on every host at once), it prints which host
+  failed and why, and ends this process at once. Without it a host that failed alone waited 5 minutes at JAX's
+  shutdown barrier while the others waited in their next collective, then every host aborted with a stack trace
+  of the coordination service."""
+  client = _client()
+  if client is None:
+    return
+
+  def watch():
+    while True:
+      try:
+        message = client.blocking_key_value_get(_FAILED, 1_000)
+        break
+      except Exception as e:  # noqa: BLE001 - its timeout (then wait on), or the service gone at the run's end
+        # Ends with the main thread: left in the service's call at the interpreter's exit, the thread aborted it.
+        if "DEADLINE_EXCEEDED" not in str(e) or _failing_here.is_set() or not threading.main_thread().is_alive():
+          return
+    if _failing_here.wait(grace_s):
+      return
+    try:
+      client.key_value_increment(_STOPPED, 1)
+    except Exception:  # noqa: BLE001 - the failed host has gone already
+      pass
+    print(f"error: {message}; this host stops too (the other hosts would wait for it in their next collective).",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    try:  # until the failed host has read the count: process 0 holds the service, whose end aborts the others
+      client.blocking_key_value_get(_LEFT, 5_000)
+    except Exception:  # noqa: BLE001 - gone already, or slow: leave anyway
+      pass
+    os._exit(1)
+
+  # Not a daemon: the interpreter waits for it (a second at most) instead of killing it inside the service's call.
+  threading.Thread(target=watch, name="videofusion-failure-watch").start()
+
+
+def report_failure(message: str, wait_s: float = 15.0) -> bool:
+  """Tells the other hosts' ``watch_for_failures`` that this one failed (``message``: its error), and waits
+  until each has failed too or stopped (``wait_s`` at most). True when this process must end without JAX's
+  shutdown barrier (``os._exit``): a host stopped by its watcher never reaches it, and the barrier would hold
+  this one for minutes. One process: False, nothing told."""
+  client = _client()
+  if client is None or _failing_here.is_set():
+    return False
+  _failing_here.set()
+  try:
+    client.key_value_increment(_FAILING, 1)
+    try:
+      client.key_value_set(_FAILED, f"process {jax.process_index()} stopped with an error ({message[:1000]})")
+    except Exception:  # noqa: BLE001 - another failing host told them first
+      pass
+    deadline, stopped = time.time() + wait_s, 0
+    while time.time() < deadline:
+      failing, stopped = (int(client.key_value_increment(k, 0)) for k in (_FAILING, _STOPPED))
+      if failing + stopped >= jax.process_count():
+        break
+      time.sleep(0.2)
+    if stopped:
+      client.key_value_set(_LEFT, "1", allow_overwrite=True)
+      if jax.process_index() == 0:  # the service ends with this process: the others leave first
+        time.sleep(2.0)
+  except Exception:  # noqa: BLE001 - the service (on process 0) gone: no barrier to wait at either
+    return True
+  return stopped > 0
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
