@@ -319,7 +319,9 @@ def test_real_clip_features_that_cannot_be_cached_are_warned_and_the_evaluation_
   monkeypatch.setattr(pipeline, "eval_iterator", lambda config, n, batch_size, **k: (
       {"video": np.zeros((2, 4, 8, 8, 3), np.float32), "label": np.array([i, i + 1], np.int32)} for i in (0, 2)))
 
-  def full_disk(*args, **kwargs):
+  def full_disk(file, *args, **kwargs):  # a part of the file written, then the disk full
+    with open(file, "wb") as f:
+      f.write(b"PK\x03\x04 a part")
     raise OSError(errno.ENOSPC, "No space left on device")
 
   monkeypatch.setattr(np, "savez", full_disk)

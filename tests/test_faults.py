@@ -697,7 +697,8 @@ def test_a_metrics_line_process_0_cannot_write_is_warned_and_training_goes_on(tm
   """metrics.jsonl is process 0's alone: a line it cannot write (a full disk; a write cut short) is warned
   about once and the run goes on (raised on process 0 alone, it left the other hosts waiting in the next
   step's collectives); no part of the line is left to end the file's readable part, and once lines are
-  written again the missed steps are named."""
+  written again the missed steps are named. TensorBoard's events failing (their writes, their close) are
+  warned about too, and take no line from metrics.jsonl."""
   import errno
 
   from videofusion_jax.training import loop
@@ -722,14 +723,31 @@ def test_a_metrics_line_process_0_cannot_write_is_warned_and_training_goes_on(tm
     def close(self):
       self.real.close()
 
+  class Events:  # TensorBoard's writer, failing from step 5 on: metrics.jsonl keeps its lines
+    def __init__(self):
+      self.steps = []
+
+    def add_scalar(self, name, value, step):
+      if step >= 5:
+        raise OSError(errno.ENOSPC, "No space left on device")
+      self.steps.append(step)
+
+    def flush(self):
+      pass
+
+    def close(self):
+      raise OSError(errno.ENOSPC, "No space left on device")
+
   writer = loop._Writer(tmp_path, 0)
-  writer._jsonl = disk = Disk(writer._jsonl)
-  for step, fail in ((1, None), (2, "short"), (3, "full"), (4, None), (5, None)):
+  writer._jsonl, writer._w = disk, events = Disk(writer._jsonl), Events()
+  for step, fail in ((1, None), (2, "short"), (3, "full"), (4, None), (5, None), (6, None)):
     disk.fail = fail
     writer.scalars(step, {"loss": float(step)})
   writer.close()
-  assert losses(tmp_path) == {1: 1.0, 4: 4.0, 5: 5.0}
+  assert losses(tmp_path) == {1: 1.0, 4: 4.0, 5: 5.0, 6: 6.0} and events.steps == [1, 2, 3, 4]
   printed = capsys.readouterr().out
+  assert printed.count("warning: cannot write TensorBoard's events (No space left on device)") == 1
+  assert "warning: closing the metrics files: [Errno 28] No space left on device" in printed
   assert printed.count("warning: cannot write the metrics") == 1
   assert f"warning: cannot write the metrics of step 2 to {tmp_path / 'metrics.jsonl'} (the line was written in " \
          "part); training goes on" in printed

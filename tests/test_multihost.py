@@ -271,7 +271,7 @@ step.Trainer.global_batch = failing""")
 def test_a_lock_a_dataset_or_an_input_one_host_cannot_use_stops_every_host_at_once(tmp_path, tfds_dir):
   """Process 0 failing to write the lock file (an OSError, not another run's lock), process 1 unable to read
   the dataset process 0 prepared (its data_dir lies under a file: not shared, and not buildable there),
-  process 1 unable to open its training input, and process 1 failing mid-run each stop both hosts with an
+  process 1 unable to open its training input, and either host failing mid-run each stop both hosts with an
   error at once; the host that failed says why, the other points to it (they used to wait at their next
   collective, and at JAX's shutdown barrier, for minutes)."""
   config_file = tiny_config_file(tmp_path, **{"data.data_dir": tfds_dir})
@@ -309,13 +309,17 @@ def test_a_lock_a_dataset_or_an_input_one_host_cannot_use_stops_every_host_at_on
   assert "error: another host could not open its training input, or its first batch does not fit" in outs[0][1]
   # Past the checks, a host that fails alone tells the others, which stop at once with its error (the one that
   # failed waited 5 minutes at JAX's shutdown barrier, the other in the step's collectives; then both aborted).
-  procs, outs = start_two(FAILS_MID_RUN, [tmp_path / f"mid_{i}.npz" for i in range(2)], config_file,
-                          tmp_path / "mid", "train", 120, "--config.train.num_steps=20", "--config.train.log_every=1")
-  assert [p.returncode for p in procs] == [1, 1], outs
-  assert "RuntimeError: a stand-in for a failure on one host mid-run" in outs[1][1], outs[1]
-  assert "error: process 1 stopped with an error (RuntimeError: a stand-in for a failure on one host mid-run); " \
-         "this host stops too" in outs[0][1], outs[0]
-  assert "step      2/20" in outs[0][0] and "step      3/20" not in outs[0][0], outs[0]
+  # Process 1 failing, then process 0 (which holds JAX's coordination service: it leaves last).
+  for failed, other in ((1, 0), (0, 1)):
+    worker = FAILS_MID_RUN.replace("--process_id=1", f"--process_id={failed}")
+    procs, outs = start_two(worker, [tmp_path / f"mid{failed}_{i}.npz" for i in range(2)], config_file,
+                            tmp_path / f"mid{failed}", "train", 120, "--config.train.num_steps=20",
+                            "--config.train.log_every=1")
+    assert [p.returncode for p in procs] == [1, 1], outs
+    assert "RuntimeError: a stand-in for a failure on one host mid-run" in outs[failed][1], outs[failed]
+    assert f"error: process {failed} stopped with an error (RuntimeError: a stand-in for a failure on one host " \
+           "mid-run); this host stops too" in outs[other][1], outs[other]
+    assert "step      2/20" in outs[0][0] and "step      3/20" not in outs[0][0], outs[0]
 
 
 # WORKER where a source file changed on process 0's disk after the import (so it would not load stored programs).

@@ -74,6 +74,7 @@ class _Writer:
       say(f"metrics.jsonl: {dropped} line(s) past step {start} removed (logged before the run stopped without "
           "a checkpoint of them; they are logged again as it resumes).")
     self._path, self._say, self._missed = workdir / "metrics.jsonl", say, []
+    self._torn = self._tensorboard_failed = False
     # Unbuffered: a write that fails leaves nothing behind in a buffer to be written twice later.
     self._jsonl = open(self._path, "ab", buffering=0)  # appended: a resumed run continues the curve
     try:
@@ -89,32 +90,44 @@ class _Writer:
     end = None
     try:
       end = os.fstat(self._jsonl.fileno()).st_size
+      if self._torn:  # a part line an earlier failure could not remove: ended, so that it spoils no other line
+        line = b"\n" + line
       if self._jsonl.write(line) != len(line):
         raise OSError(errno.ENOSPC, "the line was written in part", str(self._path))
-      if self._w:
-        for k, v in metrics.items():
-          self._w.add_scalar(k, float(v), step)
-        self._w.flush()
+      self._torn = False
     except OSError as e:
       try:  # a line cut short would end the file's readable part for the notebook
-        if end is not None:
-          os.ftruncate(self._jsonl.fileno(), end)
+        if end is None:
+          raise e
+        os.ftruncate(self._jsonl.fileno(), end)
       except OSError:
-        pass
+        self._torn = True
       if not self._missed:
         self._say(f"warning: cannot write the metrics of step {step} to {self._path} ({e.strerror or e}); "
                   "training goes on (they are in this log) and tries again at each log.", flush=True)
       self._missed.append(step)
-      return
-    if self._missed:
-      self._say(f"metrics.jsonl: written again from step {step}; the steps {_spans(self._missed)} are missing "
-                "from it (they are in this log).", flush=True)
-      self._missed = []
+    else:
+      if self._missed:
+        self._say(f"metrics.jsonl: written again from step {step}; the steps {_spans(self._missed)} are missing "
+                  "from it (they are in this log).", flush=True)
+        self._missed = []
+    if self._w:
+      try:
+        for k, v in metrics.items():
+          self._w.add_scalar(k, float(v), step)
+        self._w.flush()
+      except OSError as e:
+        if not self._tensorboard_failed:
+          self._say(f"warning: cannot write TensorBoard's events ({e.strerror or e}); training goes on.", flush=True)
+        self._tensorboard_failed = True
 
   def close(self) -> None:
-    self._jsonl.close()
-    if self._w:
-      self._w.close()
+    for close in (self._jsonl.close, self._w.close if self._w else None):
+      try:
+        if close:
+          close()
+      except OSError as e:  # on process 0 alone, at the run's end or its stop: the others are not kept waiting
+        self._say(f"warning: closing the metrics files: {e}", flush=True)
 
 
 def _spans(steps: list[int]) -> str:

@@ -38,35 +38,50 @@ def checked_on_every_host(check: Callable[[], T], elsewhere: Exception) -> T:
     value = check()
   except Exception:
     on_every_host(False)
+    _agreed_failure.set()
     raise
   if not on_every_host(True):
+    _agreed_failure.set()
     raise elsewhere
   return value
 
 
 # One host failing alone, past every agreed check (a video it cannot decode, a bug): it tells the others through
-# the coordination service's key-value store, where a thread of each waits (``watch_for_failures``).
-_FAILED, _FAILING, _STOPPED, _LEFT = ("videofusion/failed", "videofusion/failing", "videofusion/stopped",
-                                      "videofusion/left")
-_failing_here = threading.Event()
+# the coordination service's key-value store, where a thread of each waits (``watch_for_failures``). Each host's
+# state is one key of its own ('failed' or 'stopped'; 'left' once it exits), so that none is counted twice.
+_FAILED, _STATE, _LEFT = "videofusion/failed", "videofusion/state/", "videofusion/left/"
+_failing_here = threading.Event()  # this host's main thread is failing (``report_failure``)
+_agreed_failure = threading.Event()  # a check every host voted on failed: every host raises, none need stopping
 
 
 def _client():
   """The coordination service's client of a run of several processes, else None (nothing initialised)."""
-  from jax._src import distributed
-  client = distributed.global_state.client
+  try:
+    from jax._src import distributed
+    client = distributed.global_state.client
+  except (ImportError, AttributeError):  # a JAX that moved it: no watching, the run as before
+    return None
   return client if client is not None and jax.process_count() > 1 else None
 
 
-def watch_for_failures(grace_s: float = 5.0) -> None:
-  """On a run of several processes, a thread that waits for another host's ``report_failure``: unless
-  this host fails too within ``grace_s`` (an agreed check failing on every host at once), it prints which host
-  failed and why, and ends this process at once. Without it a host that failed alone waited 5 minutes at JAX's
-  shutdown barrier while the others waited in their next collective, then every host aborted with a stack trace
-  of the coordination service."""
+def _wait_for_others_to_leave(client, timeout_s: float) -> None:
+  """Process 0 holds the service, whose end aborts every host still connected: it leaves last."""
+  deadline = time.time() + timeout_s
+  while time.time() < deadline and len(client.key_value_dir_get(_LEFT)) < jax.process_count() - 1:
+    time.sleep(0.1)
+  time.sleep(0.5)
+
+
+def watch_for_failures(grace_s: float = 5.0, wait_s: float = 15.0) -> None:
+  """On a run of several processes, a thread that waits for another host's ``report_failure``: unless this
+  host fails too (an agreed check failing on every host at once; ``grace_s`` at most for its own error to
+  reach ``report_failure``), it prints which host failed and why, and ends this process at once. Without it a
+  host that failed alone waited 5 minutes at JAX's shutdown barrier while the others waited in their next
+  collective, then every host aborted with a stack trace of the coordination service."""
   client = _client()
   if client is None:
     return
+  me = jax.process_index()
 
   def watch():
     while True:
@@ -75,20 +90,25 @@ def watch_for_failures(grace_s: float = 5.0) -> None:
         break
       except Exception as e:  # noqa: BLE001 - its timeout (then wait on), or the service gone at the run's end
         # Ends with the main thread: left in the service's call at the interpreter's exit, the thread aborted it.
-        if "DEADLINE_EXCEEDED" not in str(e) or _failing_here.is_set() or not threading.main_thread().is_alive():
+        if _failing_here.is_set() or not threading.main_thread().is_alive():
           return
-    if _failing_here.wait(grace_s):
-      return
-    try:
-      client.key_value_increment(_STOPPED, 1)
-    except Exception:  # noqa: BLE001 - the failed host has gone already
-      pass
+        if "DEADLINE_EXCEEDED" not in str(e):
+          time.sleep(1.0)  # a passing error of the service: wait on
+    deadline = time.time() + grace_s
+    while time.time() < deadline:
+      if _failing_here.is_set() or _agreed_failure.is_set():
+        return
+      time.sleep(0.05)
     print(f"error: {message}; this host stops too (the other hosts would wait for it in their next collective).",
           file=sys.stderr, flush=True)
     sys.stdout.flush()
-    try:  # until the failed host has read the count: process 0 holds the service, whose end aborts the others
-      client.blocking_key_value_get(_LEFT, 5_000)
-    except Exception:  # noqa: BLE001 - gone already, or slow: leave anyway
+    try:
+      client.key_value_set(f"{_STATE}{me}", "stopped", allow_overwrite=True)
+      if me == 0:
+        _wait_for_others_to_leave(client, wait_s + 5.0)
+      else:
+        client.key_value_set(f"{_LEFT}{me}", "1", allow_overwrite=True)
+    except Exception:  # noqa: BLE001 - the service gone already
       pass
     os._exit(1)
 
@@ -105,25 +125,28 @@ def report_failure(message: str, wait_s: float = 15.0) -> bool:
   if client is None or _failing_here.is_set():
     return False
   _failing_here.set()
+  me = jax.process_index()
   try:
-    client.key_value_increment(_FAILING, 1)
+    client.key_value_set(f"{_STATE}{me}", "failed", allow_overwrite=True)
     try:
-      client.key_value_set(_FAILED, f"process {jax.process_index()} stopped with an error ({message[:1000]})")
+      client.key_value_set(_FAILED, f"process {me} stopped with an error ({' '.join(message.split())[:1000]})")
     except Exception:  # noqa: BLE001 - another failing host told them first
       pass
-    deadline, stopped = time.time() + wait_s, 0
+    deadline, states = time.time() + wait_s, []
     while time.time() < deadline:
-      failing, stopped = (int(client.key_value_increment(k, 0)) for k in (_FAILING, _STOPPED))
-      if failing + stopped >= jax.process_count():
+      states = [value for _, value in client.key_value_dir_get(_STATE)]
+      if len(states) >= jax.process_count():
         break
       time.sleep(0.2)
+    stopped = "stopped" in states
     if stopped:
-      client.key_value_set(_LEFT, "1", allow_overwrite=True)
-      if jax.process_index() == 0:  # the service ends with this process: the others leave first
-        time.sleep(2.0)
+      if me == 0:
+        _wait_for_others_to_leave(client, wait_s)
+      else:
+        client.key_value_set(f"{_LEFT}{me}", "1", allow_overwrite=True)
   except Exception:  # noqa: BLE001 - the service (on process 0) gone: no barrier to wait at either
     return True
-  return stopped > 0
+  return stopped
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
