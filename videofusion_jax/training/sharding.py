@@ -52,6 +52,9 @@ def checked_on_every_host(check: Callable[[], T], elsewhere: Exception) -> T:
 _FAILED, _STATE, _LEFT = "videofusion/failed", "videofusion/state/", "videofusion/left/"
 _failing_here = threading.Event()  # this host's main thread is failing (``report_failure``)
 _agreed_failure = threading.Event()  # a check every host voted on failed: every host raises, none need stopping
+_decided = threading.Lock()  # between the two ways this host can end: failing itself, or stopped by its watcher
+_stopping_here = threading.Event()
+_watching = threading.Event()  # the watcher runs: the service is joined, and the other hosts listen
 
 
 def _client():
@@ -99,6 +102,10 @@ def watch_for_failures(grace_s: float = 5.0, wait_s: float = 15.0) -> None:
       if _failing_here.is_set() or _agreed_failure.is_set():
         return
       time.sleep(0.05)
+    with _decided:
+      if _failing_here.is_set():
+        return
+      _stopping_here.set()
     print(f"error: {message}; this host stops too (the other hosts would wait for it in their next collective).",
           file=sys.stderr, flush=True)
     sys.stdout.flush()
@@ -114,6 +121,7 @@ def watch_for_failures(grace_s: float = 5.0, wait_s: float = 15.0) -> None:
 
   # Not a daemon: the interpreter waits for it (a second at most) instead of killing it inside the service's call.
   threading.Thread(target=watch, name="videofusion-failure-watch").start()
+  _watching.set()
 
 
 def report_failure(message: str, wait_s: float = 15.0) -> bool:
@@ -121,10 +129,16 @@ def report_failure(message: str, wait_s: float = 15.0) -> bool:
   until each has failed too or stopped (``wait_s`` at most). True when this process must end without JAX's
   shutdown barrier (``os._exit``): a host stopped by its watcher never reaches it, and the barrier would hold
   this one for minutes. One process: False, nothing told."""
-  client = _client()
-  if client is None or _failing_here.is_set():
+  client = _client() if _watching.is_set() else None  # before the watch (a failed join): nobody to tell
+  if client is None:
     return False
-  _failing_here.set()
+  with _decided:
+    if _failing_here.is_set():
+      return False
+    if not _stopping_here.is_set():
+      _failing_here.set()
+  if _stopping_here.is_set():  # another host's failure is ending this one already: its watcher exits
+    threading.Event().wait()
   me = jax.process_index()
   try:
     client.key_value_set(f"{_STATE}{me}", "failed", allow_overwrite=True)
