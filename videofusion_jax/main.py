@@ -130,7 +130,7 @@ def _fail(message: str) -> None:
 def _exit_failed(message: str) -> None:
   """Exit 1; on a run of several processes the other hosts are told first (``sharding.report_failure``), and a
   host whose others it stopped leaves without JAX's shutdown barrier, which they never reach."""
-  sharding = sys.modules.get("videofusion_jax.training.sharding")  # not imported: no distributed run
+  sharding = sys.modules.get("videofusion_jax.training.sharding")  # not imported yet (a flag's error): no run
   if sharding is not None and sharding.report_failure(message):
     sys.stdout.flush()
     sys.stderr.flush()

@@ -122,10 +122,9 @@ class _Writer:
         self._tensorboard_failed = True
 
   def close(self) -> None:
-    for close in (self._jsonl.close, self._w.close if self._w else None):
+    for close in [self._jsonl.close] + ([self._w.close] if self._w else []):
       try:
-        if close:
-          close()
+        close()
       except OSError as e:  # on process 0 alone, at the run's end or its stop: the others are not kept waiting
         self._say(f"warning: closing the metrics files: {e}", flush=True)
 

@@ -67,8 +67,12 @@ def _client():
   return client if client is not None and jax.process_count() > 1 else None
 
 
-def _wait_for_others_to_leave(client, timeout_s: float) -> None:
-  """Process 0 holds the service, whose end aborts every host still connected: it leaves last."""
+def _leave(client, me: int, timeout_s: float) -> None:
+  """Says that this host leaves; process 0 holds the service, whose end aborts every host still connected,
+  so it leaves last (``timeout_s`` at most waiting for the others)."""
+  if me != 0:
+    client.key_value_set(f"{_LEFT}{me}", "1", allow_overwrite=True)
+    return
   deadline = time.time() + timeout_s
   while time.time() < deadline and len(client.key_value_dir_get(_LEFT)) < jax.process_count() - 1:
     time.sleep(0.1)
@@ -111,10 +115,7 @@ def watch_for_failures(grace_s: float = 5.0, wait_s: float = 15.0) -> None:
     sys.stdout.flush()
     try:
       client.key_value_set(f"{_STATE}{me}", "stopped", allow_overwrite=True)
-      if me == 0:
-        _wait_for_others_to_leave(client, wait_s + 5.0)
-      else:
-        client.key_value_set(f"{_LEFT}{me}", "1", allow_overwrite=True)
+      _leave(client, me, wait_s + 5.0)
     except Exception:  # noqa: BLE001 - the service gone already
       pass
     os._exit(1)
@@ -154,10 +155,7 @@ def report_failure(message: str, wait_s: float = 15.0) -> bool:
       time.sleep(0.2)
     stopped = "stopped" in states
     if stopped:
-      if me == 0:
-        _wait_for_others_to_leave(client, wait_s)
-      else:
-        client.key_value_set(f"{_LEFT}{me}", "1", allow_overwrite=True)
+      _leave(client, me, wait_s)
   except Exception:  # noqa: BLE001 - the service (on process 0) gone: no barrier to wait at either
     return True
   return stopped
