@@ -305,9 +305,16 @@ def initial_state(trainer):
   """The state to time from (``--init``): ``trainer``'s fresh state, or zeros laid out as it."""
   if _INIT.value == "random":
     return trainer.init_state(trainer.config.seed)
+  from videofusion_jax.training.optimizer import LossScaleState
   abstract = trainer.abstract_state()
-  return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract),
-                 out_shardings=trainer.state_sharding)()
+
+  def zeros():
+    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+    if isinstance(state.opt_state, LossScaleState):  # float16: a zero loss scale would skip every update
+      state = state.replace(opt_state=state.opt_state._replace(
+          scale=jnp.float32(trainer.config.train.loss_scale_initial)))
+    return state
+  return jax.jit(zeros, out_shardings=trainer.state_sharding)()
 
 
 def bench_train(trainer, counter) -> tuple[dict, object]:

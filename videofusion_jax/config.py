@@ -131,7 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
       # after the other with their gradients summed, and one optimizer update is made (the same
       # update as the whole batch at once, at the memory of one micro-batch; with model dropout > 0
       # the same in distribution: each micro-batch draws its own dropout masks).
-      remat="", grad_accum_steps=1))
+      remat="", grad_accum_steps=1,
+      # float16 (model.dtype) only: the dynamic loss scale's start, and the updates in a row without
+      # overflow after which it doubles (it halves at each overflow, whose update is skipped).
+      loss_scale_initial=2.0 ** 15, loss_scale_period=2000))
 
   c.sample = ml_collections.ConfigDict(dict(
       method="ddim", num_steps=100, eta=0.0, clip_x0=True, num_samples=16, batch_size=16,
@@ -440,6 +443,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.batch_size % k:
     raise ConfigError(f"config.train.batch_size={t.batch_size} does not split into grad_accum_steps={k} "
                       f"micro-batches; use a batch size that is a multiple of {k}, or another grad_accum_steps.")
+  if not (math.isfinite(float(t.loss_scale_initial)) and t.loss_scale_initial >= 1):
+    raise ConfigError(f"config.train.loss_scale_initial={t.loss_scale_initial!r}: float16 training's first loss "
+                      "scale; must be a finite number >= 1 (a power of 2 keeps the scaling exact; 32768 is usual).")
+  if not _is_int(t.loss_scale_period) or t.loss_scale_period < 1:
+    raise ConfigError(f"config.train.loss_scale_period={t.loss_scale_period!r}: the updates without overflow after "
+                      "which float16 training doubles its loss scale; must be an integer >= 1 (2000 is usual).")
   if not (math.isfinite(float(t.grad_clip)) and t.grad_clip > 0):
     raise ConfigError(f"config.train.grad_clip={t.grad_clip}: must be a finite number > 0 (each network's "
                       "gradient is clipped to this global norm on its own: each generator's, the learned encoder's "

@@ -193,6 +193,22 @@ def _attention_norm(channels: int, dtype: Dtype, param_dtype: Dtype) -> GroupNor
   return GroupNorm(_groups(channels), dtype, param_dtype, name="norm")
 
 
+def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, bias: jnp.ndarray | None = None,
+              implementation: str | None = None) -> jnp.ndarray:
+  """``jax.nn.dot_product_attention`` of ``q``, ``k``, ``v`` ``(B, T, heads, head_dim)`` (``bias``
+  broadcast to ``(B, heads, T, T)``). In float16 through XLA it is computed here, as JAX's XLA path
+  computes it: JAX asks for the F16_F16_F32 dot algorithm there, which CPUs refuse when the step is
+  lowered (after JAX's own fallback could catch it); the default algorithm with float32 results does
+  the same products, on every platform."""
+  if q.dtype != jnp.float16 or implementation == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+  logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("BNTS,BSNH->BTNH", weights, v)
+
+
 class AttentionBlock(nn.Module):
   """Multi-head self-attention over the ``H·W`` positions, with a residual connection.
 
@@ -212,7 +228,7 @@ class AttentionBlock(nn.Module):
     y = _attention_norm(c, self.dtype, self.param_dtype)(x)
     qkv = dense(3 * c, False, "qkv")(y).reshape(b, h * w, 3, heads, c // heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    out = attention(q, k, v, implementation=self.implementation)
     out = dense(c, True, "proj")(out.reshape(b, h, w, c))
     return x + out
 
@@ -248,7 +264,7 @@ class TemporalAttentionBlock(nn.Module):
                        self.param_dtype)
     offsets = jnp.arange(n)[:, None] - jnp.arange(n)[None, :] + n - 1
     bias = table[offsets].transpose(2, 0, 1)[None].astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.implementation)
+    out = attention(q, k, v, bias=bias, implementation=self.implementation)
     out = dense(c, True, "proj")(out.reshape(-1, n, c))
     out = out.reshape(bn // n, h * w, n, c).transpose(0, 2, 1, 3).reshape(bn, h, w, c)
     return x + out

@@ -205,6 +205,13 @@ def _mismatch_error(manager, step: int, abstract_state, saved_shapes: dict) -> C
            if p in saved_shapes and saved_shapes[p] != wanted_shapes[p]]
   absent = [".".join(p) for p in sorted(set(wanted_shapes) ^ set(saved_shapes))]
   detail = "; ".join(diffs[:3]) or f"the state trees differ at {', '.join(absent[:3])}"
+  scaled_there, scaled_here = (LOSS_SCALE_PATH in shapes for shapes in (saved_shapes, wanted_shapes))
+  if scaled_there != scaled_here:
+    return CheckpointError(
+        f"{where} was trained {'in' if scaled_there else 'not in'} float16 and this config trains "
+        f"{'not in' if scaled_there else 'in'} it (config.model.dtype): float16 training keeps a loss scale in the "
+        f"optimizer state, other dtypes do not. Resume with the model.dtype it was trained in{record}; sampling and "
+        "evaluation take any dtype.")
   return CheckpointError(f"{where} was trained with another model or optimizer config than this one ({detail}). "
                          f"Use the config it was trained with{record}.")
 
@@ -228,6 +235,7 @@ def _subtrees(shapes: dict, fields) -> dict:
 
 
 WEIGHTS = ("params", "ema_params")
+LOSS_SCALE_PATH = ("opt_state", "skipped_steps")  # float16 training's state (optimizer.LossScaleState)
 
 
 def _restore_step(manager, step: int, abstract_state, with_data: bool, fields=None):

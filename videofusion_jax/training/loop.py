@@ -267,6 +267,21 @@ def init_base_from(trainer: Trainer, state: TrainState, workdir: str) -> TrainSt
   return state.replace(params=params, ema_params=ema, opt_state=opt_state, rng=jax.random.fold_in(state.rng, 1))
 
 
+def non_finite(step: int, metrics: dict) -> str:
+  """What is wrong with ``step``'s host ``metrics``, or '' when nothing is. A float16 step whose update was
+  skipped (``update_skipped``: its gradients overflowed at its loss scale) may have gradient norms of inf or
+  NaN; the scale then halves and the next step tries again, unless the scale was already 1: gradients that
+  are not finite even unscaled are no overflow."""
+  norms = ", ".join(f"{k[len('grad_norm_'):]}={v}" for k, v in metrics.items() if k.startswith("grad_norm_"))
+  skipped = metrics.get("update_skipped", 0) == 1
+  if skipped and metrics["loss_scale"] <= 1:
+    return (f"the gradients were not finite at step {step} at loss scale {metrics['loss_scale']:g} (loss="
+            f"{metrics['loss']}, grad norms {norms}): no float16 overflow that a smaller scale would avoid")
+  if not all(np.isfinite(v) for k, v in metrics.items() if not (skipped and k.startswith("grad_norm_"))):
+    return f"the loss became non-finite at step {step} (loss={metrics['loss']}, grad norms {norms})"
+  return ""
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
   """``workdir/config.json``: the config, and for a 'clip' encoder on a CLIP directory that CLIP's
   fingerprint (``clip_fingerprint``), by which sampling knows the same CLIP at another path."""
@@ -468,15 +483,14 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
 
   def check(step, metrics):
     host = jax.device_get(metrics)
-    if not all(np.isfinite(v) for v in host.values()):
+    problem = non_finite(step, host)
+    if problem:
       manager.wait_until_finished()
       last = manager.latest_step()
       kept = f"the last good checkpoint (step {last}) is intact" if last is not None else "no checkpoint was saved yet"
-      norms = ", ".join(f"{k[len('grad_norm_'):]}={v}" for k, v in host.items() if k.startswith("grad_norm_"))
       raise NonFiniteLossError(
-          f"the loss became non-finite at step {step} (loss={host['loss']}, grad norms {norms}); training "
-          f"stopped and {kept} in {manager.directory}. Lower config.train.learning_rate or "
-          f"check the data for NaNs, then rerun to resume.")
+          f"{problem}; training stopped and {kept} in {manager.directory}. Lower "
+          f"config.train.learning_rate or check the data for NaNs, then rerun to resume.")
     return host
 
   try:
@@ -521,8 +535,10 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
         norms = "/".join(f"{v:.2f}" for k, v in host.items() if k.startswith("grad_norm_"))
         speed = (f"{rate:5.2f} steps/s  left {_format_time((total - step) / max(rate, 1e-9))}" if rate is not None
                  else "rate after the next log")
+        scaling = (f"  loss scale {host['loss_scale']:g} ({host['skipped_steps']:.0f} updates skipped)"
+                   if "loss_scale" in host else "")
         say(f"step {step:>6}/{total}  loss {host['loss']:.4f} (key {host['loss_key']:.4f}, "
-            f"residual {host['loss_residual']:.4f}{prior})  lr {lrs}  |g| {norms}  {speed}  "
+            f"residual {host['loss_residual']:.4f}{prior})  lr {lrs}  |g| {norms}{scaling}  {speed}  "
             f"elapsed {_format_time(now - t0)}", flush=True)
       if save_now:
         t_save = time.time()

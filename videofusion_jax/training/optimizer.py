@@ -1,6 +1,8 @@
 """Which networks train, their learning rates, per-network clipping and AdamW."""
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -126,12 +128,59 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
   return optax.GradientTransformation(reference.init, update)
 
 
+class LossScaleState(NamedTuple):
+  """The dynamic loss scale of float16 training (Micikevicius et al., 2018), kept in the optimizer
+  state so that checkpoints carry it (other dtypes have no such state: their checkpoints are as before)."""
+
+  scale: jax.Array  # float32 (): the step multiplies the loss by it, and divides the gradients by it
+  good_steps: jax.Array  # int32 (): updates applied since the scale last changed
+  skipped_steps: jax.Array  # int32 (): updates skipped so far (non-finite gradients)
+  inner: Any  # the optimizer's own state
+
+
+MAX_LOSS_SCALE = 2.0 ** 64  # doubling stops here: float32 holds the scale, and no float16 gradient needs more
+
+
+def dynamic_loss_scaling(inner: optax.GradientTransformation, initial_scale: float,
+                         growth_interval: int) -> optax.GradientTransformation:
+  """``inner`` behind float16's dynamic loss scale. Its ``update`` takes the gradients already divided
+  by ``state.scale`` (the step scales the loss by it, so that small gradients do not round to 0 in
+  float16, and unscales in float32). Where they are all finite, ``inner``'s update is applied, and
+  after ``growth_interval`` such steps in a row the scale doubles; where any is not (the scaled
+  backward pass overflowed float16), the update is skipped (zero updates, ``inner``'s state kept)
+  and the scale halves, down to 1."""
+
+  def init(params):
+    return LossScaleState(jnp.float32(initial_scale), jnp.int32(0), jnp.int32(0), inner.init(params))
+
+  def update(grads, state: LossScaleState, params=None):
+    finite = jnp.isfinite(global_norm(grads))
+    updates, inner_state = inner.update(grads, state.inner, params)
+    # -0.0 is the identity of addition (p + -0.0 = p for every p, -0.0 included; + 0.0 turns -0.0 into 0.0):
+    # a skipped step leaves the parameters as they were, bit for bit.
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.array(-0.0, u.dtype)), updates)
+    inner_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), inner_state, state.inner)
+    grow = finite & (state.good_steps + 1 >= growth_interval)
+    scale = jnp.where(finite, jnp.where(grow, jnp.minimum(2 * state.scale, MAX_LOSS_SCALE), state.scale),
+                      jnp.maximum(state.scale / 2, 1.0))
+    good = jnp.where(finite & ~grow, state.good_steps + 1, 0)
+    return updates, LossScaleState(scale, good, state.skipped_steps + (~finite).astype(jnp.int32), inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
+def loss_scale(opt_state) -> jax.Array | None:
+  """The loss scale of a float16 run's optimizer state (``LossScaleState``); None for other dtypes."""
+  return opt_state.scale if isinstance(opt_state, LossScaleState) else None
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, dict]:
   """Per-network clipping, then AdamW with one learning rate for ``params['base']`` and the
   encoder (``base_lr_scale``) and one for the residual generator and the prior; networks the
   stage does not train get no update. VDM* (``model.kind='vdm'``) trains every network at
   ``learning_rate``: its temporal layers are new even when its spatial ones come from a
-  pretrained base. Returns the transformation and the schedules by name (for logging)."""
+  pretrained base. In float16 (``model.dtype``) all of it sits behind ``dynamic_loss_scaling``.
+  Returns the transformation and the schedules by name (for logging)."""
   t = config.train
   if config.model.kind == "vdm":
     schedules = {"video": learning_rate_schedule(config, 1.0)}
@@ -145,4 +194,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
                 if name in trainable else optax.set_to_zero() for name in network_names(config)}
   labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}  # noqa: E731
   tx = optax.chain(clip_each_by_global_norm(t.grad_clip), optax.multi_transform(transforms, labels))
+  if config.model.dtype == "float16":
+    tx = dynamic_loss_scaling(tx, t.loss_scale_initial, t.loss_scale_period)
   return tx, schedules

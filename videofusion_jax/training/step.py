@@ -17,7 +17,7 @@ from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import generator_names, make_apply_fns, make_prior_fn, make_video_fn
 from videofusion_jax.training import sharding as shd
-from videofusion_jax.training.optimizer import global_norm, trainable_networks
+from videofusion_jax.training.optimizer import global_norm, loss_scale, trainable_networks
 from videofusion_jax.training.state import TrainState, ema_update
 
 
@@ -218,11 +218,14 @@ def train_step(state: TrainState, batch, *, experiment: Experiment):
   # Split like the batch: each device draws (and keeps) its own examples' values.
   draws = jax.lax.with_sharding_constraint(draws, experiment.batch_sharding)
 
+  scale = loss_scale(state.opt_state)  # float16 only: the gradients of the loss times it, then divided by it
+
   def grads_of(batch, draws, dropout_rng):
     def loss_of(sub):
-      return loss_on_draws({**state.params, **sub}, experiment, batch, draws, dropout_rng,
-                           ema_params=state.ema_params)
-    (loss, terms), grads = jax.value_and_grad(loss_of, has_aux=True)({k: state.params[k] for k in trainable})
+      loss, terms = loss_on_draws({**state.params, **sub}, experiment, batch, draws, dropout_rng,
+                                  ema_params=state.ema_params)
+      return (loss if scale is None else loss * scale), (loss, terms)
+    (_, (loss, terms)), grads = jax.value_and_grad(loss_of, has_aux=True)({k: state.params[k] for k in trainable})
     return {"loss": loss, **terms}, grads
 
   micro_steps = config.train.grad_accum_steps
@@ -232,16 +235,27 @@ def train_step(state: TrainState, batch, *, experiment: Experiment):
     grad_shardings = {name: experiment.state_sharding.params[name] for name in trainable}
     losses, sub_grads = accumulated_gradients(grads_of, micro_steps, batch, draws, dropout_rng, experiment,
                                               grad_shardings)
+  if scale is not None:  # in float32 (the parameters' dtype): a power of 2, so dividing is exact
+    sub_grads = jax.tree.map(lambda g: g / scale, sub_grads)
   grads = {k: sub_grads[k] if k in sub_grads else jax.tree.map(jnp.zeros_like, v) for k, v in state.params.items()}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: p + u, state.params, updates)
   ema = ema_update(state.ema_params, params, config.train.ema_decay, state.step)
+  scaling = {}
+  if scale is not None:  # an update skipped for float16's overflow leaves the EMA as it was too
+    skipped = opt_state.skipped_steps - state.opt_state.skipped_steps
+    ema = jax.tree.map(lambda new, old: jnp.where(skipped == 0, new, old), ema, state.ema_params)
+    scaling = {"loss_scale": scale, "update_skipped": skipped.astype(jnp.float32),
+               "skipped_steps": opt_state.skipped_steps.astype(jnp.float32)}
   metrics = {
       # 'loss' is what the step minimises: eq. 12 (or the image loss, or VDM*'s), plus the prior's term.
       **losses,
       # Norms before clipping (each generator is clipped to train.grad_clip on its own).
       **{f"grad_norm_{k}": global_norm(grads[k]) for k in generator_names(config)},
       **{f"lr_{k}": schedule(state.step) for k, schedule in schedules.items()},
+      # float16: the scale this step's loss was multiplied by; 1 where its update was skipped (the gradients
+      # overflowed, their norms above are inf or NaN); the run's skipped updates so far.
+      **scaling,
   }
   return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
 
@@ -363,24 +377,10 @@ def check_batch(config: ml_collections.ConfigDict, batch, local_batch_size: int,
       raise ConfigError(f"batch[{key!r}] holds NaN or infinite values.")
 
 
-def check_train_dtype(config: ml_collections.ConfigDict) -> None:
-  """``model.dtype`` can train, else a ConfigError. float16 cannot here: there is no loss scaling, and the
-  gradient reaching the networks' float16 output, 2 x error / (elements of the batch), is below float16's
-  smallest step (6e-8) at real sizes (a ucf101 batch has 5e7 elements): about half of it rounds to 0 and the
-  rest keeps a bit or two (measured: 98% of a ucf101-sized step's parameter gradients exactly 0).
-  Sampling in float16 is fine (``model.dtype`` is not a trained setting)."""
-  if config.model.dtype == "float16":
-    raise ConfigError(
-        "config.model.dtype='float16' for training: without loss scaling (this code has none) much of the "
-        "gradient rounds to 0 in float16 at real batch sizes. Train in bfloat16 (--config.model.dtype=bfloat16, "
-        "the default) or float32; float16 is for sampling a trained model.")
-
-
 class Trainer(Experiment):
   """An experiment and its train step, jitted over the mesh (state donated)."""
 
   def check_work(self) -> None:
-    check_train_dtype(self.config)
     check_train_batch(self.config, self.mesh.devices.size)
 
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
