@@ -310,7 +310,7 @@ def initial_state(trainer):
 
   def zeros():
     state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
-    if isinstance(state.opt_state, LossScaleState):  # float16: a zero loss scale would skip every update
+    if isinstance(state.opt_state, LossScaleState):  # float16: a zero loss scale would skip the first update
       state = state.replace(opt_state=state.opt_state._replace(
           scale=jnp.float32(trainer.config.train.loss_scale_initial)))
     return state

@@ -225,11 +225,14 @@ def test_float16_trains_behind_a_dynamic_loss_scale(trainer, tmp_path, monkeypat
   makes it. Oracle: the float32 step's gradient norms times that factor. At the default scale (2^15) the
   float16 step's norms are within 0.5% of it; at scale 1 (no scaling) a fifth of the gradient rounds away
   in float16. An overflowing scale (2^60) skips the update: parameters, EMA and Adam's state are kept bit
-  for bit, the scale halves; after loss_scale_period (2) good updates it doubles. The scale is in the
-  checkpoint: a run restored from it goes on with it, and a bfloat16 config is told the checkpoint is of a
-  float16 run."""
+  for bit (the learning-rate schedules' counts move on), the scale halves; after loss_scale_period (2)
+  good updates it doubles. The scale is in the checkpoint: a run restored from it goes on with it; a
+  float32 config is told the checkpoint is of a float16 run, and a float16 config, before the run
+  starts, that a float32 checkpoint is not."""
+  import optax
+
   from videofusion_jax.training import step as step_module
-  from videofusion_jax.training.optimizer import LossScaleState
+  from videofusion_jax.training.optimizer import LossScaleState, trainable_networks
 
   factor = (8 * 4 * 8 * 8 * 3) / (256 * 16 * 64 * 64 * 3)
   batch = trainer.global_batch(batches(trainer.config, 1)[0])
@@ -269,8 +272,15 @@ def test_float16_trains_behind_a_dynamic_loss_scale(trainer, tmp_path, monkeypat
   for part in ("params", "ema_params"):
     for x, y in zip(jax.tree.leaves(getattr(before, part)), jax.tree.leaves(getattr(after, part))):
       np.testing.assert_array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
-  for x, y in zip(jax.tree.leaves(before.opt_state.inner), jax.tree.leaves(after.opt_state.inner)):
-    np.testing.assert_array_equal(x, y)
+  schedules = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731 - their counts move on
+  kept = [(x, y) for x, y in zip(jax.tree.leaves(before.opt_state.inner, is_leaf=schedules),
+                                 jax.tree.leaves(after.opt_state.inner, is_leaf=schedules))]
+  assert sum(schedules(x) for x, _ in kept) == len(trainable_networks(c)) == 4  # one AdamW per network
+  for x, y in kept:
+    if schedules(x):
+      assert int(y.count) == int(x.count) + 1
+    else:
+      np.testing.assert_array_equal(x, y)
   assert int(after.step) == int(before.step) + 1
   assert (float(after.opt_state.scale), int(after.opt_state.good_steps), int(after.opt_state.skipped_steps)) == (
       2.0 ** 59, 0, 1)
@@ -281,12 +291,48 @@ def test_float16_trains_behind_a_dynamic_loss_scale(trainer, tmp_path, monkeypat
   for x, y in zip(jax.tree.leaves(trained.opt_state), jax.tree.leaves(restored.opt_state)):
     np.testing.assert_array_equal(x, y)
   assert (float(trained.opt_state.scale), int(trained.opt_state.skipped_steps)) == (2.0 ** 17, 0)  # 4 = 2 x 2 good
-  with pytest.raises(ckpt.CheckpointError, match=r"was trained in float16 and this config trains not in it "
-                                                r"\(config.model.dtype\): float16 training keeps a loss scale"):
+  with pytest.raises(ckpt.CheckpointError, match=r"was trained in float16 and this config does not train in "
+                                                r"float16 \(config.model.dtype\): float16 training keeps a loss scale"):
     ckpt.restore(manager, trainer.abstract_state())
+  train(trainer.config, tmp_path / "float32", iter(batches(trainer.config, 4)), trainer=trainer, verbose=False)
+  with pytest.raises(ckpt.CheckpointError, match=r"was trained not in float16 and this config trains in float16 "
+                                                r"\(config.model.dtype\)"):
+    ckpt.check_compatible(ckpt.make_manager(tmp_path / "float32", keep=5, async_save=False), t16.abstract_state())
 
 
-def test_a_skipped_float16_update_is_no_failure_unless_its_scale_was_1():
+def test_the_loss_scale_skips_keeps_bits_moves_the_schedule_on_and_stays_in_its_bounds():
+  """dynamic_loss_scaling around AdamW: an applied update is AdamW's own; a skipped one (a non-finite gradient)
+  adds -0.0, which leaves every parameter bit for bit (-0.0 too; + 0.0 would make it 0.0), keeps Adam's
+  moments and count and moves the learning-rate schedule's count on; the scale halves down to 1, doubles
+  after growth_interval good updates, up to MAX_LOSS_SCALE."""
+  import optax
+
+  from videofusion_jax.training.optimizer import MAX_LOSS_SCALE, adamw, dynamic_loss_scaling
+  schedule = optax.linear_schedule(0.0, 1e-3, 10)
+  tx = dynamic_loss_scaling(adamw(schedule), 8.0, 2)
+  update = jax.jit(tx.update)
+  params = {"w": jnp.array([-0.0, 0.0, 1.5], jnp.float32)}
+  good, bad = {"w": jnp.array([0.1, -0.2, 0.3])}, {"w": jnp.array([np.inf, 0.0, 1.0])}
+  state = tx.init(params)
+  u, after = update(good, state, params)
+  u_ref, _ = adamw(schedule).update(good, adamw(schedule).init(params), params)
+  np.testing.assert_array_equal(u["w"], u_ref["w"])
+  assert (float(after.scale), int(after.good_steps), int(after.skipped_steps)) == (8.0, 1, 0)
+  u, skipped = update(bad, state, params)
+  moved = jax.tree.map(lambda p, x: p + x, params, u)
+  np.testing.assert_array_equal(np.asarray(moved["w"]).view(np.uint32), np.asarray(params["w"]).view(np.uint32))
+  adam, _, scheduled = skipped.inner
+  assert (int(adam.count), int(scheduled.count)) == (0, 1)
+  np.testing.assert_array_equal(adam.mu["w"], 0.0)
+  assert (float(skipped.scale), int(skipped.good_steps), int(skipped.skipped_steps)) == (4.0, 0, 1)
+  _, twice = update(good, after, params)
+  assert (float(twice.scale), int(twice.good_steps)) == (16.0, 0)
+  _, floor = update(bad, state._replace(scale=jnp.float32(1.0)), params)
+  _, cap = update(good, after._replace(scale=jnp.float32(MAX_LOSS_SCALE)), params)
+  assert float(floor.scale) == 1.0 and float(cap.scale) == MAX_LOSS_SCALE
+
+
+def test_a_skipped_float16_update_is_no_failure_unless_its_scale_was_1(tmp_path):
   """The loop's check of a step's metrics: a float16 step whose update was skipped for an overflow has
   gradient norms of inf or NaN and goes on (the scale halves); at scale 1 there was no overflow to avoid,
   and a non-finite loss stops a run whatever its scale."""
@@ -299,9 +345,14 @@ def test_a_skipped_float16_update_is_no_failure_unless_its_scale_was_1():
       "the loss became non-finite at step 3 (loss=1.0, grad norms base=inf, residual=0.25)")
   assert non_finite(3, {**skipped, "update_skipped": 0.0}).startswith("the loss became non-finite at step 3")
   assert non_finite(5, {**skipped, "loss_scale": 1.0}) == (
-      "the gradients were not finite at step 5 at loss scale 1 (loss=1.0, grad norms base=inf, residual=nan): no "
-      "float16 overflow that a smaller scale would avoid")
+      "the gradients were not finite at step 5 even at loss scale 1, the smallest (loss=1.0, grad norms base=inf, "
+      "residual=nan): no overflow that loss scaling can avoid")
   assert non_finite(3, {**skipped, "loss": np.nan}).startswith("the loss became non-finite at step 3 (loss=nan")
+  writer = loop_module._Writer(tmp_path, 0, print)
+  writer.scalars(3, skipped)
+  writer.close()
+  assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {  # JSON has no inf or NaN
+      "step": 3, **skipped, "grad_norm_base": None, "grad_norm_residual": None}
 
 
 def test_float16_attention_is_the_float32_one_rounded():

@@ -249,7 +249,7 @@ class Experiment:
   def check_work(self) -> None:
     """What this experiment's work needs of its config and ``self.mesh`` beyond ``validate``, else a
     ConfigError; nothing here: sampling and evaluation draw their own batches, on any mesh, in any compute
-    type (``Trainer`` checks the training batch and type)."""
+    type (``Trainer`` checks the training batch)."""
 
   def _init_fn(self, rng: jax.Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)

@@ -206,12 +206,13 @@ def _mismatch_error(manager, step: int, abstract_state, saved_shapes: dict) -> C
   absent = [".".join(p) for p in sorted(set(wanted_shapes) ^ set(saved_shapes))]
   detail = "; ".join(diffs[:3]) or f"the state trees differ at {', '.join(absent[:3])}"
   scaled_there, scaled_here = (LOSS_SCALE_PATH in shapes for shapes in (saved_shapes, wanted_shapes))
-  if scaled_there != scaled_here:
+  if scaled_there != scaled_here and _subtrees(saved_shapes, WEIGHTS) == _subtrees(wanted_shapes, WEIGHTS):
+    there, here = ("in float16", "does not train in float16") if scaled_there else ("not in float16",
+                                                                                     "trains in float16")
     return CheckpointError(
-        f"{where} was trained {'in' if scaled_there else 'not in'} float16 and this config trains "
-        f"{'not in' if scaled_there else 'in'} it (config.model.dtype): float16 training keeps a loss scale in the "
-        f"optimizer state, other dtypes do not. Resume with the model.dtype it was trained in{record}; sampling and "
-        "evaluation take any dtype.")
+        f"{where} was trained {there} and this config {here} (config.model.dtype): float16 training keeps a loss "
+        f"scale in the optimizer state, other dtypes do not. Resume with the model.dtype it was trained in{record}; "
+        "sampling and evaluation take any dtype.")
   return CheckpointError(f"{where} was trained with another model or optimizer config than this one ({detail}). "
                          f"Use the config it was trained with{record}.")
 
@@ -224,7 +225,8 @@ def check_compatible(manager: ocp.CheckpointManager, abstract_state) -> None:
   for step in sorted(manager.all_steps(), reverse=True):
     saved = _saved_shapes(manager, step)
     if saved is not None:
-      if _subtrees(saved, WEIGHTS) != _subtrees(wanted, WEIGHTS):
+      if (_subtrees(saved, WEIGHTS) != _subtrees(wanted, WEIGHTS)
+          or (LOSS_SCALE_PATH in saved) != (LOSS_SCALE_PATH in wanted)):
         raise _mismatch_error(manager, step, abstract_state, saved)
       return
 

@@ -86,7 +86,9 @@ class _Writer:
       self._w = None
 
   def scalars(self, step: int, metrics: dict) -> None:
-    line = (json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n").encode()
+    # null for a value that is not finite (a skipped float16 step's gradient norms): JSON has no inf or NaN.
+    line = (json.dumps({"step": step, **{k: float(v) if np.isfinite(v) else None for k, v in metrics.items()}})
+            + "\n").encode()
     end = None
     try:
       end = os.fstat(self._jsonl.fileno()).st_size
@@ -275,8 +277,8 @@ def non_finite(step: int, metrics: dict) -> str:
   norms = ", ".join(f"{k[len('grad_norm_'):]}={v}" for k, v in metrics.items() if k.startswith("grad_norm_"))
   skipped = metrics.get("update_skipped", 0) == 1
   if skipped and metrics["loss_scale"] <= 1:
-    return (f"the gradients were not finite at step {step} at loss scale {metrics['loss_scale']:g} (loss="
-            f"{metrics['loss']}, grad norms {norms}): no float16 overflow that a smaller scale would avoid")
+    return (f"the gradients were not finite at step {step} even at loss scale {metrics['loss_scale']:g}, the "
+            f"smallest (loss={metrics['loss']}, grad norms {norms}): no overflow that loss scaling can avoid")
   if not all(np.isfinite(v) for k, v in metrics.items() if not (skipped and k.startswith("grad_norm_"))):
     return f"the loss became non-finite at step {step} (loss={metrics['loss']}, grad norms {norms})"
   return ""

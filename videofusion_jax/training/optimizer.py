@@ -147,8 +147,8 @@ def dynamic_loss_scaling(inner: optax.GradientTransformation, initial_scale: flo
   by ``state.scale`` (the step scales the loss by it, so that small gradients do not round to 0 in
   float16, and unscales in float32). Where they are all finite, ``inner``'s update is applied, and
   after ``growth_interval`` such steps in a row the scale doubles; where any is not (the scaled
-  backward pass overflowed float16), the update is skipped (zero updates, ``inner``'s state kept)
-  and the scale halves, down to 1."""
+  backward pass overflowed float16), the update is skipped (zero updates, ``inner``'s state kept but
+  for its learning-rate schedules' counts) and the scale halves, down to 1."""
 
   def init(params):
     return LossScaleState(jnp.float32(initial_scale), jnp.int32(0), jnp.int32(0), inner.init(params))
@@ -159,7 +159,11 @@ def dynamic_loss_scaling(inner: optax.GradientTransformation, initial_scale: flo
     # -0.0 is the identity of addition (p + -0.0 = p for every p, -0.0 included; + 0.0 turns -0.0 into 0.0):
     # a skipped step leaves the parameters as they were, bit for bit.
     updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.array(-0.0, u.dtype)), updates)
-    inner_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), inner_state, state.inner)
+    # A schedule's count moves on with the step (the rate at step k is the schedule's at k, as logged, and a
+    # cosine decay still ends at train.num_steps); Adam's moments and count stay.
+    inner_state = jax.tree.map(
+        lambda new, old: new if isinstance(new, optax.ScaleByScheduleState) else jnp.where(finite, new, old),
+        inner_state, state.inner, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
     grow = finite & (state.good_steps + 1 >= growth_interval)
     scale = jnp.where(finite, jnp.where(grow, jnp.minimum(2 * state.scale, MAX_LOSS_SCALE), state.scale),
                       jnp.maximum(state.scale / 2, 1.0))

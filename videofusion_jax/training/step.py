@@ -235,7 +235,7 @@ def train_step(state: TrainState, batch, *, experiment: Experiment):
     grad_shardings = {name: experiment.state_sharding.params[name] for name in trainable}
     losses, sub_grads = accumulated_gradients(grads_of, micro_steps, batch, draws, dropout_rng, experiment,
                                               grad_shardings)
-  if scale is not None:  # in float32 (the parameters' dtype): a power of 2, so dividing is exact
+  if scale is not None:  # in float32 (the parameters' dtype; exact for the default scales, powers of 2)
     sub_grads = jax.tree.map(lambda g: g / scale, sub_grads)
   grads = {k: sub_grads[k] if k in sub_grads else jax.tree.map(jnp.zeros_like, v) for k, v in state.params.items()}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
