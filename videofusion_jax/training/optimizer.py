@@ -65,6 +65,25 @@ def _scaled(g, factor):
   return lax.convert_element_type(lax.mul(lax.convert_element_type(g, jnp.float32), factor), g.dtype)
 
 
+@jax.jit
+def _kept(keep_new, new, old):
+  """``new`` where the scalar ``keep_new``, else ``old`` (an array like ``new``, or a scalar for all of it)."""
+  old = lax.convert_element_type(old, new.dtype)
+  if old.shape != new.shape:
+    old = lax.broadcast_in_dim(old, new.shape, ())
+  return lax.select(lax.broadcast_in_dim(keep_new, new.shape, ()), new, old)
+
+
+def scaled(tree, factor) -> object:
+  """Each leaf of ``tree`` times the scalar ``factor``, computed in float32, kept in its own dtype."""
+  return jax.tree.map(lambda g: _scaled(g, factor), tree)
+
+
+def kept_where(keep_new, new, old):
+  """The tree ``new`` where the scalar ``keep_new`` is True, else ``old`` (a tree like it), leaf by leaf."""
+  return jax.tree.map(lambda n, o: _kept(keep_new, n, o), new, old)
+
+
 def global_norm(tree) -> jax.Array:
   """The L2 norm of all of ``tree``'s leaves together, as ``optax.global_norm`` but squared and
   summed in float32 whatever the leaves' dtype (optax squares in theirs: a float16 gradient above
@@ -81,7 +100,7 @@ def clip_each_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   def clip(tree):
     norm = global_norm(tree)
     factor = jnp.where(norm < max_norm, 1.0, max_norm / jnp.maximum(norm, 1e-30))
-    return jax.tree.map(lambda g: _scaled(g, factor), tree)
+    return scaled(tree, factor)
 
   def update(updates, state, params=None):
     del params
@@ -158,11 +177,11 @@ def dynamic_loss_scaling(inner: optax.GradientTransformation, initial_scale: flo
     updates, inner_state = inner.update(grads, state.inner, params)
     # -0.0 is the identity of addition (p + -0.0 = p for every p, -0.0 included; + 0.0 turns -0.0 into 0.0):
     # a skipped step leaves the parameters as they were, bit for bit.
-    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.array(-0.0, u.dtype)), updates)
+    updates = jax.tree.map(lambda u: _kept(finite, u, -0.0), updates)
     # A schedule's count moves on with the step (the rate at step k is the schedule's at k, as logged, and a
     # cosine decay still ends at train.num_steps); Adam's moments and count stay.
     inner_state = jax.tree.map(
-        lambda new, old: new if isinstance(new, optax.ScaleByScheduleState) else jnp.where(finite, new, old),
+        lambda new, old: new if isinstance(new, optax.ScaleByScheduleState) else kept_where(finite, new, old),
         inner_state, state.inner, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
     grow = finite & (state.good_steps + 1 >= growth_interval)
     scale = jnp.where(finite, jnp.where(grow, jnp.minimum(2 * state.scale, MAX_LOSS_SCALE), state.scale),

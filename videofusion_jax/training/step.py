@@ -17,7 +17,7 @@ from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import generator_names, make_apply_fns, make_prior_fn, make_video_fn
 from videofusion_jax.training import sharding as shd
-from videofusion_jax.training.optimizer import global_norm, loss_scale, trainable_networks
+from videofusion_jax.training.optimizer import global_norm, kept_where, loss_scale, scaled, trainable_networks
 from videofusion_jax.training.state import TrainState, ema_update
 
 
@@ -235,8 +235,8 @@ def train_step(state: TrainState, batch, *, experiment: Experiment):
     grad_shardings = {name: experiment.state_sharding.params[name] for name in trainable}
     losses, sub_grads = accumulated_gradients(grads_of, micro_steps, batch, draws, dropout_rng, experiment,
                                               grad_shardings)
-  if scale is not None:  # in float32 (the parameters' dtype; exact for the default scales, powers of 2)
-    sub_grads = jax.tree.map(lambda g: g / scale, sub_grads)
+  if scale is not None:  # in float32 (exact for the default scales, powers of 2)
+    sub_grads = scaled(sub_grads, 1 / scale)
   grads = {k: sub_grads[k] if k in sub_grads else jax.tree.map(jnp.zeros_like, v) for k, v in state.params.items()}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: p + u, state.params, updates)
@@ -244,7 +244,7 @@ def train_step(state: TrainState, batch, *, experiment: Experiment):
   scaling = {}
   if scale is not None:  # an update skipped for float16's overflow leaves the EMA as it was too
     skipped = opt_state.skipped_steps - state.opt_state.skipped_steps
-    ema = jax.tree.map(lambda new, old: jnp.where(skipped == 0, new, old), ema, state.ema_params)
+    ema = kept_where(skipped == 0, ema, state.ema_params)
     scaling = {"loss_scale": scale, "update_skipped": skipped.astype(jnp.float32),
                "skipped_steps": opt_state.skipped_steps.astype(jnp.float32)}
   metrics = {
