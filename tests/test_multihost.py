@@ -216,6 +216,26 @@ def test_a_workdir_another_run_holds_stops_both_hosts(tmp_path, tfds_dir):
   assert f"error: process 0 could not lock {workdir / LOCK_NAME}" in outs[1][1] and "Traceback" not in outs[1][1]
   assert json.loads((workdir / LOCK_NAME).read_text()) == lock and sorted(p.name for p in workdir.iterdir()) == [
       LOCK_NAME]
+  assert "compilation_cache_dir" not in outs[0][0]  # the hosts share the suite's cache (the test below: they do not)
+
+
+def test_a_compilation_cache_folder_the_hosts_do_not_share_is_warned_about(tmp_path, tfds_dir):
+  """JAX writes compiled programs from process 0 alone, for every host to read: a cache folder of each host's own
+  (the default, under ~, on hosts without a shared home) leaves the others compiling every program on every run,
+  which process 0 says once the hosts have set up (here a workdir another run holds then stops both)."""
+  shared = os.environ["VIDEOFUSION_TESTS_XLA_CACHE"]  # tiny_config's, process 0's here
+  own = tmp_path / "own_cache"
+  config_file = tiny_config_file(tmp_path, **{"data.data_dir": tfds_dir})
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+  procs, outs = start_two(WORKER, [tmp_path / f"params_{i}.npz" for i in range(2)], config_file, workdir, "train",
+                          120, each=([], [f"--config.compilation_cache_dir={own}"]))
+  assert [p.returncode for p in procs] == [1, 1], outs
+  assert (f"warning: config.compilation_cache_dir={shared!r} ({shared} on process 0) is not one folder shared by every "
+          "host: process 1 does not see what process 0 writes there.") in outs[0][0], outs[0]
+  assert "compilation_cache_dir" not in outs[1][0] and "error: another training run (process" in outs[0][1]
+  assert not [*Path(shared).glob(".shared-by-every-host-*"), *own.glob(".shared-by-every-host-*")]  # removed
 
 
 def test_a_workdir_one_host_cannot_use_stops_every_host_at_once(tmp_path):

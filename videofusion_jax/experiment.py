@@ -52,6 +52,39 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
   return path
 
 
+def hosts_not_sharing_cache(path: str | None) -> list[int]:
+  """The processes that do not see the compilation cache's folder ``path`` (``enable_compilation_cache``'s
+  value) as process 0 does: a marker file that process 0 creates there, named by a token it broadcasts.
+  JAX writes compiled programs from process 0 alone, for every process to read, so a folder local to each
+  host (the default, under ``~``) leaves the others compiling every program anew on every run. [] with one
+  process or no cache. Every process must call it (two collectives), after the run's checks on every host."""
+  if path is None or jax.process_count() == 1:
+    return []
+  import numpy as np
+  from jax.experimental import multihost_utils
+  marker = None
+  token = np.zeros(16, np.uint8)
+  if jax.process_index() == 0:
+    token = np.frombuffer(os.urandom(16), np.uint8).copy()
+    marker = Path(path) / f".shared-by-every-host-{token.tobytes().hex()}"
+    try:
+      marker.touch()
+    except OSError:  # a folder process 0 cannot write: JAX stores nothing there either, and says so
+      token[:] = 0
+  # Created before the broadcast, which no host leaves before process 0 enters it.
+  token = np.asarray(multihost_utils.broadcast_one_to_all(token), np.uint8)
+  seen = True
+  if token.any():
+    try:
+      seen = (Path(path) / f".shared-by-every-host-{token.tobytes().hex()}").exists()
+    except OSError:
+      seen = False
+  seen = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
+  if marker is not None:
+    marker.unlink(missing_ok=True)
+  return [int(i) for i in np.flatnonzero(seen == 0)]
+
+
 def _use_cache_dir(path: str | None, max_bytes: int | None = None) -> None:
   """Points JAX's persistent cache at ``path`` (None: none), kept under ``max_bytes`` (None: as it is). JAX
   opens its cache once, at the first compile, and went on with that folder and limit whatever the settings

@@ -159,6 +159,24 @@ def _os_error(e: OSError, config, workdir: str | None = None) -> str:
   return f"{e}: a disk (or quota) this run writes to is full ({named}). Free space there and rerun."
 
 
+def _warn_if_cache_not_shared(setting: str) -> None:
+  """Process 0 warns when the compilation cache's folder is not one folder every host sees (every process
+  calls this)."""
+  import jax
+
+  from videofusion_jax.experiment import hosts_not_sharing_cache
+  path = jax.config.jax_compilation_cache_dir  # as enable_compilation_cache set it: ~ expanded on each host
+  missing = hosts_not_sharing_cache(path)
+  if missing and jax.process_index() == 0:
+    who = ("process " if len(missing) == 1 else "processes ") + ", ".join(map(str, missing[:8])) + (
+        f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    print(f"warning: config.compilation_cache_dir={setting!r} ({path} on process 0) is not one folder shared by "
+          f"every host: {who} {'does' if len(missing) == 1 else 'do'} not see what process 0 writes there. JAX stores "
+          "compiled programs from process 0 alone, for every host to read, so the others compile each program anew "
+          "on every run, and every host waits for them at its first step. Point it at a folder every host sees at "
+          "the same path (NFS, a shared disk), or '' to turn the cache off.", flush=True)
+
+
 def _start_distributed() -> None:
   """``jax.distributed.initialize`` with the flags given (JAX finds the rest on TPU pods and
   SLURM); on CPUs the processes talk through gloo collectives."""
@@ -266,6 +284,8 @@ def main(argv) -> None:
       experiment = checked_on_every_host(set_up, ConfigError(
           "another host could not set up this run (its own error says why): every host needs the same files at "
           "the same paths (compilation_cache_dir, sample.prompts_file, sample.embeddings, the CLIP directory)."))
+      if multihost:
+        _warn_if_cache_not_shared(config.compilation_cache_dir)
       if _MODE.value in ("train", "train_and_sample"):
         from videofusion_jax.training.loop import train
         train(config, workdir, trainer=experiment)
