@@ -251,6 +251,34 @@ def test_persistent_compilation_cache(tmp_path):
   assert r.returncode == 1 and "config.compilation_cache_dir=" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_the_compile_log_tells_a_compile_from_a_cache_load(tmp_path):
+  """experiment.CompileLog (the training log's "compiled in 5.1 s" or "loaded from the compilation cache in
+  0.2 s"): one program compiled without a cache, compiled into an empty one (whose file it writes), then
+  loaded from it once the in-memory caches are cleared."""
+  import json
+  code = ("import json, pathlib, jax, jax.numpy as jnp\n"
+          "from videofusion_jax.experiment import CompileLog, enable_compilation_cache\n"
+          "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+          "x, logs = jnp.ones((8, 8)), []\n"
+          "for folder in ('', CACHE, CACHE):\n"
+          "  enable_compilation_cache(folder)\n"
+          "  jax.clear_caches()\n"
+          "  with CompileLog() as log:\n"
+          "    jax.jit(lambda x: jnp.sin(x) @ x.T)(x).block_until_ready()\n"
+          "  files = len(list(pathlib.Path(CACHE).glob('*-cache')))\n"
+          "  logs.append([log.hits, log.cached, log.seconds, log.loaded_s, log.describe(), files])\n"
+          "print(json.dumps(logs))\n").replace("CACHE", repr(str(tmp_path / "cache")))
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  off, cold, warm = json.loads(r.stdout.splitlines()[-1])
+  assert off[:2] == [0, False] and off[3] == 0 and off[5] == 0, off
+  assert re.fullmatch(r"compiled in [0-9.]+ s, without a compilation cache", off[4]) and off[2] > 0, off
+  assert cold[:2] == [0, True] and cold[3] == 0 and cold[5] == 1 and cold[2] > 0, cold  # its program written
+  assert re.fullmatch(r"compiled in [0-9.]+ s", cold[4]), cold
+  assert warm[:2] == [1, True] and 0 < warm[3] <= warm[2] and warm[5] == 1, warm  # read back, nothing added
+  assert re.fullmatch(r"loaded from the compilation cache in [0-9.]+ s", warm[4]), warm
+
+
 def test_a_recorded_config_is_compared_under_a_home_path_and_only_on_fields_the_model_has(tmp_path, monkeypatch):
   """The record of a run given as ~/run is found (its checkpoints are: the check was skipped silently); a
   model without a prior is not refused for its recorded prior settings, which mean nothing to it."""

@@ -52,6 +52,51 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
   return path
 
 
+class CompileLog:
+  """What XLA did for this process inside a ``with`` block, from JAX's monitoring events: ``seconds`` of
+  compiling or loading programs, ``hits`` programs loaded from the persistent compilation cache (``loaded_s``
+  of those seconds), ``cached`` whether the cache was on (``config.compilation_cache_dir``)."""
+
+  _COMPILE = "/jax/core/compile/backend_compile_duration"  # a compile or a cache load, each program
+  _LOADED = "/jax/compilation_cache/cache_retrieval_time_sec"  # recorded for cache hits alone
+  _HIT = "/jax/compilation_cache/cache_hits"
+
+  def __init__(self):
+    self.seconds = self.loaded_s = 0.0
+    self.hits = 0
+    self.cached = False
+
+  def _event(self, event: str, **kwargs) -> None:
+    if event == self._HIT:
+      self.hits += 1
+
+  def _duration(self, event: str, seconds: float, **kwargs) -> None:
+    if event == self._COMPILE:
+      self.seconds += seconds
+    elif event == self._LOADED:
+      self.loaded_s += seconds
+
+  def __enter__(self) -> CompileLog:
+    self.cached = bool(jax.config.jax_compilation_cache_dir)
+    jax.monitoring.register_event_listener(self._event)
+    jax.monitoring.register_event_duration_secs_listener(self._duration)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_listener(self._event)
+    jax.monitoring.unregister_event_duration_listener(self._duration)
+
+  def describe(self) -> str:
+    """'compiled in 14.9 s', 'loaded from the compilation cache in 0.4 s', or both parts."""
+    compiled = self.seconds - self.loaded_s
+    if self.hits and compiled < 0.5:  # the program loaded; small ones beside it (never cached) compiled
+      return f"loaded from the compilation cache in {self.seconds:.1f} s"
+    said = f"compiled in {compiled:.1f} s"
+    if self.hits:
+      return f"{said}, {self.hits} program{'s' * (self.hits > 1)} loaded from the compilation cache"
+    return said if self.cached else f"{said}, without a compilation cache"
+
+
 def hosts_not_sharing_cache(path: str | None) -> list[int]:
   """The processes that do not see the compilation cache's folder ``path`` (``enable_compilation_cache``'s
   value) as process 0 does: a marker file that process 0 creates there, named by a token it broadcasts.

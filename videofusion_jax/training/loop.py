@@ -1,6 +1,7 @@
 """The training loop: input stream -> jitted step -> checked metrics, events and checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -24,6 +25,7 @@ from videofusion_jax.config import (
     recorded_config,
 )
 from videofusion_jax.data.stream import resume_position, stream_identity
+from videofusion_jax.experiment import CompileLog
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training.preemption import StopRequest
 from videofusion_jax.training.sharding import checked_on_every_host
@@ -320,11 +322,11 @@ def _start(trainer: Trainer, manager, config: ml_collections.ConfigDict, say) ->
   if manager.all_steps():
     return _resume(trainer, manager, say)
   t0 = time.time()
-  state = jax.block_until_ready(trainer.init_state(config.seed))
+  with CompileLog() as xla:
+    state = jax.block_until_ready(trainer.init_state(config.seed))
   how = {"stored": "its traced program loaded from the store; ",
          "traced": "its program traced and stored for the next run; "}.get(trainer.init_source, "")
-  say(f"initial state made in {time.time() - t0:.1f} s ({how}compiled, or loaded from the compilation cache, "
-      "and run)")
+  say(f"initial state made in {time.time() - t0:.1f} s ({how}{xla.describe()}, and run)")
   if config.train.init_base_from:
     state = init_base_from(trainer, state, config.train.init_base_from)
   return state, None
@@ -506,14 +508,14 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
       # host sees).
       if step > start + 1 and jax.process_count() == 1:
         check_batch(config, local, local_batch, values=False)
-      state, metrics = trainer.step(state, trainer.global_batch(local))
+      with CompileLog() if step == start + 1 else contextlib.nullcontext() as xla:
+        state, metrics = trainer.step(state, trainer.global_batch(local))
       if step == start + 1:  # the compile: kept out of the steps/s and time-left estimates
         jax.block_until_ready(metrics)
         last_log_time, last_log_step = time.time(), step
         how = {"stored": "the step's traced program loaded from the store; ",
                "traced": "the step traced and stored for the next run; "}.get(trainer.step.source, "the step ")
-        say(f"first step done in {last_log_time - t0:.1f} s ({how}compiled, or loaded from the compilation "
-            "cache)", flush=True)
+        say(f"first step done in {last_log_time - t0:.1f} s ({how}{xla.describe()})", flush=True)
       if pending is not None:
         check(*pending)
       pending = (step, metrics)
