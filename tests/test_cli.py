@@ -279,6 +279,28 @@ def test_the_compile_log_tells_a_compile_from_a_cache_load(tmp_path):
   assert re.fullmatch(r"loaded from the compilation cache in [0-9.]+ s", warm[4]), warm
 
 
+def test_the_compile_log_of_several_hosts_counts_the_other_hosts_that_compiled(monkeypatch):
+  """On several processes the first step's line says what the other hosts did (their seconds of compiling
+  and their cache hits, one all-gather, here given as process 0 would receive it)."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  from videofusion_jax.experiment import CompileLog
+  log = CompileLog()
+  log.seconds, log.loaded_s, log.hits, log.cached = 1.2, 1.0, 1, True
+  here = "loaded from the compilation cache in 1.2 s here"
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  for others, said in (([[0.1, 2], [0.3, 1]], f"{here}, loaded on every other host"),
+                       ([[14.94, 0], [0.3, 1]], f"{here}; 1 of the 2 other hosts compiled, 14.9 s at most"),
+                       ([[2.0, 1], [0.2, 0]], f"{here}; 2 of the 2 other hosts compiled, 2.0 s at most")):
+    rows = np.array([[log.seconds - log.loaded_s, log.hits], *others], np.float32)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x, rows=rows: rows)
+    assert log.describe_every_host() == said
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.array([[0.2, 1], [9.0, 0]], np.float32))
+  assert log.describe_every_host() == f"{here}; the other host compiled, 9.0 s at most"
+
+
 def test_a_recorded_config_is_compared_under_a_home_path_and_only_on_fields_the_model_has(tmp_path, monkeypatch):
   """The record of a run given as ~/run is found (its checkpoints are: the check was skipped silently); a
   model without a prior is not refused for its recorded prior settings, which mean nothing to it."""

@@ -96,6 +96,24 @@ class CompileLog:
       return f"{said}, {self.hits} program{'s' * (self.hits > 1)} loaded from the compilation cache"
     return said if self.cached else f"{said}, without a compilation cache"
 
+  def describe_every_host(self) -> str:
+    """``describe()``, and on several processes how many of the other hosts compiled rather than loaded, the
+    longest compile among them (a host that compiles holds up every host at the first collective). One
+    all-gather: every process calls it."""
+    said = self.describe()
+    if jax.process_count() == 1:
+      return said
+    import numpy as np
+    from jax.experimental import multihost_utils
+    rows = np.asarray(multihost_utils.process_allgather(np.array([self.seconds - self.loaded_s, self.hits],
+                                                                 np.float32))).reshape(-1, 2)
+    others = np.delete(rows, jax.process_index(), axis=0)
+    compiling = others[(others[:, 1] == 0) | (others[:, 0] >= 0.5), 0]  # as describe() tells a load
+    if not len(compiling):
+      return f"{said} here, loaded on every other host"
+    every = "the other host" if len(others) == 1 else f"{len(compiling)} of the {len(others)} other hosts"
+    return f"{said} here; {every} compiled, {compiling.max():.1f} s at most"
+
 
 def hosts_not_sharing_cache(path: str | None) -> list[int]:
   """The processes that do not see the compilation cache's folder ``path`` (``enable_compilation_cache``'s

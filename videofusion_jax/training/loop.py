@@ -515,7 +515,7 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
         last_log_time, last_log_step = time.time(), step
         how = {"stored": "the step's traced program loaded from the store; ",
                "traced": "the step traced and stored for the next run; "}.get(trainer.step.source, "the step ")
-        say(f"first step done in {last_log_time - t0:.1f} s ({how}{xla.describe()})", flush=True)
+        say(f"first step done in {last_log_time - t0:.1f} s ({how}{xla.describe_every_host()})", flush=True)
       if pending is not None:
         check(*pending)
       pending = (step, metrics)
