@@ -89,15 +89,16 @@ def test_sigterm_and_ctrl_c_save_the_step_and_resume_exactly(config_file, tmp_pa
   assert seconds < 60 and not (workdir / LOCK_NAME).exists()
   # The first log line's rate leaves the compile out; its time is said once, the initial state's before.
   assert re.search(r"initial state made in [0-9.]+ s \((its traced program loaded from the store|its program traced "
-                   r"and stored for the next run); (compiled in|loaded from the compilation cache in) [0-9.]+ s, and "
-                   r"run\)", out), out
+                   r"and stored for the next run); (compiled in|loaded from the compilation cache in) [0-9.]+ s[^()]*, "
+                   r"and run\)", out), out
   assert "first step done in" in out and "left" not in out.split(f"step {1:>6}/")[1].splitlines()[0]
   # SIGTERM (preemption) on the resumed run: it resumes from the step it stopped at.
   rc, out, seconds = interrupt(config_file, workdir, signal.SIGTERM, after_step=stopped + 2)
   assert rc == 0 and f"resumed from checkpoint {stopped}" in out and "Traceback" not in out, out
-  # The first run stored the traced step and XLA's compile of it.
-  assert re.search(r"\(the step's traced program loaded from the store; loaded from the compilation cache in "
-                   r"[0-9.]+ s\)", out), out
+  # The first run stored the traced step and XLA's compile of it (a small program beside it, never stored, may
+  # take long enough on a busy machine to count as compiled).
+  assert re.search(r"\(the step's traced program loaded from the store; (loaded from the compilation cache in "
+                   r"[0-9.]+ s|compiled in [0-9.]+ s, [0-9]+ programs? loaded from the compilation cache)\)", out), out
   second = int(out.split("stopped on SIGTERM at step ")[1].split(":")[0])
   assert second >= stopped + 2 and seconds < 60
   # An uninterrupted run of the same steps, saving its last: the resumed run's next loss is the

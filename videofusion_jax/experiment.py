@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,31 +54,38 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
 
 
 class CompileLog:
-  """What XLA did for this process inside a ``with`` block, from JAX's monitoring events: ``seconds`` of
-  compiling or loading programs, ``hits`` programs loaded from the persistent compilation cache (``loaded_s``
-  of those seconds), ``cached`` whether the cache was on (``config.compilation_cache_dir``)."""
+  """What XLA did for this process inside a ``with`` block, from JAX's monitoring events (the block's other
+  threads included): ``compiled`` programs that missed the persistent cache and took at least JAX's threshold
+  for storing one (``compiled_s`` seconds for every miss, small ones included), ``hits`` programs loaded
+  from the cache (in ``loaded_s``), ``cached`` whether the cache was on (``config.compilation_cache_dir``)."""
 
-  _COMPILE = "/jax/core/compile/backend_compile_duration"  # a compile or a cache load, each program
-  _LOADED = "/jax/compilation_cache/cache_retrieval_time_sec"  # recorded for cache hits alone
-  _HIT = "/jax/compilation_cache/cache_hits"
+  _PROGRAM = "/jax/core/compile/backend_compile_duration"  # each program: its compile, or its cache load
+  _HIT = "/jax/compilation_cache/cache_hits"  # recorded just before the program's duration, on its thread
 
   def __init__(self):
-    self.seconds = self.loaded_s = 0.0
-    self.hits = 0
+    self.compiled_s = self.loaded_s = 0.0
+    self.compiled = self.hits = self._misses = 0
     self.cached = False
+    self._hit = threading.local()
 
   def _event(self, event: str, **kwargs) -> None:
     if event == self._HIT:
-      self.hits += 1
+      self._hit.pending = True
 
   def _duration(self, event: str, seconds: float, **kwargs) -> None:
-    if event == self._COMPILE:
-      self.seconds += seconds
-    elif event == self._LOADED:
+    if event != self._PROGRAM:
+      return
+    if getattr(self._hit, "pending", False):
+      self._hit.pending = False
+      self.hits += 1
       self.loaded_s += seconds
+    else:
+      self.compiled_s += seconds
+      self._misses += 1
+      self.compiled += seconds >= jax.config.jax_persistent_cache_min_compile_time_secs
 
   def __enter__(self) -> CompileLog:
-    self.cached = bool(jax.config.jax_compilation_cache_dir)
+    self.cached = bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
     jax.monitoring.register_event_listener(self._event)
     jax.monitoring.register_event_duration_secs_listener(self._duration)
     return self
@@ -88,64 +96,72 @@ class CompileLog:
 
   def describe(self) -> str:
     """'compiled in 14.9 s', 'loaded from the compilation cache in 0.4 s', or both parts."""
-    compiled = self.seconds - self.loaded_s
-    if self.hits and compiled < 0.5:  # the program loaded; small ones beside it (never cached) compiled
-      return f"loaded from the compilation cache in {self.seconds:.1f} s"
-    said = f"compiled in {compiled:.1f} s"
+    if self.hits and not self.compiled:  # the program loaded; small ones beside it (never stored) compiled
+      return f"loaded from the compilation cache in {self.loaded_s + self.compiled_s:.1f} s"
+    if not self.hits and not self._misses:
+      return "already compiled in this process"
+    said = f"compiled in {self.compiled_s:.1f} s"
     if self.hits:
       return f"{said}, {self.hits} program{'s' * (self.hits > 1)} loaded from the compilation cache"
     return said if self.cached else f"{said}, without a compilation cache"
 
   def describe_every_host(self) -> str:
-    """``describe()``, and on several processes how many of the other hosts compiled rather than loaded, the
-    longest compile among them (a host that compiles holds up every host at the first collective). One
-    all-gather: every process calls it."""
+    """``describe()``, and on several processes how many of the other hosts compiled a program rather than
+    load it, and the longest compile among them (a host that compiles holds up every host at the first
+    collective). One all-gather: every process calls it."""
     said = self.describe()
     if jax.process_count() == 1:
       return said
     import numpy as np
     from jax.experimental import multihost_utils
-    rows = np.asarray(multihost_utils.process_allgather(np.array([self.seconds - self.loaded_s, self.hits],
+    rows = np.asarray(multihost_utils.process_allgather(np.array([self.compiled_s, self.compiled],
                                                                  np.float32))).reshape(-1, 2)
     others = np.delete(rows, jax.process_index(), axis=0)
-    compiling = others[(others[:, 1] == 0) | (others[:, 0] >= 0.5), 0]  # as describe() tells a load
+    compiling = others[others[:, 1] > 0, 0]
     if not len(compiling):
-      return f"{said} here, loaded on every other host"
+      return f"{said} here, no other host compiled it"
     every = "the other host" if len(others) == 1 else f"{len(compiling)} of the {len(others)} other hosts"
     return f"{said} here; {every} compiled, {compiling.max():.1f} s at most"
 
 
 def hosts_not_sharing_cache(path: str | None) -> list[int]:
   """The processes that do not see the compilation cache's folder ``path`` (``enable_compilation_cache``'s
-  value) as process 0 does: a marker file that process 0 creates there, named by a token it broadcasts.
-  JAX writes compiled programs from process 0 alone, for every process to read, so a folder local to each
-  host (the default, under ``~``) leaves the others compiling every program anew on every run. [] with one
-  process or no cache. Every process must call it (two collectives), after the run's checks on every host."""
-  if path is None or jax.process_count() == 1:
+  value, None where the cache is off) as process 0 does: a marker file that process 0 creates there, named
+  by a token it broadcasts. JAX writes compiled programs from process 0 alone, for every process to read, so
+  a folder local to each host (the default, under ``~``) leaves the others compiling every program anew on
+  every run. [] with one process, or no cache on process 0. Every process must call it, whatever its own
+  ``path`` (two collectives), after the run's checks on every host."""
+  if jax.process_count() == 1:
     return []
   import numpy as np
   from jax.experimental import multihost_utils
   marker = None
   token = np.zeros(16, np.uint8)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and path is not None:
     token = np.frombuffer(os.urandom(16), np.uint8).copy()
-    marker = Path(path) / f".shared-by-every-host-{token.tobytes().hex()}"
+    marker = Path(path) / f"{_MARKER}{token.tobytes().hex()}"
     try:
       marker.touch()
     except OSError:  # a folder process 0 cannot write: JAX stores nothing there either, and says so
-      token[:] = 0
+      token[:], marker = 0, None
   # Created before the broadcast, which no host leaves before process 0 enters it.
   token = np.asarray(multihost_utils.broadcast_one_to_all(token), np.uint8)
   seen = True
   if token.any():
     try:
-      seen = (Path(path) / f".shared-by-every-host-{token.tobytes().hex()}").exists()
+      seen = path is not None and (Path(path) / f"{_MARKER}{token.tobytes().hex()}").exists()
     except OSError:
       seen = False
   seen = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
   if marker is not None:
-    marker.unlink(missing_ok=True)
+    try:
+      marker.unlink(missing_ok=True)
+    except OSError:  # a check, not the run's work: an empty file left behind, which no cache reads
+      pass
   return [int(i) for i in np.flatnonzero(seen == 0)]
+
+
+_MARKER = ".shared-by-every-host-"
 
 
 def _use_cache_dir(path: str | None, max_bytes: int | None = None) -> None:

@@ -512,10 +512,11 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
         state, metrics = trainer.step(state, trainer.global_batch(local))
       if step == start + 1:  # the compile: kept out of the steps/s and time-left estimates
         jax.block_until_ready(metrics)
-        last_log_time, last_log_step = time.time(), step
         how = {"stored": "the step's traced program loaded from the store; ",
                "traced": "the step traced and stored for the next run; "}.get(trainer.step.source, "the step ")
-        say(f"first step done in {last_log_time - t0:.1f} s ({how}{xla.describe_every_host()})", flush=True)
+        how += xla.describe_every_host()  # before the clock: its all-gather is no training step
+        last_log_time, last_log_step = time.time(), step
+        say(f"first step done in {last_log_time - t0:.1f} s ({how})", flush=True)
       if pending is not None:
         check(*pending)
       pending = (step, metrics)
