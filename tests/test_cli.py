@@ -293,7 +293,7 @@ def test_the_compile_log_of_several_hosts_counts_the_other_hosts_that_compiled(m
   log.compiled_s, log.loaded_s, log.compiled, log.hits, log.cached = 0.2, 1.0, 0, 1, True
   here = "loaded from the compilation cache in 1.2 s here"
   monkeypatch.setattr(jax, "process_count", lambda: 3)
-  for others, said in (([[0.1, 0], [0.3, 0]], f"{here}, no other host compiled it"),
+  for others, said in (([[0.1, 0], [0.3, 0]], f"{here}; no other host compiled for 1 s or more"),
                        ([[14.94, 1], [0.3, 0]], f"{here}; 1 of the 2 other hosts compiled, 14.9 s at most"),
                        ([[2.0, 2], [1.2, 1]], f"{here}; 2 of the 2 other hosts compiled, 2.0 s at most")):
     rows = np.array([[log.compiled_s, log.compiled], *others], np.float32)

@@ -57,7 +57,10 @@ class CompileLog:
   """What XLA did for this process inside a ``with`` block, from JAX's monitoring events (the block's other
   threads included): ``compiled`` programs that missed the persistent cache and took at least JAX's threshold
   for storing one (``compiled_s`` seconds for every miss, small ones included), ``hits`` programs loaded
-  from the cache (in ``loaded_s``), ``cached`` whether the cache was on (``config.compilation_cache_dir``)."""
+  from the cache (in ``loaded_s``), ``cached`` whether the cache was on (``config.compilation_cache_dir``).
+  A program's seconds are JAX's whole compile-or-load span (a miss's cache read and write included), so one
+  just under the threshold may count as compiled. With ``jax_share_binary_between_hosts`` (the project does
+  not set it) a host handed a program by another counts its wait as a compile."""
 
   _PROGRAM = "/jax/core/compile/backend_compile_duration"  # each program: its compile, or its cache load
   _HIT = "/jax/compilation_cache/cache_hits"  # recorded just before the program's duration, on its thread
@@ -95,7 +98,8 @@ class CompileLog:
     jax.monitoring.unregister_event_duration_listener(self._duration)
 
   def describe(self) -> str:
-    """'compiled in 14.9 s', 'loaded from the compilation cache in 0.4 s', or both parts."""
+    """'compiled in 14.9 s', 'loaded from the compilation cache in 0.4 s', both parts, or 'already compiled
+    in this process' (nothing compiled or loaded)."""
     if self.hits and not self.compiled:  # the program loaded; small ones beside it (never stored) compiled
       return f"loaded from the compilation cache in {self.loaded_s + self.compiled_s:.1f} s"
     if not self.hits and not self._misses:
@@ -119,7 +123,8 @@ class CompileLog:
     others = np.delete(rows, jax.process_index(), axis=0)
     compiling = others[others[:, 1] > 0, 0]
     if not len(compiling):
-      return f"{said} here, no other host compiled it"
+      return (f"{said} here; no other host compiled for "
+              f"{jax.config.jax_persistent_cache_min_compile_time_secs:g} s or more")
     every = "the other host" if len(others) == 1 else f"{len(compiling)} of the {len(others)} other hosts"
     return f"{said} here; {every} compiled, {compiling.max():.1f} s at most"
 
@@ -144,20 +149,22 @@ def hosts_not_sharing_cache(path: str | None) -> list[int]:
       marker.touch()
     except OSError:  # a folder process 0 cannot write: JAX stores nothing there either, and says so
       token[:], marker = 0, None
-  # Created before the broadcast, which no host leaves before process 0 enters it.
-  token = np.asarray(multihost_utils.broadcast_one_to_all(token), np.uint8)
-  seen = True
-  if token.any():
-    try:
-      seen = path is not None and (Path(path) / f"{_MARKER}{token.tobytes().hex()}").exists()
-    except OSError:
-      seen = False
-  seen = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
-  if marker is not None:
-    try:
-      marker.unlink(missing_ok=True)
-    except OSError:  # a check, not the run's work: an empty file left behind, which no cache reads
-      pass
+  try:
+    # Created before the broadcast, which no host leaves before process 0 enters it.
+    token = np.asarray(multihost_utils.broadcast_one_to_all(token), np.uint8)
+    seen = True
+    if token.any():
+      try:
+        seen = path is not None and (Path(path) / f"{_MARKER}{token.tobytes().hex()}").exists()
+      except OSError:
+        seen = False
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
+  finally:
+    if marker is not None:
+      try:
+        marker.unlink(missing_ok=True)
+      except OSError:  # a check, not the run's work: an empty file left behind, which no cache reads
+        pass
   return [int(i) for i in np.flatnonzero(seen == 0)]
 
 

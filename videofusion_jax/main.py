@@ -165,7 +165,8 @@ def _warn_if_cache_not_shared(setting: str) -> None:
   import jax
 
   from videofusion_jax.experiment import hosts_not_sharing_cache
-  path = jax.config.jax_compilation_cache_dir  # as enable_compilation_cache set it: ~ expanded on each host
+  # As enable_compilation_cache set it (~ expanded on each host); None where the cache is off.
+  path = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
   missing = hosts_not_sharing_cache(path)
   if missing and jax.process_index() == 0:
     who = ("process " if len(missing) == 1 else "processes ") + ", ".join(map(str, missing[:8])) + (
