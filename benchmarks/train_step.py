@@ -302,18 +302,15 @@ def step_flops(counter, batch: dict) -> float:
 
 
 def initial_state(trainer):
-  """The state to time from (``--init``): ``trainer``'s fresh state, or zeros laid out as it."""
+  """The state to time from (``--init``): ``trainer``'s fresh state, or zero weights laid out as it, with the
+  optimizer's fresh state for them (Adam's zeros; float16's loss scale at its start, not 0)."""
   if _INIT.value == "random":
     return trainer.init_state(trainer.config.seed)
-  from videofusion_jax.training.optimizer import LossScaleState
   abstract = trainer.abstract_state()
 
   def zeros():
     state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
-    if isinstance(state.opt_state, LossScaleState):  # float16: a zero loss scale would skip the first update
-      state = state.replace(opt_state=state.opt_state._replace(
-          scale=jnp.float32(trainer.config.train.loss_scale_initial)))
-    return state
+    return state.replace(opt_state=trainer.tx.init(state.params))
   return jax.jit(zeros, out_shardings=trainer.state_sharding)()
 
 

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
 from videofusion_jax import diffusion
@@ -116,7 +117,6 @@ class CompileLog:
     said = self.describe()
     if jax.process_count() == 1:
       return said
-    import numpy as np
     from jax.experimental import multihost_utils
     rows = np.asarray(multihost_utils.process_allgather(np.array([self.compiled_s, self.compiled],
                                                                  np.float32))).reshape(-1, 2)
@@ -138,7 +138,6 @@ def hosts_not_sharing_cache(path: str | None) -> list[int]:
   ``path`` (two collectives), after the run's checks on every host."""
   if jax.process_count() == 1:
     return []
-  import numpy as np
   from jax.experimental import multihost_utils
   marker = None
   token = np.zeros(16, np.uint8)
