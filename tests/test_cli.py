@@ -251,6 +251,70 @@ def test_persistent_compilation_cache(tmp_path):
   assert r.returncode == 1 and "config.compilation_cache_dir=" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_cloud_storage_cache_folder_goes_to_jax_as_it_is(tmp_path):
+  """config.compilation_cache_dir=gs://bucket/path (a TPU pod's usual cache, one folder for every host) goes to JAX
+  unchanged and without a size limit (JAX's eviction lock would be a local file named after the URL); nothing is
+  created here (it was made into a local folder ./gs:/bucket/xla, of each host its own); other URLs are one
+  error line; file:// is a local folder."""
+  import json
+  code = ("import importlib.util, json, os, jax\n"
+          "from videofusion_jax.config import ConfigError\n"
+          "from videofusion_jax.experiment import enable_compilation_cache\n"
+          "out = [enable_compilation_cache('gs://bucket/xla'), jax.config.jax_compilation_cache_dir,\n"
+          "       jax.config.jax_compilation_cache_max_size, sorted(os.listdir('.'))]\n"
+          "enable_compilation_cache('local', 1.0)\n"
+          "out.append(jax.config.jax_compilation_cache_max_size)\n"
+          "out.append(enable_compilation_cache('file://' + os.path.abspath('there')))\n"
+          "find = importlib.util.find_spec\n"
+          "importlib.util.find_spec = lambda name, *a: None if name in ('tensorflow', 'gcsfs') else find(name, *a)\n"
+          "for url in ('gcs://bucket/xla', 's3://bucket/xla', 'gs://', 'gs://bucket/xla'):\n"
+          "  try:\n"
+          "    enable_compilation_cache(url)\n"
+          "  except ConfigError as e:\n"
+          "    out.append(str(e))\n"
+          "print(json.dumps(out))\n")
+  r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert r.returncode == 0, r.stderr
+  url, jax_dir, size, made, local_size, there, *errors = json.loads(r.stdout.splitlines()[-1])
+  assert url == jax_dir == "gs://bucket/xla" and size == -1 and made == [], (url, jax_dir, size, made)
+  assert local_size == 2**30 and there == str(tmp_path / "there") and (tmp_path / "there").is_dir()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "there"]
+  assert len(errors) == 4, errors
+  for url, error in zip(("gcs://bucket/xla", "s3://bucket/xla", "gs://"), errors):
+    assert error.startswith(f"config.compilation_cache_dir={url!r}: of the URLs, only a Cloud Storage folder"), error
+  assert "needs the gcsfs package (pip install gcsfs) or TensorFlow" in errors[3], errors[3]
+
+
+def test_a_cloud_storage_cache_is_shared_by_every_host_without_a_marker(tmp_path, monkeypatch):
+  """The check that the hosts share the cache's folder (process 0's side, its collectives given): a local folder
+  gets a marker file, there while the others look, removed after; a bucket gets none (a token of zeros, which every
+  host takes as seen: process 1, looking for process 0's marker in gs://, warned that it did not see it)."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  from videofusion_jax.experiment import hosts_not_sharing_cache
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  sent = []
+
+  def broadcast(token):
+    sent.append((token.copy(), sorted(p.name for p in (tmp_path / "cache").glob(".shared-by-every-host-*"))))
+    return token
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda seen: np.array([seen, seen]))
+  (tmp_path / "cache").mkdir()
+  (tmp_path / "gs:" / "bucket" / "xla").mkdir(parents=True)  # as the earlier version made it, named by the URL
+  assert hosts_not_sharing_cache(str(tmp_path / "cache")) == []
+  assert hosts_not_sharing_cache("gs://bucket/xla") == []
+  (local, markers), (bucket, none) = sent
+  assert local.any() and markers == [f".shared-by-every-host-{local.tobytes().hex()}"], (local, markers)
+  assert not bucket.any() and none == [], (bucket, none)
+  assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+      "cache", "gs:", "gs:/bucket", "gs:/bucket/xla"]  # the marker removed, none in the bucket's namesake
+
+
 def test_the_compile_log_tells_a_compile_from_a_cache_load(tmp_path):
   """experiment.CompileLog (the training log's "compiled in 5.1 s" or "loaded from the compilation cache in
   0.2 s"): one program compiled without a cache, compiled into an empty one (whose file it writes), then

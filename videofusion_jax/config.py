@@ -47,7 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   # XLA's persistent compilation cache, for every mode: a rerun (or a resumed run) loads its
-  # compiled step and sampler instead of compiling them again. '' turns it off.
+  # compiled step and sampler instead of compiling them again. '' turns it off. On several hosts, a folder
+  # every host sees at one path, or a Cloud Storage folder (gs://bucket/path; no size limit, no programs/).
   c.compilation_cache_dir = "~/.cache/videofusion_jax/xla"
   # Its size limit: beyond it the least recently used programs are removed. The limit also turns on
   # JAX's file lock, so that runs sharing the folder never read a program another is still writing.

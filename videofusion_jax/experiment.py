@@ -42,6 +42,10 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
   if not (isinstance(max_gb, (int, float)) and math.isfinite(max_gb) and max_gb > 0):  # inf: no int of it
     raise ConfigError(f"config.compilation_cache_max_gb={max_gb}: must be > 0 and finite (the persistent compilation "
                       "cache's size; config.compilation_cache_dir='' turns the cache off).")
+  if directory.startswith("file://"):
+    directory = directory[len("file://"):]
+  if "://" in directory:
+    return _use_bucket(directory)
   path = os.path.abspath(os.path.expanduser(directory))
   try:
     os.makedirs(path, exist_ok=True)
@@ -52,6 +56,25 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
   # file lock: without it a run could load a program that another is still writing.
   _use_cache_dir(path, int(max_gb * 2**30))
   return path
+
+
+def _use_bucket(url: str) -> str:
+  """Points JAX's cache at a Cloud Storage folder (``gs://bucket/path``, which JAX reaches through
+  ``etils.epath``): the usual cache of a TPU pod, one folder for every host. Returns ``url``."""
+  if not url.startswith("gs://") or not url[len("gs://"):].strip("/"):
+    raise ConfigError(f"config.compilation_cache_dir={url!r}: of the URLs, only a Cloud Storage folder "
+                      "(gs://bucket/path) is supported; mount other storage at the same path on every host and give "
+                      "that path, or '' to turn the cache off.")
+  import importlib.util
+  if not any(importlib.util.find_spec(m) for m in ("tensorflow", "gcsfs")):
+    raise ConfigError(f"config.compilation_cache_dir={url!r}: reaching Cloud Storage needs the gcsfs package "
+                      "(pip install gcsfs) or TensorFlow, and this environment has neither; install one, or give a "
+                      "local or mounted folder.")
+  # No size limit (config.compilation_cache_max_gb is not applied: the bucket's lifecycle rules keep its size):
+  # JAX's eviction takes a file lock that, for a URL, is a file of that name under the current folder, held by this
+  # host alone. Without the lock no reader sees half a program: Cloud Storage makes an object whole or not at all.
+  _use_cache_dir(url, -1)
+  return url
 
 
 class CompileLog:
@@ -141,7 +164,8 @@ def hosts_not_sharing_cache(path: str | None) -> list[int]:
   from jax.experimental import multihost_utils
   marker = None
   token = np.zeros(16, np.uint8)
-  if jax.process_index() == 0 and path is not None:
+  # A bucket (gs://) is one folder wherever it is read: no marker, a token of zeros, which every host takes as seen.
+  if jax.process_index() == 0 and path is not None and "://" not in path:
     token = np.frombuffer(os.urandom(16), np.uint8).copy()
     marker = Path(path) / f"{_MARKER}{token.tobytes().hex()}"
     try:
