@@ -346,6 +346,35 @@ def test_the_compile_log_tells_a_compile_from_a_cache_load(tmp_path):
   assert again[:2] == [0, 0] and again[3:5] == [0, 0] and again[5] == "already compiled in this process", again
 
 
+def test_the_first_progress_line_of_sampling_says_what_xla_did(capsys):
+  """Sampling's and evaluation's progress: the first line (its seconds hold the compile) says whether the batch's
+  programs compiled or loaded from the compilation cache (it said "compile included"), and the ``with`` block
+  leaves no monitoring listener behind, reported or not (an error before the first batch)."""
+  import jax
+  import jax.numpy as jnp
+  from jax._src import monitoring
+
+  from videofusion_jax.sampling import Progress
+  listeners = len(monitoring.get_event_duration_listeners())
+  f = jax.jit(lambda x: jnp.cos(x) * float(np.random.default_rng().uniform(2, 3)))  # never compiled before
+  with Progress("videos", 2, every_s=0) as progress:
+    f(jnp.ones(5)).block_until_ready()
+    progress(1)
+    progress(2)
+  with Progress("clips", 1) as progress:
+    f(jnp.ones(5)).block_until_ready()
+    progress(1)
+  with pytest.raises(ValueError), Progress("videos", 1):
+    raise ValueError("before the first batch")
+  with Progress("videos", 1, quiet=True) as progress:
+    progress(1)
+  assert len(monitoring.get_event_duration_listeners()) == listeners
+  first, second, third = capsys.readouterr().out.splitlines()
+  assert re.fullmatch(r"  videos: 1/2 \(\d+ s; compiled in [0-9.]+ s(, without a compilation cache)?\)", first), first
+  assert re.fullmatch(r"  videos: 2/2 \([0-9.]+ videos/s, 0 s left\)", second), second
+  assert re.fullmatch(r"  clips: 1/1 \(\d+ s; already compiled in this process\)", third), third
+
+
 def test_the_compile_log_of_several_hosts_counts_the_other_hosts_that_compiled(monkeypatch):
   """On several processes the first step's line says what the other hosts did (their seconds of compiling
   and how many programs each compiled, one all-gather, here given as process 0 would receive it)."""

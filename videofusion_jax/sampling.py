@@ -30,7 +30,7 @@ from videofusion_jax.config import (
   text_prior,
 )
 from videofusion_jax.data import video_io
-from videofusion_jax.experiment import Experiment
+from videofusion_jax.experiment import CompileLog, Experiment
 from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import make_apply_fns, make_prior_fn, make_video_fn
 from videofusion_jax.training import preemption
@@ -438,13 +438,26 @@ def say(*args, **kwargs) -> None:
 
 
 class Progress:
-  """Prints ``what: done/total (rate/s, time left)`` at most every ``every_s`` seconds. The first
-  report (which holds the compile) sets the clock; the rate and time left count from it."""
+  """Prints ``what: done/total (rate/s, time left)`` at most every ``every_s`` seconds, inside a ``with``
+  block. The first report (which holds the compile) sets the clock, and says what XLA did until then
+  (``CompileLog``: compiled, or loaded from the compilation cache); the rate and time left count from it."""
 
   def __init__(self, what: str, total: int, every_s: float = 10.0, unit: str = "videos", quiet: bool = False):
     self.what, self.total, self.every_s, self.unit, self.quiet = what, total, every_s, unit, quiet
     self.t0 = self.last = time.time()
     self.first: tuple[float, int] | None = None
+    self._xla: CompileLog | None = None
+
+  def __enter__(self) -> Progress:
+    self.t0 = self.last = time.time()
+    if not self.quiet:
+      self._xla = CompileLog().__enter__()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._xla is not None:
+      self._xla.__exit__(*exc)
+      self._xla = None
 
   def __call__(self, done: int) -> None:
     now = time.time()
@@ -452,7 +465,11 @@ class Progress:
       return
     if self.first is None:
       self.first = (now, done)
-      print(f"  {self.what}: {done}/{self.total} ({now - self.t0:.0f} s, compile included)", flush=True)
+      xla = ""
+      if self._xla is not None:
+        self._xla.__exit__(None, None, None)
+        xla, self._xla = f"; {self._xla.describe()}", None
+      print(f"  {self.what}: {done}/{self.total} ({now - self.t0:.0f} s{xla})", flush=True)
       self.last = now
       return
     if now - self.last < self.every_s and done < self.total:
@@ -484,13 +501,13 @@ def generated_videos(experiment: Experiment, params, num: int, seed: int, labels
   # One batch shape for every call, the last (short) batch padded: the chain compiles once, where a
   # batch of the remainder would compile a second program for a single batch's rows.
   batch = sampling_batch(experiment, num)
-  progress = Progress("generated videos", num, quiet=jax.process_index() > 0)
-  for start in range(0, num, batch):
-    size = min(batch, num - start)
-    lab = None if labels is None else labels[start:start + size]
-    txt = None if text is None else text[start:start + size]
-    consume(generate_videos(experiment, params, size, seed, lab, first=start, text=txt, batch=batch))
-    progress(start + size)
+  with Progress("generated videos", num, quiet=jax.process_index() > 0) as progress:
+    for start in range(0, num, batch):
+      size = min(batch, num - start)
+      lab = None if labels is None else labels[start:start + size]
+      txt = None if text is None else text[start:start + size]
+      consume(generate_videos(experiment, params, size, seed, lab, first=start, text=txt, batch=batch))
+      progress(start + size)
 
 
 def control_indices(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
@@ -759,8 +776,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     note_left_partials(out_dir.parent)
   t0 = time.time()
   unit = "videos" if s.num_clips == 1 else "clips"
-  progress = Progress(unit, s.num_samples * s.num_clips, unit=unit, quiet=jax.process_index() > 0)
-  with experiment.explain_out_of_memory("sample"):
+  with (Progress(unit, s.num_samples * s.num_clips, unit=unit, quiet=jax.process_index() > 0) as progress,
+        experiment.explain_out_of_memory("sample")):
     videos, used = long_videos(experiment, state.ema_params, s.seed, content, motion, labels, given, progress,
                                text=text)
   print(f"sampled {s.num_samples} videos in {time.time() - t0:.0f} s (compile included)", flush=True)

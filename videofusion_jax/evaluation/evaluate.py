@@ -129,16 +129,17 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
 
   def my_share():  # a clip that cannot be read on one host would leave the others waiting to gather
     feats, labels, done = [np.zeros((0, NUM_CLASSES), np.float32)], [np.zeros((0,), np.int32)], 0
-    for i, batch in enumerate(pipeline.eval_iterator(config, n, config.eval.batch_size,
-                                                     process_index=jax.process_index(), process_count=hosts,
-                                                     split=proto["split"],
-                                                     verbose=verbose and jax.process_index() == 0)):
-      feats.append(extract(for_i3d(batch["video"])))
-      labels.append(batch["label"].astype(np.int32))
-      done += len(batch["label"])
-      progress(done)
-      if i < every_host:
-        preemption.stop_between_batches()
+    batches = pipeline.eval_iterator(config, n, config.eval.batch_size, process_index=jax.process_index(),
+                                     process_count=hosts, split=proto["split"],
+                                     verbose=verbose and jax.process_index() == 0)
+    with progress:
+      for i, batch in enumerate(batches):
+        feats.append(extract(for_i3d(batch["video"])))
+        labels.append(batch["label"].astype(np.int32))
+        done += len(batch["label"])
+        progress(done)
+        if i < every_host:
+          preemption.stop_between_batches()
     return np.concatenate(feats), np.concatenate(labels)
 
   feats, labels = checked_on_every_host(my_share, pipeline.PipelineError(
