@@ -254,17 +254,28 @@ def test_persistent_compilation_cache(tmp_path):
 def test_a_cloud_storage_cache_folder_goes_to_jax_as_it_is(tmp_path):
   """config.compilation_cache_dir=gs://bucket/path (a TPU pod's usual cache, one folder for every host) goes to JAX
   unchanged and without a size limit (JAX's eviction lock would be a local file named after the URL); nothing is
-  created here (it was made into a local folder ./gs:/bucket/xla, of each host its own); other URLs are one
-  error line; file:// is a local folder."""
+  created here (it was made into a local folder ./gs:/bucket/xla, of each host its own); a bucket out of reach,
+  other URLs, and no package to reach Cloud Storage are one error line each; file:// is a local folder."""
   import json
   code = ("import importlib.util, json, os, jax\n"
+          "from etils import epath\n"
           "from videofusion_jax.config import ConfigError\n"
           "from videofusion_jax.experiment import enable_compilation_cache\n"
+          "made = []\n"
+          "def mkdir(self, parents=False, exist_ok=False):  # Cloud Storage, without the network\n"
+          "  if 'unreachable' in str(self):\n"
+          "    raise OSError('Could not resolve host: www.googleapis.com')\n"
+          "  made.append(str(self))\n"
+          "type(epath.Path('gs://bucket/xla')).mkdir = mkdir\n"
           "out = [enable_compilation_cache('gs://bucket/xla'), jax.config.jax_compilation_cache_dir,\n"
-          "       jax.config.jax_compilation_cache_max_size, sorted(os.listdir('.'))]\n"
+          "       jax.config.jax_compilation_cache_max_size, sorted(os.listdir('.')), made]\n"
           "enable_compilation_cache('local', 1.0)\n"
           "out.append(jax.config.jax_compilation_cache_max_size)\n"
           "out.append(enable_compilation_cache('file://' + os.path.abspath('there')))\n"
+          "try:\n"
+          "  enable_compilation_cache('gs://unreachable/xla')\n"
+          "except ConfigError as e:\n"
+          "  out.append(str(e))\n"
           "find = importlib.util.find_spec\n"
           "importlib.util.find_spec = lambda name, *a: None if name in ('tensorflow', 'gcsfs') else find(name, *a)\n"
           "for url in ('gcs://bucket/xla', 's3://bucket/xla', 'gs://', 'gs://bucket/xla'):\n"
@@ -276,10 +287,14 @@ def test_a_cloud_storage_cache_folder_goes_to_jax_as_it_is(tmp_path):
   r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                      env={**os.environ, "PYTHONPATH": str(ROOT)})
   assert r.returncode == 0, r.stderr
-  url, jax_dir, size, made, local_size, there, *errors = json.loads(r.stdout.splitlines()[-1])
-  assert url == jax_dir == "gs://bucket/xla" and size == -1 and made == [], (url, jax_dir, size, made)
+  url, jax_dir, size, here, made, local_size, there, unreachable, *errors = json.loads(r.stdout.splitlines()[-1])
+  assert url == jax_dir == "gs://bucket/xla" and size == -1 and here == [], (url, jax_dir, size, here)
+  assert made == ["gs://bucket/xla"]  # as JAX does at its first compile, where a bucket out of reach is one line
   assert local_size == 2**30 and there == str(tmp_path / "there") and (tmp_path / "there").is_dir()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "there"]
+  assert unreachable == ("config.compilation_cache_dir='gs://unreachable/xla': cannot reach it (OSError: Could not "
+                         "resolve host: www.googleapis.com); check this host's network and Google Cloud credentials, "
+                         "or give a local or mounted folder, or '' to turn the cache off."), unreachable
   assert len(errors) == 4, errors
   for url, error in zip(("gcs://bucket/xla", "s3://bucket/xla", "gs://"), errors):
     assert error.startswith(f"config.compilation_cache_dir={url!r}: of the URLs, only a Cloud Storage folder"), error

@@ -70,6 +70,13 @@ def _use_bucket(url: str) -> str:
     raise ConfigError(f"config.compilation_cache_dir={url!r}: reaching Cloud Storage needs the gcsfs package "
                       "(pip install gcsfs) or TensorFlow, and this environment has neither; install one, or give a "
                       "local or mounted folder.")
+  from etils import epath  # what JAX reaches the bucket through
+  try:  # as JAX would at its first compile, where a bucket out of reach slowed every compile with retries
+    epath.Path(url).mkdir(parents=True, exist_ok=True)
+  except Exception as e:  # noqa: BLE001 - each storage backend raises its own
+    raise ConfigError(f"config.compilation_cache_dir={url!r}: cannot reach it ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:300]}); check this host's network and Google Cloud credentials, "
+                      "or give a local or mounted folder, or '' to turn the cache off.") from None
   # No size limit (config.compilation_cache_max_gb is not applied: the bucket's lifecycle rules keep its size):
   # JAX's eviction takes a file lock that, for a URL, is a file of that name under the current folder, held by this
   # host alone. Without the lock no reader sees half a program: Cloud Storage makes an object whole or not at all.
