@@ -267,11 +267,19 @@ def test_a_cloud_storage_cache_folder_goes_to_jax_as_it_is(tmp_path):
           "    raise OSError('Could not resolve host: www.googleapis.com')\n"
           "  made.append(str(self))\n"
           "type(epath.Path('gs://bucket/xla')).mkdir = mkdir\n"
+          "from jax._src.compiler import get_compile_options\n"
+          "def xla_caches():  # what JAX hands XLA: its GPU autotuning cache's folder, and the setting\n"
+          "  options = get_compile_options(num_replicas=1, num_partitions=1)  # kept: its parts are views of it\n"
+          "  folder = options.executable_build_options.debug_options.xla_gpu_per_fusion_autotune_cache_dir\n"
+          "  return [folder, jax.config.jax_persistent_cache_enable_xla_caches]\n"
+          "default = xla_caches()[1]\n"
           "out = [enable_compilation_cache('gs://bucket/xla'), jax.config.jax_compilation_cache_dir,\n"
-          "       jax.config.jax_compilation_cache_max_size, sorted(os.listdir('.')), made]\n"
+          "       jax.config.jax_compilation_cache_max_size, sorted(os.listdir('.')), made, xla_caches(), default]\n"
           "enable_compilation_cache('local', 1.0)\n"
           "out.append(jax.config.jax_compilation_cache_max_size)\n"
+          "out.append(xla_caches())\n"
           "out.append(enable_compilation_cache('file://' + os.path.abspath('there')))\n"
+          "out.append([enable_compilation_cache('file://'), jax.config.jax_compilation_cache_dir])\n"
           "try:\n"
           "  enable_compilation_cache('gs://unreachable/xla')\n"
           "except ConfigError as e:\n"
@@ -287,17 +295,24 @@ def test_a_cloud_storage_cache_folder_goes_to_jax_as_it_is(tmp_path):
   r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                      env={**os.environ, "PYTHONPATH": str(ROOT)})
   assert r.returncode == 0, r.stderr
-  url, jax_dir, size, here, made, local_size, there, unreachable, *errors = json.loads(r.stdout.splitlines()[-1])
+  (url, jax_dir, size, here, made, bucket_xla, default, local_size, local_xla, there, off,
+   unreachable, *errors) = json.loads(r.stdout.splitlines()[-1])
   assert url == jax_dir == "gs://bucket/xla" and size == -1 and here == [], (url, jax_dir, size, here)
   assert made == ["gs://bucket/xla"]  # as JAX does at its first compile, where a bucket out of reach is one line
+  # XLA's GPU autotuning cache, which JAX puts in its cache's folder, is off for a bucket (XLA cannot open gs://),
+  # and back for a local folder.
+  assert default and bucket_xla == ["", "none"], (bucket_xla, default)
+  assert local_xla == [str(tmp_path / "local" / "xla_gpu_per_fusion_autotune_cache_dir"), default], local_xla
   assert local_size == 2**30 and there == str(tmp_path / "there") and (tmp_path / "there").is_dir()
+  assert off == [None, None], off  # a bare file:// is no folder, not the current one
   assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "there"]
   assert unreachable == ("config.compilation_cache_dir='gs://unreachable/xla': cannot reach it (OSError: Could not "
                          "resolve host: www.googleapis.com); check this host's network and Google Cloud credentials, "
                          "or give a local or mounted folder, or '' to turn the cache off."), unreachable
   assert len(errors) == 4, errors
-  for url, error in zip(("gcs://bucket/xla", "s3://bucket/xla", "gs://"), errors):
+  for url, error in zip(("gcs://bucket/xla", "s3://bucket/xla"), errors):
     assert error.startswith(f"config.compilation_cache_dir={url!r}: of the URLs, only a Cloud Storage folder"), error
+  assert errors[2] == "config.compilation_cache_dir='gs://': name the bucket, and a folder in it (gs://bucket/path)."
   assert "needs the gcsfs package (pip install gcsfs) or TensorFlow" in errors[3], errors[3]
 
 

@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.compilation_cache_dir = "~/.cache/videofusion_jax/xla"
   # Its size limit: beyond it the least recently used programs are removed. The limit also turns on
   # JAX's file lock, so that runs sharing the folder never read a program another is still writing.
+  # Not applied to a gs:// folder (set the bucket's own rules).
   c.compilation_cache_max_gb = 10.0
   # Keep the traced train step and sampler in the cache's programs/ folder too, so that a rerun
   # skips tracing them (training/program_store.py). Its key holds the package's source files, not

@@ -32,9 +32,12 @@ from videofusion_jax.training.state import TrainState
 
 def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None:
   """Turns on XLA's persistent compilation cache in ``directory`` (created if missing), kept under
-  ``max_gb`` GiB by removing the least recently used programs; '' turns it off. Call before anything
-  is compiled, or again to move or end it (a notebook's second run). Returns the absolute path used, or
-  None."""
+  ``max_gb`` GiB by removing the least recently used programs; '' turns it off. A Cloud Storage folder
+  (``gs://bucket/path``) is given to JAX as it is, with no size limit (``_use_bucket``). Call before anything
+  is compiled, or again to move or end it (a notebook's second run). Returns the absolute path or the URL
+  used, or None."""
+  if directory.startswith("file://"):
+    directory = directory[len("file://"):]
   if not directory:
     if jax.config.jax_compilation_cache_dir:
       _use_cache_dir(None)
@@ -42,10 +45,9 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
   if not (isinstance(max_gb, (int, float)) and math.isfinite(max_gb) and max_gb > 0):  # inf: no int of it
     raise ConfigError(f"config.compilation_cache_max_gb={max_gb}: must be > 0 and finite (the persistent compilation "
                       "cache's size; config.compilation_cache_dir='' turns the cache off).")
-  if directory.startswith("file://"):
-    directory = directory[len("file://"):]
   if "://" in directory:
     return _use_bucket(directory)
+  _xla_caches_for(local=True)
   path = os.path.abspath(os.path.expanduser(directory))
   try:
     os.makedirs(path, exist_ok=True)
@@ -61,17 +63,22 @@ def enable_compilation_cache(directory: str, max_gb: float = 10.0) -> str | None
 def _use_bucket(url: str) -> str:
   """Points JAX's cache at a Cloud Storage folder (``gs://bucket/path``, which JAX reaches through
   ``etils.epath``): the usual cache of a TPU pod, one folder for every host. Returns ``url``."""
-  if not url.startswith("gs://") or not url[len("gs://"):].strip("/"):
+  if not url.startswith("gs://"):
     raise ConfigError(f"config.compilation_cache_dir={url!r}: of the URLs, only a Cloud Storage folder "
                       "(gs://bucket/path) is supported; mount other storage at the same path on every host and give "
                       "that path, or '' to turn the cache off.")
+  if not url[len("gs://"):].strip("/"):
+    raise ConfigError(f"config.compilation_cache_dir={url!r}: name the bucket, and a folder in it "
+                      "(gs://bucket/path).")
   import importlib.util
   if not any(importlib.util.find_spec(m) for m in ("tensorflow", "gcsfs")):
     raise ConfigError(f"config.compilation_cache_dir={url!r}: reaching Cloud Storage needs the gcsfs package "
                       "(pip install gcsfs) or TensorFlow, and this environment has neither; install one, or give a "
                       "local or mounted folder.")
   from etils import epath  # what JAX reaches the bucket through
-  try:  # as JAX would at its first compile, where a bucket out of reach slowed every compile with retries
+  # As JAX would at its first compile, where a bucket out of reach is one warning and the run goes on without a
+  # cache, compiling every program on every run.
+  try:
     epath.Path(url).mkdir(parents=True, exist_ok=True)
   except Exception as e:  # noqa: BLE001 - each storage backend raises its own
     raise ConfigError(f"config.compilation_cache_dir={url!r}: cannot reach it ({type(e).__name__}: "
@@ -79,9 +86,26 @@ def _use_bucket(url: str) -> str:
                       "or give a local or mounted folder, or '' to turn the cache off.") from None
   # No size limit (config.compilation_cache_max_gb is not applied: the bucket's lifecycle rules keep its size):
   # JAX's eviction takes a file lock that, for a URL, is a file of that name under the current folder, held by this
-  # host alone. Without the lock no reader sees half a program: Cloud Storage makes an object whole or not at all.
+  # host alone (filelock's SoftFileLock). Without the lock no reader sees half a program: Cloud Storage makes an
+  # object whole or not at all.
   _use_cache_dir(url, -1)
+  _xla_caches_for(local=False)
   return url
+
+
+_XLA_CACHES = "jax_persistent_cache_enable_xla_caches"
+_xla_caches_before_bucket: list = []  # the setting a bucket replaced, restored for a local folder
+
+
+def _xla_caches_for(local: bool) -> None:
+  """XLA's own caches beside JAX's (on GPUs its autotuning results, in ``<cache>/xla_gpu_per_fusion_autotune_
+  cache_dir``): off for a bucket, whose URL XLA's C++ file layer cannot open (the first GPU compile failed with
+  "File system scheme 'gs' not implemented"); as they were for a local folder."""
+  if not local and not _xla_caches_before_bucket:
+    _xla_caches_before_bucket.append(getattr(jax.config, _XLA_CACHES))
+    jax.config.update(_XLA_CACHES, "none")
+  elif local and _xla_caches_before_bucket:
+    jax.config.update(_XLA_CACHES, _xla_caches_before_bucket.pop())
 
 
 class CompileLog:

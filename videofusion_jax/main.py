@@ -155,7 +155,8 @@ def _os_error(e: OSError, config, workdir: str | None = None) -> str:
   from videofusion_jax.data.pipeline import default_data_dir
   folders = {"the workdir": workdir, "the datasets' data_dir": config.data.get("data_dir") or default_data_dir(),
              "the compilation cache": config.get("compilation_cache_dir") or None}
-  named = "; ".join(f"{what} {os.path.expanduser(str(path))}" for what, path in folders.items() if path)
+  named = "; ".join(f"{what} {os.path.expanduser(str(path))}" for what, path in folders.items()
+                    if path and "://" not in str(path))  # a bucket is no disk of this host's
   return f"{e}: a disk (or quota) this run writes to is full ({named}). Free space there and rerun."
 
 

@@ -129,10 +129,10 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
 
   def my_share():  # a clip that cannot be read on one host would leave the others waiting to gather
     feats, labels, done = [np.zeros((0, NUM_CLASSES), np.float32)], [np.zeros((0,), np.int32)], 0
-    batches = pipeline.eval_iterator(config, n, config.eval.batch_size, process_index=jax.process_index(),
-                                     process_count=hosts, split=proto["split"],
-                                     verbose=verbose and jax.process_index() == 0)
-    with progress:
+    with progress:  # the clock from here, the input's set-up included
+      batches = pipeline.eval_iterator(config, n, config.eval.batch_size, process_index=jax.process_index(),
+                                       process_count=hosts, split=proto["split"],
+                                       verbose=verbose and jax.process_index() == 0)
       for i, batch in enumerate(batches):
         feats.append(extract(for_i3d(batch["video"])))
         labels.append(batch["label"].astype(np.int32))
