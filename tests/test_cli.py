@@ -405,6 +405,36 @@ def test_the_first_progress_line_of_sampling_says_what_xla_did(capsys):
   assert re.fullmatch(r"  clips: 1/1 \(\d+ s; already compiled in this process\)", third), third
 
 
+def test_a_host_stopped_alone_by_ctrl_c_tells_the_others(monkeypatch, capsys):
+  """A second Ctrl-C stops its host at once, alone: on several hosts the others are told as of a failure
+  (``sharding.report_failure``: they stop at once, where they waited for it in their next collective, then every
+  host aborted at JAX's shutdown barrier), and a host whose others stopped leaves without that barrier. A stop
+  every host agreed on (the first Ctrl-C, SIGTERM) tells nobody; one process has nobody to tell."""
+  import signal
+
+  from videofusion_jax import main
+  from videofusion_jax.training import preemption, sharding
+  told, answer = [], [True]
+  monkeypatch.setattr(sharding, "report_failure", lambda message, what: told.append((message, what)) or answer[0])
+
+  def exit_now(code):
+    raise SystemExit(("os._exit", code))
+  monkeypatch.setattr(os, "_exit", exit_now)
+
+  def ended(e):
+    with pytest.raises(SystemExit) as stop:
+      main._interrupted(e, "the checkpoints saved before are intact (rerun to resume)")
+    return stop.value.code
+  assert ended(KeyboardInterrupt()) == ("os._exit", 128 + signal.SIGINT)  # the others stopped: no barrier
+  assert told == [("Ctrl-C stopped it at once; the checkpoints saved before are intact (rerun to resume)",
+                   "was interrupted")]
+  answer[0] = False  # one process, or the others failing too: the barrier, which every host reaches
+  assert ended(KeyboardInterrupt()) == 128 + signal.SIGINT and len(told) == 2
+  agreed = preemption.Interrupted("SIGTERM", how="every host stopped after the same batch")
+  assert ended(agreed) == 128 + signal.SIGTERM and len(told) == 2
+  assert "interrupted by SIGTERM: every host stopped after the same batch; the checkpoints" in capsys.readouterr().err
+
+
 def test_the_compile_log_of_several_hosts_counts_the_other_hosts_that_compiled(monkeypatch):
   """On several processes the first step's line says what the other hosts did (their seconds of compiling
   and how many programs each compiled, one all-gather, here given as process 0 would receive it)."""

@@ -144,7 +144,16 @@ def _interrupted(e: KeyboardInterrupt, after: str) -> None:
   name, how = getattr(e, "signal_name", "SIGINT"), getattr(e, "how", "stopped at once")
   by = "" if name == "SIGINT" else f" by {name}"
   print(f"\ninterrupted{by}: {how}; {after}.", file=sys.stderr)
-  sys.exit(128 + signal.Signals[name].value)
+  code = 128 + signal.Signals[name].value
+  sharding = sys.modules.get("videofusion_jax.training.sharding")
+  # Stopped here alone (a second Ctrl-C), not where every host agreed to: on several hosts the others are told, as
+  # of a failure, where they would wait for this one in their next collective and at JAX's shutdown barrier.
+  if how == "stopped at once" and sharding is not None and sharding.report_failure(
+      f"{'Ctrl-C' if name == 'SIGINT' else name} stopped it at once; {after}", what="was interrupted"):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 def _os_error(e: OSError, config, workdir: str | None = None) -> str:

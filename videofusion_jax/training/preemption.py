@@ -50,8 +50,8 @@ def _forward_sigint(signum, frame) -> None:
   global _sigint_here
   _sigint_here = True
   signal.signal(signal.SIGINT, signal.default_int_handler)
-  print("\nSIGINT received: every host stops after the batch in flight (Ctrl-C again to stop this host at once, "
-        "leaving the others waiting).", flush=True)
+  print("\nSIGINT received: every host stops after the batch in flight (Ctrl-C again to stop every host at "
+        "once).", flush=True)
   os.kill(os.getpid(), signal.SIGTERM)
 
 

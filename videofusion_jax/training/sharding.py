@@ -125,8 +125,9 @@ def watch_for_failures(grace_s: float = 5.0, wait_s: float = 15.0) -> None:
   _watching.set()
 
 
-def report_failure(message: str, wait_s: float = 15.0) -> bool:
-  """Tells the other hosts' ``watch_for_failures`` that this one failed (``message``: its error), and waits
+def report_failure(message: str, wait_s: float = 15.0, what: str = "stopped with an error") -> bool:
+  """Tells the other hosts' ``watch_for_failures`` that this one failed (``message``: its error; ``what``
+  happened to it, in words: "process 1 {what} ({message})"), and waits
   until each has failed too or stopped (``wait_s`` at most). True when this process must end without JAX's
   shutdown barrier (``os._exit``): a host stopped by its watcher never reaches it, and the barrier would hold
   this one for minutes. One process: False, nothing told."""
@@ -144,7 +145,7 @@ def report_failure(message: str, wait_s: float = 15.0) -> bool:
   try:
     client.key_value_set(f"{_STATE}{me}", "failed", allow_overwrite=True)
     try:
-      client.key_value_set(_FAILED, f"process {me} stopped with an error ({' '.join(message.split())[:1000]})")
+      client.key_value_set(_FAILED, f"process {me} {what} ({' '.join(message.split())[:1000]})")
     except Exception:  # noqa: BLE001 - another failing host told them first
       pass
     deadline, states = time.time() + wait_s, []
