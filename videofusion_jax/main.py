@@ -318,7 +318,11 @@ def main(argv) -> None:
     _fail(_os_error(e, config, workdir) if isinstance(e, OSError) else str(e))
   except Exception as e:  # anything else keeps its traceback; on several hosts the others are told at once
     if multihost:
-      traceback.print_exc()
+      from videofusion_jax.training import sharding
+      # Unless another host's failure is stopping this one: then it is a collective cut short as that host left,
+      # after the line naming it (its watcher ends this process).
+      if not sharding.stopped_by_another_host():
+        traceback.print_exc()
       _exit_failed(f"{type(e).__name__}: {e}")
     raise
 

@@ -125,6 +125,11 @@ def watch_for_failures(grace_s: float = 5.0, wait_s: float = 15.0) -> None:
   _watching.set()
 
 
+def stopped_by_another_host() -> bool:
+  """Whether this host's watcher is ending it for another host's failure (``watch_for_failures``)."""
+  return _stopping_here.is_set()
+
+
 def report_failure(message: str, wait_s: float = 15.0, what: str = "stopped with an error") -> bool:
   """Tells the other hosts' ``watch_for_failures`` that this one failed (``message``: its error; ``what``
   happened to it, in words: "process 1 {what} ({message})"), and waits
