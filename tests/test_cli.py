@@ -414,16 +414,23 @@ def test_a_host_stopped_alone_by_ctrl_c_tells_the_others(monkeypatch, capsys):
 
   from videofusion_jax import main
   from videofusion_jax.training import preemption, sharding
+  assert sharding.report_failure("alone", what="was interrupted") is False  # one process: nobody to tell
   told, answer = [], [True]
   monkeypatch.setattr(sharding, "report_failure", lambda message, what: told.append((message, what)) or answer[0])
+  handler = signal.getsignal(signal.SIGINT)
 
   def exit_now(code):
     raise SystemExit(("os._exit", code))
   monkeypatch.setattr(os, "_exit", exit_now)
 
   def ended(e):
-    with pytest.raises(SystemExit) as stop:
-      main._interrupted(e, "the checkpoints saved before are intact (rerun to resume)")
+    try:
+      with pytest.raises(SystemExit) as stop:
+        main._interrupted(e, "the checkpoints saved before are intact (rerun to resume)")
+      # A third Ctrl-C while the others are told (seconds) is ignored: it ended the telling half done.
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+      signal.signal(signal.SIGINT, handler)
     return stop.value.code
   assert ended(KeyboardInterrupt()) == ("os._exit", 128 + signal.SIGINT)  # the others stopped: no barrier
   assert told == [("Ctrl-C stopped it at once; the checkpoints saved before are intact (rerun to resume)",

@@ -14,6 +14,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -127,10 +128,18 @@ def _fail(message: str) -> None:
   _exit_failed(message)
 
 
+def _ignore_ctrl_c() -> None:
+  """Ctrl-C ignored from here to the exit: telling the other hosts takes seconds (they wait a few for errors of
+  their own), and one more Ctrl-C inside it ended the telling half done, with a traceback."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _exit_failed(message: str) -> None:
   """Exit 1; on a run of several processes the other hosts are told first (``sharding.report_failure``), and a
   host whose others it stopped leaves without JAX's shutdown barrier, which they never reach."""
   sharding = sys.modules.get("videofusion_jax.training.sharding")  # not imported yet (a flag's error): no run
+  _ignore_ctrl_c()
   if sharding is not None and sharding.report_failure(message):
     sys.stdout.flush()
     sys.stderr.flush()
@@ -141,14 +150,16 @@ def _exit_failed(message: str) -> None:
 def _interrupted(e: KeyboardInterrupt, after: str) -> None:
   """Ctrl-C, or SIGTERM where there was no step to save (``preemption.Interrupted``): one line ending
   with ``after`` (what was kept, what to do), and the shell's code for the signal (128 + its number)."""
-  name, how = getattr(e, "signal_name", "SIGINT"), getattr(e, "how", "stopped at once")
+  from videofusion_jax.training.preemption import AT_ONCE
+  name, how = getattr(e, "signal_name", "SIGINT"), getattr(e, "how", AT_ONCE)
   by = "" if name == "SIGINT" else f" by {name}"
   print(f"\ninterrupted{by}: {how}; {after}.", file=sys.stderr)
   code = 128 + signal.Signals[name].value
   sharding = sys.modules.get("videofusion_jax.training.sharding")
+  _ignore_ctrl_c()
   # Stopped here alone (a second Ctrl-C), not where every host agreed to: on several hosts the others are told, as
   # of a failure, where they would wait for this one in their next collective and at JAX's shutdown barrier.
-  if how == "stopped at once" and sharding is not None and sharding.report_failure(
+  if how == AT_ONCE and sharding is not None and sharding.report_failure(
       f"{'Ctrl-C' if name == 'SIGINT' else name} stopped it at once; {after}", what="was interrupted"):
     sys.stdout.flush()
     sys.stderr.flush()

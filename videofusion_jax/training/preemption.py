@@ -13,13 +13,15 @@ from collections.abc import Iterator
 import jax
 from jax.experimental import multihost_utils
 
+AT_ONCE = "stopped at once"  # ``Interrupted.how`` of a host that stopped alone (``main._interrupted`` tells the others)
+
 
 class Interrupted(KeyboardInterrupt):
   """SIGTERM or SIGINT where work stops at once: raised like Ctrl-C's ``KeyboardInterrupt`` (which it is), so
   that ``finally`` blocks run and temporary files go; Python's default for SIGTERM ends the process without
   them. ``how``: how it stopped, in words."""
 
-  def __init__(self, signal_name: str, how: str = "stopped at once"):
+  def __init__(self, signal_name: str, how: str = AT_ONCE):
     super().__init__(signal_name)
     self.signal_name, self.how = signal_name, how
 
@@ -45,7 +47,7 @@ def _reached_sync_point() -> bool:
 
 def _forward_sigint(signum, frame) -> None:
   """A multi-host run's first Ctrl-C: to JAX's preemption notifier as SIGTERM (which tells every host);
-  the second stops this host at once."""
+  the second stops this host at once, and it tells the others (``main._interrupted``)."""
   del signum, frame
   global _sigint_here
   _sigint_here = True
@@ -111,7 +113,7 @@ class StopRequest:
       raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
     self.signal_name = name
     print(f"\n{name} received: finishing the step in flight, then saving a checkpoint and exiting "
-          "(Ctrl-C again to stop at once without it).", flush=True)
+          f"(Ctrl-C again to stop {'every host ' if self._multi else ''}at once without it).", flush=True)
     if self._multi:
       _sigint_here = _sigint_here or signum == signal.SIGINT  # for the work after training, if it comes to it
       os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier, which tells the other hosts

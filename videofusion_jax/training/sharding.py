@@ -131,7 +131,7 @@ def stopped_by_another_host() -> bool:
 
 
 def report_failure(message: str, wait_s: float = 15.0, what: str = "stopped with an error") -> bool:
-  """Tells the other hosts' ``watch_for_failures`` that this one failed (``message``: its error; ``what``
+  """Tells the other hosts' ``watch_for_failures`` that this one failed or stopped alone (``message``: why; ``what``
   happened to it, in words: "process 1 {what} ({message})"), and waits
   until each has failed too or stopped (``wait_s`` at most). True when this process must end without JAX's
   shutdown barrier (``os._exit``): a host stopped by its watcher never reaches it, and the barrier would hold
