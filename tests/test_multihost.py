@@ -299,12 +299,29 @@ def failing(self, local):
 step.Trainer.global_batch = failing""")
 
 
+# WORKER where process 1 gets Ctrl-C twice at its third step's batch: every host is to stop after the step in flight,
+# then this host at once.
+INTERRUPTED_TWICE = WORKER.replace(HOOK, HOOK + """
+import os, signal, time
+from videofusion_jax.training import step
+batches, global_batch = [], step.Trainer.global_batch
+def interrupted(self, local):
+  batches.append(1)
+  if len(batches) == 3 and "--process_id=1" in sys.argv:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+  return global_batch(self, local)
+step.Trainer.global_batch = interrupted""")
+
+
 def test_a_lock_a_dataset_or_an_input_one_host_cannot_use_stops_every_host_at_once(tmp_path, tfds_dir):
   """Process 0 failing to write the lock file (an OSError, not another run's lock), process 1 unable to read
   the dataset process 0 prepared (its data_dir lies under a file: not shared, and not buildable there),
-  process 1 unable to open its training input, and either host failing mid-run each stop both hosts with an
-  error at once; the host that failed says why, the other points to it (they used to wait at their next
-  collective, and at JAX's shutdown barrier, for minutes)."""
+  process 1 unable to open its training input, either host failing mid-run, and a second Ctrl-C on one host each
+  stop both hosts with an error at once; the host that failed says why, the other points to it (they used to
+  wait at their next collective, and at JAX's shutdown barrier, for minutes)."""
   config_file = tiny_config_file(tmp_path, **{"data.data_dir": tfds_dir})
   procs, outs = start_two(LOCK_UNWRITABLE, [tmp_path / f"lock_{i}.npz" for i in range(2)], config_file,
                           tmp_path / "locked", "train", 120)
@@ -353,6 +370,16 @@ def test_a_lock_a_dataset_or_an_input_one_host_cannot_use_stops_every_host_at_on
     # Its collective cut short as the failed host left (Gloo's "Connection closed by peer") is no second error.
     assert "Traceback" not in outs[other][1], outs[other]
     assert "step      2/20" in outs[0][0] and "step      3/20" not in outs[0][0], outs[0]
+  # A second Ctrl-C stops its host at once, alone: it tells the other, which stops too (it waited in the step's
+  # collectives and at JAX's shutdown barrier for minutes).
+  procs, outs = start_two(INTERRUPTED_TWICE, [tmp_path / f"twice_{i}.npz" for i in range(2)], config_file,
+                          tmp_path / "twice", "train", 120, "--config.train.num_steps=20", "--config.train.log_every=1")
+  assert [p.returncode for p in procs] == [1, 128 + signal.SIGINT], outs
+  assert "(Ctrl-C again to stop every host at once without it)" in outs[1][0], outs[1]
+  after = "the checkpoints saved before are intact (rerun to resume)"
+  assert f"interrupted: stopped at once; {after}." in outs[1][1], outs[1]
+  assert f"error: process 1 was interrupted (Ctrl-C stopped it at once; {after}); this host stops too" in outs[0][1]
+  assert "Traceback" not in outs[0][1] + outs[1][1], outs
 
 
 # WORKER where a source file changed on process 0's disk after the import (so it would not load stored programs).
