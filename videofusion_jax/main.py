@@ -135,16 +135,17 @@ def _ignore_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _exit_failed(message: str) -> None:
-  """Exit 1; on a run of several processes the other hosts are told first (``sharding.report_failure``), and a
-  host whose others it stopped leaves without JAX's shutdown barrier, which they never reach."""
+def _exit_failed(message: str, code: int = 1, what: str = "stopped with an error", tell: bool = True) -> None:
+  """Exit ``code``; on a run of several processes the other hosts are told first (``tell``:
+  ``sharding.report_failure``, that this one ``what``), and a host whose others it stopped leaves without JAX's
+  shutdown barrier, which they never reach."""
   sharding = sys.modules.get("videofusion_jax.training.sharding")  # not imported yet (a flag's error): no run
   _ignore_ctrl_c()
-  if sharding is not None and sharding.report_failure(message):
+  if tell and sharding is not None and sharding.report_failure(message, what=what):
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
-  sys.exit(1)
+    os._exit(code)
+  sys.exit(code)
 
 
 def _interrupted(e: KeyboardInterrupt, after: str) -> None:
@@ -154,17 +155,10 @@ def _interrupted(e: KeyboardInterrupt, after: str) -> None:
   name, how = getattr(e, "signal_name", "SIGINT"), getattr(e, "how", AT_ONCE)
   by = "" if name == "SIGINT" else f" by {name}"
   print(f"\ninterrupted{by}: {how}; {after}.", file=sys.stderr)
-  code = 128 + signal.Signals[name].value
-  sharding = sys.modules.get("videofusion_jax.training.sharding")
-  _ignore_ctrl_c()
   # Stopped here alone (a second Ctrl-C), not where every host agreed to: on several hosts the others are told, as
   # of a failure, where they would wait for this one in their next collective and at JAX's shutdown barrier.
-  if how == AT_ONCE and sharding is not None and sharding.report_failure(
-      f"{'Ctrl-C' if name == 'SIGINT' else name} stopped it at once; {after}", what="was interrupted"):
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-  sys.exit(code)
+  _exit_failed(f"{'Ctrl-C' if name == 'SIGINT' else name} stopped it at once; {after}",
+               128 + signal.Signals[name].value, what="was interrupted", tell=how == AT_ONCE)
 
 
 def _os_error(e: OSError, config, workdir: str | None = None) -> str:

@@ -465,10 +465,8 @@ class Progress:
       return
     if self.first is None:
       self.first = (now, done)
-      xla = ""
-      if self._xla is not None:
-        self._xla.__exit__(None, None, None)
-        xla, self._xla = f"; {self._xla.describe()}", None
+      xla = "" if self._xla is None else f"; {self._xla.describe()}"
+      self.__exit__(None, None, None)  # what XLA did until the first report, no more
       print(f"  {self.what}: {done}/{self.total} ({now - self.t0:.0f} s{xla})", flush=True)
       self.last = now
       return
