@@ -501,11 +501,11 @@ def test_a_recorded_config_is_compared_under_a_home_path_and_only_on_fields_the_
      "must lie in [0, 1)"),
     ({"model.residual.dropout": 1.5}, "config.model.residual.dropout=1.5: the share of activations dropped"),
     ({"model.base.dropout": -0.5}, "config.model.base.dropout=-0.5: the share of activations dropped"),
-    # tiny_config's U-Nets: two levels at 8x8, feature maps of 8 and 4.
+    # tiny_config's U-Nets at 8x8: the base two levels deep (feature maps of 8 and 4), the residual one (8).
     ({"model.base.attention_resolutions": (32,)}, "config.model.base.attention_resolutions=(32,): at "
      "config.data.image_size=8 the U-Net's feature maps have the sizes [8, 4], so [32] would get no attention"),
-    ({"model.residual.attention_resolutions": (4, 2)}, "config.model.residual.attention_resolutions=(4, 2): at "
-     "config.data.image_size=8 the U-Net's feature maps have the sizes [8, 4], so [2] would get no attention"),
+    ({"model.residual.attention_resolutions": (8, 2)}, "config.model.residual.attention_resolutions=(8, 2): at "
+     "config.data.image_size=8 the U-Net's feature maps have the sizes [8], so [2] would get no attention"),
     # VDM*'s spatial attention (the base generator's U-Net, made space-time).
     ({"model.kind": "vdm", "diffusion.lam": 0.0, "model.base.attention_resolutions": (16,)},
      "config.model.base.attention_resolutions=(16,): at config.data.image_size=8"),

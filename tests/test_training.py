@@ -11,7 +11,7 @@ import pytest
 from conftest import one_device, tiny_config
 
 from videofusion_jax import diffusion
-from videofusion_jax.config import ConfigError, validate
+from videofusion_jax.config import ConfigError, unet_config, validate
 from videofusion_jax.data.stream import resume_position
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.factory import make_apply_fns
@@ -1001,9 +1001,12 @@ def test_checkpoint_written_before_the_restructuring_restores_and_resumes(traine
   src = Path(__file__).parent / "data" / "checkpoint_before_issue8"
   shutil.copytree(src / "checkpoints", tmp_path / "checkpoints")  # the run writes into its workdir
   expected = json.loads((src / "params_summary.json").read_text())["leaf_sum_and_sum_of_squares"]
+  # The tiny config of that time had a residual generator two levels deep (tests/tiny.py: one now).
+  then = {"model.residual": unet_config(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                        attention_resolutions=(), head_dim=8)}
   with pytest.raises(ckpt.CheckpointError, match=r"missing: encoder, prior\).*--config.model.condition=label"):
-    trainer.restore(tmp_path)
-  c = tiny_config(**{"train.num_steps": 3, "model.condition": "label"})
+    Trainer(tiny_config(**then), mesh=trainer.mesh).restore(tmp_path)
+  c = tiny_config(**{"train.num_steps": 3, "model.condition": "label", **then})
   trainer = Trainer(c, mesh=trainer.mesh)
   state = trainer.restore(tmp_path)
   assert int(state.step) == 2
