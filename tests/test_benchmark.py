@@ -16,7 +16,8 @@ TINY = ["--config.data.num_frames=4", "--config.data.image_size=8", "--config.mo
         "--config.model.base.head_dim=8", "--config.model.base.attention_resolutions=(4,)",
         "--config.model.residual.base_channels=4", "--config.model.residual.head_dim=4",
         "--config.model.residual.channel_mult=(1,)", "--config.model.encoder.base_channels=8",
-        "--config.model.encoder.channel_mult=(1,)", "--config.model.prior.width=32", "--config.model.prior.num_layers=1",
+        "--config.model.encoder.channel_mult=(1,)", "--config.model.prior.width=32",
+        "--config.model.prior.num_layers=1",
         "--config.train.batch_size=2", "--config.sample.batch_size=2", "--config.sample.prior_num_steps=2",
         "--config.sample.spacing=trailing", "--config.sample.prior_spacing=trailing",  # short chains from T-1
         "--config.compilation_cache_dir="]

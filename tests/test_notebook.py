@@ -19,7 +19,8 @@ NUM_SAMPLES = 2
 SHRINK = ("--config.data.image_size=8 --config.data.num_frames=4 --config.train.batch_size=4 "
           "--config.model.base.base_channels=8 --config.model.base.head_dim=8 --config.model.residual.base_channels=8 "
           "--config.model.residual.head_dim=8 --config.model.residual.channel_mult=(1,) "
-          "--config.model.encoder.base_channels=8 --config.model.encoder.channel_mult=(1,) --config.model.prior.width=32 "
+          "--config.model.encoder.base_channels=8 --config.model.encoder.channel_mult=(1,) "
+          "--config.model.prior.width=32 "
           "--config.model.prior.num_layers=1 --config.train.prior_repeats=2 --config.sample.upscale=1 "
           "--config.sample.num_real_clips=12 --config.sample.prior_num_steps=4 --config.sample.spacing=trailing "
           "--config.sample.prior_spacing=trailing")
