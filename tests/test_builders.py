@@ -421,7 +421,7 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
   c.data.update(data_dir=data_dir, image_size=8, num_frames=4)
   c.model.base, c.model.residual = tiny.model.base, tiny.model.residual
   c.model.encoder.update(clip_dir=str(clip_dir), embed_dim=20)
-  c.model.prior.update(width=32, num_layers=2)
+  c.model.prior.update(width=tiny.model.prior.width, num_layers=tiny.model.prior.num_layers)
   c.train, c.sample = tiny.train, tiny.sample
   c.train.update(num_steps=2, label_dropout=0.1)  # guided below: the null text and c seen in training
   prompts = tmp_path / "prompts.txt"

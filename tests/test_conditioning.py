@@ -1,5 +1,7 @@
 """The paper's conditioning: the key-frame embedding c shared by both generators, its encoders,
 and the prior that samples it."""
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -157,6 +159,45 @@ def test_the_pixels_encoder_puts_every_frame_on_the_sphere_and_uniform_greys_apa
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.sqrt(width), rtol=1e-5)
   gaps = np.linalg.norm(got[:, None] - got[None], axis=-1)[np.triu_indices(6, 1)]
   assert gaps.min() > 0.5, gaps  # no two of the frames share an embedding
+
+
+def test_the_learned_encoder_against_numpy():
+  """The learned key-frame encoder two levels deep (the tiny model's is one; the demo's two) against NumPy:
+  conv_in, then per level GroupNorm (gcd(32, C) groups, epsilon 1e-6), SiLU, a 3x3 conv, SiLU and a stride-2
+  3x3 conv ('SAME': padded 1 before and after, or 0 before and 1 after at stride 2 on an even size) that widens
+  to base_channels x mult; GroupNorm, SiLU, the mean over the pixels, a dense layer, scaled to norm √D."""
+  from videofusion_jax.models.encoder import KeyFrameEncoder
+
+  net = KeyFrameEncoder(embed_dim=6, base_channels=8, channel_mult=(1, 2))
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+  params = nn.unbox(net.init(jax.random.PRNGKey(0), jnp.asarray(x)))["params"]
+  params = jax.tree.map(lambda a: a + 0.3 * rng.standard_normal(a.shape).astype(np.float32), params)
+  out = np.asarray(net.apply({"params": params}, jnp.asarray(x)))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  assert p["level1_down"]["kernel"].shape == (3, 3, 16, 16) and p["level1_conv"]["kernel"].shape == (3, 3, 8, 16)
+  silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+
+  def conv(v, name, stride=1):
+    size = v.shape[1] // stride
+    pad = max((size - 1) * stride + 3 - v.shape[1], 0)
+    v = np.pad(v, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2), (0, 0)))
+    k = p[name]["kernel"]
+    taps = [v[:, i:i + stride * size:stride, j:j + stride * size:stride] @ k[i, j] for i in range(3) for j in range(3)]
+    return sum(taps) + p[name]["bias"]
+
+  def group_norm(v, name):
+    b, h, w, c = v.shape
+    g = v.reshape(b, h, w, math.gcd(32, c), -1)
+    g = (g - g.mean((1, 2, 4), keepdims=True)) / np.sqrt(g.var((1, 2, 4), keepdims=True) + 1e-6)
+    return g.reshape(v.shape) * p[name]["scale"] + p[name]["bias"]
+
+  h = conv(x.astype(np.float64), "conv_in")
+  for level in range(2):
+    h = conv(silu(conv(silu(group_norm(h, f"level{level}_norm")), f"level{level}_conv")), f"level{level}_down", 2)
+  assert h.shape == (2, 2, 2, 16)
+  v = silu(group_norm(h, "norm_out")).mean((1, 2)) @ p["dense_out"]["kernel"] + p["dense_out"]["bias"]
+  np.testing.assert_allclose(out, np.sqrt(6) * v / np.linalg.norm(v, axis=1, keepdims=True), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("condition", ["label", "text"])

@@ -403,3 +403,25 @@ def test_tensorflow_is_imported_without_keras_which_still_loads_when_asked_for()
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.split() == ["[]", "6", "Dense", "module"], r.stdout
+
+
+def test_a_tensorflow_that_needs_keras_at_its_import_gets_it(tmp_path):
+  """Should a TensorFlow import Keras outside its try (a stand-in package here, and Keras's), ``data.tensorflow()``
+  imports it again as it is instead of failing on the Keras it kept out."""
+  import subprocess
+  import sys
+
+  stand_ins = {"tensorflow/__init__.py": "import keras.src.optimizers\nfrom tensorflow import config\n",
+               "tensorflow/config.py": "def set_visible_devices(devices, kind):\n  pass\n",
+               "keras/__init__.py": "", "keras/src/__init__.py": "", "keras/src/optimizers.py": "LOADED = 1\n"}
+  for name, text in stand_ins.items():
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(text)
+  code = ("import sys\n"
+          f"sys.path.insert(0, {str(tmp_path)!r})\n"
+          "from videofusion_jax.data import tensorflow\n"
+          "tf = tensorflow()\n"
+          "print(tf.__file__.startswith(sys.path[0]), sys.modules['keras.src.optimizers'].LOADED)\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.split() == ["True", "1"], r.stdout
