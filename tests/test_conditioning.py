@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import one_device, tiny_config
+from test_models import np_conv3x3, np_group_norm
 
 from videofusion_jax import diffusion
 from videofusion_jax.models.encoder import frozen_encoder
@@ -177,21 +178,9 @@ def test_the_learned_encoder_against_numpy():
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   assert p["level1_down"]["kernel"].shape == (3, 3, 16, 16) and p["level1_conv"]["kernel"].shape == (3, 3, 8, 16)
   silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
-
-  def conv(v, name, stride=1):
-    size = v.shape[1] // stride
-    pad = max((size - 1) * stride + 3 - v.shape[1], 0)
-    v = np.pad(v, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2), (0, 0)))
-    k = p[name]["kernel"]
-    taps = [v[:, i:i + stride * size:stride, j:j + stride * size:stride] @ k[i, j] for i in range(3) for j in range(3)]
-    return sum(taps) + p[name]["bias"]
-
-  def group_norm(v, name):
-    b, h, w, c = v.shape
-    g = v.reshape(b, h, w, math.gcd(32, c), -1)
-    g = (g - g.mean((1, 2, 4), keepdims=True)) / np.sqrt(g.var((1, 2, 4), keepdims=True) + 1e-6)
-    return g.reshape(v.shape) * p[name]["scale"] + p[name]["bias"]
-
+  conv = lambda v, name, stride=1: np_conv3x3(v, p[name]["kernel"], p[name]["bias"], stride)  # noqa: E731
+  group_norm = lambda v, name: np_group_norm(  # noqa: E731
+      v, math.gcd(32, v.shape[-1]), p[name]["scale"], p[name]["bias"])
   h = conv(x.astype(np.float64), "conv_in")
   for level in range(2):
     h = conv(silu(conv(silu(group_norm(h, f"level{level}_norm")), f"level{level}_conv")), f"level{level}_down", 2)

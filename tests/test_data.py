@@ -1,4 +1,7 @@
 """The demo TFDS builder and the tf.data pipeline on the real bundled clips."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -387,12 +390,16 @@ def test_num_classes_and_image_size_must_fit_the_dataset(config, tmp_path):
   assert not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
+def python_says(code: str) -> list[str]:
+  """The words ``code`` prints, run in a fresh Python (what it imported stays out of this one)."""
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r.stdout.split()
+
+
 def test_tensorflow_is_imported_without_keras_which_still_loads_when_asked_for():
   """``data.tensorflow()`` keeps Keras out of TensorFlow's import (~1.3 s of its ~5 s in every run that reads a
   dataset; nothing here uses it); ``tf.keras`` and Keras's own modules load as before once asked for."""
-  import subprocess
-  import sys
-
   code = ("import sys\n"
           "from videofusion_jax.data import tensorflow\n"
           "tf = tensorflow()\n"
@@ -400,17 +407,12 @@ def test_tensorflow_is_imported_without_keras_which_still_loads_when_asked_for()
           "total = int(tf.data.Dataset.range(4).reduce(tf.constant(0, tf.int64), lambda a, b: a + b))\n"
           "import keras.src.optimizers\n"
           "print(before, total, tf.keras.layers.Dense.__name__, type(sys.modules['keras.src.optimizers']).__name__)\n")
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert r.stdout.split() == ["[]", "6", "Dense", "module"], r.stdout
+  assert python_says(code) == ["[]", "6", "Dense", "module"]
 
 
 def test_a_tensorflow_that_needs_keras_at_its_import_gets_it(tmp_path):
   """Should a TensorFlow import Keras outside its try (a stand-in package here, and Keras's), ``data.tensorflow()``
   imports it again as it is instead of failing on the Keras it kept out."""
-  import subprocess
-  import sys
-
   stand_ins = {"tensorflow/__init__.py": "import keras.src.optimizers\nfrom tensorflow import config\n",
                "tensorflow/config.py": "def set_visible_devices(devices, kind):\n  pass\n",
                "keras/__init__.py": "", "keras/src/__init__.py": "", "keras/src/optimizers.py": "LOADED = 1\n"}
@@ -422,6 +424,4 @@ def test_a_tensorflow_that_needs_keras_at_its_import_gets_it(tmp_path):
           "from videofusion_jax.data import tensorflow\n"
           "tf = tensorflow()\n"
           "print(tf.__file__.startswith(sys.path[0]), sys.modules['keras.src.optimizers'].LOADED)\n")
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert r.stdout.split() == ["True", "1"], r.stdout
+  assert python_says(code) == ["True", "1"]

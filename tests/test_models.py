@@ -135,7 +135,7 @@ def test_group_norm_matches_flax(shape, dtype, param_dtype, loc, std):
     np.testing.assert_allclose(g, e, rtol=0, atol=(3e-4 if dtype == jnp.float32 else 5e-2) * np.abs(e).max())
 
 
-def _np_group_norm(x, groups, scale, bias, eps=1e-6):
+def np_group_norm(x, groups, scale, bias, eps=1e-6):
   """GroupNorm of ``x`` ``(B, H, W, C)`` in float64: each example's channel groups over (H, W, C/groups)."""
   b, h, w, c = x.shape
   g = x.reshape(b, h, w, groups, c // groups)
@@ -143,11 +143,14 @@ def _np_group_norm(x, groups, scale, bias, eps=1e-6):
   return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
 
 
-def _np_conv3x3(x, kernel, bias):
-  """A 3x3 'SAME' convolution, stride 1, as the sum over the kernel's offsets of the zero-padded input."""
-  b, h, w, _ = x.shape
-  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return sum(padded[:, dy:dy + h, dx:dx + w] @ kernel[dy, dx] for dy in range(3) for dx in range(3)) + bias
+def np_conv3x3(x, kernel, bias, stride=1):
+  """A 3x3 'SAME' convolution as the sum over the kernel's offsets of the zero-padded input: padded 1 before and
+  after at stride 1, 0 before and 1 after at stride 2 on an even size (XLA's 'SAME')."""
+  h, w = x.shape[1] // stride, x.shape[2] // stride
+  pad = [(p // 2, p - p // 2) for p in (max((n - 1) * stride + 3 - x.shape[i], 0) for i, n in ((1, h), (2, w)))]
+  padded = np.pad(x, ((0, 0), *pad, (0, 0)))
+  return sum(padded[:, dy:dy + stride * h:stride, dx:dx + stride * w:stride] @ kernel[dy, dx]
+             for dy in range(3) for dx in range(3)) + bias
 
 
 def test_res_block_against_numpy():
@@ -167,11 +170,11 @@ def test_res_block_against_numpy():
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
   xn = np.asarray(x, np.float64)
-  h = _np_conv3x3(silu(_np_group_norm(xn, 8, p["norm1"]["scale"], p["norm1"]["bias"])), p["conv1"]["kernel"],
+  h = np_conv3x3(silu(np_group_norm(xn, 8, p["norm1"]["scale"], p["norm1"]["bias"])), p["conv1"]["kernel"],
                   p["conv1"]["bias"])
   scale_shift = silu(np.asarray(emb, np.float64)) @ p["emb"]["kernel"] + p["emb"]["bias"]
   scale, shift = scale_shift[:, None, None, :16], scale_shift[:, None, None, 16:]
-  h = _np_group_norm(h, 16, p["norm2"]["scale"], p["norm2"]["bias"]) * (1 + scale) + shift
-  h = _np_conv3x3(silu(h), p["conv2"]["kernel"], p["conv2"]["bias"])
+  h = np_group_norm(h, 16, p["norm2"]["scale"], p["norm2"]["bias"]) * (1 + scale) + shift
+  h = np_conv3x3(silu(h), p["conv2"]["kernel"], p["conv2"]["bias"])
   skip = xn @ p["skip"]["kernel"][0, 0] + p["skip"]["bias"]
   np.testing.assert_allclose(out, skip + h, rtol=1e-4, atol=1e-4)

@@ -14,20 +14,21 @@ def tensorflow():
   # TensorFlow's import loads Keras eagerly (for its SavedModel registry; it passes on an ImportError), ~1.3 s of
   # its ~5 s, and nothing here uses Keras: kept out of that import, tf.keras and `import keras` still load it.
   with _IMPORTING:
-    block = "tensorflow" not in sys.modules and _KERAS_AT_TF_IMPORT not in sys.modules
-    if block:
+    if "tensorflow" in sys.modules or _KERAS_AT_TF_IMPORT in sys.modules:  # nothing to keep out
+      import tensorflow as tf
+    else:
       sys.modules[_KERAS_AT_TF_IMPORT] = None
-    try:
-      import tensorflow as tf
-    except ModuleNotFoundError as e:  # a TensorFlow that needs it after all: imported as it is
-      if not block or e.name != _KERAS_AT_TF_IMPORT:
-        raise
-      sys.modules.pop(_KERAS_AT_TF_IMPORT, None)
-      block = False
-      import tensorflow as tf
-    finally:
-      if block and sys.modules.get(_KERAS_AT_TF_IMPORT, 0) is None:
-        del sys.modules[_KERAS_AT_TF_IMPORT]
+      try:
+        import tensorflow as tf
+      except ModuleNotFoundError as e:
+        if e.name != _KERAS_AT_TF_IMPORT:
+          raise
+        tf = None
+      finally:
+        if sys.modules.get(_KERAS_AT_TF_IMPORT, 0) is None:
+          del sys.modules[_KERAS_AT_TF_IMPORT]
+      if tf is None:  # a TensorFlow that needs Keras at its import after all: imported as it is
+        import tensorflow as tf
 
   try:
     tf.config.set_visible_devices([], "GPU")
