@@ -71,6 +71,37 @@ def test_memory_state_bytes_summed_over_the_devices_count_every_copy():
   assert "total summed over the devices | total of one copy" in table and "| 1.00 | 8.00 | 1.00" in table
 
 
+def test_train_profile_figures_of_a_trace_made_by_hand():
+  """Two steps (0-100 and 100-300 ms) on the host; kernels on two XLA threads of the CPU (10-50 and 40-90: 80 ms
+  together) and on a GPU's stream (130-280), one begun before the window (-20 to 5: 5 ms of it inside); the host's
+  own events (its thread, a step's whole span) are no device time. Busy 5 + 80 + 150 = 235 of 300 ms, gaps 40
+  and 5 ms; the programs dispatched 10 and 30 ms into their steps."""
+  train_profile = load_benchmark("train_profile")
+  ms = 1000.0  # the trace's unit is the microsecond
+  meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+          {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+  meta += [{"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": name}}
+           for pid, tid, name in ((1, 10, "main.py"), (1, 11, "tf_XLAEigen/1"), (1, 12, "tf_XLAEigen/2"),
+                                  (2, 20, "Stream #1"))]
+
+  def event(name, pid, tid, start, end, **args):
+    return {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": start * ms, "dur": (end - start) * ms,
+            **({"args": args} if args else {})}
+
+  events = meta + [
+      event("train", 1, 10, 0, 100, step_num="5"), event("train", 1, 10, 100, 300, step_num="6"),
+      event(train_profile.EXECUTE, 1, 10, 10, 12), event(train_profile.EXECUTE, 1, 10, 130, 131),
+      event("fusion.1", 1, 11, 10, 50), event("convolution.2", 1, 12, 40, 90), event("copy", 1, 11, -20, 5),
+      event("gemm", 2, 20, 130, 280), event("np.asarray(jax.Array)", 1, 10, 290, 299)]
+  figures = train_profile.summarize(events)
+  assert figures["steps"] == [{"step": 5, "wall_ms": 100.0, "host_before_dispatch_ms": 10.0},
+                              {"step": 6, "wall_ms": 200.0, "host_before_dispatch_ms": 30.0}]
+  assert (figures["window_ms"], figures["device_busy_ms"]) == (300.0, 235.0)
+  assert figures["device_busy_share"] == round(235 / 300, 4) and figures["longest_device_gaps_ms"] == [40.0, 5.0]
+  with pytest.raises(ValueError, match="no 'train' step annotations"):
+    train_profile.summarize(meta)
+
+
 TINY_CONFIG = f"""import sys
 sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT / 'configs')!r}]
 from tiny import tiny_config
@@ -90,6 +121,7 @@ def get_config():
     ("i3d", ["--frames=4"], "--frames"),
     ("clip", ["--clip_dir=/nonexistent/clip"], "--clip_dir=/nonexistent/clip: CLIP directory"),
     ("clip", ["--repeats=0"], "--repeats"),
+    ("train_profile", ["/nonexistent/run/profile"], "no perfetto_trace.json.gz under /nonexistent/run/profile"),
     ("long_videos", ["--config={tiny}", "--workdir=/nonexistent/run", "--config.sample.num_clips=2",
                      "--config.sample.continuity_frames=1"], "--workdir=/nonexistent/run: no checkpoint"),
 ])

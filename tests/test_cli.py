@@ -156,6 +156,10 @@ def test_training_settings_that_would_lose_checkpoints_or_fail_late_are_refused(
       ("train.keep_checkpoints", 0, "config.train.keep_checkpoints=0: the checkpoints kept on disk"),
       ("train.checkpoint_every", 0, "config.train.checkpoint_every=0: the steps between checkpoints"),
       ("train.log_every", 0, "config.train.log_every=0: the steps between log lines"),
+      ("train.profile_steps", (3, 2), "config.train.profile_steps=(3, 2): the steps to trace with jax.profiler, as "
+       "(first, last) with 1 <= first <= last"),
+      ("train.profile_steps", (0, 2), "config.train.profile_steps=(0, 2): the steps to trace"),
+      ("train.profile_steps", (5,), "config.train.profile_steps=(5,): the steps to trace"),
       ("train.label_dropout", 1.5, "config.train.label_dropout=1.5: the share of examples"),
       ("train.learning_rate", -1.0, "config.train.learning_rate=-1.0: must be a finite number >= 0"),
       ("train.weight_decay", float("nan"), "config.train.weight_decay=nan: must be a finite number >= 0"),

@@ -132,6 +132,13 @@ def test_the_key_follows_what_the_tracing_reads(tmp_path):
   moved = c.copy_and_resolve_references()
   moved.compilation_cache_dir = str(tmp_path)  # where the cache is: not read by any program
   assert program_context(moved) == program_context(c)
+  # Nor the training loop's own fields (a rerun that trains longer, logs, saves or profiles otherwise loads its
+  # programs), but for train.num_steps where the learning rate decays to it.
+  loop = {"train.log_every": 7, "train.checkpoint_every": 9, "train.keep_checkpoints": 1, "train.profile_steps": (2, 3),
+          "train.init_base_from": str(tmp_path), "train.num_steps": 40}
+  assert program_context(tiny_config(**loop)) == program_context(c)
+  assert program_context(tiny_config(**{"train.lr_decay": "cosine", "train.num_steps": 40})) != program_context(
+      tiny_config(**{"train.lr_decay": "cosine"}))
   changed = [
       program_key("g", program_context(c), mesh, (x,)),
       program_key("f", program_context(other), mesh, (x,)),

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import one_device, tiny_config
+from conftest import load_benchmark, one_device, tiny_config
 
 from videofusion_jax import diffusion
 from videofusion_jax.config import ConfigError, unet_config, validate
@@ -19,7 +19,7 @@ from videofusion_jax.sampling import check_trained_config
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import loop as loop_module
 from videofusion_jax.training import sharding
-from videofusion_jax.training.loop import NonFiniteLossError, train
+from videofusion_jax.training.loop import NonFiniteLossError, ProfileWindow, train
 from videofusion_jax.training.step import Trainer
 
 
@@ -551,6 +551,70 @@ def test_resume_gives_the_same_next_step(trainer, tmp_path):
   np.testing.assert_allclose(m_full["loss"], m_resumed["loss"], rtol=1e-6)
   assert (tmp_path / "split" / "config.json").is_file()
   assert any((tmp_path / "split" / "tensorboard").iterdir())
+
+
+def _profiled_steps(directory) -> tuple[list[str], list[dict]]:
+  """The step numbers of the ``train`` annotations in each Perfetto trace under ``directory`` (one list per
+  trace, in order of writing), and the last trace's events."""
+  import gzip
+  steps, events = [], []
+  for path in sorted(directory.glob("plugins/profile/*/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime):
+    trace = json.load(gzip.open(path))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    steps.append([e["args"]["step_num"] for e in events if e.get("name") == "train"])
+  return steps, events
+
+
+def test_a_profile_window_traces_its_steps_and_never_stops_training(trainer, tmp_path, capsys):
+  """config.train.profile_steps=(2, 3) traces steps 2 and 3 alone, the step's program and kernels in each; a resumed
+  run past the window traces nothing; a run that fails inside it writes the steps so far; a profiler already
+  running is said, and the window's steps run unprofiled."""
+  c = tiny_config(**{"train.profile_steps": (2, 3)})
+  data = batches(c, 6)
+  state = train(c, tmp_path / "run", iter(data[:4]), trainer=trainer)
+  out = capsys.readouterr().out
+  directory = tmp_path / "run" / "profile" / "process_0"
+  assert int(state.step) == 4 and f"profile of step(s) 2-3 written to {directory}: " in out, out
+  (steps,), events = _profiled_steps(directory)
+  assert steps == ["2", "3"]
+  spans = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "train"]
+  runs = [e["ts"] for e in events if e.get("name") == "CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice"]
+  assert all(any(a <= t <= b for t in runs) for a, b in spans), (spans, runs)  # each step's program ran in its span
+  kernels = {e["name"] for e in events if e.get("name", "").startswith(("convolution", "conv_general_dilated"))}
+  assert kernels, sorted({e.get("name") for e in events})  # the U-Nets' convolutions, as XLA ran them
+  figures = load_benchmark("train_profile").summarize_file(str(directory))  # what benchmarks/ makes of it
+  assert [row["step"] for row in figures["steps"]] == [2, 3] and 0 < figures["device_busy_share"] <= 1
+  assert all(row["host_before_dispatch_ms"] is not None for row in figures["steps"]), figures
+  # A resumed run past the window traces nothing, and says so.
+  said = []
+  say = lambda message, **kwargs: said.append(message)  # noqa: E731 - print's flush=True
+  assert ProfileWindow((2, 3), 4, 6, tmp_path / "run", say).steps is None
+  assert said == ["config.train.profile_steps=(2, 3): this run trains steps 5-6, none of them; nothing is profiled."]
+  assert ProfileWindow((2, 9), 4, 6, tmp_path / "run", say).steps == (5, 6)  # what is left of it
+  # A run that fails inside its window (its input, at step 3): steps 2 and 3 written, the error as it was.
+  failing = tiny_config(**{"train.profile_steps": (2, 4)})
+
+  def stream():
+    yield from data[:2]
+    raise OSError("a stand-in for a clip that cannot be read")
+
+  with pytest.raises(OSError, match="a stand-in"):
+    train(failing, tmp_path / "failed", stream(), trainer=trainer)
+  assert "profile of step(s) 2-3 written to" in capsys.readouterr().out
+  assert _profiled_steps(tmp_path / "failed" / "profile" / "process_0")[0] == [["2", "3"]]
+  # Another trace running (a notebook's): said, and the window closed (its steps run unprofiled).
+  window = ProfileWindow((1, 2), 0, 2, tmp_path / "busy", say)
+  jax.profiler.start_trace(str(tmp_path / "mine"))
+  try:
+    for step in (1, 2):
+      window.begin(step)
+      assert window.end(step, data[0]) == 0.0
+    window.close()
+  finally:
+    jax.profiler.stop_trace()
+  assert said[-1].startswith("warning: config.train.profile_steps: the profiler did not start (Profile has already "
+                             "been started") and window.steps is None
+  assert not (tmp_path / "busy").exists()
 
 
 def test_a_resume_under_another_learning_rate_schedule_is_warned(tmp_path):

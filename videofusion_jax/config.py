@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
       # label_dropout: the share of examples whose condition (the label, or c) the generators see
       # as the null condition, and whose label the prior sees as the null label (guidance).
       label_dropout=0.1, log_every=50, checkpoint_every=5000, keep_checkpoints=3,
+      # (first, last): steps first..last traced with jax.profiler into WORKDIR/profile/process_<i> (each host its
+      # own; TensorBoard's Profile tab, or ui.perfetto.dev); () = none. A run's first step holds its compile.
+      profile_steps=(),
       prior_repeats=1,  # timesteps at which each key-frame embedding is noised for the prior's loss
       # The generators' timesteps: 'uniform' (independent draws) or 'stratified' (one per stratum of
       # [0, T), Kingma et al. 2021: lower loss variance at small batches). loss_weighting: '' (eq. 12 as
@@ -415,6 +418,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       ("keep_checkpoints", "checkpoints kept on disk, the newest; older ones are deleted")):
     if not _is_int(t[field]) or t[field] < 1:
       raise ConfigError(f"config.train.{field}={t[field]!r}: the {what}; must be an integer >= 1.")
+  p = t.profile_steps
+  if not (isinstance(p, (tuple, list)) and (len(p) == 0 or (len(p) == 2 and all(_is_int(x) for x in p)
+                                                             and 1 <= p[0] <= p[1]))):
+    raise ConfigError(f"config.train.profile_steps={p!r}: the steps to trace with jax.profiler, as (first, last) "
+                      "with 1 <= first <= last, e.g. --config.train.profile_steps='(100, 105)'; () = none.")
   if not 0.0 <= float(t.label_dropout) <= 1.0:
     raise ConfigError(f"config.train.label_dropout={t.label_dropout!r}: the share of examples trained on the null "
                       "condition; must lie in [0, 1] (0.1 is usual; guidance needs it > 0).")

@@ -26,7 +26,7 @@ from videofusion_jax.models.encoder import frozen_encoder_in_package
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.optimizer import make_optimizer
-from videofusion_jax.training.program_store import StoredJit, program_context
+from videofusion_jax.training.program_store import StoredJit, config_json, program_context, unread_train_fields
 from videofusion_jax.training.state import TrainState
 
 
@@ -243,7 +243,6 @@ def _use_cache_dir(path: str | None, max_bytes: int | None = None) -> None:
 # section (optimizer, loss, step), but for the loop's own fields, and ``train.num_steps`` unless the rate
 # decays to it; sampling and evaluation add the sampler's settings (``sampling.make_generate_fn``).
 PROGRAM_SECTIONS = ("model", "diffusion", "data.num_frames", "data.image_size", "data.num_classes")
-TRAIN_LOOP_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "init_base_from")
 SAMPLER_FIELDS = ("method", "num_steps", "eta", "clip_x0", "spacing", "variance", "guidance_scale",
                   "continuity_frames", "batch_size", "prior_num_steps", "prior_spacing", "prior_eta",
                   "prior_guidance_scale")
@@ -297,7 +296,7 @@ class Experiment:
     validate(config)
     self.config = config
     self._program_context = program_context(config)  # the config everything below is built from
-    self._built_from = _flat(json.loads(self._program_context))  # as config.json records it: tuples as lists
+    self._built_from = _flat(json.loads(config_json(config)))  # as config.json records it: tuples as lists
     try:
       self.mesh = mesh if mesh is not None else shd.make_mesh(config)
     except ValueError as e:  # the mesh's shape against the devices there are
@@ -338,12 +337,11 @@ class Experiment:
     config.json and the sidecars said the new), or another one. Other fields may differ."""
     fields = list(PROGRAM_SECTIONS)
     if work == "train":
-      skip = TRAIN_LOOP_FIELDS + (("num_steps",) if config.train.lr_decay == "constant" else ())
-      fields += [f"train.{k}" for k in self.config.train.keys() if k not in skip]
+      fields += [f"train.{k}" for k in self.config.train.keys() if k not in unread_train_fields(config)]
     else:  # long videos' clips are the sampler's; evaluation draws single clips whatever num_clips says
       fields += [f"sample.{k}" for k in SAMPLER_FIELDS + (("num_clips",) if work == "sample" else ())]
     picked = lambda flat: {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in fields)}  # noqa: E731
-    changed = _changes(picked(self._built_from), picked(_flat(json.loads(program_context(config)))))
+    changed = _changes(picked(self._built_from), picked(_flat(json.loads(config_json(config)))))
     if not changed:
       return
     name = type(self).__name__

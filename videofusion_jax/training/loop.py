@@ -297,6 +297,77 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
   (workdir / "config.json").write_text(json.dumps(record, indent=2))
 
 
+class ProfileWindow:
+  """``config.train.profile_steps``: this run's steps in that window traced with ``jax.profiler`` into
+  ``workdir/profile/process_<i>`` (each host its own), each step, its input's wait included, marked by a
+  ``StepTraceAnnotation``; written once the last one has run, or as the run stops inside the window. A trace that
+  cannot start or be written is said and skipped: it never stops training."""
+
+  def __init__(self, window, start: int, total: int, workdir: Path, say):
+    self.directory = workdir / "profile" / f"process_{jax.process_index()}"
+    self.say, self.steps, self._first, self._last, self._annotation = say, None, None, None, None
+    if window:
+      first, last = max(window[0], start + 1), min(window[1], total)
+      if first <= last:
+        self.steps = (first, last)
+      else:
+        say(f"config.train.profile_steps={tuple(window)}: this run trains steps {start + 1}-{total}, none of "
+            "them; nothing is profiled.")
+
+  def begin(self, step: int) -> None:
+    """Before step ``step``'s input is read."""
+    if self.steps is None or not self.steps[0] <= step <= self.steps[1]:
+      return
+    if step == self.steps[0]:
+      options = jax.profiler.ProfileOptions()
+      options.python_tracer_level = 0  # XLA's, the runtime's and the steps' events: Python's filled a tiny step's
+      try:  # trace to the profiler's cap (a million events, mostly Orbax's tree walks) and took 14 s to write
+        jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True, profiler_options=options)
+      except Exception as e:  # noqa: BLE001 - another trace running (a notebook's), an unwritable folder
+        self.say(f"warning: config.train.profile_steps: the profiler did not start ({e}); training goes on "
+                 "unprofiled.", flush=True)
+        self.steps = None
+        return
+      self._first = step
+    self._last = step
+    self._annotation = jax.profiler.StepTraceAnnotation("train", step_num=step)
+    self._annotation.__enter__()
+
+  def end(self, step: int, outputs) -> float:
+    """After step ``step`` (its log and checkpoint included); at the window's last, waits for ``outputs``
+    (the step's) and writes the trace. The seconds spent writing it (no training step's)."""
+    if self._annotation is None:
+      return 0.0
+    self._annotation.__exit__(None, None, None)
+    self._annotation = None
+    if step != self.steps[1]:
+      return 0.0
+    jax.block_until_ready(outputs)
+    t0 = time.time()
+    self.close()
+    return time.time() - t0
+
+  def close(self) -> None:
+    """Writes the trace, if one is running (a run stopped inside the window: its steps so far)."""
+    if self._annotation is not None:
+      self._annotation.__exit__(None, None, None)
+      self._annotation = None
+    if self._first is None:
+      return
+    steps = f"{self._first}-{self._last}" if self._first < self._last else str(self._first)
+    self._first = None
+    try:
+      jax.profiler.stop_trace()
+    except Exception as e:  # noqa: BLE001 - a full disk: training is what matters
+      self.say(f"warning: the profile of step(s) {steps} could not be written to {self.directory} ({e}).",
+               flush=True)
+      return
+    perfetto = sorted(self.directory.glob("plugins/profile/*/perfetto_trace.json.gz"), key=os.path.getmtime)
+    self.say(f"profile of step(s) {steps} written to {self.directory}: TensorBoard's Profile tab (tensorboard "
+             f"--logdir {self.directory.parent}, with tensorboard-plugin-profile installed), or "
+             f"{perfetto[-1] if perfetto else 'its perfetto_trace.json.gz'} in ui.perfetto.dev.", flush=True)
+
+
 class Preempted(Exception):
   """Training stopped on SIGTERM or SIGINT after saving the step it was in (not an error)."""
 
@@ -480,6 +551,7 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
       opened["writer"].close()
     raise
   writer = opened.get("writer")
+  profile = ProfileWindow(config.train.profile_steps, start, total, workdir, say)
   pending = None  # (step, metrics) not yet checked on the host
   t0 = time.time()
   last_log_time, last_log_step = t0, start
@@ -499,6 +571,7 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
 
   try:
     for step in range(start + 1, total + 1):
+      profile.begin(step)
       local = first if step == start + 1 else next(batches, None)
       if local is None:
         raise RuntimeError(f"the input ran out at step {step}; the pipeline should repeat.")
@@ -551,6 +624,7 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
         waited = time.time() - t_save  # the device-to-host copy; the write itself goes on in the background
         save_wait += waited
         say(f"checkpoint {step}: training waited {waited:.2f} s for it (written in the background)", flush=True)
+      last_log_time += profile.end(step, (state, metrics))  # kept out of the steps/s
       if stopping:
         t_wait = time.time()
         manager.wait_until_finished()
@@ -558,6 +632,7 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
         raise Preempted(step, stop.signal_name or "SIGTERM", str(manager.directory))
     manager.wait_until_finished()
   finally:
+    profile.close()
     if writer:
       writer.close()
   sys.stdout.flush()

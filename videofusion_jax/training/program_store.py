@@ -76,12 +76,33 @@ def _environment(mesh) -> str:
                platform, _settings()))
 
 
-def program_context(config) -> str:
-  """The config as the key's JSON, less the compilation cache's own settings (no program reads them)."""
+# The training loop's own fields of config.train: how often it logs and saves, what it profiles, where a fresh
+# run's base generator comes from. No program reads them.
+TRAIN_LOOP_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "init_base_from", "profile_steps")
+
+
+def unread_train_fields(config) -> tuple[str, ...]:
+  """The fields of ``config.train`` that no program reads: the loop's, and ``num_steps`` unless the learning
+  rate decays to it (``train.lr_decay='cosine'``)."""
+  return TRAIN_LOOP_FIELDS + (("num_steps",) if config.train.lr_decay == "constant" else ())
+
+
+def config_json(config) -> str:
+  """The config as JSON, less the compilation cache's own settings (no program reads them)."""
   d = config.to_dict()
   for k in ("compilation_cache_dir", "compilation_cache_max_gb", "store_programs"):
     d.pop(k, None)
   return json.dumps(d, sort_keys=True, default=repr)
+
+
+def program_context(config) -> str:
+  """The config as the key's JSON: ``config_json`` less the train section's fields that no program reads
+  (``unread_train_fields``), so that a rerun that trains longer, logs, saves or profiles otherwise loads the
+  programs it stored."""
+  d = json.loads(config_json(config))
+  for k in unread_train_fields(config):
+    d.get("train", {}).pop(k, None)
+  return json.dumps(d, sort_keys=True)
 
 
 def program_key(name: str, context: str, mesh, args: tuple, source: str | None = None) -> str:
