@@ -2,6 +2,7 @@
 import importlib
 import json
 import re
+import sys
 
 import flax.linen as nn
 import jax
@@ -615,6 +616,53 @@ def test_a_profile_window_traces_its_steps_and_never_stops_training(trainer, tmp
   assert said[-1].startswith("warning: config.train.profile_steps: the profiler did not start (Profile has already "
                              "been started") and window.steps is None
   assert not (tmp_path / "busy").exists()
+
+
+def test_the_synthetic_input_trains_and_resumes_without_a_dataset_or_tensorflow(trainer, tmp_path, monkeypatch):
+  """config.data.name='synthetic': batches of what the step reads (labels; a CLIP encoder's frame embeddings and a
+  text prior's caption embeddings too), in range, a function of (seed, host, position); training reads no dataset
+  and imports neither TensorFlow nor the pipeline, and a run stopped at step 2 and resumed trains as one that was
+  not; evaluation refuses it."""
+  import webvid
+
+  from videofusion_jax.config import SYNTHETIC_DATA
+  from videofusion_jax.evaluation import evaluate
+  from videofusion_jax.training.step import check_batch, synthetic_batches
+
+  text = webvid.get_config("small")
+  text_keys = ["caption_embeddings", "frame_embeddings", "video"]
+  for config, keys in ((tiny_config(), ["label", "video"]), (text, text_keys)):
+    stream = synthetic_batches(config, 4, seed=3, process_index=0)
+    first = [next(stream) for _ in range(3)]
+    assert sorted(first[0]) == keys
+    for batch in first:
+      check_batch(config, batch, 4)  # the shapes, dtypes and values the step reads
+      assert -1 <= batch["video"].min() < -0.9 and 0.9 < batch["video"].max() <= 1
+      for k in ("frame_embeddings", "caption_embeddings"):
+        if k in batch:
+          np.testing.assert_allclose(np.linalg.norm(batch[k], axis=-1), 1.0, rtol=1e-5)
+    assert not np.array_equal(first[0]["video"], first[1]["video"])
+    np.testing.assert_array_equal(first[2]["video"], first[0]["video"])  # two distinct batches, in turn
+    resumed = next(synthetic_batches(config, 4, seed=3, process_index=0, start_batch=1))
+    other_host = next(synthetic_batches(config, 4, seed=3, process_index=1))
+    np.testing.assert_array_equal(resumed["video"], first[1]["video"])
+    assert not np.array_equal(other_host["video"], first[0]["video"])
+  labels = np.concatenate([next(synthetic_batches(tiny_config(**{"train.batch_size": 3000}), 3000, seed=s,
+                                                  process_index=0))["label"] for s in range(2)])
+  assert set(np.unique(labels)) == {0, 1, 2}  # the tiny config's three classes, each about a third
+  np.testing.assert_allclose(np.bincount(labels) / len(labels), 1 / 3, atol=0.02)
+  # No dataset, no TensorFlow: importing either (or the pipeline, which reads them) fails here.
+  for module in ("tensorflow", "tensorflow_datasets", "videofusion_jax.data.pipeline", "videofusion_jax.data.builders"):
+    monkeypatch.setitem(sys.modules, module, None)
+  c = tiny_config(**{"data.name": SYNTHETIC_DATA, "data.data_dir": str(tmp_path / "absent")})
+  full = train(c, tmp_path / "full", trainer=trainer, verbose=False)
+  train(tiny_config(**{"data.name": SYNTHETIC_DATA, "train.num_steps": 2}), tmp_path / "split", trainer=trainer,
+        verbose=False)
+  resumed = train(c, tmp_path / "split", trainer=trainer, verbose=False)
+  assert int(full.step) == int(resumed.step) == 4 and not (tmp_path / "absent").exists()
+  _allclose_trees(full.params, resumed.params)
+  with pytest.raises(ConfigError, match="config.data.name='synthetic': --mode=eval compares generated clips"):
+    evaluate.run(c, str(tmp_path / "full"), experiment=trainer)
 
 
 def test_a_resume_under_another_learning_rate_schedule_is_warned(tmp_path):

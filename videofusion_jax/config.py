@@ -22,6 +22,12 @@ class ConfigError(ValueError):
   """A config value is invalid; the message names the field and what to do."""
 
 
+# data.name of the synthetic input: random batches of the config's shapes (``training.step.synthetic_batches``),
+# no dataset, no TensorFlow: training and sampling check a machine, a pod's launch or the step's speed before
+# the data is ready; evaluation has no real clips to compare with.
+SYNTHETIC_DATA = "synthetic"
+
+
 def unet_config(**overrides) -> ml_collections.ConfigDict:
   """One generator's U-Net. ``head_dim``: channels per attention head (ADM's 64)."""
   # attention_resolutions: feature-map sizes; at base_config's 64x64 these three levels make 64, 32 and 16.
@@ -60,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.store_programs = True
 
   c.data = ml_collections.ConfigDict(dict(
-      # name: a builder of videofusion_jax.data.builders, '/<stored short side>' optional (ucf101/64).
+      # name: a builder of videofusion_jax.data.builders, '/<stored short side>' optional (ucf101/64); 'synthetic':
+      # random batches of these shapes (no dataset; training and sampling only).
       # manual_dir: the raw dataset (read once, on first use, to build the TFDS dataset in data_dir).
       name="demo_clips", data_dir="", manual_dir="", split="train", eval_split="",
       num_frames=16, frame_stride=1, image_size=64, num_classes=0,

@@ -209,10 +209,13 @@ def _start_distributed() -> None:
 
 def _embed(config) -> None:
   """``--mode=embed``: the CLIP frame embeddings of the training split, stored beside the dataset."""
-  from videofusion_jax.config import ConfigError, validate
+  from videofusion_jax.config import SYNTHETIC_DATA, ConfigError, validate
   from videofusion_jax.data import embeddings
 
   validate(config)
+  if config.data.name == SYNTHETIC_DATA:
+    raise ConfigError(f"--mode=embed stores the CLIP embeddings of a dataset's clips; config.data.name="
+                      f"{SYNTHETIC_DATA!r} has none (its batches carry random embeddings of their own).")
   if config.model.condition != "embedding" or config.model.encoder.kind != "clip":
     raise ConfigError("--mode=embed stores CLIP frame embeddings: it needs --config.model.encoder.kind=clip (with "
                       "model.condition='embedding'; --config.model.encoder.clip_dir=DIR, or none for the project's "

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from videofusion_jax.config import ConfigError
+from videofusion_jax.config import SYNTHETIC_DATA, ConfigError
 from videofusion_jax.data import pipeline, video_io
 from videofusion_jax.evaluation.i3d import MIN_FRAMES, NUM_CLASSES
 from videofusion_jax.experiment import Experiment
@@ -188,6 +188,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   settings, ``eval.seed`` and the KVD subset size used."""
   from videofusion_jax.evaluation import distances
 
+  if config.data.name == SYNTHETIC_DATA:
+    raise ConfigError(f"config.data.name={SYNTHETIC_DATA!r}: --mode=eval compares generated clips with a dataset's "
+                      "real ones, and the synthetic input has none. Evaluate a run trained on a dataset, with that "
+                      "dataset's name (--config.data.name=...).")
   if config.sample.embeddings:  # before any slow work: the figures would not be of the given c
     raise ConfigError(f"config.sample.embeddings={config.sample.embeddings!r}: --mode=eval draws every clip's "
                       "content condition c from the prior (the protocol's distribution), not from given "

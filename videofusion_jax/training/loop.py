@@ -17,6 +17,7 @@ import numpy as np
 from videofusion_jax.config import (
     BASE_FIELDS,
     CLIP_FINGERPRINT,
+    SYNTHETIC_DATA,
     TRAINED_FIELDS,
     ConfigError,
     check_against_record,
@@ -30,7 +31,7 @@ from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training.preemption import StopRequest
 from videofusion_jax.training.sharding import checked_on_every_host
 from videofusion_jax.training.state import TrainState
-from videofusion_jax.training.step import Trainer, check_batch
+from videofusion_jax.training.step import Trainer, check_batch, synthetic_batches
 from videofusion_jax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock, write_whole
 
 
@@ -488,7 +489,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
                  "again)." if config.train.lr_decay == "cosine" else "."))
           return state
         started = _resume(trainer, manager, say, restored)
-      if batches is None:
+      if batches is None and config.data.name != SYNTHETIC_DATA:
         with stop.at_once():  # no step to save yet: a build of many minutes stops when told, not after it
           prepare_dataset(config)
       state, saved_stream = started or _start(trainer, manager, config, say)
@@ -522,12 +523,15 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
     what fails here fails on one host (a CLIP table or a video missing from its disk, config.json or
     metrics.jsonl unwritable on host 0), which would leave the others waiting in the first step's collectives."""
     source, stream_batches = None, batches
-    if stream_batches is None:
+    synthetic = stream_batches is None and config.data.name == SYNTHETIC_DATA
+    if stream_batches is None and not synthetic:
       from videofusion_jax.data import pipeline
       source = pipeline.source_fingerprint(config, config.data.split)
     stream = stream_identity(config, jax.process_count(), local_batch, source)
     start_batch = resume_position(saved_stream, stream, start)
-    if stream_batches is None:
+    if synthetic:
+      stream_batches = synthetic_batches(config, local_batch, config.seed, jax.process_index(), start_batch)
+    elif stream_batches is None:
       stream_batches = pipeline.train_iterator(
           config, local_batch, seed=config.seed, process_index=jax.process_index(),
           process_count=jax.process_count(), start_batch=start_batch)

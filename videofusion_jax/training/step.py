@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -312,6 +312,32 @@ def _expected_shape(key: str, config: ml_collections.ConfigDict, b: int) -> tupl
   if key == "frame_embeddings":
     return (b, d.num_frames, width), (per_host, "config.data.num_frames", "config.model.encoder.embed_dim")
   return (b, width), (per_host, "config.model.encoder.embed_dim")  # caption_embeddings
+
+
+def synthetic_batches(config: ml_collections.ConfigDict, local_batch_size: int, seed: int, process_index: int,
+                      start_batch: int = 0, distinct: int = 2) -> Iterator[dict]:
+  """The input of ``data.name='synthetic'``: this host's batches from ``start_batch`` on, each what ``check_batch``
+  asks for (videos uniform in [-1, 1], labels uniform over the classes, embeddings on the unit sphere). Batch ``k``
+  is the ``k % distinct``-th of ``distinct`` drawn once from ``(seed, process_index)``: no time per step (a
+  ucf101 batch is 50M values), and a resumed run goes on with the same stream."""
+  rng = np.random.default_rng([seed, process_index])
+  pool = []
+  for _ in range(distinct):
+    batch = {}
+    for key in batch_keys(config):
+      shape = _expected_shape(key, config, local_batch_size)[0]
+      if key == "video":
+        batch[key] = rng.uniform(-1.0, 1.0, shape).astype(np.float32)
+      elif key == "label":
+        batch[key] = rng.integers(0, config.data.num_classes, shape).astype(np.int32)
+      else:
+        x = rng.standard_normal(shape).astype(np.float32)
+        batch[key] = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    pool.append(batch)
+  k = start_batch
+  while True:
+    yield pool[k % distinct]
+    k += 1
 
 
 def check_batch(config: ml_collections.ConfigDict, batch, local_batch_size: int, values: bool = True) -> None:
