@@ -16,8 +16,9 @@ import json
 import os
 import sys
 
-# The host's call that runs a compiled program on a device (one per program and device).
-EXECUTE = "CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice"
+# The host's call that runs a compiled program on a device (one per program and device): PJRT's
+# ``...LoadedExecutable::Execute...`` (CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice on the CPU).
+EXECUTE = "LoadedExecutable::Execute"
 
 
 def newest_trace(path: str) -> str:
@@ -62,7 +63,7 @@ def summarize(events: list[dict]) -> dict:
             or thread.get((e["pid"], e.get("tid")), "").startswith("tf_XLAEigen"))
 
   kernels = [(e["ts"], e["ts"] + e["dur"]) for e in complete if on_device(e)]
-  runs = sorted(e["ts"] for e in complete if e.get("name") == EXECUTE)
+  runs = sorted(e["ts"] for e in complete if EXECUTE in e.get("name", ""))
   rows = []
   for s in steps:
     start, end = s["ts"], s["ts"] + s["dur"]
@@ -72,7 +73,8 @@ def summarize(events: list[dict]) -> dict:
   start = steps[0]["ts"]
   end = max([s["ts"] + s["dur"] for s in steps] + [b for _, b in kernels])
   busy, gaps = _union([(max(a, start), min(b, end)) for a, b in kernels if b > start and a < end])
-  return {"result": "train_profile", "steps": rows, "window_ms": round((end - start) / 1e3, 2),
+  note = {} if runs else {"note": f"no '{EXECUTE}' events: the host's time before each dispatch is unknown"}
+  return {"result": "train_profile", **note, "steps": rows, "window_ms": round((end - start) / 1e3, 2),
           "device_busy_ms": round(busy / 1e3, 2), "device_busy_share": round(busy / (end - start), 4),
           "longest_device_gaps_ms": sorted((round(g / 1e3, 2) for g in gaps), reverse=True)[:5]}
 

@@ -90,7 +90,8 @@ def test_train_profile_figures_of_a_trace_made_by_hand():
 
   events = meta + [
       event("train", 1, 10, 0, 100, step_num="5"), event("train", 1, 10, 100, 300, step_num="6"),
-      event(train_profile.EXECUTE, 1, 10, 10, 12), event(train_profile.EXECUTE, 1, 10, 130, 131),
+      event("CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice", 1, 10, 10, 12),
+      event("PjRtStreamExecutorLoadedExecutable::Execute", 1, 10, 130, 131),
       event("fusion.1", 1, 11, 10, 50), event("convolution.2", 1, 12, 40, 90), event("copy", 1, 11, -20, 5),
       event("gemm", 2, 20, 130, 280), event("np.asarray(jax.Array)", 1, 10, 290, 299)]
   figures = train_profile.summarize(events)
@@ -98,6 +99,9 @@ def test_train_profile_figures_of_a_trace_made_by_hand():
                               {"step": 6, "wall_ms": 200.0, "host_before_dispatch_ms": 30.0}]
   assert (figures["window_ms"], figures["device_busy_ms"]) == (300.0, 235.0)
   assert figures["device_busy_share"] == round(235 / 300, 4) and figures["longest_device_gaps_ms"] == [40.0, 5.0]
+  assert "note" not in figures
+  blind = train_profile.summarize([e for e in events if "Execute" not in e.get("name", "")])
+  assert [row["host_before_dispatch_ms"] for row in blind["steps"]] == [None, None] and "no '" in blind["note"]
   with pytest.raises(ValueError, match="no 'train' step annotations"):
     train_profile.summarize(meta)
 

@@ -613,8 +613,8 @@ def test_a_profile_window_traces_its_steps_and_never_stops_training(trainer, tmp
     window.close()
   finally:
     jax.profiler.stop_trace()
-  assert said[-1].startswith("warning: config.train.profile_steps: the profiler did not start (Profile has already "
-                             "been started") and window.steps is None
+  assert capsys.readouterr().err.startswith("warning: config.train.profile_steps: the profiler did not start (Profile "
+                                           "has already been started") and window.steps is None
   assert not (tmp_path / "busy").exists()
 
 
@@ -622,7 +622,7 @@ def test_the_synthetic_input_trains_and_resumes_without_a_dataset_or_tensorflow(
   """config.data.name='synthetic': batches of what the step reads (labels; a CLIP encoder's frame embeddings and a
   text prior's caption embeddings too), in range, a function of (seed, host, position); training reads no dataset
   and imports neither TensorFlow nor the pipeline, and a run stopped at step 2 and resumed trains as one that was
-  not; evaluation refuses it."""
+  not; evaluation refuses it, and real training refuses its checkpoints (to resume, or as a base)."""
   import webvid
 
   from videofusion_jax.config import SYNTHETIC_DATA
@@ -651,9 +651,12 @@ def test_the_synthetic_input_trains_and_resumes_without_a_dataset_or_tensorflow(
                                                   process_index=0))["label"] for s in range(2)])
   assert set(np.unique(labels)) == {0, 1, 2}  # the tiny config's three classes, each about a third
   np.testing.assert_allclose(np.bincount(labels) / len(labels), 1 / 3, atol=0.02)
-  # No dataset, no TensorFlow: importing either (or the pipeline, which reads them) fails here.
+  # No dataset, no TensorFlow: importing either (or the pipeline, which reads them) fails here (the package's
+  # attributes too: `from videofusion_jax.data import pipeline` would find an imported one there).
+  import videofusion_jax.data
   for module in ("tensorflow", "tensorflow_datasets", "videofusion_jax.data.pipeline", "videofusion_jax.data.builders"):
     monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.delattr(videofusion_jax.data, module.rsplit(".", 1)[-1], raising=False)
   c = tiny_config(**{"data.name": SYNTHETIC_DATA, "data.data_dir": str(tmp_path / "absent")})
   full = train(c, tmp_path / "full", trainer=trainer, verbose=False)
   train(tiny_config(**{"data.name": SYNTHETIC_DATA, "train.num_steps": 2}), tmp_path / "split", trainer=trainer,
@@ -661,8 +664,19 @@ def test_the_synthetic_input_trains_and_resumes_without_a_dataset_or_tensorflow(
   resumed = train(c, tmp_path / "split", trainer=trainer, verbose=False)
   assert int(full.step) == int(resumed.step) == 4 and not (tmp_path / "absent").exists()
   _allclose_trees(full.params, resumed.params)
-  with pytest.raises(ConfigError, match="config.data.name='synthetic': --mode=eval compares generated clips"):
+  with pytest.raises(ConfigError, match="config.data.name='synthetic', and .* was trained on 'synthetic': --mode=eval"):
     evaluate.run(c, str(tmp_path / "full"), experiment=trainer)
+  # Nor with the dataset's name given: the workdir says what its checkpoints learnt; and no resume or base across.
+  real = tiny_config(**{"train.num_steps": 6})
+  with pytest.raises(ConfigError, match="config.data.name='demo_clips', and .* was trained on 'synthetic'"):
+    evaluate.run(real, str(tmp_path / "full"), experiment=trainer)
+  with pytest.raises(ConfigError, match=f"config.data.name='demo_clips': the checkpoints in {tmp_path / 'full'}.* "
+                                        "were trained on 'synthetic'; synthetic and real input do not mix"):
+    train(real, tmp_path / "full", iter(batches(real, 2)), trainer=trainer, verbose=False)
+  with pytest.raises(ConfigError, match="the networks in config.train.init_base_from=.* were trained on 'synthetic'"):
+    train(tiny_config(**{"train.init_base_from": str(tmp_path / "full")}), tmp_path / "fresh", iter(batches(real, 2)),
+          trainer=trainer, verbose=False)
+  assert int(ckpt.make_manager(tmp_path / "full", keep=5, async_save=False).latest_step()) == 4  # nothing trained
 
 
 def test_a_resume_under_another_learning_rate_schedule_is_warned(tmp_path):

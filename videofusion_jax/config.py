@@ -679,6 +679,16 @@ def _same_clip(config: ml_collections.ConfigDict, now: str, was: str, trained: d
   return fingerprint(now, config.data.image_size) == recorded
 
 
+def check_input_kind(config: ml_collections.ConfigDict, trained: dict, whose: str) -> None:
+  """A ConfigError when one of ``config`` and ``trained`` (a recorded config.json; ``whose`` checkpoints, in
+  words) trains on the synthetic input and the other on a dataset: networks that learnt noise are no start
+  for real data, and real checkpoints would be trained on noise (and deleted as older ones)."""
+  was, now = trained.get("data", {}).get("name"), config.data.name
+  if (was == SYNTHETIC_DATA) != (now == SYNTHETIC_DATA):
+    raise ConfigError(f"config.data.name={now!r}: {whose} were trained on {was!r}; synthetic and real input do not "
+                      "mix (the synthetic input's networks learn noise). Use a workdir of its own for each.")
+
+
 def check_against_record(config: ml_collections.ConfigDict, trained: dict, fields, whose: str, why: str,
                          otherwise: str) -> None:
   """A ConfigError naming each of ``fields`` (and a 'clip' encoder's CLIP directory) whose value differs from

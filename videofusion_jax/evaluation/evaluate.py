@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from videofusion_jax.config import SYNTHETIC_DATA, ConfigError
+from videofusion_jax.config import SYNTHETIC_DATA, ConfigError, recorded_config
 from videofusion_jax.data import pipeline, video_io
 from videofusion_jax.evaluation.i3d import MIN_FRAMES, NUM_CLASSES
 from videofusion_jax.experiment import Experiment
@@ -188,10 +188,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   settings, ``eval.seed`` and the KVD subset size used."""
   from videofusion_jax.evaluation import distances
 
-  if config.data.name == SYNTHETIC_DATA:
-    raise ConfigError(f"config.data.name={SYNTHETIC_DATA!r}: --mode=eval compares generated clips with a dataset's "
-                      "real ones, and the synthetic input has none. Evaluate a run trained on a dataset, with that "
-                      "dataset's name (--config.data.name=...).")
+  trained = recorded_config(workdir)[1] or {}
+  if SYNTHETIC_DATA in (config.data.name, trained.get("data", {}).get("name")):
+    raise ConfigError(f"config.data.name={config.data.name!r}, and {workdir} was trained on "
+                      f"{trained.get('data', {}).get('name', 'an unrecorded input')!r}: --mode=eval compares generated "
+                      "clips with a dataset's real ones, and a run trained on the synthetic input (noise) has nothing "
+                      "to be compared with. Evaluate a run trained on a dataset, with that dataset's name.")
   if config.sample.embeddings:  # before any slow work: the figures would not be of the given c
     raise ConfigError(f"config.sample.embeddings={config.sample.embeddings!r}: --mode=eval draws every clip's "
                       "content condition c from the prior (the protocol's distribution), not from given "

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -21,6 +21,7 @@ from videofusion_jax.config import (
     TRAINED_FIELDS,
     ConfigError,
     check_against_record,
+    check_input_kind,
     clip_used,
     field_or_none,
     recorded_config,
@@ -216,6 +217,7 @@ def check_base_source(config: ml_collections.ConfigDict) -> None:
   record, trained = recorded_config(source)
   if trained is None:
     return
+  check_input_kind(config, trained, f"the networks in config.train.init_base_from={source}")
   check_against_record(config, trained, BASE_FIELDS, "that run's",
                        f"config.train.init_base_from={source} trained the networks this run takes from it under "
                        f"other settings ({record}), and their weights would be wrong under these",
@@ -230,6 +232,7 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: Path) -> No
   record, trained = recorded_config(workdir)
   if trained is None:
     return
+  check_input_kind(config, trained, f"the checkpoints in {workdir / 'checkpoints'}")
   check_against_record(config, trained, TRAINED_FIELDS, "trained with",
                        f"the checkpoints in {workdir / 'checkpoints'} were trained under other settings ({record}), "
                        "and resuming would train them on under these", "train these settings in a new workdir")
@@ -298,15 +301,26 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
   (workdir / "config.json").write_text(json.dumps(record, indent=2))
 
 
+def _warn(message: str) -> None:
+  """A warning of this host's own, on every host (stderr; named by process where there are several)."""
+  who = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
+  print(f"warning{who}: {message}", file=sys.stderr, flush=True)
+
+
 class ProfileWindow:
   """``config.train.profile_steps``: this run's steps in that window traced with ``jax.profiler`` into
   ``workdir/profile/process_<i>`` (each host its own), each step, its input's wait included, marked by a
   ``StepTraceAnnotation``; written once the last one has run, or as the run stops inside the window. A trace that
-  cannot start or be written is said and skipped: it never stops training."""
+  cannot start or be written is said by its host (on stderr) and skipped: it never stops training."""
 
-  def __init__(self, window, start: int, total: int, workdir: Path, say):
+  def __init__(self, window: tuple[int, int] | tuple[()], start: int, total: int, workdir: Path,
+               say: Callable[..., None]):
     self.directory = workdir / "profile" / f"process_{jax.process_index()}"
-    self.say, self.steps, self._first, self._last, self._annotation = say, None, None, None, None
+    self.say = say
+    self.steps: tuple[int, int] | None = None
+    self._first: int | None = None  # the first step traced, while a trace runs
+    self._last: int | None = None
+    self._annotation = None  # the open step's StepTraceAnnotation
     if window:
       first, last = max(window[0], start + 1), min(window[1], total)
       if first <= last:
@@ -320,13 +334,14 @@ class ProfileWindow:
     if self.steps is None or not self.steps[0] <= step <= self.steps[1]:
       return
     if step == self.steps[0]:
+      # XLA's, the runtime's and the steps' events, not Python's: those filled a tiny step's trace to the
+      # profiler's cap (a million events, mostly Orbax's tree walks) and took 14 s to write.
       options = jax.profiler.ProfileOptions()
-      options.python_tracer_level = 0  # XLA's, the runtime's and the steps' events: Python's filled a tiny step's
-      try:  # trace to the profiler's cap (a million events, mostly Orbax's tree walks) and took 14 s to write
+      options.python_tracer_level = 0
+      try:
         jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True, profiler_options=options)
       except Exception as e:  # noqa: BLE001 - another trace running (a notebook's), an unwritable folder
-        self.say(f"warning: config.train.profile_steps: the profiler did not start ({e}); training goes on "
-                 "unprofiled.", flush=True)
+        _warn(f"config.train.profile_steps: the profiler did not start ({e}); training goes on unprofiled.")
         self.steps = None
         return
       self._first = step
@@ -334,7 +349,7 @@ class ProfileWindow:
     self._annotation = jax.profiler.StepTraceAnnotation("train", step_num=step)
     self._annotation.__enter__()
 
-  def end(self, step: int, outputs) -> float:
+  def end(self, step: int, outputs: object) -> float:
     """After step ``step`` (its log and checkpoint included); at the window's last, waits for ``outputs``
     (the step's) and writes the trace. The seconds spent writing it (no training step's)."""
     if self._annotation is None:
@@ -360,8 +375,7 @@ class ProfileWindow:
     try:
       jax.profiler.stop_trace()
     except Exception as e:  # noqa: BLE001 - a full disk: training is what matters
-      self.say(f"warning: the profile of step(s) {steps} could not be written to {self.directory} ({e}).",
-               flush=True)
+      _warn(f"the profile of step(s) {steps} could not be written to {self.directory} ({e}).")
       return
     perfetto = sorted(self.directory.glob("plugins/profile/*/perfetto_trace.json.gz"), key=os.path.getmtime)
     self.say(f"profile of step(s) {steps} written to {self.directory}: TensorBoard's Profile tab (tensorboard "
