@@ -17,6 +17,11 @@
 #   PART=all     the six runs of train and sample side by side (sampling: 2 timed batches, not 3).
 #                On 2026-12-04 (SAMPLE_BATCH=8) both samplings and VDM*'s step were timed, VideoFusion's
 #                three steps were still compiling when the 570 s ran out.
+#   PART=loop    the real training loop (python -m videofusion_jax.main) on the synthetic input (no dataset, no
+#                TensorFlow), LOOP_STEPS (40) steps at BATCH, its last ones profiled (--config.train.profile_steps,
+#                a checkpoint save among them): benchmarks/train_profile.py's line (each step's wall time, the
+#                host's time before its dispatch, the device's busy share) beside the loop's steps/s. Once PART=vf
+#                has shown the step compiles within a call.
 #   RUNS         instead of a part: runs separated by ';', each "name|XLA_FLAGS|benchmark flags", e.g.
 #                RUNS="vf_nofa|--xla_gpu_experimental_enable_fusion_autotuner=false|--kinds=videofusion --sample_steps=0"
 #                (a second call that tries what the first one's compile phases point at).
@@ -49,6 +54,21 @@ mkdir -p "$OUT"
 # Each run allocates what it uses (not 75% of the device up front): the runs share one device.
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee -a "$OUT/bench.log"
+if [ "$PART" = loop ]; then
+  steps="${LOOP_STEPS:-40}"
+  work=$(mktemp -d)
+  echo "== $(date +%T) loop: $CONFIG, batch ${BATCH:-4}, $steps steps on the synthetic input" | tee -a "$OUT/bench.log"
+  timeout "${TIMEOUT:-560}" python3 -m videofusion_jax.main --config="$CONFIG" --workdir="$work" --mode=train \
+    --config.data.name=synthetic --config.train.batch_size="${BATCH:-4}" --config.train.num_steps="$steps" \
+    --config.train.log_every=5 --config.train.checkpoint_every=$(( steps - 5 )) \
+    --config.train.profile_steps="($(( steps - 9 )), $(( steps - 2 )))" --config.compilation_cache_dir="$work/xla" \
+    > "$OUT/loop.log" 2>&1
+  echo "== $(date +%T) loop: exit $?" | tee -a "$OUT/bench.log"
+  grep -E '^(step |first step|initial state|checkpoint|profile)' "$OUT/loop.log" | tail -12
+  python3 benchmarks/train_profile.py "$work/profile/process_0" | tee -a "$OUT/bench.jsonl"
+  rm -rf "$work"
+  exit 0
+fi
 sync_dir=$(mktemp -d)
 timeout_s="${TIMEOUT:-560}"
 if [ -z "${PEAK_TFLOPS:-}" ]; then  # the device's own ceiling, before the runs take the host and the device
@@ -79,7 +99,7 @@ case "$PART" in
   sample) runs=("vf_sample||--kinds=videofusion $sample $xla" "vdm_sample||--kinds=vdm $sample $xla" "$vf_wide") ;;
   all) runs=("$vf" "$vdm" "$vf_cudnn" "vf_sample||--kinds=videofusion $sample --sample_repeats=2 $xla"
              "vdm_sample||--kinds=vdm $sample --sample_repeats=2 $xla" "$vf_wide") ;;
-  *) echo "PART=$PART: use vf, train, sample or all" >&2; exit 2 ;;
+  *) echo "PART=$PART: use vf, train, sample, all or loop" >&2; exit 2 ;;
 esac
 if [ -n "${RUNS:-}" ]; then IFS=';' read -r -a runs <<< "$RUNS"; fi
 parties=${#runs[@]}
