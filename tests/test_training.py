@@ -567,24 +567,24 @@ def _profiled_steps(directory) -> tuple[list[str], list[dict]]:
 
 
 def test_a_profile_window_traces_its_steps_and_never_stops_training(trainer, tmp_path, capsys):
-  """config.train.profile_steps=(2, 3) traces steps 2 and 3 alone, the step's program and kernels in each; a resumed
+  """config.train.profile_steps=(3, 4) traces steps 3 and 4 alone, the step's program and kernels in each; a resumed
   run past the window traces nothing; a run that fails inside it writes the steps so far; a profiler already
   running is said, and the window's steps run unprofiled."""
-  c = tiny_config(**{"train.profile_steps": (2, 3)})
+  c = tiny_config(**{"train.profile_steps": (3, 4)})  # the run's last two steps (a checkpoint save at 4)
   data = batches(c, 6)
   state = train(c, tmp_path / "run", iter(data[:4]), trainer=trainer)
   out = capsys.readouterr().out
   directory = tmp_path / "run" / "profile" / "process_0"
-  assert int(state.step) == 4 and f"profile of step(s) 2-3 written to {directory}: " in out, out
+  assert int(state.step) == 4 and f"profile of step(s) 3-4 written to {directory}: " in out, out
   (steps,), events = _profiled_steps(directory)
-  assert steps == ["2", "3"]
+  assert steps == ["3", "4"]
   spans = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "train"]
   runs = [e["ts"] for e in events if e.get("name") == "CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice"]
   assert all(any(a <= t <= b for t in runs) for a, b in spans), (spans, runs)  # each step's program ran in its span
   kernels = {e["name"] for e in events if e.get("name", "").startswith(("convolution", "conv_general_dilated"))}
   assert kernels, sorted({e.get("name") for e in events})  # the U-Nets' convolutions, as XLA ran them
   figures = load_benchmark("train_profile").summarize_file(str(directory))  # what benchmarks/ makes of it
-  assert [row["step"] for row in figures["steps"]] == [2, 3] and 0 < figures["device_busy_share"] <= 1
+  assert [row["step"] for row in figures["steps"]] == [3, 4] and 0 < figures["device_busy_share"] <= 1
   assert all(row["host_before_dispatch_ms"] is not None for row in figures["steps"]), figures
   # A resumed run past the window traces nothing, and says so.
   said = []

@@ -378,7 +378,8 @@ class ProfileWindow:
       _warn(f"the profile of step(s) {steps} could not be written to {self.directory} ({e}).")
       return
     perfetto = sorted(self.directory.glob("plugins/profile/*/perfetto_trace.json.gz"), key=os.path.getmtime)
-    self.say(f"profile of step(s) {steps} written to {self.directory}: TensorBoard's Profile tab (tensorboard "
+    hosts = " (and process_<i> on each host)" if jax.process_count() > 1 else ""
+    self.say(f"profile of step(s) {steps} written to {self.directory}{hosts}: TensorBoard's Profile tab (tensorboard "
              f"--logdir {self.directory.parent}, with tensorboard-plugin-profile installed), or "
              f"{perfetto[-1] if perfetto else 'its perfetto_trace.json.gz'} in ui.perfetto.dev.", flush=True)
 
