@@ -337,7 +337,8 @@ class Experiment:
     config.json and the sidecars said the new), or another one. Other fields may differ."""
     fields = list(PROGRAM_SECTIONS)
     if work == "train":
-      fields += [f"train.{k}" for k in self.config.train.keys() if k not in unread_train_fields(config)]
+      unread = unread_train_fields(config)
+      fields += [f"train.{k}" for k in self.config.train.keys() if k not in unread]
     else:  # long videos' clips are the sampler's; evaluation draws single clips whatever num_clips says
       fields += [f"sample.{k}" for k in SAMPLER_FIELDS + (("num_clips",) if work == "sample" else ())]
     picked = lambda flat: {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in fields)}  # noqa: E731
