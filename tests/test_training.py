@@ -965,7 +965,10 @@ def test_guidance_mixes_whole_decomposed_estimates(trainer):
   assert not np.allclose(cond, uncond, atol=1e-4)
   np.testing.assert_allclose(guided[1.0], cond, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(guided[0.0], uncond, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(guided[3.0], uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+  # s = 3 is linear in the two whole estimates of the same call; against the separate calls, their differences
+  # above (each within 1e-5, XLA's convolutions ordered by batch size) enter 2x and 3x: 5x the tolerance.
+  np.testing.assert_allclose(guided[3.0], guided[0.0] + 3.0 * (guided[1.0] - guided[0.0]), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(guided[3.0], uncond + 3.0 * (cond - uncond), rtol=5e-5, atol=5e-5)
   assert np.abs(np.asarray(per_network) - np.asarray(guided[3.0])).max() > 1e-3
 
 
