@@ -20,11 +20,15 @@
 #   PART=loop    the real training loop (python -m videofusion_jax.main) on the synthetic input (no dataset, no
 #                TensorFlow), LOOP_STEPS (40) steps at BATCH, its last ones profiled (--config.train.profile_steps,
 #                a checkpoint save among them): benchmarks/train_profile.py's line (each step's wall time, the
-#                host's time before its dispatch, the device's busy share) beside the loop's steps/s. Once PART=vf
-#                has shown the step compiles within a call.
+#                host's time before its dispatch, the device's busy share) beside the loop's steps/s, and the
+#                initial state's compile (its draws on JAX's threefry kernel since 2026-12-07, first checked to
+#                give the unrolled rounds' bits). Once PART=vf has shown the step compiles within a call.
 #   RUNS         instead of a part: runs separated by ';', each "name|XLA_FLAGS|benchmark flags", e.g.
 #                RUNS="vf_nofa|--xla_gpu_experimental_enable_fusion_autotuner=false|--kinds=videofusion --sample_steps=0"
-#                (a second call that tries what the first one's compile phases point at).
+#                (a second call that tries what the first one's compile phases point at). The step's draws on
+#                JAX's threefry kernel (a quarter of its operations are threefry's unrolled rounds when lowered
+#                for CUDA: python benchmarks/gpu_lowering.py; the kernel's bits may cost memory):
+#                JAX_THREEFRY_GPU_KERNEL_LOWERING=1 RUNS="vf_kernel||--kinds=videofusion --sample_steps=0 --config.model.attention_implementation="
 # Every run times from a zero state (INIT, default zeros: --init=zeros; no figure depends on the
 # values, and the initializers took 1.4-2.3 minutes to compile on the H200). Every run traces its
 # cold compiles (--compile_profile: a 'compile_phases' line, where XLA spent the time) and gives up
@@ -55,6 +59,22 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee -a "$OUT/bench.log"
 if [ "$PART" = loop ]; then
+  # The initial state draws with JAX's threefry kernel on a GPU (experiment.init_lowering): its bits against
+  # the unrolled rounds' (JAX's default there), for the initializers' kinds of draw.
+  python3 - <<'EOF' 2>&1 | tail -3 | tee -a "$OUT/bench.log"
+import jax, numpy as np
+from videofusion_jax.experiment import init_lowering
+def draws(key):
+  a, b = jax.random.split(jax.random.fold_in(key, 7))
+  return (jax.random.normal(a, (3, 3, 64, 128)), jax.random.truncated_normal(b, -2.0, 2.0, (4099,)),
+          jax.random.uniform(a, (5, 1000)), jax.random.bits(b, (257,)))
+with init_lowering():
+  kernel = jax.jit(draws)(jax.random.PRNGKey(3))
+unrolled = jax.jit(draws)(jax.random.PRNGKey(3))
+same = all(np.array_equal(np.asarray(k), np.asarray(u)) for k, u in zip(kernel, unrolled))
+print(f"threefry kernel against unrolled rounds on {jax.devices()[0].device_kind}: "
+      f"{'the same bits' if same else 'DIFFERENT bits'}")
+EOF
   steps="${LOOP_STEPS:-40}"
   work=$(mktemp -d)
   echo "== $(date +%T) loop: $CONFIG, batch ${BATCH:-4}, $steps steps on the synthetic input" | tee -a "$OUT/bench.log"

@@ -1,8 +1,10 @@
 """The smaller benchmark scripts: the input pipeline's figure on the UCF101 stand-in, the memory
 benchmark's state bytes, and bad flags answered with one message instead of a traceback."""
+import json
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -116,6 +118,57 @@ def get_config():
 """
 
 
+def test_gpu_lowering_counts_each_call_where_xla_inlines_it_and_threefrys_rounds():
+  """A program lowered for CUDA: a jitted function called twice is lowered once and counted twice (its
+  sine), its three draws (a split, two normals) each 20 rotations (shift_left) of threefry's unrolled
+  rounds, or one call of JAX's kernel each under ``init_lowering``; the rounds are the ops the draws
+  add to the program. Then the tiny config's init and step through the script: the same draws under
+  both lowerings, the init with fewer operations on the kernel, the step's convolutions."""
+  import contextlib
+
+  import jax.numpy as jnp
+
+  from videofusion_jax.experiment import init_lowering
+  gpu_lowering = load_benchmark("gpu_lowering")
+  inner = jax.jit(lambda x: jnp.sin(x) * 3.0)
+
+  def program(key, x, draw=True):
+    a, b = jax.random.split(key)
+    y = inner(inner(x))
+    return y + jax.random.normal(a, x.shape) + jax.random.normal(b, (7,)).sum() if draw else y
+  args = (jax.random.PRNGKey(0), jnp.ones(5))
+
+  def counts(kernel: bool, draw: bool = True) -> dict:
+    with init_lowering() if kernel else contextlib.nullcontext():
+      text = jax.jit(program, static_argnums=2).trace(*args, draw).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.sine") == 1
+    return gpu_lowering.inlined_ops(text)
+  unrolled, kernel, none = counts(False), counts(True), counts(False, draw=False)
+  assert [c["by_op"]["stablehlo.sine"] for c in (unrolled, kernel, none)] == [2, 2, 2]
+  assert unrolled["draws"] == kernel["draws"] == 3 and none["draws"] == 0
+  assert unrolled["by_op"]["stablehlo.shift_left"] == 3 * 20 and "stablehlo.shift_left" not in kernel["by_op"]
+  assert kernel["by_op"]["stablehlo.custom_call@cu_threefry2x32_ffi"] == 3
+  assert unrolled["threefry_round_ops"] > 3 * 20 * 4 and kernel["threefry_round_ops"] < 3 * 10
+  # What the draws add beyond the rounds is the same under both lowerings (keys, conversion to floats).
+  assert unrolled["ops"] - unrolled["threefry_round_ops"] == kernel["ops"] - kernel["threefry_round_ops"]
+
+  with tempfile.TemporaryDirectory() as tmp:
+    tiny = Path(tmp) / "tiny_config.py"
+    tiny.write_text(TINY_CONFIG)
+    r = subprocess.run([sys.executable, "benchmarks/gpu_lowering.py", f"--config={tiny}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = {(row["program"], row["threefry"]): row for row in map(json.loads, r.stdout.splitlines())}
+  assert set(rows) == {("init", "kernel"), ("init", "unrolled"), ("step", "unrolled"), ("step", "kernel")}
+  assert rows["init", "kernel"]["lowering"] == rows["step", "unrolled"]["lowering"] == "the project's"
+  for name in ("init", "step"):
+    k, u = rows[name, "kernel"], rows[name, "unrolled"]
+    assert k["random_draws"] == u["random_draws"] == k["threefry_kernel_calls"] > 0
+    assert u["threefry_kernel_calls"] == 0 and k["ops_inlined"] < u["ops_inlined"]
+    assert u["ops_inlined"] - u["threefry_round_ops"] == k["ops_inlined"] - k["threefry_round_ops"]
+  assert rows["init", "unrolled"]["threefry_share"] > 0.5 and rows["init", "kernel"]["convolutions"] == 0
+  assert 0 < rows["step", "kernel"]["distinct_convolutions"] < rows["step", "kernel"]["convolutions"]
+
 @pytest.mark.parametrize("script, args, expected", [
     ("pipeline", ["--batch_size=0"], "--batch_size"),
     ("pipeline", ["--manual_dir=/nonexistent/ucf101"], "manual_dir"),
@@ -126,6 +179,8 @@ def get_config():
     ("clip", ["--clip_dir=/nonexistent/clip"], "--clip_dir=/nonexistent/clip: CLIP directory"),
     ("clip", ["--repeats=0"], "--repeats"),
     ("train_profile", ["/nonexistent/run/profile"], "no perfetto_trace.json.gz under /nonexistent/run/profile"),
+    ("gpu_lowering", ["--config={tiny}", "--programs=init,sttep"], "--programs: ['sttep'] not among init, step"),
+    ("gpu_lowering", ["--config={tiny}", "--config.model.kind=vdm"], "config.diffusion.lam=0.5: VDM* is trained"),
     ("long_videos", ["--config={tiny}", "--workdir=/nonexistent/run", "--config.sample.num_clips=2",
                      "--config.sample.continuity_frames=1"], "--workdir=/nonexistent/run: no checkpoint"),
 ])

@@ -530,6 +530,37 @@ def test_the_abstract_state_is_what_init_gives(overrides):
     assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)
 
 
+
+def test_the_initial_state_draws_with_the_gpu_threefry_kernel(monkeypatch):
+  """On a GPU the initial state's program draws with JAX's threefry kernel, not the unrolled rounds JAX
+  emits there by default (experiment.init_lowering; lowered for CUDA here, which needs no GPU): each
+  draw a call of the kernel and no round's rotation (shift_left: the bits' conversion to floats shifts
+  right only); the default lowering holds the rounds (control). ``init_state`` traces under it."""
+  import contextlib
+
+  from jax._src import config as jax_config
+
+  from videofusion_jax.experiment import init_lowering
+  e = Experiment(tiny_config())
+  key = jax.random.PRNGKey(0)
+
+  def lowered(setting) -> str:
+    with setting:
+      return jax.jit(e._init_fn).trace(key).lower(lowering_platforms=("cuda",)).as_text()
+  kernel, unrolled = lowered(init_lowering()), lowered(contextlib.nullcontext())
+  assert kernel.count("stablehlo.custom_call @cu_threefry2x32_ffi") >= 5 and "stablehlo.shift_left" not in kernel
+  assert "cu_threefry2x32_ffi" not in unrolled and unrolled.count("stablehlo.shift_left") >= 8 * 5
+  assert not jax_config.threefry_gpu_kernel_lowering.value  # the setting ends with its block
+  seen, init_fn = [], Experiment._init_fn
+
+  def spy(self, rng):
+    seen.append(jax_config.threefry_gpu_kernel_lowering.value)
+    return init_fn(self, rng)
+  monkeypatch.setattr(Experiment, "_init_fn", spy)
+  c = tiny_config()
+  state = Trainer(c, mesh=one_device(c)).init_state(0)
+  assert seen == [True] and int(state.step) == 0 and not jax_config.threefry_gpu_kernel_lowering.value
+
 def test_resume_gives_the_same_next_step(trainer, tmp_path):
   c = trainer.config
   data = batches(c, 5)

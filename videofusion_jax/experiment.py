@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax._src import config as jax_config  # threefry_gpu_kernel_lowering: a setting with no public context manager
 from jax.experimental.compilation_cache import compilation_cache
 
 from videofusion_jax import diffusion
@@ -285,6 +286,18 @@ def _xla_said(error: BaseException) -> str:
   return re.sub(r"(\d{7,}) bytes", lambda m: f"{int(m.group(1)) / 1e9:.2f} GB", line)
 
 
+def init_lowering():
+  """The setting the initial state's program is traced and lowered under: on a GPU each random draw
+  is JAX's threefry kernel (the same bits), not the unrolled rounds JAX emits there by default. The
+  initializers draw at 430 places at the ucf101 size; lowered for CUDA, the unrolled rounds are 95k
+  of the program's 118k operations once its calls are inlined, 24k operations in all with the kernel
+  (benchmarks/gpu_lowering.py). That program took 1.4-2.3 minutes to compile on an H200; with the
+  kernel it is not yet timed there. A CPU has a lowering of its own (rolled loops), which this leaves as it
+  is. Not for the step: there the kernel's bits, as large as the activations at each dropout, may be
+  kept in memory where the unrolled rounds are fused into their use (unmeasured)."""
+  return jax_config.threefry_gpu_kernel_lowering(True)
+
+
 class Experiment:
   """Everything a config determines before any data is read or any step is compiled.
 
@@ -432,7 +445,8 @@ class Experiment:
   def init_state(self, seed: int) -> TrainState:
     """A fresh state, laid out on the mesh (compiled once per experiment; its traced program
     stored as the step's)."""
-    return self._init(jax.random.PRNGKey(seed))
+    with init_lowering():
+      return self._init(jax.random.PRNGKey(seed))
 
   @property
   def init_source(self) -> str | None:
