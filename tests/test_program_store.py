@@ -250,6 +250,22 @@ def test_a_store_that_cannot_be_written_leaves_the_run_going(store, monkeypatch,
   assert "warning: cannot store the traced program" in capsys.readouterr().out
 
 
+def test_a_device_platform_under_an_alias_is_exported_by_its_concrete_name(store, monkeypatch):
+  """A CUDA device's platform is 'gpu', an alias of 'cuda': jax.export records the name it is given, and a
+  call compares it with the concrete one, so a program exported for 'gpu' could not be called on a GPU (the
+  first step of every run that stores its programs). Here the CPU under an alias of its own, as 'gpu' is
+  for 'cuda': the program is exported for 'cpu', runs when traced and when loaded by a new StoredJit."""
+  from jax._src import xla_bridge
+  monkeypatch.setitem(xla_bridge._alias_to_platforms, "cpux", ["cpu"])
+  monkeypatch.setattr(program_store, "device_platform", lambda mesh: "cpux")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  assert program_store.export_platform(mesh) == "cpu"
+  for source in ("traced", "stored"):
+    f = StoredJit(lambda x: jnp.sin(x) * 2.0, "alias", "ctx", mesh)
+    np.testing.assert_allclose(f(jnp.ones(3)), 2.0 * np.sin(np.ones(3)), rtol=1e-6)
+    assert f.source == source
+  assert jax.export.deserialize(bytearray(program_store._read(next(store.iterdir())))).platforms == ("cpu",)
+
 def test_the_store_keeps_the_most_recently_used_programs(store, monkeypatch):
   monkeypatch.setattr(program_store, "KEEP", 2)
   paths = [store / f"p{i}.jaxexport" for i in range(3)]

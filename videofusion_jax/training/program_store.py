@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from jax import export
 from jax._src import config as jax_config  # trace_context: the settings jax.jit keys its traces by
+from jax._src import xla_bridge  # canonicalize_platform: no public counterpart for a given device's platform
 
 import videofusion_jax
 from videofusion_jax.training.sharding import on_every_host
@@ -74,6 +75,18 @@ def _environment(mesh) -> str:
   platform = mesh.devices.flat[0].client.platform_version
   return repr((jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, np.__version__,
                platform, _settings()))
+
+
+def device_platform(mesh) -> str:
+  """The platform of ``mesh``'s devices as given to ``jax.export``."""
+  return mesh.devices.flat[0].platform
+
+
+def export_platform(mesh) -> str:
+  """The platform a program for ``mesh`` is exported for, by its concrete name: a CUDA device says 'gpu',
+  which ``jax.export`` records as given, while calling the program compares it with the platform it is
+  lowered for ('cuda'): a program exported for 'gpu' could not be called on a GPU."""
+  return xla_bridge.canonicalize_platform(device_platform(mesh))
 
 
 # The training loop's own fields of config.train: how often it logs and saves, what it profiles, where a fresh
@@ -282,7 +295,7 @@ class StoredJit:
     if exported is None:
       self.source = "traced"
       try:
-        traced = export.export(self.plain, platforms=(self.mesh.devices.flat[0].platform,),
+        traced = export.export(self.plain, platforms=(export_platform(self.mesh),),
                                disabled_checks=[export.DisabledSafetyCheck.custom_call("ALL")])(*args)
         make_serializable(traced.out_tree)
         blob = traced.serialize()
