@@ -61,7 +61,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null 
 if [ "$PART" = loop ]; then
   # The initial state draws with JAX's threefry kernel on a GPU (experiment.init_lowering): its bits against
   # the unrolled rounds' (JAX's default there), for the initializers' kinds of draw.
-  python3 - <<'EOF' 2>&1 | tail -3 | tee -a "$OUT/bench.log"
+  timeout 120 python3 - <<'EOF' 2>&1 | tail -3 | tee -a "$OUT/bench.log"
 import jax, numpy as np
 from videofusion_jax.experiment import init_lowering
 def draws(key):
@@ -78,7 +78,8 @@ EOF
   steps="${LOOP_STEPS:-40}"
   work=$(mktemp -d)
   echo "== $(date +%T) loop: $CONFIG, batch ${BATCH:-4}, $steps steps on the synthetic input" | tee -a "$OUT/bench.log"
-  timeout "${TIMEOUT:-560}" python3 -m videofusion_jax.main --config="$CONFIG" --workdir="$work" --mode=train \
+  timeout $(( ${TIMEOUT:-560} - SECONDS )) python3 -m videofusion_jax.main --config="$CONFIG" --workdir="$work" \
+    --mode=train \
     --config.data.name=synthetic --config.train.batch_size="${BATCH:-4}" --config.train.num_steps="$steps" \
     --config.train.log_every=5 --config.train.checkpoint_every=$(( steps - 5 )) \
     --config.train.profile_steps="($(( steps - 9 )), $(( steps - 2 )))" --config.compilation_cache_dir="$work/xla" \

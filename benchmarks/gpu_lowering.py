@@ -4,7 +4,7 @@ calls are inlined (as XLA inlines them before it fuses and emits kernels), the s
 is threefry's unrolled rounds, its random draws and its distinct convolutions. A proxy for the GPU
 compile's work where no GPU is lent, not a compile time.
 
-  python benchmarks/gpu_lowering.py --config=configs/ucf101.py [--config.model.kind=vdm] [--programs=init,step]
+  python benchmarks/gpu_lowering.py --config=configs/ucf101.py [--programs=init,step]   # VDM*: configs/ucf101.py:vdm
 
 One JSON line per program and threefry lowering: the project's (``init``: JAX's threefry kernel,
 ``experiment.init_lowering``; ``step``: JAX's default, the unrolled rounds) and the other one.
@@ -113,9 +113,8 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   for name in _PROGRAMS.value:
     if name == "init":
-      key = jax.random.PRNGKey(0)
-      text = lambda e=experiment, k=key: jax.jit(e._init_fn).trace(k).lower(  # noqa: E731
-          lowering_platforms=("cuda",)).as_text()
+      key = jax.random.PRNGKey(0)  # the program init_state runs: its jit, out_shardings and activation rules
+      text = lambda e=experiment, k=key: e._init.plain.trace(k).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
       runs = ((True, "the project's"), (False, "JAX's default"))
     else:
       text = lambda t=experiment: t.step.plain.trace(t.abstract_state(), abstract_batch(t)).lower(  # noqa: E731

@@ -290,11 +290,12 @@ def init_lowering():
   """The setting the initial state's program is traced and lowered under: on a GPU each random draw
   is JAX's threefry kernel (the same bits), not the unrolled rounds JAX emits there by default. The
   initializers draw at 430 places at the ucf101 size; lowered for CUDA, the unrolled rounds are 95k
-  of the program's 118k operations once its calls are inlined, 24k operations in all with the kernel
-  (benchmarks/gpu_lowering.py). That program took 1.4-2.3 minutes to compile on an H200; with the
-  kernel it is not yet timed there. A CPU has a lowering of its own (rolled loops), which this leaves as it
-  is. Not for the step: there the kernel's bits, as large as the activations at each dropout, may be
-  kept in memory where the unrolled rounds are fused into their use (unmeasured)."""
+  of the program's 118k operations once its calls are inlined (about half constants and broadcasts),
+  24k operations in all with the kernel (benchmarks/gpu_lowering.py). That program took 1.4-2.3
+  minutes to compile on an H200; with the kernel it is not yet timed there. A CPU has a lowering of
+  its own (rolled loops), which this leaves as it is. Not for the step: there the kernel's bits, as
+  large as the activations at each dropout, may be kept in memory where the unrolled rounds are fused
+  into their use (unmeasured)."""
   return jax_config.threefry_gpu_kernel_lowering(True)
 
 
