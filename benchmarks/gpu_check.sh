@@ -2,7 +2,11 @@
 # The prepared GPU run for a session lent a device machine (issue 10's targets), one device command
 # (under 10 minutes) per part. A full-size U-Net step compiles for minutes there (../shared/gpu.md)
 # and compiling is host work, so each part starts its runs side by side: they compile at once, then
-# take turns on the device (benchmarks/train_step.py --sync_dir), so no two time at once.
+# take turns on the device (benchmarks/train_step.py --sync_dir), so no two time at once; each makes its
+# state in its turn (waiting, a run holds its programs only: an H100's 80 GB would not hold VDM*'s 56.7 GB
+# step beside three ucf101 states of ~9.5 GB). Not all of compiling is host work: XLA's autotuner times
+# candidate kernels on the device, so runs compiling side by side choose kernels on a shared device (their
+# step times may be a little worse than alone; a run alone, RUNS= below, says whether they are).
 #   PART=vf      (default) what the H200 lease of 2026-12-04 left unmeasured: VideoFusion's train step
 #                did not finish compiling there in 7 minutes (six compiles side by side; VDM*'s took
 #                4.5). VideoFusion (batch BATCH, XLA's attention) beside VDM* (the same, for the

@@ -322,12 +322,15 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
   c = trainer.config
   b, d = c.train.batch_size, c.data
   batch = trainer.global_batch(synthetic_batch(c))
-  state = initial_state(trainer)
-  compiled, cold, warm, trace_lower = compile_cold_and_warm(trainer.step, state, batch, model=c.model.kind,
-                                                            program="train_step")
+  compiled, cold, warm, trace_lower = compile_cold_and_warm(trainer.step, trainer.abstract_state(), batch,
+                                                            model=c.model.kind, program="train_step")
   device_flops = xla_flops(compiled)
   flops = device_flops if counter is trainer else step_flops(counter, batch)
   with timing_turn() as sync:
+    # The state is made in the run's turn: runs side by side on one device (gpu_check.sh) hold only their
+    # programs while they wait. An H100 would not hold VDM*'s 56.7 GB step beside three ucf101 states of ~9.5 GB.
+    state = initial_state(trainer)
+    made_at = time.time()
     for _ in range(_WARMUP.value):
       state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
@@ -358,7 +361,7 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       "tflops_per_s": round(flops / step_s / 1e12, 4), "peak_tflops": _PEAK.value,
       "mfu": round(flops / step_s / 1e12 / (_PEAK.value * jax.device_count()), 5),
       "peak_memory_bytes": peak, "program_memory_bytes": program, "memory_source": source,
-      **xla_settings(), **sync,
+      "state_made_at": made_at, **xla_settings(), **sync,
   }
   return out, state
 
@@ -412,8 +415,9 @@ def sampling_flops(trainer, b: int) -> float:
   return total
 
 
-def bench_sample(trainer, counter, params) -> dict:
-  """Videos/s of the config's generator (the prior, then the chains) with DDIM."""
+def bench_sample(trainer, counter, make_params) -> dict:
+  """Videos/s of the config's generator (the prior, then the chains) with DDIM, on the EMA weights
+  ``make_params()`` gives in the run's turn (compiled before, on their shapes)."""
   from videofusion_jax import sampling
 
   c = trainer.config
@@ -428,10 +432,12 @@ def bench_sample(trainer, counter, params) -> dict:
     labels = None
   args = (labels, text, None, anchor, jnp.float32(0))
   keys = sampling.row_keys(0, rows, rows)
-  compiled, cold, warm, trace_lower = compile_cold_and_warm(generate, params, keys, *args, model=c.model.kind,
-                                                            program="sample")
+  compiled, cold, warm, trace_lower = compile_cold_and_warm(generate, trainer.abstract_state().ema_params, keys,
+                                                            *args, model=c.model.kind, program="sample")
   flops = sampling_flops(counter, b)
   with timing_turn() as sync:
+    params = make_params()  # in the turn, as bench_train's state
+    made_at = time.time()
     jax.block_until_ready(compiled(params, keys, *args))
     times = []
     for i in range(_SAMPLE_REPEATS.value):
@@ -452,7 +458,7 @@ def bench_sample(trainer, counter, params) -> dict:
                                           compiled=False) + ", x its steps",
       "sample_tflops_per_s": round(flops / batch_s / 1e12, 4),
       "sample_mfu": round(flops / batch_s / 1e12 / (_PEAK.value * jax.device_count()), 5),
-      **xla_settings(), **sync,
+      "state_made_at": made_at, **xla_settings(), **sync,
   }
 
 
@@ -488,10 +494,10 @@ def run_model(config: ml_collections.ConfigDict) -> list[dict]:
   elif _TRAIN.value:
     train, state = bench_train(trainer, counter)
     results.append(train)
-  else:
-    state = initial_state(trainer)
   if _SAMPLE_STEPS.value and not _FLOPS_ONLY.value:
-    results.append(bench_sample(trainer, counter, state.ema_params))
+    trained = _TRAIN.value  # the timed steps' weights, else a fresh state's
+    results.append(bench_sample(trainer, counter,
+                                lambda: state.ema_params if trained else initial_state(trainer).ema_params))
   for r in results:
     print(json.dumps(r), flush=True)
   return results

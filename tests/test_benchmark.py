@@ -102,6 +102,9 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   turns = [vf, vf_sample, vdm, vdm_sample, alone]
   assert all(x["synced"] == "2/2 compiled" for x in turns)
   assert vf["timed_from"] >= alone["compiled_at"] and alone["timed_from"] >= vf["compiled_at"]  # the barrier
+  # Each run's state (or EMA weights) made in its turn, not held while the other times (gpu_check.sh's runs
+  # share one device).
+  assert all(x["timed_from"] <= x["state_made_at"] <= x["timed_to"] for x in turns)
   windows = sorted((x["timed_from"], x["timed_to"]) for x in turns)
   assert all(a_from < a_to <= b_from for (a_from, a_to), (b_from, _) in zip(windows, windows[1:]))  # the lock
 
