@@ -78,7 +78,7 @@ def _environment(mesh) -> str:
 
 
 def device_platform(mesh) -> str:
-  """The platform of ``mesh``'s devices as given to ``jax.export``."""
+  """The platform ``mesh``'s devices say they are on ('cpu', 'gpu' for CUDA and ROCm, 'tpu')."""
   return mesh.devices.flat[0].platform
 
 
