@@ -21,11 +21,8 @@ import time
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ucf101.py", "Experiment config.")
-_PROGRAMS = flags.DEFINE_list("programs", ["init", "step"], "Programs to lower: init, step.")
 
 _NAME = r'@("[^"]+"|[\w.$-]+)'  # a symbol, quoted where it holds other characters (@"<lambda>")
 _FUNC = re.compile(r"^\s*func\.func (?:public |private )?" + _NAME)
@@ -102,16 +99,16 @@ def main(argv):
   from videofusion_jax.config import ConfigError
   from videofusion_jax.experiment import Experiment
   from videofusion_jax.training.step import Trainer
-  config = _CONFIG.value
+  config, programs = flags.FLAGS.config, flags.FLAGS.programs
   config.compilation_cache_dir = ""  # nothing is compiled
-  unknown = set(_PROGRAMS.value) - {"init", "step"}
+  unknown = set(programs) - {"init", "step"}
   if unknown:
     raise app.UsageError(f"--programs: {sorted(unknown)} not among init, step")
   try:
-    experiment = Trainer(config) if "step" in _PROGRAMS.value else Experiment(config)
+    experiment = Trainer(config) if "step" in programs else Experiment(config)
   except ConfigError as e:  # one line, as the main program gives it
     raise app.UsageError(str(e)) from None
-  for name in _PROGRAMS.value:
+  for name in programs:
     if name == "init":
       key = jax.random.PRNGKey(0)  # the program init_state runs: its jit, out_shardings and activation rules
       text = lambda e=experiment, k=key: e._init.plain.trace(k).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
@@ -125,5 +122,8 @@ def main(argv):
                         "kind": config.model.kind, "batch_size": config.train.batch_size}), flush=True)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined here: the tests import this module beside others that define --config
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", "configs/ucf101.py", "Experiment config.")
+  flags.DEFINE_list("programs", ["init", "step"], "Programs to lower: init, step.")
   app.run(main)
