@@ -266,6 +266,27 @@ def test_a_device_platform_under_an_alias_is_exported_by_its_concrete_name(store
     assert f.source == source
   assert jax.export.deserialize(bytearray(program_store._read(next(store.iterdir())))).platforms == ("cpu",)
 
+def test_the_stored_programs_of_a_gpu_run_export_and_lower_for_cuda(store, monkeypatch):
+  """What a GPU run does with its stored programs, short of compiling (no GPU here): the initial state (on
+  JAX's threefry kernel, experiment.init_lowering) and the train step, exported for 'cuda' and stored, their
+  calls lowered for CUDA as a process that loads them lowers them (the platform check that stopped every
+  stored program on a GPU before 8dbbf65)."""
+  from conftest import load_benchmark
+
+  from videofusion_jax.experiment import init_lowering
+  monkeypatch.setattr(program_store, "device_platform", lambda mesh: "cuda")
+  c = tiny_config()
+  trainer = Trainer(c, mesh=one_device(c))
+  key = jax.random.PRNGKey(0)
+  with init_lowering():
+    init = trainer._init._program((key,)).trace(key).lower(lowering_platforms=("cuda",)).as_text()
+  assert init.count("cu_threefry2x32_ffi") >= 5 and trainer._init.source == "traced"
+  args = (trainer.abstract_state(), load_benchmark("memory").abstract_batch(trainer))
+  step = trainer.step._program(args).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "stablehlo.convolution" in step and trainer.step.source == "traced"
+  stored = {p.name.split("-")[0]: jax.export.deserialize(bytearray(program_store._read(p))) for p in store.iterdir()}
+  assert sorted(stored) == ["init", "train_step"] and all(e.platforms == ("cuda",) for e in stored.values())
+
 def test_the_store_keeps_the_most_recently_used_programs(store, monkeypatch):
   monkeypatch.setattr(program_store, "KEEP", 2)
   paths = [store / f"p{i}.jaxexport" for i in range(3)]
