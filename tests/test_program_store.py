@@ -266,6 +266,7 @@ def test_a_device_platform_under_an_alias_is_exported_by_its_concrete_name(store
     assert f.source == source
   assert jax.export.deserialize(bytearray(program_store._read(next(store.iterdir())))).platforms == ("cpu",)
 
+
 def test_the_stored_programs_of_a_gpu_run_export_and_lower_for_cuda(store, monkeypatch):
   """What a GPU run does with its stored programs, short of compiling (no GPU here): the initial state (on
   JAX's threefry kernel, experiment.init_lowering) and the train step, exported for 'cuda' and stored, their
@@ -286,6 +287,7 @@ def test_the_stored_programs_of_a_gpu_run_export_and_lower_for_cuda(store, monke
   assert "stablehlo.convolution" in step and trainer.step.source == "traced"
   stored = {p.name.split("-")[0]: jax.export.deserialize(bytearray(program_store._read(p))) for p in store.iterdir()}
   assert sorted(stored) == ["init", "train_step"] and all(e.platforms == ("cuda",) for e in stored.values())
+
 
 def test_the_store_keeps_the_most_recently_used_programs(store, monkeypatch):
   monkeypatch.setattr(program_store, "KEEP", 2)
