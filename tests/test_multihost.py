@@ -10,10 +10,12 @@ import socket
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from conftest import one_device, tiny_config
 from test_faults import one_device_env
 from tiny import tiny_config_file
@@ -422,3 +424,84 @@ def test_hosts_agree_on_the_checkpoint_and_on_stored_programs_when_one_host_diff
   assert (workdir / "checkpoints_damaged" / "4").is_dir()
   every = sorted({*range(2, stopped[0] + 1, 2), stopped[0]})  # every 2 steps and the stop's, the last 5 kept
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == every[-5:]
+
+
+class _Service:
+  """The coordination service's key-value store as ``sharding`` uses it (one process's client), in memory."""
+
+  def __init__(self, values: dict[str, str]):
+    self.values = dict(values)
+
+  def key_value_set(self, key: str, value: str, allow_overwrite: bool = False) -> None:
+    if key in self.values and not allow_overwrite:
+      raise RuntimeError(f"ALREADY_EXISTS: {key}")
+    self.values[key] = value
+
+  def key_value_dir_get(self, prefix: str) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+  def blocking_key_value_get(self, key: str, timeout_ms: int) -> str:
+    if key not in self.values:
+      raise RuntimeError("DEADLINE_EXCEEDED")
+    return self.values[key]
+
+
+def test_a_host_failing_after_the_others_finished_goes_to_the_barrier_at_once(monkeypatch):
+  """A host that fails (``sharding.report_failure``) while the other has finished its work
+  (``sharding.say_finished``) stops waiting for it at once and ends through JAX's shutdown barrier, where the
+  finished one is; the finished host's watcher, told of the failure, leaves it to that barrier rather than ending
+  it. Control: a host that said nothing is waited for until ``wait_s``. The service and the clock are fakes (each
+  process's view of them): the two-process runs above cost ~30 s each."""
+  from videofusion_jax.training import sharding
+
+  # The module's view of the clock, of JAX and of threads replaced (not the modules themselves: pytest's own
+  # threads use them).
+  clock, me = [0.0], [0]
+  monkeypatch.setattr(sharding, "time", types.SimpleNamespace(
+      time=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
+  monkeypatch.setattr(sharding, "jax", types.SimpleNamespace(process_count=lambda: 2, process_index=lambda: me[0]))
+  started = []
+  monkeypatch.setattr(sharding, "threading", types.SimpleNamespace(
+      Thread=lambda target, name: types.SimpleNamespace(start=lambda: started.append(target)),
+      main_thread=threading.main_thread))
+  ended = []
+  monkeypatch.setattr(sharding, "os", types.SimpleNamespace(_exit=ended.append))
+
+  def host(index: int, service: _Service):
+    """Process ``index``'s module state, fresh."""
+    for name in ("_failing_here", "_agreed_failure", "_stopping_here", "_finished_here", "_watching"):
+      monkeypatch.setattr(sharding, name, threading.Event())
+    monkeypatch.setattr(sharding, "_client", lambda: service)
+    me[0] = index
+    sharding._watching.set()  # joined and watching (the watcher thread itself is run below where it matters)
+
+  for other, waited in (("finished", 0.0), (None, 15.0)):
+    service = _Service({} if other is None else {"videofusion/state/0": other})
+    host(1, service)
+    clock[0] = 0.0
+    assert sharding.report_failure("bad video", wait_s=15.0) is False  # no host stopped: the barrier
+    assert clock[0] == pytest.approx(waited, abs=0.25), other
+    assert service.values["videofusion/state/1"] == "failed"
+    assert service.values["videofusion/failed"] == "process 1 stopped with an error (bad video)"
+
+  # Host 0 finished, then host 1's failure reaches its watcher: it ends with the main thread, host 0 not stopped.
+  service = _Service({})
+  host(0, service)
+  sharding.say_finished()
+  assert service.values == {"videofusion/state/0": "finished"}
+  service.values["videofusion/failed"] = "process 1 stopped with an error (bad video)"
+  monkeypatch.setattr(sharding, "_watching", threading.Event())
+  sharding.watch_for_failures(grace_s=5.0)
+  started[0]()  # the watcher's body, in this thread
+  assert ended == [] and service.values["videofusion/state/0"] == "finished"
+  assert not sharding.stopped_by_another_host()
+  # Control: a host still working is stopped by the same message (its state 'stopped', os._exit(1)).
+  host(0, service := _Service({"videofusion/failed": "process 1 stopped with an error (bad video)"}))
+  monkeypatch.setattr(sharding, "_watching", threading.Event())
+  sharding.watch_for_failures(grace_s=5.0, wait_s=1.0)
+  started[1]()
+  assert ended == [1] and service.values["videofusion/state/0"] == "stopped"
+  # A host already stopped or failing says nothing more.
+  sharding._watching.set()
+  sharding.say_finished()
+  assert service.values["videofusion/state/0"] == "stopped"

@@ -315,6 +315,9 @@ def main(argv) -> None:
       if _MODE.value == "eval":
         from videofusion_jax.evaluation import evaluate
         evaluate.run(config, workdir, experiment=experiment)
+      if multihost:  # a host failing after this one's work is done need not wait for it
+        from videofusion_jax.training.sharding import say_finished
+        say_finished()
   except Preempted as e:
     print(e, flush=True)
     sys.exit(0)

@@ -48,12 +48,13 @@ def checked_on_every_host(check: Callable[[], T], elsewhere: Exception) -> T:
 
 # One host failing alone, past every agreed check (a video it cannot decode, a bug): it tells the others through
 # the coordination service's key-value store, where a thread of each waits (``watch_for_failures``). Each host's
-# state is one key of its own ('failed' or 'stopped'; 'left' once it exits), so that none is counted twice.
+# state is one key of its own ('failed', 'stopped' or 'finished'; 'left' once it exits), so that none is counted twice.
 _FAILED, _STATE, _LEFT = "videofusion/failed", "videofusion/state/", "videofusion/left/"
 _failing_here = threading.Event()  # this host's main thread is failing (``report_failure``)
 _agreed_failure = threading.Event()  # a check every host voted on failed: every host raises, none need stopping
 _decided = threading.Lock()  # between the two ways this host can end: failing itself, or stopped by its watcher
 _stopping_here = threading.Event()
+_finished_here = threading.Event()  # this host's work is done (``say_finished``): it goes to JAX's shutdown barrier
 _watching = threading.Event()  # the watcher runs: the service is joined, and the other hosts listen
 
 
@@ -103,11 +104,11 @@ def watch_for_failures(grace_s: float = 5.0, wait_s: float = 15.0) -> None:
           time.sleep(1.0)  # a passing error of the service: wait on
     deadline = time.time() + grace_s
     while time.time() < deadline:
-      if _failing_here.is_set() or _agreed_failure.is_set():
+      if _failing_here.is_set() or _agreed_failure.is_set() or _finished_here.is_set():
         return
       time.sleep(0.05)
     with _decided:
-      if _failing_here.is_set():
+      if _failing_here.is_set() or _finished_here.is_set():  # finished: the failing host meets it at the barrier
         return
       _stopping_here.set()
     print(f"error: {message}; this host stops too (the other hosts would wait for it in their next collective).",
@@ -130,12 +131,30 @@ def stopped_by_another_host() -> bool:
   return _stopping_here.is_set()
 
 
+def say_finished() -> None:
+  """On a run of several processes, tells the others that this host's work is done (state 'finished'), just
+  before it ends through JAX's shutdown barrier: a host failing after it then goes to that barrier at once, where
+  it waited for this one's watcher (``report_failure``'s ``wait_s``), which ends with the main thread. One
+  process, or a host already failing or being stopped: nothing."""
+  client = _client() if _watching.is_set() else None
+  if client is None:
+    return
+  with _decided:
+    if _failing_here.is_set() or _stopping_here.is_set():
+      return
+    _finished_here.set()
+  try:
+    client.key_value_set(f"{_STATE}{jax.process_index()}", "finished", allow_overwrite=True)
+  except Exception:  # noqa: BLE001 - the service gone: nobody left to wait for this host
+    pass
+
+
 def report_failure(message: str, wait_s: float = 15.0, what: str = "stopped with an error") -> bool:
   """Tells the other hosts' ``watch_for_failures`` that this one failed or stopped alone (``message``: why; ``what``
-  happened to it, in words: "process 1 {what} ({message})"), and waits
-  until each has failed too or stopped (``wait_s`` at most). True when this process must end without JAX's
-  shutdown barrier (``os._exit``): a host stopped by its watcher never reaches it, and the barrier would hold
-  this one for minutes. One process: False, nothing told."""
+  happened to it, in words: "process 1 {what} ({message})"), and waits until each has failed too, stopped or
+  finished (``say_finished``; ``wait_s`` at most). True when this process must end without JAX's shutdown barrier
+  (``os._exit``): a host stopped by its watcher never reaches it, and the barrier would hold this one for minutes.
+  One process: False, nothing told."""
   client = _client() if _watching.is_set() else None  # before the watch (a failed join): nobody to tell
   if client is None:
     return False
