@@ -1,7 +1,9 @@
 """Training: stop-gradient, two learning rates, sharding, checkpoints, resume, NaN handling."""
 import importlib
 import json
+import os
 import re
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -10,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_benchmark, one_device, tiny_config
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from videofusion_jax import diffusion
 from videofusion_jax.config import ConfigError, unet_config, validate
@@ -1231,3 +1235,46 @@ def test_clipping_scales_to_grad_clip_and_sums_squares_in_float32():
   w = np.asarray(out["residual"]["w"], np.float32)
   assert out["residual"]["w"].dtype == jnp.float16 and np.isfinite(w).all()
   np.testing.assert_allclose(w, 0.5, rtol=1e-3)
+
+
+# Reads the checkpoint of the run in argv[1] as train.init_base_from does, in a process of one device; saves what it
+# read, whole and ema_params alone, flattened to 'field/name' keys.
+_RAW_READER = """
+import sys
+import numpy as np
+from videofusion_jax.training import checkpoint as ckpt
+for name, fields in (("all", None), ("ema", ("ema_params",))):
+  state, step = ckpt.restore_raw(sys.argv[1], fields=fields)
+  assert step == 3, step
+  flat = {"/".join(part for part in (field, key) if part): np.asarray(value, np.float32)
+          for field, tree in state.items() for key, value in (tree.items() if isinstance(tree, dict) else [("", tree)])}
+  np.savez(f"{sys.argv[1]}/{name}.npz", **flat)
+"""
+
+
+def test_another_runs_checkpoint_is_read_whatever_devices_wrote_it(tmp_path):
+  """``train.init_base_from`` reads another run's checkpoint (``checkpoint.restore_raw``) as NumPy arrays, whatever
+  devices wrote it: a state sharded over this suite's 8 devices, read back by a process with one (an image stage
+  trained on a pod slice, its video stage elsewhere). Orbax's restore without a target lays the arrays out on the
+  shardings they were saved with, and refused ("The available devices are different ..."). ``fields`` reads
+  those fields alone."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+  rng = np.random.default_rng(0)
+  host = {"step": np.int32(3), "params": {"w": rng.normal(size=(8, 6)).astype(np.float32)},
+          "ema_params": {"w": rng.normal(size=(4, 8)).astype(np.float32),
+                         "b": rng.normal(size=(4,)).astype(jnp.bfloat16)}}
+  layout = {"step": P(), "params": {"w": P("data", "fsdp")}, "ema_params": {"w": P("fsdp", "data"), "b": P("data")}}
+  state = jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), host, layout)
+  manager = ckpt.make_manager(tmp_path / "image", keep=2, async_save=False)
+  ckpt.save(manager, 3, state, {"position": 3})
+  manager.close()
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-c", _RAW_READER, str(tmp_path / "image")], env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  every = dict(np.load(tmp_path / "image" / "all.npz"))
+  assert sorted(every) == ["ema_params/b", "ema_params/w", "params/w", "step"]
+  for key, value in every.items():
+    field, _, name = key.partition("/")
+    np.testing.assert_array_equal(value, np.asarray(host[field][name] if name else host[field], np.float32))
+  assert set(np.load(tmp_path / "image" / "ema.npz")) == {"ema_params/b", "ema_params/w"}

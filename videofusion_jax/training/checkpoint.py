@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint._src.metadata import array_metadata_store
@@ -104,11 +105,23 @@ def _past_the_barrier(read):
 
 
 def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state=None, fields=None):
-  """The ``state`` item of ``step`` (as plain arrays without ``abstract_state``), whichever format wrote it.
-  ``fields``: the TrainState fields to read, the others left None (none of their arrays is read)."""
+  """The ``state`` item of ``step``, whichever format wrote it. ``fields``: the TrainState fields to read, the
+  others left None (none of their arrays is read). Without ``abstract_state``: a dict of NumPy arrays (only
+  ``fields``' when given), whole on each host, whatever devices wrote it (Orbax refuses to lay arrays out on
+  the shardings they were saved with where the devices differ)."""
   step_dir = Path(manager.directory) / str(step)
   _hide_abandoned_reads_of(step_dir)
   item = _state_item(step_dir)
+  if abstract_state is None:
+    with ocp.StandardCheckpointer() as reader:
+      meta = reader.metadata(item)
+    target = dict(getattr(meta, "item_metadata", meta))
+    if fields is not None:
+      target = {f: target[f] for f in fields}
+    args = ocp.args.PyTreeRestore(item=target, partial_restore=fields is not None, restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target))
+    with ocp.PyTreeCheckpointer() as reader:
+      return _past_the_barrier(lambda: reader.restore(item, args=args))
   if fields is not None:
     # Orbax's partial restore reads only the arrays of the subtrees named in the target.
     target = {f: getattr(abstract_state, f) for f in fields}
@@ -479,10 +492,11 @@ def check_other_run(workdir: str | Path) -> Path:
   return directory
 
 
-def restore_raw(workdir: str | Path, log=print):
-  """The newest readable checkpoint of another run as plain arrays (no target tree), and its step; a
-  damaged one is skipped with a message, as ``restore`` does. Read only: the manager neither creates
-  folders nor keeps a maximum, so nothing of that run is touched."""
+def restore_raw(workdir: str | Path, log=print, fields: tuple[str, ...] | None = None):
+  """The newest readable checkpoint of another run as a dict of NumPy arrays (no target tree: whatever its
+  config and device count), and its step; ``fields``: only those TrainState fields read. A damaged one is
+  skipped with a message, as ``restore`` does. Read only: the manager neither creates folders nor keeps a
+  maximum, so nothing of that run is touched."""
   directory = check_other_run(workdir)
   options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
   manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
@@ -490,7 +504,8 @@ def restore_raw(workdir: str | Path, log=print):
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
-        state, error = _restore_state(manager, step), None  # (its failures reach Orbax's barrier: _past_the_barrier)
+        # (its failures reach Orbax's barrier: _past_the_barrier)
+        state, error = _restore_state(manager, step, fields=fields), None
       except Exception as e:  # noqa: BLE001 - TensorStore's read errors come as plain Exceptions
         state, error = None, f"{type(_root_cause(e)).__name__}: {_first_line(_root_cause(e))}"
       if on_every_host(error is None):  # the hosts start from the same step

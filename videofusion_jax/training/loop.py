@@ -244,7 +244,7 @@ def init_base_from(trainer: Trainer, state: TrainState, workdir: str) -> TrainSt
   and the prior when both runs have them (the base is conditioned on that encoder's embeddings);
   the optimizer starts afresh. For VDM* the base fills every layer of the space-time U-Net but
   the temporal ones (VDM* on the same base generator as VideoFusion)."""
-  restored, step = ckpt.restore_raw(workdir)
+  restored, step = ckpt.restore_raw(workdir, fields=("ema_params",))
   source = dict(restored["ema_params"])
   if "video" in state.params and "base" in source:
     source["video"] = _spatial_from_base(source["base"], jax.device_get(state.params["video"]),
