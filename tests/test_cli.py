@@ -608,7 +608,7 @@ def test_sampling_refuses_a_head_dim_or_image_size_other_than_training(tmp_path)
   from videofusion_jax.config import ConfigError
   from videofusion_jax.models.factory import boxed_abstract_params, make_networks
   from videofusion_jax.sampling import check_trained_config
-  from videofusion_jax.training.loop import check_base_source
+  from videofusion_jax.training.loop import check_base_source, check_resumed_config
 
   config = tiny_config()
   other = tiny_config(**{"model.base.head_dim": 4})  # 2 heads of 8 channels in the middle attention, or 4 of 4
@@ -648,6 +648,17 @@ def test_sampling_refuses_a_head_dim_or_image_size_other_than_training(tmp_path)
   check_base_source(tiny_config(**{"train.init_base_from": record(config, **{"model.residual.head_dim": 2})}))
   # A base trained at another image size is fine-tuned at this one (progressive resolution), not refused.
   check_base_source(tiny_config(**{"train.init_base_from": record(config, **{"data.image_size": 16})}))
+  # A resumed run: the encoder too (training runs it, and both generators and the prior learn its c; a frozen
+  # or CLIP encoder has no parameters whose shapes would tell another one).
+  frozen = tiny_config(**{"model.encoder.kind": "frozen", "model.encoder.frozen_name": "pixels",
+                          "model.encoder.embed_dim": 49})
+  for trained_config in (config, frozen):
+    check_resumed_config(trained_config, Path(record(trained_config)))
+  for trained_config, key, value, now in ((config, "model.encoder.kind", "frozen", "learned"),
+                                          (frozen, "model.encoder.frozen_name", "grey", "pixels")):
+    with pytest.raises(ConfigError, match=re.escape(f"config.{key}={now!r} (trained with {value!r})") + ".*"
+                       + re.escape(f"--config.{key}={value}")):
+      check_resumed_config(trained_config, Path(record(trained_config, **{key: value})))
 
 
 def test_a_full_disk_names_the_folders_written_to_when_the_error_names_no_file(tmp_path):

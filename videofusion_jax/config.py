@@ -607,12 +607,15 @@ def _check_clip_encoder(e: ml_collections.ConfigDict) -> None:
 # embedding has a row per frame, VDM*'s relative position bias 2N - 1; sampling never changes it: a
 # long video is sample.num_clips clips of num_frames). Left out as training's alone: the U-Nets'
 # dropout (off in sampling); model.dtype and attention_implementation compute the same function another
-# way. The encoder's kind and frozen_name are BASE_FIELDS' alone: sampling never runs the encoder (c
-# comes from the prior, or from sample.embeddings).
+# way. The encoder's kind and frozen_name are BASE_FIELDS' and RESUMED_FIELDS' alone: sampling never runs the
+# encoder (c comes from the prior, or from sample.embeddings).
 TRAINED_FIELDS = ("diffusion.lam", "diffusion.schedule", "diffusion.num_timesteps", "model.kind", "model.condition",
                   "model.key_frame_input", "model.key_frame_clean", "model.prior.schedule",
                   "model.prior.num_timesteps", "model.prior.condition", "data.image_size", "model.base.head_dim",
                   "model.residual.head_dim")
+# A resumed training run's: training runs the encoder, whose c both generators and the prior learn from (a
+# frozen or CLIP encoder has no parameters whose shapes would tell another one).
+RESUMED_FIELDS = TRAINED_FIELDS + ("model.encoder.kind", "model.encoder.frozen_name")
 # Those of them that the networks ``train.init_base_from`` takes (base, encoder, prior) were trained
 # under: λ, the kind, the key-frame input and the residual's head_dim are the residual generator's, or
 # the video stage's. And the encoder's kind and frozen_name: the base and prior taken learned the c of

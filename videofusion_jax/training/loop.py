@@ -17,8 +17,8 @@ import numpy as np
 from videofusion_jax.config import (
     BASE_FIELDS,
     CLIP_FINGERPRINT,
+    RESUMED_FIELDS,
     SYNTHETIC_DATA,
-    TRAINED_FIELDS,
     ConfigError,
     check_against_record,
     check_input_kind,
@@ -225,7 +225,7 @@ def check_base_source(config: ml_collections.ConfigDict) -> None:
 
 
 def check_resumed_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-  """The settings ``TRAINED_FIELDS`` (and a 'clip' encoder's CLIP) of a run resumed in ``workdir`` as its
+  """The settings ``RESUMED_FIELDS`` (and a 'clip' encoder's CLIP) of a run resumed in ``workdir`` as its
   ``config.json`` records them: a ConfigError naming each that differs (the checkpoints' networks learned
   under the recorded ones; resuming would go on training them on another objective, and record these
   settings as theirs). Nothing to compare without the record."""
@@ -233,7 +233,7 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: Path) -> No
   if trained is None:
     return
   check_input_kind(config, trained, f"the checkpoints in {workdir / 'checkpoints'}")
-  check_against_record(config, trained, TRAINED_FIELDS, "trained with",
+  check_against_record(config, trained, RESUMED_FIELDS, "trained with",
                        f"the checkpoints in {workdir / 'checkpoints'} were trained under other settings ({record}), "
                        "and resuming would train them on under these", "train these settings in a new workdir")
 
