@@ -107,6 +107,28 @@ def test_eval_refuses_sampling_settings_it_would_not_follow_before_any_work(tmp_
   assert not any(tmp_path.iterdir())
 
 
+def test_eval_refuses_a_stride_other_than_training_on_its_dataset_and_notes_another_dataset(tmp_path, monkeypatch,
+                                                                                            capsys):
+  """No weight's shape tells the clip stride a model was trained at: its clips move at that one, and the real clips
+  would be read at the eval config's, so FVD/KVD would compare unlike motion. On the training run's own dataset
+  another stride is refused before any work; another dataset (a zero-shot evaluation) is said, with its stride."""
+  c = tiny_config()
+  (tmp_path / "config.json").write_text(json.dumps(tiny_config(**{"data.frame_stride": 4}).to_dict()))
+  monkeypatch.setattr(evaluate, "Experiment", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+  with pytest.raises(ConfigError, match=rf"^config.data.frame_stride=2 \({tmp_path} was trained on {c.data.name} "
+                                        r"with 4\): the generated clips move .* pass --config.data.frame_stride=4\.$"):
+    evaluate.run(c, str(tmp_path))
+  with pytest.raises(AssertionError, match="built"):  # the same stride: on to the work
+    evaluate.run(tiny_config(**{"data.frame_stride": 4}), str(tmp_path))
+  assert "zero-shot" not in capsys.readouterr().out
+  other = tiny_config(**{"data.name": "ucf101"})
+  with pytest.raises(AssertionError, match="built"):
+    evaluate.run(other, str(tmp_path))
+  assert capsys.readouterr().out == (f"note: the real clips come from ucf101 (data.frame_stride=2), and {tmp_path} was "
+                                     f"trained on {c.data.name}: a zero-shot evaluation.\n")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
 def test_eval_says_it_does_not_read_the_long_video_and_control_settings(tmp_path, monkeypatch, capsys):
   """sample.num_clips, continuity_frames and control shape --mode=sample's videos; eval draws single clips of
   data.num_frames, as the protocol compares them with the real clips. A value set says so before the checkpoint

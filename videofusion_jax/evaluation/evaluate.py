@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from videofusion_jax.config import SYNTHETIC_DATA, ConfigError, recorded_config
+from videofusion_jax.config import SYNTHETIC_DATA, ConfigError, field_or_none, recorded_config
 from videofusion_jax.data import pipeline, video_io
 from videofusion_jax.evaluation.i3d import MIN_FRAMES, NUM_CLASSES
 from videofusion_jax.experiment import Experiment
@@ -194,6 +194,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
                       f"{trained.get('data', {}).get('name', 'an unrecorded input')!r}: --mode=eval compares generated "
                       "clips with a dataset's real ones, and a run trained on the synthetic input (noise) has nothing "
                       "to be compared with. Evaluate a run trained on a dataset, with that dataset's name.")
+  # No weight's shape tells the stride the model learned: its clips move at that one, the real ones at this one.
+  was, stride = field_or_none(trained, "data.name"), field_or_none(trained, "data.frame_stride")
+  if was == config.data.name and stride is not None and stride != config.data.frame_stride:
+    raise ConfigError(f"config.data.frame_stride={config.data.frame_stride} ({workdir} was trained on {was} with "
+                      f"{stride}): the generated clips move at the training run's stride and the real clips would be "
+                      f"read at this one, so FVD and KVD would compare unlike motion; pass "
+                      f"--config.data.frame_stride={stride}.")
+  if was is not None and was != config.data.name:
+    say(f"note: the real clips come from {config.data.name} (data.frame_stride={config.data.frame_stride}), and "
+        f"{workdir} was trained on {was}: a zero-shot evaluation.")
   if config.sample.embeddings:  # before any slow work: the figures would not be of the given c
     raise ConfigError(f"config.sample.embeddings={config.sample.embeddings!r}: --mode=eval draws every clip's "
                       "content condition c from the prior (the protocol's distribution), not from given "
