@@ -635,6 +635,12 @@ def test_sampling_refuses_a_head_dim_or_image_size_other_than_training(tmp_path)
     with pytest.raises(ConfigError, match=re.escape(f"config.{key}={now} (trained with {value})") + ".*"
                        + re.escape(f"--config.{key}={value}")):
       check_trained_config(config, record(config, **{key: value}))
+  # Nor the clip stride: the real clips the samples are measured against are read at this config's, on the same
+  # dataset (another dataset has its own).
+  with pytest.raises(ConfigError, match=re.escape(f"config.data.frame_stride=2 ({tmp_path}") + ".* was trained on "
+                     + re.escape(f"{config.data.name} with 4)") + ".*" + re.escape("--config.data.frame_stride=4.")):
+    check_trained_config(config, record(config, **{"data.frame_stride": 4}))
+  check_trained_config(config, record(config, **{"data.frame_stride": 4, "data.name": "ucf101"}))
   # VDM* has no residual generator: its recorded head_dim means nothing to it.
   vdm = tiny_config(**{"model.kind": "vdm", "diffusion.lam": 0.0})
   check_trained_config(vdm, record(vdm, **{"model.residual.head_dim": 2}))

@@ -31,6 +31,7 @@ from videofusion_jax.sampling import (
   Progress,
   chain_steps,
   check_trained_config,
+  check_trained_stride,
   describe_batch,
   fresh_file,
   generated_videos,
@@ -194,13 +195,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
                       f"{trained.get('data', {}).get('name', 'an unrecorded input')!r}: --mode=eval compares generated "
                       "clips with a dataset's real ones, and a run trained on the synthetic input (noise) has nothing "
                       "to be compared with. Evaluate a run trained on a dataset, with that dataset's name.")
-  # No weight's shape tells the stride the model learned: its clips move at that one, the real ones at this one.
-  was, stride = field_or_none(trained, "data.name"), field_or_none(trained, "data.frame_stride")
-  if was == config.data.name and stride is not None and stride != config.data.frame_stride:
-    raise ConfigError(f"config.data.frame_stride={config.data.frame_stride} ({workdir} was trained on {was} with "
-                      f"{stride}): the generated clips move at the training run's stride and the real clips would be "
-                      f"read at this one, so FVD and KVD would compare unlike motion; pass "
-                      f"--config.data.frame_stride={stride}.")
+  check_trained_stride(config, trained, workdir)  # before any work (check_trained_config checks it again, later)
+  was = field_or_none(trained, "data.name")
   if was is not None and was != config.data.name:
     say(f"note: the real clips come from {config.data.name} (data.frame_stride={config.data.frame_stride}), and "
         f"{workdir} was trained on {was}: a zero-shot evaluation.")
