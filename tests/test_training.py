@@ -469,6 +469,11 @@ def test_base_learning_rate_scale_and_cosine_decay():
     ("model.dtype", "bf16", "config.model.dtype='bf16': the networks' compute type; use one of"),
     ("model.param_dtype", "bfloat16", "the EMA's decay (0.999, 0.9999) and Adam's b2 round to 1"),
     ("model.attention_implementation", "flash", "attention_implementation='flash': use ''"),
+    # float32, the scale's type, rounds 1e39 to inf: every update was skipped, and the run stopped on "the loss
+    # became non-finite" though the loss was finite.
+    ("train.loss_scale_initial", 1e39, "loss_scale_initial=1e+39: float16 training's first loss scale; must be a "
+                                       "finite number in [1, 2**64]"),
+    ("train.loss_scale_initial", 0.5, "loss_scale_initial=0.5"),
 ])
 def test_recipe_values_that_would_fail_late_are_refused(field, value, message):
   extra = {"train.stage": "image"} if field == "train.freeze_base" else {}

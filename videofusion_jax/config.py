@@ -16,6 +16,7 @@ from videofusion_jax.diffusion.samplers import DDIM_SPACINGS, DDPM_VARIANCES, st
 from videofusion_jax.diffusion.schedules import SCHEDULE_KINDS
 from videofusion_jax.models.factory import DTYPES
 from videofusion_jax.models.unet import REMAT_POLICIES, attention_channels, attention_heads, check_image_size
+from videofusion_jax.training.optimizer import MAX_LOSS_SCALE
 
 
 class ConfigError(ValueError):
@@ -460,9 +461,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.batch_size % k:
     raise ConfigError(f"config.train.batch_size={t.batch_size} does not split into grad_accum_steps={k} "
                       f"micro-batches; use a batch size that is a multiple of {k}, or another grad_accum_steps.")
-  if not (math.isfinite(float(t.loss_scale_initial)) and t.loss_scale_initial >= 1):
+  if not (math.isfinite(float(t.loss_scale_initial)) and 1 <= t.loss_scale_initial <= MAX_LOSS_SCALE):
+    # Above the bound float32 (the scale's type) would round it to inf: every update skipped, the scale stuck.
     raise ConfigError(f"config.train.loss_scale_initial={t.loss_scale_initial!r}: float16 training's first loss "
-                      "scale; must be a finite number >= 1 (a power of 2 keeps the scaling exact; 32768 is usual).")
+                      "scale; must be a finite number in [1, 2**64] (a power of 2 keeps the scaling exact; 32768 is "
+                      "usual).")
   if not _is_int(t.loss_scale_period) or t.loss_scale_period < 1:
     raise ConfigError(f"config.train.loss_scale_period={t.loss_scale_period!r}: the updates without overflow after "
                       "which float16 training doubles its loss scale; must be an integer >= 1 (2000 is usual).")
