@@ -339,6 +339,29 @@ def test_unreadable_videos_give_clear_errors(tmp_path):
     video_io.read_video(tmp_path / "missing.mp4")
 
 
+@pytest.mark.parametrize("cache_mb", [0.0, 512.0])
+def test_a_damaged_prepared_dataset_is_one_error_naming_its_folder(config, tmp_path, cache_mb):
+  """A prepared dataset's record file cut short (an interrupted copy, a full disk) fails at its first read: one
+  PipelineError naming the folder and what to do, where TensorFlow's error reached the user as its traceback
+  (read as the clips stream and as every video is decoded into memory up front). The dataset it was copied from
+  still reads."""
+  import shutil
+  pipeline.get_builder(config.data, verbose=False)  # prepared (once a session)
+  damaged = tmp_path / "tfds"
+  shutil.copytree(config.data.data_dir, damaged, ignore=shutil.ignore_patterns("clip_embeddings"))
+  [records] = damaged.glob("videofusion_demo_clips/*/*/*.array_record-*")
+  with open(records, "r+b") as f:
+    f.truncate(records.stat().st_size // 2)
+  c = tiny_config(**{"data.data_dir": str(damaged), "data.cache_mb": cache_mb})
+  with pytest.raises(pipeline.PipelineError, match=(
+      r"^cannot read videofusion_demo_clips/\d+/[0-9.]+ \[train\] \(\w+Error: .+\): a file of the prepared "
+      rf"dataset in {records.parent} cannot be read, .* Delete that folder to have it prepared again")):
+    next(pipeline.train_iterator(c, 4, seed=0, verbose=False))
+  with pytest.raises(pipeline.PipelineError, match=rf"cannot read .* \[train\] .* dataset in {records.parent} "):
+    pipeline.eval_clips(c, 4)
+  assert next(pipeline.train_iterator(config, 4, seed=0, verbose=False))["video"].shape == (4, 4, 8, 8, 3)
+
+
 def test_hosts_that_wait_for_the_build_check_the_dataset_first(config, tmp_path):
   pipeline.check_dataset(config.data)  # prepared: nothing to say
   c = tiny_config(**{"data.name": "sky_timelapse/64", "data.data_dir": str(tmp_path / "tfds"),

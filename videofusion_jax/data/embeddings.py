@@ -126,10 +126,11 @@ def record_captions(config: ml_collections.ConfigDict, split: str,
   else:
     records = tf.data.Dataset.from_tensor_slices(np.asarray(records, np.int64))
   if "caption" in features:
-    return [(c.decode("utf-8"),) for c in records.map(lambda i: read(i)["caption"]).as_numpy_iterator()]
+    return [(c.decode("utf-8"),) for c in pipeline.numpy_items(records.map(lambda i: read(i)["caption"]), source)]
   if config.data.name == "demo_clips":
     from videofusion_jax.data.builders.demo_clips import CAPTIONS, CLASS_NAMES
-    return [CAPTIONS[CLASS_NAMES[int(label)]] for label in records.map(lambda i: read(i)["label"]).as_numpy_iterator()]
+    return [CAPTIONS[CLASS_NAMES[int(label)]]
+            for label in pipeline.numpy_items(records.map(lambda i: read(i)["label"]), source)]
   raise pipeline.PipelineError(f"{source.builder.info.full_name} [{split}] has no captions, so a prior on text "
                                "(model.prior.condition='text') has none to learn from or to be evaluated on; use a "
                                "captioned dataset "
@@ -154,7 +155,7 @@ def _frames_per_record(config: ml_collections.ConfigDict, split: str, per_record
     return pipeline.decode_frames(tf, tf.gather(encoded, index), d.image_size, jpeg), i
 
   frames, records = [], []
-  for f, i in tf.data.Dataset.range(min(len(source.lengths), max_records)).map(pick).as_numpy_iterator():
+  for f, i in pipeline.numpy_items(tf.data.Dataset.range(min(len(source.lengths), max_records)).map(pick), source):
     frames.append(to_uint8(f))
     records.append(np.full(len(f), i))
   return np.concatenate(frames), np.concatenate(records)
@@ -275,7 +276,7 @@ def compute_table(config: ml_collections.ConfigDict, split: str, batch_size: int
           f"once; the table goes to {path}.", flush=True)
   start, done, last = time.time(), 0, 0.0
   try:
-    for batch in frames.as_numpy_iterator():
+    for batch in pipeline.numpy_items(frames, source):
       emb = np.asarray(clip.encode_image(clip.preprocess(to_uint8(batch))))
       table[done:done + len(batch)] = emb
       done += len(batch)

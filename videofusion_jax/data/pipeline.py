@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,6 +177,30 @@ def _reader(tf, source: _Source):
   return read
 
 
+def numpy_items(ds, source: _Source) -> Iterator:
+  """``ds.as_numpy_iterator()`` of a dataset that reads ``source``'s records (``_reader``), where a record that
+  cannot be read or decoded (TensorFlow's error, from a file of the prepared dataset cut short by an interrupted
+  copy or a full disk) is a PipelineError naming the dataset's folder and what to do, not TensorFlow's traceback."""
+  tf = _tf()
+  items = ds.as_numpy_iterator()
+  while True:
+    try:
+      item = next(items)
+    except StopIteration:
+      return
+    except tf.errors.ResourceExhaustedError:  # the host's memory, not the files
+      raise
+    except tf.errors.OpError as e:
+      cause = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", e.message).strip().splitlines()
+      builder = source.builder
+      raise PipelineError(
+          f"cannot read {builder.info.full_name} [{source.split}] ({type(e).__name__}: "
+          f"{(cause[0] if cause else '')[:300]}): a file of the prepared dataset in {builder.data_dir} cannot be "
+          "read, as when one was cut short (an interrupted copy, a full disk when it was built). Delete that folder "
+          "to have it prepared again on the next run, or restore it from a backup.") from None
+    yield item
+
+
 def decode_frames(tf, encoded, size: int, jpeg: bool):
   """Encoded frames ``(T,)`` -> their centre squares, area-resized: ``(T, S, S, 3)`` float32 in [-1, 1]."""
   shape = tf.io.extract_jpeg_shape(encoded[0]) if jpeg else tf.shape(tf.io.decode_png(encoded[0]))
@@ -229,7 +254,7 @@ def decoded_videos(tf, source: _Source, read, local: np.ndarray, size: int, jpeg
   first_row = np.full(len(source.lengths), -1, np.int64)
   labels = np.zeros(len(source.lengths), np.int32)
   chunks, row = [], 0
-  for index, (frames, label) in zip(local, videos.as_numpy_iterator()):
+  for index, (frames, label) in zip(local, numpy_items(videos, source)):
     if len(frames) != source.lengths[index]:
       raise PipelineError(f"{source.builder.info.full_name} [{source.split}] record {index} has {len(frames)} "
                           f"frames, its metadata {source.lengths[index]}; delete the dataset's folder and rebuild it.")
@@ -323,8 +348,8 @@ def train_iterator(config: ml_collections.ConfigDict, local_batch_size: int, see
                                                       deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   if clip_table is None:
-    return ds.as_numpy_iterator()
-  return _with_clip_embeddings(ds.as_numpy_iterator(), clip_table, caption_table, d.num_frames, d.frame_stride)
+    return numpy_items(ds, source)
+  return _with_clip_embeddings(numpy_items(ds, source), clip_table, caption_table, d.num_frames, d.frame_stride)
 
 
 def _with_clip_embeddings(batches, frame_table, caption_table, num_frames: int, stride: int) -> Iterator[dict]:
@@ -394,7 +419,7 @@ def eval_iterator(config: ml_collections.ConfigDict, num_clips: int, batch_size:
 
   ds = tf.data.Dataset.from_tensor_slices((records[mine], firsts[mine]))
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  return numpy_items(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE), source)
 
 
 def eval_clips(config: ml_collections.ConfigDict, num_clips: int, split: str | None = None) -> dict[str, np.ndarray]:
