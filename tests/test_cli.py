@@ -58,6 +58,56 @@ def test_bad_config_values(override, message, tmp_path):
   assert message in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cudnn_attention_is_refused_where_its_kernels_would_refuse_the_heads_or_the_frames(monkeypatch):
+  """cuDNN's fused attention takes heads whose width is a multiple of 8, at most 128 before Hopper and 256 from
+  it, and trains attention with a bias (VDM*'s relative positions over the frames) on sequences of even length:
+  elsewhere JAX raised NotImplementedError inside the first trace (the first train step, for VDM*'s odd frame
+  counts), with its traceback. Validated here on stand-ins for an A100 and an H100 (no GPU in the suite)."""
+  import types
+
+  import jax
+  import ucf101
+
+  from videofusion_jax.config import ConfigError, cudnn_head_widths, validate
+
+  def on(capability: str, **overrides):
+    device = types.SimpleNamespace(platform="gpu", client=types.SimpleNamespace(platform_version="cuda 12080"),
+                                   device_kind=f"NVIDIA sm_{capability}", compute_capability=capability)
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    c = ucf101.get_config(overrides.pop("variant", ""))
+    c.model.update(attention_implementation="cudnn", dtype="bfloat16")
+    for key, value in overrides.items():
+      *path, last = key.split(".")
+      node = c
+      for part in path:
+        node = node[part]
+      node[last] = value
+    validate(c)
+    return c
+
+  # ucf101: heads of 64 in every layer (the base's 512 to 1024 channels, the residual's 384 and 512), VDM*'s
+  # temporal attention too.
+  assert {w for w, _ in cudnn_head_widths(on("8.0"))} == {64}
+  temporal = [w for w, where in cudnn_head_widths(on("9.0", variant="vdm")) if "temporal attention" in where]
+  assert len(temporal) >= 3 and set(temporal) == {64}
+  # head_dim=4 splits 512 to 1024 channels into heads of 4; 256 into heads wider than an A100 takes.
+  with pytest.raises(ConfigError, match=re.escape("the base U-Net's attention over 512 channels (head_dim=4) has "
+                                                  "heads of 4 channels") + ".* multiples of 8, at most 256"):
+    on("9.0", **{"model.base.head_dim": 4})
+  with pytest.raises(ConfigError, match=r"heads of 256 channels, .* at most 128 on this GPU \(NVIDIA sm_8.0\)"):
+    on("8.0", **{"model.base.head_dim": 256})
+  on("9.0", **{"model.base.head_dim": 256})
+  # One head where the channels are fewer than head_dim: the residual's 36 x 3 = 108 at 8 x 8, and its middle's.
+  with pytest.raises(ConfigError, match=re.escape("the residual U-Net's attention over 108 channels (head_dim=128) "
+                                                  "has heads of 108 channels")):
+    on("9.0", **{"model.residual.base_channels": 36, "model.residual.channel_mult": (1, 2, 3, 3),
+                 "model.residual.head_dim": 128})
+  with pytest.raises(ConfigError, match="kind='vdm' and config.data.num_frames=15: cuDNN trains attention with a "
+                                        "bias .* on sequences of even length only"):
+    on("9.0", variant="vdm", **{"data.num_frames": 15})
+  on("9.0", **{"data.num_frames": 15})  # VideoFusion's attention has no bias
+
+
 def test_workdir_is_required_but_for_embed():
   """--mode=embed writes beside the dataset (its help says the workdir is not used), yet it was refused without
   one; the other modes need it, and say what it is."""

@@ -215,6 +215,47 @@ def _check_cudnn_attention(config: ml_collections.ConfigDict) -> None:
   if device.platform != "gpu" or "cuda" not in str(getattr(device.client, "platform_version", "")).lower():
     raise ConfigError(f"config.model.attention_implementation='cudnn': cuDNN's fused attention needs an NVIDIA GPU "
                       f"and this run's devices are {device.device_kind!r} ({jax.default_backend()}); {fix}.")
+  for width, where in cudnn_head_widths(config):
+    if width % 8 or width > _cudnn_max_head_width(device):
+      raise ConfigError(f"config.model.attention_implementation='cudnn': {where} has heads of {width} channels, and "
+                        f"cuDNN's fused attention takes widths that are multiples of 8, at most "
+                        f"{_cudnn_max_head_width(device)} on this GPU ({device.device_kind}); set a head_dim that "
+                        f"gives such heads, or {fix}.")
+  if config.model.kind == "vdm" and config.data.num_frames % 2:
+    # Its temporal attention's sequence is the N frames, with the relative position bias: cuDNN's training
+    # kernel takes a bias only with sequences of even length (sampling would run, the first train step not).
+    raise ConfigError(f"config.model.attention_implementation='cudnn' with config.model.kind='vdm' and "
+                      f"config.data.num_frames={config.data.num_frames}: cuDNN trains attention with a bias (VDM*'s "
+                      f"relative positions over the frames) on sequences of even length only; use an even "
+                      f"data.num_frames, or {fix}.")
+
+
+def _cudnn_max_head_width(device) -> int:
+  """cuDNN's widest attention head on ``device``: 256 from Hopper (compute capability 9.0) on, else 128."""
+  try:
+    major = int(str(getattr(device, "compute_capability", "0")).split(".")[0])
+  except ValueError:
+    major = 0
+  return 256 if major >= 9 else 128
+
+
+def cudnn_head_widths(config: ml_collections.ConfigDict) -> list[tuple[int, str]]:
+  """``(head width, which attention layer, in words)`` of every attention layer the config's networks build
+  (their channels split into heads of ``head_dim``: one head where the channels are fewer)."""
+  from videofusion_jax.models.factory import temporal_resolutions
+
+  m, size = config.model, config.data.image_size
+  layers = [("base", m.base, m.base.attention_resolutions, "attention")]
+  if m.kind == "vdm":
+    layers.append(("base", m.base, temporal_resolutions(config), "temporal attention (VDM*)"))
+  else:
+    layers.append(("residual", m.residual, m.residual.attention_resolutions, "attention"))
+  widths = []
+  for name, net, resolutions, what in layers:
+    for channels in attention_channels(size, net.base_channels, net.channel_mult, resolutions):
+      width = channels // attention_heads(channels, net.head_dim)
+      widths.append((width, f"the {name} U-Net's {what} over {channels} channels (head_dim={net.head_dim})"))
+  return widths
 
 
 def _check_field_names(config: ml_collections.ConfigDict, known: ml_collections.ConfigDict, path: str = "config"):
@@ -271,8 +312,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.attention_implementation not in ("", "xla", "cudnn"):
     raise ConfigError(f"config.model.attention_implementation={config.model.attention_implementation!r}: use '' "
                       "(XLA chooses), 'xla' or 'cudnn' (fused attention on NVIDIA GPUs).")
-  if config.model.attention_implementation == "cudnn":
-    _check_cudnn_attention(config)
   if d.frame_stride < 1:
     raise ConfigError(f"config.data.frame_stride={d.frame_stride}: must be >= 1.")
   if not _is_int(d.num_classes) or d.num_classes < 0:
@@ -348,6 +387,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         attention_heads(channels, b.head_dim)
     except ValueError as e:
       raise ConfigError(f"config.model.base.head_dim={b.head_dim} (VDM*'s temporal attention): {e}") from None
+  if config.model.attention_implementation == "cudnn":  # after the heads' checks: its own are of their widths
+    _check_cudnn_attention(config)
   if m.condition not in ("embedding", "label"):
     raise ConfigError(f"config.model.condition={m.condition!r}: use 'embedding' (the key-frame embedding c, "
                       "sampled by the prior, as the paper does) or 'label' (the class label in both generators).")
