@@ -851,3 +851,114 @@ def test_workdir_that_is_a_file_or_a_url_and_a_finished_run(trained, config_file
   r = run_main(config_file, trained, "--config.train.num_steps=1")
   assert r.returncode == 0 and "nothing to train: checkpoint 2" in r.stdout and "num_steps=1" in r.stdout
   assert snapshot(trained) == before
+
+
+def test_a_signal_while_the_last_checkpoint_is_written_stops_as_announced(trainer, tmp_path, monkeypatch, capsys):
+  """SIGTERM (or Ctrl-C) after the last step's check, while its checkpoint is written: it was announced as
+  "saving a checkpoint and exiting", yet train() returned and --mode=train_and_sample sampled on, past a
+  preemption's grace period. Now the saved last step is a stop (``Preempted``), as at any other step."""
+  from videofusion_jax.training import loop
+
+  close = ckpt.ocp.CheckpointManager.close
+  signalled = []
+
+  def close_signalled(self):
+    if not signalled:
+      signalled.append(True)
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.2)  # the handler runs between two Python lines
+    return close(self)
+
+  monkeypatch.setattr(ckpt.ocp.CheckpointManager, "close", close_signalled)
+  c = tiny_config(**{"train.num_steps": 2})
+  with pytest.raises(loop.Preempted, match=re.escape(f"stopped on SIGTERM at step 2: checkpoint 2 is saved in "
+                                                     f"{tmp_path / 'checkpoints'}")):
+    train(c, tmp_path, batches=fake_batches(c, n=2), trainer=trainer, verbose=False)
+  assert "SIGTERM received: finishing the step in flight, then saving a checkpoint" in capsys.readouterr().out
+  assert ckpt.make_manager(tmp_path, 2, read_only=True).latest_step() == 2
+  assert not (tmp_path / LOCK_NAME).exists()
+  # Control: without the signal the run returns its state.
+  assert int(train(c, tmp_path / "plain", batches=fake_batches(c, n=2), trainer=trainer, verbose=False).step) == 2
+
+
+def test_a_checkpoint_folder_a_host_cannot_write_stops_training_before_anything(tmp_path, monkeypatch):
+  """Each host writes its part of every checkpoint: a ``checkpoints`` folder it cannot write to failed at the first
+  save only, in the background (the steps until the next save lost), then held the exit 5 minutes in Orbax's
+  threads. It is refused before the trainer is built or the lock taken. (Permissions stood in for: the suite may
+  run as root, whom they do not stop.)"""
+  from videofusion_jax.training import loop, workdir
+
+  (tmp_path / "checkpoints").mkdir()
+  access = os.access
+  monkeypatch.setattr(workdir.os, "access", lambda p, mode: Path(p).name != "checkpoints" and access(p, mode))
+  monkeypatch.setattr(loop, "Trainer", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+  with pytest.raises(WorkdirError, match=re.escape(f"{tmp_path / 'checkpoints'} is not writable by this user")):
+    train(tiny_config(), tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
+def test_a_checkpoint_write_the_disk_refuses_is_one_line(monkeypatch, capsys):
+  """A full disk (or an uncreatable folder) under an asynchronous save reaches the run as TensorStore's error,
+  which Orbax raises as a ValueError (``RESOURCE_EXHAUSTED: ... [os_error_code='28']``, not an OSError) and logs
+  with its traceback from several of its threads: it fell through to the run's traceback. Now Orbax's records of
+  it are one warning line, the run ends with one ``error:`` line naming the file (the checkpoints before it
+  intact), and without waiting for Orbax's threads left waiting for the folder the write never made."""
+  import logging
+  import threading
+  import types
+
+  from videofusion_jax import main
+
+  path = "/w/checkpoints/6.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/_sharding"
+  tensorstore = ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{path}": Failed writing: "{path}.__lock": '
+                           "Failed to write 286975 bytes to file 8: No space left on device [os_error_code='28']")
+  error = ckpt.os_error_of(tensorstore)
+  assert (error.errno, error.filename) == (28, path)
+  assert ckpt.os_error_of(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
+  wrapped = RuntimeError("Save Finalize thread failed")
+  wrapped.__cause__ = PermissionError(13, "Permission denied", "/w/checkpoints/6.orbax-checkpoint-tmp")
+  assert ckpt.os_error_of(wrapped) is wrapped.__cause__
+  line = main._os_error(error, tiny_config(), "/w")
+  assert line == (f"[Errno 28] No space left on device: '{path}' (writing a checkpoint; the checkpoints saved before "
+                  "it are intact): free space there or fix the folder's permissions, and rerun to resume.")
+
+  # Orbax's records: from its checkpoint modules, at ERROR, with the error in the message or the exception.
+  monkeypatch.setattr(ckpt, "_SAVE_FAILED", [])
+  absl = logging.getLogger("absl")
+  site = "/venv/site-packages/orbax/checkpoint/_src/futures/future.py"
+
+  def record(message, exc=None, pathname=site, level=logging.ERROR):
+    return logging.LogRecord("absl", level, pathname, 387, message, None, (type(exc), exc, None) if exc else None)
+
+  assert absl.filter(record("[process=0] Failed to run 4 Handler Commit operations", exc=tensorstore)) is False
+  assert absl.filter(record("_SignalingThread.run() raised an exception: " + str(tensorstore))) is False
+  assert absl.filter(record("raised an exception: Timeout waiting for key 'signals/item_directory_creation'",
+                            exc=TimeoutError("Timeout waiting for key 'signals/item_directory_creation'"))) is False
+  err = capsys.readouterr().err
+  assert err == (f"warning: a checkpoint could not be written ([Errno 28] No space left on device: '{path}'); "
+                 "training stops with this error at the next checkpoint or at its end. The checkpoints saved before "
+                 "it are intact.\n")
+  # Shown: another module's, a lower level's, an Orbax error without an OS error.
+  assert absl.filter(record("x " + str(tensorstore), pathname="/venv/site-packages/other/mod.py"))
+  assert absl.filter(record(str(tensorstore), level=logging.WARNING))
+  assert absl.filter(record("Save Finalize thread (save_finalize) failed.", exc=ValueError("shape mismatch")))
+
+  # The exit: Orbax's threads still waiting (non-daemon) would hold the interpreter 5 minutes; it leaves without.
+  release = threading.Event()
+  waiting = type("_SignalingThread", (threading.Thread,), {"__module__": "orbax.checkpoint._src.futures.future"})(
+      target=release.wait, daemon=False)
+  monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(("os._exit", code))))
+  monkeypatch.setattr(main.signal, "signal", lambda *a: None)
+  monkeypatch.setitem(sys.modules, "videofusion_jax.training.sharding", types.SimpleNamespace(
+      report_failure=lambda *a, **k: False))
+  with pytest.raises(SystemExit) as plain:
+    main._exit_failed("disk full")
+  assert plain.value.code == 1  # no thread of Orbax's: the interpreter's own exit
+  waiting.start()
+  try:
+    with pytest.raises(SystemExit) as left:
+      main._exit_failed("disk full")
+    assert left.value.code == ("os._exit", 1)
+  finally:
+    release.set()
+    waiting.join()

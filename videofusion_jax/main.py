@@ -141,11 +141,17 @@ def _exit_failed(message: str, code: int = 1, what: str = "stopped with an error
   shutdown barrier, which they never reach."""
   sharding = sys.modules.get("videofusion_jax.training.sharding")  # not imported yet (a flag's error): no run
   _ignore_ctrl_c()
-  if tell and sharding is not None and sharding.report_failure(message, what=what):
+  if (tell and sharding is not None and sharding.report_failure(message, what=what)) or _orbax_threads_waiting():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
   sys.exit(code)
+
+
+def _orbax_threads_waiting() -> bool:
+  """Whether threads of Orbax's still run: those of a checkpoint write that failed wait for the folder it never
+  made, and the interpreter would wait for them at its exit (5 minutes, their timeout) before ending the run."""
+  return any(type(t).__module__.startswith("orbax.") and t.is_alive() and not t.daemon for t in threading.enumerate())
 
 
 def _interrupted(e: KeyboardInterrupt, after: str) -> None:
@@ -164,6 +170,9 @@ def _interrupted(e: KeyboardInterrupt, after: str) -> None:
 def _os_error(e: OSError, config, workdir: str | None = None) -> str:
   """An OSError's line; a full disk's (or a full quota's) names the folders written to when the error
   names no file (numpy, zipfile and TFDS writes leave its filename empty)."""
+  if ".orbax-checkpoint-tmp" in str(e.filename):  # Orbax writes a step under a temporary name, renamed once whole
+    return (f"{e} (writing a checkpoint; the checkpoints saved before it are intact): free space there or fix the "
+            "folder's permissions, and rerun to resume.")
   if e.errno not in (errno.ENOSPC, errno.EDQUOT) or e.filename:
     return str(e)
   from videofusion_jax.data.pipeline import default_data_dir
@@ -328,6 +337,9 @@ def main(argv) -> None:
           PipelineError, OSError, FloatingPointError, WorkdirError, CLIPLoadError, DeviceMemoryError) as e:
     _fail(_os_error(e, config, workdir) if isinstance(e, OSError) else str(e))
   except Exception as e:  # anything else keeps its traceback; on several hosts the others are told at once
+    from videofusion_jax.training.checkpoint import os_error_of
+    if (error := os_error_of(e)) is not None:  # TensorStore's, raised by Orbax as a ValueError: a checkpoint's write
+      _fail(_os_error(error, config, workdir))
     if multihost:
       from videofusion_jax.training import sharding
       # Unless another host's failure is stopping this one: then it is a collective cut short as that host left,

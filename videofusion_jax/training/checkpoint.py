@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import logging as pylogging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -351,6 +352,60 @@ def _is_missing_item_metadata(record: pylogging.LogRecord) -> bool:
 # step, not for each item): logged at each read of a checkpoint saved here wherever main.py's absl verbosity
 # does not hide it (a program using this as a library). Nothing else of absl's is filtered.
 logging.get_absl_logger().addFilter(_hide_missing_item_metadata)
+
+
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
+_LOCAL_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def os_error_of(e: BaseException | None) -> OSError | None:
+  """The operating system's error inside ``e`` (or a cause of it), else None: an OSError itself, or TensorStore's
+  error of a checkpoint write or read, which Orbax raises as a ValueError such as ``RESOURCE_EXHAUSTED: Error
+  writing local file "...": ... No space left on device [os_error_code='28']``."""
+  for cause in _causes(e):
+    if isinstance(cause, OSError):
+      return cause
+    if error := _os_error_in(str(cause)):
+      return error
+  return None
+
+
+def _os_error_in(text: str) -> OSError | None:
+  """The OSError a TensorStore message quotes (its ``os_error_code`` and local file), else None."""
+  code = _OS_ERROR_CODE.search(text)
+  if code is None:
+    return None
+  path = _LOCAL_FILE.search(text)
+  return OSError(int(code.group(1)), os.strerror(int(code.group(1))), path.group(1) if path else None)
+
+
+def _is_failed_save_log(record: pylogging.LogRecord) -> bool:
+  """Orbax's error records (each with its traceback, from several of its threads) of a checkpoint write that the
+  operating system refused (a full disk, a folder it cannot create): the run stops with that error, in one line,
+  at its next checkpoint or its end (main.py)."""
+  if record.levelno < pylogging.ERROR or not record.pathname.rsplit("/orbax/", 1)[-1].startswith("checkpoint/"):
+    return False
+  exc = record.exc_info[1] if record.exc_info else None
+  error = os_error_of(exc) or _os_error_in(record.getMessage())
+  if error is None and "Timeout waiting for key" in str(exc) and _SAVE_FAILED:
+    return True  # its other threads, left waiting for the folder the failed write never made
+  if error is None:
+    return False
+  if not _SAVE_FAILED:
+    _SAVE_FAILED.append(error)
+    print(f"warning: a checkpoint could not be written ({error}); training stops with this error at the next "
+          "checkpoint or at its end. The checkpoints saved before it are intact.", file=sys.stderr, flush=True)
+  return True
+
+
+_SAVE_FAILED: list[OSError] = []  # the first write this process's Orbax failed (warned once)
+
+
+def _hide_failed_save_log(record: pylogging.LogRecord) -> bool:
+  return not _safely(_is_failed_save_log, record)
+
+
+logging.get_absl_logger().addFilter(_hide_failed_save_log)
 
 
 def _safely(check, *args) -> bool:

@@ -33,7 +33,7 @@ from videofusion_jax.training.preemption import StopRequest
 from videofusion_jax.training.sharding import checked_on_every_host
 from videofusion_jax.training.state import TrainState
 from videofusion_jax.training.step import Trainer, check_batch, synthetic_batches
-from videofusion_jax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock, write_whole
+from videofusion_jax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock, check_output_folders, write_whole
 
 
 class NonFiniteLossError(RuntimeError):
@@ -474,6 +474,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
         lambda: (ckpt.check_other_run(config.train.init_base_from), check_base_source(config)),
         ConfigError("config.train.init_base_from: another host cannot use that run (its own error says why); "
                     "every host needs the same workdir, at the same path."))
+  # Every host writes its part of each checkpoint: a folder it cannot write to failed only at the first save, in
+  # the background (the steps until the next save lost), and Orbax's other threads then held the exit 5 minutes.
+  checked_on_every_host(lambda: check_output_folders(workdir, "checkpoints"), WorkdirError(
+      f"{workdir / 'checkpoints'}: another host cannot write there (its own error says why)."))
   trainer = trainer or Trainer(config)
   trainer.check_config(config, "train")
   lead = jax.process_index() == 0
@@ -516,12 +520,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
       say(f"parameters: {sizes}; devices {trainer.mesh.devices.size} (mesh {dict(trainer.mesh.shape)}, "
           f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); {config.model.kind}, "
           f"stage {config.train.stage}, λ={config.diffusion.lam}, condition: {config.model.condition}")
-      return _loop(trainer, state, manager, config, workdir, batches, saved_stream, stop, say)
+      state = _loop(trainer, state, manager, config, workdir, batches, saved_stream, stop, say)
     finally:
       if manager is not None:
         manager.close()  # waits for a save in flight
       if lock:
         lock.release()
+    # A signal while the last checkpoint was written, after the last step's check (one process; on several JAX's
+    # preemption service keeps it for the work after training): the step is saved, and it was announced as a stop.
+    if stop.signal_name is not None and jax.process_count() == 1:
+      raise Preempted(int(state.step), stop.signal_name, str(Path(workdir).absolute() / "checkpoints"))
+    return state
 
 
 def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, batches, saved_stream, stop,
