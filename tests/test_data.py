@@ -405,6 +405,14 @@ def test_num_classes_and_image_size_must_fit_the_dataset(config, tmp_path):
   pipeline.check_image_size(builder, 64)
   with pytest.raises(pipeline.PipelineError, match=r"config.data.image_size=128: .* stores its frames at 64 px"):
     pipeline.check_image_size(builder, 128)
+  # Known before the dataset is built (its builder's own): refused before a build of hours, where they were
+  # refused after it (a dataset built at too small a size is of no use to the config).
+  fresh = tmp_path / "fresh"
+  for key, value, message in (("data.image_size", 128, "stores its frames at 64 px"),
+                              ("data.num_classes", 5, "has 3 classes")):
+    with pytest.raises(pipeline.PipelineError, match=message):
+      pipeline.get_builder(tiny_config(**{"data.data_dir": str(fresh), key: value}).data)
+    assert not list(fresh.glob("*/*/*/*.array_record*"))
   c = tiny_config(**{"data.data_dir": config.data.data_dir, "data.num_classes": 2})
   trainer = Trainer(c)
   trainer.init_state = None  # the initial state is never made: the error comes first

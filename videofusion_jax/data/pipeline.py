@@ -18,6 +18,7 @@ This module and the builders are the only ones that import TensorFlow, and only 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -50,13 +51,18 @@ def get_builder(data: ml_collections.ConfigDict, build: bool = True, verbose: bo
   from videofusion_jax.data import builders
 
   name, _, builder_config = data.name.partition("/")
+  prepare = functools.partial(builders.prepare, name, data.get("data_dir") or default_data_dir(),
+                              manual_dir=data.get("manual_dir") or None, config=builder_config or None)
   try:
-    builder = builders.prepare(name, data.get("data_dir") or default_data_dir(),
-                               manual_dir=data.get("manual_dir") or None, config=builder_config or None,
-                               verbose=build if verbose is None else verbose, build=build)
+    builder = prepare(verbose=False, build=False)  # what a build would refuse first: a name, the manual_dir
+    # Its labels and stored frame size are the builder's own, known before it is built: checked before a build
+    # of hours (a dataset built at too small a size is no use to this config).
+    check_fits(builder, data)
+    builder = prepare(verbose=build if verbose is None else verbose, build=build)
   except ValueError as e:  # the builders' messages name the file or value at fault
+    if isinstance(e, PipelineError):
+      raise
     raise PipelineError(f"cannot prepare {data.name}: {e}") from None
-  check_fits(builder, data)
   return builder
 
 

@@ -220,7 +220,7 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release: all frames, short side resized to the config's resolution."}
   BUILDER_CONFIGS = resolution_configs()
-  DEFAULT_CONFIG_NAME = str(DEFAULT_RESOLUTION)
+  DEFAULT_BUILDER_CONFIG_NAME = str(DEFAULT_RESOLUTION)  # TFDS's name: without it TFDS takes the first, 64
   # Record i is the i-th generated example; the pipeline shuffles. TFDS reads it from the DatasetInfo.
   disable_shuffling = True
 

