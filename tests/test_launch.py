@@ -4,6 +4,7 @@ Fake gcloud, scontrol, srun and sbatch come first on PATH and record each call, 
 runs anything leaves a trace (the fake scontrol may expand the node list, as SLURM's would).
 """
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -188,6 +189,22 @@ def test_slurm_dry_run_one_process_per_node(fakes, tmp_path):
   per_task = tasks(cmds)
   check_tasks(per_task, 2)
   assert [ids for ids, _ in per_task] == ["0,1,2,3"] * 2  # every GPU of the node
+
+
+def test_slurm_dry_run_without_scontrol_expands_the_node_list_itself(fakes, tmp_path):
+  """Off the cluster (no scontrol) the README's dry run stopped with 'scontrol not found'; a dry run now expands
+  the usual node-list forms itself (a real run still needs scontrol)."""
+  (fakes[0] / "scontrol").unlink()
+  assert shutil.which("scontrol", path=f"{fakes[0]}:/usr/local/bin:/usr/bin:/bin") is None  # the premise
+  cmds = slurm_dry_run(fakes, tmp_path, SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="4", SLURM_GPUS_ON_NODE="4")
+  check_tasks(tasks(cmds), 8)  # on gpu01 and gpu02, coordinated from gpu01
+  r = launch(SLURM_SCRIPT, fakes, tmp_path, {**SLURM_ENV, "SLURM_JOB_NODELIST": "gpu[08-09,10],cpu5",
+                                              "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "1",
+                                              "SLURM_GPUS_ON_NODE": "1"})
+  assert r.returncode == 0 and "# 4 nodes (gpu08 gpu09 gpu10 cpu5), coordinator gpu08:23456" in r.stdout, r.stderr
+  assert "scontrol not found: the node list expanded by this script (a dry run only)" in r.stdout
+  r = launch(SLURM_SCRIPT, fakes, tmp_path, {**SLURM_ENV, "DRY_RUN": "0", "SLURM_NTASKS": "2"})
+  assert "scontrol not found: it expands SLURM_JOB_NODELIST into the node names" in one_error_line(r)
 
 
 def test_slurm_outside_a_job(fakes, tmp_path):
