@@ -93,6 +93,13 @@ def test_notebook_trains_plots_and_shows_videos(tfds_dir, tmp_path, monkeypatch)
   # Colab users rerun cells: the parameters again (as after editing the form), then the curve and the videos.
   reruns = [nbformat.v4.new_code_cell(c.source) for c in nb.cells if c.get("id") in ("parameters", "curve", "video")]
   nb.cells += reruns
+  # The TensorBoard line of "Next steps", as IPython expands a magic's arguments: the run's folder, also where
+  # WORKDIR is relative (the default; {WORKDIR} named a folder under the kernel's working directory instead).
+  markdown = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
+  [magic] = re.findall(r"`%tensorboard (--logdir [^`]+)`", markdown)
+  nb.cells.append(nbformat.v4.new_code_cell(
+      f"print(get_ipython().var_expand({magic!r}))\nWORKDIR, kept = 'workdirs/demo', WORKDIR\n"
+      f"print(get_ipython().var_expand({magic!r}))\nWORKDIR = kept"))
   nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
   _execute(nb, tmp_path, monkeypatch)
   cells = {c.id: c for c in nb.cells if c.cell_type == "code"}
@@ -105,6 +112,9 @@ def test_notebook_trains_plots_and_shows_videos(tfds_dir, tmp_path, monkeypatch)
   for cell in cells.values():
     assert cell.execution_count is not None and not _outputs(cell, "error"), cell.id
   assert _text(nb.cells[-1]).strip() == sys.executable  # the kernel ran this venv's interpreter
+  assert _text(nb.cells[-2]).split() == ["--logdir", str(workdir / "tensorboard"), "--logdir",
+                                         str(ROOT / "workdirs" / "demo" / "tensorboard")]
+  assert any((workdir / "tensorboard").iterdir())
   assert "nothing to install" in _text(cells["install"])
   assert "CpuDevice(id=0)]" in _text(cells["devices"])  # one device: the conftest's eight did not reach it
   log = _text(cells["train"])
