@@ -62,13 +62,14 @@ def test_cudnn_attention_is_refused_where_its_kernels_would_refuse_the_heads_or_
   """cuDNN's fused attention takes heads whose width is a multiple of 8, at most 128 before Hopper and 256 from
   it, and trains attention with a bias (VDM*'s relative positions over the frames) on sequences of even length:
   elsewhere JAX raised NotImplementedError inside the first trace (the first train step, for VDM*'s odd frame
-  counts), with its traceback. Validated here on stand-ins for an A100 and an H100 (no GPU in the suite)."""
+  counts), with its traceback. Checked here on stand-ins for an A100 and an H100 (no GPU in the suite)."""
   import types
 
   import jax
   import ucf101
 
-  from videofusion_jax.config import ConfigError, cudnn_head_widths, validate
+  from videofusion_jax.config import ConfigError, check_cudnn_training, cudnn_head_widths, validate
+  from videofusion_jax.training.step import Trainer
 
   def on(capability: str, **overrides):
     device = types.SimpleNamespace(platform="gpu", client=types.SimpleNamespace(platform_version="cuda 12080"),
@@ -102,10 +103,13 @@ def test_cudnn_attention_is_refused_where_its_kernels_would_refuse_the_heads_or_
                                                   "has heads of 108 channels")):
     on("9.0", **{"model.residual.base_channels": 36, "model.residual.channel_mult": (1, 2, 3, 3),
                  "model.residual.head_dim": 128})
-  with pytest.raises(ConfigError, match="kind='vdm' and config.data.num_frames=15: cuDNN trains attention with a "
-                                        "bias .* on sequences of even length only"):
-    on("9.0", variant="vdm", **{"data.num_frames": 15})
-  on("9.0", **{"data.num_frames": 15})  # VideoFusion's attention has no bias
+  # VDM* on an odd frame count: refused for training (the Trainer's check), not for sampling, which runs.
+  odd = on("9.0", variant="vdm", **{"data.num_frames": 15})
+  for check in (check_cudnn_training, lambda c: Trainer.check_work(types.SimpleNamespace(config=c, mesh=None))):
+    with pytest.raises(ConfigError, match="kind='vdm' and config.data.num_frames=15: cuDNN trains attention with a "
+                                          "bias .* on sequences of even length only"):
+      check(odd)
+  check_cudnn_training(on("9.0", **{"data.num_frames": 15}))  # VideoFusion's attention has no bias
 
 
 def test_workdir_is_required_but_for_embed():
@@ -691,6 +695,9 @@ def test_sampling_refuses_a_head_dim_or_image_size_other_than_training(tmp_path)
                      + re.escape(f"{config.data.name} with 4)") + ".*" + re.escape("--config.data.frame_stride=4.")):
     check_trained_config(config, record(config, **{"data.frame_stride": 4}))
   check_trained_config(config, record(config, **{"data.frame_stride": 4, "data.name": "ucf101"}))
+  # Only the demo's samples are measured against real clips: elsewhere sampling reads no stride.
+  ucf = tiny_config(**{"data.name": "ucf101/64"})
+  check_trained_config(ucf, record(ucf, **{"data.frame_stride": 4}))
   # VDM* has no residual generator: its recorded head_dim means nothing to it.
   vdm = tiny_config(**{"model.kind": "vdm", "diffusion.lam": 0.0})
   check_trained_config(vdm, record(vdm, **{"model.residual.head_dim": 2}))

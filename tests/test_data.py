@@ -355,11 +355,22 @@ def test_a_damaged_prepared_dataset_is_one_error_naming_its_folder(config, tmp_p
   c = tiny_config(**{"data.data_dir": str(damaged), "data.cache_mb": cache_mb})
   with pytest.raises(pipeline.PipelineError, match=(
       r"^cannot read videofusion_demo_clips/\d+/[0-9.]+ \[train\] \(\w+Error: .+\): a file of the prepared "
-      rf"dataset in {records.parent} cannot be read, .* Delete that folder to have it prepared again")):
+      rf"dataset in {records.parent} is damaged, .* Delete that folder to have it prepared again")):
     next(pipeline.train_iterator(c, 4, seed=0, verbose=False))
   with pytest.raises(pipeline.PipelineError, match=rf"cannot read .* \[train\] .* dataset in {records.parent} "):
     pipeline.eval_clips(c, 4)
   assert next(pipeline.train_iterator(config, 4, seed=0, verbose=False))["video"].shape == (4, 4, 8, 8, 3)
+  # An error that says nothing of damage (a folder this host cannot read) is not answered with "delete it".
+  import tensorflow as tf
+  source = pipeline._source(config, "train", verbose=False)
+
+  def unreadable(i):
+    raise PermissionError(13, "Permission denied", "/data/videofusion_demo_clips/64/1.0.0/train.array_record")
+  ds = tf.data.Dataset.range(2).map(lambda i: tf.numpy_function(unreadable, [i], tf.int64))
+  with pytest.raises(pipeline.PipelineError, match=r"\[Errno 13\] Permission denied.*\): check that .* can be "
+                                                   r"read from here .*, then run again\.$") as e:
+    next(pipeline.numpy_items(ds, source))
+  assert "Delete" not in str(e.value)
 
 
 def test_hosts_that_wait_for_the_build_check_the_dataset_first(config, tmp_path):

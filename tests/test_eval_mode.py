@@ -126,6 +126,11 @@ def test_eval_refuses_a_stride_other_than_training_on_its_dataset_and_notes_anot
     evaluate.run(other, str(tmp_path))
   assert capsys.readouterr().out == (f"note: the real clips come from ucf101 (data.frame_stride=2), and {tmp_path} was "
                                      f"trained on {c.data.name}: a zero-shot evaluation.\n")
+  # The same videos at another stored resolution are the same dataset: its stride is checked, nothing is "zero-shot".
+  (tmp_path / "config.json").write_text(json.dumps(tiny_config(**{"data.frame_stride": 4,
+                                                                  "data.name": "ucf101/64"}).to_dict()))
+  with pytest.raises(ConfigError, match=rf"^config.data.frame_stride=2 \({tmp_path} was trained on ucf101/64 with 4"):
+    evaluate.run(tiny_config(**{"data.name": "ucf101/128"}), str(tmp_path))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 

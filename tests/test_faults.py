@@ -942,6 +942,10 @@ def test_a_checkpoint_write_the_disk_refuses_is_one_line(monkeypatch, capsys):
   assert absl.filter(record("x " + str(tensorstore), pathname="/venv/site-packages/other/mod.py"))
   assert absl.filter(record(str(tensorstore), level=logging.WARNING))
   assert absl.filter(record("Save Finalize thread (save_finalize) failed.", exc=ValueError("shape mismatch")))
+  # An old step that could not be deleted (keep_checkpoints) is no write: Orbax's record, which says so, stays.
+  assert absl.filter(record("Save Finalize thread (save_finalize) failed.",
+                            exc=PermissionError(13, "Permission denied", "/w/checkpoints/1")))
+  assert capsys.readouterr().err == ""
 
   # The exit: Orbax's threads still waiting (non-daemon) would hold the interpreter 5 minutes; it leaves without.
   release = threading.Event()
@@ -952,13 +956,18 @@ def test_a_checkpoint_write_the_disk_refuses_is_one_line(monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, "videofusion_jax.training.sharding", types.SimpleNamespace(
       report_failure=lambda *a, **k: False))
   with pytest.raises(SystemExit) as plain:
-    main._exit_failed("disk full")
+    main._exit_failed(line)
   assert plain.value.code == 1  # no thread of Orbax's: the interpreter's own exit
   waiting.start()
   try:
     with pytest.raises(SystemExit) as left:
-      main._exit_failed("disk full")
+      main._exit_failed(line)
     assert left.value.code == ("os._exit", 1)
+    # Another failure while a save is being committed (a second Ctrl-C in the last checkpoint's write): the
+    # interpreter waits for Orbax's threads, which finish that checkpoint.
+    with pytest.raises(SystemExit) as other:
+      main._exit_failed("Ctrl-C stopped it at once; the checkpoints saved before are intact")
+    assert other.value.code == 1
   finally:
     release.set()
     waiting.join()

@@ -198,10 +198,11 @@ def test_slurm_dry_run_without_scontrol_expands_the_node_list_itself(fakes, tmp_
   assert shutil.which("scontrol", path=f"{fakes[0]}:/usr/local/bin:/usr/bin:/bin") is None  # the premise
   cmds = slurm_dry_run(fakes, tmp_path, SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="4", SLURM_GPUS_ON_NODE="4")
   check_tasks(tasks(cmds), 8)  # on gpu01 and gpu02, coordinated from gpu01
-  r = launch(SLURM_SCRIPT, fakes, tmp_path, {**SLURM_ENV, "SLURM_JOB_NODELIST": "gpu[08-09,10],cpu5",
-                                              "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "1",
+  r = launch(SLURM_SCRIPT, fakes, tmp_path, {**SLURM_ENV, "SLURM_JOB_NODELIST": "gpu[08-09,10],cpu5,r[1-2]-n[1,3]",
+                                              "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "1",
                                               "SLURM_GPUS_ON_NODE": "1"})
-  assert r.returncode == 0 and "# 4 nodes (gpu08 gpu09 gpu10 cpu5), coordinator gpu08:23456" in r.stdout, r.stderr
+  assert r.returncode == 0, r.stderr
+  assert "# 8 nodes (gpu08 gpu09 gpu10 cpu5 r1-n1 r1-n3 r2-n1 r2-n3), coordinator gpu08:23456" in r.stdout
   assert "scontrol not found: the node list expanded by this script (a dry run only)" in r.stdout
   r = launch(SLURM_SCRIPT, fakes, tmp_path, {**SLURM_ENV, "DRY_RUN": "0", "SLURM_NTASKS": "2"})
   assert "scontrol not found: it expands SLURM_JOB_NODELIST into the node names" in one_error_line(r)

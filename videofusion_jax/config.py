@@ -221,13 +221,18 @@ def _check_cudnn_attention(config: ml_collections.ConfigDict) -> None:
                         f"cuDNN's fused attention takes widths that are multiples of 8, at most "
                         f"{_cudnn_max_head_width(device)} on this GPU ({device.device_kind}); set a head_dim that "
                         f"gives such heads, or {fix}.")
-  if config.model.kind == "vdm" and config.data.num_frames % 2:
-    # Its temporal attention's sequence is the N frames, with the relative position bias: cuDNN's training
-    # kernel takes a bias only with sequences of even length (sampling would run, the first train step not).
+
+
+def check_cudnn_training(config: ml_collections.ConfigDict) -> None:
+  """What cuDNN's attention takes in training alone (``Trainer``): VDM*'s temporal attention runs over the N
+  frames with its relative position bias, and cuDNN's training kernel takes a bias only on sequences of even
+  length (JAX refused it inside the first train step's trace); sampling runs at any N."""
+  if (config.model.attention_implementation == "cudnn" and config.model.kind == "vdm"
+      and config.data.num_frames % 2):
     raise ConfigError(f"config.model.attention_implementation='cudnn' with config.model.kind='vdm' and "
                       f"config.data.num_frames={config.data.num_frames}: cuDNN trains attention with a bias (VDM*'s "
-                      f"relative positions over the frames) on sequences of even length only; use an even "
-                      f"data.num_frames, or {fix}.")
+                      "relative positions over the frames) on sequences of even length only; use an even "
+                      "data.num_frames, or use --config.model.attention_implementation= (XLA's attention) to train.")
 
 
 def _cudnn_max_head_width(device) -> int:

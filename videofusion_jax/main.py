@@ -141,7 +141,8 @@ def _exit_failed(message: str, code: int = 1, what: str = "stopped with an error
   shutdown barrier, which they never reach."""
   sharding = sys.modules.get("videofusion_jax.training.sharding")  # not imported yet (a flag's error): no run
   _ignore_ctrl_c()
-  if (tell and sharding is not None and sharding.report_failure(message, what=what)) or _orbax_threads_waiting():
+  if (tell and sharding is not None and sharding.report_failure(message, what=what)) or (
+      ".orbax-checkpoint-tmp" in message and _orbax_threads_waiting()):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -149,8 +150,9 @@ def _exit_failed(message: str, code: int = 1, what: str = "stopped with an error
 
 
 def _orbax_threads_waiting() -> bool:
-  """Whether threads of Orbax's still run: those of a checkpoint write that failed wait for the folder it never
-  made, and the interpreter would wait for them at its exit (5 minutes, their timeout) before ending the run."""
+  """Whether threads of Orbax's still run: after a checkpoint write that failed (``_exit_failed`` asks only then:
+  an ordinary save's threads are committing it) they wait for the folder it never made, and the interpreter would
+  wait for them at its exit (5 minutes, their timeout) before ending the run."""
   return any(type(t).__module__.startswith("orbax.") and t.is_alive() and not t.daemon for t in threading.enumerate())
 
 
@@ -170,7 +172,8 @@ def _interrupted(e: KeyboardInterrupt, after: str) -> None:
 def _os_error(e: OSError, config, workdir: str | None = None) -> str:
   """An OSError's line; a full disk's (or a full quota's) names the folders written to when the error
   names no file (numpy, zipfile and TFDS writes leave its filename empty)."""
-  if ".orbax-checkpoint-tmp" in str(e.filename):  # Orbax writes a step under a temporary name, renamed once whole
+  from videofusion_jax.training.checkpoint import is_checkpoint_write
+  if is_checkpoint_write(e):
     return (f"{e} (writing a checkpoint; the checkpoints saved before it are intact): free space there or fix the "
             "folder's permissions, and rerun to resume.")
   if e.errno not in (errno.ENOSPC, errno.EDQUOT) or e.filename:

@@ -560,7 +560,8 @@ def _check_trained_config_here(config: ml_collections.ConfigDict, workdir: str) 
   check_against_record(config, trained, TRAINED_FIELDS, "trained with",
                        f"this model was trained with other settings ({record}), and its weights give wrong samples "
                        "under these", "the config it was trained with")
-  check_trained_stride(config, trained, workdir)
+  if config.data.name == "demo_clips":  # the one dataset whose samples are measured against its real clips
+    check_trained_stride(config, trained, workdir)
   try:
     dropout = float(trained["train"]["label_dropout"])
   except (KeyError, TypeError, ValueError):
@@ -568,13 +569,20 @@ def _check_trained_config_here(config: ml_collections.ConfigDict, workdir: str) 
   check_guidance_was_trained(config, dropout, record)
 
 
+def same_videos(name: str | None, other: str) -> bool:
+  """Whether the datasets ``name`` and ``other`` (``data.name``) hold the same videos: the same dataset, whatever
+  resolution each names."""
+  return name is not None and name.split("/")[0] == other.split("/")[0]
+
+
 def check_trained_stride(config: ml_collections.ConfigDict, trained: dict, workdir: str | Path) -> None:
   """A ConfigError when ``config`` reads the clips of the dataset the model was trained on (``trained``: its
   recorded config.json) at another ``data.frame_stride``: no weight's shape tells the stride, the generated clips
   move at training's, and the real clips they are measured against (FVD and KVD, the demo's motion ratio) would
-  be read at this one. Another dataset (a zero-shot evaluation) has a stride of its own."""
+  be read at this one. Another dataset (a zero-shot evaluation) has a stride of its own; the same videos at
+  another stored resolution (``ucf101/64``, ``ucf101/128``) do not."""
   was, stride = field_or_none(trained, "data.name"), field_or_none(trained, "data.frame_stride")
-  if was == config.data.name and stride is not None and stride != config.data.frame_stride:
+  if same_videos(was, config.data.name) and stride is not None and stride != config.data.frame_stride:
     raise ConfigError(f"config.data.frame_stride={config.data.frame_stride} ({workdir} was trained on {was} with "
                       f"{stride}): the generated clips move at the training run's stride and the real clips would be "
                       f"read at this one, so the figures would compare unlike motion; pass "

@@ -183,10 +183,16 @@ def _reader(tf, source: _Source):
   return read
 
 
+# What TensorFlow and ArrayRecord say of a record file or a frame that is not whole.
+_DAMAGED = re.compile(r"Riegeli|[Cc]orrupt|[Tt]runcat|Invalid JPEG|Not a JPEG|not a (valid )?PNG|DataLoss|"
+                      r"premature end|checksum|hash mismatch")
+
+
 def numpy_items(ds, source: _Source) -> Iterator:
   """``ds.as_numpy_iterator()`` of a dataset that reads ``source``'s records (``_reader``), where a record that
-  cannot be read or decoded (TensorFlow's error, from a file of the prepared dataset cut short by an interrupted
-  copy or a full disk) is a PipelineError naming the dataset's folder and what to do, not TensorFlow's traceback."""
+  cannot be read or decoded (TensorFlow's error: a file of the prepared dataset cut short by an interrupted copy
+  or a full disk, a folder this host cannot read) is a PipelineError naming the dataset's folder and what to do,
+  not TensorFlow's traceback."""
   tf = _tf()
   items = ds.as_numpy_iterator()
   while True:
@@ -198,12 +204,17 @@ def numpy_items(ds, source: _Source) -> Iterator:
       raise
     except tf.errors.OpError as e:
       cause = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", e.message).strip().splitlines()
+      cause = (cause[0] if cause else "")[:300]
       builder = source.builder
-      raise PipelineError(
-          f"cannot read {builder.info.full_name} [{source.split}] ({type(e).__name__}: "
-          f"{(cause[0] if cause else '')[:300]}): a file of the prepared dataset in {builder.data_dir} cannot be "
-          "read, as when one was cut short (an interrupted copy, a full disk when it was built). Delete that folder "
-          "to have it prepared again on the next run, or restore it from a backup.") from None
+      if isinstance(e, tf.errors.DataLossError) or _DAMAGED.search(cause):
+        advice = (f"a file of the prepared dataset in {builder.data_dir} is damaged, as when one was cut short (an "
+                  "interrupted copy, a full disk when it was built). Delete that folder to have it prepared again on "
+                  "the next run, or restore it from a backup.")
+      else:  # permissions, a network mount that went away: nothing says the files are bad
+        advice = (f"check that {builder.data_dir} can be read from here (its permissions; a network mount that is "
+                  "still there), then run again.")
+      raise PipelineError(f"cannot read {builder.info.full_name} [{source.split}] ({type(e).__name__}: {cause}): "
+                          + advice) from None
     yield item
 
 

@@ -36,6 +36,7 @@ from videofusion_jax.sampling import (
   fresh_file,
   generated_videos,
   prompt_embeddings,
+  same_videos,
   sample_labels,
   sampler_settings,
   say,
@@ -195,9 +196,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
                       f"{trained.get('data', {}).get('name', 'an unrecorded input')!r}: --mode=eval compares generated "
                       "clips with a dataset's real ones, and a run trained on the synthetic input (noise) has nothing "
                       "to be compared with. Evaluate a run trained on a dataset, with that dataset's name.")
-  check_trained_stride(config, trained, workdir)  # before any work (check_trained_config checks it again, later)
+  check_trained_stride(config, trained, workdir)  # before any work
   was = field_or_none(trained, "data.name")
-  if was is not None and was != config.data.name:
+  if was is not None and not same_videos(was, config.data.name):
     say(f"note: the real clips come from {config.data.name} (data.frame_stride={config.data.frame_stride}), and "
         f"{workdir} was trained on {was}: a zero-shot evaluation.")
   if config.sample.embeddings:  # before any slow work: the figures would not be of the given c

@@ -379,6 +379,11 @@ def _os_error_in(text: str) -> OSError | None:
   return OSError(int(code.group(1)), os.strerror(int(code.group(1))), path.group(1) if path else None)
 
 
+def is_checkpoint_write(error: OSError) -> bool:
+  """Whether ``error`` is of a checkpoint's write: Orbax writes a step under a temporary name, renamed once whole."""
+  return ".orbax-checkpoint-tmp" in str(error.filename)
+
+
 def _is_failed_save_log(record: pylogging.LogRecord) -> bool:
   """Orbax's error records (each with its traceback, from several of its threads) of a checkpoint write that the
   operating system refused (a full disk, a folder it cannot create): the run stops with that error, in one line,
@@ -386,10 +391,10 @@ def _is_failed_save_log(record: pylogging.LogRecord) -> bool:
   if record.levelno < pylogging.ERROR or not record.pathname.rsplit("/orbax/", 1)[-1].startswith("checkpoint/"):
     return False
   exc = record.exc_info[1] if record.exc_info else None
-  error = os_error_of(exc) or _os_error_in(record.getMessage())
-  if error is None and "Timeout waiting for key" in str(exc) and _SAVE_FAILED:
+  if "Timeout waiting for key" in str(exc) and _SAVE_FAILED:  # (a TimeoutError: an OSError too)
     return True  # its other threads, left waiting for the folder the failed write never made
-  if error is None:
+  error = os_error_of(exc) or _os_error_in(record.getMessage())
+  if error is None or not is_checkpoint_write(error):  # a delete of an old step, say: Orbax's record stays
     return False
   if not _SAVE_FAILED:
     _SAVE_FAILED.append(error)

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from videofusion_jax import diffusion
-from videofusion_jax.config import ConfigError, text_prior
+from videofusion_jax.config import ConfigError, check_cudnn_training, text_prior
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import generator_names, make_apply_fns, make_prior_fn, make_video_fn
@@ -407,6 +407,7 @@ class Trainer(Experiment):
   """An experiment and its train step, jitted over the mesh (state donated)."""
 
   def check_work(self) -> None:
+    check_cudnn_training(self.config)
     check_train_batch(self.config, self.mesh.devices.size)
 
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
