@@ -623,6 +623,40 @@ def test_workdir_lock(tmp_path, capsys, monkeypatch):
     WorkdirLock(tmp_path).acquire()
 
 
+def test_two_runs_taking_over_one_stale_lock_at_once_leave_one_holder(tmp_path, monkeypatch):
+  """Two runs started together on a workdir whose lock a dead process left: each judged it stale, and the later
+  deleted, by name, the lock the earlier had just made, so both held the workdir. Now the stale record is moved
+  aside first and deleted only if it is still that record: the later run finds the earlier's, puts it back and
+  is refused. A run's release deletes its own record only."""
+  from videofusion_jax.training import workdir
+
+  path = tmp_path / LOCK_NAME
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  path.write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+  first, second = WorkdirLock(tmp_path), WorkdirLock(tmp_path)
+  alive = workdir._alive
+
+  def judged_gone(pid):
+    """The second run judges the lock stale; before it acts, the first takes the lock over."""
+    monkeypatch.setattr(workdir, "_alive", alive)
+    first.acquire()
+    return False
+
+  monkeypatch.setattr(workdir, "_alive", judged_gone)
+  with pytest.raises(WorkdirError, match="another run took it at the same moment"):
+    second.acquire()
+  assert first.held and not second.held
+  assert json.loads(path.read_text())["token"] == first._token  # the earlier run's record, back in place
+  assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # nothing left aside
+  first.release()
+  assert not path.exists()
+  # A lock another run took over (this one judged gone) stays that run's when this one releases.
+  first.acquire()
+  path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "token": "theirs"}))
+  first.release()
+  assert json.loads(path.read_text())["token"] == "theirs"
+
+
 def test_a_lock_file_whose_write_failed_is_removed(tmp_path, monkeypatch):
   """A full disk after the lock file's exclusive create: the error goes up and no empty lock file is left
   (read as another run's, it refused every later run until deleted by hand)."""

@@ -109,6 +109,7 @@ class WorkdirLock:
   def __init__(self, workdir: Path):
     self.path = Path(workdir) / LOCK_NAME
     self.held = False
+    self._token: str | None = None  # in the record this run wrote: its own, whoever reuses the pid and host
     self._stop = threading.Event()
 
   def _renew(self, stop: threading.Event) -> None:
@@ -127,7 +128,7 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-          "heartbeat": HEARTBEAT_S}
+          "heartbeat": HEARTBEAT_S, "token": os.urandom(8).hex()}
     attempt = _slurm_attempt()
     if attempt:
       me["slurm_job"], me["slurm_restart"] = attempt
@@ -152,8 +153,8 @@ class WorkdirLock:
           left_by = (f"process {other.get('pid')} on host {other.get('host')}, which has not renewed it for "
                      f"{idle / 60:.0f} minutes (a live run renews it every {float(other['heartbeat']):.0f} s)")
         if left_by:
+          self._take_over(other)
           print(f"note: {self.path} was left by {left_by}; taking it over.")
-          self.path.unlink(missing_ok=True)
           continue
         who = (f"process {other.get('pid')} on host {other.get('host')}, started {other.get('started')}"
                if other else "a run whose lock file cannot be read")
@@ -168,10 +169,36 @@ class WorkdirLock:
         self.path.unlink(missing_ok=True)
         raise
       self.held = True
+      self._token = me["token"]
       _HELD.add(str(self.path))
       self._stop = threading.Event()  # this hold's own: a release ends its thread alone
       threading.Thread(target=self._renew, args=(self._stop,), name="workdir-lock-heartbeat", daemon=True).start()
       return
+    raise WorkdirError(f"could not take over {self.path}: another run took it at the same moment. Check that no "
+                       "other training run uses this workdir, then run again.")
+
+  def _take_over(self, stale: dict) -> None:
+    """Removes the lock file judged left behind (``stale``, as read), unless another run took it over meanwhile:
+    it is moved aside first (one rename: one run moves it) and deleted only if it is still that record; another
+    run's fresh lock, moved by mistake, is put back, and this run refused. Deleting by name instead let two runs
+    starting together both take over one stale lock, the later deleting the earlier's new one."""
+    aside = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}.{time.time_ns()}")
+    try:
+      os.rename(self.path, aside)
+    except FileNotFoundError:  # another run moved it first: both try the exclusive create, one wins
+      return
+    try:
+      moved = json.loads(aside.read_text())
+    except (OSError, ValueError):
+      moved = None
+    if moved == stale:
+      aside.unlink(missing_ok=True)
+      return
+    try:
+      os.link(aside, self.path)  # the same file back (its holder renews it by name)
+    except OSError:
+      pass
+    aside.unlink(missing_ok=True)
     raise WorkdirError(f"could not take over {self.path}: another run took it at the same moment. Check that no "
                        "other training run uses this workdir, then run again.")
 
@@ -184,7 +211,10 @@ class WorkdirLock:
   def release(self) -> None:
     self._stop.set()
     if self.held:
-      self.path.unlink(missing_ok=True)
+      # Only this run's own record: a lock another run took over (this one judged gone) is that run's.
+      record = self._read()
+      if record is None or record.get("token") == self._token:
+        self.path.unlink(missing_ok=True)
       self.held = False
       _HELD.discard(str(self.path))
 
