@@ -215,12 +215,12 @@ def _check_cudnn_attention(config: ml_collections.ConfigDict) -> None:
   if device.platform != "gpu" or "cuda" not in str(getattr(device.client, "platform_version", "")).lower():
     raise ConfigError(f"config.model.attention_implementation='cudnn': cuDNN's fused attention needs an NVIDIA GPU "
                       f"and this run's devices are {device.device_kind!r} ({jax.default_backend()}); {fix}.")
+  widest = _cudnn_max_head_width(device)
   for width, where in cudnn_head_widths(config):
-    if width % 8 or width > _cudnn_max_head_width(device):
+    if width % 8 or width > widest:
       raise ConfigError(f"config.model.attention_implementation='cudnn': {where} has heads of {width} channels, and "
-                        f"cuDNN's fused attention takes widths that are multiples of 8, at most "
-                        f"{_cudnn_max_head_width(device)} on this GPU ({device.device_kind}); set a head_dim that "
-                        f"gives such heads, or {fix}.")
+                        f"cuDNN's fused attention takes widths that are multiples of 8, at most {widest} on this GPU "
+                        f"({device.device_kind}); set a head_dim that gives such heads, or {fix}.")
 
 
 def check_cudnn_training(config: ml_collections.ConfigDict) -> None:

@@ -140,9 +140,10 @@ def _exit_failed(message: str, code: int = 1, what: str = "stopped with an error
   ``sharding.report_failure``, that this one ``what``), and a host whose others it stopped leaves without JAX's
   shutdown barrier, which they never reach."""
   sharding = sys.modules.get("videofusion_jax.training.sharding")  # not imported yet (a flag's error): no run
+  checkpoint = sys.modules.get("videofusion_jax.training.checkpoint")  # not imported: no Orbax thread either
   _ignore_ctrl_c()
   if (tell and sharding is not None and sharding.report_failure(message, what=what)) or (
-      ".orbax-checkpoint-tmp" in message and _orbax_threads_waiting()):
+      checkpoint is not None and checkpoint.WRITING in message and _orbax_threads_waiting()):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -58,7 +58,9 @@ def get_builder(data: ml_collections.ConfigDict, build: bool = True, verbose: bo
     # Its labels and stored frame size are the builder's own, known before it is built: checked before a build
     # of hours (a dataset built at too small a size is no use to this config).
     check_fits(builder, data)
-    builder = prepare(verbose=build if verbose is None else verbose, build=build)
+    say = build if verbose is None else verbose
+    if say or (build and not builder.is_prepared()):  # to build it, or to say which dataset is used
+      builder = prepare(verbose=say, build=build)
   except ValueError as e:  # the builders' messages name the file or value at fault
     if isinstance(e, PipelineError):
       raise

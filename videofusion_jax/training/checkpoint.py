@@ -379,9 +379,12 @@ def _os_error_in(text: str) -> OSError | None:
   return OSError(int(code.group(1)), os.strerror(int(code.group(1))), path.group(1) if path else None)
 
 
+WRITING = ".orbax-checkpoint-tmp"  # Orbax writes a step under this suffix, renamed once whole
+
+
 def is_checkpoint_write(error: OSError) -> bool:
-  """Whether ``error`` is of a checkpoint's write: Orbax writes a step under a temporary name, renamed once whole."""
-  return ".orbax-checkpoint-tmp" in str(error.filename)
+  """Whether ``error`` is of a checkpoint's write (its file is under a step still being written)."""
+  return WRITING in str(error.filename)
 
 
 def _is_failed_save_log(record: pylogging.LogRecord) -> bool:

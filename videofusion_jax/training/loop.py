@@ -529,7 +529,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
     # A signal while the last checkpoint was written, after the last step's check (one process; on several JAX's
     # preemption service keeps it for the work after training): the step is saved, and it was announced as a stop.
     if stop.signal_name is not None and jax.process_count() == 1:
-      raise Preempted(int(state.step), stop.signal_name, str(Path(workdir).absolute() / "checkpoints"))
+      raise Preempted(int(state.step), stop.signal_name, str(manager.directory))
     return state
 
 

@@ -153,7 +153,8 @@ class WorkdirLock:
           left_by = (f"process {other.get('pid')} on host {other.get('host')}, which has not renewed it for "
                      f"{idle / 60:.0f} minutes (a live run renews it every {float(other['heartbeat']):.0f} s)")
         if left_by:
-          self._take_over(other)
+          if not self._take_over(other):
+            break  # another run took it over at the same moment
           print(f"note: {self.path} was left by {left_by}; taking it over.")
           continue
         who = (f"process {other.get('pid')} on host {other.get('host')}, started {other.get('started')}"
@@ -177,30 +178,27 @@ class WorkdirLock:
     raise WorkdirError(f"could not take over {self.path}: another run took it at the same moment. Check that no "
                        "other training run uses this workdir, then run again.")
 
-  def _take_over(self, stale: dict) -> None:
+  def _take_over(self, stale: dict) -> bool:
     """Removes the lock file judged left behind (``stale``, as read), unless another run took it over meanwhile:
     it is moved aside first (one rename: one run moves it) and deleted only if it is still that record; another
-    run's fresh lock, moved by mistake, is put back, and this run refused. Deleting by name instead let two runs
-    starting together both take over one stale lock, the later deleting the earlier's new one."""
+    run's fresh lock, moved by mistake, is put back (False: this run is refused). Deleting by name instead let two
+    runs starting together both take over one stale lock, the later deleting the earlier's new one."""
     aside = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}.{time.time_ns()}")
     try:
       os.rename(self.path, aside)
     except FileNotFoundError:  # another run moved it first: both try the exclusive create, one wins
-      return
+      return True
     try:
       moved = json.loads(aside.read_text())
     except (OSError, ValueError):
       moved = None
-    if moved == stale:
-      aside.unlink(missing_ok=True)
-      return
-    try:
-      os.link(aside, self.path)  # the same file back (its holder renews it by name)
-    except OSError:
-      pass
+    if moved != stale:
+      try:
+        os.link(aside, self.path)  # the same file back (its holder renews it by name)
+      except OSError:
+        pass
     aside.unlink(missing_ok=True)
-    raise WorkdirError(f"could not take over {self.path}: another run took it at the same moment. Check that no "
-                       "other training run uses this workdir, then run again.")
+    return moved == stale
 
   def _read(self) -> dict | None:
     try:
