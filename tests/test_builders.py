@@ -392,7 +392,7 @@ def test_unconditional_configs_train_and_sample_through_the_prior(built, tmp_pat
     assert np.abs(npz["videos"][:, None] - npz["videos"][None]).mean((2, 3, 4, 5))[np.triu_indices(3, 1)].min() > 1e-3
 
 
-def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_path):
+def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_path, capsys):
   """configs/webvid.py with the tiny model and a tiny CLIP in Hugging Face's layout (test_clip):
   the fabricated WebVid's frames and captions are embedded once beside the dataset, the prior
   trains on the captions' text embeddings, and sampling from prompts writes each prompt into the
@@ -410,7 +410,7 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
   from videofusion_jax.config import ConfigError
   from videofusion_jax.data import embeddings
   from videofusion_jax.models import clip as clip_lib
-  from videofusion_jax.training.loop import train
+  from videofusion_jax.training.loop import check_resumed_config, train
   from videofusion_jax.training.step import Trainer
 
   builder, layout, data_dir = built("webvid")
@@ -460,6 +460,21 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
   with pytest.raises(ConfigError, match=re.escape(f"config.model.encoder.clip_dir='{tmp_path / 'moved'}' (trained "
                                                   f"with '{clip_dir}')")):
     sampling.check_trained_config(other, str(tmp_path / "run"))
+  # Other weights saved over the folder trained with (by another name here) are not the CLIP trained with either
+  # (before: taken, as the same path; a resumed run then trained on on them and recorded their fingerprint).
+  original = next(Path(clip_dir).glob("*.safetensors"))
+  kept = original.read_bytes()
+  original.write_bytes(bytes(data))
+  other.model.encoder.clip_dir = f"{clip_dir}/"
+  try:
+    with pytest.raises(ConfigError, match=re.escape(f"config.model.encoder.clip_dir='{clip_dir}/' (not the CLIP "
+                                                    "trained with there: its weights give fingerprint ")):
+      sampling.check_trained_config(other, str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="put that CLIP back in the folder"):
+      check_resumed_config(c, tmp_path / "run")
+  finally:
+    original.write_bytes(kept)
+  check_resumed_config(c, tmp_path / "run")
   sampling.run(c, str(tmp_path / "run"), experiment=trainer)
   out = tmp_path / "run" / "samples" / "step_2"
   expected = ["a sunset over the sea", "an aerial view of a city at night", "a sunset over the sea"]
@@ -469,6 +484,15 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
   npz = np.load(out / "samples.npz")
   assert npz["prompts"].tolist() == expected and npz["videos"].shape == (3, 4, 8, 8, 3)
   assert np.all(np.isfinite(npz["embeddings"]))
+  # Embeddings given: the prompts file is not read, and a note says so (it went unsaid).
+  given = ml_collections.ConfigDict(c.to_dict())
+  given.sample.embeddings = str(out / "samples.npz")
+  capsys.readouterr()
+  sampling.run(given, str(tmp_path / "run"), experiment=trainer)
+  said = capsys.readouterr().out
+  assert (f"note: config.sample.embeddings is given: config.sample.prompts_file={str(prompts)!r} is not used" in said
+          and f"from the embeddings in {out / 'samples.npz'}" in said), said
+  assert json.loads((tmp_path / "run" / "samples" / "step_2-run2" / "sample_000.json").read_text())["prompt"] is None
   # The prior reads the prompt: one content index (the same prior noise) gives one c for one prompt
   # and another c for the other. Two steps leave the zero-initialised output layers near zero, so
   # the weights are perturbed first, as in the conditioning tests.

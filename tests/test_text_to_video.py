@@ -1,5 +1,6 @@
 """Text-to-video: the prior on a caption's CLIP text embedding, its guidance, and prompts."""
 import json
+import os
 from pathlib import Path
 
 import flax.linen as nn
@@ -145,3 +146,12 @@ def test_prompt_settings_get_one_clear_message_each(tmp_path, capsys):
   (tmp_path / "bom.txt").write_bytes("\ufeffone\ntwo\n".encode("utf-8"))
   assert sample_prompts(tiny_config(**text, **{"sample.prompts_file": str(tmp_path / "bom.txt")}), 2) == \
       ["one", "two"]
+  # Lines end at line ends alone (str.splitlines cut a prompt at U+2028, U+0085 or a form feed, and miscounted).
+  (tmp_path / "pasted.txt").write_text("a dog runs\r\na cat sleeps\u2028on a sofa\nwaves\x0cat night\x85\n",
+                                       encoding="utf-8")
+  assert sample_prompts(tiny_config(**text, **{"sample.prompts_file": str(tmp_path / "pasted.txt")}), 3) == \
+      ["a dog runs", "a cat sleeps\u2028on a sofa", "waves\x0cat night"]  # (U+0085 ends it: whitespace, stripped)
+  # A prompt in bytes of another encoding (Latin-1 'café' on the command line, kept by Python as a surrogate): one
+  # message (it was a traceback from the tokenizer, after the checkpoint was restored).
+  with pytest.raises(ConfigError, match="config.sample.prompt holds bytes that are not UTF-8"):
+    sample_prompts(tiny_config(**text, **{"sample.prompt": os.fsdecode(b"caf\xe9")}), 2)

@@ -708,7 +708,7 @@ def differing_fields(config: ml_collections.ConfigDict, trained: dict, fields) -
         continue
       was = ""
     now = json.loads(json.dumps(field_or_none(config, name)))  # as JSON records it (tuples as lists)
-    if now != was and not (name == "model.encoder.clip_dir" and _same_clip(config, now, was, trained)):
+    if not _same_clip(config, now, was, trained) if name == "model.encoder.clip_dir" else now != was:
       differ.append((name, now, was))
   return differ
 
@@ -717,18 +717,28 @@ CLIP_FINGERPRINT = "clip_fingerprint"  # config.json's record of the CLIP direct
 
 
 def _same_clip(config: ml_collections.ConfigDict, now: str, was: str, trained: dict) -> bool:
-  """Whether the CLIP directories ``now`` and ``was`` (the recorded one) are one CLIP: the same folder
-  by another name (``~``, a trailing slash, a link), or a copy elsewhere (another machine's mount)
-  whose config and weights give the fingerprint the training run recorded."""
-  if not now or not was:  # the project's own CLIP against a directory
-    return False
-  if Path(now).expanduser().resolve() == Path(was).expanduser().resolve():
-    return True
+  """Whether the CLIP directories ``now`` and ``was`` (the recorded one) hold one CLIP: where the training
+  run recorded its fingerprint, ``now``'s config and weights give that fingerprint (the same folder by
+  another name, or a copy on another machine's mount; not other weights saved over the folder trained
+  with); else the same folder (``~``, a trailing slash, a link)."""
+  if not now or not was:  # the project's own CLIP against a directory, or against itself
+    return now == was
   recorded = trained.get(CLIP_FINGERPRINT) if isinstance(trained, dict) else None
-  if not recorded or not (Path(now).expanduser() / "config.json").is_file():
-    return False
+  if recorded and (Path(now).expanduser() / "config.json").is_file():
+    return recorded_clip_fingerprint(config, now, trained) == recorded
+  return _one_folder(now, was)
+
+
+def _one_folder(a: str, b: str) -> bool:
+  return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def recorded_clip_fingerprint(config: ml_collections.ConfigDict, clip_dir: str, trained: dict) -> str:
+  """The fingerprint (``data.embeddings``) of the CLIP in ``clip_dir`` at the frame size ``trained`` (a recorded
+  config.json) was trained at: the one its record would hold for this CLIP (an image stage may be fine-tuned at
+  another size)."""
   from videofusion_jax.data.embeddings import fingerprint
-  return fingerprint(now, config.data.image_size) == recorded
+  return fingerprint(clip_dir, field_or_none(trained, "data.image_size") or config.data.image_size)
 
 
 def check_input_kind(config: ml_collections.ConfigDict, trained: dict, whose: str) -> None:
@@ -749,10 +759,20 @@ def check_against_record(config: ml_collections.ConfigDict, trained: dict, field
   fields = tuple(f for f in fields if _compared(config, f))
   fields += (("model.encoder.clip_dir",) if clip_used(config) is not None else ())
   differ = differing_fields(config, trained, fields)
-  if differ:
-    flags = " ".join(f"--config.{name}={was}" for name, _, was in differ)
-    what = ", ".join(f"config.{name}={now!r} ({whose} {was!r})" for name, now, was in differ)
-    raise ConfigError(f"{what}: {why}; pass {flags}, or {otherwise}.")
+  if not differ:
+    return
+  said, flags, fix = [], [], otherwise
+  for name, now, was in differ:
+    if not (name == "model.encoder.clip_dir" and now and was and _one_folder(now, was)):
+      said.append(f"config.{name}={now!r} ({whose} {was!r})")
+      flags.append(f"--config.{name}={was}")
+    else:  # other weights saved over the CLIP folder trained with: no flag gives those back
+      said.append(f"config.{name}={now!r} (not the CLIP {whose} there: its weights give fingerprint "
+                  f"{recorded_clip_fingerprint(config, now, trained)}, recorded {trained[CLIP_FINGERPRINT]})")
+      fix = f"put that CLIP back in the folder (or give a copy of it), or {otherwise}"
+  if flags:
+    fix = f"pass {' '.join(flags)}, or {fix}"
+  raise ConfigError(f"{', '.join(said)}: {why}; {fix}.")
 
 
 def _compared(config: ml_collections.ConfigDict, field: str) -> bool:

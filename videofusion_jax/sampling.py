@@ -6,6 +6,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import time
 import zipfile
@@ -61,10 +62,11 @@ def sample_prompts(config: ml_collections.ConfigDict, num: int, note: bool = Tru
   if s.prompts_file and not s.prompt.strip():
     try:
       # utf-8-sig: a byte-order mark (Windows editors write one) would open the first prompt as '\ufeff...'.
-      lines = Path(s.prompts_file).expanduser().read_text(encoding="utf-8-sig").splitlines()
+      text = Path(s.prompts_file).expanduser().read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
       raise ConfigError(f"config.sample.prompts_file={s.prompts_file!r}: cannot read it ({e}).") from None
-    prompts = [line.strip() for line in lines if line.strip()]
+    # Line ends alone: str.splitlines would also cut a prompt at U+2028, U+0085 or a form feed (pasted text).
+    prompts = [line.strip() for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
     if not prompts:
       raise ConfigError(f"config.sample.prompts_file={s.prompts_file!r} holds no prompt (give one a line).")
     if len(prompts) > num and note:
@@ -72,6 +74,12 @@ def sample_prompts(config: ml_collections.ConfigDict, num: int, note: bool = Tru
           f"turn: the last {len(prompts) - num} prompt(s) are not used (--config.sample.num_samples={len(prompts)} "
           "uses every one).")
   elif s.prompt.strip():
+    try:
+      s.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes of another encoding on the command line, which Python kept as surrogates
+      raise ConfigError("config.sample.prompt holds bytes that are not UTF-8 (a terminal in another encoding?): "
+                        "give it in UTF-8, or write it into a file for config.sample.prompts_file (read as "
+                        "UTF-8).") from None
     prompts = [s.prompt.strip()]
   else:
     raise ConfigError("this model generates from text: give --config.sample.prompt='a rabbit in a meadow' or "
@@ -782,6 +790,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     source += f" from {len(set(prompts))} prompt(s)"
   if given is not None:
     source = f" from the embeddings in {s.embeddings}"
+    if text_prior(config) and (s.prompt.strip() or s.prompts_file):
+      unused = "config.sample.prompt" if s.prompt.strip() else f"config.sample.prompts_file={s.prompts_file!r}"
+      print(f"note: config.sample.embeddings is given: {unused} is not used (the videos come from those "
+            "embeddings, not from text).")
   n_frames = s.num_clips * config.data.num_frames
   what = {"": "videos", "content": "videos of one content (one b_T and c, a residual noise each)",
           "motion": "videos of one motion (a b_T and c each, one residual noise)"}[s.control]
