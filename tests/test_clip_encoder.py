@@ -167,6 +167,10 @@ def test_without_a_clip_directory_the_project_trains_its_own_once(tfds_dir, caps
   out = capsys.readouterr().out
   assert "Trained the project's own CLIP on 96 frames and 18 captions" in out
   assert "trained on this dataset's frames and captions" in out
+  # Its captions are read from the records it trains on alone (it read every record's, videos and all, then kept
+  # the first 2,000: a pass over the whole of WebVid's train split).
+  every = embeddings.record_captions(c, "train")
+  assert len(every) == 3 and embeddings.record_captions(c, "train", first=2) == every[:2]
   meta = json.loads((directory / "project_clip.json").read_text())
   assert meta["trained"] and meta["retrieval"] == 1.0 and meta["loss_last"] < meta["loss_first"]
   clip = clip_lib.load(directory)

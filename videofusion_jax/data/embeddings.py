@@ -113,16 +113,16 @@ def table_path(builder, split: str, clip_dir: str | Path, image_size: int, kind:
   return Path(builder.data_dir) / "clip_embeddings" / fingerprint(clip_dir, image_size) / name
 
 
-def record_captions(config: ml_collections.ConfigDict, split: str,
-                    records: np.ndarray | None = None) -> list[tuple[str, ...]]:
-  """The captions of each of ``records`` (default: every record of ``split``, in order): the dataset's
-  ``caption`` feature, or the repository's captions of the demo clips."""
+def record_captions(config: ml_collections.ConfigDict, split: str, records: np.ndarray | None = None,
+                    first: int | None = None) -> list[tuple[str, ...]]:
+  """The captions of each of ``records`` (default: every record of ``split``, or its ``first`` ones, in order):
+  the dataset's ``caption`` feature, or the repository's captions of the demo clips."""
   source = pipeline._source(config, split, verbose=False)
   features = source.builder.info.features
   tf = pipeline._tf()
   read = pipeline._reader(tf, source)
-  if records is None:
-    records = tf.data.Dataset.range(len(source.lengths))
+  if records is None:  # a record is read whole (its video too): no more of them than asked for
+    records = tf.data.Dataset.range(min(len(source.lengths), len(source.lengths) if first is None else first))
   else:
     records = tf.data.Dataset.from_tensor_slices(np.asarray(records, np.int64))
   if "caption" in features:
@@ -172,7 +172,7 @@ def make_project_clip(config: ml_collections.ConfigDict, directory: Path, verbos
 
   split = config.data.get("split", "train")
   try:
-    per_record = record_captions(config, split)[:max_records]
+    per_record = record_captions(config, split, first=max_records)
   except pipeline.PipelineError:
     per_record = None  # an image-only dataset: the text tower is never used
   captions = [c for caps in per_record or [] for c in caps]
