@@ -91,8 +91,10 @@ EOF
     --config.train.log_every=5 --config.train.checkpoint_every=$(( steps - 5 )) \
     --config.train.profile_steps="($(( steps - 9 )), $(( steps - 2 )))" --config.compilation_cache_dir="$work/xla" \
     > "$OUT/loop.log" 2>&1
-  echo "== $(date +%T) loop: exit $?" | tee -a "$OUT/bench.log"
+  rc=$?  # before anything else sets $? (the echo's $(date) did: every run said exit 0)
+  echo "== $(date +%T) loop: exit $rc" | tee -a "$OUT/bench.log"
   grep -E '^(step |first step|initial state|checkpoint|profile)' "$OUT/loop.log" | tail -12
+  if [ "$rc" -ne 0 ]; then tail -5 "$OUT/loop.log"; fi  # why it stopped
   python3 benchmarks/train_profile.py "$work/profile/process_0" | tee -a "$OUT/bench.jsonl"
   rm -rf "$work"
   exit 0

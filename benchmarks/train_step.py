@@ -5,7 +5,7 @@ python benchmarks/train_step.py --config=configs/ucf101.py             # the con
 python benchmarks/train_step.py --config=configs/ucf101.py --compare   # and VDM* on the same base
 
 For each model: compile time of the step cold (an empty persistent cache) and warm (the cache
-filled, in-memory caches cleared), the median step time over ``--steps`` steps after
+filled, in-memory caches cleared; after the timing), the median step time over ``--steps`` steps after
 ``--warmup``, clips/s, XLA's FLOPs per step (its cost analysis of the compiled program; off the
 CPU, of the program lowered for a host CPU device: a GPU's own count leaves out cuBLAS and cuDNN),
 achieved TFLOP/s, MFU against ``--peak_tflops`` (695: a bf16 matrix product measured on an H200,
@@ -37,6 +37,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -48,6 +49,9 @@ from compile_trace import CompileUnfinished, trace_phases, watched_compile
 from ml_collections import config_flags
 
 _START = time.perf_counter()
+# How long past --compile_deadline_s a warm compile may go on: half the minute gpu_check.sh leaves between the
+# deadline and its timeout, so that the row it completes (timed before it) is printed before the timeout.
+WARM_GRACE_S = 30.0
 _XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # what XLA runs with, in every row
 
 
@@ -100,7 +104,8 @@ _PEAK_REPEATS = flags.DEFINE_integer("peak_repeats", 10, "With --measure_peak: t
 _DEADLINE = flags.DEFINE_float(
     "compile_deadline_s", 0.0, "Give up on a cold compile still running this many seconds after the run's "
     "start (0: never): print what it spent (and, with --compile_profile, on what) in a 'compile_unfinished' "
-    "line and exit 3, where a run killed by a timeout says nothing.")
+    "line and exit 3, where a run killed by a timeout says nothing. A warm compile (made after the timing) "
+    f"still running {WARM_GRACE_S:g} s past it is given up: its row, printed, says null.")
 
 
 def vdm_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -112,12 +117,16 @@ def vdm_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+_CACHES: list[str] = []  # the measurement's fresh caches (removed at exit)
+
+
 def fresh_compilation_cache(root: str) -> str:
   """Points XLA's persistent cache at a new empty folder (every program cached, however small)."""
   from jax._src import compilation_cache  # the public switch alone does not re-open a used cache
 
   path = tempfile.mkdtemp(prefix="xla_cache_", dir=root or None)
   atexit.register(shutil.rmtree, path, ignore_errors=True)  # a measurement's cache, not the user's
+  _CACHES.append(path)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -125,15 +134,18 @@ def fresh_compilation_cache(root: str) -> str:
   return path
 
 
-def compile_cold_and_warm(jitted, *args, model: str, program: str):
-  """``(compiled, cold_s, warm_s, warm_trace_lower_s)``: trace + compile with an empty persistent
-  cache, then again with it filled and jax's in-memory caches cleared (what a rerun of the same job
-  pays). ``warm_trace_lower_s``: the warm run's tracing and lowering to StableHLO, host Python that
-  XLA's cache does not save (the rest is the cache lookup; on the CPU also XLA's code generation,
-  which its cache entries do not hold); for the train step, a ``StoredJit``, loading its traced
-  program from the store beside the cache instead, and lowering that. The cold compile is traced
-  and given up at the deadline as ``--compile_profile`` and ``--compile_deadline_s`` say;
-  ``model`` and ``program`` name it there."""
+def deadline(grace_s: float = 0.0) -> float | None:
+  """The ``time.perf_counter()`` time ``grace_s`` seconds past ``--compile_deadline_s`` (None: no deadline)."""
+  return _START + _DEADLINE.value + grace_s if _DEADLINE.value else None
+
+
+_ABANDONED: list[threading.Thread] = []  # warm compiles given up, still running: the run ends with os._exit
+
+
+def compile_cold(jitted, *args, model: str, program: str):
+  """``(compiled, cold_s)``: trace + compile with an empty persistent cache, traced and given up at
+  the deadline as ``--compile_profile`` and ``--compile_deadline_s`` say; ``model`` and ``program``
+  name it there."""
   fresh_compilation_cache(_CACHE_ROOT.value)
   t0 = time.perf_counter()
   lowered = jitted.lower(*args)
@@ -141,20 +153,51 @@ def compile_cold_and_warm(jitted, *args, model: str, program: str):
   row = {"model": model, "program": program, "lower_s": round(lower_s, 2), **xla_settings()}
   profile = os.path.join(_PROFILE.value, f"{model}_{program}") if _PROFILE.value else ""
   try:
-    compiled, compile_s, trace = watched_compile(lowered, profile,
-                                                 _START + _DEADLINE.value if _DEADLINE.value else None)
+    compiled, compile_s, trace = watched_compile(lowered, profile, deadline())
   except CompileUnfinished as e:
     give_up({**row, "compile_s_so_far": round(e.elapsed_s, 1), "deadline_s": _DEADLINE.value}, e.trace)
   cold = lower_s + compile_s  # not the trace's writing
   if trace:
     print_phases({**row, "finished": True, "compile_cold_s": round(cold, 2)}, trace)
+  return compiled, cold
+
+
+def compile_warm(jitted, *args) -> tuple[float | None, float | None]:
+  """``(warm_s, warm_trace_lower_s)``: ``jitted`` traced and compiled again with the persistent cache
+  ``compile_cold`` filled and jax's in-memory caches cleared (what a rerun of the same job pays).
+  ``warm_trace_lower_s``: its tracing and lowering to StableHLO, host Python that XLA's cache does not
+  save (the rest is the cache lookup; on the CPU also XLA's code generation, which its cache entries do
+  not hold); for the train step, a ``StoredJit``, loading its traced program from the store beside the
+  cache instead, and lowering that. Run after the timing: ``(None, None)`` when unfinished
+  ``WARM_GRACE_S`` past the deadline (the timed figures are not lost to the timeout)."""
   jax.clear_caches()
   jitted.clear_cache()  # a StoredJit's programs in memory too: the warm run reads its store, as a rerun does
-  t0 = time.perf_counter()
-  lowered = jitted.lower(*args)
-  trace_lower = time.perf_counter() - t0
-  lowered.compile()
-  return compiled, cold, time.perf_counter() - t0, trace_lower
+  done: dict = {}
+
+  def work():
+    try:
+      t0 = time.perf_counter()
+      lowered = jitted.lower(*args)
+      done["trace_lower"] = time.perf_counter() - t0
+      lowered.compile()
+      done["warm"] = time.perf_counter() - t0
+    except BaseException as e:  # handed to the caller's thread
+      done["error"] = e
+
+  thread = threading.Thread(target=work, name="warm compile", daemon=True)
+  thread.start()
+  end = deadline(WARM_GRACE_S)
+  thread.join(None if end is None else max(end - time.perf_counter(), 0.0))
+  if thread.is_alive():
+    _ABANDONED.append(thread)
+    return None, None
+  if "error" in done:
+    raise done["error"]
+  return done["warm"], done["trace_lower"]
+
+
+def seconds(value: float | None) -> float | None:
+  return None if value is None else round(value, 2)
 
 
 def print_phases(row: dict, trace: str) -> None:
@@ -322,8 +365,8 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
   c = trainer.config
   b, d = c.train.batch_size, c.data
   batch = trainer.global_batch(synthetic_batch(c))
-  compiled, cold, warm, trace_lower = compile_cold_and_warm(trainer.step, trainer.abstract_state(), batch,
-                                                            model=c.model.kind, program="train_step")
+  compiled, cold = compile_cold(trainer.step, trainer.abstract_state(), batch, model=c.model.kind,
+                                program="train_step")
   device_flops = xla_flops(compiled)
   flops = device_flops if counter is trainer else step_flops(counter, batch)
   with timing_turn() as sync:
@@ -341,6 +384,7 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
     peak, program, source = memory(compiled)
+  warm, trace_lower = compile_warm(trainer.step, trainer.abstract_state(), batch)  # last: it may be given up
   step_s = statistics.median(times)
   out = {
       "result": "train_step", "model": c.model.kind, "device": jax.devices()[0].device_kind,
@@ -350,8 +394,8 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       "residual_frames": c.train.residual_frames, "grad_accum_steps": c.train.grad_accum_steps,
       "remat": c.train.remat,
       **{f"params_{k}": v for k, v in trainer.num_params.items()},
-      "compile_cold_s": round(cold, 2), "compile_warm_s": round(warm, 2),
-      "compile_warm_trace_lower_s": round(trace_lower, 2), "warm_step_program": trainer.step.source,
+      "compile_cold_s": round(cold, 2), "compile_warm_s": seconds(warm),
+      "compile_warm_trace_lower_s": seconds(trace_lower), "warm_step_program": trainer.step.source,
       "steps_timed": len(times),
       "step_ms_median": round(1000 * step_s, 3), "step_ms_min": round(1000 * min(times), 3),
       "clips_per_s": round(b / step_s, 3),
@@ -432,8 +476,8 @@ def bench_sample(trainer, counter, make_params) -> dict:
     labels = None
   args = (labels, text, None, anchor, jnp.float32(0))
   keys = sampling.row_keys(0, rows, rows)
-  compiled, cold, warm, trace_lower = compile_cold_and_warm(generate, trainer.abstract_state().ema_params, keys,
-                                                            *args, model=c.model.kind, program="sample")
+  compiled, cold = compile_cold(generate, trainer.abstract_state().ema_params, keys, *args, model=c.model.kind,
+                                program="sample")
   flops = sampling_flops(counter, b)
   with timing_turn() as sync:
     params = make_params()  # in the turn, as bench_train's state
@@ -445,13 +489,14 @@ def bench_sample(trainer, counter, make_params) -> dict:
       t0 = time.perf_counter()
       jax.block_until_ready(compiled(params, keys, *args))
       times.append(time.perf_counter() - t0)
+  warm, trace_lower = compile_warm(generate, trainer.abstract_state().ema_params, keys, *args)
   batch_s = statistics.median(times)
   return {
       "result": "sample", "model": c.model.kind, "device": jax.devices()[0].device_kind, "init": _INIT.value,
       "batch": b,
       "method": c.sample.method, "steps": c.sample.num_steps, "guidance_scale": c.sample.guidance_scale,
-      "sample_compile_cold_s": round(cold, 2), "sample_compile_warm_s": round(warm, 2),
-      "sample_compile_warm_trace_lower_s": round(trace_lower, 2), "warm_sample_program": generate.source,
+      "sample_compile_cold_s": round(cold, 2), "sample_compile_warm_s": seconds(warm),
+      "sample_compile_warm_trace_lower_s": seconds(trace_lower), "warm_sample_program": generate.source,
       "sample_s_per_batch": round(batch_s, 4), "videos_per_s": round(b / batch_s, 4),
       "sample_xla_flops_per_batch": flops,
       "sample_flops_source": flops_source(trainer, counter, "step of each chain (prior, key frame, video)", train=False,
@@ -489,17 +534,19 @@ def run_model(config: ml_collections.ConfigDict) -> list[dict]:
     raise app.UsageError(str(e)) from None
   counter = flops_trainer(trainer)
   results = []
+
+  def result(row: dict) -> None:  # printed at once: a later part given up at the deadline loses no row
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
   if _FLOPS_ONLY.value:
-    results.append(count_flops(trainer, counter))
+    result(count_flops(trainer, counter))
   elif _TRAIN.value:
     train, state = bench_train(trainer, counter)
-    results.append(train)
+    result(train)
   if _SAMPLE_STEPS.value and not _FLOPS_ONLY.value:
     trained = _TRAIN.value  # the timed steps' weights, else a fresh state's
-    results.append(bench_sample(trainer, counter,
-                                lambda: state.ema_params if trained else initial_state(trainer).ema_params))
-  for r in results:
-    print(json.dumps(r), flush=True)
+    result(bench_sample(trainer, counter, lambda: state.ema_params if trained else initial_state(trainer).ema_params))
   return results
 
 
@@ -537,6 +584,13 @@ def _host_part(row: dict, seconds: str, program: str) -> str:
   return f" ({row[seconds]} s of it on the host, the program {row.get(program, 'traced')})"
 
 
+def _warm(row: dict, warm: str, seconds: str, program: str) -> str:
+  """The warm compile in short: 'W s warm (S s of it on the host, ...)', or that it was given up."""
+  if row[warm] is None:
+    return "warm unfinished at the deadline"
+  return f"{row[warm]} s warm{_host_part(row, seconds, program)}"
+
+
 def short(row: dict, phases: int = 6) -> str:
   """One result line in short, for the end of a device run's output (the reply shows only its end)."""
   r, what = row, row["result"]
@@ -545,11 +599,11 @@ def short(row: dict, phases: int = 6) -> str:
   if what == "train_step":
     return (f"{head} batch {r['batch']} {r['attention']}: {r['step_ms_median']} ms, {r['clips_per_s']} clips/s, "
             f"MFU {r['mfu']:.2%}, peak {r['peak_memory_bytes'] / 1e9:.2f} GB, compile {r['compile_cold_s']} s "
-            f"cold / {r['compile_warm_s']} s warm{_host_part(r, 'compile_warm_trace_lower_s', 'warm_step_program')}")
+            f"cold / {_warm(r, 'compile_warm_s', 'compile_warm_trace_lower_s', 'warm_step_program')}")
   if what == "sample":
     return (f"{head} batch {r['batch']}: {r['videos_per_s']} videos/s, MFU {r['sample_mfu']:.2%}, compile "
-            f"{r['sample_compile_cold_s']} s cold / {r['sample_compile_warm_s']} s warm"
-            f"{_host_part(r, 'sample_compile_warm_trace_lower_s', 'warm_sample_program')}")
+            f"{r['sample_compile_cold_s']} s cold / "
+            f"{_warm(r, 'sample_compile_warm_s', 'sample_compile_warm_trace_lower_s', 'warm_sample_program')}")
   if what == "peak":
     return (f"{r['device']} {r['dtype']} {r['size']}^3 matrix product: {r['tflops_per_s']} TFLOP/s "
             f"(median of {r['repeats']})")
@@ -673,6 +727,13 @@ def main(argv):
     if _KINDS.present:
       raise app.UsageError("--kinds chooses between the two kinds of --compare; add --compare.")
     run_model(c)
+  if _ABANDONED:  # XLA's compile cannot be stopped, nor waited for past the deadline: the rows are printed
+    print(f"note: {len(_ABANDONED)} warm compile(s) unfinished {WARM_GRACE_S:g} s past --compile_deadline_s="
+          f"{_DEADLINE.value:g} were given up (their rows say null).", file=sys.stderr, flush=True)
+    for path in _CACHES:
+      shutil.rmtree(path, ignore_errors=True)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -23,21 +23,37 @@ TINY = ["--config.data.num_frames=4", "--config.data.image_size=8", "--config.mo
         "--config.compilation_cache_dir="]
 
 
+# benchmarks/train_step.py whose warm compiles start WARM_GRACE_S past --compile_deadline_s (the timed part done).
+WARM_LATE = """
+import sys, time
+sys.path.insert(0, "benchmarks")
+import train_step
+from absl import app
+given = train_step.deadline
+train_step.deadline = lambda grace_s=0.0: time.perf_counter() - 1.0 if grace_s else given(grace_s)
+app.run(train_step.main)
+"""
+
+
 def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_turns(tmp_path):
   """``--compare`` in one run and, started beside it as benchmarks/gpu_check.sh does, a second
-  run of one kind (VDM*, sampling only). They share ``--sync_dir``: each times only once both have
-  compiled, never while the other times; ``--summarize`` gives the ratios of the rows."""
+  run of one kind (VDM*, sampling only; its warm compile given up past the deadline). They share
+  ``--sync_dir``: each times only once both have compiled, never while the other times; ``--summarize``
+  gives the ratios of the rows."""
   env = {**one_device_env(), "PYTHONPATH": str(ROOT)}
   caches, sync = tmp_path / "caches", tmp_path / "sync"
   caches.mkdir()
   sync.mkdir()
-  common = [sys.executable, "benchmarks/train_step.py", "--config=configs/demo.py", "--sample_steps=2", "--compare",
-            f"--cache_root={caches}", f"--sync_dir={sync}", "--sync_parties=2", "--sync_timeout=800", *TINY]
+  options = ["--config=configs/demo.py", "--sample_steps=2", "--compare", f"--cache_root={caches}",
+             f"--sync_dir={sync}", "--sync_parties=2", "--sync_timeout=800", *TINY]
+  common = [sys.executable, "benchmarks/train_step.py", *options]
   profile = tmp_path / "profile"
+  (tmp_path / "warm_late.py").write_text(WARM_LATE)
   runs = [subprocess.Popen([*common, "--steps=3", "--warmup=1", "--sample_repeats=1", "--count_flops_on=host",
                             f"--compile_profile={profile}"], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-          subprocess.Popen([*common, "--kinds=vdm", "--notrain", "--sample_repeats=3", "--init=zeros"], cwd=ROOT,
+          subprocess.Popen([sys.executable, str(tmp_path / "warm_late.py"), *options, "--kinds=vdm", "--notrain",
+                            "--sample_repeats=3", "--init=zeros", "--compile_deadline_s=600"], cwd=ROOT,
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
   outs = [run.communicate(timeout=900) for run in runs]
   assert [run.returncode for run in runs] == [0, 0], [err[-3000:] for _, err in outs]
@@ -91,10 +107,14 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   assert compare["clips_per_s_ratio"] == round(vf["clips_per_s"] / vdm["clips_per_s"], 3)
   assert compare["videos_per_s_ratio"] == round(vf_sample["videos_per_s"] / vdm_sample["videos_per_s"], 3)
 
-  # The run beside: VDM* sampling alone (--kinds, --notrain), then the turns of both runs.
+  # The run beside: VDM* sampling alone (--kinds, --notrain), then the turns of both runs. Its warm compile, run
+  # after the timing, was still going past the deadline: given up, its timed row printed (the timeout of
+  # gpu_check.sh, a minute past the deadline, killed a run whose warm compile came first, its figures unprinted).
   assert [(x["result"], x["model"]) for x in beside] == [("sample", "vdm")]
   alone = beside[0]
   assert alone["steps"] == 2 and alone["videos_per_s"] > 0 and alone["sample_xla_flops_per_batch"] > 0
+  assert alone["sample_compile_warm_s"] is None and alone["sample_compile_warm_trace_lower_s"] is None
+  assert alone["sample_compile_cold_s"] > 0 and "1 warm compile(s) unfinished 30 s past" in outs[1][1], outs[1][1]
   assert alone["init"] == "zeros" and vdm_sample["init"] == "random"  # --init: the state's values only
   # Counted on the device (its default on one CPU device) and on the host: one program, one count.
   assert "host" not in alone["sample_flops_source"] and "host" in vdm_sample["sample_flops_source"]
@@ -135,7 +155,7 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   # --report of two runs' logs: each under its name, in short; the run without results also shows its
   # log's last lines (here its own last JSON line, then the logging that followed).
   timed, stopped = tmp_path / "timed.log", tmp_path / "stopped.log"
-  timed.write_text("".join(json.dumps(x) + "\n" for x in [vf, vf_sample]))
+  timed.write_text("".join(json.dumps(x) + "\n" for x in [vf, vf_sample, alone]))
   stopped.write_text(late.stdout + "a line\nlast line\n")
   report = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--report={timed},{stopped}"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
@@ -152,6 +172,8 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
       f"videofusion sample{flags} batch 2: {vf_sample['videos_per_s']} videos/s, MFU {vf_sample['sample_mfu']:.2%}, "
       f"compile {vf_sample['sample_compile_cold_s']} s cold / {vf_sample['sample_compile_warm_s']} s warm "
       f"({vf_sample['sample_compile_warm_trace_lower_s']} s of it on the host, the program stored)",
+      f"vdm sample{flags} batch 2: {alone['videos_per_s']} videos/s, MFU {alone['sample_mfu']:.2%}, compile "
+      f"{alone['sample_compile_cold_s']} s cold / warm unfinished at the deadline",
       "== stopped",
       f"videofusion train_step{flags} compile (unfinished, {late_rows[0]['span_s']} s traced, "
       f"{late_rows[0]['threads']} threads), self time: "

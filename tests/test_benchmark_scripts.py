@@ -192,3 +192,21 @@ def test_bad_flags_give_one_message_not_a_traceback(tmp_path, script, args, expe
                      capture_output=True, text=True, timeout=300)
   out = r.stdout + r.stderr
   assert r.returncode == 1 and "Traceback" not in out and expected in out, out[-3000:]
+
+
+def test_gpu_check_loop_says_how_the_training_run_ended(tmp_path):
+  """PART=loop of benchmarks/gpu_check.sh reports the training run's exit status and, when it failed, its
+  log's last lines (it said 'exit 0' of every run: the status read after the echo's own $(date)). python3
+  is a stand-in here whose training run fails with status 7."""
+  (tmp_path / "bin").mkdir()
+  fake = tmp_path / "bin" / "python3"
+  fake.write_text("#!/bin/sh\ncase \"$*\" in *videofusion_jax.main*) echo 'RuntimeError: a stand-in'; exit 7;; "
+                  "esac\ncat > /dev/null\nexit 0\n")
+  fake.chmod(0o755)
+  out = tmp_path / "out"
+  env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "OUT": str(out), "PART": "loop", "HOME": str(tmp_path)}
+  r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=60)
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert "loop: exit 7" in (out / "bench.log").read_text(), (out / "bench.log").read_text()
+  assert "RuntimeError: a stand-in" in r.stdout, r.stdout
