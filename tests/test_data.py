@@ -339,6 +339,71 @@ def test_unreadable_videos_give_clear_errors(tmp_path):
     video_io.read_video(tmp_path / "missing.mp4")
 
 
+def _decoded_by_pyav(path) -> tuple[list[np.ndarray], int]:
+  """The frames PyAV's decoder gives, as RGB (the oracle), and the stream's frame count in its header."""
+  import av
+
+  with av.open(str(path)) as container:
+    return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)], container.streams.video[0].frames
+
+
+def test_videos_whose_header_counts_frames_that_do_not_decode_give_only_those_that_do(tmp_path):
+  """An mp4 cut with an edit list (as ``ffmpeg -ss ... -c copy`` writes: the header counts 48 frames, 38
+  decode) and an AVI cut short (UCF-101's container and codec): the frames the decoder gives, no more (the
+  frames past them were whatever memory held, black or another video's, stored as the video's own)."""
+  from fractions import Fraction
+
+  import av
+  import fabricate
+
+  frames = np.concatenate([fabricate.piece(0, 0, 24), fabricate.piece(1, 0, 24)])
+  edited = tmp_path / "edited.mp4"
+  with av.open(str(edited), "w") as container:
+    stream = container.add_stream("libx264", rate=25)
+    stream.width, stream.height, stream.pix_fmt, stream.options = 96, 72, "yuv420p", {"bf": "0"}
+    packets = []
+    for i, f in enumerate(frames):
+      frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+      frame.pts, frame.time_base = i, Fraction(1, 25)
+      packets += stream.encode(frame)
+    packets += stream.encode()
+    for packet in packets:  # the first 10 frames before the start: an edit list leaves them out
+      shift = 10 * int(round(float(Fraction(1, 25) / packet.time_base)))
+      packet.pts -= shift
+      packet.dts -= shift
+      container.mux(packet)
+  decoded, counted = _decoded_by_pyav(edited)
+  assert (len(decoded), counted) == (38, 48)
+  video = video_io.read_video(edited)
+  assert video.shape == (38, 72, 96, 3)
+  np.testing.assert_array_equal(video, np.stack(decoded))
+  cut = fabricate.write_video(tmp_path / "cut.avi", np.concatenate([frames, frames[::-1]]), codec="mpeg4")
+  cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
+  decoded, counted = _decoded_by_pyav(cut)
+  assert counted == 96 and 0 < len(decoded) < 96
+  np.testing.assert_array_equal(video_io.read_video(cut), np.stack(decoded))
+
+
+def test_a_rotated_video_is_turned_as_players_show_it(tmp_path):
+  """An mp4 whose track header rotates it 90 degrees clockwise (a phone's portrait clip: the matrix
+  x' = -y, y' = x of ISO/IEC 14496-12): stored 96 wide and 72 high, shown 72 wide and 96 high, its top-left
+  corner at the top right."""
+  import struct
+
+  import fabricate
+
+  frames = np.zeros((8, 72, 96, 3), np.uint8)
+  frames[:, :24, :32] = 255  # a white block in the top-left corner
+  path = fabricate.write_video(tmp_path / "portrait.mp4", frames)
+  data = bytearray(path.read_bytes())
+  matrix = data.find(b"tkhd") + 4 + 4 + 4 * 5 + 8 + 8  # a version-0 track header's display matrix
+  data[matrix:matrix + 36] = struct.pack(">9i", 0, 1 << 16, 0, -(1 << 16), 0, 0, 72 << 16, 0, 1 << 30)
+  path.write_bytes(bytes(data))
+  video = video_io.read_video(path)
+  assert video.shape == (8, 96, 72, 3)
+  assert video[:, :32, -24:].mean() > 200 and video[:, :32, :24].mean() < 50 and video[:, -32:].mean() < 50
+
+
 @pytest.mark.parametrize("cache_mb", [0.0, 512.0])
 def test_a_damaged_prepared_dataset_is_one_error_naming_its_folder(config, tmp_path, cache_mb):
   """A prepared dataset's record file cut short (an interrupted copy, a full disk) fails at its first read: one

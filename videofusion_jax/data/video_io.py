@@ -17,23 +17,42 @@ class VideoReadError(ValueError):
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:
-  """Decodes every frame of a video file: ``(T, H, W, 3)`` uint8 RGB."""
+  """Decodes every frame of a video file: ``(T, H, W, 3)`` uint8 RGB, turned as players show it (the
+  container's rotation, a phone's portrait clip)."""
   import imageio.v3 as iio
 
   path = Path(path)
   if not path.is_file():
     raise VideoReadError(f"video file not found: {path}")
   try:
-    frames = np.asarray(iio.imread(path, plugin="pyav"))
+    # The frames that decode, not iio.imread: it fills an array of the header's frame count, and the frames that
+    # never decode (a file cut short, an edit list) kept whatever memory was there (another video's frames).
+    frames = [np.asarray(frame) for frame in iio.imiter(path, plugin="pyav")]
+    rotation = _display_rotation(path) if frames else 0
   except Exception as e:  # PyAV raises many types for corrupt or truncated files.
     raise VideoReadError(
         f"cannot decode video {path}: {type(e).__name__}: {e}. The file is corrupt, truncated "
         f"or not a video; replace it or remove it from the dataset.") from None
+  if not frames:
+    raise VideoReadError(f"video {path} holds no frame that decodes: the file is corrupt, truncated or not a "
+                         "video; replace it or remove it from the dataset.")
+  frames = np.stack(frames)
   if frames.ndim == 3:  # grayscale
     frames = np.repeat(frames[..., None], 3, axis=-1)
-  if frames.ndim != 4 or frames.shape[0] == 0:
+  if frames.ndim != 4:
     raise VideoReadError(f"video {path} decoded to shape {frames.shape}, not (T, H, W, 3) frames.")
+  if round(rotation / 90) % 4:  # counterclockwise degrees; np.rot90 turns from H towards W, counterclockwise
+    frames = np.rot90(frames, k=round(rotation / 90), axes=(1, 2))
   return frames[..., :3].astype(np.uint8)
+
+
+def _display_rotation(path: Path) -> float:
+  """The counterclockwise rotation (degrees) a player gives the video's frames: its display matrix (an mp4's
+  track header; PyAV reads it into each decoded frame)."""
+  import av
+
+  with av.open(str(path)) as container:
+    return float(getattr(next(container.decode(video=0)), "rotation", 0) or 0)
 
 
 def center_crop_resize(frames: np.ndarray, size: int) -> np.ndarray:
