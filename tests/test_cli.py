@@ -232,11 +232,12 @@ def test_training_settings_that_would_lose_checkpoints_or_fail_late_are_refused(
 
 def test_missing_dataset_and_missing_checkpoint(tmp_path):
   r = run_main("--config=configs/ucf101.py", f"--config.data.data_dir={tmp_path}",
-               f"--config.data.manual_dir={tmp_path / 'nowhere'}", workdir=tmp_path)
+               f"--config.data.manual_dir={tmp_path / 'nowhere'}", workdir=tmp_path / "run")
   assert r.returncode == 1 and "Traceback" not in r.stderr
   # One message: where it looked, the layout it expects, where the data comes from, the flags.
   assert f"{tmp_path / 'nowhere'} does not exist" in r.stderr and "UCF-101/" in r.stderr
   assert "crcv.ucf.edu" in r.stderr and "--config.data.manual_dir" in r.stderr
+  assert not (tmp_path / "run").exists()  # the run's folders, empty, are removed (an empty checkpoints/ stayed)
   r = run_main("--config=configs/demo.py", "--mode=sample", workdir=tmp_path / "empty")
   assert r.returncode == 1 and "empty does not exist: train first" in r.stderr and "Traceback" not in r.stderr
   assert not (tmp_path / "empty").exists()  # sampling creates nothing where there is nothing

@@ -484,6 +484,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
   say = print if verbose and lead else (lambda *a, **k: None)
   lock = WorkdirLock(workdir) if lead else None
   manager = None
+  # The folders this run creates, removed again where it stops before it wrote anything in them (a missing dataset
+  # left an empty workdir/checkpoints behind).
+  created = [p for p in (workdir, workdir / "checkpoints") if not p.exists()] if lead else []
   # From here on a signal stops training at a step, with its checkpoint; XLA's out-of-memory (a restore, the
   # state, a step) is said with the settings that lower it.
   with StopRequest() as stop, trainer.explain_out_of_memory("train"):
@@ -521,11 +524,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
           f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); {config.model.kind}, "
           f"stage {config.train.stage}, λ={config.diffusion.lam}, condition: {config.model.condition}")
       state = _loop(trainer, state, manager, config, workdir, batches, saved_stream, stop, say)
+      created = []
     finally:
       if manager is not None:
         manager.close()  # waits for a save in flight
       if lock:
         lock.release()
+      for folder in reversed(created):
+        with contextlib.suppress(OSError):  # not empty: the run wrote there, and it stays
+          folder.rmdir()
     # A signal while the last checkpoint was written, after the last step's check (one process; on several JAX's
     # preemption service keeps it for the work after training): the step is saved, and it was announced as a stop.
     if stop.signal_name is not None and jax.process_count() == 1:
