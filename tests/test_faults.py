@@ -1005,3 +1005,22 @@ def test_a_checkpoint_write_the_disk_refuses_is_one_line(monkeypatch, capsys):
   finally:
     release.set()
     waiting.join()
+
+
+def test_values_that_are_not_finite_are_left_out_of_tensorboard_as_of_metrics_jsonl(tmp_path):
+  """A float16 step skipped for overflowing gradients logs gradient norms of inf: null in metrics.jsonl, and
+  no point in TensorBoard (an inf there squashed the plot's scale to nothing)."""
+  import tensorflow as tf
+
+  from videofusion_jax.training.loop import _Writer
+
+  writer = _Writer(tmp_path, 0, say=lambda *a, **k: None)
+  writer.scalars(1, {"loss": np.float32(0.5), "grad_norm_base": np.float32(2.0), "update_skipped": np.float32(0)})
+  writer.scalars(2, {"loss": np.float32(0.25), "grad_norm_base": np.float32(np.inf), "update_skipped": np.float32(1)})
+  writer.close()
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["grad_norm_base"] for r in rows] == [2.0, None]
+  points = sorted((e.step, v.tag, v.simple_value) for f in (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+                  for e in tf.compat.v1.train.summary_iterator(str(f)) for v in e.summary.value)
+  assert points == [(1, "grad_norm_base", 2.0), (1, "loss", 0.5), (1, "update_skipped", 0.0), (2, "loss", 0.25),
+                    (2, "update_skipped", 1.0)]

@@ -120,7 +120,8 @@ class _Writer:
     if self._w:
       try:
         for k, v in metrics.items():
-          self._w.add_scalar(k, float(v), step)
+          if np.isfinite(v):  # as in metrics.jsonl: a skipped step's inf norms would squash the plot's scale
+            self._w.add_scalar(k, float(v), step)
         self._w.flush()
       except OSError as e:
         if not self._tensorboard_failed:
