@@ -197,6 +197,44 @@ def test_sampler_settings_that_would_give_wrong_samples_are_refused():
   given = demo.get_config()  # given embeddings: the prior does not run, its guidance scale is not read
   given.data.num_classes, given.sample.prior_guidance_scale, given.sample.embeddings = 0, 2.0, "c.npy"
   validate(given)
+  # A schedule whose last step still holds much of the signal, where sampling starts from pure noise: the linear
+  # schedules' betas are DDPM's for T=1000, unscaled (ucf101's linear at T=100: √ᾱ_99 = 0.60; a perfect ε
+  # sampled a N(0.5, 0.2²) data set as mean 0.42, sd 0.24). The figure is the schedule's own ᾱ.
+  assert f"√ᾱ = {float(make_schedule('linear', 100).sqrt_alphas_cumprod[99]):.2f}" == "√ᾱ = 0.60"
+  assert ("config.diffusion.num_timesteps=100 with schedule='linear': its last step (t=99) still holds √ᾱ = 0.60"
+          in refused(diffusion__schedule="linear", diffusion__num_timesteps=100, sample__num_steps=50))
+  prior = demo.get_config()
+  prior.model.prior.update(schedule="scaled_linear", num_timesteps=250)
+  with pytest.raises(ConfigError, match=re.escape("config.model.prior.num_timesteps=250 with schedule='scaled_")):
+    validate(prior)
+  for kind, steps in (("linear", 1000), ("scaled_linear", 1000), ("cosine", 50)):
+    ok = demo.get_config()
+    ok.diffusion.update(schedule=kind, num_timesteps=steps)
+    ok.sample.update(num_steps=steps // 4, spacing="trailing")
+    validate(ok)
+  for where, value in (("diffusion__num_timesteps", 1), ("diffusion__num_timesteps", 0)):
+    assert f"config.diffusion.num_timesteps={value}: the diffusion's steps, an integer >= 2" in refused(
+        **{where: value, "sample__num_steps": 1})  # a traceback from the schedule, or blamed on num_steps
+
+
+def test_a_config_short_of_fields_or_not_a_configdict_is_one_message(tmp_path):
+  """A section built by hand (a U-Net's fields without unet_config) and a config file returning a dict: one
+  message naming what is missing (they were tracebacks: a KeyError deep in the model, an AttributeError)."""
+  import ml_collections
+
+  from videofusion_jax.config import ConfigError, validate
+
+  c = tiny_config()
+  c.model.base = ml_collections.ConfigDict(dict(base_channels=8, channel_mult=(1, 2)))
+  with pytest.raises(ConfigError, match=re.escape("config.model.base has no field 'attention_resolutions' (build it "
+                                                  "with unet_config(...))")):
+    validate(c)
+  config = tmp_path / "plain.py"
+  config.write_text("def get_config():\n  return {'seed': 0, 'compilation_cache_dir': ''}\n")
+  r = run_main(f"--config={config}", workdir=tmp_path / "run")
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert "error: the config file's get_config() returned a dict, not an ml_collections.ConfigDict" in r.stderr
+  assert not (tmp_path / "run").exists()
 
 
 def test_training_settings_that_would_lose_checkpoints_or_fail_late_are_refused():
@@ -215,6 +253,16 @@ def test_training_settings_that_would_lose_checkpoints_or_fail_late_are_refused(
       ("train.profile_steps", (0, 2), "config.train.profile_steps=(0, 2): the steps to trace"),
       ("train.profile_steps", (5,), "config.train.profile_steps=(5,): the steps to trace"),
       ("train.label_dropout", 1.5, "config.train.label_dropout=1.5: the share of examples"),
+      # At 1 no example sees its condition: the label embeddings and the key-frame encoder never train.
+      ("train.label_dropout", 1.0, "config.train.label_dropout=1.0: the share of examples trained on the null "
+       "condition; must lie in [0, 1)"),
+      ("sharding_rules", (("batch", ("dta", "fsdp")),), "config.sharding_rules: ('batch', ('dta', 'fsdp')) names "
+       "'dta', not an axis of the mesh (data, fsdp"),
+      # A misspelled logical axis: its weights left unsharded, without a word.
+      ("sharding_rules", (("channel_out", "fsdp"),), "config.sharding_rules: ('channel_out', 'fsdp') maps no axis "
+       "the networks name, so it would shard nothing; did you mean channels_out?"),
+      ("sharding_rules", (("batch",),), "config.sharding_rules=(('batch',),): a table of (logical axis, mesh axes)"),
+      ("train.batch_size", None, "config.train.batch_size=None: give it a value (base_config()'s is 64)."),
       ("train.learning_rate", -1.0, "config.train.learning_rate=-1.0: must be a finite number >= 0"),
       ("train.weight_decay", float("nan"), "config.train.weight_decay=nan: must be a finite number >= 0"),
       # The optimizer clips every network's gradient on its own (optimizer.clip_each_by_global_norm).

@@ -15,7 +15,13 @@ import ml_collections
 from videofusion_jax.diffusion.samplers import DDIM_SPACINGS, DDPM_VARIANCES, start_signal
 from videofusion_jax.diffusion.schedules import SCHEDULE_KINDS
 from videofusion_jax.models.factory import DTYPES
-from videofusion_jax.models.unet import REMAT_POLICIES, attention_channels, attention_heads, check_image_size
+from videofusion_jax.models.unet import (
+    LOGICAL_AXES,
+    REMAT_POLICIES,
+    attention_channels,
+    attention_heads,
+    check_image_size,
+)
 from videofusion_jax.training.optimizer import MAX_LOSS_SCALE
 
 
@@ -263,10 +269,31 @@ def cudnn_head_widths(config: ml_collections.ConfigDict) -> list[tuple[int, str]
   return widths
 
 
+def check_fields(config) -> None:
+  """A ConfigError unless ``config`` is a ConfigDict with the fields of ``base_config()``, no more and no fewer:
+  what a config file returns is used (its compilation cache) before ``validate`` looks at its values."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"the config file's get_config() returned a {type(config).__name__}, not an "
+                      "ml_collections.ConfigDict: start from videofusion_jax.config.base_config() (or a config in "
+                      "configs/) and change its fields.")
+  _check_field_names(config, base_config())
+
+
 def _check_field_names(config: ml_collections.ConfigDict, known: ml_collections.ConfigDict, path: str = "config"):
   """A ConfigError for the first field of ``config`` that ``known`` (``base_config()``) lacks: a config file's
   ``c.train.update(warmup_step=5)`` adds it as a new field, which nothing reads, and the real one keeps its
-  default."""
+  default. Likewise for a field of ``known`` that ``config`` lacks (a section built by hand)."""
+  for name, value in known.items():
+    if name not in config:
+      build = " (build it with unet_config(...))" if path in ("config.model.base", "config.model.residual") else ""
+      raise ConfigError(f"{path} has no field {name!r}{build}: a config sets the fields of base_config() (or of a "
+                        f"config in configs/), not a section of its own; set {path}.{name}, or keep that section "
+                        "of base_config() and change its fields.")
+    if isinstance(value, ml_collections.ConfigDict) and not isinstance(config[name], ml_collections.ConfigDict):
+      raise ConfigError(f"{path}.{name}={config[name]!r}: a section of fields, not a value (set its fields, e.g. "
+                        f"{path}.{name}.{next(iter(value.keys()), 'x')}=...).")
+    if value is not None and config[name] is None:  # a config file's None (the command line refuses one)
+      raise ConfigError(f"{path}.{name}=None: give it a value (base_config()'s is {value!r}).")
   for name, value in config.items():
     if name not in known:
       shown = "" if isinstance(value, ml_collections.ConfigDict) else f"={value!r}"
@@ -277,13 +304,37 @@ def _check_field_names(config: ml_collections.ConfigDict, known: ml_collections.
       _check_field_names(value, known[name], f"{path}.{name}")
 
 
+MESH_AXES = ("data", "fsdp")  # the mesh's axes (training.sharding), in its order
+
+
+def _check_sharding_rules(rules) -> None:
+  """``config.sharding_rules``: (logical axis, mesh axes) pairs, each logical axis one the networks name and
+  each mesh axis the mesh's (a misspelled logical name left its weights unsharded without a word; a misspelled
+  mesh axis failed in the first trace)."""
+  example = "e.g. (('batch', ('data', 'fsdp')), ('channels_out', 'fsdp'), ('norm', None))"
+  if not (isinstance(rules, (tuple, list)) and all(isinstance(r, (tuple, list)) and len(r) == 2
+                                                   and isinstance(r[0], str) for r in rules)):
+    raise ConfigError(f"config.sharding_rules={rules!r}: a table of (logical axis, mesh axes) pairs, {example}.")
+  for name, axes in rules:
+    if name not in LOGICAL_AXES:
+      raise ConfigError(f"config.sharding_rules: ({name!r}, {axes!r}) maps no axis the networks name, so it would "
+                        f"shard nothing{_did_you_mean(name, LOGICAL_AXES) or '.'} The logical axes: "
+                        f"{', '.join(LOGICAL_AXES)}.")
+    mesh = axes if isinstance(axes, (tuple, list)) else (axes,)
+    unknown = [a for a in mesh if a is not None and a not in MESH_AXES]
+    if unknown:
+      raise ConfigError(f"config.sharding_rules: ({name!r}, {axes!r}) names {', '.join(map(repr, unknown))}, not "
+                        f"an axis of the mesh ({', '.join(MESH_AXES)}; None: not split).")
+
+
 # JAX's random keys take 32 bits of a seed (2**32 + s gives seed s's numbers); NumPy's refuses negative ones.
 MAX_SEED = 2**32 - 1
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field and how to fix it."""
-  _check_field_names(config, base_config())
+  check_fields(config)
+  _check_sharding_rules(config.sharding_rules)
   for field in ("seed", "sample.seed", "eval.seed"):
     seed = field_or_none(config, field)
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
@@ -305,6 +356,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.diffusion.schedule not in SCHEDULE_KINDS:
     raise ConfigError(f"config.diffusion.schedule={config.diffusion.schedule!r}: use one of "
                       f"{SCHEDULE_KINDS}.")
+  _check_schedule("config.diffusion", config.diffusion.schedule, config.diffusion.num_timesteps)
   if config.model.dtype not in DTYPES:
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}: the networks' compute type; use one of "
                       f"{tuple(DTYPES)} (the parameters stay float32).")
@@ -433,6 +485,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         f"set --config.model.encoder.kind=clip (it is {m.encoder.kind!r}).")
     if m.prior.schedule not in SCHEDULE_KINDS:
       raise ConfigError(f"config.model.prior.schedule={m.prior.schedule!r}: use one of {SCHEDULE_KINDS}.")
+    _check_schedule("config.model.prior", m.prior.schedule, m.prior.num_timesteps)
     if m.prior.width < 1 or m.prior.num_layers < 1:
       raise ConfigError(f"config.model.prior.width={m.prior.width} / num_layers={m.prior.num_layers}: "
                         "must be >= 1.")
@@ -477,9 +530,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                                              and 1 <= p[0] <= p[1]))):
     raise ConfigError(f"config.train.profile_steps={p!r}: the steps to trace with jax.profiler, as (first, last) "
                       "with 1 <= first <= last, e.g. --config.train.profile_steps='(100, 105)'; () = none.")
-  if not 0.0 <= float(t.label_dropout) <= 1.0:
+  if not 0.0 <= float(t.label_dropout) < 1.0:
     raise ConfigError(f"config.train.label_dropout={t.label_dropout!r}: the share of examples trained on the null "
-                      "condition; must lie in [0, 1] (0.1 is usual; guidance needs it > 0).")
+                      "condition; must lie in [0, 1) (0.1 is usual; guidance needs it > 0). At 1 no example sees its "
+                      "condition, and the label embeddings or the key-frame encoder never train: for an "
+                      "unconditional model set data.num_classes=0 with model.condition='label'.")
   for field in ("learning_rate", "weight_decay"):
     if not (math.isfinite(float(t[field])) and t[field] >= 0):
       raise ConfigError(f"config.train.{field}={t[field]!r}: must be a finite number >= 0.")
@@ -610,6 +665,23 @@ def _is_number(x) -> bool:
 
 
 MAX_START_SIGNAL = 0.1  # how much more of the signal (√ᾱ) a DDIM chain's first step may assume than t = T-1
+MAX_END_SIGNAL = 0.1  # how much of the signal (√ᾱ) t = T-1 may hold: sampling starts there from pure noise
+
+
+def _check_schedule(where: str, kind: str, num_timesteps) -> None:
+  """``num_timesteps`` an integer >= 2 whose last step leaves (almost) no signal: the linear schedules take
+  DDPM's betas for T=1000 at any T, unscaled, so a shorter one ends with much of the image left (linear at
+  T=100: √ᾱ = 0.60), where sampling starts from pure noise."""
+  if not _is_int(num_timesteps) or num_timesteps < 2:
+    raise ConfigError(f"{where}.num_timesteps={num_timesteps!r}: the diffusion's steps, an integer >= 2 (1000 "
+                      "is usual; sample.num_steps sets how many steps sampling takes).")
+  _, end = start_signal(kind, num_timesteps, 1, "trailing")
+  if end > MAX_END_SIGNAL:
+    raise ConfigError(f"{where}.num_timesteps={num_timesteps} with schedule={kind!r}: its last step (t="
+                      f"{num_timesteps - 1}) still holds √ᾱ = {end:.2f} of the signal, where sampling starts from "
+                      "pure noise, so the samples would be wrong (this schedule's betas are DDPM's for T=1000, not "
+                      f"scaled to T). Use num_timesteps=1000 (sample.num_steps sets how many steps sampling takes), "
+                      f"or schedule='cosine'.")
 
 
 def _check_chain_start(what: str, kind: str, num_timesteps: int, num_steps: int, spacing: str, fix: str) -> None:

@@ -243,7 +243,7 @@ def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)  # Orbax and TFDS log every file at INFO.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from videofusion_jax.config import ConfigError
+  from videofusion_jax.config import ConfigError, check_fields
   from videofusion_jax.data.builders import DatasetNotFoundError
   from videofusion_jax.data.pipeline import PipelineError
   from videofusion_jax.data.video_io import VideoReadError
@@ -254,6 +254,10 @@ def main(argv) -> None:
   from videofusion_jax.training.workdir import WorkdirError, check_workdir
 
   config = _CONFIG.value
+  try:  # before any of its fields is used
+    check_fields(config)
+  except ConfigError as e:
+    _fail(str(e))
   from videofusion_jax.experiment import enable_compilation_cache
   from videofusion_jax.training.preemption import sigterm_stops_at_once
   if _MODE.value == "embed":

@@ -31,6 +31,10 @@ TO_RGB = (None, None, "channels_in", None)
 # constraint inside jit, so that XLA keeps FSDP's layout: weights gathered, activations split by
 # example). Outside a ``nn.logical_axis_rules`` context this is a no-op.
 ACTIVATION = ("activation_batch", "activation_height", "activation_width", "activation_channels")
+# Every logical name the networks use, and the input batch's ('batch', training.sharding): what
+# config.sharding_rules may map (a rule for another name shards nothing).
+LOGICAL_AXES = (*dict.fromkeys(n for names in (CONV, DENSE, BIAS, NORM, TABLE, TO_RGB, ACTIVATION) for n in names if n),
+                "batch")
 # Rematerialisation (``train.remat``): each res block and attention block is wrapped in
 # ``nn.remat``, so that the backward pass recomputes the block's activations from its input
 # instead of keeping them. 'block' keeps nothing inside a block; 'block_dots' keeps the outputs of

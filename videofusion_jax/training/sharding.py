@@ -17,7 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp")
+from videofusion_jax.config import MESH_AXES  # the config checks its rule table against them
+
 T = TypeVar("T")
 
 
