@@ -37,8 +37,8 @@
 # values, and the initializers took 1.4-2.3 minutes to compile on the H200). Every run traces its
 # cold compiles (--compile_profile: a 'compile_phases' line, where XLA spent the time) and gives up
 # on one still running COMPILE_DEADLINE seconds after its start (TIMEOUT - 60: a 'compile_unfinished'
-# line with the phases so far, where the timeout would have killed it silently; a warm compile, made after
-# the timing, 30 s past it: its row, printed, says null); the runs' train-step
+# line with the phases so far, where the timeout would have killed it silently; a warm compile still running
+# then is given up: the run times, its row says null); the runs' train-step
 # traces come back as $OUT/<run>_train_step.json.gz (Perfetto, ui.perfetto.dev; while $OUT holds < 8).
 # BATCH (train, default 4: VDM* at batch 4 peaked at 56.7 GB on the H200), SAMPLE_BATCH (8), STEPS
 # (20), SAMPLE_STEPS (50), TIMEOUT (each run's limit, 560 s from the script's start: the peak's time

@@ -84,8 +84,8 @@ def main(argv) -> None:
       "result": "long_videos", "step": int(state.step), "videos": int(s.num_samples), "clips": int(s.num_clips),
       "frames": int(s.num_clips * n), **sampling.sampler_settings(config), "prompts": prompts,
       "continuity_frames": int(s.continuity_frames),
-      "boundary_jump_without": round(boundary_jump(videos[False], n), 4),
-      "boundary_jump_with": round(boundary_jump(videos[True], n), 4),
+      **{f"boundary_jump_{name}": None if jump is None else round(jump, 4)  # None: frozen clips
+         for name, jump in (("without", boundary_jump(videos[False], n)), ("with", boundary_jump(videos[True], n)))},
       "key_frame_max_difference_across_clips": float(np.abs(keys - keys[:, :1]).max()),
       # mean |frame[n+1] - frame[n]| by n's place in its clip (the last entry: the seam), over the
       # mean inside clips: where the option moves the change to
@@ -96,7 +96,7 @@ def main(argv) -> None:
   }
   print(json.dumps(result))
   print(f"boundary jump over {s.num_samples} videos of {s.num_clips} clips (1 = no seam): "
-        f"{result['boundary_jump_without']:.2f} without, {result['boundary_jump_with']:.2f} with "
+        f"{result['boundary_jump_without']} without, {result['boundary_jump_with']} with "
         f"continuity_frames={s.continuity_frames}; key frames of a video's clips differ by at most "
         f"{result['key_frame_max_difference_across_clips']:.1e}; steps by place in the clip (last: the seam), "
         f"without {result['step_profile_without']}, with {result['step_profile_with']}")

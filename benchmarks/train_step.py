@@ -5,7 +5,7 @@ python benchmarks/train_step.py --config=configs/ucf101.py             # the con
 python benchmarks/train_step.py --config=configs/ucf101.py --compare   # and VDM* on the same base
 
 For each model: compile time of the step cold (an empty persistent cache) and warm (the cache
-filled, in-memory caches cleared; after the timing), the median step time over ``--steps`` steps after
+filled, in-memory caches cleared), the median step time over ``--steps`` steps after
 ``--warmup``, clips/s, XLA's FLOPs per step (its cost analysis of the compiled program; off the
 CPU, of the program lowered for a host CPU device: a GPU's own count leaves out cuBLAS and cuDNN),
 achieved TFLOP/s, MFU against ``--peak_tflops`` (695: a bf16 matrix product measured on an H200,
@@ -49,9 +49,6 @@ from compile_trace import CompileUnfinished, trace_phases, watched_compile
 from ml_collections import config_flags
 
 _START = time.perf_counter()
-# How long past --compile_deadline_s a warm compile may go on: half the minute gpu_check.sh leaves between the
-# deadline and its timeout, so that the row it completes (timed before it) is printed before the timeout.
-WARM_GRACE_S = 30.0
 _XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # what XLA runs with, in every row
 
 
@@ -104,8 +101,8 @@ _PEAK_REPEATS = flags.DEFINE_integer("peak_repeats", 10, "With --measure_peak: t
 _DEADLINE = flags.DEFINE_float(
     "compile_deadline_s", 0.0, "Give up on a cold compile still running this many seconds after the run's "
     "start (0: never): print what it spent (and, with --compile_profile, on what) in a 'compile_unfinished' "
-    "line and exit 3, where a run killed by a timeout says nothing. A warm compile (made after the timing) "
-    f"still running {WARM_GRACE_S:g} s past it is given up: its row, printed, says null.")
+    "line and exit 3, where a run killed by a timeout says nothing. A warm compile still running then is given "
+    "up: the timing goes on, its row says null.")
 
 
 def vdm_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -134,9 +131,9 @@ def fresh_compilation_cache(root: str) -> str:
   return path
 
 
-def deadline(grace_s: float = 0.0) -> float | None:
-  """The ``time.perf_counter()`` time ``grace_s`` seconds past ``--compile_deadline_s`` (None: no deadline)."""
-  return _START + _DEADLINE.value + grace_s if _DEADLINE.value else None
+def deadline() -> float | None:
+  """The ``time.perf_counter()`` time of ``--compile_deadline_s`` (None: no deadline)."""
+  return _START + _DEADLINE.value if _DEADLINE.value else None
 
 
 _ABANDONED: list[threading.Thread] = []  # warm compiles given up, still running: the run ends with os._exit
@@ -162,14 +159,15 @@ def compile_cold(jitted, *args, model: str, program: str):
   return compiled, cold
 
 
-def compile_warm(jitted, *args) -> tuple[float | None, float | None]:
+def compile_warm(jitted, *args, until: float | None) -> tuple[float | None, float | None]:
   """``(warm_s, warm_trace_lower_s)``: ``jitted`` traced and compiled again with the persistent cache
   ``compile_cold`` filled and jax's in-memory caches cleared (what a rerun of the same job pays).
   ``warm_trace_lower_s``: its tracing and lowering to StableHLO, host Python that XLA's cache does not
   save (the rest is the cache lookup; on the CPU also XLA's code generation, which its cache entries do
   not hold); for the train step, a ``StoredJit``, loading its traced program from the store beside the
-  cache instead, and lowering that. Run after the timing: ``(None, None)`` when unfinished
-  ``WARM_GRACE_S`` past the deadline (the timed figures are not lost to the timeout)."""
+  cache instead, and lowering that. ``(None, None)`` when unfinished at ``until`` (a ``time.perf_counter()``
+  time; None: never), where the run goes on to its timing: a cold compile that ended near the deadline left
+  the warm one, then the timing, to gpu_check.sh's timeout, which killed the run with every figure unprinted."""
   jax.clear_caches()
   jitted.clear_cache()  # a StoredJit's programs in memory too: the warm run reads its store, as a rerun does
   done: dict = {}
@@ -186,8 +184,7 @@ def compile_warm(jitted, *args) -> tuple[float | None, float | None]:
 
   thread = threading.Thread(target=work, name="warm compile", daemon=True)
   thread.start()
-  end = deadline(WARM_GRACE_S)
-  thread.join(None if end is None else max(end - time.perf_counter(), 0.0))
+  thread.join(None if until is None else max(until - time.perf_counter(), 0.0))
   if thread.is_alive():
     _ABANDONED.append(thread)
     return None, None
@@ -369,6 +366,9 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
                                 program="train_step")
   device_flops = xla_flops(compiled)
   flops = device_flops if counter is trainer else step_flops(counter, batch)
+  # Before the turn: a run leaves the device at the end of its turn (JAX's allocator keeps what the step
+  # peaked at until the process exits, and the next run times then).
+  warm, trace_lower = compile_warm(trainer.step, trainer.abstract_state(), batch, until=deadline())
   with timing_turn() as sync:
     # The state is made in the run's turn: runs side by side on one device (gpu_check.sh) hold only their
     # programs while they wait. An H100 would not hold VDM*'s 56.7 GB step beside three ucf101 states of ~9.5 GB.
@@ -384,7 +384,6 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
     peak, program, source = memory(compiled)
-  warm, trace_lower = compile_warm(trainer.step, trainer.abstract_state(), batch)  # last: it may be given up
   step_s = statistics.median(times)
   out = {
       "result": "train_step", "model": c.model.kind, "device": jax.devices()[0].device_kind,
@@ -479,6 +478,7 @@ def bench_sample(trainer, counter, make_params) -> dict:
   compiled, cold = compile_cold(generate, trainer.abstract_state().ema_params, keys, *args, model=c.model.kind,
                                 program="sample")
   flops = sampling_flops(counter, b)
+  warm, trace_lower = compile_warm(generate, trainer.abstract_state().ema_params, keys, *args, until=deadline())
   with timing_turn() as sync:
     params = make_params()  # in the turn, as bench_train's state
     made_at = time.time()
@@ -489,7 +489,6 @@ def bench_sample(trainer, counter, make_params) -> dict:
       t0 = time.perf_counter()
       jax.block_until_ready(compiled(params, keys, *args))
       times.append(time.perf_counter() - t0)
-  warm, trace_lower = compile_warm(generate, trainer.abstract_state().ema_params, keys, *args)
   batch_s = statistics.median(times)
   return {
       "result": "sample", "model": c.model.kind, "device": jax.devices()[0].device_kind, "init": _INIT.value,
@@ -728,8 +727,8 @@ def main(argv):
       raise app.UsageError("--kinds chooses between the two kinds of --compare; add --compare.")
     run_model(c)
   if _ABANDONED:  # XLA's compile cannot be stopped, nor waited for past the deadline: the rows are printed
-    print(f"note: {len(_ABANDONED)} warm compile(s) unfinished {WARM_GRACE_S:g} s past --compile_deadline_s="
-          f"{_DEADLINE.value:g} were given up (their rows say null).", file=sys.stderr, flush=True)
+    print(f"note: {len(_ABANDONED)} warm compile(s) unfinished at --compile_deadline_s={_DEADLINE.value:g} were "
+          "given up (their rows say null).", file=sys.stderr, flush=True)
     for path in _CACHES:
       shutil.rmtree(path, ignore_errors=True)
     sys.stdout.flush()

@@ -679,6 +679,10 @@ def test_boundary_jump_against_brute_force():
   assert boundary_jump(smooth, 3) == pytest.approx(1.0)
   with pytest.raises(ValueError, match="two clips or more of 4 frames"):
     boundary_jump(videos, 4)
+  # Frozen clips (a model at λ = 1): nothing moves inside them, so no figure (it was NaN, written as NaN into
+  # results.json, which JSON parsers refuse; with a cut between them, inf).
+  frozen = np.concatenate([np.zeros((1, 3, 2, 2, 3)), np.ones((1, 3, 2, 2, 3))], axis=1)
+  assert boundary_jump(frozen, 3) is None and boundary_jump(np.zeros((1, 6, 2, 2, 3)), 3) is None
 
 
 @pytest.fixture(scope="module")

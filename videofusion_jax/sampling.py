@@ -879,8 +879,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     print(f"copy distance (mean |sample - nearest real clip|; 0 = a copy): {results['copy_distance_generated']:.3f}, "
           + against)
   if "boundary_jump" in results:
-    print(f"boundary jump (mean |first frame of a clip - last frame of the one before| / mean |frame[n+1] - "
-          f"frame[n]| inside clips; 1 = no visible seam): {results['boundary_jump']:.2f}"
+    print("boundary jump (mean |first frame of a clip - last frame of the one before| / mean |frame[n+1] - "
+          "frame[n]| inside clips; 1 = no visible seam): "
+          + ("undefined (nothing moves inside the clips)" if results["boundary_jump"] is None
+             else f"{results['boundary_jump']:.2f}")
           + (f" with continuity_frames={s.continuity_frames}" if s.continuity_frames else ""))
   print(json.dumps({k: v for k, v in results.items() if k != "per_sample"}))
   return results

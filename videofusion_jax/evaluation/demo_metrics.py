@@ -107,15 +107,18 @@ def frame_steps(videos: np.ndarray) -> np.ndarray:
   return np.abs(np.diff(np.asarray(videos, np.float64), axis=1)).mean(axis=(0, 2, 3, 4))
 
 
-def boundary_jump(videos: np.ndarray, clip_frames: int) -> float:
+def boundary_jump(videos: np.ndarray, clip_frames: int) -> float | None:
   """The seam figure of long videos ``(B, T, H, W, C)`` made of clips of ``clip_frames`` frames:
   the mean absolute difference between the last frame of a clip and the first of the next,
   divided by that between neighbouring frames inside clips. 1: no visible seam; a frozen clip
-  boundary 0; a cut between unrelated clips well above 1."""
+  boundary 0; a cut between unrelated clips well above 1. None where nothing moves inside the clips
+  (frozen clips, as a model at λ = 1 makes): no step to measure the seam against (it was NaN or inf,
+  which JSON cannot hold)."""
   shape = np.shape(videos)
   if len(shape) != 5 or shape[1] % clip_frames or shape[1] // clip_frames < 2:
     raise ValueError(f"boundary_jump needs (B, T, H, W, C) videos of two clips or more of {clip_frames} frames; "
                      f"got shape {shape}.")
   steps = frame_steps(videos)
   seam = (np.arange(1, shape[1]) % clip_frames) == 0
-  return float(steps[seam].mean() / steps[~seam].mean())
+  inside = float(steps[~seam].mean())
+  return float(steps[seam].mean() / inside) if inside > 0 else None
