@@ -107,6 +107,18 @@ def test_guidance_scale_one_is_plain_conditional_sampling_on_text():
   np.testing.assert_allclose(prior_eps_fn(e, params, None, text)(z, t), guided3, atol=1e-5)
 
 
+def test_a_text_models_videos_carry_no_label_the_model_did_not_read():
+  """On the demo clips a text model's videos are matched to the clip each prompt describes (the reference of the
+  demo's figures): its sidecar says ``reference_clip``, not ``label``, and its file name no ``_labelL`` (both read
+  as the condition of a model that reads none); a label-conditioned model's keep theirs."""
+  from videofusion_jax.sampling import label_fields
+
+  text = tiny_config(**{"data.num_classes": 0, "model.encoder.kind": "clip", "model.prior.condition": "text"})
+  assert label_fields(text, 2) == ("", {"label": None, "reference_clip": 2})
+  assert label_fields(tiny_config(), 2) == ("_label2", {"label": 2})
+  assert label_fields(text, None) == label_fields(tiny_config(), None) == ("", {"label": None})
+
+
 def test_prompt_settings_get_one_clear_message_each(tmp_path, capsys):
   from videofusion_jax.sampling import sample_prompts
 

@@ -832,9 +832,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     names, sidecars = [], []
     per_clip = clip_motion_indices(motion, s.num_clips)
     for i in range(s.num_samples):
-      label = None if labels is None else int(labels[i])
-      names.append(f"sample_{i:03d}" + ("" if label is None else f"_label{label}"))
-      sidecars.append({**common, "index": i, "label": label, "prompt": None if prompts is None else prompts[i],
+      suffix, label = label_fields(config, None if labels is None else int(labels[i]))
+      names.append(f"sample_{i:03d}{suffix}")
+      sidecars.append({**common, "index": i, **label, "prompt": None if prompts is None else prompts[i],
                        "content_index": int(content[i]),
                        "motion_index": int(motion[i]),
                        "clip_motion_indices": per_clip[i].tolist(),
@@ -886,6 +886,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
           + (f" with continuity_frames={s.continuity_frames}" if s.continuity_frames else ""))
   print(json.dumps({k: v for k, v in results.items() if k != "per_sample"}))
   return results
+
+
+def label_fields(config: ml_collections.ConfigDict, label: int | None) -> tuple[str, dict]:
+  """A video's file-name suffix and sidecar fields for its ``label``: ``_label{L}`` and ``label`` where the
+  model was conditioned on it; for a model on text (whose label on the demo clips is the clip its prompt
+  describes, the reference of the demo's figures), no suffix, ``label`` None and ``reference_clip`` (a
+  reproduction from the sidecar took it for a condition)."""
+  if label is None:
+    return "", {"label": None}
+  if text_prior(config):
+    return "", {"label": None, "reference_clip": label}
+  return f"_label{label}", {"label": label}
 
 
 def _demo_prompt_labels(config, prompts: list[str], text: np.ndarray) -> np.ndarray | None:
