@@ -384,24 +384,36 @@ def test_videos_whose_header_counts_frames_that_do_not_decode_give_only_those_th
   np.testing.assert_array_equal(video_io.read_video(cut), np.stack(decoded))
 
 
-def test_a_rotated_video_is_turned_as_players_show_it(tmp_path):
-  """An mp4 whose track header rotates it 90 degrees clockwise (a phone's portrait clip: the matrix
-  x' = -y, y' = x of ISO/IEC 14496-12): stored 96 wide and 72 high, shown 72 wide and 96 high, its top-left
-  corner at the top right."""
+def test_a_rotated_or_mirrored_video_is_turned_as_players_show_it(tmp_path):
+  """An mp4 whose track header's display matrix (ISO/IEC 14496-12: x' = a x + c y, y' = b x + d y) turns it a
+  quarter clockwise (a phone's portrait clip: stored 96 wide and 72 high, shown 72 wide and 96 high, its top-left
+  corner at the top right), a half turn, or mirrors it left to right or top to bottom (PyAV calls a mirror a
+  half turn: it was shown upside down)."""
   import struct
 
   import fabricate
 
   frames = np.zeros((8, 72, 96, 3), np.uint8)
   frames[:, :24, :32] = 255  # a white block in the top-left corner
-  path = fabricate.write_video(tmp_path / "portrait.mp4", frames)
-  data = bytearray(path.read_bytes())
-  matrix = data.find(b"tkhd") + 4 + 4 + 4 * 5 + 8 + 8  # a version-0 track header's display matrix
-  data[matrix:matrix + 36] = struct.pack(">9i", 0, 1 << 16, 0, -(1 << 16), 0, 0, 72 << 16, 0, 1 << 30)
-  path.write_bytes(bytes(data))
-  video = video_io.read_video(path)
-  assert video.shape == (8, 96, 72, 3)
-  assert video[:, :32, -24:].mean() > 200 and video[:, :32, :24].mean() < 50 and video[:, -32:].mean() < 50
+  one = 1 << 16
+
+  def shown(name, a, b, c, d):
+    path = fabricate.write_video(tmp_path / f"{name}.mp4", frames)
+    data = bytearray(path.read_bytes())
+    matrix = data.find(b"tkhd") + 4 + 4 + 4 * 5 + 8 + 8  # a version-0 track header's display matrix
+    data[matrix:matrix + 36] = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))
+    video = video_io.read_video(path)
+    h, w = video.shape[1:3]
+    corners = [video[:, :h // 4, :w // 4], video[:, :h // 4, -w // 4:], video[:, -h // 4:, :w // 4],
+               video[:, -h // 4:, -w // 4:]]
+    return video.shape, "".join("W" if x.mean() > 200 else "." for x in corners)  # top left, top right, bottom ...
+
+  assert shown("quarter", 0, one, -one, 0) == ((8, 96, 72, 3), ".W..")
+  assert shown("half", -one, 0, 0, -one) == ((8, 72, 96, 3), "...W")
+  assert shown("mirrored", -one, 0, 0, one) == ((8, 72, 96, 3), ".W..")
+  assert shown("upside_down", one, 0, 0, -one) == ((8, 72, 96, 3), "..W.")
+  assert shown("as_stored", one, 0, 0, one) == ((8, 72, 96, 3), "W...")
 
 
 @pytest.mark.parametrize("cache_mb", [0.0, 512.0])

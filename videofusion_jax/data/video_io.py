@@ -17,8 +17,8 @@ class VideoReadError(ValueError):
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:
-  """Decodes every frame of a video file: ``(T, H, W, 3)`` uint8 RGB, turned as players show it (the
-  container's rotation, a phone's portrait clip)."""
+  """Decodes every frame of a video file: ``(T, H, W, 3)`` uint8 RGB, turned and mirrored as players show it
+  (the container's display matrix: a phone's portrait clip)."""
   import imageio.v3 as iio
 
   path = Path(path)
@@ -28,7 +28,7 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
     # The frames that decode, not iio.imread: it fills an array of the header's frame count, and the frames that
     # never decode (a file cut short, an edit list) kept whatever memory was there (another video's frames).
     frames = [np.asarray(frame) for frame in iio.imiter(path, plugin="pyav")]
-    rotation = _display_rotation(path) if frames else 0
+    matrix = _display_matrix(path) if frames else None
   except Exception as e:  # PyAV raises many types for corrupt or truncated files.
     raise VideoReadError(
         f"cannot decode video {path}: {type(e).__name__}: {e}. The file is corrupt, truncated "
@@ -41,18 +41,40 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
     frames = np.repeat(frames[..., None], 3, axis=-1)
   if frames.ndim != 4:
     raise VideoReadError(f"video {path} decoded to shape {frames.shape}, not (T, H, W, 3) frames.")
-  if round(rotation / 90) % 4:  # counterclockwise degrees; np.rot90 turns from H towards W, counterclockwise
-    frames = np.rot90(frames, k=round(rotation / 90), axes=(1, 2))
-  return frames[..., :3].astype(np.uint8)
+  return as_displayed(frames, matrix)[..., :3].astype(np.uint8)
 
 
-def _display_rotation(path: Path) -> float:
-  """The counterclockwise rotation (degrees) a player gives the video's frames: its display matrix (an mp4's
-  track header; PyAV reads it into each decoded frame)."""
+def _display_matrix(path: Path) -> np.ndarray | None:
+  """The video's display matrix (ISO/IEC 14496-12's ``a b u / c d v / x y w``, 16.16 fixed point; an mp4's track
+  header: a phone's portrait clip, a mirrored one), as FFmpeg hands it with each decoded frame; None without one."""
   import av
 
   with av.open(str(path)) as container:
-    return float(getattr(next(container.decode(video=0)), "rotation", 0) or 0)
+    frame = next(container.decode(video=0))
+    for data in frame.side_data:
+      if str(data.type).endswith("DISPLAYMATRIX"):
+        return np.frombuffer(bytes(data), np.int32)[:9].reshape(3, 3)
+  return None
+
+
+def as_displayed(frames: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
+  """``(T, H, W, C)`` frames as a player shows them under ``matrix`` (``_display_matrix``): a display point is
+  ``x' = a x + c y``, ``y' = b x + d y`` (x the column, y the row, downwards), turned by quarter turns and mirrored
+  as the matrix says. A matrix of another angle is left alone (players differ there)."""
+  if matrix is None:
+    return frames
+  a, b, c, d = (matrix[0, 0] / 65536, matrix[0, 1] / 65536, matrix[1, 0] / 65536, matrix[1, 1] / 65536)
+  if {round(abs(a)), round(abs(d))} == {1} and round(b) == round(c) == 0:  # columns and rows stay
+    x_sign, y_sign = np.sign(a), np.sign(d)
+  elif {round(abs(b)), round(abs(c))} == {1} and round(a) == round(d) == 0:  # x' from y, y' from x: transposed
+    frames, x_sign, y_sign = np.swapaxes(frames, 1, 2), np.sign(c), np.sign(b)
+  else:
+    return frames
+  if x_sign < 0:
+    frames = frames[:, :, ::-1]
+  if y_sign < 0:
+    frames = frames[:, ::-1]
+  return frames
 
 
 def center_crop_resize(frames: np.ndarray, size: int) -> np.ndarray:
