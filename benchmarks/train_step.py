@@ -117,6 +117,12 @@ def vdm_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 _CACHES: list[str] = []  # the measurement's fresh caches (removed at exit)
 
 
+def remove_caches() -> None:
+  """The measurement's fresh caches removed (before an ``os._exit``, which runs no atexit)."""
+  for path in _CACHES:
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def fresh_compilation_cache(root: str) -> str:
   """Points XLA's persistent cache at a new empty folder (every program cached, however small)."""
   from jax._src import compilation_cache  # the public switch alone does not re-open a used cache
@@ -210,6 +216,7 @@ def give_up(row: dict, trace: str | None) -> None:
   print(json.dumps({"result": "compile_unfinished", **row, "device": jax.devices()[0].device_kind}), flush=True)
   if _SYNC_DIR.value:
     mark_ready()  # the runs beside this one need not wait for it
+  remove_caches()
   os._exit(3)
 
 
@@ -384,6 +391,7 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
     peak, program, source = memory(compiled)
+    beside = any(thread.is_alive() for thread in _ABANDONED)  # a warm compile given up, still on the host
   step_s = statistics.median(times)
   out = {
       "result": "train_step", "model": c.model.kind, "device": jax.devices()[0].device_kind,
@@ -404,7 +412,7 @@ def bench_train(trainer, counter) -> tuple[dict, object]:
       "tflops_per_s": round(flops / step_s / 1e12, 4), "peak_tflops": _PEAK.value,
       "mfu": round(flops / step_s / 1e12 / (_PEAK.value * jax.device_count()), 5),
       "peak_memory_bytes": peak, "program_memory_bytes": program, "memory_source": source,
-      "state_made_at": made_at, **xla_settings(), **sync,
+      "state_made_at": made_at, "timed_beside_warm_compile": beside, **xla_settings(), **sync,
   }
   return out, state
 
@@ -489,6 +497,7 @@ def bench_sample(trainer, counter, make_params) -> dict:
       t0 = time.perf_counter()
       jax.block_until_ready(compiled(params, keys, *args))
       times.append(time.perf_counter() - t0)
+    beside = any(thread.is_alive() for thread in _ABANDONED)
   batch_s = statistics.median(times)
   return {
       "result": "sample", "model": c.model.kind, "device": jax.devices()[0].device_kind, "init": _INIT.value,
@@ -502,7 +511,7 @@ def bench_sample(trainer, counter, make_params) -> dict:
                                           compiled=False) + ", x its steps",
       "sample_tflops_per_s": round(flops / batch_s / 1e12, 4),
       "sample_mfu": round(flops / batch_s / 1e12 / (_PEAK.value * jax.device_count()), 5),
-      "state_made_at": made_at, **xla_settings(), **sync,
+      "state_made_at": made_at, "timed_beside_warm_compile": beside, **xla_settings(), **sync,
   }
 
 
@@ -586,7 +595,7 @@ def _host_part(row: dict, seconds: str, program: str) -> str:
 def _warm(row: dict, warm: str, seconds: str, program: str) -> str:
   """The warm compile in short: 'W s warm (S s of it on the host, ...)', or that it was given up."""
   if row[warm] is None:
-    return "warm unfinished at the deadline"
+    return "warm unfinished at the deadline" + (", timed beside it" if row.get("timed_beside_warm_compile") else "")
   return f"{row[warm]} s warm{_host_part(row, seconds, program)}"
 
 
@@ -729,8 +738,7 @@ def main(argv):
   if _ABANDONED:  # XLA's compile cannot be stopped, nor waited for past the deadline: the rows are printed
     print(f"note: {len(_ABANDONED)} warm compile(s) unfinished at --compile_deadline_s={_DEADLINE.value:g} were "
           "given up (their rows say null).", file=sys.stderr, flush=True)
-    for path in _CACHES:
-      shutil.rmtree(path, ignore_errors=True)
+    remove_caches()
     sys.stdout.flush()
     os._exit(0)
 

@@ -115,6 +115,9 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   assert alone["steps"] == 2 and alone["videos_per_s"] > 0 and alone["sample_xla_flops_per_batch"] > 0
   assert alone["sample_compile_warm_s"] is None and alone["sample_compile_warm_trace_lower_s"] is None
   assert alone["sample_compile_cold_s"] > 0, alone
+  # Whether that compile still ran on the host while the run timed (it may have ended by then): said in the row.
+  assert isinstance(alone["timed_beside_warm_compile"], bool)
+  assert not any(x["timed_beside_warm_compile"] for x in (vf, vf_sample, vdm, vdm_sample))
   assert "1 warm compile(s) unfinished at --compile_deadline_s=600" in outs[1][1], outs[1][1]
   assert alone["init"] == "zeros" and vdm_sample["init"] == "random"  # --init: the state's values only
   # Counted on the device (its default on one CPU device) and on the host: one program, one count.
@@ -174,7 +177,8 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
       f"compile {vf_sample['sample_compile_cold_s']} s cold / {vf_sample['sample_compile_warm_s']} s warm "
       f"({vf_sample['sample_compile_warm_trace_lower_s']} s of it on the host, the program stored)",
       f"vdm sample{flags} batch 2: {alone['videos_per_s']} videos/s, MFU {alone['sample_mfu']:.2%}, compile "
-      f"{alone['sample_compile_cold_s']} s cold / warm unfinished at the deadline",
+      f"{alone['sample_compile_cold_s']} s cold / warm unfinished at the deadline"
+      + (", timed beside it" if alone["timed_beside_warm_compile"] else ""),
       "== stopped",
       f"videofusion train_step{flags} compile (unfinished, {late_rows[0]['span_s']} s traced, "
       f"{late_rows[0]['threads']} threads), self time: "

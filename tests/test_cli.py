@@ -147,7 +147,7 @@ def test_configs_without_variants_say_so():
       module.get_config("small")
 
 
-def test_sampler_settings_that_would_give_wrong_samples_are_refused():
+def test_sampler_settings_that_would_give_wrong_samples_are_refused(tmp_path):
   """A DDIM chain must start where its noise holds about no signal (√ᾱ at its first step, against the
   schedule's ᾱ), η lies in [0, 1], guidance scales are finite and have a condition to guide by, and the
   writer's fps and upscale are >= 1."""
@@ -199,19 +199,30 @@ def test_sampler_settings_that_would_give_wrong_samples_are_refused():
   validate(given)
   # A schedule whose last step still holds much of the signal, where sampling starts from pure noise: the linear
   # schedules' betas are DDPM's for T=1000, unscaled (ucf101's linear at T=100: √ᾱ_99 = 0.60; a perfect ε
-  # sampled a N(0.5, 0.2²) data set as mean 0.42, sd 0.24). The figure is the schedule's own ᾱ.
+  # sampled a N(0.5, 0.2²) data set as mean 0.42, sd 0.24). The figure is the schedule's own ᾱ. A new training
+  # run is refused it, before anything is written; a run trained so before is sampled with a warning (refusing it
+  # there left no way forward: its record refuses any other num_timesteps).
+  from videofusion_jax.config import schedule_end_problem, schedule_end_warning
+  from videofusion_jax.training.loop import train
+
   assert f"√ᾱ = {float(make_schedule('linear', 100).sqrt_alphas_cumprod[99]):.2f}" == "√ᾱ = 0.60"
-  assert ("config.diffusion.num_timesteps=100 with schedule='linear': its last step (t=99) still holds √ᾱ = 0.60"
-          in refused(diffusion__schedule="linear", diffusion__num_timesteps=100, sample__num_steps=50))
+  short = demo.get_config()
+  short.diffusion.update(schedule="linear", num_timesteps=100)
+  short.sample.update(num_steps=50, spacing="trailing")
+  validate(short)
+  said = "config.diffusion.num_timesteps=100 with schedule='linear': its last step (t=99) still holds √ᾱ = 0.60"
+  assert schedule_end_problem(short).startswith(said) and schedule_end_warning(short) == "warning: " + \
+      schedule_end_problem(short)
+  with pytest.raises(ConfigError, match=re.escape(said)):
+    train(short, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
   prior = demo.get_config()
   prior.model.prior.update(schedule="scaled_linear", num_timesteps=250)
-  with pytest.raises(ConfigError, match=re.escape("config.model.prior.num_timesteps=250 with schedule='scaled_")):
-    validate(prior)
+  assert schedule_end_problem(prior).startswith("config.model.prior.num_timesteps=250 with schedule='scaled_linear'")
   for kind, steps in (("linear", 1000), ("scaled_linear", 1000), ("cosine", 50)):
     ok = demo.get_config()
     ok.diffusion.update(schedule=kind, num_timesteps=steps)
-    ok.sample.update(num_steps=steps // 4, spacing="trailing")
-    validate(ok)
+    assert schedule_end_problem(ok) == "" and schedule_end_warning(ok) is None
   for where, value in (("diffusion__num_timesteps", 1), ("diffusion__num_timesteps", 0)):
     assert f"config.diffusion.num_timesteps={value}: the diffusion's steps, an integer >= 2" in refused(
         **{where: value, "sample__num_steps": 1})  # a traceback from the schedule, or blamed on num_steps

@@ -1024,3 +1024,22 @@ def test_values_that_are_not_finite_are_left_out_of_tensorboard_as_of_metrics_js
                   for e in tf.compat.v1.train.summary_iterator(str(f)) for v in e.summary.value)
   assert points == [(1, "grad_norm_base", 2.0), (1, "loss", 0.5), (1, "update_skipped", 0.0), (2, "loss", 0.25),
                     (2, "update_skipped", 1.0)]
+
+
+def test_a_run_refused_the_lock_removes_none_of_the_folders_of_the_run_that_holds_it(tmp_path, monkeypatch):
+  """Two runs starting together in a new workdir: the one refused the lock leaves the folders it found missing at
+  its start (it removed the other run's still empty checkpoints folder), where a run that held the lock and stopped
+  before writing anything removes its own (tests/test_cli.py: a missing dataset)."""
+  from videofusion_jax.training import loop
+
+  workdir = tmp_path / "run"
+
+  def other_run_wins(lock, path):  # the other run takes the new workdir between this one's look and its lock
+    (path / "checkpoints").mkdir(parents=True)
+    (path / LOCK_NAME).write_text("{}")
+    raise WorkdirError("another training run holds the workdir")
+
+  monkeypatch.setattr(loop, "_lock_on_every_host", other_run_wins)
+  with pytest.raises(WorkdirError, match="another training run holds the workdir"):
+    loop.train(tiny_config(), workdir, iter([]), verbose=False)
+  assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", LOCK_NAME]

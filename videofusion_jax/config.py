@@ -293,7 +293,8 @@ def _check_field_names(config: ml_collections.ConfigDict, known: ml_collections.
       raise ConfigError(f"{path}.{name}={config[name]!r}: a section of fields, not a value (set its fields, e.g. "
                         f"{path}.{name}.{next(iter(value.keys()), 'x')}=...).")
     if value is not None and config[name] is None:  # a config file's None (the command line refuses one)
-      raise ConfigError(f"{path}.{name}=None: give it a value (base_config()'s is {value!r}).")
+      raise ConfigError(f"{path}.{name}=None: give it a value (base_config()'s is {value!r}"
+                        + ("; '' leaves it unset)." if value == "" else ")."))
   for name, value in config.items():
     if name not in known:
       shown = "" if isinstance(value, ml_collections.ConfigDict) else f"={value!r}"
@@ -669,19 +670,34 @@ MAX_END_SIGNAL = 0.1  # how much of the signal (√ᾱ) t = T-1 may hold: sampli
 
 
 def _check_schedule(where: str, kind: str, num_timesteps) -> None:
-  """``num_timesteps`` an integer >= 2 whose last step leaves (almost) no signal: the linear schedules take
-  DDPM's betas for T=1000 at any T, unscaled, so a shorter one ends with much of the image left (linear at
-  T=100: √ᾱ = 0.60), where sampling starts from pure noise."""
+  """``num_timesteps`` an integer >= 2 (the schedule's betas need two)."""
   if not _is_int(num_timesteps) or num_timesteps < 2:
     raise ConfigError(f"{where}.num_timesteps={num_timesteps!r}: the diffusion's steps, an integer >= 2 (1000 "
                       "is usual; sample.num_steps sets how many steps sampling takes).")
-  _, end = start_signal(kind, num_timesteps, 1, "trailing")
-  if end > MAX_END_SIGNAL:
-    raise ConfigError(f"{where}.num_timesteps={num_timesteps} with schedule={kind!r}: its last step (t="
-                      f"{num_timesteps - 1}) still holds √ᾱ = {end:.2f} of the signal, where sampling starts from "
-                      "pure noise, so the samples would be wrong (this schedule's betas are DDPM's for T=1000, not "
-                      f"scaled to T). Use num_timesteps=1000 (sample.num_steps sets how many steps sampling takes), "
-                      f"or schedule='cosine'.")
+
+
+def schedule_end_problem(config: ml_collections.ConfigDict) -> str:
+  """What is wrong with a schedule whose last step leaves much of the signal ('' if none): the linear schedules
+  take DDPM's betas for T=1000 at any T, unscaled, so a shorter one ends with much of the image left (linear at
+  T=100: √ᾱ = 0.60), where sampling starts from pure noise. A new training run refuses it (``loop.train``); a run
+  trained so before is still sampled, evaluated and resumed, with this as a warning."""
+  chains = [("config.diffusion", config.diffusion.schedule, config.diffusion.num_timesteps)]
+  if config.model.condition == "embedding":
+    chains.append(("config.model.prior", config.model.prior.schedule, config.model.prior.num_timesteps))
+  for where, kind, num_timesteps in chains:
+    _, end = start_signal(kind, num_timesteps, 1, "trailing")
+    if end > MAX_END_SIGNAL:
+      return (f"{where}.num_timesteps={num_timesteps} with schedule={kind!r}: its last step (t={num_timesteps - 1}) "
+              f"still holds √ᾱ = {end:.2f} of the signal, where sampling starts from pure noise, so the samples are "
+              "wrong (this schedule's betas are DDPM's for T=1000, not scaled to T). Train with num_timesteps=1000 "
+              "(sample.num_steps sets how many steps sampling takes), or schedule='cosine'.")
+  return ""
+
+
+def schedule_end_warning(config: ml_collections.ConfigDict) -> str | None:
+  """``schedule_end_problem`` as the warning of a run that samples, evaluates or resumes a model trained so."""
+  problem = schedule_end_problem(config)
+  return f"warning: {problem}" if problem else None
 
 
 def _check_chain_start(what: str, kind: str, num_timesteps: int, num_steps: int, spacing: str, fix: str) -> None:

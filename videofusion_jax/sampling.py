@@ -28,6 +28,7 @@ from videofusion_jax.config import (
   field_or_none,
   prior_samples,
   recorded_config,
+  schedule_end_warning,
   text_prior,
 )
 from videofusion_jax.data import video_io
@@ -760,6 +761,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   experiment = experiment or Experiment(config)
   check_trained_config(config, workdir)  # first: what the config says against what the weights were trained with
   experiment.check_config(config, "sample")
+  if schedule_end_warning(config):  # a model trained so before new runs were refused it
+    say(schedule_end_warning(config))
   check_output_folders(workdir, "samples")
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)

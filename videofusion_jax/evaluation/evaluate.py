@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from videofusion_jax.config import SYNTHETIC_DATA, ConfigError, field_or_none, recorded_config
+from videofusion_jax.config import SYNTHETIC_DATA, ConfigError, field_or_none, recorded_config, schedule_end_warning
 from videofusion_jax.data import pipeline, video_io
 from videofusion_jax.evaluation.i3d import MIN_FRAMES, NUM_CLASSES
 from videofusion_jax.experiment import Experiment
@@ -211,6 +211,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
                       "every class would inflate the figures. Leave sample.label at -1 for eval (--mode=sample "
                       "draws one class).")
   experiment = experiment or Experiment(config)  # validates the config (eval fields included)
+  if schedule_end_warning(config):
+    say(schedule_end_warning(config))
   s = config.sample
   unread = [f"config.sample.{k}={v!r}" for k, v, default in (
       ("num_clips", s.num_clips, 1), ("continuity_frames", s.continuity_frames, 0), ("control", s.control, ""))

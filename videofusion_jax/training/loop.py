@@ -25,6 +25,8 @@ from videofusion_jax.config import (
     clip_used,
     field_or_none,
     recorded_config,
+    schedule_end_problem,
+    schedule_end_warning,
 )
 from videofusion_jax.data.stream import resume_position, stream_identity
 from videofusion_jax.experiment import CompileLog
@@ -475,6 +477,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
         lambda: (ckpt.check_other_run(config.train.init_base_from), check_base_source(config)),
         ConfigError("config.train.init_base_from: another host cannot use that run (its own error says why); "
                     "every host needs the same workdir, at the same path."))
+  if not ckpt.has_checkpoints(workdir) and schedule_end_problem(config):  # a new model that could not be sampled
+    raise ConfigError(schedule_end_problem(config))
   # Every host writes its part of each checkpoint: a folder it cannot write to failed only at the first save, in
   # the background (the steps until the next save lost), and Orbax's other threads then held the exit 5 minutes.
   checked_on_every_host(lambda: check_output_folders(workdir, "checkpoints"), WorkdirError(
@@ -516,7 +520,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
         with stop.at_once():  # no step to save yet: a build of many minutes stops when told, not after it
           prepare_dataset(config)
       state, saved_stream = started or _start(trainer, manager, config, say)
-      for warning in (base_from_scratch_warning(config), warmup_warning(config),
+      for warning in (base_from_scratch_warning(config), warmup_warning(config), schedule_end_warning(config),
                       schedule_change_warning(config, workdir, int(state.step)) if latest is not None else None):
         if warning:
           say(warning, flush=True)
@@ -529,9 +533,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
     finally:
       if manager is not None:
         manager.close()  # waits for a save in flight
+      held = bool(lock and lock.held)  # refused, the folders are the run's that holds the lock
       if lock:
         lock.release()
-      for folder in reversed(created):
+      for folder in reversed(created if held else []):
         with contextlib.suppress(OSError):  # not empty: the run wrote there, and it stays
           folder.rmdir()
     # A signal while the last checkpoint was written, after the last step's check (one process; on several JAX's
