@@ -477,14 +477,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
         lambda: (ckpt.check_other_run(config.train.init_base_from), check_base_source(config)),
         ConfigError("config.train.init_base_from: another host cannot use that run (its own error says why); "
                     "every host needs the same workdir, at the same path."))
-  if not ckpt.has_checkpoints(workdir) and schedule_end_problem(config):  # a new model that could not be sampled
-    raise ConfigError(schedule_end_problem(config))
   # Every host writes its part of each checkpoint: a folder it cannot write to failed only at the first save, in
   # the background (the steps until the next save lost), and Orbax's other threads then held the exit 5 minutes.
   checked_on_every_host(lambda: check_output_folders(workdir, "checkpoints"), WorkdirError(
       f"{workdir / 'checkpoints'}: another host cannot write there (its own error says why)."))
   trainer = trainer or Trainer(config)
   trainer.check_config(config, "train")
+  if not ckpt.has_checkpoints(workdir) and schedule_end_problem(config):  # a new model that could not be sampled
+    raise ConfigError(schedule_end_problem(config))
   lead = jax.process_index() == 0
   say = print if verbose and lead else (lambda *a, **k: None)
   lock = WorkdirLock(workdir) if lead else None
