@@ -357,7 +357,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.diffusion.schedule not in SCHEDULE_KINDS:
     raise ConfigError(f"config.diffusion.schedule={config.diffusion.schedule!r}: use one of "
                       f"{SCHEDULE_KINDS}.")
-  _check_schedule("config.diffusion", config.diffusion.schedule, config.diffusion.num_timesteps)
+  _check_num_timesteps("config.diffusion", config.diffusion.num_timesteps)
   if config.model.dtype not in DTYPES:
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}: the networks' compute type; use one of "
                       f"{tuple(DTYPES)} (the parameters stay float32).")
@@ -486,7 +486,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         f"set --config.model.encoder.kind=clip (it is {m.encoder.kind!r}).")
     if m.prior.schedule not in SCHEDULE_KINDS:
       raise ConfigError(f"config.model.prior.schedule={m.prior.schedule!r}: use one of {SCHEDULE_KINDS}.")
-    _check_schedule("config.model.prior", m.prior.schedule, m.prior.num_timesteps)
+    _check_num_timesteps("config.model.prior", m.prior.num_timesteps)
     if m.prior.width < 1 or m.prior.num_layers < 1:
       raise ConfigError(f"config.model.prior.width={m.prior.width} / num_layers={m.prior.num_layers}: "
                         "must be >= 1.")
@@ -669,8 +669,9 @@ MAX_START_SIGNAL = 0.1  # how much more of the signal (√ᾱ) a DDIM chain's fi
 MAX_END_SIGNAL = 0.1  # how much of the signal (√ᾱ) t = T-1 may hold: sampling starts there from pure noise
 
 
-def _check_schedule(where: str, kind: str, num_timesteps) -> None:
-  """``num_timesteps`` an integer >= 2 (the schedule's betas need two)."""
+def _check_num_timesteps(where: str, num_timesteps) -> None:
+  """``num_timesteps`` an integer >= 2 (a schedule's betas need two; how much signal its last step leaves is
+  ``schedule_end_problem``'s, which only a new training run refuses)."""
   if not _is_int(num_timesteps) or num_timesteps < 2:
     raise ConfigError(f"{where}.num_timesteps={num_timesteps!r}: the diffusion's steps, an integer >= 2 (1000 "
                       "is usual; sample.num_steps sets how many steps sampling takes).")

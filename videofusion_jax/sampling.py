@@ -761,8 +761,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   experiment = experiment or Experiment(config)
   check_trained_config(config, workdir)  # first: what the config says against what the weights were trained with
   experiment.check_config(config, "sample")
-  if schedule_end_warning(config):  # a model trained so before new runs were refused it
-    say(schedule_end_warning(config))
+  warning = schedule_end_warning(config)
+  if warning:  # a model trained so before new runs were refused it
+    say(warning)
   check_output_folders(workdir, "samples")
   state = experiment.restore(workdir, ema_only=True)
   step = int(state.step)

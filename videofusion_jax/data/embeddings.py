@@ -122,7 +122,7 @@ def record_captions(config: ml_collections.ConfigDict, split: str, records: np.n
   tf = pipeline._tf()
   read = pipeline._reader(tf, source)
   if records is None:  # a record is read whole (its video too): no more of them than asked for
-    records = tf.data.Dataset.range(min(len(source.lengths), len(source.lengths) if first is None else first))
+    records = tf.data.Dataset.range(len(source.lengths) if first is None else min(first, len(source.lengths)))
   else:
     records = tf.data.Dataset.from_tensor_slices(np.asarray(records, np.int64))
   if "caption" in features:

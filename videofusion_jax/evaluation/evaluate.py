@@ -211,8 +211,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
                       "every class would inflate the figures. Leave sample.label at -1 for eval (--mode=sample "
                       "draws one class).")
   experiment = experiment or Experiment(config)  # validates the config (eval fields included)
-  if schedule_end_warning(config):
-    say(schedule_end_warning(config))
+  warning = schedule_end_warning(config)
+  if warning:  # a model trained so before new runs were refused it
+    say(warning)
   s = config.sample
   unread = [f"config.sample.{k}={v!r}" for k, v, default in (
       ("num_clips", s.num_clips, 1), ("continuity_frames", s.continuity_frames, 0), ("control", s.control, ""))

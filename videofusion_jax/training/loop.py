@@ -483,8 +483,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
       f"{workdir / 'checkpoints'}: another host cannot write there (its own error says why)."))
   trainer = trainer or Trainer(config)
   trainer.check_config(config, "train")
-  if not ckpt.has_checkpoints(workdir) and schedule_end_problem(config):  # a new model that could not be sampled
-    raise ConfigError(schedule_end_problem(config))
+  problem = schedule_end_problem(config)
+  if problem and not ckpt.has_checkpoints(workdir):  # a new model that could not be sampled
+    raise ConfigError(problem)
   lead = jax.process_index() == 0
   say = print if verbose and lead else (lambda *a, **k: None)
   lock = WorkdirLock(workdir) if lead else None
