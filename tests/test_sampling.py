@@ -801,8 +801,30 @@ def test_long_video_files_and_sidecars(long_run, monkeypatch, capsys):
   sampling.run(grid_config, str(workdir), experiment=experiment)
   printed = capsys.readouterr().out
   grid_dir = workdir / "samples" / "step_2_content_2clips"
+  # The classes in turn (sample.label=-1) give the rows labels 0, 1, 2; one content draws label 0 alone, said.
+  assert printed.count("note: config.sample.control='content' draws every video from one content, the first "
+                       "video's label 0: the other 2 class(es) in turn (config.sample.label=-1; "
+                       "--config.sample.label=K picks the class) are not used") == 1
   assert printed.count("no .mp4 written (ImportError: No module named 'av')") == 1
   assert not list(grid_dir.glob("*.mp4")) and len(list(grid_dir.glob("*.gif"))) == 3
   assert (grid_dir / "grid.png").is_file()
   sidecars = [json.loads((grid_dir / f"sample_00{i}_label0.json").read_text()) for i in range(3)]
   assert [(side["content_index"], side["motion_index"]) for side in sidecars] == [(0, 0), (0, 1), (0, 2)]
+
+
+def test_one_content_names_the_conditions_it_leaves_unused():
+  """sample.control='content' draws every row from row 0's condition: the prompts or embeddings given for the
+  other rows are said to be unused; nothing is said when the rows' conditions were one, or under another control."""
+  c = tiny_config(**{"sample.control": "content"})
+  prompts = ["a dog", "a cat", "a dog"]
+  note = sampling.one_content_note(c, None, None, prompts)
+  assert note.startswith("note: config.sample.control='content' draws every video from one content, the first "
+                         "video's prompt 'a dog': 1 other prompt(s) are not used")
+  rows = np.eye(3, 8, dtype=np.float32)
+  assert "row 0 of config.sample.embeddings): 2 other embedding(s) are not used" in sampling.one_content_note(
+      c, None, rows, None)
+  assert sampling.one_content_note(c, None, rows[[0, 0, 0]], None) == ""
+  assert sampling.one_content_note(c, None, None, ["a dog"] * 3) == ""
+  assert sampling.one_content_note(c, np.full(3, 2, np.int32), None, None) == ""
+  c.sample.control = "motion"
+  assert sampling.one_content_note(c, np.arange(3, dtype=np.int32), rows, prompts) == ""

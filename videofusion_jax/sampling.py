@@ -526,6 +526,27 @@ def control_indices(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.n
   return {"": (rows, rows), "content": (zero, rows), "motion": (rows, zero)}[config.sample.control]
 
 
+def one_content_note(config: ml_collections.ConfigDict, labels: np.ndarray | None, given: np.ndarray | None,
+                     prompts: list[str] | None) -> str:
+  """For ``sample.control='content'``, which draws every row from the first row's condition: a note
+  naming the conditions given for the other rows and left unused ('' when they were all the same)."""
+  if config.sample.control != "content":
+    return ""
+  if prompts is not None and len(set(prompts)) > 1:
+    first, what = f"prompt {prompts[0]!r}", f"{len(set(prompts)) - 1} other prompt(s)"
+  elif given is not None and len(np.unique(given, axis=0)) > 1:
+    first = "embedding (row 0 of config.sample.embeddings)"
+    what = f"{len(np.unique(given, axis=0)) - 1} other embedding(s)"
+  elif prompts is None and given is None and labels is not None and len(set(labels.tolist())) > 1:
+    first = f"label {int(labels[0])}"
+    what = (f"the other {len(set(labels.tolist())) - 1} class(es) in turn (config.sample.label=-1; "
+            "--config.sample.label=K picks the class)")
+  else:
+    return ""
+  return (f"note: config.sample.control='content' draws every video from one content, the first video's {first}: "
+          f"{what} are not used (--config.sample.control='' draws one video per condition).")
+
+
 def sampler_settings(config: ml_collections.ConfigDict) -> dict:
   """What a sidecar records of the sampler."""
   s = config.sample
@@ -774,13 +795,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   def inputs():  # files on each host's disk: one missing on one host would leave the others in the sampler
     given = given_embeddings(config, s.num_samples)
     labels = None if given is not None else sample_labels(config, s.num_samples)
+    in_turn = sample_prompts(config, s.num_samples) if given is None and text_prior(config) else None
+    note = one_content_note(config, labels, given, in_turn)
+    if note:
+      say(note)
     if labels is not None:
       labels = labels[content]
     if given is not None:
       given = given[content]
     prompts = text = None
-    if given is None and text_prior(config):
-      in_turn = sample_prompts(config, s.num_samples)
+    if in_turn is not None:
       prompts = [in_turn[i] for i in content]
       text = prompt_embeddings(config, prompts, verbose=jax.process_index() == 0)
       labels = _demo_prompt_labels(config, prompts, text)
