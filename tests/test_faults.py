@@ -415,10 +415,11 @@ def test_a_step_moved_aside_again_keeps_every_earlier_copy(tmp_path):
 
 
 def test_the_last_step_is_logged_and_steps_per_sec_counts_the_steps_since_the_last_log(trainer, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, capsys):
   """log_every=3 over 7 steps: steps 3, 6 and the last, 7, are in metrics.jsonl, once each; a logged
   steps/s is the steps since the previous log over the wall time between the two logs, measured here as
-  each line is written (batches arrive 0.1 s apart: the time is the input's, not the measurement's)."""
+  each line is written (batches arrive 0.1 s apart: the time is the input's, not the measurement's). The
+  printed line names each network's gradient norm, as metrics.jsonl holds it."""
   from videofusion_jax.training import loop
 
   written, scalars = [], loop._Writer.scalars
@@ -434,9 +435,15 @@ def test_the_last_step_is_logged_and_steps_per_sec_counts_the_steps_since_the_la
 
   monkeypatch.setattr(loop._Writer, "scalars", timed)
   c = tiny_config(**{"train.num_steps": 7, "train.log_every": 3, "train.checkpoint_every": 1000})
-  train(c, tmp_path, batches=slow(fake_batches(c, n=7)), trainer=trainer, verbose=False)
+  capsys.readouterr()
+  train(c, tmp_path, batches=slow(fake_batches(c, n=7)), trainer=trainer)
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [s for s, _ in written] == [3, 6, 7]
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+  assert len(lines) == 3
+  for line, row in zip(lines, rows):
+    norms = " ".join(f"{k}={row[f'grad_norm_{k}']:.2f}" for k in ("base", "residual", "encoder", "prior"))
+    assert f"  |g| {norms}  " in line, line
   for (s0, t0), (s1, t1), row in zip(written, written[1:], rows[1:]):
     assert row["steps_per_sec"] == pytest.approx((s1 - s0) / (t1 - t0), rel=0.05), (s1, row)  # 1e-4 seen
 

@@ -30,6 +30,7 @@ from videofusion_jax.config import (
 )
 from videofusion_jax.data.stream import resume_position, stream_identity
 from videofusion_jax.experiment import CompileLog
+from videofusion_jax.models.factory import network_names
 from videofusion_jax.training import checkpoint as ckpt
 from videofusion_jax.training.preemption import StopRequest
 from videofusion_jax.training.sharding import checked_on_every_host
@@ -652,7 +653,8 @@ def _loop(trainer: Trainer, state: TrainState, manager, config, workdir: Path, b
           writer.scalars(step, host)
         prior = f", prior {host['loss_prior']:.4f}" if "loss_prior" in host else ""
         lrs = "/".join(f"{v:.1e}" for k, v in host.items() if k.startswith("lr_"))
-        norms = "/".join(f"{v:.2f}" for k, v in host.items() if k.startswith("grad_norm_"))
+        norms = " ".join(f"{k}={host[f'grad_norm_{k}']:.2f}" for k in network_names(config)
+                         if f"grad_norm_{k}" in host)
         speed = (f"{rate:5.2f} steps/s  left {_format_time((total - step) / max(rate, 1e-9))}" if rate is not None
                  else "rate after the next log")
         scaling = (f"  loss scale {host['loss_scale']:g} ({host['skipped_steps']:.0f} updates skipped)"

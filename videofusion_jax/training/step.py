@@ -15,7 +15,7 @@ from videofusion_jax import diffusion
 from videofusion_jax.config import ConfigError, check_cudnn_training, text_prior
 from videofusion_jax.experiment import Experiment
 from videofusion_jax.models.encoder import to_sphere
-from videofusion_jax.models.factory import generator_names, make_apply_fns, make_prior_fn, make_video_fn
+from videofusion_jax.models.factory import make_apply_fns, make_prior_fn, make_video_fn
 from videofusion_jax.training import sharding as shd
 from videofusion_jax.training.optimizer import global_norm, kept_where, loss_scale, scaled, trainable_networks
 from videofusion_jax.training.state import TrainState, ema_update
@@ -250,8 +250,8 @@ def train_step(state: TrainState, batch, *, experiment: Experiment):
   metrics = {
       # 'loss' is what the step minimises: eq. 12 (or the image loss, or VDM*'s), plus the prior's term.
       **losses,
-      # Norms before clipping (each generator is clipped to train.grad_clip on its own).
-      **{f"grad_norm_{k}": global_norm(grads[k]) for k in generator_names(config)},
+      # Norms before clipping, of every network the stage trains (each is clipped to train.grad_clip on its own).
+      **{f"grad_norm_{k}": global_norm(grads[k]) for k in trainable},
       **{f"lr_{k}": schedule(state.step) for k, schedule in schedules.items()},
       # float16: the scale this step's loss was multiplied by; 1 where its update was skipped (the gradients
       # overflowed, their norms above are inf or NaN); the run's skipped updates so far.
