@@ -217,6 +217,40 @@ def test_unknown_dataset_or_config_is_a_clear_error(tmp_path):
       assert builders.registry._make_builder(cls, str(tmp_path), None).builder_config.name == "128"
 
 
+def test_the_folders_of_a_killed_build_are_named_with_their_size(tmp_path, capsys):
+  """A build killed before it finished (SIGKILL: the OOM killer, a preempted machine) leaves the folder TFDS
+  was writing, gigabytes for UCF-101, that no later build removes; prepare() names it and its size (deleting it
+  is the user's: a build running in another process writes one too). The folder is made under TFDS's own
+  name for it; another version's and another config's are not this dataset's."""
+  import time
+
+  from tensorflow_datasets.core.utils import file_utils
+
+  builder = builders.registry._make_builder(builders.DemoClips, str(tmp_path), "64")
+  left = Path(file_utils._get_incomplete_dir(builder.data_dir))  # TFDS's name for the folder it builds in
+  (left / "videofusion_demo_clips-train.array_record-00000-of-00001").parent.mkdir(parents=True)
+  (left / "videofusion_demo_clips-train.array_record-00000-of-00001").write_bytes(b"\0" * 2_500_000)
+  (left / "dataset_info.json").write_bytes(b"{}" * 25_000)
+  for path in (left, *left.iterdir()):
+    os.utime(path, (time.time() - 7200, time.time() - 7200))
+  for other in (Path(builder.data_dir).parent / "incomplete.AAAAAA_0.9.0",
+                Path(builder.data_dir).parents[1] / "128" / "incomplete.BBBBBB_1.0.0"):
+    other.mkdir(parents=True)
+  builders.prepare("demo_clips", str(tmp_path), config="64", build=False)
+  assert capsys.readouterr().out == (
+      f"note: 1 unfinished build folder(s) beside {builder.data_dir}, 2.5 MB in all:\n"
+      f"      {left} (2.5 MB, last written 2.0 h ago)\n"
+      "    A build killed before it finished leaves one; nothing reads them. Delete them (rm -r) unless a build of "
+      "this dataset is running now in another process.\n")
+  builders.prepare("demo_clips", str(tmp_path), config="64", build=False, verbose=False)
+  assert capsys.readouterr().out == ""
+  # What a build stopped with an exception leaves (TFDS removes its folder then): nothing to name.
+  with pytest.raises(RuntimeError), file_utils.incomplete_dir(builder.data_dir) as building:
+    assert {folder for folder, _, _ in registry.unfinished_builds(builder)} == {left, Path(building)}  # running too
+    raise RuntimeError("stopped")
+  assert [folder for folder, _, _ in registry.unfinished_builds(builder)] == [left]
+
+
 def test_builder_names_do_not_clash_with_tfds_own():
   import tensorflow_datasets as tfds
 

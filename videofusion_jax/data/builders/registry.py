@@ -5,7 +5,9 @@ This module imports every builder module; the builder modules import only ``comm
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -14,7 +16,7 @@ from videofusion_jax.data import tensorflow
 from videofusion_jax.data.builders import demo_clips, sky_timelapse, taichi, ucf101, webvid
 from videofusion_jax.data.builders.common import MAX_NAMES_PRINTED, VideoBuilder, VideoConfig
 
-__all__ = ["BUILDERS", "FILE_FORMAT", "prepare", "summarize"]
+__all__ = ["BUILDERS", "FILE_FORMAT", "prepare", "summarize", "unfinished_builds"]
 
 FILE_FORMAT = "array_record"  # the pipeline reads records by index
 
@@ -51,6 +53,10 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str
   tensorflow()
   data_dir = os.path.expanduser(os.fspath(data_dir))
   builder = _make_builder(cls, data_dir, config)
+  if verbose:
+    note = unfinished_builds_note(builder)
+    if note:
+      print(note)
   if builder.is_prepared():
     fmt = builder.info.file_format
     if fmt is not None and fmt.value != FILE_FORMAT:
@@ -72,6 +78,35 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str
   if verbose:
     print(summarize(builder))
   return builder
+
+
+def unfinished_builds(builder: VideoBuilder) -> list[tuple[Path, int, float]]:
+  """The folders TFDS writes a build of ``builder``'s version into (``incomplete.XXXXXX_<version>`` beside
+  it), found on disk: a build killed before it finished leaves its folder (one stopped by an exception or
+  Ctrl-C removes its own), and so does a build running now in another process. Each with its size in bytes
+  and the seconds since anything in it was last written."""
+  version_dir = Path(builder.data_dir)
+  found = []
+  for folder in sorted(version_dir.parent.glob(f"incomplete.*_{version_dir.name}")):
+    try:
+      stats = [folder.stat()] + [p.stat() for p in folder.rglob("*")]
+    except OSError:  # removed meanwhile, by the build that wrote it
+      continue
+    found.append((folder, sum(st.st_size for st in stats[1:]), time.time() - max(st.st_mtime for st in stats)))
+  return found
+
+
+def unfinished_builds_note(builder: VideoBuilder) -> str:
+  """A note naming ``unfinished_builds(builder)`` and their size, or ''."""
+  found = unfinished_builds(builder)
+  if not found:
+    return ""
+  size = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
+  ago = lambda s: f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"  # noqa: E731
+  folders = "".join(f"\n      {folder} ({size(n)}, last written {ago(age)} ago)" for folder, n, age in found)
+  return (f"note: {len(found)} unfinished build folder(s) beside {builder.data_dir}, "
+          f"{size(sum(n for _, n, _ in found))} in all:{folders}\n    A build killed before it finished leaves one; "
+          "nothing reads them. Delete them (rm -r) unless a build of this dataset is running now in another process.")
 
 
 def _names(items: Mapping[str, Any] | list[str], with_values: bool) -> str:
