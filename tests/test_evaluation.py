@@ -238,6 +238,15 @@ def test_inception_score_limits_and_scipy_kl():
   assert std == pytest.approx(np.std(expected), rel=1e-6)
   with pytest.raises(ValueError, match="pass softmax outputs, not logits"):
     distances.inception_score(np.log(p))
+  # Few clips: 10 splits of ~10 would cap the score near 10 whatever the clips; the splits keep as many clips as
+  # there are classes (C3D's 101) where they can, one split below that. Confident clips of 96 distinct classes
+  # score as all 96 at once do (scipy's KL), not 10 splits' ~9.6.
+  assert [distances.inception_splits(n, 101) for n in (5, 96, 101, 1000, 2048, 10000)] == [1, 1, 1, 9, 10, 10]
+  confident = np.eye(101)[np.random.default_rng(4).permutation(101)[:96]] * 0.99 + 0.01 / 101
+  pooled = np.exp(np.mean([scipy.stats.entropy(row, confident.mean(0)) for row in confident]))
+  assert distances.inception_score(confident, splits=distances.inception_splits(96, 101)) == pytest.approx(
+      (pooled, 0.0), rel=1e-9, abs=1e-12)
+  assert pooled > 80 and distances.inception_score(confident, splits=10)[0] < 10  # what 10 splits gave
   with pytest.raises(ValueError, match="between 1 and the number of videos"):
     distances.inception_score(p, splits=61)
 

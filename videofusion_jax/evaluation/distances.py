@@ -171,6 +171,17 @@ def kernel_distance(features_a: np.ndarray, features_b: np.ndarray, num_subsets:
   return float(mmds.mean()), float(mmds.std())
 
 
+IS_SPLITS = 10  # StyleGAN-V's isv2048_ucf and TGANv2: mean and std over 10 splits (of ~205 at 2048 clips)
+
+
+def inception_splits(num_videos: int, num_classes: int) -> int:
+  """How many splits the Inception Score of ``num_videos`` takes: ``IS_SPLITS``, fewer where a split would
+  hold fewer videos than there are classes (at least one). A split's score is at most its number of
+  videos (its ``p(y)`` spreads over no more classes than it holds), so 10 splits of 9 or 10 videos each
+  would cap the score near 10 whatever the model; 1 split of ``n < num_classes`` is still capped at ``n``."""
+  return max(1, min(IS_SPLITS, num_videos // num_classes))
+
+
 def inception_score(probs: np.ndarray, splits: int = 10, eps: float = 1e-20) -> tuple[float, float]:
   """Mean and std over ``splits`` consecutive splits of ``exp(mean_x KL(p(y|x) || p(y)))``.
 

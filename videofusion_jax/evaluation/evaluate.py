@@ -282,8 +282,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   if c3d is not None:
     probs = np.concatenate(probs)
     # 10 splits: with the default 2048 clips, StyleGAN-V's isv2048_ucf (mean and std over 10 splits of ~205).
-    is_mean, is_std = distances.inception_score(probs, splits=min(10, len(probs)))
-    results.update(inception_score=is_mean, inception_score_std=is_std)
+    is_splits = distances.inception_splits(*probs.shape)
+    is_mean, is_std = distances.inception_score(probs, splits=is_splits)
+    results.update(inception_score=is_mean, inception_score_std=is_std, inception_score_splits=is_splits)
   line = f"step {step}: FVD {results['fvd']:.1f}, KVD {kvd_mean:.2f} ± {kvd_std:.2f}"
   if c3d is not None:
     line += f", IS {results['inception_score']:.2f} ± {results['inception_score_std']:.2f}"
@@ -294,6 +295,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     out = fresh_file(out)
     write_whole(out, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
   say(f"wrote {out}")
+  if c3d is not None and (is_splits < distances.IS_SPLITS or len(probs) < probs.shape[1]):
+    per_split = len(probs) // is_splits
+    cap = (f"; a split of {per_split} clips scores at most {per_split} (fewer clips than C3D's {probs.shape[1]} "
+           "classes)") if per_split < probs.shape[1] else ""
+    say(f"note: the Inception Score is over {is_splits} split(s) of ~{per_split} clips, not the protocol's "
+        f"{distances.IS_SPLITS} (of ~205 at eval.num_generated=2048), so that no split holds fewer clips than there "
+        f"are classes where it can{cap}: compare it only with figures of as many clips.")
   if kvd_size < e.kvd_subset_size:
     say(f"note: KVD's subsets hold {kvd_size} clips a side, not eval.kvd_subset_size={e.kvd_subset_size}: "
         "no side has more (recorded as kvd_subset_size).")
