@@ -72,6 +72,12 @@ def test_demo_figures_cannot_be_won_by_a_trivial_output():
   uncond = demo_figures(real, None, real, real_labels)
   assert uncond["all_frame_accuracy"] == 1.0 and uncond["per_sample"]["label"] == real_labels.tolist()
   assert uncond["accuracy_against"] == "key frame's nearest clip"
+  # ... over the frames other than the key frame, which finds its own clip whatever the rest: a real key frame
+  # among another label's frames scores 0 (1/5 when the key frame counted).
+  mixed = real[np.roll(np.arange(9), 3)].copy()
+  mixed[:, 2] = real[:, 2]
+  mixed_figures = demo_figures(mixed, None, real, real_labels)
+  assert mixed_figures["all_frame_accuracy"] == 0.0 and mixed_figures["per_sample"]["label"] == real_labels.tolist()
 
 
 def test_one_real_clip_gives_null_not_infinity():

@@ -3,8 +3,9 @@
 - *All-frame accuracy*: every generated frame (not only the key frame, which the base
   generator alone makes) is matched to its nearest real frame; a frame scores when that frame
   comes from the clip the sample was conditioned on (for unconditional samples: the clip of
-  the key frame's nearest real frame, so the figure measures whether the video stays in one
-  clip). A model that paints one memorised key frame and noise elsewhere scores low.
+  the key frame's nearest real frame, and the share is of the other frames, so the figure measures
+  whether the video stays in one clip; the key frame, which always finds its own clip, would give
+  any output 1/N). A model that paints one memorised key frame and noise elsewhere scores low.
 - *Motion ratio*: the mean absolute difference between consecutive frames of the samples
   divided by that of real clips (1 is right: a frozen video scores 0, flicker scores > 1); and
   the same ratio for each frame's distance to the key frame.
@@ -44,10 +45,16 @@ def all_frame_accuracy(samples: np.ndarray, labels: np.ndarray | None, real: np.
                        real_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per sample, the share of its frames whose nearest real frame comes from the labelled
   clip, ``(B,)`` (the figure is its mean), and the labels used: ``labels``, or with None the
-  label of each key frame's nearest real frame (unconditional samples)."""
+  label of each key frame's nearest real frame (unconditional samples), the share then of the
+  frames other than the key frame (which matches by construction)."""
   nearest = nearest_real_frame_labels(samples, real, real_labels)
-  labels = nearest[:, key_frame_index(samples.shape[1])] if labels is None else np.asarray(labels)
-  return (nearest == labels[:, None]).mean(axis=1), labels
+  if labels is not None:
+    labels = np.asarray(labels)
+    return (nearest == labels[:, None]).mean(axis=1), labels
+  k = key_frame_index(samples.shape[1])
+  labels = nearest[:, k]
+  others = np.delete(nearest, k, axis=1) if samples.shape[1] > 1 else nearest
+  return (others == labels[:, None]).mean(axis=1), labels
 
 
 def motion(videos: np.ndarray) -> np.ndarray:
