@@ -336,9 +336,9 @@ def test_slurm_dry_run_one_process_per_gpu(fakes, tmp_path):
   assert ["source", "launch/setup_env.sh"] in cmds
   assert ["python", "-m", "pip", "install", "-q", f"jax[cuda12]=={JAX_VERSION}"] in cmds
   sruns = [c for c in cmds if c[0] == "srun"]
-  assert len(sruns) == 1 and sruns[0][1:4] == ["--kill-on-bad-exit=1", "bash", "-c"]
+  assert len(sruns) == 1 and sruns[0][1:5] == ["--export=ALL", "--kill-on-bad-exit=1", "bash", "-c"]
   # The process id is the task's own, not fixed when the job starts.
-  assert "$SLURM_PROCID" in sruns[0][4] and "--process_id=" not in " ".join(sruns[0][5:])
+  assert "$SLURM_PROCID" in sruns[0][5] and "--process_id=" not in " ".join(sruns[0][6:])
   per_task = tasks(cmds)
   check_tasks(per_task, 8)
   assert [ids for ids, _ in per_task] == ["0", "1", "2", "3"] * 2  # each process its own GPU of its node
@@ -349,6 +349,7 @@ def test_slurm_dry_run_one_process_per_node(fakes, tmp_path):
                        SETUP_PER_NODE="1")
   setup, main = [c for c in cmds if c[0] == "srun"]
   assert "--ntasks-per-node=1" in setup and "source launch/setup_env.sh" in setup[setup.index("-c") + 1]
+  assert "--export=ALL" in setup and "--export=ALL" in main  # PATH to the venv even under sbatch --export=NONE
   assert setup[-1] == f"jax[cuda12]=={JAX_VERSION}"
   per_task = tasks(cmds)
   check_tasks(per_task, 2)
