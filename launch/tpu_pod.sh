@@ -195,7 +195,9 @@ run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all \
 echo \"error: a run is already going on \$(hostname)\" >&2; exit 1; fi \
 && rm -f logs/main.pid logs/main.rc && { [ ! -f logs/main.log ] || mv logs/main.log \"logs/main.\$(date +%Y%m%d-%H%M%S).log\"; } \
 && { nohup bash -c 'python \"\$@\" & echo \$! > logs/main.pid; wait \$!; echo \$? > logs/main.rc' _ $MAIN \
-> logs/main.log 2>&1 < /dev/null & } && while [ ! -s logs/main.pid ]; do sleep 0.1; done"
+> logs/main.log 2>&1 < /dev/null & } && for _ in \$(seq 100); do [ -s logs/main.pid ] && break; sleep 0.1; done \
+&& { [ -s logs/main.pid ] || { echo \"error: the run did not start on \$(hostname): ~/$REMOTE_DIR/logs/main.log\" >&2; \
+exit 1; }; }"
 STARTED=1
 
 # 5. Worker 0's log until its process ends (Ctrl-C stops following, not the run).
