@@ -356,6 +356,16 @@ def test_slurm_dry_run_one_process_per_node(fakes, tmp_path):
   assert [ids for ids, _ in per_task] == ["0,1,2,3"] * 2  # every GPU of the node
 
 
+def test_slurm_coordinator_port_follows_the_job(fakes, tmp_path):
+  """Two jobs whose first node is the same (nodes shared between jobs) both took port 12345: one job's
+  coordinator could not start. The default port is the job's own."""
+  env = {k: v for k, v in SLURM_ENV.items() if k != "COORDINATOR_PORT"}
+  for job, port in (("77", 12077), ("123456", 12000 + 123456 % 8000)):
+    r = launch(SLURM_SCRIPT, fakes, tmp_path, {**env, "SLURM_JOB_ID": job, "SLURM_NTASKS": "2",
+                                               "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "1"})
+    assert r.returncode == 0 and f"coordinator gpu01:{port}\n" in r.stdout, r.stderr
+
+
 def test_slurm_dry_run_without_scontrol_expands_the_node_list_itself(fakes, tmp_path):
   """Off the cluster (no scontrol) the README's dry run stopped with 'scontrol not found'; a dry run now expands
   the usual node-list forms itself (a real run still needs scontrol)."""
