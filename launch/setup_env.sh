@@ -26,13 +26,22 @@ fi
 STAMP="$VENV/.requirements.sha256"
 WANT="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  echo "[setup] installing pinned requirements into $VENV (first run: a few minutes)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
-  # setuptools' editable build warns at length on stderr; show it only if the install fails.
-  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" 2>"$VENV/.editable-install.log" \
-    || { cat "$VENV/.editable-install.log"; exit 1; }
-  echo "$WANT" > "$STAMP"
+  # One install at a time into one venv (two jobs started together on a shared filesystem); the one that
+  # waited finds it done. Without flock (macOS) there is no lock.
+  if command -v flock >/dev/null; then
+    exec 9>>"$VENV/.install.lock"
+    flock 9
+  fi
+  if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    echo "[setup] installing pinned requirements into $VENV (first run: a few minutes)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
+    # setuptools' editable build warns at length on stderr; show it only if the install fails.
+    "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" 2>"$VENV/.editable-install.log" \
+      || { cat "$VENV/.editable-install.log"; exit 1; }
+    echo "$WANT" > "$STAMP"
+  fi
+  if command -v flock >/dev/null; then exec 9>&-; fi
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"

@@ -460,6 +460,27 @@ def test_demo_script_takes_a_relative_workdir_from_where_it_is_run(tmp_path):
   assert r.returncode == 0 and "--workdir=workdirs/demo" in r.stdout.splitlines()  # the default: the repository's
 
 
+def test_two_set_ups_at_once_install_once(tmp_path):
+  """Two jobs started together on one shared venv both ran pip into it at once; now the second waits for the
+  first's install and finds it done. A stand-in venv whose pip takes a second and records when it ran."""
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  (venv / "bin" / "python").write_text('#!/usr/bin/env bash\n'
+                                       'echo "start $$ $(date +%s.%N)" >> "$VENV/pip.log"; sleep 1\n'
+                                       'echo "end $$ $(date +%s.%N)" >> "$VENV/pip.log"\n')
+  (venv / "bin" / "python").chmod(0o755)
+  (venv / "bin" / "activate").write_text("")
+  env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "VENV": str(venv)}
+  runs = [subprocess.Popen(["bash", "-c", f"source {ROOT / 'launch' / 'setup_env.sh'}"], env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+  outs = [r.communicate(timeout=60) for r in runs]
+  assert all(r.returncode == 0 for r in runs), outs
+  log = [line.split() for line in (venv / "pip.log").read_text().splitlines()]
+  assert len(log) == 6 and len({pid for _, pid, _ in log}) == 3  # one install: its three pip calls in turn
+  assert [what for what, _, _ in log] == ["start", "end"] * 3
+  assert sum("[setup] installing" in out for out, _ in outs) == 1
+
+
 @pytest.mark.parametrize("args,targets", [
     ([], ["tests"]),
     (["-k", "vdm", "-x"], ["tests", "-k", "vdm", "-x"]),
