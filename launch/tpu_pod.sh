@@ -105,7 +105,9 @@ STARTED=0
 ENDED=0
 ERRORS="$(mktemp "${TMPDIR:-/tmp}/videofusion-gcloud.XXXXXX")"
 PID="$REMOTE_DIR/logs/main.pid"
-WAIT_FOR_RUN="while [ -f $PID ] && kill -0 \"\$(cat $PID)\" 2>/dev/null; do sleep 10; done"
+# Whether the process in logs/main.pid is this project's run (after a reboot the number may be another's).
+RUNNING="[ -f $PID ] && grep -qa videofusion_jax.main /proc/\$(cat $PID)/cmdline 2>/dev/null"
+WAIT_FOR_RUN="while $RUNNING; do sleep 10; done"
 
 cleanup() {
   set +e  # a failed wait (a preempted slice's ssh) must not skip the delete
@@ -144,7 +146,7 @@ case "$STATE" in
     echo "# reusing $TPU_NAME (READY)"
     # Before anything is copied there: the code and the environment of a run going on stay as they are.
     run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all \
-      --command="if [ -f $PID ] && kill -0 \"\$(cat $PID)\" 2>/dev/null; then echo \"error: a run is already \
+      --command="if $RUNNING; then echo \"error: a run is already \
 going on \$(hostname) (process \$(cat $PID)): wait for it, or stop it on every worker (${TPU[*]} ssh $TPU_NAME \
 ${GC[*]} --worker=all --command='kill \\\$(cat $PID)'; it saves a checkpoint) and run this again\" >&2; exit 1; fi" ;;
   PREEMPTED | TERMINATED)
@@ -191,7 +193,7 @@ run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all \
 MAIN="$(quote -m videofusion_jax.main --config="$CONFIG" --workdir="$WORKDIR" --mode="$MODE" --multihost "$@")"
 run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all \
   --command="cd $REMOTE_DIR && source launch/setup_env.sh && mkdir -p logs \
-&& if [ -f logs/main.pid ] && kill -0 \"\$(cat logs/main.pid)\" 2>/dev/null; then \
+&& if [ -f logs/main.pid ] && grep -qa videofusion_jax.main /proc/\$(cat logs/main.pid)/cmdline 2>/dev/null; then \
 echo \"error: a run is already going on \$(hostname)\" >&2; exit 1; fi \
 && rm -f logs/main.pid logs/main.rc && { [ ! -f logs/main.log ] || mv logs/main.log \"logs/main.\$(date +%Y%m%d-%H%M%S).log\"; } \
 && { nohup bash -c 'python \"\$@\" & echo \$! > logs/main.pid; wait \$!; echo \$? > logs/main.rc' _ $MAIN \

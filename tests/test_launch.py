@@ -264,7 +264,7 @@ def test_tpu_run_deletes_only_a_slice_it_made_and_never_after_an_unclear_describ
       in r.stderr
   (root / "w1" / "videofusion" / "logs").mkdir(parents=True, exist_ok=True)
   (root / "w1" / "videofusion" / "README.md").unlink(missing_ok=True)  # copied by the runs above
-  going = subprocess.Popen(["sleep", "60"])
+  going = subprocess.Popen(["bash", "-c", "sleep 60; true", "-m", "videofusion_jax.main"])  # a run's arguments
   try:
     (root / "w1" / "videofusion" / "logs" / "main.pid").write_text(f"{going.pid}\n")
     r, verbs = pod_run(tmp_path, {**env, "FAKE_STATE": "READY\tv5litepod-16"})
@@ -273,6 +273,14 @@ def test_tpu_run_deletes_only_a_slice_it_made_and_never_after_an_unclear_describ
   assert r.returncode == 1 and verbs == ["describe", "ssh"], verbs
   assert f"error: a run is already going on {os.uname().nodename} (process {going.pid})" in r.stderr
   assert not (root / "w1" / "videofusion" / "README.md").exists()  # nothing copied
+  # After a reboot the recorded number may be another program's: no run of this project, so the launch goes on.
+  other = subprocess.Popen(["sleep", "60"])
+  try:
+    (root / "w1" / "videofusion" / "logs" / "main.pid").write_text(f"{other.pid}\n")
+    r, verbs = pod_run(tmp_path, {**env, "FAKE_STATE": "READY\tv5litepod-16"})
+  finally:
+    other.kill()
+  assert r.returncode == 0 and verbs[:3] == ["describe", "ssh", "scp"], (verbs, r.stderr)
 
 
 @pytest.mark.parametrize("env,message", [
