@@ -1,6 +1,7 @@
 """UCF101 as in the paper: 16 frames at 64x64, λ = 0.5, class-conditional (101), T = 1000.
 
-Model sizes are for a pod (base about 4x the residual). Pass ``:small`` for a local check.
+Model sizes are for a pod: base 491M and residual 92M parameters (the paper's are ~2B and ~0.5B, the base
+pretrained; the ratio, 5.3x, near the paper's ~4x). Pass ``:small`` for a local check.
 ``:vdm`` is VDM*, the paper's baseline: the same base U-Net made space-time (a temporal attention
 after each spatial one) on every frame, with independent noise (λ = 0); ``:vdm_small`` both.
 

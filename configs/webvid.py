@@ -11,7 +11,8 @@ python -m videofusion_jax.main --config=configs/webvid.py --workdir=W --mode=sam
 project's own small CLIP is used (trained on the dataset's first 2,000 videos and their captions:
 for trying the pipeline, not for results). The frame and caption embeddings are computed once and
 stored beside the dataset (``--mode=embed`` does it before a multi-host run). ``:small`` for a
-local check.
+local check. The model sizes and the base's pretraining differ from the paper's as
+``unconditional_64_config`` says (videofusion_jax/config.py).
 """
 from videofusion_jax.config import unconditional_64_config
 

@@ -196,7 +196,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def unconditional_64_config(name: str, frame_stride: int) -> ml_collections.ConfigDict:
-  """The unconditional 16 x 64x64 setting shared by Sky Time-lapse and TaiChi-HD (λ = 0.5)."""
+  """The unconditional 16 x 64x64 setting shared by Sky Time-lapse and TaiChi-HD (λ = 0.5), WebVid's base.
+
+  Where it differs from the paper: base 272M and residual 50M parameters (the paper's ~2B and ~0.5B), and
+  no pretrained base, which ``train.base_lr_scale=0.1`` assumes: train the image stage first
+  (``--config.train.stage=image``), then pass ``--config.train.init_base_from=THAT_WORKDIR`` (from scratch
+  the run warns); the key-frame encoder is the learned one, not CLIP's (as ``configs/ucf101.py`` says)."""
   c = base_config()
   c.data.update(name=name, num_frames=16, frame_stride=frame_stride, image_size=64, num_classes=0)
   c.model.base = unet_config(base_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
