@@ -5,7 +5,10 @@
 # A relative WORKDIR is under the directory this is run from (set-up moves to the repository's root,
 # where the default, workdirs/demo, and relative paths in the extra arguments are).
 set -euo pipefail
-if [ -n "${WORKDIR:-}" ] && [[ $WORKDIR != /* ]]; then WORKDIR="$PWD/$WORKDIR"; fi
+case "${WORKDIR:-}" in
+  "" | /* | "~"* | *://*) ;;  # unset, absolute, a home path the program expands, a URL (which it refuses)
+  *) WORKDIR="$PWD/$WORKDIR" ;;
+esac
 source "$(dirname "$0")/setup_env.sh"
 WORKDIR="${WORKDIR:-workdirs/demo}"
 python -m videofusion_jax.main --config=configs/demo.py --workdir="$WORKDIR" \

@@ -4,33 +4,39 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
-if [ ! -x "$VENV/bin/python" ]; then
-  if ! command -v "$PYTHON" >/dev/null; then
-    echo "error: $PYTHON is not found; install Python 3.11 or 3.12 and run again (PYTHON=python3.11 picks one)." >&2
-    exit 1
-  fi
-  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-    echo "error: $PYTHON is $("$PYTHON" --version 2>&1); the pinned requirements need Python 3.11 or 3.12:" \
-      "install one and run again with PYTHON=python3.11 (or python3.12)." >&2
-    exit 1
-  fi
-  echo "[setup] creating $VENV"
-  [ -e "$VENV" ] && made="" || made=1
-  if ! "$PYTHON" -m venv "$VENV"; then
-    [ -n "$made" ] && rm -rf "$VENV"  # half made here: the next run would take it for a working one
-    echo "error: '$PYTHON -m venv' failed (above); on Debian or Ubuntu install the venv module" \
-      "(apt install ${PYTHON##*/}-venv, or python3-venv) and run again." >&2
-    exit 1
-  fi
-fi
 STAMP="$VENV/.requirements.sha256"
 WANT="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  # One install at a time into one venv (two jobs started together on a shared filesystem); the one that
-  # waited finds it done. Without flock (macOS) there is no lock.
-  if command -v flock >/dev/null; then
-    exec 9>>"$VENV/.install.lock"
-    flock 9
+ready() { [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; }
+if ! ready; then
+  # One set-up at a time for one venv (two jobs started together on a shared filesystem): the one that waited
+  # finds it made. The lock is a file beside the venv; without flock (macOS), or where the filesystem refuses
+  # locks (Lustre mounted without them), there is none, and a note says so.
+  LOCKED=""
+  if command -v flock >/dev/null && { exec 9>>"$VENV.lock"; } 2>/dev/null; then
+    if flock 9 2>/dev/null; then
+      LOCKED=1
+    else
+      echo "[setup] note: $VENV.lock cannot be locked on this filesystem; setting up without a lock" >&2
+    fi
+  fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    if ! command -v "$PYTHON" >/dev/null; then
+      echo "error: $PYTHON is not found; install Python 3.11 or 3.12 and run again (PYTHON=python3.11 picks one)." >&2
+      exit 1
+    fi
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "error: $PYTHON is $("$PYTHON" --version 2>&1); the pinned requirements need Python 3.11 or 3.12:" \
+        "install one and run again with PYTHON=python3.11 (or python3.12)." >&2
+      exit 1
+    fi
+    echo "[setup] creating $VENV"
+    [ -e "$VENV" ] && made="" || made=1
+    if ! "$PYTHON" -m venv "$VENV"; then
+      [ -n "$made" ] && rm -rf "$VENV"  # half made here: the next run would take it for a working one
+      echo "error: '$PYTHON -m venv' failed (above); on Debian or Ubuntu install the venv module" \
+        "(apt install ${PYTHON##*/}-venv, or python3-venv) and run again." >&2
+      exit 1
+    fi
   fi
   if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[setup] installing pinned requirements into $VENV (first run: a few minutes)"
@@ -41,7 +47,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
       || { cat "$VENV/.editable-install.log"; exit 1; }
     echo "$WANT" > "$STAMP"
   fi
-  if command -v flock >/dev/null; then exec 9>&-; fi
+  if [ -n "$LOCKED" ]; then exec 9>&-; fi
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"

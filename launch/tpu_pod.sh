@@ -40,7 +40,6 @@ WORKER_PYTHON="${WORKER_PYTHON:-python3.11}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 JAX_VERSION="$(sed -n 's/^jax==//p' "$ROOT/requirements.txt")"
 REMOTE_DIR=videofusion  # relative to the home directory on each worker
-TARBALL="${TMPDIR:-/tmp}/videofusion-$TPU_NAME.tar.gz"
 
 fail() { echo "error: $*" >&2; exit 1; }
 
@@ -103,15 +102,23 @@ TPU=(gcloud compute tpus tpu-vm)
 CREATED=0
 STARTED=0
 ENDED=0
-ERRORS="$(mktemp "${TMPDIR:-/tmp}/videofusion-gcloud.XXXXXX")"
+# This run's own files (gcloud's errors, the code's tarball); a dry run makes none.
+WORK="${TMPDIR:-/tmp}/videofusion-launch.XXXXXX"
+if [ "$DRY_RUN" != 1 ]; then WORK="$(mktemp -d "$WORK")"; fi
+ERRORS="$WORK/gcloud.err"
+TARBALL="$WORK/videofusion.tar.gz"
 PID="$REMOTE_DIR/logs/main.pid"
+RC="$REMOTE_DIR/logs/main.rc"
 # Whether the process in logs/main.pid is this project's run (after a reboot the number may be another's).
 RUNNING="[ -f $PID ] && grep -qa videofusion_jax.main /proc/\$(cat $PID)/cmdline 2>/dev/null"
-WAIT_FOR_RUN="while $RUNNING; do sleep 10; done"
+# Until the run's process has ended and its exit status is written: the process itself, to its zombie (whose
+# command line is already empty), then a moment for the shell beside it to write logs/main.rc.
+WAIT_FOR_RUN="while [ -f $PID ] && kill -0 \"\$(cat $PID)\" 2>/dev/null; do sleep 10; done; \
+for _ in \$(seq 30); do [ -s $RC ] && break; sleep 1; done"
 
 cleanup() {
   set +e  # a failed wait (a preempted slice's ssh) must not skip the delete
-  rm -f "$ERRORS" "$TARBALL"
+  if [ "$DRY_RUN" != 1 ]; then rm -rf "$WORK"; fi
   if [ "$CLEANUP" = 1 ] && [ "$CREATED" = 1 ]; then
     if [ "$STARTED" = 1 ] && [ "$ENDED" = 0 ]; then
       # Worker 0 can finish first; the others may still be writing their part of the last checkpoint.
@@ -195,7 +202,7 @@ run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all \
   --command="cd $REMOTE_DIR && source launch/setup_env.sh && mkdir -p logs \
 && if [ -f logs/main.pid ] && grep -qa videofusion_jax.main /proc/\$(cat logs/main.pid)/cmdline 2>/dev/null; then \
 echo \"error: a run is already going on \$(hostname)\" >&2; exit 1; fi \
-&& rm -f logs/main.pid logs/main.rc && { [ ! -f logs/main.log ] || mv logs/main.log \"logs/main.\$(date +%Y%m%d-%H%M%S).log\"; } \
+&& rm -f logs/main.pid logs/main.rc && { [ ! -f logs/main.log ] || mv logs/main.log \"logs/main.\$(date -r logs/main.log +%Y%m%d-%H%M%S).log\"; } \
 && { nohup bash -c 'python \"\$@\" & echo \$! > logs/main.pid; wait \$!; echo \$? > logs/main.rc' _ $MAIN \
 > logs/main.log 2>&1 < /dev/null & } && for _ in \$(seq 100); do [ -s logs/main.pid ] && break; sleep 0.1; done \
 && { [ -s logs/main.pid ] || { echo \"error: the run did not start on \$(hostname): ~/$REMOTE_DIR/logs/main.log\" >&2; \
@@ -207,9 +214,9 @@ run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=0 \
   --command="cd $REMOTE_DIR && tail -n +1 -F --pid=\"\$(cat logs/main.pid)\" logs/main.log"
 # 6. Every worker's process to its end (the others may still be writing their part of the last checkpoint),
 # and its exit status: this script fails where a run did.
-run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all --command="$WAIT_FOR_RUN; \
-rc=\$(cat $REMOTE_DIR/logs/main.rc 2>/dev/null || echo none); if [ \"\$rc\" != 0 ]; then echo \"error: the run on \
-\$(hostname) ended with exit status \$rc (none: killed before it could say; its log: ~/$REMOTE_DIR/logs/main.log)\" >&2; \
-exit 1; fi"
+run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all --command="$WAIT_FOR_RUN"
 ENDED=1
+run "${TPU[@]}" ssh "$TPU_NAME" "${GC[@]}" --worker=all --command="rc=\$(cat $RC 2>/dev/null); \
+if [ \"\$rc\" != 0 ]; then echo \"error: the run on \$(hostname) \$([ -n \"\$rc\" ] && echo ended with exit status \
+\$rc || echo was killed before it could write its exit status); its log: ~/$REMOTE_DIR/logs/main.log\" >&2; exit 1; fi"
 # 7. Clean-up runs on exit (the trap above).

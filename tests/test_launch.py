@@ -73,16 +73,17 @@ def test_tpu_dry_run(fakes, tmp_path, spot, cleanup):
   env = {"DRY_RUN": "1", "TPU_NAME": "vf-test", "ZONE": "europe-west4-b", "PROJECT": "my-proj",
          "ACCELERATOR_TYPE": "v5litepod-16", "SPOT": spot, "CLEANUP": cleanup, "CONFIG": "configs/taichi.py",
          "WORKDIR": "/mnt/shared/run"}
+  (tmp_path / "videofusion-vf-test.tar.gz").write_text("another launch's")  # a dry run changes nothing
   r = launch(TPU_SCRIPT, fakes, tmp_path, env, *EXTRA)
   assert r.returncode == 0, r.stderr
   assert not list(fakes[1].iterdir()), "a dry run called a cluster tool"
-  assert not list(tmp_path.glob("*.tar.gz")), "a dry run wrote the code tarball"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "calls", "videofusion-vf-test.tar.gz"]
   # The existence check is printed, not run, and the dry run says what it assumes instead.
   assert "# dry run: the describe check is not run; assuming the slice does not exist" in r.stdout.splitlines()
 
   cmds = printed_commands(r.stdout)
   gcloud = [c for c in cmds if c[:4] == TPU]
-  assert gcloud and all(c[4] == "describe" or "vf-test" in c[5] for c in gcloud)
+  assert gcloud and all(c[6].startswith("vf-test:") if c[4] == "scp" else c[5] == "vf-test" for c in gcloud)
   assert all("--zone=europe-west4-b" in c and "--project=my-proj" in c for c in gcloud)
   verbs = [c[4] for c in gcloud]
   assert verbs[:2] == ["describe", "create"]
@@ -202,7 +203,7 @@ def pod(tmp_path):
   for f in (*(root / "bin").iterdir(), *(root / "wbin").iterdir(), *root.glob("w*/videofusion/.venv/bin/python")):
     f.chmod(0o755)
   env = {"PATH": f"{root / 'bin'}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
-         "FAKE_ROOT": str(root), "TPU_NAME": "vf", "WORKDIR": "/mnt/shared/run", "CLEANUP": "1"}
+         "FAKE_ROOT": str(root), "TPU_NAME": "vf", "WORKDIR": "/mnt/shared/run", "CLEANUP": "1", "TZ": "UTC"}
   return env, root
 
 
@@ -222,22 +223,28 @@ def test_tpu_run_reports_each_workers_exit_status_and_keeps_earlier_logs(pod, tm
   env, root = pod
   r, verbs = pod_run(tmp_path, env, *EXTRA)
   assert r.returncode == 0, r.stderr
-  assert verbs == ["describe", "create", "scp", "ssh", "ssh", "ssh", "ssh", "ssh", "delete"]
+  assert verbs == ["describe", "create", "scp", "ssh", "ssh", "ssh", "ssh", "ssh", "ssh", "delete"]
   for w in (0, 1):
     log = (root / f"w{w}" / "videofusion" / "logs" / "main.log").read_text().splitlines()
     assert log[-2:] == [f"<{a}>" for a in EXTRA] and "<--multihost>" in log
     assert (root / f"w{w}" / "videofusion" / "logs" / "main.rc").read_text() == "0\n"
   assert "<--config.data.data_dir=/data/a b'c>" in r.stdout  # worker 0's log, followed
-  first = (root / "w1" / "videofusion" / "logs" / "main.log").read_text()
+  first = root / "w1" / "videofusion" / "logs" / "main.log"
+  os.utime(first, (1767323045, 1767323045))  # 2026-01-02 03:04:05 UTC
+  first = first.read_text()
 
   r, verbs = pod_run(tmp_path, {**env, "FAKE_STATE": "READY\tv5litepod-16", "FAKE_RC_W1": "3"})
   assert r.returncode == 1 and verbs[-1] == "ssh"  # a slice it did not create stays
-  assert "error: the run on " in r.stderr and "ended with exit status 3" in r.stderr, r.stderr
-  kept = list((root / "w1" / "videofusion" / "logs").glob("main.*-*.log"))
-  assert len(kept) == 1 and kept[0].read_text() == first
+  assert f"error: the run on {os.uname().nodename} ended with exit status 3; its log: ~/videofusion/logs/main.log" \
+      in r.stderr.splitlines(), r.stderr
+  kept = list((root / "w1" / "videofusion" / "logs").glob("main.*-*.log"))  # under the date it was last written
+  assert [p.name for p in kept] == ["main.20260102-030405.log"] and kept[0].read_text() == first
 
   r, verbs = pod_run(tmp_path, {**env, "FAKE_RC_W0": "1"})
-  assert r.returncode == 1 and verbs[-1] == "delete" and "ended with exit status 1" in r.stderr
+  assert r.returncode == 1 and "ended with exit status 1" in r.stderr
+  # The workers' processes were waited for before the status was read: deleted with no second wait.
+  assert verbs[-4:] == ["ssh", "ssh", "ssh", "delete"] and "# waiting for every worker" not in r.stdout
+  assert not list(tmp_path.glob("videofusion-launch.*"))  # this run's own files, removed
 
 
 def test_tpu_run_deletes_only_a_slice_it_made_and_never_after_an_unclear_describe(pod, tmp_path):
@@ -466,26 +473,38 @@ def test_demo_script_takes_a_relative_workdir_from_where_it_is_run(tmp_path):
   r = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh")], capture_output=True, text=True, timeout=60,
                      cwd=here, env=env)
   assert r.returncode == 0 and "--workdir=workdirs/demo" in r.stdout.splitlines()  # the default: the repository's
+  r = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh")], capture_output=True, text=True, timeout=60,
+                     cwd=here, env={**env, "WORKDIR": "~/runs/x"})  # quoted, or from os.environ: the program expands
+  assert r.returncode == 0 and "--workdir=~/runs/x" in r.stdout.splitlines()
 
 
-def test_two_set_ups_at_once_install_once(tmp_path):
-  """Two jobs started together on one shared venv both ran pip into it at once; now the second waits for the
-  first's install and finds it done. A stand-in venv whose pip takes a second and records when it ran."""
-  venv = tmp_path / "venv"
-  (venv / "bin").mkdir(parents=True)
-  (venv / "bin" / "python").write_text('#!/usr/bin/env bash\n'
-                                       'echo "start $$ $(date +%s.%N)" >> "$VENV/pip.log"; sleep 1\n'
-                                       'echo "end $$ $(date +%s.%N)" >> "$VENV/pip.log"\n')
-  (venv / "bin" / "python").chmod(0o755)
-  (venv / "bin" / "activate").write_text("")
-  env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "VENV": str(venv)}
+def test_two_set_ups_at_once_make_the_venv_once(tmp_path):
+  """Two jobs started together on one shared venv both made it and ran pip into it at once (one of them could
+  delete the venv the other was installing into); now the second waits for the first and finds it made. A
+  stand-in python whose venv module takes half a second, and whose venv's pip a second, each recorded."""
+  fake = tmp_path / "python3"
+  pip = '#!/usr/bin/env bash\necho "pip start $$" >> "$LOG"; sleep 1; echo "pip end $$" >> "$LOG"\n'
+  fake.write_text("#!/usr/bin/env bash\n"
+                  'if [ "$1" = "-c" ]; then exit 0; fi\n'
+                  'if [ "$1 $2" = "-m venv" ]; then\n'
+                  '  echo "venv start $$" >> "$LOG"; sleep 0.5; mkdir -p "$3/bin" || exit 1\n'
+                  f'  printf %s {shlex.quote(pip)} > "$3/bin/python"; chmod +x "$3/bin/python"; : > "$3/bin/activate"\n'
+                  '  echo "venv end $$" >> "$LOG"\n'
+                  'fi\n')
+  fake.chmod(0o755)
+  venv = tmp_path / "shared" / "venv"
+  venv.parent.mkdir()
+  env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "VENV": str(venv), "PYTHON": str(fake),
+         "LOG": str(venv.parent / "log")}
   runs = [subprocess.Popen(["bash", "-c", f"source {ROOT / 'launch' / 'setup_env.sh'}"], env=env, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
   outs = [r.communicate(timeout=60) for r in runs]
   assert all(r.returncode == 0 for r in runs), outs
-  log = [line.split() for line in (venv / "pip.log").read_text().splitlines()]
-  assert len(log) == 6 and len({pid for _, pid, _ in log}) == 3  # one install: its three pip calls in turn
-  assert [what for what, _, _ in log] == ["start", "end"] * 3
+  log = [line.split() for line in (venv.parent / "log").read_text().splitlines()]
+  # One venv made, then one install (its three pip calls), each begun after the one before ended.
+  assert [(what, when) for what, when, _ in log] == [("venv", "start"), ("venv", "end")] + [("pip", "start"),
+                                                                                          ("pip", "end")] * 3
+  assert sum("[setup] creating" in out for out, _ in outs) == 1
   assert sum("[setup] installing" in out for out, _ in outs) == 1
 
 

@@ -795,7 +795,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   def inputs():  # files on each host's disk: one missing on one host would leave the others in the sampler
     given = given_embeddings(config, s.num_samples)
     labels = None if given is not None else sample_labels(config, s.num_samples)
-    in_turn = sample_prompts(config, s.num_samples) if given is None and text_prior(config) else None
+    # One content uses the first prompt alone: one_content_note says so, not sample_prompts' note on the rest.
+    in_turn = (sample_prompts(config, s.num_samples, note=s.control != "content")
+               if given is None and text_prior(config) else None)
     note = one_content_note(config, labels, given, in_turn)
     if note:
       say(note)
@@ -888,9 +890,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
       raise
     print(f"wrote {s.num_samples} videos ({', '.join(kinds)}) and samples.npz to {out_dir}")
   if "all_frame_accuracy" in results:
-    against = ("the clip the sample was conditioned on" if results["accuracy_against"] == "label"
-               else "the clip of the sample's key frame (unconditional)")
-    print(f"all-frame accuracy: {100 * results['all_frame_accuracy']:.0f}% of generated frames (every frame) "
+    against, frames = (("the clip the sample was conditioned on", "every frame")
+                       if results["accuracy_against"] == "label" else
+                       ("the clip of the sample's key frame (unconditional)", "every frame but the key frame"))
+    print(f"all-frame accuracy: {100 * results['all_frame_accuracy']:.0f}% of generated frames ({frames}) "
           f"have their nearest real frame in {against}")
   if "motion_ratio" in results:
     print(f"motion ratio (mean |frame[n+1] - frame[n]|, generated / real; 1 is right, a frozen video 0): "

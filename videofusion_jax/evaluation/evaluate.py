@@ -284,10 +284,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     # 10 splits: with the default 2048 clips, StyleGAN-V's isv2048_ucf (mean and std over 10 splits of ~205).
     is_splits = distances.inception_splits(*probs.shape)
     is_mean, is_std = distances.inception_score(probs, splits=is_splits)
-    results.update(inception_score=is_mean, inception_score_std=is_std, inception_score_splits=is_splits)
+    # One split has no spread to measure: null, not a std of 0 that looks precise.
+    results.update(inception_score=is_mean, inception_score_std=is_std if is_splits > 1 else None,
+                   inception_score_splits=is_splits)
   line = f"step {step}: FVD {results['fvd']:.1f}, KVD {kvd_mean:.2f} ± {kvd_std:.2f}"
   if c3d is not None:
-    line += f", IS {results['inception_score']:.2f} ± {results['inception_score_std']:.2f}"
+    spread = results["inception_score_std"]
+    line += f", IS {results['inception_score']:.2f}" + (f" ± {spread:.2f}" if spread is not None else " (1 split)")
   say(f"{line} ({len(real['features'])} real / {len(fake)} generated clips)")  # before the write, which may fail
   out = workdir / "eval" / f"step_{step}.json"
   if jax.process_index() == 0:  # only the first host writes, so only it looks for a free name
@@ -295,7 +298,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     out = fresh_file(out)
     write_whole(out, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
   say(f"wrote {out}")
-  if c3d is not None and (is_splits < distances.IS_SPLITS or len(probs) < probs.shape[1]):
+  if c3d is not None and is_splits < distances.IS_SPLITS:
     per_split = len(probs) // is_splits
     cap = (f"; a split of {per_split} clips scores at most {per_split} (fewer clips than C3D's {probs.shape[1]} "
            "classes)") if per_split < probs.shape[1] else ""
