@@ -40,11 +40,17 @@ if ! ready; then
   fi
   if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[setup] installing pinned requirements into $VENV (first run: a few minutes)"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
-    # setuptools' editable build warns at length on stderr; show it only if the install fails.
-    "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" 2>"$VENV/.editable-install.log" \
-      || { cat "$VENV/.editable-install.log"; exit 1; }
+    # Each step checked here, not by set -e, which a caller's `cmd && source setup_env.sh` turns off: the stamp
+    # must not be written over a failed install. setuptools' editable build warns at length on stderr; shown
+    # only if it fails.
+    if ! { "$VENV/bin/python" -m pip install -q --upgrade pip \
+           && "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt" \
+           && { "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" 2>"$VENV/.editable-install.log" \
+                || { cat "$VENV/.editable-install.log" >&2; false; }; }; }; then
+      echo "error: installing the pinned requirements into $VENV failed (pip's message above); fix that (the" \
+        "network, the disk) and run again: it starts the install over." >&2
+      exit 1
+    fi
     echo "$WANT" > "$STAMP"
   fi
   if [ -n "$LOCKED" ]; then exec 9>&-; fi

@@ -508,6 +508,21 @@ def test_two_set_ups_at_once_make_the_venv_once(tmp_path):
   assert sum("[setup] installing" in out for out, _ in outs) == 1
 
 
+def test_a_failed_install_stops_the_set_up_and_writes_no_stamp(tmp_path):
+  """tpu_pod.sh sources setup_env.sh after `&&`, which turns set -e off inside it: a failed `pip install -r`
+  went unnoticed and the stamp was written over the broken venv, so no later run installed again."""
+  venv = stand_in_venv(tmp_path)
+  (venv / ".requirements.sha256").unlink()
+  (venv / "bin" / "python").write_text('#!/usr/bin/env bash\n[ "$5" = "-r" ] && { echo "pip: no network" >&2; '
+                                       'exit 1; }\nexit 0\n')
+  r = subprocess.run(["bash", "-c", f"true && source {ROOT / 'launch' / 'setup_env.sh'} && echo after"],
+                     capture_output=True, text=True, timeout=60,
+                     env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "VENV": str(venv)})
+  assert r.returncode == 1 and "after" not in r.stdout, (r.stdout, r.stderr)
+  assert "pip: no network" in r.stderr and "error: installing the pinned requirements into" in r.stderr
+  assert not (venv / ".requirements.sha256").exists()
+
+
 @pytest.mark.parametrize("args,targets", [
     ([], ["tests"]),
     (["-k", "vdm", "-x"], ["tests", "-k", "vdm", "-x"]),
