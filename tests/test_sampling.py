@@ -307,6 +307,80 @@ def test_guided_sampling_at_scale_zero_is_null_conditioned_sampling(trained, tfd
   assert np.abs(guided - sampling.generate_videos(one, params, 3, seed=1, labels=labels)).max() > 1e-2
 
 
+def _randomly_perturbed(params, seed: int = 5):
+  """Every weight moved by its own N(0, 0.05²): a constant shift of all weights (p + 0.05) makes each
+  zero-initialised output layer a constant matrix, whose estimate hardly depends on its conditions."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def test_the_prior_draws_each_rows_condition_from_its_label_and_guides_on_it(trained, tfds_dir):
+  """--mode=sample's path (generate_videos): the c both generators get is the prior's chain for the row's
+  label with the row's prior key, computed here from the prior network and the embedding sampler; another
+  label gives another c (a prior that ignored the labels passed every test before). A prior guided on the
+  label (sample.prior_guidance_scale = s) estimates null + s (cond - null), the null label num_classes."""
+  import jax.numpy as jnp
+
+  from videofusion_jax import diffusion
+  from videofusion_jax.models.factory import make_prior_fn
+
+  config, _, trainer = trained
+  params = _randomly_perturbed(trainer.init_state(0).params)
+  labels = np.array([0, 1, 2], np.int32)
+  _, used = sampling.generate_videos(trainer, params, 3, seed=4, labels=labels, with_condition=True)
+  prior_keys = sampling.row_keys(4, np.arange(3), np.arange(3))[2]
+  s, width = config.sample, config.model.encoder.embed_dim
+
+  def prior_chain(row_labels):
+    prior_fn = make_prior_fn(trainer.networks, params, jnp.asarray(row_labels))
+    return np.asarray(to_sphere(diffusion.sample_embeddings(
+        prior_fn, None, (3, width), trainer.prior_schedule, num_steps=s.prior_num_steps, eta=s.prior_eta,
+        row_keys=(prior_keys, None), spacing=s.prior_spacing)))
+  np.testing.assert_allclose(used, prior_chain(labels), atol=1e-4)
+  assert np.abs(prior_chain(np.zeros(3, np.int32))[1:] - used[1:]).max() > 1e-2  # control: the label matters
+
+  g_config = tiny_config(**{"data.data_dir": tfds_dir, "sample.prior_guidance_scale": 3.0})
+  guided_prior = Experiment(g_config, mesh=one_device(g_config))
+  z = jax.random.normal(jax.random.PRNGKey(1), (3, width))
+  t = jnp.array([10, 30, 60])
+  eps = sampling.prior_eps_fn(guided_prior, params, jnp.asarray(labels))(z, t)
+  cond = make_prior_fn(guided_prior.networks, params, jnp.asarray(labels))(z, t)
+  null = make_prior_fn(guided_prior.networks, params, jnp.full(3, config.data.num_classes, jnp.int32))(z, t)
+  np.testing.assert_allclose(eps, null + 3.0 * (cond - null), atol=1e-5)
+  assert np.abs(np.asarray(cond - null)).max() > 1e-2  # control: the null label's estimate is another
+
+
+def test_the_clean_key_frame_the_residual_generator_reads_is_the_videos_own(tfds_dir):
+  """model.key_frame_clean through --mode=sample's path (make_generate_fn): the residual generator reads the
+  clean key frame of the video it returns (the first pass's, which the full chain's key frame equals): the
+  chain run again here with that frame given to the residual generator gives the same video, and another
+  frame (the first) gives another."""
+  import functools
+
+  import jax.numpy as jnp
+
+  from videofusion_jax import diffusion
+
+  c = tiny_config(**{"data.data_dir": tfds_dir, "model.key_frame_input": True, "model.key_frame_clean": True})
+  experiment = Experiment(c, mesh=one_device(c))
+  params = _randomly_perturbed(experiment.init_state(0).params)
+  emb = np.asarray(to_sphere(jax.random.normal(jax.random.PRNGKey(0), (3, c.model.encoder.embed_dim))))
+  videos = sampling.generate_videos(experiment, params, 3, seed=2, labels=None, condition=emb)
+  base_keys, residual_keys, _ = sampling.row_keys(2, np.arange(3), np.arange(3))
+  s, k = c.sample, diffusion.key_frame_index(c.data.num_frames)
+  chain = functools.partial(diffusion.sample_chain, rng=None, shape=videos.shape, lambdas=experiment.lambdas,
+                            schedule=experiment.schedule, method=s.method, num_steps=s.num_steps, eta=s.eta,
+                            clip_x0=s.clip_x0, row_keys=(base_keys, residual_keys), spacing=s.spacing,
+                            variance=s.variance)
+
+  def with_key_frame(frame):
+    return np.asarray(chain(sampling.video_eps_fn(experiment, params, None, jnp.asarray(emb),
+                                                  key_frame=jnp.clip(jnp.asarray(frame), -1.0, 1.0))))
+  np.testing.assert_allclose(with_key_frame(videos[:, k]), videos, atol=1e-4)
+  assert np.abs(with_key_frame(videos[:, 0]) - videos).max() > 1e-2  # control: another frame read, another video
+
+
 def test_given_embeddings_replace_the_prior_and_a_wrong_width_is_a_clear_error(trained, tmp_path):
   """--config.sample.embeddings=FILE.npy: the generators are conditioned on those embeddings (the
   prior is not run), which samples.npz keeps; a file of another width is refused with the width."""
