@@ -185,14 +185,32 @@ def _oracle(x0, lambdas, schedule):
 
 @pytest.mark.parametrize("method,steps", [("ddim", 25), ("ddpm", 1000)])
 def test_oracle_sampler_recovers_x0(method, steps):
+  """Networks that know x0 (eqs. 10-11 inverted) bring the chain to x0. That alone holds for a broken step
+  too (the last step returns the exact x̂0), so for DDIM (η = 0) the chain's states are checked on the way:
+  with an exact estimate the noise direction never changes, z_t = √ᾱ_t x0 + √(1-ᾱ_t) ε, ε that of z_T, at every
+  step (the key frame, as the base generator sees it). DDPM's step has its NumPy reference below."""
   schedule = d.make_schedule("linear", 1000)
   lambdas = d.frame_lambdas(5, 0.5)
   x0 = jax.random.uniform(jax.random.PRNGKey(4), (2, 5, 4, 4, 3), minval=-1, maxval=1)
   base_fn, residual_fn = _oracle(x0, lambdas, schedule)
-  out = d.sample(base_fn, residual_fn, jax.random.PRNGKey(9), x0.shape, lambdas, schedule,
+  seen = []
+
+  def recording_base(z_key, t):
+    jax.debug.callback(lambda tt, z: seen.append((np.asarray(tt), np.asarray(z))), t, z_key)
+    return base_fn(z_key, t)
+  out = d.sample(recording_base, residual_fn, jax.random.PRNGKey(9), x0.shape, lambdas, schedule,
                  method=method, num_steps=steps, eta=0.0, clip_x0=False)
   np.testing.assert_allclose(out, x0, atol=2e-3)
   assert not np.allclose(d.decomposed_noise(jax.random.PRNGKey(9), x0.shape, lambdas), x0, atol=0.5)
+  assert len(seen) == steps
+  if method == "ddim":
+    a = np.asarray(schedule.alphas_cumprod, np.float64)
+    key = np.asarray(x0[:, d.key_frame_index(5)], np.float64)
+    t0, z0 = seen[0]
+    eps = (z0 - np.sqrt(a[t0])[:, None, None, None] * key) / np.sqrt(1 - a[t0])[:, None, None, None]
+    for t, z in seen[1:]:
+      expected = np.sqrt(a[t])[:, None, None, None] * key + np.sqrt(1 - a[t])[:, None, None, None] * eps
+      np.testing.assert_allclose(z, expected, atol=2e-4, err_msg=f"t={t}")
 
 
 def _clips_and_noise(seed):
@@ -480,18 +498,31 @@ def test_ddim_trailing_chain_matches_numpy(eta, lam):
 
 
 def test_sample_takes_the_chain_options_of_the_config():
-  """``diffusion.sample`` (the two networks' chain for library users) passes ``spacing`` and
-  ``variance`` to the chain that ``--mode=sample`` runs (``sample_chain`` on ``decomposed_eps_fn``)."""
+  """``diffusion.sample`` (the two networks' chain for library users) passes ``spacing``, ``variance``,
+  ``guidance_scale`` and ``key_frame_input`` to the chain that ``--mode=sample`` runs (``sample_chain`` on
+  ``decomposed_eps_fn``), each a control that changes the chain. The stand-in networks tell the doubled
+  batch's null rows (its second half) from the conditioned ones, and the residual one reads x̂^k."""
   schedule, lambdas, x0, _ = _clips_and_noise(20)
-  base_fn = lambda zk, tt: 0.5 * zk + 0.01 * tt[:, None, None, None] / 1000  # noqa: E731
-  residual_fn = lambda z, tt, i: 0.3 * z  # noqa: E731
-  eps_fn = d.decomposed_eps_fn(base_fn, residual_fn, lambdas, schedule)
-  for method, steps, option in (("ddim", 7, {"spacing": "trailing"}), ("ddpm", 20, {"variance": "fixed_large"})):
+
+  def base_fn(zk, tt):
+    null = (jnp.arange(zk.shape[0]) >= x0.shape[0])[:, None, None, None]  # the guided batch's second half
+    return 0.5 * zk + 0.01 * tt[:, None, None, None] / 1000 + 0.2 * null
+
+  def residual_fn(z, tt, i, *key):
+    return 0.3 * z + (0.2 * key[0][:, None] if key else 0.0)
+
+  plain = d.decomposed_eps_fn(base_fn, residual_fn, lambdas, schedule)
+  cases = ((plain, "ddim", 7, {"spacing": "trailing"}), (plain, "ddpm", 20, {"variance": "fixed_large"}),
+           (d.decomposed_eps_fn(base_fn, residual_fn, lambdas, schedule, 2.0), "ddim", 7, {"guidance_scale": 2.0}),
+           (d.decomposed_eps_fn(base_fn, residual_fn, lambdas, schedule, None, True), "ddim", 7,
+            {"key_frame_input": True}))
+  for eps_fn, method, steps, option in cases:
     kw = dict(rng=jax.random.PRNGKey(4), shape=x0.shape, lambdas=lambdas, schedule=schedule, method=method,
               num_steps=steps, eta=1.0)
     out = d.sample(base_fn, residual_fn, **kw, **option)
-    np.testing.assert_allclose(out, d.sample_chain(eps_fn, **kw, **option), atol=1e-6)
-    assert np.abs(np.asarray(out - d.sample(base_fn, residual_fn, **kw))).max() > 1e-2  # control: not the default
+    chain_kw = {k: v for k, v in option.items() if k in ("spacing", "variance")}
+    np.testing.assert_allclose(out, d.sample_chain(eps_fn, **kw, **chain_kw), atol=1e-6, err_msg=str(option))
+    assert np.abs(np.asarray(out - d.sample(base_fn, residual_fn, **kw))).max() > 1e-2, option  # not the default
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5])
