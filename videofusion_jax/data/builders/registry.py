@@ -88,11 +88,15 @@ def unfinished_builds(builder: VideoBuilder) -> list[tuple[Path, int, float]]:
   version_dir = Path(builder.data_dir)
   found = []
   for folder in sorted(version_dir.parent.glob(f"incomplete.*_{version_dir.name}")):
-    try:
-      stats = [folder.stat()] + [p.stat() for p in folder.rglob("*")]
-    except OSError:  # removed meanwhile, by the build that wrote it
-      continue
-    found.append((folder, sum(st.st_size for st in stats[1:]), time.time() - max(st.st_mtime for st in stats)))
+    stats = []
+    for path in (folder, *folder.rglob("*")):
+      try:
+        stats.append(path.lstat())
+      except OSError:  # removed meanwhile (by the build writing it), or unreadable: the rest still counts
+        pass
+    if stats:
+      found.append((folder, sum(st.st_size for st in stats[1:]),
+                    max(0.0, time.time() - max(st.st_mtime for st in stats))))
   return found
 
 
