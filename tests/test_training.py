@@ -826,10 +826,15 @@ def test_resume_position_when_the_stream_layout_changes():
   assert resume_position({**stream, "batches": 9}, {**stream, "frame_stride": 1}, 7) == 9 * 2 * 8 // 16
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(trainer, tmp_path):
-  c = trainer.config
-  with pytest.raises(NonFiniteLossError, match="non-finite at step 3.*step 2\\) is intact"):
-    train(c, tmp_path, iter(batches(c, 4, nan_at=3)), trainer=trainer, verbose=False)
+@pytest.mark.parametrize("log_every", [1, 1000])
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(trainer, tmp_path, log_every):
+  """A step whose loss is not finite stops the run with the checkpoint before it intact; with log_every=1000 the
+  checkpoint steps are no log steps (as in real configs), and a checkpoint is still written only after its
+  step's loss was checked: the NaN at step 4 of 6, a save step but no log step, leaves no step-4 checkpoint."""
+  c = tiny_config(**{"train.log_every": log_every, "train.num_steps": 6})
+  nan_at = 3 if log_every == 1 else 4
+  with pytest.raises(NonFiniteLossError, match=f"non-finite at step {nan_at}.*step 2\\) is intact"):
+    train(c, tmp_path, iter(batches(c, 6, nan_at=nan_at)), trainer=trainer, verbose=False)
   manager = ckpt.make_manager(tmp_path, keep=5, async_save=False)
   assert manager.all_steps() == [2]
   state = ckpt.restore(manager, trainer.abstract_state())
@@ -943,7 +948,16 @@ def test_image_stage_then_video_stage_with_frozen_base(tmp_path, monkeypatch):
   from videofusion_jax.training.loop import init_base_from
   same_seed = video_trainer.init_state(image_cfg.seed)
   assert np.array_equal(same_seed.rng, init.rng)
-  assert not np.array_equal(init_base_from(video_trainer, same_seed, str(tmp_path / "image")).rng, init.rng)
+  started = init_base_from(video_trainer, same_seed, str(tmp_path / "image"))
+  assert not np.array_equal(started.rng, init.rng)
+  # Every network the runs share starts at the image run's EMA weights exactly, the prior too (controls: the
+  # fresh state's prior and residual generator are not those).
+  for name in ("base", "encoder", "prior"):
+    _allclose_trees(started.params[name], image_state.ema_params[name], atol=0)
+    _allclose_trees(started.ema_params[name], image_state.ema_params[name], atol=0)
+  assert not np.allclose(video_init.params["prior"]["dense_in"]["kernel"],  # another seed's fresh prior
+                         image_state.ema_params["prior"]["dense_in"]["kernel"])
+  _allclose_trees(started.params["residual"], same_seed.params["residual"], atol=0)
   # The base starts from the image run's EMA weights (what a released pretrained model is), with
   # its encoder (frozen with it); the prior starts there too and trains on.
   _allclose_trees(video_state.params["base"], image_state.ema_params["base"], atol=0)
