@@ -75,6 +75,49 @@ def test_text_prior_learns_a_linear_map_from_text_to_image_embeddings():
   assert np.trace(np.cov(s.T)) > 2 * max(spreads)
 
 
+def test_the_text_priors_term_reads_each_rows_caption_and_the_null_text_where_dropped():
+  """The prior's term of the training loss for a prior on text (the step's own, not a loop of the test's): the
+  ε loss of the prior given each row's caption embedding on the sphere, repeated train.prior_repeats times, and
+  the null text (zeros) where ``prior_drop`` is set, on the stored CLIP embeddings of the key frames; computed
+  here from the prior network and diffusion.denoising_loss. Controls: the captions moved to other rows, and no
+  row dropped, each change it."""
+  from conftest import one_device
+
+  from videofusion_jax.experiment import Experiment
+  from videofusion_jax.models.encoder import to_sphere
+  from videofusion_jax.models.factory import make_prior_fn
+  from videofusion_jax.training.step import draw_randomness, loss_on_draws
+
+  c = tiny_config(**{"model.prior.condition": "text", "model.encoder.kind": "clip", "train.label_dropout": 0.5})
+  e = Experiment(c, mesh=one_device(c))
+  leaves, tree = jax.tree.flatten(e.init_state(0).params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  rng = np.random.default_rng(0)
+  width, repeats, n = c.model.encoder.embed_dim, c.train.prior_repeats, c.data.num_frames
+  batch = {"video": jnp.asarray(rng.uniform(-1, 1, (8, n, 8, 8, 3)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 3, 8), jnp.int32),
+           "frame_embeddings": jnp.asarray(rng.normal(size=(8, n, width)), jnp.float32),
+           "caption_embeddings": jnp.asarray(rng.normal(size=(8, width)), jnp.float32)}
+  draws, dropout_rng = draw_randomness(e, jax.random.PRNGKey(4), batch["video"].shape)
+  drop = np.asarray(draws["prior_drop"]).reshape(-1)
+  assert 0 < drop.sum() < drop.size  # label_dropout = 0.5: rows of each kind
+
+  @jax.jit
+  def expected(captions, dropped):
+    text = jnp.where(dropped[:, None], 0.0, jnp.repeat(to_sphere(captions), repeats, axis=0))
+    target = jnp.repeat(to_sphere(batch["frame_embeddings"][:, diffusion.key_frame_index(n)]), repeats, axis=0)
+    return diffusion.denoising_loss(make_prior_fn(e.networks, params, None, text), target,
+                                    draws["prior_t"].reshape(-1), draws["prior_noise"].reshape(-1, width),
+                                    e.prior_schedule)
+
+  got = float(jax.jit(lambda p: loss_on_draws(p, e, batch, draws, dropout_rng, p)[1]["loss_prior"])(params))
+  want = float(expected(batch["caption_embeddings"], jnp.asarray(drop)))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert abs(float(expected(batch["caption_embeddings"][::-1], jnp.asarray(drop))) - want) > 1e-3 * want
+  assert abs(float(expected(batch["caption_embeddings"], jnp.zeros_like(jnp.asarray(drop)))) - want) > 1e-3 * want
+
+
 def test_guidance_scale_one_is_plain_conditional_sampling_on_text():
   """The guided estimate on a text embedding (its batch doubled with the null text) equals the
   conditional estimate at scale 1, and differs from it at scale 3; sample_condition at
