@@ -5,6 +5,7 @@ from); a config or a source file changed since it was read is not stored, a dama
 again, what cannot be stored runs as the plain jit, a store that cannot be written leaves the run
 going, and the store keeps the most recently used programs."""
 import collections
+import copy
 import json
 import os
 import shutil
@@ -139,6 +140,44 @@ def test_the_key_follows_what_the_tracing_reads(tmp_path):
   assert program_context(tiny_config(**loop)) == program_context(c)
   assert program_context(tiny_config(**{"train.lr_decay": "cosine", "train.num_steps": 40})) != program_context(
       tiny_config(**{"train.lr_decay": "cosine"}))
+  # Every other field is in the key: each changed alone changes it (a field left out by mistake, such as
+  # train.ema_decay, would load a step traced under its old value).
+  import ml_collections
+
+  # What no program reads, as README.md says: the loop's own fields (num_steps too, the rate being constant here)
+  # and the compilation cache's settings.
+  assert c.train.lr_decay == "constant"
+  unread = {("train", k) for k in ("log_every", "checkpoint_every", "keep_checkpoints", "init_base_from",
+                                   "profile_steps", "num_steps")} | {
+      (k,) for k in ("compilation_cache_dir", "compilation_cache_max_gb", "store_programs")}
+
+  def leaves(d, path=()):
+    for k, v in d.items():
+      if isinstance(v, dict) and v:
+        yield from leaves(v, path + (k,))
+      else:
+        yield path + (k,), v
+
+  def changed(v):
+    if isinstance(v, bool):
+      return not v
+    if isinstance(v, int | float):
+      return v + 1.5 if isinstance(v, float) else v + 1
+    if isinstance(v, tuple | list):
+      return type(v)([*v, 1])
+    return f"{v}x"
+
+  base, checked = c.to_dict(), 0
+  for path, value in leaves(base):
+    d = copy.deepcopy(base)
+    node = d
+    for k in path[:-1]:
+      node = node[k]
+    node[path[-1]] = changed(value)
+    same = program_context(ml_collections.ConfigDict(d)) == program_context(c)
+    assert same == (path in unread), path
+    checked += 1
+  assert checked > 100
   changed = [
       program_key("g", program_context(c), mesh, (x,)),
       program_key("f", program_context(other), mesh, (x,)),
