@@ -227,12 +227,16 @@ def test_samples_from_a_checkpoint_restored_on_another_mesh(trainer_on, referenc
                                    8, seed=3, labels=labels)
   np.testing.assert_allclose(alone, before, atol=1e-4)
   assert np.abs(other_seed - before).max() > 0.1  # control: the videos depend on the seed
+  # Control: the weights matter to them (the run's first EMA weights draw other videos), so a restore that
+  # returned other weights would show.
+  first = sampling.generate_videos(reader, on(reader, states[1]).ema_params, 8, seed=3, labels=labels)
+  assert np.abs(first - before).max() > 1e-3, np.abs(first - before).max()
   # 8 rows: one batch of 8 over the 8 devices (three times), then 3 + 3 + 2 (padded to 3) on one device.
-  assert drawn == [(8, 8, 8, {1})] * 3 + [(1, 3, 1, {3})] * 3
+  assert drawn[:6] == [(8, 8, 8, {1})] * 3 + [(1, 3, 1, {3})] * 3
   assert sampling.describe_batch(saver) == "8 at a time (sample.batch_size=3 rounded up to a multiple of the 8 devices)"
   assert sampling.describe_batch(single) == "3 at a time"
-  assert [e for e, _ in made] == [saver, reader, reader, single]
-  assert made[1][1] is made[2][1] and made[1][1]._cache_size() == 1  # the reader's two draws: one chain, one trace
+  assert [e for e, _ in made] == [saver, reader, reader, single, reader]
+  assert made[1][1] is made[2][1] is made[4][1] and made[1][1]._cache_size() == 1  # the reader's draws: one trace
 
 
 def test_only_training_needs_its_batch_to_split_over_the_devices(monkeypatch):
