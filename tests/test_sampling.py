@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, one_device, tiny_config
 from test_data import stored_videos
-from test_training import batches
+from test_training import _perturbed, batches
 
 from videofusion_jax import sampling
 from videofusion_jax.config import ConfigError
@@ -307,14 +307,6 @@ def test_guided_sampling_at_scale_zero_is_null_conditioned_sampling(trained, tfd
   assert np.abs(guided - sampling.generate_videos(one, params, 3, seed=1, labels=labels)).max() > 1e-2
 
 
-def _randomly_perturbed(params, seed: int = 5):
-  """Every weight moved by its own N(0, 0.05²): a constant shift of all weights (p + 0.05) makes each
-  zero-initialised output layer a constant matrix, whose estimate hardly depends on its conditions."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-
-
 def test_the_prior_draws_each_rows_condition_from_its_label_and_guides_on_it(trained, tfds_dir):
   """--mode=sample's path (generate_videos): the c both generators get is the prior's chain for the row's
   label with the row's prior key, computed here from the prior network and the embedding sampler; another
@@ -326,7 +318,9 @@ def test_the_prior_draws_each_rows_condition_from_its_label_and_guides_on_it(tra
   from videofusion_jax.models.factory import make_prior_fn
 
   config, _, trainer = trained
-  params = _randomly_perturbed(trainer.init_state(0).params)
+  # Every weight moved by its own N(0, 0.05²): a constant shift of all weights (p + 0.05) makes each
+  # zero-initialised output layer a constant matrix, whose estimate hardly depends on its conditions.
+  params = _perturbed(trainer, 5).params
   labels = np.array([0, 1, 2], np.int32)
   _, used = sampling.generate_videos(trainer, params, 3, seed=4, labels=labels, with_condition=True)
   prior_keys = sampling.row_keys(4, np.arange(3), np.arange(3))[2]
@@ -364,7 +358,7 @@ def test_the_clean_key_frame_the_residual_generator_reads_is_the_videos_own(tfds
 
   c = tiny_config(**{"data.data_dir": tfds_dir, "model.key_frame_input": True, "model.key_frame_clean": True})
   experiment = Experiment(c, mesh=one_device(c))
-  params = _randomly_perturbed(experiment.init_state(0).params)
+  params = _perturbed(experiment, 5).params
   emb = np.asarray(to_sphere(jax.random.normal(jax.random.PRNGKey(0), (3, c.model.encoder.embed_dim))))
   videos = sampling.generate_videos(experiment, params, 3, seed=2, labels=None, condition=emb)
   base_keys, residual_keys, _ = sampling.row_keys(2, np.arange(3), np.arange(3))

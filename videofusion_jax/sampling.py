@@ -532,16 +532,20 @@ def one_content_note(config: ml_collections.ConfigDict, labels: np.ndarray | Non
   naming the conditions given for the other rows and left unused ('' when they were all the same)."""
   if config.sample.control != "content":
     return ""
-  if prompts is not None and len(set(prompts)) > 1:
-    first, what = f"prompt {prompts[0]!r}", f"{len(set(prompts)) - 1} other prompt(s)"
-  elif given is not None and len(np.unique(given, axis=0)) > 1:
-    first = "embedding (row 0 of config.sample.embeddings)"
-    what = f"{len(np.unique(given, axis=0)) - 1} other embedding(s)"
-  elif prompts is None and given is None and labels is not None and len(set(labels.tolist())) > 1:
+  if prompts is not None:
+    others = len(set(prompts)) - 1
+    first, what = f"prompt {prompts[0]!r}", f"{others} other prompt(s)"
+  elif given is not None:
+    others = len(np.unique(given, axis=0)) - 1
+    first, what = "embedding (row 0 of config.sample.embeddings)", f"{others} other embedding(s)"
+  elif labels is not None:
+    others = len(set(labels.tolist())) - 1
     first = f"label {int(labels[0])}"
-    what = (f"the other {len(set(labels.tolist())) - 1} class(es) in turn (config.sample.label=-1; "
-            "--config.sample.label=K picks the class)")
+    what = (f"the other {others} class(es) in turn (config.sample.label=-1; --config.sample.label=K picks "
+            "the class)")
   else:
+    return ""
+  if not others:
     return ""
   return (f"note: config.sample.control='content' draws every video from one content, the first video's {first}: "
           f"{what} are not used (--config.sample.control='' draws one video per condition).")

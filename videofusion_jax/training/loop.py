@@ -26,7 +26,6 @@ from videofusion_jax.config import (
     field_or_none,
     recorded_config,
     schedule_end_problem,
-    schedule_end_warning,
 )
 from videofusion_jax.data.stream import resume_position, stream_identity
 from videofusion_jax.experiment import CompileLog
@@ -522,7 +521,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, batches: Iterator[dic
         with stop.at_once():  # no step to save yet: a build of many minutes stops when told, not after it
           prepare_dataset(config)
       state, saved_stream = started or _start(trainer, manager, config, say)
-      for warning in (base_from_scratch_warning(config), warmup_warning(config), schedule_end_warning(config),
+      for warning in (base_from_scratch_warning(config), warmup_warning(config), problem and f"warning: {problem}",
                       schedule_change_warning(config, workdir, int(state.step)) if latest is not None else None):
         if warning:
           say(warning, flush=True)
