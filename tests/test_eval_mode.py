@@ -1,6 +1,8 @@
 """--mode=eval on a briefly trained tiny model: FVD/KVD written, real-data features cached."""
 import copy
+import hashlib
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -80,6 +82,23 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   with pytest.raises(AssertionError, match="re-read"):
     evaluate.run(c, str(tmp_path), experiment=trainer)
   monkeypatch.setattr(pipeline, "split_lengths", lengths)
+  # Rebuilt with the same frame counts but other frames (a decoder's fix): TFDS's bytes for the split differ.
+  splits = pipeline.get_builder(c.data).info.splits
+  assert source["bytes"] == sum(splits[p].num_bytes for p in first["protocol"]["split"].split("+")) > 0
+  split_bytes = pipeline.split_bytes
+  monkeypatch.setattr(pipeline, "split_bytes", lambda *a: split_bytes(*a) + 1)
+  with pytest.raises(AssertionError, match="re-read"):
+    evaluate.run(c, str(tmp_path), experiment=trainer)
+  monkeypatch.setattr(pipeline, "split_bytes", split_bytes)
+  # Features of another I3D (its code or weights changed) are not compared with this one's.
+  from videofusion_jax.evaluation import i3d
+  with open(i3d.i3d_weights_path(), "rb") as f:
+    digest = hashlib.sha256(pathlib.Path(i3d.__file__).read_bytes() + f.read()).hexdigest()[:16]
+  assert first["protocol"]["i3d_digest"] == digest
+  monkeypatch.setattr(evaluate, "i3d_digest", lambda: "another")
+  with pytest.raises(AssertionError, match="re-read"):
+    evaluate.run(c, str(tmp_path), experiment=trainer)
+  monkeypatch.setattr(evaluate, "i3d_digest", i3d.features_digest)
   # A damaged cache (a copy cut short) is only a cache: said, and computed again, not a traceback.
   cache = next((tmp_path / "eval_cache").iterdir())
   cache.write_bytes(cache.read_bytes()[:5000])

