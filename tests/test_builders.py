@@ -107,6 +107,26 @@ def test_ucf101_reads_labels_from_the_split_lists(built):
   assert builder.info.supervised_keys is not None
 
 
+def test_ucf101_split_list_lines_are_checked_with_their_place(tmp_path):
+  """A split list's line gives its class from the folder and, in trainlists, a 1-based label that must
+  agree; a label that is not a number (a damaged file) is said with the file and line, not int()'s error."""
+  from videofusion_jax.data.builders.ucf101 import read_split_list
+
+  names = ["ApplyEyeMakeup", "Archery", "HandstandPushups"]
+  lists = tmp_path / "trainlist01.txt"
+  lists.write_text("Archery/v_Archery_g01_c01.avi 2\r\n\r\nApplyEyeMakeup\\v_ApplyEyeMakeup_g02_c03.avi\r\n")
+  assert read_split_list(lists, names) == {"Archery/v_Archery_g01_c01.avi": 1,
+                                           "ApplyEyeMakeup/v_ApplyEyeMakeup_g02_c03.avi": 0}
+  lists.write_text("Archery/v_Archery_g01_c01.avi 2\nArchery/v_Archery_g01_c02.avi two\n")
+  with pytest.raises(ValueError, match=rf"^{lists}:2: the label after 'Archery/v_Archery_g01_c02.avi' is 'two', "
+                                       r"not a class number of classInd.txt \(1-101\); the split file is damaged"):
+    read_split_list(lists, names)
+  lists.write_text("Archery/v_Archery_g01_c01.avi 3\n")
+  with pytest.raises(ValueError, match=rf"^{lists}:1: label 3 disagrees with the class folder of "
+                                       r"'Archery/v_Archery_g01_c01.avi' \(2 in classInd.txt\)"):
+    read_split_list(lists, names)
+
+
 def test_prepared_dataset_is_reused_not_rebuilt(built, tmp_path):
   builder, _, data_dir = built("taichi")
   files = sorted(os.listdir(builder.data_dir))
@@ -367,9 +387,47 @@ def test_the_pipeline_reads_every_builder(built, name):
   assert video.min() >= -1.0 and video.max() <= 1.0 and video.std() > 0.1
   expected = [e.label for e in train] if name == "ucf101" else [0] * len(train)
   assert sorted(batch["label"].tolist()) == sorted(expected)  # each example once, its label kept
-  real = pipeline.eval_clips(c, 2 * len(train))
-  assert real["video"].shape == (2 * len(train), 4, 16, 16, 3)
-  assert sorted(real["label"].tolist()) == sorted(expected * 2)
+  # Each clip is the centre square of 4 frames 2 apart of one stored video, box-averaged to 16x16, with
+  # that video's label: found among every such clip of the split, computed here from the stored frames.
+  candidates = _every_clip(builder.as_data_source("train"), 16, 4, 2)
+  records = [_matching_clip(clip, label, candidates) for clip, label in zip(video, batch["label"])]
+  assert sorted(records) == list(range(len(train)))  # one epoch: every video once
+  for cached in (True, False):  # the evaluation's clips, from the decoded videos kept in memory or not
+    c.data.cache_mb = 64.0 if cached else 0.0
+    real = pipeline.eval_clips(c, 2 * len(train))
+    assert real["video"].shape == (2 * len(train), 4, 16, 16, 3)
+    assert sorted(real["label"].tolist()) == sorted(expected * 2)
+    for clip, label in zip(real["video"], real["label"]):
+      _matching_clip(clip, label, candidates)
+
+
+def _every_clip(source, size: int, num_frames: int, stride: int) -> list:
+  """``(record, first frame, clip, label)`` of every clip of a TFDS data source's stored videos: the
+  centre square of each frame (NumPy slicing), mean of each block of pixels to ``size``, in [-1, 1]."""
+  out = []
+  for i in range(len(source)):
+    record = source[i]
+    frames = np.stack(record["video"]).astype(np.float32)
+    h, w = frames.shape[1:3]
+    side = min(h, w)
+    square = frames[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    f = side // size
+    small = square.reshape(len(square), size, f, size, f, 3).mean(axis=(2, 4)) / 127.5 - 1.0
+    label = int(record["label"]) if "label" in record else 0
+    span = (num_frames - 1) * stride + 1
+    out += [(i, first, small[first:first + span:stride], label) for first in range(len(small) - span + 1)]
+  return out
+
+
+def _matching_clip(clip: np.ndarray, label: int, candidates: list) -> int:
+  """The record whose clip ``clip`` is: its mean error to the closest candidate is at JPEG's cropped
+  decoding's level (~0.01), under that of the clip one frame later or earlier (~0.02-0.04), and the
+  labels agree."""
+  errors = sorted((float(np.abs(clip - c).mean()), i, first, lab) for i, first, c, lab in candidates)
+  (best, record, _, want), runner_up = errors[0], errors[1][0]
+  assert best < 0.015 and best < 0.8 * runner_up, errors[:2]
+  assert int(label) == want, (record, int(label), want)
+  return record
 
 
 def test_hosts_split_ucf101_and_train_plus_test_reads_both(built):
