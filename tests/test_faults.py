@@ -738,6 +738,39 @@ def test_config_json_and_moving_damaged_checkpoints_aside_are_agreed_on_by_every
   assert [p.name for p in (tmp_path / "moved" / "checkpoints").iterdir()] == ["1"]
 
 
+def test_config_json_is_written_whole_or_not_at_all_and_a_damaged_one_is_no_record(tmp_path, monkeypatch):
+  """A write of config.json the disk cuts short leaves the earlier record whole, with nothing beside it (it
+  was left half written, then read as no record at all: the check of a resume's settings passed). A record
+  that is there but not a JSON object is an error that names it; one that is not there is nothing to compare."""
+  import errno
+
+  from videofusion_jax.config import ConfigError, recorded_config
+  from videofusion_jax.training import loop
+
+  assert recorded_config(tmp_path) == (tmp_path / "config.json", None)
+  c = tiny_config()
+  loop.save_config(c, tmp_path)
+  whole = (tmp_path / "config.json").read_text()
+  write_text = Path.write_text
+
+  def full_disk(self, data, *args, **kwargs):
+    write_text(self, data[:100], *args, **kwargs)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  with monkeypatch.context() as m:
+    m.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+      loop.save_config(tiny_config(**{"diffusion.lam": 0.3}), tmp_path)
+  assert (tmp_path / "config.json").read_text() == whole and os.listdir(tmp_path) == ["config.json"]
+  assert recorded_config(tmp_path)[1] == json.loads(whole) and json.loads(whole)["diffusion"]["lam"] == c.diffusion.lam
+  for damaged, problem in ((whole[:100], "JSONDecodeError: "), ("[1, 2]", "a JSON list, not an object")):
+    (tmp_path / "config.json").write_text(damaged)
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.json'} records the settings the "
+                                                    f"checkpoints beside it were trained with, and cannot be read "
+                                                    f"({problem}")):
+      recorded_config(tmp_path)
+
+
 def test_a_metrics_line_process_0_cannot_write_is_warned_and_training_goes_on(tmp_path, capsys):
   """metrics.jsonl is process 0's alone: a line it cannot write (a full disk; a write cut short) is warned
   about once and the run goes on (raised on process 0 alone, it left the other hosts waiting in the next
@@ -861,21 +894,34 @@ def trained(config_file, tmp_path_factory):
     (["--config.data.split=tset", "--config.train.num_steps=3"], "split 'tset' (config.data.split"),
     (["--config.data.frame_stride=200", "--config.train.num_steps=3"], "has the 601 frames that data.num_frames=4"),
     ("missing_config", "--config=configs/nowhere.py: no such file (configs here: configs/demo.py"),
+    # config.json cut short (a full disk) was taken for no record: the resume under another λ passed, and the
+    # new λ was written as the trained one.
+    ("damaged_record", "config.json records the settings the checkpoints beside it were trained with, and cannot "
+     "be read (JSONDecodeError: "),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(trained, config_file, args, message):
   if args == "lock":  # a live process of this host (this test) holds the workdir
     (trained / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "x"}))
+  record = trained / "config.json"
+  whole = record.read_text()
+  if args == "damaged_record":
+    record.write_text(whole[:len(whole) // 2])
   before = snapshot(trained)
-  if args == "missing_config":
-    r = run_main("configs/nowhere.py", trained)
-  else:
-    r = run_main(config_file, trained, *([] if args == "lock" else args))
+  try:
+    if args == "missing_config":
+      r = run_main("configs/nowhere.py", trained)
+    elif args == "damaged_record":
+      r = run_main(config_file, trained, "--config.diffusion.lam=0.3", "--config.train.num_steps=3")
+    else:
+      r = run_main(config_file, trained, *([] if args == "lock" else args))
+  finally:
+    after = snapshot(trained)
+    record.write_text(whole)  # the module's trained workdir, whole for the next case
   (trained / LOCK_NAME).unlink(missing_ok=True)
   assert r.returncode == 1, r.stdout + r.stderr
   errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and message in errors[0], r.stderr
   assert "Traceback" not in r.stderr + r.stdout and "Event loop is closed" not in r.stderr
-  after = snapshot(trained)
   after.pop(LOCK_NAME, None)
   before.pop(LOCK_NAME, None)
   assert after == before

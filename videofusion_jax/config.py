@@ -771,13 +771,23 @@ BASE_FIELDS = ("diffusion.schedule", "diffusion.num_timesteps", "model.condition
 
 
 def recorded_config(workdir) -> tuple[Path, dict | None]:
-  """``workdir/config.json`` (the config a training run wrote) and its contents; None when it is
-  missing or unreadable (an older or hand-edited workdir: nothing to compare)."""
+  """``workdir/config.json`` (the config a training run wrote) and its contents; None when it is missing
+  (no training run wrote one here: nothing to compare). One that is there but is not a readable JSON object
+  (cut short, edited by hand) is a ConfigError: taken for none, it let a resume under other settings pass
+  the check against it, and be recorded as the trained settings."""
   record = Path(workdir).expanduser() / "config.json"
-  try:
-    return record, json.loads(record.read_text())
-  except (OSError, ValueError):
+  if not record.exists() and not record.is_symlink():
     return record, None
+  try:
+    trained = json.loads(record.read_text())
+    problem = None if isinstance(trained, dict) else f"a JSON {type(trained).__name__}, not an object"
+  except (OSError, ValueError) as e:
+    problem = f"{type(e).__name__}: {e}"
+  if problem:
+    raise ConfigError(f"{record} records the settings the checkpoints beside it were trained with, and cannot be "
+                      f"read ({problem}). Put back the whole record (a copy of it, or the run's first log lines), "
+                      "or move it away to go on without the check of these settings against the trained ones.")
+  return record, trained
 
 
 def field_or_none(tree, dotted: str):

@@ -301,7 +301,9 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
   if clip_used(config) is not None and config.model.encoder.clip_dir:
     from videofusion_jax.data.embeddings import fingerprint
     record[CLIP_FINGERPRINT] = fingerprint(config.model.encoder.clip_dir, config.data.image_size)
-  (workdir / "config.json").write_text(json.dumps(record, indent=2))
+  # Whole or not at all: a record cut short (a full disk) would be taken for none, and a resume under other
+  # settings would pass the check against it.
+  write_whole(workdir / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
 
 
 def _warn(message: str) -> None:
