@@ -130,7 +130,7 @@ def measure(config: ml_collections.ConfigDict, batch_size: int, batches: int, *,
           "batch": batch_size, "clips_per_s": round(clips / elapsed, 1), "cpu_cores": os.cpu_count(),
           "build_s": round(build_s, 1), "first_batch_s": round(first_s, 2), "batch_shape": list(b["video"].shape),
           "cache_mb": d.cache_mb, "cached": cached == [True], "videos": int(len(lengths)),
-          "timed_s": round(elapsed, 2), "source": source}
+          "timed_s": round(elapsed, 6), "source": source}
 
 
 def main(argv) -> None:

@@ -3,6 +3,7 @@ figures that can be checked independently (FLOPs ratio, params, clips/s from the
 compile's trace (benchmarks/compile_trace.py) on a trace of known times."""
 import gzip
 import json
+import statistics
 import subprocess
 import sys
 
@@ -82,8 +83,14 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
                   "tflops_per_s", "mfu", "peak_memory_bytes", "program_memory_bytes", "memory_source"):
       assert field in train, field
     assert train["steps_timed"] == 3 and train["peak_tflops"] == 695.0
+    # The step's time is the median of the timed steps (each in the row), its rates the batch and XLA's FLOPs
+    # over it.
+    assert len(train["step_ms"]) == 3 and train["step_ms_min"] == min(train["step_ms"])
+    assert train["step_ms_median"] == pytest.approx(statistics.median(train["step_ms"]), abs=1e-3)
     assert abs(train["clips_per_s"] * train["step_ms_median"] / 1000 - 2) < 1e-2  # batch / median step
-    assert abs(train["mfu"] - train["xla_flops_per_step"] / (train["step_ms_median"] / 1000) / 695e12) < 1e-4
+    tflops = train["xla_flops_per_step"] / (train["step_ms_median"] / 1000) / 1e12
+    assert train["tflops_per_s"] == pytest.approx(tflops, rel=1e-3, abs=1e-4)
+    assert abs(train["mfu"] - tflops / 695) < 1e-4
     assert train["peak_memory_bytes"] > 0 and train["xla_flops_per_step"] > 0
     # Counted as on a GPU (--count_flops_on=host): the step lowered for a host CPU device, against the
     # device's own count of the compiled step (XLA's optimisations of this tiny model's elementwise
@@ -95,6 +102,11 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
     assert train["warm_step_program"] == "stored"  # the warm compile loaded the traced step, no tracing
   for sample in (vf_sample, vdm_sample):
     assert sample["steps"] == 2 and sample["method"] == "ddim" and sample["videos_per_s"] > 0
+    assert len(sample["sample_s"]) == 1 and sample["sample_s_per_batch"] == sample["sample_s"][0]
+    tflops = sample["sample_xla_flops_per_batch"] / sample["sample_s_per_batch"] / 1e12
+    assert sample["videos_per_s"] == pytest.approx(sample["batch"] / sample["sample_s_per_batch"], rel=2e-3)
+    assert sample["sample_tflops_per_s"] == pytest.approx(tflops, rel=2e-3, abs=1e-4)
+    assert sample["sample_mfu"] == pytest.approx(tflops / 695, rel=2e-3, abs=1e-5)
     for field in ("sample_compile_cold_s", "sample_compile_warm_s", "sample_tflops_per_s", "sample_mfu",
                   "sample_xla_flops_per_batch"):
       assert field in sample, field
@@ -113,6 +125,7 @@ def test_benchmark_prints_every_field_for_both_kinds_and_side_by_side_runs_take_
   assert [(x["result"], x["model"]) for x in beside] == [("sample", "vdm")]
   alone = beside[0]
   assert alone["steps"] == 2 and alone["videos_per_s"] > 0 and alone["sample_xla_flops_per_batch"] > 0
+  assert len(alone["sample_s"]) == 3 and alone["sample_s_per_batch"] == statistics.median(alone["sample_s"])
   assert alone["sample_compile_warm_s"] is None and alone["sample_compile_warm_trace_lower_s"] is None
   assert alone["sample_compile_cold_s"] > 0, alone
   # Whether that compile still ran on the host while the run timed (it may have ended by then): said in the row.
@@ -250,6 +263,9 @@ def test_measured_peak_is_the_products_flops_over_their_median_time(tmp_path):
   peak = rows[0]
   assert (peak["dtype"], peak["size"], peak["repeats"], peak["device"]) == ("bfloat16", 96, 3, "cpu")
   assert 1 <= peak["products_per_sample"] <= 1000  # about 50 ms of products a sample
+  # median_s is one product's time: a sample of them fills about 50 ms (fewer at the cap of 1000), and no
+  # 2-core CPU multiplies at 5 TFLOP/s.
+  assert peak["median_s"] * peak["products_per_sample"] < 0.5 and peak["tflops_per_s"] < 5
   # XLA counts the product's 2 N^3 and, on the CPU, a FLOP per element of its conversions to and from
   # float32 (two inputs, one output).
   assert peak["flops"] == 2 * 96**3 and peak["xla_flops"] == 2 * 96**3 + 3 * 96**2

@@ -37,6 +37,7 @@ def test_pipeline_stand_in_decodes_every_clip_says_what_it_read_and_leaves_no_fi
   assert (first["cached"], first["cache_mb"], first["videos"]) == (False, 0.0, 3)
   assert first["source"] == "UCF101 stand-in (3 x 40 frames, 320x240 avi)"
   assert first["batch_shape"] == [2, d["num_frames"], d["image_size"], d["image_size"], 3]
+  assert first["clips_per_s"] == pytest.approx(2 / first["timed_s"], rel=1e-2, abs=0.06)  # 1 batch of 2 timed
   assert list(temp.glob("pipeline_bench_*")) == []
   again = pipeline.measure(config, 2, 1, data_dir=str(data_dir), videos=4, frames=50, cache_mb=512)
   assert (again["cached"], again["cache_mb"], again["videos"]) == (True, 512.0, 3)
@@ -71,6 +72,31 @@ def test_memory_state_bytes_summed_over_the_devices_count_every_copy():
                                                                 ("params", "ema_params", "opt_state", "total")},
                           "total_bytes_summed_over_devices": 8 * 2**30, "total_bytes_one_copy": 2**30}])
   assert "total summed over the devices | total of one copy" in table and "| 1.00 | 8.00 | 1.00" in table
+
+
+def test_memory_rows_of_the_compiled_step_are_xlas_analysis_and_the_fit_their_line(monkeypatch):
+  """run()'s train_step rows: XLA's memory analysis of the step it compiled, per device, with program =
+  argument + output + temp - alias (the donated state counted once); its fit row: the line through the
+  rows' program bytes at the two batches, and the largest batch under the budget on it."""
+  compiled = []
+  compile_step = memory.compile_step
+  monkeypatch.setattr(memory, "compile_step", lambda *a, **k: compiled.append(compile_step(*a, **k)) or compiled[-1])
+  rows = memory.run(tiny_config(), [], [(8, 1)], [""], [1, 2], 1.0, emit=lambda line: None)
+  assert [r["result"] for r in rows] == ["train_step", "train_step", "fit"] and len(compiled) == 2
+  for row, (program, _, _), b in zip(rows, compiled, (1, 2)):
+    analysis = program.memory_analysis()
+    sizes = {k: getattr(analysis, f"{k}_size_in_bytes") for k in ("argument", "output", "alias", "temp")}
+    assert {k: row[f"{k}_bytes"] for k in sizes} == sizes
+    assert (row["per_device_batch"], row["global_batch"]) == (b, 8 * b)
+    assert row["program_bytes"] == sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]
+    # The state is donated: its bytes alias the outputs', and the arguments hold it and the batch.
+    assert 0.9 * row["state_bytes_per_device"] <= sizes["alias"] <= sizes["argument"]
+    assert sizes["argument"] >= row["state_bytes_per_device"] + row["batch_bytes_per_device"]
+  one, two, fit = rows
+  slope = two["program_bytes"] - one["program_bytes"]
+  assert slope > 0 and fit["bytes_per_example"] == round(slope)
+  assert fit["intercept_bytes"] == round(one["program_bytes"] - slope)
+  assert fit["largest_per_device_batch"] == int(np.floor((2**30 - (one["program_bytes"] - slope)) / slope)) > 0
 
 
 def test_train_profile_figures_of_a_trace_made_by_hand():

@@ -127,6 +127,16 @@ def test_ucf101_split_list_lines_are_checked_with_their_place(tmp_path):
     read_split_list(lists, names)
 
 
+def test_sky_timelapse_is_found_inside_the_folder_its_zip_extracts_to(tmp_path):
+  """The zip extracts into sky_timelapse/: a manual_dir holding that folder is read as the folder itself."""
+  layout = fabricate.make_sky(tmp_path / "raw" / "sky_timelapse")
+  builder = builders.prepare("sky_timelapse", str(tmp_path / "tfds"), manual_dir=str(tmp_path / "raw"), config=CONFIG,
+                             verbose=False)
+  for split, examples in layout.examples.items():
+    assert builder.info.metadata["lengths"][split] == [e.num_frames for e in examples]
+    assert [_text(builder.as_data_source(split)[i]["id"]) for i in range(len(examples))] == [e.id for e in examples]
+
+
 def test_prepared_dataset_is_reused_not_rebuilt(built, tmp_path):
   builder, _, data_dir = built("taichi")
   files = sorted(os.listdir(builder.data_dir))
@@ -365,9 +375,25 @@ def test_demo_clips_port(tfds_dir):
   assert [int(source[i]["label"]) for i in range(3)] == [0, 1, 2]
   assert [_text(source[i]["id"]) for i in range(3)] == list(video_io.DEMO_CLIPS)
   assert builder.info.features["label"].names == ["bigbuckbunny", "bikes", "carphone"]
-  # PNG storage is lossless: carphone equals the old builder's crop-and-resize exactly.
-  frames = video_io.read_video(video_io.demo_clip_dir() / "carphone_pristine.mp4")
-  np.testing.assert_array_equal(np.stack(source[2]["video"]), video_io.center_crop_resize(frames, 64))
+  # PNG storage is lossless: carphone (176x144, decoded here with PyAV) is its centre 144x144 square (columns
+  # 16-159) box-filtered to 64x64 as PIL's BOX filter is defined: each output pixel the mean of the input
+  # pixels whose centres lie in its span (i x 2.25, (i + 1) x 2.25], computed here as a matrix on each side.
+  import av
+
+  with av.open(str(video_io.demo_clip_dir() / "carphone_pristine.mp4")) as container:
+    frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.float64)
+  assert frames.shape == (120, 144, 176, 3)
+  centres = np.arange(144) + 0.5
+  span = np.arange(64)[:, None] * 2.25
+  box = ((centres > span) & (centres <= span + 2.25)).astype(np.float64)
+  box /= box.sum(axis=1, keepdims=True)
+  stored = np.stack(source[2]["video"]).astype(np.float64)
+  for left, error in ((16, 0.5), (15, None)):  # the centre square, and one a pixel to its left (a control)
+    expected = np.round(np.einsum("ij,tjkc,lk->tilc", box, frames[:, :, left:left + 144], box))
+    if error:
+      assert np.abs(stored - expected).max() <= 1 and np.abs(stored - expected).mean() < error  # PIL's fixed point
+    else:
+      assert np.abs(stored - expected).mean() > 2
 
 
 @pytest.mark.parametrize("name", sorted(MAKERS))

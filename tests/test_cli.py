@@ -45,6 +45,7 @@ def run_main(*args, workdir, env=None):
     ("--config.sample.prompt=a dog runs", "unexpected arguments 'dog runs': every setting is a --flag"),
     # A process id without --multihost ran alone, as process 0, in the shared workdir.
     ("--process_id=1 --num_processes=2", "jax.distributed.initialize(num_processes=2, process_id=1) failed"),
+    ("--process_id=1", "jax.distributed.initialize(process_id=1) failed"),
     # The image stage leaves the residual generator untrained: its videos were noise but for the key frame.
     ("--mode=train_and_sample --config.train.stage=image", "--mode=train_and_sample with config.train.stage='image'"),
     # Evaluation ran to its end, then NumPy's generator refused the seed: no results written.

@@ -331,9 +331,15 @@ def test_a_step_the_device_cannot_hold_says_the_batch_per_device_and_what_lowers
   assert e.value is other
 
 
-def test_out_of_memory_on_the_command_line_is_one_error_line(config_file, tmp_path, xla_out_of_memory):
+@pytest.mark.parametrize("kind", ["out_of_memory", "checkpoint_write"])
+def test_out_of_memory_on_the_command_line_is_one_error_line(config_file, tmp_path, xla_out_of_memory, kind):
   """The command line's side of the message above: XLA's error where the state is made is one `error:` line,
-  exit 1, no traceback, no checkpoint, the workdir's lock released."""
+  exit 1, no traceback, no checkpoint, the workdir's lock released. So is TensorStore's error of a checkpoint's
+  write the disk refused, which Orbax raises as a ValueError (test_a_checkpoint_write_the_disk_refuses_is_one_line)."""
+  path = f"{tmp_path}/run/checkpoints/6.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/_sharding"
+  error = (str(xla_out_of_memory) if kind == "out_of_memory" else
+           f'RESOURCE_EXHAUSTED: Error writing local file "{path}": Failed to write 286975 bytes to file 8: No space '
+           "left on device [os_error_code='28']")
   worker = tmp_path / "worker.py"
   worker.write_text(
       "import sys\n"
@@ -341,19 +347,23 @@ def test_out_of_memory_on_the_command_line_is_one_error_line(config_file, tmp_pa
       "from absl import app\n"
       "from videofusion_jax import main\n"
       "from videofusion_jax.training import loop\n"
-      "def no_memory(*args, **kwargs):\n"
-      "  raise jax.errors.JaxRuntimeError(sys.argv[1])\n"
-      "loop._start = no_memory\n"
+      "def fails(*args, **kwargs):\n"
+      f"  raise {'jax.errors.JaxRuntimeError' if kind == 'out_of_memory' else 'ValueError'}(sys.argv[1])\n"
+      "loop._start = fails\n"
       "app.run(main.main, argv=[sys.argv[0]] + sys.argv[2:], flags_parser=main._parse_flags)\n")
   workdir = tmp_path / "run"
-  r = subprocess.run([sys.executable, str(worker), str(xla_out_of_memory), f"--config={config_file}",
+  r = subprocess.run([sys.executable, str(worker), error, f"--config={config_file}",
                       f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                      env=one_device_env())
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
   errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]  # beside a first build's progress
   assert len(errors) == 1 and errors[0] == r.stderr.strip().splitlines()[-1], r.stderr
-  assert errors[0].startswith("error: the device ran out of memory in training (XLA: Out of memory allocating ")
-  assert "config.train.batch_size=" in errors[0]
+  if kind == "out_of_memory":
+    assert errors[0].startswith("error: the device ran out of memory in training (XLA: Out of memory allocating ")
+    assert "config.train.batch_size=" in errors[0]
+  else:
+    assert errors[0].startswith(f"error: [Errno 28] No space left on device: '{path}' (writing a checkpoint; the "
+                                "checkpoints saved before it are intact)"), errors[0]
   assert not list((workdir / "checkpoints").glob("*")) and not (workdir / LOCK_NAME).exists()
 
 
@@ -771,7 +781,7 @@ def test_config_json_is_written_whole_or_not_at_all_and_a_damaged_one_is_no_reco
       recorded_config(tmp_path)
 
 
-def test_a_metrics_line_process_0_cannot_write_is_warned_and_training_goes_on(tmp_path, capsys):
+def test_a_metrics_line_process_0_cannot_write_is_warned_and_training_goes_on(tmp_path, capsys, monkeypatch):
   """metrics.jsonl is process 0's alone: a line it cannot write (a full disk; a write cut short) is warned
   about once and the run goes on (raised on process 0 alone, it left the other hosts waiting in the next
   step's collectives); no part of the line is left to end the file's readable part, and once lines are
@@ -821,12 +831,24 @@ def test_a_metrics_line_process_0_cannot_write_is_warned_and_training_goes_on(tm
   for step, fail in ((1, None), (2, "short"), (3, "full"), (4, None), (5, None), (6, None)):
     disk.fail = fail
     writer.scalars(step, {"loss": float(step)})
-  writer.close()
   assert losses(tmp_path) == {1: 1.0, 4: 4.0, 5: 5.0, 6: 6.0} and events.steps == [1, 2, 3, 4]
+  # A part line that cannot be removed (the truncation refused too) is ended before the next line, which it
+  # would otherwise spoil.
+  disk.fail = "short"
+  with monkeypatch.context() as m:
+    m.setattr(loop.os, "ftruncate", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    writer.scalars(7, {"loss": 7.0})
+  disk.fail = None
+  writer.scalars(8, {"loss": 8.0})
+  writer.close()
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert lines[-2] == '{"step"' and json.loads(lines[-1]) == {"step": 8, "loss": 8.0}
+  assert {r["step"]: r["loss"] for r in map(json.loads, lines[:-2])} == {1: 1.0, 4: 4.0, 5: 5.0, 6: 6.0}
   printed = capsys.readouterr().out
+  assert "metrics.jsonl: written again from step 8; the steps 7 are missing from it" in printed
+  assert printed.count("warning: cannot write the metrics") == 2  # once for steps 2-3, once for step 7
   assert printed.count("warning: cannot write TensorBoard's events (No space left on device)") == 1
   assert "warning: closing the metrics files: [Errno 28] No space left on device" in printed
-  assert printed.count("warning: cannot write the metrics") == 1
   assert f"warning: cannot write the metrics of step 2 to {tmp_path / 'metrics.jsonl'} (the line was written in " \
          "part); training goes on" in printed
   assert "metrics.jsonl: written again from step 4; the steps 2, 3 are missing from it" in printed
@@ -850,8 +872,14 @@ def test_a_lock_its_holder_stopped_renewing_is_taken_over_from_another_host(tmp_
   assert path.stat().st_mtime > time.time() - 60  # renewed
   lock.__exit__()
   assert not path.exists()
-  time.sleep(0.2)  # the released hold's thread has stopped: it recreates nothing, and touches nothing
+  time.sleep(0.2)  # the released hold's thread has stopped: it recreates nothing,
   assert not path.exists()
+  # and touches nothing: not the lock of a run that takes the workdir next (it would keep a dead one fresh).
+  path.write_text(json.dumps({"pid": 4243, "host": "another-host", "started": "x", "heartbeat": 60.0}))
+  os.utime(path, (long_ago, long_ago))
+  time.sleep(0.3)
+  assert path.stat().st_mtime == long_ago
+  path.unlink()
 
   other = {"pid": 4242, "host": "tpu-slice-before-w-0", "started": "x", "heartbeat": 60.0}
   for record, idle, taken in ((other, workdir_lib.STALE_S + 60, True), (other, workdir_lib.STALE_S - 60, False),
@@ -930,8 +958,9 @@ def test_bad_input_is_one_line_and_changes_nothing(trained, config_file, args, m
 def test_workdir_that_is_a_file_or_a_url_and_a_finished_run(trained, config_file, tmp_path):
   (tmp_path / "a_file").write_text("x")
   r = run_main(config_file, tmp_path / "a_file")
-  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --workdir=") and "is a file" in \
-      r.stderr and (tmp_path / "a_file").read_text() == "x"
+  assert r.returncode == 1 and (tmp_path / "a_file").read_text() == "x"
+  assert r.stderr.strip().splitlines()[-1] == (f"error: --workdir={tmp_path / 'a_file'} is a file, not a directory: "
+                                               "give a directory (it is created when missing).")
   r = run_main(config_file, "gs://bucket/run")
   assert r.returncode == 1 and "URLs are not supported yet" in r.stderr and not (ROOT / "gs:").exists()
   before = snapshot(trained)
@@ -1017,10 +1046,12 @@ def test_a_checkpoint_write_the_disk_refuses_is_one_line(monkeypatch, capsys):
   def record(message, exc=None, pathname=site, level=logging.ERROR):
     return logging.LogRecord("absl", level, pathname, 387, message, None, (type(exc), exc, None) if exc else None)
 
+  timeout = record("raised an exception: Timeout waiting for key 'signals/item_directory_creation'",
+                   exc=TimeoutError("Timeout waiting for key 'signals/item_directory_creation'"))
+  assert absl.filter(timeout)  # before any write failed: a timeout of Orbax's own, shown
   assert absl.filter(record("[process=0] Failed to run 4 Handler Commit operations", exc=tensorstore)) is False
   assert absl.filter(record("_SignalingThread.run() raised an exception: " + str(tensorstore))) is False
-  assert absl.filter(record("raised an exception: Timeout waiting for key 'signals/item_directory_creation'",
-                            exc=TimeoutError("Timeout waiting for key 'signals/item_directory_creation'"))) is False
+  assert absl.filter(timeout) is False  # after: its threads left waiting for the folder the write never made
   err = capsys.readouterr().err
   assert err == (f"warning: a checkpoint could not be written ([Errno 28] No space left on device: '{path}'); "
                  "training stops with this error at the next checkpoint or at its end. The checkpoints saved before "

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 from test_faults import one_device_env
 
@@ -131,8 +132,13 @@ def test_notebook_trains_plots_and_shows_videos(tfds_dir, tmp_path, monkeypatch)
   curve = workdir / "training_curve.png"
   with Image.open(curve) as im:
     assert im.format == "PNG" and im.size == (800, 450)
-    colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
-    assert colours is None or len(colours) > 20  # lines, labels and a legend: not a blank canvas
+    pixels = np.asarray(im.convert("RGB"))
+  # One line per loss term the run logged, in the notebook's order and matplotlib's colour cycle (C0, C1, ...):
+  # each colour's pixels run along the plot (a line; the legend's sample of it is some 30), and no colour beyond.
+  terms = [k for k in ("loss", "loss_generators", "loss_key", "loss_residual", "loss_prior") if k in rows[-1]]
+  cycle = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+  counts = [int((pixels == colour).all(axis=-1).sum()) for colour in cycle]
+  assert len(terms) >= 4 and min(counts[:len(terms)]) > 150 and counts[len(terms)] == 0, (terms, counts)
   shown = [o for o in _outputs(cells["curve"], "display_data") if "image/png" in o.data]
   assert len(shown) == 1 and base64.b64decode(shown[0].data["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
   assert "step 12: loss" in _text(cells["curve"])
