@@ -119,7 +119,7 @@ def test_ucf101_split_list_lines_are_checked_with_their_place(tmp_path):
                                            "ApplyEyeMakeup/v_ApplyEyeMakeup_g02_c03.avi": 0}
   lists.write_text("Archery/v_Archery_g01_c01.avi 2\nArchery/v_Archery_g01_c02.avi two\n")
   with pytest.raises(ValueError, match=rf"^{lists}:2: the label after 'Archery/v_Archery_g01_c02.avi' is 'two', "
-                                       r"not a class number of classInd.txt \(1-101\); the split file is damaged"):
+                                       r"not a class number of classInd.txt \(1-3\); the split file is damaged"):
     read_split_list(lists, names)
   lists.write_text("Archery/v_Archery_g01_c01.avi 3\n")
   with pytest.raises(ValueError, match=rf"^{lists}:1: label 3 disagrees with the class folder of "

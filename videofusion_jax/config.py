@@ -776,9 +776,9 @@ def recorded_config(workdir) -> tuple[Path, dict | None]:
   (cut short, edited by hand) is a ConfigError: taken for none, it let a resume under other settings pass
   the check against it, and be recorded as the trained settings."""
   record = Path(workdir).expanduser() / "config.json"
-  if not record.exists() and not record.is_symlink():
-    return record, None
   try:
+    if not record.exists() and not record.is_symlink():
+      return record, None
     trained = json.loads(record.read_text())
     problem = None if isinstance(trained, dict) else f"a JSON {type(trained).__name__}, not an object"
   except (OSError, ValueError) as e:

@@ -90,20 +90,22 @@ def split_lengths(builder, split: str) -> np.ndarray:
   return np.concatenate([np.asarray(lengths[p], np.int64) for p in parts])
 
 
-def source_fingerprint(config: ml_collections.ConfigDict, split: str) -> dict:
+def source_fingerprint(config: ml_collections.ConfigDict, split: str, content: bool = False) -> dict:
   """What the clips of ``split`` are read from: the built dataset's name and version, its video count and
-  a digest of the videos' frame counts (a rebuild with other videos changes it). Keys the evaluation's
-  cached real-clip features. Not its folder, which hosts may mount at different paths: they must all
-  agree on whether the cache holds the features."""
+  a digest of the videos' frame counts (a rebuild with other videos changes it); with ``content`` also
+  TFDS's bytes of the split (``split_bytes``: a rebuild with other frames changes it), for what depends on
+  the pixels (the evaluation's cached real-clip features), not on the videos' order and captions. Not its
+  folder, which hosts may mount at different paths: they must all agree on whether a cache holds what it keys."""
   builder = get_builder(config.data, verbose=False)
   lengths = split_lengths(builder, split)
-  return {"builder": builder.info.full_name, "videos": int(len(lengths)),
-          "lengths_sha256": hashlib.sha256(lengths.astype("<i8").tobytes()).hexdigest()[:16]}
+  out = {"builder": builder.info.full_name, "videos": int(len(lengths)),
+         "lengths_sha256": hashlib.sha256(lengths.astype("<i8").tobytes()).hexdigest()[:16]}
+  return {**out, "bytes": split_bytes(builder, split)} if content else out
 
 
 def split_bytes(builder, split: str) -> int:
   """The bytes TFDS wrote for ``split``'s records (their encoded frames): a rebuild that keeps every video's
-  frame count but changes its pixels (a decoder's fix) changes it, where ``source_fingerprint`` stays."""
+  frame count but changes its pixels (a decoder's fix) changes it."""
   return int(sum(builder.info.splits[p].num_bytes for p in split.split("+")))
 
 

@@ -111,14 +111,13 @@ def _cached_features(path: Path, proto: dict) -> dict | None:
 
 def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, verbose: bool = True) -> dict:
   """I3D features of the protocol's real clips (and their labels), cached in the workdir under the
-  protocol and the dataset they were read from (``pipeline.source_fingerprint`` and ``split_bytes``: a
-  rebuilt dataset is read again) and I3D's code and weights; ``protocol`` with them. Each host reads and
+  protocol and the dataset they were read from (``pipeline.source_fingerprint`` with its bytes: a rebuilt
+  dataset is read again) and I3D's code and weights; ``protocol`` with them. Each host reads and
   runs its share of the clips."""
   proto = protocol(config)
   proto["i3d_digest"] = i3d_digest()
   proto["source"] = checked_on_every_host(
-      lambda: {**pipeline.source_fingerprint(config, proto["split"]),
-               "bytes": pipeline.split_bytes(pipeline.get_builder(config.data, verbose=False), proto["split"])},
+      lambda: pipeline.source_fingerprint(config, proto["split"], content=True),
       pipeline.PipelineError("another host cannot read the real clips' dataset (its own error says why): every "
                              "host needs it at the same data_dir."))
   path = _cache_path(workdir, proto)

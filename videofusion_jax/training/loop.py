@@ -301,8 +301,8 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
   if clip_used(config) is not None and config.model.encoder.clip_dir:
     from videofusion_jax.data.embeddings import fingerprint
     record[CLIP_FINGERPRINT] = fingerprint(config.model.encoder.clip_dir, config.data.image_size)
-  # Whole or not at all: a record cut short (a full disk) would be taken for none, and a resume under other
-  # settings would pass the check against it.
+  # Whole or not at all: a record cut short (a full disk) cannot be read, and every later resume, sampling and
+  # evaluation of the run would stop at it until it is put back.
   write_whole(workdir / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
 
 

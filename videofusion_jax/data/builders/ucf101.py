@@ -60,9 +60,9 @@ def read_split_list(path: Path, class_names: list[str]) -> dict[str, int]:
     if "/" not in rel or folder not in index:
       raise ValueError(f"{path}:{line_no}: {rel!r} is not '<ClassName>/<file>.avi' with a class of classInd.txt.")
     label = index[folder]
-    if len(parts) > 1 and not parts[1].isdigit():
+    if len(parts) > 1 and not parts[1].isdecimal():
       raise ValueError(f"{path}:{line_no}: the label after {rel!r} is {parts[1]!r}, not a class number of "
-                       "classInd.txt (1-101); the split file is damaged: unzip the split files again.")
+                       f"classInd.txt (1-{len(class_names)}); the split file is damaged: unzip the split files again.")
     if len(parts) > 1 and int(parts[1]) - 1 != label:  # trainlists carry a 1-based label too
       raise ValueError(f"{path}:{line_no}: label {parts[1]} disagrees with the class folder of {rel!r} "
                        f"({label + 1} in classInd.txt); the split files do not belong together.")
