@@ -62,6 +62,18 @@ def test_stored_frame_embeddings_are_clip_embeddings_of_the_pipelines_frames(cli
   assert path.stat().st_mtime_ns == mtime and offsets[0] == 0
   assert not list(path.parent.glob("*.partial*"))
 
+  # A table of the same frame total from videos in another order (a rebuild, a table copied in beside it): its
+  # rows would be other frames' embeddings, served silently. Refused where it is read and by --mode=embed.
+  record = path.with_suffix(".json").read_text()
+  assert len(set(meta["lengths"])) > 1  # reversed, the order differs
+  path.with_suffix(".json").write_text(json.dumps({**meta, "lengths": meta["lengths"][::-1]}))
+  for read in (lambda: embeddings.frame_table(c, "train", verbose=False),
+               lambda: embeddings.compute_table(c, "train", verbose=False)):
+    with pytest.raises(pipeline.PipelineError, match=re.escape(
+        f"{path} was computed from videos of other frame counts or order than {builder.info.full_name} [train] has "
+        f"now ({path.with_suffix('.json')}): the dataset was rebuilt. Delete {path.parent} to recompute it.")):
+      read()
+  path.with_suffix(".json").write_text(record)
   # A table that no longer fits the dataset, and a multi-host run without one, get one clear message.
   with pytest.raises(pipeline.PipelineError, match="the dataset was rebuilt. Delete"):
     np.save(path, np.zeros((3, WIDTH), np.float16))
@@ -290,6 +302,29 @@ def test_stale_caption_embeddings_are_computed_again(tmp_path, tfds_dir, monkeyp
 
   first = np.asarray(embeddings.caption_table(c, "train", verbose=False)[0], np.float32)
   np.testing.assert_allclose(first, expected(), atol=2e-3)
+  # A replacement stopped after the table's files were replaced but before its record: the old record left
+  # beside them served the new captions' embeddings as the old ones' once those came back (an edit reverted).
+  original = dict(demo_clips.CAPTIONS)
+  for name in original:
+    monkeypatch.setitem(demo_clips.CAPTIONS, name, ("an interrupted caption",) * 4)
+  replace, replaced = os.replace, []
+
+  def stopped_before_the_record(source, target):
+    if len(replaced) == 2:
+      raise KeyboardInterrupt
+    replaced.append(Path(target).name)
+    replace(source, target)
+
+  with monkeypatch.context() as m:
+    m.setattr(embeddings.os, "replace", stopped_before_the_record)
+    with pytest.raises(KeyboardInterrupt):
+      embeddings.caption_table(c, "train", verbose=False)
+  assert replaced == ["train.captions.counts.npy", "train.captions.npy"]
+  for name, captions in original.items():
+    monkeypatch.setitem(demo_clips.CAPTIONS, name, captions)
+  table = embeddings.caption_table(c, "train")[0]
+  assert "holds the embeddings of unrecorded captions" in capsys.readouterr().out
+  np.testing.assert_allclose(np.asarray(table, np.float32), expected(), atol=2e-3)
   for i, name in enumerate(demo_clips.CAPTIONS):
     monkeypatch.setitem(demo_clips.CAPTIONS, name, tuple(f"a totally different caption {i} {j}" for j in range(4)))
   stale = re.escape("holds the embeddings of other captions (the dataset or the repository's captions changed: "

@@ -146,6 +146,23 @@ def sigterm_once_sampling(cmd: list[str]) -> tuple[int, str]:
   return proc.returncode, out
 
 
+def test_a_ctrl_c_after_either_signal_stops_at_once_as_the_message_says(capsys):
+  """SIGTERM or a first Ctrl-C asks for a checkpoint and says "Ctrl-C again to stop at once": that Ctrl-C
+  raises, after a SIGTERM too (it took a second one); another SIGTERM (a preemption repeating it) does not."""
+  from videofusion_jax.training.preemption import StopRequest
+
+  for first in (signal.SIGTERM, signal.SIGINT):
+    stop = StopRequest()
+    stop._on_signal(first, None)
+    if first == signal.SIGTERM:
+      stop._on_signal(signal.SIGTERM, None)
+    assert stop.signal_name == first.name
+    assert f"{first.name} received: finishing the step in flight, then saving a checkpoint and exiting (Ctrl-C " \
+           "again to stop at once without it)." in capsys.readouterr().out
+    with pytest.raises(KeyboardInterrupt):
+      stop._on_signal(signal.SIGINT, None)
+
+
 def test_a_signal_before_the_first_step_stops_a_dataset_build_at_once(trainer, tmp_path, monkeypatch):
   """A first-use dataset build takes minutes, longer than a preemption's grace period: SIGTERM or Ctrl-C
   there stops it at once, as an exception raised in the build (a stand-in here; TFDS removes its temporary

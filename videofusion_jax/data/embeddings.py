@@ -258,7 +258,7 @@ def compute_table(config: ml_collections.ConfigDict, split: str, batch_size: int
   source = pipeline._source(config, split, verbose=False)
   path = table_path(source.builder, split, clip_dir, d.image_size)
   if path.is_file():
-    _open_table(path)  # a damaged table is said here too, not reported as computed
+    _check_frame_table(path, _open_table(path), source, split)  # a damaged or stale table: said, not "computed"
     return path
   clip = _load_clip(str(clip_dir))
   tf = pipeline._tf()
@@ -316,13 +316,28 @@ def frame_table(config: ml_collections.ConfigDict, split: str, process_count: in
                 verbose: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """``(table (frames, D) float16, memory-mapped; offsets (records,))`` for ``split`` (``_ensure_table``)."""
   source, path = _ensure_table(config, split, "frames", process_count, verbose)
-  table = _open_table(path)
-  if table.shape[0] != int(source.lengths.sum()):
-    raise pipeline.PipelineError(
-        f"{path} has {table.shape[0]} rows but {source.builder.info.full_name} [{split}] has "
-        f"{int(source.lengths.sum())} frames: the dataset was rebuilt. Delete {path.parent} to recompute it.")
+  table = _check_frame_table(path, _open_table(path), source, split)
   offsets = np.concatenate([[0], np.cumsum(source.lengths)[:-1]]).astype(np.int64)
   return table, offsets
+
+
+def _check_frame_table(path: Path, table: np.ndarray, source, split: str) -> np.ndarray:
+  """``table`` when it is of the dataset as built now: as many rows as frames, and the videos' frame counts
+  its record (``<split>.json``) gives; a PipelineError otherwise. The same total from other videos, or the
+  same ones in another order (a dataset rebuilt, a table copied in beside it), put other frames' rows under
+  each clip, silently."""
+  rows, name = int(source.lengths.sum()), f"{source.builder.info.full_name} [{split}]"
+  try:
+    recorded = json.loads(path.with_suffix(".json").read_text()).get("lengths")
+  except (OSError, ValueError, AttributeError):  # a table without its record (an older version): rows alone
+    recorded = None
+  if table.shape[0] != rows:
+    why = f"has {table.shape[0]} rows but {name} has {rows} frames"
+  elif recorded is not None and recorded != source.lengths.tolist():
+    why = f"was computed from videos of other frame counts or order than {name} has now ({path.with_suffix('.json')})"
+  else:
+    return table
+  raise pipeline.PipelineError(f"{path} {why}: the dataset was rebuilt. Delete {path.parent} to recompute it.")
 
 
 def clip_embeddings(table: np.ndarray, offsets: np.ndarray, records: np.ndarray, firsts: np.ndarray,
@@ -405,7 +420,9 @@ def compute_caption_table(config: ml_collections.ConfigDict, split: str, batch_s
     del table
     np.save(partials[".counts.npy"], np.array([len(caps) for caps in per_record], np.int64))
     partials[".json"].write_text(json.dumps({"clip_dir": str(clip_dir), "captions": captions, **current}))
-    # The record last: an old table being replaced, interrupted midway, no longer matches it (recomputed).
+    # The old record first, the new one last: a replacement interrupted midway leaves no record (recomputed),
+    # never new embeddings under the old captions' record.
+    path.with_suffix(".json").unlink(missing_ok=True)
     os.replace(partials[".counts.npy"], path.with_suffix(".counts.npy"))
     os.replace(partials[".npy"], path)
     os.replace(partials[".json"], path.with_suffix(".json"))

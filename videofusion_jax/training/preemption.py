@@ -109,8 +109,8 @@ class StopRequest:
     name = signal.Signals(signum).name
     if self._at_once:
       raise Interrupted(name)
-    if self.signal_name == "SIGINT" and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a Ctrl-C after either signal, as the message asks: stop now, without the checkpoint
     self.signal_name = name
     print(f"\n{name} received: finishing the step in flight, then saving a checkpoint and exiting "
           f"(Ctrl-C again to stop {'every host ' if self._multi else ''}at once without it).", flush=True)
