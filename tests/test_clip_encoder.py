@@ -250,6 +250,54 @@ def _text_config(clip_dir, tfds_dir):
   return clip_config(clip_dir, **{"data.data_dir": tfds_dir, "data.num_classes": 0, "model.prior.condition": "text"})
 
 
+def test_a_signal_while_training_embeds_the_frames_stops_at_once_and_leaves_no_part(tmp_path, tfds_dir, monkeypatch):
+  """Training's first use of a CLIP embeds every frame of the dataset (hours on WebVid) before its first step:
+  SIGTERM there stops it at once, as it stops a dataset build, with the table's part file removed; it ran to
+  the end, compiled and took a step first (a preemption's grace period ends long before), and a kill then
+  left the part file, at the table's full size, for good."""
+  import signal
+  import time
+
+  from videofusion_jax.data import embeddings, pipeline
+  from videofusion_jax.training.loop import train
+  from videofusion_jax.training.preemption import Interrupted
+
+  write_checkpoint(tmp_path / "clip", seed=9)  # its own tables: none made yet
+  c = clip_config(tmp_path / "clip", **{"data.data_dir": tfds_dir})
+  to_uint8 = embeddings.to_uint8
+
+  def embedding_for_long(frames):  # the first batch of frames: SIGTERM arrives, and the embedding goes on
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(200):
+      time.sleep(0.05)
+    raise AssertionError("the embedding ran on past the signal")
+
+  monkeypatch.setattr(embeddings, "to_uint8", embedding_for_long)
+  start = time.time()
+  with pytest.raises(Interrupted) as e:
+    train(c, tmp_path / "run", verbose=False)
+  assert e.value.signal_name == "SIGTERM" and time.time() - start < 60
+  table = embeddings.table_path(pipeline.get_builder(c.data, verbose=False), "train", tmp_path / "clip",
+                                c.data.image_size)
+  assert table.parent.is_dir() and not list(table.parent.iterdir())  # no part file, no table
+  assert not list((tmp_path / "run" / "checkpoints").glob("*"))
+  monkeypatch.setattr(embeddings, "to_uint8", to_uint8)
+  # The project's own CLIP, stopped while it is saved: its part folder goes too (it stayed beside the dataset).
+  monkeypatch.setattr(embeddings, "record_captions", lambda *a, **k: (_ for _ in ()).throw(pipeline.PipelineError("")))
+  save = clip_lib.save_pretrained
+
+  def saved_then_stopped(clip, directory):
+    save(clip, directory)
+    assert any(Path(directory).iterdir())
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(clip_lib, "save_pretrained", saved_then_stopped)
+  (tmp_path / "own").mkdir()
+  with pytest.raises(KeyboardInterrupt):
+    embeddings.make_project_clip(clip_config("", **{"model.encoder.embed_dim": 16}), tmp_path / "own" / "clip")
+  assert not list((tmp_path / "own").iterdir())
+
+
 def test_a_damaged_table_is_one_error_naming_it(tmp_path, tfds_dir):
   """A truncated frame table, caption table, caption counts or caption record file is a PipelineError (one line on the
   command line) that names the file and says how to compute it again, not numpy's traceback; the

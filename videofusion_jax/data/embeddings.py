@@ -188,15 +188,17 @@ def make_project_clip(config: ml_collections.ConfigDict, directory: Path, verbos
             f"{time.time() - start:.0f} s: contrastive loss {figures['loss_first']:.2f} -> {figures['loss_last']:.2f}, "
             f"{100 * figures['retrieval']:.0f}% of the frames nearest to a caption of their own video.", flush=True)
   partial = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
-  clip_lib.save_pretrained(clip, partial)
-  (partial / "project_clip.json").write_text(json.dumps({"trained": bool(per_record), **(figures if per_record
-                                                                                           else {})}))
   try:
-    os.replace(partial, directory)
-  except OSError:
-    if not (directory / "model.safetensors").is_file():
-      raise
-    shutil.rmtree(partial, ignore_errors=True)  # another process made it first: keep one CLIP
+    clip_lib.save_pretrained(clip, partial)
+    (partial / "project_clip.json").write_text(json.dumps({"trained": bool(per_record), **(figures if per_record
+                                                                                             else {})}))
+    try:
+      os.replace(partial, directory)
+    except OSError:
+      if not (directory / "model.safetensors").is_file():
+        raise
+  finally:  # renamed: nothing left; another process's made first (one CLIP kept), or stopped: this one's part
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def resolve_clip_dir(config: ml_collections.ConfigDict, verbose: bool = True, process_count: int = 1) -> Path:

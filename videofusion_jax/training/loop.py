@@ -442,6 +442,17 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
                             "another host cannot read the dataset process 0 prepared (its own error says why): every "
                             "host needs it at the same data_dir, shared (a bucket mounted at the same path on each) or "
                             "built on each from the same files."))
+  if (jax.process_count() == 1 and config.model.get("condition") == "embedding"
+      and config.model.encoder.kind == "clip"):
+    # First-use CLIP work too (the project's own CLIP, the frame and caption tables: hours on WebVid), here where
+    # a signal stops it at once; when the input opened it, a SIGTERM waited for its end and the first step.
+    # Several hosts make them beforehand (--mode=embed).
+    from videofusion_jax.data import embeddings
+
+    embeddings.resolve_clip_dir(config, verbose=False)
+    embeddings.frame_table(config, config.data.split)
+    if config.model.prior.condition == "text":
+      embeddings.caption_table(config, config.data.split)
 
 
 def _lock_on_every_host(lock: WorkdirLock | None, workdir: Path) -> None:
