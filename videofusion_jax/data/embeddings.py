@@ -201,6 +201,12 @@ def make_project_clip(config: ml_collections.ConfigDict, directory: Path, verbos
     shutil.rmtree(partial, ignore_errors=True)
 
 
+def project_clip_dir(config: ml_collections.ConfigDict) -> Path:
+  """Where the project's own CLIP for the training dataset goes: beside the dataset, one per width."""
+  builder = pipeline.get_builder(config.data, verbose=False)
+  return Path(builder.data_dir) / f"project_clip_d{config.model.encoder.embed_dim}"
+
+
 def resolve_clip_dir(config: ml_collections.ConfigDict, verbose: bool = True, process_count: int = 1) -> Path:
   """``model.encoder.clip_dir``, or the project's own CLIP beside the training dataset (made once, by
   a single process: a multi-host run asks for ``--mode=embed`` beforehand)."""
@@ -209,10 +215,10 @@ def resolve_clip_dir(config: ml_collections.ConfigDict, verbose: bool = True, pr
     if verbose:
       print(f"CLIP: {directory} (model.encoder.clip_dir)", flush=True)
     return directory
-  builder = pipeline.get_builder(config.data, verbose=False)
-  directory = Path(builder.data_dir) / f"project_clip_d{config.model.encoder.embed_dim}"
+  directory = project_clip_dir(config)
   if not (directory / "model.safetensors").is_file():
     if process_count > 1:
+      builder = pipeline.get_builder(config.data, verbose=False)
       raise pipeline.PipelineError(
           f"the project's own CLIP for {builder.info.full_name} is not made yet ({directory}); make it and the "
           "embedding tables once on one host with the same flags and --mode=embed, then start the multi-host run.")
