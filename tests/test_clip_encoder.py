@@ -62,17 +62,21 @@ def test_stored_frame_embeddings_are_clip_embeddings_of_the_pipelines_frames(cli
   assert path.stat().st_mtime_ns == mtime and offsets[0] == 0
   assert not list(path.parent.glob("*.partial*"))
 
-  # A table of the same frame total from videos in another order (a rebuild, a table copied in beside it): its
-  # rows would be other frames' embeddings, served silently. Refused where it is read and by --mode=embed.
+  # A table of the same frame total from videos in another order, or from the same videos with other pixels (a
+  # rebuild, a table copied in beside it): its rows would be other frames' embeddings, served silently. Refused
+  # where it is read and by --mode=embed.
   record = path.with_suffix(".json").read_text()
   assert len(set(meta["lengths"])) > 1  # reversed, the order differs
-  path.with_suffix(".json").write_text(json.dumps({**meta, "lengths": meta["lengths"][::-1]}))
-  for read in (lambda: embeddings.frame_table(c, "train", verbose=False),
-               lambda: embeddings.compute_table(c, "train", verbose=False)):
-    with pytest.raises(pipeline.PipelineError, match=re.escape(
-        f"{path} was computed from videos of other frame counts or order than {builder.info.full_name} [train] has "
-        f"now ({path.with_suffix('.json')}): the dataset was rebuilt. Delete {path.parent} to recompute it.")):
-      read()
+  assert meta["bytes"] == builder.info.splits["train"].num_bytes > 0
+  for other in ({"lengths": meta["lengths"][::-1]}, {"bytes": meta["bytes"] + 1}):
+    path.with_suffix(".json").write_text(json.dumps({**meta, **other}))
+    for read in (lambda: embeddings.frame_table(c, "train", verbose=False),
+                 lambda: embeddings.compute_table(c, "train", verbose=False)):
+      with pytest.raises(pipeline.PipelineError, match=re.escape(
+          f"{path} was computed from another build of {builder.info.full_name} [train] (its videos' frame counts, "
+          f"order or encoded frames differ from {path.with_suffix('.json')}): the dataset was rebuilt. Delete "
+          f"{path.parent} to recompute it.")):
+        read()
   path.with_suffix(".json").write_text(record)
   # A table that no longer fits the dataset, and a multi-host run without one, get one clear message.
   with pytest.raises(pipeline.PipelineError, match="the dataset was rebuilt. Delete"):

@@ -296,7 +296,8 @@ def compute_table(config: ml_collections.ConfigDict, split: str, batch_size: int
     del table
     path.with_suffix(".json").write_text(json.dumps(
         {"clip_dir": str(clip_dir), "embed_dim": clip.embed_dim, "image_size": d.image_size, "split": split,
-         "dataset": source.builder.info.full_name, "lengths": source.lengths.tolist()}))
+         "dataset": source.builder.info.full_name, "lengths": source.lengths.tolist(),
+         "bytes": pipeline.split_bytes(source.builder, split)}))
     os.replace(partial, path)
   finally:
     if partial.exists():
@@ -331,18 +332,21 @@ def frame_table(config: ml_collections.ConfigDict, split: str, process_count: in
 
 def _check_frame_table(path: Path, table: np.ndarray, source, split: str) -> np.ndarray:
   """``table`` when it is of the dataset as built now: as many rows as frames, and the videos' frame counts
-  its record (``<split>.json``) gives; a PipelineError otherwise. The same total from other videos, or the
-  same ones in another order (a dataset rebuilt, a table copied in beside it), put other frames' rows under
-  each clip, silently."""
+  and TFDS's bytes of the split (``pipeline.split_bytes``) its record (``<split>.json``) gives; a
+  PipelineError otherwise. The same total from other videos, the same ones in another order or with other
+  pixels (a dataset rebuilt, a table copied in beside it) put other frames' rows under each clip, silently."""
   rows, name = int(source.lengths.sum()), f"{source.builder.info.full_name} [{split}]"
   try:
-    recorded = json.loads(path.with_suffix(".json").read_text()).get("lengths")
+    record = json.loads(path.with_suffix(".json").read_text())
+    recorded = {k: record.get(k) for k in ("lengths", "bytes")}
   except (OSError, ValueError, AttributeError):  # a table without its record (an older version): rows alone
-    recorded = None
+    recorded = {}
   if table.shape[0] != rows:
     why = f"has {table.shape[0]} rows but {name} has {rows} frames"
-  elif recorded is not None and recorded != source.lengths.tolist():
-    why = f"was computed from videos of other frame counts or order than {name} has now ({path.with_suffix('.json')})"
+  elif ((recorded.get("lengths") is not None and recorded["lengths"] != source.lengths.tolist())
+        or (recorded.get("bytes") is not None and recorded["bytes"] != pipeline.split_bytes(source.builder, split))):
+    why = (f"was computed from another build of {name} (its videos' frame counts, order or encoded frames differ "
+           f"from {path.with_suffix('.json')})")
   else:
     return table
   raise pipeline.PipelineError(f"{path} {why}: the dataset was rebuilt. Delete {path.parent} to recompute it.")
