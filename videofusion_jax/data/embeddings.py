@@ -337,8 +337,8 @@ def _check_frame_table(path: Path, table: np.ndarray, source, split: str) -> np.
   pixels (a dataset rebuilt, a table copied in beside it) put other frames' rows under each clip, silently."""
   rows, name = int(source.lengths.sum()), f"{source.builder.info.full_name} [{split}]"
   try:
-    record = json.loads(path.with_suffix(".json").read_text())
-    recorded = {k: record.get(k) for k in ("lengths", "bytes")}
+    stat = path.with_suffix(".json").stat()
+    recorded = _frame_table_record(str(path.with_suffix(".json")), stat.st_size, stat.st_mtime_ns)
   except (OSError, ValueError, AttributeError):  # a table without its record (an older version): rows alone
     recorded = {}
   if table.shape[0] != rows:
@@ -350,6 +350,16 @@ def _check_frame_table(path: Path, table: np.ndarray, source, split: str) -> np.
   else:
     return table
   raise pipeline.PipelineError(f"{path} {why}: the dataset was rebuilt. Delete {path.parent} to recompute it.")
+
+
+@functools.lru_cache(maxsize=4)
+def _frame_table_record(path: str, size: int, mtime_ns: int) -> dict:
+  """The frame counts and bytes a frame table's record gives, read once per process for each (path, size,
+  modification time), as ``_file_digest``: a start checks the table twice (before training and as the input
+  opens), and WebVid's record holds ~10M counts."""
+  del size, mtime_ns  # the cache's key: a record written anew is read again
+  record = json.loads(Path(path).read_text())
+  return {k: record.get(k) for k in ("lengths", "bytes")}
 
 
 def clip_embeddings(table: np.ndarray, offsets: np.ndarray, records: np.ndarray, firsts: np.ndarray,

@@ -449,8 +449,9 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
     # Several hosts make them beforehand (--mode=embed).
     from videofusion_jax.data import embeddings
 
-    if not config.model.encoder.clip_dir and not (embeddings.project_clip_dir(config) / "model.safetensors").is_file():
-      embeddings.make_project_clip(config, embeddings.project_clip_dir(config))  # its training said, as before
+    own = None if config.model.encoder.clip_dir else embeddings.project_clip_dir(config)
+    if own is not None and not (own / "model.safetensors").is_file():
+      embeddings.make_project_clip(config, own)  # its training said, as before
     embeddings.frame_table(config, config.data.split)
     if config.model.prior.condition == "text":
       embeddings.caption_table(config, config.data.split)
