@@ -578,6 +578,29 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
   with pytest.raises(ConfigError, match=re.escape(f"config.model.encoder.clip_dir='{tmp_path / 'moved'}' (trained "
                                                   f"with '{clip_dir}')")):
     sampling.check_trained_config(other, str(tmp_path / "run"))
+  # A copy with the same weights and another tokenizer (two tokens' ids swapped) is not the CLIP trained with
+  # either: a prompt's ids, and so its text embedding, differ (before: taken, as its weights were the same).
+  shutil.copytree(clip_dir, tmp_path / "retokenized")
+  vocab_file = tmp_path / "retokenized" / "vocab.json"
+  vocab = json.loads(vocab_file.read_text())
+  a, b = sorted(vocab, key=vocab.get)[300:302]
+  vocab[a], vocab[b] = vocab[b], vocab[a]
+  vocab_file.write_text(json.dumps(vocab))
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["clip_tokenizer"] == embeddings.tokenizer_digest(
+    clip_dir) != embeddings.tokenizer_digest(tmp_path / "retokenized")
+  other.model.encoder.clip_dir = str(tmp_path / "retokenized")
+  with pytest.raises(ConfigError, match=re.escape(f"config.model.encoder.clip_dir='{tmp_path / 'retokenized'}' "
+                                                  f"(trained with '{clip_dir}')")):
+    sampling.check_trained_config(other, str(tmp_path / "run"))
+  kept_vocab = (clip_dir / "vocab.json").read_bytes()
+  (clip_dir / "vocab.json").write_bytes(vocab_file.read_bytes())
+  other.model.encoder.clip_dir = f"{clip_dir}/"
+  try:
+    with pytest.raises(ConfigError, match=re.escape(f"config.model.encoder.clip_dir='{clip_dir}/' (not the CLIP "
+                                                    "trained with there: its tokenizer (vocab.json")):
+      sampling.check_trained_config(other, str(tmp_path / "run"))
+  finally:
+    (clip_dir / "vocab.json").write_bytes(kept_vocab)
   # Other weights saved over the folder trained with (by another name here) are not the CLIP trained with either
   # (before: taken, as the same path; a resumed run then trained on on them and recorded their fingerprint).
   original = next(Path(clip_dir).glob("*.safetensors"))

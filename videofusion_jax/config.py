@@ -818,18 +818,20 @@ def differing_fields(config: ml_collections.ConfigDict, trained: dict, fields) -
 
 
 CLIP_FINGERPRINT = "clip_fingerprint"  # config.json's record of the CLIP directory's weights (training.loop)
+CLIP_TOKENIZER = "clip_tokenizer"  # ... and of its tokenizer, where prompts are sampled from (a text prior)
 
 
 def _same_clip(config: ml_collections.ConfigDict, now: str, was: str, trained: dict) -> bool:
   """Whether the CLIP directories ``now`` and ``was`` (the recorded one) hold one CLIP: where the training
   run recorded its fingerprint, ``now``'s config and weights give that fingerprint (the same folder by
   another name, or a copy on another machine's mount; not other weights saved over the folder trained
-  with); else the same folder (``~``, a trailing slash, a link)."""
+  with) and, for a text prior, its tokenizer the recorded one; else the same folder (``~``, a trailing
+  slash, a link)."""
   if not now or not was:  # the project's own CLIP against a directory, or against itself
     return now == was
   recorded = trained.get(CLIP_FINGERPRINT) if isinstance(trained, dict) else None
   if recorded and (Path(now).expanduser() / "config.json").is_file():
-    return recorded_clip_fingerprint(config, now, trained) == recorded
+    return not other_clip_there(config, now, trained)
   return _one_folder(now, was)
 
 
@@ -843,6 +845,26 @@ def recorded_clip_fingerprint(config: ml_collections.ConfigDict, clip_dir: str, 
   another size)."""
   from videofusion_jax.data.embeddings import fingerprint
   return fingerprint(clip_dir, field_or_none(trained, "data.image_size") or config.data.image_size)
+
+
+def other_clip_there(config: ml_collections.ConfigDict, clip_dir: str, trained: dict) -> str:
+  """How the CLIP in ``clip_dir`` differs from the one ``trained`` (a recorded config.json with its
+  fingerprint) recorded, in words; '' where it does not. Its tokenizer counts for a text prior alone: prompts
+  are tokenized at sampling, and other ids (another vocabulary, other merges) give other text embeddings from
+  the same weights; a record written before the tokenizer was recorded is checked on its weights."""
+  now = recorded_clip_fingerprint(config, clip_dir, trained)
+  if now != trained[CLIP_FINGERPRINT]:
+    return f"its weights give fingerprint {now}, recorded {trained[CLIP_FINGERPRINT]}"
+  if text_prior(config) and trained.get(CLIP_TOKENIZER):
+    from videofusion_jax.data.embeddings import tokenizer_digest
+    try:
+      tokenizer = tokenizer_digest(clip_dir)
+    except ValueError as e:  # CLIPLoadError: no tokenizer there, or one that cannot be read
+      return f"its tokenizer cannot be read: {e}"
+    if tokenizer != trained[CLIP_TOKENIZER]:
+      return (f"its tokenizer (vocab.json, merges.txt or tokenizer.json) gives {tokenizer}, recorded "
+              f"{trained[CLIP_TOKENIZER]}")
+  return ""
 
 
 def check_input_kind(config: ml_collections.ConfigDict, trained: dict, whose: str) -> None:
@@ -871,8 +893,7 @@ def check_against_record(config: ml_collections.ConfigDict, trained: dict, field
       said.append(f"config.{name}={now!r} ({whose} {was!r})")
       flags.append(f"--config.{name}={was}")
     else:  # other weights saved over the CLIP folder trained with: no flag gives those back
-      said.append(f"config.{name}={now!r} (not the CLIP {whose} there: its weights give fingerprint "
-                  f"{recorded_clip_fingerprint(config, now, trained)}, recorded {trained[CLIP_FINGERPRINT]})")
+      said.append(f"config.{name}={now!r} (not the CLIP {whose} there: {other_clip_there(config, now, trained)})")
       fix = f"put that CLIP back in the folder (or give a copy of it), or {otherwise}"
   if flags:
     fix = f"pass {' '.join(flags)}, or {fix}"

@@ -17,6 +17,7 @@ import numpy as np
 from videofusion_jax.config import (
     BASE_FIELDS,
     CLIP_FINGERPRINT,
+    CLIP_TOKENIZER,
     RESUMED_FIELDS,
     SYNTHETIC_DATA,
     ConfigError,
@@ -26,6 +27,7 @@ from videofusion_jax.config import (
     field_or_none,
     recorded_config,
     schedule_end_problem,
+    text_prior,
 )
 from videofusion_jax.data.stream import resume_position, stream_identity
 from videofusion_jax.experiment import CompileLog
@@ -295,12 +297,15 @@ def non_finite(step: int, metrics: dict) -> str:
 
 def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
   """``workdir/config.json``: the config, and for a 'clip' encoder on a CLIP directory that CLIP's
-  fingerprint (``clip_fingerprint``), by which sampling knows the same CLIP at another path."""
+  fingerprint (``clip_fingerprint``) and, for a text prior, its tokenizer's (``clip_tokenizer``), by which
+  sampling knows the same CLIP at another path."""
   workdir.mkdir(parents=True, exist_ok=True)
   record = json.loads(config.to_json_best_effort())
   if clip_used(config) is not None and config.model.encoder.clip_dir:
-    from videofusion_jax.data.embeddings import fingerprint
+    from videofusion_jax.data.embeddings import fingerprint, tokenizer_digest
     record[CLIP_FINGERPRINT] = fingerprint(config.model.encoder.clip_dir, config.data.image_size)
+    if text_prior(config):
+      record[CLIP_TOKENIZER] = tokenizer_digest(config.model.encoder.clip_dir)
   # Whole or not at all: a record cut short (a full disk) cannot be read, and every later resume, sampling and
   # evaluation of the run would stop at it until it is put back.
   write_whole(workdir / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
