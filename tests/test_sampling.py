@@ -537,6 +537,8 @@ def test_a_run_stopped_while_writing_leaves_no_half_folder(trained, capsys, monk
   assert sorted(p.name for p in kept.iterdir()) == ["results.json", "sample_000_label0.gif", "sample_000_label0.mp4",
                                                     "samples.npz"]
   assert np.load(kept / "samples.npz")["videos"].shape == (1, c.data.num_frames, 8, 8, 3)
+  # Its results.json names the folder it is in (it named step_2_motion, which the rerun below writes).
+  assert json.loads((kept / "results.json").read_text())["dir"] == str(kept)
   # Ctrl-C while samples.npz is written: nothing whole to keep, so nothing is left.
   def interrupted(file, **arrays):
     Path(file).write_bytes(b"PK")
@@ -557,24 +559,32 @@ def test_a_run_stopped_while_writing_leaves_no_half_folder(trained, capsys, monk
                                                      "sample_000_label0.json", "sample_000_label0.mp4", "samples.npz"]
   assert not list(samples.glob("step_2_motion-run*")) and not list(samples.glob(".*partial*"))
   np.testing.assert_array_equal(np.load(final / "samples.npz")["videos"], np.load(kept / "samples.npz")["videos"])
-  # A run killed while writing (no `finally`) leaves its hidden folder: the next run names it, once.
+  # A run killed while writing (no `finally`) leaves its hidden folder: the next run names it, once, and leaves
+  # it as it is, one left by an earlier process with this one's id (a restarted container) too (before: taken
+  # for this run's own, unnamed, and deleted with its samples.npz).
   left = samples / ".step_2_motion.999999999.partial"
   left.mkdir()
   alive = samples / f".step_2_motion.{os.getppid()}.partial"  # a live process's: still writing
   alive.mkdir()
+  own_pid = samples / f".step_2_motion.{os.getpid()}.partial"
+  own_pid.mkdir()
+  (own_pid / "samples.npz").write_bytes(b"a killed run's")
   sampling.run(c, str(workdir), experiment=trainer)
   notes = [line for line in capsys.readouterr().out.splitlines() if ".partial" in line]
-  assert notes == [f"note: {left} was left by a sample run stopped while writing it (killed, or still writing on "
-                   "another host); no run reads it: take its samples.npz if you need it, then delete it."], notes
-  shutil.rmtree(left), shutil.rmtree(alive), shutil.rmtree(samples / "step_2_motion-run2")
+  assert sorted(notes) == sorted(f"note: {folder} was left by a sample run stopped while writing it (killed, or "
+                                 "still writing on another host); no run reads it: take its samples.npz if you need "
+                                 "it, then delete it." for folder in (own_pid, left)), notes
+  assert (own_pid / "samples.npz").read_bytes() == b"a killed run's" and left.is_dir() and alive.is_dir()
+  shutil.rmtree(left), shutil.rmtree(alive), shutil.rmtree(own_pid), shutil.rmtree(samples / "step_2_motion-run2")
   # Another run of the checkpoint writes step_2_motion while this one samples (both chose it, absent then):
   # this one's whole folder goes to the next free name, its results.json saying which, not to .incomplete.
   real_write = sampling.write_videos
+  taken = [final]
 
   def another_run_finishes_meanwhile(out_dir, *args):
     kinds = real_write(out_dir, *args)
-    final.mkdir()
-    (final / "samples.npz").write_bytes(b"the other run's")
+    taken[0].mkdir()
+    (taken[0] / "samples.npz").write_bytes(b"the other run's")
     return kinds
 
   whole = sorted(p.name for p in final.iterdir())
@@ -587,6 +597,28 @@ def test_a_run_stopped_while_writing_leaves_no_half_folder(trained, capsys, monk
   assert sorted(p.name for p in moved.iterdir()) == whole
   assert f"and samples.npz to {moved}\n" in capsys.readouterr().out
   assert not list(samples.glob("*.incomplete2")) and not list(samples.glob(".*partial*"))
+  # The same where this run had chosen step_2_motion-run3: the next free name is -run4 (before: -run3-run2).
+  taken[0] = samples / "step_2_motion-run3"
+  results = sampling.run(c, str(workdir), experiment=trainer)
+  assert results["dir"] == str(samples / "step_2_motion-run4")
+  assert sorted(p.name for p in samples.iterdir() if p.name.startswith("step_2_motion-run")) == [
+      "step_2_motion-run2", "step_2_motion-run3", "step_2_motion-run4"]
+
+
+def test_real_clips_the_figures_cannot_read_stop_the_run_before_the_chain(trained, monkeypatch):
+  """The demo's figures read the real clips: a damaged dataset is said before the chain is drawn (before: after
+  it, and the run ended writing nothing, its samples lost), and nothing is written."""
+  from videofusion_jax.data import pipeline
+
+  config, workdir, trainer = trained
+  c = tiny_config(**{"data.data_dir": config.data.data_dir, "sample.num_samples": 1, "sample.num_real_clips": 1})
+  drawn = []
+  monkeypatch.setattr(sampling, "long_videos", lambda *a, **k: drawn.append(1))
+  monkeypatch.setattr(pipeline, "eval_clips", lambda *a: (_ for _ in ()).throw(pipeline.PipelineError("damaged")))
+  before = sorted(workdir.rglob("*"))
+  with pytest.raises(pipeline.PipelineError, match="damaged"):
+    sampling.run(c, str(workdir), experiment=trainer)
+  assert drawn == [] and sorted(workdir.rglob("*")) == before
 
 
 def test_settings_the_model_was_not_trained_with_are_refused_before_sampling(trained):

@@ -670,17 +670,28 @@ def fresh_file(path: Path) -> Path:
 
 
 def partial_directory(path: Path) -> Path:
-  """The hidden folder beside ``path`` that this process writes ``path``'s files into before renaming it
-  to ``path``: ``.NAME.PID.partial``, a name ``fresh_directory`` never picks nor takes for a run's."""
-  return path.with_name(f".{path.name}.{os.getpid()}.partial")
+  """Creates the hidden folder beside ``path`` that this run writes ``path``'s files into before renaming it
+  to ``path``: ``.NAME.TOKEN.PID.partial``, a name ``fresh_directory`` never picks nor takes for a run's. The
+  random token makes it this run's alone: a rerun in a restarted container has the same pid (1, say), and
+  took, emptied and removed the folder a killed run had left (its whole samples.npz), or that another
+  container's run on the same workdir was still writing."""
+  while True:
+    partial = path.with_name(f".{path.name}.{os.urandom(4).hex()}.{os.getpid()}.partial")
+    try:
+      partial.mkdir(parents=True)
+      return partial
+    except FileExistsError:
+      continue
 
 
 def note_left_partials(samples: Path) -> None:
   """Says which hidden ``partial_directory`` folders under ``samples`` no process of this host writes: left
-  by a run killed while writing (SIGKILL, a crash: no ``finally`` ran), which no run reads or removes."""
+  by a run killed while writing (SIGKILL, a crash: no ``finally`` ran), which no run reads or removes. Called
+  before this run makes its own: one with this process's id was left by an earlier process that had it (a
+  restarted container)."""
   for folder in sorted(samples.glob(".*.partial")):
     pid = folder.name.split(".")[-2]
-    if pid.isdigit() and _running(int(pid)):
+    if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
       continue
     say(f"note: {folder} was left by a sample run stopped while writing it (killed, or still writing on another "
         "host); no run reads it: take its samples.npz if you need it, then delete it.")
@@ -715,26 +726,36 @@ def _set_aside(partial: Path, out_dir: Path, arrays_whole: bool, error: BaseExce
     os.replace(partial, kept)
   except OSError:
     kept = partial  # left where it is: still hidden from fresh_directory, and named below
+  try:  # its results.json named out_dir, which a rerun writes
+    record = json.loads((kept / "results.json").read_text())
+    (kept / "results.json").write_text(json.dumps({**record, "dir": str(kept), "incomplete": True}, indent=2))
+  except (OSError, ValueError):  # not written yet, or the disk is full: the note below still names the folder
+    pass
   why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
   say(f"note: writing {out_dir} stopped ({why}); this run's samples.npz was written whole to {kept}, an "
       "incomplete folder (not every video, sidecar or grid.png in it); a rerun writes "
       f"{out_dir.name} again.", flush=True)
 
 
-def _move_into_place(partial: Path, out_dir: Path, results: dict) -> Path:
-  """Renames the whole ``partial`` to ``out_dir`` (absent or empty: ``fresh_directory``), or, when another run
-  of the same checkpoint wrote ``out_dir`` since it was chosen (two runs at once), to the next free
-  ``out_dir-runK``, with its results.json's ``dir`` (and ``results``) saying so. Returns the folder."""
-  try:
-    os.replace(partial, out_dir)
-    return out_dir
-  except OSError as e:
-    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-      raise
-  moved = fresh_directory(out_dir)
-  results["dir"] = str(moved)
-  (partial / "results.json").write_text(json.dumps(results, indent=2))
-  os.replace(partial, moved)
+def _move_into_place(partial: Path, out_dir: Path, base: Path, results: dict) -> Path:
+  """Renames the whole ``partial`` to ``out_dir`` (absent or empty: ``fresh_directory(base)``), or, when another
+  run of the same checkpoint wrote ``out_dir`` since it was chosen (two runs at once), to the next free
+  ``base-runK`` (not ``base-runK-run2``), with its results.json's ``dir`` (and ``results``) saying so. Returns
+  the folder."""
+  moved = out_dir
+  while True:
+    if moved != out_dir:
+      results["dir"] = str(moved)
+      (partial / "results.json").write_text(json.dumps(results, indent=2))
+    try:
+      os.replace(partial, moved)
+      break
+    except OSError as e:
+      if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+        raise
+    moved = _next_run(base.parent, base.name)  # taken meanwhile by yet another run: the next one
+  if moved != out_dir:
+    say(f"note: {out_dir} was written by another run while this one sampled; this run's samples are in {moved}.")
   return moved
 
 
@@ -814,11 +835,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
       prompts = [in_turn[i] for i in content]
       text = prompt_embeddings(config, prompts, verbose=jax.process_index() == 0)
       labels = _demo_prompt_labels(config, prompts, text)
-    return given, labels, prompts, text
+    # Read before the chain, not after it: a damaged dataset then cost the whole chain's samples.
+    return given, labels, prompts, text, demo_real_clips(config)
 
-  given, labels, prompts, text = shd.checked_on_every_host(inputs, ConfigError(
+  given, labels, prompts, text, real = shd.checked_on_every_host(inputs, ConfigError(
       "another host could not read this run's sampling inputs (its own error says why): every host needs the "
-      "same files (sample.embeddings, sample.prompts, the CLIP directory) at the same paths."))
+      "same files (sample.embeddings, sample.prompts, the CLIP directory, the demo dataset its figures read) at "
+      "the same paths."))
   source = {"label": "", "embedding": " through the prior"}[config.model.condition]
   if prompts is not None:
     source += f" from {len(set(prompts))} prompt(s)"
@@ -837,7 +860,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
         "once, then runs batch by batch", flush=True)
   suffix = (f"_{s.control}" if s.control else "") + (f"_{s.num_clips}clips" if s.num_clips > 1 else "")
   # Chosen before sampling, whose collectives every host joins: no host looks after process 0 has written.
-  out_dir = fresh_directory(Path(workdir) / "samples" / f"step_{step}{suffix}")
+  base = Path(workdir) / "samples" / f"step_{step}{suffix}"
+  out_dir = fresh_directory(base)
   if jax.process_index() == 0:  # the host that writes: another's processes are not this one's
     note_left_partials(out_dir.parent)
   t0 = time.time()
@@ -850,7 +874,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
   results = {"step": step, "num_samples": int(s.num_samples), "num_clips": int(s.num_clips),
              "frames": int(n_frames), "control": s.control, "dir": str(out_dir)}
   clip_frames = config.data.num_frames
-  results.update(_demo_figures(config, videos[:, :clip_frames], labels))
+  results.update(_demo_figures(videos[:, :clip_frames], labels, real))
   if prompts is not None and "per_sample" in results:
     acc = np.asarray(results["per_sample"]["all_frame_accuracy"])
     results["per_prompt"] = {p: {"all_frame_accuracy": float(acc[[q == p for q in prompts]].mean()),
@@ -878,8 +902,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     # rerun took for an earlier run's complete samples (and moved on to -run2).
     partial, arrays_whole = partial_directory(out_dir), False
     try:
-      shutil.rmtree(partial, ignore_errors=True)  # a dead process's, of this pid: no live run's
-      partial.mkdir(parents=True)
       # The arrays first: a failing video encoder loses no samples.
       np.savez_compressed(partial / "samples.npz", videos=videos,
                           labels=labels if labels is not None else np.zeros(0),
@@ -888,7 +910,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
       arrays_whole = True
       (partial / "results.json").write_text(json.dumps(results, indent=2))
       kinds = write_videos(partial, video_io.to_uint8(videos), names, sidecars, s.fps, s.upscale)
-      out_dir = _move_into_place(partial, out_dir, results)
+      out_dir = _move_into_place(partial, out_dir, base, results)
     except BaseException as e:  # Ctrl-C too: the half folder goes, the whole arrays stay
       _set_aside(partial, out_dir, arrays_whole, e)
       raise
@@ -949,12 +971,15 @@ def _demo_prompt_labels(config, prompts: list[str], text: np.ndarray) -> np.ndar
                   np.int32)
 
 
-def _demo_figures(config, videos, labels) -> dict:
-  """All-frame accuracy and motion ratios against the real clips (the demo dataset)."""
+def demo_real_clips(config) -> dict | None:
+  """The real clips the demo's figures compare samples with (``pipeline.eval_clips``); None off the demo."""
   from videofusion_jax.data import pipeline
+
+  return pipeline.eval_clips(config, config.sample.num_real_clips) if config.data.name == "demo_clips" else None
+
+
+def _demo_figures(videos, labels, real: dict | None) -> dict:
+  """All-frame accuracy and motion ratios against the ``real`` clips (``demo_real_clips``)."""
   from videofusion_jax.evaluation.demo_metrics import demo_figures
 
-  if config.data.name != "demo_clips":
-    return {}
-  real = pipeline.eval_clips(config, config.sample.num_real_clips)
-  return demo_figures(videos, labels, real["video"], real["label"])
+  return {} if real is None else demo_figures(videos, labels, real["video"], real["label"])
