@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -337,6 +338,45 @@ def test_the_store_keeps_the_most_recently_used_programs(store, monkeypatch):
   assert program_store._read(paths[0]) == b"program 0"  # read now: the most recently used
   program_store._write(paths[2], b"program 2")
   assert sorted(p.name for p in store.iterdir()) == ["p0.jaxexport", "p2.jaxexport"]
+
+
+def test_a_write_stopped_before_its_rename_leaves_no_file_and_one_killed_is_pruned(store, monkeypatch):
+  """Ctrl-C between a program's write and its rename removes the half file (before: kept, program-sized, in a
+  store whose pruning counts programs only); one left by a write killed outright is removed by a later write
+  once it is older than STALE_TMP_S, not while it may be another process's write under way."""
+  real_replace = os.replace
+
+  def interrupted(*args):
+    monkeypatch.setattr(program_store.os, "replace", real_replace)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(program_store.os, "replace", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    program_store._write(store / "p0.jaxexport", b"program 0")
+  assert list(store.iterdir()) == []
+  killed, recent = store / ".p1.jaxexport.abc.tmp", store / ".p2.jaxexport.def.tmp"
+  killed.write_bytes(b"half"), recent.write_bytes(b"half")
+  old = time.time() - program_store.STALE_TMP_S - 60
+  os.utime(killed, (old, old))
+  program_store._write(store / "p3.jaxexport", b"program 3")
+  assert sorted(p.name for p in store.iterdir()) == [recent.name, "p3.jaxexport"]
+
+
+def test_a_weakly_typed_argument_gets_a_program_of_its_own(store):
+  """A weakly typed float32 scalar (a Python number's) promotes to bfloat16 with a bfloat16 array, a strong one
+  to float32, as jax.jit has it: the programs differ, in memory and in the store (before: the first traced was
+  used for both, a new process loading it too)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  x = jnp.ones(3, jnp.bfloat16)
+  weak, strong = jnp.asarray(2.0), jnp.asarray(2.0, jnp.float32)
+  assert weak.weak_type and not strong.weak_type
+  plain = jax.jit(lambda x, s: x * s)
+  expected = [plain(x, weak).dtype, plain(x, strong).dtype]
+  assert expected == [jnp.bfloat16, jnp.float32]
+  f = StoredJit(lambda x, s: x * s, "scale", "ctx", mesh)
+  assert [f(x, weak).dtype, f(x, strong).dtype] == expected and f.source == "traced"
+  g = StoredJit(lambda x, s: x * s, "scale", "ctx", mesh)  # a new process's: from the store
+  assert [g(x, strong).dtype, g(x, weak).dtype] == expected[::-1] and g.source == "stored"
 
 
 def test_without_a_local_compilation_cache_nothing_is_stored(monkeypatch, tmp_path):

@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -36,6 +37,7 @@ from videofusion_jax.training.sharding import on_every_host
 
 PROGRAMS = "programs"  # the store's folder inside the compilation cache
 KEEP = 64  # programs kept; the least recently used go first
+STALE_TMP_S = 3600  # a half-written program this old was left by a write killed outright
 _VOLATILE = ("cache", "persistent", "log", "dump", "pprint", "traceback", "transfer_guard")  # settings no program reads
 
 
@@ -122,8 +124,9 @@ def program_key(name: str, context: str, mesh, args: tuple, source: str | None =
   """The hex key of program ``name`` traced for ``args`` (arrays or ``ShapeDtypeStruct``s) in
   ``context`` (the run's config as JSON) on ``mesh``."""
   leaves, tree = jax.tree.flatten(args)
-  signature = [(np.shape(x), str(getattr(x, "dtype", type(x).__name__)), repr(getattr(x, "sharding", None)))
-               for x in leaves]
+  # weak_type: a weakly typed argument promotes to the other operand's dtype, a strong one does not.
+  signature = [(np.shape(x), str(getattr(x, "dtype", type(x).__name__)), getattr(x, "weak_type", False),
+                repr(getattr(x, "sharding", None))) for x in leaves]
   devices = [(d.id, d.platform, d.device_kind) for d in mesh.devices.flat]
   parts = (name, context, source or source_digest(), _environment(mesh), str(mesh.shape), devices,
            jax.process_count(), str(tree), signature)
@@ -203,9 +206,12 @@ def _write(path: pathlib.Path, blob: bytes) -> None:
     with os.fdopen(fd, "wb") as f:
       f.write(hashlib.sha256(blob).hexdigest().encode() + blob)
     os.replace(tmp, path)
-  except OSError as e:  # a read-only or full disk: the run goes on, tracing next time too
+  except BaseException as e:  # Ctrl-C too: a program-sized file no run reads is not left behind
     if tmp is not None:
       pathlib.Path(tmp).unlink(missing_ok=True)
+    if not isinstance(e, OSError):
+      raise
+    # A read-only or full disk: the run goes on, tracing next time too.
     if jax.process_index() == 0:
       print(f"warning: cannot store the traced program in {path.parent} ({e.strerror}); the next run traces "
             "it again.", flush=True)
@@ -219,6 +225,12 @@ def _write(path: pathlib.Path, blob: bytes) -> None:
   for old in sorted(used, key=used.get, reverse=True)[KEEP:]:
     try:
       old.unlink()
+    except OSError:
+      pass
+  for tmp_left in path.parent.glob(".*.jaxexport.*.tmp"):  # a write killed outright (SIGKILL, a crash)
+    try:
+      if time.time() - tmp_left.stat().st_mtime > STALE_TMP_S:  # not another process's write under way
+        tmp_left.unlink()
     except OSError:
       pass
 
@@ -255,7 +267,8 @@ class StoredJit:
 
   def _signature(self, args):
     leaves, tree = jax.tree.flatten(args)
-    avals = tuple((np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "sharding", None)) for x in leaves)
+    avals = tuple((np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "weak_type", False),
+                   getattr(x, "sharding", None)) for x in leaves)
     return tree, avals, jax_config.trace_context()
 
   def _plain(self, signature, why: str = ""):
