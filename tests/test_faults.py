@@ -519,6 +519,113 @@ def test_a_step_that_was_not_saved_is_named_with_the_saved_steps_not_called_dama
   assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("short", ["host", "device"])
+def test_running_out_of_memory_while_reading_is_no_damaged_checkpoint(tmp_path, monkeypatch, short, capsys):
+  """A read of the newest step that runs out of memory (the host's, or XLA's on a device, inside Orbax's error)
+  raises that error, which the run explains, and changes nothing (before: the step was called damaged, the one
+  before restored and the newest moved aside, or every step called damaged)."""
+  abstract = tiny_checkpoints(tmp_path, steps=(2, 4))
+  before = snapshot(tmp_path)
+  error = (MemoryError("Unable to allocate 1.00 GiB") if short == "host" else
+           jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 805306368 bytes."))
+  real = ckpt._restore_state
+
+  def short_of_memory(manager, step, *args, **kwargs):
+    if step == 4:
+      raise RuntimeError("reading the arrays failed") from error
+    return real(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt, "_restore_state", short_of_memory)
+  manager = ckpt.make_manager(tmp_path, keep=5, read_only=True)
+  with pytest.raises(type(error)) as raised:
+    ckpt.restore(manager, abstract, with_data=True)
+  manager.close()
+  assert raised.value is error and "damaged" not in capsys.readouterr().out and snapshot(tmp_path) == before
+  # Another run's checkpoint read whole (train.init_base_from) likewise.
+  with pytest.raises(type(error)) as raised:
+    ckpt.restore_raw(tmp_path)
+  assert raised.value is error and "cannot be read" not in capsys.readouterr().out and snapshot(tmp_path) == before
+
+
+def test_a_checkpoint_deleted_while_it_is_read_is_no_damaged_one(tmp_path, monkeypatch):
+  """A training run keeping one checkpoint saves step 6, deleting 2 and 4, as a sampling run reads 4: the reader
+  lists the steps again and restores 6, with a note (before: 4 and 2 were called damaged, and no intact
+  checkpoint was the error, telling the user to move the folder away)."""
+  abstract = tiny_checkpoints(tmp_path, steps=(2, 4))
+  real = ckpt._restore_state
+
+  def training_saves_meanwhile(manager, step, *args, **kwargs):
+    if step == 4:
+      writer = ckpt.make_manager(tmp_path, keep=1, async_save=False)
+      ckpt.save(writer, 6, {"w": np.full(3, 6, np.float32)})
+      writer.close()
+    return real(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt, "_restore_state", training_saves_meanwhile)
+  reader, logged = ckpt.make_manager(tmp_path, keep=5, read_only=True), []
+  state = ckpt.restore(reader, abstract, log=logged.append)
+  reader.close()
+  np.testing.assert_array_equal(np.asarray(state["w"]), np.full(3, 6.0))
+  assert logged == [f"note: checkpoint 4 in {tmp_path / 'checkpoints'} was deleted while it was read (a training "
+                    "run saving there keeps only its newest ones); reading the newest one now."], logged
+
+
+def test_a_damaged_step_asked_for_by_number_names_the_others(tmp_path, monkeypatch):
+  """``restore(step=4)`` of a damaged step 4 beside an intact 2: the error names the other steps (before: no
+  intact checkpoint, and advice to move the checkpoints folder away)."""
+  abstract = tiny_checkpoints(tmp_path, steps=(2, 4))
+  real = ckpt._restore_state
+  monkeypatch.setattr(ckpt, "_restore_state", lambda manager, step, *a, **k: (
+      (_ for _ in ()).throw(ValueError("checksum mismatch")) if step == 4 else real(manager, step, *a, **k)))
+  manager = ckpt.make_manager(tmp_path, keep=5, read_only=True)
+  with pytest.raises(ckpt.CheckpointError) as error:
+    ckpt.restore(manager, abstract, step=4, log=lambda *_: None)
+  manager.close()
+  assert str(error.value) == (f"checkpoint 4 in {tmp_path / 'checkpoints'} is damaged (see above); its other steps: "
+                              "[2]. Ask for one of those, or for none (the newest intact one).")
+
+
+def test_damaged_checkpoints_on_a_linked_disk_are_moved_aside_there(tmp_path, monkeypatch):
+  """workdir/checkpoints a link to another disk: a damaged step goes to a folder beside the linked one, on its
+  disk (before: to workdir/checkpoints_damaged, a rename across disks that failed on every resume); a step that
+  cannot be moved at all is one error saying what to do."""
+  import errno
+  import shutil
+
+  disk = tmp_path / "disk2"
+  tiny_checkpoints(tmp_path / "staging", steps=(2, 4))
+  disk.mkdir()
+  shutil.move(tmp_path / "staging" / "checkpoints", disk / "ckpts")
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "checkpoints").symlink_to(disk / "ckpts")
+  real_rename = Path.rename
+
+  def across_disks(self, target):
+    if not str(Path(target).absolute()).startswith(str(disk)):
+      raise OSError(errno.EXDEV, "Invalid cross-device link")
+    return real_rename(self, target)
+
+  monkeypatch.setattr(Path, "rename", across_disks)
+  manager, logged = ckpt.make_manager(workdir, keep=5), []
+  ckpt.move_aside(manager, [4], log=logged.append)
+  assert logged == [f"moved the damaged checkpoint 4 to {disk / 'ckpts_damaged' / '4'} (kept for inspection; "
+                    "training saves step 4 anew)."]
+  assert (disk / "ckpts_damaged" / "4" / "state").is_dir() and not (disk / "ckpts" / "4").exists()
+  assert manager.all_steps() == [2]
+
+  def refused(self, target):
+    raise PermissionError(errno.EACCES, "Permission denied")
+
+  monkeypatch.setattr(Path, "rename", refused)
+  with pytest.raises(ckpt.CheckpointError, match=re.escape(
+      f"cannot move the damaged checkpoint {disk / 'ckpts' / '2'} to {disk / 'ckpts_damaged' / '2'} (Permission "
+      "denied): move it out of the checkpoints folder yourself (or delete it), then run again; the older "
+      "checkpoints are intact.")):
+    ckpt.move_aside(manager, [2], log=logged.append)
+  manager.close()
+
+
 def test_the_coroutines_a_failed_read_leaves_unawaited_are_not_shown_and_others_are(tmp_path):
   """A failed read of a damaged checkpoint leaves Orbax's shard reads and metadata reads never awaited
   (Python warns as they are collected, at any later time); those warnings are hidden, another's is not."""

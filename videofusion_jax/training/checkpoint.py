@@ -267,7 +267,9 @@ def _restore_step(manager, step: int, abstract_state, with_data: bool, fields=No
   try:
     state = _restore_state(manager, step, abstract_state, fields)
   except Exception as e:  # noqa: BLE001 - TensorStore raises plain Exceptions; classified below
-    if saved is None:
+    if out_of_memory_cause(e):  # the host or a device is short of memory: no fault of the checkpoint's
+      damaged = out_of_memory_cause(e)
+    elif saved is None:
       damaged = _Damaged("its metadata cannot be read")
     elif _subtrees(saved, fields) == _subtrees(wanted, fields):
       cause = _root_cause(e)  # Orbax's own message is the TensorStore spec of the array; the cause says what failed
@@ -286,14 +288,28 @@ def _restore_step(manager, step: int, abstract_state, with_data: bool, fields=No
 
 
 def _agree(manager, step: int, damaged: Exception | None) -> None:
-  """Raises ``damaged`` (a ``_Damaged``, or the CheckpointError of another model) on the hosts that met
-  it and a ``_Damaged`` naming another host on the others, when any host met one; every host calls it."""
+  """Raises ``damaged`` (a ``_Damaged``; or what no older step mends: the CheckpointError of another model,
+  running out of memory) on the hosts that met it and, on the others, a ``_Damaged`` naming another host, or
+  a CheckpointError where another host met what no older step mends (no host goes on to an older step
+  alone); every host calls it."""
   if on_every_host(damaged is None):
     return
+  if not on_every_host(damaged is None or isinstance(damaged, _Damaged)):
+    raise damaged if damaged is not None and not isinstance(damaged, _Damaged) else CheckpointError(
+        f"another host could not read checkpoint {step} in {manager.directory} (its own error says why).")
   if isinstance(damaged, _Damaged) and jax.process_index() > 0:  # process 0 alone logs; this cause is its own
     print(f"warning (process {jax.process_index()}): checkpoint {step} in {manager.directory} is damaged "
           f"({damaged}).", flush=True)
   raise damaged or _Damaged("unreadable on another host: see its warning")
+
+
+def out_of_memory_cause(error: BaseException) -> BaseException | None:
+  """``error`` or the cause of it that is running out of memory, the host's (MemoryError) or a device's
+  (XLA's RESOURCE_EXHAUSTED, which ``Experiment.explain_out_of_memory`` explains); None where none is. A read
+  that fails so is not a damaged checkpoint (skipped, then moved aside)."""
+  from videofusion_jax.experiment import out_of_memory  # (experiment imports this module)
+
+  return next((c for c in _causes(error) if isinstance(c, MemoryError) or out_of_memory(c)), None)
 
 
 # The step folders read in this process ("<checkpoints>/<step>/"): what a failed read of one leaves
@@ -488,17 +504,31 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     raise CheckpointError(f"no checkpoint {step} in {manager.directory}; its saved steps: {saved[::-1]}. Ask for "
                           "one of those, or for none (the newest intact one).")
   steps = [step] if step is not None else saved
-  damaged = []
-  for s in steps:
+  damaged, gone = [], []
+  while steps:
+    s = steps.pop(0)
     try:
       state, data = _restore_step(manager, s, abstract_state, with_data, fields)
     except _Damaged as e:  # on every host together (_agree)
+      # Deleted while it was read (a training run that keeps the newest few saved one since): not damaged; the
+      # steps are listed again, the newest first.
+      if step is None and not on_every_host((Path(manager.directory) / str(s)).is_dir()) and len(gone) < 8:
+        gone.append(s)
+        log(f"note: checkpoint {s} in {manager.directory} was deleted while it was read (a training run saving "
+            "there keeps only its newest ones); reading the newest one now.")
+        manager.reload()
+        steps = [t for t in sorted(manager.all_steps(), reverse=True) if t not in damaged and t not in gone]
+        continue
       damaged.append(s)
       log(f"warning: skipped checkpoint {s} in {manager.directory}: it is damaged ({e}).")
       continue
     if damaged:
       log(f"restored checkpoint {s}, the newest intact one.")
     return (state, data, s, damaged) if with_data else state
+  if step is not None:
+    others = [t for t in saved[::-1] if t != step]
+    raise CheckpointError(f"checkpoint {step} in {manager.directory} is damaged (see above); its other steps: "
+                          f"{others}. Ask for one of those, or for none (the newest intact one).")
   raise CheckpointError(
       f"no intact checkpoint in {manager.directory}: {'step ' if len(damaged) == 1 else 'steps '}"
       f"{', '.join(map(str, damaged))} cannot be read (see above). Nothing was deleted: restore them from a "
@@ -516,14 +546,21 @@ def move_aside(manager: ocp.CheckpointManager, steps: list[int], log=print) -> N
   def move():
     if jax.process_index() != 0:
       return
-    aside = root.parent / "checkpoints_damaged"
-    aside.mkdir(exist_ok=True)
+    # Beside the folder itself: workdir/checkpoints may link to another disk, where a rename cannot reach.
+    real = root.resolve()
+    aside = real.parent / f"{real.name}_damaged"
     for s in steps:
       target = aside / str(s)
       k = 1
       while target.exists():
         target, k = aside / f"{s}.{k}", k + 1
-      (root / str(s)).rename(target)
+      try:
+        aside.mkdir(exist_ok=True)
+        (real / str(s)).rename(target)
+      except OSError as e:
+        raise CheckpointError(f"cannot move the damaged checkpoint {real / str(s)} to {target} ({e.strerror}): "
+                              "move it out of the checkpoints folder yourself (or delete it), then run again; "
+                              "the older checkpoints are intact.") from None
       log(f"moved the damaged checkpoint {s} to {target} (kept for inspection; training saves step {s} anew).")
 
   checked_on_every_host(move, CheckpointError(
@@ -566,13 +603,18 @@ def restore_raw(workdir: str | Path, log=print, fields: tuple[str, ...] | None =
   cause = ""
   try:
     for step in sorted(manager.all_steps(), reverse=True):
+      fatal = None
       try:
         # (its failures reach Orbax's barrier: _past_the_barrier)
         state, error = _restore_state(manager, step, fields=fields), None
       except Exception as e:  # noqa: BLE001 - TensorStore's read errors come as plain Exceptions
         state, error = None, f"{type(_root_cause(e)).__name__}: {_first_line(_root_cause(e))}"
+        fatal = out_of_memory_cause(e)  # no fault of the checkpoint's: an older one is no answer
       if on_every_host(error is None):  # the hosts start from the same step
         return state, step
+      if not on_every_host(fatal is None):
+        raise fatal or CheckpointError(f"another host ran out of memory reading checkpoint {step} under {directory} "
+                                       "(its own error says why).")
       cause = error or "unreadable on another host"
       log(f"warning: skipped checkpoint {step} in {directory}: it cannot be read ({cause}).")
   finally:
