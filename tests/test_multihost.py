@@ -187,6 +187,16 @@ def test_two_processes_train_sample_and_evaluate_as_one_and_a_single_process_res
                             each=each)
     assert [p.returncode for p in procs] == [1, 1], outs
     assert said[0] in outs[1][1] and f"error: {said[1]} (its own error says why)" in outs[0][1], outs
+  # Embeddings files that differ between the hosts (each reads its own copy) stop both with one error naming
+  # process 1 (before: each host drew its share of the rows from its own copy; the sidecars named process 0's).
+  other = tmp_path / "other.npz"
+  np.savez(other, embeddings=npz["embeddings"][[1, 2, 0]])
+  procs, outs = start_two(WORKER, [tmp_path / f"unused_{i}.npz" for i in range(2)], config_file, workdir, "sample",
+                          120, each=([f"--config.sample.embeddings={workdir / 'samples' / 'step_3' / 'samples.npz'}"],
+                                     [f"--config.sample.embeddings={other}"]))
+  assert [p.returncode for p in procs] == [1, 1], outs
+  assert all("error: process(es) [1] read other sampling inputs than process 0" in out[1] for out in outs), outs
+  assert "Traceback" not in outs[0][1] + outs[1][1], outs
   assert [p.name for p in (workdir / "samples").iterdir()] == ["step_3"]
   # A single process restores it, samples, evaluates and continues.
   c = tiny_config(**{"data.data_dir": tfds_dir, "train.num_steps": 4, "train.checkpoint_every": 3,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import json
 import os
 import re
@@ -440,6 +441,20 @@ def given_embeddings(config: ml_collections.ConfigDict, num: int) -> np.ndarray 
   return np.broadcast_to(e, (num, width)).astype(np.float32)
 
 
+def check_same_inputs(given: np.ndarray | None, labels: np.ndarray | None, prompts: list[str] | None) -> None:
+  """A ConfigError, on every host, where the hosts read different sampling inputs (each reads its own copy of
+  the embeddings or prompts file; a row drawn on one host's devices took that host's, while process 0's went
+  into the sidecars and samples.npz)."""
+  h = hashlib.sha256()
+  for part in (given, labels):
+    h.update(b"-" if part is None else np.ascontiguousarray(part).tobytes() + str(part.shape).encode())
+  h.update(json.dumps(prompts).encode())
+  shd.same_on_every_host(h.digest(), lambda differ: ConfigError(
+      f"process(es) {differ} read other sampling inputs than process 0 (config.sample.embeddings, "
+      "config.sample.prompt or prompts_file: each host reads its own copy, and draws its share of the rows from "
+      "it): give every host the same files (copy process 0's)."))
+
+
 def say(*args, **kwargs) -> None:
   """``print`` on the first host only (every host runs the same sampling or evaluation)."""
   if jax.process_index() == 0:
@@ -842,6 +857,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
       "another host could not read this run's sampling inputs (its own error says why): every host needs the "
       "same files (sample.embeddings, sample.prompts, the CLIP directory, the demo dataset its figures read) at "
       "the same paths."))
+  check_same_inputs(given, labels, prompts)
   source = {"label": "", "embedding": " through the prior"}[config.model.condition]
   if prompts is not None:
     source += f" from {len(set(prompts))} prompt(s)"

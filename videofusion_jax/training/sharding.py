@@ -31,6 +31,20 @@ def on_every_host(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
+def same_on_every_host(digest: bytes, error: Callable[[list[int]], Exception]) -> None:
+  """Raises ``error(processes)``, on every host together, where the ``digest`` of what each host read from its
+  own disk differs from process 0's on those processes; nothing with one process. Every process must call it,
+  with a digest of one length."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint8)))
+  differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+  if differ:
+    _agreed_failure.set()
+    raise error(differ)
+
+
 def checked_on_every_host(check: Callable[[], T], elsewhere: Exception) -> T:
   """``check()``'s value when it passes on every host; where it raised, that error, and ``elsewhere`` on
   the hosts where it passed (they would wait at their first collective until its timeout). Every process
