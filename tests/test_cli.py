@@ -124,6 +124,31 @@ def test_workdir_is_required_but_for_embed():
   assert "--mode=embed stores CLIP frame embeddings: it needs --config.model.encoder.kind=clip" in r.stderr
 
 
+def test_the_config_file_after_a_space_under_a_home_path_or_given_twice(tmp_path):
+  """``--config FILE`` (absl takes it) and ``--config=~/FILE`` get the checks and messages of ``--config=FILE`` (the
+  first gave a misspelled override as a KeyError's repr, the second config_flags' failure to load '~/...'); a
+  second ``--config`` is one message (absl's was that every override is defined twice)."""
+  import shutil
+  home = tmp_path / "home"
+  home.mkdir()
+  shutil.copy(ROOT / "configs" / "demo.py", home / "demo.py")
+  misspelled = ("error: --config.train.batch_sz: the config has no such field; did you mean "
+                "--config.train.batch_size?")
+  for args, message in (
+      (["--config", "configs/demo.py", "--config.train.batch_sz=4"], misspelled),
+      (["--config=~/demo.py", "--config.diffusion.lam=1.5"], "error: config.diffusion.lam=1.5: λ is the base-noise "),
+      (["--config", "configs/nosuch.py"], "error: --config=configs/nosuch.py: no such file (configs here: "),
+      (["--config=configs/demo.py", "--config=configs/demo.py:unconditional", "--config.train.num_steps=10"],
+       "error: --config is given 2 times (configs/demo.py, configs/demo.py:unconditional): give one config file (a "
+       "variant as --config=FILE:VARIANT)."),
+  ):
+    r = subprocess.run([sys.executable, "-m", "videofusion_jax.main", *args, f"--workdir={tmp_path / 'run'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HOME": str(home)})
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and errors[0].startswith(message), (args, r.stderr)
+  assert not (tmp_path / "run").exists()
+
+
 def test_train_and_sample_checks_what_sampling_reads_before_training(tmp_path):
   """A text model's missing prompt, or a given embeddings file that cannot be read, stopped the run only after
   every training step."""

@@ -476,6 +476,12 @@ def test_demo_script_takes_a_relative_workdir_from_where_it_is_run(tmp_path):
   r = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh")], capture_output=True, text=True, timeout=60,
                      cwd=here, env={**env, "WORKDIR": "~/runs/x"})  # quoted, or from os.environ: the program expands
   assert r.returncode == 0 and "--workdir=~/runs/x" in r.stdout.splitlines()
+  # A config of the user's (a variant) replaces the demo's (before: both were passed, and the program refused).
+  r = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh"), "--config=configs/demo.py:unconditional"],
+                     capture_output=True, text=True, timeout=60, cwd=here, env=env)
+  args = r.stdout.splitlines()
+  assert r.returncode == 0, r.stderr
+  assert [a for a in args if a.startswith("--config")] == ["--config=configs/demo.py:unconditional"], args
 
 
 def test_two_set_ups_at_once_make_the_venv_once(tmp_path):

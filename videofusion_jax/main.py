@@ -48,9 +48,31 @@ def _flag_error(e: Exception) -> str:
   return " ".join(text.split())
 
 
+def _config_argument(argv: list[str]) -> list[str]:
+  """``argv`` with its config file as one ``--config=PATH[:variant]`` (absl also takes ``--config PATH``, which
+  the checks below did not see), ``~`` expanded in PATH (config_flags loads the path as written, and the shell
+  expands no ``~`` after ``=``); one config file at most."""
+  out, given, i = [argv[0]], [], 1
+  while i < len(argv):
+    arg = argv[i]
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      arg, i = f"--config={argv[i + 1]}", i + 1
+    if arg.startswith(("--config=", "-config=")):
+      path, colon, variant = arg.split("=", 1)[1].partition(":")
+      given.append(arg.split("=", 1)[1])
+      arg = f"--config={os.path.expanduser(path)}{colon}{variant}"
+    out.append(arg)
+    i += 1
+  if len(given) > 1:
+    _fail(f"--config is given {len(given)} times ({', '.join(given)}): give one config file (a variant as "
+          "--config=FILE:VARIANT).")
+  return out
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing with every error as one ``error:`` line (a missing config file, a
   misspelled override) before anything slow happens."""
+  argv = _config_argument(argv)
   for arg in argv[1:]:
     if arg.startswith("--config="):
       path = Path(arg[len("--config="):].split(":", 1)[0]).expanduser()
