@@ -52,6 +52,9 @@ def run_main(*args, workdir, env=None):
     ("--mode=eval --config.eval.seed=-1", "config.eval.seed=-1: a random seed must be an integer in [0, 4294967295]"),
     # A ZeroDivisionError inside validation.
     ("--config.model.base.head_dim=0", "config.model.base.head_dim=0: must be an integer >= 1"),
+    # A CLIP directory on the learned encoder: a run without CLIP, its config.json recording the directory.
+    ("--config.model.encoder.clip_dir=/nowhere/clip", "config.model.encoder.clip_dir='/nowhere/clip' is read by a "
+     "CLIP key-frame encoder alone (model.encoder.kind='learned'): add --config.model.encoder.kind=clip"),
 ])
 def test_bad_config_values(override, message, tmp_path):
   r = run_main("--config=configs/demo.py", *override.split(), workdir=tmp_path)

@@ -600,6 +600,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if (s.prompt or s.prompts_file) and not (m.condition == "embedding" and m.prior.condition == "text"):
     raise ConfigError("config.sample.prompt / prompts_file: this model does not generate from text (its prior is "
                       "not on text: model.prior.condition='text' with model.encoder.kind='clip' is).")
+  if m.encoder.clip_dir and clip_used(config) is None:  # else a run on another encoder, recording the CLIP as used
+    now = (f"model.encoder.kind={m.encoder.kind!r}" if m.condition == "embedding" else
+           "model.condition='label': no encoder")
+    raise ConfigError(f"config.model.encoder.clip_dir={m.encoder.clip_dir!r} is read by a CLIP key-frame encoder "
+                      f"alone ({now}): add --config.model.encoder.kind=clip (with model.condition='embedding'), or "
+                      "leave clip_dir empty.")
   if s.control not in ("", "content", "motion"):
     raise ConfigError(f"config.sample.control={s.control!r}: use '' (new videos), 'content' (one content, a "
                       "motion per video) or 'motion' (one motion, a content per video).")
