@@ -57,8 +57,11 @@ def test_eval_mode_writes_fvd_kvd_and_caches_real_features(tfds_dir, tmp_path, m
   assert f"wrote {rerun}" in printed
   assert json.loads(kept.read_text()) == first and json.loads(rerun.read_text()) == second
   assert second["kvd_subset_size"] == 4 and second["sampler_settings"] == first["sampler_settings"]
+  # Subsets of every clip of both sides are one subset: one MMD², its std null, printed without a ± 0.00.
   kvd = distances.kernel_distance(expected, fake, num_subsets=3, subset_size=4, seed=c.eval.seed)
-  np.testing.assert_allclose([second["kvd"], second["kvd_std"]], kvd, rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(second["kvd"], kvd[0], rtol=1e-3, atol=1e-6)
+  assert kvd[1] is None and second["kvd_std"] is None and second["kvd_subsets"] == 1
+  assert f"KVD {second['kvd']:.2f} (1 subset: every clip)" in printed and "one MMD², kvd_std null" in printed
   # The log gives the chain's steps (DDPM: all T, not sample.num_steps) and where the seed comes from.
   ddpm = copy.deepcopy(c)
   ddpm.sample.method = "ddpm"
@@ -284,20 +287,48 @@ def test_figures_are_printed_before_their_file_and_a_failed_write_leaves_none(tm
   c = tiny_config()
   c.eval.update(num_real=4, num_generated=4, batch_size=4, kvd_subsets=2, kvd_subset_size=3)
   fake = _stand_in_networks_and_i3d(monkeypatch, c, np.array([0, 1, 2, 0], np.int32), {})
-  replace = Path.replace
+  write_text = Path.write_text
 
-  def full_disk(self, target):
+  def full_disk(self, text, *args, **kwargs):
+    write_text(self, text[:10])  # the part a full disk took
     raise OSError(errno.ENOSPC, "No space left on device")
 
-  monkeypatch.setattr(Path, "replace", full_disk)
+  monkeypatch.setattr(Path, "write_text", full_disk)
   with pytest.raises(OSError, match="No space left"):
     evaluate.run(c, str(tmp_path), experiment=fake)
   assert "step 1: FVD " in capsys.readouterr().out
   assert list((tmp_path / "eval").iterdir()) == []
-  monkeypatch.setattr(Path, "replace", replace)
+  monkeypatch.setattr(Path, "write_text", write_text)
   evaluate.run(c, str(tmp_path), experiment=fake)
   assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_1.json"]
   assert "earlier run" not in capsys.readouterr().out
+
+
+def test_two_evaluations_of_one_checkpoint_at_once_keep_both_results(tmp_path, monkeypatch, capsys):
+  """Another evaluation (another seed) writes eval/step_N.json after this one chose that name: this one's results
+  go to step_N-run2.json, said in a note (before: its file replaced the other's, both saying they wrote it)."""
+  import json
+
+  from videofusion_jax.training import workdir
+
+  c = tiny_config()
+  c.eval.update(num_real=4, num_generated=4, batch_size=4, kvd_subsets=2, kvd_subset_size=3)
+  fake = _stand_in_networks_and_i3d(monkeypatch, c, np.array([0, 1, 2, 0], np.int32), {})
+  real_write_new = workdir.write_new
+
+  def the_other_finishes_first(path, *args):
+    (tmp_path / "eval" / "step_1.json").write_text(json.dumps({"seed": 7}))
+    return real_write_new(path, *args)
+
+  monkeypatch.setattr(evaluate, "write_new", the_other_finishes_first)
+  results = evaluate.run(c, str(tmp_path), experiment=fake)
+  said = capsys.readouterr().out
+  assert json.loads((tmp_path / "eval" / "step_1.json").read_text()) == {"seed": 7}
+  assert json.loads((tmp_path / "eval" / "step_1-run2.json").read_text()) == results
+  assert (f"note: {tmp_path / 'eval' / 'step_1.json'} was written by another run while this one evaluated; this "
+          f"run's results are in {tmp_path / 'eval' / 'step_1-run2.json'}.") in said
+  assert f"wrote {tmp_path / 'eval' / 'step_1-run2.json'}" in said
+  assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["step_1-run2.json", "step_1.json"]
 
 
 @pytest.mark.parametrize("where", ["real_features", "generated_videos"])

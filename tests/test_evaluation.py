@@ -112,6 +112,17 @@ def test_statistics_given_in_float32_give_the_float64_distance():
   # bfloat16 (8 bits of mantissa: ml_dtypes, not a NumPy floating type) is judged at its own precision too.
   s1b, s2b = s1.astype(ml_dtypes.bfloat16), s2.astype(ml_dtypes.bfloat16)
   assert distances.frechet_distance(mu1, s1b, mu2, s2b) == pytest.approx(exact, rel=2e-2)
+  # A float32 covariance whose triangles come from products in another order (a GEMM's), 1-2 units in the last
+  # place apart, is symmetric at its precision (it was refused as not symmetric); one 1e-3 apart is not.
+  x = a - a.mean(0)
+  upper, lower = x.T @ x / 95, x[::-1].T @ x[::-1] / 95
+  assert upper.dtype == np.float32
+  two_orders = np.triu(upper) + np.tril(lower, -1)
+  assert 0 < np.abs(two_orders - two_orders.T).max() < 1e-6 * np.abs(two_orders).max()
+  assert distances.frechet_distance(mu1, two_orders, mu2, s2.astype(np.float32)) == pytest.approx(exact, rel=1e-5)
+  skewed = two_orders + np.triu(np.full_like(two_orders, 1e-3 * np.abs(two_orders).max()), 1)
+  with pytest.raises(ValueError, match="sigma1 is not symmetric"):
+    distances.frechet_distance(mu1, skewed, mu2, s2.astype(np.float32))
   # A clearly negative eigenvalue is still refused, in either precision.
   bad = s1 - 1e-4 * np.abs(s1).max() * np.eye(400)
   for dtype in (np.float64, np.float32):
@@ -171,10 +182,11 @@ def _mmd2_loops(x, y) -> float:
 def test_kernel_distance_matches_the_pairwise_formula():
   rng = np.random.default_rng(6)
   x, y = rng.normal(size=(25, 5)), rng.normal(size=(25, 5)) * 1.3 + 0.4
-  # One subset of all rows: a permutation, which leaves the statistic unchanged.
+  # Subsets of all rows: permutations, which leave the statistic unchanged: one MMD², and no std (before: ~1e-16,
+  # printed as a precise ± 0.00).
   mean, std = distances.kernel_distance(x, y, num_subsets=3, subset_size=1000)
-  assert mean == pytest.approx(_mmd2_loops(x, y), rel=1e-10)
-  assert std < 1e-9 * abs(mean)
+  assert mean == pytest.approx(_mmd2_loops(x, y), rel=1e-10) and std is None
+  assert distances.kernel_distance(x, y, num_subsets=3, subset_size=25)[1] is None
   # Smaller subsets: each is the pairwise formula on the rows drawn.
   mean, _ = distances.kernel_distance(x, y, num_subsets=1, subset_size=10, seed=3)
   r = np.random.default_rng(3)
@@ -474,6 +486,17 @@ def test_missing_or_wrong_c3d_files_say_what_is_needed(fake_c3d, tmp_path):
   np.savez(tmp_path / "other.npz", **{"conv1a/W": np.zeros((64, 3, 3, 3, 3), np.float32)})
   with pytest.raises(c3d.C3DWeightsError, match="is not TGANv2's C3D UCF101 weights"):
     c3d.load_c3d_variables(tmp_path / "other.npz")
+  # The mean clip in another layout (channels last) has as many values: refused, not reshaped into scrambled
+  # pixels (it was); with a leading axis of one, or flat, it is TGAN's order and read as such.
+  mean = np.load(fake_c3d[0] / c3d.MEAN_FILE)["mean"]
+  expected = np.asarray(c3d.load_c3d_mean(fake_c3d[0] / c3d.MEAN_FILE))
+  np.savez(tmp_path / "last.npz", mean=np.transpose(mean, (1, 2, 3, 0)))
+  with pytest.raises(c3d.C3DWeightsError, match=r"holds its mean clip as \(16, 128, 171, 3\), not \(channels, "):
+    c3d.load_c3d_mean(tmp_path / "last.npz")
+  for same in (mean[None], mean.reshape(-1)):
+    np.savez(tmp_path / "same.npz", mean=same)
+    np.testing.assert_array_equal(np.asarray(c3d.load_c3d_mean(tmp_path / "same.npz")), expected)
+  np.testing.assert_array_equal(expected[3, 5, 7], mean[:, 3, 8 + 5, 8 + 7])  # (T, H, W, C) of the 8:120 crop
 
 
 def test_c3d_loader_transposes_chainer_layouts(fake_c3d):

@@ -873,6 +873,27 @@ def test_config_json_and_moving_damaged_checkpoints_aside_are_agreed_on_by_every
   assert [p.name for p in (tmp_path / "moved" / "checkpoints").iterdir()] == ["1"]
 
 
+@pytest.mark.parametrize("links", [True, False])
+def test_write_new_never_writes_over_a_file(tmp_path, monkeypatch, links):
+  """``write_new`` writes a free name whole, and where a file is there (another run's, written since the name was
+  chosen) the next free one; on a file system without hard links too. No temporary file is left."""
+  import errno
+
+  from videofusion_jax.training import workdir
+
+  if not links:
+    monkeypatch.setattr(workdir.os, "link", lambda *a: (_ for _ in ()).throw(OSError(errno.EPERM, "not permitted")))
+  names = iter(tmp_path / f"r{k}.json" for k in range(2, 9))
+  (tmp_path / "r.json").write_text("another run's")
+  (tmp_path / "r2.json").write_text("a third run's")
+  written = workdir.write_new(tmp_path / "r.json", lambda tmp: tmp.write_text("this run's"), lambda: next(names))
+  assert written == tmp_path / "r3.json" and written.read_text() == "this run's"
+  assert (tmp_path / "r.json").read_text() == "another run's" and (tmp_path / "r2.json").read_text() == "a third run's"
+  assert workdir.write_new(tmp_path / "free.json", lambda tmp: tmp.write_text("x"), lambda: next(names)) == (
+      tmp_path / "free.json")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["free.json", "r.json", "r2.json", "r3.json"]
+
+
 def test_config_json_is_written_whole_or_not_at_all_and_a_damaged_one_is_an_error(tmp_path, monkeypatch):
   """A write of config.json the disk cuts short leaves the earlier record whole, with nothing beside it (it
   was left half written, then read as no record at all: the check of a resume's settings passed). A record

@@ -669,7 +669,7 @@ def fresh_directory(path: Path) -> Path:
   its hidden ``partial_directory`` and an ``incomplete_directory`` are not counted.)"""
   if not path.is_dir() or not any(path.iterdir()):
     return path
-  fresh = _next_run(path.parent, path.name)
+  fresh = next_run(path.parent, path.name)
   say(f"note: {path} holds an earlier run's samples, which are kept; this run writes to {fresh}.")
   return fresh
 
@@ -679,7 +679,7 @@ def fresh_file(path: Path) -> Path:
   ``fresh_directory`` for a folder: a rerun keeps the results before it. Says so when it moves on."""
   if not path.exists():
     return path
-  fresh = _next_run(path.parent, path.stem, path.suffix)
+  fresh = next_run(path.parent, path.stem, path.suffix)
   say(f"note: {path} holds an earlier run's results, which are kept; this run writes to {fresh}.")
   return fresh
 
@@ -768,13 +768,13 @@ def _move_into_place(partial: Path, out_dir: Path, base: Path, results: dict) ->
     except OSError as e:
       if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
         raise
-    moved = _next_run(base.parent, base.name)  # taken meanwhile by yet another run: the next one
+    moved = next_run(base.parent, base.name)  # taken meanwhile by yet another run: the next one
   if moved != out_dir:
     say(f"note: {out_dir} was written by another run while this one sampled; this run's samples are in {moved}.")
   return moved
 
 
-def _next_run(parent: Path, stem: str, suffix: str = "") -> Path:
+def next_run(parent: Path, stem: str, suffix: str = "") -> Path:
   """The first ``parent/STEM-runK SUFFIX`` (K = 2, 3, ...) that does not exist."""
   return _first_free(lambda k: parent / f"{stem}-run{k}{suffix}")
 

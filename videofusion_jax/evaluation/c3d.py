@@ -150,6 +150,13 @@ def load_c3d_mean(path: str | Path) -> jnp.ndarray:
     got = {k: v.shape for k, v in raw.items()}
     raise C3DWeightsError(f"{path} is not TGAN's mean file: expected an array 'mean' of {int(np.prod(MEAN_SHAPE))} "
                           f"values {MEAN_SHAPE}, got {got}.\n{_where_from()}")
+  shape = tuple(raw["mean"].shape)
+  while len(shape) > 1 and shape[0] == 1:
+    shape = shape[1:]
+  if len(shape) > 1 and shape != MEAN_SHAPE:  # the values of another layout (channels last, say) reshaped: scrambled
+    raise C3DWeightsError(f"{path} holds its mean clip as {raw['mean'].shape}, not (channels, frames, height, width) "
+                          f"= {MEAN_SHAPE} (or flat): it was saved in another layout; save TGAN's mean file as it "
+                          f"is.\n{_where_from()}")
   # TGANv2 takes the same 8:120 window in both axes (not the centre of the 171 columns).
   mean = raw["mean"].astype(np.float32).reshape(MEAN_SHAPE)[:, :, 8:8 + CROP, 8:8 + CROP]
   return jnp.asarray(np.transpose(mean, (1, 2, 3, 0)))

@@ -36,6 +36,7 @@ from videofusion_jax.sampling import (
   describe_batch,
   fresh_file,
   generated_videos,
+  next_run,
   prompt_embeddings,
   same_videos,
   sample_labels,
@@ -45,7 +46,7 @@ from videofusion_jax.sampling import (
 )
 from videofusion_jax.training import preemption
 from videofusion_jax.training.sharding import checked_on_every_host
-from videofusion_jax.training.workdir import check_output_folders, write_whole
+from videofusion_jax.training.workdir import check_output_folders, write_new, write_whole
 
 
 def frame_repeat(num_frames: int) -> int:
@@ -288,7 +289,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
              "fvd": distances.fvd(real["features"], fake)}
   kvd_mean, kvd_std = distances.kernel_distance(real["features"], fake, num_subsets=e.kvd_subsets,
                                                 subset_size=kvd_size, seed=e.seed)
-  results.update(kvd=kvd_mean, kvd_std=kvd_std)
+  results.update(kvd=kvd_mean, kvd_std=kvd_std, kvd_subsets=int(e.kvd_subsets) if kvd_std is not None else 1)
   if c3d is not None:
     probs = np.concatenate(probs)
     # 10 splits: with the default 2048 clips, StyleGAN-V's isv2048_ucf (mean and std over 10 splits of ~205).
@@ -297,16 +298,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     # One split has no spread to measure: null, not a std of 0 that looks precise.
     results.update(inception_score=is_mean, inception_score_std=is_std if is_splits > 1 else None,
                    inception_score_splits=is_splits)
-  line = f"step {step}: FVD {results['fvd']:.1f}, KVD {kvd_mean:.2f} ± {kvd_std:.2f}"
+  line = f"step {step}: FVD {results['fvd']:.1f}, KVD {kvd_mean:.2f}" + (
+      f" ± {kvd_std:.2f}" if kvd_std is not None else " (1 subset: every clip)")
   if c3d is not None:
     spread = results["inception_score_std"]
     line += f", IS {results['inception_score']:.2f}" + (f" ± {spread:.2f}" if spread is not None else " (1 split)")
   say(f"{line} ({len(real['features'])} real / {len(fake)} generated clips)")  # before the write, which may fail
-  out = workdir / "eval" / f"step_{step}.json"
+  out = base = workdir / "eval" / f"step_{step}.json"
   if jax.process_index() == 0:  # only the first host writes, so only it looks for a free name
     out.parent.mkdir(parents=True, exist_ok=True)
-    out = fresh_file(out)
-    write_whole(out, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+    chosen = fresh_file(base)
+    out = write_new(chosen, lambda tmp: tmp.write_text(json.dumps(results, indent=2)),
+                    lambda: next_run(base.parent, base.stem, base.suffix))
+    if out != chosen:
+      say(f"note: {chosen} was written by another run while this one evaluated; this run's results are in {out}.")
   say(f"wrote {out}")
   if c3d is not None and is_splits < distances.IS_SPLITS:
     per_split = len(probs) // is_splits
@@ -316,6 +321,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
         f"{distances.IS_SPLITS} (of ~205 at eval.num_generated=2048), so that no split holds fewer clips than there "
         f"are classes where it can{cap}: compare it only with figures of as many clips.")
   if kvd_size < e.kvd_subset_size:
+    whole = (" Each holds every clip of both sides, so they are one: one MMD², kvd_std null." if kvd_std is None
+             else "")
     say(f"note: KVD's subsets hold {kvd_size} clips a side, not eval.kvd_subset_size={e.kvd_subset_size}: "
-        "no side has more (recorded as kvd_subset_size).")
+        f"no side has more (recorded as kvd_subset_size).{whole}")
   return results

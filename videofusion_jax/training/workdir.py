@@ -2,6 +2,7 @@
 training runs from writing the same checkpoints."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -25,6 +26,32 @@ def write_whole(path: Path, write: Callable[[Path], None], suffix: str = "") -> 
   try:
     write(tmp)
     tmp.replace(path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def write_new(path: Path, write: Callable[[Path], None], next_free: Callable[[], Path]) -> Path:
+  """Writes ``path`` whole (as ``write_whole``) where no file is there, never over one: where another run wrote
+  it since ``path`` was chosen (two evaluations of one checkpoint at once), at ``next_free()`` instead. Returns
+  the path written. The file is linked into place, which fails where a file is; on a file system without hard
+  links it is renamed after a check, which leaves a moment open."""
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    write(tmp)
+    while True:
+      try:
+        os.link(tmp, path)
+        return path
+      except FileExistsError:
+        path = next_free()
+      except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
+          raise
+        if path.exists():
+          path = next_free()
+          continue
+        tmp.replace(path)
+        return path
   finally:
     tmp.unlink(missing_ok=True)
 
