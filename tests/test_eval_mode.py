@@ -255,6 +255,27 @@ def test_short_clips_show_each_frame_to_i3d_often_enough_in_place():
     np.testing.assert_array_equal(shown[:, t], np.round((videos[:, t // 3] + 1) * np.float32(127.5)))
 
 
+def test_hosts_with_other_builds_of_the_real_clips_dataset_stop_together(tfds_dir, tmp_path, monkeypatch):
+  """Two hosts whose copies of the dataset differ (here process 1's digest of it, as the all-gather returns it):
+  every host stops with one error naming process 1, before any clip is read (before: each host ran I3D on its
+  share of its own copy, and the features of two builds were gathered into one FVD)."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  def gathered(x, tiled=False):  # process 1's copy of whatever is gathered, its bytes flipped where a digest
+    x = np.asarray(x)
+    return np.stack([x, x ^ 1 if x.dtype == np.uint8 else x])
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", gathered)
+  monkeypatch.setattr(pipeline, "eval_iterator", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+  c = tiny_config(**{"data.data_dir": tfds_dir})
+  with pytest.raises(pipeline.PipelineError, match=r"process\(es\) \[1\] read another build of "
+                                                   r"videofusion_demo_clips/\S+ \[train\] than process 0"):
+    evaluate.real_features(c, tmp_path, extract=None, verbose=False)
+  assert not (tmp_path / "eval_cache").exists()
+
+
 def test_the_real_clips_come_from_eval_split_else_data_eval_split_else_data_split():
   """The split of the protocol's real clips (read, cached and recorded under it): config.eval.split when
   set, else data.eval_split, else data.split."""

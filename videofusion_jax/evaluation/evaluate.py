@@ -15,6 +15,7 @@ order, so every host ends with the features one host would compute, at 1/hosts o
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -45,7 +46,7 @@ from videofusion_jax.sampling import (
   text_prior,
 )
 from videofusion_jax.training import preemption
-from videofusion_jax.training.sharding import checked_on_every_host
+from videofusion_jax.training.sharding import checked_on_every_host, same_on_every_host
 from videofusion_jax.training.workdir import check_output_folders, write_new, write_whole
 
 
@@ -121,6 +122,12 @@ def real_features(config: ml_collections.ConfigDict, workdir: Path, extract, ver
       lambda: pipeline.source_fingerprint(config, proto["split"], content=True),
       pipeline.PipelineError("another host cannot read the real clips' dataset (its own error says why): every "
                              "host needs it at the same data_dir."))
+  # Each host reads its share of the clips from its own copy: one built otherwise mixed two datasets' features.
+  same_on_every_host(hashlib.sha256(json.dumps(proto["source"], sort_keys=True).encode()).digest(),
+                     lambda differ: pipeline.PipelineError(
+                         f"process(es) {differ} read another build of {proto['source']['builder']} [{proto['split']}] "
+                         "than process 0 (other videos, frame counts or bytes): every host needs the same dataset "
+                         "(copy process 0's data_dir to the others, or build it once where every host reads it)."))
   path = _cache_path(workdir, proto)
   cached = _cached_features(path, proto)
   if cached is not None:
