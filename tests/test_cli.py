@@ -302,6 +302,11 @@ def test_training_settings_that_would_lose_checkpoints_or_fail_late_are_refused(
       ("sharding_rules", (("channel_out", "fsdp"),), "config.sharding_rules: ('channel_out', 'fsdp') maps no axis "
        "the networks name, so it would shard nothing; did you mean channels_out?"),
       ("sharding_rules", (("batch",),), "config.sharding_rules=(('batch',),): a table of (logical axis, mesh axes)"),
+      # No rule for the batch, or one that splits it over nothing: every device ran the whole batch, without a word.
+      ("sharding_rules", (("channels_out", "fsdp"),), "config.sharding_rules splits the 'batch' axis over no mesh "
+       "axis (None): every device would compute the whole batch"),
+      ("sharding_rules", (("batch", (None,)),), "splits the 'batch' axis over no mesh axis ((None,))"),
+      ("train.num_steps", 0, "config.train.num_steps=0: must be >= 1."),
       ("train.batch_size", None, "config.train.batch_size=None: give it a value (base_config()'s is 64)."),
       ("train.learning_rate", -1.0, "config.train.learning_rate=-1.0: must be a finite number >= 0"),
       ("train.weight_decay", float("nan"), "config.train.weight_decay=nan: must be a finite number >= 0"),

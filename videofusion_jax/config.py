@@ -331,6 +331,12 @@ def _check_sharding_rules(rules) -> None:
     if unknown:
       raise ConfigError(f"config.sharding_rules: ({name!r}, {axes!r}) names {', '.join(map(repr, unknown))}, not "
                         f"an axis of the mesh ({', '.join(MESH_AXES)}; None: not split).")
+  batch = dict((name, axes) for name, axes in rules).get("batch")
+  if all(a is None for a in (batch if isinstance(batch, (tuple, list)) else (batch,))):
+    # Correct, and silently as slow as one device: every device would run the whole batch.
+    raise ConfigError(f"config.sharding_rules splits the 'batch' axis over no mesh axis ({batch!r}): every device "
+                      "would compute the whole batch, as slow on N devices as on one; add ('batch', ('data', "
+                      "'fsdp')).")
 
 
 # JAX's random keys take 32 bits of a seed (2**32 + s gives seed s's numbers); NumPy's refuses negative ones.
@@ -525,8 +531,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.residual_frames={r} belongs to VideoFusion's residual generator; VDM* "
                       "(config.model.kind='vdm') trains one network on every frame: set "
                       "--config.train.residual_frames=0.")
-  if t.batch_size < 1 or t.num_steps < 1:
-    raise ConfigError("config.train.batch_size and config.train.num_steps must be >= 1.")
+  for field in ("batch_size", "num_steps"):
+    if t[field] < 1:
+      raise ConfigError(f"config.train.{field}={t[field]}: must be >= 1.")
   for field, what in (("log_every", "steps between log lines"), ("checkpoint_every", "steps between checkpoints"),
                       ("keep_checkpoints", "checkpoints kept on disk, the newest; older ones are deleted")):
     if not _is_int(t[field]) or t[field] < 1:
