@@ -14,6 +14,7 @@ import sys
 import types
 import zipfile
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -194,6 +195,23 @@ def test_loaded_towers_match_a_numpy_forward_pass(tmp_path, act, legacy_eos, pad
   assert np.min(np.linalg.norm(np.diff(np.asarray(clip.encode_text(ids)), axis=0), axis=-1)) > 1e-2
 
 
+def test_a_saved_clip_loads_back_with_its_tokenizer_and_preprocessing(tmp_path):
+  """``save_pretrained`` then ``load``: the same weights, the same token ids for a pad token other than the end of
+  text (it was dropped: padded with the end of text after the round trip) and the same pixels for a preprocessor
+  that resizes to a height and width."""
+  write_checkpoint(tmp_path / "clip", pad_token="!")
+  (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(
+      {"crop_size": SIZES["image"], "size": {"height": SIZES["image"] + 6, "width": SIZES["image"] + 2}}))
+  clip = clip_lib.load(tmp_path / "clip")
+  again = clip_lib.load(clip_lib.save_pretrained(clip, tmp_path / "saved"))
+  assert clip.tokenizer.pad_id != clip.tokenizer.vocab["<|endoftext|>"]
+  np.testing.assert_array_equal(again.tokenize(CAPTIONS), clip.tokenize(CAPTIONS))
+  frames = np.random.default_rng(2).integers(0, 256, (2, 40, 90, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(again.preprocess(frames), clip.preprocess(frames))
+  for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(clip.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_pooling_rule_is_hugging_faces():
   ids = np.array([[1, 9, 5, 7, 5], [5, 0, 0, 0, 0]])
   assert clip_lib.end_of_text_index(ids, 2).tolist() == [1, 0]  # legacy: argmax of the ids
@@ -309,6 +327,21 @@ def test_preprocess_resizes_the_short_side_crops_the_centre_and_normalises(tmp_p
   (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": s - 1}}))
   with pytest.raises(clip_lib.CLIPLoadError, match=f"resizes the short side to {s - 1}, which cannot be"):
     clip_lib.load(tmp_path / "clip")
+  # size as height and width: CLIPImageProcessor resizes to exactly that, the aspect not kept (it was taken for
+  # the short side: other pixels, silently); a mean and std of one number each, or null (OpenAI's), as it takes.
+  from PIL import Image
+  (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(
+      {"crop_size": {"height": s, "width": s}, "size": {"height": s + 4, "width": s}, "image_mean": 0.5,
+       "image_std": 0.5}))
+  squashed = clip_lib.load(tmp_path / "clip")
+  frame = rng.integers(0, 256, (48, 96, 3), dtype=np.uint8)
+  resized = np.asarray(Image.fromarray(frame).resize((s, s + 4), Image.BICUBIC), np.float32)[2:2 + s]
+  np.testing.assert_allclose(squashed.preprocess(frame), ((resized / 255.0 - 0.5) / 0.5)[None], atol=1e-6)
+  (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({"image_mean": None, "image_std": None}))
+  np.testing.assert_allclose(clip_lib.load(tmp_path / "clip").preprocess(wide), clip.preprocess(wide), atol=0)
+  (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({"size": {"height": s - 1, "width": s}}))
+  with pytest.raises(clip_lib.CLIPLoadError, match=re.escape(f"resizes to height x width ({s - 1}, {s}), which")):
+    clip_lib.load(tmp_path / "clip")
 
 
 def _error(fn, *args) -> str:
@@ -348,6 +381,14 @@ def test_bad_directories_and_inputs_get_one_clear_message_each(tmp_path, monkeyp
   with zipfile.ZipFile(tmp_path / "c" / "pytorch_model.bin", "w") as z:  # a storage missing from the archive
     z.writestr("archive/data.pkl", pickle.dumps({"w": 1}, protocol=2)[:-3])
   assert "is damaged" in _error(clip_lib.load, tmp_path / "c")
+  with zipfile.ZipFile(tmp_path / "c" / "pytorch_model.bin", "w") as z:  # APPEND to an int: an AttributeError
+    z.writestr("archive/data.pkl", b"\x80\x02K\x01K\x02a.")
+  assert "is damaged: AttributeError" in _error(clip_lib.load, tmp_path / "c")
+  # A damaged central directory (zipfile.is_zipfile reads only the record at its end): a raw BadZipFile before.
+  _fake_torch_save(tmp_path / "c" / "pytorch_model.bin", {"w": np.arange(4, dtype=np.float32)}, monkeypatch)
+  data = (tmp_path / "c" / "pytorch_model.bin").read_bytes()
+  (tmp_path / "c" / "pytorch_model.bin").write_bytes(data.replace(b"PK\x01\x02", b"PK\x00\x00", 1))
+  assert "is damaged: BadZipFile" in _error(clip_lib.load, tmp_path / "c")
   # Tensor records that reach past their storage (4 floats): an error, not memory beyond it read as
   # weights (or a crash).
   for view in ((0, (8,), (1,)), (0, (4,), (1 << 28,)), (9, (), ()), (-1, (2,), (1,)), (0, (2, 2), (1,))):
@@ -436,6 +477,24 @@ DAMAGED = {  # case: (the damage, the file the message must name)
                                                                          "added_tokens": [{"id": 1}]}),
                                        "tokenizer.json"),
     "special_tokens_not_json": (lambda d: (d / "special_tokens_map.json").write_text("{"), "special_tokens_map.json"),
+    # Values no check read: each was a raw error inside Flax, at the first image or text, or in preprocess.
+    "patch_size_zero": (lambda d: _config_edit(d, lambda c: c["vision_config"].update(patch_size=0)), "config.json"),
+    "image_size_a_string": (lambda d: _config_edit(d, lambda c: c["vision_config"].update(image_size="32")),
+                            "config.json"),
+    "projection_dim_a_string": (lambda d: _config_edit(d, lambda c: c.update(projection_dim="20")), "config.json"),
+    "vocab_size_null": (lambda d: _config_edit(d, lambda c: c["text_config"].update(vocab_size=None)), "config.json"),
+    "eps_a_string": (lambda d: _config_edit(d, lambda c: c["text_config"].update(layer_norm_eps="x")), "config.json"),
+    "eos_a_string": (lambda d: _config_edit(d, lambda c: c["text_config"].update(eos_token_id="x")), "config.json"),
+    "mean_of_two": (lambda d: (d / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5]}'),
+                    "preprocessor_config.json"),
+    "std_zero": (lambda d: (d / "preprocessor_config.json").write_text('{"image_std": 0}'), "preprocessor_config.json"),
+    # Steps of CLIPImageProcessor this CLIP would not take: other pixels, silently.
+    "resample_bilinear": (lambda d: (d / "preprocessor_config.json").write_text('{"resample": 2}'),
+                          "preprocessor_config.json"),
+    "no_normalize": (lambda d: (d / "preprocessor_config.json").write_text('{"do_normalize": false}'),
+                     "preprocessor_config.json"),
+    "rescale_by_one": (lambda d: (d / "preprocessor_config.json").write_text('{"rescale_factor": 1.0}'),
+                       "preprocessor_config.json"),
 }
 
 

@@ -103,7 +103,7 @@ def test_the_step_conditions_on_the_stored_embedding_of_the_key_frame(clip_dir, 
   register_frozen_encoder("test_fixed_rows", lambda size: ((lambda x: wanted), WIDTH))
   overrides = {"train.stage": stage, "train.label_dropout": 0.3}
   c_clip = clip_config(clip_dir, **overrides)
-  c_frozen = clip_config(clip_dir, **{**overrides, "model.encoder.kind": "frozen",
+  c_frozen = clip_config(clip_dir, **{**overrides, "model.encoder.kind": "frozen", "model.encoder.clip_dir": "",
                                       "model.encoder.frozen_name": "test_fixed_rows"})
   devices = jax.devices()[:1]
   e_clip = Experiment(c_clip, mesh=shd.make_mesh(c_clip, devices=devices))
@@ -168,6 +168,9 @@ def test_mode_embed_stores_the_frame_and_caption_tables(clip_dir, tfds_dir, caps
   in_order = [t for caps in CAPTIONS.values() for t in caps]  # record order = the clips' label order
   np.testing.assert_allclose(np.load(captions), clip.encode_text(clip.tokenize(in_order)), atol=2e-3)
   with pytest.raises(ConfigError, match="needs --config.model.encoder.kind=clip"):
+    _embed(clip_config(clip_dir, **{"model.encoder.kind": "learned", "model.encoder.clip_dir": ""}))
+  with pytest.raises(ConfigError, match="is read by a CLIP key-frame encoder alone .* add --config.model.encoder."
+                                        "kind=clip"):
     _embed(clip_config(clip_dir, **{"model.encoder.kind": "learned"}))
 
 

@@ -58,11 +58,23 @@ def fingerprint(clip_dir: str | Path, image_size: int) -> str:
   for name in ("config.json", "preprocessor_config.json"):
     if (directory / name).is_file():
       h.update((directory / name).read_bytes())
+  if _resizes_to_height_and_width(directory / "preprocessor_config.json"):
+    # Frames resized to exactly that size, as Hugging Face does, since 2026-12-08 (before: the short side).
+    h.update(b"size height x width: v3")
   for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("pytorch_model*.bin")):
     stat = path.stat()
     h.update(f"{path.name} {stat.st_size}".encode())
     h.update(_file_digest(str(path.absolute()), stat.st_size, stat.st_mtime_ns))
   return h.hexdigest()[:12]
+
+
+def _resizes_to_height_and_width(path: Path) -> bool:
+  """Whether the preprocessor config at ``path`` gives its size as height and width (``clip.CLIPConfig.resize_hw``)."""
+  try:
+    size = json.loads(path.read_text()).get("size")
+  except (OSError, ValueError, AttributeError):  # none, or one clip.load refuses with its own message
+    return False
+  return isinstance(size, dict) and "shortest_edge" not in size and {"height", "width"} <= size.keys()
 
 
 # The files a CLIP tokenizer may read (clip_tokenizer.CLIPTokenizer.from_directory).

@@ -88,6 +88,8 @@ class CLIPConfig:
   image_mean: tuple[float, float, float] = OPENAI_MEAN
   image_std: tuple[float, float, float] = OPENAI_STD
   resize_size: int | None = None  # the short side before the centre crop (preprocessor's size); None: image_size
+  # The preprocessor's size as {height, width}: Hugging Face resizes to exactly that, the aspect not kept.
+  resize_hw: tuple[int, int] | None = None
 
   @property
   def short_side(self) -> int:
@@ -104,14 +106,21 @@ class CLIPConfig:
                          c.get("hidden_act", "quick_gelu"), c.get("layer_norm_eps", 1e-5))
     image_size = v.get("image_size", 224)
     pre = preprocessor or {}
-    resize = pre.get("size", image_size)
+    resize, hw = pre.get("size", image_size), None
+    if isinstance(resize, dict) and "shortest_edge" not in resize and {"height", "width"} <= resize.keys():
+      resize, hw = image_size, (resize["height"], resize["width"])
     resize = resize.get("shortest_edge", image_size) if isinstance(resize, dict) else resize
+
+    def triple(key: str, default: tuple) -> tuple:  # CLIPImageProcessor: one number for every channel, or null
+      value = pre.get(key)
+      value = default if value is None else value
+      return tuple(value) if isinstance(value, (list, tuple)) else (value,) * 3
     return cls(text=tower(t, 512, 12, 8, 2048), vision=tower(v, 768, 12, 12, 3072),
                projection_dim=config.get("projection_dim", 512), vocab_size=t.get("vocab_size", 49408),
                context_length=t.get("max_position_embeddings", 77), eos_token_id=t.get("eos_token_id", 49407),
                image_size=image_size, patch_size=v.get("patch_size", 32),
-               image_mean=tuple(pre.get("image_mean", OPENAI_MEAN)), image_std=tuple(pre.get("image_std", OPENAI_STD)),
-               resize_size=resize if resize != image_size else None)
+               image_mean=triple("image_mean", OPENAI_MEAN), image_std=triple("image_std", OPENAI_STD),
+               resize_size=resize if resize != image_size else None, resize_hw=hw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +470,8 @@ class CLIP:
   def preprocess(self, frames) -> np.ndarray:
     """uint8 frames ``(B, H, W, 3)`` (or one ``(H, W, 3)``) of any size -> pixels ``(B, S, S, 3)``
     float32, as ``CLIPImageProcessor``: bicubic resize of the short side (to the preprocessor's
-    ``size.shortest_edge``, S when it has none), centre crop to S, /255, then the checkpoint's mean and std."""
+    ``size.shortest_edge``, S when it has none; to exactly ``size.height`` x ``size.width`` where it gives
+    those), centre crop to S, /255, then the checkpoint's mean and std."""
     return preprocess(frames, self.config)
 
 
@@ -482,6 +492,8 @@ def preprocess(frames, config: CLIPConfig) -> np.ndarray:
     short, long = (h, w) if h <= w else (w, h)
     new_long = int(r * long / short)
     size = (new_long, r) if h <= w else (r, new_long)  # PIL takes (width, height)
+    if config.resize_hw:
+      size = config.resize_hw[::-1]
     image = np.asarray(Image.fromarray(frame).resize(size, Image.BICUBIC))
     top, left = (image.shape[0] - s) // 2, (image.shape[1] - s) // 2
     out[i] = image[top:top + s, left:left + s]
@@ -521,9 +533,11 @@ def load(path: str | Path, dtype: Dtype = jnp.float32) -> CLIP:
     raise CLIPLoadError(f"{pre_file} is not valid JSON ({e}).") from None
   if preprocessor is not None and not isinstance(preprocessor, dict):
     raise CLIPLoadError(f"{pre_file} holds a JSON {type(preprocessor).__name__}, not an object; download it again.")
+  _check_preprocessor_steps(pre_file, preprocessor)
   config = CLIPConfig.from_json(config_json, preprocessor)
   for tower, t in (("text_config", config.text), ("vision_config", config.vision)):
     _check_tower(config_file, tower, t)
+  _check_sizes(config_file, pre_file, config)
   _check_preprocessor_size(pre_file, preprocessor, config)
   state, source = read_weights(directory)
   params = params_from_state_dict(state, config, source)
@@ -553,16 +567,66 @@ def _check_tower(config_file: Path, tower: str, t: TowerConfig) -> None:
                         f"({sorted(ACTIVATIONS)}).")
 
 
+def _is_count(x, least: int = 1) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= least
+
+
+def _check_sizes(config_file: Path, pre_file: Path, c: CLIPConfig) -> None:
+  """The sizes, ids and numbers of ``config.json`` and the preprocessor that ``_check_tower`` does not see: past
+  this point a bad one is a shape error inside Flax, or a failure at the first image or text."""
+  for key, value in (("vision_config.image_size", c.image_size), ("vision_config.patch_size", c.patch_size),
+                     ("projection_dim", c.projection_dim), ("text_config.vocab_size", c.vocab_size),
+                     ("text_config.max_position_embeddings", c.context_length)):
+    if not _is_count(value):
+      raise CLIPLoadError(f"{config_file}: {key}={value!r} is not an integer >= 1; download it again.")
+  if not _is_count(c.eos_token_id, 0):
+    raise CLIPLoadError(f"{config_file}: text_config.eos_token_id={c.eos_token_id!r} is not a token id (an integer "
+                        ">= 0); download it again.")
+  for tower, t in (("text_config", c.text), ("vision_config", c.vision)):
+    if isinstance(t.eps, bool) or not isinstance(t.eps, (int, float)) or not 0 < t.eps < 1:
+      raise CLIPLoadError(f"{config_file}: {tower}.layer_norm_eps={t.eps!r} is not a small positive number; "
+                          "download it again.")
+  for key, value in (("image_mean", c.image_mean), ("image_std", c.image_std)):
+    if len(value) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                  for x in value) or (key == "image_std" and 0 in value):
+      nonzero = " (not 0)" if key == "image_std" else ""
+      raise CLIPLoadError(f"{pre_file}: {key}={list(value)!r} is not one finite number{nonzero} per RGB channel; "
+                          "download it again.")
+
+
+# The steps CLIPImageProcessor takes that this module always takes: bicubic (PIL's 3), /255, normalised.
+_PREPROCESSOR_STEPS = {"do_resize": True, "do_center_crop": True, "do_rescale": True, "do_normalize": True,
+                       "resample": 3}
+
+
+def _check_preprocessor_steps(pre_file: Path, preprocessor: Mapping[str, Any] | None) -> None:
+  """A CLIPLoadError for a preprocessor setting this module would not follow (it would embed other pixels than
+  the CLIP's own processor, silently)."""
+  for key, always in _PREPROCESSOR_STEPS.items():
+    if preprocessor and preprocessor.get(key, always) not in (always, None):
+      raise CLIPLoadError(f"{pre_file}: {key}={preprocessor[key]!r}: this CLIP's frames are always resized "
+                          "bicubically (resample 3), centre-cropped, rescaled by 1/255 and normalised, as OpenAI's "
+                          "CLIP; another preprocessing is not supported.")
+  factor = (preprocessor or {}).get("rescale_factor")
+  if factor is not None and (not isinstance(factor, (int, float)) or abs(factor * 255 - 1) > 1e-6):
+    raise CLIPLoadError(f"{pre_file}: rescale_factor={factor!r}: this CLIP's pixels are always rescaled by 1/255.")
+
+
 def _check_preprocessor_size(pre_file: Path, preprocessor: Mapping[str, Any] | None, config: CLIPConfig) -> None:
   if preprocessor is None:
     return
   crop = preprocessor.get("crop_size", config.image_size)
   crop = crop.get("height", config.image_size) if isinstance(crop, dict) else crop
   if crop != config.image_size:
-    raise CLIPLoadError(f"{pre_file} crops to {crop} pixels but the vision tower takes {config.image_size} "
+    raise CLIPLoadError(f"{pre_file} crops to {crop!r} pixels but the vision tower takes {config.image_size} "
                         "(vision_config.image_size in config.json).")
+  if config.resize_hw is not None:
+    if not all(_is_count(x, config.image_size) for x in config.resize_hw):
+      raise CLIPLoadError(f"{pre_file} resizes to height x width {config.resize_hw!r}, which cannot be "
+                          f"centre-cropped to {config.image_size} pixels: give integers >= crop_size.")
+    return
   resize = config.short_side
-  if not isinstance(resize, int) or resize < config.image_size:
+  if not _is_count(resize, config.image_size):
     raise CLIPLoadError(f"{pre_file} resizes the short side to {resize!r}, which cannot be centre-cropped to "
                         f"{config.image_size} pixels: give size.shortest_edge >= crop_size.")
 
@@ -618,9 +682,13 @@ def save_pretrained(clip: CLIP, directory: str | Path) -> Path:
                             "eos_token_id": c.eos_token_id},
             "vision_config": {**tower(c.vision), "image_size": c.image_size, "patch_size": c.patch_size}}
   (directory / "config.json").write_text(json.dumps(config, indent=2))
+  size = ({"height": c.resize_hw[0], "width": c.resize_hw[1]} if c.resize_hw else {"shortest_edge": c.short_side})
   (directory / "preprocessor_config.json").write_text(json.dumps(
       {"image_mean": list(c.image_mean), "image_std": list(c.image_std), "crop_size": c.image_size,
-       "size": {"shortest_edge": c.short_side}}, indent=2))
+       "size": size}, indent=2))
   save_vocab(directory, clip.tokenizer.vocab, clip.tokenizer.merges)
+  # Its padding token too, where it is not the end of text (the tokenizer's default when none is named).
+  pad = next(token for token, i in clip.tokenizer.vocab.items() if i == clip.tokenizer.pad_id)
+  (directory / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad}, indent=2))
   write_safetensors(directory / "model.safetensors", to_state_dict(clip.params))
   return directory

@@ -83,7 +83,11 @@ def read_torch_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
         f"{path} is not a zip-format PyTorch checkpoint (PyTorch < 1.6 wrote another format, or the file is "
         "damaged); convert it once where PyTorch is installed: CLIPModel.from_pretrained(DIR)"
         ".save_pretrained(DIR, safe_serialization=True), which writes model.safetensors.")
-  with zipfile.ZipFile(path) as archive:
+  try:
+    archive = zipfile.ZipFile(path)
+  except (zipfile.BadZipFile, OSError) as e:  # a damaged central directory: is_zipfile reads only its end record
+    raise TorchCheckpointError(f"{path} is damaged: {type(e).__name__}: {e}. Download or save it again.") from None
+  with archive:
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
     if not pickles:
       raise TorchCheckpointError(f"{path} is a zip file without a data.pkl: not a torch.save checkpoint.")
@@ -91,8 +95,8 @@ def read_torch_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     try:
       with archive.open(pickles[0]) as f:
         state = _Unpickler(f, archive, prefix, path).load()
-    except (KeyError, IndexError, TypeError, MemoryError, pickle.UnpicklingError, EOFError, ValueError,
-            zipfile.BadZipFile) as e:
+    except (KeyError, IndexError, TypeError, AttributeError, MemoryError, pickle.UnpicklingError, EOFError,
+            ValueError, zipfile.BadZipFile) as e:
       if isinstance(e, TorchCheckpointError):
         raise
       raise TorchCheckpointError(f"{path} is damaged: {type(e).__name__}: {e}. Download or save it again.") from None
