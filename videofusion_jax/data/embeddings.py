@@ -53,8 +53,9 @@ def fingerprint(clip_dir: str | Path, image_size: int) -> str:
   """12 hex digits identifying a CLIP directory's config and weights (every byte: weights fine-tuned
   in part and saved over the same directory get other tables) and the frame size."""
   directory = Path(clip_dir).expanduser()
-  # "v2": the frames resized to the preprocessor's size.shortest_edge before the crop (2026-12-05).
-  h = hashlib.sha256(f"frame size {image_size}, preprocessing v2".encode())
+  # "v2": the frames resized to the preprocessor's size.shortest_edge before the crop (2026-12-05); "v3": JPEG
+  # frames decoded accurately (pipeline.decode_frames, 2026-12-08).
+  h = hashlib.sha256(f"frame size {image_size}, preprocessing v3".encode())
   for name in ("config.json", "preprocessor_config.json"):
     if (directory / name).is_file():
       h.update((directory / name).read_bytes())

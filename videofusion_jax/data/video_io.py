@@ -36,6 +36,11 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
   if not frames:
     raise VideoReadError(f"video {path} holds no frame that decodes: the file is corrupt, truncated or not a "
                          "video; replace it or remove it from the dataset.")
+  sizes = sorted({frame.shape for frame in frames})
+  if len(sizes) > 1:  # pieces of other sizes joined into one stream (MPEG-TS): no one (T, H, W, 3) array
+    listed = ", ".join(f"{s[1]}x{s[0]}" for s in sizes)
+    raise VideoReadError(f"video {path} changes its frame size mid-stream ({listed} pixels): re-encode it at one "
+                         "size (ffmpeg -vf scale=W:H), or remove it from the dataset.")
   frames = np.stack(frames)
   if frames.ndim == 3:  # grayscale
     frames = np.repeat(frames[..., None], 3, axis=-1)

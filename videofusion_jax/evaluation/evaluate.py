@@ -62,6 +62,7 @@ def protocol(config: ml_collections.ConfigDict) -> dict:
   return {"dataset": d.name, "split": e.split or d.eval_split or d.split, "num_frames": d.num_frames,
           "frame_stride": d.frame_stride, "resolution": d.image_size, "num_real": e.num_real,
           "clip_selection": "pipeline.eval_plan v2 (seed 0; each video's own visits)",
+          "frames": "pipeline.decode_frames v2 (JPEG decoded accurately)",
           "features": "I3D Kinetics-400 logits, time-averaged",
           "i3d_input": "uint8 frames -> TF1 bilinear 224x224 (no half-pixel) -> [-1, 1]",
           "frame_repeat": repeat}
