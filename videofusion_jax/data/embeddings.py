@@ -54,13 +54,13 @@ def fingerprint(clip_dir: str | Path, image_size: int) -> str:
   in part and saved over the same directory get other tables) and the frame size."""
   directory = Path(clip_dir).expanduser()
   # "v2": the frames resized to the preprocessor's size.shortest_edge before the crop (2026-12-05); "v3": JPEG
-  # frames decoded accurately (pipeline.decode_frames, 2026-12-08).
+  # frames decoded accurately (pipeline.decode_frames, 2026-12-07).
   h = hashlib.sha256(f"frame size {image_size}, preprocessing v3".encode())
   for name in ("config.json", "preprocessor_config.json"):
     if (directory / name).is_file():
       h.update((directory / name).read_bytes())
   if _resizes_to_height_and_width(directory / "preprocessor_config.json"):
-    # Frames resized to exactly that size, as Hugging Face does, since 2026-12-08 (before: the short side).
+    # Frames resized to exactly that size, as Hugging Face does, since 2026-12-07 (before: the short side).
     h.update(b"size height x width: v3")
   for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("pytorch_model*.bin")):
     stat = path.stat()
