@@ -601,6 +601,35 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
       sampling.check_trained_config(other, str(tmp_path / "run"))
   finally:
     (clip_dir / "vocab.json").write_bytes(kept_vocab)
+  # A run recorded before the frames' preprocessing changed (its fingerprint carries 'preprocessing v2', as
+  # d0e5e96 computed it, written out here) trained with this very CLIP: taken (before: refused as other weights,
+  # every run trained before the change then could not resume, sample or be evaluated); a fingerprint of nothing
+  # here is still refused.
+  import hashlib
+
+  def v2_fingerprint(directory: Path, size: int) -> str:
+    h = hashlib.sha256(f"frame size {size}, preprocessing v2".encode())
+    for name in ("config.json", "preprocessor_config.json"):
+      if (directory / name).is_file():
+        h.update((directory / name).read_bytes())
+    for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("pytorch_model*.bin")):
+      h.update(f"{path.name} {path.stat().st_size}".encode() + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:12]
+
+  record_file = tmp_path / "run" / "config.json"
+  now_recorded = record_file.read_text()
+  assert json.loads(now_recorded)["clip_fingerprint"] != v2_fingerprint(Path(clip_dir), 8)
+  try:
+    for recorded, taken in ((v2_fingerprint(Path(clip_dir), 8), True), ("0123456789ab", False)):
+      record_file.write_text(json.dumps({**json.loads(now_recorded), "clip_fingerprint": recorded}))
+      if taken:
+        sampling.check_trained_config(other, str(tmp_path / "run"))
+        check_resumed_config(c, tmp_path / "run")
+      else:
+        with pytest.raises(ConfigError, match="its weights give fingerprint .*, recorded 0123456789ab"):
+          sampling.check_trained_config(other, str(tmp_path / "run"))
+  finally:
+    record_file.write_text(now_recorded)
   # Other weights saved over the folder trained with (by another name here) are not the CLIP trained with either
   # (before: taken, as the same path; a resumed run then trained on on them and recorded their fingerprint).
   original = next(Path(clip_dir).glob("*.safetensors"))

@@ -865,8 +865,10 @@ def other_clip_there(config: ml_collections.ConfigDict, clip_dir: str, trained: 
   fingerprint) recorded, in words; '' where it does not. Its tokenizer counts for a text prior alone: prompts
   are tokenized at sampling, and other ids (another vocabulary, other merges) give other text embeddings from
   the same weights; a record written before the tokenizer was recorded is checked on its weights."""
-  now = recorded_clip_fingerprint(config, clip_dir, trained)
-  if now != trained[CLIP_FINGERPRINT]:
+  from videofusion_jax.data.embeddings import is_recorded_clip
+  size = field_or_none(trained, "data.image_size") or config.data.image_size
+  if not is_recorded_clip(clip_dir, size, trained[CLIP_FINGERPRINT]):
+    now = recorded_clip_fingerprint(config, clip_dir, trained)
     return f"its weights give fingerprint {now}, recorded {trained[CLIP_FINGERPRINT]}"
   if text_prior(config) and trained.get(CLIP_TOKENIZER):
     from videofusion_jax.data.embeddings import tokenizer_digest

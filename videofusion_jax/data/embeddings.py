@@ -48,25 +48,36 @@ import numpy as np
 from videofusion_jax.data import pipeline
 from videofusion_jax.data.video_io import to_uint8  # the pipeline's [-1, 1] frames as CLIP's uint8 input
 
+# The frames' preprocessing, in the tables' key: "v2", resized to the preprocessor's size.shortest_edge before the
+# crop (2026-12-05); "v3", JPEG frames decoded accurately (pipeline.decode_frames) and a size of height and width
+# resized to exactly that (2026-12-07). Earlier ones ("" before v2) are still the same CLIP in a run's record.
+PREPROCESSING = "v3"
+EARLIER_PREPROCESSING = ("v2", "")
 
-def fingerprint(clip_dir: str | Path, image_size: int) -> str:
+
+def fingerprint(clip_dir: str | Path, image_size: int, preprocessing: str = PREPROCESSING) -> str:
   """12 hex digits identifying a CLIP directory's config and weights (every byte: weights fine-tuned
-  in part and saved over the same directory get other tables) and the frame size."""
+  in part and saved over the same directory get other tables), the frame size and the ``preprocessing``
+  of the frames (``PREPROCESSING``; an earlier one gives the fingerprint recorded then)."""
   directory = Path(clip_dir).expanduser()
-  # "v2": the frames resized to the preprocessor's size.shortest_edge before the crop (2026-12-05); "v3": JPEG
-  # frames decoded accurately (pipeline.decode_frames, 2026-12-07).
-  h = hashlib.sha256(f"frame size {image_size}, preprocessing v3".encode())
+  h = hashlib.sha256(f"frame size {image_size}{f', preprocessing {preprocessing}' if preprocessing else ''}".encode())
   for name in ("config.json", "preprocessor_config.json"):
     if (directory / name).is_file():
       h.update((directory / name).read_bytes())
-  if _resizes_to_height_and_width(directory / "preprocessor_config.json"):
-    # Frames resized to exactly that size, as Hugging Face does, since 2026-12-07 (before: the short side).
+  if preprocessing == "v3" and _resizes_to_height_and_width(directory / "preprocessor_config.json"):
     h.update(b"size height x width: v3")
   for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("pytorch_model*.bin")):
     stat = path.stat()
     h.update(f"{path.name} {stat.st_size}".encode())
     h.update(_file_digest(str(path.absolute()), stat.st_size, stat.st_mtime_ns))
   return h.hexdigest()[:12]
+
+
+def is_recorded_clip(clip_dir: str | Path, image_size: int, recorded: str) -> bool:
+  """Whether ``recorded`` (a run's ``clip_fingerprint``) is the fingerprint of the CLIP in ``clip_dir``, as
+  recorded under this preprocessing or an earlier one: a new preprocessing makes new tables, not another CLIP
+  (a run recorded before it still resumes, samples and is taken by ``init_base_from``)."""
+  return any(fingerprint(clip_dir, image_size, p) == recorded for p in (PREPROCESSING, *EARLIER_PREPROCESSING))
 
 
 def _resizes_to_height_and_width(path: Path) -> bool:
