@@ -61,8 +61,9 @@ def embeddings(config, b, seed=0):
 
 
 def _allclose_trees(a, b, atol=1e-6):
+  """Leaf by leaf within ``atol``; equal to the bit at atol=0 (assert_allclose's default rtol=1e-7 let an ulp by)."""
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0 if atol == 0 else 1e-7)
 
 
 def test_stop_gradient_isolates_the_base_generator(trainer):
