@@ -306,6 +306,9 @@ def test_training_settings_that_would_lose_checkpoints_or_fail_late_are_refused(
       ("sharding_rules", (("channels_out", "fsdp"),), "config.sharding_rules splits the 'batch' axis over no mesh "
        "axis (None): every device would compute the whole batch"),
       ("sharding_rules", (("batch", (None,)),), "splits the 'batch' axis over no mesh axis ((None,))"),
+      # Flax takes a name's first rule: a later one that splits the batch does not count.
+      ("sharding_rules", (("batch", None), ("batch", ("data", "fsdp"))), "splits the 'batch' axis over no mesh "
+       "axis (None): every device would compute the whole batch, as slow on N devices as on one; map 'batch' to"),
       ("train.num_steps", 0, "config.train.num_steps=0: must be >= 1."),
       ("train.batch_size", None, "config.train.batch_size=None: give it a value (base_config()'s is 64)."),
       ("train.learning_rate", -1.0, "config.train.learning_rate=-1.0: must be a finite number >= 0"),

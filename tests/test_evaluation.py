@@ -187,6 +187,8 @@ def test_kernel_distance_matches_the_pairwise_formula():
   mean, std = distances.kernel_distance(x, y, num_subsets=3, subset_size=1000)
   assert mean == pytest.approx(_mmd2_loops(x, y), rel=1e-10) and std is None
   assert distances.kernel_distance(x, y, num_subsets=3, subset_size=25)[1] is None
+  # One subset of fewer rows (its MMD² is checked below): no std (it was 0.0, printed as ± 0.00).
+  assert distances.kernel_distance(x, y, num_subsets=1, subset_size=10, seed=3)[1] is None
   # Smaller subsets: each is the pairwise formula on the rows drawn.
   mean, _ = distances.kernel_distance(x, y, num_subsets=1, subset_size=10, seed=3)
   r = np.random.default_rng(3)
@@ -493,7 +495,7 @@ def test_missing_or_wrong_c3d_files_say_what_is_needed(fake_c3d, tmp_path):
   np.savez(tmp_path / "last.npz", mean=np.transpose(mean, (1, 2, 3, 0)))
   with pytest.raises(c3d.C3DWeightsError, match=r"holds its mean clip as \(16, 128, 171, 3\), not \(channels, "):
     c3d.load_c3d_mean(tmp_path / "last.npz")
-  for same in (mean[None], mean.reshape(-1)):
+  for same in (mean[None], mean.reshape(-1), mean.reshape(3, 1, 16, 128, 171)):  # the last as TGAN's code has it
     np.savez(tmp_path / "same.npz", mean=same)
     np.testing.assert_array_equal(np.asarray(c3d.load_c3d_mean(tmp_path / "same.npz")), expected)
   np.testing.assert_array_equal(expected[3, 5, 7], mean[:, 3, 8 + 5, 8 + 7])  # (T, H, W, C) of the 8:120 crop

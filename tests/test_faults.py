@@ -570,6 +570,26 @@ def test_a_checkpoint_deleted_while_it_is_read_is_no_damaged_one(tmp_path, monke
                     "run saving there keeps only its newest ones); reading the newest one now."], logged
 
 
+def test_the_hosts_go_on_from_process_0s_listing(monkeypatch):
+  """``first_hosts_list`` on process 1 of 2: process 0's list (its length, then its values, broadcast), not this
+  host's own, which another run's save between the two listings could make differ."""
+  from jax.experimental import multihost_utils
+
+  from videofusion_jax.training import sharding
+
+  sent = []
+
+  def from_process_0(x):
+    sent.append(np.asarray(x).copy())
+    return np.int32(3) if np.ndim(x) == 0 else np.array([9, 7, 5], np.int32)
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", from_process_0)
+  assert sharding.first_hosts_list([7, 5]) == [9, 7, 5]
+  assert int(sent[0]) == 2 and sent[1].shape == (3,)  # this host's length sent; an array of process 0's length
+
+
 def test_a_damaged_step_asked_for_by_number_names_the_others(tmp_path, monkeypatch):
   """``restore(step=4)`` of a damaged step 4 beside an intact 2: the error names the other steps (before: no
   intact checkpoint, and advice to move the checkpoints folder away)."""

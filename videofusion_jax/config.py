@@ -331,12 +331,12 @@ def _check_sharding_rules(rules) -> None:
     if unknown:
       raise ConfigError(f"config.sharding_rules: ({name!r}, {axes!r}) names {', '.join(map(repr, unknown))}, not "
                         f"an axis of the mesh ({', '.join(MESH_AXES)}; None: not split).")
-  batch = dict((name, axes) for name, axes in rules).get("batch")
+  batch = next((axes for name, axes in rules if name == "batch"), None)  # Flax takes a name's first rule
   if all(a is None for a in (batch if isinstance(batch, (tuple, list)) else (batch,))):
     # Correct, and silently as slow as one device: every device would run the whole batch.
     raise ConfigError(f"config.sharding_rules splits the 'batch' axis over no mesh axis ({batch!r}): every device "
-                      "would compute the whole batch, as slow on N devices as on one; add ('batch', ('data', "
-                      "'fsdp')).")
+                      "would compute the whole batch, as slow on N devices as on one; map 'batch' to ('data', "
+                      "'fsdp') (its first rule is the one used).")
 
 
 # JAX's random keys take 32 bits of a seed (2**32 + s gives seed s's numbers); NumPy's refuses negative ones.

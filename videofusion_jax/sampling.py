@@ -38,7 +38,7 @@ from videofusion_jax.models.encoder import to_sphere
 from videofusion_jax.models.factory import make_apply_fns, make_prior_fn, make_video_fn
 from videofusion_jax.training import preemption
 from videofusion_jax.training import sharding as shd
-from videofusion_jax.training.workdir import check_output_folders
+from videofusion_jax.training.workdir import check_output_folders, write_whole
 
 
 def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | None:
@@ -743,7 +743,8 @@ def _set_aside(partial: Path, out_dir: Path, arrays_whole: bool, error: BaseExce
     kept = partial  # left where it is: still hidden from fresh_directory, and named below
   try:  # its results.json named out_dir, which a rerun writes
     record = json.loads((kept / "results.json").read_text())
-    (kept / "results.json").write_text(json.dumps({**record, "dir": str(kept), "incomplete": True}, indent=2))
+    write_whole(kept / "results.json",
+                lambda tmp: tmp.write_text(json.dumps({**record, "dir": str(kept), "incomplete": True}, indent=2)))
   except (OSError, ValueError):  # not written yet, or the disk is full: the note below still names the folder
     pass
   why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

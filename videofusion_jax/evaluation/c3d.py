@@ -150,9 +150,7 @@ def load_c3d_mean(path: str | Path) -> jnp.ndarray:
     got = {k: v.shape for k, v in raw.items()}
     raise C3DWeightsError(f"{path} is not TGAN's mean file: expected an array 'mean' of {int(np.prod(MEAN_SHAPE))} "
                           f"values {MEAN_SHAPE}, got {got}.\n{_where_from()}")
-  shape = tuple(raw["mean"].shape)
-  while len(shape) > 1 and shape[0] == 1:
-    shape = shape[1:]
+  shape = tuple(d for d in raw["mean"].shape if d != 1)  # (3, 1, 16, 128, 171), as TGAN's code reshapes it, too
   if len(shape) > 1 and shape != MEAN_SHAPE:  # the values of another layout (channels last, say) reshaped: scrambled
     raise C3DWeightsError(f"{path} holds its mean clip as {raw['mean'].shape}, not (channels, frames, height, width) "
                           f"= {MEAN_SHAPE} (or flat): it was saved in another layout; save TGAN's mean file as it "

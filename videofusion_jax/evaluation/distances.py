@@ -159,7 +159,8 @@ def kernel_distance(features_a: np.ndarray, features_b: np.ndarray, num_subsets:
 
   Each subset draws ``min(subset_size, N, M)`` rows of each set without replacement. Where that is every row
   of both sets (N = M <= subset_size), each subset is the whole sets reordered, which leaves the statistic as it
-  is: the MMD² of the sets, and None for the std (a spread of 0 would look like a precise figure).
+  is: the MMD² of the sets, and None for the std (a spread of 0 would look like a precise figure); one subset has
+  no std either.
   """
   a = _check_features(features_a, "features_a", 2)
   b = _check_features(features_b, "features_b", 2)
@@ -173,7 +174,7 @@ def kernel_distance(features_a: np.ndarray, features_b: np.ndarray, num_subsets:
   rng = np.random.default_rng(seed)
   mmds = np.array([_mmd2_unbiased(a[rng.choice(len(a), m, replace=False)],
                                   b[rng.choice(len(b), m, replace=False)]) for _ in range(num_subsets)])
-  return float(mmds.mean()), float(mmds.std())
+  return float(mmds.mean()), float(mmds.std()) if num_subsets > 1 else None
 
 
 IS_SPLITS = 10  # StyleGAN-V's isv2048_ucf and TGANv2: mean and std over 10 splits (of ~205 at 2048 clips)

@@ -297,7 +297,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
              "fvd": distances.fvd(real["features"], fake)}
   kvd_mean, kvd_std = distances.kernel_distance(real["features"], fake, num_subsets=e.kvd_subsets,
                                                 subset_size=kvd_size, seed=e.seed)
-  results.update(kvd=kvd_mean, kvd_std=kvd_std, kvd_subsets=int(e.kvd_subsets) if kvd_std is not None else 1)
+  whole = kvd_size == len(real["features"]) == len(fake)  # every subset is both sides whole: one subset
+  results.update(kvd=kvd_mean, kvd_std=kvd_std, kvd_subsets=1 if whole else int(e.kvd_subsets))
   if c3d is not None:
     probs = np.concatenate(probs)
     # 10 splits: with the default 2048 clips, StyleGAN-V's isv2048_ucf (mean and std over 10 splits of ~205).
@@ -307,7 +308,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
     results.update(inception_score=is_mean, inception_score_std=is_std if is_splits > 1 else None,
                    inception_score_splits=is_splits)
   line = f"step {step}: FVD {results['fvd']:.1f}, KVD {kvd_mean:.2f}" + (
-      f" ± {kvd_std:.2f}" if kvd_std is not None else " (1 subset: every clip)")
+      f" ± {kvd_std:.2f}" if kvd_std is not None else " (1 subset: every clip)" if whole else " (1 subset)")
   if c3d is not None:
     spread = results["inception_score_std"]
     line += f", IS {results['inception_score']:.2f}" + (f" ± {spread:.2f}" if spread is not None else " (1 split)")
@@ -329,8 +330,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, experiment: Experiment 
         f"{distances.IS_SPLITS} (of ~205 at eval.num_generated=2048), so that no split holds fewer clips than there "
         f"are classes where it can{cap}: compare it only with figures of as many clips.")
   if kvd_size < e.kvd_subset_size:
-    whole = (" Each holds every clip of both sides, so they are one: one MMD², kvd_std null." if kvd_std is None
+    said = (" Each holds every clip of both sides, so they are one: one MMD², kvd_std null." if whole
              else "")
     say(f"note: KVD's subsets hold {kvd_size} clips a side, not eval.kvd_subset_size={e.kvd_subset_size}: "
-        f"no side has more (recorded as kvd_subset_size).{whole}")
+        f"no side has more (recorded as kvd_subset_size).{said}")
   return results

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from videofusion_jax.training.sharding import checked_on_every_host, on_every_host
+from videofusion_jax.training.sharding import checked_on_every_host, fail_together, first_hosts_list, on_every_host
 
 ITEMS = ("state", "data")
 
@@ -295,8 +295,8 @@ def _agree(manager, step: int, damaged: Exception | None) -> None:
   if on_every_host(damaged is None):
     return
   if not on_every_host(damaged is None or isinstance(damaged, _Damaged)):
-    raise damaged if damaged is not None and not isinstance(damaged, _Damaged) else CheckpointError(
-        f"another host could not read checkpoint {step} in {manager.directory} (its own error says why).")
+    raise fail_together(damaged if damaged is not None and not isinstance(damaged, _Damaged) else CheckpointError(
+        f"another host could not read checkpoint {step} in {manager.directory} (its own error says why)."))
   if isinstance(damaged, _Damaged) and jax.process_index() > 0:  # process 0 alone logs; this cause is its own
     print(f"warning (process {jax.process_index()}): checkpoint {step} in {manager.directory} is damaged "
           f"({damaged}).", flush=True)
@@ -517,7 +517,9 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
         log(f"note: checkpoint {s} in {manager.directory} was deleted while it was read (a training run saving "
             "there keeps only its newest ones); reading the newest one now.")
         manager.reload()
-        steps = [t for t in sorted(manager.all_steps(), reverse=True) if t not in damaged and t not in gone]
+        # Process 0's listing on every host: listed apart, as another run saves, they could read different steps.
+        steps = first_hosts_list([t for t in sorted(manager.all_steps(), reverse=True)
+                                  if t not in damaged and t not in gone])
         continue
       damaged.append(s)
       log(f"warning: skipped checkpoint {s} in {manager.directory}: it is damaged ({e}).")
@@ -613,8 +615,8 @@ def restore_raw(workdir: str | Path, log=print, fields: tuple[str, ...] | None =
       if on_every_host(error is None):  # the hosts start from the same step
         return state, step
       if not on_every_host(fatal is None):
-        raise fatal or CheckpointError(f"another host ran out of memory reading checkpoint {step} under {directory} "
-                                       "(its own error says why).")
+        raise fail_together(fatal or CheckpointError(f"another host ran out of memory reading checkpoint {step} under "
+                                                     f"{directory} (its own error says why)."))
       cause = error or "unreadable on another host"
       log(f"warning: skipped checkpoint {step} in {directory}: it cannot be read ({cause}).")
   finally:

@@ -31,6 +31,24 @@ def on_every_host(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
+def first_hosts_list(values: list[int]) -> list[int]:
+  """Process 0's ``values`` (integers) on every host: what the hosts go on from where each read its own (a folder
+  listed while another run writes it). Every process must call it; with one process, ``values``."""
+  if jax.process_count() == 1:
+    return list(values)
+  from jax.experimental import multihost_utils
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
+  mine = np.asarray(values if jax.process_index() == 0 else np.zeros(n), np.int32)
+  return [int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(mine))]
+
+
+def fail_together(error: Exception) -> Exception:
+  """``error``, for every host to raise at once after a vote they all took (as ``checked_on_every_host`` does):
+  none of them then tells the others of its failure, which they know."""
+  _agreed_failure.set()
+  return error
+
+
 def same_on_every_host(digest: bytes, error: Callable[[list[int]], Exception]) -> None:
   """Raises ``error(processes)``, on every host together, where the ``digest`` of what each host read from its
   own disk differs from process 0's on those processes; nothing with one process. Every process must call it,

@@ -35,7 +35,7 @@ def write_new(path: Path, write: Callable[[Path], None], next_free: Callable[[],
   it since ``path`` was chosen (two evaluations of one checkpoint at once), at ``next_free()`` instead. Returns
   the path written. The file is linked into place, which fails where a file is; on a file system without hard
   links it is renamed after a check, which leaves a moment open."""
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.{os.getpid()}.tmp")  # its own: containers share pids
   try:
     write(tmp)
     while True:
