@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -269,7 +270,9 @@ def decode_independently(example: Example) -> np.ndarray:
   if example.is_frame_folder:
     import tensorflow as tf
 
-    paths = sorted(p for p in example.path.iterdir() if p.suffix in (".jpg", ".png"))
+    # By the number in each name (frame_2 before frame_10), as a frame folder's frames are numbered.
+    paths = sorted((p for p in example.path.iterdir() if p.suffix in (".jpg", ".png")),
+                   key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.stem)])
     return [tf.io.decode_image(p.read_bytes(), channels=3).numpy() for p in paths]  # list: sizes may differ
   import av
 

@@ -674,3 +674,77 @@ def test_webvid_config_trains_on_captions_and_samples_from_prompts(built, tmp_pa
   cond = np.asarray(sampling.sample_condition(trainer, params, keys[2], None, 3, jnp.asarray(text)))
   np.testing.assert_allclose(cond[0], cond[1], atol=1e-6)
   assert np.abs(cond[0] - cond[2]).max() > 1e-2
+
+
+def test_frame_folders_numbered_without_padding_are_read_in_number_order(tmp_path):
+  """frame_0 ... frame_11, not zero-padded: stored in the order of their numbers (they were in the order of their
+  names, frame_10 and frame_11 before frame_2)."""
+  from PIL import Image
+
+  folder = tmp_path / "f"
+  folder.mkdir()
+  for i in range(12):
+    Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(folder / f"frame_{i}.png")
+  decoded = common.decode_frame_folder(folder, 8, 1)
+  assert [int(round(f.mean())) for f in decoded.frames] == [20 * i for i in range(12)]
+
+
+def test_builder_inputs_that_gave_wrong_records_are_refused_or_named(tmp_path):
+  """What a build took without a word and stored wrong: a WebVid caption cut at an unquoted comma (kept short;
+  now the row is skipped and named), a CSV saved with a byte-order mark (its videoid column 'missing') or not in
+  UTF-8 (a bare decode error); a UCF101 video in both split lists (in both splits); frames one folder level up in
+  Sky Time-lapse (dropped unsaid); a custom config of a name already built with other settings (served those
+  records); a plain VideoConfig for UCF101 (an AttributeError)."""
+  def webvid(name: str, text: str, encoding: str = "utf-8"):
+    raw = tmp_path / name
+    fabricate.write_video(raw / "videos" / "p" / "1.mp4", fabricate.piece(0, 0, 16))
+    fabricate.write_video(raw / "videos" / "p" / "2.mp4", fabricate.piece(1, 0, 16))
+    (raw / "results_10M_train.csv").write_bytes(text.encode(encoding))
+    return builders.prepare("webvid", str(tmp_path / f"tfds_{name}"), manual_dir=str(raw), config="64",
+                            verbose=False)
+
+  header = "videoid,contentUrl,duration,page_dir,name\n"
+  b = webvid("comma", header + "1,u,d,p,Sunset over the sea, golden hour\n2,u,d,p,\"A dog, running\"\n")
+  assert [r["caption"] for r in b.as_data_source("train")] == [b"A dog, running"]
+  assert b.info.metadata["build_report"]["train"]["corrupt"] == {
+      "results_10M_train.csv line 2": "CSV row with 1 field(s) more than the header (an unquoted comma in the "
+                                      "caption?); quote the caption to include it"}
+  b = webvid("bom", header + "1,u,d,p,hello\n", "utf-8-sig")
+  assert [r["caption"] for r in b.as_data_source("train")] == [b"hello"]
+  with pytest.raises(ValueError, match=r"results_10M_train.csv, line \d: 'utf-8' codec can't decode .* The CSV is "
+                                       r"damaged \(or not UTF-8\)"):
+    webvid("latin1", header + "1,u,d,p,caf\u00e9\n", "latin-1")
+
+  raw = tmp_path / "ucf"
+  layout = fabricate.make_ucf101(raw)
+  testlist = raw / "ucfTrainTestlist" / "testlist01.txt"
+  testlist.write_text(testlist.read_text() + layout.examples["train"][0].id + "\r\n")
+  with pytest.raises(ValueError, match=r"1 video\(s\) are in both trainlist01.txt and testlist01.txt .* the split "
+                                       "lists do not belong together"):
+    builders.prepare("ucf101", str(tmp_path / "tfds_ucf"), manual_dir=str(raw), config="64", verbose=False)
+  with pytest.raises(TypeError, match="ucf101 needs a Ucf101Config config"):
+    builders.prepare("ucf101", str(tmp_path / "tfds_ucf"), manual_dir=str(raw),
+                     config=common.VideoConfig(name="96", resolution=96), verbose=False)
+
+  raw = tmp_path / "sky"
+  fabricate.write_frames(raw / "sky_train" / "a" / "a_1", fabricate.piece(0, 0, 16))
+  fabricate.write_frames(raw / "sky_train" / "flat", fabricate.piece(1, 0, 16))
+  fabricate.write_frames(raw / "sky_test" / "b" / "b_1", fabricate.piece(2, 0, 16))
+  b = builders.prepare("sky_timelapse", str(tmp_path / "tfds_sky"), manual_dir=str(raw), config="64", verbose=False)
+  assert b.info.splits["train"].num_examples == 1
+  assert b.info.metadata["build_report"]["train"]["corrupt"] == {
+      "sky_train/flat": "frames directly in sky_train/flat/: expected sky_train/<long_id>/<short_id>/*.jpg (move them "
+                        "into a folder of their own there)"}
+
+  raw = tmp_path / "taichi"
+  for i in range(2):
+    fabricate.write_video(raw / "train" / f"v{i}.mp4", fabricate.piece(i, 0, 6))
+  (raw / "test").mkdir()
+  builders.prepare("taichi", str(tmp_path / "tfds_taichi"), manual_dir=str(raw),
+                   config=common.VideoConfig(name="c", resolution=64, min_frames=4), verbose=False)
+  with pytest.raises(ValueError, match=r"was built with \{'resolution': 64, 'min_frames': 4\}, and this config 'c' "
+                                       r"asks for \{'resolution': 128, 'min_frames': 4\}: give the new config another"):
+    builders.prepare("taichi", str(tmp_path / "tfds_taichi"), manual_dir=str(raw),
+                     config=common.VideoConfig(name="c", resolution=128, min_frames=4), verbose=False)
+  assert builders.prepare("taichi", str(tmp_path / "tfds_taichi"), manual_dir=str(raw),
+                          config=common.VideoConfig(name="c", resolution=64, min_frames=4), verbose=False).is_prepared()

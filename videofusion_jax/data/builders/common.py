@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,9 +109,16 @@ class Decoded:
 
 
 def list_images(folder: Path) -> list[Path]:
-  """The image files of a frame folder in sorted filename order (hidden files ignored)."""
-  return sorted(p for p in folder.iterdir()
-                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+  """The image files of a frame folder in the order of their names' numbers (``frame_2`` before ``frame_10``;
+  zero-padded names sort as before), hidden files ignored."""
+  return sorted((p for p in folder.iterdir()
+                 if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()),
+                key=frame_order)
+
+
+def frame_order(path: Path) -> list:
+  """A frame file's sort key: its name's runs of digits as numbers, the rest as lower-case text."""
+  return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", path.name)]
 
 
 def decode_frame_folder(folder: Path, resolution: int, min_frames: int) -> Decoded:
@@ -332,7 +340,9 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         continue
       generators[split] = self._generate_examples(split, sources, report, first)
     metadata["omitted_splits"] = dict(self._omitted)
-    metadata["config"] = {"resolution": self.builder_config.resolution, "min_frames": self.builder_config.min_frames}
+    c = self.builder_config
+    metadata["config"] = {"resolution": c.resolution, "min_frames": c.min_frames,
+                          **({"fold": c.fold} if hasattr(c, "fold") else {})}
     return generators
 
   def _usable(self, source: Source, report: SplitReport) -> Decoded | None:

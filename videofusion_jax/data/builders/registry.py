@@ -33,7 +33,17 @@ def _make_builder(cls: type[VideoBuilder], data_dir: str, config: str | VideoCon
                      "(the name is the stored short side in pixels).")
   if config is not None and not isinstance(config, str | VideoConfig):
     raise TypeError(f"config must be a config name such as {names[0]!r} or a VideoConfig, not {type(config)}.")
+  kind = type(cls.BUILDER_CONFIGS[0])
+  if isinstance(config, VideoConfig) and not isinstance(config, kind):  # a plain one lacks, say, UCF101's fold
+    raise TypeError(f"{cls.DATASET} needs a {kind.__name__} config (it has fields a VideoConfig lacks), not a "
+                    f"{type(config).__name__}.")
   return cls(data_dir=data_dir, config=config, file_format=FILE_FORMAT)
+
+
+def _settings(builder: VideoBuilder) -> dict:
+  """What a build's records depend on in its config, as its metadata records them (``VideoBuilder``)."""
+  c = builder.builder_config
+  return {"resolution": c.resolution, "min_frames": c.min_frames, **({"fold": c.fold} if hasattr(c, "fold") else {})}
 
 
 def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str | VideoConfig | None = None,
@@ -64,6 +74,12 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str
           f"{builder.info.full_name} at {builder.data_dir} was built as {fmt.value}, but the pipeline reads "
           f"{FILE_FORMAT} files by index. It is not deleted automatically: move that folder away and call "
           "prepare() again to rebuild it.")
+    built, asked = builder.info.metadata.get("config") if builder.info.metadata else None, _settings(builder)
+    if built is not None and any(built.get(k, v) != v for k, v in asked.items()):
+      # TFDS keys the folder by the config's name alone: another config of that name got these records, silently.
+      raise ValueError(f"{builder.info.full_name} at {builder.data_dir} was built with {built}, and this config "
+                       f"{builder.builder_config.name!r} asks for {asked}: give the new config another name, or move "
+                       "that folder away to build it again.")
     if verbose:
       print(f"Using prepared {builder.info.full_name} at {builder.data_dir}.")
     return builder

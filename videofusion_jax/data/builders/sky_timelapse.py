@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from videofusion_jax.data.builders.common import Source, SplitReport, VideoBuilder
+from videofusion_jax.data.builders.common import Source, SplitReport, VideoBuilder, list_images
 
 SPLIT_FOLDERS = {"train": "sky_train", "test": "sky_test"}
 
@@ -33,10 +33,14 @@ class SkyTimelapse(VideoBuilder):
   def _list_sources(self, root: Path) -> dict[str, tuple[list[Source], SplitReport]]:
     out = {}
     for split, folder in SPLIT_FOLDERS.items():
-      sources = []
+      sources, report = [], SplitReport()
       for long_dir in sorted(p for p in (root / folder).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if list_images(long_dir):  # frames one level up: named in the summary, not dropped without a word
+          report.corrupt[f"{folder}/{long_dir.name}"] = (
+              f"frames directly in {folder}/{long_dir.name}/: expected {folder}/<long_id>/<short_id>/*.jpg (move "
+              "them into a folder of their own there)")
         for short_dir in sorted(p for p in long_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
           rel = f"{folder}/{long_dir.name}/{short_dir.name}"
           sources.append(Source(id=rel, path=short_dir, is_frame_folder=True))
-      out[split] = (sources, SplitReport())
+      out[split] = (sources, report)
     return out

@@ -125,6 +125,11 @@ class Ucf101(VideoBuilder):
         else:
           sources.append(Source(id=actual, path=root / "UCF-101" / actual, features={"label": label}))
       out[split] = (sorted(sources, key=lambda s: s.id), report)
+    both = sorted({s.id for s in out["train"][0]} & {s.id for s in out["test"][0]})
+    if both:  # one video in both splits: the test figures would be on training videos
+      raise ValueError(f"{len(both)} video(s) are in both trainlist0{fold}.txt and testlist0{fold}.txt of {lists} "
+                       f"(e.g. {both[:3]}): the split lists do not belong together; use the lists of one "
+                       "UCF101TrainTestSplits-RecognitionTask.zip.")
     return out
 
 

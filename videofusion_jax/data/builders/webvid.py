@@ -59,9 +59,14 @@ class WebVid(VideoBuilder):
         self._omitted[split] = f"no CSV ({' or '.join(CSV_NAMES[split])})"
         continue
       report, rows = SplitReport(), {}
-      with open(path, newline="", encoding="utf-8") as f:
+      # utf-8-sig: a byte-order mark (a CSV saved by Excel) read the first column as '\ufeffvideoid'.
+      with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        absent = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        try:
+          fieldnames = reader.fieldnames or []  # the first read: a file not in UTF-8 fails here
+        except UnicodeDecodeError as e:
+          raise ValueError(f"{path}, line 1: {e}. The CSV is damaged (or not UTF-8): download it again.") from None
+        absent = [c for c in REQUIRED_COLUMNS if c not in fieldnames]
         if absent:
           raise ValueError(f"{path}: columns {absent} are missing (header: {reader.fieldnames}); a WebVid CSV "
                            "has videoid,contentUrl,duration,page_dir,name.")
@@ -69,8 +74,9 @@ class WebVid(VideoBuilder):
           line = reader.line_num + 1  # where the next row starts (a caption may span lines)
           try:
             row = next(reader, None)
-          except csv.Error as e:  # not a ValueError: get_builder would show a traceback
-            raise ValueError(f"{path}, line {line}: {e}. The CSV is damaged: download it again.") from None
+          except (csv.Error, UnicodeDecodeError) as e:  # not ValueErrors: get_builder would show a traceback
+            raise ValueError(f"{path}, line {line}: {e}. The CSV is damaged (or not UTF-8): download it "
+                             "again.") from None
           if row is None:
             break
           # A row cut short (an interrupted download of the CSV) lacks its last columns: skipped and
@@ -79,6 +85,11 @@ class WebVid(VideoBuilder):
           if cut:
             report.corrupt[f"{path.name} line {line}"] = (
                 f"CSV row cut short or empty: no {', '.join(cut)}; download {path.name} again to include it")
+            continue
+          if row.get(None):  # more fields than the header: the caption was cut at an unquoted comma
+            report.corrupt[f"{path.name} line {line}"] = (
+                f"CSV row with {len(row[None])} field(s) more than the header (an unquoted comma in the caption?); "
+                "quote the caption to include it")
             continue
           page_dir, filename = row["page_dir"], f"{row['videoid']}.mp4"
           if page_dir not in listings:
