@@ -30,7 +30,8 @@ from absl import app, flags, logging
 
 
 def write_ucf101_stand_in(root: Path, videos: int, frames: int) -> None:
-  """``UCF-101/<Class>/v_<Class>_gXX_c01.avi`` + ``ucfTrainTestlist/`` from the demo clips."""
+  """``UCF-101/<Class>/v_<Class>_gXX_c01.avi`` + ``ucfTrainTestlist/`` from the demo clips: ``videos`` in the
+  train list, up to 3 more in the test list."""
   import imageio.v3 as iio
   from PIL import Image
 
@@ -44,8 +45,9 @@ def write_ucf101_stand_in(root: Path, videos: int, frames: int) -> None:
   lists = root / "ucfTrainTestlist"
   lists.mkdir(parents=True, exist_ok=True)
   (lists / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(all_classes)))
-  train_lines = []
-  for v in range(videos):
+  train_lines, test_lines = [], []
+  tests = min(3, videos)  # videos of their own: the builder refuses one in both lists
+  for v in range(videos + tests):
     c = v % len(classes)
     label = all_classes.index(classes[c])
     src = sources[c]
@@ -54,9 +56,12 @@ def write_ucf101_stand_in(root: Path, videos: int, frames: int) -> None:
     rel = f"{classes[c]}/v_{classes[c]}_g{v + 1:02d}_c01.avi"
     (root / "UCF-101" / classes[c]).mkdir(parents=True, exist_ok=True)
     iio.imwrite(root / "UCF-101" / rel, clip, plugin="pyav", codec="mpeg4", fps=25)
-    train_lines.append(f"{rel} {label + 1}\n")
+    if v < videos:
+      train_lines.append(f"{rel} {label + 1}\n")
+    else:
+      test_lines.append(f"{rel}\n")
   (lists / "trainlist01.txt").write_text("".join(train_lines))
-  (lists / "testlist01.txt").write_text("".join(line.split()[0] + "\n" for line in train_lines[:3]))
+  (lists / "testlist01.txt").write_text("".join(test_lines))
 
 
 def describe(lengths: np.ndarray) -> str:
