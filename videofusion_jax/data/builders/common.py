@@ -108,6 +108,11 @@ class Decoded:
   resized_frames: int = 0  # frames whose size differed from the first frame's
 
 
+def config_settings(c: VideoConfig) -> dict:
+  """What a build's records depend on in its config, as its metadata records them (``metadata['config']``)."""
+  return {"resolution": c.resolution, "min_frames": c.min_frames, **({"fold": c.fold} if hasattr(c, "fold") else {})}
+
+
 def list_images(folder: Path) -> list[Path]:
   """The image files of a frame folder in the order of their names' numbers (``frame_2`` before ``frame_10``;
   zero-padded names sort as before), hidden files ignored."""
@@ -340,9 +345,7 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         continue
       generators[split] = self._generate_examples(split, sources, report, first)
     metadata["omitted_splits"] = dict(self._omitted)
-    c = self.builder_config
-    metadata["config"] = {"resolution": c.resolution, "min_frames": c.min_frames,
-                          **({"fold": c.fold} if hasattr(c, "fold") else {})}
+    metadata["config"] = config_settings(self.builder_config)
     return generators
 
   def _usable(self, source: Source, report: SplitReport) -> Decoded | None:

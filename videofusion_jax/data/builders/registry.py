@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 
 from videofusion_jax.data import tensorflow
 from videofusion_jax.data.builders import demo_clips, sky_timelapse, taichi, ucf101, webvid
-from videofusion_jax.data.builders.common import MAX_NAMES_PRINTED, VideoBuilder, VideoConfig
+from videofusion_jax.data.builders.common import MAX_NAMES_PRINTED, VideoBuilder, VideoConfig, config_settings
 
 __all__ = ["BUILDERS", "FILE_FORMAT", "prepare", "summarize", "unfinished_builds"]
 
@@ -38,12 +38,6 @@ def _make_builder(cls: type[VideoBuilder], data_dir: str, config: str | VideoCon
     raise TypeError(f"{cls.DATASET} needs a {kind.__name__} config (it has fields a VideoConfig lacks), not a "
                     f"{type(config).__name__}.")
   return cls(data_dir=data_dir, config=config, file_format=FILE_FORMAT)
-
-
-def _settings(builder: VideoBuilder) -> dict:
-  """What a build's records depend on in its config, as its metadata records them (``VideoBuilder``)."""
-  c = builder.builder_config
-  return {"resolution": c.resolution, "min_frames": c.min_frames, **({"fold": c.fold} if hasattr(c, "fold") else {})}
 
 
 def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str | VideoConfig | None = None,
@@ -74,7 +68,8 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str
           f"{builder.info.full_name} at {builder.data_dir} was built as {fmt.value}, but the pipeline reads "
           f"{FILE_FORMAT} files by index. It is not deleted automatically: move that folder away and call "
           "prepare() again to rebuild it.")
-    built, asked = builder.info.metadata.get("config") if builder.info.metadata else None, _settings(builder)
+    built = builder.info.metadata.get("config") if builder.info.metadata else None
+    asked = config_settings(builder.builder_config)
     if built is not None and any(built.get(k, v) != v for k, v in asked.items()):
       # TFDS keys the folder by the config's name alone: another config of that name got these records, silently.
       raise ValueError(f"{builder.info.full_name} at {builder.data_dir} was built with {built}, and this config "
